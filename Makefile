@@ -1,0 +1,45 @@
+# vlmpool — the commands a developer and CI run. See README.md.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+EXTRAS ?= test,hf,s3
+PYTEST_ARGS ?=
+
+.PHONY: help install k8s-bins crds crds-check test test-unit test-apiserver lint bench clean
+
+help:
+	@echo "make install     create $(VENV) and install vlmpool with the [$(EXTRAS)] extras"
+	@echo "make k8s-bins    find or build etcd, kube-apiserver, kube-controller-manager, kubectl, helm (cached)"
+	@echo "make crds        regenerate crds/*.yaml from the pydantic models"
+	@echo "make test        install, obtain the binaries, and run every test"
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e '.[$(EXTRAS)]'
+	touch $@
+
+install: $(VENV)/.installed
+
+k8s-bins:
+	@bash hack/k8s-bins.sh
+
+crds: install
+	$(VENV)/bin/vlmpool crds
+
+crds-check: install
+	$(VENV)/bin/vlmpool crds --check
+
+test: install k8s-bins
+	VLMPOOL_K8S_BIN="$$(bash hack/k8s-bins.sh | tail -n1)" $(PY) -m pytest $(PYTEST_ARGS)
+
+test-unit: install
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+test-apiserver: install k8s-bins
+	VLMPOOL_K8S_BIN="$$(bash hack/k8s-bins.sh | tail -n1)" $(PY) -m pytest tests/apiserver $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache build dist operator/*.egg-info

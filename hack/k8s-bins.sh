@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# Obtain the control-plane binaries the tests and `vlmpool dev` run:
+#   etcd, kube-apiserver, kube-controller-manager, kubectl (and helm).
+# Order of preference for each binary:
+#   1. $KUBEBUILDER_ASSETS/<bin> if the version matches,
+#   2. the cache  ${XDG_CACHE_HOME:-~/.cache}/vlmpool/k8s/<k8s-version>/bin/<bin>,
+#   3. a build from its Go module through the Go module proxy into that cache.
+# PATH is deliberately not trusted for the server binaries: a kube-apiserver of another minor
+# release would silently change what the tests prove. A second run costs nothing.
+# Prints the bin directory on the last line of stdout.
+set -euo pipefail
+
+K8S_VERSION="${VLMPOOL_K8S_VERSION:-1.35.4}"
+ETCD_VERSION="${VLMPOOL_ETCD_VERSION:-3.6.16}"
+HELM_VERSION="${VLMPOOL_HELM_VERSION:-3.19.5}"
+CACHE="${VLMPOOL_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/vlmpool}"
+BIN="$CACHE/k8s/v$K8S_VERSION/bin"
+WORK="$CACHE/k8s/v$K8S_VERSION/src"
+mkdir -p "$BIN" "$WORK"
+
+log() { echo "[k8s-bins] $*" >&2; }
+
+export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS=-mod=mod
+export GOPATH="${GOPATH:-$HOME/go}"
+
+want=("$@")
+[ ${#want[@]} -gt 0 ] || want=(etcd kube-apiserver kube-controller-manager kubectl helm)
+
+have() { [ -x "$BIN/$1" ] && [ -f "$BIN/.$1.ok" ]; }
+
+from_assets() {
+  local b=$1
+  [ -n "${KUBEBUILDER_ASSETS:-}" ] && [ -x "$KUBEBUILDER_ASSETS/$b" ] || return 1
+  case $b in
+    kube-apiserver|kube-controller-manager|kubectl)
+      "$KUBEBUILDER_ASSETS/$b" --version 2>/dev/null | grep -q "v$K8S_VERSION" || { [ "$b" = kubectl ] && "$KUBEBUILDER_ASSETS/$b" version --client 2>/dev/null | grep -q "v$K8S_VERSION"; } || return 1 ;;
+    etcd) "$KUBEBUILDER_ASSETS/$b" --version 2>/dev/null | grep -q "etcd Version: 3\.\(5\.\(1[3-9]\|[2-9][0-9]\)\|[6-9]\)" || return 1 ;;
+    *) return 1 ;;
+  esac
+  ln -sf "$KUBEBUILDER_ASSETS/$b" "$BIN/$b"; touch "$BIN/.$b.ok"; log "$b: using $KUBEBUILDER_ASSETS/$b"
+}
+
+build_k8s() {
+  local d="$WORK/kubernetes" minor
+  minor=$(echo "$K8S_VERSION" | cut -d. -f2)
+  local staging="v0.${K8S_VERSION#1.}"
+  mkdir -p "$d"; cd "$d"
+  if [ ! -f go.mod ]; then
+    go mod init vlmpool.local/k8sbins >/dev/null 2>&1
+    go mod edit -require="k8s.io/kubernetes@v$K8S_VERSION"
+    for m in api apiextensions-apiserver apimachinery apiserver cli-runtime client-go \
+      cloud-provider cluster-bootstrap code-generator component-base component-helpers \
+      controller-manager cri-api cri-client csi-translation-lib dynamic-resource-allocation \
+      endpointslice externaljwt kms kube-aggregator kube-controller-manager kube-proxy \
+      kube-scheduler kubectl kubelet metrics mount-utils pod-security-admission \
+      sample-apiserver sample-cli-plugin sample-controller; do
+      go mod edit -replace="k8s.io/$m=k8s.io/$m@$staging"
+    done
+    if [ "$minor" -ge 36 ]; then
+      for m in cri-streaming streaming; do go mod edit -replace="k8s.io/$m=k8s.io/$m@$staging"; done
+    fi
+  fi
+  log "resolving k8s.io/kubernetes v$K8S_VERSION (first run downloads ~1 GB of modules)"
+  go get "k8s.io/kubernetes/cmd/kube-apiserver@v$K8S_VERSION" \
+         "k8s.io/kubernetes/cmd/kube-controller-manager@v$K8S_VERSION" \
+         "k8s.io/kubernetes/cmd/kubectl@v$K8S_VERSION" >&2
+  local ld="-s -w" pkg
+  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    ld="$ld -X $pkg.gitVersion=v$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor -X $pkg.gitTreeState=clean -X $pkg.gitCommit=vlmpool-build"
+  done
+  local targets=() b
+  for b in "$@"; do targets+=("k8s.io/kubernetes/cmd/$b"); done
+  log "building ${*} (cold: 10-25 min on 2 cores)"
+  go build -trimpath -ldflags "$ld" -o "$BIN/" "${targets[@]}" >&2
+  for b in "$@"; do touch "$BIN/.$b.ok"; done
+}
+
+build_etcd() {
+  local d="$WORK/etcd"; mkdir -p "$d"; cd "$d"
+  [ -f go.mod ] || go mod init vlmpool.local/etcdbin >/dev/null 2>&1
+  log "building etcd v$ETCD_VERSION"
+  go get "go.etcd.io/etcd/server/v3@v$ETCD_VERSION" >&2
+  go build -trimpath -ldflags "-s -w" -o "$BIN/etcd" go.etcd.io/etcd/server/v3 >&2
+  touch "$BIN/.etcd.ok"
+}
+
+build_helm() {
+  local d="$WORK/helm"; mkdir -p "$d"; cd "$d"
+  [ -f go.mod ] || go mod init vlmpool.local/helmbin >/dev/null 2>&1
+  local minor; minor=$(echo "$K8S_VERSION" | cut -d. -f2)
+  log "building helm v$HELM_VERSION"
+  go get "helm.sh/helm/v3/cmd/helm@v$HELM_VERSION" >&2
+  # Helm's default capabilities claim Kubernetes 1.20 unless set at link time.
+  go build -trimpath -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=v$HELM_VERSION \
+    -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=$minor" \
+    -o "$BIN/helm" helm.sh/helm/v3/cmd/helm >&2
+  touch "$BIN/.helm.ok"
+}
+
+k8s_missing=()
+for b in "${want[@]}"; do
+  have "$b" && continue
+  from_assets "$b" && continue
+  case $b in
+    kube-apiserver|kube-controller-manager|kubectl) k8s_missing+=("$b") ;;
+    etcd) build_etcd ;;
+    helm) build_helm ;;
+    *) log "unknown binary $b"; exit 2 ;;
+  esac
+done
+[ ${#k8s_missing[@]} -eq 0 ] || build_k8s "${k8s_missing[@]}"
+for b in "${want[@]}"; do have "$b" || { log "missing $b after build"; exit 1; }; done
+echo "$BIN"

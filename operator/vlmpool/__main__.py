@@ -1,0 +1,5 @@
+import sys
+
+from vlmpool.cli import main
+
+sys.exit(main())

@@ -1,0 +1,232 @@
+"""VLMPool: a base vision-language model served by vLLM on `replicas` pods, each pod pairing a CPU
+proxy with a vLLM engine, plus the shared volume the pool's adapters are published into."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import ConfigDict, Field
+
+from vlmpool.api.common import (
+    DNS_SUBDOMAIN_PATTERN,
+    MODEL_ID_PATTERN,
+    Condition,
+    EnvVar,
+    Model,
+    Quantity,
+    ResourceRequirements,
+    Toleration,
+)
+
+# vLLM accepts only these values for --max-lora-rank (LoRAConfig's possible max ranks).
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+ModelFamily = Literal["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
+
+DEFAULT_ENGINE_IMAGE = "vllm/vllm-openai:v0.22.1"
+DEFAULT_PROXY_IMAGE = "ghcr.io/vlmpool/vlmpool:0.1.0"
+DEFAULT_ADAPTER_VOLUME_SIZE = "10Gi"
+DEFAULT_CONCURRENCY = 16
+
+
+class ModelWeights(Model):
+    """Where the base model's weights are when they are not fetched by vLLM itself."""
+
+    claim_name: str = Field(
+        description="An existing PersistentVolumeClaim holding the base model (mounted read-only into the "
+        "engine, and into svd patch Jobs, which need the base weights).",
+        min_length=1, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN,
+    )
+    path: str = Field(
+        default="/",
+        description="Directory inside the claim that holds config.json and the *.safetensors files.",
+        pattern=r"^/([^/\x00]+/?)*$", max_length=1024,
+    )
+
+
+class BaseModelSpec(Model):
+    """The base model of the pool."""
+
+    name: str = Field(
+        description="The base model's id as vLLM loads it (e.g. Qwen/Qwen2.5-VL-3B-Instruct). Adapter "
+        "patch Jobs compare each adapter's base_model_name_or_path against it.",
+        pattern=MODEL_ID_PATTERN,
+    )
+    served_name: str | None = Field(
+        default=None,
+        description="The name clients send as `model` for the base model (vLLM --served-model-name). "
+        "Defaults to name.",
+        pattern=MODEL_ID_PATTERN,
+    )
+    family: ModelFamily = Field(
+        description="Model family: picks the tensor layout adapters are remapped to and the vision-tower "
+        "tensors dropped.",
+    )
+    weights: ModelWeights | None = Field(
+        default=None,
+        description="Where the base weights live. Unset: vLLM fetches `name` itself. Required for the "
+        "svd DoRA policy, whose Job needs the base weights.",
+    )
+
+
+class EngineSpec(Model):
+    """The vLLM container of every pod."""
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        {"rule": "!has(self.maxCpuLoras) || self.maxCpuLoras >= self.maxLoras",
+         "message": "engine.maxCpuLoras must be at least engine.maxLoras", "fieldPath": ".maxCpuLoras",
+         "reason": "FieldValueInvalid"},
+    ]})
+
+    image: str = Field(default=DEFAULT_ENGINE_IMAGE, description="vLLM OpenAI server image.", min_length=1)
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
+        default="IfNotPresent", description="Image pull policy of the engine container."
+    )
+    gpus: int = Field(default=1, ge=0, le=16,
+                      description="nvidia.com/gpu per pod; also vLLM's --tensor-parallel-size when above 1.")
+    resources: ResourceRequirements | None = Field(
+        default=None, description="CPU/memory of the engine container (GPUs come from `gpus`)."
+    )
+    max_loras: int = Field(default=4, ge=1, le=256,
+                           description="Adapters active in one batch (vLLM --max-loras).")
+    max_cpu_loras: int | None = Field(
+        default=None, ge=1, le=4096,
+        description="Adapters kept in host memory, LRU (vLLM --max-cpu-loras); at least maxLoras. "
+        "Unset: vLLM's default (maxLoras).",
+    )
+    max_lora_rank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] = Field(
+        default=64, description="Largest adapter rank the engine accepts (vLLM --max-lora-rank); patch "
+        "Jobs refuse adapters above it."
+    )
+    max_model_len: int | None = Field(default=None, ge=256, le=10_000_000,
+                                      description="Context length (vLLM --max-model-len).")
+    gpu_memory_utilization: float | None = Field(
+        default=None, gt=0, le=1, description="Fraction of GPU memory vLLM may use (--gpu-memory-utilization)."
+    )
+    port: int = Field(default=8000, ge=1024, le=65535, description="Port vLLM listens on inside the pod.")
+    extra_args: list[str] = Field(default_factory=list, description="Extra vLLM command-line arguments.")
+    env: list[EnvVar] = Field(default_factory=list, description="Extra environment of the engine container.")
+    startup_timeout_seconds: int = Field(
+        default=1800, ge=60, le=86400,
+        description="How long the engine may take to load the model before its startup probe fails.",
+    )
+
+
+class ProxySpec(Model):
+    """The CPU proxy container of every pod: the pool's OpenAI-compatible front."""
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        {"rule": "self.port != self.adminPort", "message": "proxy.adminPort must differ from proxy.port",
+         "fieldPath": ".adminPort", "reason": "FieldValueDuplicate"},
+        {"rule": "self.queueTimeoutSeconds <= self.requestTimeoutSeconds",
+         "message": "proxy.queueTimeoutSeconds must not exceed proxy.requestTimeoutSeconds",
+         "fieldPath": ".queueTimeoutSeconds", "reason": "FieldValueInvalid"},
+    ]})
+
+    image: str = Field(default=DEFAULT_PROXY_IMAGE, description="vlmpool image (runs `vlmpool proxy`).",
+                       min_length=1)
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
+        default="IfNotPresent", description="Image pull policy of the proxy container."
+    )
+    concurrency: int = Field(
+        default=DEFAULT_CONCURRENCY, ge=1, le=4096,
+        description="Requests each pod's proxy lets reach vLLM at once; the operator pushes it to every pod.",
+    )
+    queue_limit: int = Field(
+        default=128, ge=0, le=100_000,
+        description="Requests that may wait for a concurrency slot; beyond it the proxy answers 429.",
+    )
+    queue_timeout_seconds: float = Field(
+        default=30, gt=0, le=3600, description="Longest wait for a slot before a 429 with Retry-After."
+    )
+    request_timeout_seconds: float = Field(
+        default=120, gt=0, le=86400, description="Timeout of one request to vLLM; past it the proxy answers 503."
+    )
+    port: int = Field(default=8080, ge=1024, le=65535, description="OpenAI-compatible port (the Service's target).")
+    admin_port: int = Field(default=8081, ge=1024, le=65535,
+                            description="Admin API port, reached only by the operator.")
+    resources: ResourceRequirements | None = Field(default=None, description="CPU/memory of the proxy container.")
+
+
+class AdapterVolumeSpec(Model):
+    """The shared volume adapters are published into: read-write in patch Jobs, read-only in pods."""
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        {"rule": "!(has(self.claimName) && has(self.size))",
+         "message": "adapterVolume.claimName (an existing claim) excludes adapterVolume.size",
+         "fieldPath": ".size", "reason": "FieldValueForbidden"},
+        {"rule": "!(has(self.claimName) && has(self.storageClassName))",
+         "message": "adapterVolume.claimName (an existing claim) excludes adapterVolume.storageClassName",
+         "fieldPath": ".storageClassName", "reason": "FieldValueForbidden"},
+    ]})
+
+    claim_name: str | None = Field(
+        default=None, description="Use this existing claim instead of creating `<pool>-adapters`.",
+        min_length=1, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN,
+    )
+    storage_class_name: str | None = Field(
+        default=None, description="Storage class of the created claim (needs ReadWriteMany for more than one "
+        "node). Unset: the cluster default.", max_length=253,
+    )
+    size: Quantity | None = Field(default=None, description="Size of the created claim; default 10Gi.")
+    access_mode: Literal["ReadWriteMany", "ReadWriteOnce"] = Field(
+        default="ReadWriteMany", description="Access mode of the created claim."
+    )
+
+
+class ServiceSpec(Model):
+    type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = Field(default="ClusterIP",
+                                                                     description="Service type.")
+    annotations: dict[str, str] = Field(default_factory=dict, description="Annotations of the Service.")
+
+
+class SchedulingSpec(Model):
+    """Where the pool's pods may run."""
+
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels pods require.")
+    tolerations: list[Toleration] = Field(default_factory=list, description="Taints pods tolerate.")
+    affinity: dict[str, Any] | None = Field(
+        default=None, description="A core/v1 Affinity, passed to the pods as given.",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
+    priority_class_name: str | None = Field(default=None, description="PriorityClass of the pods.", max_length=253)
+
+
+class VLMPoolSpec(Model):
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        {"rule": "self.engine.port != self.proxy.port && self.engine.port != self.proxy.adminPort",
+         "message": "engine.port must differ from proxy.port and proxy.adminPort (they share the pod)",
+         "fieldPath": ".engine.port", "reason": "FieldValueDuplicate"},
+    ]})
+
+    model: BaseModelSpec = Field(description="The base vision-language model.")
+    replicas: int = Field(default=1, ge=0, le=1000, description="Pods in the pool.")
+    engine: EngineSpec = Field(default_factory=EngineSpec, description="vLLM engine settings.")
+    proxy: ProxySpec = Field(default_factory=ProxySpec, description="Proxy settings.")
+    adapter_volume: AdapterVolumeSpec = Field(default_factory=AdapterVolumeSpec,
+                                              description="The shared adapter volume.")
+    service: ServiceSpec = Field(default_factory=ServiceSpec, description="The pool's Service.")
+    scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec, description="Pod scheduling.")
+
+    def served_name(self) -> str:
+        return self.model.served_name or self.model.name
+
+
+class AdapterCounts(Model):
+    total: int = Field(default=0, ge=0, description="VLMAdapters that reference this pool.")
+    ready: int = Field(default=0, ge=0, description="Adapters Ready on the pool.")
+    failed: int = Field(default=0, ge=0, description="Adapters Failed.")
+
+
+class VLMPoolStatus(Model):
+    observed_generation: int | None = Field(default=None, ge=0, description="Last metadata.generation acted on.")
+    replicas: int = Field(default=0, ge=0, description="Pods of the pool's Deployment.")
+    ready_replicas: int = Field(default=0, ge=0, description="Pods ready to serve.")
+    ready: str | None = Field(default=None, description="readyReplicas/replicas, for `kubectl get`.")
+    endpoint: str | None = Field(default=None, description="In-cluster URL of the OpenAI-compatible Service.")
+    concurrency: int | None = Field(default=None, ge=1, description="Per-pod concurrency in effect.")
+    adapters: AdapterCounts | None = Field(default=None, description="Adapter counts.")
+    adapters_ready: str | None = Field(default=None, description="ready/total adapters, for `kubectl get`.")
+    desired_state_generation: int | None = Field(
+        default=None, ge=0, description="Generation of the last state pushed to the pool's proxies.")
+    conditions: list[Condition] = Field(default_factory=list,
+                                        description="Ready, Progressing and Degraded conditions.")

@@ -1,0 +1,1 @@
+"""vlmpool.controller"""

@@ -1,0 +1,1 @@
+"""vlmpool.localcluster"""
