@@ -1,0 +1,302 @@
+"""A real Kubernetes control plane on loopback, with no Docker: etcd, kube-apiserver and
+kube-controller-manager as local processes, started the way envtest and hack/local-up-cluster.sh do.
+
+Used by the test suite (a session fixture) and by `vlmpool dev`. Binaries come from
+`hack/k8s-bins.sh` (found or built from their Go modules, cached).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from vlmpool.localcluster.pki import CertificateAuthority, CertPair, service_account_keys
+
+log = logging.getLogger(__name__)
+
+K8S_VERSION = "1.35.4"
+REQUIRED_BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kubectl")
+SERVICE_CIDR = "10.0.0.0/24"
+
+
+class ControlPlaneError(RuntimeError):
+    pass
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parents[3]
+
+
+def find_binaries(bin_dir: str | os.PathLike | None = None) -> Path:
+    """The directory holding the control-plane binaries: `bin_dir`, $VLMPOOL_K8S_BIN, or whatever
+    hack/k8s-bins.sh prints (which finds, or builds and caches, them)."""
+    candidates = [bin_dir, os.environ.get("VLMPOOL_K8S_BIN")]
+    for c in candidates:
+        if c and all((Path(c) / b).exists() for b in REQUIRED_BINARIES):
+            return Path(c)
+    script = repo_root() / "hack" / "k8s-bins.sh"
+    if not script.exists():
+        raise ControlPlaneError(f"no control-plane binaries: set VLMPOOL_K8S_BIN or run {script}")
+    out = subprocess.run(["bash", str(script), *REQUIRED_BINARIES], check=True, capture_output=True, text=True)
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def write_kubeconfig(path: Path, server: str, ca_pem: bytes, user: str, cert: CertPair | None = None,
+                     token: str | None = None, namespace: str = "default") -> Path:
+    user_entry: dict = {}
+    if cert is not None:
+        user_entry["client-certificate-data"] = base64.b64encode(cert.cert).decode()
+        user_entry["client-key-data"] = base64.b64encode(cert.key).decode()
+    if token is not None:
+        user_entry["token"] = token
+    cfg = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "vlmpool-local", "cluster": {
+            "server": server, "certificate-authority-data": base64.b64encode(ca_pem).decode()}}],
+        "users": [{"name": user, "user": user_entry}],
+        "contexts": [{"name": "vlmpool-local", "context": {
+            "cluster": "vlmpool-local", "user": user, "namespace": namespace}}],
+        "current-context": "vlmpool-local",
+    }
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    path.chmod(0o600)
+    return path
+
+
+@dataclass
+class _Proc:
+    name: str
+    popen: subprocess.Popen
+    log_path: Path
+
+
+@dataclass
+class ControlPlane:
+    """etcd + kube-apiserver + kube-controller-manager on 127.0.0.1.
+
+    `workdir` holds the PKI, etcd data, kubeconfigs and logs; a persistent one (as `vlmpool dev`
+    uses) keeps the cluster's state across restarts. A temporary one is removed on stop.
+    """
+
+    workdir: Path | None = None
+    bin_dir: Path | None = None
+    controller_manager: bool = True
+    extra_apiserver_args: list[str] = field(default_factory=list)
+    extra_controller_manager_args: list[str] = field(default_factory=list)
+    startup_timeout: float = 120.0
+
+    def __post_init__(self) -> None:
+        self._own_workdir = self.workdir is None
+        self.workdir = Path(self.workdir or tempfile.mkdtemp(prefix="vlmpool-cp-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._procs: list[_Proc] = []
+        self.server = ""
+        self.kubeconfig = self.workdir / "admin.kubeconfig"
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> "ControlPlane":
+        self.bin_dir = find_binaries(self.bin_dir)
+        pki = self.workdir / "pki"
+        pki.mkdir(exist_ok=True)
+        self._ca = CertificateAuthority()
+        self._ca.pair.write(pki, "ca")
+        self._ca_pem = self._ca.pair.cert
+        self._ca.serving(
+            ["localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
+             "kubernetes.default.svc.cluster.local"], ["127.0.0.1", "10.0.0.1"],
+        ).write(pki, "apiserver")
+        service_account_keys().write(pki, "sa")
+        self.admin_cert = self._ca.client("vlmpool-admin", ["system:masters"])
+
+        etcd_port, peer_port, api_port = free_port(), free_port(), free_port()
+        self.server = f"https://127.0.0.1:{api_port}"
+        etcd_url = f"http://127.0.0.1:{etcd_port}"
+        try:
+            self._spawn("etcd", [
+                str(self.bin_dir / "etcd"),
+                "--name", "vlmpool", "--data-dir", str(self.workdir / "etcd"),
+                "--listen-client-urls", etcd_url, "--advertise-client-urls", etcd_url,
+                "--listen-peer-urls", f"http://127.0.0.1:{peer_port}",
+                "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer_port}",
+                "--initial-cluster", f"vlmpool=http://127.0.0.1:{peer_port}",
+                "--unsafe-no-fsync", "--log-level", "warn", "--quota-backend-bytes", str(2 * 1024**3),
+            ])
+            self._wait(lambda: self._http_ok(f"{etcd_url}/health"), "etcd /health")
+            self._spawn("kube-apiserver", [
+                str(self.bin_dir / "kube-apiserver"),
+                f"--etcd-servers={etcd_url}",
+                "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", f"--secure-port={api_port}",
+                f"--cert-dir={pki}",
+                f"--tls-cert-file={pki / 'apiserver.crt'}", f"--tls-private-key-file={pki / 'apiserver.key'}",
+                f"--client-ca-file={pki / 'ca.crt'}",
+                f"--service-account-issuer={self.server}",
+                f"--service-account-key-file={pki / 'sa.crt'}",
+                f"--service-account-signing-key-file={pki / 'sa.key'}",
+                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                "--authorization-mode=RBAC", "--allow-privileged=true",
+                "--enable-priority-and-fairness=false", "--profiling=false",
+                *self.extra_apiserver_args,
+            ])
+            self._write_kubeconfigs(pki)
+            self._wait(self._apiserver_ready, "kube-apiserver /readyz")
+            if self.controller_manager:
+                self._spawn("kube-controller-manager", [
+                    str(self.bin_dir / "kube-controller-manager"),
+                    f"--kubeconfig={self.workdir / 'controller-manager.kubeconfig'}",
+                    f"--service-account-private-key-file={pki / 'sa.key'}",
+                    f"--root-ca-file={pki / 'ca.crt'}",
+                    f"--service-cluster-ip-range={SERVICE_CIDR}",
+                    "--leader-elect=false", "--secure-port=0", "--controllers=*",
+                    # A local cluster has no cloud and, in tests, often no nodes at all.
+                    "--node-monitor-grace-period=60s",
+                    *self.extra_controller_manager_args,
+                ])
+                self._wait(self._default_service_account, "kube-controller-manager (default ServiceAccount)")
+        except Exception:
+            self.stop()
+            raise
+        log.info("control plane ready at %s (kubeconfig %s)", self.server, self.kubeconfig)
+        return self
+
+    def stop(self) -> None:
+        for proc in reversed(self._procs):
+            _terminate(proc.popen)
+        self._procs.clear()
+        if self._own_workdir and self.workdir and self.workdir.exists():
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> "ControlPlane":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # ---- identities --------------------------------------------------------------------------------
+    def kubeconfig_for(self, user: str, groups: list[str] | tuple[str, ...] = (),
+                       namespace: str = "default") -> Path:
+        """A kubeconfig authenticating as `user` in `groups` with a client certificate (for RBAC tests)."""
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in user)
+        return write_kubeconfig(self.workdir / f"user-{safe}.kubeconfig", self.server, self._ca_pem, user,
+                                cert=self._ca.client(user, groups), namespace=namespace)
+
+    @property
+    def ca_pem(self) -> bytes:
+        return self._ca_pem
+
+    # ---- kubectl -----------------------------------------------------------------------------------
+    def kubectl(self, *args: str, input: str | None = None, check: bool = True, kubeconfig: Path | None = None,
+                timeout: float = 60) -> subprocess.CompletedProcess:
+        cmd = [str(self.bin_dir / "kubectl"), f"--kubeconfig={kubeconfig or self.kubeconfig}", *args]
+        res = subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=timeout)
+        if check and res.returncode != 0:
+            raise ControlPlaneError(f"kubectl {' '.join(args)} failed ({res.returncode}): {res.stderr.strip()}")
+        return res
+
+    def logs(self, name: str, tail: int = 40) -> str:
+        for p in self._procs:
+            if p.name == name and p.log_path.exists():
+                return "\n".join(p.log_path.read_text(errors="replace").splitlines()[-tail:])
+        return ""
+
+    # ---- internals -------------------------------------------------------------------------------
+    def _write_kubeconfigs(self, pki: Path) -> None:
+        write_kubeconfig(self.kubeconfig, self.server, self._ca_pem, "vlmpool-admin", cert=self.admin_cert)
+        write_kubeconfig(self.workdir / "controller-manager.kubeconfig", self.server, self._ca_pem,
+                         "system:kube-controller-manager",
+                         cert=self._ca.client("system:kube-controller-manager"))
+
+    def _spawn(self, name: str, argv: list[str]) -> None:
+        logs = self.workdir / "logs"
+        logs.mkdir(exist_ok=True)
+        log_path = logs / f"{name}.log"
+        fh = open(log_path, "ab")
+        popen = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                 start_new_session=True)
+        fh.close()
+        self._procs.append(_Proc(name, popen, log_path))
+
+    def _wait(self, ready, what: str) -> None:
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            for p in self._procs:
+                if p.popen.poll() is not None:
+                    raise ControlPlaneError(
+                        f"{p.name} exited with {p.popen.returncode} while waiting for {what}:\n"
+                        + self.logs(p.name))
+            try:
+                if ready():
+                    return
+            except Exception as e:  # noqa: BLE001 - not ready yet
+                log.debug("waiting for %s: %s", what, e)
+            time.sleep(0.25)
+        raise ControlPlaneError(f"timed out after {self.startup_timeout}s waiting for {what}")
+
+    @staticmethod
+    def _http_ok(url: str) -> bool:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                return r.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cadata=self._ca_pem.decode())
+        pki = self.workdir / "pki"
+        cert, key = self.admin_cert.write(pki, "admin")
+        ctx.load_cert_chain(str(cert), str(key))
+        return ctx
+
+    def request(self, path: str, timeout: float = 5) -> tuple[int, bytes]:
+        """GET `path` on the apiserver as the admin (used for readiness checks)."""
+        try:
+            with urllib.request.urlopen(self.server + path, context=self._ssl_context(), timeout=timeout) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    def _apiserver_ready(self) -> bool:
+        status, _ = self.request("/readyz")
+        return status == 200
+
+    def _default_service_account(self) -> bool:
+        status, body = self.request("/api/v1/namespaces/default/serviceaccounts/default")
+        return status == 200 and json.loads(body).get("metadata", {}).get("name") == "default"
+
+
+def _terminate(popen: subprocess.Popen, grace: float = 10.0) -> None:
+    if popen.poll() is not None:
+        return
+    try:
+        os.killpg(popen.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        popen.wait(grace)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(popen.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        popen.wait(5)
