@@ -1,0 +1,117 @@
+"""`vlmpool proxy`: run the OpenAI-compatible proxy in front of a pod's engine."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+
+ENV_CONCURRENCY = "VLMPOOL_PROXY_CONCURRENCY"
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SystemExit(f"vlmpool proxy: {name}={raw!r} is not an integer") from None
+    if value < 1:
+        raise SystemExit(f"vlmpool proxy: {name} must be >= 1 (got {value})")
+    return value
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    from . import defaults as s  # no aiohttp import for --help
+
+    parser.add_argument("--engine-url", default=None,
+                        help="the engine's base URL (env VLMPOOL_ENGINE_URL; default http://127.0.0.1:8000)")
+    parser.add_argument("--host", default="0.0.0.0", help="address for both listeners (default 0.0.0.0)")
+    parser.add_argument("--port", type=int, default=8080, help="OpenAI-compatible API port (default 8080)")
+    parser.add_argument("--admin-port", type=int, default=8081, help="admin API port, operator only (default 8081)")
+    parser.add_argument("--base-model", default=None,
+                        help="the engine's served base name (env VLMPOOL_BASE_MODEL; default: asked from the engine)")
+    parser.add_argument("--concurrency", type=int, default=None,
+                        help=f"generations in flight at the engine before the first push (env {ENV_CONCURRENCY}; "
+                             f"default {s.DEFAULT_CONCURRENCY}); each push then sets it")
+    parser.add_argument("--queue-limit", type=int, default=s.DEFAULT_QUEUE_LIMIT,
+                        help=f"requests allowed to wait for a slot; beyond -> 429 (default {s.DEFAULT_QUEUE_LIMIT})")
+    parser.add_argument("--queue-timeout", type=float, default=s.DEFAULT_QUEUE_TIMEOUT_S,
+                        help=f"seconds a request may wait for a slot before 429 (default {s.DEFAULT_QUEUE_TIMEOUT_S:g})")
+    parser.add_argument("--request-timeout", type=float, default=s.DEFAULT_REQUEST_TIMEOUT_S,
+                        help="seconds per engine call (streams: max silence between chunks) before 503 "
+                             f"(default {s.DEFAULT_REQUEST_TIMEOUT_S:g})")
+    parser.add_argument("--max-body-bytes", type=int, default=s.DEFAULT_MAX_BODY_BYTES,
+                        help=f"largest request body accepted (default {s.DEFAULT_MAX_BODY_BYTES})")
+    parser.add_argument("--no-access-log", action="store_true", help="do not log one line per request")
+    parser.add_argument("--log-level", default=os.environ.get("VLMPOOL_LOG_LEVEL", "info"),
+                        choices=["debug", "info", "warning", "error"], help="log level (JSON lines on stderr)")
+
+
+def build_config(args: argparse.Namespace):
+    from .server import ProxyConfig, read_admin_token
+
+    concurrency = args.concurrency if args.concurrency is not None else _env_int(ENV_CONCURRENCY, 16)
+    config = ProxyConfig(
+        engine_url=args.engine_url or os.environ.get("VLMPOOL_ENGINE_URL") or "http://127.0.0.1:8000",
+        host=args.host,
+        port=args.port,
+        admin_port=args.admin_port,
+        admin_token=read_admin_token(),
+        base_model=args.base_model or os.environ.get("VLMPOOL_BASE_MODEL") or None,
+        concurrency=concurrency,
+        queue_limit=args.queue_limit,
+        queue_timeout=args.queue_timeout,
+        request_timeout=args.request_timeout,
+        max_body_bytes=args.max_body_bytes,
+        access_log=not args.no_access_log,
+    )
+    config.validate()
+    return config
+
+
+async def _serve(config) -> int:
+    from .logs import get_logger
+    from .server import start_proxy, stop_proxy
+
+    log = get_logger()
+    running, runners = await start_proxy(config)
+    log.info(
+        "proxy listening",
+        extra={"url": running.url, "admin_url": running.admin_url, "engine_url": config.engine_url,
+               "concurrency": config.concurrency, "queue_limit": config.queue_limit,
+               "base_model": config.base_model},
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except NotImplementedError:  # pragma: no cover
+            pass
+    await stop.wait()
+    log.info("shutting down: finishing in-flight requests", extra={"timeout_s": config.shutdown_timeout})
+    await stop_proxy(running, runners)
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    from .logs import configure_logging
+
+    configure_logging(args.log_level)
+    try:
+        config = build_config(args)
+    except (ValueError, OSError) as e:
+        print(f"vlmpool proxy: {e}", file=sys.stderr)
+        return 2
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
+        uvloop = None
+    if uvloop is not None:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(_serve(config))
+    return asyncio.run(_serve(config))

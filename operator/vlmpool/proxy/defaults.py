@@ -1,0 +1,7 @@
+"""Defaults of the proxy, importable without aiohttp (the CLI's --help reads them)."""
+
+DEFAULT_CONCURRENCY = 16  # trio-core #63's default; env VLMPOOL_PROXY_CONCURRENCY before the first push
+DEFAULT_QUEUE_LIMIT = 1024  # a burst far larger than cortex's ~10 concurrent calls never sees 429
+DEFAULT_QUEUE_TIMEOUT_S = 30.0
+DEFAULT_REQUEST_TIMEOUT_S = 120.0  # roboflow's VLLM_REQUEST_TIMEOUT_S
+DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024  # images travel inline as data URIs
