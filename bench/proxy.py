@@ -1,0 +1,230 @@
+#!/usr/bin/env python3
+"""What the proxy costs: the same load against the simulator directly and through `vlmpool proxy`.
+
+Starts `vlmpool sim` (fixed latency model) and `vlmpool proxy` in front of it, each as its own process
+(as in a pod: engine container + proxy container), then at each concurrency level runs a closed loop
+of N clients sending non-streaming chat completions, once straight to the simulator and once through
+the proxy, and prints per level: throughput of both, the ratio proxy/direct, and the latency the
+proxy adds at p50 and p99. The last line is a JSON object with every figure.
+
+    .venv/bin/python bench/proxy.py                      # levels 1,16,64,256, 5 s each
+    .venv/bin/python bench/proxy.py --levels 64 --duration 10
+
+The load generator, the simulator and the proxy share this machine's cores, so on a small machine the
+figures include CPU contention between the three; the report prints the core count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+VLMPOOL = [sys.executable, "-m", "vlmpool"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except Exception as e:  # noqa: BLE001 - still starting
+            last = e
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not come up: {last}")
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    k = (len(s) - 1) * q
+    lo = int(k)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+async def closed_loop(url: str, model: str, concurrency: int, duration: float, warmup: float, max_tokens: int) -> dict:
+    import aiohttp
+
+    body = json.dumps({
+        "model": model,
+        "messages": [{"role": "user", "content": "describe the scene"}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    }).encode()
+    headers = {"Content-Type": "application/json"}
+    latencies: list[float] = []
+    errors = 0
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=4)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as session:
+        loop = asyncio.get_running_loop()
+        t_start = loop.time()
+        t_measure = t_start + warmup
+        t_end = t_measure + duration
+
+        async def worker() -> None:
+            nonlocal errors
+            while True:
+                t0 = loop.time()
+                if t0 >= t_end:
+                    return
+                try:
+                    async with session.post(url, data=body, headers=headers) as resp:
+                        await resp.read()
+                        ok = resp.status == 200
+                except aiohttp.ClientError:
+                    ok = False
+                t1 = loop.time()
+                if t0 >= t_measure and t1 <= t_end:
+                    if ok:
+                        latencies.append(t1 - t0)
+                    else:
+                        errors += 1
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return {
+        "requests": len(latencies),
+        "errors": errors,
+        "rps": len(latencies) / duration,
+        "p50_ms": percentile(latencies, 0.50) * 1000,
+        "p99_ms": percentile(latencies, 0.99) * 1000,
+        "mean_ms": (statistics.fmean(latencies) * 1000) if latencies else float("nan"),
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--levels", default="1,16,64,256", help="comma-separated concurrency levels")
+    ap.add_argument("--duration", type=float, default=5.0, help="measured seconds per level and target")
+    ap.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each run")
+    ap.add_argument("--ttft-ms", type=float, default=20.0)
+    ap.add_argument("--tpot-ms", type=float, default=1.0)
+    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--max-num-seqs", type=int, default=1024)
+    ap.add_argument("--proxy-concurrency", type=int, default=1024,
+                    help="the proxy's limiter size (above the highest level: the bench measures the proxy's "
+                         "overhead, not its admission control)")
+    ap.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
+                    help="keep the proxy's per-request JSON access log on (its production default)")
+    args = ap.parse_args()
+    levels = [int(x) for x in args.levels.split(",") if x.strip()]
+
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover
+        uvloop = None
+
+    model = "bench-base"
+    sim_port, proxy_port, admin_port = free_port(), free_port(), free_port()
+    env = dict(os.environ, VLMPOOL_ADMIN_TOKEN="bench-token", VLMPOOL_LOG_LEVEL="warning")
+    procs: list[subprocess.Popen] = []
+    logs_dir = Path(os.environ.get("TMPDIR", "/tmp"))
+    try:
+        sim_log = open(logs_dir / f"bench-proxy-sim-{sim_port}.log", "w")
+        procs.append(subprocess.Popen(
+            VLMPOOL + ["sim", "--model", model, "--host", "127.0.0.1", "--port", str(sim_port),
+                       "--ttft-ms", str(args.ttft_ms), "--tpot-ms", str(args.tpot_ms),
+                       "--max-num-seqs", str(args.max_num_seqs)],
+            env=env, stdout=sim_log, stderr=subprocess.STDOUT, cwd=REPO))
+        wait_http(f"http://127.0.0.1:{sim_port}/health")
+        proxy_log = open(logs_dir / f"bench-proxy-proxy-{proxy_port}.log", "w")
+        cmd = VLMPOOL + ["proxy", "--engine-url", f"http://127.0.0.1:{sim_port}", "--host", "127.0.0.1",
+                         "--port", str(proxy_port), "--admin-port", str(admin_port), "--base-model", model,
+                         "--concurrency", str(args.proxy_concurrency), "--queue-limit", "4096",
+                         "--log-level", "info" if args.access_log else "warning"]
+        if not args.access_log:
+            cmd.append("--no-access-log")
+        procs.append(subprocess.Popen(cmd, env=env, stdout=proxy_log, stderr=subprocess.STDOUT, cwd=REPO))
+        wait_http(f"http://127.0.0.1:{proxy_port}/healthz")
+
+        direct_url = f"http://127.0.0.1:{sim_port}/v1/chat/completions"
+        proxy_url = f"http://127.0.0.1:{proxy_port}/v1/chat/completions"
+        cores = os.cpu_count()
+        print(f"# proxy bench: sim ttft={args.ttft_ms:g}ms tpot={args.tpot_ms:g}ms max_tokens={args.max_tokens} "
+              f"duration={args.duration:g}s/run, {cores} CPU cores shared by load generator + sim + proxy, "
+              f"python {platform.python_version()}, uvloop={'yes' if uvloop else 'no'}, "
+              f"proxy access log {'on' if args.access_log else 'off'}")
+        print(f"{'conc':>5} {'direct rps':>11} {'proxy rps':>10} {'ratio':>6} {'p50 direct':>11} {'p50 proxy':>10} "
+              f"{'+p50 ms':>8} {'p99 direct':>11} {'p99 proxy':>10} {'+p99 ms':>8} {'errors':>6}")
+
+        def run(coro):
+            if uvloop is not None:
+                with asyncio.Runner(loop_factory=uvloop.new_event_loop) as r:
+                    return r.run(coro)
+            return asyncio.run(coro)
+
+        results = []
+        for c in levels:
+            d = run(closed_loop(direct_url, model, c, args.duration, args.warmup, args.max_tokens))
+            p = run(closed_loop(proxy_url, model, c, args.duration, args.warmup, args.max_tokens))
+            row = {
+                "concurrency": c,
+                "direct": d,
+                "proxy": p,
+                "throughput_ratio": (p["rps"] / d["rps"]) if d["rps"] else float("nan"),
+                "added_p50_ms": p["p50_ms"] - d["p50_ms"],
+                "added_p99_ms": p["p99_ms"] - d["p99_ms"],
+            }
+            results.append(row)
+            print(f"{c:>5} {d['rps']:>11.1f} {p['rps']:>10.1f} {row['throughput_ratio']:>6.3f} {d['p50_ms']:>11.2f} "
+                  f"{p['p50_ms']:>10.2f} {row['added_p50_ms']:>8.2f} {d['p99_ms']:>11.2f} {p['p99_ms']:>10.2f} "
+                  f"{row['added_p99_ms']:>8.2f} {d['errors'] + p['errors']:>6}", flush=True)
+        target = next((r for r in results if r["concurrency"] == 64), None)
+        summary = {
+            "bench": "proxy",
+            "cpu_cores": cores,
+            "sim": {"ttft_ms": args.ttft_ms, "tpot_ms": args.tpot_ms, "max_tokens": args.max_tokens},
+            "duration_s": args.duration,
+            "access_log": args.access_log,
+            "levels": [{
+                "concurrency": r["concurrency"],
+                "direct_rps": round(r["direct"]["rps"], 2),
+                "proxy_rps": round(r["proxy"]["rps"], 2),
+                "throughput_ratio": round(r["throughput_ratio"], 4),
+                "direct_p50_ms": round(r["direct"]["p50_ms"], 3),
+                "proxy_p50_ms": round(r["proxy"]["p50_ms"], 3),
+                "added_p50_ms": round(r["added_p50_ms"], 3),
+                "direct_p99_ms": round(r["direct"]["p99_ms"], 3),
+                "proxy_p99_ms": round(r["proxy"]["p99_ms"], 3),
+                "added_p99_ms": round(r["added_p99_ms"], 3),
+                "errors": r["direct"]["errors"] + r["proxy"]["errors"],
+            } for r in results],
+            "target_c64": None if target is None else {
+                "throughput_ratio_ge_0_9": target["throughput_ratio"] >= 0.9,
+                "added_p50_lt_1ms": target["added_p50_ms"] < 1.0,
+            },
+        }
+        print(json.dumps(summary))
+        return 0
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in reversed(procs):
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
