@@ -1,0 +1,333 @@
+"""The simulated engine: scheduler (max-num-seqs, max-loras), adapter registry and CPU LRU cache,
+counters, and the Prometheus text the ``/metrics`` route serves.
+
+Scheduling follows vLLM V1's scheduler: requests wait in FIFO order; a waiting request is admitted
+when a sequence slot is free and, if it names an adapter, that adapter is already in the running
+batch or fewer than ``max_loras`` distinct adapters are running. A waiting request that cannot be
+admitted for the LoRA reason is skipped, not blocking the ones behind it (vLLM's
+``skipped_waiting_requests``).
+
+Adapters: the serving layer keeps every registered adapter (what ``/v1/models`` lists) until it is
+unloaded; the worker keeps at most ``max_cpu_loras`` of them loaded (LRU). An adapter evicted from
+that cache is read again from its registered path when a request next uses it, as vLLM does; if the
+path no longer holds a valid adapter, the engine dies the way vLLM's V1 engine core does (every
+generation then fails with 500 and ``/health`` answers 503 until ``POST /sim/forget``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from vlmpool.sim import adapters as adapters_mod
+
+
+@dataclass
+class Registered:
+    name: str
+    path: str
+    int_id: int
+    info: adapters_mod.AdapterInfo
+    loaded_at: float = field(default_factory=time.time)
+
+
+@dataclass
+class Seq:
+    """One request inside the engine."""
+
+    request_id: str
+    lora: str | None
+    arrived: float = field(default_factory=time.monotonic)
+    admitted_at: float | None = None
+    admitted: asyncio.Future[None] | None = None
+
+
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
+                   120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+
+
+class Histogram:
+    def __init__(self, buckets: tuple[float, ...]) -> None:
+        self.buckets = buckets
+        self.counts = [0] * len(buckets)
+        self.total = 0
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.total += 1
+        self.sum += value
+        for i, b in enumerate(self.buckets):
+            if value <= b:
+                self.counts[i] += 1
+
+
+class Engine:
+    def __init__(self, *, model_name: str, max_num_seqs: int, max_loras: int, max_cpu_loras: int,
+                 max_lora_rank: int, family: str, strict_layout: bool, enable_lora: bool,
+                 lora_load_ms: float = 0.0) -> None:
+        self.model_name = model_name
+        self.max_num_seqs = max_num_seqs
+        self.max_loras = max_loras
+        self.max_cpu_loras = max_cpu_loras
+        self.max_lora_rank = max_lora_rank
+        self.family = family
+        self.strict_layout = strict_layout
+        self.enable_lora = enable_lora
+        self.lora_load_ms = lora_load_ms
+
+        self.registered: dict[str, Registered] = {}
+        self.cpu_cache: collections.OrderedDict[str, adapters_mod.AdapterInfo] = collections.OrderedDict()
+        self._ids = itertools.count(1)
+        self._lock_by_name: dict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
+
+        self.waiting: collections.deque[Seq] = collections.deque()
+        self.running: dict[str, Seq] = {}
+        self.dead = False
+        self.dead_reason = ""
+        self.reset_counters()
+        self.lora_info_series: collections.OrderedDict[tuple[str, str], float] = collections.OrderedDict()
+        self._record_lora_info()
+
+    # ---- counters ------------------------------------------------------------------------------
+
+    def reset_counters(self) -> None:
+        self.requests_total = 0
+        self.peak_running = len(getattr(self, "running", {}))
+        self.peak_waiting = len(getattr(self, "waiting", ()))
+        self.peak_running_loras = 0
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+        self.success: collections.Counter[str] = collections.Counter()
+        self.adapter_disk_loads: collections.Counter[str] = collections.Counter()
+        self.evictions = 0
+        self.ttft = Histogram(TTFT_BUCKETS)
+        self.e2e = Histogram(LATENCY_BUCKETS)
+        self.queue_time = Histogram(LATENCY_BUCKETS)
+        self.recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=200)
+
+    # ---- adapters ------------------------------------------------------------------------------
+
+    def lock_for(self, name: str) -> asyncio.Lock:
+        return self._lock_by_name[name]
+
+    def validate(self, name: str, path: str) -> adapters_mod.AdapterInfo:
+        return adapters_mod.validate_adapter(name, path, max_lora_rank=self.max_lora_rank,
+                                             family_name=self.family, strict_layout=self.strict_layout)
+
+    async def read_adapter(self, name: str, path: str) -> adapters_mod.AdapterInfo:
+        """The worker's disk read: validate off the event loop, pay the configured load time."""
+        info = await asyncio.to_thread(self.validate, name, path)
+        if self.lora_load_ms > 0:
+            await asyncio.sleep(self.lora_load_ms / 1000.0)
+        self.adapter_disk_loads[name] += 1
+        return info
+
+    def cache_put(self, name: str, info: adapters_mod.AdapterInfo) -> None:
+        """Insert into the CPU LRU, evicting the least recently used adapters not in the batch."""
+        self.cpu_cache[name] = info
+        self.cpu_cache.move_to_end(name)
+        busy = self.running_loras()
+        while len(self.cpu_cache) > self.max_cpu_loras:
+            victim = next((n for n in self.cpu_cache if n not in busy and n != name), None)
+            if victim is None:
+                break
+            del self.cpu_cache[victim]
+            self.evictions += 1
+
+    def cache_touch(self, name: str) -> bool:
+        if name in self.cpu_cache:
+            self.cpu_cache.move_to_end(name)
+            return True
+        return False
+
+    def register(self, name: str, path: str, info: adapters_mod.AdapterInfo) -> Registered:
+        old = self.registered.get(name)
+        reg = Registered(name=name, path=path, int_id=old.int_id if old else next(self._ids), info=info)
+        self.registered[name] = reg
+        self.cache_put(name, info)
+        return reg
+
+    def unregister(self, name: str) -> None:
+        self.registered.pop(name, None)
+        self.cpu_cache.pop(name, None)
+
+    def forget(self) -> None:
+        """Engine restart: every adapter is gone, the engine is alive again."""
+        self.registered.clear()
+        self.cpu_cache.clear()
+        self.dead = False
+        self.dead_reason = ""
+        self._record_lora_info()
+
+    def die(self, reason: str) -> None:
+        self.dead = True
+        self.dead_reason = reason
+
+    # ---- scheduling ----------------------------------------------------------------------------
+
+    def running_loras(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for s in self.running.values():
+            if s.lora is not None:
+                seen.setdefault(s.lora, None)
+        return list(seen)
+
+    def waiting_loras(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for s in self.waiting:
+            if s.lora is not None:
+                seen.setdefault(s.lora, None)
+        return list(seen)
+
+    async def acquire(self, seq: Seq) -> None:
+        """Wait until the scheduler puts ``seq`` in the running batch."""
+        seq.admitted = asyncio.get_running_loop().create_future()
+        self.requests_total += 1
+        self.waiting.append(seq)
+        self.peak_waiting = max(self.peak_waiting, len(self.waiting))
+        self._schedule()
+        try:
+            await seq.admitted
+        except BaseException:
+            if seq in self.waiting:
+                self.waiting.remove(seq)
+            self.running.pop(seq.request_id, None)
+            self._schedule()
+            raise
+
+    def release(self, seq: Seq) -> None:
+        self.running.pop(seq.request_id, None)
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        self._schedule()
+
+    def _schedule(self) -> None:
+        admitted_any = False
+        loras = self.running_loras()
+        skipped: list[Seq] = []
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            seq = self.waiting.popleft()
+            if (seq.lora is not None and seq.lora not in loras and len(loras) >= self.max_loras):
+                skipped.append(seq)
+                continue
+            self.running[seq.request_id] = seq
+            seq.admitted_at = time.monotonic()
+            self.queue_time.observe(seq.admitted_at - seq.arrived)
+            if seq.lora is not None and seq.lora not in loras:
+                loras.append(seq.lora)
+            if seq.admitted is not None and not seq.admitted.done():
+                seq.admitted.set_result(None)
+            admitted_any = True
+        self.waiting.extendleft(reversed(skipped))
+        self.peak_running = max(self.peak_running, len(self.running))
+        self.peak_running_loras = max(self.peak_running_loras, len(loras))
+        self._record_lora_info()
+        del admitted_any
+
+    def _record_lora_info(self) -> None:
+        if not self.enable_lora:
+            return
+        key = (",".join(self.running_loras()), ",".join(self.waiting_loras()))
+        self.lora_info_series[key] = time.time()
+        self.lora_info_series.move_to_end(key)
+        while len(self.lora_info_series) > 512:
+            self.lora_info_series.popitem(last=False)
+
+    # ---- finishing -----------------------------------------------------------------------------
+
+    def finished(self, seq: Seq, *, reason: str, prompt_tokens: int, generated: int,
+                 first_token_at: float | None, model: str, status: int = 200) -> None:
+        now = time.monotonic()
+        self.prompt_tokens += prompt_tokens
+        self.generation_tokens += generated
+        self.success[reason] += 1
+        if first_token_at is not None:
+            self.ttft.observe(first_token_at - seq.arrived)
+        self.e2e.observe(now - seq.arrived)
+        self.recent.append({"request_id": seq.request_id, "model": model, "lora": seq.lora,
+                            "finish_reason": reason, "status": status,
+                            "prompt_tokens": prompt_tokens, "completion_tokens": generated})
+
+    # ---- views ---------------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "running": len(self.running),
+            "waiting": len(self.waiting),
+            "peak_running": self.peak_running,
+            "peak_waiting": self.peak_waiting,
+            "peak_running_loras": self.peak_running_loras,
+            "running_loras": self.running_loras(),
+            "waiting_loras": self.waiting_loras(),
+            "requests_total": self.requests_total,
+            "prompt_tokens": self.prompt_tokens,
+            "generation_tokens": self.generation_tokens,
+            "finished": dict(self.success),
+            "loaded_adapters": list(self.registered),
+            "adapter_paths": {n: r.path for n, r in self.registered.items()},
+            "cpu_cached_adapters": list(self.cpu_cache),
+            "adapter_disk_loads": dict(self.adapter_disk_loads),
+            "cpu_evictions": self.evictions,
+            "engine_dead": self.dead,
+            "engine_dead_reason": self.dead_reason,
+            "limits": {"max_num_seqs": self.max_num_seqs, "max_loras": self.max_loras,
+                       "max_cpu_loras": self.max_cpu_loras, "max_lora_rank": self.max_lora_rank},
+            "recent_requests": list(self.recent),
+        }
+
+    def prometheus(self) -> str:
+        base = f'engine="0",model_name="{_esc(self.model_name)}"'
+        out: list[str] = []
+
+        def metric(name: str, kind: str, doc: str, samples: list[tuple[str, str, float]]) -> None:
+            out.append(f"# HELP {name} {doc}")
+            out.append(f"# TYPE {name} {kind}")
+            for suffix, labels, value in samples:
+                out.append(f"{name}{suffix}{{{labels}}} {_num(value)}")
+
+        metric("vllm:num_requests_running", "gauge",
+               "Number of requests in model execution batches.", [("", base, len(self.running))])
+        metric("vllm:num_requests_waiting", "gauge",
+               "Number of requests waiting to be processed.", [("", base, len(self.waiting))])
+        if self.enable_lora:
+            samples = [("", f'max_lora="{self.max_loras}",running_lora_adapters="{_esc(r)}",'
+                            f'waiting_lora_adapters="{_esc(w)}"', ts)
+                       for (r, w), ts in self.lora_info_series.items()]
+            metric("vllm:lora_requests_info", "gauge", "Running stats on lora requests.", samples)
+        metric("vllm:prompt_tokens", "counter", "Number of prefill tokens processed.",
+               [("_total", base, self.prompt_tokens)])
+        metric("vllm:generation_tokens", "counter", "Number of generation tokens processed.",
+               [("_total", base, self.generation_tokens)])
+        metric("vllm:request_success", "counter", "Count of successfully processed requests.",
+               [("_total", f'{base},finished_reason="{r}"', self.success.get(r, 0))
+                for r in ("stop", "length", "abort")])
+        for name, doc, h in (
+            ("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", self.ttft),
+            ("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.", self.e2e),
+            ("vllm:request_queue_time_seconds",
+             "Histogram of time spent in WAITING phase for request.", self.queue_time),
+        ):
+            samples = [("_bucket", f'{base},le="{_num(b)}"', c) for b, c in zip(h.buckets, h.counts)]
+            samples.append(("_bucket", f'{base},le="+Inf"', h.total))
+            samples.append(("_count", base, h.total))
+            samples.append(("_sum", base, h.sum))
+            metric(name, "histogram", doc, samples)
+        return "\n".join(out) + "\n"
+
+
+def _esc(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _num(value: float) -> str:
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        return f"{value:.1f}"
+    if isinstance(value, int):
+        return f"{float(value):.1f}"
+    return repr(float(value))
