@@ -44,10 +44,10 @@ def test_crds_are_established_with_names_and_categories(kubectl, crds):
         assert conditions["NamesAccepted"] == "True"
         names = obj["spec"]["names"]
         assert names["shortNames"] == [short]
-        assert names["categories"] == ["vlmpool"]
+        assert names["categories"] == ["vlm"]
         version = obj["spec"]["versions"][0]
         assert version["name"] == "v1alpha1" and version["subresources"] == {"status": {}}
-    res = kubectl("api-resources", "--api-group=vlmpool.io", "--categories=vlmpool", "-o", "name", check=False)
+    res = kubectl("api-resources", "--api-group=vlmpool.io", "--categories=vlm", "-o", "name", check=False)
     if res.returncode == 0:  # --categories exists on recent kubectl only
         assert set(res.stdout.split()) == {"vlmpools.vlmpool.io", "vlmadapters.vlmpool.io"}
 
@@ -173,7 +173,7 @@ def test_kubectl_get_prints_the_printer_columns(kubectl, crds, namespace):
     assert rows["vlmpool.vlmpool.io/pool-a"][1:5] == ["Qwen/Qwen2.5-VL-3B-Instruct", "2/2", "1/1", "16"]
     assert rows["vlmadapter.vlmpool.io/adapter-a"][1:5] == ["pool-a", "Ready", "3f9a1c0d2e4b5a69", "2/2"]
     # The category groups both kinds.
-    out = kubectl("get", "vlmpool", "-n", namespace, "-o", "name").stdout.split()
+    out = kubectl("get", "vlm", "-n", namespace, "-o", "name").stdout.split()
     assert set(out) == {"vlmpool.vlmpool.io/pool-a", "vlmadapter.vlmpool.io/adapter-a"}
 
 

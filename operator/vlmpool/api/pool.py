@@ -116,7 +116,7 @@ class ProxySpec(Model):
 
     model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
         {"rule": "self.port != self.adminPort", "message": "proxy.adminPort must differ from proxy.port",
-         "fieldPath": ".adminPort", "reason": "FieldValueDuplicate"},
+         "fieldPath": ".adminPort", "reason": "FieldValueInvalid"},
         {"rule": "self.queueTimeoutSeconds <= self.requestTimeoutSeconds",
          "message": "proxy.queueTimeoutSeconds must not exceed proxy.requestTimeoutSeconds",
          "fieldPath": ".queueTimeoutSeconds", "reason": "FieldValueInvalid"},
@@ -195,7 +195,7 @@ class VLMPoolSpec(Model):
     model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
         {"rule": "self.engine.port != self.proxy.port && self.engine.port != self.proxy.adminPort",
          "message": "engine.port must differ from proxy.port and proxy.adminPort (they share the pod)",
-         "fieldPath": ".engine.port", "reason": "FieldValueDuplicate"},
+         "fieldPath": ".engine.port", "reason": "FieldValueInvalid"},
     ]})
 
     model: BaseModelSpec = Field(description="The base vision-language model.")
