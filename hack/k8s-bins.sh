@@ -2,7 +2,7 @@
 # Obtain the control-plane binaries the tests and `vlmpool dev` run:
 #   etcd, kube-apiserver, kube-controller-manager, kubectl (and helm).
 # Order of preference for each binary:
-#   1. $KUBEBUILDER_ASSETS/<bin> if the version matches,
+#   1. $KUBEBUILDER_ASSETS/<bin> if the version matches (kubectl: also PATH, within one minor),
 #   2. the cache  ${XDG_CACHE_HOME:-~/.cache}/vlmpool/k8s/<k8s-version>/bin/<bin>,
 #   3. a build from its Go module through the Go module proxy into that cache.
 # PATH is deliberately not trusted for the server binaries: a kube-apiserver of another minor
@@ -24,7 +24,7 @@ export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS=-mod=mod
 export GOPATH="${GOPATH:-$HOME/go}"
 
 want=("$@")
-[ ${#want[@]} -gt 0 ] || want=(etcd kube-apiserver kube-controller-manager kubectl helm)
+[ ${#want[@]} -gt 0 ] || want=(etcd kube-apiserver kube-controller-manager kubectl)
 
 have() { [ -x "$BIN/$1" ] && [ -f "$BIN/.$1.ok" ]; }
 
@@ -97,10 +97,21 @@ build_helm() {
   touch "$BIN/.helm.ok"
 }
 
+# kubectl from PATH is fine when it is within the supported skew (one minor) of the server.
+from_path_kubectl() {
+  local k minor want_minor
+  k=$(command -v kubectl 2>/dev/null) || return 1
+  minor=$("$k" version --client -o json 2>/dev/null | sed -n 's/.*"minor": *"\([0-9]*\).*/\1/p' | head -n1)
+  want_minor=$(echo "$K8S_VERSION" | cut -d. -f2)
+  [ -n "$minor" ] && [ $((minor - want_minor)) -le 1 ] && [ $((want_minor - minor)) -le 1 ] || return 1
+  ln -sf "$k" "$BIN/kubectl"; touch "$BIN/.kubectl.ok"; log "kubectl: using $k (minor $minor)"
+}
+
 k8s_missing=()
 for b in "${want[@]}"; do
   have "$b" && continue
   from_assets "$b" && continue
+  [ "$b" = kubectl ] && from_path_kubectl && continue
   case $b in
     kube-apiserver|kube-controller-manager|kubectl) k8s_missing+=("$b") ;;
     etcd) build_etcd ;;
