@@ -525,8 +525,8 @@ class SimServer:
         while len(pieces) < min_tokens:
             pieces.append(f" tok{i}")
             i += 1
-        if len(pieces) > max_tokens:
-            return pieces[:max_tokens], "length"
+        if len(pieces) > max_tokens or body.get("ignore_eos"):
+            return pieces[:max_tokens], "length"  # with ignore_eos only max_tokens ends a sequence
         return pieces, "stop"
 
     async def _pre_generation(self, request: web.Request) -> None:
