@@ -1,0 +1,78 @@
+"""Read-only access to a base model's weights (safetensors only), one tensor at a time.
+
+Used by the DoRA ``svd`` policy (the exact merge needs W0), by ``strip`` to measure its error, and to
+check the adapter's shapes against the base when the weights are at hand. Base weights are a local
+directory (the pool's weights volume, mounted read-only into the patch Job): never downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from vlmpool.patcher.errors import PatchError
+from vlmpool.patcher.families import Family, layer_suffix
+
+
+class BaseWeights:
+    def __init__(self, path: Path | str, family: Family):
+        self.path = Path(path)
+        self.family = family
+        if not self.path.is_dir():
+            raise PatchError("BaseWeightsNotFound", f"base weights directory {self.path} does not exist")
+        self._where: dict[str, Path] = {}
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise PatchError("BaseWeightsNotFound", f"{index} is not a safetensors index: {e}") from e
+            self._where = {k: self.path / f for k, f in weight_map.items()}
+        else:
+            from safetensors import safe_open
+
+            files = sorted(self.path.glob("*.safetensors"))
+            if not files:
+                pickles = sorted(p.name for p in self.path.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
+                hint = f" (found pickle files {', '.join(pickles[:3])}: only safetensors are read)" if pickles else ""
+                raise PatchError("BaseWeightsNotFound", f"no *.safetensors in base weights directory {self.path}{hint}")
+            for f in files:
+                try:
+                    with safe_open(str(f), framework="pt") as h:
+                        for k in h.keys():
+                            self._where[k] = f
+                except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+                    raise PatchError("BaseWeightsNotFound", f"cannot read base weights file {f}: {e}") from e
+        self._handles: dict[Path, object] = {}
+
+    def candidates(self, module: str) -> list[str]:
+        keys = [module + ".weight"]
+        found = layer_suffix(module, self.family)
+        if found:
+            _, suffix = found
+            keys += [p + suffix + ".weight" for p in self.family.base_layer_prefixes]
+        return list(dict.fromkeys(keys))
+
+    def key_for(self, module: str) -> str:
+        for k in self.candidates(module):
+            if k in self._where:
+                return k
+        raise PatchError("BaseWeightsNotFound", f"the base weights in {self.path} have no weight for module {module} "
+                         f"(tried {', '.join(self.candidates(module))}): wrong base model or family?")
+
+    def _handle(self, f: Path):
+        h = self._handles.get(f)
+        if h is None:
+            from safetensors import safe_open
+
+            h = safe_open(str(f), framework="pt")
+            self._handles[f] = h
+        return h
+
+    def shape(self, module: str) -> tuple[int, ...]:
+        k = self.key_for(module)
+        return tuple(self._handle(self._where[k]).get_slice(k).get_shape())
+
+    def get(self, module: str):
+        k = self.key_for(module)
+        return self._handle(self._where[k]).get_tensor(k)

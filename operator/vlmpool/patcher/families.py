@@ -1,0 +1,131 @@
+"""Model families and the tensor-key rules that turn a PEFT adapter's keys into the layout vLLM loads.
+
+vLLM reads ``adapter_model.safetensors`` of a LoRA with keys of the form
+``base_model.model.<module path>.lora_A.weight`` / ``.lora_B.weight``. It strips the
+``base_model.model.`` prefix and maps the rest with the model's ``hf_to_vllm_mapper``. For the
+Qwen VL families the language model's layers live at ``model.language_model.layers.N`` in the
+current Hugging Face layout (transformers >= 4.52 and all Qwen3-VL checkpoints), and vLLM's mapper
+for Qwen3-VL only knows that prefix. Adapters trained with older transformers (Qwen2-VL, Qwen2.5-VL)
+store ``model.layers.N``. So the patcher rewrites every language-layer key to one canonical
+template, ``base_model.model.model.language_model.layers.{suffix}`` by default (the same default as
+the roboflow patcher's ``VLLM_ADAPTER_KEY_TEMPLATE``).
+
+Rules (each is counted in patch_report.json under ``key_rules``):
+
+``adapter-name``
+    ``...lora_A.<adapter>.weight`` -> ``...lora_A.weight``. A state dict taken straight from a
+    ``PeftModel`` (not through ``save_pretrained``) keeps the adapter name; PEFT's saved format and
+    vLLM do not.
+``peft-prefix``
+    a key without the ``base_model.model.`` prefix gets it: vLLM strips exactly that prefix.
+``language-layers``
+    ``model.layers.N.`` or ``model.language_model.layers.N.`` -> the key template. Legacy Qwen2-VL /
+    Qwen2.5-VL adapters use the first; Qwen3-VL in vLLM only accepts the second.
+
+Only the language model's attention and MLP projections are served (q/k/v/o, gate/up/down): they are
+what vLLM's Qwen VL models expose as LoRA-able in the language model. Vision-tower tensors (module path
+with ``visual.``, ``vision_tower`` or ``merger``) are dropped (and the adapter refused if it trained
+them); LoRA on anything else (lm_head, embed_tokens, norms) is refused.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+PEFT_PREFIX = "base_model.model."
+DEFAULT_KEY_TEMPLATE = "base_model.model.model.language_model.layers.{suffix}"
+
+# Fixed order of target_modules in the rewritten config (the roboflow order).
+SUPPORTED_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_SUPPORTED_SUFFIX = re.compile(
+    r"^(?P<layer>\d+)\.(?:self_attn\.(?P<attn>q_proj|k_proj|v_proj|o_proj)|mlp\.(?P<mlp>gate_proj|up_proj|down_proj))$"
+)
+VISION_MARKERS = ("visual.", "vision_tower", "merger")
+
+# <module>.lora_A[.<adapter>].weight, <module>.lora_B[.<adapter>].weight
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\.weight$")
+# <module>.lora_embedding_A[.<adapter>]
+_EMB_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_embedding_A|lora_embedding_B)(?:\.(?P<adapter>[^.]+))?$")
+# <module>.lora_magnitude_vector[.<adapter>][.weight]
+_MAG_KEY = re.compile(r"^(?P<module>.+)\.lora_magnitude_vector(?:\.(?P<adapter>(?!weight$)[^.]+))?(?:\.weight)?$")
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    title: str
+    # Where the language model's decoder layers may sit in an adapter's keys (PEFT prefix removed),
+    # checked in this order (the longer first).
+    layer_prefixes: tuple[str, ...] = ("model.language_model.layers.", "model.layers.")
+    # Base-weight key prefixes tried for a language layer (checkpoint layouts differ by transformers version).
+    base_layer_prefixes: tuple[str, ...] = ("model.language_model.layers.", "model.layers.", "language_model.model.layers.")
+    vision_markers: tuple[str, ...] = VISION_MARKERS
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+FAMILIES: dict[str, Family] = {
+    "qwen2_vl": Family("qwen2_vl", "Qwen2-VL"),
+    "qwen2_5_vl": Family("qwen2_5_vl", "Qwen2.5-VL"),
+    "qwen3_vl": Family(
+        "qwen3_vl", "Qwen3-VL",
+        notes=("vLLM's Qwen3-VL weight mapper only accepts model.language_model.layers.N keys",),
+    ),
+}
+
+
+@dataclass(frozen=True)
+class ParsedKey:
+    """One adapter tensor key, understood."""
+
+    original: str
+    module: str          # module path without the PEFT prefix, adapter name removed
+    kind: str            # lora_A | lora_B | lora_embedding_A | lora_embedding_B | magnitude
+    had_prefix: bool
+    had_adapter_name: bool
+
+
+def parse_key(key: str) -> ParsedKey | None:
+    """Split a PEFT tensor key into module path and tensor kind; None when it is no LoRA tensor."""
+    had_prefix = key.startswith(PEFT_PREFIX)
+    rest = key[len(PEFT_PREFIX):] if had_prefix else key
+    for rx in (_LORA_KEY, _EMB_KEY):
+        m = rx.match(rest)
+        if m:
+            return ParsedKey(key, m.group("module"), m.group("kind"), had_prefix, m.group("adapter") is not None)
+    m = _MAG_KEY.match(rest)
+    if m:
+        return ParsedKey(key, m.group("module"), "magnitude", had_prefix, m.group("adapter") is not None)
+    return None
+
+
+def is_vision(module: str, family: Family) -> bool:
+    return any(marker in module for marker in family.vision_markers)
+
+
+def layer_suffix(module: str, family: Family) -> tuple[str, str] | None:
+    """(prefix found, suffix after it) when the module is in the language model's decoder layers."""
+    for prefix in family.layer_prefixes:
+        if module.startswith(prefix):
+            return prefix, module[len(prefix):]
+    return None
+
+
+def supported_module_name(suffix: str) -> str | None:
+    """'q_proj' etc. when the layer suffix is a servable projection, else None."""
+    m = _SUPPORTED_SUFFIX.match(suffix)
+    if not m:
+        return None
+    return m.group("attn") or m.group("mlp")
+
+
+def validate_key_template(template: str) -> None:
+    if template.count("{suffix}") != 1 or not template.endswith("{suffix}"):
+        raise ValueError("the key template must end with exactly one '{suffix}'")
+    if not template.startswith(PEFT_PREFIX):
+        raise ValueError(f"the key template must start with {PEFT_PREFIX!r} (vLLM strips exactly that prefix)")
+
+
+def canonical_key(suffix: str, kind: str, template: str) -> str:
+    """The output key of a servable LoRA tensor."""
+    return template.format(suffix=suffix) + f".{kind}.weight"

@@ -1,0 +1,541 @@
+"""Fetch only an adapter's own files from its source, safely.
+
+Sources: a local path or ``file:///path`` (a directory or an archive), ``pvc://claim/path`` (resolved
+as ``<pvc-root>/<claim>/<path>``: the claim is mounted into the patch Job), ``https://`` (an archive
+``.tar``/``.tar.gz``/``.tgz``/``.zip``, or a directory URL ending in ``/`` from which
+``adapter_config.json`` and ``adapter_model.safetensors`` are fetched by name), ``hf://org/repo[@rev]``
+(huggingface_hub; ``HF_ENDPOINT``/``HF_TOKEN`` honoured) and ``s3://bucket/prefix`` (boto3; a prefix
+holding the two files, or the key of an archive; ``AWS_*`` env honoured, ``AWS_ENDPOINT_URL`` too).
+
+Only ``adapter_config.json`` and ``adapter_model.safetensors`` are ever read or downloaded: base
+weights and everything else in the source are left alone. Pickle weights are refused (never
+unpickled), archives with absolute or ``..`` paths, links or special files are refused, and every file
+is size-limited while it streams (a lying Content-Length or zip header does not get past the limit).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import posixpath
+import re
+import shutil
+import stat
+import tarfile
+import urllib.error
+import urllib.parse
+import urllib.request
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from vlmpool.patcher.errors import PatchError
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+WANTED = (CONFIG_NAME, WEIGHTS_NAME)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
+DEFAULT_MAX_FILE_BYTES = 4 * 1024**3
+CONFIG_MAX_BYTES = 1024 * 1024
+MAX_ARCHIVE_MEMBERS = 10_000
+CHUNK = 1024 * 1024
+
+
+@dataclass
+class FetchedAdapter:
+    """An adapter's two files, ready to read."""
+
+    dir: Path
+    uri: str
+    scheme: str
+    sha256: str                     # of the archive, or of adapter_model.safetensors
+    sha256_of: str                  # "archive" | "adapter_model.safetensors"
+    pinned: bool
+    sizes: dict[str, int] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def config_path(self) -> Path:
+        return self.dir / CONFIG_NAME
+
+    @property
+    def weights_path(self) -> Path:
+        return self.dir / WEIGHTS_NAME
+
+
+def _is_pickle(name: str) -> bool:
+    return name.lower().endswith(PICKLE_SUFFIXES)
+
+
+def _human(n: int) -> str:
+    return f"{n} bytes"
+
+
+def choose_adapter_files(names: dict[str, int], where: str, max_file_bytes: int) -> tuple[str, list[str]]:
+    """From a listing {relative posix path: size} pick the adapter's directory (relative, '' for the
+    top). Refuses what is missing, ambiguous, pickle-only or too large. Returns (dir, warnings)."""
+    configs = sorted(p for p in names if posixpath.basename(p) == CONFIG_NAME)
+    if not configs:
+        pickles = sorted(p for p in names if _is_pickle(p))
+        if pickles:
+            raise PatchError("PickleWeights", f"{where} has pickle weights ({', '.join(pickles[:5])}) and no "
+                             f"{CONFIG_NAME}; only safetensors adapters are accepted: re-save the adapter with "
+                             "save_pretrained(safe_serialization=True)")
+        raise PatchError("MissingConfig", f"{where} has no {CONFIG_NAME}: not a PEFT adapter directory")
+    if len(configs) > 1:
+        raise PatchError("AmbiguousSource", f"{where} holds several adapters ({', '.join(configs[:5])}); "
+                         "point the source at exactly one adapter directory")
+    top = posixpath.dirname(configs[0])
+    here = {p: s for p, s in names.items() if posixpath.dirname(p) == top}
+    weights = posixpath.join(top, WEIGHTS_NAME) if top else WEIGHTS_NAME
+    warnings: list[str] = []
+    pickles = sorted(p for p in here if _is_pickle(p))
+    if weights not in here:
+        if pickles:
+            raise PatchError("PickleWeights", f"{where}: the adapter weights are pickle files ({', '.join(pickles[:5])}); "
+                             "pickle is never loaded (it can run code): re-save the adapter with "
+                             "save_pretrained(safe_serialization=True) to get adapter_model.safetensors")
+        raise PatchError("MissingWeights", f"{where} has {CONFIG_NAME} but no {WEIGHTS_NAME}")
+    if pickles:
+        warnings.append(f"ignored pickle files beside the safetensors weights (never read): {', '.join(pickles[:5])}")
+    for name in (configs[0], weights):
+        size = here[name]
+        limit = CONFIG_MAX_BYTES if name.endswith(CONFIG_NAME) else max_file_bytes
+        if size is not None and size > limit:
+            raise PatchError("FileTooLarge", f"{where}: {name} is {_human(size)}, over the limit of {_human(limit)}")
+    return top, warnings
+
+
+def _copy_limited(src: BinaryIO, dst_path: Path, limit: int, what: str) -> tuple[int, str]:
+    """Stream src into dst_path, refusing more than limit bytes. Returns (size, sha256 hex)."""
+    h = hashlib.sha256()
+    n = 0
+    with open(dst_path, "wb") as out:
+        while True:
+            chunk = src.read(CHUNK)
+            if not chunk:
+                break
+            n += len(chunk)
+            if n > limit:
+                raise PatchError("FileTooLarge", f"{what} is larger than the limit of {_human(limit)}")
+            h.update(chunk)
+            out.write(chunk)
+    return n, h.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_pin(expected: str | None, actual: str, what: str) -> None:
+    if expected is not None and expected.lower() != actual:
+        raise PatchError("ChecksumMismatch", f"sha256 of {what} is {actual}, the pin says {expected.lower()}")
+
+
+# ---------------------------------------------------------------- archives
+
+def _safe_member_name(name: str, archive: str) -> str:
+    """Normalise an archive member name; refuse absolute paths and '..' segments."""
+    raw = name.replace("\\", "/")
+    if raw.startswith("/") or re.match(r"^[A-Za-z]:", raw):
+        raise PatchError("UnsafeArchive", f"{archive}: member {name!r} has an absolute path")
+    parts = [p for p in raw.split("/") if p not in ("", ".")]
+    if any(p == ".." for p in parts):
+        raise PatchError("UnsafeArchive", f"{archive}: member {name!r} escapes the extraction directory ('..')")
+    return "/".join(parts)
+
+
+def detect_archive(path: Path) -> str | None:
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
+        return "zip"
+    try:
+        if tarfile.is_tarfile(path):
+            return "tar"
+    except OSError:
+        pass
+    return None
+
+
+def extract_adapter_archive(archive: Path, dest: Path, max_file_bytes: int, label: str) -> tuple[Path, list[str]]:
+    """Validate every member of a tar/zip archive, then extract only the adapter's two files."""
+    kind = detect_archive(archive)
+    if kind is None:
+        raise PatchError("InvalidSource", f"{label} is not a tar, tar.gz or zip archive")
+    dest.mkdir(parents=True, exist_ok=True)
+    if kind == "tar":
+        try:
+            tf = tarfile.open(archive, "r:*")
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise PatchError("InvalidSource", f"{label}: unreadable tar archive: {e}") from e
+        with tf:
+            listing: dict[str, int] = {}
+            members = {}
+            try:
+                for i, m in enumerate(tf):
+                    if i >= MAX_ARCHIVE_MEMBERS:
+                        raise PatchError("UnsafeArchive", f"{label} has more than {MAX_ARCHIVE_MEMBERS} members")
+                    name = _safe_member_name(m.name, label)
+                    if m.issym() or m.islnk():
+                        raise PatchError("UnsafeArchive", f"{label}: member {m.name!r} is a link (to {m.linkname!r}); "
+                                         "links are refused")
+                    if m.isdir():
+                        continue
+                    if not m.isreg():
+                        raise PatchError("UnsafeArchive", f"{label}: member {m.name!r} is not a regular file")
+                    if name in listing:
+                        raise PatchError("UnsafeArchive", f"{label}: member {m.name!r} appears twice")
+                    listing[name] = m.size
+                    members[name] = m
+            except (tarfile.TarError, EOFError, OSError) as e:
+                raise PatchError("InvalidSource", f"{label}: corrupt tar archive: {e}") from e
+            top, warnings = choose_adapter_files(listing, label, max_file_bytes)
+            for wanted in WANTED:
+                name = posixpath.join(top, wanted) if top else wanted
+                src = tf.extractfile(members[name])
+                assert src is not None
+                limit = CONFIG_MAX_BYTES if wanted == CONFIG_NAME else max_file_bytes
+                _copy_limited(src, dest / wanted, limit, f"{label}: {name}")
+        return dest, warnings
+    try:
+        zf = zipfile.ZipFile(archive)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise PatchError("InvalidSource", f"{label}: unreadable zip archive: {e}") from e
+    with zf:
+        infos = zf.infolist()
+        if len(infos) > MAX_ARCHIVE_MEMBERS:
+            raise PatchError("UnsafeArchive", f"{label} has more than {MAX_ARCHIVE_MEMBERS} members")
+        listing = {}
+        by_name = {}
+        for info in infos:
+            name = _safe_member_name(info.filename, label)
+            mode = (info.external_attr >> 16) & 0o177777
+            if stat.S_ISLNK(mode):
+                raise PatchError("UnsafeArchive", f"{label}: member {info.filename!r} is a symbolic link; links are refused")
+            if info.is_dir():
+                continue
+            if mode and not stat.S_ISREG(mode):
+                raise PatchError("UnsafeArchive", f"{label}: member {info.filename!r} is not a regular file")
+            if name in listing:
+                raise PatchError("UnsafeArchive", f"{label}: member {info.filename!r} appears twice")
+            listing[name] = info.file_size
+            by_name[name] = info
+        top, warnings = choose_adapter_files(listing, label, max_file_bytes)
+        for wanted in WANTED:
+            name = posixpath.join(top, wanted) if top else wanted
+            limit = CONFIG_MAX_BYTES if wanted == CONFIG_NAME else max_file_bytes
+            try:
+                with zf.open(by_name[name]) as src:
+                    _copy_limited(src, dest / wanted, limit, f"{label}: {name}")
+            except (zipfile.BadZipFile, OSError) as e:
+                raise PatchError("InvalidSource", f"{label}: corrupt zip member {name}: {e}") from e
+    return dest, warnings
+
+
+# ---------------------------------------------------------------- local directories
+
+def _list_local_dir(root: Path, label: str, max_depth: int = 3) -> dict[str, int | None]:
+    """Relative paths of the files under root (links reported with size None, checked later)."""
+    out: dict[str, int | None] = {}
+
+    def walk(d: Path, rel: str, depth: int) -> None:
+        try:
+            entries = list(os.scandir(d))
+        except OSError as e:
+            raise PatchError("SourceUnavailable", f"{label}: cannot list {d}: {e}") from e
+        for e in entries:
+            r = f"{rel}/{e.name}" if rel else e.name
+            if e.is_symlink():
+                out[r] = None
+            elif e.is_dir(follow_symlinks=False):
+                if depth < max_depth and not e.name.startswith("."):
+                    walk(Path(e.path), r, depth + 1)
+            elif e.is_file(follow_symlinks=False):
+                out[r] = e.stat(follow_symlinks=False).st_size
+            else:
+                out[r] = -1
+    walk(root, "", 0)
+    return out
+
+
+def _local_directory(root: Path, label: str, max_file_bytes: int) -> tuple[Path, list[str]]:
+    listing = _list_local_dir(root, label)
+    sizes = {p: (s if s is not None and s >= 0 else 0) for p, s in listing.items()}
+    top, warnings = choose_adapter_files(sizes, label, max_file_bytes)
+    adir = root / top if top else root
+    for wanted in WANTED:
+        rel = posixpath.join(top, wanted) if top else wanted
+        if listing[rel] is None:
+            raise PatchError("UnsafeSource", f"{label}: {rel} is a symbolic link; links are refused in sources "
+                             "(copy the file itself)")
+        if listing[rel] == -1:
+            raise PatchError("UnsafeSource", f"{label}: {rel} is not a regular file")
+    return adir, warnings
+
+
+def _local_path(path: Path, label: str, workdir: Path, sha256: str | None, max_file_bytes: int) -> FetchedAdapter:
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        raise PatchError("SourceNotFound", f"{label}: no such file or directory") from None
+    except OSError as e:
+        raise PatchError("SourceUnavailable", f"{label}: {e}") from e
+    if stat.S_ISLNK(st.st_mode):
+        raise PatchError("UnsafeSource", f"{label} is a symbolic link; point the source at the real path")
+    if stat.S_ISDIR(st.st_mode):
+        adir, warnings = _local_directory(path, label, max_file_bytes)
+        digest = sha256_file(adir / WEIGHTS_NAME)
+        _check_pin(sha256, digest, f"{label}/{WEIGHTS_NAME}")
+        return FetchedAdapter(adir, label, "file", digest, WEIGHTS_NAME, sha256 is not None,
+                              _sizes(adir), warnings)
+    if not stat.S_ISREG(st.st_mode):
+        raise PatchError("UnsafeSource", f"{label} is neither a directory nor a regular file")
+    if st.st_size > max_file_bytes:
+        raise PatchError("FileTooLarge", f"{label} is {_human(st.st_size)}, over the limit of {_human(max_file_bytes)}")
+    if _is_pickle(path.name):
+        raise PatchError("PickleWeights", f"{label} is a pickle file; only safetensors adapters are accepted")
+    digest = sha256_file(path)
+    _check_pin(sha256, digest, label)
+    adir, warnings = extract_adapter_archive(path, workdir / "adapter", max_file_bytes, label)
+    return FetchedAdapter(adir, label, "file", digest, "archive", sha256 is not None, _sizes(adir), warnings)
+
+
+def _sizes(d: Path) -> dict[str, int]:
+    return {n: (d / n).stat().st_size for n in WANTED}
+
+
+# ---------------------------------------------------------------- https
+
+def _http_headers() -> dict[str, str]:
+    headers = {"User-Agent": "vlmpool-patch"}
+    auth = os.environ.get("AUTHORIZATION")
+    if auth:
+        headers["Authorization"] = auth
+    return headers
+
+
+def _http_get(url: str, dst: Path, limit: int, label: str, timeout: float = 60.0) -> tuple[int, str]:
+    req = urllib.request.Request(url, headers=_http_headers())
+    try:
+        resp = urllib.request.urlopen(req, timeout=timeout)  # noqa: S310 - scheme checked by the caller
+    except urllib.error.HTTPError as e:
+        if e.code in (404, 410):
+            raise PatchError("SourceNotFound", f"{label}: HTTP {e.code} for {_redact(url)}") from None
+        raise PatchError("SourceUnavailable", f"{label}: HTTP {e.code} {e.reason} for {_redact(url)}") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise PatchError("SourceUnavailable", f"{label}: cannot fetch {_redact(url)}: {getattr(e, 'reason', e)}") from e
+    with resp:
+        length = resp.headers.get("Content-Length")
+        if length and length.isdigit() and int(length) > limit:
+            raise PatchError("FileTooLarge", f"{label}: {_redact(url)} is {_human(int(length))}, "
+                             f"over the limit of {_human(limit)}")
+        try:
+            return _copy_limited(resp, dst, limit, f"{label}: {_redact(url)}")
+        except (OSError, urllib.error.URLError) as e:
+            raise PatchError("SourceUnavailable", f"{label}: download of {_redact(url)} failed: {e}") from e
+
+
+def _redact(url: str) -> str:
+    p = urllib.parse.urlsplit(url)
+    netloc = p.hostname or ""
+    if p.port:
+        netloc += f":{p.port}"
+    return urllib.parse.urlunsplit((p.scheme, netloc, p.path, "", ""))
+
+
+def _https(uri: str, workdir: Path, sha256: str | None, max_file_bytes: int) -> FetchedAdapter:
+    path = urllib.parse.urlsplit(uri).path
+    if path.endswith("/"):
+        adir = workdir / "adapter"
+        adir.mkdir(parents=True, exist_ok=True)
+        _http_get(uri + CONFIG_NAME, adir / CONFIG_NAME, CONFIG_MAX_BYTES, uri)
+        # A pickle-only directory answers 404 for the safetensors: say why when a pickle is there.
+        try:
+            _, digest = _http_get(uri + WEIGHTS_NAME, adir / WEIGHTS_NAME, max_file_bytes, uri)
+        except PatchError as e:
+            if e.reason == "SourceNotFound":
+                raise PatchError("MissingWeights", f"{_redact(uri)} has {CONFIG_NAME} but no {WEIGHTS_NAME} "
+                                 "(pickle weights are never fetched)") from None
+            raise
+        _check_pin(sha256, digest, f"{_redact(uri)}{WEIGHTS_NAME}")
+        return FetchedAdapter(adir, uri, "https", digest, WEIGHTS_NAME, sha256 is not None, _sizes(adir))
+    lower = path.lower()
+    if _is_pickle(lower):
+        raise PatchError("PickleWeights", f"{_redact(uri)} is a pickle file; only safetensors adapters are accepted")
+    if not lower.endswith(ARCHIVE_SUFFIXES):
+        raise PatchError("InvalidSource", f"an https source must be an archive ({', '.join(ARCHIVE_SUFFIXES)}) "
+                         f"or a directory URL ending in '/', not {_redact(uri)}")
+    archive = workdir / "download"
+    _, digest = _http_get(uri, archive, max_file_bytes, _redact(uri))
+    _check_pin(sha256, digest, _redact(uri))
+    adir, warnings = extract_adapter_archive(archive, workdir / "adapter", max_file_bytes, _redact(uri))
+    archive.unlink()
+    return FetchedAdapter(adir, uri, "https", digest, "archive", sha256 is not None, _sizes(adir), warnings)
+
+
+# ---------------------------------------------------------------- hf://
+
+_HF_URI = re.compile(r"^hf://(?P<repo>[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*)(?:@(?P<rev>[A-Za-z0-9._/-]+))?$")
+
+
+def _hf(uri: str, workdir: Path, sha256: str | None, max_file_bytes: int) -> FetchedAdapter:
+    m = _HF_URI.match(uri)
+    if not m:
+        raise PatchError("InvalidSource", f"an hf:// source must be hf://<org>/<repo>[@<revision>], not {uri!r}")
+    try:
+        from huggingface_hub import HfApi, hf_hub_download
+        from huggingface_hub import errors as hf_errors
+    except ImportError as e:  # pragma: no cover - the extra is installed in the image
+        raise PatchError("InvalidSource", "hf:// sources need huggingface_hub (pip install 'vlmpool[hf]')") from e
+    repo, rev = m.group("repo"), m.group("rev") or "main"
+    endpoint = os.environ.get("HF_ENDPOINT") or None
+    token = os.environ.get("HF_TOKEN") or None
+    api = HfApi(endpoint=endpoint, token=token)
+    not_found = (hf_errors.RepositoryNotFoundError, hf_errors.RevisionNotFoundError, hf_errors.EntryNotFoundError)
+    try:
+        listing: dict[str, int] = {}
+        for entry in api.list_repo_tree(repo, revision=rev, recursive=True):
+            if getattr(entry, "size", None) is not None and type(entry).__name__ == "RepoFile":
+                listing[entry.path] = int(entry.size)
+    except not_found as e:
+        raise PatchError("SourceNotFound", f"{uri}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # noqa: BLE001 - network and HTTP errors of the hub client
+        raise PatchError("SourceUnavailable", f"{uri}: cannot list the repository: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    top, warnings = choose_adapter_files(listing, uri, max_file_bytes)
+    adir = workdir / "adapter"
+    adir.mkdir(parents=True, exist_ok=True)
+    dl = workdir / "hf"
+    for wanted in WANTED:
+        name = posixpath.join(top, wanted) if top else wanted
+        try:
+            got = hf_hub_download(repo, name, revision=rev, local_dir=dl, endpoint=endpoint, token=token)
+        except not_found as e:
+            raise PatchError("SourceNotFound", f"{uri}: {name}: {str(e).splitlines()[0]}") from None
+        except Exception as e:  # noqa: BLE001
+            raise PatchError("SourceUnavailable", f"{uri}: download of {name} failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+        limit = CONFIG_MAX_BYTES if wanted == CONFIG_NAME else max_file_bytes
+        with open(got, "rb") as src:
+            _copy_limited(src, adir / wanted, limit, f"{uri}: {name}")
+    shutil.rmtree(dl, ignore_errors=True)
+    digest = sha256_file(adir / WEIGHTS_NAME)
+    _check_pin(sha256, digest, f"{uri} {WEIGHTS_NAME}")
+    return FetchedAdapter(adir, uri, "hf", digest, WEIGHTS_NAME, sha256 is not None, _sizes(adir), warnings)
+
+
+# ---------------------------------------------------------------- s3://
+
+_S3_URI = re.compile(r"^s3://(?P<bucket>[a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(?:/(?P<prefix>.*))?$")
+
+
+def _s3(uri: str, workdir: Path, sha256: str | None, max_file_bytes: int) -> FetchedAdapter:
+    m = _S3_URI.match(uri)
+    if not m:
+        raise PatchError("InvalidSource", f"an s3:// source must be s3://<bucket>[/<prefix>], not {uri!r}")
+    try:
+        import boto3
+        import botocore.exceptions
+    except ImportError as e:  # pragma: no cover
+        raise PatchError("InvalidSource", "s3:// sources need boto3 (pip install 'vlmpool[s3]')") from e
+    bucket, prefix = m.group("bucket"), (m.group("prefix") or "")
+    client = boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None)
+
+    def err(e: Exception, what: str) -> PatchError:
+        code = ""
+        if isinstance(e, botocore.exceptions.ClientError):
+            code = str(e.response.get("Error", {}).get("Code", ""))
+            if code in ("NoSuchBucket", "NoSuchKey", "404", "NotFound"):
+                return PatchError("SourceNotFound", f"{uri}: {what}: {code}")
+        return PatchError("SourceUnavailable", f"{uri}: {what}: {code or type(e).__name__}: {e}")
+
+    def download(key: str, dst: Path, limit: int) -> tuple[int, str]:
+        try:
+            obj = client.get_object(Bucket=bucket, Key=key)
+        except Exception as e:  # noqa: BLE001
+            raise err(e, f"get {key}") from e
+        if int(obj.get("ContentLength") or 0) > limit:
+            raise PatchError("FileTooLarge", f"{uri}: {key} is {_human(int(obj['ContentLength']))}, over the limit of {_human(limit)}")
+        body = obj["Body"]
+        try:
+            return _copy_limited(body, dst, limit, f"{uri}: {key}")
+        finally:
+            body.close()
+
+    if prefix.lower().endswith(ARCHIVE_SUFFIXES):
+        archive = workdir / "download"
+        _, digest = download(prefix, archive, max_file_bytes)
+        _check_pin(sha256, digest, uri)
+        adir, warnings = extract_adapter_archive(archive, workdir / "adapter", max_file_bytes, uri)
+        archive.unlink()
+        return FetchedAdapter(adir, uri, "s3", digest, "archive", sha256 is not None, _sizes(adir), warnings)
+    list_prefix = prefix.rstrip("/") + "/" if prefix else ""
+    listing: dict[str, int] = {}
+    try:
+        paginator = client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=bucket, Prefix=list_prefix):
+            for obj in page.get("Contents", []) or []:
+                rel = obj["Key"][len(list_prefix):]
+                if rel and not rel.endswith("/"):
+                    listing[rel] = int(obj.get("Size") or 0)
+                if len(listing) > MAX_ARCHIVE_MEMBERS:
+                    raise PatchError("UnsafeSource", f"{uri} lists more than {MAX_ARCHIVE_MEMBERS} objects")
+    except PatchError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise err(e, "list") from e
+    if not listing:
+        raise PatchError("SourceNotFound", f"{uri}: no objects under this prefix")
+    top, warnings = choose_adapter_files(listing, uri, max_file_bytes)
+    adir = workdir / "adapter"
+    adir.mkdir(parents=True, exist_ok=True)
+    for wanted in WANTED:
+        rel = posixpath.join(top, wanted) if top else wanted
+        download(list_prefix + rel, adir / wanted, CONFIG_MAX_BYTES if wanted == CONFIG_NAME else max_file_bytes)
+    digest = sha256_file(adir / WEIGHTS_NAME)
+    _check_pin(sha256, digest, f"{uri} {WEIGHTS_NAME}")
+    return FetchedAdapter(adir, uri, "s3", digest, WEIGHTS_NAME, sha256 is not None, _sizes(adir), warnings)
+
+
+# ---------------------------------------------------------------- entry point
+
+def resolve_pvc(uri: str, pvc_root: Path) -> Path:
+    m = re.match(r"^pvc://(?P<claim>[a-z0-9]([-a-z0-9]*[a-z0-9])?)/(?P<path>.+)$", uri)
+    if not m:
+        raise PatchError("InvalidSource", f"a pvc:// source must be pvc://<claim>/<path>, not {uri!r}")
+    parts = [p for p in m.group("path").split("/") if p not in ("", ".")]
+    if not parts or any(p == ".." for p in parts):
+        raise PatchError("InvalidSource", f"{uri}: the path must be non-empty and must not contain '..'")
+    return Path(pvc_root) / m.group("claim") / Path(*parts)
+
+
+def fetch_adapter(uri: str, workdir: Path, *, sha256: str | None = None,
+                  max_file_bytes: int = DEFAULT_MAX_FILE_BYTES, pvc_root: Path | str = "/mnt/sources") -> FetchedAdapter:
+    """Make the adapter's two files readable under a directory; workdir is scratch space (the caller
+    removes it). Raises PatchError with a stable reason on any refusal."""
+    if sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", sha256):
+        raise PatchError("InvalidArguments", f"--sha256 must be 64 hex digits, not {sha256!r}")
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if uri.startswith("https://"):
+        return _https(uri, workdir, sha256, max_file_bytes)
+    if uri.startswith("hf://"):
+        return _hf(uri, workdir, sha256, max_file_bytes)
+    if uri.startswith("s3://"):
+        return _s3(uri, workdir, sha256, max_file_bytes)
+    if uri.startswith("pvc://"):
+        return _local_path(resolve_pvc(uri, Path(pvc_root)), uri, workdir, sha256, max_file_bytes)
+    if uri.startswith("file://"):
+        p = urllib.parse.urlsplit(uri)
+        if p.netloc not in ("", "localhost"):
+            raise PatchError("InvalidSource", f"a file:// source must be file:///<absolute path>, not {uri!r}")
+        return _local_path(Path(urllib.parse.unquote(p.path)), uri, workdir, sha256, max_file_bytes)
+    if "://" in uri:
+        raise PatchError("InvalidSource", f"unsupported source scheme in {uri!r}; use a path, file://, pvc://, "
+                         "https://, hf:// or s3://")
+    return _local_path(Path(uri), uri, workdir, sha256, max_file_bytes)

@@ -1,0 +1,346 @@
+"""Fixtures of the patcher tests: tiny Qwen2-VL / Qwen2.5-VL / Qwen3-VL models (real transformers
+classes, configs with the real layouts shrunk, random init, nothing downloaded), real PEFT adapters
+saved from them, and loopback servers speaking HTTPS, the Hugging Face Hub API and S3."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import hashlib
+import ipaddress
+import json
+import os
+import ssl
+import threading
+from pathlib import Path
+from typing import Callable
+from xml.sax.saxutils import escape
+
+import pytest
+
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+POOL_BASE = {
+    "qwen2_vl": "Qwen/Qwen2-VL-2B-Instruct",
+    "qwen2_5_vl": "Qwen/Qwen2.5-VL-3B-Instruct",
+    "qwen3_vl": "Qwen/Qwen3-VL-2B-Instruct",
+}
+LANG_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+VISION_TARGETS = {"qwen2_vl": ["qkv", "fc1"], "qwen2_5_vl": ["qkv"], "qwen3_vl": ["qkv", "linear_fc1"]}
+
+_TEXT = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2,
+             rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]})
+
+
+def tiny_model(family: str, seed: int = 0):
+    """A tiny model of the family: same module tree as the real checkpoints, random weights (the
+    same for the same seed, so a fresh copy of the base is one call away)."""
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    tokens = dict(bos_token_id=None, eos_token_id=None, image_token_id=250, video_token_id=251,
+                  vision_start_token_id=252, vision_end_token_id=253)
+    if family == "qwen2_vl":
+        cfg = tf.Qwen2VLConfig(text_config=dict(_TEXT), vision_config=dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2), **tokens)
+        cls = tf.Qwen2VLForConditionalGeneration
+    elif family == "qwen2_5_vl":
+        cfg = tf.Qwen2_5_VLConfig(text_config=dict(_TEXT), vision_config=dict(depth=1, hidden_size=32, intermediate_size=64,
+                                  out_hidden_size=64, num_heads=2, fullatt_block_indexes=[0]), **tokens)
+        cls = tf.Qwen2_5_VLForConditionalGeneration
+    elif family == "qwen3_vl":
+        cfg = tf.Qwen3VLConfig(text_config=dict(_TEXT, head_dim=16), vision_config=dict(depth=2, hidden_size=32, intermediate_size=64,
+                               out_hidden_size=64, num_heads=2, deepstack_visual_indexes=[1], num_position_embeddings=64), **tokens)
+        cls = tf.Qwen3VLForConditionalGeneration
+    else:
+        raise ValueError(family)
+    return cls(cfg).eval()
+
+
+def make_adapter(family: str, out: Path, *, targets=None, r: int = 8, alpha: int = 16, dora: bool = False,
+                 rslora: bool = False, modules_to_save=None, train_vision: bool = False, seed: int = 1,
+                 base_name: str | None = "default", magnitude_jitter: float = 0.2) -> Path:
+    """Save a real PEFT adapter for the tiny model, as if trained: language lora_B and DoRA
+    magnitudes randomised; vision lora_B left at PEFT's zero init unless train_vision."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_model(family)
+    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets or LANG_TARGETS), use_dora=dora,
+                     use_rslora=rslora, modules_to_save=modules_to_save, lora_dropout=0.0)
+    pm = get_peft_model(model, cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            vision = "visual." in name
+            if "lora_B" in name and (train_vision or not vision):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+            elif "lora_magnitude_vector" in name and not vision:
+                p.mul_(1 + magnitude_jitter * torch.rand(p.shape, generator=g))
+    pm.save_pretrained(out)
+    if base_name is not None:
+        cfg_path = out / "adapter_config.json"
+        data = json.loads(cfg_path.read_text())
+        data["base_model_name_or_path"] = POOL_BASE[family] if base_name == "default" else base_name
+        cfg_path.write_text(json.dumps(data, indent=2))
+    return out
+
+
+def edit_config(adapter_dir: Path, **changes) -> None:
+    p = adapter_dir / "adapter_config.json"
+    data = json.loads(p.read_text())
+    for k, v in changes.items():
+        if v is _DELETE:
+            data.pop(k, None)
+        else:
+            data[k] = v
+    p.write_text(json.dumps(data, indent=2))
+
+
+_DELETE = object()
+
+
+def load_peft(family: str, adapter_dir: Path):
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(tiny_model(family), str(adapter_dir)).eval()
+
+
+@pytest.fixture(scope="session")
+def base_dirs(tmp_path_factory) -> dict[str, Path]:
+    """Base weights of each tiny family, saved with save_pretrained (safetensors)."""
+    root = tmp_path_factory.mktemp("bases")
+    out = {}
+    for fam in FAMILIES:
+        d = root / fam
+        tiny_model(fam).save_pretrained(d)
+        out[fam] = d
+    return out
+
+
+@pytest.fixture(scope="session")
+def lora_dirs(tmp_path_factory) -> dict[str, Path]:
+    """A plain LoRA adapter per family (language layers), with an untrained vision-tower LoRA too."""
+    root = tmp_path_factory.mktemp("loras")
+    return {fam: make_adapter(fam, root / fam, targets=LANG_TARGETS + VISION_TARGETS[fam]) for fam in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def dora_dir(tmp_path_factory) -> Path:
+    """A trained DoRA adapter on Qwen2-VL (rank 8, all language projections, untrained vision LoRA)."""
+    return make_adapter("qwen2_vl", tmp_path_factory.mktemp("dora") / "a", dora=True,
+                        targets=LANG_TARGETS + VISION_TARGETS["qwen2_vl"])
+
+
+@pytest.fixture
+def copy_adapter(tmp_path) -> Callable[[Path], Path]:
+    import shutil
+
+    def copy(src: Path) -> Path:
+        dst = tmp_path / f"src-{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(src, dst)
+        return dst
+    return copy
+
+
+# ------------------------------------------------------------------ loopback servers
+
+class LoopbackServer:
+    """An aiohttp app on 127.0.0.1:<ephemeral> in a background thread."""
+
+    def __init__(self, app, ssl_context=None):
+        self.app, self.ssl_context = app, ssl_context
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.port = None
+        self.requests: list[str] = []
+
+    def start(self):
+        from aiohttp import web
+
+        self.thread.start()
+
+        async def up():
+            self.runner = web.AppRunner(self.app)
+            await self.runner.setup()
+            site = web.TCPSite(self.runner, "127.0.0.1", 0, ssl_context=self.ssl_context)
+            await site.start()
+            return site._server.sockets[0].getsockname()[1]
+        self.port = asyncio.run_coroutine_threadsafe(up(), self.loop).result(30)
+        return self
+
+    def stop(self):
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+def _self_signed(tmp: Path) -> tuple[Path, Path]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp / "cert.pem", tmp / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+@pytest.fixture
+def https_server(tmp_path, monkeypatch):
+    """HTTPS on loopback with a self-signed certificate trusted through SSL_CERT_FILE. Serve bytes by
+    putting them in `.files[path]`; `.headers[path]` overrides response headers."""
+    from aiohttp import web
+
+    cert, key = _self_signed(tmp_path)
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    files: dict[str, bytes] = {}
+    headers: dict[str, dict[str, str]] = {}
+    seen_auth: list[str | None] = []
+
+    async def handle(request):
+        seen_auth.append(request.headers.get("Authorization"))
+        srv.requests.append(request.path)
+        data = files.get(request.path)
+        if data is None:
+            return web.Response(status=404, text="not found")
+        resp = web.StreamResponse(headers=headers.get(request.path, {}))
+        if "Content-Length" not in resp.headers:
+            resp.content_length = len(data)
+        await resp.prepare(request)
+        await resp.write(data)
+        return resp
+
+    app = web.Application()
+    app.router.add_route("GET", "/{tail:.*}", handle)
+    srv = LoopbackServer(app, ctx).start()
+    srv.files, srv.headers, srv.seen_auth = files, headers, seen_auth
+    srv.url = f"https://127.0.0.1:{srv.port}"
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def hf_server(monkeypatch):
+    """The parts of the Hugging Face Hub HTTP API that huggingface_hub uses to list a repository's tree
+    and download files: /api/models/<repo>/tree/<rev> and /<repo>/resolve/<rev>/<path>.
+    `.repos[(repo, rev)] = {path: bytes}`."""
+    from aiohttp import web
+
+    repos: dict[tuple[str, str], dict[str, bytes]] = {}
+
+    def lookup(request):
+        repo = f"{request.match_info['org']}/{request.match_info['name']}"
+        rev = request.match_info["rev"]
+        if not any(k[0] == repo for k in repos):
+            return None, web.Response(status=404, headers={"X-Error-Code": "RepoNotFound"}, text="Repository not found")
+        files = repos.get((repo, rev))
+        if files is None:
+            return None, web.Response(status=404, headers={"X-Error-Code": "RevisionNotFound"}, text="Invalid rev id")
+        return files, None
+
+    async def tree(request):
+        srv.requests.append(request.path_qs)
+        files, err = lookup(request)
+        if err:
+            return err
+        entries = [{"type": "file", "path": p, "size": len(b), "oid": hashlib.sha1(b).hexdigest()} for p, b in sorted(files.items())]
+        return web.json_response(entries)
+
+    async def resolve(request):
+        srv.requests.append(f"{request.method} {request.path}")
+        files, err = lookup(request)
+        if err:
+            return err
+        data = files.get(request.match_info["path"])
+        if data is None:
+            return web.Response(status=404, headers={"X-Error-Code": "EntryNotFound"}, text="Entry not found")
+        h = {"X-Repo-Commit": hashlib.sha1(request.match_info["rev"].encode()).hexdigest(),
+             "ETag": f'"{hashlib.sha256(data).hexdigest()}"', "Content-Length": str(len(data))}
+        if request.method == "HEAD":
+            return web.Response(status=200, headers=h)
+        return web.Response(status=200, body=data, headers={k: v for k, v in h.items() if k != "Content-Length"})
+
+    app = web.Application()
+    app.router.add_get("/api/models/{org}/{name}/tree/{rev}", tree)
+    app.router.add_route("HEAD", "/{org}/{name}/resolve/{rev}/{path:.+}", resolve)
+    app.router.add_get("/{org}/{name}/resolve/{rev}/{path:.+}", resolve)
+    srv = LoopbackServer(app).start()
+    srv.repos = repos
+    srv.url = f"http://127.0.0.1:{srv.port}"
+    monkeypatch.setenv("HF_ENDPOINT", srv.url)
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "5")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def s3_server(monkeypatch):
+    """The S3 REST calls boto3 makes to list a prefix and get objects (ListObjectsV2, GetObject),
+    path-style on loopback. `.buckets[bucket][key] = bytes`. Signatures are not checked."""
+    from aiohttp import web
+
+    buckets: dict[str, dict[str, bytes]] = {}
+
+    def no_such(code: str, status: int = 404):
+        body = f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code><Message>{code}</Message></Error>'
+        return web.Response(status=status, body=body.encode(), content_type="application/xml")
+
+    async def bucket_get(request):
+        srv.requests.append(request.path_qs)
+        b = buckets.get(request.match_info["bucket"])
+        if b is None:
+            return no_such("NoSuchBucket")
+        prefix = request.query.get("prefix", "")
+        keys = sorted(k for k in b if k.startswith(prefix))
+        items = "".join(f"<Contents><Key>{escape(k)}</Key><Size>{len(b[k])}</Size><ETag>\"{hashlib.md5(b[k]).hexdigest()}\"</ETag>"
+                        "<LastModified>2026-01-01T00:00:00.000Z</LastModified><StorageClass>STANDARD</StorageClass></Contents>"
+                        for k in keys)
+        body = ('<?xml version="1.0" encoding="UTF-8"?><ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">'
+                f"<Name>{escape(request.match_info['bucket'])}</Name><Prefix>{escape(prefix)}</Prefix><KeyCount>{len(keys)}</KeyCount>"
+                f"<MaxKeys>1000</MaxKeys><IsTruncated>false</IsTruncated>{items}</ListBucketResult>")
+        return web.Response(body=body.encode(), content_type="application/xml")
+
+    async def object_get(request):
+        srv.requests.append(request.path_qs)
+        b = buckets.get(request.match_info["bucket"])
+        if b is None:
+            return no_such("NoSuchBucket")
+        data = b.get(request.match_info["key"])
+        if data is None:
+            return no_such("NoSuchKey")
+        return web.Response(body=data, headers={"ETag": f'"{hashlib.md5(data).hexdigest()}"'},
+                            content_type="application/octet-stream")
+
+    app = web.Application()
+    app.router.add_get("/{bucket}", bucket_get)
+    app.router.add_get("/{bucket}/", bucket_get)
+    app.router.add_get("/{bucket}/{key:.+}", object_get)
+    srv = LoopbackServer(app).start()
+    srv.buckets = buckets
+    srv.url = f"http://127.0.0.1:{srv.port}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", srv.url)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    for k in ("AWS_PROFILE", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(k, raising=False)
+    yield srv
+    srv.stop()
