@@ -32,7 +32,7 @@ from .engine import EngineClient, EngineHTTPError, EngineUnavailable, is_unknown
 from .limiter import LimiterRejected, ResizableLimiter
 from .logs import REQUEST_ID, get_logger, new_request_id
 from .metrics import ProxyMetrics
-from .state import AdapterRegistry, DesiredState, Unavailable
+from .state import AdapterRegistry, DesiredState, LoadedVersion, Unavailable
 
 log = get_logger()
 access_log = get_logger("access")
@@ -41,6 +41,22 @@ UPSTREAM_MESSAGE_CHARS = 300
 MODERATION_MARKERS = ("data_inspection_failed", "inappropriate")
 REQUEST_ID_RE = re.compile(r"^[\x21-\x7e]{1,200}$")
 GENERATION_ROUTES = ("/v1/chat/completions", "/v1/completions")
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """What the middleware and the handlers know about one request."""
+
+    request_id: str
+    route: str | None = None  # metrics label; None: not counted
+    model: str | None = None  # as the client sent it
+    model_label: str = "unknown"  # metrics label: a served name, or "unknown"
+    served_by: str | None = None  # the engine-side name that answered
+    version: LoadedVersion | None = None  # the adapter version counted as in flight
+    status_override: int | None = None  # a stream's real outcome (headers already sent as 200)
+
+
+CTX = web.RequestKey("vlmpool_request", RequestContext)
 
 
 @dataclass
@@ -173,7 +189,7 @@ class Proxy:
         rid = request.headers.get("X-Request-Id")
         if not rid or not REQUEST_ID_RE.match(rid):
             rid = new_request_id()
-        request["request_id"] = rid
+        ctx = request[CTX] = RequestContext(rid)
         token = REQUEST_ID.set(rid)
         t0 = time.perf_counter()
         status = 500
@@ -194,17 +210,17 @@ class Proxy:
             return resp
         finally:
             elapsed = time.perf_counter() - t0
-            route = request.get("route")
-            if route is not None:
-                model = request.get("model_label", "unknown")
-                self.metrics.requests.labels(route, model, str(request.get("status_override", status))).inc()
-                self.metrics.latency.labels(route, model).observe(elapsed)
+            if ctx.status_override is not None:
+                status = ctx.status_override
+            if ctx.route is not None:
+                self.metrics.requests.labels(ctx.route, ctx.model_label, str(status)).inc()
+                self.metrics.latency.labels(ctx.route, ctx.model_label).observe(elapsed)
             if self.config.access_log:
                 access_log.info(
                     "request",
                     extra={
-                        "method": request.method, "path": request.path, "status": request.get("status_override", status),
-                        "model": request.get("model"), "served_by": request.get("served_by"),
+                        "method": request.method, "path": request.path, "status": status,
+                        "model": ctx.model, "served_by": ctx.served_by,
                         "duration_ms": round(elapsed * 1000, 3),
                     },
                 )
@@ -224,9 +240,9 @@ class Proxy:
 
     @staticmethod
     async def _stamp_request_id(request: web.Request, response: web.StreamResponse) -> None:
-        rid = request.get("request_id")
-        if rid:
-            response.headers["X-Request-Id"] = rid
+        ctx = request.get(CTX)
+        if ctx is not None:
+            response.headers["X-Request-Id"] = ctx.request_id
 
     # -- base model ---------------------------------------------------------------------------
     async def base_model(self) -> str | None:
@@ -264,7 +280,7 @@ class Proxy:
         return web.Response(body=self.metrics.render(), headers={"Content-Type": self.metrics.content_type})
 
     async def handle_models(self, request: web.Request) -> web.Response:
-        request["route"] = "/v1/models"
+        request[CTX].route = "/v1/models"
         try:
             base = await self.base_model()
         except (EngineUnavailable, EngineHTTPError) as e:
@@ -285,7 +301,8 @@ class Proxy:
 
     async def handle_generation(self, request: web.Request) -> web.StreamResponse:
         route = request.path
-        request["route"] = route
+        ctx = request[CTX]
+        ctx.route = route
         try:
             raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
@@ -301,7 +318,7 @@ class Proxy:
         if not isinstance(model, str) or not model:
             return error_response(400, "`model` is required and must be a string", type_="invalid_request_error",
                                   code="invalid_model", param="model")
-        request["model"] = model
+        ctx.model = model
         rewrite = False
         if "response_format" in payload and payload["response_format"] is None:
             del payload["response_format"]  # some OpenAI-compatible servers reject an explicit null
@@ -309,7 +326,7 @@ class Proxy:
 
         version = None
         if self.registry.is_desired(model):
-            request["model_label"] = model
+            ctx.model_label = model
             try:
                 version = self.registry.acquire(model)
             except Unavailable as e:
@@ -325,15 +342,15 @@ class Proxy:
             if model != base:
                 return error_response(404, f"The model `{model}` does not exist.", type_="invalid_request_error",
                                       code="model_not_found", param="model")
-            request["model_label"] = model
+            ctx.model_label = model
         try:
             return await self._admitted(request, route, payload, raw, rewrite, model, version)
         finally:
-            if request.get("version") is not None:
-                self.registry.release(request["version"])
+            if ctx.version is not None:
+                self.registry.release(ctx.version)
 
     async def _admitted(self, request, route, payload, raw, rewrite, model, version) -> web.StreamResponse:
-        request["version"] = version
+        request[CTX].version = version
         t_wait = time.perf_counter()
         try:
             await self.limiter.acquire(self.config.queue_timeout)
@@ -351,15 +368,16 @@ class Proxy:
     async def _forward(self, request, route, payload, raw, rewrite, model) -> web.StreamResponse:
         stream = payload.get("stream") is True
         session = self.engine.session
-        headers = {"Content-Type": "application/json", "X-Request-Id": request["request_id"]}
+        ctx = request[CTX]
+        headers = {"Content-Type": "application/json", "X-Request-Id": ctx.request_id}
         timeout = self.engine.timeout_stream if stream else self.engine.timeout_total
         url = self._url + route
         t0 = time.perf_counter()
         healed = False
         while True:
-            version = request["version"]
+            version = ctx.version
             internal = version.internal if version is not None else model
-            request["served_by"] = internal
+            ctx.served_by = internal
             if version is None and not rewrite:
                 data = raw
             else:
@@ -388,7 +406,7 @@ class Proxy:
                                 type_="engine_error", code="adapter_unavailable", param="model",
                                 headers={"Retry-After": "5"},
                             )
-                        request["version"] = new
+                        ctx.version = new
                         self.registry.release(version)
                         continue
                     log.warning("engine error", extra={"upstream_status": resp.status, "body": body[:500]})
@@ -426,12 +444,12 @@ class Proxy:
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             # the client went away: drop the engine connection so the engine aborts the generation
             resp.close()
-            request["status_override"] = 499
+            request[CTX].status_override = 499
             log.info("client disconnected during a stream")
             return out
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:
             resp.close()
-            request["status_override"] = 503
+            request[CTX].status_override = 503
             log.error("engine stream broke", extra={"error": str(e)})
             err = {"error": {"message": f"engine stream broke: {e}"[:UPSTREAM_MESSAGE_CHARS], "type": "engine_error",
                              "param": None, "code": "engine_unreachable"}}
@@ -471,7 +489,7 @@ class Proxy:
         if clash:
             return error_response(400, f"invalid state: adapter name {clash[0]!r} is the base model's name",
                                   type_="invalid_request_error", code="invalid_state")
-        applied, snap = await self.registry.apply(state, request["request_id"])
+        applied, snap = await self.registry.apply(state, request[CTX].request_id)
         if not applied:
             return web.json_response(snap, status=409)
         return web.json_response(snap)

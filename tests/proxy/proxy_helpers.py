@@ -1,0 +1,115 @@
+"""Helpers for the proxy tests: the real simulator (`vlmpool.sim`) on a loopback port, with a request
+log of what it received (headers and bodies), the real proxy in front of it, real LoRA adapter
+directories written with torch + safetensors, and the `openai` SDK as the client."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from vlmpool.proxy.server import ProxyConfig
+from vlmpool.sim.server import SimConfig, create_app
+
+BASE = "base-vlm"
+TOKEN = "test-admin-token-0123456789"
+
+
+def write_adapter(directory: Path, *, rank: int = 8, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
+    """A valid PEFT LoRA directory for the simulator's default family (Qwen2.5-VL layout)."""
+    import torch
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(layers):
+        for mod in ("q_proj", "v_proj"):
+            prefix = f"base_model.model.model.language_model.layers.{layer}.self_attn.{mod}"
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, hidden, generator=g)
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(hidden, rank, generator=g) * 0.01
+    save_file(tensors, str(directory / "adapter_model.safetensors"))
+    (directory / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": ["q_proj", "v_proj"],
+        "bias": "none", "base_model_name_or_path": BASE, "task_type": "CAUSAL_LM",
+    }))
+    return directory
+
+
+@dataclass
+class Sim:
+    url: str
+    app: web.Application
+    log: list[dict[str, Any]] = field(default_factory=list)  # every request the engine received
+
+    def received(self, path: str) -> list[dict[str, Any]]:
+        return [r for r in self.log if r["path"] == path]
+
+    async def call(self, method: str, path: str, payload: Any = None) -> Any:
+        async with aiohttp.ClientSession() as s:
+            async with s.request(method, self.url + path, json=payload) as r:
+                assert r.status == 200, await r.text()
+                return await r.json(content_type=None)
+
+    async def stats(self) -> dict[str, Any]:
+        return await self.call("GET", "/sim/stats")
+
+    async def faults(self, **kw: Any) -> dict[str, Any]:
+        return await self.call("POST", "/sim/faults", kw)
+
+
+@dataclass
+class Admin:
+    url: str
+    token: str = TOKEN
+
+    async def put(self, state: dict[str, Any], token: str | None = None, request_id: str | None = None) -> tuple[int, Any]:
+        headers = {"Authorization": f"Bearer {token or self.token}"}
+        if request_id:
+            headers["X-Request-Id"] = request_id
+        async with aiohttp.ClientSession() as s:
+            async with s.put(self.url + "/admin/v1/state", json=state, headers=headers) as r:
+                return r.status, await r.json(content_type=None)
+
+    async def get(self, token: str | None = None) -> tuple[int, Any]:
+        async with aiohttp.ClientSession() as s:
+            async with s.get(self.url + "/admin/v1/state", headers={"Authorization": f"Bearer {token or self.token}"}) as r:
+                return r.status, await r.json(content_type=None)
+
+
+async def start_sim(**overrides: Any):
+    cfg = dict(model=BASE, enable_lora=True, runtime_lora=True, max_loras=8, max_cpu_loras=32,
+               max_num_seqs=256, ttft_ms=2.0, tpot_ms=0.5)
+    cfg.update(overrides)
+    app = create_app(SimConfig(**cfg))
+    sim = Sim(url="", app=app)
+
+    @web.middleware
+    async def record(request: web.Request, handler):
+        body = await request.read()
+        try:
+            parsed = json.loads(body) if body else None
+        except ValueError:
+            parsed = body
+        sim.log.append({"method": request.method, "path": request.path, "headers": {k.lower(): v for k, v in request.headers.items()}, "json": parsed})
+        return await handler(request)
+
+    app.middlewares.insert(0, record)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # noqa: SLF001
+    sim.url = f"http://127.0.0.1:{port}"
+    return sim, runner
+
+
+def proxy_config(engine_url: str, **overrides: Any) -> ProxyConfig:
+    cfg = dict(engine_url=engine_url, host="127.0.0.1", port=0, admin_port=0, admin_token=TOKEN, base_model=BASE,
+               concurrency=16, queue_limit=1024, queue_timeout=30.0, request_timeout=30.0, shutdown_timeout=5.0)
+    cfg.update(overrides)
+    return ProxyConfig(**cfg)
