@@ -1,0 +1,78 @@
+"""`vlmpool operator`: run the kopf operator."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    scope = parser.add_mutually_exclusive_group()
+    scope.add_argument("--namespace", "-n", action="append", default=[], metavar="NS",
+                       help="watch this namespace (repeatable); default: $VLMPOOL_NAMESPACES (comma-separated) "
+                       "or all namespaces")
+    scope.add_argument("--all-namespaces", "-A", action="store_true", help="watch every namespace")
+    parser.add_argument("--kubeconfig", default=None,
+                        help="kubeconfig file (default: $KUBECONFIG, then the in-cluster service account, "
+                        "then ~/.kube/config)")
+    parser.add_argument("--context", default=None, help="kubeconfig context (default: current-context)")
+    parser.add_argument("--metrics-port", type=int, default=int(os.environ.get("VLMPOOL_METRICS_PORT", "8080")),
+                        help="port of /metrics, /healthz and /readyz; 0 picks a free port, -1 disables "
+                        "(default 8080)")
+    parser.add_argument("--metrics-host", default="0.0.0.0", help="address of the metrics/health server")
+    parser.add_argument("--resync-seconds", type=float, default=float(os.environ.get("VLMPOOL_RESYNC_SECONDS", "60")),
+                        help="period of the full-state push to every pod and of adapter re-checks (default 60)")
+    parser.add_argument("--push-timeout", type=float, default=10.0,
+                        help="timeout of one push to one pod's admin API, seconds (default 10)")
+    parser.add_argument("--push-parallelism", type=int, default=16,
+                        help="pods pushed to at once per pool (default 16)")
+    parser.add_argument("--patch-image", default=os.environ.get("VLMPOOL_PATCH_IMAGE") or None,
+                        help="image of patch and cleanup Jobs (default: the pool's proxy image)")
+    parser.add_argument("--adapter-root", default=os.environ.get("VLMPOOL_ADAPTER_ROOT", "/var/lib/vlmpool/adapters"),
+                        help="mount path of the adapter volume in patch Jobs and engine containers; the "
+                        "paths registered with vLLM live under it (default /var/lib/vlmpool/adapters)")
+    parser.add_argument("--log-level", default=os.environ.get("VLMPOOL_LOG_LEVEL", "INFO"),
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def run(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+    import signal
+
+    from vlmpool.controller.operator import Operator
+    from vlmpool.controller.reconciler import OperatorConfig
+    from vlmpool.kube.config import KubeConfig, KubeConfigError
+
+    logging.basicConfig(level=getattr(logging, args.log_level),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.resync_seconds <= 0 or args.push_timeout <= 0 or args.push_parallelism < 1:
+        print("vlmpool operator: --resync-seconds and --push-timeout must be > 0, --push-parallelism >= 1")
+        return 2
+    namespaces = list(args.namespace)
+    if not namespaces and not args.all_namespaces:
+        namespaces = [n.strip() for n in os.environ.get("VLMPOOL_NAMESPACES", "").split(",") if n.strip()]
+    try:
+        kube_config = KubeConfig.load(args.kubeconfig, args.context)
+    except KubeConfigError as e:
+        print(f"vlmpool operator: {e}")
+        return 2
+    op = Operator(
+        kube_config=kube_config,
+        namespaces=namespaces,
+        config=OperatorConfig(resync_seconds=args.resync_seconds, push_timeout=args.push_timeout,
+                              push_parallelism=args.push_parallelism, patch_image=args.patch_image,
+                              adapter_root=args.adapter_root.rstrip("/") or "/"),
+        metrics_host=args.metrics_host,
+        metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+    )
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await op.run(stop_flag=stop)
+
+    asyncio.run(main())
+    return 0

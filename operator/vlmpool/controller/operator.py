@@ -1,0 +1,228 @@
+"""kopf wiring of the operator: settings, handlers, login, health and metrics endpoints.
+
+Handlers are registered on a fresh ``kopf.OperatorRegistry`` per operator instance (no global state),
+so several instances can run in one process (tests restart the operator mid-way).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import kopf
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from vlmpool.controller.metrics import OperatorMetrics
+from vlmpool.controller.reconciler import OperatorConfig, Reconciler, RetryLater
+from vlmpool.kube.client import KubeClient
+from vlmpool.kube.config import KubeConfig
+from vlmpool.manifests.common import (
+    COMPONENT_CLEANUP,
+    COMPONENT_PATCH,
+    COMPONENT_SERVER,
+    L_COMPONENT,
+    L_MANAGED_BY,
+    MANAGED_BY,
+)
+
+log = logging.getLogger("vlmpool.operator")
+
+GROUP, VERSION = "vlmpool.io", "v1alpha1"
+FINALIZER = "vlmpool.io/finalizer"
+PREFIX = "vlmpool.io"
+
+
+def make_settings() -> kopf.OperatorSettings:
+    s = kopf.OperatorSettings()
+    # Our own finalizer and annotation-only storages: the CRDs' status schema is strict (no
+    # status.kopf), and the names say whose they are.
+    s.persistence.finalizer = FINALIZER
+    s.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
+    s.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=PREFIX,
+                                                                     key="last-handled-configuration")
+    # Watch streams can hang silently; reconnect periodically (resumes from the resourceVersion).
+    s.watching.server_timeout = 300
+    s.watching.client_timeout = 330
+    s.watching.connect_timeout = 30
+    s.watching.reconnect_backoff = 1.0
+    s.networking.request_timeout = 60
+    s.networking.connect_timeout = 30
+    # Only explicit events (kopf.event/warn) are posted, never every log line.
+    s.posting.enabled = True
+    s.posting.loggers = False
+    # No dynamic discovery of namespaces/CRDs: the operator serves the namespaces it is given and
+    # needs no RBAC on namespaces or CRDs.
+    s.scanning.disabled = True
+    s.execution.max_workers = 4
+    return s
+
+
+@dataclass
+class Operator:
+    """One operator instance: kube client, reconciler, kopf registry and the HTTP endpoints."""
+
+    kube_config: KubeConfig
+    namespaces: list[str] = field(default_factory=list)  # empty: all namespaces
+    config: OperatorConfig = field(default_factory=OperatorConfig)
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int | None = 8080
+
+    def __post_init__(self) -> None:
+        self.metrics = OperatorMetrics()
+        self.registry = kopf.OperatorRegistry()
+        self.ready = asyncio.Event()
+        self.bound_port: int | None = None
+        self._register()
+
+    # ---- handlers ----------------------------------------------------------------------------------
+    def _register(self) -> None:  # noqa: C901 - the handler table
+        reg = self.registry
+        op = self
+        resync = self.config.resync_seconds
+
+        @kopf.on.login(registry=reg)
+        def login(**_: Any) -> kopf.ConnectionInfo:
+            return op.kube_config.kopf_connection_info()
+
+        @kopf.on.startup(registry=reg)
+        async def startup(**_: Any) -> None:
+            op.kube = KubeClient(op.kube_config)
+            op.reconciler = Reconciler(op.kube, op.config, op.metrics, event=_post_event)
+            log.info("vlmpool operator starting (%s)", ", ".join(op.namespaces) or "all namespaces")
+
+        @kopf.on.cleanup(registry=reg)
+        async def cleanup(**_: Any) -> None:
+            await op.reconciler.close()
+            await op.kube.close()
+
+        async def guarded(kind: str, coro: Any) -> None:
+            try:
+                await coro
+            except RetryLater as e:
+                raise kopf.TemporaryError(str(e), delay=e.delay) from None
+            except Exception as e:
+                op.metrics.errors.labels(kind, type(e).__name__).inc()
+                op.metrics.reconciles.labels(kind, "error").inc()
+                raise kopf.TemporaryError(f"{type(e).__name__}: {e}", delay=5) from e
+
+        # Pools
+        @kopf.on.resume(GROUP, VERSION, "vlmpools", registry=reg)
+        @kopf.on.create(GROUP, VERSION, "vlmpools", registry=reg)
+        @kopf.on.update(GROUP, VERSION, "vlmpools", registry=reg, field="spec")
+        async def pool_reconcile(body: kopf.Body, **_: Any) -> None:
+            pool = dict(body)
+            try:
+                await op.reconciler.reconcile_pool(pool)
+            except RetryLater as e:
+                raise kopf.TemporaryError(str(e), delay=e.delay) from None
+            except Exception as e:
+                await op.reconciler.pool_failed(pool, e)
+                op.metrics.reconciles.labels("pool", "error").inc()
+                raise kopf.TemporaryError(f"{type(e).__name__}: {e}", delay=10) from e
+
+        @kopf.timer(GROUP, VERSION, "vlmpools", registry=reg, interval=resync, initial_delay=resync, idle=None)
+        async def pool_resync(body: kopf.Body, **_: Any) -> None:
+            await guarded("pool", op.reconciler.push_pool(body["metadata"]["namespace"], body["metadata"]["name"]))
+
+        @kopf.on.event("apps", "v1", "deployments", registry=reg,
+                       labels={L_MANAGED_BY: MANAGED_BY, L_COMPONENT: COMPONENT_SERVER})
+        async def deployment_event(body: kopf.Body, type: str | None, **_: Any) -> None:
+            if type != "DELETED":
+                await op.reconciler.deployment_changed(dict(body))
+
+        @kopf.on.event("", "v1", "pods", registry=reg,
+                       labels={L_MANAGED_BY: MANAGED_BY, L_COMPONENT: COMPONENT_SERVER})
+        async def pod_event(body: kopf.Body, type: str | None, **_: Any) -> None:
+            try:
+                await op.reconciler.pod_changed(dict(body), deleted=type == "DELETED")
+            except Exception:
+                log.exception("push after a pod change failed (the resync will retry)")
+
+        # Adapters
+        @kopf.on.resume(GROUP, VERSION, "vlmadapters", registry=reg)
+        @kopf.on.create(GROUP, VERSION, "vlmadapters", registry=reg)
+        @kopf.on.update(GROUP, VERSION, "vlmadapters", registry=reg, field="spec")
+        async def adapter_reconcile(body: kopf.Body, **_: Any) -> None:
+            await guarded("adapter", op.reconciler.reconcile_adapter(dict(body)))
+
+        @kopf.timer(GROUP, VERSION, "vlmadapters", registry=reg, interval=resync, initial_delay=resync, idle=None)
+        async def adapter_resync(body: kopf.Body, **_: Any) -> None:
+            if not body["metadata"].get("deletionTimestamp"):
+                await guarded("adapter", op.reconciler.reconcile_adapter(dict(body)))
+
+        @kopf.on.delete(GROUP, VERSION, "vlmadapters", registry=reg, id="adapter-delete")
+        async def adapter_delete(body: kopf.Body, **_: Any) -> None:
+            await guarded("adapter", op.reconciler.delete_adapter(dict(body)))
+
+        @kopf.on.event("batch", "v1", "jobs", registry=reg, labels={L_MANAGED_BY: MANAGED_BY, L_COMPONENT: COMPONENT_PATCH})
+        async def job_event(body: kopf.Body, type: str | None, **_: Any) -> None:
+            if type != "DELETED":
+                try:
+                    await op.reconciler.job_changed(dict(body))
+                except Exception:
+                    log.exception("reading a patch Job's result failed (the adapter resync will retry)")
+
+        _ = (COMPONENT_CLEANUP, startup, cleanup, pool_reconcile, pool_resync, deployment_event, pod_event,
+             adapter_reconcile, adapter_resync, adapter_delete, job_event, login)
+
+    # ---- endpoints ---------------------------------------------------------------------------------
+    async def _serve_http(self) -> web.AppRunner | None:
+        if self.metrics_port is None:
+            return None
+
+        async def metrics(_: web.Request) -> web.Response:
+            return web.Response(body=generate_latest(self.metrics.registry),
+                                headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+        async def healthz(_: web.Request) -> web.Response:
+            return web.json_response({"status": "ok"})
+
+        async def readyz(_: web.Request) -> web.Response:
+            if self.ready.is_set():
+                return web.json_response({"status": "ready"})
+            return web.json_response({"status": "starting"}, status=503)
+
+        app = web.Application()
+        app.router.add_get("/metrics", metrics)
+        app.router.add_get("/healthz", healthz)
+        app.router.add_get("/readyz", readyz)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, self.metrics_host, self.metrics_port)
+        await site.start()
+        self.bound_port = runner.addresses[0][1] if runner.addresses else self.metrics_port
+        return runner
+
+    async def run(self, stop_flag: asyncio.Event | threading.Event | None = None) -> None:
+        runner = await self._serve_http()
+        ready_flag = asyncio.Event()
+
+        async def mark_ready() -> None:
+            await ready_flag.wait()
+            self.ready.set()
+            self.metrics.ready.set(1)
+            log.info("vlmpool operator ready")
+
+        marker = asyncio.create_task(mark_ready())
+        try:
+            await kopf.operator(
+                registry=self.registry,
+                settings=make_settings(),
+                standalone=True,
+                clusterwide=not self.namespaces,
+                namespaces=self.namespaces,
+                ready_flag=ready_flag,
+                stop_flag=stop_flag,
+            )
+        finally:
+            marker.cancel()
+            if runner is not None:
+                await runner.cleanup()
+
+
+def _post_event(body: dict[str, Any], type_: str, reason: str, message: str) -> None:
+    kopf.event(body, type=type_, reason=reason, message=message)

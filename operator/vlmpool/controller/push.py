@@ -1,0 +1,106 @@
+"""Pushing a pool's desired state to the proxies of its running pods.
+
+One push sends the full state (generation, concurrency, ready adapters) to every running pod's admin
+port, in parallel with a bound on concurrency and a timeout per pod. The proxy's answer says, per
+adapter, whether the engine loaded it; those answers become the adapters' per-pod status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from vlmpool.manifests.pool import ENGINE_CONTAINER, PROXY_CONTAINER
+
+ADMIN_STATE_PATH = "/admin/v1/state"
+
+
+@dataclass
+class PodResult:
+    """Outcome of pushing to one pod."""
+
+    pod: str
+    ok: bool
+    generation: int | None = None
+    adapters: dict[str, dict[str, Any]] = field(default_factory=dict)  # served name -> {version, state, reason}
+    error: str | None = None
+    conflict_generation: int | None = None  # set on 409: the generation the proxy already has
+    seconds: float = 0.0
+
+
+def pod_is_pushable(pod: dict[str, Any]) -> bool:
+    """A pod can take a push once it runs and has an IP (its proxy container started)."""
+    st = pod.get("status") or {}
+    if pod["metadata"].get("deletionTimestamp") or st.get("phase") != "Running" or not st.get("podIP"):
+        return False
+    for cs in st.get("containerStatuses") or []:
+        if cs.get("name") == PROXY_CONTAINER:
+            return "running" in (cs.get("state") or {})
+    return True  # no container statuses reported: trust the phase
+
+
+def pod_fingerprint(pod: dict[str, Any]) -> str:
+    """Changes whenever the pod's proxy or engine (re)starts: a new push is then needed."""
+    st = pod.get("status") or {}
+    parts = [pod["metadata"].get("uid", ""), st.get("podIP", "")]
+    for cs in sorted(st.get("containerStatuses") or [], key=lambda c: c.get("name", "")):
+        if cs.get("name") in (PROXY_CONTAINER, ENGINE_CONTAINER):
+            running = (cs.get("state") or {}).get("running") or {}
+            parts += [cs["name"], str(cs.get("restartCount", 0)), cs.get("containerID", ""),
+                      running.get("startedAt", "")]
+    return "|".join(parts)
+
+
+def _host(ip: str) -> str:
+    return f"[{ip}]" if ":" in ip else ip
+
+
+async def push_to_pod(session: aiohttp.ClientSession, pod: dict[str, Any], admin_port: int, token: str,
+                      state: dict[str, Any], timeout: float) -> PodResult:
+    name = pod["metadata"]["name"]
+    url = f"http://{_host(pod['status']['podIP'])}:{admin_port}{ADMIN_STATE_PATH}"
+    t0 = time.monotonic()
+    try:
+        async with session.put(url, json=state, headers={"Authorization": f"Bearer {token}",
+                                                         "X-Request-Id": f"vlmpool-operator-push-{state['generation']}"},
+                               timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+            text = await resp.text()
+            dt = time.monotonic() - t0
+            try:
+                body = json.loads(text) if text else {}
+            except ValueError:
+                body = {}
+            if resp.status == 200 and isinstance(body, dict):
+                adapters = {a["name"]: a for a in body.get("adapters") or [] if isinstance(a, dict) and "name" in a}
+                return PodResult(name, True, body.get("generation"), adapters, seconds=dt)
+            if resp.status == 409 and isinstance(body, dict):
+                gen = body.get("generation")
+                return PodResult(name, False, error=f"proxy has a newer generation {gen}",
+                                 conflict_generation=gen if isinstance(gen, int) else None, seconds=dt)
+            return PodResult(name, False, error=f"HTTP {resp.status}: {text[:300]}", seconds=dt)
+    except asyncio.TimeoutError:
+        return PodResult(name, False, error=f"timed out after {timeout:g}s", seconds=time.monotonic() - t0)
+    except aiohttp.ClientError as e:
+        return PodResult(name, False, error=f"{type(e).__name__}: {e}"[:300], seconds=time.monotonic() - t0)
+
+
+async def push_to_pods(pods: list[dict[str, Any]], admin_port: int, token: str, state: dict[str, Any], *,
+                       timeout: float = 10.0, parallelism: int = 16,
+                       session: aiohttp.ClientSession | None = None) -> list[PodResult]:
+    sem = asyncio.Semaphore(max(1, parallelism))
+    own = session is None
+    session = session or aiohttp.ClientSession()
+    try:
+        async def one(pod: dict[str, Any]) -> PodResult:
+            async with sem:
+                return await push_to_pod(session, pod, admin_port, token, state, timeout)
+
+        return list(await asyncio.gather(*(one(p) for p in pods)))
+    finally:
+        if own:
+            await session.close()

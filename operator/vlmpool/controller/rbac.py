@@ -1,0 +1,121 @@
+"""The operator's RBAC rules: the one place they are written.
+
+`deploy/rbac/` holds the YAML generated from here (`python -m vlmpool.controller.rbac deploy/rbac`),
+the Helm chart renders the same rules, and the apiserver tests run the operator under a user bound to
+exactly this ClusterRole, which proves the rules suffice. A unit test keeps the checked-in YAML equal
+to the generated YAML.
+
+Why each rule is needed:
+- vlmpools, vlmadapters: kopf lists/watches them and patches metadata (finalizer, progress and
+  diff-base annotations); their status subresources carry what the operator reports.
+- */finalizers update: owner references with blockOwnerDeletion need it where the
+  OwnerReferencesPermissionEnforcement admission plugin is on (e.g. OpenShift).
+- deployments: server-side apply (patch; create is implied by apply) and a watch to copy replica
+  counts into the pool's status.
+- services, persistentvolumeclaims: server-side apply only.
+- secrets: the admin token is created once and read back (no list/watch of secrets).
+- pods: list/watch to push state when a pod starts or restarts and to read patch Jobs' termination
+  messages.
+- jobs: create the patch and cleanup Jobs, watch them for completion.
+- events: kopf and the operator post Kubernetes Events.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CLUSTER_ROLE = "vlmpool-operator"
+SERVICE_ACCOUNT = "vlmpool-operator"
+
+RULES: list[dict[str, Any]] = [
+    {"apiGroups": ["vlmpool.io"], "resources": ["vlmpools", "vlmadapters"],
+     "verbs": ["get", "list", "watch", "patch"]},
+    {"apiGroups": ["vlmpool.io"], "resources": ["vlmpools/status", "vlmadapters/status"],
+     "verbs": ["patch"]},
+    {"apiGroups": ["vlmpool.io"], "resources": ["vlmpools/finalizers", "vlmadapters/finalizers"],
+     "verbs": ["update"]},
+    {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "list", "watch", "create", "patch"]},
+    {"apiGroups": [""], "resources": ["services", "persistentvolumeclaims"], "verbs": ["get", "create", "patch"]},
+    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "create"]},
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+    {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "watch", "create"]},
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},
+]
+
+
+def cluster_role(name: str = CLUSTER_ROLE, labels: dict[str, str] | None = None) -> dict[str, Any]:
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRole",
+        "metadata": {"name": name, "labels": labels or {"app.kubernetes.io/name": "vlmpool",
+                                                         "app.kubernetes.io/component": "operator"}},
+        "rules": [dict(r) for r in RULES],
+    }
+
+
+def subject_service_account(name: str, namespace: str) -> dict[str, str]:
+    return {"kind": "ServiceAccount", "name": name, "namespace": namespace}
+
+
+def subject_user(name: str) -> dict[str, str]:
+    return {"kind": "User", "name": name, "apiGroup": "rbac.authorization.k8s.io"}
+
+
+def cluster_role_binding(subjects: list[dict[str, str]], name: str = CLUSTER_ROLE,
+                         role: str = CLUSTER_ROLE) -> dict[str, Any]:
+    """For `vlmpool operator --all-namespaces`."""
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRoleBinding",
+        "metadata": {"name": name},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+        "subjects": subjects,
+    }
+
+
+def role_binding(namespace: str, subjects: list[dict[str, str]], name: str = CLUSTER_ROLE,
+                 role: str = CLUSTER_ROLE) -> dict[str, Any]:
+    """For an operator watching given namespaces: one RoleBinding of the ClusterRole per namespace."""
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": {"name": name, "namespace": namespace},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+        "subjects": subjects,
+    }
+
+
+def deploy_documents(namespace: str = "vlmpool-system") -> dict[str, list[dict[str, Any]]]:
+    """The files of deploy/rbac/: file name -> documents."""
+    sa = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": SERVICE_ACCOUNT, "namespace": namespace}}
+    return {
+        "clusterrole.yaml": [cluster_role()],
+        "serviceaccount.yaml": [sa],
+        "clusterrolebinding.yaml": [cluster_role_binding([subject_service_account(SERVICE_ACCOUNT, namespace)])],
+    }
+
+
+HEADER = "# Generated from operator/vlmpool/controller/rbac.py; do not edit by hand.\n"
+
+
+def render(docs: list[dict[str, Any]]) -> str:
+    return HEADER + "---\n".join(yaml.safe_dump(d, sort_keys=False) for d in docs)
+
+
+def write(out_dir: Path) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for fname, docs in deploy_documents().items():
+        p = out_dir / fname
+        p.write_text(render(docs))
+        written.append(p)
+    return written
+
+
+if __name__ == "__main__":  # pragma: no cover
+    for p in write(Path(sys.argv[1] if len(sys.argv) > 1 else "deploy/rbac")):
+        print(p)

@@ -1,0 +1,179 @@
+"""Pure status logic: conditions, the adapter's phase, per-pod load results, the pool's status.
+
+An adapter's phase is derived from its conditions, so every writer updates the conditions it owns
+and recomputes the phase the same way:
+- ``Patched``: Unknown while the patch Job runs, True with the version, False with the refusal.
+- ``Loaded``: True when every running pod of the pool serves the version.
+- ``Ready``: the summary (mirrors phase Ready).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from typing import Any
+
+from vlmpool.controller.push import PodResult
+
+RETRYABLE_PATCH_REASONS = {"SourceUnavailable", "LockTimeout"}
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def get_condition(conds: list[dict[str, Any]], ctype: str) -> dict[str, Any] | None:
+    return next((c for c in conds or [] if c.get("type") == ctype), None)
+
+
+def set_condition(conds: list[dict[str, Any]] | None, ctype: str, status: str, reason: str, message: str = "",
+                  generation: int | None = None) -> list[dict[str, Any]]:
+    """Return a new condition list with `ctype` set; lastTransitionTime moves only when status does."""
+    out = [dict(c) for c in conds or [] if c.get("type") != ctype]
+    old = get_condition(conds or [], ctype)
+    cond: dict[str, Any] = {"type": ctype, "status": status, "reason": reason, "message": message[:32000],
+                            "lastTransitionTime": old["lastTransitionTime"]
+                            if old and old.get("status") == status and old.get("lastTransitionTime") else now()}
+    if generation is not None:
+        cond["observedGeneration"] = generation
+    out.append(cond)
+    order = {"Ready": 0, "Patched": 1, "Loaded": 2, "PoolFound": 3, "Progressing": 4, "Degraded": 5}
+    out.sort(key=lambda c: (order.get(c["type"], 99), c["type"]))
+    return out
+
+
+def adapter_phase(status: dict[str, Any], deleting: bool = False) -> tuple[str, str, str]:
+    """(phase, reason, message) from the adapter's conditions."""
+    if deleting:
+        return "Deleting", "Deleting", "unloading from the pool's pods, then removing the adapter's files"
+    conds = status.get("conditions") or []
+    pool = get_condition(conds, "PoolFound")
+    if pool and pool["status"] == "False":
+        return "Pending", pool["reason"], pool["message"]
+    patched = get_condition(conds, "Patched")
+    if patched is None:
+        return "Pending", "Waiting", "waiting for the patch Job"
+    if patched["status"] == "Unknown":
+        return "Patching", patched["reason"], patched["message"]
+    if patched["status"] == "False":
+        return "Failed", patched["reason"], patched["message"]
+    loaded = get_condition(conds, "Loaded")
+    if loaded is None or loaded["status"] == "Unknown":
+        return "Registering", "Registering", "pushing the version to the pool's pods"
+    if loaded["status"] == "True":
+        return "Ready", loaded["reason"], loaded["message"]
+    if loaded["reason"] in ("LoadFailed", "ServedNameConflict"):
+        return "Failed", loaded["reason"], loaded["message"]
+    return "Registering", loaded["reason"], loaded["message"]
+
+
+def with_phase(status: dict[str, Any], generation: int | None, deleting: bool = False) -> dict[str, Any]:
+    phase, reason, message = adapter_phase(status, deleting)
+    status = dict(status)
+    status.update(phase=phase, reason=reason, message=message)
+    status["conditions"] = set_condition(status.get("conditions"), "Ready", "True" if phase == "Ready" else "False",
+                                         reason, message, generation)
+    return status
+
+
+def pod_loads(served: str, version: str | None, pods: list[str], results: dict[str, PodResult]
+              ) -> tuple[list[dict[str, Any]], int, list[str]]:
+    """Per-pod load entries for one adapter: (entries, loaded count, failure reasons)."""
+    entries: list[dict[str, Any]] = []
+    loaded = 0
+    failures: list[str] = []
+    for pod in pods:
+        r = results.get(pod)
+        if r is None or not r.ok:
+            entries.append({"pod": pod, "state": "pending",
+                            "message": ((r.error if r else None) or "not pushed yet")[:2000]})
+            continue
+        a = r.adapters.get(served)
+        if a and a.get("state") == "loaded" and a.get("version") == version:
+            entries.append({"pod": pod, "state": "loaded", "version": version})
+            loaded += 1
+        elif a and a.get("state") == "failed":
+            reason = str(a.get("reason") or "load failed")[:2000]
+            entries.append({"pod": pod, "state": "failed", "version": a.get("version"), "message": reason})
+            failures.append(f"{pod}: {reason}")
+        else:
+            entries.append({"pod": pod, "state": "pending", "message": "not reported by the proxy"})
+    return entries, loaded, failures
+
+
+def loaded_condition(loaded: int, running: int, failures: list[str]) -> tuple[str, str, str]:
+    if running == 0:
+        return "False", "NoRunningPods", "the pool has no running pods yet"
+    if loaded == running:
+        return "True", "Loaded", f"loaded on {loaded}/{running} pods"
+    if failures and loaded == 0:
+        return "False", "LoadFailed", "; ".join(failures)[:4000]
+    if failures:
+        return "False", "PartiallyLoaded", f"loaded on {loaded}/{running} pods; " + "; ".join(failures)[:4000]
+    return "False", "Loading", f"loaded on {loaded}/{running} pods"
+
+
+def pool_status_from_deployment(pool: dict[str, Any], dep: dict[str, Any] | None) -> dict[str, Any]:
+    """replicas/readyReplicas/ready and the Ready/Progressing conditions from the pool's Deployment."""
+    gen = pool["metadata"].get("generation")
+    desired = (pool.get("spec") or {}).get("replicas", 1)
+    st = (dep or {}).get("status") or {}
+    ready = int(st.get("readyReplicas") or 0)
+    replicas = int(st.get("replicas") or 0)
+    updated = int(st.get("updatedReplicas") or 0)
+    conds = (pool.get("status") or {}).get("conditions") or []
+    if dep is None:
+        conds = set_condition(conds, "Ready", "False", "DeploymentMissing", "the pool's Deployment does not exist yet", gen)
+        conds = set_condition(conds, "Progressing", "True", "Creating", "creating the pool's objects", gen)
+    else:
+        dep_current = (dep.get("status") or {}).get("observedGeneration", 0) >= dep["metadata"].get("generation", 0)
+        rolled = dep_current and updated == desired and replicas == desired and ready == desired
+        if ready >= desired and desired > 0:
+            conds = set_condition(conds, "Ready", "True", "PodsReady", f"{ready}/{desired} pods ready", gen)
+        elif desired == 0:
+            conds = set_condition(conds, "Ready", "False", "ScaledToZero", "replicas is 0", gen)
+        else:
+            conds = set_condition(conds, "Ready", "False", "PodsNotReady", f"{ready}/{desired} pods ready", gen)
+        if rolled:
+            conds = set_condition(conds, "Progressing", "False", "RolledOut", "every pod runs the current spec", gen)
+        else:
+            conds = set_condition(conds, "Progressing", "True", "RollingOut",
+                                  f"{updated}/{desired} pods updated, {ready} ready", gen)
+    return {"replicas": replicas, "readyReplicas": ready, "ready": f"{ready}/{desired}", "conditions": conds}
+
+
+def parse_termination_message(text: str | None) -> dict[str, Any] | None:
+    """The patcher's JSON summary, or None when the message is absent or not that JSON (e.g. the log
+    tail FallbackToLogsOnError put there after a crash)."""
+    if not text:
+        return None
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) and isinstance(doc.get("ok"), bool) else None
+
+
+REPORT_FIELDS = {
+    "tensorsKept": int, "tensorsRemapped": int, "tensorsDropped": int, "rank": int, "doraPolicy": str,
+    "doraError": float, "declaredBase": str, "poolBase": str, "baseCheck": str,
+}
+
+
+def report_summary(msg: dict[str, Any]) -> dict[str, Any]:
+    """The PatchSummary fields of a patcher's success message, type-checked (bad fields dropped)."""
+    out: dict[str, Any] = {}
+    for k, t in REPORT_FIELDS.items():
+        v = msg.get(k)
+        if v is None or isinstance(v, bool):
+            continue
+        if t is float and isinstance(v, (int, float)):
+            out[k] = float(v)
+        elif t is int and isinstance(v, int) and v >= 0:
+            out[k] = v
+        elif t is str and isinstance(v, str):
+            out[k] = v[:1024]
+    warnings = msg.get("warnings")
+    if isinstance(warnings, list):
+        out["warnings"] = [str(w)[:1024] for w in warnings[:50]]
+    return out

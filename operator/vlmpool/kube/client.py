@@ -1,0 +1,244 @@
+"""A small async Kubernetes API client on aiohttp.
+
+Only what the operator needs: get / list / create / patch (merge, json, strategic, server-side apply)
+/ delete, the status subresource, and pod bindings (used by tests that play the kubelet). kopf does
+the watching. Errors from the API raise :class:`ApiError` carrying the HTTP status and the
+apiserver's Status reason, so callers can tell NotFound (404), AlreadyExists/Conflict (409) and
+Forbidden (403) apart.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+
+from vlmpool.kube.config import KubeConfig
+
+FIELD_MANAGER = "vlmpool-operator"
+
+
+@dataclass(frozen=True)
+class Resource:
+    """An API resource: group ('' for core), version, plural, namespaced."""
+
+    group: str
+    version: str
+    plural: str
+    namespaced: bool = True
+
+    @property
+    def api_version(self) -> str:
+        return f"{self.group}/{self.version}" if self.group else self.version
+
+    def path(self, namespace: str | None = None, name: str | None = None, sub: str | None = None) -> str:
+        base = f"/apis/{self.group}/{self.version}" if self.group else f"/api/{self.version}"
+        if self.namespaced and namespace:
+            base += f"/namespaces/{quote(namespace, safe='')}"
+        base += f"/{self.plural}"
+        if name:
+            base += f"/{quote(name, safe='')}"
+            if sub:
+                base += f"/{sub}"
+        return base
+
+
+# The resources vlmpool touches.
+PODS = Resource("", "v1", "pods")
+SERVICES = Resource("", "v1", "services")
+SECRETS = Resource("", "v1", "secrets")
+PVCS = Resource("", "v1", "persistentvolumeclaims")
+EVENTS = Resource("", "v1", "events")
+NODES = Resource("", "v1", "nodes", namespaced=False)
+NAMESPACES = Resource("", "v1", "namespaces", namespaced=False)
+DEPLOYMENTS = Resource("apps", "v1", "deployments")
+REPLICASETS = Resource("apps", "v1", "replicasets")
+JOBS = Resource("batch", "v1", "jobs")
+VLMPOOLS = Resource("vlmpool.io", "v1alpha1", "vlmpools")
+VLMADAPTERS = Resource("vlmpool.io", "v1alpha1", "vlmadapters")
+
+KIND_TO_RESOURCE = {
+    ("v1", "Pod"): PODS,
+    ("v1", "Service"): SERVICES,
+    ("v1", "Secret"): SECRETS,
+    ("v1", "PersistentVolumeClaim"): PVCS,
+    ("v1", "Event"): EVENTS,
+    ("apps/v1", "Deployment"): DEPLOYMENTS,
+    ("batch/v1", "Job"): JOBS,
+    ("vlmpool.io/v1alpha1", "VLMPool"): VLMPOOLS,
+    ("vlmpool.io/v1alpha1", "VLMAdapter"): VLMADAPTERS,
+}
+
+
+def resource_for(obj: dict[str, Any]) -> Resource:
+    key = (obj.get("apiVersion", ""), obj.get("kind", ""))
+    try:
+        return KIND_TO_RESOURCE[key]
+    except KeyError:
+        raise ValueError(f"unknown kind {key[1]!r} of {key[0]!r}") from None
+
+
+class ApiError(Exception):
+    """A non-2xx answer from the apiserver."""
+
+    def __init__(self, status: int, reason: str, message: str, method: str = "", path: str = ""):
+        super().__init__(f"{method} {path}: {status} {reason}: {message}")
+        self.status = status
+        self.reason = reason
+        self.message = message
+
+    @property
+    def not_found(self) -> bool:
+        return self.status == 404
+
+    @property
+    def conflict(self) -> bool:
+        return self.status == 409
+
+
+PATCH_TYPES = {
+    "merge": "application/merge-patch+json",
+    "json": "application/json-patch+json",
+    "strategic": "application/strategic-merge-patch+json",
+    "apply": "application/apply-patch+yaml",
+}
+
+
+class KubeClient:
+    """Use as ``async with KubeClient(config) as kube:`` or call :meth:`close`."""
+
+    def __init__(self, config: KubeConfig | None = None, *, timeout: float = 30.0,
+                 field_manager: str = FIELD_MANAGER):
+        self.config = config or KubeConfig.load()
+        self.field_manager = field_manager
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> "KubeClient":
+        self._ensure()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    def _ensure(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            ssl_ctx = self.config.ssl_context()
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(ssl=ssl_ctx, limit=32),
+                timeout=self._timeout,
+            )
+            self.config.cleanup()  # the key pair is loaded into the context; drop the temp files
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+        self.config.cleanup()
+
+    # ---- raw ---------------------------------------------------------------------------------------
+    async def request(self, method: str, path: str, *, body: Any = None, params: dict[str, Any] | None = None,
+                      content_type: str = "application/json") -> Any:
+        session = self._ensure()
+        headers = {"Accept": "application/json", **self.config.auth_headers()}
+        data = None
+        if body is not None:
+            headers["Content-Type"] = content_type
+            data = json.dumps(body)
+        clean = {k: (str(v).lower() if isinstance(v, bool) else str(v))
+                 for k, v in (params or {}).items() if v is not None}
+        async with session.request(method, self.config.server + path, data=data, params=clean,
+                                   headers=headers) as resp:
+            text = await resp.text()
+            if resp.status >= 400:
+                reason, message = resp.reason or "", text
+                try:
+                    st = json.loads(text)
+                    reason, message = st.get("reason") or reason, st.get("message") or text
+                except ValueError:
+                    pass
+                raise ApiError(resp.status, reason, message, method, path)
+            return json.loads(text) if text else None
+
+    # ---- verbs -------------------------------------------------------------------------------------
+    async def get(self, res: Resource, name: str, namespace: str | None = None,
+                  subresource: str | None = None) -> dict[str, Any]:
+        return await self.request("GET", res.path(namespace, name, subresource))
+
+    async def get_or_none(self, res: Resource, name: str, namespace: str | None = None) -> dict[str, Any] | None:
+        try:
+            return await self.get(res, name, namespace)
+        except ApiError as e:
+            if e.not_found:
+                return None
+            raise
+
+    async def list(self, res: Resource, namespace: str | None = None, *, label_selector: str | None = None,
+                   field_selector: str | None = None) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = []
+        cont: str | None = None
+        while True:
+            out = await self.request("GET", res.path(namespace), params={
+                "labelSelector": label_selector, "fieldSelector": field_selector, "limit": 500,
+                "continue": cont})
+            items.extend(out.get("items") or [])
+            cont = (out.get("metadata") or {}).get("continue")
+            if not cont:
+                return items
+
+    async def create(self, obj: dict[str, Any], namespace: str | None = None,
+                     res: Resource | None = None) -> dict[str, Any]:
+        res = res or resource_for(obj)
+        ns = namespace or obj.get("metadata", {}).get("namespace")
+        return await self.request("POST", res.path(ns), body=obj,
+                                  params={"fieldManager": self.field_manager})
+
+    async def create_if_absent(self, obj: dict[str, Any], namespace: str | None = None) -> tuple[dict[str, Any], bool]:
+        """Create, or return the existing object of that name. Returns (object, created)."""
+        res = resource_for(obj)
+        ns = namespace or obj["metadata"].get("namespace")
+        try:
+            return await self.create(obj, ns, res), True
+        except ApiError as e:
+            if e.status != 409:
+                raise
+        return await self.get(res, obj["metadata"]["name"], ns), False
+
+    async def patch(self, res: Resource, name: str, body: Any, namespace: str | None = None, *,
+                    patch_type: str = "merge", subresource: str | None = None) -> dict[str, Any]:
+        params: dict[str, Any] = {"fieldManager": self.field_manager}
+        return await self.request("PATCH", res.path(namespace, name, subresource), body=body,
+                                  params=params, content_type=PATCH_TYPES[patch_type])
+
+    async def patch_status(self, res: Resource, name: str, status: dict[str, Any],
+                           namespace: str | None = None) -> dict[str, Any]:
+        return await self.patch(res, name, {"status": status}, namespace, subresource="status")
+
+    async def apply(self, obj: dict[str, Any], namespace: str | None = None, *, force: bool = True,
+                    subresource: str | None = None) -> dict[str, Any]:
+        """Server-side apply with this client's field manager (JSON is valid apply YAML)."""
+        res = resource_for(obj)
+        ns = namespace or obj["metadata"].get("namespace")
+        return await self.request(
+            "PATCH", res.path(ns, obj["metadata"]["name"], subresource), body=obj,
+            params={"fieldManager": self.field_manager, "force": force},
+            content_type=PATCH_TYPES["apply"])
+
+    async def delete(self, res: Resource, name: str, namespace: str | None = None, *,
+                     propagation: str | None = "Background", missing_ok: bool = True) -> dict[str, Any] | None:
+        body = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": propagation} if propagation else None
+        try:
+            return await self.request("DELETE", res.path(namespace, name), body=body)
+        except ApiError as e:
+            if missing_ok and e.not_found:
+                return None
+            raise
+
+    async def bind_pod(self, name: str, namespace: str, node: str) -> dict[str, Any]:
+        binding = {"apiVersion": "v1", "kind": "Binding", "metadata": {"name": name, "namespace": namespace},
+                   "target": {"apiVersion": "v1", "kind": "Node", "name": node}}
+        return await self.request("POST", PODS.path(namespace, name, "binding"), body=binding)

@@ -1,0 +1,287 @@
+"""Manifests of a VLMAdapter's Jobs: the patch Job (one per spec digest) and the cleanup Job.
+
+Pure functions. The spec digest covers every input that changes what the patcher produces (the
+adapter's source, DoRA policy and base check, and the pool's base model, family, served name, max
+rank and base weights), so equal digests mean equal Jobs and the Job name
+``<adapter>-patch-<digest8>`` can be created-if-absent: exactly one Job per wanted version, also
+across operator restarts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlsplit
+
+from vlmpool.api.adapter import VLMAdapterSpec
+from vlmpool.api.pool import VLMPoolSpec
+from vlmpool.manifests.common import (
+    A_SPEC_DIGEST,
+    ADAPTER_ROOT,
+    BASE_WEIGHTS_MOUNT,
+    COMPONENT_CLEANUP,
+    COMPONENT_PATCH,
+    L_ADAPTER,
+    L_SPEC_DIGEST,
+    MAX_LABEL,
+    SOURCES_ROOT,
+    _trim,
+    cleanup_job_name,
+    owner_reference,
+    patch_job_name,
+    pool_labels,
+    short_digest,
+)
+from vlmpool.manifests.pool import claim_name
+
+PATCH_CONTAINER = "patch"
+TERMINATION_LOG = "/dev/termination-log"
+DIGEST_SCHEMA = "vlmpool.io/patch-inputs/v1"
+
+# Defaults of the Jobs (documented in docs/operator.md).
+PATCH_BACKOFF_LIMIT = 2
+PATCH_DEADLINE_SECONDS = 3600
+JOB_TTL_SECONDS = 3600
+CLEANUP_DEADLINE_SECONDS = 600
+
+# Removes <root>/<adapter> and nothing else: the path is rebuilt from the root and a single name
+# component, so a crafted name cannot escape the volume.
+CLEANUP_SCRIPT = """\
+import os, shutil, sys
+root, name = sys.argv[1], sys.argv[2]
+if not name or '/' in name or name in ('.', '..') or name.startswith('.'):
+    sys.exit('refusing to remove %r' % name)
+target = os.path.join(root, name)
+if os.path.lexists(target):
+    shutil.rmtree(target) if os.path.isdir(target) and not os.path.islink(target) else os.unlink(target)
+print('removed' if not os.path.lexists(target) else 'still present', target)
+"""
+
+
+def parse_spec(adapter: dict[str, Any]) -> VLMAdapterSpec:
+    return VLMAdapterSpec.model_validate(adapter.get("spec") or {})
+
+
+def served_name(adapter: dict[str, Any]) -> str:
+    return parse_spec(adapter).served_name or adapter["metadata"]["name"]
+
+
+def patch_inputs(adapter: dict[str, Any], pool: dict[str, Any]) -> dict[str, Any]:
+    spec = parse_spec(adapter)
+    pspec = VLMPoolSpec.model_validate(pool.get("spec") or {})
+    return {
+        "schema": DIGEST_SCHEMA,
+        "adapter": adapter["metadata"]["name"],
+        "source": spec.source.to_wire(),
+        "dora": spec.dora.to_wire(),
+        "baseModelCheck": spec.base_model_check,
+        "poolBase": pspec.model.name,
+        "servedBase": pspec.served_name(),
+        "family": pspec.model.family,
+        "maxRank": pspec.engine.max_lora_rank,
+        "baseWeights": pspec.model.weights.to_wire() if pspec.model.weights else None,
+    }
+
+
+def spec_digest(adapter: dict[str, Any], pool: dict[str, Any]) -> str:
+    return short_digest(patch_inputs(adapter, pool))
+
+
+def _labels(adapter: dict[str, Any], component: str) -> dict[str, str]:
+    spec = parse_spec(adapter)
+    labels = pool_labels(spec.pool_ref.name, component)
+    labels[L_ADAPTER] = _trim(adapter["metadata"]["name"], MAX_LABEL)
+    return labels
+
+
+def _pvc_source(uri: str) -> tuple[str, str] | None:
+    if not uri.startswith("pvc://"):
+        return None
+    rest = uri[len("pvc://"):]
+    claim, _, path = rest.partition("/")
+    return claim, path
+
+
+def patch_args(adapter: dict[str, Any], pool: dict[str, Any], adapter_root: str = ADAPTER_ROOT) -> list[str]:
+    spec = parse_spec(adapter)
+    pspec = VLMPoolSpec.model_validate(pool.get("spec") or {})
+    args = [
+        "patch",
+        "--source", spec.source.uri,
+        "--adapter", adapter["metadata"]["name"],
+        "--root", adapter_root,
+        "--pool-base", pspec.model.name,
+        "--family", pspec.model.family,
+        "--served-base", pspec.served_name(),
+        "--max-rank", str(pspec.engine.max_lora_rank),
+        "--dora-policy", spec.dora.policy,
+        "--base-check", spec.base_model_check,
+        "--termination-log", TERMINATION_LOG,
+    ]
+    if spec.dora.policy == "svd" and spec.dora.rank is not None:
+        args += ["--svd-rank", str(spec.dora.rank)]
+    if pspec.model.weights is not None and spec.dora.policy in ("svd", "strip"):
+        args += ["--base-weights", (BASE_WEIGHTS_MOUNT + "/" + pspec.model.weights.path.strip("/")).rstrip("/")]
+    if spec.source.sha256:
+        args += ["--sha256", spec.source.sha256]
+    if _pvc_source(spec.source.uri):
+        args += ["--pvc-root", SOURCES_ROOT]
+    return args
+
+
+def patch_job(adapter: dict[str, Any], pool: dict[str, Any], *, image: str | None = None,
+              adapter_root: str = ADAPTER_ROOT,
+              backoff_limit: int = PATCH_BACKOFF_LIMIT, deadline_seconds: int = PATCH_DEADLINE_SECONDS,
+              ttl_seconds: int = JOB_TTL_SECONDS) -> dict[str, Any]:
+    """The Job that runs `vlmpool patch` for the adapter's current spec on the pool."""
+    spec = parse_spec(adapter)
+    pspec = VLMPoolSpec.model_validate(pool.get("spec") or {})
+    digest = spec_digest(adapter, pool)
+    name = adapter["metadata"]["name"]
+    labels = _labels(adapter, COMPONENT_PATCH)
+    labels[L_SPEC_DIGEST] = digest[:MAX_LABEL]
+    mounts: list[dict[str, Any]] = [{"name": "adapters", "mountPath": adapter_root}]
+    volumes: list[dict[str, Any]] = [
+        {"name": "adapters", "persistentVolumeClaim": {"claimName": claim_name(pool, pspec)}},
+    ]
+    if pspec.model.weights is not None and spec.dora.policy in ("svd", "strip"):
+        # svd needs the base weights; strip uses them (when present) to measure its error.
+        mounts.append({"name": "base-weights", "mountPath": BASE_WEIGHTS_MOUNT, "readOnly": True})
+        volumes.append({"name": "base-weights", "persistentVolumeClaim": {
+            "claimName": pspec.model.weights.claim_name, "readOnly": True}})
+    pvc_src = _pvc_source(spec.source.uri)
+    if pvc_src:
+        claim = pvc_src[0]
+        mounts.append({"name": "source", "mountPath": f"{SOURCES_ROOT}/{claim}", "readOnly": True})
+        volumes.append({"name": "source", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
+    elif spec.source.uri.startswith("file://"):
+        path = urlsplit(spec.source.uri).path
+        mounts.append({"name": "source", "mountPath": path, "readOnly": True})
+        volumes.append({"name": "source", "hostPath": {"path": path}})
+    container: dict[str, Any] = {
+        "name": PATCH_CONTAINER,
+        "image": image or pspec.proxy.image,
+        "imagePullPolicy": pspec.proxy.image_pull_policy,
+        "command": ["vlmpool"],
+        "args": patch_args(adapter, pool, adapter_root),
+        "volumeMounts": mounts,
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}},
+        "securityContext": {"allowPrivilegeEscalation": False},
+    }
+    if spec.source.credentials_secret is not None:
+        container["envFrom"] = [{"secretRef": {"name": spec.source.credentials_secret.name}}]
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": patch_job_name(name, digest),
+            "namespace": adapter["metadata"]["namespace"],
+            "labels": labels,
+            "annotations": {A_SPEC_DIGEST: digest},
+            "ownerReferences": [owner_reference(adapter)],
+        },
+        "spec": {
+            "backoffLimit": backoff_limit,
+            "activeDeadlineSeconds": deadline_seconds,
+            "ttlSecondsAfterFinished": ttl_seconds,
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "automountServiceAccountToken": False,
+                    "enableServiceLinks": False,
+                    "containers": [container],
+                    "volumes": volumes,
+                    **_scheduling(pspec),
+                },
+            },
+        },
+    }
+
+
+def _scheduling(pspec: VLMPoolSpec) -> dict[str, Any]:
+    # Jobs need the adapter volume; with a ReadWriteOnce claim they must land where the pool runs,
+    # so they share the pool's node selector and tolerations (not its GPU resources).
+    out: dict[str, Any] = {}
+    if pspec.scheduling.node_selector:
+        out["nodeSelector"] = dict(pspec.scheduling.node_selector)
+    if pspec.scheduling.tolerations:
+        out["tolerations"] = [t.to_wire() for t in pspec.scheduling.tolerations]
+    return out
+
+
+def cleanup_job(adapter: dict[str, Any], pool: dict[str, Any], *, image: str | None = None,
+                adapter_root: str = ADAPTER_ROOT, ttl_seconds: int = JOB_TTL_SECONDS) -> dict[str, Any]:
+    """The Job that removes `<root>/<adapter>` (every version) after every pod confirmed its unload."""
+    pspec = VLMPoolSpec.model_validate(pool.get("spec") or {})
+    name = adapter["metadata"]["name"]
+    labels = _labels(adapter, COMPONENT_CLEANUP)
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": cleanup_job_name(name, adapter["metadata"]["uid"]),
+            "namespace": adapter["metadata"]["namespace"],
+            "labels": labels,
+            "ownerReferences": [owner_reference(adapter)],
+        },
+        "spec": {
+            "backoffLimit": 3,
+            "activeDeadlineSeconds": CLEANUP_DEADLINE_SECONDS,
+            "ttlSecondsAfterFinished": ttl_seconds,
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "automountServiceAccountToken": False,
+                    "enableServiceLinks": False,
+                    "containers": [{
+                        "name": "cleanup",
+                        "image": image or pspec.proxy.image,
+                        "imagePullPolicy": pspec.proxy.image_pull_policy,
+                        "command": ["python3", "-c", CLEANUP_SCRIPT, adapter_root, name],
+                        "volumeMounts": [{"name": "adapters", "mountPath": adapter_root}],
+                        "terminationMessagePolicy": "FallbackToLogsOnError",
+                        "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}},
+                        "securityContext": {"allowPrivilegeEscalation": False},
+                    }],
+                    "volumes": [{"name": "adapters",
+                                 "persistentVolumeClaim": {"claimName": claim_name(pool, pspec)}}],
+                    **_scheduling(pspec),
+                },
+            },
+        },
+    }
+
+
+def desired_entry(adapter: dict[str, Any]) -> dict[str, str] | None:
+    """The adapter's entry in its pool's pushed state, or None if it has nothing to serve (no
+    version yet, or being deleted). Always the immutable versions/<version> path, never `current`."""
+    if adapter["metadata"].get("deletionTimestamp"):
+        return None
+    st = adapter.get("status") or {}
+    if not st.get("version") or not st.get("path"):
+        return None
+    return {"name": served_name(adapter), "version": st["version"], "path": st["path"]}
+
+
+def desired_state(concurrency: int, adapters: list[dict[str, Any]]) -> tuple[dict[str, Any], list[str]]:
+    """The state pushed to every pod: concurrency and the adapters that have a version, sorted by
+    served name. Two adapters may not share a served name on one pool: the older one (by creation
+    time, then name) keeps it; the names of the others are returned as conflicts."""
+    def age(a: dict[str, Any]) -> tuple[str, str]:
+        return (a["metadata"].get("creationTimestamp") or "", a["metadata"]["name"])
+
+    by_name: dict[str, dict[str, str]] = {}
+    conflicts: list[str] = []
+    for a in sorted(adapters, key=age):
+        e = desired_entry(a)
+        if e is None:
+            continue
+        if e["name"] in by_name:
+            conflicts.append(a["metadata"]["name"])
+            continue
+        by_name[e["name"]] = e
+    entries = [by_name[k] for k in sorted(by_name)]
+    return {"concurrency": concurrency, "adapters": entries}, conflicts

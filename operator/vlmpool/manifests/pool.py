@@ -1,0 +1,259 @@
+"""Manifests of a VLMPool's children: adapter PVC, admin-token Secret, Deployment, Service.
+
+Pure functions: the pool object (as read from the API: apiVersion, kind, metadata with uid, spec) in,
+a dict ready for server-side apply out.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vlmpool.api.pool import DEFAULT_ADAPTER_VOLUME_SIZE, VLMPoolSpec
+from vlmpool.manifests.common import (
+    A_TOKEN_CHECKSUM,
+    ADAPTER_ROOT,
+    ADMIN_TOKEN_DIR,
+    ADMIN_TOKEN_KEY,
+    BASE_WEIGHTS_MOUNT,
+    adapter_claim_name,
+    admin_secret_name,
+    deployment_name,
+    owner_reference,
+    pool_labels,
+    server_selector,
+    service_name,
+)
+
+PROXY_CONTAINER = "proxy"
+ENGINE_CONTAINER = "engine"
+ENGINE_HEALTH_PATH = "/health"
+
+
+def parse_spec(pool: dict[str, Any]) -> VLMPoolSpec:
+    return VLMPoolSpec.model_validate(pool.get("spec") or {})
+
+
+def _meta(pool: dict[str, Any], name: str, component: str = "server") -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": pool["metadata"]["namespace"],
+        "labels": pool_labels(pool["metadata"]["name"], component),
+        "ownerReferences": [owner_reference(pool)],
+    }
+
+
+def claim_name(pool: dict[str, Any], spec: VLMPoolSpec | None = None) -> str:
+    """The claim the pool's adapters live on: an existing one, or `<pool>-adapters`."""
+    spec = spec or parse_spec(pool)
+    return spec.adapter_volume.claim_name or adapter_claim_name(pool["metadata"]["name"])
+
+
+def adapter_pvc(pool: dict[str, Any]) -> dict[str, Any] | None:
+    """The adapter volume's claim, or None when the pool uses an existing claim."""
+    spec = parse_spec(pool)
+    vol = spec.adapter_volume
+    if vol.claim_name:
+        return None
+    pvc_spec: dict[str, Any] = {
+        "accessModes": [vol.access_mode],
+        "resources": {"requests": {"storage": vol.size or DEFAULT_ADAPTER_VOLUME_SIZE}},
+    }
+    if vol.storage_class_name:
+        pvc_spec["storageClassName"] = vol.storage_class_name
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": _meta(pool, adapter_claim_name(pool["metadata"]["name"]), "adapters"),
+        "spec": pvc_spec,
+    }
+
+
+def admin_secret(pool: dict[str, Any], token: str) -> dict[str, Any]:
+    """The bearer token the operator uses on the pods' admin port. The caller generates the token
+    once (create-if-absent), so re-applying never rotates it."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": _meta(pool, admin_secret_name(pool["metadata"]["name"]), "admin-token"),
+        "type": "Opaque",
+        "stringData": {ADMIN_TOKEN_KEY: token},
+    }
+
+
+def engine_args(spec: VLMPoolSpec) -> list[str]:
+    eng = spec.engine
+    model = spec.model.name
+    if spec.model.weights:
+        model = BASE_WEIGHTS_MOUNT + "/" + spec.model.weights.path.strip("/")
+        model = model.rstrip("/")
+    args = [
+        "--model", model,
+        "--served-model-name", spec.served_name(),
+        "--port", str(eng.port),
+        "--enable-lora",
+        "--max-loras", str(eng.max_loras),
+        "--max-lora-rank", str(eng.max_lora_rank),
+    ]
+    if eng.max_cpu_loras is not None:
+        args += ["--max-cpu-loras", str(eng.max_cpu_loras)]
+    if eng.gpus > 1:
+        args += ["--tensor-parallel-size", str(eng.gpus)]
+    if eng.max_model_len is not None:
+        args += ["--max-model-len", str(eng.max_model_len)]
+    if eng.gpu_memory_utilization is not None:
+        args += ["--gpu-memory-utilization", str(eng.gpu_memory_utilization)]
+    return args + list(eng.extra_args)
+
+
+def proxy_args(spec: VLMPoolSpec) -> list[str]:
+    px = spec.proxy
+    return [
+        "proxy",
+        "--engine-url", f"http://127.0.0.1:{spec.engine.port}",
+        "--port", str(px.port),
+        "--admin-port", str(px.admin_port),
+        "--base-model", spec.served_name(),
+        # Concurrency in effect before the operator's first push (each push then sets it).
+        "--concurrency", str(px.concurrency),
+        "--queue-limit", str(px.queue_limit),
+        "--queue-timeout", f"{px.queue_timeout_seconds:g}",
+        "--request-timeout", f"{px.request_timeout_seconds:g}",
+    ]
+
+
+def _resources(res: Any, gpus: int = 0) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if res is not None:
+        if res.requests:
+            out["requests"] = dict(res.requests)
+        if res.limits:
+            out["limits"] = dict(res.limits)
+    if gpus:
+        out.setdefault("limits", {})["nvidia.com/gpu"] = str(gpus)
+        out.setdefault("requests", {})["nvidia.com/gpu"] = str(gpus)
+    return out
+
+
+def pod_template(pool: dict[str, Any], token_hash: str = "", adapter_root: str = ADAPTER_ROOT) -> dict[str, Any]:
+    spec = parse_spec(pool)
+    name = pool["metadata"]["name"]
+    px, eng = spec.proxy, spec.engine
+    proxy_env = [
+        {"name": "VLMPOOL_ADMIN_TOKEN_FILE", "value": f"{ADMIN_TOKEN_DIR}/{ADMIN_TOKEN_KEY}"},
+    ]
+    proxy = {
+        "name": PROXY_CONTAINER,
+        "image": px.image,
+        "imagePullPolicy": px.image_pull_policy,
+        "command": ["vlmpool"],
+        "args": proxy_args(spec),
+        "env": proxy_env,
+        "ports": [
+            {"name": "http", "containerPort": px.port, "protocol": "TCP"},
+            {"name": "admin", "containerPort": px.admin_port, "protocol": "TCP"},
+        ],
+        "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5,
+                           "timeoutSeconds": 3, "failureThreshold": 3},
+        "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10,
+                          "timeoutSeconds": 5, "failureThreshold": 6},
+        "resources": _resources(px.resources),
+        "volumeMounts": [{"name": "admin-token", "mountPath": ADMIN_TOKEN_DIR, "readOnly": True}],
+        "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True},
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    engine_mounts = [
+        {"name": "adapters", "mountPath": adapter_root, "readOnly": True},
+        {"name": "shm", "mountPath": "/dev/shm"},
+    ]
+    volumes: list[dict[str, Any]] = [
+        {"name": "adapters", "persistentVolumeClaim": {"claimName": claim_name(pool, spec), "readOnly": True}},
+        {"name": "admin-token", "secret": {"secretName": admin_secret_name(name), "defaultMode": 0o440}},
+        {"name": "shm", "emptyDir": {"medium": "Memory"}},
+    ]
+    if spec.model.weights:
+        engine_mounts.append({"name": "base-weights", "mountPath": BASE_WEIGHTS_MOUNT, "readOnly": True})
+        volumes.append({"name": "base-weights",
+                        "persistentVolumeClaim": {"claimName": spec.model.weights.claim_name, "readOnly": True}})
+    probe_period = 10
+    engine = {
+        "name": ENGINE_CONTAINER,
+        "image": eng.image,
+        "imagePullPolicy": eng.image_pull_policy,
+        "args": engine_args(spec),
+        "env": [{"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"}]
+        + [{"name": e.name, "value": e.value} for e in eng.env],
+        "ports": [{"name": "engine", "containerPort": eng.port, "protocol": "TCP"}],
+        "startupProbe": {"httpGet": {"path": ENGINE_HEALTH_PATH, "port": "engine"}, "periodSeconds": probe_period,
+                         "timeoutSeconds": 5,
+                         "failureThreshold": max(1, -(-eng.startup_timeout_seconds // probe_period))},
+        "readinessProbe": {"httpGet": {"path": ENGINE_HEALTH_PATH, "port": "engine"}, "periodSeconds": 5,
+                           "timeoutSeconds": 5, "failureThreshold": 3},
+        "livenessProbe": {"httpGet": {"path": ENGINE_HEALTH_PATH, "port": "engine"}, "periodSeconds": 15,
+                          "timeoutSeconds": 10, "failureThreshold": 4},
+        "resources": _resources(eng.resources, eng.gpus),
+        "volumeMounts": engine_mounts,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    sched = spec.scheduling
+    pod_spec: dict[str, Any] = {
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": 60,
+        "containers": [proxy, engine],
+        "volumes": volumes,
+    }
+    if sched.node_selector:
+        pod_spec["nodeSelector"] = dict(sched.node_selector)
+    if sched.tolerations:
+        pod_spec["tolerations"] = [t.to_wire() for t in sched.tolerations]
+    if sched.affinity:
+        pod_spec["affinity"] = sched.affinity
+    if sched.priority_class_name:
+        pod_spec["priorityClassName"] = sched.priority_class_name
+    annotations = {A_TOKEN_CHECKSUM: token_hash} if token_hash else {}
+    meta: dict[str, Any] = {"labels": pool_labels(name)}
+    if annotations:
+        meta["annotations"] = annotations
+    return {"metadata": meta, "spec": pod_spec}
+
+
+def deployment(pool: dict[str, Any], token_hash: str = "", adapter_root: str = ADAPTER_ROOT) -> dict[str, Any]:
+    spec = parse_spec(pool)
+    name = pool["metadata"]["name"]
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _meta(pool, deployment_name(name)),
+        "spec": {
+            "replicas": spec.replicas,
+            "selector": {"matchLabels": server_selector(name)},
+            # Never fewer ready pods than asked during a rollout; one extra pod at a time.
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+            "revisionHistoryLimit": 3,
+            "template": pod_template(pool, token_hash, adapter_root),
+        },
+    }
+
+
+def service(pool: dict[str, Any]) -> dict[str, Any]:
+    spec = parse_spec(pool)
+    name = pool["metadata"]["name"]
+    meta = _meta(pool, service_name(name))
+    if spec.service.annotations:
+        meta["annotations"] = dict(spec.service.annotations)
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": meta,
+        "spec": {
+            "type": spec.service.type,
+            "selector": server_selector(name),
+            "ports": [{"name": "http", "port": spec.proxy.port, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+
+
+def endpoint(pool: dict[str, Any]) -> str:
+    spec = parse_spec(pool)
+    meta = pool["metadata"]
+    return f"http://{service_name(meta['name'])}.{meta['namespace']}.svc:{spec.proxy.port}/v1"
