@@ -255,9 +255,6 @@ def patch_adapter(src_dir: Path | str, opts: PatchOptions, *, source_uri: str | 
         if p.kind in slot:
             raise PatchError("UnrecognisedTensor", f"two tensors for {p.module} {p.kind}: {slot[p.kind][0]} and {key}")
         slot[p.kind] = (key, t)
-    if unrecognised:
-        raise PatchError("UnrecognisedTensor", f"{len(unrecognised)} tensor(s) are not LoRA A/B matrices or DoRA "
-                         f"magnitude vectors: {', '.join(sorted(unrecognised)[:5])}")
 
     dropped_vision: list[str] = []
     dropped_magnitude: list[str] = []
@@ -297,6 +294,12 @@ def patch_adapter(src_dir: Path | str, opts: PatchOptions, *, source_uri: str | 
         raise PatchError("UnsupportedTargetModules", f"LoRA on module(s) vLLM cannot serve for {family.title}: "
                          f"{', '.join(names[:5])}{' …' if len(names) > 5 else ''}; servable are the language "
                          f"model's {', '.join(SUPPORTED_MODULES)}")
+    if unrecognised:
+        full = [k for k in unrecognised if k.endswith(".base_layer.weight")]
+        hint = (" (full layer weights, which PEFT saves when embeddings or lm_head are adapted: vLLM cannot "
+                "serve them)" if full else "")
+        raise PatchError("UnrecognisedTensor", f"{len(unrecognised)} tensor(s) are not LoRA A/B matrices or DoRA "
+                         f"magnitude vectors: {', '.join(sorted(unrecognised)[:5])}{hint}")
     if not kept:
         raise PatchError("NoServableTensors", "no servable LoRA tensors are left after dropping "
                          f"{len(dropped_vision)} vision-tower tensor(s)")
