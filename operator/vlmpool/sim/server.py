@@ -49,7 +49,8 @@ class Faults:
     fail_next_loads: int = 0          # next N load_lora_adapter calls answer 500
     fail_next_requests: int = 0       # next N generation requests answer 500 (engine error)
     close_next: int = 0               # next N generation requests: connection closed, no answer
-    stall_seconds: float = 0.0        # every generation stalls this long once admitted
+    stall_seconds: float = 0.0        # every generation stalls this long once admitted (ended early
+                                      # by any POST /sim/faults)
     moderation_phrase: str | None = None  # prompt containing it (case-insensitive) → 400
     unhealthy: bool = False           # /health answers 503
 
@@ -242,6 +243,7 @@ class SimServer:
             family=config.family, strict_layout=config.strict_layout, enable_lora=config.enable_lora,
             lora_load_ms=config.lora_load_ms)
         self.created = int(time.time())
+        self._stall_release = asyncio.Event()
 
     # -- plumbing
 
@@ -407,6 +409,9 @@ class SimServer:
             self.faults.update(data)
         except ValueError as e:
             return web.json_response({"error": str(e)}, status=400)
+        # requests stalled under the previous settings go on now
+        self._stall_release.set()
+        self._stall_release = asyncio.Event()
         return web.json_response(self.faults.as_dict())
 
     async def forget(self, request: web.Request) -> web.Response:
@@ -561,7 +566,9 @@ class SimServer:
                     raise RequestError(contract.engine_dead()) from None
                 engine.cache_put(reg.name, info)
             if self.faults.stall_seconds > 0:
-                await asyncio.sleep(self.faults.stall_seconds)
+                # A stall ends after stall_seconds, or at once when the faults are changed.
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._stall_release.wait(), self.faults.stall_seconds)
         except BaseException:
             engine.release(seq)
             raise
