@@ -217,8 +217,12 @@ def https_server(tmp_path, monkeypatch):
         data = files.get(request.path)
         if data is None:
             return web.Response(status=404, text="not found")
-        resp = web.StreamResponse(headers=headers.get(request.path, {}))
-        if "Content-Length" not in resp.headers:
+        extra = dict(headers.get(request.path, {}))
+        chunked = extra.pop("Transfer-Encoding", None) == "chunked"
+        resp = web.StreamResponse(headers=extra)
+        if chunked:
+            resp.enable_chunked_encoding()
+        else:
             resp.content_length = len(data)
         await resp.prepare(request)
         await resp.write(data)
@@ -277,8 +281,7 @@ def hf_server(monkeypatch):
 
     app = web.Application()
     app.router.add_get("/api/models/{org}/{name}/tree/{rev}", tree)
-    app.router.add_route("HEAD", "/{org}/{name}/resolve/{rev}/{path:.+}", resolve)
-    app.router.add_get("/{org}/{name}/resolve/{rev}/{path:.+}", resolve)
+    app.router.add_get("/{org}/{name}/resolve/{rev}/{path:.+}", resolve)  # answers HEAD too
     srv = LoopbackServer(app).start()
     srv.repos = repos
     srv.url = f"http://127.0.0.1:{srv.port}"

@@ -221,7 +221,7 @@ def extract_adapter_archive(archive: Path, dest: Path, max_file_bytes: int, labe
                 raise PatchError("UnsafeArchive", f"{label}: member {info.filename!r} is a symbolic link; links are refused")
             if info.is_dir():
                 continue
-            if mode and not stat.S_ISREG(mode):
+            if stat.S_IFMT(mode) and not stat.S_ISREG(mode):  # no type bits: a plain file (zipfile, DOS)
                 raise PatchError("UnsafeArchive", f"{label}: member {info.filename!r} is not a regular file")
             if name in listing:
                 raise PatchError("UnsafeArchive", f"{label}: member {info.filename!r} appears twice")
@@ -322,24 +322,24 @@ def _http_headers() -> dict[str, str]:
 
 
 def _http_get(url: str, dst: Path, limit: int, label: str, timeout: float = 60.0) -> tuple[int, str]:
+    where = _redact(url) if label in (url, _redact(url)) else f"{label}: {_redact(url)}"
     req = urllib.request.Request(url, headers=_http_headers())
     try:
         resp = urllib.request.urlopen(req, timeout=timeout)  # noqa: S310 - scheme checked by the caller
     except urllib.error.HTTPError as e:
         if e.code in (404, 410):
-            raise PatchError("SourceNotFound", f"{label}: HTTP {e.code} for {_redact(url)}") from None
-        raise PatchError("SourceUnavailable", f"{label}: HTTP {e.code} {e.reason} for {_redact(url)}") from None
+            raise PatchError("SourceNotFound", f"HTTP {e.code} for {where}") from None
+        raise PatchError("SourceUnavailable", f"HTTP {e.code} {e.reason} for {where}") from None
     except (urllib.error.URLError, OSError) as e:
-        raise PatchError("SourceUnavailable", f"{label}: cannot fetch {_redact(url)}: {getattr(e, 'reason', e)}") from e
+        raise PatchError("SourceUnavailable", f"cannot fetch {where}: {getattr(e, 'reason', e)}") from e
     with resp:
         length = resp.headers.get("Content-Length")
         if length and length.isdigit() and int(length) > limit:
-            raise PatchError("FileTooLarge", f"{label}: {_redact(url)} is {_human(int(length))}, "
-                             f"over the limit of {_human(limit)}")
+            raise PatchError("FileTooLarge", f"{where} is {_human(int(length))}, over the limit of {_human(limit)}")
         try:
-            return _copy_limited(resp, dst, limit, f"{label}: {_redact(url)}")
+            return _copy_limited(resp, dst, limit, where)
         except (OSError, urllib.error.URLError) as e:
-            raise PatchError("SourceUnavailable", f"{label}: download of {_redact(url)} failed: {e}") from e
+            raise PatchError("SourceUnavailable", f"download of {where} failed: {e}") from e
 
 
 def _redact(url: str) -> str:
