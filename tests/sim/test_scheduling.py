@@ -5,7 +5,6 @@ clearing it, so nothing here depends on wall-clock timing."""
 from __future__ import annotations
 
 import asyncio
-import re
 import shutil
 
 import aiohttp
@@ -30,18 +29,26 @@ async def chat(s: aiohttp.ClientSession, url: str, model: str) -> tuple[int, dic
         return r.status, await r.json()
 
 
-def gauge(metrics: str, name: str) -> float:
-    m = re.search(rf'^{re.escape(name)}\{{engine="0",model_name="qwen-base"\}} (\S+)$', metrics, re.M)
-    assert m, f"{name} missing from /metrics"
-    return float(m.group(1))
+def samples(metrics: str, name: str) -> list:
+    """Parse /metrics with prometheus_client's own parser; the samples named ``name``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return [smp for fam in text_string_to_metric_families(metrics) for smp in fam.samples if smp.name == name]
+
+
+def value(metrics: str, name: str, **labels: str) -> float:
+    want = {"engine": "0", "model_name": "qwen-base", **labels}
+    found = [smp.value for smp in samples(metrics, name) if smp.labels == want]
+    assert len(found) == 1, f"{name}{want} not exactly once in /metrics"
+    return found[0]
 
 
 def latest_lora_info(metrics: str) -> tuple[str, str, str]:
-    rows = re.findall(r'^vllm:lora_requests_info\{max_lora="(\d+)",running_lora_adapters="([^"]*)",'
-                      r'waiting_lora_adapters="([^"]*)"\} (\S+)$', metrics, re.M)
+    rows = samples(metrics, "vllm:lora_requests_info")
     assert rows, "vllm:lora_requests_info missing"
-    max_lora, running, waiting, _ = max(rows, key=lambda row: float(row[3]))
-    return max_lora, running, waiting
+    latest = max(rows, key=lambda smp: smp.value)
+    return (latest.labels["max_lora"], latest.labels["running_lora_adapters"],
+            latest.labels["waiting_lora_adapters"])
 
 
 async def test_max_num_seqs_queue_shows_in_stats_and_metrics(fast_config):
@@ -51,8 +58,8 @@ async def test_max_num_seqs_queue_shows_in_stats_and_metrics(fast_config):
         stats = await wait_for(s, url, lambda st: st["running"] == 2 and st["waiting"] == 3)
         assert stats["requests_total"] == 5
         metrics = await (await s.get(url + "/metrics")).text()
-        assert gauge(metrics, "vllm:num_requests_running") == 2
-        assert gauge(metrics, "vllm:num_requests_waiting") == 3
+        assert value(metrics, "vllm:num_requests_running") == 2
+        assert value(metrics, "vllm:num_requests_waiting") == 3
 
         await s.post(url + "/sim/faults", json={"stall_seconds": 0})
         results = await asyncio.gather(*tasks)
@@ -60,9 +67,13 @@ async def test_max_num_seqs_queue_shows_in_stats_and_metrics(fast_config):
         stats = await wait_for(s, url, lambda st: st["running"] == 0 and st["waiting"] == 0)
         assert stats["peak_running"] == 2 and stats["peak_waiting"] == 3
         metrics = await (await s.get(url + "/metrics")).text()
-        assert 'vllm:request_success_total{engine="0",model_name="qwen-base",finished_reason="stop"} 5.0' in metrics
+        assert value(metrics, "vllm:request_success_total", finished_reason="stop") == 5
         completion = sum(body["usage"]["completion_tokens"] for _, body in results)
-        assert f'vllm:generation_tokens_total{{engine="0",model_name="qwen-base"}} {float(completion)}' in metrics
+        prompt = sum(body["usage"]["prompt_tokens"] for _, body in results)
+        assert value(metrics, "vllm:generation_tokens_total") == completion
+        assert value(metrics, "vllm:prompt_tokens_total") == prompt
+        assert value(metrics, "vllm:time_to_first_token_seconds_count") == 5
+        assert value(metrics, "vllm:request_queue_time_seconds_count") == 5
 
 
 async def test_max_loras_limits_distinct_adapters_in_the_batch(fast_config, adapter):

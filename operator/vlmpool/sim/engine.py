@@ -52,21 +52,6 @@ LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.
                    120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
 
 
-class Histogram:
-    def __init__(self, buckets: tuple[float, ...]) -> None:
-        self.buckets = buckets
-        self.counts = [0] * len(buckets)
-        self.total = 0
-        self.sum = 0.0
-
-    def observe(self, value: float) -> None:
-        self.total += 1
-        self.sum += value
-        for i, b in enumerate(self.buckets):
-            if value <= b:
-                self.counts[i] += 1
-
-
 class Engine:
     def __init__(self, *, model_name: str, max_num_seqs: int, max_loras: int, max_cpu_loras: int,
                  max_lora_rank: int, family: str, strict_layout: bool, enable_lora: bool,
@@ -91,12 +76,11 @@ class Engine:
         self.dead = False
         self.dead_reason = ""
         self.reset_counters()
-        self.lora_info_series: collections.OrderedDict[tuple[str, str], float] = collections.OrderedDict()
-        self._record_lora_info()
 
     # ---- counters ------------------------------------------------------------------------------
 
     def reset_counters(self) -> None:
+        """Zero the counters, peaks and /metrics series (as a fresh engine would start)."""
         self.requests_total = 0
         self.peak_running = len(getattr(self, "running", {}))
         self.peak_waiting = len(getattr(self, "waiting", ()))
@@ -106,10 +90,10 @@ class Engine:
         self.success: collections.Counter[str] = collections.Counter()
         self.adapter_disk_loads: collections.Counter[str] = collections.Counter()
         self.evictions = 0
-        self.ttft = Histogram(TTFT_BUCKETS)
-        self.e2e = Histogram(LATENCY_BUCKETS)
-        self.queue_time = Histogram(LATENCY_BUCKETS)
+        self._metrics = self._new_metrics()
+        self._labels = {"model_name": self.model_name, "engine": "0"}
         self.recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=200)
+        self._record_lora_info()
 
     # ---- adapters ------------------------------------------------------------------------------
 
@@ -218,7 +202,7 @@ class Engine:
                 continue
             self.running[seq.request_id] = seq
             seq.admitted_at = time.monotonic()
-            self.queue_time.observe(seq.admitted_at - seq.arrived)
+            self._metrics["queue"].labels(**self._labels).observe(seq.admitted_at - seq.arrived)
             if seq.lora is not None and seq.lora not in loras:
                 loras.append(seq.lora)
             if seq.admitted is not None and not seq.admitted.done():
@@ -233,11 +217,9 @@ class Engine:
     def _record_lora_info(self) -> None:
         if not self.enable_lora:
             return
-        key = (",".join(self.running_loras()), ",".join(self.waiting_loras()))
-        self.lora_info_series[key] = time.time()
-        self.lora_info_series.move_to_end(key)
-        while len(self.lora_info_series) > 512:
-            self.lora_info_series.popitem(last=False)
+        gauge = self._metrics["lora_info"]
+        gauge.labels(max_lora=str(self.max_loras), waiting_lora_adapters=",".join(self.waiting_loras()),
+                     running_lora_adapters=",".join(self.running_loras())).set_to_current_time()
 
     # ---- finishing -----------------------------------------------------------------------------
 
@@ -247,9 +229,13 @@ class Engine:
         self.prompt_tokens += prompt_tokens
         self.generation_tokens += generated
         self.success[reason] += 1
+        m, labels = self._metrics, self._labels
+        m["prompt_tokens"].labels(**labels).inc(prompt_tokens)
+        m["generation_tokens"].labels(**labels).inc(generated)
+        m["success"].labels(**labels, finished_reason=reason).inc()
         if first_token_at is not None:
-            self.ttft.observe(first_token_at - seq.arrived)
-        self.e2e.observe(now - seq.arrived)
+            m["ttft"].labels(**labels).observe(first_token_at - seq.arrived)
+        m["e2e"].labels(**labels).observe(now - seq.arrived)
         self.recent.append({"request_id": seq.request_id, "model": model, "lora": seq.lora,
                             "finish_reason": reason, "status": status,
                             "prompt_tokens": prompt_tokens, "completion_tokens": generated})
@@ -281,53 +267,51 @@ class Engine:
             "recent_requests": list(self.recent),
         }
 
-    def prometheus(self) -> str:
-        base = f'engine="0",model_name="{_esc(self.model_name)}"'
-        out: list[str] = []
+    def prometheus(self) -> bytes:
+        """vLLM's /metrics text, produced by prometheus_client as vLLM's own server does."""
+        from prometheus_client import generate_latest
 
-        def metric(name: str, kind: str, doc: str, samples: list[tuple[str, str, float]]) -> None:
-            out.append(f"# HELP {name} {doc}")
-            out.append(f"# TYPE {name} {kind}")
-            for suffix, labels, value in samples:
-                out.append(f"{name}{suffix}{{{labels}}} {_num(value)}")
+        m = self._metrics
+        labels = {"model_name": self.model_name, "engine": "0"}
+        m["running"].labels(**labels).set(len(self.running))
+        m["waiting"].labels(**labels).set(len(self.waiting))
+        return generate_latest(m["registry"])
 
-        metric("vllm:num_requests_running", "gauge",
-               "Number of requests in model execution batches.", [("", base, len(self.running))])
-        metric("vllm:num_requests_waiting", "gauge",
-               "Number of requests waiting to be processed.", [("", base, len(self.waiting))])
-        if self.enable_lora:
-            samples = [("", f'max_lora="{self.max_loras}",running_lora_adapters="{_esc(r)}",'
-                            f'waiting_lora_adapters="{_esc(w)}"', ts)
-                       for (r, w), ts in self.lora_info_series.items()]
-            metric("vllm:lora_requests_info", "gauge", "Running stats on lora requests.", samples)
-        metric("vllm:prompt_tokens", "counter", "Number of prefill tokens processed.",
-               [("_total", base, self.prompt_tokens)])
-        metric("vllm:generation_tokens", "counter", "Number of generation tokens processed.",
-               [("_total", base, self.generation_tokens)])
-        metric("vllm:request_success", "counter", "Count of successfully processed requests.",
-               [("_total", f'{base},finished_reason="{r}"', self.success.get(r, 0))
-                for r in ("stop", "length", "abort")])
-        for name, doc, h in (
-            ("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", self.ttft),
-            ("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.", self.e2e),
-            ("vllm:request_queue_time_seconds",
-             "Histogram of time spent in WAITING phase for request.", self.queue_time),
-        ):
-            samples = [("_bucket", f'{base},le="{_num(b)}"', c) for b, c in zip(h.buckets, h.counts)]
-            samples.append(("_bucket", f'{base},le="+Inf"', h.total))
-            samples.append(("_count", base, h.total))
-            samples.append(("_sum", base, h.sum))
-            metric(name, "histogram", doc, samples)
-        return "\n".join(out) + "\n"
+    def _new_metrics(self) -> dict[str, Any]:
+        from prometheus_client import CollectorRegistry, Counter, Gauge
+        from prometheus_client import Histogram as PromHistogram
 
-
-def _esc(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _num(value: float) -> str:
-    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
-        return f"{value:.1f}"
-    if isinstance(value, int):
-        return f"{float(value):.1f}"
-    return repr(float(value))
+        reg = CollectorRegistry()
+        names = ["model_name", "engine"]
+        metrics = {
+            "registry": reg,
+            "running": Gauge("vllm:num_requests_running", "Number of requests in model execution batches.",
+                             names, registry=reg),
+            "waiting": Gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.",
+                             names, registry=reg),
+            "lora_info": Gauge("vllm:lora_requests_info", "Running stats on lora requests.",
+                               ["max_lora", "waiting_lora_adapters", "running_lora_adapters"], registry=reg)
+            if self.enable_lora else None,
+            "prompt_tokens": Counter("vllm:prompt_tokens", "Number of prefill tokens processed.", names,
+                                     registry=reg),
+            "generation_tokens": Counter("vllm:generation_tokens", "Number of generation tokens processed.",
+                                         names, registry=reg),
+            "success": Counter("vllm:request_success", "Count of successfully processed requests.",
+                               names + ["finished_reason"], registry=reg),
+            "ttft": PromHistogram("vllm:time_to_first_token_seconds",
+                                  "Histogram of time to first token in seconds.", names, buckets=TTFT_BUCKETS,
+                                  registry=reg),
+            "e2e": PromHistogram("vllm:e2e_request_latency_seconds",
+                                 "Histogram of e2e request latency in seconds.", names,
+                                 buckets=LATENCY_BUCKETS, registry=reg),
+            "queue": PromHistogram("vllm:request_queue_time_seconds",
+                                   "Histogram of time spent in WAITING phase for request.", names,
+                                   buckets=LATENCY_BUCKETS, registry=reg),
+        }
+        # vLLM binds its label values at start-up, so every series is exported (at 0) from the first scrape.
+        labels = {"model_name": self.model_name, "engine": "0"}
+        for key in ("running", "waiting", "prompt_tokens", "generation_tokens", "ttft", "e2e", "queue"):
+            metrics[key].labels(**labels)
+        for reason in ("stop", "length", "abort"):
+            metrics["success"].labels(**labels, finished_reason=reason)
+        return metrics

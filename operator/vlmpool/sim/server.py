@@ -323,8 +323,9 @@ class SimServer:
         return web.json_response({"version": "vlmpool-sim", "vllm_contract": contract.VLLM_CONTRACT})
 
     async def metrics(self, request: web.Request) -> web.Response:
-        return web.Response(text=self.engine.prometheus(), content_type="text/plain",
-                            charset="utf-8", headers={"X-Vllm-Contract": "prometheus-0.0.4"})
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return web.Response(body=self.engine.prometheus(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     def _permission(self) -> dict[str, Any]:
         return {"id": f"modelperm-{uuid.uuid4().hex}", "object": "model_permission",
