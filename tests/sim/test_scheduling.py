@@ -139,3 +139,25 @@ async def test_cpu_lru_eviction_reload_and_engine_death(fast_config, adapter):
         assert (await chat(s, url, "qwen-base"))[0] == 200
         status, body = await chat(s, url, "a")
         assert status == 404 and body["error"]["message"] == "The model `a` does not exist."
+
+
+async def test_request_waiting_for_an_unloaded_adapter_is_still_served(fast_config, adapter):
+    """vLLM's request carries its LoRARequest (name and path): unloading the adapter from the serving
+    layer does not fail a request already queued for it; the worker reads the adapter again."""
+    a = adapter("a")
+    async with running_sim(fast_config(max_num_seqs=1, max_loras=1, max_cpu_loras=1)) as url, \
+            aiohttp.ClientSession() as s:
+        async with s.post(url + "/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": str(a)}) as r:
+            assert r.status == 200
+        await s.post(url + "/sim/faults", json={"stall_seconds": 120})
+        first = asyncio.create_task(chat(s, url, "qwen-base"))
+        await wait_for(s, url, lambda st: st["running"] == 1)
+        queued = asyncio.create_task(chat(s, url, "a"))
+        await wait_for(s, url, lambda st: st["waiting"] == 1)
+        async with s.post(url + "/v1/unload_lora_adapter", json={"lora_name": "a"}) as r:
+            assert r.status == 200
+        await s.post(url + "/sim/faults", json={"stall_seconds": 0})
+        assert (await first)[0] == 200
+        status, body = await queued
+        assert status == 200 and body["choices"][0]["message"]["content"].startswith(f"sim:a path={a}")
+        assert (await chat(s, url, "a"))[0] == 404  # new requests no longer find it

@@ -41,6 +41,7 @@ class Seq:
 
     request_id: str
     lora: str | None
+    lora_path: str | None = None  # captured at arrival, as vLLM's LoRARequest carries its path
     arrived: float = field(default_factory=time.monotonic)
     admitted_at: float | None = None
     admitted: asyncio.Future[None] | None = None

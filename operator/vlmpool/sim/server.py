@@ -556,16 +556,15 @@ class SimServer:
             raise RequestError(contract.engine_dead())
         await engine.acquire(seq)
         try:
-            if seq.lora is not None and not engine.cache_touch(seq.lora):
-                reg = engine.registered.get(seq.lora)
-                if reg is None:  # unloaded (or forgotten) while this request waited
-                    raise RequestError(contract.model_not_found(seq.lora))
+            if seq.lora is not None and seq.lora_path is not None and not engine.cache_touch(seq.lora):
+                # Not in the CPU cache (evicted, or unloaded while this request waited): the worker
+                # reads it again from the path the request carries. Failing here kills the engine.
                 try:
-                    info = await engine.read_adapter(reg.name, reg.path)
+                    info = await engine.read_adapter(seq.lora, seq.lora_path)
                 except adapters_mod.AdapterError as e:
-                    engine.die(f"re-reading evicted adapter {reg.name} from {reg.path} failed: {e.reason}")
+                    engine.die(f"re-reading adapter {seq.lora} from {seq.lora_path} failed: {e.reason}")
                     raise RequestError(contract.engine_dead()) from None
-                engine.cache_put(reg.name, info)
+                engine.cache_put(seq.lora, info)
             if self.faults.stall_seconds > 0:
                 # A stall ends after stall_seconds, or at once when the faults are changed.
                 with contextlib.suppress(asyncio.TimeoutError):
@@ -615,7 +614,7 @@ class SimServer:
         request_id = self._request_id(request, "chatcmpl" if chat else "cmpl")
         headers = {"X-Request-Id": request.headers["X-Request-Id"]} if (
             cfg.enable_request_id_headers and "X-Request-Id" in request.headers) else None
-        seq = Seq(request_id=request_id, lora=lora)
+        seq = Seq(request_id=request_id, lora=lora, lora_path=lora_path)
         await self._admit(seq)
         try:
             if stream:
