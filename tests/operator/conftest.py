@@ -1,0 +1,106 @@
+"""Fixtures of the operator tests: the operator runs as `vlmpool operator` under a user bound to the
+ClusterRole of vlmpool.controller.rbac (and nothing else), which proves those rules suffice."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from helpers import OperatorProcess, PodProcesses, ensure_node  # noqa: E402
+
+from vlmpool.controller import rbac  # noqa: E402
+from vlmpool.kube.client import VLMADAPTERS, KubeClient  # noqa: E402
+from vlmpool.kube.config import KubeConfig  # noqa: E402
+
+OPERATOR_USER = "vlmpool-operator-test"
+KCM_SA_FLAG = "--use-service-account-credentials=true"
+
+
+@pytest.fixture(scope="session")
+def control_plane(tmp_path_factory):
+    """The real control plane, with kube-controller-manager's controllers acting under their own
+    service accounts (their bootstrap RBAC roles): without it the shared identity
+    system:kube-controller-manager may not create ReplicaSets, Pods or Jobs' pods."""
+    import inspect
+
+    from vlmpool.localcluster.controlplane import ControlPlane
+
+    extra = [] if KCM_SA_FLAG in inspect.getsource(ControlPlane) else [KCM_SA_FLAG]
+    cp = ControlPlane(workdir=tmp_path_factory.mktemp("control-plane"), extra_controller_manager_args=extra)
+    cp.start()
+    try:
+        yield cp
+    finally:
+        cp.stop()
+ROLE = "vlmpool-operator-test"
+
+
+@pytest.fixture(scope="session")
+def operator_role(control_plane, crds):
+    role = rbac.cluster_role(ROLE)
+    control_plane.kubectl("apply", "--server-side", "--field-manager=vlmpool-tests", "-f", "-",
+                          input=json.dumps(role))
+    return ROLE
+
+
+@pytest.fixture
+def operator_kubeconfig(control_plane, namespace, operator_role):
+    """A kubeconfig for a user whose only rights are the operator's ClusterRole, bound in the test
+    namespace (as an operator started with --namespace is deployed)."""
+    binding = rbac.role_binding(namespace, [rbac.subject_user(OPERATOR_USER)], role=operator_role)
+    control_plane.kubectl("apply", "-f", "-", input=json.dumps(binding))
+    return control_plane.kubeconfig_for(OPERATOR_USER)
+
+
+@pytest.fixture
+async def kube(control_plane):
+    """An admin client (the test plays the kubelet and the user)."""
+    client = KubeClient(KubeConfig.load(control_plane.kubeconfig))
+    await ensure_node(client)
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+@pytest.fixture
+def adapter_root(tmp_path):
+    root = tmp_path / "adapters"
+    root.mkdir()
+    return root
+
+
+@pytest.fixture
+async def operator(operator_kubeconfig, namespace, adapter_root, tmp_path, kube):
+    """Start/stop `vlmpool operator` for the test namespace; on teardown the finalizers of what is
+    left are dropped so the namespace can go."""
+    procs: list[OperatorProcess] = []
+    log = tmp_path / "operator.log"
+
+    async def start() -> OperatorProcess:
+        op = OperatorProcess(operator_kubeconfig, namespace, adapter_root, log)
+        procs.append(op)
+        return await op.start()
+
+    start.log = log  # type: ignore[attr-defined]
+    try:
+        yield start
+    finally:
+        for op in procs:
+            op.stop()
+        for a in await kube.list(VLMADAPTERS, namespace):
+            if a["metadata"].get("finalizers"):
+                await kube.patch(VLMADAPTERS, a["metadata"]["name"], {"metadata": {"finalizers": None}}, namespace)
+
+
+@pytest.fixture
+def pod_processes():
+    started: list[PodProcesses] = []
+    yield started
+    for p in started:
+        p.stop()

@@ -1,0 +1,113 @@
+"""A VLMPool on the real control plane: its children with the right fields, status from the
+Deployment, and cascading deletion by the garbage collector."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+from helpers import BASE, eventually, free_port
+
+from vlmpool.kube.client import DEPLOYMENTS, PODS, PVCS, SECRETS, SERVICES, VLMPOOLS, ApiError
+
+pytestmark = pytest.mark.apiserver
+
+
+def pool_obj(name: str, **spec) -> dict:
+    body = {"model": {"name": BASE, "served_name": None, "family": "qwen2_5_vl"}}
+    body["model"].pop("served_name")
+    body.update(spec)
+    return {"apiVersion": "vlmpool.io/v1alpha1", "kind": "VLMPool", "metadata": {"name": name}, "spec": body}
+
+
+async def test_pool_creates_children_with_owner_references_and_cascades(kube, namespace, operator):
+    op = await operator()
+    admin_port = free_port()
+    pool = pool_obj("vision", replicas=2,
+                    engine={"maxLoras": 8, "maxCpuLoras": 32, "maxLoraRank": 32, "gpus": 1},
+                    proxy={"concurrency": 7, "adminPort": admin_port},
+                    scheduling={"nodeSelector": {"gpu": "a100"},
+                                "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]})
+    created = await kube.create(pool, namespace)
+    uid = created["metadata"]["uid"]
+
+    dep = await eventually(lambda: kube.get(DEPLOYMENTS, "vision", namespace), what="the Deployment")
+    svc = await kube.get(SERVICES, "vision", namespace)
+    pvc = await kube.get(PVCS, "vision-adapters", namespace)
+    secret = await kube.get(SECRETS, "vision-admin-token", namespace)
+    for obj in (dep, svc, pvc, secret):
+        (ref,) = obj["metadata"]["ownerReferences"]
+        assert (ref["kind"], ref["name"], ref["uid"], ref["controller"]) == ("VLMPool", "vision", uid, True)
+        assert any(m["manager"] == "vlmpool-operator" for m in obj["metadata"]["managedFields"])
+    assert len(base64.b64decode(secret["data"]["token"])) == 64
+
+    tpl = dep["spec"]["template"]["spec"]
+    assert dep["spec"]["replicas"] == 2
+    assert tpl["nodeSelector"] == {"gpu": "a100"}
+    assert tpl["tolerations"][0]["key"] == "nvidia.com/gpu"
+    engine = next(c for c in tpl["containers"] if c["name"] == "engine")
+    proxy = next(c for c in tpl["containers"] if c["name"] == "proxy")
+    args = engine["args"]
+    assert "--enable-lora" in args
+    assert args[args.index("--max-loras") + 1] == "8" and args[args.index("--max-cpu-loras") + 1] == "32"
+    assert args[args.index("--max-lora-rank") + 1] == "32" and args[args.index("--model") + 1] == BASE
+    assert {"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"} in engine["env"]
+    assert engine["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert {"startupProbe", "readinessProbe", "livenessProbe"} <= set(engine)
+    mount = next(m for m in engine["volumeMounts"] if m["name"] == "adapters")
+    assert mount["readOnly"] is True
+    vol = next(v for v in tpl["volumes"] if v["name"] == "adapters")
+    assert vol["persistentVolumeClaim"] == {"claimName": "vision-adapters", "readOnly": True}
+    assert {p["name"]: p["containerPort"] for p in proxy["ports"]}["admin"] == admin_port
+    assert proxy["args"][proxy["args"].index("--concurrency") + 1] == "7"
+    assert {"readinessProbe", "livenessProbe"} <= set(proxy)
+    assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert pvc["spec"]["resources"]["requests"]["storage"] == "10Gi"
+
+    # kube-controller-manager makes the ReplicaSet and the Pods; status follows the Deployment.
+    pods = await eventually(lambda: _len(kube.list(PODS, namespace, label_selector="vlmpool.io/pool=vision"), 2),
+                            what="2 pods")
+    assert all(p["spec"]["containers"][0]["name"] == "proxy" for p in pods)
+
+    async def status():
+        st = (await kube.get(VLMPOOLS, "vision", namespace)).get("status") or {}
+        return st if st.get("replicas") == 2 and st.get("ready") == "0/2" and st.get("endpoint") else None
+    st = await eventually(status, what="pool status")
+    assert st["endpoint"] == f"http://vision.{namespace}.svc:8080/v1"
+    assert st["concurrency"] == 7 and st["observedGeneration"] == 1
+    conds = {c["type"]: c for c in st["conditions"]}
+    assert conds["Ready"]["status"] == "False" and conds["Ready"]["reason"] == "PodsNotReady"
+
+    # A spec change is applied to the Deployment (server-side apply, same field manager).
+    await kube.patch(VLMPOOLS, "vision", {"spec": {"replicas": 1, "proxy": {"concurrency": 3}}}, namespace)
+    await eventually(lambda: _field(kube.get(DEPLOYMENTS, "vision", namespace), ("spec", "replicas"), 1),
+                     what="replicas 1")
+
+    # Deleting the pool cascades (garbage collector of kube-controller-manager).
+    await kube.delete(VLMPOOLS, "vision", namespace)
+
+    async def gone():
+        for res, name in ((DEPLOYMENTS, "vision"), (SERVICES, "vision"), (SECRETS, "vision-admin-token")):
+            try:
+                await kube.get(res, name, namespace)
+                return False
+            except ApiError as e:
+                if not e.not_found:
+                    raise
+        pvc = await kube.get_or_none(PVCS, "vision-adapters", namespace)
+        return pvc is None or bool(pvc["metadata"].get("deletionTimestamp"))
+    await eventually(gone, timeout=90, what="the children to be garbage-collected")
+    assert "Traceback" not in op.tail(), op.tail()
+
+
+async def _len(coro, n):
+    items = await coro
+    return items if len(items) == n else None
+
+
+async def _field(coro, path, want):
+    obj = await coro
+    for k in path:
+        obj = obj[k]
+    return obj == want
