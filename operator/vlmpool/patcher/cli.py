@@ -56,6 +56,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="refuse when a dropped vision-tower lora_B has a norm above this (default 0.0)")
     parser.add_argument("--key-template", default=DEFAULT_KEY_TEMPLATE,
                         help=f"output key of a language-layer tensor (default {DEFAULT_KEY_TEMPLATE})")
+    parser.add_argument("--svd-method", choices=("auto", "exact", "randomized"), default="auto",
+                        help="truncated SVD of --dora-policy svd: exact, randomized (seeded), or auto (exact on a GPU "
+                        "or for small matrices, randomized otherwise)")
     parser.add_argument("--device", default=None, help="torch device for the DoRA math (default: cuda when available)")
     parser.add_argument("--lock-timeout", type=float, default=600.0, help="seconds to wait for the publish lock")
     parser.add_argument("--termination-log", default=None,
@@ -79,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
             dora_policy=args.dora_policy, svd_rank=args.svd_rank, base_weights=args.base_weights,
             base_check=args.base_check, declared_variant=args.declared_variant,
             vision_norm_threshold=args.vision_norm_threshold, key_template=args.key_template, device=args.device,
+            svd_method=args.svd_method,
         )
         summary = patch_and_publish(args.source, args.adapter, args.root, opts, sha256=args.sha256,
                                     max_file_bytes=args.max_file_bytes, pvc_root=args.pvc_root,

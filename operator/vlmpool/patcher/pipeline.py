@@ -32,6 +32,10 @@ from vlmpool.patcher.families import (
 from vlmpool.patcher.fetch import CONFIG_MAX_BYTES, CONFIG_NAME, WEIGHTS_NAME
 
 DORA_POLICIES = ("reject", "strip", "svd")
+SVD_METHODS = ("auto", "exact", "randomized")
+SVD_OVERSAMPLE = 16
+SVD_POWER_ITERS = 4
+SVD_SEED = 0x5EED
 BASE_CHECKS = ("strict", "warn")
 STRIPPED_CONFIG_FIELDS = ("eva_config", "lora_bias", "exclude_modules")
 KEY_LAYOUT_NOTE = ("key layout: language layers written as {template}; vLLM's Qwen VL weight mappers accept "
@@ -52,6 +56,7 @@ class PatchOptions:
     vision_norm_threshold: float = 0.0
     key_template: str = DEFAULT_KEY_TEMPLATE
     device: str | None = None  # torch device for DoRA math; None: cuda when available, else cpu
+    svd_method: str = "auto"   # exact | randomized | auto (exact on GPU or for small/full-rank matrices)
 
     def validate(self) -> None:
         if self.family not in FAMILIES:
@@ -60,6 +65,8 @@ class PatchOptions:
             raise PatchError("InvalidArguments", "the pool base model (--pool-base) is required")
         if self.dora_policy not in DORA_POLICIES:
             raise PatchError("InvalidArguments", f"unknown DoRA policy {self.dora_policy!r}; one of {', '.join(DORA_POLICIES)}")
+        if self.svd_method not in SVD_METHODS:
+            raise PatchError("InvalidArguments", f"unknown SVD method {self.svd_method!r}; one of {', '.join(SVD_METHODS)}")
         if self.base_check not in BASE_CHECKS:
             raise PatchError("InvalidArguments", f"unknown base check {self.base_check!r}; one of {', '.join(BASE_CHECKS)}")
         if not isinstance(self.max_rank, int) or self.max_rank < 1:
@@ -331,6 +338,7 @@ def patch_adapter(src_dir: Path | str, opts: PatchOptions, *, source_uri: str | 
     device = torch.device(opts.device) if opts.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     new_ab: dict[str, tuple[Any, Any]] = {}
     errors: dict[str, float] = {}
+    methods_used: set[str] = set()
     err_num = err_den = 0.0
     for module in kept:
         slot = modules[module]
@@ -356,7 +364,9 @@ def patch_adapter(src_dir: Path | str, opts: PatchOptions, *, source_uri: str | 
             approx = lora
             new_ab[module] = (a, b)
         else:
-            u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+            method = svd_method_for(opts.svd_method, delta.shape, svd_rank, device)
+            methods_used.add(method)
+            u, s, vh = truncated_svd(delta, svd_rank, method)
             k = min(svd_rank, s.shape[0])
             sq = torch.sqrt(s[:k])
             nb = torch.zeros((delta.shape[0], svd_rank), device=device, dtype=torch.float32)
@@ -426,6 +436,7 @@ def patch_adapter(src_dir: Path | str, opts: PatchOptions, *, source_uri: str | 
         "key_template": opts.key_template,
         "dora_policy": applied,
         "svd_rank": svd_rank,
+        "svd_method": opts.svd_method if applied == "svd" else None,
         "vision_norm_threshold": opts.vision_norm_threshold,
     }
     config_bytes = config_json(new_cfg)
@@ -491,6 +502,8 @@ def patch_adapter(src_dir: Path | str, opts: PatchOptions, *, source_uri: str | 
             "per_module": {opts.key_template.format(suffix=kept[m][0]): round(e, 8)
                            for m, e in sorted(errors.items())} if errors else {},
             "scale": scale if use_dora else None,
+            "svd_methods": sorted(methods_used),
+            "device": str(device) if errors else None,
         },
         "warnings": warnings,
     }
@@ -507,6 +520,38 @@ def patch_adapter(src_dir: Path | str, opts: PatchOptions, *, source_uri: str | 
         "warnings": warnings,
     }
     return PatchedAdapter(new_cfg, tensors, weights_bytes, version, report, summary, effective)
+
+
+def svd_method_for(requested: str, shape, rank: int, device) -> str:
+    """auto: the exact SVD on a GPU, or when the matrix is small or the rank (nearly) full; otherwise the
+    randomized one (seeded, so the result is reproducible), whose error is measured all the same."""
+    if requested != "auto":
+        return requested
+    if getattr(device, "type", str(device)) == "cuda":
+        return "exact"
+    return "exact" if min(shape) <= 4 * (rank + SVD_OVERSAMPLE) else "randomized"
+
+
+def truncated_svd(a, rank: int, method: str):
+    """(U, S, Vh) of the leading ``rank`` singular triplets of ``a`` (float32 2-D)."""
+    import torch
+
+    m, n = a.shape
+    if method == "exact" or rank + SVD_OVERSAMPLE >= min(m, n):
+        if m < n:  # LAPACK is much faster on tall matrices
+            u, s, vh = torch.linalg.svd(a.T, full_matrices=False)
+            return vh.T[:, :rank], s[:rank], u.T[:rank]
+        u, s, vh = torch.linalg.svd(a, full_matrices=False)
+        return u[:, :rank], s[:rank], vh[:rank]
+    # Halko, Martinsson & Tropp (2011), algorithm 4.4: randomized range finder with power iterations.
+    g = torch.Generator(device=a.device).manual_seed(SVD_SEED)
+    omega = torch.randn(n, rank + SVD_OVERSAMPLE, generator=g, device=a.device, dtype=a.dtype)
+    q = torch.linalg.qr(a @ omega).Q
+    for _ in range(SVD_POWER_ITERS):
+        q = torch.linalg.qr(a.T @ q).Q
+        q = torch.linalg.qr(a @ q).Q
+    ub, s, vh = torch.linalg.svd(q.T @ a, full_matrices=False)
+    return (q @ ub)[:, :rank], s[:rank], vh[:rank]
 
 
 def config_json(cfg: dict[str, Any]) -> bytes:
