@@ -202,3 +202,16 @@ async def test_real_peft_adapters_over_http(fast_config, tmp_path):
         async with s.post(url + "/v1/load_lora_adapter", json={"lora_name": "dora", "lora_path": str(dora_dir)}) as r:
             assert r.status == 500
             assert (await r.json())["error"]["message"] == "Call to add_lora method failed: vLLM does not yet support DoRA."
+
+
+def test_family_is_detected_from_the_model_name():
+    from vlmpool.sim.adapters import detect_family
+    from vlmpool.sim.server import SimConfig
+
+    assert detect_family("Qwen/Qwen3-VL-8B-Instruct") == "qwen3_vl"
+    assert detect_family("/models/qwen2.5-vl-7b") == "qwen2_5_vl"
+    assert detect_family("Qwen/Qwen2-VL-2B-Instruct") == "qwen2_vl"
+    assert detect_family("meta-llama/Llama-3.1-8B") == "llama"
+    assert detect_family("bench-base") == "qwen2_5_vl"
+    assert SimConfig(model="Qwen/Qwen3-VL-4B-Instruct").resolved_family() == "qwen3_vl"
+    assert SimConfig(model="Qwen/Qwen3-VL-4B-Instruct", family="qwen2_5_vl").resolved_family() == "qwen2_5_vl"

@@ -111,13 +111,13 @@ def test_cli_flags_map_to_config():
         "Qwen/Qwen2.5-VL-7B-Instruct", "--served-model-name", "qwen", "--enable-lora", "--max-loras", "2",
         "--max-cpu-loras", "8", "--max-lora-rank", "32", "--max-num-seqs", "16", "--max-model-len", "8192",
         "--tensor-parallel-size", "1", "--gpu-memory-utilization", "0.9", "--disable-log-requests",
-        "--enforce-eager", "--no-enable-prefix-caching", "--dtype", "bfloat16", "--family", "qwen3_vl",
+        "--enforce-eager", "--no-enable-prefix-caching", "--dtype", "bfloat16",
         "--fault-fail-next-loads", "3", "--fault-moderation-phrase", "bad", "--fault-stall-seconds", "1.5"])
     cfg = cli.config_from_args(args)
     assert (cfg.model, cfg.served_names(), cfg.enable_lora) == ("Qwen/Qwen2.5-VL-7B-Instruct", ["qwen"], True)
     assert (cfg.max_loras, cfg.max_cpu_loras, cfg.max_lora_rank, cfg.max_num_seqs, cfg.max_model_len) == (
         2, 8, 32, 16, 8192)
-    assert cfg.family == "qwen3_vl"
+    assert cfg.family == "auto" and cfg.resolved_family() == "qwen2_5_vl"
     assert (cfg.faults.fail_next_loads, cfg.faults.moderation_phrase, cfg.faults.stall_seconds) == (3, "bad", 1.5)
     with pytest.raises(SystemExit):
         parser.parse_args(["m", "--max-lora-rank", "48"])  # not a rank vLLM accepts

@@ -121,6 +121,16 @@ FAMILIES: dict[str, Family] = {
 }
 
 
+def detect_family(model: str, default: str = "qwen2_5_vl") -> str:
+    """The family vLLM would pick from the model's architecture, guessed from its name or path."""
+    key = re.sub(r"[^a-z0-9]", "", model.lower())
+    for marker, fam in (("qwen3vl", "qwen3_vl"), ("qwen25vl", "qwen2_5_vl"), ("qwen2vl", "qwen2_vl"),
+                        ("llama", "llama")):
+        if marker in key:
+            return fam
+    return default
+
+
 def family(name: str) -> Family:
     try:
         return FAMILIES[name]

@@ -81,8 +81,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     sim.add_argument("--ttft-ms", type=float, default=20.0, help="time to first token")
     sim.add_argument("--tpot-ms", type=float, default=2.0, help="time per further output token")
     sim.add_argument("--lora-load-ms", type=float, default=0.0, help="time to read an adapter from disk")
-    sim.add_argument("--family", default="qwen2_5_vl",
-                     help="model family whose LoRA layout is checked: qwen2_vl, qwen2_5_vl, qwen3_vl, llama")
+    sim.add_argument("--family", default="auto",
+                     help="model family whose LoRA layout is checked: qwen2_vl, qwen2_5_vl, qwen3_vl, llama; "
+                          "auto (default) picks it from the model name, else qwen2_5_vl")
     sim.add_argument("--strict-lora-layout", action=argparse.BooleanOptionalAction, default=True,
                      help="refuse adapters whose tensors vLLM would silently ignore (default on)")
     sim.add_argument("--image-tokens", type=int, default=64, help="prompt tokens counted per image")
@@ -143,7 +144,8 @@ async def serve(cfg: Any, ready: Any = None) -> None:
     server = site._server  # noqa: SLF001
     host, port = server.sockets[0].getsockname()[:2] if server and server.sockets else (cfg.host, cfg.port)
     print(f"vlmpool sim: serving {cfg.served_names()[0]} on http://{host}:{port} "
-          f"(lora={'on' if cfg.enable_lora else 'off'})", file=sys.stderr, flush=True)
+          f"(lora={'on' if cfg.enable_lora else 'off'}, family={cfg.resolved_family()})",
+          file=sys.stderr, flush=True)
     if ready is not None:
         ready(port)
     stop = asyncio.Event()

@@ -99,7 +99,7 @@ class SimConfig:
     ttft_ms: float = 20.0
     tpot_ms: float = 2.0
     lora_load_ms: float = 0.0
-    family: str = "qwen2_5_vl"
+    family: str = "auto"  # auto: from the model name (Qwen3-VL → qwen3_vl, ...), else qwen2_5_vl
     strict_layout: bool = True
     image_tokens: int = 64
     lora_modules: list[tuple[str, str]] = field(default_factory=list)  # static, loaded at start
@@ -125,7 +125,10 @@ class SimConfig:
             raise ValueError("max_num_seqs must be >= 1")
         if self.ttft_ms < 0 or self.tpot_ms < 0 or self.lora_load_ms < 0:
             raise ValueError("latencies must be >= 0")
-        adapters_mod.family(self.family)
+        adapters_mod.family(self.resolved_family())
+
+    def resolved_family(self) -> str:
+        return adapters_mod.detect_family(self.model) if self.family == "auto" else self.family
 
 
 # ---- small helpers ---------------------------------------------------------------------------------
@@ -240,7 +243,7 @@ class SimServer:
         self.engine = Engine(
             model_name=self.base_name, max_num_seqs=config.max_num_seqs, max_loras=config.max_loras,
             max_cpu_loras=config.max_cpu_loras or config.max_loras, max_lora_rank=config.max_lora_rank,
-            family=config.family, strict_layout=config.strict_layout, enable_lora=config.enable_lora,
+            family=config.resolved_family(), strict_layout=config.strict_layout, enable_lora=config.enable_lora,
             lora_load_ms=config.lora_load_ms)
         self.created = int(time.time())
         self._stall_release = asyncio.Event()
