@@ -151,3 +151,17 @@ async def test_vlmpool_sim_process_stands_in_for_vllm_serve(adapter):
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_client_leaving_mid_stream_frees_the_slot_as_abort(fast_config):
+    async with running_sim(fast_config(tpot_ms=50)) as url, aiohttp.ClientSession() as s:
+        r = await s.post(url + CHAT, json={"model": "qwen-base", "stream": True, "max_tokens": 200,
+                                           "ignore_eos": True, "messages": MSG})
+        assert (await r.content.readline()).startswith(b"data: ")
+        r.close()
+        for _ in range(3000):
+            stats = await (await s.get(url + "/sim/stats")).json()
+            if stats["running"] == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert stats["running"] == 0 and stats["finished"] == {"abort": 1}

@@ -728,7 +728,9 @@ class SimServer:
                 await resp.write(chunk([], usage(generated)))
             await resp.write(b"data: [DONE]\n\n")
             await resp.write_eof()
-        except (ConnectionResetError, asyncio.CancelledError):
+        except ConnectionResetError:  # the client went away mid-stream: vLLM aborts the request
+            reason = "abort"
+        except asyncio.CancelledError:
             reason = "abort"
             raise
         finally:
