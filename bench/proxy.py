@@ -53,6 +53,13 @@ def wait_http(url: str, timeout: float = 60.0) -> None:
     raise RuntimeError(f"{url} did not come up: {last}")
 
 
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (Linux /proc), in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -63,13 +70,14 @@ def percentile(values: list[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
-async def closed_loop(url: str, model: str, concurrency: int, duration: float, warmup: float, max_tokens: int) -> dict:
+async def closed_loop(url: str, model: str, concurrency: int, duration: float, warmup: float, tokens: int) -> dict:
     import aiohttp
 
     body = json.dumps({
         "model": model,
         "messages": [{"role": "user", "content": "describe the scene"}],
-        "max_tokens": max_tokens,
+        "max_tokens": tokens,
+        "min_tokens": tokens,  # vLLM's knob: every answer is exactly `tokens` long (fixed service time)
         "temperature": 0,
     }).encode()
     headers = {"Content-Type": "application/json"}
@@ -77,15 +85,14 @@ async def closed_loop(url: str, model: str, concurrency: int, duration: float, w
     errors = 0
     connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=4)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as session:
-        loop = asyncio.get_running_loop()
-        t_start = loop.time()
+        t_start = time.perf_counter()
         t_measure = t_start + warmup
         t_end = t_measure + duration
 
         async def worker() -> None:
             nonlocal errors
             while True:
-                t0 = loop.time()
+                t0 = time.perf_counter()
                 if t0 >= t_end:
                     return
                 try:
@@ -94,7 +101,7 @@ async def closed_loop(url: str, model: str, concurrency: int, duration: float, w
                         ok = resp.status == 200
                 except aiohttp.ClientError:
                     ok = False
-                t1 = loop.time()
+                t1 = time.perf_counter()
                 if t0 >= t_measure and t1 <= t_end:
                     if ok:
                         latencies.append(t1 - t0)
@@ -119,13 +126,17 @@ def main() -> int:
     ap.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each run")
     ap.add_argument("--ttft-ms", type=float, default=20.0)
     ap.add_argument("--tpot-ms", type=float, default=1.0)
-    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--output-tokens", type=int, default=64,
+                    help="tokens per answer (sent as max_tokens = min_tokens): service time = ttft + (n-1) * tpot")
     ap.add_argument("--max-num-seqs", type=int, default=1024)
     ap.add_argument("--proxy-concurrency", type=int, default=1024,
                     help="the proxy's limiter size (above the highest level: the bench measures the proxy's "
                          "overhead, not its admission control)")
     ap.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
                     help="keep the proxy's per-request JSON access log on (its production default)")
+    ap.add_argument("--isolate-proxy", action="store_true",
+                    help="pin the proxy to the last CPU and the simulator + load generator to the others "
+                         "(as in a pod, where the proxy container has CPU of its own); needs >= 2 CPUs")
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",") if x.strip()]
 
@@ -138,6 +149,13 @@ def main() -> int:
     sim_port, proxy_port, admin_port = free_port(), free_port(), free_port()
     env = dict(os.environ, VLMPOOL_ADMIN_TOKEN="bench-token", VLMPOOL_LOG_LEVEL="warning")
     procs: list[subprocess.Popen] = []
+    all_cpus = sorted(os.sched_getaffinity(0))
+    proxy_cpus, other_cpus = set(all_cpus), set(all_cpus)
+    if args.isolate_proxy:
+        if len(all_cpus) < 2:
+            ap.error("--isolate-proxy needs at least 2 CPUs")
+        proxy_cpus, other_cpus = {all_cpus[-1]}, set(all_cpus[:-1])
+        os.sched_setaffinity(0, other_cpus)
     logs_dir = Path(os.environ.get("TMPDIR", "/tmp"))
     try:
         sim_log = open(logs_dir / f"bench-proxy-sim-{sim_port}.log", "w")
@@ -145,7 +163,8 @@ def main() -> int:
             VLMPOOL + ["sim", "--model", model, "--host", "127.0.0.1", "--port", str(sim_port),
                        "--ttft-ms", str(args.ttft_ms), "--tpot-ms", str(args.tpot_ms),
                        "--max-num-seqs", str(args.max_num_seqs)],
-            env=env, stdout=sim_log, stderr=subprocess.STDOUT, cwd=REPO))
+            env=env, stdout=sim_log, stderr=subprocess.STDOUT, cwd=REPO,
+            preexec_fn=lambda: os.sched_setaffinity(0, other_cpus)))
         wait_http(f"http://127.0.0.1:{sim_port}/health")
         proxy_log = open(logs_dir / f"bench-proxy-proxy-{proxy_port}.log", "w")
         cmd = VLMPOOL + ["proxy", "--engine-url", f"http://127.0.0.1:{sim_port}", "--host", "127.0.0.1",
@@ -154,16 +173,19 @@ def main() -> int:
                          "--log-level", "info" if args.access_log else "warning"]
         if not args.access_log:
             cmd.append("--no-access-log")
-        procs.append(subprocess.Popen(cmd, env=env, stdout=proxy_log, stderr=subprocess.STDOUT, cwd=REPO))
+        procs.append(subprocess.Popen(cmd, env=env, stdout=proxy_log, stderr=subprocess.STDOUT, cwd=REPO,
+                                      preexec_fn=lambda: os.sched_setaffinity(0, proxy_cpus)))
         wait_http(f"http://127.0.0.1:{proxy_port}/healthz")
 
         direct_url = f"http://127.0.0.1:{sim_port}/v1/chat/completions"
         proxy_url = f"http://127.0.0.1:{proxy_port}/v1/chat/completions"
         cores = os.cpu_count()
-        print(f"# proxy bench: sim ttft={args.ttft_ms:g}ms tpot={args.tpot_ms:g}ms max_tokens={args.max_tokens} "
+        print(f"# proxy bench: sim ttft={args.ttft_ms:g}ms tpot={args.tpot_ms:g}ms max_tokens={args.output_tokens} "
               f"duration={args.duration:g}s/run, {cores} CPU cores shared by load generator + sim + proxy, "
               f"python {platform.python_version()}, uvloop={'yes' if uvloop else 'no'}, "
-              f"proxy access log {'on' if args.access_log else 'off'}")
+              f"proxy access log {'on' if args.access_log else 'off'}, "
+              + (f"proxy pinned to CPU {sorted(proxy_cpus)}, sim + load generator to {sorted(other_cpus)}"
+                 if args.isolate_proxy else "no CPU pinning"))
         print(f"{'conc':>5} {'direct rps':>11} {'proxy rps':>10} {'ratio':>6} {'p50 direct':>11} {'p50 proxy':>10} "
               f"{'+p50 ms':>8} {'p99 direct':>11} {'p99 proxy':>10} {'+p99 ms':>8} {'errors':>6}")
 
@@ -173,10 +195,22 @@ def main() -> int:
                     return r.run(coro)
             return asyncio.run(coro)
 
+        sim_pid, proxy_pid = procs[0].pid, procs[1].pid
+
+        def measured(url: str, c: int) -> dict:
+            s0, p0 = cpu_seconds(sim_pid), cpu_seconds(proxy_pid)
+            out = run(closed_loop(url, model, c, args.duration, args.warmup, args.output_tokens))
+            s1, p1 = cpu_seconds(sim_pid), cpu_seconds(proxy_pid)
+            # whole run (warm-up included) divided by the requests of the whole run, estimated from rps
+            total = out["rps"] * (args.duration + args.warmup)
+            out["sim_cpu_us_per_req"] = (s1 - s0) / total * 1e6 if total else float("nan")
+            out["proxy_cpu_us_per_req"] = (p1 - p0) / total * 1e6 if total else float("nan")
+            return out
+
         results = []
         for c in levels:
-            d = run(closed_loop(direct_url, model, c, args.duration, args.warmup, args.max_tokens))
-            p = run(closed_loop(proxy_url, model, c, args.duration, args.warmup, args.max_tokens))
+            d = measured(direct_url, c)
+            p = measured(proxy_url, c)
             row = {
                 "concurrency": c,
                 "direct": d,
@@ -188,14 +222,16 @@ def main() -> int:
             results.append(row)
             print(f"{c:>5} {d['rps']:>11.1f} {p['rps']:>10.1f} {row['throughput_ratio']:>6.3f} {d['p50_ms']:>11.2f} "
                   f"{p['p50_ms']:>10.2f} {row['added_p50_ms']:>8.2f} {d['p99_ms']:>11.2f} {p['p99_ms']:>10.2f} "
-                  f"{row['added_p99_ms']:>8.2f} {d['errors'] + p['errors']:>6}", flush=True)
+                  f"{row['added_p99_ms']:>8.2f} {d['errors'] + p['errors']:>6} {p['proxy_cpu_us_per_req']:>16.0f} "
+                  f"{p['sim_cpu_us_per_req']:>14.0f}", flush=True)
         target = next((r for r in results if r["concurrency"] == 64), None)
         summary = {
             "bench": "proxy",
             "cpu_cores": cores,
-            "sim": {"ttft_ms": args.ttft_ms, "tpot_ms": args.tpot_ms, "max_tokens": args.max_tokens},
+            "sim": {"ttft_ms": args.ttft_ms, "tpot_ms": args.tpot_ms, "output_tokens": args.output_tokens},
             "duration_s": args.duration,
             "access_log": args.access_log,
+            "isolate_proxy": args.isolate_proxy,
             "levels": [{
                 "concurrency": r["concurrency"],
                 "direct_rps": round(r["direct"]["rps"], 2),
@@ -208,6 +244,8 @@ def main() -> int:
                 "proxy_p99_ms": round(r["proxy"]["p99_ms"], 3),
                 "added_p99_ms": round(r["added_p99_ms"], 3),
                 "errors": r["direct"]["errors"] + r["proxy"]["errors"],
+                "proxy_cpu_us_per_request": round(r["proxy"]["proxy_cpu_us_per_req"], 1),
+                "sim_cpu_us_per_request": round(r["proxy"]["sim_cpu_us_per_req"], 1),
             } for r in results],
             "target_c64": None if target is None else {
                 "throughput_ratio_ge_0_9": target["throughput_ratio"] >= 0.9,

@@ -90,7 +90,8 @@ class EngineClient:
         if self._session is None:
             connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=self._keepalive_s, ttl_dns_cache=300)
             self._session = aiohttp.ClientSession(
-                connector=connector, timeout=self.timeout_total, auto_decompress=True, raise_for_status=False
+                connector=connector, timeout=self.timeout_total, auto_decompress=True, raise_for_status=False,
+                cookie_jar=aiohttp.DummyCookieJar(),  # an engine sets no cookies; skip the jar on the hot path
             )
 
     async def close(self) -> None:

@@ -85,6 +85,29 @@ class ProxyMetrics:
         self.generation = Gauge("vlmpool_proxy_state_generation", "Generation of the newest applied state (-1: none).", registry=r)
         self.generation.set(-1)
 
+        self._req_children: dict[tuple[str, str, str], object] = {}
+        self._lat_children: dict[tuple[str, str], object] = {}
+        self._ttfb_children: dict[str, object] = {}
+
+    def observe_request(self, route: str, model: str, status: int, seconds: float) -> None:
+        """Count one answered request (children cached: the hot path skips prometheus' label lookup)."""
+        key = (route, model, str(status))
+        counter = self._req_children.get(key)
+        if counter is None:
+            counter = self._req_children[key] = self.requests.labels(*key)
+        counter.inc()
+        lkey = (route, model)
+        hist = self._lat_children.get(lkey)
+        if hist is None:
+            hist = self._lat_children[lkey] = self.latency.labels(*lkey)
+        hist.observe(seconds)
+
+    def observe_ttfb(self, route: str, seconds: float) -> None:
+        hist = self._ttfb_children.get(route)
+        if hist is None:
+            hist = self._ttfb_children[route] = self.ttfb.labels(route)
+        hist.observe(seconds)
+
     def bind_limiter(self, active: Callable[[], float], waiting: Callable[[], float], size: Callable[[], float]) -> None:
         self.in_flight.set_function(active)
         self.queue_depth.set_function(waiting)

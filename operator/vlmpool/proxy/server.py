@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp import web
 from pydantic import ValidationError
+from yarl import URL
 
 from .defaults import (
     DEFAULT_CONCURRENCY,
@@ -153,6 +154,7 @@ class Proxy:
         self._created = int(time.time())
         self.shutting_down = False
         self._url = config.engine_url.rstrip("/")
+        self._route_urls = {r: URL(self._url + r) for r in GENERATION_ROUTES}  # parsed once
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -213,8 +215,7 @@ class Proxy:
             if ctx.status_override is not None:
                 status = ctx.status_override
             if ctx.route is not None:
-                self.metrics.requests.labels(ctx.route, ctx.model_label, str(status)).inc()
-                self.metrics.latency.labels(ctx.route, ctx.model_label).observe(elapsed)
+                self.metrics.observe_request(ctx.route, ctx.model_label, status, elapsed)
             if self.config.access_log:
                 access_log.info(
                     "request",
@@ -371,7 +372,7 @@ class Proxy:
         ctx = request[CTX]
         headers = {"Content-Type": "application/json", "X-Request-Id": ctx.request_id}
         timeout = self.engine.timeout_stream if stream else self.engine.timeout_total
-        url = self._url + route
+        url = self._route_urls[route]
         t0 = time.perf_counter()
         healed = False
         while True:
@@ -411,7 +412,7 @@ class Proxy:
                         continue
                     log.warning("engine error", extra={"upstream_status": resp.status, "body": body[:500]})
                     return map_engine_error(resp.status, body)
-                self.metrics.ttfb.labels(route).observe(time.perf_counter() - t0)
+                self.metrics.observe_ttfb(route, time.perf_counter() - t0)
                 if stream:
                     return await self._stream(request, resp, internal)
                 try:
