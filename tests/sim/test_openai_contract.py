@@ -231,3 +231,11 @@ async def test_bad_requests_are_vllm_400s(fast_config):
                 assert (await r.json())["error"]["message"] == "Stream options can only be defined when `stream=True`."
             async with s.get(url + "/v1/nothing-here") as r:
                 assert r.status == 404 and await r.json() == {"detail": "Not Found"}
+
+
+async def test_served_name_aliases_answer_as_the_first_name(fast_config):
+    async with running_sim(fast_config(served_model_name=["qwen-base", "alias"])) as url:
+        c = client(url)
+        r = await c.chat.completions.create(model="alias", messages=[{"role": "user", "content": "x"}])
+        assert r.model == "qwen-base" and r.choices[0].message.content.startswith("sim:qwen-base")
+        assert [m.id for m in (await c.models.list()).data] == ["qwen-base", "alias"]

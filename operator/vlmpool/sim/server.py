@@ -433,9 +433,12 @@ class SimServer:
     # -- generation
 
     def _resolve_model(self, model: Any) -> tuple[str, str | None, str | None]:
-        """(model name to echo, lora name or None, lora path or None) — or 404 as vLLM."""
+        """(response model name, lora name or None, lora path or None) — or 404 as vLLM.
+
+        vLLM answers with ``models.model_name(lora_request)``: the adapter's name, or the *first*
+        served name for the base model (also when the request used another alias or no model)."""
         if model is None or model == "" or model in self.names:
-            return (model or self.base_name), None, None
+            return self.base_name, None, None
         if not isinstance(model, str):
             raise RequestError(contract.bad_request("model must be a string", param="model"))
         reg = self.engine.registered.get(model)
@@ -588,12 +591,15 @@ class SimServer:
         except _Dropped:
             return web.Response(status=500)  # never reaches the client: the transport is gone
         body = await self._json_body(request)
+        if chat and "messages" not in body:  # request-model validation comes before the model check
+            raise RequestError(contract.bad_request(
+                "1 validation error for ChatCompletionRequest\nmessages\n  Field required"))
+        if not chat and "prompt" not in body:
+            raise RequestError(contract.bad_request(
+                "1 validation error for CompletionRequest\nprompt\n  Field required"))
         served, lora, lora_path = self._resolve_model(body.get("model"))
         cfg = self.config
         if chat:
-            if "messages" not in body:
-                raise RequestError(contract.bad_request(
-                    "1 validation error for ChatCompletionRequest\nmessages\n  Field required"))
             prompts = [_chat_prompt(body["messages"], cfg.image_tokens)]
         else:
             prompts = _completion_prompts(body.get("prompt"))
