@@ -284,3 +284,31 @@ async def _text(url: str) -> str:
     async with aiohttp.ClientSession() as s:
         async with s.get(url) as r:
             return await r.text()
+
+
+async def test_streaming_self_heal_and_client_abort(sim, proxy, admin, client, adapters):
+    path = adapters("cats", "v1")
+    assert (await admin.put({"generation": 1, "concurrency": 4, "adapters": [spec("cats", "v1", path)]}))[0] == 200
+    await sim.call("POST", "/sim/forget")
+    stream = await client.chat.completions.create(model="cats", messages=MSG, max_tokens=8, stream=True)
+    text = "".join([ch.choices[0].delta.content or "" async for ch in stream if ch.choices])
+    assert text.startswith("sim:cats@v1")  # the 404 came before any byte: healed, then streamed
+
+    # a client that goes away mid-stream frees its slot and its engine sequence
+    import aiohttp
+
+    body = {"model": "cats", "messages": MSG, "max_tokens": 200, "min_tokens": 200, "stream": True}
+    async with aiohttp.ClientSession() as s:
+        resp = await s.post(proxy.url + "/v1/chat/completions", json=body)
+        assert resp.status == 200
+        await resp.content.readline()  # the first event arrived
+        while (await sim.stats())["running"] < 1:
+            await asyncio.sleep(0.01)
+        resp.close()  # abort
+    for _ in range(500):
+        if proxy.proxy.limiter.active == 0 and (await sim.stats())["running"] == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert proxy.proxy.limiter.active == 0
+    assert (await sim.stats())["running"] == 0
+    assert proxy.proxy.registry.alias["cats"].inflight == 0
