@@ -169,6 +169,9 @@ class ControlPlane:
                     f"--root-ca-file={pki / 'ca.crt'}",
                     f"--service-cluster-ip-range={SERVICE_CIDR}",
                     "--leader-elect=false", "--secure-port=0", "--controllers=*",
+                    # Each controller under its own service account, as real clusters run: the
+                    # system:kube-controller-manager role alone cannot run them all.
+                    "--use-service-account-credentials=true",
                     # A local cluster has no cloud and, in tests, often no nodes at all.
                     "--node-monitor-grace-period=60s",
                     *self.extra_controller_manager_args,

@@ -1,0 +1,184 @@
+"""The process kubelet on the real control plane: pods of real controllers (Deployment, Job) run as
+local processes on their own loopback addresses, with volumes, env, probes, restarts and
+termination messages reported the way the kubelet reports them."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.request
+
+import pytest
+
+
+def wait_for(fn, timeout=60.0, interval=0.3, what="condition"):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = fn()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
+
+
+def get_json(kubectl, *args):
+    return json.loads(kubectl("get", *args, "-o", "json").stdout)
+
+
+def pods(kubectl, ns, selector):
+    return get_json(kubectl, "pods", "-n", ns, "-l", selector)["items"]
+
+
+def apply(kubectl, ns, obj):
+    kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(obj))
+
+
+def test_node_is_registered_ready_with_gpus(kubectl, local_node):
+    node = get_json(kubectl, "node", local_node.node_config.name)
+    assert node["status"]["capacity"]["nvidia.com/gpu"] == "2"
+    ready = {c["type"]: c["status"] for c in node["status"]["conditions"]}
+    assert ready["Ready"] == "True"
+    lease = get_json(kubectl, "lease", "-n", "kube-node-lease", local_node.node_config.name)
+    assert lease["spec"]["holderIdentity"] == local_node.node_config.name
+
+
+def test_deployment_pods_run_as_processes_with_volumes_env_and_probes(kubectl, local_node, namespace):
+    kubectl("create", "secret", "generic", "cfg", "-n", namespace, "--from-literal=token=s3cret",
+            "--from-literal=greeting=hello")
+    script = ('cat /etc/cfg/token > /srv/web/token.txt; echo "$GREETING" > /srv/web/env.txt; '
+              'echo "$MY_IP" > /srv/web/ip.txt; (echo x > /etc/cfg/new && echo rw > /srv/web/ro.txt) || echo ro > /srv/web/ro.txt; '
+              'exec python3 -m http.server 8080 --bind 0.0.0.0 --directory /srv/web')
+    apply(kubectl, namespace, {
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"},
+        "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "web"}},
+                 "template": {"metadata": {"labels": {"app": "web"}}, "spec": {
+                     "containers": [{
+                         "name": "web", "image": "python:3.11-slim", "command": ["sh", "-c", script],
+                         "ports": [{"name": "http", "containerPort": 8080}],
+                         "env": [{"name": "GREETING", "valueFrom": {"secretKeyRef": {"name": "cfg", "key": "greeting"}}},
+                                 {"name": "MY_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
+                         "readinessProbe": {"httpGet": {"path": "/env.txt", "port": "http"}, "periodSeconds": 1},
+                         "volumeMounts": [{"name": "cfg", "mountPath": "/etc/cfg", "readOnly": True},
+                                          {"name": "work", "mountPath": "/srv/web"}]}],
+                     "volumes": [{"name": "cfg", "secret": {"secretName": "cfg"}},
+                                 {"name": "work", "emptyDir": {}}]}}}})
+    kubectl("rollout", "status", "deployment/web", "-n", namespace, "--timeout=90s", timeout=100)
+    items = pods(kubectl, namespace, "app=web")
+    assert len(items) == 2
+    ips = {p["status"]["podIP"] for p in items}
+    assert len(ips) == 2 and all(ip.startswith("127.") and ip != "127.0.0.1" for ip in ips)
+    for p in items:
+        ip = p["status"]["podIP"]
+        assert {c["type"]: c["status"] for c in p["status"]["conditions"]}["Ready"] == "True"
+
+        def fetch(name):
+            with urllib.request.urlopen(f"http://{ip}:8080/{name}", timeout=5) as r:
+                return r.read().decode().strip()
+        assert fetch("token.txt") == "s3cret"
+        assert fetch("env.txt") == "hello"
+        assert fetch("ip.txt") == ip
+        assert fetch("ro.txt") == "ro"  # the secret volume is mounted read-only
+    # (No Service endpoints: Kubernetes refuses loopback addresses in EndpointSlices.)
+
+
+def test_deleting_a_pod_stops_its_process_and_the_replicaset_replaces_it(kubectl, local_node, namespace):
+    apply(kubectl, namespace, {
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "sleeper"},
+        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "sleeper"}},
+                 "template": {"metadata": {"labels": {"app": "sleeper"}}, "spec": {
+                     "terminationGracePeriodSeconds": 5,
+                     "containers": [{"name": "s", "image": "busybox", "command": ["sleep", "3600"]}]}}}})
+    kubectl("rollout", "status", "deployment/sleeper", "-n", namespace, "--timeout=60s", timeout=70)
+    pod = pods(kubectl, namespace, "app=sleeper")[0]
+    pid = int(pod["status"]["containerStatuses"][0]["containerID"].split("://")[1])
+    os.kill(pid, 0)  # the process exists
+    kubectl("delete", "pod", pod["metadata"]["name"], "-n", namespace, "--wait=true", timeout=60)
+
+    def gone():
+        try:
+            os.kill(pid, 0)
+            return False
+        except ProcessLookupError:
+            return True
+    wait_for(gone, 20, what="container process to exit")
+    wait_for(lambda: [p for p in pods(kubectl, namespace, "app=sleeper")
+                      if p["metadata"]["name"] != pod["metadata"]["name"]
+                      and p.get("status", {}).get("phase") == "Running"], 60, what="replacement pod")
+
+
+def _job(name, script, backoff=0):
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name},
+            "spec": {"backoffLimit": backoff, "template": {"spec": {
+                "restartPolicy": "Never",
+                "containers": [{"name": "main", "image": "busybox", "command": ["sh", "-c", script],
+                                "terminationMessagePolicy": "FallbackToLogsOnError"}]}}}}
+
+
+def test_jobs_complete_or_fail_with_termination_messages(kubectl, local_node, namespace):
+    apply(kubectl, namespace, _job("ok", 'printf \'{"ok": true, "version": "abc"}\' > /dev/termination-log'))
+    apply(kubectl, namespace, _job("bad", "echo something broke; exit 3"))
+    kubectl("wait", "--for=condition=Complete", "job/ok", "-n", namespace, "--timeout=60s", timeout=70)
+    kubectl("wait", "--for=condition=Failed", "job/bad", "-n", namespace, "--timeout=60s", timeout=70)
+    ok_pod = pods(kubectl, namespace, "job-name=ok")[0]
+    term = ok_pod["status"]["containerStatuses"][0]["state"]["terminated"]
+    assert term["exitCode"] == 0 and term["reason"] == "Completed"
+    assert json.loads(term["message"]) == {"ok": True, "version": "abc"}
+    assert ok_pod["status"]["phase"] == "Succeeded"
+    bad_pod = pods(kubectl, namespace, "job-name=bad")[0]
+    term = bad_pod["status"]["containerStatuses"][0]["state"]["terminated"]
+    assert term["exitCode"] == 3 and term["reason"] == "Error"
+    assert "something broke" in term["message"]  # FallbackToLogsOnError
+    assert bad_pod["status"]["phase"] == "Failed"
+
+
+def test_crashing_container_restarts_with_backoff_and_liveness_kills(kubectl, local_node, namespace):
+    apply(kubectl, namespace, {
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "crash"},
+        "spec": {"restartPolicy": "Always", "containers": [
+            {"name": "c", "image": "busybox", "command": ["sh", "-c", "exit 1"]}]}})
+    apply(kubectl, namespace, {
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "unlive"},
+        "spec": {"restartPolicy": "Always", "containers": [
+            {"name": "c", "image": "busybox", "command": ["sleep", "3600"],
+             "livenessProbe": {"tcpSocket": {"port": 9}, "periodSeconds": 1, "failureThreshold": 2}}]}})
+
+    def status(name):
+        return get_json(kubectl, "pod", name, "-n", namespace)["status"].get("containerStatuses", [{}])[0]
+    cs = wait_for(lambda: (s := status("crash")).get("restartCount", 0) >= 2 and s, 60, what="2 restarts")
+    assert cs["lastState"]["terminated"]["exitCode"] == 1
+    cs = wait_for(lambda: (s := status("unlive")).get("restartCount", 0) >= 1 and s, 60, what="liveness restart")
+    assert cs["lastState"]["terminated"]["exitCode"] == 143  # SIGTERM'd after the failed probe
+
+
+def test_pvc_is_provisioned_and_mounted(kubectl, local_node, namespace):
+    apply(kubectl, namespace, {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "data"},
+                               "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Gi"}}}})
+    apply(kubectl, namespace, _job("writer", "echo persisted > /data/file.txt") |
+          {"spec": {"backoffLimit": 0, "template": {"spec": {
+              "restartPolicy": "Never",
+              "containers": [{"name": "main", "image": "busybox",
+                              "command": ["sh", "-c", "echo persisted > /data/file.txt"],
+                              "volumeMounts": [{"name": "d", "mountPath": "/data"}]}],
+              "volumes": [{"name": "d", "persistentVolumeClaim": {"claimName": "data"}}]}}}})
+    kubectl("wait", "--for=condition=Complete", "job/writer", "-n", namespace, "--timeout=60s", timeout=70)
+    pvc = get_json(kubectl, "pvc", "data", "-n", namespace)
+    assert pvc["status"]["phase"] == "Bound" and pvc["spec"]["storageClassName"] == "vlmpool-local"
+    pv = get_json(kubectl, "pv", pvc["spec"]["volumeName"])
+    with open(os.path.join(pv["spec"]["hostPath"]["path"], "file.txt")) as f:
+        assert f.read().strip() == "persisted"
+
+
+def test_pod_needing_more_gpus_than_the_node_has_stays_pending(kubectl, local_node, namespace):
+    apply(kubectl, namespace, {
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "greedy"},
+        "spec": {"containers": [{"name": "c", "image": "busybox", "command": ["sleep", "60"],
+                                 "resources": {"limits": {"nvidia.com/gpu": "3"}}}]}})
+
+    def unschedulable():
+        st = get_json(kubectl, "pod", "greedy", "-n", namespace).get("status", {})
+        return [c for c in st.get("conditions") or [] if c.get("reason") == "Unschedulable"]
+    cond = wait_for(unschedulable, 30, what="Unschedulable")[0]
+    assert "Insufficient nvidia.com/gpu" in cond["message"]
+    assert not get_json(kubectl, "pod", "greedy", "-n", namespace)["spec"].get("nodeName")
