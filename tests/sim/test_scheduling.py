@@ -161,3 +161,20 @@ async def test_request_waiting_for_an_unloaded_adapter_is_still_served(fast_conf
         status, body = await queued
         assert status == 200 and body["choices"][0]["message"]["content"].startswith(f"sim:a path={a}")
         assert (await chat(s, url, "a"))[0] == 404  # new requests no longer find it
+
+
+async def test_repeated_request_ids_are_separate_sequences(fast_config):
+    async with running_sim(fast_config(max_num_seqs=4)) as url, aiohttp.ClientSession() as s:
+        await s.post(url + "/sim/faults", json={"stall_seconds": 120})
+
+        async def same_id():
+            async with s.post(url + CHAT, headers={"X-Request-Id": "dup"},
+                              json={"model": "qwen-base", "messages": [{"role": "user", "content": "x"}]}) as r:
+                return r.status, await r.json()
+
+        tasks = [asyncio.create_task(same_id()) for _ in range(3)]
+        await wait_for(s, url, lambda st: st["running"] == 3)
+        await s.post(url + "/sim/faults", json={"stall_seconds": 0})
+        results = await asyncio.gather(*tasks)
+        assert [(st, body["id"]) for st, body in results] == [(200, "chatcmpl-dup")] * 3
+        await wait_for(s, url, lambda st: st["running"] == 0)

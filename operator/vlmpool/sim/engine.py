@@ -35,6 +35,9 @@ class Registered:
     loaded_at: float = field(default_factory=time.time)
 
 
+_SEQ_KEYS = itertools.count(1)
+
+
 @dataclass
 class Seq:
     """One request inside the engine."""
@@ -42,6 +45,7 @@ class Seq:
     request_id: str
     lora: str | None
     lora_path: str | None = None  # captured at arrival, as vLLM's LoRARequest carries its path
+    key: int = field(default_factory=lambda: next(_SEQ_KEYS))  # unique even when request ids repeat
     arrived: float = field(default_factory=time.monotonic)
     admitted_at: float | None = None
     admitted: asyncio.Future[None] | None = None
@@ -73,7 +77,7 @@ class Engine:
         self._lock_by_name: dict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
 
         self.waiting: collections.deque[Seq] = collections.deque()
-        self.running: dict[str, Seq] = {}
+        self.running: dict[int, Seq] = {}
         self.dead = False
         self.dead_reason = ""
         self.reset_counters()
@@ -182,12 +186,12 @@ class Engine:
         except BaseException:
             if seq in self.waiting:
                 self.waiting.remove(seq)
-            self.running.pop(seq.request_id, None)
+            self.running.pop(seq.key, None)
             self._schedule()
             raise
 
     def release(self, seq: Seq) -> None:
-        self.running.pop(seq.request_id, None)
+        self.running.pop(seq.key, None)
         if seq in self.waiting:
             self.waiting.remove(seq)
         self._schedule()
@@ -201,7 +205,7 @@ class Engine:
             if (seq.lora is not None and seq.lora not in loras and len(loras) >= self.max_loras):
                 skipped.append(seq)
                 continue
-            self.running[seq.request_id] = seq
+            self.running[seq.key] = seq
             seq.admitted_at = time.monotonic()
             self._metrics["queue"].labels(**self._labels).observe(seq.admitted_at - seq.arrived)
             if seq.lora is not None and seq.lora not in loras:
