@@ -186,7 +186,7 @@ def read_safetensors_header(path: str) -> dict[str, dict[str, Any]]:
         for d in shape:
             count *= d
         if (stop - start) != count * _DTYPE_SIZES[dtype]:
-            raise SafetensorsError(f"Error while deserializing header: TensorInvalidInfo")
+            raise SafetensorsError("Error while deserializing header: TensorInvalidInfo")
         end = stop
     if 8 + n + end != size:
         raise SafetensorsError("Error while deserializing header: MetadataIncompleteBuffer")
@@ -310,7 +310,9 @@ def validate_adapter(lora_name: str, lora_path: str, *, max_lora_rank: int, fami
         raise _engine_failure("rank_pattern must be a mapping")
 
     errors = _features_errors(cfg)
-    max_rank = max([r, *[int(v) for v in rank_pattern.values()]])
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in rank_pattern.values()):
+        raise _engine_failure(f"rank_pattern values must be positive integers, got {rank_pattern}")
+    max_rank = max([r, *rank_pattern.values()])
     if max_rank > max_lora_rank:
         errors.append(f"LoRA rank {max_rank} is greater than max_lora_rank {max_lora_rank}.")
     if cfg.get("bias", "none") != "none":
@@ -385,10 +387,10 @@ def validate_adapter(lora_name: str, lora_path: str, *, max_lora_rank: int, fami
                     f"[vlmpool sim] {lora_path}: module {module} has lora_A {a['shape']} and lora_B "
                     f"{b['shape']}, which do not match rank {want} from adapter_config.json")
 
-    total = sum(_offsets(v)[1] for v in header.values()) and max(_offsets(v)[1] for v in header.values())
+    data_bytes = max((_offsets(v)[1] for v in header.values()), default=0)
     return AdapterInfo(path=lora_path, rank=max_rank, lora_alpha=cfg["lora_alpha"],
                        target_modules=cfg["target_modules"], modules=sorted(modules),
-                       tensors=len(header), weights_bytes=int(total), weights_file=st_path)
+                       tensors=len(header), weights_bytes=data_bytes, weights_file=st_path)
 
 
 def _rank_for(module: str, r: int, rank_pattern: dict[str, Any]) -> int:

@@ -197,7 +197,6 @@ class Engine:
         self._schedule()
 
     def _schedule(self) -> None:
-        admitted_any = False
         loras = self.running_loras()
         skipped: list[Seq] = []
         while self.waiting and len(self.running) < self.max_num_seqs:
@@ -212,12 +211,10 @@ class Engine:
                 loras.append(seq.lora)
             if seq.admitted is not None and not seq.admitted.done():
                 seq.admitted.set_result(None)
-            admitted_any = True
         self.waiting.extendleft(reversed(skipped))
         self.peak_running = max(self.peak_running, len(self.running))
         self.peak_running_loras = max(self.peak_running_loras, len(loras))
         self._record_lora_info()
-        del admitted_any
 
     def _record_lora_info(self) -> None:
         if not self.enable_lora:
