@@ -3,6 +3,7 @@ status, the push to real proxy+simulator processes, failure reasons, restarts, a
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from pathlib import Path
@@ -70,7 +71,7 @@ async def complete_patch(kube, ns, job_name, root, adapter, version, seed=0):
 
 async def start_pool_pods(kube, ns, pool, n, tmp_path, pod_processes):
     """Play the kubelet for the pool's pods: real processes per pod, then report them Running."""
-    pods = await eventually(lambda: _n(kube.list(PODS, ns, label_selector=f"vlmpool.io/pool={pool}"), n),
+    pods = await eventually(lambda: _n(kube.list(PODS, ns, label_selector=f"vlmpool.io/pool={pool},app.kubernetes.io/component=server"), n),
                             what=f"{n} pods")
     secret = await eventually(lambda: kube.get(SECRETS, f"{pool}-admin-token", ns), what="the token Secret")
     token = base64.b64decode(secret["data"]["token"]).decode()
@@ -166,3 +167,113 @@ async def test_adapter_patch_push_swap_and_delete(kube, namespace, operator, ada
 
 async def _missing(kube, ns, name):
     return await kube.get_or_none(VLMADAPTERS, name, ns) is None
+
+
+async def test_refused_patch_puts_the_reason_in_status_and_is_not_retried(kube, namespace, operator, adapter_root,
+                                                                          tmp_path):
+    ns = namespace
+    await operator()
+    await kube.create(pool_obj("pool", 0, free_port(), free_port(), free_port()), ns)
+    await kube.create(adapter_obj("bad", "pool", f"file://{tmp_path}/bad"), ns)
+    (job,) = await eventually(lambda: patch_jobs(kube, ns, "bad"), what="the patch Job")
+    pod = await wait_job_pod(kube, ns, job["metadata"]["name"])
+    refusal = {"ok": False, "reason": "RankTooHigh", "message": "rank 128 is over the pool's max LoRA rank 64"}
+    await report_terminated(kube, pod, 3, json.dumps(refusal))
+    st = await eventually(lambda: adapter_status(kube, ns, "bad", phase="Failed"), what="phase Failed")
+    assert st["reason"] == "RankTooHigh" and "rank 128" in st["message"]
+    conds = {c["type"]: c for c in st["conditions"]}
+    assert conds["Patched"]["status"] == "False" and conds["Ready"]["status"] == "False"
+    assert "version" not in st
+
+    # A Job that fails without a summary (crash, deadline): the Job's reason and the log tail.
+    await kube.create(adapter_obj("crash", "pool", f"file://{tmp_path}/crash"), ns)
+    (job,) = await eventually(lambda: patch_jobs(kube, ns, "crash"), what="the second patch Job")
+    for _ in range(3):  # backoffLimit 2: three failed pods fail the Job
+        pod = await wait_job_pod(kube, ns, job["metadata"]["name"])
+        await report_terminated(kube, pod, 1, "Traceback (most recent call last):\n  ...\nMemoryError")
+    st = await eventually(lambda: adapter_status(kube, ns, "crash", phase="Failed"), timeout=90,
+                          what="phase Failed after the Job failed")
+    assert st["reason"] == "PatchJobFailed" and "BackoffLimitExceeded" in st["message"]
+    assert "MemoryError" in st["message"]
+    # Failed is final for this spec: no second Job for the same digest, also on later resyncs.
+    await asyncio.sleep(4)
+    assert len(await patch_jobs(kube, ns, "bad")) == 1 and len(await patch_jobs(kube, ns, "crash")) == 1
+
+
+async def test_missing_pool_is_a_condition_and_is_retried(kube, namespace, operator, tmp_path):
+    ns = namespace
+    await operator()
+    await kube.create(adapter_obj("early", "later-pool", f"file://{tmp_path}/a"), ns)
+    st = await eventually(lambda: adapter_status(kube, ns, "early", phase="Pending"), what="phase Pending")
+    assert st["reason"] == "PoolNotFound" and "later-pool" in st["message"]
+    assert await patch_jobs(kube, ns, "early") == []
+    await kube.create(pool_obj("later-pool", 0, free_port(), free_port(), free_port()), ns)
+    await eventually(lambda: patch_jobs(kube, ns, "early"), timeout=60, what="the Job once the pool exists")
+    await eventually(lambda: adapter_status(kube, ns, "early", phase="Patching"), what="phase Patching")
+
+
+async def test_operator_restart_mid_way_converges_without_duplicate_jobs(kube, namespace, operator, adapter_root,
+                                                                          tmp_path, pod_processes):
+    ns = namespace
+    op = await operator()
+    admin_port = free_port()
+    await kube.create(pool_obj("pool", 1, admin_port, free_port(), free_port()), ns)
+    for i in range(3):
+        await kube.create(adapter_obj(f"a{i}", "pool", f"file://{tmp_path}/src{i}"), ns)
+    for i in range(3):
+        await eventually(lambda i=i: patch_jobs(kube, ns, f"a{i}"), what=f"Job of a{i}")
+    op.stop()
+
+    # While the operator is down: Jobs finish, a pod starts, and one adapter's spec changes.
+    token, ips = await start_pool_pods(kube, ns, "pool", 1, tmp_path, pod_processes)
+    for i in range(2):
+        (job,) = await patch_jobs(kube, ns, f"a{i}")
+        await complete_patch(kube, ns, job["metadata"]["name"], adapter_root, f"a{i}", f"v{i}", seed=i)
+    await kube.patch(VLMADAPTERS, "a2", {"spec": {"source": {"uri": f"file://{tmp_path}/src2-new"}}}, ns)
+
+    op2 = await operator()
+    for i in range(2):
+        await eventually(lambda i=i: adapter_status(kube, ns, f"a{i}", phase="Ready", loaded="1/1"),
+                         what=f"a{i} Ready after the restart")
+    jobs2 = await eventually(lambda: _n(patch_jobs(kube, ns, "a2"), 2), what="a2's new Job")
+    # Restart again mid-way: the resumed operator must not create any Job twice.
+    op2.stop()
+    await operator()
+    await asyncio.sleep(4)
+    for i in range(2):
+        assert len(await patch_jobs(kube, ns, f"a{i}")) == 1
+    assert len(await patch_jobs(kube, ns, "a2")) == 2
+    want = (await kube.get(VLMADAPTERS, "a2", ns))["status"]["specDigest"]
+    new = next(j for j in jobs2 if j["metadata"]["annotations"]["vlmpool.io/spec-digest"] == want)
+    await complete_patch(kube, ns, new["metadata"]["name"], adapter_root, "a2", "v2new", seed=5)
+    await eventually(lambda: adapter_status(kube, ns, "a2", phase="Ready", version="v2new", loaded="1/1"),
+                     what="a2 Ready")
+    (ip,) = ips.values()
+    names = sorted(a["name"] for a in (await admin_state(ip, admin_port, token))["adapters"])
+    assert names == ["a0", "a1", "a2"]
+
+
+async def test_pod_restart_gets_the_state_again(kube, namespace, operator, adapter_root, tmp_path, pod_processes):
+    ns = namespace
+    await operator()
+    admin_port = free_port()
+    await kube.create(pool_obj("pool", 1, admin_port, free_port(), free_port()), ns)
+    await kube.create(adapter_obj("ad", "pool", f"file://{tmp_path}/src"), ns)
+    (job,) = await eventually(lambda: patch_jobs(kube, ns, "ad"), what="the Job")
+    await complete_patch(kube, ns, job["metadata"]["name"], adapter_root, "ad", "v1")
+    token, ips = await start_pool_pods(kube, ns, "pool", 1, tmp_path, pod_processes)
+    await eventually(lambda: adapter_status(kube, ns, "ad", phase="Ready", loaded="1/1"), what="Ready")
+
+    # The pod's containers restart: fresh processes know nothing; the kubelet reports restartCount 1.
+    (procs,) = pod_processes
+    procs.stop()
+    (pod,) = await kube.list(PODS, ns, label_selector="vlmpool.io/pool=pool,app.kubernetes.io/component=server")
+    (ip,) = ips.values()
+    pod_processes.append(await start_pod_processes(pod, ip, token, tmp_path))
+    assert (await admin_state(ip, admin_port, token))["adapters"] == []
+    await report_running(kube, pod, ip, restarts=1)
+
+    async def reloaded():
+        s = await admin_state(ip, admin_port, token)
+        return s if [a["state"] for a in s["adapters"]] == ["loaded"] else None
+    await eventually(reloaded, what="the state pushed again after the restart")

@@ -116,6 +116,7 @@ class KubeClient:
         self.field_manager = field_manager
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._session: aiohttp.ClientSession | None = None
+        self._closed = False
 
     async def __aenter__(self) -> "KubeClient":
         self._ensure()
@@ -125,6 +126,8 @@ class KubeClient:
         await self.close()
 
     def _ensure(self) -> aiohttp.ClientSession:
+        if self._closed:
+            raise RuntimeError("KubeClient is closed")
         if self._session is None or self._session.closed:
             ssl_ctx = self.config.ssl_context()
             self._session = aiohttp.ClientSession(
@@ -135,6 +138,7 @@ class KubeClient:
         return self._session
 
     async def close(self) -> None:
+        self._closed = True
         if self._session is not None:
             await self._session.close()
             self._session = None
