@@ -29,7 +29,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--engine-url", default=None,
                         help="the engine's base URL (env VLMPOOL_ENGINE_URL; default http://127.0.0.1:8000)")
-    parser.add_argument("--host", default="0.0.0.0", help="address for both listeners (default 0.0.0.0)")
+    parser.add_argument("--host", default=os.environ.get("VLMPOOL_BIND_HOST", "0.0.0.0"),
+                        help="address for both listeners (default $VLMPOOL_BIND_HOST, else 0.0.0.0)")
     parser.add_argument("--port", type=int, default=8080, help="OpenAI-compatible API port (default 8080)")
     parser.add_argument("--admin-port", type=int, default=8081, help="admin API port, operator only (default 8081)")
     parser.add_argument("--base-model", default=None,

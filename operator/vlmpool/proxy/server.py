@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp import web
 from pydantic import ValidationError
-from yarl import URL
 
 from .defaults import (
     DEFAULT_CONCURRENCY,
@@ -33,6 +32,7 @@ from .engine import EngineClient, EngineHTTPError, EngineUnavailable, is_unknown
 from .limiter import LimiterRejected, ResizableLimiter
 from .logs import REQUEST_ID, get_logger, new_request_id
 from .metrics import ProxyMetrics
+from .upstream import Upstream, UpstreamError, UpstreamResponse, UpstreamTimeout
 from .state import AdapterRegistry, DesiredState, LoadedVersion, Unavailable
 
 log = get_logger()
@@ -154,7 +154,7 @@ class Proxy:
         self._created = int(time.time())
         self.shutting_down = False
         self._url = config.engine_url.rstrip("/")
-        self._route_urls = {r: URL(self._url + r) for r in GENERATION_ROUTES}  # parsed once
+        self.upstream = Upstream(config.engine_url, keepalive_s=4.0)
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -162,6 +162,7 @@ class Proxy:
 
     async def close(self) -> None:
         self.registry.cancel_background()
+        await self.upstream.close()
         await self.engine.close()
 
     def _resize(self, n: int) -> None:
@@ -368,11 +369,9 @@ class Proxy:
 
     async def _forward(self, request, route, payload, raw, rewrite, model) -> web.StreamResponse:
         stream = payload.get("stream") is True
-        session = self.engine.session
         ctx = request[CTX]
-        headers = {"Content-Type": "application/json", "X-Request-Id": ctx.request_id}
-        timeout = self.engine.timeout_stream if stream else self.engine.timeout_total
-        url = self._route_urls[route]
+        up = self.upstream
+        t_limit = self.config.request_timeout
         t0 = time.perf_counter()
         healed = False
         while True:
@@ -384,22 +383,26 @@ class Proxy:
             else:
                 payload["model"] = internal
                 data = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + t_limit  # non-streaming: the whole call; streams: each silence
             try:
-                resp = await session.post(url, data=data, headers=headers, timeout=timeout)
-            except asyncio.TimeoutError:
-                return unavailable_response(EngineUnavailable(
-                    f"engine timed out after {self.config.request_timeout:g}s", code="engine_timeout"))
-            except aiohttp.ClientError as e:
-                return unavailable_response(EngineUnavailable(f"could not reach the engine: {e}", code="engine_unreachable"))
+                resp = await up.post(route, data, ctx.request_id, stream=stream, timeout=t_limit)
+            except UpstreamError as e:
+                return unavailable_response(EngineUnavailable(_upstream_message(e, t_limit), code=e.code))
             try:
                 if resp.status >= 400:
                     try:
-                        body = await resp.text(errors="replace")
-                    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-                        return unavailable_response(EngineUnavailable(f"engine connection broke: {e}", code="engine_unreachable"))
-                    if (not healed and version is not None and is_unknown_model_404(resp.status, body, internal)):
+                        async with asyncio.timeout_at(deadline if not stream else loop.time() + t_limit):
+                            body = (await resp.read()).decode("utf-8", errors="replace")
+                    except TimeoutError:
+                        up.abort(resp)
+                        return unavailable_response(EngineUnavailable(_upstream_message(UpstreamTimeout(""), t_limit), code="engine_timeout"))
+                    except UpstreamError as e:
+                        up.abort(resp)
+                        return unavailable_response(EngineUnavailable(_upstream_message(e, t_limit), code=e.code))
+                    if not healed and version is not None and is_unknown_model_404(resp.status, body, internal):
                         healed = True
-                        resp.release()
+                        up.release(resp)
                         new = await self.registry.heal(model, version)
                         if new is None:
                             return error_response(
@@ -416,44 +419,50 @@ class Proxy:
                 if stream:
                     return await self._stream(request, resp, internal)
                 try:
-                    body_bytes = await resp.read()
-                except asyncio.TimeoutError:
-                    return unavailable_response(EngineUnavailable(
-                        f"engine timed out after {self.config.request_timeout:g}s", code="engine_timeout"))
-                except aiohttp.ClientError as e:
-                    return unavailable_response(EngineUnavailable(f"engine connection broke: {e}", code="engine_unreachable"))
-                return web.Response(
-                    body=body_bytes, status=resp.status,
-                    headers={"Content-Type": resp.headers.get("Content-Type", "application/json"), "X-Vlmpool-Served-By": internal},
-                )
+                    async with asyncio.timeout_at(deadline):
+                        body_bytes = await resp.read()
+                except TimeoutError:
+                    up.abort(resp)
+                    return unavailable_response(EngineUnavailable(_upstream_message(UpstreamTimeout(""), t_limit), code="engine_timeout"))
+                except UpstreamError as e:
+                    up.abort(resp)
+                    return unavailable_response(EngineUnavailable(_upstream_message(e, t_limit), code=e.code))
+                headers = {"Content-Type": resp.headers.get("content-type", "application/json"), "X-Vlmpool-Served-By": internal}
+                if "content-encoding" in resp.headers:
+                    headers["Content-Encoding"] = resp.headers["content-encoding"]
+                return web.Response(body=body_bytes, status=resp.status, headers=headers)
+            except BaseException:
+                up.abort(resp)  # cancelled or failed half-way: never reuse this connection
+                raise
             finally:
-                resp.release()
+                up.release(resp)  # no-op when aborted
 
-    async def _stream(self, request: web.Request, resp: aiohttp.ClientResponse, internal: str) -> web.StreamResponse:
-        out = web.StreamResponse(
-            status=resp.status,
-            headers={
-                "Content-Type": resp.headers.get("Content-Type", "text/event-stream"),
-                "Cache-Control": "no-cache",
-                "X-Vlmpool-Served-By": internal,
-            },
-        )
+    async def _stream(self, request: web.Request, resp: UpstreamResponse, internal: str) -> web.StreamResponse:
+        up = self.upstream
+        headers = {
+            "Content-Type": resp.headers.get("content-type", "text/event-stream"),
+            "Cache-Control": "no-cache",
+            "X-Vlmpool-Served-By": internal,
+        }
+        if "content-encoding" in resp.headers:
+            headers["Content-Encoding"] = resp.headers["content-encoding"]
+        out = web.StreamResponse(status=resp.status, headers=headers)
         await out.prepare(request)
         try:
-            async for chunk in resp.content.iter_any():
+            async for chunk in resp.iter_chunks(self.config.request_timeout):
                 await out.write(chunk)
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             # the client went away: drop the engine connection so the engine aborts the generation
-            resp.close()
+            up.abort(resp)
             request[CTX].status_override = 499
             log.info("client disconnected during a stream")
             return out
-        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-            resp.close()
+        except UpstreamError as e:
+            up.abort(resp)
             request[CTX].status_override = 503
             log.error("engine stream broke", extra={"error": str(e)})
             err = {"error": {"message": f"engine stream broke: {e}"[:UPSTREAM_MESSAGE_CHARS], "type": "engine_error",
-                             "param": None, "code": "engine_unreachable"}}
+                             "param": None, "code": e.code}}
             try:
                 await out.write(b"data: " + json.dumps(err).encode() + b"\n\n")
             except (ConnectionResetError, aiohttp.ClientConnectionResetError):
@@ -494,6 +503,12 @@ class Proxy:
         if not applied:
             return web.json_response(snap, status=409)
         return web.json_response(snap)
+
+
+def _upstream_message(e: UpstreamError, timeout: float) -> str:
+    if isinstance(e, UpstreamTimeout):
+        return f"engine timed out after {timeout:g}s"
+    return str(e)
 
 
 def _http_code(status: int) -> str:

@@ -1,0 +1,396 @@
+"""A lean HTTP/1.1 client for the generation hot path (proxy -> engine).
+
+Why not aiohttp's client here: per request it costs ~200 us of CPU (measured against the simulator at
+concurrency 64), about 40 % of everything the proxy spends on a request; this client costs ~50 us. It
+does only what the hot path needs: POST a JSON body to a fixed engine, keep-alive connection pool
+(unbounded: the limiter is the cap), responses framed by Content-Length, chunked encoding or
+connection close, whole-body reads under a deadline and streamed reads under an idle timeout with
+back-pressure. Admin calls (load/unload, models, health) keep using aiohttp (engine.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl as ssl_mod
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
+
+MAX_HEAD_BYTES = 64 * 1024
+PAUSE_ABOVE = 1024 * 1024  # streamed bytes buffered before reading from the engine pauses
+
+
+class UpstreamError(Exception):
+    """The engine could not be reached or broke the connection / the protocol."""
+
+    code = "engine_unreachable"
+
+
+class UpstreamTimeout(UpstreamError):
+    code = "engine_timeout"
+
+
+class _Conn(asyncio.Protocol):
+    """One connection; parses one response at a time."""
+
+    __slots__ = (
+        "transport", "closed", "idle_since", "_buf", "_head_fut", "_response", "_state", "_remaining",
+        "_chunks", "_pending", "_waiter", "_done", "_error", "_paused", "_stream",
+    )
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.idle_since = 0.0
+        self._reset()
+
+    def _reset(self) -> None:
+        self._buf = bytearray()
+        self._head_fut: asyncio.Future | None = None
+        self._response: UpstreamResponse | None = None
+        self._state = "idle"  # idle | head | length | chunk_size | chunk_data | chunk_crlf | trailers | close | done
+        self._remaining = 0
+        self._chunks: deque[bytes] = deque()
+        self._pending = 0
+        self._waiter: asyncio.Future | None = None
+        self._done = False
+        self._error: Exception | None = None
+        self._paused = False
+        self._stream = False
+
+    # -- asyncio.Protocol ----------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except (OSError, AttributeError):
+                pass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self._state == "close":  # body delimited by the end of the connection
+            self._finish()
+            return
+        if self._state not in ("idle", "done"):
+            self._fail(UpstreamError(f"engine closed the connection{': ' + str(exc) if exc else ''}"))
+
+    def data_received(self, data: bytes) -> None:
+        if self._state in ("idle", "done"):
+            # bytes nobody asked for: the connection is no longer in a known state
+            self.closed = True
+            if self.transport is not None:
+                self.transport.close()
+            return
+        self._buf += data
+        try:
+            self._parse()
+        except UpstreamError as e:
+            self._fail(e)
+            if self.transport is not None:
+                self.transport.close()
+
+    # -- parsing -------------------------------------------------------------------------------
+    def _parse(self) -> None:
+        buf = self._buf
+        while True:
+            st = self._state
+            if st == "head":
+                end = buf.find(b"\r\n\r\n")
+                if end < 0:
+                    if len(buf) > MAX_HEAD_BYTES:
+                        raise UpstreamError("engine response head too large")
+                    return
+                head = bytes(buf[:end])
+                del buf[: end + 4]
+                if not self._on_head(head):
+                    continue  # an interim 1xx: the real head follows
+            elif st == "length":
+                if not buf:
+                    return
+                take = min(self._remaining, len(buf))
+                self._push(bytes(buf[:take]))
+                del buf[:take]
+                self._remaining -= take
+                if self._remaining == 0:
+                    self._finish()
+                    return
+            elif st == "chunk_size":
+                end = buf.find(b"\r\n")
+                if end < 0:
+                    if len(buf) > 1024:
+                        raise UpstreamError("invalid chunk size line from the engine")
+                    return
+                line = bytes(buf[:end]).split(b";", 1)[0].strip()
+                del buf[: end + 2]
+                try:
+                    size = int(line, 16)
+                except ValueError:
+                    raise UpstreamError("invalid chunk size from the engine") from None
+                if size == 0:
+                    self._state = "trailers"
+                else:
+                    self._remaining = size
+                    self._state = "chunk_data"
+            elif st == "chunk_data":
+                if not buf:
+                    return
+                take = min(self._remaining, len(buf))
+                self._push(bytes(buf[:take]))
+                del buf[:take]
+                self._remaining -= take
+                if self._remaining == 0:
+                    self._state = "chunk_crlf"
+            elif st == "chunk_crlf":
+                if len(buf) < 2:
+                    return
+                if buf[:2] != b"\r\n":
+                    raise UpstreamError("invalid chunk framing from the engine")
+                del buf[:2]
+                self._state = "chunk_size"
+            elif st == "trailers":
+                end = buf.find(b"\r\n")
+                if end < 0:
+                    return
+                del buf[: end + 2]
+                if end == 0:  # the empty line that ends the trailers
+                    self._finish()
+                    return
+            elif st == "close":
+                if buf:
+                    self._push(bytes(buf))
+                    buf.clear()
+                return
+            else:
+                return
+
+    def _on_head(self, head: bytes) -> bool:
+        lines = head.split(b"\r\n")
+        parts = lines[0].split(b" ", 2)
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1."):
+            raise UpstreamError(f"invalid status line from the engine: {lines[0][:80]!r}")
+        try:
+            status = int(parts[1])
+        except ValueError:
+            raise UpstreamError(f"invalid status line from the engine: {lines[0][:80]!r}") from None
+        if 100 <= status < 200:
+            return False
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(b":")
+            if not sep:
+                raise UpstreamError("invalid header line from the engine")
+            key = name.strip().lower().decode("latin-1")
+            val = value.strip().decode("latin-1")
+            headers[key] = f"{headers[key]}, {val}" if key in headers else val
+        keep_alive = parts[0] == b"HTTP/1.1"
+        conn_hdr = headers.get("connection", "").lower()
+        if "close" in conn_hdr:
+            keep_alive = False
+        elif "keep-alive" in conn_hdr:
+            keep_alive = True
+        te = headers.get("transfer-encoding", "").lower()
+        if te:
+            if te.rsplit(",", 1)[-1].strip() != "chunked":
+                raise UpstreamError(f"unsupported transfer-encoding from the engine: {te}")
+            self._state = "chunk_size"
+        elif "content-length" in headers:
+            try:
+                self._remaining = int(headers["content-length"])
+            except ValueError:
+                raise UpstreamError("invalid content-length from the engine") from None
+            self._state = "length"
+        elif status in (204, 304):
+            self._remaining = 0
+            self._state = "length"
+        else:
+            self._state = "close"
+            keep_alive = False
+        resp = UpstreamResponse(self, status, headers, keep_alive)
+        self._response = resp
+        if self._head_fut is not None and not self._head_fut.done():
+            self._head_fut.set_result(resp)
+        if self._state == "length" and self._remaining == 0:
+            self._finish()
+        return True
+
+    def _push(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._pending += len(data)
+        if self._stream and self._pending > PAUSE_ABOVE and not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def _finish(self) -> None:
+        self._state = "done"
+        self._done = True
+        self._wake()
+
+    def _fail(self, e: Exception) -> None:
+        self._error = e
+        self._state = "done"
+        self._done = True
+        self.closed = True
+        if self._head_fut is not None and not self._head_fut.done():
+            self._head_fut.set_exception(e)
+        self._wake()
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            self._waiter = None
+            w.set_result(None)
+
+    # -- consumer side -------------------------------------------------------------------------
+    async def _wait(self) -> None:
+        self._waiter = asyncio.get_running_loop().create_future()
+        await self._waiter
+
+    def _take(self) -> bytes:
+        data = b"".join(self._chunks) if len(self._chunks) != 1 else self._chunks[0]
+        self._chunks.clear()
+        self._pending = 0
+        if self._paused and self.transport is not None and not self.closed:
+            self._paused = False
+            self.transport.resume_reading()
+        return data
+
+
+class UpstreamResponse:
+    __slots__ = ("_conn", "status", "headers", "keep_alive", "_released")
+
+    def __init__(self, conn: _Conn, status: int, headers: dict[str, str], keep_alive: bool) -> None:
+        self._conn = conn
+        self.status = status
+        self.headers = headers
+        self.keep_alive = keep_alive
+        self._released = False
+
+    async def read(self) -> bytes:
+        """The whole body (the caller bounds it with a deadline)."""
+        c = self._conn
+        while not c._done:
+            await c._wait()
+        if c._error is not None:
+            raise c._error
+        return c._take()
+
+    async def iter_chunks(self, idle_timeout: float) -> AsyncIterator[bytes]:
+        """Body pieces as they arrive; UpstreamTimeout when the engine stays silent `idle_timeout` s."""
+        c = self._conn
+        while True:
+            if c._chunks:
+                yield c._take()
+                continue
+            if c._done:
+                if c._error is not None:
+                    raise c._error
+                return
+            try:
+                async with asyncio.timeout(idle_timeout):
+                    await c._wait()
+            except TimeoutError:
+                raise UpstreamTimeout(f"engine sent nothing for {idle_timeout:g}s") from None
+
+    def text(self, data: bytes) -> str:
+        return data.decode("utf-8", errors="replace")
+
+
+class Upstream:
+    def __init__(self, base_url: str, *, connect_timeout: float = 10.0, keepalive_s: float = 4.0) -> None:
+        u = urlsplit(base_url)
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise ValueError(f"engine URL must be http(s)://host[:port] (got {base_url!r})")
+        self.host = u.hostname
+        self.port = u.port or (443 if u.scheme == "https" else 80)
+        self.prefix = u.path.rstrip("/")
+        self.ssl = ssl_mod.create_default_context() if u.scheme == "https" else None
+        host_hdr = self.host if u.port is None else f"{self.host}:{u.port}"
+        if ":" in self.host and not self.host.startswith("["):
+            host_hdr = f"[{self.host}]" + (f":{u.port}" if u.port else "")
+        self._host_line = f"Host: {host_hdr}\r\n".encode("latin-1")
+        self.connect_timeout = connect_timeout
+        self.keepalive_s = keepalive_s
+        self._idle: deque[_Conn] = deque()
+        self._all: set[_Conn] = set()
+
+    async def _acquire(self) -> _Conn:
+        now = time.monotonic()
+        while self._idle:
+            conn = self._idle.pop()  # most recently used first
+            if conn.closed or now - conn.idle_since > self.keepalive_s:
+                self._discard(conn)
+                continue
+            return conn
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                _, conn = await loop.create_connection(
+                    _Conn, self.host, self.port, ssl=self.ssl, server_hostname=self.host if self.ssl else None)
+        except TimeoutError:
+            raise UpstreamTimeout(f"connecting to the engine at {self.host}:{self.port} timed out") from None
+        except OSError as e:
+            raise UpstreamError(f"could not connect to the engine at {self.host}:{self.port}: {e}") from None
+        self._all.add(conn)
+        return conn
+
+    def _discard(self, conn: _Conn) -> None:
+        conn.closed = True
+        self._all.discard(conn)
+        if conn.transport is not None:
+            conn.transport.close()
+
+    def release(self, resp: UpstreamResponse) -> None:
+        """Give the connection back (kept alive when the response was read to its end), or close it."""
+        if resp._released:
+            return
+        resp._released = True
+        conn = resp._conn
+        if conn.closed or not resp.keep_alive or not conn._done or conn._error is not None or conn._buf or conn._chunks:
+            self._discard(conn)
+            return
+        conn._reset()
+        conn.idle_since = time.monotonic()
+        self._idle.append(conn)
+
+    def abort(self, resp: UpstreamResponse) -> None:
+        """Close the connection now (client went away, or a read failed): the engine sees a disconnect."""
+        resp._released = True
+        self._discard(resp._conn)
+
+    async def post(self, path: str, body: bytes, request_id: str, *, stream: bool, timeout: float) -> UpstreamResponse:
+        """Send the request and wait for the response head (within `timeout`)."""
+        head = (
+            b"POST " + (self.prefix + path).encode("latin-1") + b" HTTP/1.1\r\n" + self._host_line
+            + b"Content-Type: application/json\r\nAccept: */*\r\nUser-Agent: vlmpool-proxy\r\n"
+            + b"X-Request-Id: " + request_id.encode("latin-1") + b"\r\n"
+            + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n"
+        )
+        conn = await self._acquire()
+        loop = asyncio.get_running_loop()
+        conn._state = "head"
+        conn._stream = stream
+        fut = conn._head_fut = loop.create_future()
+        assert conn.transport is not None
+        conn.transport.write(head + body)
+        try:
+            async with asyncio.timeout(timeout):
+                return await fut
+        except TimeoutError:
+            self._discard(conn)
+            raise UpstreamTimeout(f"engine did not answer within {timeout:g}s") from None
+        except UpstreamError:
+            self._discard(conn)
+            raise
+        except BaseException:
+            self._discard(conn)
+            raise
+
+    async def close(self) -> None:
+        for conn in list(self._all):
+            self._discard(conn)
+        self._idle.clear()
