@@ -110,6 +110,7 @@ async def closed_loop(url: str, model: str, concurrency: int, duration: float, w
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     return {
+        "latencies": latencies,
         "requests": len(latencies),
         "errors": errors,
         "rps": len(latencies) / duration,
@@ -134,6 +135,8 @@ def main() -> int:
                          "overhead, not its admission control)")
     ap.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
                     help="keep the proxy's per-request JSON access log on (its production default)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="direct/proxy run pairs per level, alternated; figures pool all runs")
     ap.add_argument("--isolate-proxy", action="store_true",
                     help="pin the proxy to the last CPU and the simulator + load generator to the others "
                          "(as in a pod, where the proxy container has CPU of its own); needs >= 2 CPUs")
@@ -180,14 +183,15 @@ def main() -> int:
         direct_url = f"http://127.0.0.1:{sim_port}/v1/chat/completions"
         proxy_url = f"http://127.0.0.1:{proxy_port}/v1/chat/completions"
         cores = os.cpu_count()
-        print(f"# proxy bench: sim ttft={args.ttft_ms:g}ms tpot={args.tpot_ms:g}ms max_tokens={args.output_tokens} "
-              f"duration={args.duration:g}s/run, {cores} CPU cores shared by load generator + sim + proxy, "
+        print(f"# proxy bench: sim ttft={args.ttft_ms:g}ms tpot={args.tpot_ms:g}ms output_tokens={args.output_tokens} "
+              f"duration={args.duration:g}s/run x{args.repeat}, load average {os.getloadavg()[0]:.2f}, {cores} CPU cores shared by load generator + sim + proxy, "
               f"python {platform.python_version()}, uvloop={'yes' if uvloop else 'no'}, "
               f"proxy access log {'on' if args.access_log else 'off'}, "
               + (f"proxy pinned to CPU {sorted(proxy_cpus)}, sim + load generator to {sorted(other_cpus)}"
                  if args.isolate_proxy else "no CPU pinning"))
         print(f"{'conc':>5} {'direct rps':>11} {'proxy rps':>10} {'ratio':>6} {'p50 direct':>11} {'p50 proxy':>10} "
-              f"{'+p50 ms':>8} {'p99 direct':>11} {'p99 proxy':>10} {'+p99 ms':>8} {'errors':>6}")
+              f"{'+p50 ms':>8} {'p99 direct':>11} {'p99 proxy':>10} {'+p99 ms':>8} {'errors':>6} "
+              f"{'proxy cpu us/req':>16} {'sim cpu us/req':>14}")
 
         def run(coro):
             if uvloop is not None:
@@ -201,16 +205,32 @@ def main() -> int:
             s0, p0 = cpu_seconds(sim_pid), cpu_seconds(proxy_pid)
             out = run(closed_loop(url, model, c, args.duration, args.warmup, args.output_tokens))
             s1, p1 = cpu_seconds(sim_pid), cpu_seconds(proxy_pid)
-            # whole run (warm-up included) divided by the requests of the whole run, estimated from rps
-            total = out["rps"] * (args.duration + args.warmup)
-            out["sim_cpu_us_per_req"] = (s1 - s0) / total * 1e6 if total else float("nan")
-            out["proxy_cpu_us_per_req"] = (p1 - p0) / total * 1e6 if total else float("nan")
+            # CPU of the whole run (warm-up included) over the requests of the whole run (from the rate)
+            out["all_requests"] = out["rps"] * (args.duration + args.warmup)
+            out["sim_cpu_s"], out["proxy_cpu_s"] = s1 - s0, p1 - p0
             return out
 
+        def merge(runs: list[dict]) -> dict:
+            lat = [x for r in runs for x in r["latencies"]]
+            total = sum(r["all_requests"] for r in runs)
+            return {
+                "requests": len(lat),
+                "errors": sum(r["errors"] for r in runs),
+                "rps": len(lat) / (args.duration * len(runs)),
+                "p50_ms": percentile(lat, 0.50) * 1000,
+                "p99_ms": percentile(lat, 0.99) * 1000,
+                "sim_cpu_us_per_req": sum(r["sim_cpu_s"] for r in runs) / total * 1e6 if total else float("nan"),
+                "proxy_cpu_us_per_req": sum(r["proxy_cpu_s"] for r in runs) / total * 1e6 if total else float("nan"),
+            }
+
         results = []
+        load_before = os.getloadavg()
         for c in levels:
-            d = measured(direct_url, c)
-            p = measured(proxy_url, c)
+            d_runs, p_runs = [], []
+            for _ in range(args.repeat):  # alternate, so drifting background load hits both alike
+                d_runs.append(measured(direct_url, c))
+                p_runs.append(measured(proxy_url, c))
+            d, p = merge(d_runs), merge(p_runs)
             row = {
                 "concurrency": c,
                 "direct": d,
@@ -230,6 +250,8 @@ def main() -> int:
             "cpu_cores": cores,
             "sim": {"ttft_ms": args.ttft_ms, "tpot_ms": args.tpot_ms, "output_tokens": args.output_tokens},
             "duration_s": args.duration,
+            "repeat": args.repeat,
+            "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
             "access_log": args.access_log,
             "isolate_proxy": args.isolate_proxy,
             "levels": [{
