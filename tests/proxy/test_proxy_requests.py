@@ -309,3 +309,14 @@ def test_config_refuses_to_start_without_admin_token():
         ProxyConfig(admin_token=None).validate()
     with pytest.raises(ValueError, match="concurrency"):
         ProxyConfig(admin_token="x", concurrency=0).validate()
+
+
+async def test_base_model_discovered_from_engine_when_not_configured(sim):
+    async with run_proxy(proxy_config(sim.url, base_model=None)) as p:
+        c = openai.AsyncOpenAI(base_url=p.url + "/v1", api_key="unused", max_retries=0)
+        assert [m.id for m in (await c.models.list()).data] == [BASE]
+        r = await c.completions.create(model=BASE, prompt="hello", max_tokens=4)
+        assert r.choices[0].text.startswith(f"sim:{BASE}")
+        with pytest.raises(openai.NotFoundError):
+            await c.completions.create(model="other", prompt="hello")
+        assert [x["json"]["model"] for x in sim.received("/v1/completions")] == [BASE]
