@@ -7,7 +7,7 @@ PIP := $(VENV)/bin/pip
 EXTRAS ?= test,hf,s3
 PYTEST_ARGS ?=
 
-.PHONY: help install k8s-bins crds crds-check test test-unit test-apiserver lint bench clean
+.PHONY: help install k8s-bins crds crds-check test test-unit test-apiserver bench clean
 
 help:
 	@echo "make install     create $(VENV) and install vlmpool with the [$(EXTRAS)] extras"
@@ -43,3 +43,7 @@ test-apiserver: install k8s-bins
 
 clean:
 	rm -rf $(VENV) .pytest_cache build dist operator/*.egg-info
+
+.PHONY: dev
+dev: install k8s-bins  ## the whole system on this machine: control plane, process kubelet, operator, a quickstart pool
+	VLMPOOL_K8S_BIN="$$(bash hack/k8s-bins.sh | tail -n1)" $(VENV)/bin/vlmpool dev $(DEV_ARGS)

@@ -700,7 +700,6 @@ class PodWorker:
             "startTime": self.start_time,
             "conditions": conditions,
             "containerStatuses": [r.status() for r in self.containers],
-            "qosClass": "BestEffort",
         }
         if self.inits:
             st["initContainerStatuses"] = [r.status() for r in self.inits]
