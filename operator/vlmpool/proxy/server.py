@@ -326,14 +326,9 @@ class Proxy:
             del payload["response_format"]  # some OpenAI-compatible servers reject an explicit null
             rewrite = True
 
-        version = None
-        if self.registry.is_desired(model):
+        adapter = self.registry.is_desired(model)
+        if adapter:
             ctx.model_label = model
-            try:
-                version = self.registry.acquire(model)
-            except Unavailable as e:
-                return error_response(503, str(e)[:UPSTREAM_MESSAGE_CHARS], type_="engine_error",
-                                      code="adapter_unavailable", param="model", headers={"Retry-After": "5"})
         else:
             try:
                 base = await self.base_model()
@@ -342,17 +337,9 @@ class Proxy:
             except EngineHTTPError as e:
                 return map_engine_error(e.status, e.body)
             if model != base:
-                return error_response(404, f"The model `{model}` does not exist.", type_="invalid_request_error",
-                                      code="model_not_found", param="model")
+                return _model_not_found(model)
             ctx.model_label = model
-        try:
-            return await self._admitted(request, route, payload, raw, rewrite, model, version)
-        finally:
-            if ctx.version is not None:
-                self.registry.release(ctx.version)
 
-    async def _admitted(self, request, route, payload, raw, rewrite, model, version) -> web.StreamResponse:
-        request[CTX].version = version
         t_wait = time.perf_counter()
         try:
             await self.limiter.acquire(self.config.queue_timeout)
@@ -363,9 +350,22 @@ class Proxy:
                                   headers={"Retry-After": retry_after})
         self.metrics.queue_wait.observe(time.perf_counter() - t_wait)
         try:
+            if adapter:
+                # route only now, when the request goes to the engine: a request that waited in the
+                # queue through a swap gets the new version, and never delays the old one's unload
+                if not self.registry.is_desired(model):
+                    return _model_not_found(model)  # removed while it waited
+                try:
+                    ctx.version = self.registry.acquire(model)
+                except Unavailable as e:
+                    return error_response(503, str(e)[:UPSTREAM_MESSAGE_CHARS], type_="engine_error",
+                                          code="adapter_unavailable", param="model", headers={"Retry-After": "5"})
             return await self._forward(request, route, payload, raw, rewrite, model)
         finally:
             self.limiter.release()
+            if ctx.version is not None:
+                self.registry.release(ctx.version)
+                ctx.version = None
 
     async def _forward(self, request, route, payload, raw, rewrite, model) -> web.StreamResponse:
         stream = payload.get("stream") is True
@@ -503,6 +503,11 @@ class Proxy:
         if not applied:
             return web.json_response(snap, status=409)
         return web.json_response(snap)
+
+
+def _model_not_found(model: str) -> web.Response:
+    return error_response(404, f"The model `{model}` does not exist.", type_="invalid_request_error",
+                          code="model_not_found", param="model")
 
 
 def _upstream_message(e: UpstreamError, timeout: float) -> str:
