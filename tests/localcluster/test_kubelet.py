@@ -6,21 +6,9 @@ from __future__ import annotations
 
 import json
 import os
-import time
 import urllib.request
 
-import pytest
-
-
-def wait_for(fn, timeout=60.0, interval=0.3, what="condition"):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
+from vlmpool.testing.waiting import wait_for
 
 
 def get_json(kubectl, *args):

@@ -49,7 +49,6 @@ def quickstart_manifests(adapter_uri: str, replicas: int) -> list[dict]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import asyncio
     import json
     import logging
     import signal

@@ -26,6 +26,7 @@ def tiny_model(family: str, seed: int = 0):
     import torch
     import transformers as tf
 
+    tf.logging.set_verbosity_error()
     torch.manual_seed(seed)
     tokens = dict(bos_token_id=None, eos_token_id=None, image_token_id=250, video_token_id=251,
                   vision_start_token_id=252, vision_end_token_id=253)

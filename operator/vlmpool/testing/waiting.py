@@ -1,0 +1,22 @@
+"""Polling helpers for tests that wait on a cluster or a server."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+
+def wait_for(fn: Callable[[], Any], timeout: float = 90.0, interval: float = 0.3, what: str = "condition") -> Any:
+    """Call fn() until it returns a truthy value (returned) or the timeout passes (AssertionError
+    with the last value or exception). Exceptions count as "not yet"."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = fn()
+        except Exception as e:  # noqa: BLE001 - keep trying until the deadline
+            last = e
+        if last and not isinstance(last, Exception):
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")

@@ -1,0 +1,212 @@
+"""End to end on a running cluster: pools and adapters applied with kubectl, served by real proxy
+and simulator processes, reconciled by the operator running under its own RBAC rules."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from vlmpool.testing.waiting import wait_for
+
+NS = "e2e"
+POOL = "pool"
+PROXY_PORT, ENGINE_PORT = 8080, 8000
+
+
+def apply(e2e, obj):
+    e2e.kubectl("apply", "-n", NS, "-f", "-", input=json.dumps(obj))
+
+
+def get(e2e, kind, name):
+    res = e2e.kubectl("get", kind, name, "-n", NS, "-o", "json", check=False)
+    return json.loads(res.stdout) if res.returncode == 0 else None
+
+
+def adapter_manifest(name, uri, **spec):
+    return {"apiVersion": "vlmpool.io/v1alpha1", "kind": "VLMAdapter", "metadata": {"name": name},
+            "spec": {"poolRef": {"name": POOL}, "source": {"uri": uri}, **spec}}
+
+
+def pool_pods(e2e):
+    out = json.loads(e2e.kubectl("get", "pods", "-n", NS, "-l", f"vlmpool.io/pool={POOL},app.kubernetes.io/component=server",
+                                 "-o", "json").stdout)["items"]
+    return [p for p in out if not p["metadata"].get("deletionTimestamp") and p.get("status", {}).get("podIP")]
+
+
+def http(url, body=None, timeout=30):
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read() or b"null")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"null")
+
+
+def chat(e2e, pod, model, text="Describe the image."):
+    return http(e2e.pod_url(pod, PROXY_PORT) + "/v1/chat/completions",
+                {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": 8})
+
+
+def engine_models(e2e, pod):
+    status, body = http(e2e.pod_url(pod, ENGINE_PORT) + "/v1/models")
+    assert status == 200, body
+    return {m["id"] for m in body["data"]}
+
+
+def ready(e2e, name, version=None):
+    def check():
+        st = (get(e2e, "vlma", name) or {}).get("status") or {}
+        if st.get("phase") == "Failed":
+            raise AssertionError(f"adapter {name} failed: {st.get('reason')}: {st.get('message')}")
+        ok = st.get("phase") == "Ready" and st.get("loadedPods") == 2 and st.get("desiredPods") == 2
+        return st if ok and (version is None or st.get("version") != version) else None
+    return wait_for(check, 180, what=f"adapter {name} Ready on 2/2 pods")
+
+
+def jobs_of(e2e, adapter):
+    out = json.loads(e2e.kubectl("get", "jobs", "-n", NS, "-l", f"vlmpool.io/adapter={adapter}",
+                                 "-o", "json").stdout)["items"]
+    return sorted(j["metadata"]["name"] for j in out)
+
+
+@pytest.fixture(scope="module")
+def pool(e2e):
+    e2e.kubectl("create", "namespace", NS, check=False)
+    apply(e2e, {"apiVersion": "vlmpool.io/v1alpha1", "kind": "VLMPool", "metadata": {"name": POOL},
+                "spec": {"model": {"name": "Qwen/Qwen2.5-VL-3B-Instruct", "servedName": "qwen2.5-vl-3b",
+                                   "family": "qwen2_5_vl"},
+                         "replicas": 2, "engine": {"gpus": 1, "maxLoras": 4, "maxCpuLoras": 8},
+                         "proxy": {"concurrency": 8}}})
+    wait_for(lambda: len([p for p in pool_pods(e2e) if any(
+        c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))]) == 2,
+        180, what="2 ready pool pods")
+    return get(e2e, "vlmp", POOL)
+
+
+def test_adapter_becomes_ready_on_every_pod_and_answers(e2e, pool, adapters):
+    apply(e2e, adapter_manifest("reader", f"file://{adapters['v1']}", servedName="acme/reader"))
+    st = ready(e2e, "reader")
+    assert st["loaded"] == "2/2" and st["servedName"] == "acme/reader"
+    assert st["report"]["baseCheck"] == "match"
+    out = e2e.kubectl("get", "vlma", "reader", "-n", NS).stdout.split("\n")
+    assert out[0].split() == ["NAME", "POOL", "PHASE", "VERSION", "LOADED", "AGE"]
+    assert out[1].split()[1:5] == [POOL, "Ready", st["version"], "2/2"]
+    for pod in pool_pods(e2e):
+        status, body = chat(e2e, pod, "acme/reader")
+        assert status == 200, body
+        text = body["choices"][0]["message"]["content"]
+        assert text.startswith(f"sim:acme/reader@{st['version']}"), text
+        assert f"path={st['path']}" in text
+        assert f"acme/reader@{st['version']}" in engine_models(e2e, pod)
+    pool_status = get(e2e, "vlmp", POOL)["status"]
+    assert pool_status["ready"] == "2/2" and pool_status["concurrency"] == 8
+
+
+def test_engine_restart_is_healed_without_a_manual_step(e2e, pool, adapters):
+    st = ready(e2e, "reader")
+    internal = f"acme/reader@{st['version']}"
+    pod = pool_pods(e2e)[0]
+    restarts = next(c["restartCount"] for c in pod["status"]["containerStatuses"] if c["name"] == "engine")
+    e2e.kill_container(pod, "engine")
+
+    def reloaded():
+        p = get(e2e, "pod", pod["metadata"]["name"])
+        cs = next(c for c in p["status"]["containerStatuses"] if c["name"] == "engine")
+        return cs["restartCount"] > restarts and internal in engine_models(e2e, p)
+    # No request is sent meanwhile: the operator's push (pod restart seen) reloads it, not self-heal.
+    t0 = time.monotonic()
+    wait_for(reloaded, 60, what="adapter loaded again in the restarted engine")
+    assert time.monotonic() - t0 < 60
+    status, body = chat(e2e, pod, "acme/reader")
+    assert status == 200 and body["choices"][0]["message"]["content"].startswith(f"sim:{internal}")
+
+
+def test_source_change_swaps_version_with_zero_failed_requests(e2e, pool, adapters):
+    old = ready(e2e, "reader")
+    results: list[tuple[int, str]] = []
+    stop = threading.Event()
+    pods = pool_pods(e2e)
+
+    def load(pod):
+        while not stop.is_set():
+            status, body = chat(e2e, pod, "acme/reader")
+            text = body["choices"][0]["message"]["content"] if status == 200 else json.dumps(body)
+            results.append((status, text))
+    threads = [threading.Thread(target=load, args=(p,)) for p in pods for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1)
+        e2e.kubectl("patch", "vlma", "reader", "-n", NS, "--type=merge", "-p",
+                    json.dumps({"spec": {"source": {"uri": f"file://{adapters['v2']}"}}}))
+        new = ready(e2e, "reader", version=old["version"])
+        time.sleep(2)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert new["version"] != old["version"]
+    failures = [r for r in results if r[0] != 200]
+    assert not failures, failures[:5]
+    versions = {text.split()[0] for _, text in results}
+    assert versions <= {f"sim:acme/reader@{old['version']}", f"sim:acme/reader@{new['version']}"}, versions
+    assert f"sim:acme/reader@{new['version']}" in versions
+    assert len(results) > 20
+    assert len(jobs_of(e2e, "reader")) == 2  # one Job per version
+
+
+def test_operator_restart_creates_no_duplicate_jobs_and_converges(e2e, pool, adapters):
+    before = jobs_of(e2e, "reader")
+    st = ready(e2e, "reader")
+    e2e.stop_operator()
+    # Work arrives while the operator is down.
+    apply(e2e, adapter_manifest("late", f"file://{adapters['other']}"))
+    time.sleep(1)
+    assert jobs_of(e2e, "late") == []
+    e2e.start_operator()
+    late = ready(e2e, "late")
+    assert late["loaded"] == "2/2"
+    e2e.restart_operator()
+    time.sleep(3)
+    assert jobs_of(e2e, "reader") == before
+    assert len(jobs_of(e2e, "late")) == 1
+    assert ready(e2e, "reader")["version"] == st["version"]
+    for pod in pool_pods(e2e):
+        models = engine_models(e2e, pod)
+        assert f"acme/reader@{st['version']}" in models and f"late@{late['version']}" in models
+
+
+@pytest.mark.parametrize("which,reason", [("wrong-base", "BaseModelMismatch"), ("pickle", "PickleWeights")])
+def test_bad_adapter_fails_with_the_reason(e2e, pool, adapters, which, reason):
+    name = f"bad-{which}"
+    apply(e2e, adapter_manifest(name, f"file://{adapters[which]}"))
+
+    def failed():
+        st = (get(e2e, "vlma", name) or {}).get("status") or {}
+        return st if st.get("phase") == "Failed" else None
+    st = wait_for(failed, 120, what=f"{name} Failed")
+    assert st["reason"] == reason, st
+    assert st["message"]
+    for pod in pool_pods(e2e):
+        status, body = chat(e2e, pod, name)
+        assert status == 404, body
+
+
+def test_delete_unloads_everywhere_and_removes_files(e2e, pool, adapters):
+    st = ready(e2e, "late")
+    files = e2e.adapter_files(pool, NS, "late")
+    assert (files / "versions" / st["version"] / "adapter_model.safetensors").exists()
+    e2e.kubectl("delete", "vlma", "late", "-n", NS, "--wait=true", "--timeout=120s", timeout=130)
+    for pod in pool_pods(e2e):
+        assert f"late@{st['version']}" not in engine_models(e2e, pod)
+        status, _ = chat(e2e, pod, "late")
+        assert status == 404
+    wait_for(lambda: not files.exists(), 60, what="adapter files removed")
+    # The other adapter is untouched.
+    assert ready(e2e, "reader")["loaded"] == "2/2"
