@@ -168,23 +168,23 @@ class _Conn(asyncio.Protocol):
                 return
 
     def _on_head(self, head: bytes) -> bool:
-        lines = head.split(b"\r\n")
-        parts = lines[0].split(b" ", 2)
+        first = head.split(b"\r\n", 1)[0]
+        parts = first.split(b" ", 2)
         if len(parts) < 2 or not parts[0].startswith(b"HTTP/1."):
-            raise UpstreamError(f"invalid status line from the engine: {lines[0][:80]!r}")
+            raise UpstreamError(f"invalid status line from the engine: {first[:80]!r}")
         try:
             status = int(parts[1])
         except ValueError:
-            raise UpstreamError(f"invalid status line from the engine: {lines[0][:80]!r}") from None
+            raise UpstreamError(f"invalid status line from the engine: {first[:80]!r}") from None
         if 100 <= status < 200:
             return False
         headers: dict[str, str] = {}
-        for line in lines[1:]:
-            name, sep, value = line.partition(b":")
+        for line in head.decode("latin-1").split("\r\n")[1:]:
+            name, sep, value = line.partition(":")
             if not sep:
                 raise UpstreamError("invalid header line from the engine")
-            key = name.strip().lower().decode("latin-1")
-            val = value.strip().decode("latin-1")
+            key = name.strip().lower()
+            val = value.strip()
             headers[key] = f"{headers[key]}, {val}" if key in headers else val
         keep_alive = parts[0] == b"HTTP/1.1"
         conn_hdr = headers.get("connection", "").lower()
