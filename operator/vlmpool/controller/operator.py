@@ -90,14 +90,7 @@ class Operator:
 
         @kopf.on.startup(registry=reg)
         async def startup(**_: Any) -> None:
-            op.kube = KubeClient(op.kube_config)
-            op.reconciler = Reconciler(op.kube, op.config, op.metrics, event=_post_event)
             log.info("vlmpool operator starting (%s)", ", ".join(op.namespaces) or "all namespaces")
-
-        @kopf.on.cleanup(registry=reg)
-        async def cleanup(**_: Any) -> None:
-            await op.reconciler.close()
-            await op.kube.close()
 
         async def guarded(kind: str, coro: Any) -> None:
             try:
@@ -166,7 +159,7 @@ class Operator:
                 except Exception:
                     log.exception("reading a patch Job's result failed (the adapter resync will retry)")
 
-        _ = (COMPONENT_CLEANUP, startup, cleanup, pool_reconcile, pool_resync, deployment_event, pod_event,
+        _ = (COMPONENT_CLEANUP, startup, pool_reconcile, pool_resync, deployment_event, pod_event,
              adapter_reconcile, adapter_resync, adapter_delete, job_event, login)
 
     # ---- endpoints ---------------------------------------------------------------------------------
@@ -198,6 +191,10 @@ class Operator:
         return runner
 
     async def run(self, stop_flag: asyncio.Event | threading.Event | None = None) -> None:
+        # The client and reconciler live exactly as long as kopf (whose timers may still fire
+        # during its own shutdown), so they are closed after kopf.operator returns.
+        self.kube = KubeClient(self.kube_config)
+        self.reconciler = Reconciler(self.kube, self.config, self.metrics, event=_post_event)
         runner = await self._serve_http()
         ready_flag = asyncio.Event()
 
@@ -222,6 +219,8 @@ class Operator:
             marker.cancel()
             if runner is not None:
                 await runner.cleanup()
+            await self.reconciler.close()
+            await self.kube.close()
 
 
 def _post_event(body: dict[str, Any], type_: str, reason: str, message: str) -> None:

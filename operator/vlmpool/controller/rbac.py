@@ -10,14 +10,14 @@ Why each rule is needed:
   diff-base annotations); their status subresources carry what the operator reports.
 - */finalizers update: owner references with blockOwnerDeletion need it where the
   OwnerReferencesPermissionEnforcement admission plugin is on (e.g. OpenShift).
-- deployments: server-side apply (patch; create is implied by apply) and a watch to copy replica
-  counts into the pool's status.
-- services, persistentvolumeclaims: server-side apply only.
-- secrets: the admin token is created once and read back (no list/watch of secrets).
+- deployments: server-side apply (patch, plus create: an apply that creates is authorized as
+  create too) and list/watch to copy replica counts into the pool's status.
+- services, persistentvolumeclaims: server-side apply only (create, patch).
+- secrets: the admin token is created once and read back (get, create; no list/watch of secrets).
 - pods: list/watch to push state when a pod starts or restarts and to read patch Jobs' termination
   messages.
-- jobs: create the patch and cleanup Jobs, watch them for completion.
-- events: kopf and the operator post Kubernetes Events.
+- jobs: create the patch and cleanup Jobs (get after an AlreadyExists), watch them for completion.
+- events: kopf and the operator post Kubernetes Events (create).
 """
 
 from __future__ import annotations
@@ -38,12 +38,12 @@ RULES: list[dict[str, Any]] = [
      "verbs": ["patch"]},
     {"apiGroups": ["vlmpool.io"], "resources": ["vlmpools/finalizers", "vlmadapters/finalizers"],
      "verbs": ["update"]},
-    {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "list", "watch", "create", "patch"]},
-    {"apiGroups": [""], "resources": ["services", "persistentvolumeclaims"], "verbs": ["get", "create", "patch"]},
+    {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["list", "watch", "create", "patch"]},
+    {"apiGroups": [""], "resources": ["services", "persistentvolumeclaims"], "verbs": ["create", "patch"]},
     {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "create"]},
-    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
     {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "watch", "create"]},
-    {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
 ]
 
 
