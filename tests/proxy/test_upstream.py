@@ -190,3 +190,16 @@ async def test_garbage_is_an_error():
 def test_bad_engine_url():
     with pytest.raises(ValueError):
         Upstream("ftp://engine")
+
+
+async def test_engine_host_name_is_resolved_and_connections_reused():
+    resp = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    srv = ScriptedServer([[resp], [resp], [resp]])
+    async with srv as url:
+        up = Upstream(url.replace("127.0.0.1", "localhost"))
+        for _ in range(3):
+            r = await up.post("/v1/completions", b"{}", "rid", stream=False, timeout=5)
+            assert await r.read() == b"ok"
+            up.release(r)
+        assert srv.connections == 1
+        await up.close()

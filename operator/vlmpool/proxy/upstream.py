@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 MAX_HEAD_BYTES = 64 * 1024
 PAUSE_ABOVE = 1024 * 1024  # streamed bytes buffered before reading from the engine pauses
+DNS_TTL_S = 30.0
 
 
 class UpstreamError(Exception):
@@ -317,6 +318,8 @@ class Upstream:
         self.keepalive_s = keepalive_s
         self._idle: deque[_Conn] = deque()
         self._all: set[_Conn] = set()
+        self._addrs: list[str] = []
+        self._addrs_at = 0.0
 
     async def _acquire(self) -> _Conn:
         now = time.monotonic()
@@ -329,14 +332,35 @@ class Upstream:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.connect_timeout):
-                _, conn = await loop.create_connection(
-                    _Conn, self.host, self.port, ssl=self.ssl, server_hostname=self.host if self.ssl else None)
+                addrs = await self._resolve(loop, now)
+                for i, host in enumerate(addrs):  # the first address that accepts, as create_connection does
+                    try:
+                        _, conn = await loop.create_connection(
+                            _Conn, host, self.port, ssl=self.ssl, server_hostname=self.host if self.ssl else None)
+                        break
+                    except OSError:
+                        if i == len(addrs) - 1:
+                            raise
+                if i:
+                    self._addrs = [addrs[i]] + [a for a in addrs if a != addrs[i]]
         except TimeoutError:
             raise UpstreamTimeout(f"connecting to the engine at {self.host}:{self.port} timed out") from None
         except OSError as e:
             raise UpstreamError(f"could not connect to the engine at {self.host}:{self.port}: {e}") from None
         self._all.add(conn)
         return conn
+
+    async def _resolve(self, loop: asyncio.AbstractEventLoop, now: float) -> list[str]:
+        """The engine's addresses, resolved at most every DNS_TTL_S: a burst of new connections costs one
+        lookup, not one per connection through the resolver's small thread pool."""
+        if self._addrs and now - self._addrs_at < DNS_TTL_S:
+            return self._addrs
+        infos = await loop.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
+        addrs = list(dict.fromkeys(info[4][0] for info in infos))
+        if not addrs:
+            raise OSError(f"{self.host} has no address")
+        self._addrs, self._addrs_at = addrs, now
+        return addrs
 
     def _discard(self, conn: _Conn) -> None:
         conn.closed = True
