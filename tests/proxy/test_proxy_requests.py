@@ -139,7 +139,7 @@ async def test_response_format_passthrough_and_omission(sim, proxy, admin, clien
 
 
 async def test_error_table(sim, admin, adapters):
-    async with run_proxy(proxy_config(sim.url, request_timeout=0.5)) as p:
+    async with run_proxy(proxy_config(sim.url)) as p:
 
 
         await Admin(p.admin_url).put({"generation": 1, "concurrency": 4, "adapters": []})
@@ -182,11 +182,13 @@ async def test_error_table(sim, admin, adapters):
             await c.chat.completions.create(model=BASE, messages=MSG)
         assert ei.value.status_code == 503 and ei.value.body["code"] == "engine_unreachable"
 
-        # engine too slow: 503 after --request-timeout
-        await sim.faults(stall_seconds=2.0)
-        with pytest.raises(openai.InternalServerError) as ei:
-            await c.chat.completions.create(model=BASE, messages=MSG, max_tokens=4)
-        assert ei.value.status_code == 503 and ei.value.body["code"] == "engine_timeout"
+        # engine too slow: 503 after --request-timeout (a proxy with a short one)
+        await sim.faults(stall_seconds=3.0)
+        async with run_proxy(proxy_config(sim.url, request_timeout=0.3)) as quick:
+            cq = openai.AsyncOpenAI(base_url=quick.url + "/v1", api_key="unused", max_retries=0)
+            with pytest.raises(openai.InternalServerError) as ei:
+                await cq.chat.completions.create(model=BASE, messages=MSG, max_tokens=4)
+            assert ei.value.status_code == 503 and ei.value.body["code"] == "engine_timeout"
         await sim.faults(stall_seconds=0.0)
 
         # and the proxy still serves normally afterwards
