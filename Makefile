@@ -10,6 +10,7 @@ PYTEST_ARGS ?=
 .PHONY: help install k8s-bins crds crds-check test test-unit test-apiserver bench clean
 
 help:
+	@echo "make dev         the whole system on this machine with a quickstart pool (Ctrl-C stops)"
 	@echo "make install     create $(VENV) and install vlmpool with the [$(EXTRAS)] extras"
 	@echo "make k8s-bins    find or build etcd, kube-apiserver, kube-controller-manager, kubectl, helm (cached)"
 	@echo "make crds        regenerate crds/*.yaml from the pydantic models"
