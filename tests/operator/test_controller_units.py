@@ -1,0 +1,189 @@
+"""Controller parts that need no cluster: kubeconfig loading, status logic, and the push client
+against a real proxy in front of the real simulator (in-process, loopback)."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+import yaml
+from helpers import write_adapter
+
+from vlmpool.controller import status as S
+from vlmpool.controller.push import pod_fingerprint, pod_is_pushable, push_to_pods
+from vlmpool.controller.reconciler import _check_version_path
+from vlmpool.kube.config import KubeConfig, KubeConfigError
+
+BASE = "Qwen/Qwen2.5-VL-3B-Instruct"
+TOKEN = "operator-unit-token"
+
+
+# ---- kubeconfig ------------------------------------------------------------------------------------
+def _kubeconfig(user: dict, cluster: dict | None = None) -> dict:
+    return {"apiVersion": "v1", "kind": "Config", "current-context": "c",
+            "contexts": [{"name": "c", "context": {"cluster": "k", "user": "u", "namespace": "ml"}}],
+            "clusters": [{"name": "k", "cluster": cluster or {"server": "https://10.0.0.1:6443/",
+                                                              "certificate-authority-data": base64.b64encode(b"CA").decode()}}],
+            "users": [{"name": "u", "user": user}]}
+
+
+def test_kubeconfig_inline_certs_and_token(tmp_path):
+    p = tmp_path / "kc"
+    p.write_text(yaml.safe_dump(_kubeconfig({"client-certificate-data": base64.b64encode(b"CERT").decode(),
+                                             "client-key-data": base64.b64encode(b"KEY").decode()})))
+    kc = KubeConfig.load(p)
+    assert (kc.server, kc.ca_data, kc.cert_data, kc.key_data, kc.namespace) == (
+        "https://10.0.0.1:6443", b"CA", b"CERT", b"KEY", "ml")
+    assert kc.auth_headers() == {}
+    (tmp_path / "tok").write_text("abc\n")
+    p.write_text(yaml.safe_dump(_kubeconfig({"tokenFile": "tok"}, {"server": "http://x:8080",
+                                                                    "insecure-skip-tls-verify": True})))
+    kc = KubeConfig.load(p)
+    assert kc.auth_headers() == {"Authorization": "Bearer abc"} and kc.insecure and kc.ssl_context() is False
+
+
+def test_kubeconfig_files_and_errors(tmp_path, monkeypatch):
+    (tmp_path / "ca.crt").write_bytes(b"CAFILE")
+    p = tmp_path / "kc"
+    p.write_text(yaml.safe_dump(_kubeconfig({"token": "t"}, {"server": "https://h", "certificate-authority": "ca.crt"})))
+    monkeypatch.setenv("KUBECONFIG", f"{p}:/nonexistent")
+    kc = KubeConfig.load()
+    assert kc.ca_data == b"CAFILE" and kc.auth_headers() == {"Authorization": "Bearer t"}
+    p.write_text(yaml.safe_dump(_kubeconfig({"exec": {"command": "aws"}})))
+    with pytest.raises(KubeConfigError, match="exec"):
+        KubeConfig.load(p)
+    with pytest.raises(KubeConfigError, match="cannot read"):
+        KubeConfig.load(tmp_path / "missing")
+    p.write_text(yaml.safe_dump(_kubeconfig({"token": "t"})))
+    with pytest.raises(KubeConfigError, match="no context"):
+        KubeConfig.load(p, context="other")
+
+
+def test_in_cluster(tmp_path, monkeypatch):
+    (tmp_path / "token").write_text("sa-token")
+    (tmp_path / "ca.crt").write_bytes(b"SACA")
+    (tmp_path / "namespace").write_text("vlmpool-system")
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "443")
+    kc = KubeConfig.in_cluster(tmp_path)
+    assert kc.server == "https://10.96.0.1:443" and kc.namespace == "vlmpool-system"
+    assert kc.auth_headers() == {"Authorization": "Bearer sa-token"}
+    (tmp_path / "token").write_text("rotated")  # projected tokens rotate: re-read on use
+    assert kc.auth_headers() == {"Authorization": "Bearer rotated"}
+
+
+# ---- status logic ----------------------------------------------------------------------------------
+def test_phase_from_conditions():
+    st: dict = {"conditions": []}
+    assert S.adapter_phase(st)[0] == "Pending"
+    st["conditions"] = S.set_condition([], "PoolFound", "False", "PoolNotFound", "no pool")
+    assert S.adapter_phase(st) == ("Pending", "PoolNotFound", "no pool")
+    c = S.set_condition([], "Patched", "Unknown", "PatchJobRunning", "Job x")
+    assert S.adapter_phase({"conditions": c})[0] == "Patching"
+    c = S.set_condition(c, "Patched", "False", "RankTooHigh", "r=128")
+    assert S.adapter_phase({"conditions": c}) == ("Failed", "RankTooHigh", "r=128")
+    c = S.set_condition(c, "Patched", "True", "Patched", "v1")
+    assert S.adapter_phase({"conditions": c})[0] == "Registering"
+    for args, phase in ((S.loaded_condition(2, 2, []), "Ready"), (S.loaded_condition(0, 2, ["p: bad"]), "Failed"),
+                        (S.loaded_condition(1, 2, []), "Registering"), (S.loaded_condition(0, 0, []), "Registering"),
+                        (S.loaded_condition(1, 2, ["p: x"]), "Registering")):
+        assert S.adapter_phase({"conditions": S.set_condition(c, "Loaded", *args)})[0] == phase
+    assert S.adapter_phase({"conditions": c}, deleting=True)[0] == "Deleting"
+    out = S.with_phase({"conditions": S.set_condition(c, "Loaded", "True", "Loaded", "2/2")}, 3)
+    ready = S.get_condition(out["conditions"], "Ready")
+    assert out["phase"] == "Ready" and ready["status"] == "True" and ready["observedGeneration"] == 3
+
+
+def test_condition_transition_time_moves_only_on_status_change():
+    c1 = S.set_condition([], "Loaded", "False", "Loading", "0/2")
+    c1[0]["lastTransitionTime"] = "2020-01-01T00:00:00Z"
+    c2 = S.set_condition(c1, "Loaded", "False", "Loading", "1/2")
+    assert c2[0]["lastTransitionTime"] == "2020-01-01T00:00:00Z" and c2[0]["message"] == "1/2"
+    c3 = S.set_condition(c2, "Loaded", "True", "Loaded", "2/2")
+    assert c3[0]["lastTransitionTime"] != "2020-01-01T00:00:00Z"
+
+
+def test_termination_message_parsing_and_summary():
+    assert S.parse_termination_message(None) is None
+    assert S.parse_termination_message("Traceback ...") is None
+    assert S.parse_termination_message('{"version": "x"}') is None  # no ok flag
+    msg = S.parse_termination_message(json.dumps({"ok": True, "version": "v", "path": "/p", "tensorsKept": 4,
+                                                  "rank": "8", "doraError": 0.01, "warnings": ["w"], "extra": 1}))
+    summary = S.report_summary(msg)
+    assert summary == {"tensorsKept": 4, "doraError": 0.01, "warnings": ["w"]}  # rank "8" is not an int: dropped
+
+
+def test_registered_path_must_be_the_immutable_version_directory():
+    root = "/var/lib/vlmpool/adapters"
+    assert _check_version_path(root, "a", "v1", f"{root}/a/versions/v1") is None
+    assert _check_version_path(root, "a", "v1", f"{root}/a/versions/v1/") is None
+    assert "current" in _check_version_path(root, "a", "v1", f"{root}/a/current")
+    assert _check_version_path(root, "a", "v1", f"{root}/b/versions/v1")
+    assert _check_version_path(root, "a", "../x", f"{root}/a/versions/../x")
+    assert _check_version_path(root, "a", "", f"{root}/a/versions/")
+
+
+def _pod(name: str, ip: str | None, phase: str = "Running", restarts: int = 0) -> dict:
+    st: dict = {"phase": phase, "containerStatuses": [
+        {"name": "proxy", "restartCount": restarts, "containerID": f"c://{restarts}",
+         "state": {"running": {"startedAt": "t"}}},
+        {"name": "engine", "restartCount": 0, "state": {"running": {"startedAt": "t"}}}]}
+    if ip:
+        st["podIP"] = ip
+    return {"metadata": {"name": name, "uid": name + "-uid"}, "status": st}
+
+
+def test_pushable_and_fingerprint():
+    assert pod_is_pushable(_pod("a", "10.0.0.1"))
+    assert not pod_is_pushable(_pod("a", None))
+    assert not pod_is_pushable(_pod("a", "10.0.0.1", phase="Pending"))
+    gone = _pod("a", "10.0.0.1")
+    gone["metadata"]["deletionTimestamp"] = "t"
+    assert not pod_is_pushable(gone)
+    assert pod_fingerprint(_pod("a", "10.0.0.1")) == pod_fingerprint(_pod("a", "10.0.0.1"))
+    assert pod_fingerprint(_pod("a", "10.0.0.1")) != pod_fingerprint(_pod("a", "10.0.0.1", restarts=1))
+
+
+# ---- push against the real proxy + simulator ----------------------------------------------------------
+@pytest.fixture
+async def proxy_pod(tmp_path):
+    from aiohttp import web
+
+    from vlmpool.proxy.server import ProxyConfig, run_proxy
+    from vlmpool.sim.server import SimConfig, create_app
+
+    app = create_app(SimConfig(model=BASE, enable_lora=True, runtime_lora=True, max_loras=4, ttft_ms=1, tpot_ms=1))
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # noqa: SLF001
+    cfg = ProxyConfig(engine_url=f"http://127.0.0.1:{port}", host="127.0.0.1", port=0, admin_port=0,
+                      admin_token=TOKEN, base_model=BASE, shutdown_timeout=2.0)
+    async with run_proxy(cfg) as running:
+        yield running
+    await runner.cleanup()
+
+
+async def test_push_loads_reports_and_refuses_older_generations(proxy_pod, tmp_path):
+    good = write_adapter(tmp_path / "a" / "versions" / "v1")
+    pod = _pod("p0", "127.0.0.1")
+    state = {"generation": 3, "concurrency": 4, "adapters": [
+        {"name": "good", "version": "v1", "path": str(good)},
+        {"name": "broken", "version": "v1", "path": str(tmp_path / "missing")}]}
+    (res,) = await push_to_pods([pod], proxy_pod.admin_port, TOKEN, state, timeout=10)
+    assert res.ok and res.generation == 3
+    assert res.adapters["good"]["state"] == "loaded" and res.adapters["broken"]["state"] == "failed"
+    entries, n, failures = S.pod_loads("good", "v1", ["p0"], {"p0": res})
+    assert n == 1 and entries == [{"pod": "p0", "state": "loaded", "version": "v1"}]
+    entries, n, failures = S.pod_loads("broken", "v1", ["p0"], {"p0": res})
+    assert n == 0 and entries[0]["state"] == "failed" and failures
+    # An older generation is refused with the proxy's generation (what the operator bumps past).
+    (old,) = await push_to_pods([pod], proxy_pod.admin_port, TOKEN, {**state, "generation": 1}, timeout=10)
+    assert not old.ok and old.conflict_generation == 3
+    # Wrong token, unreachable pod: errors, never exceptions.
+    (bad,) = await push_to_pods([pod], proxy_pod.admin_port, "wrong", state, timeout=10)
+    assert not bad.ok and "401" in bad.error
+    (down,) = await push_to_pods([_pod("p1", "127.0.0.1")], 1, TOKEN, state, timeout=2)
+    assert not down.ok and down.error

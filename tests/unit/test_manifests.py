@@ -1,0 +1,260 @@
+"""The manifest builders are pure functions: spec in, dict out. Tested without a cluster."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import pytest
+
+from vlmpool.manifests import adapter as MA
+from vlmpool.manifests import pool as MP
+from vlmpool.manifests.common import ADAPTER_ROOT, patch_job_name
+
+BASE = "Qwen/Qwen2.5-VL-3B-Instruct"
+
+
+def pool(**spec) -> dict:
+    body = {"model": {"name": BASE, "family": "qwen2_5_vl"}}
+    body.update(spec)
+    return {"apiVersion": "vlmpool.io/v1alpha1", "kind": "VLMPool",
+            "metadata": {"name": "vision", "namespace": "ml", "uid": "pool-uid"}, "spec": body}
+
+
+def adapter(name: str = "invoices", **spec) -> dict:
+    body = {"poolRef": {"name": "vision"}, "source": {"uri": "hf://acme/invoices@v3"}}
+    body.update(spec)
+    return {"apiVersion": "vlmpool.io/v1alpha1", "kind": "VLMAdapter",
+            "metadata": {"name": name, "namespace": "ml", "uid": "0f1e2d3c-aaaa-bbbb-cccc-000000000000",
+                         "creationTimestamp": "2026-01-01T00:00:00Z"}, "spec": body}
+
+
+def container(obj: dict, name: str) -> dict:
+    spec = obj["spec"]["template"]["spec"] if obj["kind"] == "Deployment" else obj["spec"]["template"]["spec"]
+    return next(c for c in spec["containers"] if c["name"] == name)
+
+
+def flag(args: list[str], name: str) -> str:
+    return args[args.index(name) + 1]
+
+
+# ---- pool ------------------------------------------------------------------------------------------
+def test_deployment_defaults():
+    dep = MP.deployment(pool())
+    assert dep["metadata"]["ownerReferences"] == [{"apiVersion": "vlmpool.io/v1alpha1", "kind": "VLMPool",
+                                                   "name": "vision", "uid": "pool-uid", "controller": True,
+                                                   "blockOwnerDeletion": True}]
+    assert dep["spec"]["replicas"] == 1
+    assert dep["spec"]["strategy"]["rollingUpdate"] == {"maxUnavailable": 0, "maxSurge": 1}
+    sel = dep["spec"]["selector"]["matchLabels"]
+    assert all(dep["spec"]["template"]["metadata"]["labels"][k] == v for k, v in sel.items())
+    eng = container(dep, "engine")
+    assert eng["args"] == ["--model", BASE, "--served-model-name", BASE, "--port", "8000", "--enable-lora",
+                           "--max-loras", "4", "--max-lora-rank", "64"]
+    assert {"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"} in eng["env"]
+    assert eng["resources"] == {"limits": {"nvidia.com/gpu": "1"}, "requests": {"nvidia.com/gpu": "1"}}
+    # Startup probe covers the model's load time (1800 s default at a 10 s period).
+    assert eng["startupProbe"]["periodSeconds"] * eng["startupProbe"]["failureThreshold"] >= 1800
+    assert {"name": "adapters", "mountPath": ADAPTER_ROOT, "readOnly": True} in eng["volumeMounts"]
+    px = container(dep, "proxy")
+    assert px["command"] == ["vlmpool"] and px["args"][0] == "proxy"
+    assert flag(px["args"], "--engine-url") == "http://127.0.0.1:8000"
+    assert flag(px["args"], "--admin-port") == "8081" and flag(px["args"], "--concurrency") == "16"
+    assert {p["name"]: p["containerPort"] for p in px["ports"]} == {"http": 8080, "admin": 8081}
+    assert px["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert px["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert "resources" in px and not any(m["name"] == "adapters" for m in px["volumeMounts"])
+    tpl = dep["spec"]["template"]["spec"]
+    assert tpl["automountServiceAccountToken"] is False
+    vols = {v["name"]: v for v in tpl["volumes"]}
+    assert vols["adapters"]["persistentVolumeClaim"] == {"claimName": "vision-adapters", "readOnly": True}
+    assert vols["admin-token"]["secret"]["secretName"] == "vision-admin-token"
+    assert "nodeSelector" not in tpl and "tolerations" not in tpl
+
+
+def test_deployment_engine_settings_and_scheduling():
+    p = pool(replicas=3,
+             model={"name": BASE, "servedName": "qwen-vl", "family": "qwen2_5_vl",
+                    "weights": {"claimName": "models", "path": "/qwen/3b"}},
+             engine={"gpus": 2, "maxLoras": 8, "maxCpuLoras": 64, "maxLoraRank": 128, "maxModelLen": 8192,
+                     "gpuMemoryUtilization": 0.85, "extraArgs": ["--enforce-eager"], "port": 9000,
+                     "env": [{"name": "HF_HOME", "value": "/tmp"}],
+                     "resources": {"requests": {"cpu": "4", "memory": "32Gi"}}},
+             proxy={"concurrency": 32, "adminPort": 9100, "port": 9090,
+                    "resources": {"limits": {"memory": "1Gi"}}},
+             scheduling={"nodeSelector": {"gpu": "h100"},
+                         "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                         "affinity": {"podAntiAffinity": {}}, "priorityClassName": "inference"})
+    dep = MP.deployment(p, token_hash="abc")
+    eng = container(dep, "engine")
+    a = eng["args"]
+    assert flag(a, "--model") == "/var/lib/vlmpool/base/qwen/3b" and flag(a, "--served-model-name") == "qwen-vl"
+    assert flag(a, "--max-cpu-loras") == "64" and flag(a, "--tensor-parallel-size") == "2"
+    assert flag(a, "--max-model-len") == "8192" and flag(a, "--gpu-memory-utilization") == "0.85"
+    assert flag(a, "--max-lora-rank") == "128" and flag(a, "--port") == "9000" and a[-1] == "--enforce-eager"
+    assert {"name": "HF_HOME", "value": "/tmp"} in eng["env"]
+    assert eng["resources"]["requests"] == {"cpu": "4", "memory": "32Gi", "nvidia.com/gpu": "2"}
+    assert {"name": "base-weights", "mountPath": "/var/lib/vlmpool/base", "readOnly": True} in eng["volumeMounts"]
+    px = container(dep, "proxy")
+    assert flag(px["args"], "--engine-url") == "http://127.0.0.1:9000" and flag(px["args"], "--base-model") == "qwen-vl"
+    assert px["resources"] == {"limits": {"memory": "1Gi"}}
+    tpl = dep["spec"]["template"]
+    assert tpl["metadata"]["annotations"] == {"vlmpool.io/admin-token-hash": "abc"}
+    assert tpl["spec"]["nodeSelector"] == {"gpu": "h100"}
+    assert tpl["spec"]["tolerations"] == [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert tpl["spec"]["affinity"] == {"podAntiAffinity": {}} and tpl["spec"]["priorityClassName"] == "inference"
+    assert dep["spec"]["replicas"] == 3
+    svc = MP.service(p)
+    assert svc["spec"]["ports"] == [{"name": "http", "port": 9090, "targetPort": "http", "protocol": "TCP"}]
+    assert MP.endpoint(p) == "http://vision.ml.svc:9090/v1"
+
+
+def test_adapter_volume_created_or_existing():
+    pvc = MP.adapter_pvc(pool(adapterVolume={"size": "50Gi", "storageClassName": "nfs", "accessMode": "ReadWriteOnce"}))
+    assert pvc["metadata"]["name"] == "vision-adapters"
+    assert pvc["spec"] == {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "50Gi"}},
+                           "storageClassName": "nfs"}
+    existing = pool(adapterVolume={"claimName": "shared-adapters"})
+    assert MP.adapter_pvc(existing) is None
+    vols = {v["name"]: v for v in MP.deployment(existing)["spec"]["template"]["spec"]["volumes"]}
+    assert vols["adapters"]["persistentVolumeClaim"]["claimName"] == "shared-adapters"
+    job = MA.patch_job(adapter(), existing)
+    assert job["spec"]["template"]["spec"]["volumes"][0]["persistentVolumeClaim"] == {"claimName": "shared-adapters"}
+
+
+def test_service_and_secret():
+    svc = MP.service(pool(service={"type": "LoadBalancer", "annotations": {"a": "b"}}))
+    assert svc["spec"]["type"] == "LoadBalancer" and svc["metadata"]["annotations"] == {"a": "b"}
+    assert svc["spec"]["selector"] == {"vlmpool.io/pool": "vision", "app.kubernetes.io/component": "server"}
+    sec = MP.admin_secret(pool(), "t0k3n")
+    assert sec["stringData"] == {"token": "t0k3n"} and sec["metadata"]["ownerReferences"][0]["uid"] == "pool-uid"
+
+
+def test_builders_are_pure():
+    p = pool(engine={"extraArgs": ["--x"]})
+    before = copy.deepcopy(p)
+    assert MP.deployment(p) == MP.deployment(p)
+    assert MA.patch_job(adapter(), p) == MA.patch_job(adapter(), p)
+    assert p == before
+
+
+# ---- adapter -----------------------------------------------------------------------------------------
+def test_patch_job_shape():
+    job = MA.patch_job(adapter(), pool())
+    digest = MA.spec_digest(adapter(), pool())
+    assert job["metadata"]["name"] == f"invoices-patch-{digest[:8]}" == patch_job_name("invoices", digest)
+    assert job["metadata"]["annotations"]["vlmpool.io/spec-digest"] == digest
+    assert job["metadata"]["ownerReferences"][0]["kind"] == "VLMAdapter"
+    spec = job["spec"]
+    assert spec["backoffLimit"] == 2 and spec["activeDeadlineSeconds"] > 0 and spec["ttlSecondsAfterFinished"] > 0
+    pod = spec["template"]["spec"]
+    assert pod["restartPolicy"] == "Never" and pod["automountServiceAccountToken"] is False
+    c = pod["containers"][0]
+    assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    assert c["terminationMessagePath"] == flag(c["args"], "--termination-log")
+    assert c["args"][:3] == ["patch", "--source", "hf://acme/invoices@v3"]
+    assert flag(c["args"], "--adapter") == "invoices" and flag(c["args"], "--root") == ADAPTER_ROOT
+    assert flag(c["args"], "--pool-base") == BASE and flag(c["args"], "--family") == "qwen2_5_vl"
+    assert flag(c["args"], "--max-rank") == "64" and flag(c["args"], "--dora-policy") == "reject"
+    assert flag(c["args"], "--base-check") == "strict"
+    assert "--base-weights" not in c["args"] and "--sha256" not in c["args"]
+    assert c["volumeMounts"] == [{"name": "adapters", "mountPath": ADAPTER_ROOT}]  # read-write
+    assert pod["volumes"] == [{"name": "adapters", "persistentVolumeClaim": {"claimName": "vision-adapters"}}]
+    assert job["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"] == "patch"
+
+
+def test_svd_job_mounts_base_weights_read_only():
+    p = pool(model={"name": BASE, "family": "qwen2_5_vl", "weights": {"claimName": "models", "path": "/qwen"}})
+    a = adapter(dora={"policy": "svd", "rank": 16}, source={"uri": "https://example.com/a.tgz", "sha256": "a" * 64,
+                                                            "credentialsSecret": {"name": "creds"}})
+    job = MA.patch_job(a, p, image="reg/vlmpool:1", adapter_root="/data/adapters")
+    c = job["spec"]["template"]["spec"]["containers"][0]
+    assert c["image"] == "reg/vlmpool:1"
+    assert flag(c["args"], "--svd-rank") == "16" and flag(c["args"], "--base-weights") == "/var/lib/vlmpool/base/qwen"
+    assert flag(c["args"], "--sha256") == "a" * 64 and flag(c["args"], "--root") == "/data/adapters"
+    assert {"name": "base-weights", "mountPath": "/var/lib/vlmpool/base", "readOnly": True} in c["volumeMounts"]
+    vols = {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}
+    assert vols["base-weights"]["persistentVolumeClaim"] == {"claimName": "models", "readOnly": True}
+    assert c["envFrom"] == [{"secretRef": {"name": "creds"}}]
+
+
+def test_pvc_and_file_sources_are_mounted_read_only():
+    job = MA.patch_job(adapter(source={"uri": "pvc://uploads/team-a/invoices"}), pool())
+    c = job["spec"]["template"]["spec"]["containers"][0]
+    assert flag(c["args"], "--pvc-root") == "/mnt/sources"
+    assert {"name": "source", "mountPath": "/mnt/sources/uploads", "readOnly": True} in c["volumeMounts"]
+    vols = {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}
+    assert vols["source"]["persistentVolumeClaim"] == {"claimName": "uploads", "readOnly": True}
+    job = MA.patch_job(adapter(source={"uri": "file:///srv/adapters/a"}), pool())
+    c = job["spec"]["template"]["spec"]["containers"][0]
+    assert {"name": "source", "mountPath": "/srv/adapters/a", "readOnly": True} in c["volumeMounts"]
+
+
+def test_spec_digest_covers_patch_inputs_only():
+    d = MA.spec_digest(adapter(), pool())
+    assert MA.spec_digest(adapter(), pool()) == d
+    # Not a patch input: the served name, the pool's replicas, concurrency, images.
+    assert MA.spec_digest(adapter(servedName="other"), pool(replicas=5, proxy={"concurrency": 2})) == d
+    changed = [
+        MA.spec_digest(adapter(source={"uri": "hf://acme/invoices@v4"}), pool()),
+        MA.spec_digest(adapter(dora={"policy": "strip"}), pool()),
+        MA.spec_digest(adapter(baseModelCheck="warn"), pool()),
+        MA.spec_digest(adapter(source={"uri": "hf://acme/invoices@v3", "sha256": "b" * 64}), pool()),
+        MA.spec_digest(adapter(), pool(engine={"maxLoraRank": 128})),
+        MA.spec_digest(adapter(), pool(model={"name": "Qwen/Qwen2-VL-2B-Instruct", "family": "qwen2_vl"})),
+        MA.spec_digest(adapter("invoices2"), pool()),
+    ]
+    assert d not in changed and len(set(changed)) == len(changed)
+
+
+def test_job_names_fit_a_label_value():
+    long = "a" * 60 + ".b-c"
+    job = MA.patch_job(adapter(long), pool())
+    assert len(job["metadata"]["name"]) <= 63 and not job["metadata"]["name"].startswith("-")
+    cj = MA.cleanup_job(adapter(long), pool())
+    assert len(cj["metadata"]["name"]) <= 63 and cj["metadata"]["name"].endswith("-cleanup-0f1e2d3c")
+    assert all(len(v) <= 63 for v in job["metadata"]["labels"].values())
+
+
+def test_desired_state_uses_versions_paths_sorted_without_deleting_or_unpatched():
+    def ready(name, version, served=None, ts="2026-01-01T00:00:00Z", deleting=False):
+        a = adapter(name, **({"servedName": served} if served else {}))
+        a["metadata"]["creationTimestamp"] = ts
+        if deleting:
+            a["metadata"]["deletionTimestamp"] = "2026-02-01T00:00:00Z"
+        if version:
+            a["status"] = {"version": version, "path": f"{ADAPTER_ROOT}/{name}/versions/{version}"}
+        return a
+    state, conflicts = MA.desired_state(7, [
+        ready("zeta", "v1"), ready("alpha", "v2"), ready("pending", None), ready("gone", "v3", deleting=True),
+        ready("dup-new", "v4", served="zeta", ts="2026-03-01T00:00:00Z"),
+    ])
+    assert state == {"concurrency": 7, "adapters": [
+        {"name": "alpha", "version": "v2", "path": f"{ADAPTER_ROOT}/alpha/versions/v2"},
+        {"name": "zeta", "version": "v1", "path": f"{ADAPTER_ROOT}/zeta/versions/v1"}]}
+    assert conflicts == ["dup-new"]
+
+
+def test_cleanup_job_removes_only_the_adapter_directory(tmp_path):
+    job = MA.cleanup_job(adapter("inv"), pool(), adapter_root=str(tmp_path))
+    c = job["spec"]["template"]["spec"]["containers"][0]
+    assert c["volumeMounts"] == [{"name": "adapters", "mountPath": str(tmp_path)}]
+    (tmp_path / "inv" / "versions" / "v1").mkdir(parents=True)
+    (tmp_path / "inv" / "versions" / "v1" / "adapter_config.json").write_text("{}")
+    (tmp_path / "other" / "versions").mkdir(parents=True)
+    cmd = [sys.executable, *c["command"][1:]]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert not (tmp_path / "inv").exists() and (tmp_path / "other" / "versions").is_dir()
+    assert subprocess.run(cmd, capture_output=True, text=True).returncode == 0  # idempotent
+    for bad in ("..", ".staging", "a/b", ""):
+        res = subprocess.run([sys.executable, "-c", MA.CLEANUP_SCRIPT, str(tmp_path), bad], capture_output=True, text=True)
+        assert res.returncode != 0 and "refusing" in res.stderr
+    assert (tmp_path / "other").is_dir()
+
+
+@pytest.mark.parametrize("bad", [{"source": {"uri": "ftp://x/y"}}, {"poolRef": {}}])
+def test_invalid_spec_is_refused_by_the_model(bad):
+    with pytest.raises(Exception):
+        MA.patch_job(adapter(**bad), pool())
