@@ -291,3 +291,25 @@ class OperatorProcess:
 
     def tail(self, n: int = 6000) -> str:
         return self.log_path.read_text()[-n:] if self.log_path.exists() else ""
+
+
+async def run_job_pod(kube: KubeClient, pod: dict[str, Any], workdir: Path, timeout: float = 300) -> int:
+    """Run a Job pod's container for real, as a kubelet would: its command and args as a local
+    process (volumes are the same local directories here), the termination message file at a local
+    path, and FallbackToLogsOnError: an empty message after a failure becomes the log tail."""
+    c = pod["spec"]["containers"][0]
+    term_path = c.get("terminationMessagePath", "/dev/termination-log")
+    local_term = workdir / f"{pod['metadata']['name']}.termination-log"
+    local_term.write_text("")
+    argv = [*c.get("command", []), *c.get("args", [])]
+    argv = [str(local_term) if a == term_path else a for a in argv]
+    argv[0] = VLMPOOL if argv[0] == "vlmpool" else (sys.executable if argv[0] == "python3" else argv[0])
+    env = {**os.environ, **{e["name"]: e.get("value", "") for e in c.get("env") or [] if "value" in e}}
+    proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.STDOUT, env=env)
+    out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+    message = local_term.read_text()[:4096]
+    if not message and proc.returncode != 0 and c.get("terminationMessagePolicy") == "FallbackToLogsOnError":
+        message = out.decode(errors="replace")[-2048:]
+    await report_terminated(kube, pod, proc.returncode or 0, message)
+    return proc.returncode or 0
