@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import POOL_BASE
+from patcher_testlib import POOL_BASE
 from vlmpool.cli import main
 from vlmpool.patcher import fit_summary
 from vlmpool.patcher.api import SUMMARY_MAX_BYTES

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import FAMILIES, POOL_BASE, VISION_TARGETS, load_peft, make_adapter
+from patcher_testlib import FAMILIES, POOL_BASE, load_peft, make_adapter
 from vlmpool.patcher import PatchOptions, patch_and_publish
 from vlmpool.patcher.families import parse_key
 

@@ -10,11 +10,10 @@ import os
 import socket
 import tarfile
 import zipfile
-from pathlib import Path
 
 import pytest
 
-from conftest import POOL_BASE
+from patcher_testlib import POOL_BASE
 from vlmpool.patcher import PatchError, PatchOptions, fetch_adapter, patch_and_publish
 
 FAM = "qwen2_vl"

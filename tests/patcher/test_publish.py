@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import POOL_BASE, make_adapter
+from patcher_testlib import POOL_BASE, make_adapter
 from vlmpool.patcher import STEPS, PatchOptions, config_json, patch_adapter, patch_and_publish
 from vlmpool.patcher.publish import REPORT_NAME, VERSION_FILES
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import _DELETE, LANG_TARGETS, POOL_BASE, VISION_TARGETS, edit_config, make_adapter
+from patcher_testlib import _DELETE, LANG_TARGETS, POOL_BASE, VISION_TARGETS, edit_config, make_adapter
 from vlmpool.patcher import REASONS, PatchError, PatchOptions, patch_and_publish
 
 FAM = "qwen2_vl"
