@@ -208,8 +208,22 @@ async def test_missing_pool_is_a_condition_and_is_retried(kube, namespace, opera
     assert st["reason"] == "PoolNotFound" and "later-pool" in st["message"]
     assert await patch_jobs(kube, ns, "early") == []
     await kube.create(pool_obj("later-pool", 0, free_port(), free_port(), free_port()), ns)
-    await eventually(lambda: patch_jobs(kube, ns, "early"), timeout=60, what="the Job once the pool exists")
+    (job,) = await eventually(lambda: patch_jobs(kube, ns, "early"), timeout=60, what="the Job once the pool exists")
     await eventually(lambda: adapter_status(kube, ns, "early", phase="Patching"), what="phase Patching")
+
+    # Deleted while its Job has not run: the Job is stopped before the cleanup, then the adapter goes.
+    await kube.delete(VLMADAPTERS, "early", ns)
+    await eventually(lambda: _job_gone(kube, ns, job["metadata"]["name"]), what="the unfinished Job deleted")
+    (cleanup,) = await eventually(lambda: kube.list(JOBS, ns, label_selector="app.kubernetes.io/component=cleanup"),
+                                  what="the cleanup Job")
+    pod = await wait_job_pod(kube, ns, cleanup["metadata"]["name"])
+    assert await run_cleanup_pod(kube, pod) == 0
+    await eventually(lambda: _missing(kube, ns, "early"), what="the adapter to be gone")
+
+
+async def _job_gone(kube, ns, name):
+    job = await kube.get_or_none(JOBS, name, ns)
+    return job is None or bool(job["metadata"].get("deletionTimestamp"))
 
 
 async def test_operator_restart_mid_way_converges_without_duplicate_jobs(kube, namespace, operator, adapter_root,

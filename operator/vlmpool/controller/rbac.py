@@ -16,7 +16,8 @@ Why each rule is needed:
 - secrets: the admin token is created once and read back (get, create; no list/watch of secrets).
 - pods: list/watch to push state when a pod starts or restarts and to read patch Jobs' termination
   messages.
-- jobs: create the patch and cleanup Jobs (get after an AlreadyExists), watch them for completion.
+- jobs: create the patch and cleanup Jobs (get after an AlreadyExists), watch them for completion,
+  delete an unfinished patch Job of an adapter being deleted (so it cannot publish after the cleanup).
 - events: kopf and the operator post Kubernetes Events (create).
 """
 
@@ -42,7 +43,7 @@ RULES: list[dict[str, Any]] = [
     {"apiGroups": [""], "resources": ["services", "persistentvolumeclaims"], "verbs": ["create", "patch"]},
     {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "create"]},
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
-    {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "watch", "create"]},
+    {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "watch", "create", "delete"]},
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
 ]
 

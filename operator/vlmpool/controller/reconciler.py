@@ -398,6 +398,7 @@ class Reconciler:
             raise RetryLater(f"pods not yet confirmed the unload of {served}: {', '.join(pending)}", delay=3)
         if not (adapter.get("status") or {}).get("lastJob"):
             return  # nothing was ever written for it
+        await self._stop_patch_jobs(adapter)
         job, created = await self.kube.create_if_absent(MA.cleanup_job(adapter, pool, image=self.config.patch_image,
                                                                  adapter_root=self.config.adapter_root), ns)
         if created:
@@ -413,6 +414,23 @@ class Reconciler:
                        f"Job {job['metadata']['name']} failed; {name}/ may remain on the volume")
             return
         raise RetryLater(f"waiting for cleanup Job {job['metadata']['name']}", delay=2)
+
+    async def _stop_patch_jobs(self, adapter: dict[str, Any]) -> None:
+        """Delete the adapter's unfinished patch Jobs and wait until their pods stopped, so no patch
+        publishes into the directory after the cleanup Job removed it."""
+        meta = adapter["metadata"]
+        ns = meta["namespace"]
+        selector = f"{L_ADAPTER}={_label_value(meta['name'])},app.kubernetes.io/component=patch"
+        for job in await self.kube.list(JOBS, ns, label_selector=selector):
+            owners = {o.get("uid") for o in job["metadata"].get("ownerReferences") or []}
+            jconds = {c["type"] for c in (job.get("status") or {}).get("conditions") or [] if c.get("status") == "True"}
+            if meta["uid"] in owners and not jconds & {"Complete", "Failed"} and not job["metadata"].get("deletionTimestamp"):
+                await self.kube.delete(JOBS, job["metadata"]["name"], ns, propagation="Background")
+                self.event(adapter, "Normal", "PatchJobStopped", f"deleted the unfinished Job {job['metadata']['name']}")
+        running = [p["metadata"]["name"] for p in await self.kube.list(PODS, ns, label_selector=selector)
+                   if (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")]
+        if running:
+            raise RetryLater(f"waiting for patch pods to stop: {', '.join(running)}", delay=3)
 
     # ================================================================================================
     # Push
@@ -575,6 +593,10 @@ class Reconciler:
             except ApiError as e:
                 if not e.not_found:
                     raise
+
+
+def _label_value(name: str) -> str:
+    return name[:63].rstrip("-.")
 
 
 def _parse_time(s: str | None) -> dt.datetime | None:
