@@ -191,7 +191,7 @@ def main() -> int:
                  if args.isolate_proxy else "no CPU pinning"))
         print(f"{'conc':>5} {'direct rps':>11} {'proxy rps':>10} {'ratio':>6} {'p50 direct':>11} {'p50 proxy':>10} "
               f"{'+p50 ms':>8} {'p99 direct':>11} {'p99 proxy':>10} {'+p99 ms':>8} {'errors':>6} "
-              f"{'proxy cpu us/req':>16} {'sim cpu us/req':>14}")
+              f"{'proxy cpu us/req':>16} {'sim cpu us/req':>14} {'in-proxy p50/p99 ms':>20}")
 
         def run(coro):
             if uvloop is not None:
@@ -201,10 +201,31 @@ def main() -> int:
 
         sim_pid, proxy_pid = procs[0].pid, procs[1].pid
 
+        proxy_log_path = Path(proxy_log.name)
+
+        def handler_overheads(offset: int) -> list[float]:
+            """From the proxy's access log: duration - engine time - queue wait, per answered request."""
+            out = []
+            with open(proxy_log_path, "rb") as f:
+                f.seek(offset)
+                for line in f:
+                    if b'"engine_ms"' not in line:
+                        continue
+                    try:
+                        x = json.loads(line)
+                    except ValueError:
+                        continue
+                    if x.get("status") == 200:
+                        out.append((x["duration_ms"] - x["engine_ms"] - x["queue_ms"]) / 1000)
+            return out
+
         def measured(url: str, c: int) -> dict:
             s0, p0 = cpu_seconds(sim_pid), cpu_seconds(proxy_pid)
+            proxy_log.flush()
+            offset = proxy_log_path.stat().st_size
             out = run(closed_loop(url, model, c, args.duration, args.warmup, args.output_tokens))
             s1, p1 = cpu_seconds(sim_pid), cpu_seconds(proxy_pid)
+            out["handler_overheads"] = handler_overheads(offset) if url == proxy_url else []
             # CPU of the whole run (warm-up included) over the requests of the whole run (from the rate)
             out["all_requests"] = out["rps"] * (args.duration + args.warmup)
             out["sim_cpu_s"], out["proxy_cpu_s"] = s1 - s0, p1 - p0
@@ -221,6 +242,8 @@ def main() -> int:
                 "p99_ms": percentile(lat, 0.99) * 1000,
                 "sim_cpu_us_per_req": sum(r["sim_cpu_s"] for r in runs) / total * 1e6 if total else float("nan"),
                 "proxy_cpu_us_per_req": sum(r["proxy_cpu_s"] for r in runs) / total * 1e6 if total else float("nan"),
+                "handler_p50_ms": percentile([x for r in runs for x in r["handler_overheads"]], 0.5) * 1000,
+                "handler_p99_ms": percentile([x for r in runs for x in r["handler_overheads"]], 0.99) * 1000,
             }
 
         results = []
@@ -243,7 +266,7 @@ def main() -> int:
             print(f"{c:>5} {d['rps']:>11.1f} {p['rps']:>10.1f} {row['throughput_ratio']:>6.3f} {d['p50_ms']:>11.2f} "
                   f"{p['p50_ms']:>10.2f} {row['added_p50_ms']:>8.2f} {d['p99_ms']:>11.2f} {p['p99_ms']:>10.2f} "
                   f"{row['added_p99_ms']:>8.2f} {d['errors'] + p['errors']:>6} {p['proxy_cpu_us_per_req']:>16.0f} "
-                  f"{p['sim_cpu_us_per_req']:>14.0f}", flush=True)
+                  f"{p['sim_cpu_us_per_req']:>14.0f} {p['handler_p50_ms']:>9.3f}/{p['handler_p99_ms']:<9.3f}", flush=True)
         target = next((r for r in results if r["concurrency"] == 64), None)
         summary = {
             "bench": "proxy",
@@ -268,6 +291,8 @@ def main() -> int:
                 "errors": r["direct"]["errors"] + r["proxy"]["errors"],
                 "proxy_cpu_us_per_request": round(r["proxy"]["proxy_cpu_us_per_req"], 1),
                 "sim_cpu_us_per_request": round(r["proxy"]["sim_cpu_us_per_req"], 1),
+                "in_proxy_handler_p50_ms": round(r["proxy"]["handler_p50_ms"], 3),
+                "in_proxy_handler_p99_ms": round(r["proxy"]["handler_p99_ms"], 3),
             } for r in results],
             "target_c64": None if target is None else {
                 "throughput_ratio_ge_0_9": target["throughput_ratio"] >= 0.9,

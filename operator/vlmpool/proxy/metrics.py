@@ -10,6 +10,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 LATENCY_BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 30.0, 60.0, 120.0,
 )
+OVERHEAD_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 WAIT_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -36,6 +37,14 @@ class ProxyMetrics:
             "Time from request arrival until the engine's first response bytes were received.",
             ["route"],
             buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.overhead = Histogram(
+            "vlmpool_proxy_overhead_seconds",
+            "Time a generation request spent in the proxy's handler outside the engine and the queue "
+            "(request duration - engine time - queue wait): the proxy's own cost, scheduling included.",
+            ["route"],
+            buckets=OVERHEAD_BUCKETS,
             registry=r,
         )
         self.queue_wait = Histogram(
@@ -88,6 +97,7 @@ class ProxyMetrics:
         self._req_children: dict[tuple[str, str, str], object] = {}
         self._lat_children: dict[tuple[str, str], object] = {}
         self._ttfb_children: dict[str, object] = {}
+        self._over_children: dict[str, object] = {}
 
     def observe_request(self, route: str, model: str, status: int, seconds: float) -> None:
         """Count one answered request (children cached: the hot path skips prometheus' label lookup)."""
@@ -100,6 +110,12 @@ class ProxyMetrics:
         hist = self._lat_children.get(lkey)
         if hist is None:
             hist = self._lat_children[lkey] = self.latency.labels(*lkey)
+        hist.observe(seconds)
+
+    def observe_overhead(self, route: str, seconds: float) -> None:
+        hist = self._over_children.get(route)
+        if hist is None:
+            hist = self._over_children[route] = self.overhead.labels(route)
         hist.observe(seconds)
 
     def observe_ttfb(self, route: str, seconds: float) -> None:

@@ -55,6 +55,9 @@ class RequestContext:
     served_by: str | None = None  # the engine-side name that answered
     version: LoadedVersion | None = None  # the adapter version counted as in flight
     status_override: int | None = None  # a stream's real outcome (headers already sent as 200)
+    queue_s: float = 0.0  # waiting for a limiter slot
+    engine_t0: float = 0.0
+    engine_s: float = 0.0  # from the first byte sent to the engine to the last byte received from it
 
 
 CTX = web.RequestKey("vlmpool_request", RequestContext)
@@ -217,15 +220,18 @@ class Proxy:
                 status = ctx.status_override
             if ctx.route is not None:
                 self.metrics.observe_request(ctx.route, ctx.model_label, status, elapsed)
+            if ctx.engine_s:
+                self.metrics.observe_overhead(ctx.route, max(0.0, elapsed - ctx.engine_s - ctx.queue_s))
             if self.config.access_log:
-                access_log.info(
-                    "request",
-                    extra={
-                        "method": request.method, "path": request.path, "status": status,
-                        "model": ctx.model, "served_by": ctx.served_by,
-                        "duration_ms": round(elapsed * 1000, 3),
-                    },
-                )
+                extra = {
+                    "method": request.method, "path": request.path, "status": status,
+                    "model": ctx.model, "served_by": ctx.served_by,
+                    "duration_ms": round(elapsed * 1000, 3),
+                }
+                if ctx.engine_s:
+                    extra["queue_ms"] = round(ctx.queue_s * 1000, 3)
+                    extra["engine_ms"] = round(ctx.engine_s * 1000, 3)
+                access_log.info("request", extra=extra)
             REQUEST_ID.reset(token)
 
     @web.middleware
@@ -348,7 +354,8 @@ class Proxy:
             retry_after = "1" if e.reason == "queue_full" else str(max(1, int(self.config.queue_timeout // 10)))
             return error_response(429, f"too many requests: {e}", type_="rate_limit_error", code=e.reason,
                                   headers={"Retry-After": retry_after})
-        self.metrics.queue_wait.observe(time.perf_counter() - t_wait)
+        ctx.queue_s = time.perf_counter() - t_wait
+        self.metrics.queue_wait.observe(ctx.queue_s)
         try:
             if adapter:
                 # route only now, when the request goes to the engine: a request that waited in the
@@ -372,7 +379,14 @@ class Proxy:
         ctx = request[CTX]
         up = self.upstream
         t_limit = self.config.request_timeout
-        t0 = time.perf_counter()
+        t0 = ctx.engine_t0 = time.perf_counter()
+        try:
+            return await self._exchange(request, route, payload, raw, rewrite, model, stream, ctx, up, t_limit, t0)
+        finally:
+            if not ctx.engine_s:  # streams set it when the engine's last byte arrived
+                ctx.engine_s = time.perf_counter() - t0
+
+    async def _exchange(self, request, route, payload, raw, rewrite, model, stream, ctx, up, t_limit, t0):
         healed = False
         while True:
             version = ctx.version
@@ -448,9 +462,11 @@ class Proxy:
             headers["Content-Encoding"] = resp.headers["content-encoding"]
         out = web.StreamResponse(status=resp.status, headers=headers)
         await out.prepare(request)
+        ctx = request[CTX]
         try:
             async for chunk in resp.iter_chunks(self.config.request_timeout):
                 await out.write(chunk)
+            ctx.engine_s = time.perf_counter() - ctx.engine_t0
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             # the client went away: drop the engine connection so the engine aborts the generation
             up.abort(resp)
