@@ -284,6 +284,7 @@ async def test_metrics_and_json_logs(sim, proxy, admin, client, adapters):
     assert lines and all({"ts", "level", "msg", "request_id"} <= set(x) for x in lines)
     access = [x for x in lines if x["msg"] == "request" and x.get("request_id") == "log-me-1"]
     assert access and access[0]["status"] == 200 and access[0]["served_by"] == "cats@v1"
+    assert 0 < access[0]["engine_ms"] <= access[0]["duration_ms"] and access[0]["queue_ms"] >= 0
     assert any(x["msg"] == "adapter loaded" and x["request_id"] for x in lines)
 
     text = await _get(proxy.url + "/metrics")
@@ -294,6 +295,7 @@ async def test_metrics_and_json_logs(sim, proxy, admin, client, adapters):
     assert "vlmpool_proxy_in_flight_requests 0.0" in text
     assert "vlmpool_proxy_queue_depth 0.0" in text
     assert 'vlmpool_proxy_adapter_loads_total{adapter="cats"} 1.0' in text
+    assert 'vlmpool_proxy_overhead_seconds_count{route="/v1/chat/completions"} 1.0' in text
 
 
 def test_self_heal_trigger_is_exact():
