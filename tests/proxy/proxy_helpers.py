@@ -81,7 +81,7 @@ class Admin:
                 return r.status, await r.json(content_type=None)
 
 
-async def start_sim(**overrides: Any):
+async def start_sim(port: int = 0, **overrides: Any):
     cfg = dict(model=BASE, enable_lora=True, runtime_lora=True, max_loras=8, max_cpu_loras=32,
                max_num_seqs=256, ttft_ms=2.0, tpot_ms=0.5)
     cfg.update(overrides)
@@ -101,7 +101,7 @@ async def start_sim(**overrides: Any):
     app.middlewares.insert(0, record)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    site = web.TCPSite(runner, "127.0.0.1", port)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # noqa: SLF001
     sim.url = f"http://127.0.0.1:{port}"

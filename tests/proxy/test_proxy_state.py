@@ -312,3 +312,33 @@ async def test_streaming_self_heal_and_client_abort(sim, proxy, admin, client, a
     assert proxy.proxy.limiter.active == 0
     assert (await sim.stats())["running"] == 0
     assert proxy.proxy.registry.alias["cats"].inflight == 0
+
+
+async def test_loads_that_met_an_unreachable_engine_are_retried(adapters):
+    """The operator may push before the pod's vLLM listens; the proxy keeps trying without a new push."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    path = adapters("cats", "v1")
+    async with run_proxy(proxy_config(f"http://127.0.0.1:{port}", retry_interval=0.2)) as p:
+        admin = Admin(p.admin_url)
+        status, body = await admin.put({"generation": 1, "concurrency": 4, "adapters": [spec("cats", "v1", path)]})
+        assert status == 200 and body["adapters"][0]["state"] == "failed"
+        assert "could not reach the engine" in body["adapters"][0]["reason"]
+        sim, runner = await start_sim(port=port)  # the engine comes up on that port
+        try:
+            for _ in range(100):
+                _, state = await admin.get()
+                if state["adapters"][0]["state"] == "loaded":
+                    break
+                await asyncio.sleep(0.1)
+            assert state["adapters"] == [{"name": "cats", "version": "v1", "state": "loaded"}]
+            load = sim.received("/v1/load_lora_adapter")[-1]
+            assert load["headers"]["x-request-id"] == "vlmpool-proxy-retry-1"
+            c = openai.AsyncOpenAI(base_url=p.url + "/v1", api_key="unused", max_retries=0)
+            out = await c.chat.completions.create(model="cats", messages=MSG, max_tokens=4)
+            assert out.choices[0].message.content.startswith("sim:cats@v1")
+        finally:
+            await runner.cleanup()

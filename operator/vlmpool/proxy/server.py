@@ -79,6 +79,7 @@ class ProxyConfig:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     access_log: bool = True
     shutdown_timeout: float = 30.0
+    retry_interval: float = 5.0  # re-try loads that met an unreachable engine this often (0: never)
 
     def validate(self) -> None:
         problems = []
@@ -162,6 +163,7 @@ class Proxy:
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
         await self.engine.start()
+        self.registry.start_retry_loop(self.config.retry_interval)
 
     async def close(self) -> None:
         self.registry.cancel_background()

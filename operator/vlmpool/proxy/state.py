@@ -126,6 +126,8 @@ class AdapterRegistry:
         self._load_sem = asyncio.Semaphore(load_parallelism)
         self._heals: dict[str, asyncio.Task[None]] = {}
         self._background: set[asyncio.Task] = set()
+        self._transient: set[str] = set()  # desired adapters whose last load met an unreachable engine
+        self._retry_task: asyncio.Task | None = None
 
     # -- request path (synchronous: no await between lookup and count) -------------------------
     def is_desired(self, served: str) -> bool:
@@ -208,6 +210,7 @@ class AdapterRegistry:
                 self._retire(self.alias.pop(served), request_id)
             for served in [s for s in self.status if s not in desired]:
                 del self.status[served]
+            self._transient &= set(desired)
             await asyncio.gather(*(self._converge(a, request_id) for a in desired.values()))
             self.metrics.adapters_loaded.set(len(self.alias))
             log.info(
@@ -228,12 +231,17 @@ class AdapterRegistry:
             async with self._load_sem:
                 await self._load(spec.name, internal, spec.path, request_id)
         except (EngineHTTPError, EngineUnavailable) as e:
+            if isinstance(e, EngineUnavailable):
+                self._transient.add(spec.name)  # the engine was unreachable: the retry loop tries again
+            else:
+                self._transient.discard(spec.name)  # the engine refused it: only a new push changes that
             st = {"name": spec.name, "version": spec.version, "state": "failed", "reason": _reason(e)}
             current = self.alias.get(spec.name)
             if current is not None and current.internal != internal:
                 st["serving_version"] = current.version  # the previous version keeps serving
             self.status[spec.name] = st
             return
+        self._transient.discard(spec.name)
         v = self.versions.get(internal)
         if v is None:
             v = self.versions[internal] = LoadedVersion(spec.name, spec.version, spec.path)
@@ -311,12 +319,44 @@ class AdapterRegistry:
         finally:
             REQUEST_ID.reset(token)
 
+    def start_retry_loop(self, interval: float) -> None:
+        """Keep converging: adapters whose load met an unreachable engine (a pod whose vLLM was still
+        starting when the operator pushed) are loaded again every `interval` seconds until it answers."""
+        if self._retry_task is None and interval > 0:
+            self._retry_task = asyncio.create_task(self._retry_loop(interval))
+
+    async def _retry_loop(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            if not self._transient:
+                continue
+            try:
+                async with self._apply_lock:
+                    specs = [self.desired[n] for n in sorted(self._transient) if n in self.desired]
+                    if not specs:
+                        continue
+                    rid = f"vlmpool-proxy-retry-{self.generation}"
+                    token = REQUEST_ID.set(rid)
+                    try:
+                        log.info("retrying adapter loads that met an unreachable engine",
+                                 extra={"adapters": [a.name for a in specs]})
+                        await asyncio.gather(*(self._converge(a, rid) for a in specs))
+                        self.metrics.adapters_loaded.set(len(self.alias))
+                    finally:
+                        REQUEST_ID.reset(token)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # never let the loop die
+                log.exception("adapter retry loop error")
+
     async def drain_background(self) -> None:
         """Wait for pending unloads (tests and shutdown)."""
         while self._background:
             await asyncio.gather(*list(self._background), return_exceptions=True)
 
     def cancel_background(self) -> None:
+        if self._retry_task is not None:
+            self._retry_task.cancel()
         for t in list(self._background) + list(self._heals.values()):
             t.cancel()
 
