@@ -18,25 +18,8 @@ from vlmpool.kube.client import VLMADAPTERS, KubeClient  # noqa: E402
 from vlmpool.kube.config import KubeConfig  # noqa: E402
 
 OPERATOR_USER = "vlmpool-operator-test"
-KCM_SA_FLAG = "--use-service-account-credentials=true"
 
 
-@pytest.fixture(scope="session")
-def control_plane(tmp_path_factory):
-    """The real control plane, with kube-controller-manager's controllers acting under their own
-    service accounts (their bootstrap RBAC roles): without it the shared identity
-    system:kube-controller-manager may not create ReplicaSets, Pods or Jobs' pods."""
-    import inspect
-
-    from vlmpool.localcluster.controlplane import ControlPlane
-
-    extra = [] if KCM_SA_FLAG in inspect.getsource(ControlPlane) else [KCM_SA_FLAG]
-    cp = ControlPlane(workdir=tmp_path_factory.mktemp("control-plane"), extra_controller_manager_args=extra)
-    cp.start()
-    try:
-        yield cp
-    finally:
-        cp.stop()
 ROLE = "vlmpool-operator-test"
 
 

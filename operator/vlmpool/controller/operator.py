@@ -119,7 +119,9 @@ class Operator:
 
         @kopf.timer(GROUP, VERSION, "vlmpools", registry=reg, interval=resync, initial_delay=resync, idle=None)
         async def pool_resync(body: kopf.Body, **_: Any) -> None:
-            await guarded("pool", op.reconciler.push_pool(body["metadata"]["namespace"], body["metadata"]["name"]))
+            ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
+            await guarded("pool", op.reconciler.refresh_pool_status(ns, name))
+            await guarded("pool", op.reconciler.push_pool(ns, name))
 
         @kopf.on.event("apps", "v1", "deployments", registry=reg,
                        labels={L_MANAGED_BY: MANAGED_BY, L_COMPONENT: COMPONENT_SERVER})

@@ -129,14 +129,14 @@ class Reconciler:
             await self.kube.apply(pvc)
         token = await self._ensure_token(pool)
         token_hash = hashlib.sha256(token.encode()).hexdigest()[:16]
-        dep = await self.kube.apply(MP.deployment(pool, token_hash, self.config.adapter_root))
+        await self.kube.apply(MP.deployment(pool, token_hash, self.config.adapter_root))
         await self.kube.apply(MP.service(pool))
         spec = MP.parse_spec(pool)
-        st = S.pool_status_from_deployment(pool, dep)
-        st.update(observedGeneration=gen, endpoint=MP.endpoint(pool), concurrency=spec.proxy.concurrency)
-        st["conditions"] = S.set_condition(st["conditions"], "Degraded", "False", "Reconciled",
-                                           "children applied", gen)
-        await self.kube.patch_status(VLMPOOLS, name, st, ns)
+        # Replica counts are the Deployment watcher's (deployment_changed): the object returned by
+        # this apply may be older than what it already wrote.
+        await self._write_pool_status(pool, {"observedGeneration": gen, "endpoint": MP.endpoint(pool),
+                                             "concurrency": spec.proxy.concurrency},
+                                      [("Degraded", "False", "Reconciled", "children applied")])
         self.metrics.reconciles.labels("pool", "ok").inc()
         # The pool's inputs to patch Jobs (base model, family, max rank) may have changed.
         for adapter in await self._pool_adapters(ns, name):
@@ -148,14 +148,11 @@ class Reconciler:
         await self.push_pool(ns, name)
 
     async def pool_failed(self, pool: dict[str, Any], err: Exception) -> None:
-        ns, name = pool["metadata"]["namespace"], pool["metadata"]["name"]
-        gen = pool["metadata"].get("generation")
         reason = type(err).__name__ if not isinstance(err, ApiError) else (err.reason or f"HTTP{err.status}")
         self.metrics.errors.labels("pool", reason).inc()
-        conds = S.set_condition((pool.get("status") or {}).get("conditions"), "Degraded", "True", reason, str(err), gen)
         try:
-            await self.kube.patch_status(VLMPOOLS, name, {"conditions": conds}, ns)
-        except ApiError:
+            await self._write_pool_status(pool, {}, [("Degraded", "True", reason, str(err))])
+        except (ApiError, RetryLater):
             pass
         self.event(pool, "Warning", "ReconcileFailed", str(err))
 
@@ -180,10 +177,46 @@ class Reconciler:
         pool = await self.kube.get_or_none(VLMPOOLS, owner["name"], ns)
         if pool is None or pool["metadata"]["uid"] != owner.get("uid"):
             return
-        new = S.pool_status_from_deployment(pool, dep)
-        cur = pool.get("status") or {}
-        if any(cur.get(k) != v for k, v in new.items()):
-            await self.kube.patch_status(VLMPOOLS, owner["name"], new, ns)
+        await self._write_pool_status(pool, *S.deployment_status(pool, dep))
+
+    async def refresh_pool_status(self, ns: str, pool: str) -> None:
+        """Re-read the pool's Deployment (heals a missed watch event; runs on the resync)."""
+        obj = await self.kube.get_or_none(VLMPOOLS, pool, ns)
+        if obj is None:
+            return
+        deps = [d for d in await self.kube.list(DEPLOYMENTS, ns, label_selector=server_label_selector(pool))
+                if d["metadata"]["name"] == deployment_name(pool)]
+        await self._write_pool_status(obj, *S.deployment_status(obj, deps[0] if deps else None))
+
+    async def _write_pool_status(self, pool: dict[str, Any], fields: dict[str, Any],
+                                 conds: list[tuple[str, str, str, str]] = ()) -> dict[str, Any]:
+        """Set fields and conditions on the pool's current status with an optimistic lock."""
+        meta = pool["metadata"]
+        ns, name = meta["namespace"], meta["name"]
+        for attempt in range(8):
+            if attempt:
+                fresh = await self.kube.get_or_none(VLMPOOLS, name, ns)
+                if fresh is None:
+                    return pool
+                pool, meta = fresh, fresh["metadata"]
+            cur = pool.get("status") or {}
+            new = dict(cur)
+            new.update(fields)
+            for ctype, cstat, reason, message in conds:
+                new["conditions"] = S.set_condition(new.get("conditions"), ctype, cstat, reason, message,
+                                                    meta.get("generation"))
+            diff = {k: v for k, v in new.items() if cur.get(k) != v}
+            if not diff:
+                return pool
+            try:
+                return await self.kube.patch(VLMPOOLS, name, {"metadata": {"resourceVersion": meta["resourceVersion"]},
+                                                              "status": diff}, ns, subresource="status")
+            except ApiError as e:
+                if e.not_found:
+                    return pool
+                if not e.conflict:
+                    raise
+        raise RetryLater(f"status of {ns}/{name} kept changing under the operator", delay=1)
 
     # ================================================================================================
     # Adapters: patch Jobs

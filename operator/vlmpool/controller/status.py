@@ -113,33 +113,33 @@ def loaded_condition(loaded: int, running: int, failures: list[str]) -> tuple[st
     return "False", "Loading", f"loaded on {loaded}/{running} pods"
 
 
-def pool_status_from_deployment(pool: dict[str, Any], dep: dict[str, Any] | None) -> dict[str, Any]:
-    """replicas/readyReplicas/ready and the Ready/Progressing conditions from the pool's Deployment."""
-    gen = pool["metadata"].get("generation")
+def deployment_status(pool: dict[str, Any], dep: dict[str, Any] | None
+                      ) -> tuple[dict[str, Any], list[tuple[str, str, str, str]]]:
+    """(fields, conditions) of the pool's status from its Deployment: replicas/readyReplicas/ready
+    and the Ready/Progressing conditions."""
     desired = (pool.get("spec") or {}).get("replicas", 1)
     st = (dep or {}).get("status") or {}
     ready = int(st.get("readyReplicas") or 0)
     replicas = int(st.get("replicas") or 0)
     updated = int(st.get("updatedReplicas") or 0)
-    conds = (pool.get("status") or {}).get("conditions") or []
+    fields = {"replicas": replicas, "readyReplicas": ready, "ready": f"{ready}/{desired}"}
     if dep is None:
-        conds = set_condition(conds, "Ready", "False", "DeploymentMissing", "the pool's Deployment does not exist yet", gen)
-        conds = set_condition(conds, "Progressing", "True", "Creating", "creating the pool's objects", gen)
+        return fields, [("Ready", "False", "DeploymentMissing", "the pool's Deployment does not exist yet"),
+                        ("Progressing", "True", "Creating", "creating the pool's objects")]
+    conds = []
+    dep_current = st.get("observedGeneration", 0) >= dep["metadata"].get("generation", 0)
+    rolled = dep_current and updated == desired and replicas == desired and ready == desired
+    if ready >= desired and desired > 0:
+        conds.append(("Ready", "True", "PodsReady", f"{ready}/{desired} pods ready"))
+    elif desired == 0:
+        conds.append(("Ready", "False", "ScaledToZero", "replicas is 0"))
     else:
-        dep_current = (dep.get("status") or {}).get("observedGeneration", 0) >= dep["metadata"].get("generation", 0)
-        rolled = dep_current and updated == desired and replicas == desired and ready == desired
-        if ready >= desired and desired > 0:
-            conds = set_condition(conds, "Ready", "True", "PodsReady", f"{ready}/{desired} pods ready", gen)
-        elif desired == 0:
-            conds = set_condition(conds, "Ready", "False", "ScaledToZero", "replicas is 0", gen)
-        else:
-            conds = set_condition(conds, "Ready", "False", "PodsNotReady", f"{ready}/{desired} pods ready", gen)
-        if rolled:
-            conds = set_condition(conds, "Progressing", "False", "RolledOut", "every pod runs the current spec", gen)
-        else:
-            conds = set_condition(conds, "Progressing", "True", "RollingOut",
-                                  f"{updated}/{desired} pods updated, {ready} ready", gen)
-    return {"replicas": replicas, "readyReplicas": ready, "ready": f"{ready}/{desired}", "conditions": conds}
+        conds.append(("Ready", "False", "PodsNotReady", f"{ready}/{desired} pods ready"))
+    if rolled:
+        conds.append(("Progressing", "False", "RolledOut", "every pod runs the current spec"))
+    else:
+        conds.append(("Progressing", "True", "RollingOut", f"{updated}/{desired} pods updated, {ready} ready"))
+    return fields, conds
 
 
 def parse_termination_message(text: str | None) -> dict[str, Any] | None:
