@@ -203,3 +203,25 @@ async def test_engine_host_name_is_resolved_and_connections_reused():
             up.release(r)
         assert srv.connections == 1
         await up.close()
+
+
+async def test_stream_back_pressure_pauses_and_resumes_without_loss():
+    piece = bytes(range(256)) * 256  # 64 KiB
+    wire = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    for _ in range(48):  # 3 MiB, more than the 1 MiB the client buffers before pausing
+        wire += b"%x\r\n" % len(piece) + piece + b"\r\n"
+    wire += b"0\r\n\r\n"
+    srv = ScriptedServer([[wire]])
+    async with srv as url:
+        up = Upstream(url)
+        r = await up.post("/v1/chat/completions", b"{}", "rid", stream=True, timeout=5)
+        await asyncio.sleep(0.3)  # a slow client: the engine's bytes pile up, reading pauses
+        assert r._conn._paused
+        got = bytearray()
+        async for c in r.iter_chunks(5):
+            got += c
+            await asyncio.sleep(0)
+        assert bytes(got) == piece * 48
+        up.release(r)
+        assert len(up._idle) == 1  # read to the end: reusable
+        await up.close()
