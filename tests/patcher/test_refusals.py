@@ -254,3 +254,21 @@ def test_every_reason_is_documented():
     doc = (__import__("pathlib").Path(__file__).resolve().parents[2] / "docs" / "patcher.md").read_text()
     missing = [r for r in REASONS if f"`{r}`" not in doc]
     assert not missing, missing
+
+
+def test_trained_vision_dora_magnitudes(tmp_path, base_dirs):
+    """B = 0 on the vision tower but trained DoRA magnitudes: caught when base weights are at hand,
+    a warning when not."""
+    src = make_adapter(FAM, tmp_path / "vm", dora=True, targets=LANG_TARGETS + VISION_TARGETS[FAM],
+                       train_vision_magnitude=True)
+    refuse(src, tmp_path, "TrainedVisionTower", r"trained the vision tower's DoRA magnitudes \(model\.visual\.blocks\.0\."
+           r"(attn\.qkv|mlp\.fc1) moved by .* over 0\.01\)", dora_policy="strip", base_weights=base_dirs[FAM])
+    s = patch_and_publish(str(src), "ad", tmp_path / "vol", PatchOptions(family=FAM, pool_base=POOL_BASE[FAM], dora_policy="strip"))
+    assert any("2 vision-tower DoRA magnitude vector(s) dropped unchecked" in w for w in s["warnings"])
+
+
+def test_untrained_vision_dora_magnitudes_pass(dora_dir, base_dirs, tmp_path):
+    s = patch_and_publish(str(dora_dir), "ad", tmp_path / "vol", PatchOptions(
+        family=FAM, pool_base=POOL_BASE[FAM], dora_policy="strip", base_weights=base_dirs[FAM], device="cpu"))
+    report = json.loads((tmp_path / "vol/ad/current/patch_report.json").read_text())
+    assert s["ok"] and report["vision_magnitude_max_rel_change"] < 1e-5

@@ -47,6 +47,8 @@ class BaseWeights:
 
     def candidates(self, module: str) -> list[str]:
         keys = [module + ".weight"]
+        if module.startswith("model.visual."):  # checkpoints saved before transformers 4.52 / by save_pretrained
+            keys.append(module.removeprefix("model.") + ".weight")
         found = layer_suffix(module, self.family)
         if found:
             _, suffix = found

@@ -36,6 +36,9 @@ SVD_METHODS = ("auto", "exact", "randomized")
 SVD_OVERSAMPLE = 16
 SVD_POWER_ITERS = 4
 SVD_SEED = 0x5EED
+# A vision DoRA magnitude further than this (relative) from its initial row norm counts as trained;
+# the slack covers magnitudes computed and stored in bf16 (relative rounding ~4e-3).
+VISION_MAGNITUDE_TOLERANCE = 1e-2
 BASE_CHECKS = ("strict", "warn")
 STRIPPED_CONFIG_FIELDS = ("eva_config", "lora_bias", "exclude_modules")
 KEY_LAYOUT_NOTE = ("key layout: language layers written as {template}; vLLM's Qwen VL weight mappers accept "
@@ -268,11 +271,15 @@ def patch_adapter(src_dir: Path | str, opts: PatchOptions, *, source_uri: str | 
     trained_vision: list[tuple[str, float]] = []
     unsupported: dict[str, list[str]] = {}
     vision_b_max = 0.0
+    vision_mags: list[str] = []
+    vision_mag_change = None
     kept: dict[str, tuple[str, str]] = {}  # module -> (suffix, module name)
     for module, slot in sorted(modules.items()):
         if is_vision(module, family):
             for kind, (key, t) in slot.items():
                 dropped_vision.append(key)
+                if kind == "magnitude":
+                    vision_mags.append(module)
                 if kind in ("lora_B", "lora_embedding_B"):
                     n = _fro(t)
                     vision_b_max = max(vision_b_max, n)
@@ -333,8 +340,22 @@ def patch_adapter(src_dir: Path | str, opts: PatchOptions, *, source_uri: str | 
                 raise PatchError("ShapeMismatch", f"{module}: the adapter is {b.shape[0]}x{a.shape[1]} but the base "
                                  f"weight is {'x'.join(map(str, shape))}: the adapter was trained on another model")
 
-    # ---- DoRA policy (and stray magnitude vectors)
+    # ---- DoRA magnitudes on the (dropped) vision tower: training them changes the model even with B = 0
     scale = alpha / math.sqrt(r) if use_rslora else alpha / r
+    if vision_mags and use_dora:
+        if base is None:
+            warnings.append(f"{len(vision_mags)} vision-tower DoRA magnitude vector(s) dropped unchecked (no base "
+                            "weights): if training moved them, the served model differs from the trained one")
+        else:
+            vision_mag_change = _vision_magnitude_change(modules, vision_mags, base, scale)
+            worst = max(vision_mag_change.items(), key=lambda kv: kv[1])
+            if worst[1] > VISION_MAGNITUDE_TOLERANCE:
+                raise PatchError("TrainedVisionTower", f"the adapter trained the vision tower's DoRA magnitudes "
+                                 f"({worst[0]} moved by {worst[1]:.3g} relative to the weight's row norms, over "
+                                 f"{VISION_MAGNITUDE_TOLERANCE:g}); vLLM serves LoRA on the language model only. "
+                                 "Retrain with target_modules limited to the language model")
+
+    # ---- DoRA policy (and stray magnitude vectors)
     device = torch.device(opts.device) if opts.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     new_ab: dict[str, tuple[Any, Any]] = {}
     errors: dict[str, float] = {}
@@ -492,6 +513,7 @@ def patch_adapter(src_dir: Path | str, opts: PatchOptions, *, source_uri: str | 
         "tensors_dropped": tensors_dropped,
         "vision_lora_b_norm_max": vision_b_max if dropped_vision else None,
         "vision_norm_threshold": opts.vision_norm_threshold,
+        "vision_magnitude_max_rel_change": max(vision_mag_change.values()) if vision_mag_change else None,
         "dora": {
             "policy_applied": applied,
             "error": dora_error,
@@ -552,6 +574,29 @@ def truncated_svd(a, rank: int, method: str):
         q = torch.linalg.qr(a @ q).Q
     ub, s, vh = torch.linalg.svd(q.T @ a, full_matrices=False)
     return (q @ ub)[:, :rank], s[:rank], vh[:rank]
+
+
+def _vision_magnitude_change(modules, names: list[str], base, scale: float) -> dict[str, float]:
+    """Per vision module: max |m - ||W0 + s·B·A||_row| / ||W0 + s·B·A||_row, i.e. how far training moved
+    the DoRA magnitude from where PEFT initialised it (0 up to the storage dtype's rounding)."""
+    import torch
+
+    out = {}
+    for module in names:
+        slot = modules[module]
+        try:
+            w = base.get(module).float()
+        except PatchError:
+            continue  # a vision weight the base lacks: nothing to compare with (the language check is strict)
+        if "lora_A" in slot and "lora_B" in slot:
+            w = w + scale * (slot["lora_B"][1].float() @ slot["lora_A"][1].float())
+        norm = torch.linalg.vector_norm(w.reshape(w.shape[0], -1), dim=1)
+        m = slot["magnitude"][1].float().reshape(-1)
+        if m.shape != norm.shape:
+            raise PatchError("ShapeMismatch", f"{module}: magnitude vector {tuple(m.shape)} does not match the base "
+                             f"weight's {norm.shape[0]} rows")
+        out[module] = float(((m - norm).abs() / norm.clamp_min(1e-12)).max())
+    return out
 
 
 def config_json(cfg: dict[str, Any]) -> bytes:
