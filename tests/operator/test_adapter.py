@@ -291,3 +291,14 @@ async def test_pod_restart_gets_the_state_again(kube, namespace, operator, adapt
         s = await admin_state(ip, admin_port, token)
         return s if [a["state"] for a in s["adapters"]] == ["loaded"] else None
     await eventually(reloaded, what="the state pushed again after the restart")
+
+    # A new served name is not a new version (no Job), but it is pushed: served under the new name.
+    await kube.patch(VLMADAPTERS, "ad", {"spec": {"servedName": "acme/renamed"}}, ns)
+
+    async def renamed():
+        s = await admin_state(ip, admin_port, token)
+        return s if [(a["name"], a["state"]) for a in s["adapters"]] == [("acme/renamed", "loaded")] else None
+    await eventually(renamed, what="the adapter served under its new name")
+    assert len(await patch_jobs(kube, ns, "ad")) == 1
+    await eventually(lambda: adapter_status(kube, ns, "ad", phase="Ready", servedName="acme/renamed"),
+                     what="status with the new name")

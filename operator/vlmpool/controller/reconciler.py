@@ -292,6 +292,8 @@ class Reconciler:
             # This spec was patched (or refused) already: never run it twice.
             await self._write_adapter_status(adapter, base, [found])
             self.metrics.reconciles.labels("adapter", "ok").inc()
+            if st.get("version") and st.get("servedName") != base["servedName"]:
+                await self.push_pool(ns, spec.pool_ref.name)  # renamed: serve it under the new name
             return
         job, created = await self.kube.create_if_absent(
             MA.patch_job(adapter, pool, image=self.config.patch_image, adapter_root=self.config.adapter_root), ns)
