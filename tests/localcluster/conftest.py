@@ -6,7 +6,7 @@ from vlmpool.localcluster.kubelet import NodeConfig
 from vlmpool.localcluster.runtime import mounts_supported
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def local_node(control_plane, tmp_path_factory):
     ok, why = mounts_supported()
     if not ok:

@@ -110,6 +110,8 @@ def _serve(cluster, port: int, stop) -> int:
         async with KubeClient(KubeConfig.load(cluster.kubeconfig)) as kube:
             fwd = ServiceForwarder(kube, QUICKSTART_NS, POOL, port=port)
             bound = await fwd.start()
+            if not await fwd.wait_ready(120):
+                print(f"warning: Service/{POOL} has no ready pod yet", flush=True)
             base = f"http://127.0.0.1:{bound}/v1"
             print(f"""The pool's OpenAI-compatible API is at {base} (a local stand-in for Service/{POOL}).
 

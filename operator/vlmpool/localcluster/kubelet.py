@@ -84,21 +84,38 @@ class NodeConfig:
 
 
 class IPAM:
-    """Loopback addresses for pods: 127.0.1.1 .. 127.0.254.254 (all of 127/8 is loopback on Linux)."""
+    """Loopback addresses for pods: 127.B.1.1 .. 127.B.254.254 (all of 127/8 is loopback on Linux).
 
-    def __init__(self) -> None:
+    B is drawn at random once per state directory (and kept there), so two local nodes on one
+    machine (a test suite's and `vlmpool dev`'s) never hand out the same address."""
+
+    def __init__(self, state_dir: Path | None = None) -> None:
         self._by_uid: dict[str, str] = {}
+        self.block = self._block(state_dir)
+
+    @staticmethod
+    def _block(state_dir: Path | None) -> int:
+        import random
+
+        path = state_dir / "ipam-block" if state_dir else None
+        if path is not None and path.exists():
+            return int(path.read_text().strip())
+        block = random.randint(1, 254)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(f"{block}\n")
+        return block
 
     def allocate(self, uid: str, preferred: str | None = None) -> str:
         if uid in self._by_uid:
             return self._by_uid[uid]
         used = set(self._by_uid.values())
-        if preferred and preferred.startswith("127.") and preferred not in used:
+        if preferred and preferred.startswith(f"127.{self.block}.") and preferred not in used:
             self._by_uid[uid] = preferred
             return preferred
         for third in range(1, 255):
             for fourth in range(1, 255):
-                ip = f"127.0.{third}.{fourth}"
+                ip = f"127.{self.block}.{third}.{fourth}"
                 if ip not in used:
                     self._by_uid[uid] = ip
                     return ip
@@ -768,7 +785,7 @@ class ProcessKubelet:
         self.state_dir = Path(state_dir)
         self.node = node or NodeConfig()
         self.api_host, self.api_port = api_host, api_port
-        self.ipam = IPAM()
+        self.ipam = IPAM(self.state_dir)
         self.workers: dict[str, PodWorker] = {}
         self.http: aiohttp.ClientSession | None = None  # probes
         self._stop = asyncio.Event()

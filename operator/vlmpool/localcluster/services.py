@@ -69,6 +69,14 @@ class ServiceForwarder:
             except Exception:  # noqa: BLE001
                 pass
 
+    async def wait_ready(self, timeout: float = 60.0) -> bool:
+        """Wait until the Service has a ready pod (as a client of a real Service would be refused
+        meanwhile, not left hanging)."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not self._targets and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.2)
+        return bool(self._targets)
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         targets = self._targets
         if not targets:
