@@ -112,3 +112,14 @@ def test_parse_key_forms():
     assert (p.kind, p.had_adapter_name) == ("magnitude", True)
     assert parse_key("base_model.model.lm_head.weight") is None
     assert parse_key("base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias") is None
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_patched_adapter_loads_in_the_simulator(family, lora_dirs, tmp_path):
+    """The simulator's add_lora validation (vLLM's checks: config fields, key parsing and mapping,
+    expected modules, shapes within the max rank) accepts what the patcher publishes."""
+    from vlmpool.sim.adapters import validate_adapter
+
+    s = patch_and_publish(str(lora_dirs[family]), "ad", tmp_path / "vol", PatchOptions(family=family, pool_base=POOL_BASE[family]))
+    info = validate_adapter("ad@" + s["version"], s["path"], max_lora_rank=64, family_name=family)
+    assert info.rank == s["rank"] and info.tensors == s["tensorsKept"]
