@@ -25,7 +25,7 @@ from helpers import (
     write_adapter,
 )
 
-from vlmpool.kube.client import JOBS, PODS, SECRETS, VLMADAPTERS, VLMPOOLS
+from vlmpool.kube.client import DEPLOYMENTS, JOBS, PODS, SECRETS, VLMADAPTERS, VLMPOOLS
 
 pytestmark = pytest.mark.apiserver
 
@@ -90,7 +90,8 @@ async def _n(coro, n):
     return items if len(items) == n else None
 
 
-async def test_adapter_patch_push_swap_and_delete(kube, namespace, operator, adapter_root, tmp_path, pod_processes):
+async def test_adapter_patch_push_swap_and_delete(kube, kubectl, namespace, operator, adapter_root, tmp_path,
+                                                  pod_processes):
     ns = namespace
     op = await operator()
     admin_port = free_port()
@@ -132,6 +133,22 @@ async def test_adapter_patch_push_swap_and_delete(kube, namespace, operator, ada
     pool_st = (await kube.get(VLMPOOLS, "pool", ns))["status"]
     assert pool_st["adaptersReady"] == "1/1" and pool_st["desiredStateGeneration"] >= 2
     assert len(await patch_jobs(kube, ns, "ad1")) == 1  # nothing ran twice
+
+    # `kubectl get` shows the printer columns from the status the operator writes.
+    table = kubectl("get", "vlma", "ad1", "-n", ns).stdout
+    assert "Ready" in table and "v1aaaa" in table and "2/2" in table, table
+    table = kubectl("get", "vlmp", "pool", "-n", ns).stdout
+    assert "2/2" in table and "1/1" in table, table
+
+    # Concurrency is pushed at run time: every pod gets it, the Deployment does not roll.
+    dep_gen = (await kube.get(DEPLOYMENTS, "pool", ns))["metadata"]["generation"]
+    await kube.patch(VLMPOOLS, "pool", {"spec": {"proxy": {"concurrency": 9}}}, ns)
+
+    async def concurrency_9():
+        states = [await admin_state(ip, admin_port, token) for ip in ips.values()]
+        return all(s["concurrency"] == 9 for s in states)
+    await eventually(concurrency_9, what="concurrency 9 on every pod")
+    assert (await kube.get(DEPLOYMENTS, "pool", ns))["metadata"]["generation"] == dep_gen
 
     # A new source is a new spec digest: a second Job; the old version serves until the new is in.
     await kube.patch(VLMADAPTERS, "ad1", {"spec": {"source": {"uri": f"file://{src}-v2"}}}, ns)

@@ -60,7 +60,8 @@ def test_deployment_defaults():
     px = container(dep, "proxy")
     assert px["command"] == ["vlmpool"] and px["args"][0] == "proxy"
     assert flag(px["args"], "--engine-url") == "http://127.0.0.1:8000"
-    assert flag(px["args"], "--admin-port") == "8081" and flag(px["args"], "--concurrency") == "16"
+    assert flag(px["args"], "--admin-port") == "8081" and "--concurrency" not in px["args"]
+    assert flag(px["args"], "--queue-limit") == "128" and flag(px["args"], "--request-timeout") == "120"
     assert {p["name"]: p["containerPort"] for p in px["ports"]} == {"http": 8080, "admin": 8081}
     assert px["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert px["livenessProbe"]["httpGet"]["path"] == "/healthz"
@@ -129,6 +130,10 @@ def test_service_and_secret():
     assert svc["spec"]["selector"] == {"vlmpool.io/pool": "vision", "app.kubernetes.io/component": "server"}
     sec = MP.admin_secret(pool(), "t0k3n")
     assert sec["stringData"] == {"token": "t0k3n"} and sec["metadata"]["ownerReferences"][0]["uid"] == "pool-uid"
+
+
+def test_concurrency_change_does_not_touch_the_pod_template():
+    assert MP.deployment(pool(proxy={"concurrency": 3})) == MP.deployment(pool(proxy={"concurrency": 64}))
 
 
 def test_builders_are_pure():

@@ -106,6 +106,8 @@ def engine_args(spec: VLMPoolSpec) -> list[str]:
 
 
 def proxy_args(spec: VLMPoolSpec) -> list[str]:
+    """The proxy's command line. Concurrency is not in it: the operator pushes it at run time, so
+    changing it never rolls the (GPU) pods; the proxy is not ready before that first push anyway."""
     px = spec.proxy
     return [
         "proxy",
@@ -113,8 +115,6 @@ def proxy_args(spec: VLMPoolSpec) -> list[str]:
         "--port", str(px.port),
         "--admin-port", str(px.admin_port),
         "--base-model", spec.served_name(),
-        # Concurrency in effect before the operator's first push (each push then sets it).
-        "--concurrency", str(px.concurrency),
         "--queue-limit", str(px.queue_limit),
         "--queue-timeout", f"{px.queue_timeout_seconds:g}",
         "--request-timeout", f"{px.request_timeout_seconds:g}",
