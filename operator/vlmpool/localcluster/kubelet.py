@@ -420,22 +420,15 @@ class PodWorker:
             vf = e["valueFrom"]
             if "fieldRef" in vf:
                 env[e["name"]] = self._field(vf["fieldRef"]["fieldPath"])
-            elif "secretKeyRef" in vf:
-                ref = vf["secretKeyRef"]
-                data = await self._secret_data(ref["name"], ref.get("optional", False))
+            elif "secretKeyRef" in vf or "configMapKeyRef" in vf:
+                kind, ref = ("Secret", vf["secretKeyRef"]) if "secretKeyRef" in vf else ("ConfigMap", vf["configMapKeyRef"])
+                read = self._secret_data if kind == "Secret" else self._configmap_data
+                data = await read(ref["name"], ref.get("optional", False))
                 if ref["key"] in data:
                     env[e["name"]] = data[ref["key"]].decode()
                 elif not ref.get("optional"):
-                    raise RuntimeRefusal("CreateContainerConfigError", f"couldn't find key {ref['key']} in Secret "
-                                         f"{self.ns}/{ref['name']}")
-            elif "configMapKeyRef" in vf:
-                ref = vf["configMapKeyRef"]
-                data = await self._configmap_data(ref["name"], ref.get("optional", False))
-                if ref["key"] in data:
-                    env[e["name"]] = data[ref["key"]].decode()
-                elif not ref.get("optional"):
-                    raise RuntimeRefusal("CreateContainerConfigError", f"couldn't find key {ref['key']} in "
-                                         f"ConfigMap {self.ns}/{ref['name']}")
+                    raise RuntimeRefusal("CreateContainerConfigError",
+                                         f"couldn't find key {ref['key']} in {kind} {self.ns}/{ref['name']}")
             elif "resourceFieldRef" in vf:
                 env[e["name"]] = "0"
         env = {k: rewrite_loopback(v, self.ip) for k, v in env.items()}
