@@ -148,3 +148,18 @@ def test_randomized_svd_is_reproducible_and_near_optimal(dora_dir, base_dirs, re
         assert errs[_module_key(rk)] == pytest.approx(reported, abs=1e-4)
         # Eckart-Young: the exact truncation is optimal; the randomized one is close to it
         assert rep_exact["dora"]["per_module"][rk] - 1e-6 <= reported <= rep_exact["dora"]["per_module"][rk] * 1.05 + 1e-4
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_svd_full_rank_other_families(family, base_dirs, tmp_path):
+    src = make_adapter(family, tmp_path / "d", dora=True, r=4, alpha=8)
+    dora = load_peft(family, src)
+    ids = torch.randint(0, 250, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = dora(input_ids=ids).logits
+    s = patch_and_publish(str(src), "ad", tmp_path / "vol", PatchOptions(
+        family=family, pool_base=POOL_BASE[family], dora_policy="svd", svd_rank=64, base_weights=base_dirs[family], device="cpu"))
+    assert s["doraError"] < 1e-5
+    with torch.no_grad():
+        got = load_peft(family, tmp_path / "vol" / "ad" / "current")(input_ids=ids).logits
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)

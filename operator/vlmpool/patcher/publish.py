@@ -196,6 +196,7 @@ def publish(root: Path | str, adapter: str, version: str, config_bytes: bytes, w
         if not cur.is_symlink() or os.readlink(cur) != target:
             tmp = adir / f".current.tmp-{secrets.token_hex(4)}"
             os.symlink(target, tmp)
+            _fsync_path(adir, directory=True)  # the new link is durable before it replaces the old one
             _crash_point("link-created")
             os.rename(tmp, cur)
             _crash_point("current-swapped")
