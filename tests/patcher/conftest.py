@@ -155,6 +155,7 @@ def hf_server(monkeypatch):
     """The parts of the Hugging Face Hub HTTP API that huggingface_hub uses to list a repository's tree
     and download files: /api/models/<repo>/tree/<rev> and /<repo>/resolve/<rev>/<path>.
     `.repos[(repo, rev)] = {path: bytes}`."""
+    pytest.importorskip("huggingface_hub", reason="hf:// sources need the [hf] extra")
     from aiohttp import web
 
     repos: dict[tuple[str, str], dict[str, bytes]] = {}
@@ -209,6 +210,7 @@ def hf_server(monkeypatch):
 def s3_server(monkeypatch):
     """The S3 REST calls boto3 makes to list a prefix and get objects (ListObjectsV2, GetObject),
     path-style on loopback. `.buckets[bucket][key] = bytes`. Signatures are not checked."""
+    pytest.importorskip("boto3", reason="s3:// sources need the [s3] extra")
     from aiohttp import web
 
     buckets: dict[str, dict[str, bytes]] = {}
