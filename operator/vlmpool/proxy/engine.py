@@ -1,9 +1,10 @@
-"""Async HTTP client of the in-pod engine (vLLM, or `vlmpool sim`).
+"""Admin-side HTTP client of the in-pod engine (vLLM, or `vlmpool sim`): LoRA load/unload, the model
+list and /health, on one aiohttp session; plus the engine error helpers (body parsing, the self-heal
+trigger). Generations use the lean client in upstream.py.
 
-One shared aiohttp session. Its connection pool is unbounded: the proxy's concurrency limiter is the
-only cap on generations, so the pool is always at least as large as the limit (vLLM batches, a pool
-cap would only queue invisibly). Keep-alive connections are dropped after ``keepalive_s`` (shorter than
-uvicorn's 5 s default) so a request never goes out on a connection the engine has already closed.
+The session's connection pool is unbounded and keep-alive connections are dropped after
+``keepalive_s`` (shorter than uvicorn's 5 s default), so a call never goes out on a connection the
+engine has already closed.
 """
 
 from __future__ import annotations
@@ -82,9 +83,7 @@ class EngineClient:
         self.connect_timeout = connect_timeout
         self._keepalive_s = keepalive_s
         self._session: aiohttp.ClientSession | None = None
-        # whole-call timeout for non-streaming calls; streams get an idle (per-read) timeout instead
         self.timeout_total = aiohttp.ClientTimeout(total=request_timeout, connect=connect_timeout)
-        self.timeout_stream = aiohttp.ClientTimeout(total=None, connect=connect_timeout, sock_read=request_timeout)
 
     async def start(self) -> None:
         if self._session is None:

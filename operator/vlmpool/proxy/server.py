@@ -41,7 +41,6 @@ access_log = get_logger("access")
 UPSTREAM_MESSAGE_CHARS = 300
 MODERATION_MARKERS = ("data_inspection_failed", "inappropriate")
 REQUEST_ID_RE = re.compile(r"^[\x21-\x7e]{1,200}$")
-GENERATION_ROUTES = ("/v1/chat/completions", "/v1/completions")
 
 
 @dataclass(slots=True)
@@ -157,7 +156,6 @@ class Proxy:
         self._token = (config.admin_token or "").encode()
         self._created = int(time.time())
         self.shutting_down = False
-        self._url = config.engine_url.rstrip("/")
         self.upstream = Upstream(config.engine_url, keepalive_s=4.0)
 
     # -- lifecycle ----------------------------------------------------------------------------
