@@ -6,73 +6,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-POOL_BASE = {
-    "qwen2_vl": "Qwen/Qwen2-VL-2B-Instruct",
-    "qwen2_5_vl": "Qwen/Qwen2.5-VL-3B-Instruct",
-    "qwen3_vl": "Qwen/Qwen3-VL-2B-Instruct",
-}
-LANG_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-VISION_TARGETS = {"qwen2_vl": ["qkv", "fc1"], "qwen2_5_vl": ["qkv"], "qwen3_vl": ["qkv", "linear_fc1"]}
-
-_TEXT = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-             num_attention_heads=4, num_key_value_heads=2,
-             rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]})
-
-
-def tiny_model(family: str, seed: int = 0):
-    """A tiny model of the family: same module tree as the real checkpoints, random weights (the
-    same for the same seed, so a fresh copy of the base is one call away)."""
-    import torch
-    import transformers as tf
-
-    torch.manual_seed(seed)
-    tokens = dict(bos_token_id=None, eos_token_id=None, image_token_id=250, video_token_id=251,
-                  vision_start_token_id=252, vision_end_token_id=253)
-    if family == "qwen2_vl":
-        cfg = tf.Qwen2VLConfig(text_config=dict(_TEXT), vision_config=dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2), **tokens)
-        cls = tf.Qwen2VLForConditionalGeneration
-    elif family == "qwen2_5_vl":
-        cfg = tf.Qwen2_5_VLConfig(text_config=dict(_TEXT), vision_config=dict(depth=1, hidden_size=32, intermediate_size=64,
-                                  out_hidden_size=64, num_heads=2, fullatt_block_indexes=[0]), **tokens)
-        cls = tf.Qwen2_5_VLForConditionalGeneration
-    elif family == "qwen3_vl":
-        cfg = tf.Qwen3VLConfig(text_config=dict(_TEXT, head_dim=16), vision_config=dict(depth=2, hidden_size=32, intermediate_size=64,
-                               out_hidden_size=64, num_heads=2, deepstack_visual_indexes=[1], num_position_embeddings=64), **tokens)
-        cls = tf.Qwen3VLForConditionalGeneration
-    else:
-        raise ValueError(family)
-    return cls(cfg).eval()
-
-
-def make_adapter(family: str, out: Path, *, targets=None, r: int = 8, alpha: int = 16, dora: bool = False,
-                 rslora: bool = False, modules_to_save=None, train_vision: bool = False, seed: int = 1,
-                 base_name: str | None = "default", magnitude_jitter: float = 0.2,
-                 train_vision_magnitude: bool = False) -> Path:
-    """Save a real PEFT adapter for the tiny model, as if trained: language lora_B and DoRA
-    magnitudes randomised; vision lora_B left at PEFT's zero init unless train_vision."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    model = tiny_model(family)
-    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets or LANG_TARGETS), use_dora=dora,
-                     use_rslora=rslora, modules_to_save=modules_to_save, lora_dropout=0.0)
-    pm = get_peft_model(model, cfg)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in pm.named_parameters():
-            vision = "visual." in name
-            if "lora_B" in name and (train_vision or not vision):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-            elif "lora_magnitude_vector" in name and (train_vision_magnitude or not vision):
-                p.mul_(1 + magnitude_jitter * torch.rand(p.shape, generator=g))
-    pm.save_pretrained(out)
-    if base_name is not None:
-        cfg_path = out / "adapter_config.json"
-        data = json.loads(cfg_path.read_text())
-        data["base_model_name_or_path"] = POOL_BASE[family] if base_name == "default" else base_name
-        cfg_path.write_text(json.dumps(data, indent=2))
-    return out
+from vlmpool.testing.adapters import (  # noqa: F401 - re-exported for the patcher tests
+    FAMILIES,
+    LANG_TARGETS,
+    POOL_BASE,
+    VISION_TARGETS,
+    make_adapter,
+    tiny_model,
+)
 
 
 def edit_config(adapter_dir: Path, **changes) -> None:

@@ -48,9 +48,11 @@ def tiny_model(family: str, seed: int = 0):
 
 def make_adapter(family: str, out: Path, *, targets=None, r: int = 8, alpha: int = 16, dora: bool = False,
                  rslora: bool = False, modules_to_save=None, train_vision: bool = False, seed: int = 1,
-                 base_name: str | None = "default", magnitude_jitter: float = 0.2) -> Path:
+                 base_name: str | None = "default", magnitude_jitter: float = 0.2,
+                 train_vision_magnitude: bool = False) -> Path:
     """Save a real PEFT adapter for the tiny model, as if trained: language lora_B and DoRA
-    magnitudes randomised; vision lora_B left at PEFT's zero init unless train_vision."""
+    magnitudes randomised; vision lora_B (and magnitudes) left at PEFT's init unless train_vision
+    (train_vision_magnitude)."""
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -64,7 +66,7 @@ def make_adapter(family: str, out: Path, *, targets=None, r: int = 8, alpha: int
             vision = "visual." in name
             if "lora_B" in name and (train_vision or not vision):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-            elif "lora_magnitude_vector" in name and not vision:
+            elif "lora_magnitude_vector" in name and (train_vision_magnitude or not vision):
                 p.mul_(1 + magnitude_jitter * torch.rand(p.shape, generator=g))
     pm.save_pretrained(out)
     if base_name is not None:
