@@ -14,7 +14,6 @@ from helpers import (
     admin_state,
     eventually,
     free_port,
-    job_pods,
     loopback_block,
     report_running,
     report_terminated,
