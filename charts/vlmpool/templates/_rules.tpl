@@ -65,6 +65,7 @@
   - list
   - watch
   - create
+  - delete
 - apiGroups:
   - ''
   resources:

@@ -1,0 +1,200 @@
+"""The chart without a cluster: lint, what it renders for the default and the variant values, the
+schema refusing bad values with its message, and what `helm package` ships."""
+
+from __future__ import annotations
+
+import tarfile
+
+import pytest
+
+from conftest import CHART, VARIANTS, by_kind, one, variant_args
+
+PINNED = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+
+
+@pytest.mark.parametrize("variant", ["default", *VARIANTS])
+def test_lint(helm, variant):
+    res = helm.run("lint", str(CHART), "--strict", "--kube-version", "1.35.4", *variant_args(variant))
+    assert "1 chart(s) linted, 0 chart(s) failed" in res.stdout, res.stdout
+
+
+def _operator(docs):
+    dep = one(docs, "Deployment")
+    return dep, dep["spec"]["template"]["spec"], dep["spec"]["template"]["spec"]["containers"][0]
+
+
+def test_default_render_is_a_cluster_wide_operator_with_exactly_the_operator_rules(helm):
+    from vlmpool.controller.rbac import RULES
+
+    docs = helm.template()
+    assert sorted(d["kind"] for d in docs) == ["ClusterRole", "ClusterRoleBinding", "Deployment", "Service",
+                                               "ServiceAccount"]
+    role = one(docs, "ClusterRole")
+    assert role["rules"] == RULES
+    binding = one(docs, "ClusterRoleBinding")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "vlmpool-operator", "namespace": "vlmpool-system"}]
+
+    dep, pod, c = _operator(docs)
+    assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"] == {"type": "Recreate"}
+    assert pod["serviceAccountName"] == "vlmpool-operator"
+    assert c["image"] == "ghcr.io/vlmpool/vlmpool-operator:0.1.0"
+    assert c["command"] == ["vlmpool", "operator"]
+    assert c["args"] == ["--all-namespaces", "--metrics-host=0.0.0.0", "--metrics-port=8080", "--resync-seconds=60",
+                         "--push-timeout=10", "--push-parallelism=16", "--adapter-root=/var/lib/vlmpool/adapters",
+                         "--log-level=INFO", "--patch-image=ghcr.io/vlmpool/vlmpool-patcher:0.1.0"]
+    assert c["ports"] == [{"name": "metrics", "containerPort": 8080, "protocol": "TCP"}]
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    assert c["resources"]["requests"] and c["resources"]["limits"]["memory"]
+    sc = c["securityContext"]
+    assert sc["runAsNonRoot"] is True and sc["readOnlyRootFilesystem"] is True
+    assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"] == {"drop": ["ALL"]}
+    assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["securityContext"]["runAsUser"] == 65532
+    svc = one(docs, "Service")
+    assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
+    assert svc["spec"]["ports"][0]["targetPort"] == "metrics"
+
+
+def test_watching_namespaces_grants_roles_there_and_nothing_cluster_wide(helm):
+    from vlmpool.controller.rbac import RULES
+
+    docs = helm.template(*variant_args("namespaced"))
+    assert not by_kind(docs, "ClusterRole") and not by_kind(docs, "ClusterRoleBinding")
+    roles = by_kind(docs, "Role")
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
+    assert all(r["rules"] == RULES for r in roles)
+    bindings = by_kind(docs, "RoleBinding")
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
+    for b in bindings:
+        assert b["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "vlmpool-operator"}
+        assert b["subjects"][0]["namespace"] == "vlmpool-system"
+    _, _, c = _operator(docs)
+    assert c["args"][:3] == ["--namespace=team-a", "--namespace=team-b", "--metrics-host=0.0.0.0"]
+    assert "--all-namespaces" not in c["args"]
+
+
+def test_network_policy_admits_only_the_operator_on_the_admin_port(helm):
+    docs = helm.template(*variant_args("namespaced"))
+    _, pod, _ = _operator(docs)
+    op_labels = one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    policies = by_kind(docs, "NetworkPolicy")
+    assert sorted(p["metadata"]["namespace"] for p in policies) == ["team-a", "team-b"]
+    for p in policies:
+        spec = p["spec"]
+        # The pods the operator labels as pool servers (manifests/common.py).
+        from vlmpool.manifests.common import COMPONENT_SERVER, L_COMPONENT, L_MANAGED_BY, MANAGED_BY
+        assert spec["podSelector"] == {"matchLabels": {L_MANAGED_BY: MANAGED_BY, L_COMPONENT: COMPONENT_SERVER}}
+        assert spec["policyTypes"] == ["Ingress"]
+        admin, http, extra = spec["ingress"]
+        assert admin["ports"] == [{"port": "admin", "protocol": "TCP"}]
+        assert admin["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "vlmpool-system"}},
+                                  "podSelector": {"matchLabels": op_labels}}]
+        assert http["ports"] == [{"port": "http", "protocol": "TCP"}]
+        assert http["from"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "gateway"}
+        assert extra["ports"] == [{"port": "engine", "protocol": "TCP"}]
+    # The named ports exist on the pool pods the operator builds.
+    from vlmpool.manifests.pool import pod_template
+
+    pool = {"apiVersion": "vlmpool.io/v1alpha1", "kind": "VLMPool",
+            "metadata": {"name": "p", "namespace": "team-a", "uid": "u"},
+            "spec": {"model": {"name": "Qwen/Qwen2.5-VL-3B-Instruct", "family": "qwen2_5_vl"}}}
+    tpl = pod_template(pool)
+    ports = {p["name"] for c in tpl["spec"]["containers"] for p in c.get("ports", [])}
+    assert {"admin", "http", "engine"} <= ports
+    from vlmpool.manifests.common import L_COMPONENT, L_MANAGED_BY
+    assert {L_MANAGED_BY, L_COMPONENT} <= set(tpl["metadata"]["labels"])
+
+
+def test_cluster_wide_watch_renders_no_policy_unless_namespaces_are_listed(helm):
+    assert not by_kind(helm.template(), "NetworkPolicy")
+    docs = helm.template("--set", "networkPolicy.namespaces={team-x}")
+    assert [p["metadata"]["namespace"] for p in by_kind(docs, "NetworkPolicy")] == ["team-x"]
+    assert not by_kind(helm.template("-f", str(CHART.parent.parent / "tests/helm/values/namespaced.yaml"),
+                                     "--set", "networkPolicy.enabled=false"), "NetworkPolicy")
+
+
+def test_monitoring_objects(helm):
+    docs = helm.template(*variant_args("monitoring"))
+    sm = one(docs, "ServiceMonitor")
+    svc = one(docs, "Service")
+    assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+    assert sm["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "15s", "scrapeTimeout": "5s"}]
+    assert sm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    pm = one(docs, "PodMonitor")
+    assert pm["spec"]["podMetricsEndpoints"][0]["port"] == "http"
+    assert pm["spec"]["namespaceSelector"] == {"any": True}
+
+
+def test_pinned_images_and_externally_managed_identity(helm):
+    docs = helm.template(*variant_args("pinned"))
+    assert sorted(d["kind"] for d in docs) == ["Deployment"]
+    _, pod, c = _operator(docs)
+    assert c["image"] == f"registry.example.com:5000/platform/vlmpool-operator@{PINNED}"
+    assert c["imagePullPolicy"] == "Always"
+    patch = next(a for a in c["args"] if a.startswith("--patch-image="))
+    assert patch.startswith("--patch-image=registry.example.com:5000/platform/vlmpool-patcher@sha256:fedcba98")
+    assert pod["serviceAccountName"] == "platform-vlmpool"
+    assert pod["imagePullSecrets"] == [{"name": "registry-credentials"}]
+    assert pod["tolerations"][0]["key"] == "node-role.kubernetes.io/control-plane"
+    assert c["resources"]["limits"] == {"cpu": "1", "memory": "1Gi"}
+
+
+def test_extras(helm):
+    docs = helm.template(*variant_args("extras"))
+    dep, pod, c = _operator(docs)
+    assert dep["metadata"]["name"] == "platform-vlmpool-operator" and dep["spec"]["replicas"] == 0
+    assert not any(a.startswith("--patch-image") for a in c["args"])  # Jobs use each pool's proxy image
+    assert c["args"][-1] == "--push-parallelism=8" and "--adapter-root=/data/adapters" in c["args"]
+    assert c["ports"][0]["containerPort"] == 9090
+    assert {"name": "VLMPOOL_EXAMPLE", "value": "1"} in c["env"]
+    assert c["volumeMounts"] == [{"name": "scratch", "mountPath": "/tmp"}]
+    assert pod["volumes"] == [{"name": "scratch", "emptyDir": {"sizeLimit": "64Mi"}}]
+    assert pod["priorityClassName"] == "system-cluster-critical"
+    tpl_meta = dep["spec"]["template"]["metadata"]
+    assert tpl_meta["annotations"]["example.com/team"] == "platform"
+    assert tpl_meta["labels"]["example.com/tier"] == "control"
+    assert one(docs, "Service")["spec"]["ports"][0]["port"] == 9090
+
+
+BAD_VALUES = [
+    (["--set", "operator.replicas=2"], "/operator/replicas", "maximum"),
+    (["--set", "operator.logLevel=TRACE"], "/operator/logLevel", "DEBUG"),
+    (["--set", "operator.resyncSeconds=0"], "/operator/resyncSeconds", "exclusiveMinimum"),
+    (["--set", "operator.metricsPort=70000"], "/operator/metricsPort", "maximum"),
+    (["--set", "operator.securityContext.readOnlyRootFilesystem=false"],
+     "/operator/securityContext/readOnlyRootFilesystem", "true"),
+    (["--set", "operator.securityContext.runAsNonRoot=false"], "/operator/securityContext/runAsNonRoot", "true"),
+    (["--set", "watch.namespaces={Team_A}"], "/watch/namespaces/0", "does not match pattern"),
+    (["--set", "image.digest=sha256:abc"], "/image/digest", "does not match pattern"),
+    (["--set", "image.pullPolicy=Sometimes"], "/image/pullPolicy", "Always"),
+    (["--set", "operator.replica=1"], "/operator", "replica"),
+    (["--set", "serviceMonitor.interval=soon"], "/serviceMonitor/interval", "does not match pattern"),
+]
+
+
+@pytest.mark.parametrize("args,path,words", BAD_VALUES, ids=[a[1] for a, _, _ in BAD_VALUES])
+def test_bad_values_are_refused_with_the_schema_message(helm, args, path, words):
+    res = helm.run("template", "vlmpool", str(CHART), *args, check=False)
+    assert res.returncode != 0
+    assert "values don't meet the specifications of the schema(s)" in res.stderr, res.stderr
+    assert path in res.stderr and words in res.stderr, res.stderr
+
+
+def test_a_missing_service_account_name_is_refused(helm):
+    res = helm.run("template", "vlmpool", str(CHART), "--set", "serviceAccount.create=false", check=False)
+    assert res.returncode != 0
+    assert "serviceAccount.name is required when serviceAccount.create is false" in res.stderr
+
+
+def test_package_ships_the_crds_and_not_the_generator(helm, tmp_path):
+    helm.run("package", str(CHART), "--destination", str(tmp_path))
+    with tarfile.open(tmp_path / "vlmpool-0.1.0.tgz") as tar:
+        names = set(tar.getnames())
+        crds = {n for n in names if n.startswith("vlmpool/crds/")}
+        assert crds == {"vlmpool/crds/vlmpool.io_vlmadapters.yaml", "vlmpool/crds/vlmpool.io_vlmpools.yaml"}
+        for n in crds:
+            assert tar.extractfile(n).read() == (CHART.parent.parent / "crds" / n.rsplit("/", 1)[1]).read_bytes()
+        assert not any("/hack/" in n for n in names)
+        assert "vlmpool/values.schema.json" in names
