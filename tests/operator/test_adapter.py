@@ -24,7 +24,7 @@ from helpers import (
     write_adapter,
 )
 
-from vlmpool.kube.client import DEPLOYMENTS, JOBS, PODS, SECRETS, VLMADAPTERS, VLMPOOLS
+from vlmpool.kube.client import DEPLOYMENTS, EVENTS, JOBS, PODS, SECRETS, VLMADAPTERS, VLMPOOLS
 
 pytestmark = pytest.mark.apiserver
 
@@ -318,3 +318,42 @@ async def test_pod_restart_gets_the_state_again(kube, namespace, operator, adapt
     assert len(await patch_jobs(kube, ns, "ad")) == 1
     await eventually(lambda: adapter_status(kube, ns, "ad", phase="Ready", servedName="acme/renamed"),
                      what="status with the new name")
+
+
+async def test_unreachable_pod_degrades_the_pool_and_recovers(kube, namespace, operator, adapter_root, tmp_path,
+                                                              pod_processes):
+    ns = namespace
+    await operator()
+    admin_port = free_port()
+    await kube.create(pool_obj("pool", 1, admin_port, free_port(), free_port()), ns)
+    await kube.create(adapter_obj("ad", "pool", f"file://{tmp_path}/src"), ns)
+    (job,) = await eventually(lambda: patch_jobs(kube, ns, "ad"), what="the Job")
+    await complete_patch(kube, ns, job["metadata"]["name"], adapter_root, "ad", "v1")
+    # The pod is reported Running, but nothing listens on its address yet.
+    (pod,) = await eventually(lambda: _n(kube.list(PODS, ns, label_selector="vlmpool.io/pool=pool,"
+                                                   "app.kubernetes.io/component=server"), 1), what="the pod")
+    ip = f"{loopback_block()}2"
+    await report_running(kube, pod, ip)
+
+    async def degraded():
+        st = (await kube.get(VLMPOOLS, "pool", ns)).get("status") or {}
+        c = next((c for c in st.get("conditions") or [] if c["type"] == "Degraded"), {})
+        return st if c.get("status") == "True" and c.get("reason") == "PushFailed" else None
+    await eventually(degraded, what="Degraded/PushFailed")
+    st = await eventually(lambda: adapter_status(kube, ns, "ad", loaded="0/1"), what="0/1 loaded")
+    assert st["phase"] == "Registering" and st["pods"][0]["state"] == "pending" and st["pods"][0]["message"]
+    events = await kube.list(EVENTS, ns, field_selector="involvedObject.name=pool")
+    assert "PushFailed" in {e["reason"] for e in events}
+
+    # The containers come up: the operator's retry (with backoff) reaches them, nothing else needed.
+    secret = await kube.get(SECRETS, "pool-admin-token", ns)
+    token = base64.b64decode(secret["data"]["token"]).decode()
+    pod = await kube.get(PODS, pod["metadata"]["name"], ns)
+    pod_processes.append(await start_pod_processes(pod, ip, token, tmp_path))
+    await eventually(lambda: adapter_status(kube, ns, "ad", phase="Ready", loaded="1/1"), what="Ready after recovery")
+
+    async def recovered():
+        st = (await kube.get(VLMPOOLS, "pool", ns)).get("status") or {}
+        c = next((c for c in st.get("conditions") or [] if c["type"] == "Degraded"), {})
+        return c.get("status") == "False"
+    await eventually(recovered, what="Degraded False again")

@@ -545,10 +545,18 @@ class Reconciler:
                     self.event(pool, "Warning", "PushFailed", f"pod {r.pod}: {r.error}")
                 log.warning("push %s/%s to pod %s failed: %s", ns, pool_name, r.pod, r.error)
             self._pod_ok[key] = r.ok
-        if any(not r.ok for r in results.values()):
+        failed = [r for r in results.values() if not r.ok]
+        degraded = S.get_condition((pool.get("status") or {}).get("conditions") or [], "Degraded")
+        if failed:
             self._schedule_retry(ns, pool_name, st)
+            msg = "; ".join(f"{r.pod}: {r.error}" for r in failed)[:4000]
+            await self._write_pool_status(pool, {}, [("Degraded", "True", "PushFailed",
+                                                      f"{len(failed)}/{len(pods)} pods did not take the state: {msg}")])
         else:
             st.retry_delay = 1.0
+            if degraded and degraded.get("reason") == "PushFailed":
+                await self._write_pool_status(pool, {}, [("Degraded", "False", "PushSucceeded",
+                                                          f"every running pod took generation {st.generation}")])
         pod_names = [p["metadata"]["name"] for p in pods]
         await self._record_loads(pool, adapters, state, conflicts, pod_names, results)
         return PushSummary(pool_name, st.generation, pod_names, results, state)
