@@ -203,3 +203,40 @@ def test_pool_status_from_the_deployment():
     assert {c[0]: c[1:3] for c in conds} == {"Ready": ("False", "PodsNotReady"), "Progressing": ("True", "RollingOut")}
     fields, conds = S.deployment_status({"metadata": {}, "spec": {"replicas": 0}}, {"metadata": {}, "status": {}})
     assert conds[0][2] == "ScaledToZero"
+
+
+async def test_concurrent_pushes_of_a_pool_coalesce_and_never_overlap():
+    import asyncio
+
+    from vlmpool.controller.reconciler import PushSummary, Reconciler
+
+    class Recording(Reconciler):
+        def __init__(self):
+            super().__init__(kube=None)  # type: ignore[arg-type]
+            self.running = 0
+            self.max_running = 0
+            self.calls = 0
+
+        async def _push(self, ns, pool, st):
+            self.calls += 1
+            self.running += 1
+            self.max_running = max(self.max_running, self.running)
+            await asyncio.sleep(0.05)
+            self.running -= 1
+            return PushSummary(pool, self.calls, [], {}, {})
+
+    r = Recording()
+    first = asyncio.create_task(r.push_pool("ns", "p"))
+    await asyncio.sleep(0.01)  # the first push is running; the next five share one push after it
+    results = await asyncio.gather(first, *(r.push_pool("ns", "p") for _ in range(5)))
+    assert r.calls == 2 and r.max_running == 1
+    assert [x.generation for x in results] == [1, 2, 2, 2, 2, 2]
+    # A waiter cancelled while queued does not strand the callers sharing its push.
+    blocker = asyncio.create_task(r.push_pool("ns", "p"))
+    await asyncio.sleep(0.01)
+    queued = asyncio.create_task(r.push_pool("ns", "p"))
+    await asyncio.sleep(0.01)
+    queued.cancel()
+    later = await asyncio.wait_for(r.push_pool("ns", "p"), 2)
+    await blocker
+    assert later.generation == 4

@@ -494,15 +494,23 @@ class Reconciler:
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
         fut.add_done_callback(lambda f: f.cancelled() or f.exception())
         st.pending = fut
-        async with st.lock:
-            st.pending = None
-            try:
+        try:
+            async with st.lock:
+                if st.pending is fut:
+                    st.pending = None
                 res = await self._push(ns, pool, st)
-            except BaseException as e:
-                fut.set_exception(e)
-                raise
-            fut.set_result(res)
-            return res
+        except BaseException as e:
+            # Also when cancelled while waiting: callers sharing this push must not wait forever.
+            if st.pending is fut:
+                st.pending = None
+            if not fut.done():
+                if isinstance(e, asyncio.CancelledError):
+                    fut.cancel()
+                else:
+                    fut.set_exception(e)
+            raise
+        fut.set_result(res)
+        return res
 
     async def _push(self, ns: str, pool_name: str, st: _PoolPush) -> PushSummary | None:
         pool = await self.kube.get_or_none(VLMPOOLS, pool_name, ns)
