@@ -3,8 +3,9 @@
 - "local": the local cluster (`vlmpool dev`'s DevCluster: real control plane, process kubelet) with the
   operator as a host process under a user bound to its ClusterRole;
 - "helm": the same local cluster without that operator; the Helm chart (charts/vlmpool) is installed
-  and its Deployment runs the operator as a pod under the process kubelet, with the chart's service
-  account and RBAC. Stopping and starting the operator scale that Deployment to 0 and back to 1;
+  (watching the suite's namespace: a Role there, nothing cluster-wide) and its Deployment runs the
+  operator as a pod under the process kubelet, with the chart's service account and RBAC. Stopping
+  and starting the operator scale that Deployment to 0 and back to 1;
 - "external": VLMPOOL_E2E_KUBECONFIG names a cluster (kind, via `make kind-e2e`) where the chart is
   already installed; pods are reached through `kubectl port-forward` and `kubectl exec`.
 
@@ -34,6 +35,7 @@ HELM_RELEASE, HELM_NAMESPACE = "vlmpool", "vlmpool-system"
 OPERATOR_SELECTOR = ("app.kubernetes.io/name=vlmpool,app.kubernetes.io/instance=vlmpool,"
                      "app.kubernetes.io/component=operator")
 RESYNC_SECONDS = 15
+E2E_NAMESPACE = "e2e"  # the namespace test_e2e.py works in
 
 
 def _modes() -> list[str]:
@@ -138,9 +140,12 @@ class HelmE2E(ChartOperator, LocalE2E):
         self.helm = helm
 
     def install(self) -> None:
+        # The chart's most restrictive shape: the operator watches the suite's namespace only, with a
+        # Role there and no cluster-wide permission (tests/helm checks the cluster-wide RBAC).
+        self.kubectl("create", "namespace", E2E_NAMESPACE, check=False)
         cmd = [str(self.helm), "install", HELM_RELEASE, str(CHART), "--kubeconfig", str(self.kubeconfig),
                "--namespace", HELM_NAMESPACE, "--create-namespace", "--wait", "--timeout", "180s",
-               "--set", f"operator.resyncSeconds={RESYNC_SECONDS}"]
+               "--set", f"operator.resyncSeconds={RESYNC_SECONDS}", "--set", f"watch.namespaces={{{E2E_NAMESPACE}}}"]
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
         if res.returncode != 0:
             raise RuntimeError(f"helm install failed ({res.returncode}): {res.stderr.strip()}\n{self._operator_logs()}")
