@@ -48,3 +48,10 @@ clean:
 .PHONY: dev
 dev: install k8s-bins  ## the whole system on this machine: control plane, process kubelet, operator, a quickstart pool
 	VLMPOOL_K8S_BIN="$$(bash hack/k8s-bins.sh | tail -n1)" $(VENV)/bin/vlmpool dev $(DEV_ARGS)
+
+.PHONY: images kind-e2e
+images:  ## build the operator, proxy, patcher and simulator images (needs a Docker engine; fails saying so without one)
+	bash images/build.sh $(IMAGES)
+
+kind-e2e:  ## the e2e suite on a kind cluster: images built and loaded, chart installed, simulator as the engine
+	bash hack/kind-e2e.sh
