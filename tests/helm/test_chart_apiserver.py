@@ -97,8 +97,13 @@ def test_installed_rbac_grants_exactly_the_rules_where_the_operator_watches(helm
     for ns in [*watched, other]:
         cluster.kubectl("create", "namespace", ns)
     try:
-        _helm_in(helm, cluster, "install", "vlmpool", str(CHART), "-n", release_ns, "--create-namespace",
-                 "--set", f"watch.namespaces={{{','.join(watched)}}}")
+        out = _helm_in(helm, cluster, "install", "vlmpool", str(CHART), "-n", release_ns, "--create-namespace",
+                       "--set", f"watch.namespaces={{{','.join(watched)}}}").stdout
+        assert f"The operator watches the namespaces {', '.join(watched)}." in out, out
+        assert "WARNING" not in out
+        policies = json.loads(cluster.kubectl("get", "networkpolicy", "-A", "-l", "app.kubernetes.io/instance=vlmpool",
+                                              "-o", "json").stdout)["items"]
+        assert sorted(p["metadata"]["namespace"] for p in policies) == sorted(watched)
         grants = [g for r in RULES for g in _grants(r)]
         assert grants
         for verb, resource in grants:
@@ -114,7 +119,9 @@ def test_installed_rbac_grants_exactly_the_rules_where_the_operator_watches(helm
         assert [a for a in args if a.startswith("--namespace=")] == [f"--namespace={n}" for n in watched]
 
         # Upgrading to a cluster-wide watch swaps the Roles for a ClusterRole.
-        _helm_in(helm, cluster, "upgrade", "vlmpool", str(CHART), "-n", release_ns, "--set", "watch.namespaces=null")
+        out = _helm_in(helm, cluster, "upgrade", "vlmpool", str(CHART), "-n", release_ns,
+                       "--set", "watch.namespaces=null").stdout
+        assert "The operator watches every namespace." in out and "no NetworkPolicy guards" in out, out
         for verb, resource in grants:
             assert _can(cluster, release_ns, verb, resource, other), (verb, resource)
             assert _can(cluster, release_ns, verb, resource), (verb, resource, "cluster-wide")
