@@ -13,7 +13,7 @@
 #
 # Needs: a Docker engine, kind, go (helm and kubectl come from hack/k8s-bins.sh, cached), the .venv.
 # Env: KIND_CLUSTER (vlmpool-e2e), KIND_NODE_IMAGE (kind's default), WORK (/tmp/vlmpool-kind-e2e),
-#      KEEP_CLUSTER=1 to leave the cluster running, PYTEST_ARGS.
+#      KEEP_CLUSTER=1 to leave the cluster running, PYTEST_ARGS, DOCKER (docker), KIND (kind).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,9 +21,11 @@ die() { echo "kind-e2e: $*" >&2; exit 1; }
 log() { echo "kind-e2e: $*" >&2; }
 
 # ---- preflight: fail fast and say why ---------------------------------------------------------------
-command -v docker >/dev/null 2>&1 || die "docker is not installed; the kind path needs a Docker engine (the local e2e suite needs none: make test)"
-docker info >/dev/null 2>&1 || die "no Docker engine answers ('docker info' failed); start Docker or set DOCKER_HOST. The local e2e suite needs none: make test"
-command -v kind >/dev/null 2>&1 || die "kind is not installed (https://kind.sigs.k8s.io: go install sigs.k8s.io/kind@latest)"
+export DOCKER=${DOCKER:-docker}
+KIND=${KIND:-kind}
+command -v "$DOCKER" >/dev/null 2>&1 || die "docker is not installed; the kind path needs a Docker engine (the local e2e suite needs none: make test)"
+"$DOCKER" info >/dev/null 2>&1 || die "no Docker engine answers ('docker info' failed); start Docker or set DOCKER_HOST. The local e2e suite needs none: make test"
+command -v "$KIND" >/dev/null 2>&1 || die "kind is not installed (https://kind.sigs.k8s.io: go install sigs.k8s.io/kind@latest)"
 PY=${PY:-.venv/bin/python}
 [ -x "$PY" ] || die "$PY not found: run make install"
 
@@ -42,15 +44,15 @@ KUBECONFIG_FILE="$WORK/kubeconfig"
 
 cleanup() {
   if [ "${KEEP_CLUSTER:-0}" = 1 ]; then
-    log "keeping cluster $CLUSTER (kubeconfig $KUBECONFIG_FILE); delete it with: kind delete cluster --name $CLUSTER"
+    log "keeping cluster $CLUSTER (kubeconfig $KUBECONFIG_FILE); delete it with: $KIND delete cluster --name $CLUSTER"
   else
-    kind delete cluster --name "$CLUSTER" >/dev/null 2>&1 || true
+    "$KIND" delete cluster --name "$CLUSTER" >/dev/null 2>&1 || true
   fi
 }
 trap cleanup EXIT
 
 # ---- cluster ----------------------------------------------------------------------------------------
-if ! kind get clusters 2>/dev/null | grep -qx "$CLUSTER"; then
+if ! "$KIND" get clusters 2>/dev/null | grep -qx "$CLUSTER"; then
   log "creating kind cluster $CLUSTER"
   cat > "$WORK/kind.yaml" <<YAML
 kind: Cluster
@@ -61,10 +63,10 @@ nodes:
       - hostPath: $WORK
         containerPath: $WORK
 YAML
-  kind create cluster --name "$CLUSTER" --config "$WORK/kind.yaml" --kubeconfig "$KUBECONFIG_FILE" \
+  "$KIND" create cluster --name "$CLUSTER" --config "$WORK/kind.yaml" --kubeconfig "$KUBECONFIG_FILE" \
     ${KIND_NODE_IMAGE:+--image "$KIND_NODE_IMAGE"} --wait 120s
 else
-  kind get kubeconfig --name "$CLUSTER" > "$KUBECONFIG_FILE"
+  "$KIND" get kubeconfig --name "$CLUSTER" > "$KUBECONFIG_FILE"
 fi
 k() { "$KUBECTL" --kubeconfig "$KUBECONFIG_FILE" "$@"; }
 
@@ -74,14 +76,14 @@ mapfile -t IMAGES < <(TAG="$TAG" bash images/build.sh operator proxy patcher sim
 SIM_IMAGE=$(printf '%s\n' "${IMAGES[@]}" | grep -- '-sim:')
 for img in "${IMAGES[@]}"; do
   log "loading $img"
-  kind load docker-image --name "$CLUSTER" "$img"
+  "$KIND" load docker-image --name "$CLUSTER" "$img"
 done
 # The simulator answers as the engine: tag it as the pools' default engine image inside the nodes only
 # (containerd's k8s.io namespace), never on this host where a real vLLM image may carry that name.
 qualify() { case $1 in */*/*|*.*/*) echo "$1" ;; */*) echo "docker.io/$1" ;; *) echo "docker.io/library/$1" ;; esac; }
-for node in $(kind get nodes --name "$CLUSTER"); do
+for node in $("$KIND" get nodes --name "$CLUSTER"); do
   log "tagging $SIM_IMAGE as $ENGINE_IMAGE on $node"
-  docker exec "$node" ctr -n k8s.io images tag --force "$(qualify "$SIM_IMAGE")" "$(qualify "$ENGINE_IMAGE")" >/dev/null
+  "$DOCKER" exec "$node" ctr -n k8s.io images tag --force "$(qualify "$SIM_IMAGE")" "$(qualify "$ENGINE_IMAGE")" >/dev/null
 done
 
 # ---- node: fake GPUs; pool claims from the e2e provisioner, not kind's RWO-only local-path ----------
