@@ -65,8 +65,8 @@ async def operator(operator_kubeconfig, namespace, adapter_root, tmp_path, kube)
     procs: list[OperatorProcess] = []
     log = tmp_path / "operator.log"
 
-    async def start() -> OperatorProcess:
-        op = OperatorProcess(operator_kubeconfig, namespace, adapter_root, log)
+    async def start(resync: float = 3.0) -> OperatorProcess:
+        op = OperatorProcess(operator_kubeconfig, namespace, adapter_root, log, resync=resync)
         procs.append(op)
         return await op.start()
 

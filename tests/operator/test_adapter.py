@@ -285,7 +285,7 @@ async def test_operator_restart_mid_way_converges_without_duplicate_jobs(kube, n
 
 async def test_pod_restart_gets_the_state_again(kube, namespace, operator, adapter_root, tmp_path, pod_processes):
     ns = namespace
-    await operator()
+    await operator(resync=600)  # no periodic resync: only the pod's restart can trigger the new push
     admin_port = free_port()
     await kube.create(pool_obj("pool", 1, admin_port, free_port(), free_port()), ns)
     await kube.create(adapter_obj("ad", "pool", f"file://{tmp_path}/src"), ns)
