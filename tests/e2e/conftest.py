@@ -314,4 +314,10 @@ def adapters(tmp_path_factory):
     torch.save(tensors, pickle / "adapter_model.bin")
     (pickle / "adapter_model.safetensors").unlink()
     out["pickle"] = pickle
+    # On a real cluster (kind) the patch Jobs read these file:// sources as uid 65532, and pytest makes
+    # its directories private (0700): open the test data up for reading.
+    base = tmp_path_factory.getbasetemp()
+    base.chmod(0o755)
+    for p in [root, *root.rglob("*")]:
+        p.chmod(0o755 if p.is_dir() else 0o644)
     return out
