@@ -243,7 +243,7 @@ async def run_cleanup_pod(kube: KubeClient, pod: dict[str, Any]) -> int:
 
 @dataclass
 class OperatorProcess:
-    """`vlmpool operator` as a subprocess under a given kubeconfig."""
+    """`vlmpool operator` as a subprocess under a given kubeconfig (namespace "*": all namespaces)."""
 
     kubeconfig: Path
     namespace: str
@@ -256,7 +256,8 @@ class OperatorProcess:
     async def start(self) -> "OperatorProcess":
         self.metrics_port = free_port()
         self.proc = subprocess.Popen(
-            [VLMPOOL, "operator", "--kubeconfig", str(self.kubeconfig), "--namespace", self.namespace,
+            [VLMPOOL, "operator", "--kubeconfig", str(self.kubeconfig),
+             *(["--all-namespaces"] if self.namespace == "*" else ["--namespace", self.namespace]),
              "--metrics-host", "127.0.0.1", "--metrics-port", str(self.metrics_port),
              "--resync-seconds", str(self.resync), "--push-timeout", "5", "--adapter-root", str(self.adapter_root),
              "--log-level", "DEBUG"],

@@ -111,3 +111,37 @@ async def _field(coro, path, want):
     for k in path:
         obj = obj[k]
     return obj == want
+
+
+async def test_all_namespaces_under_a_cluster_role_binding(kube, control_plane, namespace, operator_role,
+                                                           adapter_root, tmp_path):
+    """`--all-namespaces` needs nothing beyond the same ClusterRole, bound cluster-wide."""
+    import json
+
+    from helpers import OperatorProcess
+
+    from vlmpool.controller import rbac
+
+    user = "vlmpool-operator-clusterwide"
+    binding = rbac.cluster_role_binding([rbac.subject_user(user)], name=f"{user}-{namespace}", role=operator_role)
+    control_plane.kubectl("apply", "-f", "-", input=json.dumps(binding))
+    op = OperatorProcess(control_plane.kubeconfig_for(user), "*", adapter_root, tmp_path / "op.log")
+    await op.start()
+    try:
+        await kube.create(pool_obj("wide"), namespace)
+        dep = await eventually(lambda: kube.get(DEPLOYMENTS, "wide", namespace), what="the Deployment")
+        assert dep["metadata"]["ownerReferences"][0]["name"] == "wide"
+        st = await eventually(lambda: _status_with_endpoint(kube, namespace), what="pool status")
+        assert st["endpoint"].startswith(f"http://wide.{namespace}.svc")
+        await kube.delete(VLMPOOLS, "wide", namespace)
+    finally:
+        op.stop()
+        control_plane.kubectl("delete", "clusterrolebinding", f"{user}-{namespace}", check=False)
+    # (Other tests' namespaces may be terminating: only this namespace's lines are checked.)
+    mine = [line for line in op.tail(200_000).splitlines() if namespace in line]
+    assert mine and not [line for line in mine if "Forbidden" in line or "403" in line], "\n".join(mine[-20:])
+
+
+async def _status_with_endpoint(kube, ns):
+    st = (await kube.get(VLMPOOLS, "wide", ns)).get("status") or {}
+    return st if st.get("endpoint") else None
