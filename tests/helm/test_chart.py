@@ -7,7 +7,7 @@ import tarfile
 
 import pytest
 
-from conftest import CHART, VARIANTS, by_kind, one, variant_args
+from helmtest import CHART, VARIANTS, by_kind, one, variant_args
 
 PINNED = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
 
@@ -111,8 +111,8 @@ def test_cluster_wide_watch_renders_no_policy_unless_namespaces_are_listed(helm)
     assert not by_kind(helm.template(), "NetworkPolicy")
     docs = helm.template("--set", "networkPolicy.namespaces={team-x}")
     assert [p["metadata"]["namespace"] for p in by_kind(docs, "NetworkPolicy")] == ["team-x"]
-    assert not by_kind(helm.template("-f", str(CHART.parent.parent / "tests/helm/values/namespaced.yaml"),
-                                     "--set", "networkPolicy.enabled=false"), "NetworkPolicy")
+    assert not by_kind(helm.template(*variant_args("namespaced"), "--set", "networkPolicy.enabled=false"),
+                       "NetworkPolicy")
 
 
 def test_monitoring_objects(helm):

@@ -13,7 +13,7 @@ import uuid
 import pytest
 import yaml
 
-from conftest import CHART, FIXTURES, VARIANTS, variant_args
+from helmtest import CHART, FIXTURES, VARIANTS, variant_args
 
 RELEASE_NS = "vlmpool-system"
 VARIANT_NAMESPACES = ["vlmpool-system", "team-a", "team-b"]

@@ -9,7 +9,7 @@ import tomllib
 
 import yaml
 
-from conftest import CHART, REPO
+from helmtest import CHART, REPO
 
 
 def _generator():

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from conftest import REPO
+from helmtest import REPO
 
 
 def _fake(tmp_path, name, rc):
