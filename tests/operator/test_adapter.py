@@ -129,8 +129,11 @@ async def test_adapter_patch_push_swap_and_delete(kube, kubectl, namespace, oper
         (a,) = state["adapters"]
         assert (a["name"], a["version"], a["state"]) == ("acme/invoices", "v1aaaa", "loaded")
         assert a.get("path", st["path"]) == st["path"]
-    pool_st = (await kube.get(VLMPOOLS, "pool", ns))["status"]
-    assert pool_st["adaptersReady"] == "1/1" and pool_st["desiredStateGeneration"] >= 2
+    async def pool_counts():
+        st = (await kube.get(VLMPOOLS, "pool", ns))["status"]
+        return st if st.get("adaptersReady") == "1/1" else None
+    pool_st = await eventually(pool_counts, what="the pool's adapter counts")  # written after the adapter's
+    assert pool_st["adapters"] == {"total": 1, "ready": 1, "failed": 0} and pool_st["desiredStateGeneration"] >= 2
     assert len(await patch_jobs(kube, ns, "ad1")) == 1  # nothing ran twice
 
     # `kubectl get` shows the printer columns from the status the operator writes.
@@ -161,6 +164,18 @@ async def test_adapter_patch_push_swap_and_delete(kube, kubectl, namespace, oper
     for ip in ips.values():
         (a,) = (await admin_state(ip, admin_port, token))["adapters"]
         assert (a["version"], a["state"]) == ("v2bbbb", "loaded")
+
+    # Every pod serves v2 (none serves v1 any more): one prune Job removes v1's directory, under the
+    # patcher's lock, keeping the served version and the one `current` points at.
+    (adapter_root / "ad1" / "current").symlink_to("versions/v2bbbb")
+    (prune,) = await eventually(lambda: kube.list(JOBS, ns, label_selector="app.kubernetes.io/component=prune"),
+                                what="the prune Job")
+    assert (adapter_root / "ad1" / "versions" / "v1aaaa").is_dir()
+    pod = await wait_job_pod(kube, ns, prune["metadata"]["name"])
+    assert await run_cleanup_pod(kube, pod) == 0
+    assert sorted(p.name for p in (adapter_root / "ad1" / "versions").iterdir()) == ["v2bbbb"]
+    await asyncio.sleep(4)  # later pushes (resync) do not prune again
+    assert len(await kube.list(JOBS, ns, label_selector="app.kubernetes.io/component=prune")) == 1
 
     # Deletion: unload from every pod, then the cleanup Job, then the finalizer goes.
     await kube.delete(VLMADAPTERS, "ad1", ns)

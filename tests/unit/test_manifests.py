@@ -263,3 +263,42 @@ def test_cleanup_job_removes_only_the_adapter_directory(tmp_path):
 def test_invalid_spec_is_refused_by_the_model(bad):
     with pytest.raises(Exception):
         MA.patch_job(adapter(**bad), pool())
+
+
+def test_prune_job_keeps_the_served_and_current_versions(tmp_path):
+    job = MA.prune_job(adapter("inv"), pool(), "v3", adapter_root=str(tmp_path))
+    assert job["metadata"]["name"].startswith("inv-prune-") and len(job["metadata"]["name"]) <= 63
+    assert job["metadata"]["labels"]["app.kubernetes.io/component"] == "prune"
+    assert MA.prune_job(adapter("inv"), pool(), "v3")["metadata"]["name"] == job["metadata"]["name"]
+    assert MA.prune_job(adapter("inv"), pool(), "v4")["metadata"]["name"] != job["metadata"]["name"]
+    c = job["spec"]["template"]["spec"]["containers"][0]
+    cmd = [sys.executable, *c["command"][1:]]
+    assert subprocess.run(cmd, capture_output=True, text=True).returncode == 0  # nothing there yet: no-op
+    versions = tmp_path / "inv" / "versions"
+    for v in ("v1", "v2", "v3", "v4"):
+        (versions / v).mkdir(parents=True)
+        (versions / v / "adapter_model.safetensors").write_bytes(b"x")
+    (tmp_path / "inv" / "current").symlink_to("versions/v4")  # a newer publish, not pushed yet
+    (tmp_path / "other" / "versions" / "v1").mkdir(parents=True)
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert sorted(p.name for p in versions.iterdir()) == ["v3", "v4"]
+    assert (tmp_path / "other" / "versions" / "v1").is_dir()
+
+
+def test_prune_waits_for_the_publish_lock(tmp_path):
+    import fcntl
+    import os
+    import time
+
+    (tmp_path / "inv" / "versions" / "old").mkdir(parents=True)
+    fd = os.open(tmp_path / "inv" / ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # a publish in progress
+    proc = subprocess.Popen([sys.executable, "-c", MA.PRUNE_SCRIPT, str(tmp_path), "inv", "new"])
+    time.sleep(0.5)
+    assert proc.poll() is None and (tmp_path / "inv" / "versions" / "old").is_dir()
+    (tmp_path / "inv" / "versions" / "new").mkdir()
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
+    assert proc.wait(timeout=30) == 0
+    assert sorted(p.name for p in (tmp_path / "inv" / "versions").iterdir()) == ["new"]

@@ -37,7 +37,9 @@ from vlmpool.kube.client import (
 from vlmpool.manifests import adapter as MA
 from vlmpool.manifests import pool as MP
 from vlmpool.manifests.common import (
+    A_PRUNED,
     A_SPEC_DIGEST,
+    A_SUPERSEDED,
     ADAPTER_ROOT,
     ADMIN_TOKEN_KEY,
     L_ADAPTER,
@@ -356,6 +358,10 @@ class Reconciler:
                 return
             if duration is not None:
                 self.metrics.job_seconds.labels("succeeded").observe(duration)
+            old_version = st.get("version")
+            if old_version and old_version != version:
+                # The older version stays on the volume until every pod serves the new one.
+                await self.kube.patch(VLMADAPTERS, name, {"metadata": {"annotations": {A_SUPERSEDED: old_version}}}, ns)
             await self._write_adapter_status(
                 adapter, {"version": version, "path": path, "report": S.report_summary(ok)},
                 [("Patched", "True", "Patched", f"version {version} by Job {meta['name']}"),
@@ -519,8 +525,11 @@ class Reconciler:
         spec = MP.parse_spec(pool)
         adapters = await self._pool_adapters(ns, pool_name)
         state, conflicts = MA.desired_state(spec.proxy.concurrency, adapters)
-        pods = sorted((p for p in await self.kube.list(PODS, ns, label_selector=server_label_selector(pool_name))
-                       if pod_is_pushable(p)), key=lambda p: p["metadata"]["name"])
+        all_pods = await self.kube.list(PODS, ns, label_selector=server_label_selector(pool_name))
+        pods = sorted((p for p in all_pods if pod_is_pushable(p)), key=lambda p: p["metadata"]["name"])
+        # A pod that runs but takes no pushes (terminating) may still serve an older version.
+        unconfirmed = [p for p in all_pods if (p.get("status") or {}).get("phase") == "Running"
+                       and not pod_is_pushable(p)]
         digest = hashlib.sha256(repr(state).encode()).hexdigest()
         persisted = int((pool.get("status") or {}).get("desiredStateGeneration") or 0)
         if st.digest != digest or st.generation < persisted:
@@ -566,7 +575,8 @@ class Reconciler:
                 await self._write_pool_status(pool, {}, [("Degraded", "False", "PushSucceeded",
                                                           f"every running pod took generation {st.generation}")])
         pod_names = [p["metadata"]["name"] for p in pods]
-        await self._record_loads(pool, adapters, state, conflicts, pod_names, results)
+        await self._record_loads(pool, adapters, state, conflicts, pod_names, results,
+                                 can_prune=bool(pods) and not failed and not unconfirmed)
         return PushSummary(pool_name, st.generation, pod_names, results, state)
 
     async def _push_round(self, pods: list[dict[str, Any]], admin_port: int, token: str, state: dict[str, Any],
@@ -584,6 +594,28 @@ class Reconciler:
             st.generation = max(newer) + 1
         return {r.pod: r for r in out}
 
+    async def _prune_superseded(self, pool: dict[str, Any], adapter: dict[str, Any]) -> None:
+        """Every running pod serves the adapter's version (so none serves an older one any more):
+        remove the older versions' directories, once per version."""
+        meta = adapter["metadata"]
+        ann = meta.get("annotations") or {}
+        version = (adapter.get("status") or {}).get("version")
+        if not version or not ann.get(A_SUPERSEDED) or ann.get(A_PRUNED) == version:
+            return
+        try:
+            job, created = await self.kube.create_if_absent(MA.prune_job(
+                adapter, pool, version, image=self.config.patch_image, adapter_root=self.config.adapter_root),
+                meta["namespace"])
+            await self.kube.patch(VLMADAPTERS, meta["name"], {"metadata": {"annotations": {
+                A_PRUNED: version, A_SUPERSEDED: None}}}, meta["namespace"])
+        except ApiError as e:
+            log.warning("prune of %s/%s not started: %s", meta["namespace"], meta["name"], e)
+            return
+        if created:
+            self.metrics.jobs_created.labels("prune").inc()
+            self.event(adapter, "Normal", "PruneJobCreated",
+                       f"every pod serves {version}; Job {job['metadata']['name']} removes the older versions")
+
     def _schedule_retry(self, ns: str, pool: str, st: _PoolPush) -> None:
         if st.retry_task is not None and not st.retry_task.done():
             return
@@ -600,7 +632,8 @@ class Reconciler:
         st.retry_task = asyncio.get_running_loop().create_task(later())
 
     async def _record_loads(self, pool: dict[str, Any], adapters: list[dict[str, Any]], state: dict[str, Any],
-                            conflicts: list[str], pods: list[str], results: dict[str, PodResult]) -> None:
+                            conflicts: list[str], pods: list[str], results: dict[str, PodResult],
+                            can_prune: bool = False) -> None:
         ns = pool["metadata"]["namespace"]
         pushed = {e["name"]: e for e in state["adapters"]}
         ready = failed = total = 0
@@ -636,6 +669,8 @@ class Reconciler:
             phase = (new.get("status") or {}).get("phase")
             ready += phase == "Ready"
             failed += phase == "Failed"
+            if phase == "Ready" and can_prune:
+                await self._prune_superseded(pool, new)
         counts = {"adapters": {"total": total, "ready": ready, "failed": failed}, "adaptersReady": f"{ready}/{total}"}
         cur = pool.get("status") or {}
         if cur.get("adapters") != counts["adapters"] or cur.get("adaptersReady") != counts["adaptersReady"]:

@@ -20,6 +20,7 @@ from vlmpool.manifests.common import (
     BASE_WEIGHTS_MOUNT,
     COMPONENT_CLEANUP,
     COMPONENT_PATCH,
+    COMPONENT_PRUNE,
     L_ADAPTER,
     L_SPEC_DIGEST,
     MAX_LABEL,
@@ -29,6 +30,7 @@ from vlmpool.manifests.common import (
     owner_reference,
     patch_job_name,
     pool_labels,
+    prune_job_name,
     short_digest,
 )
 from vlmpool.manifests.pool import claim_name
@@ -54,6 +56,34 @@ target = os.path.join(root, name)
 if os.path.lexists(target):
     shutil.rmtree(target) if os.path.isdir(target) and not os.path.islink(target) else os.unlink(target)
 print('removed' if not os.path.lexists(target) else 'still present', target)
+"""
+
+
+# Removes <root>/<adapter>/versions/* except the versions given and the one `current` points at,
+# under the patcher's publish lock (<root>/<adapter>/.lock, flock), so a publish running at the same
+# time is never cut: its new version is `current` by the time the lock is free.
+PRUNE_SCRIPT = """\
+import fcntl, os, shutil, sys
+root, name, keep = sys.argv[1], sys.argv[2], set(sys.argv[3:])
+if not name or '/' in name or name in ('.', '..') or name.startswith('.'):
+    sys.exit('refusing to prune %r' % name)
+adir = os.path.join(root, name)
+vdir = os.path.join(adir, 'versions')
+if not os.path.isdir(vdir):
+    print('nothing to prune in', adir)
+    sys.exit(0)
+fd = os.open(os.path.join(adir, '.lock'), os.O_RDWR | os.O_CREAT, 0o644)
+fcntl.flock(fd, fcntl.LOCK_EX)
+cur = os.path.join(adir, 'current')
+if os.path.islink(cur):
+    keep.add(os.path.basename(os.path.normpath(os.readlink(cur))))
+removed = []
+for v in sorted(os.listdir(vdir)):
+    p = os.path.join(vdir, v)
+    if v not in keep and os.path.isdir(p) and not os.path.islink(p):
+        shutil.rmtree(p)
+        removed.append(v)
+print('kept', sorted(keep), 'removed', removed)
 """
 
 
@@ -253,6 +283,22 @@ def cleanup_job(adapter: dict[str, Any], pool: dict[str, Any], *, image: str | N
             },
         },
     }
+
+
+def prune_job(adapter: dict[str, Any], pool: dict[str, Any], keep_version: str, *, image: str | None = None,
+              adapter_root: str = ADAPTER_ROOT, ttl_seconds: int = JOB_TTL_SECONDS) -> dict[str, Any]:
+    """The Job that removes the adapter's versions other than `keep_version` (and `current`), run
+    once every pod serves `keep_version`, i.e. confirmed it no longer serves the older ones."""
+    job = cleanup_job(adapter, pool, image=image, adapter_root=adapter_root, ttl_seconds=ttl_seconds)
+    name = adapter["metadata"]["name"]
+    labels = _labels(adapter, COMPONENT_PRUNE)
+    job["metadata"].update(name=prune_job_name(name, keep_version), labels=labels)
+    tpl = job["spec"]["template"]
+    tpl["metadata"]["labels"] = labels
+    c = tpl["spec"]["containers"][0]
+    c["name"] = "prune"
+    c["command"] = ["python3", "-c", PRUNE_SCRIPT, adapter_root, name, keep_version]
+    return job
 
 
 def desired_entry(adapter: dict[str, Any]) -> dict[str, str] | None:

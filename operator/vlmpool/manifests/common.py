@@ -29,6 +29,9 @@ A_TOKEN_CHECKSUM = "vlmpool.io/admin-token-hash"
 COMPONENT_SERVER = "server"
 COMPONENT_PATCH = "patch"
 COMPONENT_CLEANUP = "cleanup"
+COMPONENT_PRUNE = "prune"
+A_SUPERSEDED = "vlmpool.io/superseded-version"  # an older version may remain on the volume
+A_PRUNED = "vlmpool.io/pruned-for-version"  # the prune Job for this served version was created
 
 # Where the adapter volume is mounted, identically in patch Jobs (read-write) and in the engine
 # container (read-only): the path a Job reports is the path vLLM loads.
@@ -105,6 +108,10 @@ def patch_job_name(adapter: str, spec_digest: str) -> str:
 
 def cleanup_job_name(adapter: str, uid: str) -> str:
     return f"{_trim(adapter, MAX_LABEL - 17)}-cleanup-{uid.replace('-', '')[:8]}"
+
+
+def prune_job_name(adapter: str, version: str) -> str:
+    return f"{_trim(adapter, MAX_LABEL - 15)}-prune-{short_digest(version, 8)}"
 
 
 def adapter_dir(adapter: str) -> str:
