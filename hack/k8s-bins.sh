@@ -24,7 +24,7 @@ export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS=-mod=mod
 export GOPATH="${GOPATH:-$HOME/go}"
 
 want=("$@")
-[ ${#want[@]} -gt 0 ] || want=(etcd kube-apiserver kube-controller-manager kubectl)
+[ ${#want[@]} -gt 0 ] || want=(etcd kube-apiserver kube-controller-manager kubectl helm)
 
 have() { [ -x "$BIN/$1" ] && [ -f "$BIN/.$1.ok" ]; }
 

@@ -170,3 +170,25 @@ def test_pod_needing_more_gpus_than_the_node_has_stays_pending(kubectl, local_no
     cond = wait_for(unschedulable, 30, what="Unschedulable")[0]
     assert "Insufficient nvidia.com/gpu" in cond["message"]
     assert not get_json(kubectl, "pod", "greedy", "-n", namespace)["spec"].get("nodeName")
+
+
+def test_a_volume_over_a_directory_holding_other_sources_hides_nothing(kubectl, local_node, namespace):
+    """An emptyDir at /tmp must not hide the other volumes' sources (the kubelet's state may live
+    under /tmp), and a volume nested in another is mounted after its parent."""
+    kubectl("create", "configmap", "cfg", "-n", namespace, "--from-literal=greeting=hi")
+    apply(kubectl, namespace, _job("nested", "cat /tmp/cfg/greeting > /tmp/out/result && ls /tmp >/dev/null") |
+          {"spec": {"backoffLimit": 0, "template": {"spec": {
+              "restartPolicy": "Never",
+              "containers": [{"name": "main", "image": "busybox",
+                              "command": ["sh", "-c", "cat /tmp/cfg/greeting > /tmp/out/result; "
+                                          "cat /tmp/cfg/greeting > /dev/termination-log"],
+                              "volumeMounts": [{"name": "cfg", "mountPath": "/tmp/cfg"},
+                                               {"name": "scratch", "mountPath": "/tmp"},
+                                               {"name": "out", "mountPath": "/tmp/out"}]}],
+              "volumes": [{"name": "cfg", "configMap": {"name": "cfg"}},
+                          {"name": "scratch", "emptyDir": {}},
+                          {"name": "out", "emptyDir": {}}]}}}})
+    kubectl("wait", "--for=condition=Complete", "job/nested", "-n", namespace, "--timeout=60s", timeout=70)
+    pod = pods(kubectl, namespace, "job-name=nested")[0]
+    assert pod["status"]["containerStatuses"][0]["state"]["terminated"]["message"] == "hi"
+    assert os.path.isdir("/tmp")  # the host's /tmp is untouched

@@ -23,6 +23,10 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# An empty directory on the host; each container mounts its own private tmpfs over it (in its
+# mount namespace) to stage volume sources.
+STAGE_DIR = "/.vlmpool-stage"
+
 _LOOPBACK = re.compile(r"(?<![\w.])(?:127\.0\.0\.1|localhost|0\.0\.0\.0)(?![\w.])")
 
 
@@ -87,15 +91,33 @@ class ProcessSpec:
     mounts: list[Mount] = field(default_factory=list)
 
     def launcher(self) -> list[str]:
-        """argv that sets up the mounts in a private mount namespace, then execs the container."""
+        """argv that sets up the mounts in a private mount namespace, then execs the container.
+
+        Every source is first bind-mounted into a private staging tmpfs, and only then onto its
+        target (parents before children): a volume mounted over a directory that holds another
+        volume's source (an emptyDir at /tmp, say) cannot hide that source."""
         if not self.mounts and not self.cwd:
             return self.argv
         lines = ["set -e"]
-        for m in self.mounts:
-            src, dst = shlex.quote(str(m.source)), shlex.quote(m.target)
-            lines.append(f"mount --bind {src} {dst}")
-            if m.read_only:
-                lines.append(f"mount -o remount,bind,ro {dst}")
+        if self.mounts:
+            stage = shlex.quote(STAGE_DIR)
+            lines.append(f"mount -t tmpfs -o mode=0700 vlmpool-stage {stage}")
+            for i, m in enumerate(self.mounts):
+                lines.append(f"{'touch' if m.is_file else 'mkdir'} {stage}/{i}")
+                lines.append(f"mount --bind {shlex.quote(str(m.source))} {stage}/{i}")
+            ordered = sorted(enumerate(self.mounts), key=lambda im: len(Path(im[1].target).parts))
+            for i, m in ordered:
+                dst = shlex.quote(m.target)
+                # The mount point may live inside a volume mounted just before (an emptyDir at /tmp).
+                if m.is_file:
+                    lines.append(f"[ -e {dst} ] || {{ mkdir -p $(dirname {dst}) && touch {dst}; }}")
+                else:
+                    lines.append(f"mkdir -p {dst}")
+                lines.append(f"mount --bind {stage}/{i} {dst}")
+            for i, m in ordered:  # read-only last, so nested mount points could still be made
+                if m.read_only:
+                    lines.append(f"mount -o remount,bind,ro {shlex.quote(m.target)}")
+            lines.append(f"umount -l {stage}")
         if self.cwd:
             lines.append(f"cd {shlex.quote(self.cwd)}")
         lines.append('exec "$@"')
@@ -106,6 +128,8 @@ class ProcessSpec:
 
     def prepare_mount_points(self) -> None:
         """Mount points must exist before the bind; make them (as empty dirs/files) when missing."""
+        if self.mounts:
+            Path(STAGE_DIR).mkdir(parents=True, exist_ok=True)
         for m in self.mounts:
             target = Path(m.target)
             if target.exists():
