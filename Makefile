@@ -12,9 +12,11 @@ PYTEST_ARGS ?=
 help:
 	@echo "make dev         the whole system on this machine with a quickstart pool (Ctrl-C stops)"
 	@echo "make install     create $(VENV) and install vlmpool with the [$(EXTRAS)] extras"
-	@echo "make k8s-bins    find or build etcd, kube-apiserver, kube-controller-manager, kubectl, helm (cached)"
+	@echo "make k8s-bins    find or build etcd, kube-apiserver, kube-controller-manager, kubectl and helm (cached)"
 	@echo "make crds        regenerate crds/*.yaml from the pydantic models"
 	@echo "make test        install, obtain the binaries, and run every test"
+	@echo "make images      build the container images (needs a Docker engine)"
+	@echo "make kind-e2e    the e2e suite on a kind cluster (needs Docker and kind)"
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
