@@ -260,7 +260,9 @@ class ExternalE2E(ChartOperator):
             self._thread.join(10)
 
 
-@pytest.fixture(scope="session", params=_modes())
+# Module scope: each cluster is torn down as soon as the e2e module is done with it, not kept
+# running (and polling) through the rest of the session.
+@pytest.fixture(scope="module", params=_modes())
 def e2e(request, tmp_path_factory):
     mode = request.param
     if mode == "external":
