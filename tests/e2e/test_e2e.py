@@ -70,7 +70,8 @@ def ready(e2e, name, version=None):
 
 
 def jobs_of(e2e, adapter):
-    out = json.loads(e2e.kubectl("get", "jobs", "-n", NS, "-l", f"vlmpool.io/adapter={adapter}",
+    out = json.loads(e2e.kubectl("get", "jobs", "-n", NS, "-l",
+                                 f"vlmpool.io/adapter={adapter},app.kubernetes.io/component=patch",
                                  "-o", "json").stdout)["items"]
     return sorted(j["metadata"]["name"] for j in out)
 

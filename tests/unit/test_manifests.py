@@ -302,3 +302,12 @@ def test_prune_waits_for_the_publish_lock(tmp_path):
     os.close(fd)
     assert proc.wait(timeout=30) == 0
     assert sorted(p.name for p in (tmp_path / "inv" / "versions").iterdir()) == ["new"]
+
+
+def test_every_job_pod_gives_the_patcher_uid_group_access_to_the_volume():
+    """The patcher image runs as uid/gid 65532: fsGroup lets it write root-owned adapter volumes."""
+    jobs = [MA.patch_job(adapter(), pool()), MA.cleanup_job(adapter(), pool()),
+            MA.prune_job(adapter(), pool(), "v3")]
+    for job in jobs:
+        sc = job["spec"]["template"]["spec"]["securityContext"]
+        assert sc["fsGroup"] == 65532 and sc["seccompProfile"] == {"type": "RuntimeDefault"}, job["metadata"]["name"]

@@ -58,6 +58,11 @@ if os.path.lexists(target):
 print('removed' if not os.path.lexists(target) else 'still present', target)
 """
 
+# The patcher image runs as uid/gid 65532 (images/Dockerfile): fsGroup makes the adapter volume
+# writable for it on storage that is root-owned, and readable by the engines through the group.
+JOB_POD_SECURITY = {"fsGroup": 65532, "fsGroupChangePolicy": "OnRootMismatch",
+                    "seccompProfile": {"type": "RuntimeDefault"}}
+
 
 # Removes <root>/<adapter>/versions/* except the versions given and the one `current` points at,
 # under the patcher's publish lock (<root>/<adapter>/.lock, flock), so a publish running at the same
@@ -219,6 +224,7 @@ def patch_job(adapter: dict[str, Any], pool: dict[str, Any], *, image: str | Non
                 "metadata": {"labels": labels},
                 "spec": {
                     "restartPolicy": "Never",
+                    "securityContext": JOB_POD_SECURITY,
                     "automountServiceAccountToken": False,
                     "enableServiceLinks": False,
                     "containers": [container],
@@ -264,6 +270,7 @@ def cleanup_job(adapter: dict[str, Any], pool: dict[str, Any], *, image: str | N
                 "metadata": {"labels": labels},
                 "spec": {
                     "restartPolicy": "Never",
+                    "securityContext": JOB_POD_SECURITY,
                     "automountServiceAccountToken": False,
                     "enableServiceLinks": False,
                     "containers": [{
