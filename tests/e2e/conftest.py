@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from vlmpool.localcluster.controlplane import find_helm
 from vlmpool.localcluster.runtime import mounts_supported
 from vlmpool.testing.waiting import wait_for
 
@@ -46,18 +47,6 @@ def _modes() -> list[str]:
     if unknown:
         raise pytest.UsageError(f"VLMPOOL_E2E_MODES: unknown mode(s) {sorted(unknown)} (local, helm)")
     return modes
-
-
-def find_helm() -> Path:
-    """helm: $VLMPOOL_HELM, $VLMPOOL_K8S_BIN/helm, or what `hack/k8s-bins.sh helm` finds or builds (cached)."""
-    for c in (os.environ.get("VLMPOOL_HELM"), os.environ.get("VLMPOOL_K8S_BIN") and
-              str(Path(os.environ["VLMPOOL_K8S_BIN"]) / "helm")):
-        if c and os.access(c, os.X_OK):
-            return Path(c)
-    out = subprocess.run(["bash", str(REPO / "hack" / "k8s-bins.sh"), "helm"], capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"hack/k8s-bins.sh helm failed ({out.returncode}): {out.stderr[-2000:]}")
-    return Path(out.stdout.strip().splitlines()[-1]) / "helm"
 
 
 class LocalE2E:

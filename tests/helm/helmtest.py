@@ -9,24 +9,14 @@ from pathlib import Path
 
 import yaml
 
+from vlmpool.localcluster.controlplane import find_helm  # noqa: F401 - the tests import it from here
+
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "vlmpool"
 VALUES = Path(__file__).resolve().parent / "values"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 KUBE_VERSION = "1.35.4"
 VARIANTS = sorted(p.stem for p in VALUES.glob("*.yaml"))
-
-
-def find_helm() -> Path:
-    """helm: $VLMPOOL_HELM, $VLMPOOL_K8S_BIN/helm, or what `hack/k8s-bins.sh helm` finds or builds."""
-    for c in (os.environ.get("VLMPOOL_HELM"),
-              os.environ.get("VLMPOOL_K8S_BIN") and str(Path(os.environ["VLMPOOL_K8S_BIN"]) / "helm")):
-        if c and os.access(c, os.X_OK):
-            return Path(c)
-    out = subprocess.run(["bash", str(REPO / "hack" / "k8s-bins.sh"), "helm"], capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"hack/k8s-bins.sh helm failed ({out.returncode}): {out.stderr[-2000:]}")
-    return Path(out.stdout.strip().splitlines()[-1]) / "helm"
 
 
 class Helm:

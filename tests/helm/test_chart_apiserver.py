@@ -7,7 +7,6 @@ operator's rules: in the watched namespaces only, or cluster-wide."""
 from __future__ import annotations
 
 import json
-import subprocess
 import uuid
 
 import pytest

@@ -10,9 +10,10 @@ termination message.
 
 from __future__ import annotations
 
+import functools
+
 import asyncio
 import datetime as dt
-import json
 import os
 import random
 import signal
@@ -27,6 +28,7 @@ from typing import Any, Awaitable, Callable
 import aiohttp
 
 from vlmpool.kube.client import JOBS, NODES, PODS, ApiError, KubeClient
+from vlmpool.testing.adapters import write_lora
 
 VLMPOOL = str(Path(sys.executable).parent / "vlmpool")
 NODE = "vlmpool-test-node"
@@ -66,25 +68,8 @@ async def eventually(fn: Callable[[], Awaitable[Any]], timeout: float = 60, inte
         await asyncio.sleep(interval)
 
 
-def write_adapter(directory: Path, *, rank: int = 8, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
-    """A PEFT LoRA directory in the Qwen2.5-VL layout vLLM (and the simulator) load."""
-    import torch
-    from safetensors.torch import save_file
-
-    directory.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for layer in range(layers):
-        for mod in ("q_proj", "v_proj"):
-            prefix = f"base_model.model.model.language_model.layers.{layer}.self_attn.{mod}"
-            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, hidden, generator=g)
-            tensors[f"{prefix}.lora_B.weight"] = torch.randn(hidden, rank, generator=g) * 0.01
-    save_file(tensors, str(directory / "adapter_model.safetensors"))
-    (directory / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": ["q_proj", "v_proj"],
-        "bias": "none", "base_model_name_or_path": BASE, "task_type": "CAUSAL_LM",
-    }))
-    return directory
+# A small loadable LoRA for this suite's base model (shared maker: vlmpool.testing.adapters).
+write_adapter = functools.partial(write_lora, base=BASE)
 
 
 async def ensure_node(kube: KubeClient) -> None:

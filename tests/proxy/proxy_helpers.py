@@ -4,9 +4,10 @@ directories written with torch + safetensors, and the `openai` SDK as the client
 
 from __future__ import annotations
 
+import functools
+
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -14,30 +15,14 @@ from aiohttp import web
 
 from vlmpool.proxy.server import ProxyConfig
 from vlmpool.sim.server import SimConfig, create_app
+from vlmpool.testing.adapters import write_lora
 
 BASE = "base-vlm"
 TOKEN = "test-admin-token-0123456789"
 
 
-def write_adapter(directory: Path, *, rank: int = 8, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
-    """A valid PEFT LoRA directory for the simulator's default family (Qwen2.5-VL layout)."""
-    import torch
-    from safetensors.torch import save_file
-
-    directory.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for layer in range(layers):
-        for mod in ("q_proj", "v_proj"):
-            prefix = f"base_model.model.model.language_model.layers.{layer}.self_attn.{mod}"
-            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, hidden, generator=g)
-            tensors[f"{prefix}.lora_B.weight"] = torch.randn(hidden, rank, generator=g) * 0.01
-    save_file(tensors, str(directory / "adapter_model.safetensors"))
-    (directory / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": ["q_proj", "v_proj"],
-        "bias": "none", "base_model_name_or_path": BASE, "task_type": "CAUSAL_LM",
-    }))
-    return directory
+# A small loadable LoRA for this suite's base model (shared maker: vlmpool.testing.adapters).
+write_adapter = functools.partial(write_lora, base=BASE)
 
 
 @dataclass

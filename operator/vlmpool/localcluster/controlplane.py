@@ -56,6 +56,18 @@ def find_binaries(bin_dir: str | os.PathLike | None = None) -> Path:
     return Path(out.stdout.strip().splitlines()[-1])
 
 
+def find_helm() -> Path:
+    """helm: $VLMPOOL_HELM, $VLMPOOL_K8S_BIN/helm, or what `hack/k8s-bins.sh helm` finds or builds (cached)."""
+    for c in (os.environ.get("VLMPOOL_HELM"),
+              os.environ.get("VLMPOOL_K8S_BIN") and str(Path(os.environ["VLMPOOL_K8S_BIN"]) / "helm")):
+        if c and os.access(c, os.X_OK):
+            return Path(c)
+    out = subprocess.run(["bash", str(repo_root() / "hack" / "k8s-bins.sh"), "helm"], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise ControlPlaneError(f"hack/k8s-bins.sh helm failed ({out.returncode}): {out.stderr[-2000:]}")
+    return Path(out.stdout.strip().splitlines()[-1]) / "helm"
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))

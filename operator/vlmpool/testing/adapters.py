@@ -75,3 +75,27 @@ def make_adapter(family: str, out: Path, *, targets=None, r: int = 8, alpha: int
         data["base_model_name_or_path"] = POOL_BASE[family] if base_name == "default" else base_name
         cfg_path.write_text(json.dumps(data, indent=2))
     return Path(out)
+
+
+def write_lora(directory: Path, *, base: str, rank: int = 8, hidden: int = 32, layers: int = 2,
+               seed: int = 0) -> Path:
+    """A small PEFT LoRA directory in the Qwen2.5-VL layout vLLM (and the simulator) load, written
+    directly with safetensors (no model, no peft: fast for tests that only need a loadable adapter)."""
+    import torch
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(layers):
+        for mod in ("q_proj", "v_proj"):
+            prefix = f"base_model.model.model.language_model.layers.{layer}.self_attn.{mod}"
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, hidden, generator=g)
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(hidden, rank, generator=g) * 0.01
+    save_file(tensors, str(directory / "adapter_model.safetensors"))
+    (directory / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": ["q_proj", "v_proj"],
+        "bias": "none", "base_model_name_or_path": base, "task_type": "CAUSAL_LM",
+    }))
+    return directory
