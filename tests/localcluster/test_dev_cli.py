@@ -58,3 +58,52 @@ def test_vlmpool_dev_quickstart_serves_the_adapter(tmp_path):
             rest, _ = proc.communicate()
     assert proc.returncode == 0, rest[-3000:]
     assert "stopping ..." in rest
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    """Processes whose command line or environment names `text` (pod processes have their HOME
+    under the state directory)."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            env = (d / "environ").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmd or text in env:
+            found.append(f"{d.name}: {cmd[:200]}")
+    return found
+
+
+@pytest.mark.skipif(not mounts_supported()[0], reason="the process kubelet needs root and unshare")
+def test_ctrl_c_while_waiting_stops_everything(tmp_path):
+    state = tmp_path / "dev-interrupted"
+    proc = subprocess.Popen([VLMPOOL, "dev", "--state-dir", str(state), "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+    lines = []
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "waiting until the adapter is Ready" in line:
+                break
+        assert "waiting until the adapter is Ready" in "".join(lines), "".join(lines[-30:])
+        assert _processes_mentioning(str(state)), "the cluster's processes should be running"
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 130, rest[-2000:]
+    assert "stopping ..." in rest
+    # etcd, kube-apiserver, kube-controller-manager, the operator and every pod process are gone.
+    from vlmpool.testing.waiting import wait_for
+
+    wait_for(lambda: not _processes_mentioning(str(state)), 30, what="no process of the cluster left")

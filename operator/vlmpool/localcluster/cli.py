@@ -71,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"starting the local cluster in {cluster.state_dir} ...", flush=True)
     cluster.start()
     try:
+        if stop.is_set():
+            return 130
         kc = cluster.kubeconfig
         print(f"control plane up ({time.monotonic() - t0:.1f}s). export KUBECONFIG={kc}", flush=True)
         if args.no_quickstart:
@@ -87,13 +89,15 @@ def run(args: argparse.Namespace) -> int:
         cluster.kubectl("apply", "-f", "-", input="\n---\n".join(json.dumps(d) for d in docs))
         print(f"applied VLMPool/{POOL} and VLMAdapter/{ADAPTER}; waiting until the adapter is Ready on all pods ...",
               flush=True)
-        status = cluster.wait_adapter_ready(ADAPTER, QUICKSTART_NS)
+        status = cluster.wait_adapter_ready(ADAPTER, QUICKSTART_NS, stop=stop)
         print(f"adapter Ready, LOADED {status.get('loaded')}, version {status.get('version')} "
               f"({time.monotonic() - t0:.1f}s since start)\n", flush=True)
         print(cluster.kubectl("get", "vlmp,vlma", "-n", QUICKSTART_NS).stdout, flush=True)
         if args.exit_when_ready:
             return 0
         return _serve(cluster, args.port, stop)
+    except KeyboardInterrupt:
+        return 130
     finally:
         print("stopping ...", flush=True)
         cluster.stop()

@@ -133,10 +133,15 @@ class DevCluster:
     def get(self, kind: str, name: str, namespace: str = "default") -> dict:
         return json.loads(self.kubectl("get", kind, name, "-n", namespace, "-o", "json").stdout)
 
-    def wait_adapter_ready(self, name: str, namespace: str = "default", timeout: float = 300) -> dict:
+    def wait_adapter_ready(self, name: str, namespace: str = "default", timeout: float = 300,
+                           stop=None) -> dict:
+        """Wait until the adapter is Ready on every pod; `stop` (a threading.Event) aborts the wait
+        with KeyboardInterrupt, so Ctrl-C during the wait still stops everything cleanly."""
         deadline = time.monotonic() + timeout
         last: dict = {}
         while time.monotonic() < deadline:
+            if stop is not None and stop.is_set():
+                raise KeyboardInterrupt
             res = self.kubectl("get", "vlma", name, "-n", namespace, "-o", "json", check=False)
             if res.returncode == 0:
                 last = json.loads(res.stdout).get("status") or {}
