@@ -31,11 +31,15 @@ def test_chart_crds_are_byte_identical_to_the_repository_crds():
 
 
 def test_rules_template_holds_exactly_the_operator_rules():
-    from vlmpool.controller.rbac import RULES
+    from vlmpool.controller.rbac import LEADER_ELECTION_RULES, RULES
 
     text = (CHART / "templates" / "_rules.tpl").read_text()
-    body = text.split('{{- define "vlmpool.operatorRules" -}}\n', 1)[1].rsplit("{{- end }}", 1)[0]
-    assert yaml.safe_load(body) == RULES
+
+    def define(name: str) -> object:
+        return yaml.safe_load(text.split('{{- define "' + name + '" -}}\n', 1)[1].split("{{- end }}", 1)[0])
+
+    assert define("vlmpool.operatorRules") == RULES
+    assert define("vlmpool.leaderElectionRules") == LEADER_ELECTION_RULES
 
 
 def test_the_generator_repairs_a_stale_chart(tmp_path):

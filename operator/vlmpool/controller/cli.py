@@ -31,6 +31,24 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter-root", default=os.environ.get("VLMPOOL_ADAPTER_ROOT", "/var/lib/vlmpool/adapters"),
                         help="mount path of the adapter volume in patch Jobs and engine containers; the "
                         "paths registered with vLLM live under it (default /var/lib/vlmpool/adapters)")
+    le = parser.add_argument_group("leader election (for more than one replica)")
+    le.add_argument("--leader-elect", action="store_true",
+                    help="run only while holding a coordination.k8s.io Lease; other replicas stand by "
+                    "and take over when the leader goes")
+    le.add_argument("--leader-election-namespace", default=None, metavar="NS",
+                    help="namespace of the Lease (default: $POD_NAMESPACE, else the in-cluster "
+                    "namespace, else the kubeconfig context's namespace, else default)")
+    le.add_argument("--leader-election-id", default="vlmpool-operator", metavar="NAME",
+                    help="name of the Lease (default vlmpool-operator)")
+    le.add_argument("--leader-election-identity", default=None, metavar="ID",
+                    help="this replica's identity in the Lease (default: $POD_NAME, else hostname and a "
+                    "random suffix)")
+    le.add_argument("--lease-duration", type=float, default=15.0,
+                    help="seconds a follower waits after the last renewal before taking over (default 15)")
+    le.add_argument("--renew-deadline", type=float, default=10.0,
+                    help="seconds the leader keeps trying to renew before it gives up (default 10)")
+    le.add_argument("--retry-period", type=float, default=2.0,
+                    help="seconds between attempts to acquire or renew (default 2)")
     parser.add_argument("--log-level", default=os.environ.get("VLMPOOL_LOG_LEVEL", "INFO"),
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
@@ -67,12 +85,38 @@ def run(args: argparse.Namespace) -> int:
         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
     )
 
-    async def main() -> None:
+    elector_args: dict | None = None
+    if args.leader_elect:
+        from vlmpool.controller.leader import LeaderElectionError, LeaderElector, default_identity
+
+        elector_args = dict(
+            namespace=(args.leader_election_namespace or os.environ.get("POD_NAMESPACE", "").strip()
+                       or kube_config.namespace or "default"),
+            name=args.leader_election_id,
+            identity=args.leader_election_identity or default_identity(),
+            lease_duration=args.lease_duration, renew_deadline=args.renew_deadline,
+            retry_period=args.retry_period)
+        try:
+            LeaderElector(None, **elector_args)  # type: ignore[arg-type] - validates the settings
+        except LeaderElectionError as e:
+            print(f"vlmpool operator: {e}")
+            return 2
+
+    async def main() -> bool:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await op.run(stop_flag=stop)
+        if elector_args is None:
+            return await op.run(stop_flag=stop)
+        from vlmpool.kube.client import KubeClient
 
-    asyncio.run(main())
+        # Its own client, with requests bounded by the renew deadline.
+        async with KubeClient(kube_config, timeout=max(1.0, args.renew_deadline)) as lease_kube:
+            return await op.run(stop_flag=stop, leader=LeaderElector(lease_kube, **elector_args))
+
+    if not asyncio.run(main()):
+        print("vlmpool operator: lost the leader-election lease; exiting so that this replica restarts "
+              "as a follower")
+        return 1
     return 0

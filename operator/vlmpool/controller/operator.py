@@ -16,6 +16,7 @@ import kopf
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from vlmpool.controller.leader import LeaderElector
 from vlmpool.controller.metrics import OperatorMetrics
 from vlmpool.controller.reconciler import OperatorConfig, Reconciler, RetryLater
 from vlmpool.kube.client import KubeClient
@@ -76,6 +77,7 @@ class Operator:
         self.registry = kopf.OperatorRegistry()
         self.ready = asyncio.Event()
         self.bound_port: int | None = None
+        self.leader: LeaderElector | None = None
         self._register()
 
     # ---- handlers ----------------------------------------------------------------------------------
@@ -177,6 +179,12 @@ class Operator:
             return web.json_response({"status": "ok"})
 
         async def readyz(_: web.Request) -> web.Response:
+            if self.leader is not None:
+                # With leader election a follower is ready too (it serves its endpoints and stands
+                # by), so a rolling update of the replicas can proceed.
+                role = "leader" if self.leader.is_leader else "follower"
+                status = "ready" if self.ready.is_set() else ("starting" if role == "leader" else "standby")
+                return web.json_response({"status": status, "role": role, "identity": self.leader.identity})
             if self.ready.is_set():
                 return web.json_response({"status": "ready"})
             return web.json_response({"status": "starting"}, status=503)
@@ -192,12 +200,30 @@ class Operator:
         self.bound_port = runner.addresses[0][1] if runner.addresses else self.metrics_port
         return runner
 
-    async def run(self, stop_flag: asyncio.Event | threading.Event | None = None) -> None:
+    async def run(self, stop_flag: asyncio.Event | threading.Event | None = None,
+                  leader: LeaderElector | None = None) -> bool:
+        """Run until stop_flag is set. With a leader elector: serve the endpoints at once, wait to
+        acquire the Lease, run kopf while leading; returns False when leadership was lost (the caller
+        exits non-zero and is restarted as a follower), True otherwise."""
         # The client and reconciler live exactly as long as kopf (whose timers may still fire
         # during its own shutdown), so they are closed after kopf.operator returns.
         self.kube = KubeClient(self.kube_config)
         self.reconciler = Reconciler(self.kube, self.config, self.metrics, event=_post_event)
+        self.leader = leader
+        self.metrics.leader.set(0 if leader is not None else 1)
         runner = await self._serve_http()
+        try:
+            if leader is None:
+                await self._run_kopf(stop_flag)
+                return True
+            return await self._run_leading(leader, stop_flag)
+        finally:
+            if runner is not None:
+                await runner.cleanup()
+            await self.reconciler.close()
+            await self.kube.close()
+
+    async def _run_kopf(self, stop_flag: asyncio.Event | threading.Event | None) -> None:
         ready_flag = asyncio.Event()
 
         async def mark_ready() -> None:
@@ -219,10 +245,62 @@ class Operator:
             )
         finally:
             marker.cancel()
-            if runner is not None:
-                await runner.cleanup()
-            await self.reconciler.close()
-            await self.kube.close()
+            self.ready.clear()
+            self.metrics.ready.set(0)
+
+    async def _run_leading(self, leader: LeaderElector,
+                           stop_flag: asyncio.Event | threading.Event | None) -> bool:
+        stop = asyncio.Event()
+        watcher = asyncio.create_task(_mirror(stop_flag, stop))
+        try:
+            log.info("vlmpool operator %s: waiting to lead (lease %s/%s)", leader.identity, leader.namespace,
+                     leader.name)
+            if not await leader.acquire(stop):
+                return True
+            self.metrics.leader.set(1)
+            kopf_stop = asyncio.Event()
+            kopf_task = asyncio.create_task(self._run_kopf(kopf_stop))
+            renew_task = asyncio.create_task(leader.keep_leading())
+            stop_task = asyncio.create_task(stop.wait())
+            await asyncio.wait({kopf_task, renew_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+            lost = renew_task.done()
+            stop_task.cancel()
+            kopf_stop.set()
+            if lost:
+                log.error("vlmpool operator %s: lost the leader lease; stopping", leader.identity)
+                self.metrics.leader.set(0)
+            try:
+                if lost:
+                    # Another replica may lead already: give kopf only a short while to stop.
+                    try:
+                        await asyncio.wait_for(asyncio.shield(kopf_task), leader.renew_deadline)
+                    except asyncio.TimeoutError:
+                        kopf_task.cancel()
+                        await asyncio.gather(kopf_task, return_exceptions=True)
+                else:
+                    await kopf_task  # still renewing while kopf shuts down
+            finally:
+                if not renew_task.done():
+                    renew_task.cancel()
+                    await asyncio.gather(renew_task, return_exceptions=True)
+                self.metrics.leader.set(0)
+                if not lost:
+                    await leader.release()
+            return not lost
+        finally:
+            watcher.cancel()
+
+
+async def _mirror(flag: asyncio.Event | threading.Event | None, into: asyncio.Event) -> None:
+    """Set `into` once `flag` (an asyncio or a threading event) is set."""
+    if flag is None:
+        return
+    if isinstance(flag, asyncio.Event):
+        await flag.wait()
+    else:
+        while not flag.is_set():
+            await asyncio.sleep(0.2)
+    into.set()
 
 
 def _post_event(body: dict[str, Any], type_: str, reason: str, message: str) -> None:

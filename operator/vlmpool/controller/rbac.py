@@ -19,6 +19,11 @@ Why each rule is needed:
 - jobs: create the patch and cleanup Jobs (get after an AlreadyExists), watch them for completion,
   delete an unfinished patch Job of an adapter being deleted (so it cannot publish after the cleanup).
 - events: kopf and the operator post Kubernetes Events (create).
+
+Leader election (`vlmpool operator --leader-elect`, more than one replica) needs more, and only in
+the namespace of the Lease: LEADER_ELECTION_RULES, in a namespaced Role (`leader_election_role`)
+bound by `leader_election_role_binding`. leases get/create/update: read the Lease, create it when
+absent, take it over or renew it with an optimistic-concurrency PUT (no list/watch/delete/patch).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import yaml
 
 CLUSTER_ROLE = "vlmpool-operator"
 SERVICE_ACCOUNT = "vlmpool-operator"
+LEADER_ELECTION_ROLE = "vlmpool-operator-leader-election"
 
 RULES: list[dict[str, Any]] = [
     {"apiGroups": ["vlmpool.io"], "resources": ["vlmpools", "vlmadapters"],
@@ -45,6 +51,10 @@ RULES: list[dict[str, Any]] = [
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
     {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "watch", "create", "delete"]},
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+]
+
+LEADER_ELECTION_RULES: list[dict[str, Any]] = [
+    {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "update"]},
 ]
 
 
@@ -90,6 +100,30 @@ def role_binding(namespace: str, subjects: list[dict[str, str]], name: str = CLU
     }
 
 
+def leader_election_role(namespace: str, name: str = LEADER_ELECTION_ROLE,
+                         labels: dict[str, str] | None = None) -> dict[str, Any]:
+    """The Role for the Lease of leader election, in the Lease's namespace only."""
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": {"name": name, "namespace": namespace,
+                     "labels": labels or {"app.kubernetes.io/name": "vlmpool",
+                                          "app.kubernetes.io/component": "operator"}},
+        "rules": [dict(r) for r in LEADER_ELECTION_RULES],
+    }
+
+
+def leader_election_role_binding(namespace: str, subjects: list[dict[str, str]],
+                                 name: str = LEADER_ELECTION_ROLE, role: str = LEADER_ELECTION_ROLE) -> dict[str, Any]:
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": {"name": name, "namespace": namespace},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role},
+        "subjects": subjects,
+    }
+
+
 def deploy_documents(namespace: str = "vlmpool-system") -> dict[str, list[dict[str, Any]]]:
     """The files of deploy/rbac/: file name -> documents."""
     sa = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": SERVICE_ACCOUNT, "namespace": namespace}}
@@ -97,6 +131,9 @@ def deploy_documents(namespace: str = "vlmpool-system") -> dict[str, list[dict[s
         "clusterrole.yaml": [cluster_role()],
         "serviceaccount.yaml": [sa],
         "clusterrolebinding.yaml": [cluster_role_binding([subject_service_account(SERVICE_ACCOUNT, namespace)])],
+        "leader-election-role.yaml": [leader_election_role(namespace)],
+        "leader-election-rolebinding.yaml": [
+            leader_election_role_binding(namespace, [subject_service_account(SERVICE_ACCOUNT, namespace)])],
     }
 
 

@@ -59,6 +59,7 @@ REPLICASETS = Resource("apps", "v1", "replicasets")
 JOBS = Resource("batch", "v1", "jobs")
 VLMPOOLS = Resource("vlmpool.io", "v1alpha1", "vlmpools")
 VLMADAPTERS = Resource("vlmpool.io", "v1alpha1", "vlmadapters")
+LEASES = Resource("coordination.k8s.io", "v1", "leases")
 
 KIND_TO_RESOURCE = {
     ("v1", "Pod"): PODS,
@@ -70,6 +71,7 @@ KIND_TO_RESOURCE = {
     ("batch/v1", "Job"): JOBS,
     ("vlmpool.io/v1alpha1", "VLMPool"): VLMPOOLS,
     ("vlmpool.io/v1alpha1", "VLMAdapter"): VLMADAPTERS,
+    ("coordination.k8s.io/v1", "Lease"): LEASES,
 }
 
 
