@@ -34,9 +34,13 @@ def operator_role(control_plane, crds):
 @pytest.fixture
 def operator_kubeconfig(control_plane, namespace, operator_role):
     """A kubeconfig for a user whose only rights are the operator's ClusterRole, bound in the test
-    namespace (as an operator started with --namespace is deployed)."""
+    namespace (as an operator started with --namespace is deployed), and the leader-election Role in
+    that namespace (the Lease of `--leader-elect` lives there)."""
     binding = rbac.role_binding(namespace, [rbac.subject_user(OPERATOR_USER)], role=operator_role)
-    control_plane.kubectl("apply", "-f", "-", input=json.dumps(binding))
+    le_role = rbac.leader_election_role(namespace)
+    le_binding = rbac.leader_election_role_binding(namespace, [rbac.subject_user(OPERATOR_USER)])
+    for doc in (binding, le_role, le_binding):
+        control_plane.kubectl("apply", "-f", "-", input=json.dumps(doc))
     return control_plane.kubeconfig_for(OPERATOR_USER)
 
 
@@ -65,8 +69,9 @@ async def operator(operator_kubeconfig, namespace, adapter_root, tmp_path, kube)
     procs: list[OperatorProcess] = []
     log = tmp_path / "operator.log"
 
-    async def start(resync: float = 3.0) -> OperatorProcess:
-        op = OperatorProcess(operator_kubeconfig, namespace, adapter_root, log, resync=resync)
+    async def start(resync: float = 3.0, extra_args: tuple[str, ...] = (), log_name: str | None = None) -> OperatorProcess:
+        op = OperatorProcess(operator_kubeconfig, namespace, adapter_root, tmp_path / log_name if log_name else log,
+                             resync=resync, extra_args=list(extra_args))
         procs.append(op)
         return await op.start()
 

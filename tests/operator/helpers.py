@@ -235,6 +235,7 @@ class OperatorProcess:
     adapter_root: Path
     log_path: Path
     resync: float = 3.0
+    extra_args: list[str] = field(default_factory=list)
     proc: subprocess.Popen | None = None
     metrics_port: int = 0
 
@@ -245,7 +246,7 @@ class OperatorProcess:
              *(["--all-namespaces"] if self.namespace == "*" else ["--namespace", self.namespace]),
              "--metrics-host", "127.0.0.1", "--metrics-port", str(self.metrics_port),
              "--resync-seconds", str(self.resync), "--push-timeout", "5", "--adapter-root", str(self.adapter_root),
-             "--log-level", "DEBUG"],
+             "--log-level", "DEBUG", *self.extra_args],
             stdout=self.log_path.open("a"), stderr=subprocess.STDOUT)
 
         async def ready():
@@ -274,6 +275,12 @@ class OperatorProcess:
                 self.proc.kill()
                 self.proc.wait()
         self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no release of anything it holds."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
     def tail(self, n: int = 6000) -> str:
         return self.log_path.read_text()[-n:] if self.log_path.exists() else ""
