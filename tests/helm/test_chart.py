@@ -24,11 +24,21 @@ def _operator(docs):
 
 
 def test_default_render_is_a_cluster_wide_operator_with_exactly_the_operator_rules(helm):
-    from vlmpool.controller.rbac import RULES
+    from vlmpool.controller.rbac import LEADER_ELECTION_RULES, RULES
 
     docs = helm.template()
-    assert sorted(d["kind"] for d in docs) == ["ClusterRole", "ClusterRoleBinding", "Deployment", "Service",
-                                               "ServiceAccount"]
+    assert sorted(d["kind"] for d in docs) == ["ClusterRole", "ClusterRoleBinding", "Deployment", "Role",
+                                               "RoleBinding", "Service", "ServiceAccount"]
+    # Leader election (on by default): a Role for the Lease in the release namespace only.
+    le_role, le_binding = one(docs, "Role"), one(docs, "RoleBinding")
+    assert le_role["metadata"] == {**le_role["metadata"], "name": "vlmpool-operator-leader-election",
+                                   "namespace": "vlmpool-system"}
+    assert le_role["rules"] == LEADER_ELECTION_RULES
+    assert le_binding["metadata"]["namespace"] == "vlmpool-system"
+    assert le_binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                     "name": "vlmpool-operator-leader-election"}
+    assert le_binding["subjects"] == [{"kind": "ServiceAccount", "name": "vlmpool-operator",
+                                       "namespace": "vlmpool-system"}]
     role = one(docs, "ClusterRole")
     assert role["rules"] == RULES
     binding = one(docs, "ClusterRoleBinding")
@@ -36,13 +46,20 @@ def test_default_render_is_a_cluster_wide_operator_with_exactly_the_operator_rul
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "vlmpool-operator", "namespace": "vlmpool-system"}]
 
     dep, pod, c = _operator(docs)
-    assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"] == {"type": "Recreate"}
+    assert dep["spec"]["replicas"] == 1
+    assert dep["spec"]["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
     assert pod["serviceAccountName"] == "vlmpool-operator"
     assert c["image"] == "ghcr.io/vlmpool/vlmpool-operator:0.1.0"
     assert c["command"] == ["vlmpool", "operator"]
     assert c["args"] == ["--all-namespaces", "--metrics-host=0.0.0.0", "--metrics-port=8080", "--resync-seconds=60",
                          "--push-timeout=10", "--push-parallelism=16", "--adapter-root=/var/lib/vlmpool/adapters",
-                         "--log-level=INFO", "--patch-image=ghcr.io/vlmpool/vlmpool-patcher:0.1.0"]
+                         "--log-level=INFO", "--leader-elect", "--leader-election-id=vlmpool-operator",
+                         "--lease-duration=15", "--renew-deadline=10", "--retry-period=2",
+                         "--patch-image=ghcr.io/vlmpool/vlmpool-patcher:0.1.0"]
+    env = {e["name"]: e for e in c["env"]}
+    assert env["POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert env["POD_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    assert not by_kind(docs, "PodDisruptionBudget")
     assert c["ports"] == [{"name": "metrics", "containerPort": 8080, "protocol": "TCP"}]
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
     assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
@@ -60,7 +77,8 @@ def test_default_render_is_a_cluster_wide_operator_with_exactly_the_operator_rul
 def test_watching_namespaces_grants_roles_there_and_nothing_cluster_wide(helm):
     from vlmpool.controller.rbac import RULES
 
-    docs = helm.template(*variant_args("namespaced"))
+    docs = [d for d in helm.template(*variant_args("namespaced"))
+            if not d["metadata"]["name"].endswith("-leader-election")]
     assert not by_kind(docs, "ClusterRole") and not by_kind(docs, "ClusterRoleBinding")
     roles = by_kind(docs, "Role")
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
@@ -158,8 +176,41 @@ def test_extras(helm):
     assert one(docs, "Service")["spec"]["ports"][0]["port"] == 9090
 
 
+def test_ha_replicas_with_leader_election_and_a_disruption_budget(helm):
+    docs = helm.template(*variant_args("ha"))
+    dep, _, c = _operator(docs)
+    assert dep["spec"]["replicas"] == 2 and dep["spec"]["strategy"]["type"] == "RollingUpdate"
+    assert c["args"][c["args"].index("--leader-elect"):][:5] == [
+        "--leader-elect", "--leader-election-id=vlmpool-operator", "--lease-duration=20", "--renew-deadline=12.5",
+        "--retry-period=3"]
+    pdb = one(docs, "PodDisruptionBudget")
+    assert pdb["spec"] == {"maxUnavailable": 1, "selector": dep["spec"]["selector"]}
+    assert pdb["metadata"]["namespace"] == "vlmpool-system"
+    # Readiness stays /readyz: followers answer ready, so a rolling update proceeds.
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+
+
+def test_without_leader_election_one_replica_recreated_and_no_lease_role(helm):
+    docs = helm.template("--set", "leaderElection.enabled=false")
+    dep, _, c = _operator(docs)
+    assert dep["spec"]["strategy"] == {"type": "Recreate"}
+    assert not any(a.startswith("--leader") or a.startswith("--lease") for a in c["args"])
+    assert not any(e["name"] in ("POD_NAME", "POD_NAMESPACE") for e in c["env"])
+    assert not by_kind(docs, "Role") and not by_kind(docs, "RoleBinding")
+
+
+def test_inconsistent_lease_timings_are_refused(helm):
+    res = helm.run("template", "vlmpool", str(CHART), "--set", "leaderElection.renewDeadlineSeconds=15", check=False)
+    assert res.returncode != 0
+    assert "leaseDurationSeconds must be greater than renewDeadlineSeconds" in res.stderr
+
+
 BAD_VALUES = [
-    (["--set", "operator.replicas=2"], "/operator/replicas", "maximum"),
+    (["--set", "operator.replicas=6"], "/operator/replicas", "maximum"),
+    (["--set", "operator.replicas=2", "--set", "leaderElection.enabled=false"], "/operator/replicas",
+     "maximum: got 2, want 1"),
+    (["--set", "leaderElection.retryPeriodSeconds=0"], "/leaderElection/retryPeriodSeconds", "exclusiveMinimum"),
+    (["--set", "leaderElection.leader=true"], "/leaderElection", "leader"),
     (["--set", "operator.logLevel=TRACE"], "/operator/logLevel", "DEBUG"),
     (["--set", "operator.resyncSeconds=0"], "/operator/resyncSeconds", "exclusiveMinimum"),
     (["--set", "operator.metricsPort=70000"], "/operator/metricsPort", "maximum"),

@@ -58,10 +58,10 @@ def _helm_in(helm, cluster, *args, check=True):
 def test_install_refuses_bad_values_before_touching_the_cluster(helm, cluster):
     ns = f"h-{uuid.uuid4().hex[:8]}"
     res = _helm_in(helm, cluster, "install", "bad", str(CHART), "-n", ns, "--create-namespace",
-                   "--set", "operator.replicas=3", "--set", "watch.namespaces={UPPER}", check=False)
+                   "--set", "operator.replicas=6", "--set", "watch.namespaces={UPPER}", check=False)
     assert res.returncode != 0
     assert "values don't meet the specifications of the schema(s)" in res.stderr
-    assert "at '/operator/replicas': maximum: got 3, want 1" in res.stderr
+    assert "at '/operator/replicas': maximum: got 6, want 5" in res.stderr
     assert "/watch/namespaces/0" in res.stderr
     assert cluster.kubectl("get", "namespace", ns, check=False).returncode != 0  # nothing was created
     assert "bad" not in _helm_in(helm, cluster, "list", "-A", "-q").stdout.split()
@@ -110,6 +110,12 @@ def test_installed_rbac_grants_exactly_the_rules_where_the_operator_watches(helm
                 assert _can(cluster, release_ns, verb, resource, ns), (verb, resource, ns)
             assert not _can(cluster, release_ns, verb, resource, other), (verb, resource, other)
             assert not _can(cluster, release_ns, verb, resource), (verb, resource, "cluster-wide")
+        # Leader election: the Lease in the release namespace only.
+        for verb in ("get", "create", "update"):
+            assert _can(cluster, release_ns, verb, "leases.coordination.k8s.io", release_ns), verb
+            assert not _can(cluster, release_ns, verb, "leases.coordination.k8s.io", watched[0]), verb
+            assert not _can(cluster, release_ns, verb, "leases.coordination.k8s.io"), verb
+        assert not _can(cluster, release_ns, "delete", "leases.coordination.k8s.io", release_ns)
         for verb, resource in [("list", "secrets"), ("delete", "deployments.apps"), ("create", "roles.rbac.authorization.k8s.io"),
                                ("update", "vlmpools.vlmpool.io")]:
             assert not _can(cluster, release_ns, verb, resource, watched[0]), (verb, resource)
