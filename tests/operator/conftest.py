@@ -1,5 +1,6 @@
 """Fixtures of the operator tests: the operator runs as `vlmpool operator` under a user bound to the
-ClusterRole of vlmpool.controller.rbac (and nothing else), which proves those rules suffice."""
+ClusterRole of vlmpool.controller.rbac and its leader-election Role (and nothing else), which proves
+those rules suffice."""
 
 from __future__ import annotations
 

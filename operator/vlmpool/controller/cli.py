@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
 
     elector_args: dict | None = None
     if args.leader_elect:
-        from vlmpool.controller.leader import LeaderElectionError, LeaderElector, default_identity
+        from vlmpool.controller.leader import LeaderElectionError, LeaderElector, check_timings, default_identity
 
         elector_args = dict(
             namespace=(args.leader_election_namespace or os.environ.get("POD_NAMESPACE", "").strip()
@@ -97,7 +97,9 @@ def run(args: argparse.Namespace) -> int:
             lease_duration=args.lease_duration, renew_deadline=args.renew_deadline,
             retry_period=args.retry_period)
         try:
-            LeaderElector(None, **elector_args)  # type: ignore[arg-type] - validates the settings
+            check_timings(args.lease_duration, args.renew_deadline, args.retry_period)
+            if not elector_args["name"]:
+                raise LeaderElectionError("--leader-election-id must not be empty")
         except LeaderElectionError as e:
             print(f"vlmpool operator: {e}")
             return 2

@@ -38,6 +38,20 @@ class LeaderElectionError(ValueError):
     """Invalid leader-election settings."""
 
 
+def check_timings(lease_duration: float, renew_deadline: float, retry_period: float) -> None:
+    """lease duration > renew deadline > retry period > 0, else LeaderElectionError."""
+    if retry_period <= 0 or renew_deadline <= 0 or lease_duration <= 0:
+        raise LeaderElectionError("lease duration, renew deadline and retry period must be > 0")
+    if lease_duration <= renew_deadline:
+        raise LeaderElectionError(
+            f"the lease duration ({lease_duration:g}s) must be greater than the renew deadline "
+            f"({renew_deadline:g}s)")
+    if renew_deadline <= retry_period:
+        raise LeaderElectionError(
+            f"the renew deadline ({renew_deadline:g}s) must be greater than the retry period "
+            f"({retry_period:g}s)")
+
+
 def default_identity() -> str:
     """The pod name ($POD_NAME, from the downward API), else hostname plus a random suffix (two
     processes on one host must not share an identity)."""
@@ -82,16 +96,7 @@ class LeaderElector:
             raise LeaderElectionError("the lease name must not be empty")
         if not namespace:
             raise LeaderElectionError("the lease namespace must not be empty")
-        if retry_period <= 0 or renew_deadline <= 0 or lease_duration <= 0:
-            raise LeaderElectionError("lease duration, renew deadline and retry period must be > 0")
-        if lease_duration <= renew_deadline:
-            raise LeaderElectionError(
-                f"the lease duration ({lease_duration:g}s) must be greater than the renew deadline "
-                f"({renew_deadline:g}s)")
-        if renew_deadline <= retry_period:
-            raise LeaderElectionError(
-                f"the renew deadline ({renew_deadline:g}s) must be greater than the retry period "
-                f"({retry_period:g}s)")
+        check_timings(lease_duration, renew_deadline, retry_period)
         self.kube = kube
         self.namespace = namespace
         self.name = name
