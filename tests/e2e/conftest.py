@@ -105,7 +105,8 @@ class ChartOperator:
         self.wait_operator_ready()
 
     def restart_operator(self) -> None:
-        # Recreate strategy: the old pod is gone before the new one starts, as in a real upgrade.
+        # RollingUpdate with leader election: the new pod starts as a follower and takes the Lease when
+        # the old one releases it on SIGTERM, as in a real upgrade.
         self.kubectl("rollout", "restart", "-n", HELM_NAMESPACE, self._deployment())
         self.wait_operator_ready()
 
