@@ -29,6 +29,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import cpu_seconds, percentile  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 VLMPOOL = [sys.executable, "-m", "vlmpool"]
 
@@ -51,23 +54,6 @@ def wait_http(url: str, timeout: float = 60.0) -> None:
             last = e
         time.sleep(0.1)
     raise RuntimeError(f"{url} did not come up: {last}")
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (Linux /proc), in seconds."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    k = (len(s) - 1) * q
-    lo = int(k)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
 async def closed_loop(url: str, model: str, concurrency: int, duration: float, warmup: float, tokens: int) -> dict:

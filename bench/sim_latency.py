@@ -29,6 +29,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import cpu_seconds, percentile  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -49,19 +52,6 @@ def wait_http(url: str, timeout: float = 60.0) -> None:
             if time.monotonic() > deadline:
                 raise
         time.sleep(0.1)
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        parts = f.read().rsplit(")", 1)[1].split()
-    return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
 
 
 async def level(url: str, clients: int, duration: float, tokens: int) -> dict:
@@ -101,7 +91,7 @@ async def level(url: str, clients: int, duration: float, tokens: int) -> dict:
         await asyncio.gather(*(client(s) for _ in range(clients)))
         elapsed = time.monotonic() - t0
     return {"clients": clients, "requests": done, "errors": errors, "rps": done / elapsed,
-            "ttft_p50_ms": pct(ttfts, 0.5) * 1000, "ttft_p99_ms": pct(ttfts, 0.99) * 1000}
+            "ttft_p50_ms": percentile(ttfts, 0.5) * 1000, "ttft_p99_ms": percentile(ttfts, 0.99) * 1000}
 
 
 def main() -> int:

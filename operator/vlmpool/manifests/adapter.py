@@ -163,6 +163,39 @@ def patch_args(adapter: dict[str, Any], pool: dict[str, Any], adapter_root: str 
     return args
 
 
+def _job(adapter: dict[str, Any], pspec: VLMPoolSpec, name: str, labels: dict[str, str],
+         containers: list[dict[str, Any]], volumes: list[dict[str, Any]], *, backoff_limit: int,
+         deadline_seconds: int, ttl_seconds: int, annotations: dict[str, str] | None = None) -> dict[str, Any]:
+    """The Job shell shared by the patch, cleanup and prune Jobs: owned by the adapter, never
+    restarted in place, no API token, the patcher's fsGroup, and the pool's node placement."""
+    metadata: dict[str, Any] = {"name": name, "namespace": adapter["metadata"]["namespace"], "labels": labels}
+    if annotations:
+        metadata["annotations"] = annotations
+    metadata["ownerReferences"] = [owner_reference(adapter)]
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": metadata,
+        "spec": {
+            "backoffLimit": backoff_limit,
+            "activeDeadlineSeconds": deadline_seconds,
+            "ttlSecondsAfterFinished": ttl_seconds,
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "securityContext": JOB_POD_SECURITY,
+                    "automountServiceAccountToken": False,
+                    "enableServiceLinks": False,
+                    "containers": containers,
+                    "volumes": volumes,
+                    **_scheduling(pspec),
+                },
+            },
+        },
+    }
+
+
 def patch_job(adapter: dict[str, Any], pool: dict[str, Any], *, image: str | None = None,
               adapter_root: str = ADAPTER_ROOT,
               backoff_limit: int = PATCH_BACKOFF_LIMIT, deadline_seconds: int = PATCH_DEADLINE_SECONDS,
@@ -206,34 +239,9 @@ def patch_job(adapter: dict[str, Any], pool: dict[str, Any], *, image: str | Non
     }
     if spec.source.credentials_secret is not None:
         container["envFrom"] = [{"secretRef": {"name": spec.source.credentials_secret.name}}]
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {
-            "name": patch_job_name(name, digest),
-            "namespace": adapter["metadata"]["namespace"],
-            "labels": labels,
-            "annotations": {A_SPEC_DIGEST: digest},
-            "ownerReferences": [owner_reference(adapter)],
-        },
-        "spec": {
-            "backoffLimit": backoff_limit,
-            "activeDeadlineSeconds": deadline_seconds,
-            "ttlSecondsAfterFinished": ttl_seconds,
-            "template": {
-                "metadata": {"labels": labels},
-                "spec": {
-                    "restartPolicy": "Never",
-                    "securityContext": JOB_POD_SECURITY,
-                    "automountServiceAccountToken": False,
-                    "enableServiceLinks": False,
-                    "containers": [container],
-                    "volumes": volumes,
-                    **_scheduling(pspec),
-                },
-            },
-        },
-    }
+    return _job(adapter, pspec, patch_job_name(name, digest), labels, [container], volumes,
+                annotations={A_SPEC_DIGEST: digest}, backoff_limit=backoff_limit,
+                deadline_seconds=deadline_seconds, ttl_seconds=ttl_seconds)
 
 
 def _scheduling(pspec: VLMPoolSpec) -> dict[str, Any]:
@@ -253,43 +261,19 @@ def cleanup_job(adapter: dict[str, Any], pool: dict[str, Any], *, image: str | N
     pspec = VLMPoolSpec.model_validate(pool.get("spec") or {})
     name = adapter["metadata"]["name"]
     labels = _labels(adapter, COMPONENT_CLEANUP)
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {
-            "name": cleanup_job_name(name, adapter["metadata"]["uid"]),
-            "namespace": adapter["metadata"]["namespace"],
-            "labels": labels,
-            "ownerReferences": [owner_reference(adapter)],
-        },
-        "spec": {
-            "backoffLimit": 3,
-            "activeDeadlineSeconds": CLEANUP_DEADLINE_SECONDS,
-            "ttlSecondsAfterFinished": ttl_seconds,
-            "template": {
-                "metadata": {"labels": labels},
-                "spec": {
-                    "restartPolicy": "Never",
-                    "securityContext": JOB_POD_SECURITY,
-                    "automountServiceAccountToken": False,
-                    "enableServiceLinks": False,
-                    "containers": [{
-                        "name": "cleanup",
-                        "image": image or pspec.proxy.image,
-                        "imagePullPolicy": pspec.proxy.image_pull_policy,
-                        "command": ["python3", "-c", CLEANUP_SCRIPT, adapter_root, name],
-                        "volumeMounts": [{"name": "adapters", "mountPath": adapter_root}],
-                        "terminationMessagePolicy": "FallbackToLogsOnError",
-                        "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}},
-                        "securityContext": {"allowPrivilegeEscalation": False},
-                    }],
-                    "volumes": [{"name": "adapters",
-                                 "persistentVolumeClaim": {"claimName": claim_name(pool, pspec)}}],
-                    **_scheduling(pspec),
-                },
-            },
-        },
+    container = {
+        "name": "cleanup",
+        "image": image or pspec.proxy.image,
+        "imagePullPolicy": pspec.proxy.image_pull_policy,
+        "command": ["python3", "-c", CLEANUP_SCRIPT, adapter_root, name],
+        "volumeMounts": [{"name": "adapters", "mountPath": adapter_root}],
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}},
+        "securityContext": {"allowPrivilegeEscalation": False},
     }
+    volumes = [{"name": "adapters", "persistentVolumeClaim": {"claimName": claim_name(pool, pspec)}}]
+    return _job(adapter, pspec, cleanup_job_name(name, adapter["metadata"]["uid"]), labels, [container], volumes,
+                backoff_limit=3, deadline_seconds=CLEANUP_DEADLINE_SECONDS, ttl_seconds=ttl_seconds)
 
 
 def prune_job(adapter: dict[str, Any], pool: dict[str, Any], keep_version: str, *, image: str | None = None,
