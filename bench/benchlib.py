@@ -4,6 +4,10 @@ from this directory)."""
 from __future__ import annotations
 
 import os
+import time
+import urllib.request
+
+from vlmpool.localcluster.controlplane import free_port  # noqa: F401 - one free-port helper for all
 
 
 def cpu_seconds(pid: int) -> float:
@@ -22,3 +26,18 @@ def percentile(values: list[float], q: float) -> float:
     lo = int(k)
     hi = min(lo + 1, len(s) - 1)
     return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def wait_http(url: str, timeout: float = 60.0) -> None:
+    """Poll `url` until it answers 200 (a server still starting), else RuntimeError with the last error."""
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except Exception as e:  # noqa: BLE001 - still starting
+            last = e
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not come up: {last}")

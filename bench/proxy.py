@@ -30,30 +30,10 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import cpu_seconds, percentile  # noqa: E402
+from benchlib import cpu_seconds, free_port, percentile, wait_http  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 VLMPOOL = [sys.executable, "-m", "vlmpool"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except Exception as e:  # noqa: BLE001 - still starting
-            last = e
-        time.sleep(0.1)
-    raise RuntimeError(f"{url} did not come up: {last}")
 
 
 async def closed_loop(url: str, model: str, concurrency: int, duration: float, warmup: float, tokens: int) -> dict:
