@@ -22,11 +22,9 @@ import asyncio
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
