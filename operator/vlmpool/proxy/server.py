@@ -405,15 +405,10 @@ class Proxy:
                 return unavailable_response(EngineUnavailable(_upstream_message(e, t_limit), code=e.code))
             try:
                 if resp.status >= 400:
-                    try:
-                        async with asyncio.timeout_at(deadline if not stream else loop.time() + t_limit):
-                            body = (await resp.read()).decode("utf-8", errors="replace")
-                    except TimeoutError:
-                        up.abort(resp)
-                        return unavailable_response(EngineUnavailable(_upstream_message(UpstreamTimeout(""), t_limit), code="engine_timeout"))
-                    except UpstreamError as e:
-                        up.abort(resp)
-                        return unavailable_response(EngineUnavailable(_upstream_message(e, t_limit), code=e.code))
+                    raw = await _read_body(up, resp, deadline if not stream else loop.time() + t_limit, t_limit)
+                    if isinstance(raw, web.Response):
+                        return raw
+                    body = raw.decode("utf-8", errors="replace")
                     if not healed and version is not None and is_unknown_model_404(resp.status, body, internal):
                         healed = True
                         up.release(resp)
@@ -432,15 +427,9 @@ class Proxy:
                 self.metrics.observe_ttfb(route, time.perf_counter() - t0)
                 if stream:
                     return await self._stream(request, resp, internal)
-                try:
-                    async with asyncio.timeout_at(deadline):
-                        body_bytes = await resp.read()
-                except TimeoutError:
-                    up.abort(resp)
-                    return unavailable_response(EngineUnavailable(_upstream_message(UpstreamTimeout(""), t_limit), code="engine_timeout"))
-                except UpstreamError as e:
-                    up.abort(resp)
-                    return unavailable_response(EngineUnavailable(_upstream_message(e, t_limit), code=e.code))
+                body_bytes = await _read_body(up, resp, deadline, t_limit)
+                if isinstance(body_bytes, web.Response):
+                    return body_bytes
                 headers = {"Content-Type": resp.headers.get("content-type", "application/json"), "X-Vlmpool-Served-By": internal}
                 if "content-encoding" in resp.headers:
                     headers["Content-Encoding"] = resp.headers["content-encoding"]
@@ -524,6 +513,20 @@ class Proxy:
 def _model_not_found(model: str) -> web.Response:
     return error_response(404, f"The model `{model}` does not exist.", type_="invalid_request_error",
                           code="model_not_found", param="model")
+
+
+async def _read_body(up: Upstream, resp: UpstreamResponse, deadline: float, t_limit: float) -> bytes | web.Response:
+    """The engine response's whole body by `deadline`, or the 503 to answer when it times out or
+    the connection breaks (the connection is then dropped, not reused)."""
+    try:
+        async with asyncio.timeout_at(deadline):
+            return await resp.read()
+    except TimeoutError:
+        up.abort(resp)
+        return unavailable_response(EngineUnavailable(_upstream_message(UpstreamTimeout(""), t_limit), code="engine_timeout"))
+    except UpstreamError as e:
+        up.abort(resp)
+        return unavailable_response(EngineUnavailable(_upstream_message(e, t_limit), code=e.code))
 
 
 def _upstream_message(e: UpstreamError, timeout: float) -> str:
