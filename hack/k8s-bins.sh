@@ -25,6 +25,7 @@ export GOPATH="${GOPATH:-$HOME/go}"
 
 want=("$@")
 [ ${#want[@]} -gt 0 ] || want=(etcd kube-apiserver kube-controller-manager kubectl helm)
+# The real node (hack/node.sh) also needs: kubelet kube-proxy kube-scheduler (ask for them by name).
 
 have() { [ -x "$BIN/$1" ] && [ -f "$BIN/.$1.ok" ]; }
 
@@ -61,9 +62,9 @@ build_k8s() {
     fi
   fi
   log "resolving k8s.io/kubernetes v$K8S_VERSION (first run downloads ~1 GB of modules)"
-  go get "k8s.io/kubernetes/cmd/kube-apiserver@v$K8S_VERSION" \
-         "k8s.io/kubernetes/cmd/kube-controller-manager@v$K8S_VERSION" \
-         "k8s.io/kubernetes/cmd/kubectl@v$K8S_VERSION" >&2
+  local gets=() b0
+  for b0 in "$@"; do gets+=("k8s.io/kubernetes/cmd/$b0@v$K8S_VERSION"); done
+  go get "${gets[@]}" >&2
   local ld="-s -w" pkg
   for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
     ld="$ld -X $pkg.gitVersion=v$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor -X $pkg.gitTreeState=clean -X $pkg.gitCommit=vlmpool-build"
@@ -113,7 +114,7 @@ for b in "${want[@]}"; do
   from_assets "$b" && continue
   [ "$b" = kubectl ] && from_path_kubectl && continue
   case $b in
-    kube-apiserver|kube-controller-manager|kubectl) k8s_missing+=("$b") ;;
+    kube-apiserver|kube-controller-manager|kubectl|kubelet|kube-proxy|kube-scheduler) k8s_missing+=("$b") ;;
     etcd) build_etcd ;;
     helm) build_helm ;;
     *) log "unknown binary $b"; exit 2 ;;
