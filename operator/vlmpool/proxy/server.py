@@ -22,14 +22,17 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from .defaults import (
+    DEFAULT_BODY_TIMEOUT_S,
     DEFAULT_CONCURRENCY,
+    DEFAULT_HEADER_TIMEOUT_S,
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_QUEUE_LIMIT,
     DEFAULT_QUEUE_TIMEOUT_S,
     DEFAULT_REQUEST_TIMEOUT_S,
 )
 from .engine import EngineClient, EngineHTTPError, EngineUnavailable, is_unknown_model_404, parse_error_body
-from .limiter import LimiterRejected, ResizableLimiter
+from .guard import ApiKeys, InputRefused, confine_path, parse_json
+from .limiter import ByteBudget, LimiterRejected, ResizableLimiter
 from .logs import REQUEST_ID, get_logger, new_request_id
 from .metrics import ProxyMetrics
 from .upstream import Upstream, UpstreamError, UpstreamResponse, UpstreamTimeout
@@ -41,6 +44,9 @@ access_log = get_logger("access")
 UPSTREAM_MESSAGE_CHARS = 300
 MODERATION_MARKERS = ("data_inspection_failed", "inappropriate")
 REQUEST_ID_RE = re.compile(r"^[\x21-\x7e]{1,200}$")
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})  # never behind the API key
+ADMIN_MAX_BODY_BYTES = 8 * 1024 * 1024
+ADMIN_MAX_JSON_DEPTH = 8  # {adapters: [{name: ...}]} is 3 deep
 
 
 @dataclass(slots=True)
@@ -76,6 +82,11 @@ class ProxyConfig:
     queue_timeout: float = DEFAULT_QUEUE_TIMEOUT_S
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_inflight_body_bytes: int | None = None  # request bodies held at once; default 2 x max_body_bytes
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT_S  # a request's headers (also the keep-alive idle time)
+    body_timeout: float = DEFAULT_BODY_TIMEOUT_S  # a request's whole body, once its headers arrived
+    adapter_root: str | None = None  # adapter paths must resolve inside it (None: not checked)
+    api_key_dir: str | None = None  # a mounted Secret: each file's value is an accepted bearer token
     access_log: bool = True
     shutdown_timeout: float = 30.0
     retry_interval: float = 5.0  # re-try loads that met an unreachable engine this often (0: never)
@@ -95,6 +106,15 @@ class ProxyConfig:
             problems.append(f"queue timeout must be > 0 seconds (got {self.queue_timeout})")
         if self.request_timeout <= 0:
             problems.append(f"request timeout must be > 0 seconds (got {self.request_timeout})")
+        if self.max_inflight_body_bytes is not None and self.max_inflight_body_bytes < self.max_body_bytes:
+            problems.append(f"max in-flight body bytes ({self.max_inflight_body_bytes}) must be >= max body bytes "
+                            f"({self.max_body_bytes})")
+        if self.header_timeout <= 0 or self.body_timeout <= 0:
+            problems.append("header and body timeouts must be > 0 seconds")
+        if self.api_key_dir is not None and not os.path.isdir(self.api_key_dir):
+            problems.append(f"API key directory {self.api_key_dir} does not exist")
+        if self.adapter_root is not None and not self.adapter_root.startswith("/"):
+            problems.append(f"adapter root must be an absolute path (got {self.adapter_root!r})")
         if not self.engine_url.startswith(("http://", "https://")):
             problems.append(f"engine URL must be http(s)://host:port (got {self.engine_url!r})")
         if problems:
@@ -157,6 +177,8 @@ class Proxy:
         self._created = int(time.time())
         self.shutting_down = False
         self.upstream = Upstream(config.engine_url, keepalive_s=4.0)
+        self.body_budget = ByteBudget(config.max_inflight_body_bytes or 2 * config.max_body_bytes, config.queue_limit)
+        self.api_keys = ApiKeys(config.api_key_dir) if config.api_key_dir else None
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -174,7 +196,8 @@ class Proxy:
             self.limiter.resize(n)
 
     def build_apps(self) -> tuple[web.Application, web.Application]:
-        public = web.Application(client_max_size=self.config.max_body_bytes, middlewares=[self._middleware])
+        public_mw = [self._middleware] + ([self._api_key_auth] if self.api_keys is not None else [])
+        public = web.Application(client_max_size=self.config.max_body_bytes, middlewares=public_mw)
         public.router.add_post("/v1/chat/completions", self.handle_generation)
         public.router.add_post("/v1/completions", self.handle_generation)
         public.router.add_get("/v1/models", self.handle_models)
@@ -183,7 +206,7 @@ class Proxy:
         public.router.add_get("/metrics", self.handle_metrics)
         public.on_response_prepare.append(self._stamp_request_id)
 
-        admin = web.Application(client_max_size=8 * 1024 * 1024, middlewares=[self._middleware, self._admin_auth])
+        admin = web.Application(client_max_size=ADMIN_MAX_BODY_BYTES, middlewares=[self._middleware, self._admin_auth])
         admin.router.add_get("/admin/v1/state", self.handle_get_state)
         admin.router.add_put("/admin/v1/state", self.handle_put_state)
         admin.on_response_prepare.append(self._stamp_request_id)
@@ -244,6 +267,18 @@ class Proxy:
                 401, "missing or invalid bearer token", type_="authentication_error", code="invalid_token",
                 headers={"WWW-Authenticate": 'Bearer realm="vlmpool-proxy-admin"'},
             )
+        return await handler(request)
+
+    @web.middleware
+    async def _api_key_auth(self, request: web.Request, handler) -> web.StreamResponse:
+        assert self.api_keys is not None
+        if request.path not in OPEN_PATHS and not self.api_keys.accepts(request.headers.get("Authorization", "")):
+            resp = error_response(
+                401, "missing or invalid API key", type_="authentication_error", code="invalid_api_key",
+                headers={"WWW-Authenticate": 'Bearer realm="vlmpool"'},
+            )
+            resp.force_close()  # the body (maybe large) is never read
+            return resp
         return await handler(request)
 
     @staticmethod
@@ -311,15 +346,28 @@ class Proxy:
         route = request.path
         ctx = request[CTX]
         ctx.route = route
+        announced = request.content_length
+        if announced is not None and announced > self.config.max_body_bytes:
+            return _too_large(self.config.max_body_bytes)
+        # memory: bodies are held only within the in-flight body budget (unknown length: the maximum)
+        held = min(announced if announced is not None else self.config.max_body_bytes, self.body_budget.total)
         try:
-            raw = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            return error_response(413, f"request body larger than {self.config.max_body_bytes} bytes",
-                                  type_="invalid_request_error", code="request_too_large")
+            await self.body_budget.acquire(held, self.config.queue_timeout)
+        except LimiterRejected as e:
+            return self._rejected(e)
         try:
-            payload = json.loads(raw)
-        except ValueError:
-            return error_response(400, "request body is not valid JSON", type_="invalid_request_error", code="invalid_json")
+            return await self._generation(request, ctx, route)
+        finally:
+            self.body_budget.release(held)
+
+    async def _generation(self, request: web.Request, ctx: RequestContext, route: str) -> web.StreamResponse:
+        raw = await self._read_body(request)
+        if isinstance(raw, web.Response):
+            return raw
+        try:
+            payload = parse_json(raw)
+        except InputRefused as e:
+            return error_response(400, str(e), type_="invalid_request_error", code=e.code)
         if not isinstance(payload, dict):
             return error_response(400, "request body must be a JSON object", type_="invalid_request_error", code="invalid_json")
         model = payload.get("model")
@@ -350,10 +398,7 @@ class Proxy:
         try:
             await self.limiter.acquire(self.config.queue_timeout)
         except LimiterRejected as e:
-            self.metrics.rejected.labels(e.reason).inc()
-            retry_after = "1" if e.reason == "queue_full" else str(max(1, int(self.config.queue_timeout // 10)))
-            return error_response(429, f"too many requests: {e}", type_="rate_limit_error", code=e.reason,
-                                  headers={"Retry-After": retry_after})
+            return self._rejected(e)
         ctx.queue_s = time.perf_counter() - t_wait
         self.metrics.queue_wait.observe(ctx.queue_s)
         try:
@@ -373,6 +418,35 @@ class Proxy:
             if ctx.version is not None:
                 self.registry.release(ctx.version)
                 ctx.version = None
+
+    def _rejected(self, e: LimiterRejected) -> web.Response:
+        self.metrics.rejected.labels(e.reason).inc()
+        retry_after = "1" if e.reason == "queue_full" else str(max(1, int(self.config.queue_timeout // 10)))
+        return error_response(429, f"too many requests: {e}", type_="rate_limit_error", code=e.reason,
+                              headers={"Retry-After": retry_after})
+
+    async def _read_body(self, request: web.Request, limit: int | None = None) -> bytearray | web.Response:
+        """The whole body within ``body_timeout`` and ``limit`` bytes (default --max-body-bytes), or the
+        408/413 to answer (the connection is then closed: the rest of the body is never read)."""
+        limit = self.config.max_body_bytes if limit is None else limit
+        announced = request.content_length
+        buf = bytearray()
+        try:
+            async with asyncio.timeout(self.config.body_timeout):
+                while True:
+                    chunk = await request.content.readany()
+                    if not chunk:
+                        break
+                    buf += chunk
+                    if len(buf) > limit:
+                        return _too_large(limit)
+        except TimeoutError:
+            got = f"{len(buf)} of {announced} bytes" if announced is not None else f"{len(buf)} bytes"
+            resp = error_response(408, f"request body not received within {self.config.body_timeout:g}s ({got})",
+                                  type_="invalid_request_error", code="request_timeout")
+            resp.force_close()
+            return resp
+        return buf
 
     async def _forward(self, request, route, payload, raw, rewrite, model) -> web.StreamResponse:
         stream = payload.get("stream") is True
@@ -483,18 +557,27 @@ class Proxy:
         return web.json_response(self.registry.snapshot())
 
     async def handle_put_state(self, request: web.Request) -> web.Response:
+        raw = await self._read_body(request, ADMIN_MAX_BODY_BYTES)
+        if isinstance(raw, web.Response):
+            return raw
         try:
-            raw = await request.read()
-            data = json.loads(raw)
-        except ValueError:
-            return error_response(400, "request body is not valid JSON", type_="invalid_request_error", code="invalid_json")
+            data = parse_json(raw, max_depth=ADMIN_MAX_JSON_DEPTH)
+        except InputRefused as e:
+            return error_response(400, str(e), type_="invalid_request_error", code=e.code)
         try:
             state = DesiredState.model_validate(data)
         except ValidationError as e:
             problems = "; ".join(
                 f"{'.'.join(str(p) for p in err['loc']) or '(body)'}: {err['msg']}" for err in e.errors()
             )
-            return error_response(400, f"invalid state: {problems}", type_="invalid_request_error", code="invalid_state")
+            return error_response(400, f"invalid state: {problems[:2000]}", type_="invalid_request_error",
+                                  code="invalid_state")
+        root = self.config.adapter_root
+        for a in state.adapters if root is not None else ():
+            problem = confine_path(a.path, root)
+            if problem:
+                return error_response(400, f"invalid state: adapters[{a.name!r}].path {problem}",
+                                      type_="invalid_request_error", code="invalid_path", param="adapters.path")
         base = None
         try:
             base = await self.base_model()
@@ -508,6 +591,13 @@ class Proxy:
         if not applied:
             return web.json_response(snap, status=409)
         return web.json_response(snap)
+
+
+def _too_large(limit: int) -> web.Response:
+    resp = error_response(413, f"request body larger than {limit} bytes", type_="invalid_request_error",
+                          code="request_too_large")
+    resp.force_close()
+    return resp
 
 
 def _model_not_found(model: str) -> web.Response:
@@ -546,6 +636,8 @@ class RunningProxy:
     admin_url: str
     port: int
     admin_port: int
+    bind: str = ""  # the addresses really bound (0.0.0.0 stays 0.0.0.0), for the log
+    admin_bind: str = ""
 
 
 async def start_proxy(config: ProxyConfig) -> tuple[RunningProxy, list[web.AppRunner]]:
@@ -559,7 +651,10 @@ async def start_proxy(config: ProxyConfig) -> tuple[RunningProxy, list[web.AppRu
             (public, config.host, config.port),
             (admin, config.admin_host or config.host, config.admin_port),
         ):
-            runner = web.AppRunner(app, access_log=None, shutdown_timeout=config.shutdown_timeout, handle_signals=False)
+            # keepalive_timeout is aiohttp's deadline for a connection's next request head, armed at
+            # connect and after each response: it is the header timeout (and the keep-alive idle time)
+            runner = web.AppRunner(app, access_log=None, shutdown_timeout=config.shutdown_timeout, handle_signals=False,
+                                   keepalive_timeout=config.header_timeout)
             await runner.setup()
             runners.append(runner)
             site = web.TCPSite(runner, host, port, backlog=2048, reuse_address=True)
@@ -573,7 +668,8 @@ async def start_proxy(config: ProxyConfig) -> tuple[RunningProxy, list[web.AppRu
     host = config.host if config.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
     ahost = (config.admin_host or config.host)
     ahost = ahost if ahost not in ("0.0.0.0", "::", "") else "127.0.0.1"
-    running = RunningProxy(proxy, f"http://{host}:{ports[0]}", f"http://{ahost}:{ports[1]}", ports[0], ports[1])
+    running = RunningProxy(proxy, f"http://{host}:{ports[0]}", f"http://{ahost}:{ports[1]}", ports[0], ports[1],
+                           bind=f"{config.host}:{ports[0]}", admin_bind=f"{config.admin_host or config.host}:{ports[1]}")
     return running, runners
 
 
