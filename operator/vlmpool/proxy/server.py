@@ -393,6 +393,13 @@ class Proxy:
             if model != base:
                 return _model_not_found(model)
             ctx.model_label = model
+        stream = payload.get("stream") is True
+        # memory: keep one form of the body while it waits and runs, the bytes as received (base
+        # model, nothing rewritten) or the parsed object (the model name is rewritten)
+        if adapter or rewrite:
+            raw = None
+        else:
+            payload = None
 
         t_wait = time.perf_counter()
         try:
@@ -412,7 +419,7 @@ class Proxy:
                 except Unavailable as e:
                     return error_response(503, str(e)[:UPSTREAM_MESSAGE_CHARS], type_="engine_error",
                                           code="adapter_unavailable", param="model", headers={"Retry-After": "5"})
-            return await self._forward(request, route, payload, raw, rewrite, model)
+            return await self._forward(request, route, model, payload, raw, stream)
         finally:
             self.limiter.release()
             if ctx.version is not None:
@@ -430,43 +437,55 @@ class Proxy:
         408/413 to answer (the connection is then closed: the rest of the body is never read)."""
         limit = self.config.max_body_bytes if limit is None else limit
         announced = request.content_length
-        buf = bytearray()
+        # announced length: one buffer of that size, filled in place (no re-allocation copies)
+        buf = bytearray(announced if announced is not None and announced <= limit else 0)
+        got = 0
         try:
             async with asyncio.timeout(self.config.body_timeout):
                 while True:
                     chunk = await request.content.readany()
                     if not chunk:
                         break
-                    buf += chunk
-                    if len(buf) > limit:
+                    n = len(chunk)
+                    if got + n > limit:
                         return _too_large(limit)
+                    if got + n <= len(buf):
+                        buf[got:got + n] = chunk
+                    else:
+                        del buf[got:]
+                        buf += chunk
+                    got += n
         except TimeoutError:
-            got = f"{len(buf)} of {announced} bytes" if announced is not None else f"{len(buf)} bytes"
+            got = f"{got} of {announced} bytes" if announced is not None else f"{got} bytes"
             resp = error_response(408, f"request body not received within {self.config.body_timeout:g}s ({got})",
                                   type_="invalid_request_error", code="request_timeout")
             resp.force_close()
             return resp
+        del buf[got:]
         return buf
 
-    async def _forward(self, request, route, payload, raw, rewrite, model) -> web.StreamResponse:
-        stream = payload.get("stream") is True
+    async def _forward(self, request: web.Request, route: str, model: str, payload: dict | None,
+                       raw: bytearray | None, stream: bool) -> web.StreamResponse:
+        """Send the body to the engine: ``raw`` as received, or ``payload`` re-serialised with the
+        internal model name."""
         ctx = request[CTX]
-        up = self.upstream
-        t_limit = self.config.request_timeout
         t0 = ctx.engine_t0 = time.perf_counter()
         try:
-            return await self._exchange(request, route, payload, raw, rewrite, model, stream, ctx, up, t_limit, t0)
+            return await self._exchange(request, route, model, payload, raw, stream, t0)
         finally:
             if not ctx.engine_s:  # streams set it when the engine's last byte arrived
                 ctx.engine_s = time.perf_counter() - t0
 
-    async def _exchange(self, request, route, payload, raw, rewrite, model, stream, ctx, up, t_limit, t0):
+    async def _exchange(self, request, route, model, payload, raw, stream, t0):
+        ctx = request[CTX]
+        up = self.upstream
+        t_limit = self.config.request_timeout
         healed = False
         while True:
             version = ctx.version
             internal = version.internal if version is not None else model
             ctx.served_by = internal
-            if version is None and not rewrite:
+            if payload is None:
                 data = raw
             else:
                 payload["model"] = internal
@@ -479,10 +498,10 @@ class Proxy:
                 return unavailable_response(EngineUnavailable(_upstream_message(e, t_limit), code=e.code))
             try:
                 if resp.status >= 400:
-                    raw = await _read_body(up, resp, deadline if not stream else loop.time() + t_limit, t_limit)
-                    if isinstance(raw, web.Response):
-                        return raw
-                    body = raw.decode("utf-8", errors="replace")
+                    answer = await _read_body(up, resp, deadline if not stream else loop.time() + t_limit, t_limit)
+                    if isinstance(answer, web.Response):
+                        return answer
+                    body = answer.decode("utf-8", errors="replace")
                     if not healed and version is not None and is_unknown_model_404(resp.status, body, internal):
                         healed = True
                         up.release(resp)

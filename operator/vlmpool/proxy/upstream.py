@@ -400,7 +400,11 @@ class Upstream:
         conn._stream = stream
         fut = conn._head_fut = loop.create_future()
         assert conn.transport is not None
-        conn.transport.write(head + body)
+        if len(body) <= 65536:
+            conn.transport.write(head + body)
+        else:  # a large body is not copied into one buffer with its head
+            conn.transport.write(head)
+            conn.transport.write(body)
         try:
             async with asyncio.timeout(timeout):
                 return await fut
