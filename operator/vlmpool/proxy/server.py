@@ -46,6 +46,7 @@ MODERATION_MARKERS = ("data_inspection_failed", "inappropriate")
 REQUEST_ID_RE = re.compile(r"^[\x21-\x7e]{1,200}$")
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})  # never behind the API key
 ADMIN_MAX_BODY_BYTES = 8 * 1024 * 1024
+LINGER_S = 2.0  # aiohttp's default is 10 s of reading a refused body's rest
 ADMIN_MAX_JSON_DEPTH = 8  # {adapters: [{name: ...}]} is 3 deep
 
 
@@ -671,9 +672,10 @@ async def start_proxy(config: ProxyConfig) -> tuple[RunningProxy, list[web.AppRu
             (admin, config.admin_host or config.host, config.admin_port),
         ):
             # keepalive_timeout is aiohttp's deadline for a connection's next request head, armed at
-            # connect and after each response: it is the header timeout (and the keep-alive idle time)
+            # connect and after each response: it is the header timeout (and the keep-alive idle time);
+            # after an answer given before the body was read, the rest is drained LINGER_S at most
             runner = web.AppRunner(app, access_log=None, shutdown_timeout=config.shutdown_timeout, handle_signals=False,
-                                   keepalive_timeout=config.header_timeout)
+                                   keepalive_timeout=config.header_timeout, lingering_time=LINGER_S)
             await runner.setup()
             runners.append(runner)
             site = web.TCPSite(runner, host, port, backlog=2048, reuse_address=True)
