@@ -98,3 +98,12 @@ def proxy_config(engine_url: str, **overrides: Any) -> ProxyConfig:
                concurrency=16, queue_limit=1024, queue_timeout=30.0, request_timeout=30.0, shutdown_timeout=5.0)
     cfg.update(overrides)
     return ProxyConfig(**cfg)
+
+
+def proxy_config_with(engine_url: str, **settings: Any) -> ProxyConfig:
+    """proxy_config() with settings assigned after construction, so a test of a new setting runs (and
+    fails on behaviour, not on a TypeError) against a proxy that does not know the setting yet."""
+    cfg = proxy_config(engine_url)
+    for key, value in settings.items():
+        setattr(cfg, key, value)
+    return cfg

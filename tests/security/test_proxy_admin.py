@@ -18,7 +18,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "proxy"))
 
-from proxy_helpers import BASE, TOKEN, Admin, proxy_config, start_sim, write_adapter  # noqa: E402
+from proxy_helpers import BASE, TOKEN, Admin, proxy_config, proxy_config_with, start_sim, write_adapter  # noqa: E402
 
 from vlmpool.proxy.server import run_proxy  # noqa: E402
 from vlmpool.testing.waiting import wait_until  # noqa: E402
@@ -65,7 +65,7 @@ async def test_adapter_paths_must_resolve_inside_the_adapter_root(sim, root, tmp
         "root-itself": str(root),
         "prefix-sibling": f"{root}-other/x",
     }
-    async with run_proxy(proxy_config(sim.url, adapter_root=str(root))) as p:
+    async with run_proxy(proxy_config_with(sim.url, adapter_root=str(root))) as p:
         admin = Admin(p.admin_url)
         for i, (why, path) in enumerate(hostile.items()):
             body = json.dumps(state(1, ("cats", "v1", path))).encode()
@@ -89,20 +89,25 @@ async def test_generation_is_an_int64_and_a_huge_one_cannot_wedge_the_proxy(sim)
         assert (await admin.put(state(2**63 - 2)))[0] == 409  # older: refused, as any older one
 
 
-@pytest.mark.parametrize("body", [
-    b'{"generation": 1, "concurrency": 4, "adapters": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
-    b'{"generation": 1, "concurrency": 4, "adapters": [' + b'{"x":' * 50 + b"1" + b"}" * 50 + b"]}",
-    b'{"generation": 1, "concurrency": 4, "adapters": [' + b"{}," * 200_000 + b"{}]}",
-    b"\xff\xfe not json",
-    b"[1, 2, 3]",
-], ids=["deep-100k", "deep-50", "wide-200k", "not-utf8", "not-an-object"])
-async def test_malformed_or_nested_state_is_400_never_500(sim, body):
+HOSTILE_STATES = {
+    "deep-100k": b'{"generation": 1, "concurrency": 4, "adapters": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    "deep-50": b'{"generation": 1, "concurrency": 4, "adapters": [' + b'{"x":' * 50 + b"1" + b"}" * 50 + b"]}",
+    "wide-200k": b'{"generation": 1, "concurrency": 4, "adapters": [' + b"{}," * 200_000 + b"{}]}",
+    "not-utf8": b"\xff\xfe not json",
+    "not-an-object": b"[1, 2, 3]",
+}
+
+
+async def test_malformed_or_nested_state_is_400_never_500(sim):
+    """Before: nesting deeper than Python's recursion limit answered 500."""
     async with run_proxy(proxy_config(sim.url)) as p:
-        status, answer, rid = await raw_put(p.admin_url, body, "hostile-1")
-        assert status == 400, (status, answer)
-        assert answer["error"]["code"] in ("json_too_deep", "json_too_complex", "invalid_json", "invalid_state")
-        assert rid == "hostile-1"
+        for i, (why, body) in enumerate(HOSTILE_STATES.items()):
+            status, answer, rid = await raw_put(p.admin_url, body, f"hostile-{i}")
+            assert status == 400, (why, status, answer)
+            assert answer["error"]["code"] in ("json_too_deep", "json_too_complex", "invalid_json", "invalid_state")
+            assert rid == f"hostile-{i}"
         assert p.proxy.registry.generation is None
+        assert (await Admin(p.admin_url).put(state(1)))[0] == 200  # and it still takes a good push
 
 
 async def test_admin_listener_binds_where_asked_and_the_log_says_so():
@@ -151,7 +156,7 @@ async def test_first_push_after_a_restart_unloads_leftovers_and_nothing_else(sim
     async with aiohttp.ClientSession() as s, s.post(sim.url + "/v1/load_lora_adapter",
                                                     json={"lora_name": "manual", "lora_path": manual}) as r:
         assert r.status == 200, await r.text()
-    cfg = proxy_config(sim.url, adapter_root=str(root))
+    cfg = proxy_config_with(sim.url, adapter_root=str(root))
     async with run_proxy(cfg) as first:
         status, body = await Admin(first.admin_url).put(state(3, ("cats", "v1", cats), ("dogs", "v1", dogs)))
         assert status == 200 and [a["state"] for a in body["adapters"]] == ["loaded", "loaded"]

@@ -17,7 +17,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "proxy"))
 
-from proxy_helpers import BASE, Admin, proxy_config, start_sim  # noqa: E402
+from proxy_helpers import BASE, Admin, proxy_config_with, start_sim  # noqa: E402
 
 from vlmpool.proxy.server import run_proxy  # noqa: E402
 from vlmpool.testing.waiting import wait_until  # noqa: E402
@@ -66,7 +66,7 @@ async def _status(url: str, path: str, token: str | None = None, **kw) -> tuple[
 async def test_api_keys_guard_the_public_api_but_not_health_and_metrics(sim, tmp_path):
     keys = tmp_path / "api-keys"
     mount_secret(keys, {"team-a": "key-aaaa-1111\n", "team-b": "key-bbbb-2222"}, 1)
-    async with run_proxy(proxy_config(sim.url, api_key_dir=str(keys))) as p:
+    async with run_proxy(proxy_config_with(sim.url, api_key_dir=str(keys))) as p:
         assert (await Admin(p.admin_url).put({"generation": 1, "concurrency": 4, "adapters": []}))[0] == 200
         for path in ("/healthz", "/readyz", "/metrics"):
             assert (await _status(p.url, path))[0] == 200, path
@@ -117,7 +117,7 @@ def _refused(url: str, token: str):
 async def test_large_body_without_a_key_is_refused_unread(sim, tmp_path):
     keys = tmp_path / "api-keys"
     mount_secret(keys, {"k": "the-key"}, 1)
-    async with run_proxy(proxy_config(sim.url, api_key_dir=str(keys))) as p:
+    async with run_proxy(proxy_config_with(sim.url, api_key_dir=str(keys))) as p:
         status, body, _ = await _status(p.url, "/v1/chat/completions", None, method="POST",
                                         data=b'{"model": "' + BASE.encode() + b'", "x": "' + b"a" * 200_000 + b'"}')
         assert status == 401 and body["error"]["code"] == "invalid_api_key"

@@ -10,9 +10,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "proxy"))
 
-from proxy_helpers import BASE, proxy_config, start_sim  # noqa: E402
+from proxy_helpers import BASE, proxy_config_with, start_sim  # noqa: E402
 
-from vlmpool.proxy.defaults import DEFAULT_BODY_TIMEOUT_S, DEFAULT_HEADER_TIMEOUT_S  # noqa: E402
 from vlmpool.proxy.server import ProxyConfig, run_proxy  # noqa: E402
 from vlmpool.testing.waiting import wait_until  # noqa: E402
 
@@ -34,7 +33,7 @@ async def _closed(reader: asyncio.StreamReader, deadline: float) -> bytes | None
 async def test_300_slowloris_connections_are_all_closed_after_the_header_timeout():
     sim, runner = await start_sim()
     try:
-        async with run_proxy(proxy_config(sim.url, header_timeout=1.5)) as p:
+        async with run_proxy(proxy_config_with(sim.url, header_timeout=1.5)) as p:
             port = p.port
             conns = []
             for _ in range(300):
@@ -71,7 +70,7 @@ async def test_a_body_that_never_arrives_is_answered_408_and_closed():
     """A POST announcing 1,000 bytes and sending 10: before, the connection stayed open (> 100 s)."""
     sim, runner = await start_sim()
     try:
-        async with run_proxy(proxy_config(sim.url, body_timeout=1.0)) as p:
+        async with run_proxy(proxy_config_with(sim.url, body_timeout=1.0)) as p:
             r, w = await asyncio.open_connection("127.0.0.1", p.port)
             t0 = time.monotonic()
             w.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -92,6 +91,8 @@ async def test_a_body_that_never_arrives_is_answered_408_and_closed():
 
 
 def test_default_deadlines_are_short():
+    from vlmpool.proxy.defaults import DEFAULT_BODY_TIMEOUT_S, DEFAULT_HEADER_TIMEOUT_S
+
     cfg = ProxyConfig(admin_token="x")
     assert cfg.header_timeout == DEFAULT_HEADER_TIMEOUT_S <= 30
     assert cfg.body_timeout == DEFAULT_BODY_TIMEOUT_S <= 120
