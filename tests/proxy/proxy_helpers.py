@@ -14,7 +14,7 @@ import aiohttp
 from aiohttp import web
 
 from vlmpool.proxy.server import ProxyConfig
-from vlmpool.sim.server import SimConfig, create_app
+from vlmpool.sim.server import ENGINE_KEY, SimConfig, create_app
 from vlmpool.testing.adapters import write_lora
 
 BASE = "base-vlm"
@@ -30,6 +30,7 @@ class Sim:
     url: str
     app: web.Application
     log: list[dict[str, Any]] = field(default_factory=list)  # every request the engine received
+    forget_before_generation: bool = False  # the engine forgets its runtime adapters before each generation
 
     def received(self, path: str) -> list[dict[str, Any]]:
         return [r for r in self.log if r["path"] == path]
@@ -81,6 +82,8 @@ async def start_sim(port: int = 0, **overrides: Any):
         except ValueError:
             parsed = body
         sim.log.append({"method": request.method, "path": request.path, "headers": {k.lower(): v for k, v in request.headers.items()}, "json": parsed})
+        if sim.forget_before_generation and request.path in ("/v1/chat/completions", "/v1/completions"):
+            app[ENGINE_KEY].forget()  # as if it restarted again between a re-load and the retry
         return await handler(request)
 
     app.middlewares.insert(0, record)
