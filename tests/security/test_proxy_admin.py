@@ -91,6 +91,7 @@ async def test_generation_is_an_int64_and_a_huge_one_cannot_wedge_the_proxy(sim)
 
 HOSTILE_STATES = {
     "deep-100k": b'{"generation": 1, "concurrency": 4, "adapters": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    "deep-5k": b'{"generation": 1, "concurrency": 4, "adapters": ' + b"[" * 5_000 + b"]" * 5_000 + b"}",
     "deep-50": b'{"generation": 1, "concurrency": 4, "adapters": [' + b'{"x":' * 50 + b"1" + b"}" * 50 + b"]}",
     "wide-200k": b'{"generation": 1, "concurrency": 4, "adapters": [' + b"{}," * 200_000 + b"{}]}",
     "not-utf8": b"\xff\xfe not json",

@@ -131,14 +131,16 @@ async def test_json_that_costs_more_parsed_than_sent_is_refused_before_parsing()
     proc, url = await _proxy_process(engine_url)
     try:
         many = b'{"model":"' + BASE.encode() + b'","messages":[],"x":[' + b",".join([b"{}"] * (8 * MB)) + b"]}"
-        deep = b'{"model":"' + BASE.encode() + b'","messages":[],"x":' + b"[" * 50_000 + b"]" * 50_000 + b"}"
+        deep = b'{"model":"' + BASE.encode() + b'","messages":[],"x":' + b"[" * 5_000 + b"]" * 5_000 + b"}"
         fine_deep = b'{"model":"' + BASE.encode() + b'","messages":[],"x":' + b"[" * 200 + b"]" * 200 + b"}"
+        dicts = b'{"model":"' + BASE.encode() + b'","messages":[],"x":[' + b",".join([b"{}"] * 50_000) + b"]}"
         before = _proc_kib(proc.pid, "VmRSS")
-        (s1, d1), (s2, d2), (s3, d3) = await _post_all(url, [many, deep, fine_deep])
+        (s1, d1), (s2, d2), (s3, d3), (s4, d4) = await _post_all(url, [many, deep, fine_deep, dicts])
         peak = _proc_kib(proc.pid, "VmHWM")
         assert s1 == 400 and d1["error"]["code"] == "json_too_complex", (s1, d1)
         assert s2 == 400 and d2["error"]["code"] == "json_too_deep", (s2, d2)
         assert s3 == 400 and d3["error"]["code"] == "json_too_deep", (s3, d3)
+        assert s4 == 400 and d4["error"]["code"] == "json_too_complex" and "objects/arrays" in d4["error"]["message"]
         assert (peak - before) / 1024 < 150, f"grew by {(peak - before) / 1024:.0f} MB"
     finally:
         _stop(proc)

@@ -22,8 +22,10 @@ from .logs import get_logger
 log = get_logger("guard")
 
 MAX_JSON_DEPTH = 64
-MAX_JSON_CONTAINERS = 100_000  # counted as '{' and '[' bytes
-MAX_JSON_VALUES = 2_000_000  # counted as ',' and ':' bytes
+# per request, the parsed structure then costs at most ~10k x 100 B + 200k x 60 B (~13 MB) beyond the
+# strings themselves (a chat body with images has a few dozen containers and values)
+MAX_JSON_CONTAINERS = 10_000  # counted as '{' and '[' bytes
+MAX_JSON_VALUES = 200_000  # counted as ',' and ':' bytes
 
 
 class InputRefused(ValueError):
