@@ -1,5 +1,5 @@
-"""What the proxy refuses before it trusts input: JSON too deep or too large in values, adapter paths
-outside the adapter root, and clients without an accepted API key.
+"""What the proxy refuses before it trusts input: bodies too large or too slow, JSON too deep or too
+large in values, adapter paths outside the adapter root, and clients without an accepted API key.
 
 Memory: a JSON body's parsed size is not bounded by its byte size (``[{},{},…]`` costs ~20x its bytes
 as Python dicts), so the number of containers and values is bounded *before* parsing, by counting
@@ -10,6 +10,7 @@ levels with a RecursionError, which is answered the same way).
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import os
@@ -17,6 +18,9 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+from aiohttp import web
+
+from .errors import error_response, too_large
 from .logs import get_logger
 
 log = get_logger("guard")
@@ -157,3 +161,35 @@ class ApiKeys:
         for token in self._tokens:
             ok |= hmac.compare_digest(key, token)
         return ok and bool(key)
+
+
+async def read_request_body(request: web.Request, limit: int, timeout: float) -> bytearray | web.Response:
+    """The whole body within ``timeout`` seconds and ``limit`` bytes, or the 408/413 to answer (the
+    connection is then closed: the rest of the body is never read)."""
+    announced = request.content_length
+    # announced length: one buffer of that size, filled in place (no re-allocation copies)
+    buf = bytearray(announced if announced is not None and announced <= limit else 0)
+    got = 0
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                chunk = await request.content.readany()
+                if not chunk:
+                    break
+                n = len(chunk)
+                if got + n > limit:
+                    return too_large(limit)
+                if got + n <= len(buf):
+                    buf[got:got + n] = chunk
+                else:
+                    del buf[got:]
+                    buf += chunk
+                got += n
+    except TimeoutError:
+        seen = f"{got} of {announced} bytes" if announced is not None else f"{got} bytes"
+        resp = error_response(408, f"request body not received within {timeout:g}s ({seen})",
+                              type_="invalid_request_error", code="request_timeout")
+        resp.force_close()
+        return resp
+    del buf[got:]
+    return buf
