@@ -7,8 +7,7 @@ import json
 
 from aiohttp import web
 
-from .engine import EngineUnavailable, parse_error_body
-from .upstream import UpstreamError, UpstreamTimeout
+from .engine import EngineTimeout, EngineUnavailable, parse_error_body
 
 UPSTREAM_MESSAGE_CHARS = 300
 MODERATION_MARKERS = ("data_inspection_failed", "inappropriate")
@@ -41,8 +40,11 @@ def map_engine_error(status: int, body: str) -> web.Response:
         upstream_status=status, upstream_code=ecode, upstream_type=etype, headers={"Retry-After": "1"},
     )
 
-def unavailable_response(e: EngineUnavailable) -> web.Response:
-    return error_response(503, str(e)[:UPSTREAM_MESSAGE_CHARS], type_="engine_error", code=e.code, headers={"Retry-After": "1"})
+def unavailable_response(e: EngineUnavailable, timeout: float | None = None) -> web.Response:
+    """503 for an engine that could not answer; a timeout is told as the limit that ran out."""
+    message = f"engine timed out after {timeout:g}s" if isinstance(e, EngineTimeout) and timeout else str(e)
+    return error_response(503, message[:UPSTREAM_MESSAGE_CHARS], type_="engine_error", code=e.code,
+                          headers={"Retry-After": "1"})
 
 def too_large(limit: int) -> web.Response:
     resp = error_response(413, f"request body larger than {limit} bytes", type_="invalid_request_error",
@@ -53,11 +55,6 @@ def too_large(limit: int) -> web.Response:
 def model_not_found(model: str) -> web.Response:
     return error_response(404, f"The model `{model}` does not exist.", type_="invalid_request_error",
                           code="model_not_found", param="model")
-
-def upstream_message(e: UpstreamError, timeout: float) -> str:
-    if isinstance(e, UpstreamTimeout):
-        return f"engine timed out after {timeout:g}s"
-    return str(e)
 
 def http_code(status: int) -> str:
     return {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(status, f"http_{status}")

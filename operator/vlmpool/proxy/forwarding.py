@@ -13,12 +13,12 @@ import aiohttp
 from aiohttp import web
 
 from .context import CTX
-from .engine import EngineUnavailable, is_unknown_model_404
-from .errors import UPSTREAM_MESSAGE_CHARS, adapter_unavailable, map_engine_error, unavailable_response, upstream_message
+from .engine import EngineTimeout, EngineUnavailable, is_unknown_model_404
+from .errors import UPSTREAM_MESSAGE_CHARS, adapter_unavailable, map_engine_error, unavailable_response
 from .logs import get_logger
 from .metrics import ProxyMetrics
 from .state import AdapterRegistry
-from .upstream import Upstream, UpstreamError, UpstreamResponse, UpstreamTimeout
+from .upstream import Upstream, UpstreamResponse
 
 log = get_logger()
 
@@ -60,8 +60,8 @@ class Forwarder:
             deadline = loop.time() + t_limit  # non-streaming: the whole call; streams: each silence
             try:
                 resp = await up.post(route, data, ctx.request_id, stream=stream, timeout=t_limit)
-            except UpstreamError as e:
-                return unavailable_response(EngineUnavailable(upstream_message(e, t_limit), code=e.code))
+            except EngineUnavailable as e:
+                return unavailable_response(e, t_limit)
             try:
                 if resp.status >= 400:
                     answer = await read_engine_body(up, resp, deadline if not stream else loop.time() + t_limit, t_limit)
@@ -118,7 +118,7 @@ class Forwarder:
             request[CTX].status_override = 499
             log.info("client disconnected during a stream")
             return out
-        except UpstreamError as e:
+        except EngineUnavailable as e:
             up.abort(resp)
             request[CTX].status_override = 503
             log.error("engine stream broke", extra={"error": str(e)})
@@ -143,9 +143,9 @@ async def read_engine_body(up: Upstream, resp: UpstreamResponse, deadline: float
             return await resp.read()
     except TimeoutError:
         up.abort(resp)
-        return unavailable_response(EngineUnavailable(upstream_message(UpstreamTimeout(""), t_limit), code="engine_timeout"))
-    except UpstreamError as e:
+        return unavailable_response(EngineTimeout(""), t_limit)
+    except EngineUnavailable as e:
         up.abort(resp)
-        return unavailable_response(EngineUnavailable(upstream_message(e, t_limit), code=e.code))
+        return unavailable_response(e, t_limit)
 
 
