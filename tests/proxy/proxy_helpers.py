@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import web
 
 from vlmpool.proxy.server import ProxyConfig
@@ -110,3 +111,13 @@ def proxy_config_with(engine_url: str, **settings: Any) -> ProxyConfig:
     for key, value in settings.items():
         setattr(cfg, key, value)
     return cfg
+
+
+@pytest.fixture
+async def sim():
+    """The simulator on a loopback port with its request log (a fixture: import it into a test module)."""
+    s, runner = await start_sim()
+    try:
+        yield s
+    finally:
+        await runner.cleanup()

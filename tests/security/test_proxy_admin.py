@@ -18,19 +18,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "proxy"))
 
-from proxy_helpers import BASE, TOKEN, Admin, proxy_config, proxy_config_with, start_sim, write_adapter  # noqa: E402
+from proxy_helpers import BASE, TOKEN, Admin, proxy_config, proxy_config_with, sim, write_adapter  # noqa: E402, F401
 
 from vlmpool.proxy.server import run_proxy  # noqa: E402
 from vlmpool.testing.waiting import wait_until  # noqa: E402
-
-
-@pytest.fixture
-async def sim():
-    s, runner = await start_sim()
-    try:
-        yield s
-    finally:
-        await runner.cleanup()
 
 
 @pytest.fixture

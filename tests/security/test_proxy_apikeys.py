@@ -17,7 +17,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "proxy"))
 
-from proxy_helpers import BASE, Admin, proxy_config_with, start_sim  # noqa: E402
+from proxy_helpers import BASE, Admin, proxy_config_with, sim  # noqa: E402, F401 - sim: a fixture
 
 from vlmpool.proxy.server import run_proxy  # noqa: E402
 from vlmpool.testing.waiting import wait_until  # noqa: E402
@@ -43,15 +43,6 @@ def mount_secret(directory: Path, data: dict[str, str], generation: int) -> None
     for old in directory.iterdir():
         if old.name not in data and not old.name.startswith(".."):
             old.unlink()
-
-
-@pytest.fixture
-async def sim():
-    s, runner = await start_sim()
-    try:
-        yield s
-    finally:
-        await runner.cleanup()
 
 
 async def _status(url: str, path: str, token: str | None = None, **kw) -> tuple[int, Any, Any]:
