@@ -102,14 +102,17 @@ def test_trained_vision_tower_refused_on_both_paths(shaped):
         assert ei.value.reason == "TrainedVisionTower"
 
 
-def _patch_in_subprocess(src: Path, root: Path, *extra: str) -> tuple[dict, set[str]]:
-    """`vlmpool patch` in a fresh interpreter under -X importtime: its summary and the modules it imported."""
-    code = "import sys; from vlmpool.cli import main; sys.exit(main())"
+def _patch_in_subprocess(src: Path, root: Path, *extra: str, block_torch: bool = False, rc: int = 0
+                         ) -> tuple[dict, set[str]]:
+    """`vlmpool patch` in a fresh interpreter under -X importtime: its summary and the modules it imported.
+    block_torch: `import torch` fails there, as in the torch-free patcher image."""
+    code = ("import sys; " + ("sys.modules['torch'] = None; " if block_torch else "")
+            + "from vlmpool.cli import main; sys.exit(main())")
     env = {**os.environ, "PYTHONPATH": str(REPO / "operator")}
     p = subprocess.run([sys.executable, "-X", "importtime", "-c", code, "patch", "--source", str(src),
                         "--adapter", "a", "--root", str(root), "--termination-log", "", *extra],
                        capture_output=True, text=True, env=env, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.returncode == rc, p.stderr[-3000:]
     mods = {line.rsplit("|", 1)[-1].strip() for line in p.stderr.splitlines() if line.startswith("import time:")}
     return json.loads(p.stdout.strip().splitlines()[-1]), mods
 
@@ -133,6 +136,20 @@ def test_base_weights_shape_check_and_strip_need_no_torch(shaped, base_dirs, tmp
     summary, mods = _patch_in_subprocess(d, tmp_path / "v2", "--family", "qwen2_5_vl", "--pool-base",
                                          POOL_BASE["qwen2_5_vl"], "--dora-policy", "strip")
     assert summary["ok"] and summary["doraPolicy"] == "strip" and "torch" not in mods
+
+
+def test_without_torch_plain_lora_patches_and_dora_maths_is_refused(shaped, base_dirs, tmp_path):
+    """The torch-free image: a plain LoRA patches to the same version; svd is a NeedsTorch refusal."""
+    d, opts = shaped[("qwen3_vl", "lora-vision")]
+    summary, _ = _patch_in_subprocess(d, tmp_path / "v1", "--family", "qwen3_vl", "--pool-base",
+                                      POOL_BASE["qwen3_vl"], block_torch=True)
+    assert summary["ok"] and summary["version"] == patch_adapter(d, opts, tensor_io="torch").version
+    d, _ = shaped[("qwen3_vl", "dora-svd")]
+    summary, _ = _patch_in_subprocess(d, tmp_path / "v2", "--family", "qwen3_vl", "--pool-base", POOL_BASE["qwen3_vl"],
+                                      "--dora-policy", "svd", "--base-weights", str(base_dirs["qwen3_vl"]),
+                                      block_torch=True, rc=1)
+    assert summary["reason"] == "NeedsTorch" and "patcher-dora" in summary["message"]
+    assert not (tmp_path / "v2" / "a" / "versions").exists() or not any((tmp_path / "v2" / "a" / "versions").iterdir())
 
 
 def test_dora_svd_does_import_torch(shaped, base_dirs, tmp_path):

@@ -37,9 +37,9 @@ class DoraResult:
 def apply_dora(plan: Any, weights: Any, base: Any, *, applied: str, scale: float, svd_rank: int | None,
                svd_method: str, device_name: str | None) -> DoraResult:
     """Measure (strip) or re-factor (svd) every kept module; check the vision magnitudes first."""
-    import torch
+    from vlmpool.patcher.weights import from_torch, import_torch
 
-    from vlmpool.patcher.weights import from_torch
+    torch = import_torch(f"the DoRA policy {applied} with base weights")
 
     res = DoraResult()
     if plan.vision_mags:

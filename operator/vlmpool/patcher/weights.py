@@ -200,7 +200,7 @@ class Weights:
         """The tensor as a torch tensor (imports torch: the DoRA maths only)."""
         t = self._torch.get(key)
         if t is None:
-            import torch
+            torch = import_torch("DoRA maths")
 
             dtype, shape, begin, end = self.entries[key]
             if end == begin:
@@ -212,13 +212,23 @@ class Weights:
         return t
 
 
+def import_torch(why: str):
+    """torch, or the NeedsTorch refusal where the image was built without it (the default patcher image)."""
+    try:
+        import torch
+    except ImportError:
+        raise PatchError("NeedsTorch", f"{why} needs torch, which this patcher does not have: run the DoRA-capable "
+                         "patcher image (images/Dockerfile target patcher-dora; pip extra vlmpool[dora])") from None
+    return torch
+
+
 def raw_norm(raw: RawTensor) -> float:
     import numpy as np
 
     if raw.dtype == "BF16":  # numpy has no bfloat16: its bits are the top half of a float32
         x = (np.frombuffer(raw.data, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
-    elif raw.dtype.startswith("F8"):
-        import torch  # numpy has no float8 either; such a vision lora_B is rare enough to pay for torch
+    elif raw.dtype.startswith("F8"):  # numpy has no float8 either; such a vision lora_B is rare enough for torch
+        torch = import_torch("the norm of a float8 vision-tower lora_B")
 
         t = torch.frombuffer(bytearray(raw.data), dtype=getattr(torch, DTYPES[raw.dtype][1]))
         return float(torch.linalg.vector_norm(t.float()))
