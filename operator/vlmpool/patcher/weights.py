@@ -164,8 +164,10 @@ class Weights:
     @classmethod
     def read(cls, path: Path | str) -> Weights:
         try:
-            with open(path, "rb") as f:
-                data = bytearray(f.read())
+            with open(path, "rb") as f:  # one copy: straight into the buffer the tensors are served from
+                data = bytearray(os.fstat(f.fileno()).st_size)
+                if f.readinto(data) != len(data) or f.read(1):
+                    raise OSError("the file changed size while it was read")
         except OSError as e:
             raise _bad(str(e)) from None
         return cls(data)
@@ -187,7 +189,7 @@ class Weights:
         """Frobenius norm (what ``torch.linalg.vector_norm(t.float())`` gives, to float rounding);
         0.0 without any maths when every byte is zero (an untrained lora_B)."""
         raw = self.raw(key)
-        if not any(raw.data):
+        if raw.data == bytes(len(raw.data)):
             return 0.0
         return raw_norm(raw)
 
