@@ -48,6 +48,7 @@ class RawTensor:
     dtype: str
     shape: tuple[int, ...]
     data: memoryview
+    ptr: int | None = None  # address of data when it lies in an immutable buffer that outlives the write
 
     @property
     def ndim(self) -> int:
@@ -155,18 +156,20 @@ class Weights:
     """The adapter's tensors, read once into memory (the file is bounded by --max-file-bytes) and
     validated; tensors are served as byte views, or as torch tensors when DoRA maths needs them."""
 
-    def __init__(self, data: bytearray):
-        self.data = data
-        self.metadata, self.entries = parse_header(data)
+    def __init__(self, data: bytes):
+        self.data = bytes(data)  # immutable: the addresses handed to the serialiser stay valid
+        self._addr = ctypes.cast(ctypes.c_char_p(self.data), ctypes.c_void_p).value or 0
+        self.metadata, self.entries = parse_header(self.data)
         self.digest = hashlib.sha256(data).hexdigest()
         self._torch: dict[str, Any] = {}
 
     @classmethod
     def read(cls, path: Path | str) -> Weights:
         try:
-            with open(path, "rb") as f:  # one copy: straight into the buffer the tensors are served from
-                data = bytearray(os.fstat(f.fileno()).st_size)
-                if f.readinto(data) != len(data) or f.read(1):
+            with open(path, "rb") as f:  # one read, no copy after it: tensors are served from this buffer
+                size = os.fstat(f.fileno()).st_size
+                data = f.read()
+                if len(data) != size:
                     raise OSError("the file changed size while it was read")
         except OSError as e:
             raise _bad(str(e)) from None
@@ -180,7 +183,7 @@ class Weights:
 
     def raw(self, key: str) -> RawTensor:
         dtype, shape, begin, end = self.entries[key]
-        return RawTensor(dtype, shape, memoryview(self.data)[begin:end])
+        return RawTensor(dtype, shape, memoryview(self.data)[begin:end], self._addr + begin)
 
     def shape(self, key: str) -> tuple[int, ...]:
         return self.entries[key][1]
@@ -205,11 +208,9 @@ class Weights:
             torch = import_torch("DoRA maths")
 
             dtype, shape, begin, end = self.entries[key]
-            if end == begin:
-                t = torch.zeros(shape, dtype=getattr(torch, DTYPES[dtype][1]))
-            else:
-                t = torch.frombuffer(self.data, dtype=getattr(torch, DTYPES[dtype][1]),
-                                     count=math.prod(shape), offset=begin).reshape(shape)
+            dt = getattr(torch, DTYPES[dtype][1])  # a private copy: torch wants a writable buffer
+            t = torch.frombuffer(bytearray(memoryview(self.data)[begin:end]), dtype=dt).reshape(shape) if end > begin \
+                else torch.zeros(shape, dtype=dt)
             self._torch[key] = t
         return t
 
@@ -261,12 +262,14 @@ def serialize(tensors: dict[str, RawTensor], metadata: dict[str, str] | None) ->
     flat = {}
     for k, t in tensors.items():
         n = len(t.data)
-        if n:
+        if not n:
+            ptr = 0
+        elif t.ptr is not None:
+            ptr = t.ptr
+        else:
             buf = (ctypes.c_char * n).from_buffer(t.data)
             keep.append(buf)
             ptr = ctypes.addressof(buf)
-        else:
-            ptr = 0
         flat[k] = spec(dtype=DTYPES[t.dtype][1], shape=list(t.shape), data_ptr=ptr, data_len=n)
     try:
         return bytes(safetensors.serialize(flat, metadata=metadata))
