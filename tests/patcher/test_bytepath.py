@@ -149,6 +149,13 @@ def test_without_torch_plain_lora_patches_and_dora_maths_is_refused(shaped, base
                                       "--dora-policy", "svd", "--base-weights", str(base_dirs["qwen3_vl"]),
                                       block_torch=True, rc=1)
     assert summary["reason"] == "NeedsTorch" and "patcher-dora" in summary["message"]
+    d, opts = shaped[("qwen3_vl", "dora-strip-measured")]  # strip: served unmeasured, same version
+    summary, _ = _patch_in_subprocess(d, tmp_path / "v3", "--family", "qwen3_vl", "--pool-base", POOL_BASE["qwen3_vl"],
+                                      "--dora-policy", "strip", "--base-weights", str(base_dirs["qwen3_vl"]),
+                                      block_torch=True)
+    assert summary["ok"] and summary["doraError"] is None and "error not measured" in summary["warnings"][-1]
+    measured = patch_adapter(d, opts)
+    assert measured.summary["dora_error"] is not None and summary["version"] == measured.version
     assert not (tmp_path / "v2" / "a" / "versions").exists() or not any((tmp_path / "v2" / "a" / "versions").iterdir())
 
 

@@ -20,6 +20,7 @@ Publishing is publish.py's; fetching fetch.py's; api.patch_and_publish runs all 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import math
 import re
@@ -291,6 +292,11 @@ def patch_adapter(src_dir: Path | str, opts: PatchOptions, *, source_uri: str | 
 
     scale = alpha / math.sqrt(r) if use_rslora else alpha / r
     dora = DoraResult()
+    if use_dora and applied == "strip" and base is not None and importlib.util.find_spec("torch") is None:
+        # strip keeps A and B as they are: without torch (the default patcher image) only the
+        # measurement is lost, so the version is the same and the adapter is served all the same
+        warnings.append("strip: error not measured (no torch in this patcher; the patcher-dora image measures it)")
+        base = None
     if use_dora and base is not None:  # svd, strip measured, the vision magnitudes: torch from here
         dora = apply_dora(plan, weights, base, applied=applied, scale=scale, svd_rank=svd_rank,
                           svd_method=opts.svd_method, device_name=opts.device)
