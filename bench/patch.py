@@ -15,8 +15,10 @@ Timed runs (each end to end, files in and files out):
   svd             vlmpool patch --dora-policy svd --svd-rank 64 --base-weights (exact merge, truncated SVD)
 
 Prints a table, the speed-up of each patch run over the baseline, and a final JSON line.
+`--plain` times a plain LoRA instead: the byte path against the torch path (bench/patch_plain.py).
   python bench/patch.py                # 8 of the 28 layers, same shapes per layer (~3 min on 2 CPU cores)
   python bench/patch.py --layers 28    # the whole 2B language model (~6-10 min on 2 CPU cores)
+  python bench/patch.py --plain --layers 8 28 --repeat 5   # plain LoRA: byte path vs torch path
 """
 
 from __future__ import annotations
@@ -132,6 +134,10 @@ def patch(args, adapter_dir: Path, root: Path, name: str, **kw) -> tuple[float, 
 
 
 def main() -> int:  # noqa: C901 - a linear script
+    if "--plain" in sys.argv[1:]:  # plain LoRA: the byte path against the torch path (bench/patch_plain.py)
+        from patch_plain import main as plain
+
+        return plain(sys.argv[1:])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=8,
                     help="decoder layers (default 8, to stay within a few minutes on 2 CPU cores; Qwen2-VL-2B has 28)")

@@ -22,8 +22,9 @@ image_name() {
     operator) echo "$REGISTRY/vlmpool-operator:$TAG" ;;
     proxy) echo "$REGISTRY/vlmpool:$TAG" ;;
     patcher) echo "$REGISTRY/vlmpool-patcher:$TAG" ;;
+    patcher-dora) echo "$REGISTRY/vlmpool-patcher-dora:$TAG" ;;
     simulator) echo "$REGISTRY/vlmpool-sim:$TAG" ;;
-    *) die "unknown image '$1' (operator, proxy, patcher, simulator)" ;;
+    *) die "unknown image '$1' (operator, proxy, patcher, patcher-dora, simulator)" ;;
   esac
 }
 

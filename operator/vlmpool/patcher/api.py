@@ -32,7 +32,7 @@ _CAMEL = {
 def patch_and_publish(source: str, adapter: str, root: Path | str, opts: PatchOptions, *,
                       sha256: str | None = None, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
                       pvc_root: Path | str = "/mnt/sources", lock_timeout: float = 600.0,
-                      workdir: Path | str | None = None) -> dict[str, Any]:
+                      workdir: Path | str | None = None, tensor_io: str = "bytes") -> dict[str, Any]:
     """Fetch ``source``, patch it, publish it under ``root``; return the success summary.
     Raises PatchError (with its stable reason) on any refusal."""
     validate_adapter_name(adapter)
@@ -43,7 +43,7 @@ def patch_and_publish(source: str, adapter: str, root: Path | str, opts: PatchOp
     try:
         fetched = fetch_adapter(source, scratch, sha256=sha256, max_file_bytes=max_file_bytes, pvc_root=pvc_root)
         patched = patch_adapter(fetched.dir, opts, source_uri=source, source_sha256=fetched.sha256,
-                                fetch_warnings=fetched.warnings)
+                                fetch_warnings=fetched.warnings, tensor_io=tensor_io)
         patched.report["source"].update({"sha256_of": fetched.sha256_of, "pinned": fetched.pinned, "sizes": fetched.sizes})
         published = publish(root, adapter, patched.version, config_json(patched.config), patched.weights_bytes,
                             patched.report, lock_timeout=lock_timeout)

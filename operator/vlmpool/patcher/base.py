@@ -1,4 +1,5 @@
-"""Read-only access to a base model's weights (safetensors only), one tensor at a time.
+"""Read-only access to a base model's weights (safetensors only), one tensor at a time; names and
+shapes come from the files' headers (no torch), tensors from safetensors (torch: DoRA maths only).
 
 Used by the DoRA ``svd`` policy (the exact merge needs W0), by ``strip`` to measure its error, and to
 check the adapter's shapes against the base when the weights are at hand. Base weights are a local
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from vlmpool.patcher.errors import PatchError
 from vlmpool.patcher.families import Family, layer_suffix
+from vlmpool.patcher.weights import read_header
 
 
 class BaseWeights:
@@ -21,6 +23,7 @@ class BaseWeights:
         if not self.path.is_dir():
             raise PatchError("BaseWeightsNotFound", f"base weights directory {self.path} does not exist")
         self._where: dict[str, Path] = {}
+        self._headers: dict[Path, dict[str, tuple]] = {}
         index = self.path / "model.safetensors.index.json"
         if index.is_file():
             try:
@@ -29,20 +32,14 @@ class BaseWeights:
                 raise PatchError("BaseWeightsNotFound", f"{index} is not a safetensors index: {e}") from e
             self._where = {k: self.path / f for k, f in weight_map.items()}
         else:
-            from safetensors import safe_open
-
             files = sorted(self.path.glob("*.safetensors"))
             if not files:
                 pickles = sorted(p.name for p in self.path.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
                 hint = f" (found pickle files {', '.join(pickles[:3])}: only safetensors are read)" if pickles else ""
                 raise PatchError("BaseWeightsNotFound", f"no *.safetensors in base weights directory {self.path}{hint}")
             for f in files:
-                try:
-                    with safe_open(str(f), framework="pt") as h:
-                        for k in h.keys():
-                            self._where[k] = f
-                except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
-                    raise PatchError("BaseWeightsNotFound", f"cannot read base weights file {f}: {e}") from e
+                for k in self._header(f):
+                    self._where[k] = f
         self._handles: dict[Path, object] = {}
 
     def candidates(self, module: str) -> list[str]:
@@ -71,9 +68,22 @@ class BaseWeights:
             self._handles[f] = h
         return h
 
+    def _header(self, f: Path) -> dict[str, tuple]:
+        """The file's validated safetensors header (read without torch; cached)."""
+        h = self._headers.get(f)
+        if h is None:
+            try:
+                h = self._headers[f] = read_header(f)
+            except PatchError as e:
+                raise PatchError("BaseWeightsNotFound", f"cannot read base weights file {f}: {e.message}") from None
+        return h
+
     def shape(self, module: str) -> tuple[int, ...]:
         k = self.key_for(module)
-        return tuple(self._handle(self._where[k]).get_slice(k).get_shape())
+        entry = self._header(self._where[k]).get(k)
+        if entry is None:
+            raise PatchError("BaseWeightsNotFound", f"{self._where[k]} has no tensor {k} (its index says it has)")
+        return entry[1]
 
     def get(self, module: str):
         k = self.key_for(module)

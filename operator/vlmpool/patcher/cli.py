@@ -59,6 +59,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="truncated SVD of --dora-policy svd: exact, randomized (seeded), or auto (exact on a GPU "
                         "or for small matrices, randomized otherwise)")
     parser.add_argument("--device", default=None, help="torch device for the DoRA math (default: cuda when available)")
+    parser.add_argument("--tensor-io", choices=("bytes", "torch"), default="bytes",
+                        help="how the adapter's tensors are read and written: bytes (the safetensors header and byte "
+                        "ranges, no torch unless DoRA maths is needed; default) or torch (load_file/save; same output, "
+                        "kept to compare with)")
     parser.add_argument("--lock-timeout", type=float, default=600.0, help="seconds to wait for the publish lock")
     parser.add_argument("--termination-log", default=None,
                         help="file for the JSON summary (default /dev/termination-log when it exists)")
@@ -85,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         )
         summary = patch_and_publish(args.source, args.adapter, args.root, opts, sha256=args.sha256,
                                     max_file_bytes=args.max_file_bytes, pvc_root=args.pvc_root,
-                                    lock_timeout=args.lock_timeout)
+                                    lock_timeout=args.lock_timeout, tensor_io=args.tensor_io)
         code = 0
     except PatchError as e:
         summary, code = failure_summary(e), 1
