@@ -27,7 +27,7 @@ from typing import Any, Awaitable, Callable
 
 import aiohttp
 
-from vlmpool.kube.client import JOBS, NODES, PODS, ApiError, KubeClient
+from vlmpool.kube.client import JOBS, NODES, PODS, ApiError, Conflict, KubeClient
 from vlmpool.testing.adapters import write_lora
 
 VLMPOOL = str(Path(sys.executable).parent / "vlmpool")
@@ -76,9 +76,8 @@ async def ensure_node(kube: KubeClient) -> None:
     node = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE, "labels": {"kubernetes.io/hostname": NODE}}}
     try:
         await kube.request("POST", NODES.path(), body=node)
-    except ApiError as e:
-        if not e.conflict:
-            raise
+    except Conflict:
+        pass
 
 
 async def bind(kube: KubeClient, pod: dict[str, Any]) -> None:

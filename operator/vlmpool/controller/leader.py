@@ -27,7 +27,7 @@ import time
 import uuid
 from typing import Any, Callable
 
-from vlmpool.kube.client import LEASES, ApiError, KubeClient
+from vlmpool.kube.client import LEASES, Conflict, KubeClient
 
 log = logging.getLogger("vlmpool.leader")
 
@@ -148,10 +148,8 @@ class LeaderElector:
                     "acquireTime": format_time(now), "renewTime": format_time(now), "leaseTransitions": 0}
             try:
                 await self.kube.create(self._lease_body(spec), self.namespace, LEASES)
-            except ApiError as e:
-                if e.conflict:  # another candidate created it first
-                    return False
-                raise
+            except Conflict:  # another candidate created it first
+                return False
             self.observed_holder = self.identity
             return True
         spec = dict(lease.get("spec") or {})
@@ -170,11 +168,9 @@ class LeaderElector:
         try:
             await self.kube.request("PUT", LEASES.path(self.namespace, self.name), body=body,
                                     params={"fieldManager": self.kube.field_manager})
-        except ApiError as e:
-            if e.conflict:  # someone wrote the Lease since we read it: lost this round
-                log.debug("%s: lease %s/%s changed under us (409)", self.identity, self.namespace, self.name)
-                return False
-            raise
+        except Conflict:  # someone wrote the Lease since we read it: lost this round
+            log.debug("%s: lease %s/%s changed under us (409)", self.identity, self.namespace, self.name)
+            return False
         self.observed_holder = self.identity
         return True
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +37,7 @@ log = logging.getLogger("vlmpool.operator")
 GROUP, VERSION = "vlmpool.io", "v1alpha1"
 FINALIZER = "vlmpool.io/finalizer"
 PREFIX = "vlmpool.io"
+REPORTING_COMPONENT = "vlmpool-operator"  # the Events' source, as `kubectl describe` shows it
 
 
 def make_settings() -> kopf.OperatorSettings:
@@ -55,6 +58,9 @@ def make_settings() -> kopf.OperatorSettings:
     # Only explicit events (kopf.event/warn) are posted, never every log line.
     s.posting.enabled = True
     s.posting.loggers = False
+    s.posting.reporting_component = REPORTING_COMPONENT
+    s.posting.reporting_instance = (os.environ.get("POD_NAME") or socket.gethostname())[:128]
+    s.posting.event_name_prefix = "vlmpool-"
     # No dynamic discovery of namespaces/CRDs: the operator serves the namespaces it is given and
     # needs no RBAC on namespaces or CRDs.
     s.scanning.disabled = True
@@ -87,8 +93,10 @@ class Operator:
         resync = self.config.resync_seconds
 
         @kopf.on.login(registry=reg)
-        def login(**_: Any) -> kopf.ConnectionInfo:
-            return op.kube_config.kopf_connection_info()
+        async def login(**_: Any) -> kopf.ConnectionInfo:
+            # kopf logs in at start, when the expiration handed to it passes, and after a 401 (then
+            # the credentials it held were refused: renew them unless they are brand new).
+            return await op.kube_config.kopf_connection_info(renew_older_than=5.0)
 
         @kopf.on.startup(registry=reg)
         async def startup(**_: Any) -> None:

@@ -32,7 +32,9 @@ from vlmpool.kube.client import (
     VLMADAPTERS,
     VLMPOOLS,
     ApiError,
+    Conflict,
     KubeClient,
+    NotFound,
 )
 from vlmpool.manifests import adapter as MA
 from vlmpool.manifests import pool as MP
@@ -213,11 +215,10 @@ class Reconciler:
             try:
                 return await self.kube.patch(VLMPOOLS, name, {"metadata": {"resourceVersion": meta["resourceVersion"]},
                                                               "status": diff}, ns, subresource="status")
-            except ApiError as e:
-                if e.not_found:
-                    return pool
-                if not e.conflict:
-                    raise
+            except NotFound:
+                return pool
+            except Conflict:
+                pass
         raise RetryLater(f"status of {ns}/{name} kept changing under the operator", delay=1)
 
     # ================================================================================================
@@ -259,12 +260,10 @@ class Reconciler:
                 out = await self.kube.patch(VLMADAPTERS, name, {
                     "metadata": {"resourceVersion": meta["resourceVersion"]}, "status": diff}, ns,
                     subresource="status")
-            except ApiError as e:
-                if e.not_found:
-                    return adapter
-                if e.conflict:
-                    continue
-                raise
+            except NotFound:
+                return adapter
+            except Conflict:
+                continue
             if cur.get("phase") != new["phase"]:
                 type_ = "Warning" if new["phase"] == "Failed" else "Normal"
                 self.event(out, type_, new["phase"] if new["phase"] != "Failed" else new["reason"], new["message"])
@@ -676,9 +675,8 @@ class Reconciler:
         if cur.get("adapters") != counts["adapters"] or cur.get("adaptersReady") != counts["adaptersReady"]:
             try:
                 await self.kube.patch_status(VLMPOOLS, pool["metadata"]["name"], counts, ns)
-            except ApiError as e:
-                if not e.not_found:
-                    raise
+            except NotFound:
+                pass
 
 
 def _label_value(name: str) -> str:
