@@ -219,7 +219,7 @@ async def admin_state(ip: str, admin_port: int, token: str) -> dict[str, Any]:
 async def run_cleanup_pod(kube: KubeClient, pod: dict[str, Any]) -> int:
     """Run the cleanup Job's container command for real (its volume is the same directory here)."""
     c = pod["spec"]["containers"][0]
-    cmd = [sys.executable if c["command"][0] == "python3" else c["command"][0], *c["command"][1:], *(c.get("args") or [])]
+    cmd = [VLMPOOL if c["command"][0] == "vlmpool" else c["command"][0], *c["command"][1:], *(c.get("args") or [])]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     await report_terminated(kube, pod, res.returncode, (res.stdout + res.stderr)[-2000:])
     return res.returncode

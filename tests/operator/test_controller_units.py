@@ -10,7 +10,7 @@ from helpers import write_adapter
 
 from vlmpool.controller import status as S
 from vlmpool.controller.push import pod_fingerprint, pod_is_pushable, push_to_pods
-from vlmpool.controller.reconciler import _check_version_path
+from vlmpool.patcher.publish import check_version_path as _check_version_path
 
 BASE = "Qwen/Qwen2.5-VL-3B-Instruct"
 TOKEN = "operator-unit-token"

@@ -13,7 +13,6 @@ import base64
 import datetime as dt
 import hashlib
 import logging
-import posixpath
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ from vlmpool.kube.client import (
     NotFound,
 )
 from vlmpool.manifests import adapter as MA
+from vlmpool.patcher.publish import check_version_path
 from vlmpool.manifests import pool as MP
 from vlmpool.manifests.common import (
     A_PRUNED,
@@ -351,7 +351,7 @@ class Reconciler:
                                          "termination message")
                 return
             version, path = str(ok.get("version") or ""), str(ok.get("path") or "")
-            problem = _check_version_path(self.config.adapter_root, name, version, path)
+            problem = check_version_path(self.config.adapter_root, name, version, path)
             if problem:
                 await self._patch_failed(adapter, still_running, "InvalidTerminationMessage", problem)
                 return
@@ -695,14 +695,3 @@ def _parse_time(s: str | None) -> dt.datetime | None:
 def _duration(start: str | None, end: str | None) -> float | None:
     a, b = _parse_time(start), _parse_time(end)
     return (b - a).total_seconds() if a and b else None
-
-
-def _check_version_path(root: str, adapter: str, version: str, path: str) -> str | None:
-    """The reported path must be the immutable versions/<version> directory of this adapter under
-    the volume root, never `current` (vLLM re-reads registered paths when its CPU LRU reloads)."""
-    if not version or "/" in version or version in (".", ".."):
-        return f"invalid version {version!r} in the termination message"
-    want = f"{root.rstrip('/')}/{adapter}/versions/{version}"
-    if posixpath.normpath(path) != want:
-        return f"the reported path {path!r} is not {want!r}"
-    return None
