@@ -305,3 +305,26 @@ async def run_job_pod(kube: KubeClient, pod: dict[str, Any], workdir: Path, time
         message = out.decode(errors="replace")[-2048:]
     await report_terminated(kube, pod, proc.returncode or 0, message)
     return proc.returncode or 0
+
+
+def counter(metrics_text: str, name: str, **labels: str) -> float:
+    """The value of one sample of the operator's Prometheus text (0 when absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+async def after_more(op: "OperatorProcess", name: str, by: float, timeout: float = 60, **labels: str) -> None:
+    """Wait until the operator's counter `name` (with `labels`) grew by `by` from now: the operator has
+    reconsidered things that often, so what it did not do by then it does not do (absence proved by a
+    counter, not by a sleep)."""
+    start = counter(await op.metrics(), name, **labels)
+
+    async def grown():
+        return counter(await op.metrics(), name, **labels) >= start + by
+    await eventually(grown, timeout=timeout, what=f"{name}{labels} to grow by {by}")
