@@ -65,7 +65,7 @@ class LockHolder:
             self.proc.stdin.close()
             self.proc.wait(timeout=30)
 
-    def __enter__(self) -> "LockHolder":
+    def __enter__(self) -> LockHolder:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -131,7 +131,7 @@ async def test_exec_plugin_tokens_renewed_before_expiry_and_after_401(tmp_path, 
     assert runs(counter) == 1 and kc.header == "Bearer exec-token-1"
     info = await kc.kopf_connection_info()
     assert (info.scheme, info.token, info.expiration) == ("Bearer", "exec-token-1", kc.renew_at)
-    assert info.expiration is not None and info.expiration > dt.datetime.now(dt.timezone.utc)
+    assert info.expiration is not None and info.expiration > dt.datetime.now(dt.UTC)
     async with KubeClient(kc) as kube:
         # Requests for a while: the plugin runs again before each token expires, never per request.
         deadline = time.monotonic() + 7

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import email.utils
+import itertools
 import time
 
 import aiohttp
@@ -54,7 +55,7 @@ async def flaky(tmp_path):
 
 def gaps(srv: Flaky) -> list[float]:
     times = [t for t, _ in srv.requests]
-    return [b - a for a, b in zip(times, times[1:])]
+    return [b - a for a, b in itertools.pairwise(times)]
 
 
 async def test_429_retry_after_is_honoured(flaky):
@@ -67,7 +68,7 @@ async def test_429_retry_after_is_honoured(flaky):
 
 async def test_retry_after_http_date(flaky):
     srv, kube = flaky
-    when = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=2)
+    when = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=2)
     srv.queue = [(503, {"Retry-After": email.utils.format_datetime(when, usegmt=True)})]
     await kube.get(PODS, "p", "n")
     assert len(srv.requests) == 2 and 0.9 <= gaps(srv)[0] <= 2.5  # a whole-second date: 1-2 s ahead
@@ -123,7 +124,7 @@ async def test_no_answer_is_api_unavailable_chained(tmp_path):
 
 
 def test_parse_retry_after():
-    now = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    now = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
     assert E.parse_retry_after("7") == 7.0 and E.parse_retry_after(None) is None
     assert E.parse_retry_after("Thu, 01 Jan 2026 00:00:05 GMT", now=now) == 5.0
     assert E.parse_retry_after("soon") is None

@@ -25,7 +25,8 @@ import random
 import socket
 import time
 import uuid
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from vlmpool.kube.client import LEASES, Conflict, KubeClient
 
@@ -62,7 +63,7 @@ def default_identity() -> str:
 
 
 def format_time(t: dt.datetime) -> str:
-    return t.astimezone(dt.timezone.utc).strftime(MICROTIME)
+    return t.astimezone(dt.UTC).strftime(MICROTIME)
 
 
 def parse_time(s: str | None) -> dt.datetime | None:
@@ -71,7 +72,7 @@ def parse_time(s: str | None) -> dt.datetime | None:
     s = s.strip()
     for fmt in (MICROTIME, "%Y-%m-%dT%H:%M:%SZ"):
         try:
-            return dt.datetime.strptime(s, fmt).replace(tzinfo=dt.timezone.utc)
+            return dt.datetime.strptime(s, fmt).replace(tzinfo=dt.UTC)
         except ValueError:
             continue
     try:
@@ -81,7 +82,7 @@ def parse_time(s: str | None) -> dt.datetime | None:
 
 
 def _utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 class LeaderElector:
@@ -142,10 +143,11 @@ class LeaderElector:
         errors propagate."""
         now = _utcnow()
         lease = await self.kube.get_or_none(LEASES, self.name, self.namespace)
-        duration = max(1, int(round(self.lease_duration)))
+        duration = max(1, round(self.lease_duration))
         if lease is None:
-            spec = {"holderIdentity": self.identity, "leaseDurationSeconds": duration,
-                    "acquireTime": format_time(now), "renewTime": format_time(now), "leaseTransitions": 0}
+            spec: dict[str, Any] = {"holderIdentity": self.identity, "leaseDurationSeconds": duration,
+                                    "acquireTime": format_time(now), "renewTime": format_time(now),
+                                    "leaseTransitions": 0}
             try:
                 await self.kube.create(self._lease_body(spec), self.namespace, LEASES)
             except Conflict:  # another candidate created it first
@@ -184,7 +186,7 @@ class LeaderElector:
         try:
             await asyncio.wait_for(stop.wait(), delay)
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
 
     async def _attempt(self) -> bool:

@@ -12,7 +12,7 @@ import os
 import socket
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import kopf
 from aiohttp import web
@@ -163,7 +163,8 @@ class Operator:
         async def adapter_delete(body: kopf.Body, **_: Any) -> None:
             await guarded("adapter", op.reconciler.delete_adapter(dict(body)))
 
-        @kopf.on.event("batch", "v1", "jobs", registry=reg, labels={L_MANAGED_BY: MANAGED_BY, L_COMPONENT: COMPONENT_PATCH})
+        @kopf.on.event("batch", "v1", "jobs", registry=reg,
+                       labels={L_MANAGED_BY: MANAGED_BY, L_COMPONENT: COMPONENT_PATCH})
         async def job_event(body: kopf.Body, type: str | None, **_: Any) -> None:
             if type != "DELETED":
                 try:
@@ -282,7 +283,7 @@ class Operator:
                     # Another replica may lead already: give kopf only a short while to stop.
                     try:
                         await asyncio.wait_for(asyncio.shield(kopf_task), leader.renew_deadline)
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         kopf_task.cancel()
                         await asyncio.gather(kopf_task, return_exceptions=True)
                 else:
@@ -306,10 +307,11 @@ async def _mirror(flag: asyncio.Event | threading.Event | None, into: asyncio.Ev
     if isinstance(flag, asyncio.Event):
         await flag.wait()
     else:
-        while not flag.is_set():
+        # A threading.Event cannot be awaited; a thread blocked in wait() would outlive a cancellation.
+        while not flag.is_set():  # noqa: ASYNC110
             await asyncio.sleep(0.2)
     into.set()
 
 
 def _post_event(body: dict[str, Any], type_: str, reason: str, message: str) -> None:
-    kopf.event(body, type=type_, reason=reason, message=message)
+    kopf.event(cast(kopf.Body, body), type=type_, reason=reason, message=message)  # kopf reads it as a mapping

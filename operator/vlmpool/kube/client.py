@@ -45,8 +45,22 @@ from vlmpool.kube.errors import (
     retry_delay,
 )
 
-__all__ = ["ApiError", "ApiUnavailable", "BadRequest", "Conflict", "Forbidden", "Gone", "Invalid", "NotFound",
-           "ServerError", "TooManyRequests", "Unauthorized", "KubeClient", "Resource", "resource_for"]
+__all__ = [
+    "ApiError",
+    "ApiUnavailable",
+    "BadRequest",
+    "Conflict",
+    "Forbidden",
+    "Gone",
+    "Invalid",
+    "KubeClient",
+    "NotFound",
+    "Resource",
+    "ServerError",
+    "TooManyRequests",
+    "Unauthorized",
+    "resource_for",
+]
 
 log = logging.getLogger("vlmpool.kube")
 
@@ -137,7 +151,7 @@ class KubeClient:
         self._retired: set[asyncio.Task[None]] = set()
         self._closed = False
 
-    async def __aenter__(self) -> "KubeClient":
+    async def __aenter__(self) -> KubeClient:
         self._ensure()
         return self
 
@@ -216,7 +230,7 @@ class KubeClient:
             async with session.request(method, self.config.server + path, data=data, params=params,
                                        headers=headers, **kwargs) as resp:
                 text = await resp.text()
-        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+        except (TimeoutError, aiohttp.ClientError) as e:
             raise ApiUnavailable(0, type(e).__name__, str(e) or type(e).__name__, method, path) from e
         if resp.status >= 400:
             raise classify(resp.status, text, http_reason=resp.reason or "", method=method, path=path,

@@ -58,11 +58,22 @@ class KubeConfig:
         self.namespace = namespace
         self.source = source
         self.refreshes = 0  # how many times the credentials were obtained (1 after loading)
+        # What the loader gave (set by _obtain): the endpoint, the Authorization header, TLS files.
+        self.server = ""
+        self.header: str | None = None
+        self.ca_file: str | None = None
+        self.cert_file: str | None = None
+        self.key_file: str | None = None
+        self.insecure = False
+        self.tls_server_name: str | None = None
+        self.renew_at: dt.datetime | None = None  # when to renew (None: only after a 401)
+        self._renew_mono: float | None = None
+        self._obtained_mono = 0.0
         self._refresh()
 
     # ---- loading -----------------------------------------------------------------------------------
     @classmethod
-    def load(cls, path: str | os.PathLike[str] | None = None, context: str | None = None) -> "KubeConfig":
+    def load(cls, path: str | os.PathLike[str] | None = None, context: str | None = None) -> KubeConfig:
         if path:
             return cls.from_kubeconfig(str(path), context)
         env = os.environ.get("KUBECONFIG")
@@ -76,7 +87,7 @@ class KubeConfig:
         raise KubeConfigError("no kubeconfig: pass --kubeconfig, set KUBECONFIG, or run in a pod")
 
     @classmethod
-    def from_kubeconfig(cls, paths: str, context: str | None = None) -> "KubeConfig":
+    def from_kubeconfig(cls, paths: str, context: str | None = None) -> KubeConfig:
         """One kubeconfig file, or several joined by ``os.pathsep`` (merged as kubectl merges them:
         the first file naming a cluster, user or context wins)."""
         files = [os.path.expanduser(p) for p in paths.split(os.pathsep) if p]
@@ -104,7 +115,7 @@ class KubeConfig:
         return cls(loader, namespace=namespace, source=paths, plugin=plugin)
 
     @classmethod
-    def in_cluster(cls, sa_dir: Path = SERVICE_ACCOUNT_DIR) -> "KubeConfig":
+    def in_cluster(cls, sa_dir: Path = SERVICE_ACCOUNT_DIR) -> KubeConfig:
         if not os.environ.get("KUBERNETES_SERVICE_HOST"):
             raise KubeConfigError("KUBERNETES_SERVICE_HOST is not set: not running in a pod")
         ns_file = sa_dir / "namespace"
@@ -144,22 +155,22 @@ class KubeConfig:
             # talking to the apiserver anonymously.
             raise KubeConfigError(f"kubeconfig {self.source}: the user's {self._plugin} credentials produced "
                                   "no token or certificate (see the log above)")
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         expiry = getattr(self._loader, "expiry", None)  # set by exec plugins and the gcp provider
         renew_at: dt.datetime | None = None
         if isinstance(expiry, dt.datetime):
-            expiry = expiry if expiry.tzinfo else expiry.replace(tzinfo=dt.timezone.utc)
+            expiry = expiry if expiry.tzinfo else expiry.replace(tzinfo=dt.UTC)
             margin = min(MAX_MARGIN, max(0.0, (expiry - now).total_seconds()) / 10)
             renew_at = expiry - dt.timedelta(seconds=margin)
         elif self._periodic:
             renew_at = now + dt.timedelta(seconds=TOKEN_FILE_PERIOD)
         self.server = cfg.host.rstrip("/")
         self.header = header
-        self.ca_file: str | None = cfg.ssl_ca_cert
-        self.cert_file: str | None = cfg.cert_file
-        self.key_file: str | None = cfg.key_file
+        self.ca_file = cfg.ssl_ca_cert
+        self.cert_file = cfg.cert_file
+        self.key_file = cfg.key_file
         self.insecure = not cfg.verify_ssl
-        self.tls_server_name: str | None = getattr(cfg, "tls_server_name", None)
+        self.tls_server_name = getattr(cfg, "tls_server_name", None)
         self.renew_at = renew_at
         self._renew_mono = None if renew_at is None else time.monotonic() + (renew_at - now).total_seconds()
         self._obtained_mono = time.monotonic()

@@ -57,14 +57,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root", type=Path, help="the adapter volume's mount path")
     parser.add_argument("--pool-base", help="the pool's base model id (e.g. Qwen/Qwen2-VL-2B-Instruct)")
     parser.add_argument("--family", choices=FAMILY_CHOICES, help="the pool's model family")
-    parser.add_argument("--served-base", default=None, help="the pool's served model name (also accepted by the base check)")
+    parser.add_argument("--served-base", default=None,
+                        help="the pool's served model name (also accepted by the base check)")
     parser.add_argument("--max-rank", type=_positive_int, default=64, help="the pool's max LoRA rank (default 64)")
     parser.add_argument("--dora-policy", choices=("reject", "strip", "svd"), default="reject",
                         help="what to do with a DoRA adapter (default reject)")
     parser.add_argument("--svd-rank", type=_positive_int, default=None,
                         help="rank of the LoRA made by --dora-policy svd (default min(r, --max-rank))")
     parser.add_argument("--base-weights", type=Path, default=None,
-                        help="directory of the base model's *.safetensors (needed by svd; lets strip measure its error)")
+                        help="directory of the base model's *.safetensors "
+                        "(needed by svd; lets strip measure its error)")
     parser.add_argument("--base-check", choices=("strict", "warn"), default="strict",
                         help="base_model_name_or_path vs the pool's base: strict fails, warn records (default strict)")
     parser.add_argument("--sha256", default=None, help="pin: sha256 of the archive, or of adapter_model.safetensors")

@@ -96,7 +96,8 @@ def _lock(path: Path, timeout: float) -> int:
                 print(f"vlmpool: waiting for the publish lock {path}", file=sys.stderr, flush=True)
             if time.monotonic() >= deadline:
                 os.close(fd)
-                raise PatchError("LockTimeout", f"another publish of this adapter held {path} for over {timeout:g} s") from None
+                raise PatchError("LockTimeout",
+                                 f"another publish of this adapter held {path} for over {timeout:g} s") from None
             time.sleep(0.1)
 
 
