@@ -366,6 +366,9 @@ async def test_unreachable_pod_degrades_the_pool_and_recovers(kube, namespace, o
     assert st["phase"] == "Registering" and st["pods"][0]["state"] == "pending" and st["pods"][0]["message"]
     events = await kube.list(EVENTS, ns, field_selector="involvedObject.name=pool")
     assert "PushFailed" in {e["reason"] for e in events}
+    # The Events name the operator as their source, not kopf.
+    assert {(e.get("reportingComponent"), e["source"].get("component")) for e in events} == {
+        ("vlmpool-operator", "vlmpool-operator")}
 
     # The containers come up: the operator's retry (with backoff) reaches them, nothing else needed.
     secret = await kube.get(SECRETS, "pool-admin-token", ns)
