@@ -32,7 +32,7 @@ async def test_pool_creates_children_with_owner_references_and_cascades(kube, na
     uid = created["metadata"]["uid"]
 
     dep = await eventually(lambda: kube.get(DEPLOYMENTS, "vision", namespace), what="the Deployment")
-    svc = await kube.get(SERVICES, "vision", namespace)
+    svc = await eventually(lambda: kube.get(SERVICES, "vision", namespace), what="the Service")  # applied after
     pvc = await kube.get(PVCS, "vision-adapters", namespace)
     secret = await kube.get(SECRETS, "vision-admin-token", namespace)
     for obj in (dep, svc, pvc, secret):

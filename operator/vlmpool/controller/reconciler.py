@@ -36,7 +36,6 @@ from vlmpool.kube.client import (
     NotFound,
 )
 from vlmpool.manifests import adapter as MA
-from vlmpool.patcher.publish import check_version_path
 from vlmpool.manifests import pool as MP
 from vlmpool.manifests.common import (
     A_PRUNED,
@@ -50,6 +49,7 @@ from vlmpool.manifests.common import (
     patch_job_name,
     server_label_selector,
 )
+from vlmpool.patcher.publish import check_version_path
 
 log = logging.getLogger("vlmpool.operator")
 
