@@ -81,7 +81,7 @@ class JobWatch:
                      "app.kubernetes.io/component=patch", "--watch-only", "-o", "name"]
         self.bound, self.out = bound, ""
 
-    def __enter__(self) -> "JobWatch":
+    def __enter__(self) -> JobWatch:
         self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         return self
 

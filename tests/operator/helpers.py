@@ -10,10 +10,9 @@ termination message.
 
 from __future__ import annotations
 
-import functools
-
 import asyncio
 import datetime as dt
+import functools
 import os
 import random
 import signal
@@ -21,9 +20,10 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import aiohttp
 
@@ -36,7 +36,7 @@ BASE = "Qwen/Qwen2.5-VL-3B-Instruct"
 
 
 def now() -> str:
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -238,7 +238,7 @@ class OperatorProcess:
     proc: subprocess.Popen | None = None
     metrics_port: int = 0
 
-    async def start(self) -> "OperatorProcess":
+    async def start(self) -> OperatorProcess:
         self.metrics_port = free_port()
         self.proc = subprocess.Popen(
             [VLMPOOL, "operator", "--kubeconfig", str(self.kubeconfig),
@@ -319,7 +319,7 @@ def counter(metrics_text: str, name: str, **labels: str) -> float:
     return total
 
 
-async def after_more(op: "OperatorProcess", name: str, by: float, timeout: float = 60, **labels: str) -> None:
+async def after_more(op: OperatorProcess, name: str, by: float, timeout: float = 60, **labels: str) -> None:
     """Wait until the operator's counter `name` (with `labels`) grew by `by` from now: the operator has
     reconsidered things that often, so what it did not do by then it does not do (absence proved by a
     counter, not by a sleep)."""

@@ -101,7 +101,7 @@ async def proxy_pod(tmp_path):
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # noqa: SLF001
+    port = site._server.sockets[0].getsockname()[1]
     cfg = ProxyConfig(engine_url=f"http://127.0.0.1:{port}", host="127.0.0.1", port=0, admin_port=0,
                       admin_token=TOKEN, base_model=BASE, shutdown_timeout=2.0)
     async with run_proxy(cfg) as running:

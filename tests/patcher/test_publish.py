@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from patcher_testlib import POOL_BASE, LockHolder, make_adapter, wait_for_line
+
 from vlmpool.patcher import STEPS, PatchOptions, config_json, patch_adapter, patch_and_publish
 from vlmpool.patcher.publish import REPORT_NAME, VERSION_FILES
 
@@ -148,7 +148,7 @@ def test_lock_serialises_publishes(versions, tmp_path):
         assert not (root / "ad" / "versions" / versions["new"]).exists()
         assert list((root / ".staging").iterdir()) == []
         holder.release()
-        out, err = proc.communicate(timeout=60)
+        _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert assert_consistent(root, "ad", {versions["new"]}) == versions["new"]
 

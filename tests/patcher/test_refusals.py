@@ -8,9 +8,9 @@ import shutil
 
 import pytest
 import torch
+from patcher_testlib import _DELETE, LANG_TARGETS, POOL_BASE, VISION_TARGETS, LockHolder, edit_config, make_adapter
 from safetensors.torch import load_file, save_file
 
-from patcher_testlib import _DELETE, LANG_TARGETS, POOL_BASE, VISION_TARGETS, LockHolder, edit_config, make_adapter
 from vlmpool.patcher import REASONS, PatchError, PatchOptions, patch_and_publish
 
 FAM = "qwen2_vl"
@@ -234,7 +234,8 @@ def test_lock_timeout(lora, tmp_path):
         with pytest.raises(PatchError) as ei:
             patch_and_publish(str(lora), "ad", tmp_path / "vol", PatchOptions(family=FAM, pool_base=POOL_BASE[FAM]), lock_timeout=0.3)
         assert ei.value.reason == "LockTimeout" and "held" in ei.value.message
-    assert not (tmp_path / "vol" / "ad" / "versions").exists() or not any((tmp_path / "vol" / "ad" / "versions").iterdir())
+    versions = tmp_path / "vol" / "ad" / "versions"
+    assert not versions.exists() or not any(versions.iterdir())
 
 
 def test_current_that_is_not_a_symlink(lora, tmp_path):

@@ -105,7 +105,7 @@ class LocalProvisioner:
                 log.warning("provisioner sync failed: %s", e)
             try:
                 await asyncio.wait_for(self._stop.wait(), self.interval)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     def stop(self) -> None:
