@@ -201,9 +201,10 @@ class KubeConfig:
 
     async def renew_after_401(self, failed: str | None) -> bool:
         """The apiserver refused `failed`: obtain new credentials unless a concurrent caller already did.
-        Returns whether the header to use now differs from the one that failed."""
+        Returns whether the credentials to use now (header or client certificate) differ."""
+        tls = self.tls_identity
         await _in_thread(self._refresh_if, failed if failed is not None else True)
-        return self.header != failed
+        return self.header != failed or self.tls_identity != tls
 
     async def renew(self, min_age: float = 0.0) -> None:
         """Obtain new credentials, unless they were obtained less than `min_age` seconds ago."""
