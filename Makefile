@@ -7,14 +7,15 @@ PIP := $(VENV)/bin/pip
 EXTRAS ?= test,hf,s3
 PYTEST_ARGS ?=
 
-.PHONY: help install k8s-bins crds crds-check test test-unit test-apiserver bench clean
+.PHONY: help install k8s-bins crds crds-check lint test test-unit test-apiserver bench clean
 
 help:
 	@echo "make dev         the whole system on this machine with a quickstart pool (Ctrl-C stops)"
 	@echo "make install     create $(VENV) and install vlmpool with the [$(EXTRAS)] extras"
 	@echo "make k8s-bins    find or build etcd, kube-apiserver, kube-controller-manager, kubectl and helm (cached)"
 	@echo "make crds        regenerate crds/*.yaml from the pydantic models"
-	@echo "make test        install, obtain the binaries, and run every test"
+	@echo "make lint        ruff and mypy with the rules in pyproject.toml (part of make test)"
+	@echo "make test        install, lint, obtain the binaries, and run every test"
 	@echo "make images      build the container images (needs a Docker engine)"
 	@echo "make kind-e2e    the e2e suite on a kind cluster (needs Docker and kind)"
 
@@ -35,7 +36,11 @@ crds: install
 crds-check: install
 	$(VENV)/bin/vlmpool crds --check
 
-test: install k8s-bins
+lint: install  ## ruff and mypy, configured (and their rule sets defended) in pyproject.toml
+	$(VENV)/bin/ruff check operator tests bench
+	$(VENV)/bin/mypy
+
+test: install lint k8s-bins
 	VLMPOOL_K8S_BIN="$$(bash hack/k8s-bins.sh | tail -n1)" $(PY) -m pytest $(PYTEST_ARGS)
 
 test-unit: install

@@ -61,3 +61,30 @@ def pytest_collection_modifyitems(config, items):
         if "control_plane" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.apiserver)
 
+
+
+# With CI set, the suites that need the local cluster must run: a skip there (no root, no unshare,
+# no binaries) fails the run instead of leaving it green with the most important tests unrun.
+MUST_RUN_IN_CI = ("tests/localcluster/", "tests/e2e/")
+_ci_skips: list[str] = []
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and report.nodeid.startswith(MUST_RUN_IN_CI):
+        _ci_skips.append(f"{report.nodeid}: {report.longrepr[-1] if isinstance(report.longrepr, tuple) else ''}")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import os
+
+    if os.environ.get("CI") and _ci_skips and exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter):
+    import os
+
+    if os.environ.get("CI") and _ci_skips:
+        terminalreporter.section("skipped in CI (fails the run)", red=True)
+        for line in _ci_skips:
+            terminalreporter.line(line)

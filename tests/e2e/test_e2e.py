@@ -4,6 +4,7 @@ and simulator processes, reconciled by the operator running under its own RBAC r
 from __future__ import annotations
 
 import json
+import subprocess
 import threading
 import time
 import urllib.error
@@ -14,6 +15,7 @@ import pytest
 from vlmpool.testing.waiting import wait_for
 
 NS = "e2e"
+RESYNC_BOUND = 5.0  # seconds watched after a restart (the operator's resume handlers run at its start)
 POOL = "pool"
 PROXY_PORT, ENGINE_PORT = 8080, 8000
 
@@ -67,6 +69,31 @@ def ready(e2e, name, version=None):
         ok = st.get("phase") == "Ready" and st.get("loadedPods") == 2 and st.get("desiredPods") == 2
         return st if ok and (version is None or st.get("version") != version) else None
     return wait_for(check, 180, what=f"adapter {name} Ready on 2/2 pods")
+
+
+class JobWatch:
+    """The patch Jobs the apiserver reports (a kubectl watch) from entering the block until `bound`
+    seconds after leaving it: absence is proved over a watched window, not by a list after a sleep."""
+
+    def __init__(self, e2e, bound: float):
+        bin_ = getattr(e2e, "kubectl_bin", None) or str(e2e.dev.cp.bin_dir / "kubectl")
+        self.argv = [bin_, f"--kubeconfig={e2e.kubeconfig}", "get", "jobs", "-n", NS, "-l",
+                     "app.kubernetes.io/component=patch", "--watch-only", "-o", "name"]
+        self.bound, self.out = bound, ""
+
+    def __enter__(self) -> JobWatch:
+        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.out, _ = self.proc.communicate(timeout=self.bound)
+        except subprocess.TimeoutExpired:  # the watch ran for the whole bound: stop it
+            self.proc.terminate()
+            self.out, _ = self.proc.communicate(timeout=30)
+
+    def names(self) -> set[str]:
+        return {line.split("/", 1)[-1] for line in self.out.split() if line}
 
 
 def jobs_of(e2e, adapter):
@@ -166,15 +193,18 @@ def test_operator_restart_creates_no_duplicate_jobs_and_converges(e2e, pool, ada
     before = jobs_of(e2e, "reader")
     st = ready(e2e, "reader")
     e2e.stop_operator()
-    # Work arrives while the operator is down.
-    apply(e2e, adapter_manifest("late", f"file://{adapters['other']}"))
-    time.sleep(1)
-    assert jobs_of(e2e, "late") == []
+    # Work arrives while the operator is down: nothing makes its Job until the operator is back.
+    with JobWatch(e2e, bound=2) as down:
+        apply(e2e, adapter_manifest("late", f"file://{adapters['other']}"))
+    assert {n for n in down.names() if n.startswith("late-")} == set() and jobs_of(e2e, "late") == []
     e2e.start_operator()
     late = ready(e2e, "late")
     assert late["loaded"] == "2/2"
-    e2e.restart_operator()
-    time.sleep(3)
+    known = set(jobs_of(e2e, "reader")) | set(jobs_of(e2e, "late"))
+    # The restarted operator resumes every adapter at once: a duplicate Job would show in the watch.
+    with JobWatch(e2e, bound=RESYNC_BOUND) as restarted:
+        e2e.restart_operator()
+    assert restarted.names() - known == set()
     assert jobs_of(e2e, "reader") == before
     assert len(jobs_of(e2e, "late")) == 1
     assert ready(e2e, "reader")["version"] == st["version"]

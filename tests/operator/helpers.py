@@ -10,10 +10,9 @@ termination message.
 
 from __future__ import annotations
 
-import functools
-
 import asyncio
 import datetime as dt
+import functools
 import os
 import random
 import signal
@@ -21,13 +20,14 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import aiohttp
 
-from vlmpool.kube.client import JOBS, NODES, PODS, ApiError, KubeClient
+from vlmpool.kube.client import JOBS, NODES, PODS, ApiError, Conflict, KubeClient
 from vlmpool.testing.adapters import write_lora
 
 VLMPOOL = str(Path(sys.executable).parent / "vlmpool")
@@ -36,7 +36,7 @@ BASE = "Qwen/Qwen2.5-VL-3B-Instruct"
 
 
 def now() -> str:
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -76,9 +76,8 @@ async def ensure_node(kube: KubeClient) -> None:
     node = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE, "labels": {"kubernetes.io/hostname": NODE}}}
     try:
         await kube.request("POST", NODES.path(), body=node)
-    except ApiError as e:
-        if not e.conflict:
-            raise
+    except Conflict:
+        pass
 
 
 async def bind(kube: KubeClient, pod: dict[str, Any]) -> None:
@@ -220,7 +219,7 @@ async def admin_state(ip: str, admin_port: int, token: str) -> dict[str, Any]:
 async def run_cleanup_pod(kube: KubeClient, pod: dict[str, Any]) -> int:
     """Run the cleanup Job's container command for real (its volume is the same directory here)."""
     c = pod["spec"]["containers"][0]
-    cmd = [sys.executable if c["command"][0] == "python3" else c["command"][0], *c["command"][1:], *(c.get("args") or [])]
+    cmd = [VLMPOOL if c["command"][0] == "vlmpool" else c["command"][0], *c["command"][1:], *(c.get("args") or [])]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     await report_terminated(kube, pod, res.returncode, (res.stdout + res.stderr)[-2000:])
     return res.returncode
@@ -239,7 +238,7 @@ class OperatorProcess:
     proc: subprocess.Popen | None = None
     metrics_port: int = 0
 
-    async def start(self) -> "OperatorProcess":
+    async def start(self) -> OperatorProcess:
         self.metrics_port = free_port()
         self.proc = subprocess.Popen(
             [VLMPOOL, "operator", "--kubeconfig", str(self.kubeconfig),
@@ -306,3 +305,26 @@ async def run_job_pod(kube: KubeClient, pod: dict[str, Any], workdir: Path, time
         message = out.decode(errors="replace")[-2048:]
     await report_terminated(kube, pod, proc.returncode or 0, message)
     return proc.returncode or 0
+
+
+def counter(metrics_text: str, name: str, **labels: str) -> float:
+    """The value of one sample of the operator's Prometheus text (0 when absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+async def after_more(op: OperatorProcess, name: str, by: float, timeout: float = 60, **labels: str) -> None:
+    """Wait until the operator's counter `name` (with `labels`) grew by `by` from now: the operator has
+    reconsidered things that often, so what it did not do by then it does not do (absence proved by a
+    counter, not by a sleep)."""
+    start = counter(await op.metrics(), name, **labels)
+
+    async def grown():
+        return counter(await op.metrics(), name, **labels) >= start + by
+    await eventually(grown, timeout=timeout, what=f"{name}{labels} to grow by {by}")

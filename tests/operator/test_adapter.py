@@ -3,7 +3,6 @@ status, the push to real proxy+simulator processes, failure reasons, restarts, a
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 from pathlib import Path
@@ -12,6 +11,8 @@ import pytest
 from helpers import (
     BASE,
     admin_state,
+    after_more,
+    counter,
     eventually,
     free_port,
     loopback_block,
@@ -174,8 +175,10 @@ async def test_adapter_patch_push_swap_and_delete(kube, kubectl, namespace, oper
     pod = await wait_job_pod(kube, ns, prune["metadata"]["name"])
     assert await run_cleanup_pod(kube, pod) == 0
     assert sorted(p.name for p in (adapter_root / "ad1" / "versions").iterdir()) == ["v2bbbb"]
-    await asyncio.sleep(4)  # later pushes (resync) do not prune again
+    # Later pushes (two more rounds to both pods, resyncs included) do not prune again.
+    await after_more(op, "vlmpool_operator_pushes_total", 4, result="ok")
     assert len(await kube.list(JOBS, ns, label_selector="app.kubernetes.io/component=prune")) == 1
+    assert counter(await op.metrics(), "vlmpool_operator_jobs_created_total", kind="prune") == 1
 
     # Deletion: unload from every pod, then the cleanup Job, then the finalizer goes.
     await kube.delete(VLMADAPTERS, "ad1", ns)
@@ -203,7 +206,7 @@ async def _missing(kube, ns, name):
 async def test_refused_patch_puts_the_reason_in_status_and_is_not_retried(kube, namespace, operator, adapter_root,
                                                                           tmp_path):
     ns = namespace
-    await operator()
+    op = await operator()
     await kube.create(pool_obj("pool", 0, free_port(), free_port(), free_port()), ns)
     await kube.create(adapter_obj("bad", "pool", f"file://{tmp_path}/bad"), ns)
     (job,) = await eventually(lambda: patch_jobs(kube, ns, "bad"), what="the patch Job")
@@ -226,9 +229,11 @@ async def test_refused_patch_puts_the_reason_in_status_and_is_not_retried(kube, 
                           what="phase Failed after the Job failed")
     assert st["reason"] == "PatchJobFailed" and "BackoffLimitExceeded" in st["message"]
     assert "MemoryError" in st["message"]
-    # Failed is final for this spec: no second Job for the same digest, also on later resyncs.
-    await asyncio.sleep(4)
+    # Failed is final for this spec: no second Job for the same digest, also on later resyncs (two
+    # more re-checks of each adapter).
+    await after_more(op, "vlmpool_operator_reconciles_total", 4, kind="adapter", result="ok")
     assert len(await patch_jobs(kube, ns, "bad")) == 1 and len(await patch_jobs(kube, ns, "crash")) == 1
+    assert counter(await op.metrics(), "vlmpool_operator_jobs_created_total", kind="patch") == 2
 
 
 async def test_missing_pool_is_a_condition_and_is_retried(kube, namespace, operator, tmp_path):
@@ -283,8 +288,10 @@ async def test_operator_restart_mid_way_converges_without_duplicate_jobs(kube, n
     jobs2 = await eventually(lambda: _n(patch_jobs(kube, ns, "a2"), 2), what="a2's new Job")
     # Restart again mid-way: the resumed operator must not create any Job twice.
     op2.stop()
-    await operator()
-    await asyncio.sleep(4)
+    op3 = await operator()
+    # The resumed operator re-checked every adapter (its resume, then a resync) and created nothing.
+    await after_more(op3, "vlmpool_operator_reconciles_total", 6, kind="adapter", result="ok")
+    assert counter(await op3.metrics(), "vlmpool_operator_jobs_created_total") == 0
     for i in range(2):
         assert len(await patch_jobs(kube, ns, f"a{i}")) == 1
     assert len(await patch_jobs(kube, ns, "a2")) == 2
@@ -359,6 +366,9 @@ async def test_unreachable_pod_degrades_the_pool_and_recovers(kube, namespace, o
     assert st["phase"] == "Registering" and st["pods"][0]["state"] == "pending" and st["pods"][0]["message"]
     events = await kube.list(EVENTS, ns, field_selector="involvedObject.name=pool")
     assert "PushFailed" in {e["reason"] for e in events}
+    # The Events name the operator as their source, not kopf.
+    assert {(e.get("reportingComponent"), e["source"].get("component")) for e in events} == {
+        ("vlmpool-operator", "vlmpool-operator")}
 
     # The containers come up: the operator's retry (with backoff) reaches them, nothing else needed.
     secret = await kube.get(SECRETS, "pool-admin-token", ns)

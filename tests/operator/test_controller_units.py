@@ -1,76 +1,19 @@
-"""Controller parts that need no cluster: kubeconfig loading, status logic, and the push client
+"""Controller parts that need no cluster: status logic, and the push client
 against a real proxy in front of the real simulator (in-process, loopback)."""
 
 from __future__ import annotations
 
-import base64
 import json
 
 import pytest
-import yaml
 from helpers import write_adapter
 
 from vlmpool.controller import status as S
 from vlmpool.controller.push import pod_fingerprint, pod_is_pushable, push_to_pods
-from vlmpool.controller.reconciler import _check_version_path
-from vlmpool.kube.config import KubeConfig, KubeConfigError
+from vlmpool.patcher.publish import check_version_path as _check_version_path
 
 BASE = "Qwen/Qwen2.5-VL-3B-Instruct"
 TOKEN = "operator-unit-token"
-
-
-# ---- kubeconfig ------------------------------------------------------------------------------------
-def _kubeconfig(user: dict, cluster: dict | None = None) -> dict:
-    return {"apiVersion": "v1", "kind": "Config", "current-context": "c",
-            "contexts": [{"name": "c", "context": {"cluster": "k", "user": "u", "namespace": "ml"}}],
-            "clusters": [{"name": "k", "cluster": cluster or {"server": "https://10.0.0.1:6443/",
-                                                              "certificate-authority-data": base64.b64encode(b"CA").decode()}}],
-            "users": [{"name": "u", "user": user}]}
-
-
-def test_kubeconfig_inline_certs_and_token(tmp_path):
-    p = tmp_path / "kc"
-    p.write_text(yaml.safe_dump(_kubeconfig({"client-certificate-data": base64.b64encode(b"CERT").decode(),
-                                             "client-key-data": base64.b64encode(b"KEY").decode()})))
-    kc = KubeConfig.load(p)
-    assert (kc.server, kc.ca_data, kc.cert_data, kc.key_data, kc.namespace) == (
-        "https://10.0.0.1:6443", b"CA", b"CERT", b"KEY", "ml")
-    assert kc.auth_headers() == {}
-    (tmp_path / "tok").write_text("abc\n")
-    p.write_text(yaml.safe_dump(_kubeconfig({"tokenFile": "tok"}, {"server": "http://x:8080",
-                                                                    "insecure-skip-tls-verify": True})))
-    kc = KubeConfig.load(p)
-    assert kc.auth_headers() == {"Authorization": "Bearer abc"} and kc.insecure and kc.ssl_context() is False
-
-
-def test_kubeconfig_files_and_errors(tmp_path, monkeypatch):
-    (tmp_path / "ca.crt").write_bytes(b"CAFILE")
-    p = tmp_path / "kc"
-    p.write_text(yaml.safe_dump(_kubeconfig({"token": "t"}, {"server": "https://h", "certificate-authority": "ca.crt"})))
-    monkeypatch.setenv("KUBECONFIG", f"{p}:/nonexistent")
-    kc = KubeConfig.load()
-    assert kc.ca_data == b"CAFILE" and kc.auth_headers() == {"Authorization": "Bearer t"}
-    p.write_text(yaml.safe_dump(_kubeconfig({"exec": {"command": "aws"}})))
-    with pytest.raises(KubeConfigError, match="exec"):
-        KubeConfig.load(p)
-    with pytest.raises(KubeConfigError, match="cannot read"):
-        KubeConfig.load(tmp_path / "missing")
-    p.write_text(yaml.safe_dump(_kubeconfig({"token": "t"})))
-    with pytest.raises(KubeConfigError, match="no context"):
-        KubeConfig.load(p, context="other")
-
-
-def test_in_cluster(tmp_path, monkeypatch):
-    (tmp_path / "token").write_text("sa-token")
-    (tmp_path / "ca.crt").write_bytes(b"SACA")
-    (tmp_path / "namespace").write_text("vlmpool-system")
-    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")
-    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "443")
-    kc = KubeConfig.in_cluster(tmp_path)
-    assert kc.server == "https://10.96.0.1:443" and kc.namespace == "vlmpool-system"
-    assert kc.auth_headers() == {"Authorization": "Bearer sa-token"}
-    (tmp_path / "token").write_text("rotated")  # projected tokens rotate: re-read on use
-    assert kc.auth_headers() == {"Authorization": "Bearer rotated"}
 
 
 # ---- status logic ----------------------------------------------------------------------------------
@@ -158,7 +101,7 @@ async def proxy_pod(tmp_path):
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # noqa: SLF001
+    port = site._server.sockets[0].getsockname()[1]
     cfg = ProxyConfig(engine_url=f"http://127.0.0.1:{port}", host="127.0.0.1", port=0, admin_port=0,
                       admin_token=TOKEN, base_model=BASE, shutdown_timeout=2.0)
     async with run_proxy(cfg) as running:

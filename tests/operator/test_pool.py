@@ -8,7 +8,7 @@ import base64
 import pytest
 from helpers import BASE, eventually, free_port
 
-from vlmpool.kube.client import DEPLOYMENTS, PODS, PVCS, SECRETS, SERVICES, VLMPOOLS, ApiError
+from vlmpool.kube.client import DEPLOYMENTS, PODS, PVCS, SECRETS, SERVICES, VLMPOOLS, NotFound
 
 pytestmark = pytest.mark.apiserver
 
@@ -32,7 +32,7 @@ async def test_pool_creates_children_with_owner_references_and_cascades(kube, na
     uid = created["metadata"]["uid"]
 
     dep = await eventually(lambda: kube.get(DEPLOYMENTS, "vision", namespace), what="the Deployment")
-    svc = await kube.get(SERVICES, "vision", namespace)
+    svc = await eventually(lambda: kube.get(SERVICES, "vision", namespace), what="the Service")  # applied after
     pvc = await kube.get(PVCS, "vision-adapters", namespace)
     secret = await kube.get(SECRETS, "vision-admin-token", namespace)
     for obj in (dep, svc, pvc, secret):
@@ -92,9 +92,8 @@ async def test_pool_creates_children_with_owner_references_and_cascades(kube, na
             try:
                 await kube.get(res, name, namespace)
                 return False
-            except ApiError as e:
-                if not e.not_found:
-                    raise
+            except NotFound:
+                pass
         pvc = await kube.get_or_none(PVCS, "vision-adapters", namespace)
         return pvc is None or bool(pvc["metadata"].get("deletionTimestamp"))
     await eventually(gone, timeout=90, what="the children to be garbage-collected")

@@ -70,6 +70,7 @@ async def test_real_patch_job_to_served_adapter_and_real_cleanup(kube, namespace
     events = await kube.list(EVENTS, ns, field_selector="involvedObject.name=receipts")
     reasons = {e["reason"] for e in events}
     assert {"PatchJobCreated", "Ready"} <= reasons, reasons
+    assert {e["source"].get("component") for e in events} == {"vlmpool-operator"}
 
     await kube.delete(VLMADAPTERS, "receipts", ns)
     (cj,) = await eventually(lambda: kube.list(JOBS, ns, label_selector="app.kubernetes.io/component=cleanup"),

@@ -34,3 +34,59 @@ def load_peft(family: str, adapter_dir: Path):
     from peft import PeftModel
 
     return PeftModel.from_pretrained(tiny_model(family), str(adapter_dir)).eval()
+
+
+HOLD_SCRIPT = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+sys.stdin.read()  # until the test closes our stdin
+fcntl.flock(fd, fcntl.LOCK_UN)
+"""
+
+
+class LockHolder:
+    """Another process holding an adapter's publish lock (flock) until :meth:`release`: the contention
+    a second Job (a publish, a prune) meets on a shared volume."""
+
+    def __init__(self, lock_path: Path):
+        import subprocess
+        import sys
+
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen([sys.executable, "-c", HOLD_SCRIPT, str(lock_path)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None and self.proc.stdout.readline().strip() == "locked"
+
+    def release(self) -> None:
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+            self.proc.wait(timeout=30)
+
+    def __enter__(self) -> LockHolder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def wait_for_line(stream, needle: str, timeout: float = 60.0) -> str:
+    """Read lines from a subprocess pipe until one contains `needle` (AssertionError at the deadline)."""
+    import selectors
+    import time
+
+    sel = selectors.DefaultSelector()
+    sel.register(stream, selectors.EVENT_READ)
+    deadline = time.monotonic() + timeout
+    seen = []
+    while time.monotonic() < deadline:
+        if sel.select(timeout=max(0.0, deadline - time.monotonic())):
+            line = stream.readline()
+            if not line:
+                break
+            seen.append(line)
+            if needle in line:
+                return line
+    raise AssertionError(f"no line with {needle!r} within {timeout:g} s; got {seen!r}")

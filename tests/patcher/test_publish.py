@@ -4,7 +4,6 @@ and the next run finishes the job and cleans the leftovers."""
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -16,8 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
+from patcher_testlib import POOL_BASE, LockHolder, make_adapter, wait_for_line
 
-from patcher_testlib import POOL_BASE, make_adapter
 from vlmpool.patcher import STEPS, PatchOptions, config_json, patch_adapter, patch_and_publish
 from vlmpool.patcher.publish import REPORT_NAME, VERSION_FILES
 
@@ -135,22 +134,21 @@ def test_rerun_is_a_no_op(versions, tmp_path):
 
 
 def test_lock_serialises_publishes(versions, tmp_path):
+    """Another process holds the adapter's lock: the publish reaches the lock, waits, and goes on only
+    once it is released."""
     root = tmp_path / "vol"
     shutil.copytree(versions["template"], root, symlinks=True)
-    fd = os.open(root / "ad" / ".lock", os.O_RDWR)
-    fcntl.flock(fd, fcntl.LOCK_EX)
     env = dict(os.environ)
     env.pop("VLMPOOL_PATCH_CRASH_AT", None)
-    proc = subprocess.Popen([sys.executable, "-c", PUBLISH_SCRIPT, str(root), "ad", str(versions["inputs"])],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        time.sleep(1.0)
+    with LockHolder(root / "ad" / ".lock") as holder:
+        proc = subprocess.Popen([sys.executable, "-c", PUBLISH_SCRIPT, str(root), "ad", str(versions["inputs"])],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_for_line(proc.stderr, "waiting for the publish lock")
         assert proc.poll() is None, "publish went ahead while another held the lock"
         assert not (root / "ad" / "versions" / versions["new"]).exists()
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
-    out, err = proc.communicate(timeout=60)
+        assert list((root / ".staging").iterdir()) == []
+        holder.release()
+        _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert assert_consistent(root, "ad", {versions["new"]}) == versions["new"]
 

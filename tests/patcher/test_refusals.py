@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 import re
 import shutil
 
 import pytest
 import torch
+from patcher_testlib import _DELETE, LANG_TARGETS, POOL_BASE, VISION_TARGETS, LockHolder, edit_config, make_adapter
 from safetensors.torch import load_file, save_file
 
-from patcher_testlib import _DELETE, LANG_TARGETS, POOL_BASE, VISION_TARGETS, edit_config, make_adapter
 from vlmpool.patcher import REASONS, PatchError, PatchOptions, patch_and_publish
 
 FAM = "qwen2_vl"
@@ -232,15 +230,12 @@ def test_invalid_arguments(lora, tmp_path, kw, match):
 
 
 def test_lock_timeout(lora, tmp_path):
-    (tmp_path / "vol" / "ad").mkdir(parents=True)
-    fd = os.open(tmp_path / "vol" / "ad" / ".lock", os.O_RDWR | os.O_CREAT)
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    try:
+    with LockHolder(tmp_path / "vol" / "ad" / ".lock"):  # another process: a second Job on the volume
         with pytest.raises(PatchError) as ei:
             patch_and_publish(str(lora), "ad", tmp_path / "vol", PatchOptions(family=FAM, pool_base=POOL_BASE[FAM]), lock_timeout=0.3)
         assert ei.value.reason == "LockTimeout" and "held" in ei.value.message
-    finally:
-        os.close(fd)
+    versions = tmp_path / "vol" / "ad" / "versions"
+    assert not versions.exists() or not any(versions.iterdir())
 
 
 def test_current_that_is_not_a_symlink(lora, tmp_path):

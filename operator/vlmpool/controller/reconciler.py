@@ -13,7 +13,6 @@ import base64
 import datetime as dt
 import hashlib
 import logging
-import posixpath
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -32,7 +31,9 @@ from vlmpool.kube.client import (
     VLMADAPTERS,
     VLMPOOLS,
     ApiError,
+    Conflict,
     KubeClient,
+    NotFound,
 )
 from vlmpool.manifests import adapter as MA
 from vlmpool.manifests import pool as MP
@@ -48,6 +49,7 @@ from vlmpool.manifests.common import (
     patch_job_name,
     server_label_selector,
 )
+from vlmpool.patcher.publish import check_version_path
 
 log = logging.getLogger("vlmpool.operator")
 
@@ -213,11 +215,10 @@ class Reconciler:
             try:
                 return await self.kube.patch(VLMPOOLS, name, {"metadata": {"resourceVersion": meta["resourceVersion"]},
                                                               "status": diff}, ns, subresource="status")
-            except ApiError as e:
-                if e.not_found:
-                    return pool
-                if not e.conflict:
-                    raise
+            except NotFound:
+                return pool
+            except Conflict:
+                pass
         raise RetryLater(f"status of {ns}/{name} kept changing under the operator", delay=1)
 
     # ================================================================================================
@@ -259,12 +260,10 @@ class Reconciler:
                 out = await self.kube.patch(VLMADAPTERS, name, {
                     "metadata": {"resourceVersion": meta["resourceVersion"]}, "status": diff}, ns,
                     subresource="status")
-            except ApiError as e:
-                if e.not_found:
-                    return adapter
-                if e.conflict:
-                    continue
-                raise
+            except NotFound:
+                return adapter
+            except Conflict:
+                continue
             if cur.get("phase") != new["phase"]:
                 type_ = "Warning" if new["phase"] == "Failed" else "Normal"
                 self.event(out, type_, new["phase"] if new["phase"] != "Failed" else new["reason"], new["message"])
@@ -352,7 +351,7 @@ class Reconciler:
                                          "termination message")
                 return
             version, path = str(ok.get("version") or ""), str(ok.get("path") or "")
-            problem = _check_version_path(self.config.adapter_root, name, version, path)
+            problem = check_version_path(self.config.adapter_root, name, version, path)
             if problem:
                 await self._patch_failed(adapter, still_running, "InvalidTerminationMessage", problem)
                 return
@@ -676,9 +675,8 @@ class Reconciler:
         if cur.get("adapters") != counts["adapters"] or cur.get("adaptersReady") != counts["adaptersReady"]:
             try:
                 await self.kube.patch_status(VLMPOOLS, pool["metadata"]["name"], counts, ns)
-            except ApiError as e:
-                if not e.not_found:
-                    raise
+            except NotFound:
+                pass
 
 
 def _label_value(name: str) -> str:
@@ -697,14 +695,3 @@ def _parse_time(s: str | None) -> dt.datetime | None:
 def _duration(start: str | None, end: str | None) -> float | None:
     a, b = _parse_time(start), _parse_time(end)
     return (b - a).total_seconds() if a and b else None
-
-
-def _check_version_path(root: str, adapter: str, version: str, path: str) -> str | None:
-    """The reported path must be the immutable versions/<version> directory of this adapter under
-    the volume root, never `current` (vLLM re-reads registered paths when its CPU LRU reloads)."""
-    if not version or "/" in version or version in (".", ".."):
-        return f"invalid version {version!r} in the termination message"
-    want = f"{root.rstrip('/')}/{adapter}/versions/{version}"
-    if posixpath.normpath(path) != want:
-        return f"the reported path {path!r} is not {want!r}"
-    return None

@@ -2,14 +2,25 @@
 
 Only what the operator needs: get / list / create / patch (merge, json, strategic, server-side apply)
 / delete, the status subresource, and pod bindings (used by tests that play the kubelet). kopf does
-the watching. Errors from the API raise :class:`ApiError` carrying the HTTP status and the
-apiserver's Status reason, so callers can tell NotFound (404), AlreadyExists/Conflict (409) and
-Forbidden (403) apart.
+the watching.
+
+Why our own thin client rather than an async client library (``kubernetes_asyncio``, or the
+``kubernetes.aio`` package of recent ``kubernetes`` releases): vlmpool needs a dozen verbs on dicts
+(server-side apply included), not generated model classes, and the libraries' async config loaders
+differ between releases. The hard part of a client, the credentials, is borrowed: :mod:`vlmpool.kube.config`
+gets them from the ``kubernetes`` package's loader, exec plugins and OIDC included.
+
+Every answer goes through :meth:`KubeClient.request`, the one place that classifies errors into the
+types of :mod:`vlmpool.kube.errors`, retries what :func:`vlmpool.kube.errors.retry_delay` says is
+retryable (429 and 5xx honouring Retry-After, timeouts of idempotent requests), and renews the
+credentials once after a 401.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -17,6 +28,41 @@ from urllib.parse import quote
 import aiohttp
 
 from vlmpool.kube.config import KubeConfig
+from vlmpool.kube.errors import (
+    IDEMPOTENT,
+    ApiError,
+    ApiUnavailable,
+    BadRequest,
+    Conflict,
+    Forbidden,
+    Gone,
+    Invalid,
+    NotFound,
+    ServerError,
+    TooManyRequests,
+    Unauthorized,
+    classify,
+    retry_delay,
+)
+
+__all__ = [
+    "ApiError",
+    "ApiUnavailable",
+    "BadRequest",
+    "Conflict",
+    "Forbidden",
+    "Gone",
+    "Invalid",
+    "KubeClient",
+    "NotFound",
+    "Resource",
+    "ServerError",
+    "TooManyRequests",
+    "Unauthorized",
+    "resource_for",
+]
+
+log = logging.getLogger("vlmpool.kube")
 
 FIELD_MANAGER = "vlmpool-operator"
 
@@ -83,24 +129,6 @@ def resource_for(obj: dict[str, Any]) -> Resource:
         raise ValueError(f"unknown kind {key[1]!r} of {key[0]!r}") from None
 
 
-class ApiError(Exception):
-    """A non-2xx answer from the apiserver."""
-
-    def __init__(self, status: int, reason: str, message: str, method: str = "", path: str = ""):
-        super().__init__(f"{method} {path}: {status} {reason}: {message}")
-        self.status = status
-        self.reason = reason
-        self.message = message
-
-    @property
-    def not_found(self) -> bool:
-        return self.status == 404
-
-    @property
-    def conflict(self) -> bool:
-        return self.status == 409
-
-
 PATCH_TYPES = {
     "merge": "application/merge-patch+json",
     "json": "application/json-patch+json",
@@ -113,14 +141,17 @@ class KubeClient:
     """Use as ``async with KubeClient(config) as kube:`` or call :meth:`close`."""
 
     def __init__(self, config: KubeConfig | None = None, *, timeout: float = 30.0,
-                 field_manager: str = FIELD_MANAGER):
+                 field_manager: str = FIELD_MANAGER, attempts: int = 5):
         self.config = config or KubeConfig.load()
         self.field_manager = field_manager
+        self.attempts = attempts  # tries of one request, the first included (see errors.retry_delay)
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._session: aiohttp.ClientSession | None = None
+        self._tls: tuple[str | None, ...] = ()
+        self._retired: set[asyncio.Task[None]] = set()
         self._closed = False
 
-    async def __aenter__(self) -> "KubeClient":
+    async def __aenter__(self) -> KubeClient:
         self._ensure()
         return self
 
@@ -130,45 +161,81 @@ class KubeClient:
     def _ensure(self) -> aiohttp.ClientSession:
         if self._closed:
             raise RuntimeError("KubeClient is closed")
+        tls = self.config.tls_identity
+        if self._session is not None and not self._session.closed and tls != self._tls:
+            # Renewed client certificates (an exec plugin may issue them): new connections from now on;
+            # the old session finishes its requests in flight and is closed a minute later.
+            old, self._session = self._session, None
+            task = asyncio.get_running_loop().create_task(_close_later(old, 60.0))
+            self._retired.add(task)
+            task.add_done_callback(self._retired.discard)
         if self._session is None or self._session.closed:
-            ssl_ctx = self.config.ssl_context()
+            self._tls = tls
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(ssl=ssl_ctx, limit=32),
+                connector=aiohttp.TCPConnector(ssl=self.config.ssl_context(), limit=32),
                 timeout=self._timeout,
             )
-            self.config.cleanup()  # the key pair is loaded into the context; drop the temp files
         return self._session
 
     async def close(self) -> None:
         self._closed = True
+        for task in list(self._retired):
+            task.cancel()
+        await asyncio.gather(*self._retired, return_exceptions=True)
         if self._session is not None:
             await self._session.close()
             self._session = None
-        self.config.cleanup()
 
     # ---- raw ---------------------------------------------------------------------------------------
     async def request(self, method: str, path: str, *, body: Any = None, params: dict[str, Any] | None = None,
                       content_type: str = "application/json") -> Any:
-        session = self._ensure()
-        headers = {"Accept": "application/json", **self.config.auth_headers()}
-        data = None
-        if body is not None:
-            headers["Content-Type"] = content_type
-            data = json.dumps(body)
+        """One API call: the decoded JSON answer, or an :class:`ApiError` subclass after the retries."""
+        data = None if body is None else json.dumps(body)
         clean = {k: (str(v).lower() if isinstance(v, bool) else str(v))
                  for k, v in (params or {}).items() if v is not None}
-        async with session.request(method, self.config.server + path, data=data, params=clean,
-                                   headers=headers) as resp:
-            text = await resp.text()
-            if resp.status >= 400:
-                reason, message = resp.reason or "", text
-                try:
-                    st = json.loads(text)
-                    reason, message = st.get("reason") or reason, st.get("message") or text
-                except ValueError:
-                    pass
-                raise ApiError(resp.status, reason, message, method, path)
-            return json.loads(text) if text else None
+        idempotent = method in IDEMPOTENT or content_type == PATCH_TYPES["apply"]
+        renewed = False
+        attempt = 0
+        while True:
+            header = await self.config.fresh_header()
+            try:
+                return await self._once(method, path, data, clean, content_type, header)
+            except Unauthorized:
+                # Expired or revoked credentials: renew them once and try again.
+                if renewed or not await self.config.renew_after_401(header):
+                    raise
+                renewed = True
+                continue
+            except ApiError as e:
+                attempt += 1
+                delay = retry_delay(e, attempt - 1, idempotent=idempotent) if attempt < self.attempts else None
+                if delay is None:
+                    raise
+                log.info("%s %s: %s %s; retrying in %.1fs (attempt %d of %d)", method, path, e.status,
+                         e.reason, delay, attempt + 1, self.attempts)
+                await asyncio.sleep(delay)
+
+    async def _once(self, method: str, path: str, data: str | None, params: dict[str, str], content_type: str,
+                    auth: str | None) -> Any:
+        session = self._ensure()
+        headers = {"Accept": "application/json"}
+        if auth:
+            headers["Authorization"] = auth
+        if data is not None:
+            headers["Content-Type"] = content_type
+        kwargs: dict[str, Any] = {}
+        if self.config.tls_server_name:
+            kwargs["server_hostname"] = self.config.tls_server_name
+        try:
+            async with session.request(method, self.config.server + path, data=data, params=params,
+                                       headers=headers, **kwargs) as resp:
+                text = await resp.text()
+        except (TimeoutError, aiohttp.ClientError) as e:
+            raise ApiUnavailable(0, type(e).__name__, str(e) or type(e).__name__, method, path) from e
+        if resp.status >= 400:
+            raise classify(resp.status, text, http_reason=resp.reason or "", method=method, path=path,
+                           retry_after=resp.headers.get("Retry-After"))
+        return json.loads(text) if text else None
 
     # ---- verbs -------------------------------------------------------------------------------------
     async def get(self, res: Resource, name: str, namespace: str | None = None,
@@ -178,10 +245,8 @@ class KubeClient:
     async def get_or_none(self, res: Resource, name: str, namespace: str | None = None) -> dict[str, Any] | None:
         try:
             return await self.get(res, name, namespace)
-        except ApiError as e:
-            if e.not_found:
-                return None
-            raise
+        except NotFound:
+            return None
 
     async def list(self, res: Resource, namespace: str | None = None, *, label_selector: str | None = None,
                    field_selector: str | None = None) -> list[dict[str, Any]]:
@@ -209,9 +274,8 @@ class KubeClient:
         ns = namespace or obj["metadata"].get("namespace")
         try:
             return await self.create(obj, ns, res), True
-        except ApiError as e:
-            if e.status != 409:
-                raise
+        except Conflict:
+            pass
         return await self.get(res, obj["metadata"]["name"], ns), False
 
     async def patch(self, res: Resource, name: str, body: Any, namespace: str | None = None, *,
@@ -239,8 +303,8 @@ class KubeClient:
         body = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": propagation} if propagation else None
         try:
             return await self.request("DELETE", res.path(namespace, name), body=body)
-        except ApiError as e:
-            if missing_ok and e.not_found:
+        except NotFound:
+            if missing_ok:
                 return None
             raise
 
@@ -248,3 +312,10 @@ class KubeClient:
         binding = {"apiVersion": "v1", "kind": "Binding", "metadata": {"name": name, "namespace": namespace},
                    "target": {"apiVersion": "v1", "kind": "Node", "name": node}}
         return await self.request("POST", PODS.path(namespace, name, "binding"), body=binding)
+
+
+async def _close_later(session: aiohttp.ClientSession, delay: float) -> None:
+    try:
+        await asyncio.sleep(delay)
+    finally:
+        await session.close()

@@ -1,194 +1,257 @@
-"""Where the Kubernetes API is and how to authenticate to it.
+"""Where the Kubernetes API is and how to authenticate to it, as the `kubernetes` package loads it.
 
-Sources, in order: an explicit kubeconfig path, ``$KUBECONFIG`` (first file of the list), the
-in-cluster service account, ``~/.kube/config``. Supported credentials: client certificates (file or
-inline data), bearer tokens (inline or ``tokenFile``), basic auth, the cluster CA (file or inline
-data) and ``insecure-skip-tls-verify``. Exec plugins and auth providers are not supported: they
-raise :class:`KubeConfigError` with the reason rather than silently connecting unauthenticated.
+vlmpool does not parse kubeconfigs itself: the official client's loader (``kubernetes.config``) reads
+them, so everything kubectl users rely on works: exec credential plugins (EKS, GKE, AKS, kubelogin),
+the ``oidc`` and ``gcp`` auth providers, client certificates and tokens (inline or from files), basic
+auth, and ``$KUBECONFIG`` holding several files merged in order. In a pod it reads the service
+account the same way (the projected token is re-read every minute, as it rotates).
+
+Sources, in order: an explicit path (``--kubeconfig``, which may also be a ``:``-separated list), then
+``$KUBECONFIG``, then the in-cluster service account, then ``~/.kube/config``.
+
+Credentials expire. :class:`KubeConfig` keeps the current ``Authorization`` header and renews it by
+asking the loader again: shortly before the expiry an exec plugin or auth provider announced (a tenth
+of the lifetime before it, at most a minute), every minute for a service-account token file, and at
+once after the apiserver answered 401 (a revoked token, or an OIDC id-token past its ``exp``). The
+renewal runs in a worker thread (an exec plugin is a subprocess), and concurrent callers share one.
+vlmpool's own client (:mod:`vlmpool.kube.client`) and kopf (:meth:`KubeConfig.kopf_connection_info`,
+which hands kopf the same expiry so that kopf logs in again before it, not after a 401) use the same
+instance, so one plugin run serves both.
 """
 
 from __future__ import annotations
 
-import base64
+import datetime as dt
+import logging
 import os
 import ssl
-import tempfile
-from dataclasses import dataclass, field
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
-import yaml
+from kubernetes.client import Configuration
+from kubernetes.config.config_exception import ConfigException
+from kubernetes.config.incluster_config import InClusterConfigLoader
+from kubernetes.config.kube_config import KubeConfigLoader, KubeConfigMerger
+
+log = logging.getLogger("vlmpool.kube")
 
 SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+TOKEN_FILE_PERIOD = 60.0  # seconds between re-reads of a service-account token file
+MAX_MARGIN = 60.0  # renew at most this long before an announced expiry
 
 
 class KubeConfigError(RuntimeError):
-    """The kubeconfig cannot be used (missing, malformed or an unsupported credential kind)."""
+    """The kubeconfig cannot be used (missing, malformed, or its credentials cannot be obtained)."""
 
 
-@dataclass
 class KubeConfig:
-    server: str
-    ca_data: bytes | None = None  # PEM
-    insecure: bool = False
-    cert_data: bytes | None = None  # PEM client certificate
-    key_data: bytes | None = None  # PEM client key
-    token: str | None = None
-    token_file: str | None = None  # re-read on every request (projected tokens rotate)
-    username: str | None = None
-    password: str | None = None
-    namespace: str = "default"
-    source: str = ""
-    _tmpfiles: list[str] = field(default_factory=list, repr=False)
+    """An API endpoint and renewable credentials. Build with :meth:`load` or :meth:`in_cluster`."""
+
+    def __init__(self, loader: Any, *, namespace: str = "default", source: str = "", periodic: bool = False,
+                 plugin: str | None = None):
+        self._loader = loader
+        self._periodic = periodic  # a token file that rotates on disk: re-read on a timer
+        self._plugin = plugin  # "exec" or "auth-provider": must yield credentials, or loading fails
+        self._lock = threading.Lock()
+        self.namespace = namespace
+        self.source = source
+        self.refreshes = 0  # how many times the credentials were obtained (1 after loading)
+        # What the loader gave (set by _obtain): the endpoint, the Authorization header, TLS files.
+        self.server = ""
+        self.header: str | None = None
+        self.ca_file: str | None = None
+        self.cert_file: str | None = None
+        self.key_file: str | None = None
+        self.insecure = False
+        self.tls_server_name: str | None = None
+        self.renew_at: dt.datetime | None = None  # when to renew (None: only after a 401)
+        self._renew_mono: float | None = None
+        self._obtained_mono = 0.0
+        self._refresh()
 
     # ---- loading -----------------------------------------------------------------------------------
     @classmethod
-    def load(cls, path: str | os.PathLike | None = None, context: str | None = None) -> "KubeConfig":
+    def load(cls, path: str | os.PathLike[str] | None = None, context: str | None = None) -> KubeConfig:
         if path:
-            return cls.from_kubeconfig(Path(path), context)
+            return cls.from_kubeconfig(str(path), context)
         env = os.environ.get("KUBECONFIG")
         if env:
-            first = next((p for p in env.split(os.pathsep) if p), None)
-            if first:
-                return cls.from_kubeconfig(Path(first), context)
+            return cls.from_kubeconfig(env, context)
         if os.environ.get("KUBERNETES_SERVICE_HOST") and (SERVICE_ACCOUNT_DIR / "token").exists():
             return cls.in_cluster()
         home = Path.home() / ".kube" / "config"
         if home.exists():
-            return cls.from_kubeconfig(home, context)
+            return cls.from_kubeconfig(str(home), context)
         raise KubeConfigError("no kubeconfig: pass --kubeconfig, set KUBECONFIG, or run in a pod")
 
     @classmethod
-    def in_cluster(cls, sa_dir: Path = SERVICE_ACCOUNT_DIR) -> "KubeConfig":
-        host = os.environ.get("KUBERNETES_SERVICE_HOST")
-        port = os.environ.get("KUBERNETES_SERVICE_PORT", "443")
-        if not host:
-            raise KubeConfigError("KUBERNETES_SERVICE_HOST is not set: not running in a pod")
-        if ":" in host and not host.startswith("["):
-            host = f"[{host}]"
-        ns_file = sa_dir / "namespace"
-        return cls(
-            server=f"https://{host}:{port}",
-            ca_data=(sa_dir / "ca.crt").read_bytes(),
-            token_file=str(sa_dir / "token"),
-            namespace=ns_file.read_text().strip() if ns_file.exists() else "default",
-            source="in-cluster",
-        )
-
-    @classmethod
-    def from_kubeconfig(cls, path: Path, context: str | None = None) -> "KubeConfig":
+    def from_kubeconfig(cls, paths: str, context: str | None = None) -> KubeConfig:
+        """One kubeconfig file, or several joined by ``os.pathsep`` (merged as kubectl merges them:
+        the first file naming a cluster, user or context wins)."""
+        files = [os.path.expanduser(p) for p in paths.split(os.pathsep) if p]
+        if not any(os.path.exists(p) for p in files):
+            raise KubeConfigError(f"cannot read kubeconfig {paths}: no such file")
         try:
-            doc = yaml.safe_load(path.read_text()) or {}
-        except OSError as e:
-            raise KubeConfigError(f"cannot read kubeconfig {path}: {e}") from e
-        except yaml.YAMLError as e:
-            raise KubeConfigError(f"kubeconfig {path} is not valid YAML: {e}") from e
-        return cls.from_dict(doc, context, base_dir=path.parent, source=str(path))
+            merged = KubeConfigMerger(os.pathsep.join(files))
+            if merged.config is None:
+                raise KubeConfigError(f"kubeconfig {paths} is empty")
+            # The persister writes refreshed OIDC tokens back, as kubectl and the kubernetes package do.
+            loader = KubeConfigLoader(config_dict=merged.config, active_context=context, config_base_path=None,
+                                      config_persister=merged.save_changes)
+            ctx = loader.current_context.get("context") or {}
+            namespace = ctx.get("namespace") or "default"
+            entries = [getattr(u, "value", u) for u in merged.config.value.get("users") or []]
+            users = {u.get("name"): u.get("user") or {} for u in entries}
+            user = users.get(ctx.get("user")) or {}
+            plugin = next((k for k in ("exec", "auth-provider") if k in user), None)
+        except KubeConfigError:
+            raise
+        except (ConfigException, OSError, KeyError, TypeError, ValueError) as e:
+            raise KubeConfigError(f"kubeconfig {paths}: {e}") from e
+        except Exception as e:  # a malformed YAML document (yaml.YAMLError) and the like
+            raise KubeConfigError(f"kubeconfig {paths} cannot be read: {e}") from e
+        return cls(loader, namespace=namespace, source=paths, plugin=plugin)
 
     @classmethod
-    def from_dict(cls, doc: dict[str, Any], context: str | None = None, base_dir: Path = Path("."),
-                  source: str = "") -> "KubeConfig":
-        def pick(kind: str, name: str) -> dict[str, Any]:
-            for item in doc.get(kind) or []:
-                if item.get("name") == name:
-                    return item.get(kind[:-1]) or {}
-            raise KubeConfigError(f"kubeconfig {source}: no {kind[:-1]} named {name!r}")
+    def in_cluster(cls, sa_dir: Path = SERVICE_ACCOUNT_DIR) -> KubeConfig:
+        if not os.environ.get("KUBERNETES_SERVICE_HOST"):
+            raise KubeConfigError("KUBERNETES_SERVICE_HOST is not set: not running in a pod")
+        ns_file = sa_dir / "namespace"
+        loader = InClusterConfigLoader(token_filename=str(sa_dir / "token"), cert_filename=str(sa_dir / "ca.crt"))
+        return cls(loader, namespace=ns_file.read_text().strip() if ns_file.exists() else "default",
+                   source="in-cluster", periodic=True)
 
-        ctx_name = context or doc.get("current-context")
-        if not ctx_name:
-            raise KubeConfigError(f"kubeconfig {source}: no current-context")
-        ctx = pick("contexts", ctx_name)
-        cluster = pick("clusters", ctx.get("cluster", ""))
-        user = pick("users", ctx["user"]) if ctx.get("user") else {}
-        if "exec" in user or "auth-provider" in user:
-            raise KubeConfigError(f"kubeconfig {source}: exec/auth-provider credentials are not supported; "
-                                  "use a client certificate or a token")
+    # ---- renewal -----------------------------------------------------------------------------------
+    def _refresh(self) -> None:
+        """Ask the loader for credentials again (runs an exec plugin; reads token files). A failed
+        renewal keeps the credentials in hand (they may still be valid) and is tried again 5 s later."""
+        try:
+            self._obtain()
+        except KubeConfigError as e:
+            if not self.refreshes:
+                raise
+            log.warning("renewing the kubernetes credentials failed (kept the current ones): %s", e)
+            self._renew_mono = time.monotonic() + 5.0
 
-        def blob(data_key: str, file_key: str, section: dict[str, Any]) -> bytes | None:
-            if section.get(data_key):
-                return base64.b64decode(section[data_key])
-            if section.get(file_key):
-                p = Path(section[file_key])
-                return (p if p.is_absolute() else base_dir / p).read_bytes()
-            return None
+    def _obtain(self) -> None:
+        cfg = Configuration()
+        try:
+            self._loader.load_and_set(cfg)
+        except (ConfigException, OSError) as e:
+            raise KubeConfigError(f"kubeconfig {self.source}: {e}") from e
+        if not cfg.host:
+            raise KubeConfigError(f"kubeconfig {self.source}: the cluster has no server")
+        key = next((k for k in ("BearerToken", "authorization") if cfg.api_key.get(k)), None)
+        header = None
+        if key:
+            prefix = cfg.api_key_prefix.get(key)
+            header = (f"{prefix} {cfg.api_key[key]}" if prefix else str(cfg.api_key[key])).strip()
+            scheme, _, rest = header.partition(" ")  # token files may end in a newline (kubectl strips it)
+            header = f"Bearer {rest.strip()}" if scheme.lower() == "bearer" else header
+        if self._plugin and not header and not cfg.cert_file:
+            # The loader logs a failed plugin and carries on without credentials: refuse instead of
+            # talking to the apiserver anonymously.
+            raise KubeConfigError(f"kubeconfig {self.source}: the user's {self._plugin} credentials produced "
+                                  "no token or certificate (see the log above)")
+        now = dt.datetime.now(dt.UTC)
+        expiry = getattr(self._loader, "expiry", None)  # set by exec plugins and the gcp provider
+        renew_at: dt.datetime | None = None
+        if isinstance(expiry, dt.datetime):
+            expiry = expiry if expiry.tzinfo else expiry.replace(tzinfo=dt.UTC)
+            margin = min(MAX_MARGIN, max(0.0, (expiry - now).total_seconds()) / 10)
+            renew_at = expiry - dt.timedelta(seconds=margin)
+        elif self._periodic:
+            renew_at = now + dt.timedelta(seconds=TOKEN_FILE_PERIOD)
+        self.server = cfg.host.rstrip("/")
+        self.header = header
+        self.ca_file = cfg.ssl_ca_cert
+        self.cert_file = cfg.cert_file
+        self.key_file = cfg.key_file
+        self.insecure = not cfg.verify_ssl
+        self.tls_server_name = getattr(cfg, "tls_server_name", None)
+        self.renew_at = renew_at
+        self._renew_mono = None if renew_at is None else time.monotonic() + (renew_at - now).total_seconds()
+        self._obtained_mono = time.monotonic()
+        self.refreshes += 1
+        if self.refreshes > 1:
+            log.info("kubernetes credentials renewed (%s)%s", self.source,
+                     f", valid until {renew_at.isoformat()}" if renew_at else "")
 
-        if not cluster.get("server"):
-            raise KubeConfigError(f"kubeconfig {source}: cluster {ctx.get('cluster')!r} has no server")
-        token_file = user.get("tokenFile")
-        if token_file and not Path(token_file).is_absolute():
-            token_file = str(base_dir / token_file)
-        return cls(
-            server=cluster["server"].rstrip("/"),
-            ca_data=blob("certificate-authority-data", "certificate-authority", cluster),
-            insecure=bool(cluster.get("insecure-skip-tls-verify", False)),
-            cert_data=blob("client-certificate-data", "client-certificate", user),
-            key_data=blob("client-key-data", "client-key", user),
-            token=user.get("token"),
-            token_file=token_file,
-            username=user.get("username"),
-            password=user.get("password"),
-            namespace=ctx.get("namespace") or "default",
-            source=source,
-        )
+    def due(self) -> bool:
+        return self._renew_mono is not None and time.monotonic() >= self._renew_mono
+
+    def _refresh_if(self, failed: str | bool, min_age: float = 0.0) -> None:
+        with self._lock:  # one renewal at a time; the others find it done when they get the lock
+            if failed is False:
+                wanted = self.due()
+            elif failed is True:
+                wanted = time.monotonic() - self._obtained_mono >= min_age
+            else:
+                wanted = failed == self.header
+            if wanted:
+                self._refresh()
+
+    async def fresh_header(self) -> str | None:
+        """The Authorization header to send now, renewed first when it is due."""
+        if self.due():
+            await _in_thread(self._refresh_if, False)
+        return self.header
+
+    async def renew_after_401(self, failed: str | None) -> bool:
+        """The apiserver refused `failed`: obtain new credentials unless a concurrent caller already did.
+        Returns whether the credentials to use now (header or client certificate) differ."""
+        tls = self.tls_identity
+        await _in_thread(self._refresh_if, failed if failed is not None else True)
+        return self.header != failed or self.tls_identity != tls
+
+    async def renew(self, min_age: float = 0.0) -> None:
+        """Obtain new credentials, unless they were obtained less than `min_age` seconds ago."""
+        await _in_thread(self._refresh_if, True, min_age)
 
     # ---- use ---------------------------------------------------------------------------------------
-    def current_token(self) -> str | None:
-        if self.token:
-            return self.token
-        if self.token_file:
-            return Path(self.token_file).read_text().strip()
-        return None
-
-    def auth_headers(self) -> dict[str, str]:
-        tok = self.current_token()
-        if tok:
-            return {"Authorization": f"Bearer {tok}"}
-        if self.username is not None and self.password is not None:
-            raw = f"{self.username}:{self.password}".encode()
-            return {"Authorization": "Basic " + base64.b64encode(raw).decode()}
-        return {}
+    @property
+    def tls_identity(self) -> tuple[str | None, ...]:
+        """Changes when the TLS material changes (an exec plugin may hand out client certificates)."""
+        return (self.ca_file, self.cert_file, self.key_file, str(self.insecure))
 
     def ssl_context(self) -> ssl.SSLContext | bool:
         if not self.server.startswith("https"):
             return False
-        ctx = ssl.create_default_context(cadata=self.ca_data.decode() if self.ca_data else None)
+        ctx = ssl.create_default_context(cafile=self.ca_file)
         if self.insecure:
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_NONE
-        if self.cert_data and self.key_data:
-            # ssl can only load a key pair from files: write them privately and remove them on close().
-            cert = self._private_file(self.cert_data, ".crt")
-            key = self._private_file(self.key_data, ".key")
-            ctx.load_cert_chain(cert, key)
+        if self.cert_file and self.key_file:
+            ctx.load_cert_chain(self.cert_file, self.key_file)
         return ctx
 
-    def _private_file(self, data: bytes, suffix: str) -> str:
-        fd, name = tempfile.mkstemp(prefix="vlmpool-kube-", suffix=suffix)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        self._tmpfiles.append(name)
-        return name
-
-    def cleanup(self) -> None:
-        while self._tmpfiles:
-            try:
-                os.unlink(self._tmpfiles.pop())
-            except OSError:
-                pass
-
-    def kopf_connection_info(self) -> Any:
-        """The same credentials as kopf's ConnectionInfo (kopf then does the watching)."""
+    async def kopf_connection_info(self, *, renew_older_than: float | None = None) -> Any:
+        """The same credentials as kopf's ConnectionInfo, with the renewal time as kopf's expiration
+        (kopf logs in again then). kopf also logs in again after a 401, when the credentials it held were
+        refused: `renew_older_than` renews them first unless they are that recent (kopf's first login
+        follows the loading at once)."""
         import kopf
 
+        if renew_older_than is not None:
+            await self.renew(renew_older_than)
+        header = await self.fresh_header()
+        scheme, _, token = (header or "").partition(" ")
         return kopf.ConnectionInfo(
             server=self.server,
-            ca_data=self.ca_data,
+            ca_path=self.ca_file,
             insecure=self.insecure or None,
-            certificate_data=self.cert_data,
-            private_key_data=self.key_data,
-            token=self.current_token(),
-            scheme="Bearer" if self.current_token() else None,
-            username=self.username,
-            password=self.password,
+            certificate_path=self.cert_file,
+            private_key_path=self.key_file,
+            scheme=scheme or None,
+            token=token or None,
             default_namespace=self.namespace,
+            expiration=self.renew_at,
         )
+
+
+async def _in_thread(fn: Any, *args: Any) -> None:
+    import asyncio
+
+    await asyncio.to_thread(fn, *args)

@@ -29,7 +29,7 @@ from typing import Any
 
 import aiohttp
 
-from vlmpool.kube.client import PODS, ApiError, KubeClient, Resource
+from vlmpool.kube.client import PODS, ApiError, Conflict, KubeClient, NotFound, Resource
 from vlmpool.localcluster.runtime import (
     Mount,
     ProcessSpec,
@@ -277,8 +277,8 @@ class PodWorker:
     async def _secret_data(self, name: str, optional: bool = False) -> dict[str, bytes]:
         try:
             obj = await self.k.kube.get(SECRETS, name, self.ns)
-        except ApiError as e:
-            if e.not_found and optional:
+        except NotFound:
+            if optional:
                 return {}
             raise
         return {k: base64.b64decode(v) for k, v in (obj.get("data") or {}).items()}
@@ -286,8 +286,8 @@ class PodWorker:
     async def _configmap_data(self, name: str, optional: bool = False) -> dict[str, bytes]:
         try:
             obj = await self.k.kube.get(CONFIGMAPS, name, self.ns)
-        except ApiError as e:
-            if e.not_found and optional:
+        except NotFound:
+            if optional:
                 return {}
             raise
         data = {k: v.encode() for k, v in (obj.get("data") or {}).items()}
@@ -730,9 +730,10 @@ class PodWorker:
             out = await self.k.kube.patch(PODS, self.name, {"status": st}, self.ns, subresource="status")
             self.pod = out
             self._last_status = key
+        except NotFound:
+            pass
         except ApiError as e:
-            if not e.not_found:
-                log.warning("pod %s/%s: status update failed: %s", self.ns, self.name, e)
+            log.warning("pod %s/%s: status update failed: %s", self.ns, self.name, e)
         except aiohttp.ClientError as e:
             log.warning("pod %s/%s: status update failed: %s", self.ns, self.name, e)
 
@@ -819,9 +820,7 @@ class ProcessKubelet:
     async def register(self) -> None:
         try:
             await self.kube.create(self.node_object(), res=NODES)
-        except ApiError as e:
-            if e.status != 409:
-                raise
+        except Conflict:
             await self.kube.patch(NODES, self.node.name, {"metadata": {"labels": self.node_object()["metadata"]["labels"]}})
         await self.kube.patch(NODES, self.node.name, {"status": self.node_status()}, subresource="status")
 
@@ -835,9 +834,7 @@ class ProcessKubelet:
                 try:
                     await self.kube.request("PUT", LEASES.path("kube-node-lease", self.node.name),
                                             body=await self._with_rv(lease))
-                except ApiError as e:
-                    if not e.not_found:
-                        raise
+                except NotFound:
                     await self.kube.request("POST", LEASES.path("kube-node-lease"), body=lease)
                 await self.kube.patch(NODES, self.node.name, {"status": self.node_status()}, subresource="status")
             except (ApiError, aiohttp.ClientError) as e:
@@ -895,9 +892,10 @@ class ProcessKubelet:
                 pod["spec"]["nodeName"] = self.node.name
                 bound.append(pod)
                 log.info("bound pod %s/%s to %s", meta["namespace"], meta["name"], self.node.name)
+            except (NotFound, Conflict):
+                pass
             except ApiError as e:
-                if e.status not in (404, 409):
-                    log.warning("binding %s/%s failed: %s", meta["namespace"], meta["name"], e)
+                log.warning("binding %s/%s failed: %s", meta["namespace"], meta["name"], e)
 
     async def _patch_status_quietly(self, pod: dict, status: dict) -> None:
         try:
@@ -946,9 +944,10 @@ class ProcessKubelet:
         try:
             await self.kube.request("DELETE", PODS.path(pod["metadata"]["namespace"], pod["metadata"]["name"]),
                                     body=body)
+        except (NotFound, Conflict):
+            pass
         except ApiError as e:
-            if e.status not in (404, 409):
-                log.warning("final delete of %s failed: %s", pod["metadata"]["name"], e)
+            log.warning("final delete of %s failed: %s", pod["metadata"]["name"], e)
 
     async def run(self, ready: asyncio.Event | None = None) -> None:
         self.http = aiohttp.ClientSession()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import aiohttp
 
-from vlmpool.kube.client import ApiError, KubeClient, Resource
+from vlmpool.kube.client import ApiError, Conflict, KubeClient, NotFound, Resource
 
 log = logging.getLogger("vlmpool.provisioner")
 
@@ -42,9 +42,8 @@ class LocalProvisioner:
     async def ensure_class(self) -> None:
         try:
             await self.kube.request("POST", STORAGE_CLASSES.path(), body=self.storage_class())
-        except ApiError as e:
-            if e.status != 409:
-                raise
+        except Conflict:
+            pass
 
     def volume(self, pvc: dict) -> dict:
         meta, spec = pvc["metadata"], pvc["spec"]
@@ -79,9 +78,8 @@ class LocalProvisioner:
                 await self.kube.request("POST", PVS.path(), body=pv)
                 log.info("provisioned %s for %s/%s", pv["metadata"]["name"], pvc["metadata"]["namespace"],
                          pvc["metadata"]["name"])
-            except ApiError as e:
-                if e.status != 409:
-                    raise
+            except Conflict:
+                pass
         for pv in await self.kube.list(PVS):
             ann = pv["metadata"].get("annotations") or {}
             if ann.get("pv.kubernetes.io/provisioned-by") != PROVISIONER:
@@ -94,9 +92,8 @@ class LocalProvisioner:
                 try:
                     await self.kube.request("DELETE", PVS.path(None, pv["metadata"]["name"]))
                     log.info("deleted released volume %s", pv["metadata"]["name"])
-                except ApiError as e:
-                    if not e.not_found:
-                        raise
+                except NotFound:
+                    pass
 
     async def run(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -108,7 +105,7 @@ class LocalProvisioner:
                 log.warning("provisioner sync failed: %s", e)
             try:
                 await asyncio.wait_for(self._stop.wait(), self.interval)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     def stop(self) -> None:

@@ -45,51 +45,10 @@ PATCH_DEADLINE_SECONDS = 3600
 JOB_TTL_SECONDS = 3600
 CLEANUP_DEADLINE_SECONDS = 600
 
-# Removes <root>/<adapter> and nothing else: the path is rebuilt from the root and a single name
-# component, so a crafted name cannot escape the volume.
-CLEANUP_SCRIPT = """\
-import os, shutil, sys
-root, name = sys.argv[1], sys.argv[2]
-if not name or '/' in name or name in ('.', '..') or name.startswith('.'):
-    sys.exit('refusing to remove %r' % name)
-target = os.path.join(root, name)
-if os.path.lexists(target):
-    shutil.rmtree(target) if os.path.isdir(target) and not os.path.islink(target) else os.unlink(target)
-print('removed' if not os.path.lexists(target) else 'still present', target)
-"""
-
 # The patcher image runs as uid/gid 65532 (images/Dockerfile): fsGroup makes the adapter volume
 # writable for it on storage that is root-owned, and readable by the engines through the group.
 JOB_POD_SECURITY = {"fsGroup": 65532, "fsGroupChangePolicy": "OnRootMismatch",
                     "seccompProfile": {"type": "RuntimeDefault"}}
-
-
-# Removes <root>/<adapter>/versions/* except the versions given and the one `current` points at,
-# under the patcher's publish lock (<root>/<adapter>/.lock, flock), so a publish running at the same
-# time is never cut: its new version is `current` by the time the lock is free.
-PRUNE_SCRIPT = """\
-import fcntl, os, shutil, sys
-root, name, keep = sys.argv[1], sys.argv[2], set(sys.argv[3:])
-if not name or '/' in name or name in ('.', '..') or name.startswith('.'):
-    sys.exit('refusing to prune %r' % name)
-adir = os.path.join(root, name)
-vdir = os.path.join(adir, 'versions')
-if not os.path.isdir(vdir):
-    print('nothing to prune in', adir)
-    sys.exit(0)
-fd = os.open(os.path.join(adir, '.lock'), os.O_RDWR | os.O_CREAT, 0o644)
-fcntl.flock(fd, fcntl.LOCK_EX)
-cur = os.path.join(adir, 'current')
-if os.path.islink(cur):
-    keep.add(os.path.basename(os.path.normpath(os.readlink(cur))))
-removed = []
-for v in sorted(os.listdir(vdir)):
-    p = os.path.join(vdir, v)
-    if v not in keep and os.path.isdir(p) and not os.path.islink(p):
-        shutil.rmtree(p)
-        removed.append(v)
-print('kept', sorted(keep), 'removed', removed)
-"""
 
 
 def parse_spec(adapter: dict[str, Any]) -> VLMAdapterSpec:
@@ -257,7 +216,8 @@ def _scheduling(pspec: VLMPoolSpec) -> dict[str, Any]:
 
 def cleanup_job(adapter: dict[str, Any], pool: dict[str, Any], *, image: str | None = None,
                 adapter_root: str = ADAPTER_ROOT, ttl_seconds: int = JOB_TTL_SECONDS) -> dict[str, Any]:
-    """The Job that removes `<root>/<adapter>` (every version) after every pod confirmed its unload."""
+    """The Job that removes `<root>/<adapter>` (every version) after every pod confirmed its unload:
+    `vlmpool patch cleanup` (the patcher owns the volume's layout and its lock)."""
     pspec = VLMPoolSpec.model_validate(pool.get("spec") or {})
     name = adapter["metadata"]["name"]
     labels = _labels(adapter, COMPONENT_CLEANUP)
@@ -265,7 +225,8 @@ def cleanup_job(adapter: dict[str, Any], pool: dict[str, Any], *, image: str | N
         "name": "cleanup",
         "image": image or pspec.proxy.image,
         "imagePullPolicy": pspec.proxy.image_pull_policy,
-        "command": ["python3", "-c", CLEANUP_SCRIPT, adapter_root, name],
+        "command": ["vlmpool"],
+        "args": ["patch", "cleanup", "--root", adapter_root, "--adapter", name],
         "volumeMounts": [{"name": "adapters", "mountPath": adapter_root}],
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}},
@@ -279,7 +240,8 @@ def cleanup_job(adapter: dict[str, Any], pool: dict[str, Any], *, image: str | N
 def prune_job(adapter: dict[str, Any], pool: dict[str, Any], keep_version: str, *, image: str | None = None,
               adapter_root: str = ADAPTER_ROOT, ttl_seconds: int = JOB_TTL_SECONDS) -> dict[str, Any]:
     """The Job that removes the adapter's versions other than `keep_version` (and `current`), run
-    once every pod serves `keep_version`, i.e. confirmed it no longer serves the older ones."""
+    once every pod serves `keep_version`, i.e. confirmed it no longer serves the older ones:
+    `vlmpool patch prune`, under the patcher's publish lock."""
     job = cleanup_job(adapter, pool, image=image, adapter_root=adapter_root, ttl_seconds=ttl_seconds)
     name = adapter["metadata"]["name"]
     labels = _labels(adapter, COMPONENT_PRUNE)
@@ -288,7 +250,7 @@ def prune_job(adapter: dict[str, Any], pool: dict[str, Any], keep_version: str, 
     tpl["metadata"]["labels"] = labels
     c = tpl["spec"]["containers"][0]
     c["name"] = "prune"
-    c["command"] = ["python3", "-c", PRUNE_SCRIPT, adapter_root, name, keep_version]
+    c["args"] = ["patch", "prune", "--root", adapter_root, "--adapter", name, "--keep", keep_version]
     return job
 
 

@@ -1,6 +1,11 @@
 """`vlmpool patch`: what the patch Job runs. Exit 0 on success (also when the version already
 exists), 1 on a refusal, 2 on bad arguments; a JSON summary (<= 4 KiB) goes to stdout and to the
-termination-message file either way."""
+termination-message file either way.
+
+`vlmpool patch prune` and `vlmpool patch cleanup` are what the prune and cleanup Jobs run: they
+remove old versions, or the whole adapter, from the volume under the publish lock
+(vlmpool.patcher.publish owns the layout). Exit 0 when done (also when there was nothing to remove),
+1 on a refusal (an invalid adapter name, the lock held too long), with a JSON line on stdout."""
 
 from __future__ import annotations
 
@@ -23,25 +28,45 @@ def _positive_int(s: str) -> int:
     return v
 
 
+# Options of the patch itself; not argparse-required, so that `vlmpool patch prune …` parses.
+REQUIRED = ("source", "adapter", "root", "pool_base", "family")
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     from vlmpool.patcher.families import DEFAULT_KEY_TEMPLATE
     from vlmpool.patcher.fetch import DEFAULT_MAX_FILE_BYTES
 
-    parser.add_argument("--source", required=True, help="adapter source: a path, file:///path, pvc://claim/path, "
+    sub = parser.add_subparsers(dest="volume_action", metavar="{prune,cleanup}",
+                                help="instead of patching: maintain an adapter's directory on the volume")
+    p = sub.add_parser("prune", help="remove an adapter's versions except the kept ones and `current`")
+    p.add_argument("--root", dest="volume_root", required=True, type=Path, help="the adapter volume's mount path")
+    p.add_argument("--adapter", dest="volume_adapter", required=True, help="adapter name")
+    p.add_argument("--keep", action="append", default=[], metavar="VERSION", help="a version to keep (repeatable)")
+    p.add_argument("--lock-timeout", dest="volume_lock_timeout", type=float, default=600.0,
+                   help="seconds to wait for the publish lock (default 600)")
+    c = sub.add_parser("cleanup", help="remove everything of an adapter from the volume")
+    c.add_argument("--root", dest="volume_root", required=True, type=Path, help="the adapter volume's mount path")
+    c.add_argument("--adapter", dest="volume_adapter", required=True, help="adapter name")
+    c.add_argument("--lock-timeout", dest="volume_lock_timeout", type=float, default=600.0,
+                   help="seconds to wait for the publish lock (default 600)")
+
+    parser.add_argument("--source", help="adapter source: a path, file:///path, pvc://claim/path, "
                         "https://host/adapter.tar.gz (.tar/.tgz/.zip) or https://host/dir/, hf://org/repo[@rev], "
                         "s3://bucket/prefix")
-    parser.add_argument("--adapter", required=True, help="adapter name (the VLMAdapter's metadata.name)")
-    parser.add_argument("--root", required=True, type=Path, help="the adapter volume's mount path")
-    parser.add_argument("--pool-base", required=True, help="the pool's base model id (e.g. Qwen/Qwen2-VL-2B-Instruct)")
-    parser.add_argument("--family", required=True, choices=FAMILY_CHOICES, help="the pool's model family")
-    parser.add_argument("--served-base", default=None, help="the pool's served model name (also accepted by the base check)")
+    parser.add_argument("--adapter", help="adapter name (the VLMAdapter's metadata.name)")
+    parser.add_argument("--root", type=Path, help="the adapter volume's mount path")
+    parser.add_argument("--pool-base", help="the pool's base model id (e.g. Qwen/Qwen2-VL-2B-Instruct)")
+    parser.add_argument("--family", choices=FAMILY_CHOICES, help="the pool's model family")
+    parser.add_argument("--served-base", default=None,
+                        help="the pool's served model name (also accepted by the base check)")
     parser.add_argument("--max-rank", type=_positive_int, default=64, help="the pool's max LoRA rank (default 64)")
     parser.add_argument("--dora-policy", choices=("reject", "strip", "svd"), default="reject",
                         help="what to do with a DoRA adapter (default reject)")
     parser.add_argument("--svd-rank", type=_positive_int, default=None,
                         help="rank of the LoRA made by --dora-policy svd (default min(r, --max-rank))")
     parser.add_argument("--base-weights", type=Path, default=None,
-                        help="directory of the base model's *.safetensors (needed by svd; lets strip measure its error)")
+                        help="directory of the base model's *.safetensors "
+                        "(needed by svd; lets strip measure its error)")
     parser.add_argument("--base-check", choices=("strict", "warn"), default="strict",
                         help="base_model_name_or_path vs the pool's base: strict fails, warn records (default strict)")
     parser.add_argument("--sha256", default=None, help="pin: sha256 of the archive, or of adapter_model.safetensors")
@@ -68,7 +93,33 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="file for the JSON summary (default /dev/termination-log when it exists)")
 
 
+def run_volume_action(args: argparse.Namespace) -> int:
+    import json
+
+    from vlmpool.patcher.publish import cleanup, prune
+
+    try:
+        if args.volume_action == "prune":
+            pruned = prune(args.volume_root, args.volume_adapter, args.keep, lock_timeout=args.volume_lock_timeout)
+            out = {"ok": True, "kept": pruned.kept, "removed": pruned.removed}
+        else:
+            out = {"ok": True, "removed": cleanup(args.volume_root, args.volume_adapter,
+                                                  lock_timeout=args.volume_lock_timeout)}
+    except PatchError as e:
+        print(json.dumps({"ok": False, "reason": e.reason, "message": e.message}))
+        print(f"vlmpool patch {args.volume_action}: refused ({e.reason}): {e.message}", file=sys.stderr)
+        return 1
+    print(json.dumps(out))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "volume_action", None):
+        return run_volume_action(args)
+    missing = [f"--{k.replace('_', '-')}" for k in REQUIRED if getattr(args, k) is None]
+    if missing:
+        print(f"vlmpool patch: the following arguments are required: {', '.join(missing)}", file=sys.stderr)
+        return 2
     from vlmpool.patcher.api import (
         default_termination_log,
         failure_summary,

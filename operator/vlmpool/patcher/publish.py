@@ -13,6 +13,10 @@ only changes by renaming a new symlink over it, so a crash at any point leaves e
 or the complete new one visible. Leftovers (staging directories and temporary links of this adapter)
 are removed by the next publish under the lock.
 
+This module is the one owner of that layout: the patch Job publishes with :func:`publish`, the prune
+and cleanup Jobs run ``vlmpool patch prune`` / ``vlmpool patch cleanup`` (:func:`prune`, :func:`cleanup`,
+under the same lock), and the operator checks a Job's reported path with :func:`check_version_path`.
+
 For the crash tests, ``VLMPOOL_PATCH_CRASH_AT=<step>`` makes the process SIGKILL itself at that step
 (one of STEPS).
 """
@@ -23,11 +27,14 @@ import errno
 import fcntl
 import json
 import os
+import posixpath
 import re
 import secrets
 import shutil
 import signal
+import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,6 +82,7 @@ def _fsync_path(path: Path, directory: bool = False) -> None:
 def _lock(path: Path, timeout: float) -> int:
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     deadline = time.monotonic() + timeout
+    waiting = False
     while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -83,10 +91,31 @@ def _lock(path: Path, timeout: float) -> int:
             if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 os.close(fd)
                 raise
+            if not waiting:
+                waiting = True
+                print(f"vlmpool: waiting for the publish lock {path}", file=sys.stderr, flush=True)
             if time.monotonic() >= deadline:
                 os.close(fd)
-                raise PatchError("LockTimeout", f"another publish of this adapter held {path} for over {timeout:g} s") from None
+                raise PatchError("LockTimeout",
+                                 f"another publish of this adapter held {path} for over {timeout:g} s") from None
             time.sleep(0.1)
+
+
+def version_path(root: str, adapter: str, version: str) -> str:
+    """The path of a version as the engines see it (a POSIX path under the volume's mount path)."""
+    return f"{root.rstrip('/')}/{adapter}/versions/{version}"
+
+
+def check_version_path(root: str, adapter: str, version: str, path: str) -> str | None:
+    """What is wrong with the path a patch Job reported for `version`, or None. It must be the immutable
+    versions/<version> directory of this adapter under the volume root, never `current` (vLLM re-reads
+    registered paths when its CPU LRU reloads an evicted adapter)."""
+    if not version or "/" in version or version in (".", ".."):
+        return f"invalid version {version!r} in the termination message"
+    want = version_path(root, adapter, version)
+    if posixpath.normpath(path) != want:
+        return f"the reported path {path!r} is not {want!r}"
+    return None
 
 
 def current_version(adapter_dir: Path) -> str | None:
@@ -203,6 +232,61 @@ def publish(root: Path | str, adapter: str, version: str, config_bytes: bytes, w
             _fsync_path(adir, directory=True)
         _crash_point("done")
         return Published(version, final, already, previous, cleaned)
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+@dataclass
+class Pruned:
+    kept: list[str]
+    removed: list[str]
+
+
+def prune(root: Path | str, adapter: str, keep: Iterable[str], *, lock_timeout: float = 600.0) -> Pruned:
+    """Remove the adapter's versions except `keep` and the one ``current`` points at, under the publish
+    lock: a publish running at the same time is never cut, and its new version is ``current`` by the
+    time the lock is free. Run once every pod confirmed it serves a kept version."""
+    validate_adapter_name(adapter)
+    adir = Path(root) / adapter
+    versions = adir / "versions"
+    if not versions.is_dir():
+        return Pruned(sorted(keep), [])
+    fd = _lock(adir / ".lock", lock_timeout)
+    try:
+        kept = set(keep)
+        cur = current_version(adir)
+        if cur:
+            kept.add(cur)
+        removed = []
+        for v in sorted(p.name for p in versions.iterdir()):
+            path = versions / v
+            if v not in kept and path.is_dir() and not path.is_symlink():
+                _rmtree(path)
+                removed.append(v)
+        clean_leftovers(Path(root), adapter)
+        return Pruned(sorted(kept), removed)
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def cleanup(root: Path | str, adapter: str, *, lock_timeout: float = 600.0) -> list[str]:
+    """Remove everything of the adapter (``<root>/<adapter>`` and its staging entries), under the publish
+    lock. Run after every pod confirmed its unload. Idempotent; other adapters are never touched."""
+    validate_adapter_name(adapter)
+    root = Path(root)
+    adir = root / adapter
+    if not adir.exists() and not adir.is_symlink():
+        return clean_leftovers(root, adapter)
+    if adir.is_symlink() or not adir.is_dir():
+        adir.unlink()
+        return [str(adir)] + clean_leftovers(root, adapter)
+    fd = _lock(adir / ".lock", lock_timeout)
+    try:
+        removed = clean_leftovers(root, adapter)
+        _rmtree(adir)
+        return [*removed, str(adir)]
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
