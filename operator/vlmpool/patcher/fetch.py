@@ -15,6 +15,7 @@ is size-limited while it streams (a lying Content-Length or zip header does not 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import posixpath
@@ -28,8 +29,9 @@ import urllib.request
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO, Iterable, Iterator
 
+from vlmpool.patcher import egress
 from vlmpool.patcher.errors import PatchError
 
 CONFIG_NAME = "adapter_config.json"
@@ -133,8 +135,12 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _check_pin(expected: str | None, actual: str, what: str) -> None:
+def _check_pin(expected: str | None, actual: str, what: str, reveal: bool = True) -> None:
+    """`reveal=False` for node files (file://): the digest of a file the tenant may not read is
+    never put into a message they can read."""
     if expected is not None and expected.lower() != actual:
+        if not reveal:
+            raise PatchError("ChecksumMismatch", f"sha256 of {what} does not match the pin")
         raise PatchError("ChecksumMismatch", f"sha256 of {what} is {actual}, the pin says {expected.lower()}")
 
 
@@ -280,7 +286,8 @@ def _local_directory(root: Path, label: str, max_file_bytes: int) -> tuple[Path,
     return adir, warnings
 
 
-def _local_path(path: Path, label: str, workdir: Path, sha256: str | None, max_file_bytes: int) -> FetchedAdapter:
+def _local_path(path: Path, label: str, workdir: Path, sha256: str | None, max_file_bytes: int,
+                reveal: bool = True) -> FetchedAdapter:
     try:
         st = path.lstat()
     except FileNotFoundError:
@@ -292,7 +299,7 @@ def _local_path(path: Path, label: str, workdir: Path, sha256: str | None, max_f
     if stat.S_ISDIR(st.st_mode):
         adir, warnings = _local_directory(path, label, max_file_bytes)
         digest = sha256_file(adir / WEIGHTS_NAME)
-        _check_pin(sha256, digest, f"{label}/{WEIGHTS_NAME}")
+        _check_pin(sha256, digest, f"{label}/{WEIGHTS_NAME}", reveal)
         return FetchedAdapter(adir, label, "file", digest, WEIGHTS_NAME, sha256 is not None,
                               _sizes(adir), warnings)
     if not stat.S_ISREG(st.st_mode):
@@ -302,7 +309,7 @@ def _local_path(path: Path, label: str, workdir: Path, sha256: str | None, max_f
     if _is_pickle(path.name):
         raise PatchError("PickleWeights", f"{label} is a pickle file; only safetensors adapters are accepted")
     digest = sha256_file(path)
-    _check_pin(sha256, digest, label)
+    _check_pin(sha256, digest, label, reveal)
     adir, warnings = extract_adapter_archive(path, workdir / "adapter", max_file_bytes, label)
     return FetchedAdapter(adir, label, "file", digest, "archive", sha256 is not None, _sizes(adir), warnings)
 
@@ -313,19 +320,31 @@ def _sizes(d: Path) -> dict[str, int]:
 
 # ---------------------------------------------------------------- https
 
-def _http_headers() -> dict[str, str]:
-    headers = {"User-Agent": "vlmpool-patch"}
-    auth = os.environ.get("AUTHORIZATION")
-    if auth:
-        headers["Authorization"] = auth
-    return headers
+class _Redirects(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect only to https, and sends the credential only back to the URI's origin."""
+
+    def __init__(self, first: str, auth: str | None):
+        self.first, self.auth = first, auth
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001 - urllib's signature
+        same_origin = egress.check_redirect(self.first, newurl, _redact(self.first))
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and same_origin and self.auth:
+            new.add_unredirected_header("Authorization", self.auth)
+        return new
 
 
 def _http_get(url: str, dst: Path, limit: int, label: str, timeout: float = 60.0) -> tuple[int, str]:
     where = _redact(url) if label in (url, _redact(url)) else f"{label}: {_redact(url)}"
-    req = urllib.request.Request(url, headers=_http_headers())
+    auth = os.environ.get("AUTHORIZATION") or None
+    req = urllib.request.Request(url, headers={"User-Agent": "vlmpool-patch"})
+    if auth:
+        # An unredirected header is never copied onto a redirect; _Redirects puts it back for the
+        # URI's own origin only.
+        req.add_unredirected_header("Authorization", auth)
+    opener = urllib.request.build_opener(_Redirects(url, auth))
     try:
-        resp = urllib.request.urlopen(req, timeout=timeout)  # noqa: S310 - scheme checked by the caller
+        resp = opener.open(req, timeout=timeout)
     except urllib.error.HTTPError as e:
         if e.code in (404, 410):
             raise PatchError("SourceNotFound", f"HTTP {e.code} for {where}") from None
@@ -390,13 +409,50 @@ def _hf(uri: str, workdir: Path, sha256: str | None, max_file_bytes: int) -> Fet
     if not m:
         raise PatchError("InvalidSource", f"an hf:// source must be hf://<org>/<repo>[@<revision>], not {uri!r}")
     try:
-        from huggingface_hub import HfApi, hf_hub_download
-        from huggingface_hub import errors as hf_errors
+        import huggingface_hub  # noqa: F401
     except ImportError as e:  # pragma: no cover - the extra is installed in the image
         raise PatchError("InvalidSource", "hf:// sources need huggingface_hub (pip install 'vlmpool[hf]')") from e
     repo, rev = m.group("repo"), m.group("rev") or "main"
     endpoint = os.environ.get("HF_ENDPOINT") or None
     token = os.environ.get("HF_TOKEN") or None
+    with _hf_held_to(endpoint or "https://huggingface.co", uri):
+        return _hf_fetch(uri, repo, rev, endpoint, token, workdir, sha256, max_file_bytes)
+
+
+@contextlib.contextmanager
+def _hf_held_to(endpoint: str, uri: str) -> Iterator[None]:
+    """huggingface_hub's requests (and the redirects it follows) stay on https when the endpoint is
+    https, and carry the token only to the endpoint's origin; xet transfers (a native client that
+    does its own networking) are off."""
+    import huggingface_hub
+    from huggingface_hub import constants as hf_constants
+    from huggingface_hub.utils._http import default_client_factory
+
+    def hook(request: Any) -> None:
+        if not egress.check_redirect(endpoint, str(request.url), uri):
+            request.headers.pop("authorization", None)
+
+    def factory() -> Any:
+        client = default_client_factory()
+        hooks = client.event_hooks
+        client.event_hooks = {"request": [*hooks.get("request", []), hook], "response": hooks.get("response", [])}
+        return client
+
+    xet = hf_constants.HF_HUB_DISABLE_XET
+    hf_constants.HF_HUB_DISABLE_XET = True
+    huggingface_hub.set_client_factory(factory)
+    try:
+        yield
+    finally:
+        huggingface_hub.set_client_factory(default_client_factory)
+        hf_constants.HF_HUB_DISABLE_XET = xet
+
+
+def _hf_fetch(uri: str, repo: str, rev: str, endpoint: str | None, token: str | None, workdir: Path,
+              sha256: str | None, max_file_bytes: int) -> FetchedAdapter:
+    from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub import errors as hf_errors
+
     api = HfApi(endpoint=endpoint, token=token)
     not_found = (hf_errors.RepositoryNotFoundError, hf_errors.RevisionNotFoundError, hf_errors.EntryNotFoundError)
     try:
@@ -445,6 +501,18 @@ def _s3(uri: str, workdir: Path, sha256: str | None, max_file_bytes: int) -> Fet
         raise PatchError("InvalidSource", "s3:// sources need boto3 (pip install 'vlmpool[s3]')") from e
     bucket, prefix = m.group("bucket"), (m.group("prefix") or "")
     client = boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None)
+    endpoint = client.meta.endpoint_url
+
+    def held_to_endpoint(request: Any, **_: Any) -> None:
+        # Signed requests go to the endpoint (or a bucket-named host under it), never elsewhere.
+        if not egress.check_redirect(endpoint, request.url, uri):
+            host, ep_host = egress.origin(request.url)[1], egress.origin(endpoint)[1]
+            if not host.endswith("." + ep_host):
+                g = egress.current()
+                msg = f"{uri}: a request to {host}, not the endpoint {ep_host}, was refused"
+                raise g.refuse("SourceRedirectRefused", msg) if g else PatchError("SourceRedirectRefused", msg)
+
+    client.meta.events.register("before-send.s3", held_to_endpoint)
 
     def err(e: Exception, what: str) -> PatchError:
         code = ""
@@ -515,26 +583,34 @@ def resolve_pvc(uri: str, pvc_root: Path) -> Path:
 
 
 def fetch_adapter(uri: str, workdir: Path, *, sha256: str | None = None,
-                  max_file_bytes: int = DEFAULT_MAX_FILE_BYTES, pvc_root: Path | str = "/mnt/sources") -> FetchedAdapter:
+                  max_file_bytes: int = DEFAULT_MAX_FILE_BYTES, pvc_root: Path | str = "/mnt/sources",
+                  allow: Iterable[str] | None = None) -> FetchedAdapter:
     """Make the adapter's two files readable under a directory; workdir is scratch space (the caller
-    removes it). Raises PatchError with a stable reason on any refusal."""
+    removes it). Raises PatchError with a stable reason on any refusal. Remote sources connect only
+    where vlmpool.patcher.egress allows: `allow` (default: $VLMPOOL_SOURCE_ALLOW) lists the
+    internal hosts/CIDRs an admin allowed."""
     if sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", sha256):
         raise PatchError("InvalidArguments", f"--sha256 must be 64 hex digits, not {sha256!r}")
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    if uri.startswith("https://"):
-        return _https(uri, workdir, sha256, max_file_bytes)
-    if uri.startswith("hf://"):
-        return _hf(uri, workdir, sha256, max_file_bytes)
-    if uri.startswith("s3://"):
-        return _s3(uri, workdir, sha256, max_file_bytes)
+    remote = {"https://": _https, "hf://": _hf, "s3://": _s3}
+    for prefix, fetch in remote.items():
+        if uri.startswith(prefix):
+            policy = egress.EgressPolicy.parse(allow) if allow is not None else egress.EgressPolicy.from_env()
+            with egress.guarded(policy) as guard:
+                try:
+                    return fetch(uri, workdir, sha256, max_file_bytes)
+                except Exception:
+                    if guard.refusal is not None:  # what a client library wrapped is the real reason
+                        raise guard.refusal from None
+                    raise
     if uri.startswith("pvc://"):
         return _local_path(resolve_pvc(uri, Path(pvc_root)), uri, workdir, sha256, max_file_bytes)
     if uri.startswith("file://"):
         p = urllib.parse.urlsplit(uri)
         if p.netloc not in ("", "localhost"):
             raise PatchError("InvalidSource", f"a file:// source must be file:///<absolute path>, not {uri!r}")
-        return _local_path(Path(urllib.parse.unquote(p.path)), uri, workdir, sha256, max_file_bytes)
+        return _local_path(Path(urllib.parse.unquote(p.path)), uri, workdir, sha256, max_file_bytes, reveal=False)
     if "://" in uri:
         raise PatchError("InvalidSource", f"unsupported source scheme in {uri!r}; use a path, file://, pvc://, "
                          "https://, hf:// or s3://")
