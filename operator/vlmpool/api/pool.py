@@ -109,6 +109,13 @@ class EngineSpec(Model):
         default=1800, ge=60, le=86400,
         description="How long the engine may take to load the model before its startup probe fails.",
     )
+    security_context: dict[str, Any] | None = Field(
+        default=None, description="A core/v1 SecurityContext merged over the engine container's default "
+        "(non-root, read-only root, no capabilities, no privilege escalation), for images that demand more "
+        "(e.g. {runAsUser: 0, runAsNonRoot: false}); a namespace enforcing the restricted Pod Security "
+        "profile refuses what it loosens.",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
 
 
 class ProxySpec(Model):
