@@ -171,3 +171,65 @@ def resolver(monkeypatch) -> dict[str, str]:
         pass  # installs the guard's hooks, which call egress._REAL_GETADDRINFO
     monkeypatch.setattr(egress, "_REAL_GETADDRINFO", fake)
     return table
+
+
+# ------------------------------------------------------------------ the control plane's side
+
+OPERATOR_USER = "vlmpool-operator-security"
+
+
+@pytest.fixture
+def operator_kubeconfig(control_plane, crds, namespace):
+    """A user with exactly the operator's rules (vlmpool.controller.rbac) in the test namespace."""
+    import json
+
+    from vlmpool.controller import rbac
+
+    role = rbac.cluster_role("vlmpool-operator-security")
+    control_plane.kubectl("apply", "--server-side", "--field-manager=vlmpool-tests", "-f", "-", input=json.dumps(role))
+    binding = rbac.role_binding(namespace, [rbac.subject_user(OPERATOR_USER)], role="vlmpool-operator-security")
+    control_plane.kubectl("apply", "-f", "-", input=json.dumps(binding))
+    return control_plane.kubeconfig_for(OPERATOR_USER)
+
+
+@pytest.fixture
+async def kube(control_plane):
+    from vlmpool.kube.client import KubeClient
+    from vlmpool.kube.config import KubeConfig
+
+    client = KubeClient(KubeConfig.load(control_plane.kubeconfig))
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+@pytest.fixture
+async def start_operator(operator_kubeconfig, namespace, tmp_path, kube):
+    """Start `vlmpool operator` for the test namespace under the operator's rules; file:// sources are
+    off unless `host_paths` is given (the product's default, unlike tests/operator)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "operator"))
+    from helpers import OperatorProcess
+
+    from vlmpool.kube.client import VLMADAPTERS
+
+    procs: list = []
+
+    async def start(*extra: str, host_paths: tuple[str, ...] = ()):
+        root = tmp_path / "adapters"
+        root.mkdir(exist_ok=True)
+        op = OperatorProcess(operator_kubeconfig, namespace, root, tmp_path / f"operator{len(procs)}.log",
+                             resync=3.0, extra_args=list(extra), host_paths=list(host_paths))
+        procs.append(op)
+        return await op.start()
+
+    try:
+        yield start
+    finally:
+        for op in procs:
+            op.stop()
+        for a in await kube.list(VLMADAPTERS, namespace):
+            if a["metadata"].get("finalizers"):
+                await kube.patch(VLMADAPTERS, a["metadata"]["name"], {"metadata": {"finalizers": None}}, namespace)
