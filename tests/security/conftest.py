@@ -23,7 +23,7 @@ import pytest
 
 from vlmpool.patcher import egress
 
-NAMES = ("mirror.example.com", "evil.example.com")
+NAMES = ("mirror.example.com", "evil.example.com", "huggingface.co")
 
 
 def _self_signed(tmp: Path) -> tuple[Path, Path]:
@@ -76,7 +76,7 @@ class Server:
         return [s.headers["authorization"] for s in self.seen if "authorization" in s.headers]
 
 
-def _serve(srv: Server, ctx: ssl.SSLContext | None) -> ThreadingHTTPServer:
+def _serve(srv: Server, ctx: ssl.SSLContext | None, port: int = 0) -> ThreadingHTTPServer:
     class H(BaseHTTPRequestHandler):
         def log_message(self, *a):  # quiet
             pass
@@ -102,7 +102,7 @@ def _serve(srv: Server, ctx: ssl.SSLContext | None) -> ThreadingHTTPServer:
 
         do_GET = do_HEAD = do_POST = do_PUT = _any
 
-    httpd = ThreadingHTTPServer((srv.host, 0), H)
+    httpd = ThreadingHTTPServer((srv.host, port), H)
     httpd.daemon_threads = True
     if ctx is not None:
         httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
@@ -128,9 +128,9 @@ def tls(tmp_path, monkeypatch) -> ssl.SSLContext:
 def servers(tls) -> Callable[[str, str], Server]:
     started: list[ThreadingHTTPServer] = []
 
-    def start(host: str = "127.0.0.1", scheme: str = "https") -> Server:
+    def start(host: str = "127.0.0.1", scheme: str = "https", port: int = 0) -> Server:
         srv = Server(host, scheme)
-        started.append(_serve(srv, tls if scheme == "https" else None))
+        started.append(_serve(srv, tls if scheme == "https" else None, port))
         return srv
 
     yield start

@@ -185,6 +185,21 @@ def test_hf_token_goes_to_the_endpoint_only(hf_env, other, tmp_path):
     assert "Bearer hf_tenant_token" in hf_env.auth_seen()
 
 
+def test_hf_token_does_not_follow_a_mirror_to_the_hub(hf_env, servers, resolver, tmp_path):
+    """huggingface_hub itself forwards the token to its own Hub origins (https://huggingface.co:443);
+    with a mirror as the endpoint, even that is another host."""
+    try:
+        hub = servers("127.0.0.2", "https", port=443)
+    except OSError as e:
+        pytest.skip(f"cannot listen on 127.0.0.2:443 here: {e}")
+    resolver["huggingface.co"] = "127.0.0.2"
+    etag = f'"{hashlib.sha256(FILES[W]).hexdigest()}"'
+    hub.routes["/" + W] = lambda h: (200, {"X-Repo-Commit": hashlib.sha1(b"main").hexdigest(), "ETag": etag}, FILES[W])
+    _hf_routes(hf_env, FILES, redirect_to="https://huggingface.co")
+    fetch_adapter("hf://org/repo", tmp_path / "work", allow=LOOPBACK)
+    assert hub.seen and hub.auth_seen() == []
+
+
 def test_hf_endpoint_on_an_internal_address_is_refused(hf_env, tmp_path):
     _hf_routes(hf_env, FILES)
     refused("hf://org/repo", tmp_path, "SourceAddressRefused")

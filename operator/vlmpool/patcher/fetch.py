@@ -500,14 +500,17 @@ def _s3(uri: str, workdir: Path, sha256: str | None, max_file_bytes: int) -> Fet
     except ImportError as e:  # pragma: no cover
         raise PatchError("InvalidSource", "s3:// sources need boto3 (pip install 'vlmpool[s3]')") from e
     bucket, prefix = m.group("bucket"), (m.group("prefix") or "")
-    client = boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None)
+    custom = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+    client = boto3.client("s3", endpoint_url=custom)
     endpoint = client.meta.endpoint_url
+    # AWS itself: any S3 regional endpoint (botocore follows a bucket's region there).
+    aws = () if custom else (".amazonaws.com", ".amazonaws.com.cn")
 
     def held_to_endpoint(request: Any, **_: Any) -> None:
         # Signed requests go to the endpoint (or a bucket-named host under it), never elsewhere.
         if not egress.check_redirect(endpoint, request.url, uri):
             host, ep_host = egress.origin(request.url)[1], egress.origin(endpoint)[1]
-            if not host.endswith("." + ep_host):
+            if not host.endswith(("." + ep_host, *aws)):
                 g = egress.current()
                 msg = f"{uri}: a request to {host}, not the endpoint {ep_host}, was refused"
                 raise g.refuse("SourceRedirectRefused", msg) if g else PatchError("SourceRedirectRefused", msg)
