@@ -429,6 +429,9 @@ def _hf_held_to(endpoint: str, uri: str) -> Iterator[None]:
     from huggingface_hub.utils._http import default_client_factory
 
     def hook(request: Any) -> None:
+        guard = egress.current()
+        if guard is not None and guard.refusal is not None:
+            raise guard.refusal  # refused already: no retries with backoff
         if not egress.check_redirect(endpoint, str(request.url), uri):
             request.headers.pop("authorization", None)
 
