@@ -157,6 +157,7 @@ def test_pinned_images_and_externally_managed_identity(helm):
     docs = helm.template(*variant_args("pinned"))
     assert sorted(d["kind"] for d in docs) == ["Deployment"]
     _, pod, c = _operator(docs)
+    assert pod["volumes"][0]["secret"]["secretName"] == "platform-vlmpool-token-key"
     assert c["image"] == f"registry.example.com:5000/platform/vlmpool-operator@{PINNED}"
     assert c["imagePullPolicy"] == "Always"
     patch = next(a for a in c["args"] if a.startswith("--patch-image="))
