@@ -75,6 +75,15 @@ def test_a_pool_can_loosen_only_its_engine():
     assert restricted_violations(spec["spec"]["template"]["spec"]) == ["engine: runAsNonRoot", "engine: runAsUser 0"]
 
 
+@pytest.mark.parametrize("field", [{"privileged": True}, {"allowPrivilegeEscalation": True},
+                                   {"capabilities": {"add": ["SYS_ADMIN"]}}, {"seccompProfile": {"type": "Unconfined"}}])
+def test_a_pool_cannot_make_its_engine_privileged(field):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
+        MP.deployment(pool(engine={"securityContext": {"runAsUser": 0, **field}}), "h")
+
+
 @pytest.mark.parametrize("which", ["patch", "cleanup", "prune"])
 def test_job_pods_pass_the_restricted_profile(which):
     a, p = adapter(), pool()

@@ -218,7 +218,7 @@ def pod_template(pool: dict[str, Any], token_hash: str = "", adapter_root: str =
                           "timeoutSeconds": 10, "failureThreshold": 4},
         "resources": _resources(eng.resources, eng.gpus),
         "volumeMounts": engine_mounts,
-        "securityContext": container_security(eng.security_context),
+        "securityContext": container_security(eng.security_context.to_wire() if eng.security_context else None),
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     sched = spec.scheduling
