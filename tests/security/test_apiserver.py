@@ -92,6 +92,26 @@ async def test_file_sources_are_refused_before_any_job_exists(start_operator, ku
     assert await kube.list(JOBS, namespace) == [] and await kube.list(PODS, namespace) == []
 
 
+async def test_a_refused_file_source_is_patched_once_its_directory_is_allowed(start_operator, kube, namespace, tmp_path):
+    allowed = tmp_path / "node-adapters"
+    op = await start_operator()
+    await kube.create(pool_obj(replicas=0), namespace)
+    await kube.create(adapter_obj("later", f"file://{allowed}/a"), namespace)
+
+    async def reason():
+        return ((await kube.get(VLMADAPTERS, "later", namespace)).get("status") or {}).get("reason")
+    await eventually(lambda: _is(reason(), "SourceNotAllowed"), what="the refusal")
+    op.stop()
+    await start_operator(host_paths=(str(allowed),))
+    jobs = await eventually(lambda: kube.list(JOBS, namespace), what="the patch Job")
+    assert [j["metadata"]["labels"][MA.L_ADAPTER] for j in jobs] == ["later"]
+    await eventually(lambda: _is(reason(), "PatchJobRunning"), what="the adapter patching")
+
+
+async def _is(coro, want):
+    return (await coro) == want
+
+
 async def test_file_sources_outside_the_allowed_directories_are_refused(start_operator, kube, namespace, tmp_path):
     allowed = tmp_path / "node-adapters"
     allowed.mkdir()

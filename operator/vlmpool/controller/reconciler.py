@@ -301,9 +301,12 @@ class Reconciler:
                                              [found, ("Patched", "False", SOURCE_NOT_ALLOWED, refusal)])
             self.metrics.reconciles.labels("adapter", "refused").inc()
             return
-        settled = patched is not None and patched["status"] in ("True", "False") \
-            and patched.get("reason") != SOURCE_NOT_ALLOWED  # allowed since: patch it now
-        if st.get("specDigest") == digest and settled:
+        if patched is not None and patched.get("reason") == SOURCE_NOT_ALLOWED:
+            # Allowed since (an admin widened --allow-host-path): patch it now.
+            adapter = await self._write_adapter_status(adapter, {}, [(
+                "Patched", "Unknown", "SourceAllowed", "the source is allowed now")])
+            st, patched = adapter.get("status") or {}, None
+        if st.get("specDigest") == digest and patched is not None and patched["status"] in ("True", "False"):
             # This spec was patched (or refused) already: never run it twice.
             await self._write_adapter_status(adapter, base, [found])
             self.metrics.reconciles.labels("adapter", "ok").inc()
