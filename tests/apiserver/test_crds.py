@@ -131,6 +131,8 @@ INVALID = [
     ("pool-bad-quantity", _with(POOL, "spec.adapterVolume", {"size": "ten gigs"}),
      ["spec.adapterVolume.size", "should match"]),
     ("pool-bad-name", _with(POOL, "metadata.name", "1pool"), ["metadata.name", "DNS label"]),
+    ("pool-bad-api-key-secret", _with(POOL, "spec.proxy", {"apiKeySecret": "Client_Keys"}),
+     ["spec.proxy.apiKeySecret", "should match"]),
     ("pool-unknown-field", _with(POOL, "spec.replica", 2), ['unknown field "spec.replica"']),
 ]
 
@@ -193,5 +195,7 @@ def test_status_is_a_subresource(kubectl, crds, namespace):
 def test_kubectl_explain_shows_field_descriptions(kubectl, crds):
     out = kubectl("explain", "vlmpool.spec.proxy.concurrency").stdout
     assert "Requests each pod's proxy lets reach vLLM at once" in out
+    out = kubectl("explain", "vlmpool.spec.proxy.apiKeySecret").stdout
+    assert "are the accepted bearer tokens of the public API" in " ".join(out.split())
     out = kubectl("explain", "vlmadapter.spec.dora.policy").stdout
     assert "svd" in out and "strip" in out

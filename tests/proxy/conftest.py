@@ -7,18 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from proxy_helpers import Admin, proxy_config, start_sim, write_adapter
+from proxy_helpers import Admin, proxy_config, sim, write_adapter  # noqa: F401 - sim: a fixture
 
 from vlmpool.proxy.server import RunningProxy, run_proxy
-
-
-@pytest.fixture
-async def sim():
-    s, runner = await start_sim()
-    try:
-        yield s
-    finally:
-        await runner.cleanup()
 
 
 @pytest.fixture

@@ -11,10 +11,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import web
 
 from vlmpool.proxy.server import ProxyConfig
-from vlmpool.sim.server import SimConfig, create_app
+from vlmpool.sim.server import ENGINE_KEY, SimConfig, create_app
 from vlmpool.testing.adapters import write_lora
 
 BASE = "base-vlm"
@@ -30,6 +31,7 @@ class Sim:
     url: str
     app: web.Application
     log: list[dict[str, Any]] = field(default_factory=list)  # every request the engine received
+    forget_before_generation: bool = False  # the engine forgets its runtime adapters before each generation
 
     def received(self, path: str) -> list[dict[str, Any]]:
         return [r for r in self.log if r["path"] == path]
@@ -81,6 +83,8 @@ async def start_sim(port: int = 0, **overrides: Any):
         except ValueError:
             parsed = body
         sim.log.append({"method": request.method, "path": request.path, "headers": {k.lower(): v for k, v in request.headers.items()}, "json": parsed})
+        if sim.forget_before_generation and request.path in ("/v1/chat/completions", "/v1/completions"):
+            app[ENGINE_KEY].forget()  # as if it restarted again between a re-load and the retry
         return await handler(request)
 
     app.middlewares.insert(0, record)
@@ -98,3 +102,22 @@ def proxy_config(engine_url: str, **overrides: Any) -> ProxyConfig:
                concurrency=16, queue_limit=1024, queue_timeout=30.0, request_timeout=30.0, shutdown_timeout=5.0)
     cfg.update(overrides)
     return ProxyConfig(**cfg)
+
+
+def proxy_config_with(engine_url: str, **settings: Any) -> ProxyConfig:
+    """proxy_config() with settings assigned after construction, so a test of a new setting runs (and
+    fails on behaviour, not on a TypeError) against a proxy that does not know the setting yet."""
+    cfg = proxy_config(engine_url)
+    for key, value in settings.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+@pytest.fixture
+async def sim():
+    """The simulator on a loopback port with its request log (a fixture: import it into a test module)."""
+    s, runner = await start_sim()
+    try:
+        yield s
+    finally:
+        await runner.cleanup()

@@ -15,7 +15,7 @@ import pytest
 
 from vlmpool.proxy.engine import is_unknown_model_404
 from vlmpool.proxy.logs import JsonFormatter
-from vlmpool.proxy.server import ProxyConfig, run_proxy
+from vlmpool.proxy.server import ProxyConfig, map_engine_error, run_proxy
 
 from proxy_helpers import BASE, Admin, proxy_config, start_sim
 
@@ -159,6 +159,7 @@ async def test_error_table(sim, admin, adapters):
         err = ei.value.body
         assert ei.value.status_code == 422
         assert err["upstream_status"] == 400 and err["moderated"] is True and err["code"] == "vlm_client_error"
+        assert err["kind"] == "vlm_client_error" and ei.value.response.headers["x-request-id"]
         assert err["upstream_type"] == "data_inspection_failed" and len(err["message"]) <= 300
         assert "inappropriate" in err["message"]
         await sim.faults(moderation_phrase=None)
@@ -167,6 +168,7 @@ async def test_error_table(sim, admin, adapters):
         with pytest.raises(openai.UnprocessableEntityError) as ei:
             await c.chat.completions.create(model=BASE, messages=MSG, max_tokens=10_000_000)
         assert ei.value.body["upstream_status"] == 400 and ei.value.body["moderated"] is False
+        assert ei.value.body["kind"] == "vlm_client_error"
         assert 0 < len(ei.value.body["message"]) <= 300
 
         # engine 5xx: 503 with the upstream status
@@ -324,3 +326,72 @@ async def test_base_model_discovered_from_engine_when_not_configured(sim):
         with pytest.raises(openai.NotFoundError):
             await c.completions.create(model="other", prompt="hello")
         assert [x["json"]["model"] for x in sim.received("/v1/completions")] == [BASE]
+
+
+def _table(status: int, body: str) -> tuple[int, dict, dict]:
+    resp = map_engine_error(status, body)
+    return resp.status, json.loads(resp.body)["error"], dict(resp.headers)
+
+
+@pytest.mark.parametrize("upstream", [400, 404, 413, 422, 429])
+def test_every_engine_4xx_is_a_422_with_its_upstream_status(upstream):
+    """Upstream 429 included: a per-request answer, not "the service is down" (the proxy's own
+    back-pressure is its 429)."""
+    status, err, _ = _table(upstream, json.dumps({"error": {"message": "m", "type": "BadRequestError", "code": upstream}}))
+    assert status == 422
+    assert err["code"] == err["kind"] == "vlm_client_error" and err["type"] == "upstream_client_error"
+    assert err["upstream_status"] == upstream and err["upstream_type"] == "BadRequestError" and err["moderated"] is False
+
+
+@pytest.mark.parametrize("upstream", [500, 502, 503])
+def test_every_engine_5xx_is_a_503_with_retry_after(upstream):
+    status, err, headers = _table(upstream, json.dumps({"error": {"message": "boom", "type": "InternalServerError"}}))
+    assert status == 503 and err["code"] == "engine_error" and err["upstream_status"] == upstream
+    assert headers["Retry-After"] and "kind" not in err
+
+
+@pytest.mark.parametrize("body,moderated", [
+    (json.dumps({"error": {"message": "blocked", "type": "data_inspection_failed"}}), True),
+    (json.dumps({"error": {"message": "Input data may contain inappropriate content.", "type": "BadRequestError"}}), True),
+    ("Inappropriate content", True),
+    (json.dumps({"error": {"message": "max_tokens too large", "type": "BadRequestError"}}), False),
+], ids=["type-marker-only", "message-marker-only", "plain-text", "neither"])
+def test_moderation_is_flagged_by_either_marker_alone(body, moderated):
+    status, err, _ = _table(400, body)
+    assert status == 422 and err["moderated"] is moderated
+
+
+async def test_body_size_limit_is_413_from_the_announcement_or_the_bytes(sim):
+    limit = 4096
+    async with run_proxy(proxy_config(sim.url, max_body_bytes=limit)) as p:
+        await Admin(p.admin_url).put({"generation": 1, "concurrency": 4, "adapters": []})
+
+        def body(size: int) -> bytes:
+            head = b'{"model": "' + BASE.encode() + b'", "max_tokens": 1, "messages": [{"role": "user", "content": "'
+            tail = b'"}]}'
+            return head + b"a" * (size - len(head) - len(tail)) + tail
+
+        async with aiohttp.ClientSession() as s:
+            async with s.post(p.url + "/v1/chat/completions", data=body(limit)) as r:
+                assert r.status == 200, await r.text()  # exactly the limit: served
+            async with s.post(p.url + "/v1/chat/completions", data=body(limit + 1),
+                              headers={"X-Request-Id": "too-big-1"}) as r:
+                err = (await r.json())["error"]
+                assert r.status == 413 and err["code"] == "request_too_large" and str(limit) in err["message"]
+                assert r.headers["X-Request-Id"] == "too-big-1"
+
+            async def chunked():  # no Content-Length: the bytes are counted as they arrive
+                yield body(limit + 1)
+
+            async with s.post(p.url + "/v1/chat/completions", data=chunked()) as r:
+                assert r.status == 413 and (await r.json())["error"]["code"] == "request_too_large"
+        assert len(sim.received("/v1/chat/completions")) == 1
+
+        # refused from the announcement alone, before a byte of the body is read
+        r_, w = await asyncio.open_connection("127.0.0.1", p.port)
+        w.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 10000000\r\n\r\n")
+        async with asyncio.timeout(5):
+            head = await r_.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 413")
+        w.close()

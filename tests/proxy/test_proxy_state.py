@@ -9,6 +9,7 @@ import openai
 from proxy_helpers import BASE, TOKEN, Admin, proxy_config, start_sim
 
 from vlmpool.proxy.server import run_proxy
+from vlmpool.testing.waiting import wait_until
 
 MSG = [{"role": "user", "content": "describe"}]
 
@@ -33,6 +34,10 @@ async def load(client, model, n, results, *, max_tokens=4, stop: asyncio.Event |
                 results.append(("error", e))
 
     await asyncio.gather(*(worker() for _ in range(workers)))
+
+
+async def _running(sim, ok) -> bool:
+    return ok((await sim.stats())["running"])
 
 
 async def test_limiter_caps_requests_at_the_engine(adapters):
@@ -64,12 +69,10 @@ async def test_resize_under_load_fails_nothing_and_respects_new_limit():
             results: list = []
             stop = asyncio.Event()
             task = asyncio.create_task(load(c, BASE, 0, results, stop=stop, workers=24))
-            while (await sim.stats())["running"] < 8:
-                await asyncio.sleep(0.02)
+            await wait_until(lambda: _running(sim, lambda n: n >= 8), timeout=30, what="8 requests running")
             # shrink under load: in-flight requests finish, then at most 3 at a time
             assert (await admin.put({"generation": 2, "concurrency": 3, "adapters": []}))[0] == 200
-            while (await sim.stats())["running"] > 3:
-                await asyncio.sleep(0.01)
+            await wait_until(lambda: _running(sim, lambda n: n <= 3), timeout=30, what="at most 3 running")
             await sim.call("POST", "/sim/stats/reset")  # peak restarts from what runs now (<= 3)
             await asyncio.sleep(0.6)
             st = await sim.stats()
@@ -100,13 +103,11 @@ async def test_version_swap_under_load_fails_nothing(adapters):
             results: list = []
             stop = asyncio.Event()
             task = asyncio.create_task(load(c, "cats", 0, results, stop=stop, workers=12, max_tokens=64))
-            while len(results) < 20:
-                await asyncio.sleep(0.01)
+            await wait_until(lambda: len(results) >= 20, timeout=30, what="20 answers before the swap")
             status, body = await admin.put({"generation": 2, "concurrency": 16, "adapters": [spec("cats", "v2", v2)]})
             assert status == 200 and body["adapters"] == [{"name": "cats", "version": "v2", "state": "loaded"}]
             n_at_swap = len(results)
-            while len(results) < n_at_swap + 40:
-                await asyncio.sleep(0.01)
+            await wait_until(lambda: len(results) >= n_at_swap + 40, timeout=30, what="40 answers after the swap")
             stop.set()
             await task
             errors = [e for kind, e in results if kind == "error"]
@@ -302,15 +303,13 @@ async def test_streaming_self_heal_and_client_abort(sim, proxy, admin, client, a
         resp = await s.post(proxy.url + "/v1/chat/completions", json=body)
         assert resp.status == 200
         await resp.content.readline()  # the first event arrived
-        while (await sim.stats())["running"] < 1:
-            await asyncio.sleep(0.01)
+        await wait_until(lambda: _running(sim, lambda n: n >= 1), timeout=30, what="the stream at the engine")
         resp.close()  # abort
-    for _ in range(500):
-        if proxy.proxy.limiter.active == 0 and (await sim.stats())["running"] == 0:
-            break
-        await asyncio.sleep(0.02)
-    assert proxy.proxy.limiter.active == 0
-    assert (await sim.stats())["running"] == 0
+
+    async def freed() -> bool:
+        return proxy.proxy.limiter.active == 0 and (await sim.stats())["running"] == 0
+
+    await wait_until(freed, timeout=10, what="the slot and the engine sequence to be freed")
     assert proxy.proxy.registry.alias["cats"].inflight == 0
 
 
@@ -329,11 +328,11 @@ async def test_loads_that_met_an_unreachable_engine_are_retried(adapters):
         assert "could not reach the engine" in body["adapters"][0]["reason"]
         sim, runner = await start_sim(port=port)  # the engine comes up on that port
         try:
-            for _ in range(100):
+            async def loaded():
                 _, state = await admin.get()
-                if state["adapters"][0]["state"] == "loaded":
-                    break
-                await asyncio.sleep(0.1)
+                return state if state["adapters"][0]["state"] == "loaded" else None
+
+            state = await wait_until(loaded, timeout=10, interval=0.1, what="the retried load")
             assert state["adapters"] == [{"name": "cats", "version": "v1", "state": "loaded"}]
             load = sim.received("/v1/load_lora_adapter")[-1]
             assert load["headers"]["x-request-id"] == "vlmpool-proxy-retry-1"
@@ -342,3 +341,40 @@ async def test_loads_that_met_an_unreachable_engine_are_retried(adapters):
             assert out.choices[0].message.content.startswith("sim:cats@v1")
         finally:
             await runner.cleanup()
+
+
+async def test_an_adapter_the_engine_already_holds_counts_as_loaded(sim, adapters):
+    """vLLM answers 400 "already been loaded" to a second load of a name: that is success. Seen when a
+    proxy restarts beside an engine that did not (its first push re-loads everything) and on re-push."""
+    path = adapters("cats", "v1")
+    push = {"generation": 1, "concurrency": 4, "adapters": [spec("cats", "v1", path)]}
+    async with run_proxy(proxy_config(sim.url)) as first:
+        status, body = await Admin(first.admin_url).put(push)
+        assert status == 200 and body["adapters"] == [{"name": "cats", "version": "v1", "state": "loaded"}]
+        # a re-push: the engine refuses the second load as already loaded; the adapter stays loaded
+        status, body = await Admin(first.admin_url).put(push)
+        assert status == 200 and body["adapters"] == [{"name": "cats", "version": "v1", "state": "loaded"}]
+    async with run_proxy(proxy_config(sim.url)) as second:
+        status, body = await Admin(second.admin_url).put(push)
+        assert status == 200 and body["adapters"] == [{"name": "cats", "version": "v1", "state": "loaded"}]
+        assert len(sim.received("/v1/load_lora_adapter")) == 3 and (await sim.stats())["loaded_adapters"] == ["cats@v1"]
+        c = openai.AsyncOpenAI(base_url=second.url + "/v1", api_key="unused", max_retries=0)
+        out = await c.chat.completions.create(model="cats", messages=MSG, max_tokens=4)
+        assert out.choices[0].message.content.startswith("sim:cats@v1")
+
+
+async def test_self_heal_retries_exactly_once(sim, proxy, admin, client, adapters):
+    """An engine that forgets the adapter again after the re-load: one re-load, one retry, then the
+    engine's 404 goes to the client from the error table; never a loop."""
+    path = adapters("cats", "v1")
+    assert (await admin.put({"generation": 1, "concurrency": 4, "adapters": [spec("cats", "v1", path)]}))[0] == 200
+    sim.forget_before_generation = True
+    n_loads, n_chats = len(sim.received("/v1/load_lora_adapter")), len(sim.received("/v1/chat/completions"))
+    try:
+        async with asyncio.timeout(20):
+            await client.chat.completions.create(model="cats", messages=MSG, max_tokens=4)
+        raise AssertionError("expected the engine's 404 as a 422")
+    except openai.UnprocessableEntityError as e:
+        assert e.body["upstream_status"] == 404 and e.body["code"] == "vlm_client_error"
+    assert len(sim.received("/v1/chat/completions")) == n_chats + 2  # the request and one retry
+    assert len(sim.received("/v1/load_lora_adapter")) == n_loads + 1  # one re-load

@@ -8,7 +8,8 @@ import asyncio
 
 import pytest
 
-from vlmpool.proxy.upstream import Upstream, UpstreamError, UpstreamTimeout
+from vlmpool.proxy.engine import EngineTimeout, EngineUnavailable
+from vlmpool.proxy.upstream import Upstream
 
 
 CLOSE = b"<close>"  # a piece that means: close the connection here
@@ -128,7 +129,7 @@ async def test_dropped_connection_and_truncated_body_raise():
     srv = ScriptedServer([None])
     async with srv as url:
         up = Upstream(url)
-        with pytest.raises(UpstreamError):
+        with pytest.raises(EngineUnavailable):
             await up.post("/v1/chat/completions", b"{}", "rid", stream=False, timeout=5)
         await up.close()
     trunc = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly-this"
@@ -136,7 +137,7 @@ async def test_dropped_connection_and_truncated_body_raise():
     async with srv as url:
         up = Upstream(url)
         r = await up.post("/v1/chat/completions", b"{}", "rid", stream=False, timeout=5)
-        with pytest.raises(UpstreamError):
+        with pytest.raises(EngineUnavailable):
             await r.read()
         up.abort(r)
         await up.close()
@@ -148,7 +149,7 @@ async def test_head_timeout_and_stream_idle_timeout_and_refused():
         up = Upstream(url)
         r = await up.post("/v1/chat/completions", b"{}", "rid", stream=True, timeout=5)
         chunks = []
-        with pytest.raises(UpstreamTimeout):
+        with pytest.raises(EngineTimeout):
             async for c in r.iter_chunks(0.2):
                 chunks.append(c)
         assert chunks == [b"abc"]
@@ -162,14 +163,14 @@ async def test_head_timeout_and_stream_idle_timeout_and_refused():
     server = await asyncio.start_server(silent, "127.0.0.1", 0)
     try:
         up = Upstream(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
-        with pytest.raises(UpstreamTimeout):
+        with pytest.raises(EngineTimeout):
             await up.post("/v1/chat/completions", b"{}", "rid", stream=False, timeout=0.2)
         await up.close()
     finally:
         server.close()
 
     up = Upstream("http://127.0.0.1:9")
-    with pytest.raises(UpstreamError) as ei:
+    with pytest.raises(EngineUnavailable) as ei:
         await up.post("/v1/chat/completions", b"{}", "rid", stream=False, timeout=1)
     assert ei.value.code == "engine_unreachable"
 
@@ -178,10 +179,10 @@ async def test_garbage_is_an_error():
     srv = ScriptedServer([[b"SSH-2.0-OpenSSH\r\n\r\n"], [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"]])
     async with srv as url:
         up = Upstream(url)
-        with pytest.raises(UpstreamError, match="status line"):
+        with pytest.raises(EngineUnavailable, match="status line"):
             await up.post("/v1/chat/completions", b"{}", "rid", stream=False, timeout=5)
         r = await up.post("/v1/chat/completions", b"{}", "rid", stream=False, timeout=5)
-        with pytest.raises(UpstreamError, match="chunk size"):
+        with pytest.raises(EngineUnavailable, match="chunk size"):
             await r.read()
         up.abort(r)
         await up.close()

@@ -10,7 +10,7 @@ import pytest
 
 from vlmpool.manifests import adapter as MA
 from vlmpool.manifests import pool as MP
-from vlmpool.manifests.common import ADAPTER_ROOT, patch_job_name
+from vlmpool.manifests.common import ADAPTER_ROOT, API_KEY_DIR, patch_job_name
 
 BASE = "Qwen/Qwen2.5-VL-3B-Instruct"
 
@@ -65,13 +65,30 @@ def test_deployment_defaults():
     assert {p["name"]: p["containerPort"] for p in px["ports"]} == {"http": 8080, "admin": 8081}
     assert px["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert px["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    assert "resources" in px and not any(m["name"] == "adapters" for m in px["volumeMounts"])
+    assert "resources" in px
+    # the proxy sees the adapter volume read-only, to confine pushed paths to it (realpath, no symlinks)
+    assert {"name": "adapters", "mountPath": ADAPTER_ROOT, "readOnly": True} in px["volumeMounts"]
+    assert flag(px["args"], "--adapter-root") == ADAPTER_ROOT
+    assert "--api-key-dir" not in px["args"] and not any(m["name"] == "api-keys" for m in px["volumeMounts"])
     tpl = dep["spec"]["template"]["spec"]
     assert tpl["automountServiceAccountToken"] is False
     vols = {v["name"]: v for v in tpl["volumes"]}
     assert vols["adapters"]["persistentVolumeClaim"] == {"claimName": "vision-adapters", "readOnly": True}
     assert vols["admin-token"]["secret"]["secretName"] == "vision-admin-token"
     assert "nodeSelector" not in tpl and "tolerations" not in tpl
+
+
+def test_deployment_api_key_secret_is_mounted_whole_and_passed():
+    dep = MP.deployment(pool(proxy={"apiKeySecret": "vision-clients"}), adapter_root="/srv/adapters")
+    px = container(dep, "proxy")
+    assert flag(px["args"], "--api-key-dir") == API_KEY_DIR
+    assert flag(px["args"], "--adapter-root") == "/srv/adapters"
+    # mounted as a whole directory (no subPath): the kubelet updates it in place, the proxy re-reads it
+    assert {"name": "api-keys", "mountPath": API_KEY_DIR, "readOnly": True} in px["volumeMounts"]
+    vols = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
+    assert vols["api-keys"] == {"name": "api-keys", "secret": {"secretName": "vision-clients", "defaultMode": 0o440}}
+    eng = container(dep, "engine")
+    assert not any(m["name"] == "api-keys" for m in eng["volumeMounts"])
 
 
 def test_deployment_engine_settings_and_scheduling():

@@ -161,6 +161,12 @@ class ProxySpec(Model):
     admin_port: int = Field(default=8081, ge=1024, le=65535,
                             description="Admin API port, reached only by the operator.")
     resources: ResourceRequirements | None = Field(default=None, description="CPU/memory of the proxy container.")
+    api_key_secret: str | None = Field(
+        default=None, min_length=1, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN,
+        description="A Secret in the pool's namespace whose keys' values are the accepted bearer tokens of the "
+        "public API (Authorization: Bearer <value>); changes apply without a restart. /healthz, /readyz and "
+        "/metrics stay open. Unset: no authentication (only the network decides who may call).",
+    )
 
 
 class AdapterVolumeSpec(Model):

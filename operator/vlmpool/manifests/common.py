@@ -40,6 +40,7 @@ BASE_WEIGHTS_MOUNT = "/var/lib/vlmpool/base"
 SOURCES_ROOT = "/mnt/sources"
 ADMIN_TOKEN_DIR = "/var/run/vlmpool/admin"
 ADMIN_TOKEN_KEY = "token"
+API_KEY_DIR = "/var/run/vlmpool/api-keys"  # the pool's apiKeySecret, mounted whole (so updates arrive)
 
 MAX_LABEL = 63
 

@@ -15,6 +15,7 @@ from vlmpool.manifests.common import (
     ADAPTER_ROOT,
     ADMIN_TOKEN_DIR,
     ADMIN_TOKEN_KEY,
+    API_KEY_DIR,
     BASE_WEIGHTS_MOUNT,
     adapter_claim_name,
     admin_secret_name,
@@ -126,7 +127,7 @@ def engine_args(spec: VLMPoolSpec) -> list[str]:
     return args + list(eng.extra_args)
 
 
-def proxy_args(spec: VLMPoolSpec) -> list[str]:
+def proxy_args(spec: VLMPoolSpec, adapter_root: str = ADAPTER_ROOT) -> list[str]:
     """The proxy's command line. Concurrency is not in it: the operator pushes it at run time, so
     changing it never rolls the (GPU) pods; the proxy is not ready before that first push anyway."""
     px = spec.proxy
@@ -139,7 +140,8 @@ def proxy_args(spec: VLMPoolSpec) -> list[str]:
         "--queue-limit", str(px.queue_limit),
         "--queue-timeout", f"{px.queue_timeout_seconds:g}",
         "--request-timeout", f"{px.request_timeout_seconds:g}",
-    ]
+        "--adapter-root", adapter_root,
+    ] + (["--api-key-dir", API_KEY_DIR] if px.api_key_secret else [])
 
 
 def _resources(res: Any, gpus: int = 0) -> dict[str, Any]:
@@ -167,7 +169,7 @@ def pod_template(pool: dict[str, Any], token_hash: str = "", adapter_root: str =
         "image": px.image,
         "imagePullPolicy": px.image_pull_policy,
         "command": ["vlmpool"],
-        "args": proxy_args(spec),
+        "args": proxy_args(spec, adapter_root),
         "env": proxy_env,
         "ports": [
             {"name": "http", "containerPort": px.port, "protocol": "TCP"},
@@ -178,7 +180,10 @@ def pod_template(pool: dict[str, Any], token_hash: str = "", adapter_root: str =
         "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10,
                           "timeoutSeconds": 5, "failureThreshold": 6},
         "resources": _resources(px.resources),
-        "volumeMounts": [{"name": "admin-token", "mountPath": ADMIN_TOKEN_DIR, "readOnly": True}],
+        "volumeMounts": [{"name": "admin-token", "mountPath": ADMIN_TOKEN_DIR, "readOnly": True},
+                         # read-only, so the proxy can check pushed paths (realpath) inside the root
+                         {"name": "adapters", "mountPath": adapter_root, "readOnly": True}]
+        + ([{"name": "api-keys", "mountPath": API_KEY_DIR, "readOnly": True}] if px.api_key_secret else []),
         "securityContext": container_security(),
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
@@ -195,6 +200,8 @@ def pod_template(pool: dict[str, Any], token_hash: str = "", adapter_root: str =
         {"name": "engine-home", "emptyDir": {}},
         {"name": "engine-tmp", "emptyDir": {}},
     ]
+    if px.api_key_secret:
+        volumes.append({"name": "api-keys", "secret": {"secretName": px.api_key_secret, "defaultMode": 0o440}})
     if spec.model.weights:
         engine_mounts.append({"name": "base-weights", "mountPath": BASE_WEIGHTS_MOUNT, "readOnly": True})
         volumes.append({"name": "base-weights",

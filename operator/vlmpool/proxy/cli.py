@@ -31,7 +31,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine-url", default=None,
                         help="the engine's base URL (env VLMPOOL_ENGINE_URL; default http://127.0.0.1:8000)")
     parser.add_argument("--host", default=os.environ.get("VLMPOOL_BIND_HOST", "0.0.0.0"),
-                        help="address for both listeners (default $VLMPOOL_BIND_HOST, else 0.0.0.0)")
+                        help="address of the public listener (default $VLMPOOL_BIND_HOST, else 0.0.0.0)")
+    parser.add_argument("--admin-host", default=os.environ.get("VLMPOOL_ADMIN_BIND_HOST") or None,
+                        help="address of the admin listener (default $VLMPOOL_ADMIN_BIND_HOST, else --host)")
     parser.add_argument("--port", type=int, default=8080, help="OpenAI-compatible API port (default 8080)")
     parser.add_argument("--admin-port", type=int, default=8081, help="admin API port, operator only (default 8081)")
     parser.add_argument("--base-model", default=None,
@@ -48,19 +50,35 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              f"(default {s.DEFAULT_REQUEST_TIMEOUT_S:g})")
     parser.add_argument("--max-body-bytes", type=int, default=s.DEFAULT_MAX_BODY_BYTES,
                         help=f"largest request body accepted (default {s.DEFAULT_MAX_BODY_BYTES})")
+    parser.add_argument("--max-inflight-body-bytes", type=int, default=None,
+                        help="request body bytes held in memory at once; more wait in the queue "
+                             "(default 2 x --max-body-bytes)")
+    parser.add_argument("--header-timeout", type=float, default=s.DEFAULT_HEADER_TIMEOUT_S,
+                        help="seconds a connection may take to send a request's headers; also the keep-alive "
+                             f"idle time (default {s.DEFAULT_HEADER_TIMEOUT_S:g})")
+    parser.add_argument("--body-timeout", type=float, default=s.DEFAULT_BODY_TIMEOUT_S,
+                        help=f"seconds a request's body may take to arrive, else 408 (default {s.DEFAULT_BODY_TIMEOUT_S:g})")
+    parser.add_argument("--adapter-root", default=os.environ.get("VLMPOOL_ADAPTER_ROOT") or None,
+                        help="pushed adapter paths must resolve inside this directory, no symlinks "
+                             "(env VLMPOOL_ADAPTER_ROOT; default: not checked)")
+    parser.add_argument("--api-key-dir", default=os.environ.get("VLMPOOL_API_KEY_DIR") or None,
+                        help="a directory (mounted Secret) whose files' values are the accepted bearer tokens "
+                             "of the public API; /healthz, /readyz and /metrics stay open (default: no auth)")
     parser.add_argument("--no-access-log", action="store_true", help="do not log one line per request")
     parser.add_argument("--log-level", default=os.environ.get("VLMPOOL_LOG_LEVEL", "info"),
                         choices=["debug", "info", "warning", "error"], help="log level (JSON lines on stderr)")
 
 
 def build_config(args: argparse.Namespace):
+    from .defaults import DEFAULT_CONCURRENCY
     from .server import ProxyConfig, read_admin_token
 
-    concurrency = args.concurrency if args.concurrency is not None else _env_int(ENV_CONCURRENCY, 16)
+    concurrency = args.concurrency if args.concurrency is not None else _env_int(ENV_CONCURRENCY, DEFAULT_CONCURRENCY)
     config = ProxyConfig(
         engine_url=args.engine_url or os.environ.get("VLMPOOL_ENGINE_URL") or "http://127.0.0.1:8000",
         host=args.host,
         port=args.port,
+        admin_host=args.admin_host,
         admin_port=args.admin_port,
         admin_token=read_admin_token(),
         base_model=args.base_model or os.environ.get("VLMPOOL_BASE_MODEL") or None,
@@ -69,6 +87,11 @@ def build_config(args: argparse.Namespace):
         queue_timeout=args.queue_timeout,
         request_timeout=args.request_timeout,
         max_body_bytes=args.max_body_bytes,
+        max_inflight_body_bytes=args.max_inflight_body_bytes,
+        header_timeout=args.header_timeout,
+        body_timeout=args.body_timeout,
+        adapter_root=args.adapter_root,
+        api_key_dir=args.api_key_dir,
         access_log=not args.no_access_log,
     )
     config.validate()
@@ -87,7 +110,8 @@ async def _serve(config) -> int:
     gc.freeze()
     log.info(
         "proxy listening",
-        extra={"url": running.url, "admin_url": running.admin_url, "engine_url": config.engine_url,
+        extra={"bind": running.bind, "admin_bind": running.admin_bind, "engine_url": config.engine_url,
+               "api_keys": config.api_key_dir is not None, "adapter_root": config.adapter_root,
                "concurrency": config.concurrency, "queue_limit": config.queue_limit,
                "base_model": config.base_model},
     )

@@ -23,15 +23,26 @@ ALREADY_LOADED = "already been loaded"
 
 
 class EngineError(Exception):
-    """Base of engine failures."""
+    """Base of engine failures: the one hierarchy of the proxy's two engine clients (this module's for
+    admin calls, upstream.py's for generations)."""
 
 
 class EngineUnavailable(EngineError):
-    """Connection failure or timeout: the engine could not answer."""
+    """The engine could not answer: connection refused or broken, or a protocol error. ``code`` is the
+    error table's code."""
 
-    def __init__(self, message: str, *, code: str) -> None:
+    code = "engine_unreachable"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
         super().__init__(message)
-        self.code = code  # engine_unreachable | engine_timeout
+        if code is not None:
+            self.code = code
+
+
+class EngineTimeout(EngineUnavailable):
+    """The engine did not answer in time."""
+
+    code = "engine_timeout"
 
 
 @dataclass
@@ -119,9 +130,9 @@ class EngineClient:
             ) as resp:
                 return resp.status, await resp.text()
         except asyncio.TimeoutError as e:
-            raise EngineUnavailable(f"engine timed out on {path} after {self.request_timeout:g}s", code="engine_timeout") from e
+            raise EngineTimeout(f"engine timed out on {path} after {self.request_timeout:g}s") from e
         except aiohttp.ClientError as e:
-            raise EngineUnavailable(f"could not reach the engine at {self.base_url}: {e}", code="engine_unreachable") from e
+            raise EngineUnavailable(f"could not reach the engine at {self.base_url}: {e}") from e
 
     async def load_lora(self, lora_name: str, lora_path: str, request_id: str | None = None) -> None:
         """Idempotent: vLLM's 400 "already been loaded" counts as success."""
@@ -150,9 +161,9 @@ class EngineClient:
                     raise EngineHTTPError(resp.status, await resp.text())
                 data = await resp.json(content_type=None)
         except asyncio.TimeoutError as e:
-            raise EngineUnavailable("engine timed out on /v1/models", code="engine_timeout") from e
+            raise EngineTimeout("engine timed out on /v1/models") from e
         except aiohttp.ClientError as e:
-            raise EngineUnavailable(f"could not reach the engine at {self.base_url}: {e}", code="engine_unreachable") from e
+            raise EngineUnavailable(f"could not reach the engine at {self.base_url}: {e}") from e
         return list(data.get("data") or []) if isinstance(data, dict) else []
 
     async def healthy(self, timeout: float = 2.0) -> bool:

@@ -140,3 +140,70 @@ class ResizableLimiter:
                 continue
             self._grant()
             fut.set_result(None)
+
+
+class ByteBudget:
+    """A FIFO budget of bytes (request bodies held in memory at once).
+
+    ``acquire(n)`` waits until ``n`` bytes are free and no earlier waiter is still waiting (so a large
+    body is not starved by a stream of small ones), at most ``queue_limit`` waiters, each at most
+    ``timeout`` seconds; the same :class:`QueueFull` / :class:`QueueTimeout` as the limiter. One
+    request never asks for more than the whole budget (the caller caps ``n``).
+    """
+
+    def __init__(self, total: int, queue_limit: int) -> None:
+        if total < 1:
+            raise ValueError("total must be >= 1")
+        self.total = total
+        self.queue_limit = queue_limit
+        self.used = 0
+        self._waiters: dict[asyncio.Future[None], int] = {}
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    async def acquire(self, n: int, timeout: float) -> None:
+        n = min(n, self.total)
+        if not self._waiters and self.used + n <= self.total:
+            self.used += n
+            return
+        if len(self._waiters) >= self.queue_limit:
+            raise QueueFull(f"{len(self._waiters)} request bodies already wait for memory")
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters[fut] = n
+        try:
+            async with asyncio.timeout(timeout):
+                await fut
+        except TimeoutError:
+            if fut.done() and not fut.cancelled():
+                return
+            self._waiters.pop(fut, None)
+            self._wake()
+            raise QueueTimeout(f"waited more than {timeout:g}s for request-body memory") from None
+        except BaseException:
+            if fut.done() and not fut.cancelled():
+                self.release(n)
+            else:
+                self._waiters.pop(fut, None)
+                fut.cancel()
+                self._wake()
+            raise
+
+    def release(self, n: int) -> None:
+        self.used -= min(n, self.total)
+        if self.used < 0:
+            raise RuntimeError("ByteBudget.release() of more than was acquired")
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters:
+            fut, n = next(iter(self._waiters.items()))
+            if fut.done():
+                del self._waiters[fut]
+                continue
+            if self.used + n > self.total:
+                return
+            del self._waiters[fut]
+            self.used += n
+            fut.set_result(None)

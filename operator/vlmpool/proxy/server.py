@@ -8,8 +8,6 @@ cap on concurrency is the resizable limiter in front of the engine.
 from __future__ import annotations
 
 import asyncio
-import hmac
-import json
 import os
 import re
 import time
@@ -17,49 +15,43 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-import aiohttp
 from aiohttp import web
-from pydantic import ValidationError
 
 from .defaults import (
+    DEFAULT_BODY_TIMEOUT_S,
     DEFAULT_CONCURRENCY,
+    DEFAULT_HEADER_TIMEOUT_S,
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_QUEUE_LIMIT,
     DEFAULT_QUEUE_TIMEOUT_S,
     DEFAULT_REQUEST_TIMEOUT_S,
 )
-from .engine import EngineClient, EngineHTTPError, EngineUnavailable, is_unknown_model_404, parse_error_body
-from .limiter import LimiterRejected, ResizableLimiter
+from .admin import ADMIN_MAX_BODY_BYTES, AdminAPI
+from .context import CTX, RequestContext
+from .engine import EngineClient, EngineHTTPError, EngineUnavailable
+from .errors import (  # noqa: F401 - map_engine_error: the error table, imported from here by callers
+    adapter_unavailable,
+    error_response,
+    http_code,
+    map_engine_error,
+    model_not_found,
+    too_large,
+    unavailable_response,
+)
+from .forwarding import Forwarder
+from .guard import ApiKeys, InputRefused, parse_json, read_request_body
+from .limiter import ByteBudget, LimiterRejected, ResizableLimiter
 from .logs import REQUEST_ID, get_logger, new_request_id
 from .metrics import ProxyMetrics
-from .upstream import Upstream, UpstreamError, UpstreamResponse, UpstreamTimeout
-from .state import AdapterRegistry, DesiredState, LoadedVersion, Unavailable
+from .state import AdapterRegistry, Unavailable
+from .upstream import Upstream
 
 log = get_logger()
 access_log = get_logger("access")
 
-UPSTREAM_MESSAGE_CHARS = 300
-MODERATION_MARKERS = ("data_inspection_failed", "inappropriate")
 REQUEST_ID_RE = re.compile(r"^[\x21-\x7e]{1,200}$")
-
-
-@dataclass(slots=True)
-class RequestContext:
-    """What the middleware and the handlers know about one request."""
-
-    request_id: str
-    route: str | None = None  # metrics label; None: not counted
-    model: str | None = None  # as the client sent it
-    model_label: str = "unknown"  # metrics label: a served name, or "unknown"
-    served_by: str | None = None  # the engine-side name that answered
-    version: LoadedVersion | None = None  # the adapter version counted as in flight
-    status_override: int | None = None  # a stream's real outcome (headers already sent as 200)
-    queue_s: float = 0.0  # waiting for a limiter slot
-    engine_t0: float = 0.0
-    engine_s: float = 0.0  # from the first byte sent to the engine to the last byte received from it
-
-
-CTX = web.RequestKey("vlmpool_request", RequestContext)
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})  # never behind the API key
+LINGER_S = 2.0  # aiohttp's default is 10 s of reading a refused body's rest
 
 
 @dataclass
@@ -76,6 +68,11 @@ class ProxyConfig:
     queue_timeout: float = DEFAULT_QUEUE_TIMEOUT_S
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_inflight_body_bytes: int | None = None  # request bodies held at once; default 2 x max_body_bytes
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT_S  # a request's headers (also the keep-alive idle time)
+    body_timeout: float = DEFAULT_BODY_TIMEOUT_S  # a request's whole body, once its headers arrived
+    adapter_root: str | None = None  # adapter paths must resolve inside it (None: not checked)
+    api_key_dir: str | None = None  # a mounted Secret: each file's value is an accepted bearer token
     access_log: bool = True
     shutdown_timeout: float = 30.0
     retry_interval: float = 5.0  # re-try loads that met an unreachable engine this often (0: never)
@@ -95,44 +92,19 @@ class ProxyConfig:
             problems.append(f"queue timeout must be > 0 seconds (got {self.queue_timeout})")
         if self.request_timeout <= 0:
             problems.append(f"request timeout must be > 0 seconds (got {self.request_timeout})")
+        if self.max_inflight_body_bytes is not None and self.max_inflight_body_bytes < self.max_body_bytes:
+            problems.append(f"max in-flight body bytes ({self.max_inflight_body_bytes}) must be >= max body bytes "
+                            f"({self.max_body_bytes})")
+        if self.header_timeout <= 0 or self.body_timeout <= 0:
+            problems.append("header and body timeouts must be > 0 seconds")
+        if self.api_key_dir is not None and not os.path.isdir(self.api_key_dir):
+            problems.append(f"API key directory {self.api_key_dir} does not exist")
+        if self.adapter_root is not None and not self.adapter_root.startswith("/"):
+            problems.append(f"adapter root must be an absolute path (got {self.adapter_root!r})")
         if not self.engine_url.startswith(("http://", "https://")):
             problems.append(f"engine URL must be http(s)://host:port (got {self.engine_url!r})")
         if problems:
             raise ValueError("; ".join(problems))
-
-
-def error_response(
-    status: int, message: str, *, type_: str, code: str | None, param: str | None = None,
-    headers: dict[str, str] | None = None, **extra: object,
-) -> web.Response:
-    err: dict[str, object] = {"message": message, "type": type_, "param": param, "code": code}
-    err.update(extra)
-    return web.Response(
-        body=json.dumps({"error": err}).encode(), status=status, content_type="application/json", headers=headers
-    )
-
-
-def map_engine_error(status: int, body: str) -> web.Response:
-    """The error table for an engine answer >= 400: 4xx -> 422 (a per-request problem; the upstream
-    status, code and message and a moderation flag travel in the error object), 5xx -> 503."""
-    message, etype, ecode = parse_error_body(body)
-    message = message[:UPSTREAM_MESSAGE_CHARS]
-    if 400 <= status < 500:
-        lowered = body.lower()
-        moderated = any(m in lowered for m in MODERATION_MARKERS)
-        return error_response(
-            422, message, type_="upstream_client_error", code="vlm_client_error",
-            kind="vlm_client_error", upstream_status=status, upstream_code=ecode, upstream_type=etype,
-            moderated=moderated,
-        )
-    return error_response(
-        503, message or f"engine answered HTTP {status}", type_="engine_error", code="engine_error",
-        upstream_status=status, upstream_code=ecode, upstream_type=etype, headers={"Retry-After": "1"},
-    )
-
-
-def unavailable_response(e: EngineUnavailable) -> web.Response:
-    return error_response(503, str(e)[:UPSTREAM_MESSAGE_CHARS], type_="engine_error", code=e.code, headers={"Retry-After": "1"})
 
 
 class Proxy:
@@ -153,10 +125,14 @@ class Proxy:
         )
         self._base_model: str | None = config.base_model
         self._base_lock = asyncio.Lock()
-        self._token = (config.admin_token or "").encode()
         self._created = int(time.time())
         self.shutting_down = False
         self.upstream = Upstream(config.engine_url, keepalive_s=4.0)
+        self.body_budget = ByteBudget(config.max_inflight_body_bytes or 2 * config.max_body_bytes, config.queue_limit)
+        self.api_keys = ApiKeys(config.api_key_dir) if config.api_key_dir else None
+        self.forwarder = Forwarder(self.upstream, self.registry, self.metrics, config.request_timeout)
+        self.admin = AdminAPI(self.registry, config.admin_token or "", base_model=self.base_model,
+                              adapter_root=config.adapter_root, body_timeout=config.body_timeout)
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -174,7 +150,8 @@ class Proxy:
             self.limiter.resize(n)
 
     def build_apps(self) -> tuple[web.Application, web.Application]:
-        public = web.Application(client_max_size=self.config.max_body_bytes, middlewares=[self._middleware])
+        public_mw = [self._middleware] + ([self._api_key_auth] if self.api_keys is not None else [])
+        public = web.Application(client_max_size=self.config.max_body_bytes, middlewares=public_mw)
         public.router.add_post("/v1/chat/completions", self.handle_generation)
         public.router.add_post("/v1/completions", self.handle_generation)
         public.router.add_get("/v1/models", self.handle_models)
@@ -183,9 +160,8 @@ class Proxy:
         public.router.add_get("/metrics", self.handle_metrics)
         public.on_response_prepare.append(self._stamp_request_id)
 
-        admin = web.Application(client_max_size=8 * 1024 * 1024, middlewares=[self._middleware, self._admin_auth])
-        admin.router.add_get("/admin/v1/state", self.handle_get_state)
-        admin.router.add_put("/admin/v1/state", self.handle_put_state)
+        admin = web.Application(client_max_size=ADMIN_MAX_BODY_BYTES, middlewares=[self._middleware, self.admin.auth])
+        self.admin.routes(admin)
         admin.on_response_prepare.append(self._stamp_request_id)
         return public, admin
 
@@ -205,7 +181,7 @@ class Proxy:
             except web.HTTPException as e:
                 if e.status < 400:
                     raise
-                resp = error_response(e.status, e.reason, type_="invalid_request_error", code=_http_code(e.status))
+                resp = error_response(e.status, e.reason, type_="invalid_request_error", code=http_code(e.status))
             except asyncio.CancelledError:
                 status = 499
                 raise
@@ -235,15 +211,15 @@ class Proxy:
             REQUEST_ID.reset(token)
 
     @web.middleware
-    async def _admin_auth(self, request: web.Request, handler) -> web.StreamResponse:
-        header = request.headers.get("Authorization", "")
-        scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self._token):
-            log.warning("admin request refused: bad or missing bearer token", extra={"path": request.path})
-            return error_response(
-                401, "missing or invalid bearer token", type_="authentication_error", code="invalid_token",
-                headers={"WWW-Authenticate": 'Bearer realm="vlmpool-proxy-admin"'},
+    async def _api_key_auth(self, request: web.Request, handler) -> web.StreamResponse:
+        assert self.api_keys is not None
+        if request.path not in OPEN_PATHS and not self.api_keys.accepts(request.headers.get("Authorization", "")):
+            resp = error_response(
+                401, "missing or invalid API key", type_="authentication_error", code="invalid_api_key",
+                headers={"WWW-Authenticate": 'Bearer realm="vlmpool"'},
             )
+            resp.force_close()  # the body (maybe large) is never read
+            return resp
         return await handler(request)
 
     @staticmethod
@@ -311,15 +287,28 @@ class Proxy:
         route = request.path
         ctx = request[CTX]
         ctx.route = route
+        announced = request.content_length
+        if announced is not None and announced > self.config.max_body_bytes:
+            return too_large(self.config.max_body_bytes)
+        # memory: bodies are held only within the in-flight body budget (unknown length: the maximum)
+        held = min(announced if announced is not None else self.config.max_body_bytes, self.body_budget.total)
         try:
-            raw = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            return error_response(413, f"request body larger than {self.config.max_body_bytes} bytes",
-                                  type_="invalid_request_error", code="request_too_large")
+            await self.body_budget.acquire(held, self.config.queue_timeout)
+        except LimiterRejected as e:
+            return self._rejected(e)
         try:
-            payload = json.loads(raw)
-        except ValueError:
-            return error_response(400, "request body is not valid JSON", type_="invalid_request_error", code="invalid_json")
+            return await self._generation(request, ctx, route)
+        finally:
+            self.body_budget.release(held)
+
+    async def _generation(self, request: web.Request, ctx: RequestContext, route: str) -> web.StreamResponse:
+        raw = await read_request_body(request, self.config.max_body_bytes, self.config.body_timeout)
+        if isinstance(raw, web.Response):
+            return raw
+        try:
+            payload = parse_json(raw)
+        except InputRefused as e:
+            return error_response(400, str(e), type_="invalid_request_error", code=e.code)
         if not isinstance(payload, dict):
             return error_response(400, "request body must be a JSON object", type_="invalid_request_error", code="invalid_json")
         model = payload.get("model")
@@ -343,17 +332,21 @@ class Proxy:
             except EngineHTTPError as e:
                 return map_engine_error(e.status, e.body)
             if model != base:
-                return _model_not_found(model)
+                return model_not_found(model)
             ctx.model_label = model
+        stream = payload.get("stream") is True
+        # memory: keep one form of the body while it waits and runs, the bytes as received (base
+        # model, nothing rewritten) or the parsed object (the model name is rewritten)
+        if adapter or rewrite:
+            raw = None
+        else:
+            payload = None
 
         t_wait = time.perf_counter()
         try:
             await self.limiter.acquire(self.config.queue_timeout)
         except LimiterRejected as e:
-            self.metrics.rejected.labels(e.reason).inc()
-            retry_after = "1" if e.reason == "queue_full" else str(max(1, int(self.config.queue_timeout // 10)))
-            return error_response(429, f"too many requests: {e}", type_="rate_limit_error", code=e.reason,
-                                  headers={"Retry-After": retry_after})
+            return self._rejected(e)
         ctx.queue_s = time.perf_counter() - t_wait
         self.metrics.queue_wait.observe(ctx.queue_s)
         try:
@@ -361,183 +354,23 @@ class Proxy:
                 # route only now, when the request goes to the engine: a request that waited in the
                 # queue through a swap gets the new version, and never delays the old one's unload
                 if not self.registry.is_desired(model):
-                    return _model_not_found(model)  # removed while it waited
+                    return model_not_found(model)  # removed while it waited
                 try:
                     ctx.version = self.registry.acquire(model)
                 except Unavailable as e:
-                    return error_response(503, str(e)[:UPSTREAM_MESSAGE_CHARS], type_="engine_error",
-                                          code="adapter_unavailable", param="model", headers={"Retry-After": "5"})
-            return await self._forward(request, route, payload, raw, rewrite, model)
+                    return adapter_unavailable(str(e))
+            return await self.forwarder.forward(request, route, model, payload, raw, stream)
         finally:
             self.limiter.release()
             if ctx.version is not None:
                 self.registry.release(ctx.version)
                 ctx.version = None
 
-    async def _forward(self, request, route, payload, raw, rewrite, model) -> web.StreamResponse:
-        stream = payload.get("stream") is True
-        ctx = request[CTX]
-        up = self.upstream
-        t_limit = self.config.request_timeout
-        t0 = ctx.engine_t0 = time.perf_counter()
-        try:
-            return await self._exchange(request, route, payload, raw, rewrite, model, stream, ctx, up, t_limit, t0)
-        finally:
-            if not ctx.engine_s:  # streams set it when the engine's last byte arrived
-                ctx.engine_s = time.perf_counter() - t0
-
-    async def _exchange(self, request, route, payload, raw, rewrite, model, stream, ctx, up, t_limit, t0):
-        healed = False
-        while True:
-            version = ctx.version
-            internal = version.internal if version is not None else model
-            ctx.served_by = internal
-            if version is None and not rewrite:
-                data = raw
-            else:
-                payload["model"] = internal
-                data = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + t_limit  # non-streaming: the whole call; streams: each silence
-            try:
-                resp = await up.post(route, data, ctx.request_id, stream=stream, timeout=t_limit)
-            except UpstreamError as e:
-                return unavailable_response(EngineUnavailable(_upstream_message(e, t_limit), code=e.code))
-            try:
-                if resp.status >= 400:
-                    raw = await _read_body(up, resp, deadline if not stream else loop.time() + t_limit, t_limit)
-                    if isinstance(raw, web.Response):
-                        return raw
-                    body = raw.decode("utf-8", errors="replace")
-                    if not healed and version is not None and is_unknown_model_404(resp.status, body, internal):
-                        healed = True
-                        up.release(resp)
-                        new = await self.registry.heal(model, version)
-                        if new is None:
-                            return error_response(
-                                503, f"adapter {model!r} is not loaded in the engine and could not be re-loaded",
-                                type_="engine_error", code="adapter_unavailable", param="model",
-                                headers={"Retry-After": "5"},
-                            )
-                        ctx.version = new
-                        self.registry.release(version)
-                        continue
-                    log.warning("engine error", extra={"upstream_status": resp.status, "body": body[:500]})
-                    return map_engine_error(resp.status, body)
-                self.metrics.observe_ttfb(route, time.perf_counter() - t0)
-                if stream:
-                    return await self._stream(request, resp, internal)
-                body_bytes = await _read_body(up, resp, deadline, t_limit)
-                if isinstance(body_bytes, web.Response):
-                    return body_bytes
-                headers = {"Content-Type": resp.headers.get("content-type", "application/json"), "X-Vlmpool-Served-By": internal}
-                if "content-encoding" in resp.headers:
-                    headers["Content-Encoding"] = resp.headers["content-encoding"]
-                return web.Response(body=body_bytes, status=resp.status, headers=headers)
-            except BaseException:
-                up.abort(resp)  # cancelled or failed half-way: never reuse this connection
-                raise
-            finally:
-                up.release(resp)  # no-op when aborted
-
-    async def _stream(self, request: web.Request, resp: UpstreamResponse, internal: str) -> web.StreamResponse:
-        up = self.upstream
-        headers = {
-            "Content-Type": resp.headers.get("content-type", "text/event-stream"),
-            "Cache-Control": "no-cache",
-            "X-Vlmpool-Served-By": internal,
-        }
-        if "content-encoding" in resp.headers:
-            headers["Content-Encoding"] = resp.headers["content-encoding"]
-        out = web.StreamResponse(status=resp.status, headers=headers)
-        await out.prepare(request)
-        ctx = request[CTX]
-        try:
-            async for chunk in resp.iter_chunks(self.config.request_timeout):
-                await out.write(chunk)
-            ctx.engine_s = time.perf_counter() - ctx.engine_t0
-        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-            # the client went away: drop the engine connection so the engine aborts the generation
-            up.abort(resp)
-            request[CTX].status_override = 499
-            log.info("client disconnected during a stream")
-            return out
-        except UpstreamError as e:
-            up.abort(resp)
-            request[CTX].status_override = 503
-            log.error("engine stream broke", extra={"error": str(e)})
-            err = {"error": {"message": f"engine stream broke: {e}"[:UPSTREAM_MESSAGE_CHARS], "type": "engine_error",
-                             "param": None, "code": e.code}}
-            try:
-                await out.write(b"data: " + json.dumps(err).encode() + b"\n\n")
-            except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-                return out
-        try:
-            await out.write_eof()
-        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-            pass
-        return out
-
-    # -- admin handlers -----------------------------------------------------------------------
-    async def handle_get_state(self, request: web.Request) -> web.Response:
-        return web.json_response(self.registry.snapshot())
-
-    async def handle_put_state(self, request: web.Request) -> web.Response:
-        try:
-            raw = await request.read()
-            data = json.loads(raw)
-        except ValueError:
-            return error_response(400, "request body is not valid JSON", type_="invalid_request_error", code="invalid_json")
-        try:
-            state = DesiredState.model_validate(data)
-        except ValidationError as e:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']) or '(body)'}: {err['msg']}" for err in e.errors()
-            )
-            return error_response(400, f"invalid state: {problems}", type_="invalid_request_error", code="invalid_state")
-        base = None
-        try:
-            base = await self.base_model()
-        except (EngineUnavailable, EngineHTTPError):
-            pass  # unknown for now; the apply goes on (loads will report the engine's state)
-        clash = [a.name for a in state.adapters if base is not None and a.name == base]
-        if clash:
-            return error_response(400, f"invalid state: adapter name {clash[0]!r} is the base model's name",
-                                  type_="invalid_request_error", code="invalid_state")
-        applied, snap = await self.registry.apply(state, request[CTX].request_id)
-        if not applied:
-            return web.json_response(snap, status=409)
-        return web.json_response(snap)
-
-
-def _model_not_found(model: str) -> web.Response:
-    return error_response(404, f"The model `{model}` does not exist.", type_="invalid_request_error",
-                          code="model_not_found", param="model")
-
-
-async def _read_body(up: Upstream, resp: UpstreamResponse, deadline: float, t_limit: float) -> bytes | web.Response:
-    """The engine response's whole body by `deadline`, or the 503 to answer when it times out or
-    the connection breaks (the connection is then dropped, not reused)."""
-    try:
-        async with asyncio.timeout_at(deadline):
-            return await resp.read()
-    except TimeoutError:
-        up.abort(resp)
-        return unavailable_response(EngineUnavailable(_upstream_message(UpstreamTimeout(""), t_limit), code="engine_timeout"))
-    except UpstreamError as e:
-        up.abort(resp)
-        return unavailable_response(EngineUnavailable(_upstream_message(e, t_limit), code=e.code))
-
-
-def _upstream_message(e: UpstreamError, timeout: float) -> str:
-    if isinstance(e, UpstreamTimeout):
-        return f"engine timed out after {timeout:g}s"
-    return str(e)
-
-
-def _http_code(status: int) -> str:
-    return {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(status, f"http_{status}")
-
+    def _rejected(self, e: LimiterRejected) -> web.Response:
+        self.metrics.rejected.labels(e.reason).inc()
+        retry_after = "1" if e.reason == "queue_full" else str(max(1, int(self.config.queue_timeout // 10)))
+        return error_response(429, f"too many requests: {e}", type_="rate_limit_error", code=e.reason,
+                              headers={"Retry-After": retry_after})
 
 @dataclass
 class RunningProxy:
@@ -546,6 +379,8 @@ class RunningProxy:
     admin_url: str
     port: int
     admin_port: int
+    bind: str = ""  # the addresses really bound (0.0.0.0 stays 0.0.0.0), for the log
+    admin_bind: str = ""
 
 
 async def start_proxy(config: ProxyConfig) -> tuple[RunningProxy, list[web.AppRunner]]:
@@ -559,7 +394,11 @@ async def start_proxy(config: ProxyConfig) -> tuple[RunningProxy, list[web.AppRu
             (public, config.host, config.port),
             (admin, config.admin_host or config.host, config.admin_port),
         ):
-            runner = web.AppRunner(app, access_log=None, shutdown_timeout=config.shutdown_timeout, handle_signals=False)
+            # keepalive_timeout is aiohttp's deadline for a connection's next request head, armed at
+            # connect and after each response: it is the header timeout (and the keep-alive idle time);
+            # after an answer given before the body was read, the rest is drained LINGER_S at most
+            runner = web.AppRunner(app, access_log=None, shutdown_timeout=config.shutdown_timeout, handle_signals=False,
+                                   keepalive_timeout=config.header_timeout, lingering_time=LINGER_S)
             await runner.setup()
             runners.append(runner)
             site = web.TCPSite(runner, host, port, backlog=2048, reuse_address=True)
@@ -573,7 +412,8 @@ async def start_proxy(config: ProxyConfig) -> tuple[RunningProxy, list[web.AppRu
     host = config.host if config.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
     ahost = (config.admin_host or config.host)
     ahost = ahost if ahost not in ("0.0.0.0", "::", "") else "127.0.0.1"
-    running = RunningProxy(proxy, f"http://{host}:{ports[0]}", f"http://{ahost}:{ports[1]}", ports[0], ports[1])
+    running = RunningProxy(proxy, f"http://{host}:{ports[0]}", f"http://{ahost}:{ports[1]}", ports[0], ports[1],
+                           bind=f"{config.host}:{ports[0]}", admin_bind=f"{config.admin_host or config.host}:{ports[1]}")
     return running, runners
 
 

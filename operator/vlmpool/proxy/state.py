@@ -28,6 +28,8 @@ log = get_logger("state")
 
 SERVED_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,252}$")
 VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# an engine LoRA name vlmpool gave: `<served>@<version>` (served names have no '@')
+INTERNAL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,252}@[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 LOAD_ATTEMPTS = 3  # connection failures / timeouts are transient: retried with a short backoff
 REASON_CHARS = 500
 
@@ -61,7 +63,7 @@ class AdapterSpec(BaseModel):
 class DesiredState(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    generation: Annotated[StrictInt, Field(ge=0)]
+    generation: Annotated[StrictInt, Field(ge=0, lt=2**63)]  # an int64, as metadata.generation
     concurrency: Annotated[StrictInt, Field(ge=1, le=100_000)]
     adapters: list[AdapterSpec] = Field(default_factory=list, max_length=10_000)
 
@@ -128,6 +130,7 @@ class AdapterRegistry:
         self._background: set[asyncio.Task] = set()
         self._transient: set[str] = set()  # desired adapters whose last load met an unreachable engine
         self._retry_task: asyncio.Task | None = None
+        self.leftovers_reconciled = False  # the engine's adapters from an earlier proxy process were checked
 
     # -- request path (synchronous: no await between lookup and count) -------------------------
     def is_desired(self, served: str) -> bool:
@@ -211,6 +214,8 @@ class AdapterRegistry:
             for served in [s for s in self.status if s not in desired]:
                 del self.status[served]
             self._transient &= set(desired)
+            if not self.leftovers_reconciled:
+                await self._unload_leftovers(desired, request_id)
             await asyncio.gather(*(self._converge(a, request_id) for a in desired.values()))
             self.metrics.adapters_loaded.set(len(self.alias))
             log.info(
@@ -256,6 +261,33 @@ class AdapterRegistry:
             log.info("adapter version swapped", extra={"adapter": spec.name, "old": old.version, "new": spec.version})
             self._retire(old, request_id)
         self.status[spec.name] = {"name": spec.name, "version": spec.version, "state": "loaded"}
+
+    async def _unload_leftovers(self, desired: dict[str, AdapterSpec], request_id: str | None) -> None:
+        """First push after a (re)start: the engine may still hold adapters an earlier proxy process
+        loaded. Unload those named `<served>@<version>` (vlmpool's form) that are not desired now; never
+        touch another name. Done once, when the engine answered (else tried again at the next push)."""
+        try:
+            models = await self.engine.list_models()
+        except (EngineHTTPError, EngineUnavailable) as e:
+            log.warning("could not list the engine's adapters; leftovers are checked at the next push",
+                        extra={"error": str(e)[:REASON_CHARS]})
+            return
+        wanted = {a.internal for a in desired.values()} | set(self.versions)
+        base = self._base_model()
+        leftovers = sorted(
+            m["id"] for m in models
+            if isinstance(m, dict) and isinstance(m.get("id"), str) and m.get("parent") and m["id"] != base
+            and INTERNAL_RE.match(m["id"]) and m["id"] not in wanted
+        )
+        for name in leftovers:
+            try:
+                await self.engine.unload_lora(name, request_id)
+            except (EngineHTTPError, EngineUnavailable) as e:
+                log.error("leftover adapter unload failed", extra={"adapter": name, "error": str(e)[:REASON_CHARS]})
+                return  # checked again at the next push
+            self.metrics.adapter_unloads.labels(name.split("@", 1)[0]).inc()
+            log.info("unloaded an adapter an earlier proxy process left in the engine", extra={"adapter": name})
+        self.leftovers_reconciled = True
 
     async def _load(self, served: str, internal: str, path: str, request_id: str | None) -> None:
         delay = 0.2

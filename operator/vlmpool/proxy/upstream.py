@@ -18,19 +18,11 @@ from collections import deque
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
+from .engine import EngineTimeout, EngineUnavailable
+
 MAX_HEAD_BYTES = 64 * 1024
 PAUSE_ABOVE = 1024 * 1024  # streamed bytes buffered before reading from the engine pauses
 DNS_TTL_S = 30.0
-
-
-class UpstreamError(Exception):
-    """The engine could not be reached or broke the connection / the protocol."""
-
-    code = "engine_unreachable"
-
-
-class UpstreamTimeout(UpstreamError):
-    code = "engine_timeout"
 
 
 class _Conn(asyncio.Protocol):
@@ -77,7 +69,7 @@ class _Conn(asyncio.Protocol):
             self._finish()
             return
         if self._state not in ("idle", "done"):
-            self._fail(UpstreamError(f"engine closed the connection{': ' + str(exc) if exc else ''}"))
+            self._fail(EngineUnavailable(f"engine closed the connection{': ' + str(exc) if exc else ''}"))
 
     def data_received(self, data: bytes) -> None:
         if self._state in ("idle", "done"):
@@ -89,7 +81,7 @@ class _Conn(asyncio.Protocol):
         self._buf += data
         try:
             self._parse()
-        except UpstreamError as e:
+        except EngineUnavailable as e:
             self._fail(e)
             if self.transport is not None:
                 self.transport.close()
@@ -103,7 +95,7 @@ class _Conn(asyncio.Protocol):
                 end = buf.find(b"\r\n\r\n")
                 if end < 0:
                     if len(buf) > MAX_HEAD_BYTES:
-                        raise UpstreamError("engine response head too large")
+                        raise EngineUnavailable("engine response head too large")
                     return
                 head = bytes(buf[:end])
                 del buf[: end + 4]
@@ -123,14 +115,14 @@ class _Conn(asyncio.Protocol):
                 end = buf.find(b"\r\n")
                 if end < 0:
                     if len(buf) > 1024:
-                        raise UpstreamError("invalid chunk size line from the engine")
+                        raise EngineUnavailable("invalid chunk size line from the engine")
                     return
                 line = bytes(buf[:end]).split(b";", 1)[0].strip()
                 del buf[: end + 2]
                 try:
                     size = int(line, 16)
                 except ValueError:
-                    raise UpstreamError("invalid chunk size from the engine") from None
+                    raise EngineUnavailable("invalid chunk size from the engine") from None
                 if size == 0:
                     self._state = "trailers"
                 else:
@@ -149,7 +141,7 @@ class _Conn(asyncio.Protocol):
                 if len(buf) < 2:
                     return
                 if buf[:2] != b"\r\n":
-                    raise UpstreamError("invalid chunk framing from the engine")
+                    raise EngineUnavailable("invalid chunk framing from the engine")
                 del buf[:2]
                 self._state = "chunk_size"
             elif st == "trailers":
@@ -172,18 +164,18 @@ class _Conn(asyncio.Protocol):
         first = head.split(b"\r\n", 1)[0]
         parts = first.split(b" ", 2)
         if len(parts) < 2 or not parts[0].startswith(b"HTTP/1."):
-            raise UpstreamError(f"invalid status line from the engine: {first[:80]!r}")
+            raise EngineUnavailable(f"invalid status line from the engine: {first[:80]!r}")
         try:
             status = int(parts[1])
         except ValueError:
-            raise UpstreamError(f"invalid status line from the engine: {first[:80]!r}") from None
+            raise EngineUnavailable(f"invalid status line from the engine: {first[:80]!r}") from None
         if 100 <= status < 200:
             return False
         headers: dict[str, str] = {}
         for line in head.decode("latin-1").split("\r\n")[1:]:
             name, sep, value = line.partition(":")
             if not sep:
-                raise UpstreamError("invalid header line from the engine")
+                raise EngineUnavailable("invalid header line from the engine")
             key = name.strip().lower()
             val = value.strip()
             headers[key] = f"{headers[key]}, {val}" if key in headers else val
@@ -196,13 +188,13 @@ class _Conn(asyncio.Protocol):
         te = headers.get("transfer-encoding", "").lower()
         if te:
             if te.rsplit(",", 1)[-1].strip() != "chunked":
-                raise UpstreamError(f"unsupported transfer-encoding from the engine: {te}")
+                raise EngineUnavailable(f"unsupported transfer-encoding from the engine: {te}")
             self._state = "chunk_size"
         elif "content-length" in headers:
             try:
                 self._remaining = int(headers["content-length"])
             except ValueError:
-                raise UpstreamError("invalid content-length from the engine") from None
+                raise EngineUnavailable("invalid content-length from the engine") from None
             self._state = "length"
         elif status in (204, 304):
             self._remaining = 0
@@ -281,7 +273,7 @@ class UpstreamResponse:
         return c._take()
 
     async def iter_chunks(self, idle_timeout: float) -> AsyncIterator[bytes]:
-        """Body pieces as they arrive; UpstreamTimeout when the engine stays silent `idle_timeout` s."""
+        """Body pieces as they arrive; EngineTimeout when the engine stays silent `idle_timeout` s."""
         c = self._conn
         while True:
             if c._chunks:
@@ -295,7 +287,7 @@ class UpstreamResponse:
                 async with asyncio.timeout(idle_timeout):
                     await c._wait()
             except TimeoutError:
-                raise UpstreamTimeout(f"engine sent nothing for {idle_timeout:g}s") from None
+                raise EngineTimeout(f"engine sent nothing for {idle_timeout:g}s") from None
 
     def text(self, data: bytes) -> str:
         return data.decode("utf-8", errors="replace")
@@ -344,9 +336,9 @@ class Upstream:
                 if i:
                     self._addrs = [addrs[i]] + [a for a in addrs if a != addrs[i]]
         except TimeoutError:
-            raise UpstreamTimeout(f"connecting to the engine at {self.host}:{self.port} timed out") from None
+            raise EngineTimeout(f"connecting to the engine at {self.host}:{self.port} timed out") from None
         except OSError as e:
-            raise UpstreamError(f"could not connect to the engine at {self.host}:{self.port}: {e}") from None
+            raise EngineUnavailable(f"could not connect to the engine at {self.host}:{self.port}: {e}") from None
         self._all.add(conn)
         return conn
 
@@ -400,14 +392,18 @@ class Upstream:
         conn._stream = stream
         fut = conn._head_fut = loop.create_future()
         assert conn.transport is not None
-        conn.transport.write(head + body)
+        if len(body) <= 65536:
+            conn.transport.write(head + body)
+        else:  # a large body is not copied into one buffer with its head
+            conn.transport.write(head)
+            conn.transport.write(body)
         try:
             async with asyncio.timeout(timeout):
                 return await fut
         except TimeoutError:
             self._discard(conn)
-            raise UpstreamTimeout(f"engine did not answer within {timeout:g}s") from None
-        except UpstreamError:
+            raise EngineTimeout(f"engine did not answer within {timeout:g}s") from None
+        except EngineUnavailable:
             self._discard(conn)
             raise
         except BaseException:

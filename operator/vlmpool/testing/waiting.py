@@ -20,3 +20,23 @@ def wait_for(fn: Callable[[], Any], timeout: float = 90.0, interval: float = 0.3
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
+
+
+async def wait_until(fn: Callable[[], Any], timeout: float = 30.0, interval: float = 0.02,
+                     what: str = "condition") -> Any:
+    """The async form of wait_for: fn() may be sync or return an awaitable; polled on the running loop
+    until truthy (returned) or the deadline (AssertionError naming `what` and the last value)."""
+    import asyncio
+    import inspect
+
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        last = fn()
+        if inspect.isawaitable(last):
+            last = await last
+        if last:
+            return last
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}; last: {last!r}")
+        await asyncio.sleep(interval)

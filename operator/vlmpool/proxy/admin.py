@@ -1,0 +1,89 @@
+"""The operator's admin API: ``PUT /admin/v1/state`` (declarative, idempotent, generation-gated; the
+registry makes the engine match it and resizes the limiter) and ``GET /admin/v1/state``, behind a
+bearer token. Input is refused before it reaches the registry: bounded JSON, an int64 generation,
+adapter paths confined to the adapter root."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+from pydantic import ValidationError
+
+from .context import CTX
+from .engine import EngineHTTPError, EngineUnavailable
+from .errors import error_response
+from .guard import InputRefused, confine_path, parse_json, read_request_body
+from .logs import get_logger
+from .state import AdapterRegistry, DesiredState
+
+log = get_logger()
+
+ADMIN_MAX_BODY_BYTES = 8 * 1024 * 1024
+ADMIN_MAX_JSON_DEPTH = 8  # {adapters: [{name: ...}]} is 3 deep
+
+
+class AdminAPI:
+    def __init__(self, registry: AdapterRegistry, token: str, *, base_model: Callable[[], Awaitable[str | None]],
+                 adapter_root: str | None, body_timeout: float) -> None:
+        self.registry = registry
+        self._token = token.encode()
+        self._base_model = base_model
+        self.adapter_root = adapter_root
+        self.body_timeout = body_timeout
+
+    def routes(self, app: web.Application) -> None:
+        app.router.add_get("/admin/v1/state", self.handle_get_state)
+        app.router.add_put("/admin/v1/state", self.handle_put_state)
+
+    @web.middleware
+    async def auth(self, request: web.Request, handler) -> web.StreamResponse:
+        header = request.headers.get("Authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self._token):
+            log.warning("admin request refused: bad or missing bearer token", extra={"path": request.path})
+            return error_response(
+                401, "missing or invalid bearer token", type_="authentication_error", code="invalid_token",
+                headers={"WWW-Authenticate": 'Bearer realm="vlmpool-proxy-admin"'},
+            )
+        return await handler(request)
+
+    async def handle_get_state(self, request: web.Request) -> web.Response:
+        return web.json_response(self.registry.snapshot())
+
+    async def handle_put_state(self, request: web.Request) -> web.Response:
+        raw = await read_request_body(request, ADMIN_MAX_BODY_BYTES, self.body_timeout)
+        if isinstance(raw, web.Response):
+            return raw
+        try:
+            data = parse_json(raw, max_depth=ADMIN_MAX_JSON_DEPTH)
+        except InputRefused as e:
+            return error_response(400, str(e), type_="invalid_request_error", code=e.code)
+        try:
+            state = DesiredState.model_validate(data)
+        except ValidationError as e:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or '(body)'}: {err['msg']}" for err in e.errors()
+            )
+            return error_response(400, f"invalid state: {problems[:2000]}", type_="invalid_request_error",
+                                  code="invalid_state")
+        root = self.adapter_root
+        for a in state.adapters if root is not None else ():
+            problem = confine_path(a.path, root)
+            if problem:
+                return error_response(400, f"invalid state: adapters[{a.name!r}].path {problem}",
+                                      type_="invalid_request_error", code="invalid_path", param="adapters.path")
+        base = None
+        try:
+            base = await self._base_model()
+        except (EngineUnavailable, EngineHTTPError):
+            pass  # unknown for now; the apply goes on (loads will report the engine's state)
+        clash = [a.name for a in state.adapters if base is not None and a.name == base]
+        if clash:
+            return error_response(400, f"invalid state: adapter name {clash[0]!r} is the base model's name",
+                                  type_="invalid_request_error", code="invalid_state")
+        applied, snap = await self.registry.apply(state, request[CTX].request_id)
+        if not applied:
+            return web.json_response(snap, status=409)
+        return web.json_response(snap)
