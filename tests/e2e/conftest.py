@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -135,7 +136,8 @@ class HelmE2E(ChartOperator, LocalE2E):
         self.kubectl("create", "namespace", E2E_NAMESPACE, check=False)
         cmd = [str(self.helm), "install", HELM_RELEASE, str(CHART), "--kubeconfig", str(self.kubeconfig),
                "--namespace", HELM_NAMESPACE, "--create-namespace", "--wait", "--timeout", "180s",
-               "--set", f"operator.resyncSeconds={RESYNC_SECONDS}", "--set", f"watch.namespaces={{{E2E_NAMESPACE}}}"]
+               "--set", f"operator.resyncSeconds={RESYNC_SECONDS}", "--set", f"watch.namespaces={{{E2E_NAMESPACE}}}",
+               "--set", f"sources.allowHostPaths={{{tempfile.gettempdir()}}}"]
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
         if res.returncode != 0:
             raise RuntimeError(f"helm install failed ({res.returncode}): {res.stderr.strip()}\n{self._operator_logs()}")

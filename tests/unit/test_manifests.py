@@ -149,7 +149,7 @@ def test_service_and_secret():
     assert svc["spec"]["type"] == "LoadBalancer" and svc["metadata"]["annotations"] == {"a": "b"}
     assert svc["spec"]["selector"] == {"vlmpool.io/pool": "vision", "app.kubernetes.io/component": "server"}
     sec = MP.admin_secret(pool(), "t0k3n")
-    assert sec["stringData"] == {"token": "t0k3n"} and sec["metadata"]["ownerReferences"][0]["uid"] == "pool-uid"
+    assert sec["data"] == {"token": "dDBrM24="} and sec["metadata"]["ownerReferences"][0]["uid"] == "pool-uid"
 
 
 def test_concurrency_change_does_not_touch_the_pod_template():
@@ -184,8 +184,10 @@ def test_patch_job_shape():
     assert flag(c["args"], "--max-rank") == "64" and flag(c["args"], "--dora-policy") == "reject"
     assert flag(c["args"], "--base-check") == "strict"
     assert "--base-weights" not in c["args"] and "--sha256" not in c["args"]
-    assert c["volumeMounts"] == [{"name": "adapters", "mountPath": ADAPTER_ROOT}]  # read-write
-    assert pod["volumes"] == [{"name": "adapters", "persistentVolumeClaim": {"claimName": "vision-adapters"}}]
+    assert c["volumeMounts"] == [{"name": "adapters", "mountPath": ADAPTER_ROOT},  # read-write
+                                 {"name": "tmp", "mountPath": "/tmp"}]  # the root filesystem is read-only
+    assert pod["volumes"] == [{"name": "adapters", "persistentVolumeClaim": {"claimName": "vision-adapters"}},
+                              {"name": "tmp", "emptyDir": {}}]
     assert job["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"] == "patch"
 
 
@@ -201,7 +203,10 @@ def test_svd_job_mounts_base_weights_read_only():
     assert {"name": "base-weights", "mountPath": "/var/lib/vlmpool/base", "readOnly": True} in c["volumeMounts"]
     vols = {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}
     assert vols["base-weights"]["persistentVolumeClaim"] == {"claimName": "models", "readOnly": True}
-    assert c["envFrom"] == [{"secretRef": {"name": "creds"}}]
+    # Only the credential keys, one by one (a Secret cannot set anything else in the container).
+    assert "envFrom" not in c
+    assert {"name": "AUTHORIZATION", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "AUTHORIZATION",
+                                                                    "optional": True}}} in c["env"]
 
 
 def test_pvc_and_file_sources_are_mounted_read_only():

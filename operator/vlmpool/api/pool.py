@@ -68,6 +68,17 @@ class BaseModelSpec(Model):
     )
 
 
+class EngineSecurityContext(Model):
+    """What a pool may change in its engine container's security context: the user and whether the root
+    filesystem is writable. Privilege, capabilities and seccomp are not offered (docs/security.md)."""
+
+    run_as_user: int | None = Field(default=None, ge=0, le=2147483647, description="uid of the engine process.")
+    run_as_group: int | None = Field(default=None, ge=0, le=2147483647, description="gid of the engine process.")
+    run_as_non_root: bool | None = Field(default=None, description="false for an image that must run as root.")
+    read_only_root_filesystem: bool | None = Field(
+        default=None, description="false for an image that writes outside HOME and /tmp.")
+
+
 class EngineSpec(Model):
     """The vLLM container of every pod."""
 
@@ -108,6 +119,11 @@ class EngineSpec(Model):
     startup_timeout_seconds: int = Field(
         default=1800, ge=60, le=86400,
         description="How long the engine may take to load the model before its startup probe fails.",
+    )
+    security_context: EngineSecurityContext | None = Field(
+        default=None, description="Loosens the engine container's default security context (uid/gid 65532, "
+        "non-root, read-only root, no capabilities, no privilege escalation) for images that demand it; a "
+        "namespace enforcing the restricted Pod Security profile refuses what it loosens.",
     )
 
 

@@ -9,9 +9,9 @@ every pod dropped it, run the cleanup Job, then let the finalizer go.
 from __future__ import annotations
 
 import asyncio
-import base64
 import datetime as dt
 import hashlib
+import hmac
 import logging
 import secrets
 import time
@@ -27,7 +27,6 @@ from vlmpool.kube.client import (
     DEPLOYMENTS,
     JOBS,
     PODS,
-    SECRETS,
     VLMADAPTERS,
     VLMPOOLS,
     ApiError,
@@ -42,9 +41,7 @@ from vlmpool.manifests.common import (
     A_SPEC_DIGEST,
     A_SUPERSEDED,
     ADAPTER_ROOT,
-    ADMIN_TOKEN_KEY,
     L_ADAPTER,
-    admin_secret_name,
     deployment_name,
     patch_job_name,
     server_label_selector,
@@ -52,6 +49,8 @@ from vlmpool.manifests.common import (
 from vlmpool.patcher.publish import check_version_path
 
 log = logging.getLogger("vlmpool.operator")
+
+SOURCE_NOT_ALLOWED = "SourceNotAllowed"  # a file:// source outside the node directories an admin allowed
 
 # (body, type, reason, message) -> None. kopf.event in the operator; a list append in unit tests.
 EventFn = Callable[[dict[str, Any], str, str, str], None]
@@ -95,6 +94,11 @@ class OperatorConfig:
     push_parallelism: int = 16
     patch_image: str | None = None  # default: the pool's proxy image (one distribution, three entry points)
     adapter_root: str = ADAPTER_ROOT  # mount path of the adapter volume in Jobs and engines
+    source_allow: tuple[str, ...] = ()  # internal hosts/CIDRs patch Jobs may fetch from (--source-allow)
+    host_paths: tuple[str, ...] = ()  # node directories file:// sources may name (--allow-host-path)
+    # The key the pools' admin tokens are derived from (--token-key-file); the default suits a
+    # single process only (tests): the chart mounts a key that outlives operator restarts.
+    token_key: bytes = field(default_factory=lambda: secrets.token_bytes(32))
 
 
 class Reconciler:
@@ -161,15 +165,15 @@ class Reconciler:
         self.event(pool, "Warning", "ReconcileFailed", str(err))
 
     async def _ensure_token(self, pool: dict[str, Any]) -> str:
-        ns, name = pool["metadata"]["namespace"], pool["metadata"]["name"]
-        secret, _ = await self.kube.create_if_absent(MP.admin_secret(pool, secrets.token_hex(32)), ns)
-        return base64.b64decode(secret["data"][ADMIN_TOKEN_KEY]).decode()
+        """Apply the pool's admin-token Secret. The token is derived (pool_token), so the operator
+        never reads a Secret back: it only creates/patches the pools' token Secrets."""
+        token = pool_token(self.config.token_key, pool)
+        await self.kube.apply(MP.admin_secret(pool, token))
+        return token
 
     async def _token(self, ns: str, pool: str) -> str | None:
-        secret = await self.kube.get_or_none(SECRETS, admin_secret_name(pool), ns)
-        if not secret or ADMIN_TOKEN_KEY not in (secret.get("data") or {}):
-            return None
-        return base64.b64decode(secret["data"][ADMIN_TOKEN_KEY]).decode()
+        obj = await self.kube.get_or_none(VLMPOOLS, pool, ns)
+        return pool_token(self.config.token_key, obj) if obj is not None else None
 
     async def deployment_changed(self, dep: dict[str, Any]) -> None:
         """Copy the Deployment's replica counts into its pool's status."""
@@ -289,6 +293,18 @@ class Reconciler:
         digest = MA.spec_digest(adapter, pool)
         job_name = patch_job_name(name, digest)
         patched = S.get_condition(st.get("conditions") or [], "Patched")
+        refusal = MA.file_source_refusal(spec.source.uri, self.config.host_paths)
+        if refusal:
+            # Before any Job (or hostPath) exists.
+            await self._write_adapter_status(adapter, {**base, "specDigest": digest},
+                                             [found, ("Patched", "False", SOURCE_NOT_ALLOWED, refusal)])
+            self.metrics.reconciles.labels("adapter", "refused").inc()
+            return
+        if patched is not None and patched.get("reason") == SOURCE_NOT_ALLOWED:
+            # Allowed since (an admin widened --allow-host-path): patch it now.
+            adapter = await self._write_adapter_status(adapter, {}, [(
+                "Patched", "Unknown", "SourceAllowed", "the source is allowed now")])
+            st, patched = adapter.get("status") or {}, None
         if st.get("specDigest") == digest and patched is not None and patched["status"] in ("True", "False"):
             # This spec was patched (or refused) already: never run it twice.
             await self._write_adapter_status(adapter, base, [found])
@@ -297,7 +313,8 @@ class Reconciler:
                 await self.push_pool(ns, spec.pool_ref.name)  # renamed: serve it under the new name
             return
         job, created = await self.kube.create_if_absent(
-            MA.patch_job(adapter, pool, image=self.config.patch_image, adapter_root=self.config.adapter_root), ns)
+            MA.patch_job(adapter, pool, image=self.config.patch_image, adapter_root=self.config.adapter_root,
+                         source_allow=self.config.source_allow), ns)
         if created:
             self.metrics.jobs_created.labels("patch").inc()
             self.event(adapter, "Normal", "PatchJobCreated", f"Job {job_name} patches spec {digest[:8]}")
@@ -677,6 +694,15 @@ class Reconciler:
                 await self.kube.patch_status(VLMPOOLS, pool["metadata"]["name"], counts, ns)
             except NotFound:
                 pass
+
+
+def pool_token(key: bytes, pool: dict[str, Any]) -> str:
+    """The admin token of a pool: HMAC-SHA256 of its identity (namespace, name, uid) under the
+    operator's key. A re-created pool (new uid) gets a new token; nobody without the key can derive
+    another pool's token from one they can read."""
+    meta = pool["metadata"]
+    ident = f"vlmpool-admin-token/v1\n{meta['namespace']}\n{meta['name']}\n{meta['uid']}".encode()
+    return hmac.new(key, ident, hashlib.sha256).hexdigest()
 
 
 def _label_value(name: str) -> str:

@@ -8,6 +8,9 @@ REASONS: dict[str, str] = {
     "InvalidSource": "the source URI is malformed or uses an unsupported scheme",
     "SourceNotFound": "the source (file, directory, URL, repository, object) does not exist",
     "SourceUnavailable": "the source could not be reached or answered with an error (retryable)",
+    "SourceAddressRefused": "the source (or a host it redirects to) is loopback, link-local, private or "
+                            "cluster-internal and not allow-listed by the cluster admin",
+    "SourceRedirectRefused": "the source redirected off https, or a request would carry credentials to another host",
     "ChecksumMismatch": "the fetched bytes do not match the sha256 pin",
     "FileTooLarge": "a file (or archive member) is larger than --max-file-bytes",
     "UnsafeArchive": "an archive member has an absolute path, a '..' segment, is a link or not a regular file",
