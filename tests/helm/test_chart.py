@@ -162,6 +162,7 @@ def test_pinned_images_and_externally_managed_identity(helm):
     assert c["imagePullPolicy"] == "Always"
     patch = next(a for a in c["args"] if a.startswith("--patch-image="))
     assert patch.startswith("--patch-image=registry.example.com:5000/platform/vlmpool-patcher@sha256:fedcba98")
+    assert "--patch-dora-image=registry.example.com:5000/platform/vlmpool-patcher-dora:0.1.0-torch" in c["args"]
     assert pod["serviceAccountName"] == "platform-vlmpool"
     assert pod["imagePullSecrets"] == [{"name": "registry-credentials"}]
     assert pod["tolerations"][0]["key"] == "node-role.kubernetes.io/control-plane"
@@ -173,6 +174,7 @@ def test_extras(helm):
     dep, pod, c = _operator(docs)
     assert dep["metadata"]["name"] == "platform-vlmpool-operator" and dep["spec"]["replicas"] == 0
     assert not any(a.startswith("--patch-image") for a in c["args"])  # Jobs use each pool's proxy image
+    assert not any(a.startswith("--patch-dora-image") for a in c["args"])
     assert c["args"][-1] == "--push-parallelism=8" and "--adapter-root=/data/adapters" in c["args"]
     assert c["ports"][0]["containerPort"] == 9090
     assert {"name": "VLMPOOL_EXAMPLE", "value": "1"} in c["env"]

@@ -321,3 +321,18 @@ def test_every_job_pod_gives_the_patcher_uid_group_access_to_the_volume():
     for job in jobs:
         sc = job["spec"]["template"]["spec"]["securityContext"]
         assert sc["fsGroup"] == 65532 and sc["seccompProfile"] == {"type": "RuntimeDefault"}, job["metadata"]["name"]
+
+
+@pytest.mark.parametrize("policy,dora_image,want", [
+    ("reject", "reg/patcher-dora:1", "reg/patcher:1"),   # plain LoRA: the torch-free image
+    ("svd", "reg/patcher-dora:1", "reg/patcher-dora:1"),  # DoRA maths: the torch image
+    ("strip", "reg/patcher-dora:1", "reg/patcher-dora:1"),  # strip measures its error with torch
+    ("svd", None, "reg/patcher:1"),  # none configured: the default image (svd refused there as NeedsTorch)
+])
+def test_dora_adapters_get_the_torch_patcher_image(policy, dora_image, want):
+    dora = {"policy": policy, **({"rank": 8} if policy == "svd" else {})}
+    a = adapter(dora=dora)
+    image = MA.patch_image_for(MA.parse_spec(a), "reg/patcher:1", dora_image)
+    assert image == want
+    job = MA.patch_job(a, pool(), image=image)
+    assert job["spec"]["template"]["spec"]["containers"][0]["image"] == want

@@ -28,6 +28,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="pods pushed to at once per pool (default 16)")
     parser.add_argument("--patch-image", default=os.environ.get("VLMPOOL_PATCH_IMAGE") or None,
                         help="image of patch and cleanup Jobs (default: the pool's proxy image)")
+    parser.add_argument("--patch-dora-image", default=os.environ.get("VLMPOOL_PATCH_DORA_IMAGE") or None,
+                        help="image of the patch Jobs of adapters whose dora.policy is svd or strip: one with "
+                        "torch (the patcher-dora target); default: --patch-image, where svd is refused as NeedsTorch")
     parser.add_argument("--adapter-root", default=os.environ.get("VLMPOOL_ADAPTER_ROOT", "/var/lib/vlmpool/adapters"),
                         help="mount path of the adapter volume in patch Jobs and engine containers; the "
                         "paths registered with vLLM live under it (default /var/lib/vlmpool/adapters)")
@@ -124,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
         namespaces=namespaces,
         config=OperatorConfig(resync_seconds=args.resync_seconds, push_timeout=args.push_timeout,
                               push_parallelism=args.push_parallelism, patch_image=args.patch_image,
+                              patch_dora_image=args.patch_dora_image,
                               adapter_root=args.adapter_root.rstrip("/") or "/",
                               source_allow=tuple(source_allow), host_paths=tuple(host_paths),
                               **({"token_key": token_key} if token_key else {})),

@@ -93,6 +93,7 @@ class OperatorConfig:
     push_timeout: float = 10.0
     push_parallelism: int = 16
     patch_image: str | None = None  # default: the pool's proxy image (one distribution, three entry points)
+    patch_dora_image: str | None = None  # patch Jobs of svd/strip adapters (torch); default: patch_image
     adapter_root: str = ADAPTER_ROOT  # mount path of the adapter volume in Jobs and engines
     source_allow: tuple[str, ...] = ()  # internal hosts/CIDRs patch Jobs may fetch from (--source-allow)
     host_paths: tuple[str, ...] = ()  # node directories file:// sources may name (--allow-host-path)
@@ -313,7 +314,9 @@ class Reconciler:
                 await self.push_pool(ns, spec.pool_ref.name)  # renamed: serve it under the new name
             return
         job, created = await self.kube.create_if_absent(
-            MA.patch_job(adapter, pool, image=self.config.patch_image, adapter_root=self.config.adapter_root,
+            MA.patch_job(adapter, pool, image=MA.patch_image_for(spec, self.config.patch_image,
+                                                                 self.config.patch_dora_image),
+                         adapter_root=self.config.adapter_root,
                          source_allow=self.config.source_allow), ns)
         if created:
             self.metrics.jobs_created.labels("patch").inc()

@@ -188,6 +188,14 @@ def _job(adapter: dict[str, Any], pspec: VLMPoolSpec, name: str, labels: dict[st
     }
 
 
+def patch_image_for(spec: VLMAdapterSpec, patch_image: str | None, dora_image: str | None) -> str | None:
+    """The patch Job's image: DoRA maths (svd, strip's measured error) needs torch, which only the
+    patcher-dora image carries; everything else runs on the torch-free patcher."""
+    if dora_image and spec.dora.policy in ("svd", "strip"):
+        return dora_image
+    return patch_image
+
+
 def patch_job(adapter: dict[str, Any], pool: dict[str, Any], *, image: str | None = None,
               adapter_root: str = ADAPTER_ROOT,
               backoff_limit: int = PATCH_BACKOFF_LIMIT, deadline_seconds: int = PATCH_DEADLINE_SECONDS,
