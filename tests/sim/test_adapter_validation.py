@@ -58,8 +58,9 @@ def test_dora_magnitude_tensors_without_use_dora(adapter):
     path = adapter("mag", extra_tensors={
         QWEN_LM.format(i=0, m="q_proj") + ".lora_magnitude_vector": torch.ones(16)})
     _, body = refusal(path)
-    assert engine_message(body) == ("DoRA magnitude vector parsing is recognized, but DoRA weight storage is "
-                                    "not implemented yet.")
+    # vllm/lora/utils.py parse_fine_tuned_lora_name: the mapped key, base_model.model. put back
+    assert engine_message(body) == ("base_model.model.language_model.model.layers.0.self_attn.q_proj."
+                                    "lora_magnitude_vector is unsupported LoRA weight")
 
 
 def test_modules_to_save_bias_and_init(adapter):

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vlmpool.patcher.config_checks import check_alpha, check_patterns, check_rank, parse_config, refuse_unsupported
 from vlmpool.patcher.errors import PatchError
 from vlmpool.patcher.families import (
     DEFAULT_KEY_TEMPLATE,
@@ -121,12 +122,10 @@ def _read_config(path: Path) -> dict[str, Any]:
     if path.stat().st_size > CONFIG_MAX_BYTES:
         raise PatchError("FileTooLarge", f"{CONFIG_NAME} is over {CONFIG_MAX_BYTES} bytes")
     try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
         raise PatchError("InvalidConfig", f"{CONFIG_NAME} is not valid JSON: {e}") from None
-    if not isinstance(cfg, dict):
-        raise PatchError("InvalidConfig", f"{CONFIG_NAME} must hold a JSON object")
-    return cfg
+    return parse_config(text)
 
 
 def validate_config(cfg: dict[str, Any], opts: PatchOptions) -> int:
@@ -141,19 +140,12 @@ def validate_config(cfg: dict[str, Any], opts: PatchOptions) -> int:
                          "adapter into a separate model)")
     if "r" not in cfg or cfg["r"] is None:
         raise PatchError("RankMissing", f"{CONFIG_NAME} has no rank 'r'")
-    r = cfg["r"]
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise PatchError("InvalidConfig", f"rank 'r' must be a positive integer, not {r!r}")
-    for key in ("rank_pattern", "alpha_pattern"):
-        if cfg.get(key):
-            raise PatchError("RankPattern", f"{key} is set ({json.dumps(cfg[key])[:200]}): vLLM serves one rank and "
-                             "one alpha per adapter; retrain without per-module ranks")
+    r = check_rank(cfg["r"], opts.max_rank)
     alpha = cfg.get("lora_alpha", r)
-    if alpha is None:
-        alpha = r
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
-        raise PatchError("InvalidConfig", f"lora_alpha must be a positive number, not {alpha!r}")
+    check_alpha(r if alpha is None else alpha)
     svd_applies = bool(cfg.get("use_dora")) and opts.dora_policy == "svd"
+    check_patterns(cfg, opts.max_rank, svd_applies)
+    refuse_unsupported(cfg)
     if r > opts.max_rank and not svd_applies:
         raise PatchError("RankTooHigh", f"the adapter's rank r={r} is over the pool's max LoRA rank {opts.max_rank} "
                          "(VLMPool spec.engine.maxLoraRank, vLLM --max-lora-rank); retrain with a lower rank or "
@@ -600,7 +592,8 @@ def _vision_magnitude_change(modules, names: list[str], base, scale: float) -> d
 
 
 def config_json(cfg: dict[str, Any]) -> bytes:
-    return (json.dumps(cfg, sort_keys=True, indent=2) + "\n").encode()
+    # allow_nan=False: a published config is always strict JSON (parse_config refuses NaN/Infinity first)
+    return (json.dumps(cfg, sort_keys=True, indent=2, allow_nan=False) + "\n").encode()
 
 
 def _sha256_file(path: Path) -> str:
