@@ -7,7 +7,7 @@ PIP := $(VENV)/bin/pip
 EXTRAS ?= test,hf,s3
 PYTEST_ARGS ?=
 
-.PHONY: help install k8s-bins crds crds-check test test-unit test-apiserver bench clean
+.PHONY: help install k8s-bins crds crds-check test test-vllm test-unit test-apiserver bench clean
 
 help:
 	@echo "make dev         the whole system on this machine with a quickstart pool (Ctrl-C stops)"
@@ -15,6 +15,7 @@ help:
 	@echo "make k8s-bins    find or build etcd, kube-apiserver, kube-controller-manager, kubectl and helm (cached)"
 	@echo "make crds        regenerate crds/*.yaml from the pydantic models"
 	@echo "make test        install, obtain the binaries, and run every test"
+	@echo "make test-vllm   the pinned vLLM's own LoRA loader judges the patcher and the simulator (.venv-vllm, several GB)"
 	@echo "make images      build the container images (needs a Docker engine)"
 	@echo "make kind-e2e    the e2e suite on a kind cluster (needs Docker and kind)"
 
@@ -37,6 +38,9 @@ crds-check: install
 
 test: install k8s-bins
 	VLMPOOL_K8S_BIN="$$(bash hack/k8s-bins.sh | tail -n1)" $(PY) -m pytest $(PYTEST_ARGS)
+
+test-vllm: install  ## vLLM's own LoRA loader (release pinned in operator/vlmpool/sim/contract.py) in .venv-vllm
+	VLMPOOL_VLLM_PYTHON="$$(bash hack/vllm-env.sh | tail -n1)" $(PY) -m pytest tests/vllm $(PYTEST_ARGS)
 
 test-unit: install
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)

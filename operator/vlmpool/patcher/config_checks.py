@@ -62,10 +62,10 @@ def check_shape(value: Any) -> None:
             stack.extend((c, depth + 1) for c in (v.values() if isinstance(v, dict) else v))
 
 
-def check_rank(r: Any, max_rank: int, what: str = "rank 'r'") -> int:
+def check_rank(r: Any, max_rank: int = 0, what: str = "rank 'r'") -> int:
     if isinstance(r, bool) or not isinstance(r, int) or r < 1 or r > ABSOLUTE_MAX_RANK:
         raise PatchError("InvalidConfig", f"{what} must be a positive integer of at most {ABSOLUTE_MAX_RANK}, "
-                         f"not {str(r)[:40]}")
+                         f"not {repr(r)[:40]}")
     return r
 
 
@@ -73,7 +73,7 @@ def check_alpha(alpha: Any, what: str = "lora_alpha") -> float:
     if (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha)
             or alpha <= 0 or alpha > MAX_ALPHA):
         raise PatchError("InvalidConfig", f"{what} must be a positive number of at most {MAX_ALPHA:g}, "
-                         f"not {str(alpha)[:40]}")
+                         f"not {repr(alpha)[:40]}")
     return alpha
 
 
@@ -88,7 +88,7 @@ def check_patterns(cfg: dict[str, Any], max_rank: int, svd_applies: bool) -> dic
         if not isinstance(pattern, dict):
             raise PatchError("InvalidConfig", f"{key} must be an object mapping module names to values")
         for name, value in pattern.items():
-            check(value, f"{key}[{name[:80]!r}]")
+            check(value, what=f"{key}[{name[:80]!r}]")
             if key == "rank_pattern":
                 out[name] = value
     if out and max(out.values()) > max_rank and not svd_applies:
@@ -101,7 +101,7 @@ def check_patterns(cfg: dict[str, Any], max_rank: int, svd_applies: bool) -> dic
 # init_lora_weights values vLLM loads as a plain LoRA (they only choose how A/B start; the saved A/B
 # are the whole adapter). Anything else as a string (pissa*, olora, loftq, corda, ...) changes the base
 # weights when PEFT loads the adapter, and vLLM refuses it.
-PLAIN_INITS = ("gaussian", "eva", "orthogonal")
+PLAIN_INITS = ("gaussian", "eva", "orthogonal", "mica", "lora_ga")  # PEFTHelper._init_is_supported
 
 
 def unsupported_features(cfg: dict[str, Any]) -> list[str]:
@@ -124,8 +124,8 @@ def unsupported_features(cfg: dict[str, Any]) -> list[str]:
     if cfg.get("use_qalora"):
         out.append("use_qalora is set: vLLM does not support QALoRA")
     bias = cfg.get("bias", "none")
-    if bias not in (None, "none"):
-        out.append(f"bias={str(bias)[:40]!r}: vLLM does not support adapter biases (bias must be 'none')")
+    if bias != "none":  # vLLM: also null (validate_legal compares with "none")
+        out.append(f"bias={repr(bias)[:40]}: vLLM does not support adapter biases (bias must be 'none')")
     return out
 
 
@@ -133,3 +133,52 @@ def refuse_unsupported(cfg: dict[str, Any]) -> None:
     problems = unsupported_features(cfg)
     if problems:
         raise PatchError("UnsupportedLoraFeature", "vLLM refuses this adapter at load time: " + "; ".join(problems))
+
+
+# ---- rank_pattern / alpha_pattern (vLLM: PEFTHelper._match_pattern and get_rank_and_scaling)
+
+PATTERN_TIMEOUT = 0.05  # seconds per match: the keys are the adapter author's regular expressions
+
+
+def _match(pattern: dict[str, Any], name: str) -> Any:
+    """PEFT's and vLLM's rule: a key matches when it matches a suffix of the module name that starts at a
+    "." boundary; the first match (in the file's order) wins. Keys are regular expressions written by the
+    adapter's author, so they run under the ``regex`` module's timeout (vLLM uses the same module)."""
+    import regex
+
+    for key, value in pattern.items():
+        try:
+            if regex.match(rf"(.*\.)?({key})$", name, timeout=PATTERN_TIMEOUT):
+                return value
+        except regex.error as e:
+            raise PatchError("InvalidConfig", f"pattern key {key[:80]!r} is not a valid regular expression: {e}") from None
+        except TimeoutError:
+            raise PatchError("InvalidConfig", f"pattern key {key[:80]!r} takes too long to match module names") from None
+    return None
+
+
+def module_rank_scale(cfg: dict[str, Any], module: str, r: int, alpha: float) -> tuple[int, float]:
+    """(rank, scale) of ``module`` (the checkpoint's module name without ``base_model.model.``, which is
+    what vLLM matches the patterns against)."""
+    rank = _match(cfg.get("rank_pattern") or {}, module) or r
+    a = _match(cfg.get("alpha_pattern") or {}, module) or alpha
+    return rank, (a / math.sqrt(rank) if cfg.get("use_rslora") else a / rank)
+
+
+def output_patterns(cfg: dict[str, Any], renamed: dict[str, str], r: int, alpha: float) -> tuple[dict, dict]:
+    """rank_pattern / alpha_pattern for the patched adapter. The keys are rewritten (``renamed``: source
+    module -> output module, both without ``base_model.model.``) so that they still select the same
+    modules after the key rewrite: one exact, escaped key per module whose rank or alpha is not the
+    default. An adapter without patterns gets ``{}`` for both, as before."""
+    import regex
+
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float] = {}
+    for src, out in sorted(renamed.items(), key=lambda kv: kv[1]):
+        rank = _match(cfg.get("rank_pattern") or {}, src)
+        a = _match(cfg.get("alpha_pattern") or {}, src)
+        if rank is not None and rank != r:
+            ranks[regex.escape(out)] = rank
+        if a is not None and a != alpha:
+            alphas[regex.escape(out)] = a
+    return ranks, alphas

@@ -57,7 +57,8 @@ class Family:
     title: str
     # Where the language model's decoder layers may sit in an adapter's keys (PEFT prefix removed),
     # checked in this order (the longer first).
-    layer_prefixes: tuple[str, ...] = ("model.language_model.layers.", "model.layers.")
+    # The last is vLLM's own module layout, which its mappers leave as it is.
+    layer_prefixes: tuple[str, ...] = ("model.language_model.layers.", "model.layers.", "language_model.model.layers.")
     # Base-weight key prefixes tried for a language layer (checkpoint layouts differ by transformers version).
     base_layer_prefixes: tuple[str, ...] = ("model.language_model.layers.", "model.layers.", "language_model.model.layers.")
     vision_markers: tuple[str, ...] = VISION_MARKERS

@@ -16,7 +16,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vlmpool.patcher.config_checks import check_alpha, check_patterns, check_rank, parse_config, refuse_unsupported
+from vlmpool.patcher.config_checks import (
+    check_alpha,
+    check_patterns,
+    check_rank,
+    module_rank_scale,
+    output_patterns,
+    parse_config,
+    refuse_unsupported,
+)
 from vlmpool.patcher.errors import PatchError
 from vlmpool.patcher.families import (
     DEFAULT_KEY_TEMPLATE,
@@ -319,9 +327,10 @@ def patch_adapter(src_dir: Path | str, opts: PatchOptions, *, source_uri: str | 
     for module in kept:
         slot = modules[module]
         a, b = slot["lora_A"][1], slot["lora_B"][1]
-        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != r or b.shape[1] != r:
+        want = module_rank_scale(cfg, module, r, alpha)[0]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != want or b.shape[1] != want:
             raise PatchError("ShapeMismatch", f"{module}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not "
-                             f"have the config's rank r={r}")
+                             f"have the config's rank {'r' if want == r else 'rank_pattern'}={want}")
         mag = slot.get("magnitude")
         if mag is not None and use_dora and tuple(mag[1].shape) != (b.shape[0],):
             raise PatchError("ShapeMismatch", f"{module}: magnitude vector {tuple(mag[1].shape)} does not match "
@@ -364,7 +373,7 @@ def patch_adapter(src_dir: Path | str, opts: PatchOptions, *, source_uri: str | 
             continue
         w0 = base.get(module).to(device=device, dtype=torch.float32)
         af, bf = a.to(device=device, dtype=torch.float32), b.to(device=device, dtype=torch.float32)
-        lora = scale * (bf @ af)
+        lora = module_rank_scale(cfg, module, r, alpha)[1] * (bf @ af)
         w = w0 + lora
         if mag is not None:
             norm = torch.linalg.vector_norm(w, dim=1)
@@ -431,8 +440,8 @@ def patch_adapter(src_dir: Path | str, opts: PatchOptions, *, source_uri: str | 
         new_cfg.pop(k, None)
     new_cfg["use_dora"] = False
     new_cfg["modules_to_save"] = None
-    new_cfg["rank_pattern"] = {}
-    new_cfg["alpha_pattern"] = {}
+    new_cfg["rank_pattern"], new_cfg["alpha_pattern"] = output_patterns(
+        cfg, {m: opts.key_template.format(suffix=s)[len(PEFT_PREFIX):] for m, (s, _n) in kept.items()}, r, alpha)
     new_cfg["peft_type"] = "LORA"
     new_cfg["inference_mode"] = True
     rank = r
@@ -441,6 +450,7 @@ def patch_adapter(src_dir: Path | str, opts: PatchOptions, *, source_uri: str | 
         new_cfg["r"] = svd_rank
         new_cfg["lora_alpha"] = svd_rank
         new_cfg["use_rslora"] = False
+        new_cfg["rank_pattern"], new_cfg["alpha_pattern"] = {}, {}
 
     weights_bytes = save({k: tensors[k] for k in sorted(tensors)}, metadata={"format": "pt"})
     patched_digest = hashlib.sha256(weights_bytes).hexdigest()
