@@ -135,7 +135,9 @@ def test_unexpected_modules_and_weight_names(adapter):
     _, body = refusal(path)
     msg = engine_message(body)
     assert msg.startswith(f"While loading {path}, expected target modules in {{")
-    assert msg.endswith("but received ['language_model.model.layers.0.self_attn.qkv_fused']. "
+    # once per tensor key (lora_A and lora_B), as vLLM's check_unexpected_modules lists them
+    assert msg.endswith("but received ['language_model.model.layers.0.self_attn.qkv_fused', "
+                        "'language_model.model.layers.0.self_attn.qkv_fused']. "
                         "Please verify that the loaded LoRA module is correct")
 
     import torch

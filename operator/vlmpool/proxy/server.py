@@ -423,8 +423,13 @@ class Proxy:
                         self.registry.release(version)
                         continue
                     log.warning("engine error", extra={"upstream_status": resp.status, "body": body[:500]})
+                    if version is not None and (why := self.registry.first_use_failed(model, version, resp.status, body)):
+                        return error_response(502, why[:UPSTREAM_MESSAGE_CHARS], type_="engine_error",
+                                              code="adapter_failed", param="model", upstream_status=resp.status)
                     return map_engine_error(resp.status, body)
                 self.metrics.observe_ttfb(route, time.perf_counter() - t0)
+                if version is not None:
+                    version.served_ok = True
                 if stream:
                     return await self._stream(request, resp, internal)
                 body_bytes = await _read_body(up, resp, deadline, t_limit)

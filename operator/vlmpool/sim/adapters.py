@@ -359,8 +359,8 @@ def validate_adapter(lora_name: str, lora_path: str, *, max_lora_rank: int, fami
             module, kind = _parse_lora_name(key, fam)
         except ValueError as e:
             raise _engine_failure(str(e)) from None
-        if module.rsplit(".", 1)[-1] not in expected and module not in unexpected:
-            unexpected.append(module)
+        if module.rsplit(".", 1)[-1] not in expected:
+            unexpected.append(module)  # once per tensor key, as vLLM lists them (lora_model.py)
         modules.setdefault(module, {})[kind] = header[key]
         peft_names.setdefault(module, _peft_module_name(key))
     if unexpected:
