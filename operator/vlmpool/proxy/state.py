@@ -401,6 +401,11 @@ class AdapterRegistry:
             "applied": self.generation is not None,
             "concurrency": self._concurrency(),
             "adapters": adapters,
+            # versions no longer routed whose engine unload is not yet confirmed (draining, or the unload
+            # call is pending): the operator must not delete their directories yet (vLLM re-reads an
+            # evicted adapter's directory while it is registered)
+            "unloading": sorted(({"name": v.served, "version": v.version} for v in self.versions.values()
+                                 if v.retired), key=lambda d: (d["name"], d["version"])),
         }
 
 
