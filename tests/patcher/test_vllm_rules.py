@@ -125,3 +125,30 @@ def test_keys_in_vllm_layout_are_accepted(lora, tmp_path):
         keys = list(f.keys())
     assert keys and all(k.startswith("base_model.model.model.language_model.layers.") for k in keys)
     assert s["tensorsKept"] == 2 * 7 * 2  # 2 layers x 7 projections x A/B
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+def test_tower_connector_lora_keeps_the_vision_modules_vllm_serves(family, tmp_path):
+    """engine.towerConnectorLora (vLLM --enable-tower-connector-lora): a trained vision-tower LoRA is served,
+    written under model.visual. (vLLM maps it to visual.); without the flag it is refused as before."""
+    from patcher_testlib import VISION_TARGETS, make_adapter
+
+    src = make_adapter(family, tmp_path / "src", targets=LANG_TARGETS + VISION_TARGETS[family], train_vision=True)
+    with pytest.raises(Exception) as ei:
+        patch_and_publish(str(src), "ad", tmp_path / "vol0", PatchOptions(family=family, pool_base=POOL_BASE[family]))
+    assert getattr(ei.value, "reason", None) == "TrainedVisionTower"
+    s = patch_and_publish(str(src), "ad", tmp_path / "vol", PatchOptions(family=family, pool_base=POOL_BASE[family],
+                                                                          tower_connector_lora=True))
+    out = tmp_path / "vol" / "ad" / "versions" / s["version"]
+    with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    source = load_file(str(src / "adapter_model.safetensors"))
+    vision_src = [k for k in source if ".visual." in k]
+    vision_out = [k for k in keys if k.startswith("base_model.model.model.visual.")]
+    assert vision_src and len(vision_out) == len(vision_src) and s["tensorsDropped"] == 0
+    assert len(keys) == len(source)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert set(VISION_TARGETS[family]) <= set(cfg["target_modules"])
+    with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
+        for k in vision_out:  # the trained tensors, unchanged
+            assert torch.equal(f.get_tensor(k), source[k])

@@ -23,7 +23,8 @@ from vlmpool.testing.adapters import FAMILIES, LANG_TARGETS, POOL_BASE, VISION_T
 
 HERE = Path(__file__).parent
 LANGUAGE_MODULE = re.compile(r"^language_model\.model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)$")
-KINDS = ("lora", "partial", "legacy", "dora", "patterns")
+KINDS = ("lora", "partial", "legacy", "dora", "patterns", "tower")
+TOWER_MODULE = re.compile(r"^visual\.")
 
 
 def _patterns_adapter(family: str, out: Path) -> Path:
@@ -51,6 +52,8 @@ def _sources(family: str, root: Path) -> dict[str, Path]:
         "partial": make_adapter(family, root / "partial", targets=["q_proj", "v_proj"]),
         "dora": make_adapter(family, root / "dora", dora=True),
         "patterns": _patterns_adapter(family, root / "patterns"),
+        # a trained vision-tower LoRA, patched for a pool with engine.towerConnectorLora
+        "tower": make_adapter(family, root / "tower", targets=LANG_TARGETS + VISION_TARGETS[family], train_vision=True),
     }
     legacy = root / "legacy"
     legacy.mkdir()
@@ -68,6 +71,8 @@ def _patch(family: str, kind: str, source: Path, root: Path) -> dict:
            "--root", str(root), "--pool-base", POOL_BASE[family], "--family", family, "--termination-log", ""]
     if kind == "dora":
         cmd += ["--dora-policy", "strip"]
+    if kind == "tower":
+        cmd += ["--tower-connector-lora"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -82,7 +87,8 @@ def judged(vllm_python, tmp_path_factory):
         for kind, source in _sources(family, root / "src" / family).items():
             summary = _patch(family, kind, source, root / "vol")
             patched[(family, kind)] = summary
-            cases.append({"id": f"patched/{family}/{kind}", "family": family, "path": summary["path"], "max_lora_rank": 64})
+            cases.append({"id": f"patched/{family}/{kind}", "family": family, "path": summary["path"], "max_lora_rank": 64,
+                          "tower_connector_lora": kind == "tower"})
             cases.append({"id": f"source/{family}/{kind}", "family": family, "path": str(source), "max_lora_rank": 64})
     corpus = build_corpus(root / "corpus")
     cases += corpus
@@ -113,8 +119,13 @@ def test_patched_adapters_load_in_vllm_and_map_to_language_modules(judged, famil
     # every kept tensor (an A/B pair per module) is one vLLM language-model module: none orphaned,
     # none in the vision tower, none dropped by vLLM
     assert len(modules) * 2 == summary["tensorsKept"] > 0
-    stray = [m for m in modules if not LANGUAGE_MODULE.match(m)]
+    tower = [m for m in modules if TOWER_MODULE.match(m)]
+    stray = [m for m in modules if not LANGUAGE_MODULE.match(m) and m not in tower]
     assert not stray, stray
+    if kind == "tower":  # kept vision tensors land on vLLM's vision modules, which the family serves
+        assert tower and all(sim_adapters.VISION_MODULES[family].match(m) for m in tower), tower
+    else:
+        assert not tower, tower
     for name, (a, b, rank, scaling) in modules.items():
         assert a[0] == rank and b[1] == rank, (name, a, b, rank)
     if kind == "patterns":  # per-module rank and alpha survive the key rewrite, as vLLM reads them

@@ -34,8 +34,11 @@ from vlmpool.patcher.families import (
     canonical_key,
     is_vision,
     layer_suffix,
+    module_key,
     parse_key,
+    TOWER_PREFIX,
     supported_module_name,
+    tower_suffix,
     validate_key_template,
 )
 from vlmpool.patcher.fetch import CONFIG_MAX_BYTES, CONFIG_NAME, WEIGHTS_NAME
@@ -69,6 +72,7 @@ class PatchOptions:
     key_template: str = DEFAULT_KEY_TEMPLATE
     device: str | None = None  # torch device for DoRA math; None: cuda when available, else cpu
     svd_method: str = "auto"   # exact | randomized | auto (exact on GPU or for small/full-rank matrices)
+    tower_connector_lora: bool = False  # the pool runs vLLM with --enable-tower-connector-lora
 
     def validate(self) -> None:
         if self.family not in FAMILIES:
@@ -275,6 +279,13 @@ def patch_adapter(src_dir: Path | str, opts: PatchOptions, *, source_uri: str | 
     vision_mag_change = None
     kept: dict[str, tuple[str, str]] = {}  # module -> (suffix, module name)
     for module, slot in sorted(modules.items()):
+        tower = tower_suffix(module, family) if opts.tower_connector_lora and is_vision(module, family) else None
+        if tower is not None:  # served by vLLM with --enable-tower-connector-lora: kept like a language module
+            if not {"lora_A", "lora_B"} <= set(slot) or set(slot) - {"lora_A", "lora_B", "magnitude"}:
+                raise PatchError("IncompleteModule", f"module {module} has {sorted(slot)}; a servable module needs "
+                                 "exactly lora_A and lora_B (plus a magnitude vector for DoRA)")
+            kept[module] = (tower, tower.rsplit(".", 1)[-1])
+            continue
         if is_vision(module, family):
             for kind, (key, t) in slot.items():
                 dropped_vision.append(key)
@@ -335,7 +346,7 @@ def patch_adapter(src_dir: Path | str, opts: PatchOptions, *, source_uri: str | 
         if mag is not None and use_dora and tuple(mag[1].shape) != (b.shape[0],):
             raise PatchError("ShapeMismatch", f"{module}: magnitude vector {tuple(mag[1].shape)} does not match "
                              f"lora_B's {b.shape[0]} output features")
-        if base is not None:
+        if base is not None and not kept[module][0].startswith(TOWER_PREFIX):  # base weights: language only
             shape = base.shape(module)
             if tuple(shape) != (b.shape[0], a.shape[1]):
                 raise PatchError("ShapeMismatch", f"{module}: the adapter is {b.shape[0]}x{a.shape[1]} but the base "
@@ -368,7 +379,11 @@ def patch_adapter(src_dir: Path | str, opts: PatchOptions, *, source_uri: str | 
         if mag is not None:
             dropped_magnitude.append(mag[0])
         a, b = slot["lora_A"][1], slot["lora_B"][1]
-        if not use_dora or (applied == "strip" and base is None):
+        tower = kept[module][0].startswith(TOWER_PREFIX)
+        if tower and applied == "svd":
+            raise PatchError("UnsupportedTargetModules", f"{module}: the svd DoRA policy cannot re-factor a vision-tower "
+                             "module (base weights are read for the language model only); use the strip policy")
+        if not use_dora or (applied == "strip" and (base is None or tower)):
             new_ab[module] = (a, b)
             continue
         w0 = base.get(module).to(device=device, dtype=torch.float32)
@@ -426,7 +441,7 @@ def patch_adapter(src_dir: Path | str, opts: PatchOptions, *, source_uri: str | 
                 rules["adapter-name"] += 1
             if not p.had_prefix:
                 rules["peft-prefix"] += 1
-            if opts.key_template.format(suffix=suffix) != PEFT_PREFIX + module:
+            if module_key(suffix, opts.key_template) != PEFT_PREFIX + module:
                 rules["language-layers"] += 1
             if out != orig:
                 remapped += 1
@@ -435,13 +450,14 @@ def patch_adapter(src_dir: Path | str, opts: PatchOptions, *, source_uri: str | 
     # ---- config rewrite
     kept_names = {name for _, name in kept.values()}
     new_cfg = dict(cfg)
-    new_cfg["target_modules"] = [m for m in SUPPORTED_MODULES if m in kept_names]
+    new_cfg["target_modules"] = ([m for m in SUPPORTED_MODULES if m in kept_names]
+                                 + sorted(kept_names - set(SUPPORTED_MODULES)))  # tower modules, when kept
     for k in STRIPPED_CONFIG_FIELDS:
         new_cfg.pop(k, None)
     new_cfg["use_dora"] = False
     new_cfg["modules_to_save"] = None
     new_cfg["rank_pattern"], new_cfg["alpha_pattern"] = output_patterns(
-        cfg, {m: opts.key_template.format(suffix=s)[len(PEFT_PREFIX):] for m, (s, _n) in kept.items()}, r, alpha)
+        cfg, {m: module_key(s, opts.key_template)[len(PEFT_PREFIX):] for m, (s, _n) in kept.items()}, r, alpha)
     new_cfg["peft_type"] = "LORA"
     new_cfg["inference_mode"] = True
     rank = r
@@ -462,6 +478,8 @@ def patch_adapter(src_dir: Path | str, opts: PatchOptions, *, source_uri: str | 
         "svd_method": opts.svd_method if applied == "svd" else None,
         "vision_norm_threshold": opts.vision_norm_threshold,
     }
+    if opts.tower_connector_lora:  # only when on: versions of existing adapters stay as they were
+        effective["tower_connector_lora"] = True
     config_bytes = config_json(new_cfg)
     version = hashlib.sha256(json.dumps({
         "weights": patched_digest,
@@ -523,7 +541,7 @@ def patch_adapter(src_dir: Path | str, opts: PatchOptions, *, source_uri: str | 
             "error_definition": "relative Frobenius error of the weight delta, ||dW_served - dW_dora|| / ||dW_dora||, "
                                 "per module; 'error' is the worst module, 'error_total' over all modules",
             "measured": bool(errors),
-            "per_module": {opts.key_template.format(suffix=kept[m][0]): round(e, 8)
+            "per_module": {module_key(kept[m][0], opts.key_template): round(e, 8)
                            for m, e in sorted(errors.items())} if errors else {},
             "scale": scale if use_dora else None,
             "svd_methods": sorted(methods_used),

@@ -84,6 +84,9 @@ _QWEN3_VL_VISION = re.compile(
     r"^visual\.(blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(linear_fc1|linear_fc2))"
     r"|(merger|deepstack_merger_list\.\d+)\.(linear_fc1|linear_fc2))$")
 
+# Vision tower and connector modules (vLLM names) of each family: what --enable-tower-connector-lora serves.
+VISION_MODULES = {"qwen2_vl": _QWEN2_VL_VISION, "qwen2_5_vl": _QWEN2_5_VL_VISION, "qwen3_vl": _QWEN3_VL_VISION}
+
 # Qwen2-VL / Qwen2.5-VL (vllm/model_executor/models/qwen2_5_vl.py): checkpoints of both the old
 # layout (model.layers.N, before transformers 4.52) and the new one (model.language_model.layers.N).
 _QWEN2_MAP = (
