@@ -594,8 +594,10 @@ class Reconciler:
                 await self._write_pool_status(pool, {}, [("Degraded", "False", "PushSucceeded",
                                                           f"every running pod took generation {st.generation}")])
         pod_names = [p["metadata"]["name"] for p in pods]
-        await self._record_loads(pool, adapters, state, conflicts, pod_names, results,
-                                 can_prune=bool(pods) and not failed and not unconfirmed)
+        waiting = await self._record_loads(pool, adapters, state, conflicts, pod_names, results,
+                                           can_prune=bool(pods) and not failed and not unconfirmed)
+        if waiting:  # a prune waits for proxies to confirm unloads: ask again soon
+            self._schedule_retry(ns, pool_name, st)
         return PushSummary(pool_name, st.generation, pod_names, results, state)
 
     async def _push_round(self, pods: list[dict[str, Any]], admin_port: int, token: str, state: dict[str, Any],
@@ -652,7 +654,10 @@ class Reconciler:
 
     async def _record_loads(self, pool: dict[str, Any], adapters: list[dict[str, Any]], state: dict[str, Any],
                             conflicts: list[str], pods: list[str], results: dict[str, PodResult],
-                            can_prune: bool = False) -> None:
+                            can_prune: bool = False) -> bool:
+        """Write each adapter's per-pod status; prune superseded versions whose unload every proxy has
+        confirmed. Returns True when a prune waits for such a confirmation."""
+        waiting = False
         ns = pool["metadata"]["namespace"]
         pushed = {e["name"]: e for e in state["adapters"]}
         ready = failed = total = 0
@@ -689,7 +694,12 @@ class Reconciler:
             ready += phase == "Ready"
             failed += phase == "Failed"
             if phase == "Ready" and can_prune:
-                await self._prune_superseded(pool, new)
+                pending = S.unloads_unconfirmed(served, pushed_version, pods, results)
+                if pending:
+                    waiting = waiting or bool((new.get("metadata", {}).get("annotations") or {}).get(A_SUPERSEDED))
+                    log.info("prune of %s/%s waits for the unload on %s", ns, meta["name"], ", ".join(pending))
+                else:
+                    await self._prune_superseded(pool, new)
         counts = {"adapters": {"total": total, "ready": ready, "failed": failed}, "adaptersReady": f"{ready}/{total}"}
         cur = pool.get("status") or {}
         if cur.get("adapters") != counts["adapters"] or cur.get("adaptersReady") != counts["adaptersReady"]:
@@ -697,6 +707,7 @@ class Reconciler:
                 await self.kube.patch_status(VLMPOOLS, pool["metadata"]["name"], counts, ns)
             except NotFound:
                 pass
+        return waiting
 
 
 def pool_token(key: bytes, pool: dict[str, Any]) -> str:

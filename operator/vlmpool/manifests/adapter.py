@@ -94,7 +94,7 @@ def served_name(adapter: dict[str, Any]) -> str:
 def patch_inputs(adapter: dict[str, Any], pool: dict[str, Any]) -> dict[str, Any]:
     spec = parse_spec(adapter)
     pspec = VLMPoolSpec.model_validate(pool.get("spec") or {})
-    return {
+    inputs = {
         "schema": DIGEST_SCHEMA,
         "adapter": adapter["metadata"]["name"],
         "source": spec.source.to_wire(),
@@ -106,6 +106,9 @@ def patch_inputs(adapter: dict[str, Any], pool: dict[str, Any]) -> dict[str, Any
         "maxRank": pspec.engine.max_lora_rank,
         "baseWeights": pspec.model.weights.to_wire() if pspec.model.weights else None,
     }
+    if pspec.engine.tower_connector_lora:  # only when on: the digests of existing adapters stay as they were
+        inputs["towerConnectorLora"] = True
+    return inputs
 
 
 def spec_digest(adapter: dict[str, Any], pool: dict[str, Any]) -> str:
@@ -145,6 +148,8 @@ def patch_args(adapter: dict[str, Any], pool: dict[str, Any], adapter_root: str 
     ]
     if spec.dora.policy == "svd" and spec.dora.rank is not None:
         args += ["--svd-rank", str(spec.dora.rank)]
+    if pspec.engine.tower_connector_lora:
+        args.append("--tower-connector-lora")
     if pspec.model.weights is not None and spec.dora.policy in ("svd", "strip"):
         args += ["--base-weights", (BASE_WEIGHTS_MOUNT + "/" + pspec.model.weights.path.strip("/")).rstrip("/")]
     if spec.source.sha256:

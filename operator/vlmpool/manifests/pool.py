@@ -118,6 +118,8 @@ def engine_args(spec: VLMPoolSpec) -> list[str]:
     ]
     if eng.max_cpu_loras is not None:
         args += ["--max-cpu-loras", str(eng.max_cpu_loras)]
+    if eng.tower_connector_lora:
+        args.append("--enable-tower-connector-lora")
     if eng.gpus > 1:
         args += ["--tensor-parallel-size", str(eng.gpus)]
     if eng.max_model_len is not None:

@@ -25,7 +25,8 @@ REASONS: dict[str, str] = {
     "ModulesToSave": "modules_to_save is not empty: full-module replacements cannot be served as dynamic LoRA",
     "RankMissing": "adapter_config.json has no rank r",
     "RankTooHigh": "the rank is over the pool's max LoRA rank",
-    "RankPattern": "rank_pattern or alpha_pattern is set: vLLM serves one rank and alpha per adapter",
+    "UnsupportedLoraFeature": "the config uses a LoRA feature the pinned vLLM refuses at load (lora_bias, PiSSA/OLoRA/"
+                              "LoftQ/CorDA init, aLoRA, layer_replication, BD-LoRA, QALoRA, adapter bias)",
     "BaseModelMismatch": "adapter_config.json declares another base model than the pool's (strict check)",
     "BaseModelUnknown": "adapter_config.json declares no base model, so a strict check cannot pass",
     "TrainedVisionTower": "the adapter trained the vision tower, which vLLM cannot serve",
