@@ -16,7 +16,7 @@ help:
 	@echo "make crds        regenerate crds/*.yaml from the pydantic models"
 	@echo "make lint        ruff and mypy with the rules in pyproject.toml (part of make test)"
 	@echo "make test        install, lint, obtain the binaries, and run every test"
-	@echo "make test-vllm   the pinned vLLM's own LoRA loader judges the patcher and the simulator (.venv-vllm, several GB)"
+	@echo "make test-vllm   the pinned vLLM's own LoRA loader judges the patcher and the simulator (cached venv, several GB)"
 	@echo "make images      build the container images (needs a Docker engine)"
 	@echo "make kind-e2e    the e2e suite on a kind cluster (needs Docker and kind)"
 
@@ -44,7 +44,7 @@ lint: install  ## ruff and mypy, configured (and their rule sets defended) in py
 test: install lint k8s-bins
 	VLMPOOL_K8S_BIN="$$(bash hack/k8s-bins.sh | tail -n1)" $(PY) -m pytest $(PYTEST_ARGS)
 
-test-vllm: install  ## vLLM's own LoRA loader (release pinned in operator/vlmpool/sim/contract.py) in .venv-vllm
+test-vllm: install  ## vLLM's own LoRA loader (release pinned in operator/vlmpool/sim/contract.py) in a venv cached under ~/.cache/vlmpool
 	VLMPOOL_VLLM_PYTHON="$$(bash hack/vllm-env.sh | tail -n1)" $(PY) -m pytest tests/vllm $(PYTEST_ARGS)
 
 test-unit: install

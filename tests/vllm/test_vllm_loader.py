@@ -1,4 +1,4 @@
-"""The pinned vLLM's own LoRA loader (vllm_loader.py, run in .venv-vllm) judges (1) the patcher's output
+"""The pinned vLLM's own LoRA loader (vllm_loader.py, run in the pinned vLLM's cached venv) judges (1) the patcher's output
 for every family: real PEFT adapters patched by the real `vlmpool patch`, each of whose kept tensors
 must map to a language-model module of vLLM's model; (2) the simulator: on a corpus of good and bad
 adapter directories its accept/refuse verdict (and message) must equal vLLM's; (3) the simulator's

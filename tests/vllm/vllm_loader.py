@@ -1,6 +1,6 @@
 """Run vLLM's own LoRA loader on adapter directories, as ``WorkerLoRAManager._load_adapter`` does.
 
-Runs under the pinned vLLM's environment (``make test-vllm``: .venv-vllm), never under vlmpool's: it
+Runs under the pinned vLLM's environment (``make test-vllm``: a venv cached under ~/.cache/vlmpool), never under vlmpool's: it
 imports nothing from vlmpool. Usage: ``python vllm_loader.py CASES.json`` where CASES.json is a list of
 ``{"id", "family", "path", "max_lora_rank", "tower_connector_lora"}``; prints one JSON object (the last
 line of stdout): ``{"vllm": version, "families": {family: model facts}, "results": [{"id", "ok",
