@@ -87,6 +87,8 @@ down() {
       umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true
     done
   fi
+  # The kubelet's pod cgroups (cgroupfs driver: kubepods under each v1 controller), deepest first.
+  find /sys/fs/cgroup/*/kubepods /sys/fs/cgroup/unified/kubepods -depth -type d -exec rmdir {} + 2>/dev/null || true
   ip netns del "$NETNS" 2>/dev/null || true  # its interfaces (veth, cni0), iptables and pod netns links
   ip link del "$HOST_IF" 2>/dev/null || true
   for r in "$POD_CIDR" "$SERVICE_CIDR"; do ip route del blackhole "$r" 2>/dev/null || true; done
@@ -185,16 +187,24 @@ build_images() {
   local want=(${IMAGES:-operator proxy simulator patcher}) t ref
   BUILT=()
   for t in "${want[@]}"; do
-    if ref=$(DOCKER=$DOCKER DOCKERFILE=$df BUILD_ARGS="--build-arg PYTHON_IMAGE=$BASE_IMAGE \
-        --secret id=ca-bundle,src=/etc/ssl/certs/ca-certificates.crt" \
-        nice bash images/build.sh "$t" 2>>"$STATE/logs/images.log"); then
+    if ref=$(build_one "$t" ${TORCH_INDEX_URL:+--build-arg TORCH_INDEX_URL=$TORCH_INDEX_URL}); then
       BUILT+=("$ref")
-    elif [ "$t" = patcher ]; then
-      log "WARNING: the patcher image did not build (see $STATE/logs/images.log); patch Jobs cannot run"
+    elif [ "$t" = patcher ] && [ -z "${TORCH_INDEX_URL:-}" ] \
+        && ref=$(build_one "$t" --build-arg TORCH_INDEX_URL=https://pypi.org/simple); then
+      # download.pytorch.org (the Dockerfile's CPU-only index) is not reachable from every machine
+      # (not from this sandbox's); PyPI's torch is the same library with CUDA libraries (a larger image).
+      log "WARNING: the patcher's torch came from PyPI (the CPU-only index did not answer): a larger image"
+      BUILT+=("$ref")
     else
       die "image $t did not build: $STATE/logs/images.log"
     fi
   done
+}
+build_one() {
+  local t=$1; shift
+  DOCKER=$DOCKER DOCKERFILE=$CACHE/node.Dockerfile BUILD_ARGS="--build-arg PYTHON_IMAGE=$BASE_IMAGE \
+    --secret id=ca-bundle,src=/etc/ssl/certs/ca-certificates.crt $*" \
+    nice bash images/build.sh "$t" 2>>"$STATE/logs/images.log"
 }
 
 # ---- 3. network -------------------------------------------------------------------------------------------
@@ -314,7 +324,8 @@ oomScoreAdj: 0               # root here lacks CAP_SYS_RESOURCE
 hostnameOverride: $NODE_NAME
 bindAddress: $NODE_IP
 clientConnection: {kubeconfig: $cp/kube-proxy.kubeconfig}
-conntrack: {maxPerCore: 0}   # leave the (machine-wide) conntrack table size alone
+# Leave the conntrack table's size and timeouts alone: they are not this node's to set.
+conntrack: {maxPerCore: 0, tcpEstablishedTimeout: 0s, tcpCloseWaitTimeout: 0s}
 YAML
     start kube-proxy "$BIN/kube-proxy" --config "$STATE/kube-proxy.yaml"
   fi
