@@ -311,3 +311,12 @@ def test_every_job_pod_gives_the_patcher_uid_group_access_to_the_volume():
     for job in jobs:
         sc = job["spec"]["template"]["spec"]["securityContext"]
         assert sc["fsGroup"] == 65532 and sc["seccompProfile"] == {"type": "RuntimeDefault"}, job["metadata"]["name"]
+
+
+def test_pool_pods_give_the_images_uid_group_access_to_the_admin_token():
+    """The proxy runs as uid/gid 65532 and reads the admin token Secret (0440, root-owned on a real
+    kubelet) through fsGroup."""
+    spec = MP.deployment(pool())["spec"]["template"]["spec"]
+    assert spec["securityContext"]["fsGroup"] == 65532
+    token = next(v for v in spec["volumes"] if v["name"] == "admin-token")
+    assert token["secret"]["defaultMode"] == 0o440

@@ -198,6 +198,9 @@ def pod_template(pool: dict[str, Any], token_hash: str = "", adapter_root: str =
     pod_spec: dict[str, Any] = {
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
+        # The images run as uid/gid 65532: the admin-token Secret (mode 0440, root-owned) is readable
+        # by the proxy only through this group (a real kubelet showed it: "Permission denied").
+        "securityContext": {"fsGroup": 65532},
         "terminationGracePeriodSeconds": 60,
         "containers": [proxy, engine],
         "volumes": volumes,
