@@ -426,6 +426,12 @@ env_() {
 test_() {
   local bin; bin=$(bash hack/k8s-bins.sh | tail -n1)
   [ -f "$STATE/control-plane/ready" ] || die "no node: run make node"
+  # A clean start in the suite's namespace (a previous run's adapters and pool go the way users
+  # delete them: the operator's finalizers run first), keeping the namespace and the chart's policy there.
+  KUBECONFIG_FILE=$STATE/control-plane/admin.kubeconfig KUBECTL=$bin/kubectl
+  k -n e2e delete vlma --all --wait=true --timeout=180s >/dev/null
+  k -n e2e delete vlmp --all --wait=true --timeout=180s >/dev/null
+  k -n e2e delete jobs,pvc --all --wait=true --timeout=120s >/dev/null
   VLMPOOL_E2E_KUBECONFIG=$STATE/control-plane/admin.kubeconfig VLMPOOL_E2E_VOLUME_ROOT=$STATE/volumes \
     VLMPOOL_KUBECTL=$bin/kubectl "$PY" -m pytest tests/e2e --basetemp="$STATE/pytest" "$@"
 }
