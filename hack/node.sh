@@ -75,7 +75,11 @@ wait_until() {
 down() {
   [ "$(id -u)" = 0 ] || die "must run as root"
   for c in kube-proxy kubelet kube-scheduler; do stop "$c"; done
+  local podns=()
   if alive containerd; then  # every pod's containers (and their shims) go with their tasks
+    # The pods' network namespaces (/run/netns/cni-*, made by the CNI plugins for each sandbox).
+    mapfile -t podns < <(for id in $(ctr -a "$SOCK" -n k8s.io containers ls -q 2>/dev/null); do
+      ctr -a "$SOCK" -n k8s.io containers info "$id" 2>/dev/null | grep -o '/netns/cni-[0-9a-f-]*'; done | sort -u)
     for id in $(ctr -a "$SOCK" -n k8s.io tasks ls -q 2>/dev/null); do
       ctr -a "$SOCK" -n k8s.io tasks kill -s SIGKILL "$id" >/dev/null 2>&1 || true
       ctr -a "$SOCK" -n k8s.io tasks delete -f "$id" >/dev/null 2>&1 || true
@@ -89,6 +93,8 @@ down() {
   fi
   # The kubelet's pod cgroups (cgroupfs driver: kubepods under each v1 controller), deepest first.
   find /sys/fs/cgroup/*/kubepods /sys/fs/cgroup/unified/kubepods -depth -type d -exec rmdir {} + 2>/dev/null || true
+  local n
+  for n in "${podns[@]}"; do ip netns del "${n#/netns/}" 2>/dev/null || true; done
   ip netns del "$NETNS" 2>/dev/null || true  # its interfaces (veth, cni0), iptables and pod netns links
   ip link del "$HOST_IF" 2>/dev/null || true
   for r in "$POD_CIDR" "$SERVICE_CIDR"; do ip route del blackhole "$r" 2>/dev/null || true; done
