@@ -173,7 +173,9 @@ PAUSE_IMAGE=registry.k8s.io/pause:3.10.1  # containerd's sandbox image: found lo
 pause_image() {
   /usr/bin/docker image inspect "$PAUSE_IMAGE" >/dev/null 2>&1 && return 0
   local src; src="$(go env GOMODCACHE)/k8s.io/kubernetes@$K8S_VERSION/build/pause/linux/pause.c"
-  [ -f "$src" ] || die "$src not found (hack/k8s-bins.sh fills the Go module cache)"
+  # hack/k8s-bins.sh's build leaves kubernetes' source in the Go module cache; fetch it if it did not.
+  [ -f "$src" ] || (cd "$CACHE" && go mod download "k8s.io/kubernetes@$K8S_VERSION") >/dev/null 2>&1 || true
+  [ -f "$src" ] || die "$src not found (go mod download k8s.io/kubernetes@$K8S_VERSION failed)"
   mkdir -p "$CACHE/pause"
   gcc -Os -Wall -Werror -static -DVERSION="$K8S_VERSION-vlmpool" -o "$CACHE/pause/pause" "$src"
   strip "$CACHE/pause/pause"
