@@ -240,8 +240,12 @@ network() {
   # Outside: the pod and Service ranges end here should the namespace vanish, and the host forwards
   # nothing to or from the node (the host itself still reaches the node's address: that is local).
   for r in "$POD_CIDR" "$SERVICE_CIDR"; do ip route replace blackhole "$r"; done
-  iptables -C FORWARD -i "$HOST_IF" -j DROP 2>/dev/null || iptables -I FORWARD -i "$HOST_IF" -j DROP
-  iptables -C FORWARD -o "$HOST_IF" -j DROP 2>/dev/null || iptables -I FORWARD -o "$HOST_IF" -j DROP
+  # First in FORWARD, ahead of the rules a (re)started dockerd puts there.
+  local d
+  for d in -i -o; do
+    while iptables -D FORWARD "$d" "$HOST_IF" -j DROP 2>/dev/null; do :; done
+    iptables -I FORWARD 1 "$d" "$HOST_IF" -j DROP
+  done
 }
 
 # ---- 4. the node ----------------------------------------------------------------------------------------
@@ -385,6 +389,24 @@ chart() {
 
 k() { "$KUBECTL" --kubeconfig "$KUBECONFIG_FILE" "$@"; }
 
+# From inside a pod (the operator's), an address off this machine (the host's default gateway, and a
+# public one) must be unreachable at once: no route, not merely dropped.
+network_check() {
+  local gw out
+  gw=$(ip route show default | awk '{print $3; exit}')
+  out=$(k -n "$NS" exec "deployment/$RELEASE-operator" -- python3 -c '
+import errno, socket, sys
+for host in sys.argv[1:]:
+    s = socket.socket(); s.settimeout(5)
+    try:
+        s.connect((host, 443)); print(host, "REACHABLE")
+    except OSError as e:
+        print(host, "unreachable" if e.errno == errno.ENETUNREACH else f"NOT-UNREACHABLE {e!r}")
+' ${gw:+"$gw"} 1.1.1.1 2>&1) || die "network check: kubectl exec failed: $out"
+  grep -q -e REACHABLE -e NOT-UNREACHABLE <<<"$out" && die "network check: a pod has a way off this machine: $out"
+  log "network check: from a pod, $(tr '\n' ' ' <<<"$out")"
+}
+
 usage_text() {
   cat <<TXT
 export KUBECONFIG=$KUBECONFIG_FILE
@@ -418,6 +440,7 @@ up() {
   KUBECONFIG_FILE=$STATE/control-plane/admin.kubeconfig
   components_up
   chart
+  network_check
   stop dockerd  # only the builds needed it; its image cache stays in $CACHE
   log "ready. To use it:"
   usage_text
