@@ -93,7 +93,11 @@ down() {
   fi
   # The kubelet's pod cgroups (cgroupfs driver: kubepods under each v1 controller), deepest first.
   find /sys/fs/cgroup/*/kubepods /sys/fs/cgroup/unified/kubepods -depth -type d -exec rmdir {} + 2>/dev/null || true
+  # ... and those whose eth0 is joined to the node's namespace (the running pods' sandboxes).
   local n
+  for n in $(ip netns list | awk '/^cni-/{print $1}'); do
+    ip -n "$n" -o link show 2>/dev/null | grep -q "link-netns $NETNS\b" && podns+=("/netns/$n")
+  done
   for n in "${podns[@]}"; do ip netns del "${n#/netns/}" 2>/dev/null || true; done
   ip netns del "$NETNS" 2>/dev/null || true  # its interfaces (veth, cni0), iptables and pod netns links
   ip link del "$HOST_IF" 2>/dev/null || true
