@@ -19,6 +19,8 @@ help:
 	@echo "make test-vllm   the pinned vLLM's own LoRA loader judges the patcher and the simulator (cached venv, several GB)"
 	@echo "make images      build the container images (needs a Docker engine)"
 	@echo "make kind-e2e    the e2e suite on a kind cluster (needs Docker and kind)"
+	@echo "make node        a real single-node cluster here (root; apt, dockerd, containerd, kubelet; the chart)"
+	@echo "make test-node   the e2e suite on that node (make node-down removes it)"
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -66,3 +68,13 @@ images:  ## build the operator, proxy, patcher and simulator images (needs a Doc
 
 kind-e2e:  ## the e2e suite on a kind cluster: images built and loaded, chart installed, simulator as the engine
 	bash hack/kind-e2e.sh
+
+.PHONY: node node-down test-node
+node: install k8s-bins  ## a real single-node cluster here (root): images built, containerd, kubelet, the chart installed (hack/node.sh)
+	bash hack/node.sh up
+
+node-down:  ## remove everything `make node` made (processes, mounts, network namespace, routes, rules, state)
+	bash hack/node.sh down
+
+test-node: node  ## the e2e suite (external mode) on the real node, the simulator image as the engine
+	bash hack/node.sh test $(PYTEST_ARGS)

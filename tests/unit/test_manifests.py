@@ -336,3 +336,12 @@ def test_dora_adapters_get_the_torch_patcher_image(policy, dora_image, want):
     assert image == want
     job = MA.patch_job(a, pool(), image=image)
     assert job["spec"]["template"]["spec"]["containers"][0]["image"] == want
+
+
+def test_pool_pods_give_the_images_uid_group_access_to_the_admin_token():
+    """The proxy runs as uid/gid 65532 and reads the admin token Secret (0440, root-owned on a real
+    kubelet) through fsGroup."""
+    spec = MP.deployment(pool())["spec"]["template"]["spec"]
+    assert spec["securityContext"]["fsGroup"] == 65532
+    token = next(v for v in spec["volumes"] if v["name"] == "admin-token")
+    assert token["secret"]["defaultMode"] == 0o440

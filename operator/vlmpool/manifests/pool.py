@@ -235,6 +235,8 @@ def pod_template(pool: dict[str, Any], token_hash: str = "", adapter_root: str =
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "terminationGracePeriodSeconds": 60,
+        # Restricted profile; its fsGroup (the images' gid 65532) is also what lets the proxy read the
+        # admin-token Secret (mode 0440, root-owned on a real kubelet: "Permission denied" without it).
         "securityContext": {k: (dict(v) if isinstance(v, dict) else v) for k, v in POD_SECURITY.items()},
         "containers": [proxy, engine],
         "volumes": volumes,
