@@ -364,7 +364,8 @@ async def test_unreachable_pod_degrades_the_pool_and_recovers(kube, namespace, o
     await eventually(degraded, what="Degraded/PushFailed")
     st = await eventually(lambda: adapter_status(kube, ns, "ad", loaded="0/1"), what="0/1 loaded")
     assert st["phase"] == "Registering" and st["pods"][0]["state"] == "pending" and st["pods"][0]["message"]
-    events = await kube.list(EVENTS, ns, field_selector="involvedObject.name=pool")
+    # The pool's Events (its Deployment, Service and EndpointSlice share the name "pool").
+    events = await kube.list(EVENTS, ns, field_selector="involvedObject.name=pool,involvedObject.kind=VLMPool")
     assert "PushFailed" in {e["reason"] for e in events}
     # The Events name the operator as their source, not kopf.
     assert {(e.get("reportingComponent"), e["source"].get("component")) for e in events} == {
