@@ -110,7 +110,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
-    from vlmpool.sim.server import Faults, SimConfig
+    from vlmpool.sim.config import Faults, SimConfig
 
     model = args.model or args.model_tag
     if not model:
