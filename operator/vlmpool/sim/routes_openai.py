@@ -176,11 +176,11 @@ class OpenAIRoutes(SimState):
                 # Not in the CPU cache (evicted, or unloaded while this request waited): the worker
                 # reads it again from the path the request carries. Failing here kills the engine.
                 try:
-                    info = await engine.read_adapter(seq.lora, seq.lora_path)
+                    fresh = await engine.read_adapter(seq.lora, seq.lora_path)
                 except adapters_mod.AdapterError as e:
                     engine.die(f"re-reading adapter {seq.lora} from {seq.lora_path} failed: {e.reason}")
                     raise RequestError(contract.engine_dead()) from None
-                engine.cache_put(seq.lora, info)
+                engine.cache_put(seq.lora, fresh)
             info = engine.cpu_cache.get(seq.lora) if seq.lora is not None else None
             if info is not None and info.first_use_error:
                 # vLLM: set_lora copies the tensors into the stacked GPU buffers when a batch first uses

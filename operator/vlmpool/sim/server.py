@@ -129,9 +129,7 @@ async def running_sim(config: SimConfig) -> AsyncIterator[str]:
     site = web.TCPSite(runner, config.host or "127.0.0.1", 0)
     await site.start()
     try:
-        server = site._server  # noqa: SLF001 - aiohttp exposes no public accessor for the bound port
-        assert server is not None and server.sockets
-        host, port = server.sockets[0].getsockname()[:2]
+        host, port = runner.addresses[0][:2]  # the bound (ephemeral) port
         yield f"http://{host}:{port}"
     finally:
         await runner.cleanup()
