@@ -21,11 +21,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import struct
 from dataclasses import dataclass, field
 from typing import Any
 
 from vlmpool.sim import contract
+from vlmpool.sim.st_header import SafetensorsError, data_offsets, read_safetensors_header
 
 
 class AdapterError(Exception):
@@ -144,69 +144,6 @@ def family(name: str) -> Family:
         raise ValueError(f"unknown model family {name!r}; known: {', '.join(sorted(FAMILIES))}") from None
 
 
-# ---- safetensors header ------------------------------------------------------------------------
-
-_DTYPE_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2,
-                "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "F64": 8, "I64": 8, "U64": 8}
-_MAX_HEADER = 100_000_000  # the safetensors crate's own limit
-
-
-class SafetensorsError(Exception):
-    pass
-
-
-def read_safetensors_header(path: str) -> dict[str, dict[str, Any]]:
-    """Parse and check a safetensors file's header the way the safetensors crate does.
-
-    Returns ``{tensor_name: {"dtype", "shape", "data_offsets"}}`` (``__metadata__`` dropped).
-    Raises ``SafetensorsError`` with the crate's wording ("Error while deserializing header: ...").
-    """
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise SafetensorsError("Error while deserializing header: HeaderTooSmall")
-        (n,) = struct.unpack("<Q", head)
-        if n > _MAX_HEADER or 8 + n > size:
-            raise SafetensorsError("Error while deserializing header: HeaderTooLarge")
-        raw = f.read(n)
-    if not raw.startswith(b"{"):
-        raise SafetensorsError("Error while deserializing header: InvalidHeaderStart")
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise SafetensorsError("Error while deserializing header: InvalidHeaderDeserialization") from None
-    if not isinstance(header, dict):
-        raise SafetensorsError("Error while deserializing header: InvalidHeaderDeserialization")
-    header.pop("__metadata__", None)
-    end = 0
-    for name, info in sorted(header.items(), key=lambda kv: _offsets(kv[1])[0]):
-        start, stop = _offsets(info)
-        dtype, shape = info.get("dtype"), info.get("shape")
-        if dtype not in _DTYPE_SIZES or not isinstance(shape, list) or not all(
-                isinstance(d, int) and d >= 0 for d in shape):
-            raise SafetensorsError("Error while deserializing header: InvalidHeaderDeserialization")
-        if start != end or stop < start:
-            raise SafetensorsError(f"Error while deserializing header: InvalidOffset({name!r})")
-        count = 1
-        for d in shape:
-            count *= d
-        if (stop - start) != count * _DTYPE_SIZES[dtype]:
-            raise SafetensorsError("Error while deserializing header: TensorInvalidInfo")
-        end = stop
-    if 8 + n + end != size:
-        raise SafetensorsError("Error while deserializing header: MetadataIncompleteBuffer")
-    return header
-
-
-def _offsets(info: Any) -> tuple[int, int]:
-    try:
-        a, b = info["data_offsets"]
-        return int(a), int(b)
-    except (TypeError, KeyError, ValueError):
-        raise SafetensorsError("Error while deserializing header: InvalidHeaderDeserialization") from None
-
-
 # ---- the adapter -------------------------------------------------------------------------------
 
 @dataclass
@@ -291,6 +228,24 @@ def validate_adapter(lora_name: str, lora_path: str, *, max_lora_rank: int, fami
     if shape_check not in SHAPE_CHECKS:
         raise ValueError(f"shape_check must be one of {SHAPE_CHECKS}, not {shape_check!r}")
     path = os.path.expanduser(lora_path)
+    cfg = _read_config(lora_name, lora_path, path)
+    r, rank_pattern, max_rank = _check_config(cfg, max_lora_rank)
+    st_path, header = _read_weights_header(lora_path, path)
+    modules, peft_names = _lora_modules(header, fam, lora_path)
+    if strict_layout:
+        _check_layout(modules, fam, lora_path)
+    first_use_error = None
+    if strict_layout or shape_check == "first-use":
+        first_use_error = _check_shapes(modules, peft_names, r, rank_pattern, lora_path, shape_check)
+
+    data_bytes = max((data_offsets(v)[1] for v in header.values()), default=0)
+    return AdapterInfo(path=lora_path, rank=max_rank, lora_alpha=cfg["lora_alpha"],
+                       target_modules=cfg["target_modules"], modules=sorted(modules),
+                       tensors=len(header), weights_bytes=data_bytes, weights_file=st_path,
+                       first_use_error=first_use_error)
+
+
+def _read_config(lora_name: str, lora_path: str, path: str) -> dict[str, Any]:
     cfg_path = os.path.join(path, "adapter_config.json")
     # PEFTHelper.from_local_dir: open() failing with FileNotFoundError → LoRAAdapterNotFoundError.
     try:
@@ -307,7 +262,11 @@ def validate_adapter(lora_name: str, lora_path: str, *, max_lora_rank: int, fami
         raise _engine_failure(str(e)) from None
     if not isinstance(cfg, dict):
         raise _engine_failure("adapter_config.json is not a JSON object")
+    return cfg
 
+
+def _check_config(cfg: dict[str, Any], max_lora_rank: int) -> tuple[int, dict[str, Any], int]:
+    """PEFTHelper's checks, in its order; returns (r, rank_pattern, the largest rank)."""
     missing = {"r", "lora_alpha", "target_modules"} - set(cfg)
     if missing:
         raise _engine_failure(f"Missing required configuration fields: {missing}")
@@ -332,7 +291,10 @@ def validate_adapter(lora_name: str, lora_path: str, *, max_lora_rank: int, fami
         errors.append("Adapter bias is not supported.")
     if errors:
         raise _engine_failure(" ".join(errors))
+    return r, rank_pattern, max_rank
 
+
+def _read_weights_header(lora_path: str, path: str) -> tuple[str, dict[str, Any]]:
     st_path = os.path.join(path, "adapter_model.safetensors")
     bin_path = os.path.join(path, "adapter_model.bin")
     pt_path = os.path.join(path, "adapter_model.pt")
@@ -349,8 +311,13 @@ def validate_adapter(lora_name: str, lora_path: str, *, max_lora_rank: int, fami
         raise _engine_failure(str(e)) from None
     except OSError as e:
         raise _engine_failure(f"[Errno {e.errno}] {e.strerror}: '{st_path}'") from None
+    return st_path, header
 
-    # check_unexpected_modules, in the file's key order.
+
+def _lora_modules(header: dict[str, Any], fam: Family,
+                  lora_path: str) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """check_unexpected_modules, in the file's key order; returns (module -> {kind: tensor info},
+    vLLM module name -> the checkpoint's, which rank_pattern matches)."""
     expected = fam.expected_modules
     modules: dict[str, dict[str, Any]] = {}
     peft_names: dict[str, str] = {}  # vLLM module name -> the checkpoint's (rank_pattern matches this)
@@ -372,27 +339,36 @@ def validate_adapter(lora_name: str, lora_path: str, *, max_lora_rank: int, fami
             f"{unexpected}. Please verify that the loaded LoRA module is correct")
     if not modules:
         raise _engine_failure(f"[vlmpool sim] {lora_path}: adapter_model.safetensors holds no LoRA tensors")
+    return modules, peft_names
 
-    if strict_layout:
-        stray = sorted(m for m in modules
-                       if not m.endswith(("embed_tokens", "lm_head"))
-                       and not any(p.match(m) for p in fam.module_patterns))
-        if stray:
-            shown = ", ".join(stray[:5]) + (f" (+{len(stray) - 5} more)" if len(stray) > 5 else "")
+
+def _check_layout(modules: dict[str, dict[str, Any]], fam: Family, lora_path: str) -> None:
+    """--strict-lora-layout: refuse what vLLM would load and silently ignore."""
+    stray = sorted(m for m in modules
+                   if not m.endswith(("embed_tokens", "lm_head"))
+                   and not any(p.match(m) for p in fam.module_patterns))
+    if stray:
+        shown = ", ".join(stray[:5]) + (f" (+{len(stray) - 5} more)" if len(stray) > 5 else "")
+        raise _engine_failure(
+            f"[vlmpool sim] {lora_path}: {len(stray)} LoRA module(s) map to no module of "
+            f"{fam.architecture} after vLLM's key mapping: {shown}. vLLM would load the adapter "
+            f"and silently ignore them. Expected keys like {fam.layout_hint}")
+    for module, kinds in sorted(modules.items()):
+        a, b = kinds.get("lora_A"), kinds.get("lora_B")
+        if a is None or b is None:
+            if "lora_embedding_A" in kinds or "lora_embedding_B" in kinds:
+                continue
             raise _engine_failure(
-                f"[vlmpool sim] {lora_path}: {len(stray)} LoRA module(s) map to no module of "
-                f"{fam.architecture} after vLLM's key mapping: {shown}. vLLM would load the adapter "
-                f"and silently ignore them. Expected keys like {fam.layout_hint}")
-        for module, kinds in sorted(modules.items()):
-            a, b = kinds.get("lora_A"), kinds.get("lora_B")
-            if a is None or b is None:
-                if "lora_embedding_A" in kinds or "lora_embedding_B" in kinds:
-                    continue
-                raise _engine_failure(
-                    f"[vlmpool sim] {lora_path}: module {module} has only "
-                    f"{'lora_A' if a is not None else 'lora_B'}; both lora_A and lora_B are needed")
+                f"[vlmpool sim] {lora_path}: module {module} has only "
+                f"{'lora_A' if a is not None else 'lora_B'}; both lora_A and lora_B are needed")
+
+
+def _check_shapes(modules: dict[str, dict[str, Any]], peft_names: dict[str, str], r: int,
+                  rank_pattern: dict[str, Any], lora_path: str, shape_check: str) -> str | None:
+    """A/B shapes against the configured ranks: refused at load (``shape_check="load"``), or the
+    problem to raise at first use (``"first-use"``)."""
     first_use_error = None
-    for module, kinds in sorted(modules.items()) if (strict_layout or shape_check == "first-use") else ():
+    for module, kinds in sorted(modules.items()):
         a, b = kinds.get("lora_A"), kinds.get("lora_B")
         if a is None or b is None:
             continue
@@ -403,12 +379,7 @@ def validate_adapter(lora_name: str, lora_path: str, *, max_lora_rank: int, fami
             if shape_check == "load":
                 raise _engine_failure(f"[vlmpool sim] {lora_path}: {problem}")
             first_use_error = first_use_error or problem
-
-    data_bytes = max((_offsets(v)[1] for v in header.values()), default=0)
-    return AdapterInfo(path=lora_path, rank=max_rank, lora_alpha=cfg["lora_alpha"],
-                       target_modules=cfg["target_modules"], modules=sorted(modules),
-                       tensors=len(header), weights_bytes=data_bytes, weights_file=st_path,
-                       first_use_error=first_use_error)
+    return first_use_error
 
 
 def _peft_module_name(key: str) -> str:

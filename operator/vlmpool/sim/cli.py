@@ -110,7 +110,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
-    from vlmpool.sim.server import Faults, SimConfig
+    from vlmpool.sim.config import Faults, SimConfig
 
     model = args.model or args.model_tag
     if not model:
@@ -145,8 +145,8 @@ async def serve(cfg: Any, ready: Any = None) -> None:
     await runner.setup()
     site = web.TCPSite(runner, cfg.host, cfg.port)
     await site.start()
-    server = site._server  # noqa: SLF001
-    host, port = server.sockets[0].getsockname()[:2] if server and server.sockets else (cfg.host, cfg.port)
+    addresses = runner.addresses  # the bound sockets (port 0 picks a free one)
+    host, port = addresses[0][:2] if addresses else (cfg.host, cfg.port)
     print(f"vlmpool sim: serving {cfg.served_names()[0]} on http://{host}:{port} "
           f"(lora={'on' if cfg.enable_lora else 'off'}, family={cfg.resolved_family()})",
           file=sys.stderr, flush=True)

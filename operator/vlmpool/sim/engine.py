@@ -288,7 +288,7 @@ class Engine:
 
         reg = CollectorRegistry()
         names = ["model_name", "engine"]
-        metrics = {
+        metrics: dict[str, Any] = {
             "registry": reg,
             "running": Gauge("vllm:num_requests_running", "Number of requests in model execution batches.",
                              names, registry=reg),

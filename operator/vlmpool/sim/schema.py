@@ -49,6 +49,31 @@ def instance(schema: Any, tag: str = "sim", *, root: Any = None, depth: int = 0)
     if not isinstance(schema, dict):
         raise SchemaError(f"not a JSON schema: {schema!r}")
 
+    value = _keyword_instance(schema, tag, root, depth)
+    if value is not _NO_KEYWORD:
+        return value
+    typ = _type_of(schema)
+    if typ == "object":
+        return _object(schema, tag, root, depth)
+    if typ == "array":
+        return _array(schema, tag, root, depth)
+    if typ == "string":
+        return _string(schema, tag)
+    if typ in ("integer", "number"):
+        return _number(schema, typ == "integer")
+    if typ == "boolean":
+        return True
+    if typ == "null":
+        return None
+    raise SchemaError(f"unsupported type {typ!r}")
+
+
+_NO_KEYWORD = object()  # _keyword_instance: the schema has none of its keywords
+
+
+def _keyword_instance(schema: dict[str, Any], tag: str, root: Any, depth: int) -> Any:
+    """The instance decided by ``$ref``, ``allOf``, ``const``, ``enum``, ``anyOf`` or ``oneOf`` (in that
+    order), or ``_NO_KEYWORD`` when the schema has none of them."""
     if "$ref" in schema:
         target = _resolve(schema["$ref"], root)
         merged = {**target, **{k: v for k, v in schema.items() if k != "$ref"}}
@@ -72,7 +97,10 @@ def instance(schema: Any, tag: str = "sim", *, root: Any = None, depth: int = 0)
                 except SchemaError as e:
                     last = e
             raise SchemaError(f"no {key} branch can be satisfied: {last}")
+    return _NO_KEYWORD
 
+
+def _type_of(schema: dict[str, Any]) -> Any:
     typ = schema.get("type")
     if isinstance(typ, list):
         types = [t for t in typ if t != "null"] or ["null"]
@@ -84,51 +112,46 @@ def instance(schema: Any, tag: str = "sim", *, root: Any = None, depth: int = 0)
             typ = "array"
         else:
             typ = "string"
+    return typ
 
-    if typ == "object":
-        out: dict[str, Any] = {}
-        props = schema.get("properties") or {}
-        required = list(schema.get("required") or [])
-        # Fill every declared property (keeps the answer informative), required ones first.
-        names = required + [p for p in props if p not in required]
-        for name in names:
-            sub = props.get(name)
-            if sub is None:
-                extra = schema.get("additionalProperties", True)
-                sub = extra if isinstance(extra, dict) else {}
-            out[name] = instance(sub, tag, root=root, depth=depth + 1)
-        min_props = int(schema.get("minProperties", 0))
-        i = 0
-        while len(out) < min_props:
+
+def _object(schema: dict[str, Any], tag: str, root: Any, depth: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    props = schema.get("properties") or {}
+    required = list(schema.get("required") or [])
+    # Fill every declared property (keeps the answer informative), required ones first.
+    names = required + [p for p in props if p not in required]
+    for name in names:
+        sub = props.get(name)
+        if sub is None:
             extra = schema.get("additionalProperties", True)
-            if extra is False:
-                raise SchemaError("minProperties cannot be met without additionalProperties")
-            out[f"sim_{i}"] = instance(extra if isinstance(extra, dict) else {}, tag, root=root,
-                                       depth=depth + 1)
-            i += 1
-        return out
-    if typ == "array":
-        prefix = schema.get("prefixItems") or []
-        items = schema.get("items", {})
-        out_list = [instance(s, tag, root=root, depth=depth + 1) for s in prefix]
-        n = max(int(schema.get("minItems", 0)), 1 if "maxItems" not in schema or schema["maxItems"] > 0 else 0)
-        if items is False:
-            n = len(out_list)
-        while len(out_list) < n:
-            out_list.append(instance(items if isinstance(items, dict) else {}, tag, root=root,
-                                     depth=depth + 1))
-        if schema.get("uniqueItems") and len(out_list) > 1:
-            raise SchemaError("uniqueItems with minItems > 1 is not supported by the simulator")
-        return out_list
-    if typ == "string":
-        return _string(schema, tag)
-    if typ in ("integer", "number"):
-        return _number(schema, typ == "integer")
-    if typ == "boolean":
-        return True
-    if typ == "null":
-        return None
-    raise SchemaError(f"unsupported type {typ!r}")
+            sub = extra if isinstance(extra, dict) else {}
+        out[name] = instance(sub, tag, root=root, depth=depth + 1)
+    min_props = int(schema.get("minProperties", 0))
+    i = 0
+    while len(out) < min_props:
+        extra = schema.get("additionalProperties", True)
+        if extra is False:
+            raise SchemaError("minProperties cannot be met without additionalProperties")
+        out[f"sim_{i}"] = instance(extra if isinstance(extra, dict) else {}, tag, root=root,
+                                   depth=depth + 1)
+        i += 1
+    return out
+
+
+def _array(schema: dict[str, Any], tag: str, root: Any, depth: int) -> list[Any]:
+    prefix = schema.get("prefixItems") or []
+    items = schema.get("items", {})
+    out_list = [instance(s, tag, root=root, depth=depth + 1) for s in prefix]
+    n = max(int(schema.get("minItems", 0)), 1 if "maxItems" not in schema or schema["maxItems"] > 0 else 0)
+    if items is False:
+        n = len(out_list)
+    while len(out_list) < n:
+        out_list.append(instance(items if isinstance(items, dict) else {}, tag, root=root,
+                                 depth=depth + 1))
+    if schema.get("uniqueItems") and len(out_list) > 1:
+        raise SchemaError("uniqueItems with minItems > 1 is not supported by the simulator")
+    return out_list
 
 
 def _string(schema: dict[str, Any], tag: str) -> str:
