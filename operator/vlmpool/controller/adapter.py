@@ -7,12 +7,12 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from vlmpool.controller import decisions as D
 from vlmpool.controller import status as S
 from vlmpool.controller.common import SOURCE_NOT_ALLOWED, ReconcilerBase, RetryLater, _duration
 from vlmpool.kube.client import PODS, VLMADAPTERS, VLMPOOLS
 from vlmpool.manifests import adapter as MA
-from vlmpool.manifests.common import A_SPEC_DIGEST, A_SUPERSEDED, patch_job_name
-from vlmpool.patcher.publish import check_version_path
+from vlmpool.manifests.common import A_SUPERSEDED, patch_job_name
 
 log = logging.getLogger("vlmpool.operator")
 
@@ -49,7 +49,7 @@ class AdapterReconciler(ReconcilerBase):
             adapter = await self._write_adapter_status(adapter, {}, [(
                 "Patched", "Unknown", "SourceAllowed", "the source is allowed now")])
             st, patched = adapter.get("status") or {}, None
-        if st.get("specDigest") == digest and patched is not None and patched["status"] in ("True", "False"):
+        if patched is not None and D.patch_decided(st, digest):
             # This spec was patched (or refused) already: never run it twice.
             await self._write_adapter_status(adapter, base, [found])
             self.metrics.reconciles.labels("adapter", "ok").inc()
@@ -69,8 +69,7 @@ class AdapterReconciler(ReconcilerBase):
             adapter, {**base, "specDigest": digest, "lastJob": job_name},
             [found, ("Patched", "Unknown", "PatchJobRunning", f"Job {job_name} is running")],
             # A result recorded for this digest meanwhile (the Job finished fast) must stay.
-            only_if=lambda cur: not (cur.get("specDigest") == digest and (S.get_condition(
-                cur.get("conditions") or [], "Patched") or {}).get("status") in ("True", "False")))
+            only_if=lambda cur: not D.patch_decided(cur, digest))
         self.metrics.reconciles.labels("adapter", "ok").inc()
         # The Job may have finished already (operator restart): read its result now.
         await self.job_changed(job)
@@ -79,71 +78,46 @@ class AdapterReconciler(ReconcilerBase):
         """A patch Job changed: copy a finished result into its adapter's status, then push."""
         meta = job["metadata"]
         ns = meta["namespace"]
-        digest = (meta.get("annotations") or {}).get(A_SPEC_DIGEST)
-        owner = next((o for o in meta.get("ownerReferences") or [] if o.get("kind") == "VLMAdapter"), None)
-        if not digest or owner is None:
+        ref = D.job_adapter_ref(job)
+        if ref is None:
             return
+        digest, owner = ref
         adapter = await self.kube.get_or_none(VLMADAPTERS, owner["name"], ns)
-        if adapter is None or adapter["metadata"]["uid"] != owner.get("uid"):
+        if adapter is None or not D.job_result_wanted(adapter, owner, digest):
             return
-        st = adapter.get("status") or {}
-        if st.get("specDigest") != digest or adapter["metadata"].get("deletionTimestamp"):
-            return  # an older spec's Job: its result is not wanted any more
-        patched = S.get_condition(st.get("conditions") or [], "Patched")
-        if patched is not None and patched["status"] != "Unknown":
-            return  # already recorded
-        jst = job.get("status") or {}
-        jconds = {c["type"]: c for c in jst.get("conditions") or [] if c.get("status") == "True"}
-        complete = "Complete" in jconds or "SuccessCriteriaMet" in jconds
-        failed = "Failed" in jconds or "FailureTarget" in jconds
-        if not complete and not failed and not jst.get("failed"):
+        state = D.job_state(job)
+        if not state.finished:
             return
         messages = await self._job_messages(ns, meta["name"])
         name = adapter["metadata"]["name"]
+        jst = job.get("status") or {}
         duration = _duration(jst.get("startTime"), jst.get("completionTime"))
 
         def still_running(cur: dict[str, Any]) -> bool:
-            c = S.get_condition(cur.get("conditions") or [], "Patched")
-            return cur.get("specDigest") == digest and (c is None or c["status"] == "Unknown")
+            return D.patch_pending(cur, digest)
 
-        if complete:
-            ok = next((m for phase, m in messages if phase == "Succeeded" and m and m.get("ok")), None)
-            if ok is None:
-                await self._patch_failed(adapter, still_running, "InvalidTerminationMessage",
-                                         f"Job {meta['name']} succeeded without a valid JSON summary in its "
-                                         "termination message")
-                return
-            version, path = str(ok.get("version") or ""), str(ok.get("path") or "")
-            problem = check_version_path(self.config.adapter_root, name, version, path)
-            if problem:
-                await self._patch_failed(adapter, still_running, "InvalidTerminationMessage", problem)
-                return
+        result = D.job_result(meta["name"], state, messages, adapter_root=self.config.adapter_root, adapter=name,
+                              old_version=(adapter.get("status") or {}).get("version"))
+        if isinstance(result, D.PatchSucceeded):
+            version = result.version
             if duration is not None:
                 self.metrics.job_seconds.labels("succeeded").observe(duration)
-            old_version = st.get("version")
-            if old_version and old_version != version:
+            if result.supersedes:
                 # The older version stays on the volume until every pod serves the new one.
-                await self.kube.patch(VLMADAPTERS, name, {"metadata": {"annotations": {A_SUPERSEDED: old_version}}}, ns)
+                await self.kube.patch(VLMADAPTERS, name, {"metadata": {"annotations": {
+                    A_SUPERSEDED: result.supersedes}}}, ns)
             await self._write_adapter_status(
-                adapter, {"version": version, "path": path, "report": S.report_summary(ok)},
+                adapter, {"version": version, "path": result.path, "report": S.report_summary(result.summary)},
                 [("Patched", "True", "Patched", f"version {version} by Job {meta['name']}"),
                  ("Loaded", "Unknown", "Registering", "pushing the version to the pool's pods")],
                 only_if=still_running)
             log.info("adapter %s/%s: patched version %s", ns, name, version)
             await self.push_pool(ns, adapter["spec"]["poolRef"]["name"])
-            return
-        refusal = next((m for phase, m in messages if m and m.get("ok") is False), None)
-        if refusal is not None and (failed or refusal.get("reason") not in S.RETRYABLE_PATCH_REASONS):
-            reason = str(refusal.get("reason") or "PatchRefused")
-            await self._patch_failed(adapter, still_running, reason, str(refusal.get("message") or "")[:4000],
-                                     duration)
-            return
-        if failed:
-            jc = jconds.get("Failed") or jconds.get("FailureTarget") or {}
-            tail = next((raw for raw in await self._job_raw_messages(ns, meta["name"]) if raw), "")
-            msg = f"Job {meta['name']} failed: {jc.get('reason', '')}: {jc.get('message', '')}"
-            if tail:
-                msg += f"; last output: {tail[-1500:]}"
+        elif isinstance(result, D.PatchFailed):
+            await self._patch_failed(adapter, still_running, result.reason, result.message,
+                                     duration if result.timed else None)
+        elif isinstance(result, D.PatchJobFailed):
+            msg = D.failed_job_message(meta["name"], result.condition, await self._job_raw_messages(ns, meta["name"]))
             await self._patch_failed(adapter, still_running, "PatchJobFailed", msg, duration)
 
     async def _patch_failed(self, adapter: dict[str, Any], only_if: Callable[[dict[str, Any]], bool],

@@ -8,11 +8,12 @@ import hashlib
 import hmac
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from vlmpool.controller import status as S
+from vlmpool.controller.decisions import Cond
 from vlmpool.controller.metrics import OperatorMetrics
 from vlmpool.kube.client import VLMADAPTERS, VLMPOOLS, Conflict, KubeClient, NotFound
 from vlmpool.manifests.common import ADAPTER_ROOT
@@ -26,7 +27,6 @@ SOURCE_NOT_ALLOWED = "SourceNotAllowed"  # a file:// source outside the node dir
 
 # (body, type, reason, message) -> None. kopf.event in the operator; a list append in unit tests.
 EventFn = Callable[[dict[str, Any], str, str, str], None]
-Cond = tuple[str, str, str, str]  # (type, status, reason, message)
 
 
 class RetryLater(Exception):
@@ -70,7 +70,7 @@ class ReconcilerBase:
 
 
     async def _write_pool_status(self, pool: dict[str, Any], fields: dict[str, Any],
-                                 conds: list[tuple[str, str, str, str]] = ()) -> dict[str, Any]:
+                                 conds: Sequence[Cond] = ()) -> dict[str, Any]:
         """Set fields and conditions on the pool's current status with an optimistic lock."""
         meta = pool["metadata"]
         ns, name = meta["namespace"], meta["name"]
@@ -103,7 +103,7 @@ class ReconcilerBase:
         return [a for a in items if ((a.get("spec") or {}).get("poolRef") or {}).get("name") == pool]
 
     async def _write_adapter_status(self, adapter: dict[str, Any], fields: dict[str, Any],
-                                    conds: list[tuple[str, str, str, str]] = (),
+                                    conds: Sequence[Cond] = (),
                                     only_if: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any]:
         """Set `fields` and the conditions `(type, status, reason, message)` on the adapter's current
         status, recompute the phase, and patch with an optimistic lock (re-read and redo on a conflict),
@@ -169,7 +169,7 @@ def _parse_time(s: str | None) -> dt.datetime | None:
     if not s:
         return None
     try:
-        return dt.datetime.strptime(s, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
+        return dt.datetime.strptime(s, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
     except ValueError:
         return None
 

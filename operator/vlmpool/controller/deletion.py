@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from vlmpool.controller import decisions as D
 from vlmpool.controller.common import ReconcilerBase, RetryLater, _label_value
 from vlmpool.kube.client import JOBS, PODS, VLMPOOLS
 from vlmpool.manifests import adapter as MA
@@ -37,11 +38,10 @@ class DeletionReconciler(ReconcilerBase):
             self.metrics.jobs_created.labels("cleanup").inc()
             self.event(adapter, "Normal", "CleanupJobCreated",
                        f"every pod unloaded {served}; Job {job['metadata']['name']} removes {name}/ from the volume")
-        jst = job.get("status") or {}
-        jconds = {c["type"] for c in jst.get("conditions") or [] if c.get("status") == "True"}
-        if "Complete" in jconds or "SuccessCriteriaMet" in jconds:
+        state = D.job_state(job)
+        if state.complete:
             return
-        if "Failed" in jconds or "FailureTarget" in jconds:
+        if state.failed:
             self.event(adapter, "Warning", "CleanupFailed",
                        f"Job {job['metadata']['name']} failed; {name}/ may remain on the volume")
             return
@@ -54,13 +54,12 @@ class DeletionReconciler(ReconcilerBase):
         ns = meta["namespace"]
         selector = f"{L_ADAPTER}={_label_value(meta['name'])},app.kubernetes.io/component=patch"
         for job in await self.kube.list(JOBS, ns, label_selector=selector):
-            owners = {o.get("uid") for o in job["metadata"].get("ownerReferences") or []}
-            jconds = {c["type"] for c in (job.get("status") or {}).get("conditions") or [] if c.get("status") == "True"}
-            if meta["uid"] in owners and not jconds & {"Complete", "Failed"} and not job["metadata"].get("deletionTimestamp"):
+            if D.patch_job_unfinished(job, meta["uid"]):
                 await self.kube.delete(JOBS, job["metadata"]["name"], ns, propagation="Background")
-                self.event(adapter, "Normal", "PatchJobStopped", f"deleted the unfinished Job {job['metadata']['name']}")
+                self.event(adapter, "Normal", "PatchJobStopped",
+                           f"deleted the unfinished Job {job['metadata']['name']}")
         running = [p["metadata"]["name"] for p in await self.kube.list(PODS, ns, label_selector=selector)
-                   if (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")]
+                   if not D.pod_stopped(p)]
         if running:
             raise RetryLater(f"waiting for patch pods to stop: {', '.join(running)}", delay=3)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+from vlmpool.controller import decisions as D
 from vlmpool.controller import status as S
 from vlmpool.controller.common import ReconcilerBase, RetryLater, pool_token
 from vlmpool.kube.client import DEPLOYMENTS, VLMPOOLS, ApiError
@@ -40,7 +41,7 @@ class PoolReconciler(ReconcilerBase):
         await self.push_pool(ns, name)
 
     async def pool_failed(self, pool: dict[str, Any], err: Exception) -> None:
-        reason = type(err).__name__ if not isinstance(err, ApiError) else (err.reason or f"HTTP{err.status}")
+        reason = D.failure_reason(err)
         self.metrics.errors.labels("pool", reason).inc()
         try:
             await self._write_pool_status(pool, {}, [("Degraded", "True", reason, str(err))])
@@ -57,8 +58,7 @@ class PoolReconciler(ReconcilerBase):
 
     async def deployment_changed(self, dep: dict[str, Any]) -> None:
         """Copy the Deployment's replica counts into its pool's status."""
-        owner = next((o for o in dep["metadata"].get("ownerReferences") or []
-                      if o.get("kind") == "VLMPool" and o.get("controller")), None)
+        owner = D.controller_owner(dep, "VLMPool")
         if owner is None:
             return
         ns = dep["metadata"]["namespace"]

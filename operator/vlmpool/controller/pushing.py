@@ -12,6 +12,7 @@ from typing import Any
 
 import aiohttp
 
+from vlmpool.controller import decisions as D
 from vlmpool.controller import status as S
 from vlmpool.controller.common import ReconcilerBase, RetryLater, pool_token
 from vlmpool.controller.push import PodResult, pod_fingerprint, pod_is_pushable, push_to_pods
@@ -112,9 +113,8 @@ class PushReconciler(ReconcilerBase):
                        and not pod_is_pushable(p)]
         digest = hashlib.sha256(repr(state).encode()).hexdigest()
         persisted = int((pool.get("status") or {}).get("desiredStateGeneration") or 0)
-        if st.digest != digest or st.generation < persisted:
-            st.generation = max(st.generation, persisted) + (1 if st.digest != digest else 0)
-            st.digest = digest
+        st.generation = D.push_generation(st.digest, st.generation, digest, persisted)
+        st.digest = digest
         results: dict[str, PodResult] = {}
         t0 = time.monotonic()
         if pods:
@@ -227,27 +227,13 @@ class PushReconciler(ReconcilerBase):
             if meta.get("deletionTimestamp"):
                 continue
             total += 1
-            st = adapter.get("status") or {}
             served = MA.served_name(adapter)
-            conds: list[tuple[str, str, str, str]] = []
-            if meta["name"] in conflicts:
-                owner = pushed.get(served)
-                conds.append(("Loaded", "False", "ServedNameConflict",
-                              f"another adapter of the pool already serves {served!r}"
-                              + (f" (version {owner['version']})" if owner else "")))
-                fields: dict[str, Any] = {"pods": [], "loadedPods": 0, "desiredPods": len(pods),
-                                          "loaded": f"0/{len(pods)}"}
-            elif st.get("version") and st.get("path"):
-                entries, n, failures = S.pod_loads(served, st["version"], pods, results)
-                conds.append(("Loaded", *S.loaded_condition(n, len(pods), failures)))
-                fields = {"pods": entries, "loadedPods": n, "desiredPods": len(pods), "loaded": f"{n}/{len(pods)}"}
-            else:
-                fields = {"loadedPods": 0, "desiredPods": len(pods), "loaded": f"0/{len(pods)}"}
-            pushed_version = st.get("version")
+            fields, conds = D.adapter_loads(adapter, conflicts, pushed, pods, results)
+            pushed_version = (adapter.get("status") or {}).get("version")
             try:
                 # Only if the version is still the one this push carried (else the next push tells).
                 new = await self._write_adapter_status(
-                    adapter, fields, conds, only_if=lambda cur, v=pushed_version: cur.get("version") == v)
+                    adapter, fields, conds, only_if=D.version_is(pushed_version))
             except (ApiError, RetryLater) as e:
                 log.warning("status of adapter %s/%s not written: %s", ns, meta["name"], e)
                 continue
