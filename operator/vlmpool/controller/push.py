@@ -68,8 +68,8 @@ async def push_to_pod(session: aiohttp.ClientSession, pod: dict[str, Any], admin
     url = f"http://{_host(pod['status']['podIP'])}:{admin_port}{ADMIN_STATE_PATH}"
     t0 = time.monotonic()
     try:
-        async with session.put(url, json=state, headers={"Authorization": f"Bearer {token}",
-                                                         "X-Request-Id": f"vlmpool-operator-push-{state['generation']}"},
+        headers = {"Authorization": f"Bearer {token}", "X-Request-Id": f"vlmpool-operator-push-{state['generation']}"}
+        async with session.put(url, json=state, headers=headers,
                                timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
             text = await resp.text()
             dt = time.monotonic() - t0
@@ -79,7 +79,7 @@ async def push_to_pod(session: aiohttp.ClientSession, pod: dict[str, Any], admin
                 body = {}
             if resp.status == 200 and isinstance(body, dict):
                 adapters = {a["name"]: a for a in body.get("adapters") or [] if isinstance(a, dict) and "name" in a}
-                unloading = None
+                unloading: dict[str, set[str]] | None = None
                 if isinstance(body.get("unloading"), list):
                     unloading = {}
                     for u in body["unloading"]:
@@ -91,7 +91,7 @@ async def push_to_pod(session: aiohttp.ClientSession, pod: dict[str, Any], admin
                 return PodResult(name, False, error=f"proxy has a newer generation {gen}",
                                  conflict_generation=gen if isinstance(gen, int) else None, seconds=dt)
             return PodResult(name, False, error=f"HTTP {resp.status}: {text[:300]}", seconds=dt)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return PodResult(name, False, error=f"timed out after {timeout:g}s", seconds=time.monotonic() - t0)
     except aiohttp.ClientError as e:
         return PodResult(name, False, error=f"{type(e).__name__}: {e}"[:300], seconds=time.monotonic() - t0)

@@ -19,7 +19,7 @@ RETRYABLE_PATCH_REASONS = {"SourceUnavailable", "LockTimeout"}
 
 
 def now() -> str:
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def get_condition(conds: list[dict[str, Any]], ctype: str) -> dict[str, Any] | None:

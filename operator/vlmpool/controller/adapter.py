@@ -1,0 +1,156 @@
+"""Adapters: one patch Job per spec digest (deterministic name, create-if-absent), its termination
+message into status, then a push of the pool's state."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from vlmpool.controller import decisions as D
+from vlmpool.controller import status as S
+from vlmpool.controller.common import SOURCE_NOT_ALLOWED, ReconcilerBase, RetryLater, _duration
+from vlmpool.kube.client import PODS, VLMADAPTERS, VLMPOOLS
+from vlmpool.manifests import adapter as MA
+from vlmpool.manifests.common import A_SUPERSEDED, patch_job_name
+
+log = logging.getLogger("vlmpool.operator")
+
+
+class AdapterReconciler(ReconcilerBase):
+    async def reconcile_adapter(self, adapter: dict[str, Any], pool: dict[str, Any] | None = None) -> None:
+        meta = adapter["metadata"]
+        ns, name = meta["namespace"], meta["name"]
+        if meta.get("deletionTimestamp"):
+            return
+        spec = MA.parse_spec(adapter)
+        pool = pool or await self.kube.get_or_none(VLMPOOLS, spec.pool_ref.name, ns)
+        st = adapter.get("status") or {}
+        gen = meta.get("generation")
+        base = {"observedGeneration": gen, "servedName": MA.served_name(adapter)}
+        if pool is None:
+            await self._write_adapter_status(adapter, base, [(
+                "PoolFound", "False", "PoolNotFound", f"VLMPool {spec.pool_ref.name!r} does not exist in {ns}")])
+            self.metrics.reconciles.labels("adapter", "pool-missing").inc()
+            raise RetryLater(f"VLMPool {spec.pool_ref.name!r} not found", delay=10)
+        found = ("PoolFound", "True", "PoolFound", f"served by VLMPool {spec.pool_ref.name}")
+        digest = MA.spec_digest(adapter, pool)
+        job_name = patch_job_name(name, digest)
+        patched = S.get_condition(st.get("conditions") or [], "Patched")
+        refusal = MA.file_source_refusal(spec.source.uri, self.config.host_paths)
+        if refusal:
+            # Before any Job (or hostPath) exists.
+            await self._write_adapter_status(adapter, {**base, "specDigest": digest},
+                                             [found, ("Patched", "False", SOURCE_NOT_ALLOWED, refusal)])
+            self.metrics.reconciles.labels("adapter", "refused").inc()
+            return
+        if patched is not None and patched.get("reason") == SOURCE_NOT_ALLOWED:
+            # Allowed since (an admin widened --allow-host-path): patch it now.
+            adapter = await self._write_adapter_status(adapter, {}, [(
+                "Patched", "Unknown", "SourceAllowed", "the source is allowed now")])
+            st, patched = adapter.get("status") or {}, None
+        if patched is not None and D.patch_decided(st, digest):
+            # This spec was patched (or refused) already: never run it twice.
+            await self._write_adapter_status(adapter, base, [found])
+            self.metrics.reconciles.labels("adapter", "ok").inc()
+            if st.get("version") and st.get("servedName") != base["servedName"]:
+                await self.push_pool(ns, spec.pool_ref.name)  # renamed: serve it under the new name
+            return
+        job, created = await self.kube.create_if_absent(
+            MA.patch_job(adapter, pool, image=MA.patch_image_for(spec, self.config.patch_image,
+                                                                 self.config.patch_dora_image),
+                         adapter_root=self.config.adapter_root,
+                         source_allow=self.config.source_allow), ns)
+        if created:
+            self.metrics.jobs_created.labels("patch").inc()
+            self.event(adapter, "Normal", "PatchJobCreated", f"Job {job_name} patches spec {digest[:8]}")
+            log.info("adapter %s/%s: created Job %s", ns, name, job_name)
+        await self._write_adapter_status(
+            adapter, {**base, "specDigest": digest, "lastJob": job_name},
+            [found, ("Patched", "Unknown", "PatchJobRunning", f"Job {job_name} is running")],
+            # A result recorded for this digest meanwhile (the Job finished fast) must stay.
+            only_if=lambda cur: not D.patch_decided(cur, digest))
+        self.metrics.reconciles.labels("adapter", "ok").inc()
+        # The Job may have finished already (operator restart): read its result now.
+        await self.job_changed(job)
+
+    async def job_changed(self, job: dict[str, Any]) -> None:
+        """A patch Job changed: copy a finished result into its adapter's status, then push."""
+        meta = job["metadata"]
+        ns = meta["namespace"]
+        ref = D.job_adapter_ref(job)
+        if ref is None:
+            return
+        digest, owner = ref
+        adapter = await self.kube.get_or_none(VLMADAPTERS, owner["name"], ns)
+        if adapter is None or not D.job_result_wanted(adapter, owner, digest):
+            return
+        state = D.job_state(job)
+        if not state.finished:
+            return
+        messages = await self._job_messages(ns, meta["name"])
+        name = adapter["metadata"]["name"]
+        jst = job.get("status") or {}
+        duration = _duration(jst.get("startTime"), jst.get("completionTime"))
+
+        def still_running(cur: dict[str, Any]) -> bool:
+            return D.patch_pending(cur, digest)
+
+        result = D.job_result(meta["name"], state, messages, adapter_root=self.config.adapter_root, adapter=name,
+                              old_version=(adapter.get("status") or {}).get("version"))
+        if isinstance(result, D.PatchSucceeded):
+            version = result.version
+            if duration is not None:
+                self.metrics.job_seconds.labels("succeeded").observe(duration)
+            if result.supersedes:
+                # The older version stays on the volume until every pod serves the new one.
+                await self.kube.patch(VLMADAPTERS, name, {"metadata": {"annotations": {
+                    A_SUPERSEDED: result.supersedes}}}, ns)
+            await self._write_adapter_status(
+                adapter, {"version": version, "path": result.path, "report": S.report_summary(result.summary)},
+                [("Patched", "True", "Patched", f"version {version} by Job {meta['name']}"),
+                 ("Loaded", "Unknown", "Registering", "pushing the version to the pool's pods")],
+                only_if=still_running)
+            log.info("adapter %s/%s: patched version %s", ns, name, version)
+            await self.push_pool(ns, adapter["spec"]["poolRef"]["name"])
+        elif isinstance(result, D.PatchFailed):
+            await self._patch_failed(adapter, still_running, result.reason, result.message,
+                                     duration if result.timed else None)
+        elif isinstance(result, D.PatchJobFailed):
+            msg = D.failed_job_message(meta["name"], result.condition, await self._job_raw_messages(ns, meta["name"]))
+            await self._patch_failed(adapter, still_running, "PatchJobFailed", msg, duration)
+
+    async def _patch_failed(self, adapter: dict[str, Any], only_if: Callable[[dict[str, Any]], bool],
+                            reason: str, message: str, duration: float | None = None) -> None:
+        if duration is not None:
+            self.metrics.job_seconds.labels("failed").observe(duration)
+        self.metrics.errors.labels("adapter", reason).inc()
+        await self._write_adapter_status(adapter, {}, [("Patched", "False", reason, message)], only_if=only_if)
+
+    async def _job_pods(self, ns: str, job: str) -> list[dict[str, Any]]:
+        return await self.kube.list(PODS, ns, label_selector=f"batch.kubernetes.io/job-name={job}")
+
+    async def _job_raw_messages(self, ns: str, job: str) -> list[str]:
+        out = []
+        for pod in await self._job_pods(ns, job):
+            for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+                term = (cs.get("state") or {}).get("terminated") or {}
+                if term.get("message"):
+                    out.append(term["message"])
+        return out
+
+    async def _job_messages(self, ns: str, job: str) -> list[tuple[str, dict[str, Any] | None]]:
+        """(pod phase, parsed termination message) of the Job's pods, newest first."""
+        pods = await self._job_pods(ns, job)
+        pods.sort(key=lambda p: p["metadata"].get("creationTimestamp") or "", reverse=True)
+        out = []
+        for pod in pods:
+            phase = (pod.get("status") or {}).get("phase", "")
+            msg = None
+            for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+                if cs.get("name") == MA.PATCH_CONTAINER:
+                    term = (cs.get("state") or {}).get("terminated") or {}
+                    msg = S.parse_termination_message(term.get("message"))
+            out.append((phase, msg))
+        return out
+

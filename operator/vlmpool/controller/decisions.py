@@ -1,0 +1,189 @@
+"""The reconciler's decisions as pure functions: from the objects' dicts (and a Job's status and its pods'
+termination messages) to what to do. No API calls here: pool.py, adapter.py, deletion.py and pushing.py
+make them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from vlmpool.controller import status as S
+from vlmpool.controller.push import PodResult
+from vlmpool.kube.client import ApiError
+from vlmpool.manifests import adapter as MA
+from vlmpool.manifests.common import A_SPEC_DIGEST
+from vlmpool.patcher.publish import check_version_path
+
+Cond = tuple[str, str, str, str]  # (type, status, reason, message)
+# (pod phase, parsed termination message of the patch container), newest pod first
+JobMessages = list[tuple[str, dict[str, Any] | None]]
+
+
+def failure_reason(err: Exception) -> str:
+    """The reason a failed pool reconcile reports (Degraded condition, error metric)."""
+    return type(err).__name__ if not isinstance(err, ApiError) else (err.reason or f"HTTP{err.status}")
+
+
+def controller_owner(obj: dict[str, Any], kind: str) -> dict[str, Any] | None:
+    """The ownerReference of `kind` that controls `obj`, if any."""
+    return next((o for o in obj["metadata"].get("ownerReferences") or []
+                 if o.get("kind") == kind and o.get("controller")), None)
+
+
+def patch_decided(status: dict[str, Any], digest: str) -> bool:
+    """The spec with `digest` was patched (or refused) already: its Job never runs again."""
+    patched = S.get_condition(status.get("conditions") or [], "Patched") or {}
+    return status.get("specDigest") == digest and patched.get("status") in ("True", "False")
+
+
+def patch_pending(status: dict[str, Any], digest: str) -> bool:
+    """The spec with `digest` waits for its Job's result (a result may still be recorded)."""
+    c = S.get_condition(status.get("conditions") or [], "Patched")
+    return status.get("specDigest") == digest and (c is None or c["status"] == "Unknown")
+
+
+def job_adapter_ref(job: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """(spec digest, VLMAdapter ownerReference) of a patch Job; None for any other Job."""
+    meta = job["metadata"]
+    digest = (meta.get("annotations") or {}).get(A_SPEC_DIGEST)
+    owner = next((o for o in meta.get("ownerReferences") or [] if o.get("kind") == "VLMAdapter"), None)
+    if not digest or owner is None:
+        return None
+    return digest, owner
+
+
+def job_result_wanted(adapter: dict[str, Any] | None, owner: dict[str, Any], digest: str) -> bool:
+    """The adapter still waits for this Job's result: it is the owner (same uid), not being deleted,
+    its current spec is the Job's, and no result is recorded yet."""
+    if adapter is None or adapter["metadata"]["uid"] != owner.get("uid"):
+        return False
+    st = adapter.get("status") or {}
+    if st.get("specDigest") != digest or adapter["metadata"].get("deletionTimestamp"):
+        return False  # an older spec's Job: its result is not wanted any more
+    patched = S.get_condition(st.get("conditions") or [], "Patched")
+    return patched is None or patched["status"] == "Unknown"
+
+
+@dataclass(frozen=True)
+class JobState:
+    complete: bool
+    failed: bool
+    conditions: dict[str, dict[str, Any]]  # the Job's conditions with status True, by type
+    failed_pods: bool  # some pod of the Job failed (status.failed)
+
+    @property
+    def finished(self) -> bool:
+        """Worth reading the pods' termination messages (a failed pod may carry a final refusal)."""
+        return self.complete or self.failed or self.failed_pods
+
+
+def job_state(job: dict[str, Any]) -> JobState:
+    jst = job.get("status") or {}
+    jconds = {c["type"]: c for c in jst.get("conditions") or [] if c.get("status") == "True"}
+    return JobState(complete="Complete" in jconds or "SuccessCriteriaMet" in jconds,
+                    failed="Failed" in jconds or "FailureTarget" in jconds,
+                    conditions=jconds, failed_pods=bool(jst.get("failed")))
+
+
+@dataclass(frozen=True)
+class PatchSucceeded:
+    version: str
+    path: str
+    summary: dict[str, Any]  # the Job's termination message
+    supersedes: str | None  # the adapter's older version, kept on the volume until every pod serves this one
+
+
+@dataclass(frozen=True)
+class PatchFailed:
+    reason: str
+    message: str
+    timed: bool  # the Job's duration counts in the failed-Jobs metric
+
+
+@dataclass(frozen=True)
+class PatchJobFailed:
+    """The Job failed without a refusal: its message needs the pods' raw output (failed_job_message)."""
+
+    condition: dict[str, Any]
+
+
+JobResult = PatchSucceeded | PatchFailed | PatchJobFailed | None
+
+
+def job_result(job_name: str, state: JobState, messages: JobMessages, *, adapter_root: str, adapter: str,
+               old_version: str | None) -> JobResult:
+    """What a finished patch Job means for its adapter; None: nothing to record yet (a retryable refusal
+    of a Job that has retries left)."""
+    if state.complete:
+        ok = next((m for phase, m in messages if phase == "Succeeded" and m and m.get("ok")), None)
+        if ok is None:
+            return PatchFailed("InvalidTerminationMessage", f"Job {job_name} succeeded without a valid JSON "
+                               "summary in its termination message", timed=False)
+        version, path = str(ok.get("version") or ""), str(ok.get("path") or "")
+        problem = check_version_path(adapter_root, adapter, version, path)
+        if problem:
+            return PatchFailed("InvalidTerminationMessage", problem, timed=False)
+        return PatchSucceeded(version, path, ok, old_version if old_version and old_version != version else None)
+    refusal = next((m for phase, m in messages if m and m.get("ok") is False), None)
+    if refusal is not None and (state.failed or refusal.get("reason") not in S.RETRYABLE_PATCH_REASONS):
+        return PatchFailed(str(refusal.get("reason") or "PatchRefused"), str(refusal.get("message") or "")[:4000],
+                           timed=True)
+    if state.failed:
+        return PatchJobFailed(state.conditions.get("Failed") or state.conditions.get("FailureTarget") or {})
+    return None
+
+
+def failed_job_message(job_name: str, condition: dict[str, Any], raw_messages: list[str]) -> str:
+    tail = next((raw for raw in raw_messages if raw), "")
+    msg = f"Job {job_name} failed: {condition.get('reason', '')}: {condition.get('message', '')}"
+    if tail:
+        msg += f"; last output: {tail[-1500:]}"
+    return msg
+
+
+def patch_job_unfinished(job: dict[str, Any], adapter_uid: str) -> bool:
+    """A patch Job of the adapter (owned by its uid) still runs and is not being deleted: stop it."""
+    owners = {o.get("uid") for o in job["metadata"].get("ownerReferences") or []}
+    jconds = {c["type"] for c in (job.get("status") or {}).get("conditions") or [] if c.get("status") == "True"}
+    return (adapter_uid in owners and not jconds & {"Complete", "Failed"}
+            and not job["metadata"].get("deletionTimestamp"))
+
+
+def pod_stopped(pod: dict[str, Any]) -> bool:
+    return (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed")
+
+
+def push_generation(last_digest: str | None, last_generation: int, digest: str, persisted: int) -> int:
+    """The generation of a push of the state with `digest`: a new state gets the next one; the same
+    state keeps its generation unless the pool's status recorded a higher one (operator restart)."""
+    if last_digest != digest or last_generation < persisted:
+        return max(last_generation, persisted) + (1 if last_digest != digest else 0)
+    return last_generation
+
+
+def adapter_loads(adapter: dict[str, Any], conflicts: list[str], pushed: dict[str, dict[str, Any]],
+                  pods: list[str], results: dict[str, PodResult]) -> tuple[dict[str, Any], list[Cond]]:
+    """The adapter's per-pod status fields and Loaded condition after a push of `pushed` (served name ->
+    entry) to `pods`; `conflicts` names the adapters left out for a served name another one holds."""
+    st = adapter.get("status") or {}
+    served = MA.served_name(adapter)
+    conds: list[Cond] = []
+    if adapter["metadata"]["name"] in conflicts:
+        owner = pushed.get(served)
+        conds.append(("Loaded", "False", "ServedNameConflict",
+                      f"another adapter of the pool already serves {served!r}"
+                      + (f" (version {owner['version']})" if owner else "")))
+        fields: dict[str, Any] = {"pods": [], "loadedPods": 0, "desiredPods": len(pods), "loaded": f"0/{len(pods)}"}
+    elif st.get("version") and st.get("path"):
+        entries, n, failures = S.pod_loads(served, st["version"], pods, results)
+        conds.append(("Loaded", *S.loaded_condition(n, len(pods), failures)))
+        fields = {"pods": entries, "loadedPods": n, "desiredPods": len(pods), "loaded": f"{n}/{len(pods)}"}
+    else:
+        fields = {"loadedPods": 0, "desiredPods": len(pods), "loaded": f"0/{len(pods)}"}
+    return fields, conds
+
+
+def version_is(version: str | None) -> Callable[[dict[str, Any]], bool]:
+    """only_if for a status write: the adapter's version is still `version`."""
+    return lambda cur: cur.get("version") == version

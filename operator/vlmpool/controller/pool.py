@@ -1,0 +1,77 @@
+"""Pools: server-side apply of the children, status from the Deployment."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from vlmpool.controller import decisions as D
+from vlmpool.controller import status as S
+from vlmpool.controller.common import ReconcilerBase, RetryLater, pool_token
+from vlmpool.kube.client import DEPLOYMENTS, VLMPOOLS, ApiError
+from vlmpool.manifests import pool as MP
+from vlmpool.manifests.common import deployment_name, server_label_selector
+
+
+class PoolReconciler(ReconcilerBase):
+    async def reconcile_pool(self, pool: dict[str, Any]) -> None:
+        ns, name = pool["metadata"]["namespace"], pool["metadata"]["name"]
+        gen = pool["metadata"].get("generation")
+        pvc = MP.adapter_pvc(pool)
+        if pvc is not None:
+            await self.kube.apply(pvc)
+        token = await self._ensure_token(pool)
+        token_hash = hashlib.sha256(token.encode()).hexdigest()[:16]
+        await self.kube.apply(MP.deployment(pool, token_hash, self.config.adapter_root))
+        await self.kube.apply(MP.service(pool))
+        spec = MP.parse_spec(pool)
+        # Replica counts are the Deployment watcher's (deployment_changed): the object returned by
+        # this apply may be older than what it already wrote.
+        await self._write_pool_status(pool, {"observedGeneration": gen, "endpoint": MP.endpoint(pool),
+                                             "concurrency": spec.proxy.concurrency},
+                                      [("Degraded", "False", "Reconciled", "children applied")])
+        self.metrics.reconciles.labels("pool", "ok").inc()
+        # The pool's inputs to patch Jobs (base model, family, max rank) may have changed.
+        for adapter in await self._pool_adapters(ns, name):
+            if not adapter["metadata"].get("deletionTimestamp"):
+                try:
+                    await self.reconcile_adapter(adapter, pool=pool)
+                except RetryLater:
+                    pass
+        await self.push_pool(ns, name)
+
+    async def pool_failed(self, pool: dict[str, Any], err: Exception) -> None:
+        reason = D.failure_reason(err)
+        self.metrics.errors.labels("pool", reason).inc()
+        try:
+            await self._write_pool_status(pool, {}, [("Degraded", "True", reason, str(err))])
+        except (ApiError, RetryLater):
+            pass
+        self.event(pool, "Warning", "ReconcileFailed", str(err))
+
+    async def _ensure_token(self, pool: dict[str, Any]) -> str:
+        """Apply the pool's admin-token Secret. The token is derived (pool_token), so the operator
+        never reads a Secret back: it only creates/patches the pools' token Secrets."""
+        token = pool_token(self.config.token_key, pool)
+        await self.kube.apply(MP.admin_secret(pool, token))
+        return token
+
+    async def deployment_changed(self, dep: dict[str, Any]) -> None:
+        """Copy the Deployment's replica counts into its pool's status."""
+        owner = D.controller_owner(dep, "VLMPool")
+        if owner is None:
+            return
+        ns = dep["metadata"]["namespace"]
+        pool = await self.kube.get_or_none(VLMPOOLS, owner["name"], ns)
+        if pool is None or pool["metadata"]["uid"] != owner.get("uid"):
+            return
+        await self._write_pool_status(pool, *S.deployment_status(pool, dep))
+
+    async def refresh_pool_status(self, ns: str, pool: str) -> None:
+        """Re-read the pool's Deployment (heals a missed watch event; runs on the resync)."""
+        obj = await self.kube.get_or_none(VLMPOOLS, pool, ns)
+        if obj is None:
+            return
+        deps = [d for d in await self.kube.list(DEPLOYMENTS, ns, label_selector=server_label_selector(pool))
+                if d["metadata"]["name"] == deployment_name(pool)]
+        await self._write_pool_status(obj, *S.deployment_status(obj, deps[0] if deps else None))

@@ -1,0 +1,259 @@
+"""Push: the pool's full desired state to all its running pods, one push per pool at a time; the
+adapters' per-pod status from the results; prune Jobs for superseded versions."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from vlmpool.controller import decisions as D
+from vlmpool.controller import status as S
+from vlmpool.controller.common import ReconcilerBase, RetryLater, pool_token
+from vlmpool.controller.push import PodResult, pod_fingerprint, pod_is_pushable, push_to_pods
+from vlmpool.kube.client import PODS, VLMADAPTERS, VLMPOOLS, ApiError, NotFound
+from vlmpool.manifests import adapter as MA
+from vlmpool.manifests import pool as MP
+from vlmpool.manifests.common import A_PRUNED, A_SUPERSEDED, server_label_selector
+
+log = logging.getLogger("vlmpool.operator")
+
+
+@dataclass
+class PushSummary:
+    pool: str
+    generation: int
+    pods: list[str]
+    results: dict[str, PodResult]
+    state: dict[str, Any]
+
+    def confirmed_without(self, served: str) -> list[str]:
+        """Pods that did NOT confirm serving nothing under `served` (empty list: all confirmed)."""
+        return [p for p in self.pods if not self.results[p].ok or served in self.results[p].adapters]
+
+
+@dataclass
+class _PoolPush:
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    pending: asyncio.Future | None = None
+    digest: str | None = None
+    generation: int = 0
+    retry_task: asyncio.Task | None = None
+    retry_delay: float = 1.0
+
+
+class PushReconciler(ReconcilerBase):
+    _pushes: dict[tuple[str, str], _PoolPush]
+    _pushed: dict[tuple[str, str], str]  # (ns, pod) -> fingerprint last pushed OK
+    _pod_ok: dict[tuple[str, str], bool]  # (ns, pod) -> last push succeeded (for events)
+    _http: aiohttp.ClientSession | None
+
+    async def pod_changed(self, pod: dict[str, Any], deleted: bool = False) -> None:
+        """A pool pod changed: push when it (re)started since the last successful push to it."""
+        ns, name = pod["metadata"]["namespace"], pod["metadata"]["name"]
+        pool = (pod["metadata"].get("labels") or {}).get("vlmpool.io/pool")
+        if not pool:
+            return
+        key = (ns, name)
+        if deleted:
+            self._pushed.pop(key, None)
+            self._pod_ok.pop(key, None)
+            await self.push_pool(ns, pool)  # refresh LOADED n/m
+            return
+        if pod_is_pushable(pod) and self._pushed.get(key) != pod_fingerprint(pod):
+            await self.push_pool(ns, pool)
+
+    async def push_pool(self, ns: str, pool: str) -> PushSummary | None:
+        """Push the pool's full state to all its running pods. Concurrent callers share one push that
+        starts after their call (so it reads their changes); pushes of one pool never overlap."""
+        st = self._pushes.setdefault((ns, pool), _PoolPush())
+        if st.pending is not None:
+            return await asyncio.shield(st.pending)
+        fut: asyncio.Future = asyncio.get_running_loop().create_future()
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+        st.pending = fut
+        try:
+            async with st.lock:
+                if st.pending is fut:
+                    st.pending = None
+                res = await self._push(ns, pool, st)
+        except BaseException as e:
+            # Also when cancelled while waiting: callers sharing this push must not wait forever.
+            if st.pending is fut:
+                st.pending = None
+            if not fut.done():
+                if isinstance(e, asyncio.CancelledError):
+                    fut.cancel()
+                else:
+                    fut.set_exception(e)
+            raise
+        fut.set_result(res)
+        return res
+
+    async def _token(self, ns: str, pool: str) -> str | None:
+        obj = await self.kube.get_or_none(VLMPOOLS, pool, ns)
+        return pool_token(self.config.token_key, obj) if obj is not None else None
+
+    async def _push(self, ns: str, pool_name: str, st: _PoolPush) -> PushSummary | None:
+        pool = await self.kube.get_or_none(VLMPOOLS, pool_name, ns)
+        if pool is None:
+            return None
+        spec = MP.parse_spec(pool)
+        adapters = await self._pool_adapters(ns, pool_name)
+        state, conflicts = MA.desired_state(spec.proxy.concurrency, adapters)
+        all_pods = await self.kube.list(PODS, ns, label_selector=server_label_selector(pool_name))
+        pods = sorted((p for p in all_pods if pod_is_pushable(p)), key=lambda p: p["metadata"]["name"])
+        # A pod that runs but takes no pushes (terminating) may still serve an older version.
+        unconfirmed = [p for p in all_pods if (p.get("status") or {}).get("phase") == "Running"
+                       and not pod_is_pushable(p)]
+        digest = hashlib.sha256(repr(state).encode()).hexdigest()
+        persisted = int((pool.get("status") or {}).get("desiredStateGeneration") or 0)
+        st.generation = D.push_generation(st.digest, st.generation, digest, persisted)
+        st.digest = digest
+        results: dict[str, PodResult] = {}
+        t0 = time.monotonic()
+        if pods:
+            token = await self._token(ns, pool_name)
+            if token is None:
+                results = {p["metadata"]["name"]: PodResult(p["metadata"]["name"], False,
+                                                            error="admin token Secret missing") for p in pods}
+            else:
+                results = await self._push_round(pods, spec.proxy.admin_port, token, state, st)
+        self.metrics.push_seconds.observe(time.monotonic() - t0)
+        if st.generation != persisted:
+            await self.kube.patch_status(VLMPOOLS, pool_name, {"desiredStateGeneration": st.generation}, ns)
+        for pod in pods:
+            r = results[pod["metadata"]["name"]]
+            key = (ns, pod["metadata"]["name"])
+            self.metrics.pushes.labels("ok" if r.ok else "error").inc()
+            self.metrics.pod_push_seconds.observe(r.seconds)
+            if r.ok:
+                self._pushed[key] = pod_fingerprint(pod)
+                if self._pod_ok.get(key) is False:
+                    self.event(pool, "Normal", "PushRecovered", f"pod {r.pod} accepted generation {st.generation}")
+            else:
+                self._pushed.pop(key, None)
+                if self._pod_ok.get(key) is not False:
+                    self.event(pool, "Warning", "PushFailed", f"pod {r.pod}: {r.error}")
+                log.warning("push %s/%s to pod %s failed: %s", ns, pool_name, r.pod, r.error)
+            self._pod_ok[key] = r.ok
+        failed = [r for r in results.values() if not r.ok]
+        degraded = S.get_condition((pool.get("status") or {}).get("conditions") or [], "Degraded")
+        if failed:
+            self._schedule_retry(ns, pool_name, st)
+            msg = "; ".join(f"{r.pod}: {r.error}" for r in failed)[:4000]
+            await self._write_pool_status(pool, {}, [("Degraded", "True", "PushFailed",
+                                                      f"{len(failed)}/{len(pods)} pods did not take the state: {msg}")])
+        else:
+            st.retry_delay = 1.0
+            if degraded and degraded.get("reason") == "PushFailed":
+                await self._write_pool_status(pool, {}, [("Degraded", "False", "PushSucceeded",
+                                                          f"every running pod took generation {st.generation}")])
+        pod_names = [p["metadata"]["name"] for p in pods]
+        waiting = await self._record_loads(pool, adapters, state, conflicts, pod_names, results,
+                                           can_prune=bool(pods) and not failed and not unconfirmed)
+        if waiting:  # a prune waits for proxies to confirm unloads: ask again soon
+            self._schedule_retry(ns, pool_name, st)
+        return PushSummary(pool_name, st.generation, pod_names, results, state)
+
+    async def _push_round(self, pods: list[dict[str, Any]], admin_port: int, token: str, state: dict[str, Any],
+                          st: _PoolPush) -> dict[str, PodResult]:
+        if self._http is None or self._http.closed:
+            self._http = aiohttp.ClientSession()
+        for _attempt in range(2):
+            body = {"generation": st.generation, **state}
+            out = await push_to_pods(pods, admin_port, token, body, timeout=self.config.push_timeout,
+                                     parallelism=self.config.push_parallelism, session=self._http)
+            newer = [r.conflict_generation for r in out if r.conflict_generation is not None]
+            if not newer:
+                break
+            # A proxy holds a newer generation (pushed before an operator restart): go past it.
+            st.generation = max(newer) + 1
+        return {r.pod: r for r in out}
+
+    async def _prune_superseded(self, pool: dict[str, Any], adapter: dict[str, Any]) -> None:
+        """Every running pod serves the adapter's version (so none serves an older one any more):
+        remove the older versions' directories, once per version."""
+        meta = adapter["metadata"]
+        ann = meta.get("annotations") or {}
+        version = (adapter.get("status") or {}).get("version")
+        if not version or not ann.get(A_SUPERSEDED) or ann.get(A_PRUNED) == version:
+            return
+        try:
+            job, created = await self.kube.create_if_absent(MA.prune_job(
+                adapter, pool, version, image=self.config.patch_image, adapter_root=self.config.adapter_root),
+                meta["namespace"])
+            await self.kube.patch(VLMADAPTERS, meta["name"], {"metadata": {"annotations": {
+                A_PRUNED: version, A_SUPERSEDED: None}}}, meta["namespace"])
+        except ApiError as e:
+            log.warning("prune of %s/%s not started: %s", meta["namespace"], meta["name"], e)
+            return
+        if created:
+            self.metrics.jobs_created.labels("prune").inc()
+            self.event(adapter, "Normal", "PruneJobCreated",
+                       f"every pod serves {version}; Job {job['metadata']['name']} removes the older versions")
+
+    def _schedule_retry(self, ns: str, pool: str, st: _PoolPush) -> None:
+        if st.retry_task is not None and not st.retry_task.done():
+            return
+        delay = st.retry_delay
+        st.retry_delay = min(st.retry_delay * 2, max(2.0, self.config.resync_seconds))
+
+        async def later() -> None:
+            await asyncio.sleep(delay)
+            try:
+                await self.push_pool(ns, pool)
+            except Exception:
+                log.exception("retried push of %s/%s failed", ns, pool)
+
+        st.retry_task = asyncio.get_running_loop().create_task(later())
+
+    async def _record_loads(self, pool: dict[str, Any], adapters: list[dict[str, Any]], state: dict[str, Any],
+                            conflicts: list[str], pods: list[str], results: dict[str, PodResult],
+                            can_prune: bool = False) -> bool:
+        """Write each adapter's per-pod status; prune superseded versions whose unload every proxy has
+        confirmed. Returns True when a prune waits for such a confirmation."""
+        waiting = False
+        ns = pool["metadata"]["namespace"]
+        pushed = {e["name"]: e for e in state["adapters"]}
+        ready = failed = total = 0
+        for adapter in adapters:
+            meta = adapter["metadata"]
+            if meta.get("deletionTimestamp"):
+                continue
+            total += 1
+            served = MA.served_name(adapter)
+            fields, conds = D.adapter_loads(adapter, conflicts, pushed, pods, results)
+            pushed_version = (adapter.get("status") or {}).get("version")
+            try:
+                # Only if the version is still the one this push carried (else the next push tells).
+                new = await self._write_adapter_status(
+                    adapter, fields, conds, only_if=D.version_is(pushed_version))
+            except (ApiError, RetryLater) as e:
+                log.warning("status of adapter %s/%s not written: %s", ns, meta["name"], e)
+                continue
+            phase = (new.get("status") or {}).get("phase")
+            ready += phase == "Ready"
+            failed += phase == "Failed"
+            if phase == "Ready" and can_prune:
+                pending = S.unloads_unconfirmed(served, pushed_version, pods, results)
+                if pending:
+                    waiting = waiting or bool((new.get("metadata", {}).get("annotations") or {}).get(A_SUPERSEDED))
+                    log.info("prune of %s/%s waits for the unload on %s", ns, meta["name"], ", ".join(pending))
+                else:
+                    await self._prune_superseded(pool, new)
+        counts = {"adapters": {"total": total, "ready": ready, "failed": failed}, "adaptersReady": f"{ready}/{total}"}
+        cur = pool.get("status") or {}
+        if cur.get("adapters") != counts["adapters"] or cur.get("adaptersReady") != counts["adaptersReady"]:
+            try:
+                await self.kube.patch_status(VLMPOOLS, pool["metadata"]["name"], counts, ns)
+            except NotFound:
+                pass
+        return waiting
+
+

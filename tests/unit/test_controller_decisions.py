@@ -1,0 +1,195 @@
+"""The reconciler's decisions (vlmpool.controller.decisions) without an apiserver: objects in, what to do out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from vlmpool.controller import decisions as D
+from vlmpool.controller.push import PodResult
+from vlmpool.kube.client import ApiError
+from vlmpool.manifests.common import A_SPEC_DIGEST
+
+ROOT = "/adapters"
+UID = "u-1"
+
+
+def _cond(type_: str, status: str, reason: str = "R") -> dict[str, Any]:
+    return {"type": type_, "status": status, "reason": reason, "message": ""}
+
+
+def _adapter(status: dict[str, Any] | None = None, *, uid: str = UID, deleting: bool = False,
+             served: str | None = None) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": "inv", "namespace": "ns", "uid": uid}
+    if deleting:
+        meta["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    spec: dict[str, Any] = {"poolRef": {"name": "p"}, "source": {"uri": "hf://acme/inv@v1"}}
+    if served:
+        spec["servedName"] = served
+    return {"metadata": meta, "spec": spec, "status": status or {}}
+
+
+def _job(conditions: list[dict[str, Any]] = (), failed: int = 0, *, digest: str | None = "d1",
+         owner_kind: str = "VLMAdapter", deleting: bool = False) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": "inv-patch-d1", "namespace": "ns",
+                            "ownerReferences": [{"kind": owner_kind, "name": "inv", "uid": UID, "controller": True}]}
+    if digest:
+        meta["annotations"] = {A_SPEC_DIGEST: digest}
+    if deleting:
+        meta["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    return {"metadata": meta, "status": {"conditions": list(conditions), "failed": failed}}
+
+
+def _ok(version: str = "v2", path: str | None = None) -> dict[str, Any]:
+    return {"ok": True, "version": version, "path": path or f"{ROOT}/inv/versions/{version}", "tensors_kept": 4}
+
+
+def _result(job: dict[str, Any], messages: D.JobMessages, old_version: str | None = None) -> D.JobResult:
+    return D.job_result("inv-patch-d1", D.job_state(job), messages, adapter_root=ROOT, adapter="inv",
+                        old_version=old_version)
+
+
+def test_failure_reason_names_the_api_reason_or_the_exception():
+    assert D.failure_reason(ValueError("x")) == "ValueError"
+    assert D.failure_reason(ApiError(422, "Invalid", "bad")) == "Invalid"
+    assert D.failure_reason(ApiError(500, "", "boom")) == "HTTP500"
+
+
+def test_controller_owner_needs_kind_and_controller():
+    dep = {"metadata": {"ownerReferences": [{"kind": "VLMPool", "name": "a"},
+                                            {"kind": "VLMPool", "name": "b", "controller": True}]}}
+    assert D.controller_owner(dep, "VLMPool")["name"] == "b"
+    assert D.controller_owner(dep, "VLMAdapter") is None
+    assert D.controller_owner({"metadata": {}}, "VLMPool") is None
+
+
+@pytest.mark.parametrize(("status", "decided", "pending"), [
+    ({}, False, False),
+    ({"specDigest": "d1"}, False, True),
+    ({"specDigest": "d1", "conditions": [_cond("Patched", "Unknown")]}, False, True),
+    ({"specDigest": "d1", "conditions": [_cond("Patched", "True")]}, True, False),
+    ({"specDigest": "d1", "conditions": [_cond("Patched", "False")]}, True, False),
+    ({"specDigest": "d0", "conditions": [_cond("Patched", "True")]}, False, False),
+])
+def test_patch_decided_and_pending(status, decided, pending):
+    assert D.patch_decided(status, "d1") is decided
+    assert D.patch_pending(status, "d1") is pending
+
+
+def test_only_patch_jobs_of_an_adapter_have_a_result_to_copy():
+    assert D.job_adapter_ref(_job())[0] == "d1"
+    assert D.job_adapter_ref(_job(digest=None)) is None
+    assert D.job_adapter_ref(_job(owner_kind="VLMPool")) is None
+
+
+def test_job_result_wanted_only_by_its_current_undecided_owner():
+    owner = _job()["metadata"]["ownerReferences"][0]
+    running = {"specDigest": "d1", "conditions": [_cond("Patched", "Unknown")]}
+    assert D.job_result_wanted(_adapter(running), owner, "d1")
+    assert not D.job_result_wanted(None, owner, "d1")
+    assert not D.job_result_wanted(_adapter(running, uid="other"), owner, "d1")  # a re-created adapter
+    assert not D.job_result_wanted(_adapter(running), owner, "d0")  # an older spec's Job
+    assert not D.job_result_wanted(_adapter(running, deleting=True), owner, "d1")
+    done = {"specDigest": "d1", "conditions": [_cond("Patched", "True")]}
+    assert not D.job_result_wanted(_adapter(done), owner, "d1")  # recorded already
+
+
+def test_job_state():
+    assert not D.job_state(_job()).finished
+    assert not D.job_state(_job([_cond("Complete", "False")])).finished
+    st = D.job_state(_job([_cond("SuccessCriteriaMet", "True")]))
+    assert st.complete and not st.failed and st.finished
+    st = D.job_state(_job([_cond("FailureTarget", "True")]))
+    assert st.failed and not st.complete
+    st = D.job_state(_job(failed=1))  # a pod failed, the Job retries: read its refusal
+    assert st.finished and not st.failed and not st.complete
+
+
+def test_a_complete_job_reports_its_version():
+    job = _job([_cond("Complete", "True")])
+    res = _result(job, [("Succeeded", _ok())], old_version="v1")
+    assert res == D.PatchSucceeded("v2", f"{ROOT}/inv/versions/v2", _ok(), supersedes="v1")
+    assert _result(job, [("Succeeded", _ok())], old_version="v2").supersedes is None
+    assert _result(job, [("Succeeded", _ok())]).supersedes is None
+    # the newest succeeded pod with ok=True counts; failed pods before it do not
+    res = _result(job, [("Failed", {"ok": False, "reason": "SourceUnavailable"}), ("Succeeded", _ok("v3"))])
+    assert isinstance(res, D.PatchSucceeded) and res.version == "v3"
+
+
+@pytest.mark.parametrize("messages", [[], [("Succeeded", None)], [("Succeeded", {"ok": False})],
+                                      [("Failed", _ok())]])
+def test_a_complete_job_without_a_summary_failed(messages):
+    res = _result(_job([_cond("Complete", "True")]), messages)
+    assert isinstance(res, D.PatchFailed) and res.reason == "InvalidTerminationMessage" and not res.timed
+    assert "without a valid JSON summary" in res.message
+
+
+@pytest.mark.parametrize(("version", "path"), [("../x", None), ("v2", f"{ROOT}/inv/current"),
+                                               ("v2", f"{ROOT}/other/versions/v2")])
+def test_a_reported_path_outside_the_adapters_versions_is_refused(version, path):
+    res = _result(_job([_cond("Complete", "True")]), [("Succeeded", _ok(version, path or f"{ROOT}/inv/x"))])
+    assert isinstance(res, D.PatchFailed) and res.reason == "InvalidTerminationMessage" and not res.timed
+
+
+def test_refusals_final_or_retryable():
+    final = {"ok": False, "reason": "BaseModelMismatch", "message": "m" * 5000}
+    res = _result(_job(failed=1), [("Failed", final)])
+    assert res == D.PatchFailed("BaseModelMismatch", "m" * 4000, timed=True)
+    retry = {"ok": False, "reason": "SourceUnavailable", "message": "503"}
+    assert _result(_job(failed=1), [("Failed", retry)]) is None  # the Job retries it
+    res = _result(_job([_cond("Failed", "True")], failed=3), [("Failed", retry)])
+    assert res == D.PatchFailed("SourceUnavailable", "503", timed=True)  # out of retries
+    assert _result(_job(failed=1), [("Failed", {"ok": False})]) == D.PatchFailed("PatchRefused", "", timed=True)
+
+
+def test_a_failed_job_without_a_refusal_reports_its_condition_and_output():
+    cond = {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "too many"}
+    res = _result(_job([cond], failed=2), [("Failed", None)])
+    assert res == D.PatchJobFailed(cond)
+    assert _result(_job([_cond("FailureTarget", "True")]), []) == D.PatchJobFailed(_cond("FailureTarget", "True"))
+    msg = D.failed_job_message("j", cond, ["", "x" * 2000 + "END"])
+    assert msg.startswith("Job j failed: BackoffLimitExceeded: too many; last output: ")
+    assert msg.endswith("END") and len(msg.split("last output: ")[1]) == 1500
+    assert D.failed_job_message("j", {}, []) == "Job j failed: : "
+
+
+def test_patch_jobs_to_stop_on_delete():
+    assert D.patch_job_unfinished(_job(), UID)
+    assert D.patch_job_unfinished(_job(failed=1), UID)
+    assert not D.patch_job_unfinished(_job(), "someone-else")
+    assert not D.patch_job_unfinished(_job([_cond("Complete", "True")]), UID)
+    assert not D.patch_job_unfinished(_job([_cond("Failed", "True")]), UID)
+    assert not D.patch_job_unfinished(_job(deleting=True), UID)
+    assert D.pod_stopped({"status": {"phase": "Succeeded"}}) and D.pod_stopped({"status": {"phase": "Failed"}})
+    assert not D.pod_stopped({"status": {"phase": "Running"}}) and not D.pod_stopped({})
+
+
+def test_push_generation():
+    assert D.push_generation(None, 0, "a", 0) == 1  # first push
+    assert D.push_generation("a", 1, "a", 1) == 1  # same state: same generation
+    assert D.push_generation("a", 1, "b", 1) == 2  # new state
+    assert D.push_generation(None, 0, "a", 7) == 8  # restarted operator: past the recorded generation
+    assert D.push_generation("a", 3, "a", 7) == 7  # same state, a higher generation was recorded
+    assert D.push_generation("a", 9, "a", 7) == 9
+
+
+def test_adapter_loads():
+    pods = ["p0", "p1"]
+    results = {"p0": PodResult("p0", True, 1, {"inv": {"name": "inv", "version": "v1", "state": "loaded"}}),
+               "p1": PodResult("p1", False, error="timeout")}
+    ready = _adapter({"version": "v1", "path": f"{ROOT}/inv/versions/v1"})
+    fields, conds = D.adapter_loads(ready, [], {}, pods, results)
+    assert fields["loadedPods"] == 1 and fields["loaded"] == "1/2" and fields["desiredPods"] == 2
+    assert [p["pod"] for p in fields["pods"]] == pods and conds[0][:2] == ("Loaded", "False")
+    fields, conds = D.adapter_loads(ready, ["inv"], {"inv": {"version": "v9"}}, pods, results)
+    assert fields == {"pods": [], "loadedPods": 0, "desiredPods": 2, "loaded": "0/2"}
+    assert conds == [("Loaded", "False", "ServedNameConflict",
+                      "another adapter of the pool already serves 'inv' (version v9)")]
+    assert D.adapter_loads(_adapter(), [], {}, pods, results) == (
+        {"loadedPods": 0, "desiredPods": 2, "loaded": "0/2"}, [])
+
+
+def test_version_is():
+    assert D.version_is("v1")({"version": "v1"}) and not D.version_is("v1")({"version": "v2"})
+    assert D.version_is(None)({})
