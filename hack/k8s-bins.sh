@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Obtain the control-plane binaries the tests and `vlmpool dev` run:
-#   etcd, kube-apiserver, kube-controller-manager, kubectl (and helm).
+#   etcd, kube-apiserver, kube-controller-manager, kubectl, helm, and the real node's kubelet,
+#   kube-proxy and kube-scheduler (hack/node.sh).
 # Order of preference for each binary:
 #   1. $KUBEBUILDER_ASSETS/<bin> if the version matches (kubectl: also PATH, within one minor),
 #   2. the cache  ${XDG_CACHE_HOME:-~/.cache}/vlmpool/k8s/<k8s-version>/bin/<bin>,
@@ -24,8 +25,10 @@ export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS=-mod=mod
 export GOPATH="${GOPATH:-$HOME/go}"
 
 want=("$@")
-[ ${#want[@]} -gt 0 ] || want=(etcd kube-apiserver kube-controller-manager kubectl helm)
-# The real node (hack/node.sh) also needs: kubelet kube-proxy kube-scheduler (ask for them by name).
+# By default everything the suites use, the real node's kubelet, kube-proxy and kube-scheduler included:
+# one `go build` of all the Kubernetes commands shares its compiled packages (cold: the node's three add
+# minutes, not the 15 a separate build would take).
+[ ${#want[@]} -gt 0 ] || want=(etcd kube-apiserver kube-controller-manager kubectl helm kubelet kube-proxy kube-scheduler)
 
 have() { [ -x "$BIN/$1" ] && [ -f "$BIN/.$1.ok" ]; }
 
