@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 help:
 	@echo "make dev         the whole system on this machine with a quickstart pool (Ctrl-C stops)"
 	@echo "make install     create $(VENV) and install vlmpool with the [$(EXTRAS)] extras"
-	@echo "make k8s-bins    find or build etcd, kube-apiserver, kube-controller-manager, kubectl and helm (cached)"
+	@echo "make k8s-bins    find or build etcd, kube-apiserver, kube-controller-manager, kubectl, helm, kubelet, kube-proxy, kube-scheduler (cached)"
 	@echo "make crds        regenerate crds/*.yaml from the pydantic models"
 	@echo "make lint        ruff and mypy with the rules in pyproject.toml (part of make test)"
 	@echo "make test        install, lint, obtain the binaries, and run every test"
