@@ -133,7 +133,7 @@ def patch(args, adapter_dir: Path, root: Path, name: str, **kw) -> tuple[float, 
     return time.perf_counter() - t0, summary
 
 
-def main() -> int:  # noqa: C901 - a linear script
+def main() -> int:
     if "--plain" in sys.argv[1:]:  # plain LoRA: the byte path against the torch path (bench/patch_plain.py)
         from patch_plain import main as plain
 

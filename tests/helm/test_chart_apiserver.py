@@ -11,7 +11,6 @@ import uuid
 
 import pytest
 import yaml
-
 from helmtest import CHART, FIXTURES, VARIANTS, variant_args
 
 RELEASE_NS = "vlmpool-system"

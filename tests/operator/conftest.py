@@ -12,11 +12,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from helpers import OperatorProcess, PodProcesses, ensure_node  # noqa: E402
+from helpers import OperatorProcess, PodProcesses, ensure_node
 
-from vlmpool.controller import rbac  # noqa: E402
-from vlmpool.kube.client import VLMADAPTERS, KubeClient  # noqa: E402
-from vlmpool.kube.config import KubeConfig  # noqa: E402
+from vlmpool.controller import rbac
+from vlmpool.kube.client import VLMADAPTERS, KubeClient
+from vlmpool.kube.config import KubeConfig
 
 OPERATOR_USER = "vlmpool-operator-test"
 

@@ -115,7 +115,7 @@ class StaleReads(KubeClient):
 
 async def test_a_write_race_is_lost_with_409_not_won_twice(operator_kubeconfig, clients, namespace, kube):
     # An expired lease of a vanished holder.
-    old = format_time(dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5))
+    old = format_time(dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5))
     await kube.create({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
                        "metadata": {"name": LEASE, "namespace": namespace},
                        "spec": {"holderIdentity": "gone", "leaseDurationSeconds": 3, "acquireTime": old,
@@ -150,7 +150,7 @@ async def test_a_leader_that_sees_another_holder_stops_leading(clients, namespac
     renewing = asyncio.create_task(a.keep_leading())
     try:
         lease = await kube.get(LEASES, LEASE, namespace)
-        now = format_time(dt.datetime.now(dt.timezone.utc))
+        now = format_time(dt.datetime.now(dt.UTC))
         lease["spec"].update(holderIdentity="intruder", renewTime=now, leaseDurationSeconds=600)
         await kube.request("PUT", LEASES.path(namespace, LEASE), body=lease)
         await asyncio.wait_for(renewing, 30)
@@ -264,7 +264,7 @@ async def test_a_leader_that_loses_the_lease_exits_non_zero(kube, namespace, ope
     op = await operator(extra_args=_le_args(ns, "solo"), log_name="solo.log")
     await eventually(lambda: _holder_is(kube, ns, "solo"), what="solo to lead")
     lease = await kube.get(LEASES, LEASE, ns)
-    lease["spec"].update(holderIdentity="usurper", renewTime=format_time(dt.datetime.now(dt.timezone.utc)),
+    lease["spec"].update(holderIdentity="usurper", renewTime=format_time(dt.datetime.now(dt.UTC)),
                          leaseDurationSeconds=600)
     await kube.request("PUT", LEASES.path(ns, LEASE), body=lease)
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from patcher_testlib import FAMILIES, LANG_TARGETS, POOL_BASE, VISION_TARGETS, make_adapter
 from safetensors.torch import load_file, save_file
 
-from patcher_testlib import FAMILIES, LANG_TARGETS, POOL_BASE, VISION_TARGETS, make_adapter
 from vlmpool.patcher import PatchError, PatchOptions, patch_adapter, patch_and_publish
 from vlmpool.patcher.weights import HEADER_MAX_BYTES, Weights, parse_header
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from patcher_testlib import POOL_BASE
+
 from vlmpool.cli import main
 from vlmpool.patcher import fit_summary
 from vlmpool.patcher.api import SUMMARY_MAX_BYTES

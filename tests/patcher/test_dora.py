@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
-
 from patcher_testlib import POOL_BASE, load_peft, make_adapter, tiny_model
+
 from vlmpool.patcher import PatchOptions, patch_and_publish
 
 FAM = "qwen2_vl"

@@ -8,9 +8,9 @@ import json
 
 import pytest
 import torch
+from patcher_testlib import FAMILIES, POOL_BASE, load_peft, make_adapter
 from safetensors import safe_open
 
-from patcher_testlib import FAMILIES, POOL_BASE, load_peft, make_adapter
 from vlmpool.patcher import PatchOptions, patch_and_publish
 from vlmpool.patcher.families import parse_key
 

@@ -5,7 +5,6 @@ directories written with torch + safetensors, and the `openai` SDK as the client
 from __future__ import annotations
 
 import functools
-
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -92,7 +91,7 @@ async def start_sim(port: int = 0, **overrides: Any):
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", port)
     await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # noqa: SLF001
+    port = site._server.sockets[0].getsockname()[1]
     sim.url = f"http://127.0.0.1:{port}"
     return sim, runner
 

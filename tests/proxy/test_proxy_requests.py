@@ -12,12 +12,11 @@ import time
 import aiohttp
 import openai
 import pytest
+from proxy_helpers import BASE, Admin, proxy_config, start_sim
 
 from vlmpool.proxy.engine import is_unknown_model_404
 from vlmpool.proxy.logs import JsonFormatter
 from vlmpool.proxy.server import ProxyConfig, map_engine_error, run_proxy
-
-from proxy_helpers import BASE, Admin, proxy_config, start_sim
 
 MSG = [{"role": "user", "content": "what is in the picture?"}]
 

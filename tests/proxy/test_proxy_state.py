@@ -30,7 +30,7 @@ async def load(client, model, n, results, *, max_tokens=4, stop: asyncio.Event |
             try:
                 r = await client.chat.completions.create(model=model, messages=MSG, max_tokens=max_tokens)
                 results.append(("ok", r.choices[0].message.content))
-            except Exception as e:  # noqa: BLE001 - every failure is a finding
+            except Exception as e:  # every failure is a finding
                 results.append(("error", e))
 
     await asyncio.gather(*(worker() for _ in range(workers)))

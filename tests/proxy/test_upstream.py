@@ -11,7 +11,6 @@ import pytest
 from vlmpool.proxy.engine import EngineTimeout, EngineUnavailable
 from vlmpool.proxy.upstream import Upstream
 
-
 CLOSE = b"<close>"  # a piece that means: close the connection here
 HANG = b"<hang>"  # a piece that means: stay silent (connection open) for a while
 

@@ -18,10 +18,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "proxy"))
 
-from proxy_helpers import BASE, TOKEN, Admin, proxy_config, proxy_config_with, sim, write_adapter  # noqa: E402, F401
+from proxy_helpers import BASE, TOKEN, Admin, proxy_config, proxy_config_with, sim, write_adapter  # noqa: F401
 
-from vlmpool.proxy.server import run_proxy  # noqa: E402
-from vlmpool.testing.waiting import wait_until  # noqa: E402
+from vlmpool.proxy.server import run_proxy
+from vlmpool.testing.waiting import wait_until
 
 
 @pytest.fixture

@@ -17,10 +17,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "proxy"))
 
-from proxy_helpers import BASE, Admin, proxy_config_with, sim  # noqa: E402, F401 - sim: a fixture
+from proxy_helpers import BASE, Admin, proxy_config_with, sim  # noqa: F401 - sim: a fixture
 
-from vlmpool.proxy.server import run_proxy  # noqa: E402
-from vlmpool.testing.waiting import wait_until  # noqa: E402
+from vlmpool.proxy.server import run_proxy
+from vlmpool.testing.waiting import wait_until
 
 MSG = [{"role": "user", "content": "hello"}]
 

@@ -53,11 +53,11 @@ FALLBACK_LOG_LINES = 80
 
 
 def now() -> str:
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def now_micro() -> str:
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def parse_quantity(q: str | int | float) -> float:
@@ -164,7 +164,7 @@ async def run_probe(probe: dict, container: dict, pod_ip: str, session: aiohttp.
                                                         stderr=asyncio.subprocess.STDOUT)
             out, _ = await asyncio.wait_for(proc.communicate(), timeout)
             return proc.returncode == 0, out.decode(errors="replace")[-500:]
-    except (asyncio.TimeoutError, aiohttp.ClientError, OSError, ValueError) as e:
+    except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as e:
         return False, f"probe error: {type(e).__name__}: {e}"
     return True, ""
 
@@ -248,7 +248,7 @@ class ContainerRun:
 class PodWorker:
     """Runs one pod until it is deleted."""
 
-    def __init__(self, kubelet: "ProcessKubelet", pod: dict, ip: str):
+    def __init__(self, kubelet: ProcessKubelet, pod: dict, ip: str):
         self.k = kubelet
         self.pod = pod
         self.uid = pod["metadata"]["uid"]
@@ -529,7 +529,7 @@ class PodWorker:
         run.ready = False
         policy = self.restart_policy
         restart = not self.stop_event.is_set() and (
-            policy == "Always" and not run.init or (policy in ("Always", "OnFailure") and exit_code != 0))
+            (policy == "Always" and not run.init) or (policy in ("Always", "OnFailure") and exit_code != 0))
         if run.init and exit_code == 0:
             restart = False
         log.info("pod %s/%s: container %s exited %s (restart=%s)", self.ns, self.name, run.name, exit_code, restart)
@@ -562,7 +562,7 @@ class PodWorker:
             return
         try:
             await asyncio.wait_for(proc.wait(), grace)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -574,7 +574,7 @@ class PodWorker:
             await self._run()
         except asyncio.CancelledError:
             raise
-        except Exception as e:  # noqa: BLE001 - a pod must never take the kubelet down
+        except Exception as e:  # a pod must never take the kubelet down
             log.exception("pod %s/%s worker failed", self.ns, self.name)
             self.pod_error = ("KubeletError", str(e)[:500])
             await self.push_status(force=True)
@@ -619,7 +619,7 @@ class PodWorker:
     async def _sleep(self, seconds: float) -> None:
         try:
             await asyncio.wait_for(self.stop_event.wait(), seconds)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
 
     async def _step(self, run: ContainerRun) -> None:
@@ -841,7 +841,7 @@ class ProcessKubelet:
                 log.warning("node heartbeat failed: %s", e)
             try:
                 await asyncio.wait_for(self._stop.wait(), 10)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     async def _with_rv(self, lease: dict) -> dict:
@@ -963,7 +963,7 @@ class ProcessKubelet:
                     log.warning("kubelet sync failed: %s", e)
                 try:
                     await asyncio.wait_for(self._stop.wait(), self.node.sync_interval)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
             hb.cancel()
         finally:

@@ -9,7 +9,6 @@ engine has already closed.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from dataclasses import dataclass
 
@@ -129,7 +128,7 @@ class EngineClient:
                 self.base_url + path, data=json.dumps(payload), headers=self.headers(request_id), timeout=self.timeout_total
             ) as resp:
                 return resp.status, await resp.text()
-        except asyncio.TimeoutError as e:
+        except TimeoutError as e:
             raise EngineTimeout(f"engine timed out on {path} after {self.request_timeout:g}s") from e
         except aiohttp.ClientError as e:
             raise EngineUnavailable(f"could not reach the engine at {self.base_url}: {e}") from e
@@ -160,7 +159,7 @@ class EngineClient:
                 if resp.status != 200:
                     raise EngineHTTPError(resp.status, await resp.text())
                 data = await resp.json(content_type=None)
-        except asyncio.TimeoutError as e:
+        except TimeoutError as e:
             raise EngineTimeout("engine timed out on /v1/models") from e
         except aiohttp.ClientError as e:
             raise EngineUnavailable(f"could not reach the engine at {self.base_url}: {e}") from e
@@ -172,5 +171,5 @@ class EngineClient:
             async with self.session.get(self.base_url + "/health", timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
                 await resp.read()
                 return resp.status == 200
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        except (TimeoutError, aiohttp.ClientError, OSError):
             return False

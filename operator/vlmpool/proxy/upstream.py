@@ -29,8 +29,21 @@ class _Conn(asyncio.Protocol):
     """One connection; parses one response at a time."""
 
     __slots__ = (
-        "transport", "closed", "idle_since", "_buf", "_head_fut", "_response", "_state", "_remaining",
-        "_chunks", "_pending", "_waiter", "_done", "_error", "_paused", "_stream",
+        "_buf",
+        "_chunks",
+        "_done",
+        "_error",
+        "_head_fut",
+        "_paused",
+        "_pending",
+        "_remaining",
+        "_response",
+        "_state",
+        "_stream",
+        "_waiter",
+        "closed",
+        "idle_since",
+        "transport",
     )
 
     def __init__(self) -> None:
@@ -254,7 +267,7 @@ class _Conn(asyncio.Protocol):
 
 
 class UpstreamResponse:
-    __slots__ = ("_conn", "status", "headers", "keep_alive", "_released")
+    __slots__ = ("_conn", "_released", "headers", "keep_alive", "status")
 
     def __init__(self, conn: _Conn, status: int, headers: dict[str, str], keep_alive: bool) -> None:
         self._conn = conn
