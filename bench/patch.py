@@ -168,7 +168,7 @@ def main() -> int:
         shutil.rmtree(work / "merged", ignore_errors=True)
         print(f"baseline (peft load + merge_and_unload + save): {results['baseline_s']}", flush=True)
         root = work / "volume"
-        results["strip_s"], s_strip = patch(args, adapter_dir, root, "strip", dora_policy="strip")
+        results["strip_s"], _ = patch(args, adapter_dir, root, "strip", dora_policy="strip")
         print(f"strip: {results['strip_s']:.2f} s", flush=True)
         results["strip_measured_s"], s_strip_m = patch(args, adapter_dir, root, "strip-measured", dora_policy="strip",
                                                        base_weights=base_dir)

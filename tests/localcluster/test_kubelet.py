@@ -61,7 +61,7 @@ def test_deployment_pods_run_as_processes_with_volumes_env_and_probes(kubectl, l
         ip = p["status"]["podIP"]
         assert {c["type"]: c["status"] for c in p["status"]["conditions"]}["Ready"] == "True"
 
-        def fetch(name):
+        def fetch(name, ip=ip):
             with urllib.request.urlopen(f"http://{ip}:8080/{name}", timeout=5) as r:
                 return r.read().decode().strip()
         assert fetch("token.txt") == "s3cret"

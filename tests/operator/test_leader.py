@@ -46,7 +46,7 @@ async def test_exactly_one_leads_and_the_other_takes_over_after_expiry(clients, 
     b = LeaderElector(clients(), namespace, LEASE, "cand-b", **FAST)
     stop = asyncio.Event()
     ta, tb = asyncio.create_task(a.acquire(stop)), asyncio.create_task(b.acquire(stop))
-    done, pending = await asyncio.wait({ta, tb}, timeout=60, return_when=asyncio.FIRST_COMPLETED)
+    done, _pending = await asyncio.wait({ta, tb}, timeout=60, return_when=asyncio.FIRST_COMPLETED)
     assert len(done) == 1 and next(iter(done)).result() is True
     leader, follower, follower_task = (a, b, tb) if ta in done else (b, a, ta)
     renewing = asyncio.create_task(leader.keep_leading())
@@ -244,7 +244,7 @@ async def test_two_operators_one_leader_reconciles_and_a_follower_takes_over(kub
 
     # It reconciles: a new adapter gets exactly one patch Job.
     await kube.create(adapter_obj("ad", "vision", f"file://{tmp_path}/ad"), ns)
-    (job,) = await eventually(lambda: patch_jobs(kube, ns, "ad"), what="the adapter's patch Job")
+    (_job,) = await eventually(lambda: patch_jobs(kube, ns, "ad"), what="the adapter's patch Job")
     await asyncio.sleep(3)
     assert len(await patch_jobs(kube, ns, "ad")) == 1
 

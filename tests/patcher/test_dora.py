@@ -54,7 +54,7 @@ def _module_key(report_key: str) -> str:
 
 def test_svd_full_rank_is_exact(dora_dir, base_dirs, reference, tmp_path):
     # rank 64 >= min(out, in) of every projection of the tiny model: no truncation.
-    s, out, report = _run(dora_dir, tmp_path, dora_policy="svd", svd_rank=64, base_weights=base_dirs[FAM])
+    s, out, _report = _run(dora_dir, tmp_path, dora_policy="svd", svd_rank=64, base_weights=base_dirs[FAM])
     assert s["doraPolicy"] == "svd" and s["rank"] == 64
     assert s["doraError"] < 1e-5
     cfg = json.loads((out / "adapter_config.json").read_text())
@@ -105,7 +105,7 @@ def test_strip_reports_its_measured_error(dora_dir, base_dirs, reference, tmp_pa
 
 
 def test_strip_without_base_weights_is_unmeasured(dora_dir, tmp_path):
-    s, out, report = _run(dora_dir, tmp_path, dora_policy="strip")
+    s, _out, report = _run(dora_dir, tmp_path, dora_policy="strip")
     assert s["doraPolicy"] == "strip" and s["doraError"] is None
     assert report["dora"]["measured"] is False
     assert any("not measured" in n for n in report["notes"])
@@ -135,7 +135,7 @@ def test_non_dora_adapter_ignores_the_policy(lora_dirs, tmp_path, base_dirs):
 
 
 def test_randomized_svd_is_reproducible_and_near_optimal(dora_dir, base_dirs, reference, tmp_path):
-    exact, _, rep_exact = _run(dora_dir, tmp_path / "e", dora_policy="svd", svd_rank=4, base_weights=base_dirs[FAM],
+    _exact, _, rep_exact = _run(dora_dir, tmp_path / "e", dora_policy="svd", svd_rank=4, base_weights=base_dirs[FAM],
                                svd_method="exact")
     rnd, out, rep = _run(dora_dir, tmp_path / "r", dora_policy="svd", svd_rank=4, base_weights=base_dirs[FAM],
                          svd_method="randomized")

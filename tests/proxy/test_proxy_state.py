@@ -169,7 +169,7 @@ async def test_self_heal_failure_is_503_and_retried_once(sim, proxy, admin, clie
     except openai.InternalServerError as e:
         assert e.status_code == 503 and e.body["code"] == "adapter_unavailable"
     assert len(sim.received("/v1/chat/completions")) == n_chats + 1  # no retry without a successful re-load
-    status, state = await admin.get()
+    _status, state = await admin.get()
     assert state["adapters"][0]["state"] == "failed" and "re-load" in state["adapters"][0]["reason"]
 
 

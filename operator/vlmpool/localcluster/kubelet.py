@@ -267,6 +267,8 @@ class PodWorker:
         self.volumes: dict[str, Path] = {}
         self.stop_event = asyncio.Event()
         self.task: asyncio.Task | None = None
+        # The loop keeps only weak references to tasks: probe-triggered kills live here until done.
+        self._kills: set[asyncio.Task] = set()
         self.start_time = pod.get("status", {}).get("startTime") or now()
         self.phase = "Pending"
         self.pod_error: tuple[str, str] | None = None
@@ -399,7 +401,7 @@ class PodWorker:
         path = (spec.get("hostPath") or spec.get("local") or {}).get("path")
         if not path:
             raise RuntimeRefusal("UnsupportedVolume", f"persistentvolume {pv_name} is neither hostPath nor local")
-        Path(path).mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(Path(path).mkdir, parents=True, exist_ok=True)
         return Path(path)
 
     # ---- environment -----------------------------------------------------------------------------
@@ -482,7 +484,7 @@ class PodWorker:
             run.next_start = time.monotonic() + 2.0
             return
         log_path = self.dir / f"{c['name']}.log"
-        with open(log_path, "ab") as fh:
+        with await asyncio.to_thread(open, log_path, "ab") as fh:
             fh.write(f"--- {now()} start: {' '.join(argv)}\n".encode())
             fh.flush()
             run.proc = await asyncio.create_subprocess_exec(
@@ -653,19 +655,24 @@ class PodWorker:
         env = {"PATH": os.environ.get("PATH", "")}
         results = await asyncio.gather(*(run_probe(p.probe, r.spec, self.ip, self.k.http, env) for r, p, _ in jobs))
         t = time.monotonic()
-        for (run, state, kind), (ok, why) in zip(jobs, results):
+        for (run, state, kind), (ok, why) in zip(jobs, results, strict=True):
             changed = state.record(ok, t)
             if kind == "startup":
                 if changed is True:
                     run.started = True
                 elif changed is False:
                     log.info("pod %s/%s: %s startup probe failed: %s", self.ns, self.name, run.name, why)
-                    asyncio.create_task(self.kill(run, self._grace(), "StartupProbeFailed"))
+                    self._kill_soon(run, "StartupProbeFailed")
             elif kind == "liveness" and changed is False:
                 log.info("pod %s/%s: %s liveness probe failed: %s", self.ns, self.name, run.name, why)
-                asyncio.create_task(self.kill(run, self._grace(), "LivenessProbeFailed"))
+                self._kill_soon(run, "LivenessProbeFailed")
             elif kind == "readiness" and changed is not None:
                 run.ready = changed
+
+    def _kill_soon(self, run: ContainerRun, reason: str) -> None:
+        task = asyncio.create_task(self.kill(run, self._grace(), reason))
+        self._kills.add(task)
+        task.add_done_callback(self._kills.discard)
 
     def _grace(self) -> float:
         return float(self.pod["spec"].get("terminationGracePeriodSeconds", 30))
