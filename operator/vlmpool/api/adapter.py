@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import ConfigDict, Field
+from pydantic.config import JsonValue
 
 from vlmpool.api.common import MODEL_ID_PATTERN, Condition, LocalObjectReference, Model
 
@@ -17,7 +18,7 @@ DoraPolicy = Literal["reject", "strip", "svd"]
 SOURCE_SCHEMES = ("https://", "s3://", "hf://", "pvc://", "file://")
 
 # CEL rules on the source: each scheme's own shape.
-SOURCE_RULES = [
+SOURCE_RULES: list[JsonValue] = [
     {
         "rule": "!self.uri.startsWith('hf://') || self.uri.matches('^hf://[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(@[A-Za-z0-9._/-]+)?$')",
         "message": "an hf:// source must be hf://<org>/<repo>[@<revision>]",
@@ -44,7 +45,7 @@ SOURCE_RULES = [
     },
 ]
 
-DORA_RULES = [
+DORA_RULES: list[JsonValue] = [
     {
         "rule": "self.policy != 'svd' || has(self.rank)",
         "message": "dora.rank is required when dora.policy is svd",
@@ -59,7 +60,7 @@ DORA_RULES = [
     },
 ]
 
-SPEC_RULES = [
+SPEC_RULES: list[JsonValue] = [
     {
         "rule": "self.poolRef.name == oldSelf.poolRef.name",
         "message": "poolRef is immutable: delete the adapter and create it on the other pool",

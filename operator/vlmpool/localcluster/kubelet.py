@@ -334,7 +334,7 @@ class PodWorker:
 
     async def _service_account_token(self, source: dict) -> bytes:
         sa = self.pod["spec"].get("serviceAccountName") or "default"
-        body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {
+        body: dict[str, Any] = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {
             "audiences": [source["audience"]] if source.get("audience") else None,
             "expirationSeconds": int(source.get("expirationSeconds", 3607)),
             "boundObjectRef": {"kind": "Pod", "apiVersion": "v1", "name": self.name, "uid": self.uid}}}
@@ -650,10 +650,13 @@ class PodWorker:
                 run.ready = True
             elif run.readiness.due(run.started_at, t):
                 jobs.append((run, run.readiness, "readiness"))
-        if not jobs:
+        http = self.k.http
+        if not jobs or http is None:  # http is None only while the kubelet starts or stops
             return
         env = {"PATH": os.environ.get("PATH", "")}
-        results = await asyncio.gather(*(run_probe(p.probe, r.spec, self.ip, self.k.http, env) for r, p, _ in jobs))
+        # due() is never true without a probe: the filter only narrows the type (zip(strict) below checks it).
+        results = await asyncio.gather(*(run_probe(p.probe, r.spec, self.ip, http, env)
+                                         for r, p, _ in jobs if p.probe is not None))
         t = time.monotonic()
         for (run, state, kind), (ok, why) in zip(jobs, results, strict=True):
             changed = state.record(ok, t)
@@ -832,9 +835,10 @@ class ProcessKubelet:
         await self.kube.patch(NODES, self.node.name, {"status": self.node_status()}, subresource="status")
 
     async def heartbeat(self) -> None:
-        lease = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-                 "metadata": {"name": self.node.name, "namespace": "kube-node-lease"},
-                 "spec": {"holderIdentity": self.node.name, "leaseDurationSeconds": self.node.lease_seconds}}
+        lease: dict[str, Any] = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                                 "metadata": {"name": self.node.name, "namespace": "kube-node-lease"},
+                                 "spec": {"holderIdentity": self.node.name,
+                                          "leaseDurationSeconds": self.node.lease_seconds}}
         while not self._stop.is_set():
             try:
                 lease["spec"]["renewTime"] = now_micro()

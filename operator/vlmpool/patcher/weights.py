@@ -198,7 +198,7 @@ class Weights:
 
     def serialize(self, out: dict[str, tuple[str | None, RawTensor | None]], metadata: dict[str, str] | None):
         """The output file from (source key, or a new RawTensor) per output key; returns (bytes, tensors)."""
-        tensors = {k: (self.raw(src) if src is not None else raw) for k, (src, raw) in out.items()}
+        tensors = {k: (self.raw(src) if src is not None else _given(raw)) for k, (src, raw) in out.items()}
         return serialize(tensors, metadata), tensors
 
     def tensor(self, key: str):
@@ -249,6 +249,13 @@ def from_torch(t) -> RawTensor:
     return RawTensor(_BY_NAME[name], tuple(t.shape), memoryview(data))
 
 
+def _given(raw: RawTensor | None) -> RawTensor:
+    """The new tensor of an output entry without a source key (serialize's contract: one of the two is set)."""
+    if raw is None:
+        raise ValueError("an output tensor needs a source key or a new RawTensor")
+    return raw
+
+
 def serialize(tensors: dict[str, RawTensor], metadata: dict[str, str] | None) -> bytes:
     """The safetensors bytes of ``tensors``, by the safetensors library's serialiser (the one
     safetensors.torch.save uses: same tensor order, header layout and padding)."""
@@ -257,7 +264,7 @@ def serialize(tensors: dict[str, RawTensor], metadata: dict[str, str] | None) ->
     spec = getattr(safetensors, "TensorSpec", None)
     if spec is None:  # pragma: no cover - safetensors < 0.7 takes the bytes themselves
         return bytes(safetensors.serialize({k: {"dtype": DTYPES[t.dtype][1], "shape": list(t.shape),
-                                                "data": bytes(t.data)} for k, t in tensors.items()}, metadata))
+                                                "data": bytes(t.data)} for k, t in tensors.items()}, metadata))  # type: ignore[misc]  # the old signature
     keep: list[Any] = []
     flat = {}
     for k, t in tensors.items():
@@ -321,6 +328,6 @@ class TorchWeights:
             dt = getattr(torch, DTYPES[raw.dtype][1])
             return torch.frombuffer(bytearray(raw.data), dtype=dt).reshape(raw.shape) if len(raw.data) else \
                 torch.zeros(raw.shape, dtype=dt)
-        tensors = {k: (self.tensors[src].contiguous() if src is not None else as_torch(raw))
+        tensors = {k: (self.tensors[src].contiguous() if src is not None else as_torch(_given(raw)))
                    for k, (src, raw) in out.items()}
         return save(tensors, metadata=metadata), tensors

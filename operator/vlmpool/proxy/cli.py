@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
-        uvloop = None
+        uvloop = None  # type: ignore[assignment]  # the optional-import idiom mypy cannot type
     if uvloop is not None:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             return runner.run(_serve(config))

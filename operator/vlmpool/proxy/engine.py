@@ -65,7 +65,9 @@ def parse_error_body(body: str) -> tuple[str, str | None, str | None]:
     except ValueError:
         return body.strip(), None, None
     if isinstance(data, dict):
-        err = data.get("error") if isinstance(data.get("error"), dict) else data
+        err = data.get("error")
+        if not isinstance(err, dict):
+            err = data
         msg = err.get("message")
         if msg is None and "detail" in data:
             msg = data["detail"]

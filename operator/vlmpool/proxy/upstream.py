@@ -361,7 +361,7 @@ class Upstream:
         if self._addrs and now - self._addrs_at < DNS_TTL_S:
             return self._addrs
         infos = await loop.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
-        addrs = list(dict.fromkeys(info[4][0] for info in infos))
+        addrs = list(dict.fromkeys(str(info[4][0]) for info in infos))  # str: mypy types it str | int
         if not addrs:
             raise OSError(f"{self.host} has no address")
         self._addrs, self._addrs_at = addrs, now
