@@ -134,7 +134,8 @@ class PatchSummary(Model):
 
     tensors_kept: int | None = Field(default=None, ge=0, description="LoRA tensors in the served version.")
     tensors_remapped: int | None = Field(default=None, ge=0, description="Tensors whose key was rewritten.")
-    tensors_dropped: int | None = Field(default=None, ge=0, description="Tensors dropped (vision tower, DoRA magnitudes).")
+    tensors_dropped: int | None = Field(default=None, ge=0,
+                                        description="Tensors dropped (vision tower, DoRA magnitudes).")
     rank: int | None = Field(default=None, ge=0, description="Rank of the served LoRA.")
     dora_policy: str | None = Field(default=None, description="DoRA policy applied, or none.")
     dora_error: float | None = Field(default=None, description="Measured relative error of strip/svd, when measured.")
@@ -156,7 +157,8 @@ class PodLoad(Model):
 class VLMAdapterStatus(Model):
     observed_generation: int | None = Field(default=None, ge=0, description="Last metadata.generation acted on.")
     phase: Phase | None = Field(default=None, description="Pending, Patching, Registering, Ready, Failed, Deleting.")
-    reason: str | None = Field(default=None, description="CamelCase reason of the phase (see the README's troubleshooting).")
+    reason: str | None = Field(default=None,
+                               description="CamelCase reason of the phase (see the README's troubleshooting).")
     message: str | None = Field(default=None, description="Why the adapter is in its phase.", max_length=32768)
     served_name: str | None = Field(default=None, description="Name clients use.")
     spec_digest: str | None = Field(default=None, description="Digest of the patch inputs of the current Job.")

@@ -423,7 +423,8 @@ class PodWorker:
             if "fieldRef" in vf:
                 env[e["name"]] = self._field(vf["fieldRef"]["fieldPath"])
             elif "secretKeyRef" in vf or "configMapKeyRef" in vf:
-                kind, ref = ("Secret", vf["secretKeyRef"]) if "secretKeyRef" in vf else ("ConfigMap", vf["configMapKeyRef"])
+                kind, ref = (("Secret", vf["secretKeyRef"]) if "secretKeyRef" in vf
+                             else ("ConfigMap", vf["configMapKeyRef"]))
                 read = self._secret_data if kind == "Secret" else self._configmap_data
                 data = await read(ref["name"], ref.get("optional", False))
                 if ref["key"] in data:
@@ -831,7 +832,8 @@ class ProcessKubelet:
         try:
             await self.kube.create(self.node_object(), res=NODES)
         except Conflict:
-            await self.kube.patch(NODES, self.node.name, {"metadata": {"labels": self.node_object()["metadata"]["labels"]}})
+            labels = self.node_object()["metadata"]["labels"]
+            await self.kube.patch(NODES, self.node.name, {"metadata": {"labels": labels}})
         await self.kube.patch(NODES, self.node.name, {"status": self.node_status()}, subresource="status")
 
     async def heartbeat(self) -> None:

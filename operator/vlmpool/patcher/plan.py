@@ -84,8 +84,8 @@ def plan_tensors(weights: Any, family: Family, r: int, use_dora: bool, vision_no
             continue
         kinds = set(slot)
         if not {"lora_A", "lora_B"} <= kinds or kinds - {"lora_A", "lora_B", "magnitude"}:
-            raise PatchError("IncompleteModule", f"module {module} has {sorted(kinds)}; a servable module needs exactly "
-                             "lora_A and lora_B (plus a magnitude vector for DoRA)")
+            raise PatchError("IncompleteModule", f"module {module} has {sorted(kinds)}; a servable module needs "
+                             "exactly lora_A and lora_B (plus a magnitude vector for DoRA)")
         plan.kept[module] = (found[1], name)
     if trained_vision:
         worst = sorted(trained_vision, key=lambda x: -x[1])[:5]

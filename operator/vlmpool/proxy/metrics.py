@@ -91,8 +91,10 @@ class ProxyMetrics:
             ["adapter", "result"],
             registry=r,
         )
-        self.adapters_loaded = Gauge("vlmpool_proxy_adapters_serving", "Served adapter names with a loaded version.", registry=r)
-        self.generation = Gauge("vlmpool_proxy_state_generation", "Generation of the newest applied state (-1: none).", registry=r)
+        self.adapters_loaded = Gauge("vlmpool_proxy_adapters_serving", "Served adapter names with a loaded version.",
+                                     registry=r)
+        self.generation = Gauge("vlmpool_proxy_state_generation", "Generation of the newest applied state (-1: none).",
+                                registry=r)
         self.generation.set(-1)
 
         self._req_children: dict[tuple[str, str, str], Any] = {}
@@ -125,7 +127,8 @@ class ProxyMetrics:
             hist = self._ttfb_children[route] = self.ttfb.labels(route)
         hist.observe(seconds)
 
-    def bind_limiter(self, active: Callable[[], float], waiting: Callable[[], float], size: Callable[[], float]) -> None:
+    def bind_limiter(self, active: Callable[[], float], waiting: Callable[[], float],
+                     size: Callable[[], float]) -> None:
         self.in_flight.set_function(active)
         self.queue_depth.set_function(waiting)
         self.limiter_size.set_function(size)

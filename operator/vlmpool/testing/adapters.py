@@ -34,15 +34,19 @@ def tiny_model(family: str, seed: int = 0):
     cfg: Any  # each family's model class takes its own config class: no common static type says so
     cls: Any
     if family == "qwen2_vl":
-        cfg = tf.Qwen2VLConfig(text_config=dict(_TEXT), vision_config=dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2), **tokens)
+        cfg = tf.Qwen2VLConfig(text_config=dict(_TEXT),
+                               vision_config=dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2), **tokens)
         cls = tf.Qwen2VLForConditionalGeneration
     elif family == "qwen2_5_vl":
-        cfg = tf.Qwen2_5_VLConfig(text_config=dict(_TEXT), vision_config=dict(depth=1, hidden_size=32, intermediate_size=64,
-                                  out_hidden_size=64, num_heads=2, fullatt_block_indexes=[0]), **tokens)
+        cfg = tf.Qwen2_5_VLConfig(text_config=dict(_TEXT),
+                                  vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, out_hidden_size=64,
+                                                     num_heads=2, fullatt_block_indexes=[0]), **tokens)
         cls = tf.Qwen2_5_VLForConditionalGeneration
     elif family == "qwen3_vl":
-        cfg = tf.Qwen3VLConfig(text_config=dict(_TEXT, head_dim=16), vision_config=dict(depth=2, hidden_size=32, intermediate_size=64,
-                               out_hidden_size=64, num_heads=2, deepstack_visual_indexes=[1], num_position_embeddings=64), **tokens)
+        cfg = tf.Qwen3VLConfig(text_config=dict(_TEXT, head_dim=16),
+                               vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, out_hidden_size=64,
+                                                  num_heads=2, deepstack_visual_indexes=[1],
+                                                  num_position_embeddings=64), **tokens)
         cls = tf.Qwen3VLForConditionalGeneration
     else:
         raise ValueError(family)
