@@ -70,7 +70,8 @@ async def operator(operator_kubeconfig, namespace, adapter_root, tmp_path, kube)
     procs: list[OperatorProcess] = []
     log = tmp_path / "operator.log"
 
-    async def start(resync: float = 3.0, extra_args: tuple[str, ...] = (), log_name: str | None = None) -> OperatorProcess:
+    async def start(resync: float = 3.0, extra_args: tuple[str, ...] = (),
+                    log_name: str | None = None) -> OperatorProcess:
         op = OperatorProcess(operator_kubeconfig, namespace, adapter_root, tmp_path / log_name if log_name else log,
                              resync=resync, extra_args=list(extra_args))
         procs.append(op)
