@@ -72,6 +72,25 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _header_object(raw: bytes) -> dict[str, Any]:
+    """The header's JSON object (UTF-8, no duplicate keys), else PatchError(InvalidWeights)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _bad(f"the header is not UTF-8 ({e})") from None
+    if not text.startswith("{"):
+        raise _bad("the header is not a JSON object")
+    try:
+        header = json.loads(text, object_pairs_hook=_no_duplicates)
+    except (ValueError, RecursionError) as e:
+        if isinstance(e, PatchError):
+            raise
+        raise _bad(f"the header is not valid JSON ({str(e)[:200]})") from None
+    if not isinstance(header, dict):  # pragma: no cover - startswith("{") and valid JSON imply a dict
+        raise _bad("the header is not a JSON object")
+    return header
+
+
 def parse_header(buf: bytes | bytearray | memoryview, size: int | None = None, max_header: int = HEADER_MAX_BYTES
                  ) -> tuple[dict[str, str] | None, dict[str, tuple[str, tuple[int, ...], int, int]]]:
     """Validate the header of the safetensors bytes ``buf`` (the whole file, or its first 8 + N bytes
@@ -85,20 +104,7 @@ def parse_header(buf: bytes | bytearray | memoryview, size: int | None = None, m
         raise _bad(f"the header claims {n} bytes, over the {max_header}-byte limit")
     if 8 + n > size:
         raise _bad(f"the header claims {n} bytes but the file has only {size - 8} after the length")
-    try:
-        text = bytes(buf[8:8 + n]).decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise _bad(f"the header is not UTF-8 ({e})") from None
-    if not text.startswith("{"):
-        raise _bad("the header is not a JSON object")
-    try:
-        header = json.loads(text, object_pairs_hook=_no_duplicates)
-    except (ValueError, RecursionError) as e:
-        if isinstance(e, PatchError):
-            raise
-        raise _bad(f"the header is not valid JSON ({str(e)[:200]})") from None
-    if not isinstance(header, dict):  # pragma: no cover - startswith("{") and valid JSON imply a dict
-        raise _bad("the header is not a JSON object")
+    header = _header_object(bytes(buf[8:8 + n]))
     metadata = header.pop("__metadata__", None)
     if metadata is not None and not (isinstance(metadata, dict)
                                      and all(isinstance(v, str) for v in metadata.values())):

@@ -105,15 +105,8 @@ class _Conn(asyncio.Protocol):
         while True:
             st = self._state
             if st == "head":
-                end = buf.find(b"\r\n\r\n")
-                if end < 0:
-                    if len(buf) > MAX_HEAD_BYTES:
-                        raise EngineUnavailable("engine response head too large")
+                if not self._head(buf):
                     return
-                head = bytes(buf[:end])
-                del buf[: end + 4]
-                if not self._on_head(head):
-                    continue  # an interim 1xx: the real head follows
             elif st == "length":
                 if not buf:
                     return
@@ -125,22 +118,8 @@ class _Conn(asyncio.Protocol):
                     self._finish()
                     return
             elif st == "chunk_size":
-                end = buf.find(b"\r\n")
-                if end < 0:
-                    if len(buf) > 1024:
-                        raise EngineUnavailable("invalid chunk size line from the engine")
+                if not self._chunk_size(buf):
                     return
-                line = bytes(buf[:end]).split(b";", 1)[0].strip()
-                del buf[: end + 2]
-                try:
-                    size = int(line, 16)
-                except ValueError:
-                    raise EngineUnavailable("invalid chunk size from the engine") from None
-                if size == 0:
-                    self._state = "trailers"
-                else:
-                    self._remaining = size
-                    self._state = "chunk_data"
             elif st == "chunk_data":
                 if not buf:
                     return
@@ -158,12 +137,7 @@ class _Conn(asyncio.Protocol):
                 del buf[:2]
                 self._state = "chunk_size"
             elif st == "trailers":
-                end = buf.find(b"\r\n")
-                if end < 0:
-                    return
-                del buf[: end + 2]
-                if end == 0:  # the empty line that ends the trailers
-                    self._finish()
+                if not self._trailer_line(buf):
                     return
             elif st == "close":
                 if buf:
@@ -172,6 +146,49 @@ class _Conn(asyncio.Protocol):
                 return
             else:
                 return
+
+    def _head(self, buf: bytearray) -> bool:
+        """Consume a response head (an interim 1xx one too: the real head follows); False until it has arrived."""
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(buf) > MAX_HEAD_BYTES:
+                raise EngineUnavailable("engine response head too large")
+            return False
+        head = bytes(buf[:end])
+        del buf[: end + 4]
+        self._on_head(head)
+        return True
+
+    def _chunk_size(self, buf: bytearray) -> bool:
+        """Consume a chunk-size line; False when it has not fully arrived yet."""
+        end = buf.find(b"\r\n")
+        if end < 0:
+            if len(buf) > 1024:
+                raise EngineUnavailable("invalid chunk size line from the engine")
+            return False
+        line = bytes(buf[:end]).split(b";", 1)[0].strip()
+        del buf[: end + 2]
+        try:
+            size = int(line, 16)
+        except ValueError:
+            raise EngineUnavailable("invalid chunk size from the engine") from None
+        if size == 0:
+            self._state = "trailers"
+        else:
+            self._remaining = size
+            self._state = "chunk_data"
+        return True
+
+    def _trailer_line(self, buf: bytearray) -> bool:
+        """Consume one trailer line; False when parsing stops here (line incomplete, or the response done)."""
+        end = buf.find(b"\r\n")
+        if end < 0:
+            return False
+        del buf[: end + 2]
+        if end == 0:  # the empty line that ends the trailers
+            self._finish()
+            return False
+        return True
 
     def _on_head(self, head: bytes) -> bool:
         first = head.split(b"\r\n", 1)[0]

@@ -64,15 +64,38 @@ def instance(schema: Any, tag: str = "sim", *, root: Any = None, depth: int = 0)
         return copy.deepcopy(schema["enum"][0])
     for key in ("anyOf", "oneOf"):
         if key in schema:
-            base = {k: v for k, v in schema.items() if k != key}
-            last: Exception | None = None
-            for branch in schema[key]:
-                try:
-                    return instance(_merge_all([base, branch], root), tag, root=root, depth=depth + 1)
-                except SchemaError as e:
-                    last = e
-            raise SchemaError(f"no {key} branch can be satisfied: {last}")
+            return _first_branch(schema, key, tag, root, depth)
 
+    typ = _type_of(schema)
+    if typ == "object":
+        return _object(schema, tag, root, depth)
+    if typ == "array":
+        return _array(schema, tag, root, depth)
+    if typ == "string":
+        return _string(schema, tag)
+    if typ in ("integer", "number"):
+        return _number(schema, typ == "integer")
+    if typ == "boolean":
+        return True
+    if typ == "null":
+        return None
+    raise SchemaError(f"unsupported type {typ!r}")
+
+
+def _first_branch(schema: dict[str, Any], key: str, tag: str, root: Any, depth: int) -> Any:
+    """An instance of the first satisfiable anyOf/oneOf branch (merged with the schema's other keys)."""
+    base = {k: v for k, v in schema.items() if k != key}
+    last: Exception | None = None
+    for branch in schema[key]:
+        try:
+            return instance(_merge_all([base, branch], root), tag, root=root, depth=depth + 1)
+        except SchemaError as e:
+            last = e
+    raise SchemaError(f"no {key} branch can be satisfied: {last}")
+
+
+def _type_of(schema: dict[str, Any]) -> Any:
+    """The schema's type: the first non-null one of a list, else guessed from the keywords present."""
     typ = schema.get("type")
     if isinstance(typ, list):
         types = [t for t in typ if t != "null"] or ["null"]
@@ -84,51 +107,46 @@ def instance(schema: Any, tag: str = "sim", *, root: Any = None, depth: int = 0)
             typ = "array"
         else:
             typ = "string"
+    return typ
 
-    if typ == "object":
-        out: dict[str, Any] = {}
-        props = schema.get("properties") or {}
-        required = list(schema.get("required") or [])
-        # Fill every declared property (keeps the answer informative), required ones first.
-        names = required + [p for p in props if p not in required]
-        for name in names:
-            sub = props.get(name)
-            if sub is None:
-                extra = schema.get("additionalProperties", True)
-                sub = extra if isinstance(extra, dict) else {}
-            out[name] = instance(sub, tag, root=root, depth=depth + 1)
-        min_props = int(schema.get("minProperties", 0))
-        i = 0
-        while len(out) < min_props:
+
+def _object(schema: dict[str, Any], tag: str, root: Any, depth: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    props = schema.get("properties") or {}
+    required = list(schema.get("required") or [])
+    # Fill every declared property (keeps the answer informative), required ones first.
+    names = required + [p for p in props if p not in required]
+    for name in names:
+        sub = props.get(name)
+        if sub is None:
             extra = schema.get("additionalProperties", True)
-            if extra is False:
-                raise SchemaError("minProperties cannot be met without additionalProperties")
-            out[f"sim_{i}"] = instance(extra if isinstance(extra, dict) else {}, tag, root=root,
-                                       depth=depth + 1)
-            i += 1
-        return out
-    if typ == "array":
-        prefix = schema.get("prefixItems") or []
-        items = schema.get("items", {})
-        out_list = [instance(s, tag, root=root, depth=depth + 1) for s in prefix]
-        n = max(int(schema.get("minItems", 0)), 1 if "maxItems" not in schema or schema["maxItems"] > 0 else 0)
-        if items is False:
-            n = len(out_list)
-        while len(out_list) < n:
-            out_list.append(instance(items if isinstance(items, dict) else {}, tag, root=root,
-                                     depth=depth + 1))
-        if schema.get("uniqueItems") and len(out_list) > 1:
-            raise SchemaError("uniqueItems with minItems > 1 is not supported by the simulator")
-        return out_list
-    if typ == "string":
-        return _string(schema, tag)
-    if typ in ("integer", "number"):
-        return _number(schema, typ == "integer")
-    if typ == "boolean":
-        return True
-    if typ == "null":
-        return None
-    raise SchemaError(f"unsupported type {typ!r}")
+            sub = extra if isinstance(extra, dict) else {}
+        out[name] = instance(sub, tag, root=root, depth=depth + 1)
+    min_props = int(schema.get("minProperties", 0))
+    i = 0
+    while len(out) < min_props:
+        extra = schema.get("additionalProperties", True)
+        if extra is False:
+            raise SchemaError("minProperties cannot be met without additionalProperties")
+        out[f"sim_{i}"] = instance(extra if isinstance(extra, dict) else {}, tag, root=root,
+                                   depth=depth + 1)
+        i += 1
+    return out
+
+
+def _array(schema: dict[str, Any], tag: str, root: Any, depth: int) -> list[Any]:
+    prefix = schema.get("prefixItems") or []
+    items = schema.get("items", {})
+    out_list = [instance(s, tag, root=root, depth=depth + 1) for s in prefix]
+    n = max(int(schema.get("minItems", 0)), 1 if "maxItems" not in schema or schema["maxItems"] > 0 else 0)
+    if items is False:
+        n = len(out_list)
+    while len(out_list) < n:
+        out_list.append(instance(items if isinstance(items, dict) else {}, tag, root=root,
+                                 depth=depth + 1))
+    if schema.get("uniqueItems") and len(out_list) > 1:
+        raise SchemaError("uniqueItems with minItems > 1 is not supported by the simulator")
+    return out_list
 
 
 def _string(schema: dict[str, Any], tag: str) -> str:
