@@ -7,7 +7,7 @@ PIP := $(VENV)/bin/pip
 EXTRAS ?= test,hf,s3
 PYTEST_ARGS ?=
 
-.PHONY: help install k8s-bins crds crds-check lint test test-unit test-apiserver bench clean
+.PHONY: help install k8s-bins crds crds-check lint test test-vllm test-unit test-apiserver bench clean
 
 help:
 	@echo "make dev         the whole system on this machine with a quickstart pool (Ctrl-C stops)"
@@ -16,8 +16,11 @@ help:
 	@echo "make crds        regenerate crds/*.yaml from the pydantic models"
 	@echo "make lint        ruff and mypy with the rules in pyproject.toml (part of make test)"
 	@echo "make test        install, lint, obtain the binaries, and run every test"
+	@echo "make test-vllm   the pinned vLLM's own LoRA loader judges the patcher and the simulator (cached venv, several GB)"
 	@echo "make images      build the container images (needs a Docker engine)"
 	@echo "make kind-e2e    the e2e suite on a kind cluster (needs Docker and kind)"
+	@echo "make node        a real single-node cluster here (root; apt, dockerd, containerd, kubelet; the chart)"
+	@echo "make test-node   the e2e suite on that node (make node-down removes it)"
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +46,9 @@ lint: install  ## ruff and mypy, configured (and their rule sets defended) in py
 test: install lint k8s-bins
 	VLMPOOL_K8S_BIN="$$(bash hack/k8s-bins.sh | tail -n1)" $(PY) -m pytest $(PYTEST_ARGS)
 
+test-vllm: install  ## vLLM's own LoRA loader (release pinned in operator/vlmpool/sim/contract.py) in a venv cached under ~/.cache/vlmpool
+	VLMPOOL_VLLM_PYTHON="$$(bash hack/vllm-env.sh | tail -n1)" $(PY) -m pytest tests/vllm $(PYTEST_ARGS)
+
 test-unit: install
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
@@ -62,3 +68,13 @@ images:  ## build the operator, proxy, patcher and simulator images (needs a Doc
 
 kind-e2e:  ## the e2e suite on a kind cluster: images built and loaded, chart installed, simulator as the engine
 	bash hack/kind-e2e.sh
+
+.PHONY: node node-down test-node
+node: install k8s-bins  ## a real single-node cluster here (root): images built, containerd, kubelet, the chart installed (hack/node.sh)
+	bash hack/node.sh up
+
+node-down:  ## remove everything `make node` made (processes, mounts, network namespace, routes, rules, state)
+	bash hack/node.sh down
+
+test-node: node  ## the e2e suite (external mode) on the real node, the simulator image as the engine
+	bash hack/node.sh test $(PYTEST_ARGS)

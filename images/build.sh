@@ -3,12 +3,14 @@
 #   images/build.sh                 build all four, tagged $REGISTRY/<name>:$TAG
 #   images/build.sh operator proxy  build some
 # Env: REGISTRY (default ghcr.io/vlmpool), TAG (default: the chart's appVersion), DOCKER (default docker),
-#      BUILD_ARGS (extra `docker build` arguments, e.g. "--build-arg PYTHON_IMAGE=...@sha256:...").
+#      BUILD_ARGS (extra `docker build` arguments, e.g. "--build-arg PYTHON_IMAGE=...@sha256:..."),
+#      DOCKERFILE (default images/Dockerfile; hack/node.sh passes a copy made for a registry-less machine).
 # Prints one built image reference per line on stdout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DOCKER="${DOCKER:-docker}"
+DOCKERFILE="${DOCKERFILE:-images/Dockerfile}"
 REGISTRY="${REGISTRY:-ghcr.io/vlmpool}"
 TAG="${TAG:-$(sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\}$/\1/p' charts/vlmpool/Chart.yaml)}"
 
@@ -34,6 +36,6 @@ for t in "${targets[@]}"; do
   ref=$(image_name "$t")
   echo "images: building $t -> $ref" >&2
   # shellcheck disable=SC2086
-  DOCKER_BUILDKIT=1 "$DOCKER" build -f images/Dockerfile --target "$t" -t "$ref" ${BUILD_ARGS:-} . >&2
+  DOCKER_BUILDKIT=1 "$DOCKER" build -f "$DOCKERFILE" --target "$t" -t "$ref" ${BUILD_ARGS:-} . >&2
   echo "$ref"
 done

@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -36,6 +37,7 @@ HELM_RELEASE, HELM_NAMESPACE = "vlmpool", "vlmpool-system"
 OPERATOR_SELECTOR = ("app.kubernetes.io/name=vlmpool,app.kubernetes.io/instance=vlmpool,"
                      "app.kubernetes.io/component=operator")
 RESYNC_SECONDS = 15
+METRICS_PORT = 8080  # the chart's operator.metricsPort
 E2E_NAMESPACE = "e2e"  # the namespace test_e2e.py works in
 
 
@@ -61,6 +63,9 @@ class LocalE2E:
 
     def pod_url(self, pod: dict, port: int) -> str:
         return f"http://{pod['status']['podIP']}:{port}"
+
+    def operator_metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.dev.operator_metrics_port}/metrics"
 
     def kill_container(self, pod: dict, container: str) -> None:
         cs = next(c for c in pod["status"]["containerStatuses"] if c["name"] == container)
@@ -92,6 +97,10 @@ class ChartOperator:
     def _operator_pods(self) -> list[dict]:
         out = self.kubectl("get", "pods", "-n", HELM_NAMESPACE, "-l", OPERATOR_SELECTOR, "-o", "json")
         return json.loads(out.stdout)["items"]
+
+    def operator_metrics_url(self) -> str:
+        pods = [p for p in self._operator_pods() if not p["metadata"].get("deletionTimestamp")]
+        return self.pod_url(pods[0], METRICS_PORT) + "/metrics"  # type: ignore[attr-defined]
 
     def _deployment(self) -> str:
         return f"deployment/{HELM_RELEASE}-operator"
@@ -135,7 +144,8 @@ class HelmE2E(ChartOperator, LocalE2E):
         self.kubectl("create", "namespace", E2E_NAMESPACE, check=False)
         cmd = [str(self.helm), "install", HELM_RELEASE, str(CHART), "--kubeconfig", str(self.kubeconfig),
                "--namespace", HELM_NAMESPACE, "--create-namespace", "--wait", "--timeout", "180s",
-               "--set", f"operator.resyncSeconds={RESYNC_SECONDS}", "--set", f"watch.namespaces={{{E2E_NAMESPACE}}}"]
+               "--set", f"operator.resyncSeconds={RESYNC_SECONDS}", "--set", f"watch.namespaces={{{E2E_NAMESPACE}}}",
+               "--set", f"sources.allowHostPaths={{{tempfile.gettempdir()}}}"]
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
         if res.returncode != 0:
             raise RuntimeError(f"helm install failed ({res.returncode}): {res.stderr.strip()}\n{self._operator_logs()}")

@@ -241,3 +241,26 @@ def test_delete_unloads_everywhere_and_removes_files(e2e, pool, adapters):
     wait_for(lambda: not files.exists(), 60, what="adapter files removed")
     # The other adapter is untouched.
     assert ready(e2e, "reader")["loaded"] == "2/2"
+
+
+def test_dashboard_series_exist_on_the_running_pods(e2e, pool, adapters):
+    """Every series the chart's Grafana dashboard queries is on the /metrics of the operator and of each
+    pool pod's proxy, and the adapter's traffic is there under its served name."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from vlmpool.testing.dashboard import exported_names, queried_metrics
+
+    def scrape(url):
+        with urllib.request.urlopen(url, timeout=30) as r:
+            return r.read().decode()
+    queried = queried_metrics()
+    proxy_series = {q for q in queried if q.startswith("vlmpool_proxy_")}
+    operator_series = {q for q in queried if q.startswith("vlmpool_operator_")}
+    assert proxy_series and operator_series and proxy_series | operator_series == queried
+    assert operator_series - exported_names(scrape(e2e.operator_metrics_url())) == set()
+    for pod in pool_pods(e2e):
+        text = scrape(e2e.pod_url(pod, PROXY_PORT) + "/metrics")
+        assert proxy_series - exported_names(text) == set(), pod["metadata"]["name"]
+        models = {s.labels.get("model") for f in text_string_to_metric_families(text) for s in f.samples
+                  if s.name == "vlmpool_proxy_requests_total"}
+        assert "acme/reader" in models, models

@@ -28,7 +28,8 @@ def test_default_render_is_a_cluster_wide_operator_with_exactly_the_operator_rul
 
     docs = helm.template()
     assert sorted(d["kind"] for d in docs) == ["ClusterRole", "ClusterRoleBinding", "Deployment", "Role",
-                                               "RoleBinding", "Service", "ServiceAccount"]
+                                               "RoleBinding", "Secret", "Service", "ServiceAccount",
+                                               "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"]
     # Leader election (on by default): a Role for the Lease in the release namespace only.
     le_role, le_binding = one(docs, "Role"), one(docs, "RoleBinding")
     assert le_role["metadata"] == {**le_role["metadata"], "name": "vlmpool-operator-leader-election",
@@ -55,7 +56,14 @@ def test_default_render_is_a_cluster_wide_operator_with_exactly_the_operator_rul
                          "--push-timeout=10", "--push-parallelism=16", "--adapter-root=/var/lib/vlmpool/adapters",
                          "--log-level=INFO", "--leader-elect", "--leader-election-id=vlmpool-operator",
                          "--lease-duration=15", "--renew-deadline=10", "--retry-period=2",
+                         "--token-key-file=/var/run/vlmpool/token-key/key",
                          "--patch-image=ghcr.io/vlmpool/vlmpool-patcher:0.1.0"]
+    # The token key: a kept Secret, mounted read-only; no source allow-list, file:// off.
+    key = one(docs, "Secret")
+    assert key["metadata"]["name"] == "vlmpool-operator-token-key"
+    assert key["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"} and len(key["data"]["key"]) >= 64
+    assert {"name": "token-key", "secret": {"secretName": "vlmpool-operator-token-key", "defaultMode": 0o400}} \
+        in pod["volumes"]
     env = {e["name"]: e for e in c["env"]}
     assert env["POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
     assert env["POD_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
@@ -149,10 +157,12 @@ def test_pinned_images_and_externally_managed_identity(helm):
     docs = helm.template(*variant_args("pinned"))
     assert sorted(d["kind"] for d in docs) == ["Deployment"]
     _, pod, c = _operator(docs)
+    assert pod["volumes"][0]["secret"]["secretName"] == "platform-vlmpool-token-key"
     assert c["image"] == f"registry.example.com:5000/platform/vlmpool-operator@{PINNED}"
     assert c["imagePullPolicy"] == "Always"
     patch = next(a for a in c["args"] if a.startswith("--patch-image="))
     assert patch.startswith("--patch-image=registry.example.com:5000/platform/vlmpool-patcher@sha256:fedcba98")
+    assert "--patch-dora-image=registry.example.com:5000/platform/vlmpool-patcher-dora:0.1.0-torch" in c["args"]
     assert pod["serviceAccountName"] == "platform-vlmpool"
     assert pod["imagePullSecrets"] == [{"name": "registry-credentials"}]
     assert pod["tolerations"][0]["key"] == "node-role.kubernetes.io/control-plane"
@@ -164,11 +174,12 @@ def test_extras(helm):
     dep, pod, c = _operator(docs)
     assert dep["metadata"]["name"] == "platform-vlmpool-operator" and dep["spec"]["replicas"] == 0
     assert not any(a.startswith("--patch-image") for a in c["args"])  # Jobs use each pool's proxy image
+    assert not any(a.startswith("--patch-dora-image") for a in c["args"])
     assert c["args"][-1] == "--push-parallelism=8" and "--adapter-root=/data/adapters" in c["args"]
     assert c["ports"][0]["containerPort"] == 9090
     assert {"name": "VLMPOOL_EXAMPLE", "value": "1"} in c["env"]
-    assert c["volumeMounts"] == [{"name": "scratch", "mountPath": "/tmp"}]
-    assert pod["volumes"] == [{"name": "scratch", "emptyDir": {"sizeLimit": "64Mi"}}]
+    assert c["volumeMounts"][1:] == [{"name": "scratch", "mountPath": "/tmp"}]
+    assert pod["volumes"][1:] == [{"name": "scratch", "emptyDir": {"sizeLimit": "64Mi"}}]
     assert pod["priorityClassName"] == "system-cluster-critical"
     tpl_meta = dep["spec"]["template"]["metadata"]
     assert tpl_meta["annotations"]["example.com/team"] == "platform"

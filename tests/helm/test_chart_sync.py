@@ -79,4 +79,4 @@ def test_versions_and_image_names_agree():
     # Pinned base image: an exact patch release (or a digest), never a floating tag.
     base = re.search(r"^ARG PYTHON_IMAGE=(\S+)$", dockerfile, re.M).group(1)
     assert re.fullmatch(r"python:3\.11\.\d+-slim-\w+(@sha256:[0-9a-f]{64})?", base), base
-    assert dockerfile.count("USER 65532:65532") == 2  # core (operator, proxy, simulator) and patcher
+    assert dockerfile.count("USER 65532:65532") == 3  # core (operator, proxy, simulator), patcher, patcher-dora

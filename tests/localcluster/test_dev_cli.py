@@ -107,3 +107,41 @@ def test_ctrl_c_while_waiting_stops_everything(tmp_path):
     from vlmpool.testing.waiting import wait_for
 
     wait_for(lambda: not _processes_mentioning(str(state)), 30, what="no process of the cluster left")
+
+
+@pytest.mark.skipif(not mounts_supported()[0], reason="the process kubelet needs root and unshare")
+def test_gpus_flag_sets_the_node_capacity(tmp_path):
+    """`vlmpool dev --gpus 3`: the node advertises 3 nvidia.com/gpu (it used to be 8 whatever the flag)."""
+    import json
+
+    state = tmp_path / "dev-gpus"
+    proc = subprocess.Popen([VLMPOOL, "dev", "--state-dir", str(state), "--gpus", "3", "--no-quickstart"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+    lines = []
+    try:
+        deadline = time.monotonic() + 240
+        kubeconfig = None
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            m = re.search(r"export KUBECONFIG=(\S+)", line)
+            if m:
+                kubeconfig = m.group(1)
+                break
+        assert kubeconfig, "".join(lines[-30:])
+        from vlmpool.localcluster.controlplane import find_binaries
+
+        out = subprocess.run([str(find_binaries() / "kubectl"), f"--kubeconfig={kubeconfig}", "get", "nodes",
+                              "-o", "json"], capture_output=True, text=True, timeout=60, check=True).stdout
+        caps = [n["status"]["capacity"].get("nvidia.com/gpu") for n in json.loads(out)["items"]]
+        assert caps == ["3"]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()

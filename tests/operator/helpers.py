@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -237,6 +238,8 @@ class OperatorProcess:
     extra_args: list[str] = field(default_factory=list)
     proc: subprocess.Popen | None = None
     metrics_port: int = 0
+    # file:// sources of the tests live under the temp dir (the operator refuses them by default).
+    host_paths: list[str] = field(default_factory=lambda: [tempfile.gettempdir()])
 
     async def start(self) -> OperatorProcess:
         self.metrics_port = free_port()
@@ -245,8 +248,11 @@ class OperatorProcess:
              *(["--all-namespaces"] if self.namespace == "*" else ["--namespace", self.namespace]),
              "--metrics-host", "127.0.0.1", "--metrics-port", str(self.metrics_port),
              "--resync-seconds", str(self.resync), "--push-timeout", "5", "--adapter-root", str(self.adapter_root),
-             "--log-level", "DEBUG", *self.extra_args],
-            stdout=self.log_path.open("a"), stderr=subprocess.STDOUT)
+             "--log-level", "DEBUG", *(a for d in self.host_paths for a in ("--allow-host-path", d)),
+             *self.extra_args],
+            stdout=self.log_path.open("a"), stderr=subprocess.STDOUT,
+            # One key for every operator of the suite (restarts, leader and followers derive the same tokens).
+            env={**os.environ, "VLMPOOL_TOKEN_KEY": "vlmpool-operator-tests-token-key"})
 
         async def ready():
             if self.proc.poll() is not None:

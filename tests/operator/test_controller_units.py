@@ -183,3 +183,34 @@ async def test_concurrent_pushes_of_a_pool_coalesce_and_never_overlap():
     later = await asyncio.wait_for(r.push_pool("ns", "p"), 2)
     await blocker
     assert later.generation == 4
+
+
+async def test_prune_waits_until_every_proxy_confirmed_the_old_unload(proxy_pod, tmp_path):
+    """A version directory may go only after the proxy confirmed the engine unloaded that version: vLLM
+    re-reads a registered adapter's directory when its CPU LRU evicted it."""
+    import asyncio
+
+    from vlmpool.controller.push import PodResult
+
+    v1, v2 = write_adapter(tmp_path / "a" / "versions" / "v1"), write_adapter(tmp_path / "a" / "versions" / "v2")
+    pod = _pod("p0", "127.0.0.1")
+    state = {"generation": 1, "concurrency": 4, "adapters": [{"name": "a", "version": "v1", "path": str(v1)}]}
+    (r1,) = await push_to_pods([pod], proxy_pod.admin_port, TOKEN, state, timeout=10)
+    assert r1.unloading == {} and S.unloads_unconfirmed("a", "v1", ["p0"], {"p0": r1}) == []
+    # the swap answers before v1's unload (it drains first): not confirmed yet
+    state = {**state, "generation": 2, "adapters": [{"name": "a", "version": "v2", "path": str(v2)}]}
+    (r2,) = await push_to_pods([pod], proxy_pod.admin_port, TOKEN, state, timeout=10)
+    assert r2.adapters["a"]["state"] == "loaded" and r2.unloading == {"a": {"v1"}}
+    assert S.unloads_unconfirmed("a", "v2", ["p0"], {"p0": r2}) == ["p0"]
+    # once the proxy unloaded it, the next push reports nothing pending and the prune may run
+    await proxy_pod.proxy.registry.drain_background()
+    for _ in range(100):
+        (r3,) = await push_to_pods([pod], proxy_pod.admin_port, TOKEN, state, timeout=10)
+        if r3.unloading == {}:
+            break
+        await asyncio.sleep(0.05)
+    assert S.unloads_unconfirmed("a", "v2", ["p0"], {"p0": r3}) == []
+    # a proxy that does not report its unloads, or a failed push, never counts as confirmed
+    assert S.unloads_unconfirmed("a", "v2", ["p0"], {"p0": PodResult("p0", True, 2, r3.adapters)}) == ["p0"]
+    assert S.unloads_unconfirmed("a", "v2", ["p0"], {"p0": PodResult("p0", False, error="x")}) == ["p0"]
+    assert S.unloads_unconfirmed("a", "v2", ["p0", "p1"], {"p0": r3}) == ["p1"]

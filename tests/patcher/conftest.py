@@ -146,6 +146,7 @@ def https_server(tmp_path, monkeypatch):
     srv.files, srv.headers, srv.seen_auth = files, headers, seen_auth
     srv.url = f"https://127.0.0.1:{srv.port}"
     monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    monkeypatch.setenv("VLMPOOL_SOURCE_ALLOW", "127.0.0.1")  # loopback is refused unless allow-listed
     yield srv
     srv.stop()
 
@@ -199,6 +200,7 @@ def hf_server(monkeypatch):
     srv.repos = repos
     srv.url = f"http://127.0.0.1:{srv.port}"
     monkeypatch.setenv("HF_ENDPOINT", srv.url)
+    monkeypatch.setenv("VLMPOOL_SOURCE_ALLOW", "127.0.0.1")
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
     monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "5")
     monkeypatch.delenv("HF_TOKEN", raising=False)
@@ -253,6 +255,7 @@ def s3_server(monkeypatch):
     srv.buckets = buckets
     srv.url = f"http://127.0.0.1:{srv.port}"
     monkeypatch.setenv("AWS_ENDPOINT_URL", srv.url)
+    monkeypatch.setenv("VLMPOOL_SOURCE_ALLOW", "127.0.0.1")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")

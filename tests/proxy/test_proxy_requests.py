@@ -31,7 +31,7 @@ async def test_base_and_adapter_chat_and_completions(sim, proxy, admin, client, 
     path = adapters("cats", "v1")
     body = await push(admin, adapters=[{"name": "cats", "version": "v1", "path": path}])
     assert body == {"generation": 1, "applied": True, "concurrency": 16,
-                    "adapters": [{"name": "cats", "version": "v1", "state": "loaded"}]}
+                    "adapters": [{"name": "cats", "version": "v1", "state": "loaded"}], "unloading": []}
 
     r = await client.chat.completions.create(model=BASE, messages=MSG, max_tokens=8)
     assert r.choices[0].message.content.startswith(f"sim:{BASE}")

@@ -203,7 +203,7 @@ async def test_stale_generation_is_ignored(sim, proxy, admin, client, adapters):
     status, body = await admin.put({"generation": 4, "concurrency": 2, "adapters": [spec("dogs", "v1", b)]})
     assert status == 409
     assert body == {"generation": 5, "applied": True, "concurrency": 6,
-                    "adapters": [{"name": "cats", "version": "v1", "state": "loaded"}]}
+                    "adapters": [{"name": "cats", "version": "v1", "state": "loaded"}], "unloading": []}
     assert len(sim.received("/v1/load_lora_adapter")) == n_loads  # nothing sent to the engine
     assert proxy.proxy.limiter.limit == 6
     try:

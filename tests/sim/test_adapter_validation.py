@@ -58,8 +58,9 @@ def test_dora_magnitude_tensors_without_use_dora(adapter):
     path = adapter("mag", extra_tensors={
         QWEN_LM.format(i=0, m="q_proj") + ".lora_magnitude_vector": torch.ones(16)})
     _, body = refusal(path)
-    assert engine_message(body) == ("DoRA magnitude vector parsing is recognized, but DoRA weight storage is "
-                                    "not implemented yet.")
+    # vllm/lora/utils.py parse_fine_tuned_lora_name: the mapped key, base_model.model. put back
+    assert engine_message(body) == ("base_model.model.language_model.model.layers.0.self_attn.q_proj."
+                                    "lora_magnitude_vector is unsupported LoRA weight")
 
 
 def test_modules_to_save_bias_and_init(adapter):
@@ -134,7 +135,9 @@ def test_unexpected_modules_and_weight_names(adapter):
     _, body = refusal(path)
     msg = engine_message(body)
     assert msg.startswith(f"While loading {path}, expected target modules in {{")
-    assert msg.endswith("but received ['language_model.model.layers.0.self_attn.qkv_fused']. "
+    # once per tensor key (lora_A and lora_B), as vLLM's check_unexpected_modules lists them
+    assert msg.endswith("but received ['language_model.model.layers.0.self_attn.qkv_fused', "
+                        "'language_model.model.layers.0.self_attn.qkv_fused']. "
                         "Please verify that the loaded LoRA module is correct")
 
     import torch

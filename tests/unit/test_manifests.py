@@ -149,7 +149,7 @@ def test_service_and_secret():
     assert svc["spec"]["type"] == "LoadBalancer" and svc["metadata"]["annotations"] == {"a": "b"}
     assert svc["spec"]["selector"] == {"vlmpool.io/pool": "vision", "app.kubernetes.io/component": "server"}
     sec = MP.admin_secret(pool(), "t0k3n")
-    assert sec["stringData"] == {"token": "t0k3n"} and sec["metadata"]["ownerReferences"][0]["uid"] == "pool-uid"
+    assert sec["data"] == {"token": "dDBrM24="} and sec["metadata"]["ownerReferences"][0]["uid"] == "pool-uid"
 
 
 def test_concurrency_change_does_not_touch_the_pod_template():
@@ -184,8 +184,10 @@ def test_patch_job_shape():
     assert flag(c["args"], "--max-rank") == "64" and flag(c["args"], "--dora-policy") == "reject"
     assert flag(c["args"], "--base-check") == "strict"
     assert "--base-weights" not in c["args"] and "--sha256" not in c["args"]
-    assert c["volumeMounts"] == [{"name": "adapters", "mountPath": ADAPTER_ROOT}]  # read-write
-    assert pod["volumes"] == [{"name": "adapters", "persistentVolumeClaim": {"claimName": "vision-adapters"}}]
+    assert c["volumeMounts"] == [{"name": "adapters", "mountPath": ADAPTER_ROOT},  # read-write
+                                 {"name": "tmp", "mountPath": "/tmp"}]  # the root filesystem is read-only
+    assert pod["volumes"] == [{"name": "adapters", "persistentVolumeClaim": {"claimName": "vision-adapters"}},
+                              {"name": "tmp", "emptyDir": {}}]
     assert job["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"] == "patch"
 
 
@@ -201,7 +203,10 @@ def test_svd_job_mounts_base_weights_read_only():
     assert {"name": "base-weights", "mountPath": "/var/lib/vlmpool/base", "readOnly": True} in c["volumeMounts"]
     vols = {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}
     assert vols["base-weights"]["persistentVolumeClaim"] == {"claimName": "models", "readOnly": True}
-    assert c["envFrom"] == [{"secretRef": {"name": "creds"}}]
+    # Only the credential keys, one by one (a Secret cannot set anything else in the container).
+    assert "envFrom" not in c
+    assert {"name": "AUTHORIZATION", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "AUTHORIZATION",
+                                                                    "optional": True}}} in c["env"]
 
 
 def test_pvc_and_file_sources_are_mounted_read_only():
@@ -316,3 +321,27 @@ def test_every_job_pod_gives_the_patcher_uid_group_access_to_the_volume():
     for job in jobs:
         sc = job["spec"]["template"]["spec"]["securityContext"]
         assert sc["fsGroup"] == 65532 and sc["seccompProfile"] == {"type": "RuntimeDefault"}, job["metadata"]["name"]
+
+
+@pytest.mark.parametrize("policy,dora_image,want", [
+    ("reject", "reg/patcher-dora:1", "reg/patcher:1"),   # plain LoRA: the torch-free image
+    ("svd", "reg/patcher-dora:1", "reg/patcher-dora:1"),  # DoRA maths: the torch image
+    ("strip", "reg/patcher-dora:1", "reg/patcher-dora:1"),  # strip measures its error with torch
+    ("svd", None, "reg/patcher:1"),  # none configured: the default image (svd refused there as NeedsTorch)
+])
+def test_dora_adapters_get_the_torch_patcher_image(policy, dora_image, want):
+    dora = {"policy": policy, **({"rank": 8} if policy == "svd" else {})}
+    a = adapter(dora=dora)
+    image = MA.patch_image_for(MA.parse_spec(a), "reg/patcher:1", dora_image)
+    assert image == want
+    job = MA.patch_job(a, pool(), image=image)
+    assert job["spec"]["template"]["spec"]["containers"][0]["image"] == want
+
+
+def test_pool_pods_give_the_images_uid_group_access_to_the_admin_token():
+    """The proxy runs as uid/gid 65532 and reads the admin token Secret (0440, root-owned on a real
+    kubelet) through fsGroup."""
+    spec = MP.deployment(pool())["spec"]["template"]["spec"]
+    assert spec["securityContext"]["fsGroup"] == 65532
+    token = next(v for v in spec["volumes"] if v["name"] == "admin-token")
+    assert token["secret"]["defaultMode"] == 0o440

@@ -25,7 +25,8 @@ def test_rules_are_narrow():
         assert "deletecollection" not in rule["verbs"]
         assert "delete" not in rule["verbs"] or rule["resources"] == ["jobs"]
     secrets = [r for r in role["rules"] if "secrets" in r["resources"]]
-    assert secrets == [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "create"]}]
+    # The pools' token Secrets are applied, never read back: no get/list/watch of any Secret.
+    assert secrets == [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["create", "patch"]}]
 
 
 def test_bindings():

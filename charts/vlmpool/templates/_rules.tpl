@@ -48,8 +48,8 @@
   resources:
   - secrets
   verbs:
-  - get
   - create
+  - patch
 - apiGroups:
   - ''
   resources:

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, Field
 
+from vlmpool.sim.contract import ENGINE_IMAGE
 from vlmpool.api.common import (
     DNS_SUBDOMAIN_PATTERN,
     MODEL_ID_PATTERN,
@@ -22,7 +23,7 @@ from vlmpool.api.common import (
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 ModelFamily = Literal["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 
-DEFAULT_ENGINE_IMAGE = "vllm/vllm-openai:v0.22.1"
+DEFAULT_ENGINE_IMAGE = ENGINE_IMAGE  # vllm/vllm-openai:v<VLLM_RELEASE>, the release the simulator follows
 DEFAULT_PROXY_IMAGE = "ghcr.io/vlmpool/vlmpool:0.1.0"
 DEFAULT_ADAPTER_VOLUME_SIZE = "10Gi"
 DEFAULT_CONCURRENCY = 16
@@ -68,6 +69,17 @@ class BaseModelSpec(Model):
     )
 
 
+class EngineSecurityContext(Model):
+    """What a pool may change in its engine container's security context: the user and whether the root
+    filesystem is writable. Privilege, capabilities and seccomp are not offered (docs/security.md)."""
+
+    run_as_user: int | None = Field(default=None, ge=0, le=2147483647, description="uid of the engine process.")
+    run_as_group: int | None = Field(default=None, ge=0, le=2147483647, description="gid of the engine process.")
+    run_as_non_root: bool | None = Field(default=None, description="false for an image that must run as root.")
+    read_only_root_filesystem: bool | None = Field(
+        default=None, description="false for an image that writes outside HOME and /tmp.")
+
+
 class EngineSpec(Model):
     """The vLLM container of every pod."""
 
@@ -99,6 +111,10 @@ class EngineSpec(Model):
     )
     max_model_len: int | None = Field(default=None, ge=256, le=10_000_000,
                                       description="Context length (vLLM --max-model-len).")
+    tower_connector_lora: bool = Field(
+        default=False, description="Serve LoRA on the vision tower and connector too (vLLM "
+        "--enable-tower-connector-lora). Off: patch Jobs drop untrained vision-tower tensors and refuse trained "
+        "ones; on: they keep the vision tensors of the modules the family's vLLM model serves.")
     gpu_memory_utilization: float | None = Field(
         default=None, gt=0, le=1, description="Fraction of GPU memory vLLM may use (--gpu-memory-utilization)."
     )
@@ -108,6 +124,11 @@ class EngineSpec(Model):
     startup_timeout_seconds: int = Field(
         default=1800, ge=60, le=86400,
         description="How long the engine may take to load the model before its startup probe fails.",
+    )
+    security_context: EngineSecurityContext | None = Field(
+        default=None, description="Loosens the engine container's default security context (uid/gid 65532, "
+        "non-root, read-only root, no capabilities, no privilege escalation) for images that demand it; a "
+        "namespace enforcing the restricted Pod Security profile refuses what it loosens.",
     )
 
 

@@ -28,9 +28,26 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="pods pushed to at once per pool (default 16)")
     parser.add_argument("--patch-image", default=os.environ.get("VLMPOOL_PATCH_IMAGE") or None,
                         help="image of patch and cleanup Jobs (default: the pool's proxy image)")
+    parser.add_argument("--patch-dora-image", default=os.environ.get("VLMPOOL_PATCH_DORA_IMAGE") or None,
+                        help="image of the patch Jobs of adapters whose dora.policy is svd or strip: one with "
+                        "torch (the patcher-dora target); default: --patch-image, where svd is refused as NeedsTorch")
     parser.add_argument("--adapter-root", default=os.environ.get("VLMPOOL_ADAPTER_ROOT", "/var/lib/vlmpool/adapters"),
                         help="mount path of the adapter volume in patch Jobs and engine containers; the "
                         "paths registered with vLLM live under it (default /var/lib/vlmpool/adapters)")
+    sec = parser.add_argument_group("tenancy (docs/security.md)")
+    sec.add_argument("--source-allow", action="append", default=[], metavar="HOST|CIDR",
+                     help="a host name (mirror.corp, *.corp) or CIDR (10.20.0.0/16) that patch Jobs may fetch "
+                     "sources from although it is internal (loopback, link-local, private, cluster-internal "
+                     "names are refused otherwise); repeatable, or comma-separated $VLMPOOL_SOURCE_ALLOW")
+    sec.add_argument("--allow-host-path", action="append", default=[], metavar="DIR",
+                     help="a node directory that file:// sources may name (mounted read-only as a hostPath into "
+                     "the patch Job); repeatable, or colon-separated $VLMPOOL_ALLOW_HOST_PATHS; default: none, "
+                     "file:// sources are refused")
+    sec.add_argument("--token-key-file", default=os.environ.get("VLMPOOL_TOKEN_KEY_FILE") or None, metavar="PATH",
+                     help="file holding the key the pools' admin tokens are derived from (HMAC of each pool's "
+                     "namespace/name/uid); the chart mounts it from a Secret in the operator's namespace. "
+                     "Default: $VLMPOOL_TOKEN_KEY, else a random key for this process only (tokens, and so "
+                     "the pools' pods, change when the operator restarts)")
     le = parser.add_argument_group("leader election (for more than one replica)")
     le.add_argument("--leader-elect", action="store_true",
                     help="run only while holding a coordination.k8s.io Lease; other replicas stand by "
@@ -67,6 +84,36 @@ def run(args: argparse.Namespace) -> int:
     if args.resync_seconds <= 0 or args.push_timeout <= 0 or args.push_parallelism < 1:
         print("vlmpool operator: --resync-seconds and --push-timeout must be > 0, --push-parallelism >= 1")
         return 2
+    from vlmpool.patcher.egress import EgressPolicy
+
+    source_allow = [e.strip() for v in (args.source_allow or [os.environ.get("VLMPOOL_SOURCE_ALLOW", "")])
+                    for e in v.split(",") if e.strip()]
+    host_paths = [d for v in (args.allow_host_path or [os.environ.get("VLMPOOL_ALLOW_HOST_PATHS", "")])
+                  for d in v.split(":") if d]
+    try:
+        EgressPolicy.parse(source_allow)
+    except ValueError as e:
+        print(f"vlmpool operator: --source-allow: {e}")
+        return 2
+    if any(not d.startswith("/") or ".." in d.split("/") for d in host_paths):
+        print("vlmpool operator: --allow-host-path needs absolute paths without '..'")
+        return 2
+    token_key: bytes | None = None
+    if args.token_key_file:
+        try:
+            token_key = open(args.token_key_file, "rb").read().strip()
+        except OSError as e:
+            print(f"vlmpool operator: --token-key-file: {e}")
+            return 2
+    elif os.environ.get("VLMPOOL_TOKEN_KEY"):
+        token_key = os.environ["VLMPOOL_TOKEN_KEY"].encode()
+    if token_key is not None and len(token_key) < 16:
+        print("vlmpool operator: the token key must be at least 16 bytes")
+        return 2
+    if token_key is None:
+        logging.getLogger("vlmpool.operator").warning(
+            "no --token-key-file: the pools' admin tokens are derived from a random key of this process; "
+            "every operator restart rotates them (and rolls the pools' pods)")
     namespaces = list(args.namespace)
     if not namespaces and not args.all_namespaces:
         namespaces = [n.strip() for n in os.environ.get("VLMPOOL_NAMESPACES", "").split(",") if n.strip()]
@@ -80,7 +127,10 @@ def run(args: argparse.Namespace) -> int:
         namespaces=namespaces,
         config=OperatorConfig(resync_seconds=args.resync_seconds, push_timeout=args.push_timeout,
                               push_parallelism=args.push_parallelism, patch_image=args.patch_image,
-                              adapter_root=args.adapter_root.rstrip("/") or "/"),
+                              patch_dora_image=args.patch_dora_image,
+                              adapter_root=args.adapter_root.rstrip("/") or "/",
+                              source_allow=tuple(source_allow), host_paths=tuple(host_paths),
+                              **({"token_key": token_key} if token_key else {})),
         metrics_host=args.metrics_host,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
     )

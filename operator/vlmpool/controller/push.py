@@ -30,6 +30,8 @@ class PodResult:
     adapters: dict[str, dict[str, Any]] = field(default_factory=dict)  # served name -> {version, state, reason}
     error: str | None = None
     conflict_generation: int | None = None  # set on 409: the generation the proxy already has
+    # served name -> versions the proxy retired but has not confirmed unloaded; None: not reported
+    unloading: dict[str, set[str]] | None = None
     seconds: float = 0.0
 
 
@@ -77,7 +79,13 @@ async def push_to_pod(session: aiohttp.ClientSession, pod: dict[str, Any], admin
                 body = {}
             if resp.status == 200 and isinstance(body, dict):
                 adapters = {a["name"]: a for a in body.get("adapters") or [] if isinstance(a, dict) and "name" in a}
-                return PodResult(name, True, body.get("generation"), adapters, seconds=dt)
+                unloading = None
+                if isinstance(body.get("unloading"), list):
+                    unloading = {}
+                    for u in body["unloading"]:
+                        if isinstance(u, dict) and isinstance(u.get("name"), str):
+                            unloading.setdefault(u["name"], set()).add(str(u.get("version")))
+                return PodResult(name, True, body.get("generation"), adapters, seconds=dt, unloading=unloading)
             if resp.status == 409 and isinstance(body, dict):
                 gen = body.get("generation")
                 return PodResult(name, False, error=f"proxy has a newer generation {gen}",

@@ -13,7 +13,10 @@ Why each rule is needed:
 - deployments: server-side apply (patch, plus create: an apply that creates is authorized as
   create too) and list/watch to copy replica counts into the pool's status.
 - services, persistentvolumeclaims: server-side apply only (create, patch).
-- secrets: the admin token is created once and read back (get, create; no list/watch of secrets).
+- secrets: the pools' admin-token Secrets are server-side applied (create, patch). The operator
+  reads no Secret: each token is an HMAC of the pool's namespace/name/uid under a key the operator
+  gets as a file (--token-key-file; the chart mounts it), so it never needs get/list/watch on
+  secrets, and a tenant's credentials Secret is never read (patch Jobs reference it by name).
 - pods: list/watch to push state when a pod starts or restarts and to read patch Jobs' termination
   messages.
 - jobs: create the patch and cleanup Jobs (get after an AlreadyExists), watch them for completion,
@@ -47,7 +50,7 @@ RULES: list[dict[str, Any]] = [
      "verbs": ["update"]},
     {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["list", "watch", "create", "patch"]},
     {"apiGroups": [""], "resources": ["services", "persistentvolumeclaims"], "verbs": ["create", "patch"]},
-    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "create"]},
+    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create", "patch"]},
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
     {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "watch", "create", "delete"]},
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},

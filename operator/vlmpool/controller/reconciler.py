@@ -9,9 +9,9 @@ every pod dropped it, run the cleanup Job, then let the finalizer go.
 from __future__ import annotations
 
 import asyncio
-import base64
 import datetime as dt
 import hashlib
+import hmac
 import logging
 import secrets
 import time
@@ -27,7 +27,6 @@ from vlmpool.kube.client import (
     DEPLOYMENTS,
     JOBS,
     PODS,
-    SECRETS,
     VLMADAPTERS,
     VLMPOOLS,
     ApiError,
@@ -42,9 +41,7 @@ from vlmpool.manifests.common import (
     A_SPEC_DIGEST,
     A_SUPERSEDED,
     ADAPTER_ROOT,
-    ADMIN_TOKEN_KEY,
     L_ADAPTER,
-    admin_secret_name,
     deployment_name,
     patch_job_name,
     server_label_selector,
@@ -52,6 +49,8 @@ from vlmpool.manifests.common import (
 from vlmpool.patcher.publish import check_version_path
 
 log = logging.getLogger("vlmpool.operator")
+
+SOURCE_NOT_ALLOWED = "SourceNotAllowed"  # a file:// source outside the node directories an admin allowed
 
 # (body, type, reason, message) -> None. kopf.event in the operator; a list append in unit tests.
 EventFn = Callable[[dict[str, Any], str, str, str], None]
@@ -94,7 +93,13 @@ class OperatorConfig:
     push_timeout: float = 10.0
     push_parallelism: int = 16
     patch_image: str | None = None  # default: the pool's proxy image (one distribution, three entry points)
+    patch_dora_image: str | None = None  # patch Jobs of svd/strip adapters (torch); default: patch_image
     adapter_root: str = ADAPTER_ROOT  # mount path of the adapter volume in Jobs and engines
+    source_allow: tuple[str, ...] = ()  # internal hosts/CIDRs patch Jobs may fetch from (--source-allow)
+    host_paths: tuple[str, ...] = ()  # node directories file:// sources may name (--allow-host-path)
+    # The key the pools' admin tokens are derived from (--token-key-file); the default suits a
+    # single process only (tests): the chart mounts a key that outlives operator restarts.
+    token_key: bytes = field(default_factory=lambda: secrets.token_bytes(32))
 
 
 class Reconciler:
@@ -161,15 +166,15 @@ class Reconciler:
         self.event(pool, "Warning", "ReconcileFailed", str(err))
 
     async def _ensure_token(self, pool: dict[str, Any]) -> str:
-        ns, name = pool["metadata"]["namespace"], pool["metadata"]["name"]
-        secret, _ = await self.kube.create_if_absent(MP.admin_secret(pool, secrets.token_hex(32)), ns)
-        return base64.b64decode(secret["data"][ADMIN_TOKEN_KEY]).decode()
+        """Apply the pool's admin-token Secret. The token is derived (pool_token), so the operator
+        never reads a Secret back: it only creates/patches the pools' token Secrets."""
+        token = pool_token(self.config.token_key, pool)
+        await self.kube.apply(MP.admin_secret(pool, token))
+        return token
 
     async def _token(self, ns: str, pool: str) -> str | None:
-        secret = await self.kube.get_or_none(SECRETS, admin_secret_name(pool), ns)
-        if not secret or ADMIN_TOKEN_KEY not in (secret.get("data") or {}):
-            return None
-        return base64.b64decode(secret["data"][ADMIN_TOKEN_KEY]).decode()
+        obj = await self.kube.get_or_none(VLMPOOLS, pool, ns)
+        return pool_token(self.config.token_key, obj) if obj is not None else None
 
     async def deployment_changed(self, dep: dict[str, Any]) -> None:
         """Copy the Deployment's replica counts into its pool's status."""
@@ -289,6 +294,18 @@ class Reconciler:
         digest = MA.spec_digest(adapter, pool)
         job_name = patch_job_name(name, digest)
         patched = S.get_condition(st.get("conditions") or [], "Patched")
+        refusal = MA.file_source_refusal(spec.source.uri, self.config.host_paths)
+        if refusal:
+            # Before any Job (or hostPath) exists.
+            await self._write_adapter_status(adapter, {**base, "specDigest": digest},
+                                             [found, ("Patched", "False", SOURCE_NOT_ALLOWED, refusal)])
+            self.metrics.reconciles.labels("adapter", "refused").inc()
+            return
+        if patched is not None and patched.get("reason") == SOURCE_NOT_ALLOWED:
+            # Allowed since (an admin widened --allow-host-path): patch it now.
+            adapter = await self._write_adapter_status(adapter, {}, [(
+                "Patched", "Unknown", "SourceAllowed", "the source is allowed now")])
+            st, patched = adapter.get("status") or {}, None
         if st.get("specDigest") == digest and patched is not None and patched["status"] in ("True", "False"):
             # This spec was patched (or refused) already: never run it twice.
             await self._write_adapter_status(adapter, base, [found])
@@ -297,7 +314,10 @@ class Reconciler:
                 await self.push_pool(ns, spec.pool_ref.name)  # renamed: serve it under the new name
             return
         job, created = await self.kube.create_if_absent(
-            MA.patch_job(adapter, pool, image=self.config.patch_image, adapter_root=self.config.adapter_root), ns)
+            MA.patch_job(adapter, pool, image=MA.patch_image_for(spec, self.config.patch_image,
+                                                                 self.config.patch_dora_image),
+                         adapter_root=self.config.adapter_root,
+                         source_allow=self.config.source_allow), ns)
         if created:
             self.metrics.jobs_created.labels("patch").inc()
             self.event(adapter, "Normal", "PatchJobCreated", f"Job {job_name} patches spec {digest[:8]}")
@@ -574,8 +594,10 @@ class Reconciler:
                 await self._write_pool_status(pool, {}, [("Degraded", "False", "PushSucceeded",
                                                           f"every running pod took generation {st.generation}")])
         pod_names = [p["metadata"]["name"] for p in pods]
-        await self._record_loads(pool, adapters, state, conflicts, pod_names, results,
-                                 can_prune=bool(pods) and not failed and not unconfirmed)
+        waiting = await self._record_loads(pool, adapters, state, conflicts, pod_names, results,
+                                           can_prune=bool(pods) and not failed and not unconfirmed)
+        if waiting:  # a prune waits for proxies to confirm unloads: ask again soon
+            self._schedule_retry(ns, pool_name, st)
         return PushSummary(pool_name, st.generation, pod_names, results, state)
 
     async def _push_round(self, pods: list[dict[str, Any]], admin_port: int, token: str, state: dict[str, Any],
@@ -632,7 +654,10 @@ class Reconciler:
 
     async def _record_loads(self, pool: dict[str, Any], adapters: list[dict[str, Any]], state: dict[str, Any],
                             conflicts: list[str], pods: list[str], results: dict[str, PodResult],
-                            can_prune: bool = False) -> None:
+                            can_prune: bool = False) -> bool:
+        """Write each adapter's per-pod status; prune superseded versions whose unload every proxy has
+        confirmed. Returns True when a prune waits for such a confirmation."""
+        waiting = False
         ns = pool["metadata"]["namespace"]
         pushed = {e["name"]: e for e in state["adapters"]}
         ready = failed = total = 0
@@ -669,7 +694,12 @@ class Reconciler:
             ready += phase == "Ready"
             failed += phase == "Failed"
             if phase == "Ready" and can_prune:
-                await self._prune_superseded(pool, new)
+                pending = S.unloads_unconfirmed(served, pushed_version, pods, results)
+                if pending:
+                    waiting = waiting or bool((new.get("metadata", {}).get("annotations") or {}).get(A_SUPERSEDED))
+                    log.info("prune of %s/%s waits for the unload on %s", ns, meta["name"], ", ".join(pending))
+                else:
+                    await self._prune_superseded(pool, new)
         counts = {"adapters": {"total": total, "ready": ready, "failed": failed}, "adaptersReady": f"{ready}/{total}"}
         cur = pool.get("status") or {}
         if cur.get("adapters") != counts["adapters"] or cur.get("adaptersReady") != counts["adaptersReady"]:
@@ -677,6 +707,16 @@ class Reconciler:
                 await self.kube.patch_status(VLMPOOLS, pool["metadata"]["name"], counts, ns)
             except NotFound:
                 pass
+        return waiting
+
+
+def pool_token(key: bytes, pool: dict[str, Any]) -> str:
+    """The admin token of a pool: HMAC-SHA256 of its identity (namespace, name, uid) under the
+    operator's key. A re-created pool (new uid) gets a new token; nobody without the key can derive
+    another pool's token from one they can read."""
+    meta = pool["metadata"]
+    ident = f"vlmpool-admin-token/v1\n{meta['namespace']}\n{meta['name']}\n{meta['uid']}".encode()
+    return hmac.new(key, ident, hashlib.sha256).hexdigest()
 
 
 def _label_value(name: str) -> str:

@@ -101,6 +101,20 @@ def pod_loads(served: str, version: str | None, pods: list[str], results: dict[s
     return entries, loaded, failures
 
 
+def unloads_unconfirmed(served: str, version: str | None, pods: list[str], results: dict[str, PodResult]
+                        ) -> list[str]:
+    """Pods whose proxy has not confirmed the unload of every version of `served` other than `version`
+    (a proxy that does not report its pending unloads counts as unconfirmed). Older version directories
+    may be deleted only when this is empty: vLLM re-reads a registered adapter's directory when its CPU
+    LRU evicted it."""
+    out = []
+    for pod in pods:
+        r = results.get(pod)
+        if r is None or not r.ok or r.unloading is None or (r.unloading.get(served, set()) - {version}):
+            out.append(pod)
+    return out
+
+
 def loaded_condition(loaded: int, running: int, failures: list[str]) -> tuple[str, str, str]:
     if running == 0:
         return "False", "NoRunningPods", "the pool has no running pods yet"

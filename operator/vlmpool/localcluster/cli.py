@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     t0 = time.monotonic()
-    cluster = DevCluster(args.state_dir)
+    cluster = DevCluster(args.state_dir, gpus=args.gpus)
     print(f"starting the local cluster in {cluster.state_dir} ...", flush=True)
     cluster.start()
     try:

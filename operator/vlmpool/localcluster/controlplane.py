@@ -118,6 +118,10 @@ class ControlPlane:
     extra_apiserver_args: list[str] = field(default_factory=list)
     extra_controller_manager_args: list[str] = field(default_factory=list)
     startup_timeout: float = 120.0
+    # Where the apiserver listens and what it advertises (the `kubernetes` Service's endpoint). A real
+    # node's pods must reach it there, so the node's control plane gives its own address (hack/node.sh).
+    address: str = "127.0.0.1"
+    api_port: int = 0  # 0: a free port
 
     def __post_init__(self) -> None:
         self._own_workdir = self.workdir is None
@@ -137,13 +141,14 @@ class ControlPlane:
         self._ca_pem = self._ca.pair.cert
         self._ca.serving(
             ["localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
-             "kubernetes.default.svc.cluster.local"], ["127.0.0.1", "10.0.0.1"],
+             "kubernetes.default.svc.cluster.local"], sorted({"127.0.0.1", "10.0.0.1", self.address}),
         ).write(pki, "apiserver")
         service_account_keys().write(pki, "sa")
         self.admin_cert = self._ca.client("vlmpool-admin", ["system:masters"])
 
-        etcd_port, peer_port, api_port = free_port(), free_port(), free_port()
-        self.server = f"https://127.0.0.1:{api_port}"
+        etcd_port, peer_port = free_port(), free_port()
+        api_port = self.api_port or free_port(self.address)
+        self.server = f"https://{self.address}:{api_port}"
         etcd_url = f"http://127.0.0.1:{etcd_port}"
         try:
             self._spawn("etcd", [
@@ -159,7 +164,7 @@ class ControlPlane:
             self._spawn("kube-apiserver", [
                 str(self.bin_dir / "kube-apiserver"),
                 f"--etcd-servers={etcd_url}",
-                "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", f"--secure-port={api_port}",
+                f"--bind-address={self.address}", f"--advertise-address={self.address}", f"--secure-port={api_port}",
                 f"--cert-dir={pki}",
                 f"--tls-cert-file={pki / 'apiserver.crt'}", f"--tls-private-key-file={pki / 'apiserver.key'}",
                 f"--client-ca-file={pki / 'ca.crt'}",

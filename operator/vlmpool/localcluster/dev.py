@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -79,6 +80,14 @@ class DevCluster:
         self.kubectl("apply", "-f", "-", input="---\n".join(yaml.safe_dump(d) for d in docs))
         return self.cp.kubeconfig_for(OPERATOR_USER)
 
+    def _token_key(self) -> Path:
+        """The key the pools' admin tokens derive from, kept with the cluster's state."""
+        path = self.state_dir / "operator-token-key"
+        if not path.exists():
+            path.write_text(secrets.token_hex(32))
+            path.chmod(0o600)
+        return path
+
     def start_operator(self) -> None:
         kc = self.operator_kubeconfig()
         self.operator_metrics_port = free_port()
@@ -87,7 +96,9 @@ class DevCluster:
         fh = open(logs / "operator.log", "ab")
         argv = [sys.executable, "-m", "vlmpool", "operator", "--all-namespaces", "--kubeconfig", str(kc),
                 "--metrics-host", "127.0.0.1", "--metrics-port", str(self.operator_metrics_port),
-                "--resync-seconds", str(self.resync_seconds), *self.operator_args]
+                "--resync-seconds", str(self.resync_seconds),
+                # A one-user local cluster: file:// sources may name any local path.
+                "--allow-host-path", "/", "--token-key-file", str(self._token_key()), *self.operator_args]
         self._operator = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                           start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         fh.close()

@@ -33,7 +33,7 @@ from vlmpool.manifests.common import (
     prune_job_name,
     short_digest,
 )
-from vlmpool.manifests.pool import claim_name
+from vlmpool.manifests.pool import POD_SECURITY, claim_name, container_security
 
 PATCH_CONTAINER = "patch"
 TERMINATION_LOG = "/dev/termination-log"
@@ -47,8 +47,40 @@ CLEANUP_DEADLINE_SECONDS = 600
 
 # The patcher image runs as uid/gid 65532 (images/Dockerfile): fsGroup makes the adapter volume
 # writable for it on storage that is root-owned, and readable by the engines through the group.
-JOB_POD_SECURITY = {"fsGroup": 65532, "fsGroupChangePolicy": "OnRootMismatch",
-                    "seccompProfile": {"type": "RuntimeDefault"}}
+# Pod Security Standards `restricted`: the same pod context as the pool's pods; the root filesystem is
+# read-only and /tmp (scratch, HOME) an emptyDir.
+JOB_POD_SECURITY = POD_SECURITY
+JOB_TMP = "/tmp"
+
+# The keys of a credentials Secret that reach the patch container (as env), one by one: a Secret
+# can never set anything else there (a proxy, $VLMPOOL_SOURCE_ALLOW, PYTHONPATH, ...).
+CREDENTIAL_KEYS = ("AUTHORIZATION", "HF_TOKEN", "HF_ENDPOINT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                   "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION",
+                   "AWS_DEFAULT_REGION")
+SOURCE_ALLOW_ENV = "VLMPOOL_SOURCE_ALLOW"
+
+
+def file_source_refusal(uri: str, allowed_dirs: list[str] | tuple[str, ...]) -> str | None:
+    """Why a file:// source may not become a hostPath volume, or None. file:// is off unless a cluster
+    admin named node directories (operator --allow-host-path); the path must be absolute, plain (no
+    '.', '..' or empty segments) and equal to or under one of them. The message names only the
+    setting, never anything about the node's files."""
+    if not uri.startswith("file://"):
+        return None
+    if not allowed_dirs:
+        return ("file:// sources are disabled on this cluster (a cluster admin enables them for named node "
+                "directories with the operator's --allow-host-path)")
+    p = urlsplit(uri)
+    path = p.path
+    parts = path.split("/")[1:]
+    if p.netloc not in ("", "localhost") or not path.startswith("/") or p.query or p.fragment or "%" in path \
+            or any(seg in ("", ".", "..") for seg in parts):
+        return f"{uri!r} is not a plain file:///<absolute path> (no '.', '..', '//', escapes or query)"
+    for d in allowed_dirs:
+        base = "/" + d.strip("/")
+        if base == "/" or path == base or path.startswith(base + "/"):
+            return None
+    return f"{path} is not under a node directory this cluster allows for file:// sources ({', '.join(allowed_dirs)})"
 
 
 def parse_spec(adapter: dict[str, Any]) -> VLMAdapterSpec:
@@ -62,7 +94,7 @@ def served_name(adapter: dict[str, Any]) -> str:
 def patch_inputs(adapter: dict[str, Any], pool: dict[str, Any]) -> dict[str, Any]:
     spec = parse_spec(adapter)
     pspec = VLMPoolSpec.model_validate(pool.get("spec") or {})
-    return {
+    inputs = {
         "schema": DIGEST_SCHEMA,
         "adapter": adapter["metadata"]["name"],
         "source": spec.source.to_wire(),
@@ -74,6 +106,9 @@ def patch_inputs(adapter: dict[str, Any], pool: dict[str, Any]) -> dict[str, Any
         "maxRank": pspec.engine.max_lora_rank,
         "baseWeights": pspec.model.weights.to_wire() if pspec.model.weights else None,
     }
+    if pspec.engine.tower_connector_lora:  # only when on: the digests of existing adapters stay as they were
+        inputs["towerConnectorLora"] = True
+    return inputs
 
 
 def spec_digest(adapter: dict[str, Any], pool: dict[str, Any]) -> str:
@@ -113,6 +148,8 @@ def patch_args(adapter: dict[str, Any], pool: dict[str, Any], adapter_root: str 
     ]
     if spec.dora.policy == "svd" and spec.dora.rank is not None:
         args += ["--svd-rank", str(spec.dora.rank)]
+    if pspec.engine.tower_connector_lora:
+        args.append("--tower-connector-lora")
     if pspec.model.weights is not None and spec.dora.policy in ("svd", "strip"):
         args += ["--base-weights", (BASE_WEIGHTS_MOUNT + "/" + pspec.model.weights.path.strip("/")).rstrip("/")]
     if spec.source.sha256:
@@ -126,7 +163,8 @@ def _job(adapter: dict[str, Any], pspec: VLMPoolSpec, name: str, labels: dict[st
          containers: list[dict[str, Any]], volumes: list[dict[str, Any]], *, backoff_limit: int,
          deadline_seconds: int, ttl_seconds: int, annotations: dict[str, str] | None = None) -> dict[str, Any]:
     """The Job shell shared by the patch, cleanup and prune Jobs: owned by the adapter, never
-    restarted in place, no API token, the patcher's fsGroup, and the pool's node placement."""
+    restarted in place, no API token, the restricted security context (the patcher's uid/fsGroup,
+    read-only root), and the pool's node placement."""
     metadata: dict[str, Any] = {"name": name, "namespace": adapter["metadata"]["namespace"], "labels": labels}
     if annotations:
         metadata["annotations"] = annotations
@@ -155,20 +193,32 @@ def _job(adapter: dict[str, Any], pspec: VLMPoolSpec, name: str, labels: dict[st
     }
 
 
+def patch_image_for(spec: VLMAdapterSpec, patch_image: str | None, dora_image: str | None) -> str | None:
+    """The patch Job's image: DoRA maths (svd, strip's measured error) needs torch, which only the
+    patcher-dora image carries; everything else runs on the torch-free patcher."""
+    if dora_image and spec.dora.policy in ("svd", "strip"):
+        return dora_image
+    return patch_image
+
+
 def patch_job(adapter: dict[str, Any], pool: dict[str, Any], *, image: str | None = None,
               adapter_root: str = ADAPTER_ROOT,
               backoff_limit: int = PATCH_BACKOFF_LIMIT, deadline_seconds: int = PATCH_DEADLINE_SECONDS,
-              ttl_seconds: int = JOB_TTL_SECONDS) -> dict[str, Any]:
-    """The Job that runs `vlmpool patch` for the adapter's current spec on the pool."""
+              ttl_seconds: int = JOB_TTL_SECONDS, source_allow: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """The Job that runs `vlmpool patch` for the adapter's current spec on the pool. `source_allow`
+    is the cluster admin's egress allow-list (hosts, CIDRs) for the fetch. A file:// source must have
+    passed file_source_refusal first."""
     spec = parse_spec(adapter)
     pspec = VLMPoolSpec.model_validate(pool.get("spec") or {})
     digest = spec_digest(adapter, pool)
     name = adapter["metadata"]["name"]
     labels = _labels(adapter, COMPONENT_PATCH)
     labels[L_SPEC_DIGEST] = digest[:MAX_LABEL]
-    mounts: list[dict[str, Any]] = [{"name": "adapters", "mountPath": adapter_root}]
+    mounts: list[dict[str, Any]] = [{"name": "adapters", "mountPath": adapter_root},
+                                    {"name": "tmp", "mountPath": JOB_TMP}]  # scratch and HOME
     volumes: list[dict[str, Any]] = [
         {"name": "adapters", "persistentVolumeClaim": {"claimName": claim_name(pool, pspec)}},
+        {"name": "tmp", "emptyDir": {}},
     ]
     if pspec.model.weights is not None and spec.dora.policy in ("svd", "strip"):
         # svd needs the base weights; strip uses them (when present) to measure its error.
@@ -194,10 +244,14 @@ def patch_job(adapter: dict[str, Any], pool: dict[str, Any], *, image: str | Non
         "terminationMessagePath": TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}},
-        "securityContext": {"allowPrivilegeEscalation": False},
+        "securityContext": container_security(),
+        # Always set (empty too): an explicit env entry, which no Secret can override.
+        "env": [{"name": SOURCE_ALLOW_ENV, "value": ",".join(source_allow)}, {"name": "HOME", "value": JOB_TMP}],
     }
     if spec.source.credentials_secret is not None:
-        container["envFrom"] = [{"secretRef": {"name": spec.source.credentials_secret.name}}]
+        secret = spec.source.credentials_secret.name
+        container["env"] += [{"name": k, "valueFrom": {"secretKeyRef": {"name": secret, "key": k, "optional": True}}}
+                             for k in CREDENTIAL_KEYS]
     return _job(adapter, pspec, patch_job_name(name, digest), labels, [container], volumes,
                 annotations={A_SPEC_DIGEST: digest}, backoff_limit=backoff_limit,
                 deadline_seconds=deadline_seconds, ttl_seconds=ttl_seconds)
@@ -230,7 +284,7 @@ def cleanup_job(adapter: dict[str, Any], pool: dict[str, Any], *, image: str | N
         "volumeMounts": [{"name": "adapters", "mountPath": adapter_root}],
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}},
-        "securityContext": {"allowPrivilegeEscalation": False},
+        "securityContext": container_security(),
     }
     volumes = [{"name": "adapters", "persistentVolumeClaim": {"claimName": claim_name(pool, pspec)}}]
     return _job(adapter, pspec, cleanup_job_name(name, adapter["metadata"]["uid"]), labels, [container], volumes,

@@ -6,6 +6,7 @@ a dict ready for server-side apply out.
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 from vlmpool.api.pool import DEFAULT_ADAPTER_VOLUME_SIZE, VLMPoolSpec
@@ -28,6 +29,26 @@ from vlmpool.manifests.common import (
 PROXY_CONTAINER = "proxy"
 ENGINE_CONTAINER = "engine"
 ENGINE_HEALTH_PATH = "/health"
+
+# Pod Security Standards `restricted` by default (docs/security.md). The images run as uid/gid 65532;
+# fsGroup lets the engines read what patch Jobs (same group) wrote on the adapter volume.
+RUN_AS = 65532
+POD_SECURITY: dict[str, Any] = {"runAsNonRoot": True, "runAsUser": RUN_AS, "runAsGroup": RUN_AS, "fsGroup": RUN_AS,
+                                "fsGroupChangePolicy": "OnRootMismatch", "seccompProfile": {"type": "RuntimeDefault"}}
+CONTAINER_SECURITY: dict[str, Any] = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                      "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]}}
+# The engine's writable directories on a read-only root: HOME (vLLM, Hugging Face, Triton and torch
+# caches live under ~/.cache, ~/.triton, ~/.config) and /tmp.
+ENGINE_HOME = "/home/vlmpool"
+
+
+def container_security(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The restricted container securityContext with `overrides` merged over it key by key (a key
+    given replaces the default's value)."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in CONTAINER_SECURITY.items()}
+    for k, v in (overrides or {}).items():
+        out[k] = v
+    return out
 
 
 def parse_spec(pool: dict[str, Any]) -> VLMPoolSpec:
@@ -70,14 +91,14 @@ def adapter_pvc(pool: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def admin_secret(pool: dict[str, Any], token: str) -> dict[str, Any]:
-    """The bearer token the operator uses on the pods' admin port. The caller generates the token
-    once (create-if-absent), so re-applying never rotates it."""
+    """The bearer token the operator uses on the pods' admin port (derived from the pool's identity
+    by the operator, so re-applying never rotates it)."""
     return {
         "apiVersion": "v1",
         "kind": "Secret",
         "metadata": _meta(pool, admin_secret_name(pool["metadata"]["name"]), "admin-token"),
         "type": "Opaque",
-        "stringData": {ADMIN_TOKEN_KEY: token},
+        "data": {ADMIN_TOKEN_KEY: base64.b64encode(token.encode()).decode()},
     }
 
 
@@ -97,6 +118,8 @@ def engine_args(spec: VLMPoolSpec) -> list[str]:
     ]
     if eng.max_cpu_loras is not None:
         args += ["--max-cpu-loras", str(eng.max_cpu_loras)]
+    if eng.tower_connector_lora:
+        args.append("--enable-tower-connector-lora")
     if eng.gpus > 1:
         args += ["--tensor-parallel-size", str(eng.gpus)]
     if eng.max_model_len is not None:
@@ -163,17 +186,21 @@ def pod_template(pool: dict[str, Any], token_hash: str = "", adapter_root: str =
                          # read-only, so the proxy can check pushed paths (realpath) inside the root
                          {"name": "adapters", "mountPath": adapter_root, "readOnly": True}]
         + ([{"name": "api-keys", "mountPath": API_KEY_DIR, "readOnly": True}] if px.api_key_secret else []),
-        "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True},
+        "securityContext": container_security(),
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     engine_mounts = [
         {"name": "adapters", "mountPath": adapter_root, "readOnly": True},
         {"name": "shm", "mountPath": "/dev/shm"},
+        {"name": "engine-home", "mountPath": ENGINE_HOME},
+        {"name": "engine-tmp", "mountPath": "/tmp"},
     ]
     volumes: list[dict[str, Any]] = [
         {"name": "adapters", "persistentVolumeClaim": {"claimName": claim_name(pool, spec), "readOnly": True}},
         {"name": "admin-token", "secret": {"secretName": admin_secret_name(name), "defaultMode": 0o440}},
         {"name": "shm", "emptyDir": {"medium": "Memory"}},
+        {"name": "engine-home", "emptyDir": {}},
+        {"name": "engine-tmp", "emptyDir": {}},
     ]
     if px.api_key_secret:
         volumes.append({"name": "api-keys", "secret": {"secretName": px.api_key_secret, "defaultMode": 0o440}})
@@ -187,7 +214,8 @@ def pod_template(pool: dict[str, Any], token_hash: str = "", adapter_root: str =
         "image": eng.image,
         "imagePullPolicy": eng.image_pull_policy,
         "args": engine_args(spec),
-        "env": [{"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"}]
+        "env": [{"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"},
+                {"name": "HOME", "value": ENGINE_HOME}]
         + [{"name": e.name, "value": e.value} for e in eng.env],
         "ports": [{"name": "engine", "containerPort": eng.port, "protocol": "TCP"}],
         "startupProbe": {"httpGet": {"path": ENGINE_HEALTH_PATH, "port": "engine"}, "periodSeconds": probe_period,
@@ -199,6 +227,7 @@ def pod_template(pool: dict[str, Any], token_hash: str = "", adapter_root: str =
                           "timeoutSeconds": 10, "failureThreshold": 4},
         "resources": _resources(eng.resources, eng.gpus),
         "volumeMounts": engine_mounts,
+        "securityContext": container_security(eng.security_context.to_wire() if eng.security_context else None),
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     sched = spec.scheduling
@@ -206,6 +235,9 @@ def pod_template(pool: dict[str, Any], token_hash: str = "", adapter_root: str =
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "terminationGracePeriodSeconds": 60,
+        # Restricted profile; its fsGroup (the images' gid 65532) is also what lets the proxy read the
+        # admin-token Secret (mode 0440, root-owned on a real kubelet: "Permission denied" without it).
+        "securityContext": {k: (dict(v) if isinstance(v, dict) else v) for k, v in POD_SECURITY.items()},
         "containers": [proxy, engine],
         "volumes": volumes,
     }

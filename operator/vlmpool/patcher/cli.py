@@ -83,6 +83,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--svd-method", choices=("auto", "exact", "randomized"), default="auto",
                         help="truncated SVD of --dora-policy svd: exact, randomized (seeded), or auto (exact on a GPU "
                         "or for small matrices, randomized otherwise)")
+    parser.add_argument("--tower-connector-lora", action="store_true",
+                        help="the pool's vLLM runs with --enable-tower-connector-lora: keep the LoRA tensors of the "
+                        "vision tower and connector modules vLLM serves for the family (default: drop untrained "
+                        "ones, refuse trained ones)")
     parser.add_argument("--device", default=None, help="torch device for the DoRA math (default: cuda when available)")
     parser.add_argument("--tensor-io", choices=("bytes", "torch"), default="bytes",
                         help="how the adapter's tensors are read and written: bytes (the safetensors header and byte "
@@ -136,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
             dora_policy=args.dora_policy, svd_rank=args.svd_rank, base_weights=args.base_weights,
             base_check=args.base_check, declared_variant=args.declared_variant,
             vision_norm_threshold=args.vision_norm_threshold, key_template=args.key_template, device=args.device,
-            svd_method=args.svd_method,
+            svd_method=args.svd_method, tower_connector_lora=args.tower_connector_lora,
         )
         summary = patch_and_publish(args.source, args.adapter, args.root, opts, sha256=args.sha256,
                                     max_file_bytes=args.max_file_bytes, pvc_root=args.pvc_root,

@@ -9,6 +9,7 @@ weights, and every plain LoRA, skip it: their tensors are kept byte for byte.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,8 +36,12 @@ class DoraResult:
 
 
 def apply_dora(plan: Any, weights: Any, base: Any, *, applied: str, scale: float, svd_rank: int | None,
-               svd_method: str, device_name: str | None) -> DoraResult:
-    """Measure (strip) or re-factor (svd) every kept module; check the vision magnitudes first."""
+               svd_method: str, device_name: str | None,
+               module_scale: Callable[[str], float] | None = None) -> DoraResult:
+    """Measure (strip) or re-factor (svd) every kept module; check the vision magnitudes first.
+    ``module_scale(module)`` is a module's own scale (``alpha_pattern``/``rank_pattern``), else ``scale``.
+    Kept vision-tower modules (tower LoRA) have no base weights here: strip keeps them as they are,
+    svd refuses them."""
     from vlmpool.patcher.weights import from_torch, import_torch
 
     torch = import_torch(f"the DoRA policy {applied} with base weights")
@@ -53,12 +58,18 @@ def apply_dora(plan: Any, weights: Any, base: Any, *, applied: str, scale: float
     device = torch.device(device_name) if device_name else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     err_num = err_den = 0.0
     for module in plan.kept:
+        if plan.is_tower(module):
+            if applied == "svd":
+                raise PatchError("UnsupportedTargetModules", f"{module}: the svd DoRA policy cannot re-factor a "
+                                 "vision-tower module (base weights are read for the language model only); use the "
+                                 "strip policy")
+            continue  # strip: A and B kept as they are, unmeasured
         slot = plan.modules[module]
         mag = slot.get("magnitude")
         a, b = weights.tensor(slot["lora_A"]), weights.tensor(slot["lora_B"])
         w0 = base.get(module).to(device=device, dtype=torch.float32)
         af, bf = a.to(device=device, dtype=torch.float32), b.to(device=device, dtype=torch.float32)
-        lora = scale * (bf @ af)
+        lora = (module_scale(module) if module_scale else scale) * (bf @ af)
         w = w0 + lora
         if mag is not None:
             norm = torch.linalg.vector_norm(w, dim=1)

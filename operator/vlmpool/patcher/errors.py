@@ -8,6 +8,9 @@ REASONS: dict[str, str] = {
     "InvalidSource": "the source URI is malformed or uses an unsupported scheme",
     "SourceNotFound": "the source (file, directory, URL, repository, object) does not exist",
     "SourceUnavailable": "the source could not be reached or answered with an error (retryable)",
+    "SourceAddressRefused": "the source (or a host it redirects to) is loopback, link-local, private or "
+                            "cluster-internal and not allow-listed by the cluster admin",
+    "SourceRedirectRefused": "the source redirected off https, or a request would carry credentials to another host",
     "ChecksumMismatch": "the fetched bytes do not match the sha256 pin",
     "FileTooLarge": "a file (or archive member) is larger than --max-file-bytes",
     "UnsafeArchive": "an archive member has an absolute path, a '..' segment, is a link or not a regular file",
@@ -22,7 +25,8 @@ REASONS: dict[str, str] = {
     "ModulesToSave": "modules_to_save is not empty: full-module replacements cannot be served as dynamic LoRA",
     "RankMissing": "adapter_config.json has no rank r",
     "RankTooHigh": "the rank is over the pool's max LoRA rank",
-    "RankPattern": "rank_pattern or alpha_pattern is set: vLLM serves one rank and alpha per adapter",
+    "UnsupportedLoraFeature": "the config uses a LoRA feature the pinned vLLM refuses at load (lora_bias, PiSSA/OLoRA/"
+                              "LoftQ/CorDA init, aLoRA, layer_replication, BD-LoRA, QALoRA, adapter bias)",
     "BaseModelMismatch": "adapter_config.json declares another base model than the pool's (strict check)",
     "BaseModelUnknown": "adapter_config.json declares no base model, so a strict check cannot pass",
     "TrainedVisionTower": "the adapter trained the vision tower, which vLLM cannot serve",

@@ -57,7 +57,8 @@ class Family:
     title: str
     # Where the language model's decoder layers may sit in an adapter's keys (PEFT prefix removed),
     # checked in this order (the longer first).
-    layer_prefixes: tuple[str, ...] = ("model.language_model.layers.", "model.layers.")
+    # The last is vLLM's own module layout, which its mappers leave as it is.
+    layer_prefixes: tuple[str, ...] = ("model.language_model.layers.", "model.layers.", "language_model.model.layers.")
     # Base-weight key prefixes tried for a language layer (checkpoint layouts differ by transformers version).
     base_layer_prefixes: tuple[str, ...] = ("model.language_model.layers.", "model.layers.", "language_model.model.layers.")
     vision_markers: tuple[str, ...] = VISION_MARKERS
@@ -119,6 +120,30 @@ def supported_module_name(suffix: str) -> str | None:
     return m.group("attn") or m.group("mlp")
 
 
+TOWER_PREFIX = "visual:"  # marks a kept vision-tower/connector module's suffix (tower LoRA on)
+TOWER_KEY_PREFIX = PEFT_PREFIX + "model.visual."  # vLLM's mappers turn model.visual. into visual.
+
+
+def tower_suffix(module: str, family: Family) -> str | None:
+    """With --tower-connector-lora: TOWER_PREFIX + the module path under the vision tower when vLLM's model
+    of the family serves LoRA on it (its vision/connector linear layers, the same names the simulator
+    checks and tests/vllm compares with vLLM's classes), else None (dropped or refused as without it)."""
+    from vlmpool.sim.adapters import VISION_MODULES
+
+    name = module[len("model."):] if module.startswith("model.visual.") else module
+    pattern = VISION_MODULES.get(family.name)
+    if pattern is None or not pattern.match(name):
+        return None
+    return TOWER_PREFIX + name[len("visual."):]
+
+
+def module_key(suffix: str, template: str) -> str:
+    """The output key of a kept module, before ``.lora_A|lora_B.weight``."""
+    if suffix.startswith(TOWER_PREFIX):
+        return TOWER_KEY_PREFIX + suffix[len(TOWER_PREFIX):]
+    return template.format(suffix=suffix)
+
+
 def validate_key_template(template: str) -> None:
     if template.count("{suffix}") != 1 or not template.endswith("{suffix}"):
         raise ValueError("the key template must end with exactly one '{suffix}'")
@@ -128,4 +153,4 @@ def validate_key_template(template: str) -> None:
 
 def canonical_key(suffix: str, kind: str, template: str) -> str:
     """The output key of a servable LoRA tensor."""
-    return template.format(suffix=suffix) + f".{kind}.weight"
+    return module_key(suffix, template) + f".{kind}.weight"

@@ -11,6 +11,9 @@ Only ``adapter_config.json`` and ``adapter_model.safetensors`` are ever read or 
 weights and everything else in the source are left alone. Pickle weights are refused (never
 unpickled), archives with absolute or ``..`` paths, links or special files are refused, and every file
 is size-limited while it streams (a lying Content-Length or zip header does not get past the limit).
+Remote sources (https here, hf:// and s3:// in vlmpool.patcher.remote) connect only where
+vlmpool.patcher.egress allows: no internal addresses unless allow-listed, no redirect off https,
+credentials only to the URI's origin.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ import hashlib
 import os
 import posixpath
 import re
-import shutil
 import stat
 import tarfile
 import urllib.error
@@ -28,8 +30,9 @@ import urllib.request
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Iterable
 
+from vlmpool.patcher import egress
 from vlmpool.patcher.errors import PatchError
 
 CONFIG_NAME = "adapter_config.json"
@@ -133,8 +136,12 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _check_pin(expected: str | None, actual: str, what: str) -> None:
+def _check_pin(expected: str | None, actual: str, what: str, reveal: bool = True) -> None:
+    """`reveal=False` for node files (file://): the digest of a file the tenant may not read is
+    never put into a message they can read."""
     if expected is not None and expected.lower() != actual:
+        if not reveal:
+            raise PatchError("ChecksumMismatch", f"sha256 of {what} does not match the pin")
         raise PatchError("ChecksumMismatch", f"sha256 of {what} is {actual}, the pin says {expected.lower()}")
 
 
@@ -280,7 +287,8 @@ def _local_directory(root: Path, label: str, max_file_bytes: int) -> tuple[Path,
     return adir, warnings
 
 
-def _local_path(path: Path, label: str, workdir: Path, sha256: str | None, max_file_bytes: int) -> FetchedAdapter:
+def _local_path(path: Path, label: str, workdir: Path, sha256: str | None, max_file_bytes: int,
+                reveal: bool = True) -> FetchedAdapter:
     try:
         st = path.lstat()
     except FileNotFoundError:
@@ -292,7 +300,7 @@ def _local_path(path: Path, label: str, workdir: Path, sha256: str | None, max_f
     if stat.S_ISDIR(st.st_mode):
         adir, warnings = _local_directory(path, label, max_file_bytes)
         digest = sha256_file(adir / WEIGHTS_NAME)
-        _check_pin(sha256, digest, f"{label}/{WEIGHTS_NAME}")
+        _check_pin(sha256, digest, f"{label}/{WEIGHTS_NAME}", reveal)
         return FetchedAdapter(adir, label, "file", digest, WEIGHTS_NAME, sha256 is not None,
                               _sizes(adir), warnings)
     if not stat.S_ISREG(st.st_mode):
@@ -302,7 +310,7 @@ def _local_path(path: Path, label: str, workdir: Path, sha256: str | None, max_f
     if _is_pickle(path.name):
         raise PatchError("PickleWeights", f"{label} is a pickle file; only safetensors adapters are accepted")
     digest = sha256_file(path)
-    _check_pin(sha256, digest, label)
+    _check_pin(sha256, digest, label, reveal)
     adir, warnings = extract_adapter_archive(path, workdir / "adapter", max_file_bytes, label)
     return FetchedAdapter(adir, label, "file", digest, "archive", sha256 is not None, _sizes(adir), warnings)
 
@@ -313,19 +321,31 @@ def _sizes(d: Path) -> dict[str, int]:
 
 # ---------------------------------------------------------------- https
 
-def _http_headers() -> dict[str, str]:
-    headers = {"User-Agent": "vlmpool-patch"}
-    auth = os.environ.get("AUTHORIZATION")
-    if auth:
-        headers["Authorization"] = auth
-    return headers
+class _Redirects(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect only to https, and sends the credential only back to the URI's origin."""
+
+    def __init__(self, first: str, auth: str | None):
+        self.first, self.auth = first, auth
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001 - urllib's signature
+        same_origin = egress.check_redirect(self.first, newurl, _redact(self.first))
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and same_origin and self.auth:
+            new.add_unredirected_header("Authorization", self.auth)
+        return new
 
 
 def _http_get(url: str, dst: Path, limit: int, label: str, timeout: float = 60.0) -> tuple[int, str]:
     where = _redact(url) if label in (url, _redact(url)) else f"{label}: {_redact(url)}"
-    req = urllib.request.Request(url, headers=_http_headers())
+    auth = os.environ.get("AUTHORIZATION") or None
+    req = urllib.request.Request(url, headers={"User-Agent": "vlmpool-patch"})
+    if auth:
+        # An unredirected header is never copied onto a redirect; _Redirects puts it back for the
+        # URI's own origin only.
+        req.add_unredirected_header("Authorization", auth)
+    opener = urllib.request.build_opener(_Redirects(url, auth))
     try:
-        resp = urllib.request.urlopen(req, timeout=timeout)  # noqa: S310 - scheme checked by the caller
+        resp = opener.open(req, timeout=timeout)
     except urllib.error.HTTPError as e:
         if e.code in (404, 410):
             raise PatchError("SourceNotFound", f"HTTP {e.code} for {where}") from None
@@ -380,128 +400,6 @@ def _https(uri: str, workdir: Path, sha256: str | None, max_file_bytes: int) -> 
     return FetchedAdapter(adir, uri, "https", digest, "archive", sha256 is not None, _sizes(adir), warnings)
 
 
-# ---------------------------------------------------------------- hf://
-
-_HF_URI = re.compile(r"^hf://(?P<repo>[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*)(?:@(?P<rev>[A-Za-z0-9._/-]+))?$")
-
-
-def _hf(uri: str, workdir: Path, sha256: str | None, max_file_bytes: int) -> FetchedAdapter:
-    m = _HF_URI.match(uri)
-    if not m:
-        raise PatchError("InvalidSource", f"an hf:// source must be hf://<org>/<repo>[@<revision>], not {uri!r}")
-    try:
-        from huggingface_hub import HfApi, hf_hub_download
-        from huggingface_hub import errors as hf_errors
-    except ImportError as e:  # pragma: no cover - the extra is installed in the image
-        raise PatchError("InvalidSource", "hf:// sources need huggingface_hub (pip install 'vlmpool[hf]')") from e
-    repo, rev = m.group("repo"), m.group("rev") or "main"
-    endpoint = os.environ.get("HF_ENDPOINT") or None
-    token = os.environ.get("HF_TOKEN") or None
-    api = HfApi(endpoint=endpoint, token=token)
-    not_found = (hf_errors.RepositoryNotFoundError, hf_errors.RevisionNotFoundError, hf_errors.EntryNotFoundError)
-    try:
-        listing: dict[str, int] = {}
-        for entry in api.list_repo_tree(repo, revision=rev, recursive=True):
-            if getattr(entry, "size", None) is not None and type(entry).__name__ == "RepoFile":
-                listing[entry.path] = int(entry.size)
-    except not_found as e:
-        raise PatchError("SourceNotFound", f"{uri}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
-    except Exception as e:  # noqa: BLE001 - network and HTTP errors of the hub client
-        raise PatchError("SourceUnavailable", f"{uri}: cannot list the repository: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
-    top, warnings = choose_adapter_files(listing, uri, max_file_bytes)
-    adir = workdir / "adapter"
-    adir.mkdir(parents=True, exist_ok=True)
-    dl = workdir / "hf"
-    for wanted in WANTED:
-        name = posixpath.join(top, wanted) if top else wanted
-        try:
-            got = hf_hub_download(repo, name, revision=rev, local_dir=dl, endpoint=endpoint, token=token)
-        except not_found as e:
-            raise PatchError("SourceNotFound", f"{uri}: {name}: {str(e).splitlines()[0]}") from None
-        except Exception as e:  # noqa: BLE001
-            raise PatchError("SourceUnavailable", f"{uri}: download of {name} failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
-        limit = CONFIG_MAX_BYTES if wanted == CONFIG_NAME else max_file_bytes
-        with open(got, "rb") as src:
-            _copy_limited(src, adir / wanted, limit, f"{uri}: {name}")
-    shutil.rmtree(dl, ignore_errors=True)
-    digest = sha256_file(adir / WEIGHTS_NAME)
-    _check_pin(sha256, digest, f"{uri} {WEIGHTS_NAME}")
-    return FetchedAdapter(adir, uri, "hf", digest, WEIGHTS_NAME, sha256 is not None, _sizes(adir), warnings)
-
-
-# ---------------------------------------------------------------- s3://
-
-_S3_URI = re.compile(r"^s3://(?P<bucket>[a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(?:/(?P<prefix>.*))?$")
-
-
-def _s3(uri: str, workdir: Path, sha256: str | None, max_file_bytes: int) -> FetchedAdapter:
-    m = _S3_URI.match(uri)
-    if not m:
-        raise PatchError("InvalidSource", f"an s3:// source must be s3://<bucket>[/<prefix>], not {uri!r}")
-    try:
-        import boto3
-        import botocore.exceptions
-    except ImportError as e:  # pragma: no cover
-        raise PatchError("InvalidSource", "s3:// sources need boto3 (pip install 'vlmpool[s3]')") from e
-    bucket, prefix = m.group("bucket"), (m.group("prefix") or "")
-    client = boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None)
-
-    def err(e: Exception, what: str) -> PatchError:
-        code = ""
-        if isinstance(e, botocore.exceptions.ClientError):
-            code = str(e.response.get("Error", {}).get("Code", ""))
-            if code in ("NoSuchBucket", "NoSuchKey", "404", "NotFound"):
-                return PatchError("SourceNotFound", f"{uri}: {what}: {code}")
-        return PatchError("SourceUnavailable", f"{uri}: {what}: {code or type(e).__name__}: {e}")
-
-    def download(key: str, dst: Path, limit: int) -> tuple[int, str]:
-        try:
-            obj = client.get_object(Bucket=bucket, Key=key)
-        except Exception as e:  # noqa: BLE001
-            raise err(e, f"get {key}") from e
-        if int(obj.get("ContentLength") or 0) > limit:
-            raise PatchError("FileTooLarge", f"{uri}: {key} is {_human(int(obj['ContentLength']))}, over the limit of {_human(limit)}")
-        body = obj["Body"]
-        try:
-            return _copy_limited(body, dst, limit, f"{uri}: {key}")
-        finally:
-            body.close()
-
-    if prefix.lower().endswith(ARCHIVE_SUFFIXES):
-        archive = workdir / "download"
-        _, digest = download(prefix, archive, max_file_bytes)
-        _check_pin(sha256, digest, uri)
-        adir, warnings = extract_adapter_archive(archive, workdir / "adapter", max_file_bytes, uri)
-        archive.unlink()
-        return FetchedAdapter(adir, uri, "s3", digest, "archive", sha256 is not None, _sizes(adir), warnings)
-    list_prefix = prefix.rstrip("/") + "/" if prefix else ""
-    listing: dict[str, int] = {}
-    try:
-        paginator = client.get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=bucket, Prefix=list_prefix):
-            for obj in page.get("Contents", []) or []:
-                rel = obj["Key"][len(list_prefix):]
-                if rel and not rel.endswith("/"):
-                    listing[rel] = int(obj.get("Size") or 0)
-                if len(listing) > MAX_ARCHIVE_MEMBERS:
-                    raise PatchError("UnsafeSource", f"{uri} lists more than {MAX_ARCHIVE_MEMBERS} objects")
-    except PatchError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        raise err(e, "list") from e
-    if not listing:
-        raise PatchError("SourceNotFound", f"{uri}: no objects under this prefix")
-    top, warnings = choose_adapter_files(listing, uri, max_file_bytes)
-    adir = workdir / "adapter"
-    adir.mkdir(parents=True, exist_ok=True)
-    for wanted in WANTED:
-        rel = posixpath.join(top, wanted) if top else wanted
-        download(list_prefix + rel, adir / wanted, CONFIG_MAX_BYTES if wanted == CONFIG_NAME else max_file_bytes)
-    digest = sha256_file(adir / WEIGHTS_NAME)
-    _check_pin(sha256, digest, f"{uri} {WEIGHTS_NAME}")
-    return FetchedAdapter(adir, uri, "s3", digest, WEIGHTS_NAME, sha256 is not None, _sizes(adir), warnings)
-
-
 # ---------------------------------------------------------------- entry point
 
 def resolve_pvc(uri: str, pvc_root: Path) -> Path:
@@ -515,26 +413,35 @@ def resolve_pvc(uri: str, pvc_root: Path) -> Path:
 
 
 def fetch_adapter(uri: str, workdir: Path, *, sha256: str | None = None,
-                  max_file_bytes: int = DEFAULT_MAX_FILE_BYTES, pvc_root: Path | str = "/mnt/sources") -> FetchedAdapter:
+                  max_file_bytes: int = DEFAULT_MAX_FILE_BYTES, pvc_root: Path | str = "/mnt/sources",
+                  allow: Iterable[str] | None = None) -> FetchedAdapter:
     """Make the adapter's two files readable under a directory; workdir is scratch space (the caller
-    removes it). Raises PatchError with a stable reason on any refusal."""
+    removes it). Raises PatchError with a stable reason on any refusal. Remote sources connect only
+    where vlmpool.patcher.egress allows: `allow` (default: $VLMPOOL_SOURCE_ALLOW) lists the
+    internal hosts/CIDRs an admin allowed."""
     if sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", sha256):
         raise PatchError("InvalidArguments", f"--sha256 must be 64 hex digits, not {sha256!r}")
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    if uri.startswith("https://"):
-        return _https(uri, workdir, sha256, max_file_bytes)
-    if uri.startswith("hf://"):
-        return _hf(uri, workdir, sha256, max_file_bytes)
-    if uri.startswith("s3://"):
-        return _s3(uri, workdir, sha256, max_file_bytes)
+    from vlmpool.patcher import remote  # imports this module
+
+    for prefix, fetch in {"https://": _https, "hf://": remote.hf, "s3://": remote.s3}.items():
+        if uri.startswith(prefix):
+            policy = egress.EgressPolicy.parse(allow) if allow is not None else egress.EgressPolicy.from_env()
+            with egress.guarded(policy) as guard:
+                try:
+                    return fetch(uri, workdir, sha256, max_file_bytes)
+                except Exception:
+                    if guard.refusal is not None:  # what a client library wrapped is the real reason
+                        raise guard.refusal from None
+                    raise
     if uri.startswith("pvc://"):
         return _local_path(resolve_pvc(uri, Path(pvc_root)), uri, workdir, sha256, max_file_bytes)
     if uri.startswith("file://"):
         p = urllib.parse.urlsplit(uri)
         if p.netloc not in ("", "localhost"):
             raise PatchError("InvalidSource", f"a file:// source must be file:///<absolute path>, not {uri!r}")
-        return _local_path(Path(urllib.parse.unquote(p.path)), uri, workdir, sha256, max_file_bytes)
+        return _local_path(Path(urllib.parse.unquote(p.path)), uri, workdir, sha256, max_file_bytes, reveal=False)
     if "://" in uri:
         raise PatchError("InvalidSource", f"unsupported source scheme in {uri!r}; use a path, file://, pvc://, "
                          "https://, hf:// or s3://")

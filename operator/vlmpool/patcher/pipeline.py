@@ -37,6 +37,14 @@ from vlmpool.patcher.dora import (  # noqa: F401 - svd helpers re-exported (test
     svd_method_for,
     truncated_svd,
 )
+from vlmpool.patcher.config_checks import (
+    check_alpha,
+    check_patterns,
+    check_rank,
+    module_rank_scale,
+    parse_config,
+    refuse_unsupported,
+)
 from vlmpool.patcher.errors import PatchError
 from vlmpool.patcher.families import DEFAULT_KEY_TEMPLATE, FAMILIES, validate_key_template
 from vlmpool.patcher.fetch import CONFIG_MAX_BYTES, CONFIG_NAME, WEIGHTS_NAME
@@ -71,6 +79,7 @@ class PatchOptions:
     key_template: str = DEFAULT_KEY_TEMPLATE
     device: str | None = None  # torch device for DoRA math; None: cuda when available, else cpu
     svd_method: str = "auto"   # exact | randomized | auto (exact on GPU or for small/full-rank matrices)
+    tower_connector_lora: bool = False  # the pool runs vLLM with --enable-tower-connector-lora
 
     def validate(self) -> None:
         if self.family not in FAMILIES:
@@ -132,12 +141,10 @@ def _read_config(path: Path) -> dict[str, Any]:
     if path.stat().st_size > CONFIG_MAX_BYTES:
         raise PatchError("FileTooLarge", f"{CONFIG_NAME} is over {CONFIG_MAX_BYTES} bytes")
     try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
         raise PatchError("InvalidConfig", f"{CONFIG_NAME} is not valid JSON: {e}") from None
-    if not isinstance(cfg, dict):
-        raise PatchError("InvalidConfig", f"{CONFIG_NAME} must hold a JSON object")
-    return cfg
+    return parse_config(text)
 
 
 def validate_config(cfg: dict[str, Any], opts: PatchOptions) -> int:
@@ -152,19 +159,12 @@ def validate_config(cfg: dict[str, Any], opts: PatchOptions) -> int:
                          "adapter into a separate model)")
     if "r" not in cfg or cfg["r"] is None:
         raise PatchError("RankMissing", f"{CONFIG_NAME} has no rank 'r'")
-    r = cfg["r"]
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise PatchError("InvalidConfig", f"rank 'r' must be a positive integer, not {r!r}")
-    for key in ("rank_pattern", "alpha_pattern"):
-        if cfg.get(key):
-            raise PatchError("RankPattern", f"{key} is set ({json.dumps(cfg[key])[:200]}): vLLM serves one rank and "
-                             "one alpha per adapter; retrain without per-module ranks")
+    r = check_rank(cfg["r"], opts.max_rank)
     alpha = cfg.get("lora_alpha", r)
-    if alpha is None:
-        alpha = r
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
-        raise PatchError("InvalidConfig", f"lora_alpha must be a positive number, not {alpha!r}")
+    check_alpha(r if alpha is None else alpha)
     svd_applies = bool(cfg.get("use_dora")) and opts.dora_policy == "svd"
+    check_patterns(cfg, opts.max_rank, svd_applies)
+    refuse_unsupported(cfg)
     if r > opts.max_rank and not svd_applies:
         raise PatchError("RankTooHigh", f"the adapter's rank r={r} is over the pool's max LoRA rank {opts.max_rank} "
                          "(VLMPool spec.engine.maxLoraRank, vLLM --max-lora-rank); retrain with a lower rank or "
@@ -284,7 +284,8 @@ def patch_adapter(src_dir: Path | str, opts: PatchOptions, *, source_uri: str | 
     applied, svd_rank = dora_preflight(use_dora, r, opts)
 
     weights = read_weights(weights_path, tensor_io)
-    plan = plan_tensors(weights, family, r, use_dora, opts.vision_norm_threshold, opts.key_template)
+    plan = plan_tensors(weights, family, r, use_dora, opts.vision_norm_threshold, opts.key_template,
+                        cfg=cfg, alpha=alpha, tower_connector_lora=opts.tower_connector_lora)
     base = None
     if opts.base_weights is not None:
         base = BaseWeights(opts.base_weights, family)
@@ -299,7 +300,8 @@ def patch_adapter(src_dir: Path | str, opts: PatchOptions, *, source_uri: str | 
         base = None
     if use_dora and base is not None:  # svd, strip measured, the vision magnitudes: torch from here
         dora = apply_dora(plan, weights, base, applied=applied, scale=scale, svd_rank=svd_rank,
-                          svd_method=opts.svd_method, device_name=opts.device)
+                          svd_method=opts.svd_method, device_name=opts.device,
+                          module_scale=lambda m: module_rank_scale(cfg, m, r, alpha)[1])
     elif plan.vision_mags and use_dora:
         warnings.append(f"{len(plan.vision_mags)} vision-tower DoRA magnitude vector(s) dropped unchecked (no base "
                         "weights): if training moved them, the served model differs from the trained one")
@@ -313,7 +315,7 @@ def patch_adapter(src_dir: Path | str, opts: PatchOptions, *, source_uri: str | 
         warnings.append(f"dropped {len(plan.magnitudes)} stray DoRA magnitude vector(s) of a non-DoRA adapter")
 
     weights_bytes, tensors = weights.serialize(output_tensors(plan, dora), {"format": "pt"})
-    new_cfg = rewrite_config(cfg, {name for _, name in plan.kept.values()}, applied, svd_rank)
+    new_cfg = rewrite_config(cfg, plan, opts.key_template, r, alpha, applied, svd_rank)
     patched_digest = hashlib.sha256(weights_bytes).hexdigest()
     effective = effective_options(opts, applied, svd_rank)
     version = version_of(patched_digest, config_json(new_cfg), effective)

@@ -10,17 +10,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from vlmpool.patcher.config_checks import module_rank_scale
 from vlmpool.patcher.errors import PatchError
 from vlmpool.patcher.families import (
     PEFT_PREFIX,
     SUPPORTED_MODULES,
+    TOWER_PREFIX,
     Family,
     ParsedKey,
     canonical_key,
     is_vision,
     layer_suffix,
+    module_key,
     parse_key,
     supported_module_name,
+    tower_suffix,
 )
 
 KEY_RULES = ("adapter-name", "peft-prefix", "language-layers")
@@ -43,11 +47,18 @@ class TensorPlan:
         """The source key of a module's tensor."""
         return self.modules[module][kind]
 
+    def is_tower(self, module: str) -> bool:
+        """A kept vision-tower/connector module (served with --enable-tower-connector-lora)."""
+        return self.kept[module][0].startswith(TOWER_PREFIX)
+
 
 def plan_tensors(weights: Any, family: Family, r: int, use_dora: bool, vision_norm_threshold: float,
-                 key_template: str) -> TensorPlan:
-    """Classify every tensor (vision: dropped; unsupported or unrecognised: refused), check the
-    servable modules' shapes against the rank, and give each kept tensor its output key."""
+                 key_template: str, *, cfg: dict[str, Any] | None = None, alpha: float | None = None,
+                 tower_connector_lora: bool = False) -> TensorPlan:
+    """Classify every tensor (vision: dropped, or kept when the pool serves tower LoRA and vLLM's model
+    of the family has the module; unsupported or unrecognised: refused), check the servable modules'
+    shapes against their rank (``rank_pattern`` of ``cfg`` included), and give each kept tensor its
+    output key."""
     modules: dict[str, dict[str, str]] = {}
     parsed_by_key: dict[str, ParsedKey] = {}
     unrecognised = []
@@ -66,6 +77,11 @@ def plan_tensors(weights: Any, family: Family, r: int, use_dora: bool, vision_no
     trained_vision: list[tuple[str, float]] = []
     unsupported: dict[str, list[str]] = {}
     for module, slot in sorted(modules.items()):
+        tower = tower_suffix(module, family) if tower_connector_lora and is_vision(module, family) else None
+        if tower is not None:  # served by vLLM with --enable-tower-connector-lora: kept like a language module
+            _check_complete(module, slot)
+            plan.kept[module] = (tower, tower.rsplit(".", 1)[-1])
+            continue
         if is_vision(module, family):
             for kind, key in slot.items():
                 plan.dropped_vision.append(key)
@@ -82,10 +98,7 @@ def plan_tensors(weights: Any, family: Family, r: int, use_dora: bool, vision_no
         if found is None or name is None:
             unsupported.setdefault(module, []).extend(slot.values())
             continue
-        kinds = set(slot)
-        if not {"lora_A", "lora_B"} <= kinds or kinds - {"lora_A", "lora_B", "magnitude"}:
-            raise PatchError("IncompleteModule", f"module {module} has {sorted(kinds)}; a servable module needs "
-                             "exactly lora_A and lora_B (plus a magnitude vector for DoRA)")
+        _check_complete(module, slot)
         plan.kept[module] = (found[1], name)
     if trained_vision:
         worst = sorted(trained_vision, key=lambda x: -x[1])[:5]
@@ -108,18 +121,28 @@ def plan_tensors(weights: Any, family: Family, r: int, use_dora: bool, vision_no
     if not plan.kept:
         raise PatchError("NoServableTensors", "no servable LoRA tensors are left after dropping "
                          f"{len(plan.dropped_vision)} vision-tower tensor(s)")
-    check_rank_shapes(plan, weights, r, use_dora)
+    check_rank_shapes(plan, weights, r, use_dora, cfg=cfg, alpha=alpha)
     remap_keys(plan, key_template)
     return plan
 
 
-def check_rank_shapes(plan: TensorPlan, weights: Any, r: int, use_dora: bool) -> None:
-    """Internal consistency: A is r x in, B is out x r, a DoRA magnitude has B's out features."""
+def _check_complete(module: str, slot: dict[str, str]) -> None:
+    kinds = set(slot)
+    if not {"lora_A", "lora_B"} <= kinds or kinds - {"lora_A", "lora_B", "magnitude"}:
+        raise PatchError("IncompleteModule", f"module {module} has {sorted(kinds)}; a servable module needs exactly "
+                         "lora_A and lora_B (plus a magnitude vector for DoRA)")
+
+
+def check_rank_shapes(plan: TensorPlan, weights: Any, r: int, use_dora: bool, *, cfg: dict[str, Any] | None = None,
+                      alpha: float | None = None) -> None:
+    """Internal consistency: A is rank x in, B is out x rank (the module's rank: ``rank_pattern`` or
+    r), a DoRA magnitude has B's out features."""
     for module in plan.kept:
         a, b = weights.shape(plan.key(module, "lora_A")), weights.shape(plan.key(module, "lora_B"))
-        if len(a) != 2 or len(b) != 2 or a[0] != r or b[1] != r:
+        want = module_rank_scale(cfg, module, r, alpha if alpha is not None else r)[0] if cfg else r
+        if len(a) != 2 or len(b) != 2 or a[0] != want or b[1] != want:
             raise PatchError("ShapeMismatch", f"{module}: lora_A {tuple(a)} and lora_B {tuple(b)} do not "
-                             f"have the config's rank r={r}")
+                             f"have the config's rank {'r' if want == r else 'rank_pattern'}={want}")
         mag = plan.modules[module].get("magnitude")
         if mag is not None and use_dora and tuple(weights.shape(mag)) != (b[0],):
             raise PatchError("ShapeMismatch", f"{module}: magnitude vector {tuple(weights.shape(mag))} does not match "
@@ -127,8 +150,11 @@ def check_rank_shapes(plan: TensorPlan, weights: Any, r: int, use_dora: bool) ->
 
 
 def check_base_shapes(plan: TensorPlan, weights: Any, base: Any) -> None:
-    """The adapter's out x in against the base model's weight (when the base weights are at hand)."""
+    """The adapter's out x in against the base model's weight (when the base weights are at hand; the
+    base weights are read for the language model only, so tower modules are not checked)."""
     for module in plan.kept:
+        if plan.is_tower(module):
+            continue
         a, b = weights.shape(plan.key(module, "lora_A")), weights.shape(plan.key(module, "lora_B"))
         shape = base.shape(module)
         if tuple(shape) != (b[0], a[1]):
@@ -156,7 +182,7 @@ def remap_keys(plan: TensorPlan, key_template: str) -> None:
                 plan.rules["adapter-name"] += 1
             if not p.had_prefix:
                 plan.rules["peft-prefix"] += 1
-            if key_template.format(suffix=suffix) != PEFT_PREFIX + module:
+            if module_key(suffix, key_template) != PEFT_PREFIX + module:
                 plan.rules["language-layers"] += 1
             if out != orig:
                 plan.remapped += 1

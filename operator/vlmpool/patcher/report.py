@@ -7,7 +7,8 @@ import hashlib
 import json
 from typing import Any
 
-from vlmpool.patcher.families import PEFT_PREFIX, SUPPORTED_MODULES
+from vlmpool.patcher.config_checks import output_patterns
+from vlmpool.patcher.families import PEFT_PREFIX, SUPPORTED_MODULES, module_key
 
 STRIPPED_CONFIG_FIELDS = ("eva_config", "lora_bias", "exclude_modules")
 KEY_LAYOUT_NOTE = ("key layout: language layers written as {template}; vLLM's Qwen VL weight mappers accept "
@@ -17,31 +18,37 @@ ERROR_DEFINITION = ("relative Frobenius error of the weight delta, ||dW_served -
 
 
 def config_json(cfg: dict[str, Any]) -> bytes:
-    return (json.dumps(cfg, sort_keys=True, indent=2) + "\n").encode()
+    # allow_nan=False: a published config is always strict JSON (parse_config refuses NaN/Infinity first)
+    return (json.dumps(cfg, sort_keys=True, indent=2, allow_nan=False) + "\n").encode()
 
 
-def rewrite_config(cfg: dict[str, Any], kept_names: set[str], applied: str, svd_rank: int | None) -> dict[str, Any]:
-    """The config vLLM loads: target_modules from the tensors, DoRA and per-module fields cleared."""
+def rewrite_config(cfg: dict[str, Any], plan: Any, key_template: str, r: int, alpha: float, applied: str,
+                   svd_rank: int | None) -> dict[str, Any]:
+    """The config vLLM loads: target_modules from the kept tensors (tower modules after the language
+    ones), DoRA fields cleared, rank/alpha patterns re-keyed to the output module names."""
+    kept_names = {name for _, name in plan.kept.values()}
     new_cfg = dict(cfg)
-    new_cfg["target_modules"] = [m for m in SUPPORTED_MODULES if m in kept_names]
+    new_cfg["target_modules"] = ([m for m in SUPPORTED_MODULES if m in kept_names]
+                                 + sorted(kept_names - set(SUPPORTED_MODULES)))  # tower modules, when kept
     for k in STRIPPED_CONFIG_FIELDS:
         new_cfg.pop(k, None)
     new_cfg["use_dora"] = False
     new_cfg["modules_to_save"] = None
-    new_cfg["rank_pattern"] = {}
-    new_cfg["alpha_pattern"] = {}
+    new_cfg["rank_pattern"], new_cfg["alpha_pattern"] = output_patterns(
+        cfg, {m: module_key(s, key_template)[len(PEFT_PREFIX):] for m, (s, _n) in plan.kept.items()}, r, alpha)
     new_cfg["peft_type"] = "LORA"
     new_cfg["inference_mode"] = True
     if applied == "svd":
         new_cfg["r"] = svd_rank
         new_cfg["lora_alpha"] = svd_rank
         new_cfg["use_rslora"] = False
+        new_cfg["rank_pattern"], new_cfg["alpha_pattern"] = {}, {}
     return new_cfg
 
 
 def effective_options(opts: Any, applied: str, svd_rank: int | None) -> dict[str, Any]:
     """The options that shape the content (and so enter the version)."""
-    return {
+    effective = {
         "family": opts.family,
         "key_template": opts.key_template,
         "dora_policy": applied,
@@ -49,6 +56,9 @@ def effective_options(opts: Any, applied: str, svd_rank: int | None) -> dict[str
         "svd_method": opts.svd_method if applied == "svd" else None,
         "vision_norm_threshold": opts.vision_norm_threshold,
     }
+    if opts.tower_connector_lora:  # only when on: versions of existing adapters stay as they were
+        effective["tower_connector_lora"] = True
+    return effective
 
 
 def version_of(patched_digest: str, config_bytes: bytes, effective: dict[str, Any]) -> str:
@@ -121,7 +131,7 @@ def build_report(*, src_dir: str, opts: Any, cfg: dict[str, Any], new_cfg: dict[
             "error_total": dora.error_total,
             "error_definition": ERROR_DEFINITION,
             "measured": bool(errors),
-            "per_module": {opts.key_template.format(suffix=plan.kept[m][0]): round(e, 8)
+            "per_module": {module_key(plan.kept[m][0], opts.key_template): round(e, 8)
                            for m, e in sorted(errors.items())} if errors else {},
             "scale": scale if use_dora else None,
             "svd_methods": sorted(dora.methods),

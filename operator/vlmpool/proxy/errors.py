@@ -64,3 +64,10 @@ def http_code(status: int) -> str:
 def adapter_unavailable(message: str) -> web.Response:
     return error_response(503, message[:UPSTREAM_MESSAGE_CHARS], type_="engine_error", code="adapter_unavailable",
                           param="model", headers={"Retry-After": "5"})
+
+
+def adapter_failed(why: str, upstream_status: int) -> web.Response:
+    """The engine died at an adapter version's first use (vLLM loads a bad-shape adapter with 200 and
+    fails at the first request through it): 502, no Retry-After — the version is out of routing."""
+    return error_response(502, why[:UPSTREAM_MESSAGE_CHARS], type_="engine_error", code="adapter_failed",
+                          param="model", upstream_status=upstream_status)

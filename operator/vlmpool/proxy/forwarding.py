@@ -14,7 +14,13 @@ from aiohttp import web
 
 from .context import CTX
 from .engine import EngineTimeout, EngineUnavailable, is_unknown_model_404
-from .errors import UPSTREAM_MESSAGE_CHARS, adapter_unavailable, map_engine_error, unavailable_response
+from .errors import (
+    UPSTREAM_MESSAGE_CHARS,
+    adapter_failed,
+    adapter_unavailable,
+    map_engine_error,
+    unavailable_response,
+)
 from .logs import get_logger
 from .metrics import ProxyMetrics
 from .state import AdapterRegistry
@@ -81,8 +87,13 @@ class Forwarder:
                         self.registry.release(version)
                         continue
                     log.warning("engine error", extra={"upstream_status": resp.status, "body": body[:500]})
+                    if version is not None and (why := self.registry.first_use_failed(model, version, resp.status,
+                                                                                       body)):
+                        return adapter_failed(why, resp.status)
                     return map_engine_error(resp.status, body)
                 self.metrics.observe_ttfb(route, time.perf_counter() - t0)
+                if version is not None:
+                    version.served_ok = True
                 if stream:
                     return await self._stream(request, resp, internal)
                 body_bytes = await read_engine_body(up, resp, deadline, t_limit)

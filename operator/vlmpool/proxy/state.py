@@ -93,6 +93,7 @@ class LoadedVersion:
     retired: bool = False
     retire_seq: int = 0
     drained: asyncio.Event = field(default_factory=asyncio.Event)
+    served_ok: bool = False  # a request through this version succeeded (it survived its first use)
 
     @property
     def internal(self) -> str:
@@ -131,6 +132,8 @@ class AdapterRegistry:
         self._transient: set[str] = set()  # desired adapters whose last load met an unreachable engine
         self._retry_task: asyncio.Task | None = None
         self.leftovers_reconciled = False  # the engine's adapters from an earlier proxy process were checked
+        # internal name -> why the engine died at its first use: never loaded again by this proxy
+        self.first_use_failures: dict[str, str] = {}
 
     # -- request path (synchronous: no await between lookup and count) -------------------------
     def is_desired(self, served: str) -> bool:
@@ -231,6 +234,10 @@ class AdapterRegistry:
 
     async def _converge(self, spec: AdapterSpec, request_id: str | None) -> None:
         internal = spec.internal
+        if internal in self.first_use_failures:  # loading it again would kill the engine again
+            self.status[spec.name] = {"name": spec.name, "version": spec.version, "state": "failed",
+                                      "reason": self.first_use_failures[internal]}
+            return
         try:
             # always re-issue the (idempotent) load: it also restores what an engine restart forgot
             async with self._load_sem:
@@ -395,6 +402,24 @@ class AdapterRegistry:
     def pending_unloads(self) -> list[str]:
         return sorted(v.internal for v in self.versions.values() if v.retired)
 
+    # -- first-use failure ----------------------------------------------------------------------
+    def first_use_failed(self, served: str, v: LoadedVersion, status: int, body: str) -> str | None:
+        """vLLM loads an adapter whose tensors do not fit the model (200) and dies at the first request
+        that uses it (set_lora in the model step; every request then gets EngineDeadError's 500). When a
+        version that never served a request meets that, it is taken out of routing, its status says why
+        (the operator copies it into the adapter's per-pod status) and it is not loaded again until
+        another version is pushed. Returns the reason, or None when the answer is not that failure."""
+        if v.served_ok or not is_engine_dead(status, body) or self.alias.get(served) is not v:
+            return None
+        reason = (f"the engine died at the first request that used version {v.version} (vLLM loads an adapter "
+                  f"whose tensors do not fit the model and fails when it is first used): {body[:REASON_CHARS]}")
+        self.first_use_failures[v.internal] = reason
+        self.status[served] = {"name": served, "version": v.version, "state": "failed", "reason": reason}
+        self._retire(self.alias.pop(served), REQUEST_ID.get())
+        self.metrics.adapters_loaded.set(len(self.alias))
+        log.error("adapter failed at its first use; not routed or loaded again", extra={"adapter": v.internal})
+        return reason
+
     # -- views --------------------------------------------------------------------------------
     def snapshot(self) -> dict:
         adapters = []
@@ -408,7 +433,19 @@ class AdapterRegistry:
             "applied": self.generation is not None,
             "concurrency": self._concurrency(),
             "adapters": adapters,
+            # versions no longer routed whose engine unload is not yet confirmed (draining, or the unload
+            # call is pending): the operator must not delete their directories yet (vLLM re-reads an
+            # evicted adapter's directory while it is registered)
+            "unloading": sorted(({"name": v.served, "version": v.version} for v in self.versions.values()
+                                 if v.retired), key=lambda d: (d["name"], d["version"])),
         }
+
+
+ENGINE_DEAD_TEXT = "EngineCore encountered an issue"  # vllm.v1.engine.exceptions.EngineDeadError
+
+
+def is_engine_dead(status: int, body: str) -> bool:
+    return status == 500 and ENGINE_DEAD_TEXT in body
 
 
 def _reason(e: Exception) -> str:

@@ -7,11 +7,13 @@ Order and texts follow ``WorkerLoRAManager._load_adapter``: read ``adapter_confi
 header, every key through the family's ``hf_to_vllm_mapper`` and ``parse_fine_tuned_lora_name``,
 the unexpected-module check, DoRA magnitude vectors.
 
-The simulator adds two checks vLLM does not make, both on by default (``strict_layout``) because
-vLLM would load such adapters and then *silently* not apply them, which is the failure that hurts
-most in production: every mapped module must be a module the family's model has (a key such as
-``model.layers.N`` on Qwen3-VL maps to nothing in vLLM and is ignored), and A/B shapes must agree
-with the declared rank (vLLM fails later, on the GPU copy). Their messages say "[vlmpool sim]".
+The simulator adds two checks vLLM does not make at load time. The layout check (``strict_layout``,
+on by default) refuses what vLLM would load and then *silently* not apply, the failure that hurts most
+in production: every mapped module must be a module the family's model has (a key such as
+``model.layers.N`` on Qwen3-VL maps to nothing in vLLM and is ignored). The shape check (A/B must agree
+with the rank of their module) runs at load (``shape_check="load"``, a "[vlmpool sim]" refusal), or, as
+vLLM does it, at the first request that uses the adapter (``shape_check="first-use"``: the load answers
+200 and that request kills the engine, see engine.py).
 """
 
 from __future__ import annotations
@@ -82,6 +84,9 @@ _QWEN3_VL_VISION = re.compile(
     r"^visual\.(blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(linear_fc1|linear_fc2))"
     r"|(merger|deepstack_merger_list\.\d+)\.(linear_fc1|linear_fc2))$")
 
+# Vision tower and connector modules (vLLM names) of each family: what --enable-tower-connector-lora serves.
+VISION_MODULES = {"qwen2_vl": _QWEN2_VL_VISION, "qwen2_5_vl": _QWEN2_5_VL_VISION, "qwen3_vl": _QWEN3_VL_VISION}
+
 # Qwen2-VL / Qwen2.5-VL (vllm/model_executor/models/qwen2_5_vl.py): checkpoints of both the old
 # layout (model.layers.N, before transformers 4.52) and the new one (model.language_model.layers.N).
 _QWEN2_MAP = (
@@ -110,7 +115,8 @@ FAMILIES: dict[str, Family] = {
         "base_model.model.model.language_model.layers.N.<module> or base_model.model.model.layers.N.<module>"),
     "qwen3_vl": Family(
         "qwen3_vl", "Qwen3VLForConditionalGeneration", _QWEN3_MAP,
-        frozenset(LANGUAGE_MODULES + ("qkv", "proj", "linear_fc1", "linear_fc2")),
+        # embed_tokens and lm_head: Qwen3LLMForCausalLM's embedding_modules (vllm qwen3.py)
+        frozenset(LANGUAGE_MODULES + ("qkv", "proj", "linear_fc1", "linear_fc2", "embed_tokens", "lm_head")),
         (_LM_LAYER, _QWEN3_VL_VISION),
         "base_model.model.model.language_model.layers.N.<module>"),
     # Plain decoder-only models (Llama, Qwen2, Qwen3 text): no mapper.
@@ -215,6 +221,8 @@ class AdapterInfo:
     tensors: int = 0
     weights_bytes: int = 0
     weights_file: str = ""
+    # shape_check="first-use": why the first request using the adapter fails (None: it fits)
+    first_use_error: str | None = None
 
 
 _FEATURE_FIELDS = ("modules_to_save", "use_dora", "lora_bias", "init_lora_weights",
@@ -265,20 +273,23 @@ def _parse_lora_name(key: str, fam: Family) -> tuple[str, str]:
         return ".".join(parts[start:-2]), parts[-2]
     if parts[-1] in ("lora_embedding_A", "lora_embedding_B"):
         return ".".join(parts[start:-1]), parts[-1]
-    if parts[-1] == "lora_magnitude_vector" or (len(parts) >= 2 and parts[-2] == "lora_magnitude_vector"):
-        end = -1 if parts[-1] == "lora_magnitude_vector" else -2
-        return ".".join(parts[start:end]), "dora_magnitude"
-    raise ValueError(f"{name} is unsupported LoRA weight")
+    # anything else, DoRA's lora_magnitude_vector and lora_B.bias included
+    raise ValueError(contract.unsupported_lora_weight(name))
 
 
 def _is_base_embedding(key: str) -> bool:
     return key.endswith((".embed_tokens.base_layer.weight", ".lm_head.base_layer.weight"))
 
 
+SHAPE_CHECKS = ("load", "first-use")
+
+
 def validate_adapter(lora_name: str, lora_path: str, *, max_lora_rank: int, family_name: str,
-                     strict_layout: bool = True) -> AdapterInfo:
+                     strict_layout: bool = True, shape_check: str = "load") -> AdapterInfo:
     """Validate ``lora_path`` as vLLM's ``add_lora`` would; raise ``AdapterError`` on refusal."""
     fam = family(family_name)
+    if shape_check not in SHAPE_CHECKS:
+        raise ValueError(f"shape_check must be one of {SHAPE_CHECKS}, not {shape_check!r}")
     path = os.path.expanduser(lora_path)
     cfg_path = os.path.join(path, "adapter_config.json")
     # PEFTHelper.from_local_dir: open() failing with FileNotFoundError → LoRAAdapterNotFoundError.
@@ -310,8 +321,10 @@ def validate_adapter(lora_name: str, lora_path: str, *, max_lora_rank: int, fami
         raise _engine_failure("rank_pattern must be a mapping")
 
     errors = _features_errors(cfg)
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in rank_pattern.values()):
-        raise _engine_failure(f"rank_pattern values must be positive integers, got {rank_pattern}")
+    for key, value in rank_pattern.items():
+        if not isinstance(value, int) or value <= 0:
+            raise _engine_failure(
+                f"LoRA rank for `{key}` in `rank_pattern` must be a positive integer, got {value}.")
     max_rank = max([r, *rank_pattern.values()])
     if max_rank > max_lora_rank:
         errors.append(f"LoRA rank {max_rank} is greater than max_lora_rank {max_lora_rank}.")
@@ -340,6 +353,7 @@ def validate_adapter(lora_name: str, lora_path: str, *, max_lora_rank: int, fami
     # check_unexpected_modules, in the file's key order.
     expected = fam.expected_modules
     modules: dict[str, dict[str, Any]] = {}
+    peft_names: dict[str, str] = {}  # vLLM module name -> the checkpoint's (rank_pattern matches this)
     unexpected: list[str] = []
     for key in header:
         if _is_base_embedding(key) or "base_layer" in key:
@@ -348,18 +362,14 @@ def validate_adapter(lora_name: str, lora_path: str, *, max_lora_rank: int, fami
             module, kind = _parse_lora_name(key, fam)
         except ValueError as e:
             raise _engine_failure(str(e)) from None
-        if module.rsplit(".", 1)[-1] not in expected and module not in unexpected:
-            unexpected.append(module)
+        if module.rsplit(".", 1)[-1] not in expected:
+            unexpected.append(module)  # once per tensor key, as vLLM lists them (lora_model.py)
         modules.setdefault(module, {})[kind] = header[key]
+        peft_names.setdefault(module, _peft_module_name(key))
     if unexpected:
         raise _engine_failure(
             f"While loading {lora_path}, expected target modules in {_py_set(expected)} but received "
             f"{unexpected}. Please verify that the loaded LoRA module is correct")
-    for module, kinds in modules.items():
-        if "dora_magnitude" in kinds:
-            raise _engine_failure(
-                "DoRA magnitude vector parsing is recognized, but DoRA weight storage is not "
-                "implemented yet.")
     if not modules:
         raise _engine_failure(f"[vlmpool sim] {lora_path}: adapter_model.safetensors holds no LoRA tensors")
 
@@ -381,19 +391,36 @@ def validate_adapter(lora_name: str, lora_path: str, *, max_lora_rank: int, fami
                 raise _engine_failure(
                     f"[vlmpool sim] {lora_path}: module {module} has only "
                     f"{'lora_A' if a is not None else 'lora_B'}; both lora_A and lora_B are needed")
-            want = _rank_for(module, r, rank_pattern)
-            if len(a["shape"]) != 2 or len(b["shape"]) != 2 or a["shape"][0] != want or b["shape"][1] != want:
-                raise _engine_failure(
-                    f"[vlmpool sim] {lora_path}: module {module} has lora_A {a['shape']} and lora_B "
-                    f"{b['shape']}, which do not match rank {want} from adapter_config.json")
+    first_use_error = None
+    for module, kinds in sorted(modules.items()) if (strict_layout or shape_check == "first-use") else ():
+        a, b = kinds.get("lora_A"), kinds.get("lora_B")
+        if a is None or b is None:
+            continue
+        want = _rank_for(peft_names[module], r, rank_pattern)
+        if len(a["shape"]) != 2 or len(b["shape"]) != 2 or a["shape"][0] != want or b["shape"][1] != want:
+            problem = (f"module {module} has lora_A {a['shape']} and lora_B {b['shape']}, which do not match "
+                       f"rank {want} from adapter_config.json")
+            if shape_check == "load":
+                raise _engine_failure(f"[vlmpool sim] {lora_path}: {problem}")
+            first_use_error = first_use_error or problem
 
     data_bytes = max((_offsets(v)[1] for v in header.values()), default=0)
     return AdapterInfo(path=lora_path, rank=max_rank, lora_alpha=cfg["lora_alpha"],
                        target_modules=cfg["target_modules"], modules=sorted(modules),
-                       tensors=len(header), weights_bytes=data_bytes, weights_file=st_path)
+                       tensors=len(header), weights_bytes=data_bytes, weights_file=st_path,
+                       first_use_error=first_use_error)
+
+
+def _peft_module_name(key: str) -> str:
+    """The checkpoint's module name of a tensor key (no base_model.model., no weights mapping): what
+    vLLM matches rank_pattern against (lora_model.py, ``parse_fine_tuned_lora_name(tensor_name)``)."""
+    name = key[len("base_model.model."):] if key.startswith("base_model.model.") else key
+    parts = name.split(".")
+    return ".".join(parts[:-2] if parts[-1] == "weight" else parts[:-1])
 
 
 def _rank_for(module: str, r: int, rank_pattern: dict[str, Any]) -> int:
+    # PEFTHelper._match_pattern: a key matches a suffix of the name at a "." boundary; first match wins
     for key, value in rank_pattern.items():
         if re.match(rf"(.*\.)?({key})$", module):
             return int(value)

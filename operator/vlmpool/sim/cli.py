@@ -41,6 +41,7 @@ IGNORED_BOOL_FLAGS = (
     "--fully-sharded-loras", "--async-scheduling", "--disable-custom-all-reduce", "--enable-sleep-mode",
     "--enable-server-load-tracking", "--enable-force-include-usage", "--enable-log-outputs",
     "--disable-fastapi-docs", "--enable-prompt-tokens-details", "--skip-tokenizer-init",
+    "--enable-tower-connector-lora",
 )
 
 
@@ -86,6 +87,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                           "auto (default) picks it from the model name, else qwen2_5_vl")
     sim.add_argument("--strict-lora-layout", action=argparse.BooleanOptionalAction, default=True,
                      help="refuse adapters whose tensors vLLM would silently ignore (default on)")
+    sim.add_argument("--lora-shape-check", choices=("load", "first-use"), default="load",
+                     help="A/B shapes that do not fit: refused at load (default, a sim extra), or loaded and "
+                          "failing the first request that uses them by killing the engine, as vLLM does")
     sim.add_argument("--image-tokens", type=int, default=64, help="prompt tokens counted per image")
     sim.add_argument("--allow-runtime-lora", action=argparse.BooleanOptionalAction, default=None,
                      help="mount /v1/load_lora_adapter; default: env VLLM_ALLOW_RUNTIME_LORA_UPDATING")
@@ -121,7 +125,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         max_cpu_loras=args.max_cpu_loras, max_lora_rank=args.max_lora_rank,
         max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, ttft_ms=args.ttft_ms,
         tpot_ms=args.tpot_ms, lora_load_ms=args.lora_load_ms, family=args.family,
-        strict_layout=args.strict_lora_layout, image_tokens=args.image_tokens,
+        strict_layout=args.strict_lora_layout, lora_shape_check=args.lora_shape_check, image_tokens=args.image_tokens,
         lora_modules=list(args.lora_modules), api_key=args.api_key,
         enable_request_id_headers=args.enable_request_id_headers, faults=faults)
     try:

@@ -3,24 +3,29 @@
 Everything a client can observe (status codes, error bodies, success texts, metric names) is written
 here once, with the vLLM source it was read from, so a reviewer can check it line by line.
 
-Which vLLM: upstream ``vllm-project/vllm`` main of the v0.23-v0.25 line (2026), V1 engine, the files
-below as stored at these commits (the store does not label releases, so the commit is the pin):
+Which vLLM: the PyPI release ``VLLM_RELEASE`` below, the one place the project pins it. ``make test-vllm``
+installs exactly this release and runs its own LoRA loader against the simulator's verdicts
+(tests/vllm); the pool's default engine image is ``vllm/vllm-openai:v<VLLM_RELEASE>`` (api/pool.py).
+docs/sim.md has the table of behaviours with the vLLM file:line each follows, and how to move the pin.
+Files (paths inside the vllm package of that release):
 
-* ``vllm/entrypoints/openai/models/serving.py`` @ 00153c8b7948 — ``OpenAIServingModels``:
-  load/unload checks and texts, ``check_model`` (unknown model → 404), model cards with root/parent.
-* ``vllm/entrypoints/serve/lora/api_router.py`` @ 27873cab97e4 — routes exist only when
-  ``VLLM_ALLOW_RUNTIME_LORA_UPDATING`` is true; success answers are ``Response(200, content=text)``,
-  errors ``JSONResponse(ErrorResponse, status=error.code)``.
-* ``vllm/entrypoints/openai/engine/protocol.py`` @ 040a2cc2a629 — ``ErrorResponse{error: ErrorInfo
-  {message, type, param, code}}``, ``ModelCard``, ``ModelPermission``, ``UsageInfo``.
-* ``vllm/entrypoints/serve/utils/error_response.py`` @ 1c6ebf2c6b4f — exception → status mapping
-  (``VLLMNotFoundError`` → 404 NotFoundError, other engine errors → 500 InternalServerError).
-* ``vllm/v1/engine/core.py`` — a failing engine utility call (``add_lora``) reaches the API server as
-  ``Exception("Call to add_lora method failed: <str(e)>")``.
-* ``vllm/lora/peft_helper.py`` (the rank_pattern/alpha_pattern revision), ``vllm/lora/lora_model.py``
-  @ 0306474e9d1f, ``vllm/lora/worker_manager.py``, ``vllm/lora/utils.py`` — adapter validation and
-  its messages (DoRA, modules_to_save, bias, rank, unexpected modules, unsupported weight names).
-* ``vllm/v1/metrics/loggers.py`` — ``vllm:num_requests_running``, ``vllm:num_requests_waiting``,
+* ``entrypoints/openai/models/serving.py`` — ``OpenAIServingModels``: load/unload checks and texts
+  (``_check_load_lora_adapter_request``: missing fields, a name that is a served base model, already
+  loaded), ``check_model`` (unknown model → 404), model cards with root/parent. Unload only forgets the
+  name (the weights stay in the worker's LRU until evicted).
+* ``entrypoints/serve/lora/api_router.py`` — routes exist only when ``VLLM_ALLOW_RUNTIME_LORA_UPDATING``
+  is true; success answers are ``Response(200, content=text)``, errors ``JSONResponse(ErrorResponse)``.
+* ``entrypoints/openai/engine/protocol.py`` — ``ErrorResponse{error: ErrorInfo{message, type, param,
+  code}}``, ``ModelCard``, ``ModelPermission``, ``UsageInfo``.
+* ``entrypoints/serve/utils/error_response.py`` — exception → status mapping (``VLLMNotFoundError`` →
+  404 NotFoundError, other engine errors → 500 InternalServerError).
+* ``v1/engine/core.py`` — a failing engine utility call (``add_lora``) reaches the API server as
+  ``Exception("Call to add_lora method failed: <str(e)>")``; an exception in a model step (e.g. a LoRA
+  whose tensors do not fit the model's stacked buffers, at its first request) kills the engine core.
+* ``lora/peft_helper.py``, ``lora/lora_model.py``, ``lora/worker_manager.py``, ``lora/utils.py`` —
+  adapter validation and its messages (DoRA, modules_to_save, bias, init_lora_weights, aLoRA, ...,
+  rank and rank_pattern, unexpected modules, unsupported weight names).
+* ``v1/metrics/loggers.py`` — ``vllm:num_requests_running``, ``vllm:num_requests_waiting``,
   ``vllm:lora_requests_info{max_lora, waiting_lora_adapters, running_lora_adapters}`` (value: the
   time of the last update), ``vllm:prompt_tokens_total``, ``vllm:generation_tokens_total``,
   ``vllm:request_success_total{finished_reason}``, latency histograms; labels model_name, engine.
@@ -32,7 +37,11 @@ import json
 from http import HTTPStatus
 from typing import Any
 
-VLLM_CONTRACT = "vllm main, v0.23-v0.25 line (models/serving.py @00153c8b, lora api_router @27873cab)"
+# The vLLM release the simulator follows, the patcher refuses for, tests/vllm installs (make test-vllm) and
+# the pool's default engine image runs. Moving it: docs/sim.md, "Moving the pinned vLLM release".
+VLLM_RELEASE = "0.32.0"
+VLLM_CONTRACT = f"vllm {VLLM_RELEASE} (PyPI release; docs/sim.md lists the source lines)"
+ENGINE_IMAGE = f"vllm/vllm-openai:v{VLLM_RELEASE}"
 
 # --max-lora-rank accepts only these values in vLLM (vllm/config/lora.py, MaxLoRARanks).
 MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -79,6 +88,16 @@ def lora_already_loaded(name: str) -> tuple[int, str]:
         f"The lora adapter '{name}' has already been loaded. If you want to load the adapter in "
         "place, set 'load_inplace' to True.",
         "InvalidUserInput", 400)
+
+
+def lora_conflicts_with_base(name: str) -> tuple[int, str]:
+    return error_json(f"The lora adapter '{name}' conflicts with a served base model.", "InvalidUserInput", 400)
+
+
+def unsupported_lora_weight(name: str) -> str:
+    # vllm/lora/utils.py parse_fine_tuned_lora_name: ``name`` is the key after the weights mapper,
+    # with the base_model.model. prefix put back.
+    return f"{name} is unsupported LoRA weight"
 
 
 def lora_unload_missing_name() -> tuple[int, str]:

@@ -60,7 +60,7 @@ LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.
 class Engine:
     def __init__(self, *, model_name: str, max_num_seqs: int, max_loras: int, max_cpu_loras: int,
                  max_lora_rank: int, family: str, strict_layout: bool, enable_lora: bool,
-                 lora_load_ms: float = 0.0) -> None:
+                 lora_load_ms: float = 0.0, shape_check: str = "load") -> None:
         self.model_name = model_name
         self.max_num_seqs = max_num_seqs
         self.max_loras = max_loras
@@ -70,6 +70,7 @@ class Engine:
         self.strict_layout = strict_layout
         self.enable_lora = enable_lora
         self.lora_load_ms = lora_load_ms
+        self.shape_check = shape_check
 
         self.registered: dict[str, Registered] = {}
         self.cpu_cache: collections.OrderedDict[str, adapters_mod.AdapterInfo] = collections.OrderedDict()
@@ -107,7 +108,8 @@ class Engine:
 
     def validate(self, name: str, path: str) -> adapters_mod.AdapterInfo:
         return adapters_mod.validate_adapter(name, path, max_lora_rank=self.max_lora_rank,
-                                             family_name=self.family, strict_layout=self.strict_layout)
+                                             family_name=self.family, strict_layout=self.strict_layout,
+                                             shape_check=self.shape_check)
 
     async def read_adapter(self, name: str, path: str) -> adapters_mod.AdapterInfo:
         """The worker's disk read: validate off the event loop, pay the configured load time."""
@@ -143,8 +145,9 @@ class Engine:
         return reg
 
     def unregister(self, name: str) -> None:
+        # vLLM's unload only forgets the name (serving.py unload_lora_adapter): the weights stay in the
+        # worker's CPU LRU until evicted, and count against max_cpu_loras meanwhile.
         self.registered.pop(name, None)
-        self.cpu_cache.pop(name, None)
 
     def forget(self) -> None:
         """Engine restart: every adapter is gone, the engine is alive again."""

@@ -101,6 +101,9 @@ class SimConfig:
     lora_load_ms: float = 0.0
     family: str = "auto"  # auto: from the model name (Qwen3-VL → qwen3_vl, ...), else qwen2_5_vl
     strict_layout: bool = True
+    # "load": refuse A/B shapes that do not fit at load (a labelled sim extra); "first-use": load them (200)
+    # and fail the first request that uses them by killing the engine, as vLLM's set_lora does
+    lora_shape_check: str = "load"
     image_tokens: int = 64
     lora_modules: list[tuple[str, str]] = field(default_factory=list)  # static, loaded at start
     api_key: str | None = None
@@ -123,6 +126,8 @@ class SimConfig:
             raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
         if self.max_num_seqs < 1:
             raise ValueError("max_num_seqs must be >= 1")
+        if self.lora_shape_check not in adapters_mod.SHAPE_CHECKS:
+            raise ValueError(f"lora_shape_check must be one of {adapters_mod.SHAPE_CHECKS}")
         if self.ttft_ms < 0 or self.tpot_ms < 0 or self.lora_load_ms < 0:
             raise ValueError("latencies must be >= 0")
         adapters_mod.family(self.resolved_family())
@@ -244,7 +249,7 @@ class SimServer:
             model_name=self.base_name, max_num_seqs=config.max_num_seqs, max_loras=config.max_loras,
             max_cpu_loras=config.max_cpu_loras or config.max_loras, max_lora_rank=config.max_lora_rank,
             family=config.resolved_family(), strict_layout=config.strict_layout, enable_lora=config.enable_lora,
-            lora_load_ms=config.lora_load_ms)
+            lora_load_ms=config.lora_load_ms, shape_check=config.lora_shape_check)
         self.created = int(time.time())
         self._stall_release = asyncio.Event()
 
@@ -364,6 +369,8 @@ class SimServer:
         async with engine.lock_for(name):
             if not name or not path:
                 return _error(contract.lora_missing_fields())
+            if name in self.names:
+                return _error(contract.lora_conflicts_with_base(name))
             if not load_inplace and name in engine.registered:
                 return _error(contract.lora_already_loaded(name))
             if self.faults.fail_next_loads > 0:
@@ -571,6 +578,12 @@ class SimServer:
                     engine.die(f"re-reading adapter {seq.lora} from {seq.lora_path} failed: {e.reason}")
                     raise RequestError(contract.engine_dead()) from None
                 engine.cache_put(seq.lora, info)
+            info = engine.cpu_cache.get(seq.lora) if seq.lora is not None else None
+            if info is not None and info.first_use_error:
+                # vLLM: set_lora copies the tensors into the stacked GPU buffers when a batch first uses
+                # the adapter; a shape that does not fit raises in the model step and the engine core dies.
+                engine.die(f"adapter {seq.lora} failed at its first use: {info.first_use_error}")
+                raise RequestError(contract.engine_dead())
             if self.faults.stall_seconds > 0:
                 # A stall ends after stall_seconds, or at once when the faults are changed.
                 with contextlib.suppress(asyncio.TimeoutError):

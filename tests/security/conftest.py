@@ -1,0 +1,235 @@
+"""Fixtures of the security tests: real servers on loopback that play the attacker's hosts.
+
+`origin` (https, 127.0.0.1) is the host a hostile VLMAdapter names; it can answer redirects. `other`
+(https, 127.0.0.2) is another host; `sink` (plain http, 127.0.0.1) is the clear-text destination a
+downgrade would reach. Every server records each request (method, path, headers), so a test can say
+whether a credential arrived. The certificate is self-signed and trusted through SSL_CERT_FILE; its
+names include mirror.example.com and evil.example.com, which the tests resolve through a hostile
+resolver (`resolver` fixture) to loopback, as a DNS-rebinding attacker would.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import ssl
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from vlmpool.patcher import egress
+
+NAMES = ("mirror.example.com", "evil.example.com", "huggingface.co")
+
+
+def _self_signed(tmp: Path) -> tuple[Path, Path]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "vlmpool-security-tests")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    sans = [x509.IPAddress(ipaddress.ip_address(a)) for a in ("127.0.0.1", "127.0.0.2")]
+    sans += [x509.DNSName(n) for n in NAMES]
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp / "cert.pem", tmp / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+@dataclass
+class Seen:
+    method: str
+    path: str
+    headers: dict[str, str]
+
+
+@dataclass
+class Server:
+    """A recording HTTP(S) server. `routes[path]` is bytes (200) or ('redirect', location[, code])
+    or a callable(handler) -> (status, headers, body)."""
+
+    host: str
+    scheme: str
+    routes: dict[str, object] = field(default_factory=dict)
+    seen: list[Seen] = field(default_factory=list)
+    port: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://{self.host}:{self.port}"
+
+    def auth_seen(self) -> list[str]:
+        return [s.headers["authorization"] for s in self.seen if "authorization" in s.headers]
+
+
+def _serve(srv: Server, ctx: ssl.SSLContext | None, port: int = 0) -> ThreadingHTTPServer:
+    class H(BaseHTTPRequestHandler):
+        def log_message(self, *a):  # quiet
+            pass
+
+        def _any(self):
+            srv.seen.append(Seen(self.command, self.path, {k.lower(): v for k, v in self.headers.items()}))
+            route = srv.routes.get(self.path.split("?", 1)[0])
+            if callable(route):
+                status, headers, body = route(self)
+            elif isinstance(route, tuple) and route[0] == "redirect":
+                status, headers, body = (route[2] if len(route) > 2 else 302), {"Location": route[1]}, b""
+            elif isinstance(route, bytes):
+                status, headers, body = 200, {}, route
+            else:
+                status, headers, body = 404, {}, b"not found"
+            self.send_response(status)
+            for k, v in headers.items():
+                self.send_header(k, v)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        do_GET = do_HEAD = do_POST = do_PUT = _any
+
+    httpd = ThreadingHTTPServer((srv.host, port), H)
+    httpd.daemon_threads = True
+    if ctx is not None:
+        httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
+    srv.port = httpd.server_address[1]
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd
+
+
+@pytest.fixture
+def tls(tmp_path, monkeypatch) -> ssl.SSLContext:
+    cert, key = _self_signed(tmp_path)
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    monkeypatch.delenv("VLMPOOL_SOURCE_ALLOW", raising=False)
+    for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("NO_PROXY", "*")
+    return ctx
+
+
+@pytest.fixture
+def servers(tls) -> Callable[[str, str], Server]:
+    started: list[ThreadingHTTPServer] = []
+
+    def start(host: str = "127.0.0.1", scheme: str = "https", port: int = 0) -> Server:
+        srv = Server(host, scheme)
+        started.append(_serve(srv, tls if scheme == "https" else None, port))
+        return srv
+
+    yield start
+    for h in started:
+        h.shutdown()
+        h.server_close()
+
+
+@pytest.fixture
+def origin(servers) -> Server:
+    return servers("127.0.0.1", "https")
+
+
+@pytest.fixture
+def other(servers) -> Server:
+    return servers("127.0.0.2", "https")
+
+
+@pytest.fixture
+def sink(servers) -> Server:
+    return servers("127.0.0.1", "http")
+
+
+@pytest.fixture
+def resolver(monkeypatch) -> dict[str, str]:
+    """A hostile DNS: names put in the returned dict resolve to the address given (the guard's real
+    resolver is replaced; everything else resolves as usual)."""
+    table: dict[str, str] = {}
+    real = egress._REAL_GETADDRINFO
+
+    def fake(host, port, *args, **kwargs):
+        name = host.decode() if isinstance(host, bytes) else host
+        if name in table:
+            return real(table[name], port, *args, **kwargs)
+        return real(host, port, *args, **kwargs)
+
+    with egress.guarded(egress.EgressPolicy()):
+        pass  # installs the guard's hooks, which call egress._REAL_GETADDRINFO
+    monkeypatch.setattr(egress, "_REAL_GETADDRINFO", fake)
+    return table
+
+
+# ------------------------------------------------------------------ the control plane's side
+
+OPERATOR_USER = "vlmpool-operator-security"
+
+
+@pytest.fixture
+def operator_kubeconfig(control_plane, crds, namespace):
+    """A user with exactly the operator's rules (vlmpool.controller.rbac) in the test namespace."""
+    import json
+
+    from vlmpool.controller import rbac
+
+    role = rbac.cluster_role("vlmpool-operator-security")
+    control_plane.kubectl("apply", "--server-side", "--field-manager=vlmpool-tests", "-f", "-", input=json.dumps(role))
+    binding = rbac.role_binding(namespace, [rbac.subject_user(OPERATOR_USER)], role="vlmpool-operator-security")
+    control_plane.kubectl("apply", "-f", "-", input=json.dumps(binding))
+    return control_plane.kubeconfig_for(OPERATOR_USER)
+
+
+@pytest.fixture
+async def kube(control_plane):
+    from vlmpool.kube.client import KubeClient
+    from vlmpool.kube.config import KubeConfig
+
+    client = KubeClient(KubeConfig.load(control_plane.kubeconfig))
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+@pytest.fixture
+async def start_operator(operator_kubeconfig, namespace, tmp_path, kube):
+    """Start `vlmpool operator` for the test namespace under the operator's rules; file:// sources are
+    off unless `host_paths` is given (the product's default, unlike tests/operator)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "operator"))
+    from helpers import OperatorProcess
+
+    from vlmpool.kube.client import VLMADAPTERS
+
+    procs: list = []
+
+    async def start(*extra: str, host_paths: tuple[str, ...] = ()):
+        root = tmp_path / "adapters"
+        root.mkdir(exist_ok=True)
+        op = OperatorProcess(operator_kubeconfig, namespace, root, tmp_path / f"operator{len(procs)}.log",
+                             resync=3.0, extra_args=list(extra), host_paths=list(host_paths))
+        procs.append(op)
+        return await op.start()
+
+    try:
+        yield start
+    finally:
+        for op in procs:
+            op.stop()
+        for a in await kube.list(VLMADAPTERS, namespace):
+            if a["metadata"].get("finalizers"):
+                await kube.patch(VLMADAPTERS, a["metadata"]["name"], {"metadata": {"finalizers": None}}, namespace)

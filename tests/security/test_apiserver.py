@@ -1,0 +1,230 @@
+"""Issue #11 items 2, 3, 9 and 10 on the real control plane (kube-apiserver + kube-controller-manager
+v1.35), as a hostile tenant would try them: the operator runs as `vlmpool operator` under exactly the
+rules of vlmpool.controller.rbac, tenants are users with their own Roles, and the chart's
+ValidatingAdmissionPolicy is the one `helm template` renders."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vlmpool.controller import rbac
+from vlmpool.controller.reconciler import pool_token
+from vlmpool.kube.client import EVENTS, JOBS, PODS, SECRETS, VLMADAPTERS, VLMPOOLS
+from vlmpool.manifests import adapter as MA
+from vlmpool.testing.waiting import wait_for
+
+pytestmark = pytest.mark.apiserver
+
+REPO = Path(__file__).resolve().parents[2]
+BASE = "Qwen/Qwen2.5-VL-3B-Instruct"
+TOKEN_KEY = "vlmpool-operator-tests-token-key"  # the key tests/operator/helpers.py gives every operator
+
+
+def pool_obj(name: str = "vision", **spec) -> dict:
+    return {"apiVersion": "vlmpool.io/v1alpha1", "kind": "VLMPool", "metadata": {"name": name},
+            "spec": {"model": {"name": BASE, "family": "qwen2_5_vl"}, **spec}}
+
+
+def adapter_obj(name: str, uri: str, secret: str | None = None, pool: str = "vision") -> dict:
+    source = {"uri": uri, **({"credentialsSecret": {"name": secret}} if secret else {})}
+    return {"apiVersion": "vlmpool.io/v1alpha1", "kind": "VLMAdapter", "metadata": {"name": name},
+            "spec": {"poolRef": {"name": pool}, "source": source}}
+
+
+async def eventually(fn, timeout: float = 60, what: str = "condition"):
+    import asyncio
+
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = await fn()
+        if last:
+            return last
+        await asyncio.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
+
+
+# ------------------------------------------------------------------ item 9: no Secret reads
+
+def test_the_operator_service_account_cannot_read_tenant_secrets(control_plane, crds, namespace):
+    control_plane.kubectl("create", "namespace", "vlmpool-system", check=False)
+    for docs in rbac.deploy_documents("vlmpool-system").values():
+        for doc in docs:
+            control_plane.kubectl("apply", "-f", "-", input=json.dumps(doc))
+    sa = f"system:serviceaccount:vlmpool-system:{rbac.SERVICE_ACCOUNT}"
+
+    def can(verb: str) -> str:
+        res = control_plane.kubectl("auth", "can-i", verb, "secrets", "--as", sa, "-n", namespace, check=False)
+        return res.stdout.strip()
+
+    assert [can(v) for v in ("get", "list", "watch")] == ["no", "no", "no"]
+    assert [can(v) for v in ("create", "patch")] == ["yes", "yes"]  # the pools' token Secrets
+
+
+async def test_the_operator_derives_pool_tokens_without_reading_them(start_operator, kube, namespace):
+    await start_operator()
+    pool = await kube.create(pool_obj(replicas=0), namespace)
+    secret = await eventually(lambda: kube.get_or_none(SECRETS, "vision-admin-token", namespace), what="the token")
+    token = base64.b64decode(secret["data"]["token"]).decode()
+    assert token == pool_token(TOKEN_KEY.encode(), pool)
+
+
+# ------------------------------------------------------------------ item 2: file:// sources
+
+async def test_file_sources_are_refused_before_any_job_exists(start_operator, kube, namespace):
+    await start_operator()
+    await kube.create(pool_obj(replicas=0), namespace)
+    await kube.create(adapter_obj("kubelet", "file:///var/lib/kubelet"), namespace)
+
+    async def refused():
+        a = await kube.get(VLMADAPTERS, "kubelet", namespace)
+        st = a.get("status") or {}
+        return st if st.get("reason") == "SourceNotAllowed" else None
+    st = await eventually(refused, what="the adapter refused")
+    assert st["phase"] == "Failed" and "--allow-host-path" in st["message"]
+    assert await kube.list(JOBS, namespace) == [] and await kube.list(PODS, namespace) == []
+
+
+async def test_a_refused_file_source_is_patched_once_its_directory_is_allowed(start_operator, kube, namespace, tmp_path):
+    allowed = tmp_path / "node-adapters"
+    op = await start_operator()
+    await kube.create(pool_obj(replicas=0), namespace)
+    await kube.create(adapter_obj("later", f"file://{allowed}/a"), namespace)
+
+    async def reason():
+        return ((await kube.get(VLMADAPTERS, "later", namespace)).get("status") or {}).get("reason")
+    await eventually(lambda: _is(reason(), "SourceNotAllowed"), what="the refusal")
+    op.stop()
+    await start_operator(host_paths=(str(allowed),))
+    jobs = await eventually(lambda: kube.list(JOBS, namespace), what="the patch Job")
+    assert [j["metadata"]["labels"][MA.L_ADAPTER] for j in jobs] == ["later"]
+    await eventually(lambda: _is(reason(), "PatchJobRunning"), what="the adapter patching")
+
+
+async def _is(coro, want):
+    return (await coro) == want
+
+
+async def test_file_sources_outside_the_allowed_directories_are_refused(start_operator, kube, namespace, tmp_path):
+    allowed = tmp_path / "node-adapters"
+    allowed.mkdir()
+    await start_operator(host_paths=(str(allowed),))
+    await kube.create(pool_obj(replicas=0), namespace)
+    # ('..' is refused by the CRD already.) A sibling directory sharing the allowed prefix:
+    await kube.create(adapter_obj("escape", f"file://{allowed}-evil/a"), namespace)
+    await kube.create(adapter_obj("ok", f"file://{allowed}/a"), namespace)
+
+    async def job_of_ok():
+        jobs = {j["metadata"]["labels"][MA.L_ADAPTER]: j for j in await kube.list(JOBS, namespace)}
+        return jobs.get("ok")
+    job = await eventually(job_of_ok, what="the allowed adapter's Job")
+    vols = {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}
+    assert vols["source"]["hostPath"]["path"] == f"{allowed}/a"
+    st = (await kube.get(VLMADAPTERS, "escape", namespace)).get("status") or {}
+    assert st.get("reason") == "SourceNotAllowed"
+    assert [j["metadata"]["labels"][MA.L_ADAPTER] for j in await kube.list(JOBS, namespace)] == ["ok"]
+
+
+# ------------------------------------------------------------------ item 3: credentialsSecret
+
+def _apply_admission_policy(control_plane) -> str:
+    helm = control_plane.bin_dir / "helm"
+    out = subprocess.run([str(helm), "template", "vlmpool", str(REPO / "charts" / "vlmpool"), "-n", "vlmpool-system",
+                          "--show-only", "templates/admissionpolicy.yaml"], capture_output=True, text=True, check=True)
+    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    assert [d["kind"] for d in docs] == ["ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"]
+    for d in docs:
+        control_plane.kubectl("apply", "-f", "-", input=json.dumps(d))
+    return docs[0]["metadata"]["name"]
+
+
+def _tenant(control_plane, namespace: str, user: str, read_secrets: bool) -> Path:
+    rules = [{"apiGroups": ["vlmpool.io"], "resources": ["vlmadapters"],
+              "verbs": ["get", "list", "create", "update", "patch", "delete"]}]
+    if read_secrets:
+        rules.append({"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]})
+    role = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+            "metadata": {"name": user, "namespace": namespace}, "rules": rules}
+    binding = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+               "metadata": {"name": user, "namespace": namespace},
+               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": user},
+               "subjects": [rbac.subject_user(user)]}
+    for d in (role, binding):
+        control_plane.kubectl("apply", "-f", "-", input=json.dumps(d))
+    return control_plane.kubeconfig_for(user, namespace=namespace)
+
+
+def test_a_tenant_cannot_name_a_secret_they_cannot_read(control_plane, crds, namespace):
+    _apply_admission_policy(control_plane)
+    control_plane.kubectl("-n", namespace, "create", "secret", "generic", "team-b-hf", "--from-literal=HF_TOKEN=hf_x")
+    tenant = _tenant(control_plane, namespace, "tenant-a", read_secrets=False)
+    owner = _tenant(control_plane, namespace, "owner-b", read_secrets=True)
+
+    def apply(kc: Path, obj: dict, verb: str = "create") -> subprocess.CompletedProcess:
+        return control_plane.kubectl("-n", namespace, verb, "-f", "-", input=json.dumps(obj), kubeconfig=kc, check=False)
+
+    # The tenant's Role lets them create VLMAdapters and nothing else: the policy is what refuses.
+    probe = adapter_obj("probe", "https://example.com/a.tgz", secret="team-b-hf")
+
+    def refused_once_active() -> str | None:
+        res = apply(tenant, probe)
+        if res.returncode == 0:  # the policy is not active yet: undo and try again
+            control_plane.kubectl("-n", namespace, "delete", "vlmadapter", "probe", "--wait=false", check=False)
+            return None
+        return res.stderr
+    err = wait_for(refused_once_active, 30, what="the ValidatingAdmissionPolicy to refuse")
+    assert "may not get Secret" in err and f"{namespace}/team-b-hf" in err and "tenant-a" in err, err
+
+    assert apply(tenant, adapter_obj("mine", "https://example.com/a.tgz")).returncode == 0
+    res = apply(owner, adapter_obj("theirs", "https://example.com/a.tgz", secret="team-b-hf"))
+    assert res.returncode == 0, res.stderr
+
+    # Pointing an adapter that names the Secret at another host needs the right to read it too.
+    hijack = {"spec": {"source": {"uri": "https://evil.example.com/a.tgz", "credentialsSecret": {"name": "team-b-hf"}}}}
+    res = control_plane.kubectl("-n", namespace, "patch", "vlmadapter", "theirs", "--type=merge", "-p",
+                                json.dumps(hijack), kubeconfig=tenant, check=False)
+    assert res.returncode != 0 and "may not get Secret" in res.stderr
+    # Adding the Secret to one's own adapter likewise.
+    res = control_plane.kubectl("-n", namespace, "patch", "vlmadapter", "mine", "--type=merge", "-p",
+                                json.dumps(hijack), kubeconfig=tenant, check=False)
+    assert res.returncode != 0 and "may not get Secret" in res.stderr
+    # Edits that leave the source alone pass (the operator's finalizer/annotation patches are such).
+    res = control_plane.kubectl("-n", namespace, "label", "vlmadapter", "theirs", "team=b", kubeconfig=tenant, check=False)
+    assert res.returncode == 0, res.stderr
+
+
+# ------------------------------------------------------------------ item 10: Pod Security `restricted`
+
+async def test_pool_and_job_pods_are_admitted_in_a_restricted_namespace(control_plane, start_operator, kube, namespace):
+    control_plane.kubectl("label", "namespace", namespace, "pod-security.kubernetes.io/enforce=restricted",
+                          "pod-security.kubernetes.io/enforce-version=latest", "--overwrite")
+    await start_operator("--source-allow", "10.20.0.0/16")
+    pool = await kube.create(pool_obj(replicas=1), namespace)
+    adapter = await kube.create(adapter_obj("inv", "https://example.com/a.tgz"), namespace)
+    # cleanup and prune Jobs as the operator builds them (their turn needs running pods; the
+    # Jobs controller creating their pods is what the profile judges).
+    for job in (MA.cleanup_job(adapter, pool), MA.prune_job(adapter, pool, "v1")):
+        job["metadata"].pop("ownerReferences")
+        await kube.create(job, namespace)
+
+    async def pods_by_component():
+        pods = await kube.list(PODS, namespace)
+        got = {p["metadata"]["labels"].get("app.kubernetes.io/component") for p in pods}
+        return got if {"server", "patch", "cleanup", "prune"} <= got else None
+    try:
+        await eventually(pods_by_component, timeout=90, what="pods of the pool and of the three Jobs")
+    finally:
+        failed = [e["message"] for e in await kube.list(EVENTS, namespace) if e.get("reason") == "FailedCreate"]
+        assert failed == [], failed
+    patch = next(j for j in await kube.list(JOBS, namespace) if j["metadata"]["labels"].get(
+        "app.kubernetes.io/component") == "patch")
+    env = patch["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert {"name": "VLMPOOL_SOURCE_ALLOW", "value": "10.20.0.0/16"} in env
+    assert (await kube.get(VLMPOOLS, "vision", namespace))["metadata"]["uid"] == pool["metadata"]["uid"]

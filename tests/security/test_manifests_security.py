@@ -1,0 +1,145 @@
+"""Issue #11 items 2, 3, 9, 10 at the level of the pure manifest builders (the apiserver tests in
+test_apiserver.py show the same on the real control plane): what a hostile VLMAdapter spec can and
+cannot put into a Job, the restricted security contexts, and the derived admin tokens."""
+
+from __future__ import annotations
+
+import pytest
+
+from vlmpool.controller.reconciler import pool_token
+from vlmpool.manifests import adapter as MA
+from vlmpool.manifests import pool as MP
+
+BASE = "Qwen/Qwen2.5-VL-3B-Instruct"
+
+
+def pool(**spec):
+    return {"apiVersion": "vlmpool.io/v1alpha1", "kind": "VLMPool",
+            "metadata": {"name": "vision", "namespace": "team-a", "uid": "pool-uid"},
+            "spec": {"model": {"name": BASE, "family": "qwen2_5_vl"}, **spec}}
+
+
+def adapter(**spec):
+    return {"apiVersion": "vlmpool.io/v1alpha1", "kind": "VLMAdapter",
+            "metadata": {"name": "inv", "namespace": "team-a", "uid": "ad-uid"},
+            "spec": {"poolRef": {"name": "vision"}, "source": {"uri": "https://example.com/a.tgz"}, **spec}}
+
+
+def restricted_violations(pod_spec: dict) -> list[str]:
+    """The checks of the Pod Security Standards `restricted` profile (v1.35) that these pods touch."""
+    out = []
+    psc = pod_spec.get("securityContext") or {}
+    if (psc.get("seccompProfile") or {}).get("type") not in ("RuntimeDefault", "Localhost"):
+        out.append("pod seccompProfile")
+    for v in pod_spec.get("volumes") or []:
+        if "hostPath" in v:
+            out.append(f"hostPath volume {v['name']}")
+    for c in pod_spec["containers"]:
+        sc = c.get("securityContext") or {}
+        if sc.get("allowPrivilegeEscalation") is not False:
+            out.append(f"{c['name']}: allowPrivilegeEscalation")
+        if "ALL" not in ((sc.get("capabilities") or {}).get("drop") or []):
+            out.append(f"{c['name']}: capabilities drop ALL")
+        if set((sc.get("capabilities") or {}).get("add") or []) - {"NET_BIND_SERVICE"}:
+            out.append(f"{c['name']}: capabilities add")
+        if not sc.get("runAsNonRoot", psc.get("runAsNonRoot")):
+            out.append(f"{c['name']}: runAsNonRoot")
+        if sc.get("runAsUser", psc.get("runAsUser")) == 0:
+            out.append(f"{c['name']}: runAsUser 0")
+        if sc.get("privileged"):
+            out.append(f"{c['name']}: privileged")
+    return out
+
+
+def test_pool_pods_pass_the_restricted_profile_with_read_only_roots():
+    spec = MP.deployment(pool(), "h")["spec"]["template"]["spec"]
+    assert restricted_violations(spec) == []
+    containers = {c["name"]: c for c in spec["containers"]}
+    assert all(c["securityContext"]["readOnlyRootFilesystem"] is True for c in containers.values())
+    engine = containers["engine"]
+    mounts = {m["mountPath"]: m["name"] for m in engine["volumeMounts"]}
+    vols = {v["name"]: v for v in spec["volumes"]}
+    for path in ("/tmp", MP.ENGINE_HOME):
+        assert vols[mounts[path]] == {"name": mounts[path], "emptyDir": {}}
+    assert {"name": "HOME", "value": MP.ENGINE_HOME} in engine["env"]
+
+
+def test_a_pool_can_loosen_only_its_engine():
+    spec = MP.deployment(pool(engine={"securityContext": {"runAsUser": 0, "runAsNonRoot": False,
+                                                          "readOnlyRootFilesystem": False}}), "h")
+    containers = {c["name"]: c for c in spec["spec"]["template"]["spec"]["containers"]}
+    eng = containers["engine"]["securityContext"]
+    assert eng["runAsUser"] == 0 and eng["runAsNonRoot"] is False and eng["readOnlyRootFilesystem"] is False
+    assert eng["capabilities"] == {"drop": ["ALL"]} and eng["allowPrivilegeEscalation"] is False
+    assert containers["proxy"]["securityContext"] == MP.container_security()
+    assert restricted_violations(spec["spec"]["template"]["spec"]) == ["engine: runAsNonRoot", "engine: runAsUser 0"]
+
+
+@pytest.mark.parametrize("field", [{"privileged": True}, {"allowPrivilegeEscalation": True},
+                                   {"capabilities": {"add": ["SYS_ADMIN"]}}, {"seccompProfile": {"type": "Unconfined"}}])
+def test_a_pool_cannot_make_its_engine_privileged(field):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
+        MP.deployment(pool(engine={"securityContext": {"runAsUser": 0, **field}}), "h")
+
+
+@pytest.mark.parametrize("which", ["patch", "cleanup", "prune"])
+def test_job_pods_pass_the_restricted_profile(which):
+    a, p = adapter(), pool()
+    job = {"patch": lambda: MA.patch_job(a, p), "cleanup": lambda: MA.cleanup_job(a, p),
+           "prune": lambda: MA.prune_job(a, p, "v1")}[which]()
+    spec = job["spec"]["template"]["spec"]
+    assert restricted_violations(spec) == []
+    assert spec["securityContext"]["runAsUser"] == 65532 and spec["automountServiceAccountToken"] is False
+    assert all(c["securityContext"]["readOnlyRootFilesystem"] for c in spec["containers"])
+
+
+def test_a_credentials_secret_reaches_the_patch_container_only_as_credential_keys():
+    job = MA.patch_job(adapter(source={"uri": "https://example.com/a.tgz", "credentialsSecret": {"name": "creds"}}),
+                       pool(), source_allow=("10.0.0.0/8",))
+    c = job["spec"]["template"]["spec"]["containers"][0]
+    assert "envFrom" not in c  # a Secret key such as HTTPS_PROXY, PYTHONPATH or the allow-list never lands
+    env = {e["name"]: e for e in c["env"]}
+    assert env["VLMPOOL_SOURCE_ALLOW"] == {"name": "VLMPOOL_SOURCE_ALLOW", "value": "10.0.0.0/8"}
+    from_secret = {n for n, e in env.items() if "valueFrom" in e}
+    assert from_secret == set(MA.CREDENTIAL_KEYS)
+    assert all(env[n]["valueFrom"]["secretKeyRef"] == {"name": "creds", "key": n, "optional": True} for n in from_secret)
+
+
+def test_the_allow_list_env_is_set_even_when_empty():
+    c = MA.patch_job(adapter(), pool())["spec"]["template"]["spec"]["containers"][0]
+    assert {"name": "VLMPOOL_SOURCE_ALLOW", "value": ""} in c["env"]
+
+
+@pytest.mark.parametrize("uri,allowed,ok", [
+    ("file:///var/lib/kubelet", (), False),
+    ("file:///srv/adapters/a", (), False),
+    ("file:///srv/adapters/a", ("/srv/adapters",), True),
+    ("file:///srv/adapters", ("/srv/adapters/",), True),
+    ("file:///srv/adapters-evil/a", ("/srv/adapters",), False),
+    ("file:///srv/adapters/../../var/lib/kubelet", ("/srv/adapters",), False),
+    ("file:///srv/adapters/./a", ("/srv/adapters",), False),
+    ("file:///srv/adapters//a", ("/srv/adapters",), False),
+    ("file:///srv/adapters/%2e%2e/etc", ("/srv/adapters",), False),
+    ("file://node1/srv/adapters/a", ("/srv/adapters",), False),
+    ("file:///srv/adapters/a?x=1", ("/srv/adapters",), False),
+    ("https://example.com/a.tgz", (), True),
+])
+def test_file_sources_only_under_allowed_node_directories(uri, allowed, ok):
+    why = MA.file_source_refusal(uri, allowed)
+    assert (why is None) == ok, why
+    if not ok and not allowed:
+        assert "disabled" in why and "--allow-host-path" in why
+
+
+def test_admin_tokens_are_derived_from_the_pool_identity_and_the_key():
+    p = pool()
+    t = pool_token(b"k" * 32, p)
+    assert t == pool_token(b"k" * 32, pool()) and len(t) == 64
+    other = [pool_token(b"x" * 32, p)]
+    for field, value in (("uid", "other-uid"), ("name", "vision2"), ("namespace", "team-b")):
+        q = pool()
+        q["metadata"][field] = value
+        other.append(pool_token(b"k" * 32, q))
+    assert t not in other and len(set(other)) == len(other)

@@ -1,0 +1,188 @@
+"""Run vLLM's own LoRA loader on adapter directories, as ``WorkerLoRAManager._load_adapter`` does.
+
+Runs under the pinned vLLM's environment (``make test-vllm``: a venv cached under ~/.cache/vlmpool), never under vlmpool's: it
+imports nothing from vlmpool. Usage: ``python vllm_loader.py CASES.json`` where CASES.json is a list of
+``{"id", "family", "path", "max_lora_rank", "tower_connector_lora"}``; prints one JSON object (the last
+line of stdout): ``{"vllm": version, "families": {family: model facts}, "results": [{"id", "ok",
+"error", "modules"}]}``.
+
+What vLLM does at ``add_lora`` (vllm/lora/worker_manager.py ``_load_adapter``) and what runs here:
+expected modules = ``get_supported_lora_modules(model)`` expanded through the model's packed modules
+mapping; ``PEFTHelper.from_local_dir`` → ``validate_legal(LoRAConfig)`` →
+``LoRAModel.from_local_checkpoint(..., weights_mapper=model.hf_to_vllm_mapper.get_rename_mapper(),
+device="cpu")``. Those three are vLLM's code, unchanged. Two things are not as in the engine:
+
+* ``PIN_MEMORY`` is switched off: ``pin_memory()`` is the only CUDA call on this path and there is no GPU.
+* The model is not instantiated. vLLM builds it from a full ``VllmConfig`` inside a distributed group, and
+  its attention layers ask the current platform for a backend; the PyPI wheel is a CUDA build, and on a
+  machine without a GPU its platform is ``UnspecifiedPlatform``, which has none. So the facts
+  ``get_supported_lora_modules`` and ``get_packed_modules_mapping`` read from the live module tree are read
+  from the model classes instead, programmatically (``model_facts``): starting at the architecture's
+  class, every nn.Module class its methods construct (or take as a default argument, such as
+  ``decoder_layer_type``) is followed (the language model through the model registry, as
+  ``init_vllm_registered_model`` resolves it); the attribute name of every ``LinearBase``
+  subclass it assigns (an index inside ``nn.ModuleList``/``nn.Sequential``) is a supported module, as is
+  every ``embedding_modules`` entry of a class met; the packed mapping is the class's own or, when empty,
+  the union of its direct children's, as ``get_packed_modules_mapping`` does.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import inspect
+import json
+import sys
+import textwrap
+import traceback
+
+ARCHITECTURES = {
+    "qwen2_vl": "Qwen2VLForConditionalGeneration",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+    "qwen3_vl": "Qwen3VLForConditionalGeneration",
+}
+
+
+def _registry_class(arch: str):
+    from vllm.model_executor.models.registry import _VLLM_MODELS
+
+    module, name = _VLLM_MODELS[arch]
+    return getattr(importlib.import_module(f"vllm.model_executor.models.{module}"), name)
+
+
+def _resolve(node: ast.AST, namespace: dict):
+    if isinstance(node, ast.Name):
+        return namespace.get(node.id)
+    if isinstance(node, ast.Attribute):
+        base = _resolve(node.value, namespace)
+        return getattr(base, node.attr, None) if base is not None else None
+    return None
+
+
+def model_facts(family: str) -> dict:
+    """(supported_lora_modules, packed_modules_mapping, embedding_modules, classes) of the family's model."""
+    import torch.nn as nn
+    from vllm.model_executor.layers.linear import LinearBase
+
+    top = _registry_class(ARCHITECTURES[family])
+    supported: set[str] = set()
+    embedding: set[str] = set()
+    seen: set[type] = set()
+    children: dict[type, list[type]] = {}
+    queue = [top]
+    while queue:
+        cls = queue.pop()
+        if cls in seen:
+            continue
+        seen.add(cls)
+        for emb in getattr(cls, "embedding_modules", None) or {}:
+            embedding.add(emb)
+        for klass in cls.__mro__:
+            if klass in (nn.Module, object) or not issubclass(klass, nn.Module) or klass.__module__.startswith("torch"):
+                continue
+            try:
+                tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+            except (OSError, TypeError):
+                continue
+            ns = vars(sys.modules[klass.__module__])
+            for node in ast.walk(tree):
+                if isinstance(node, ast.arguments):  # Qwen2Model(..., decoder_layer_type=Qwen2DecoderLayer)
+                    for default in node.defaults + [d for d in node.kw_defaults if d is not None]:
+                        target = _resolve(default, ns)
+                        if isinstance(target, type) and issubclass(target, nn.Module):
+                            queue.append(target)
+                if isinstance(node, ast.Call):
+                    target = _resolve(node.func, ns)
+                    if isinstance(target, type) and issubclass(target, nn.Module) and not issubclass(target, LinearBase):
+                        queue.append(target)
+                    for kw in node.keywords:  # init_vllm_registered_model(architectures=["Qwen2ForCausalLM"])
+                        if kw.arg == "architectures" and isinstance(kw.value, ast.List):
+                            for elt in kw.value.elts:
+                                if isinstance(elt, ast.Constant) and isinstance(elt.value, str):
+                                    lm = _registry_class(elt.value)
+                                    queue.append(lm)
+                                    children.setdefault(cls, []).append(lm)
+                if isinstance(node, ast.Assign) and len(node.targets) == 1:
+                    tgt = node.targets[0]
+                    if not (isinstance(tgt, ast.Attribute) and isinstance(tgt.value, ast.Name) and tgt.value.id == "self"):
+                        continue
+                    value = node.value
+                    called = _resolve(value.func, ns) if isinstance(value, ast.Call) else None
+                    if isinstance(called, type) and issubclass(called, LinearBase):
+                        supported.add(tgt.attr)
+                    elif called in (nn.ModuleList, nn.Sequential):
+                        elts = value.args[0].elts if (value.args and isinstance(value.args[0], ast.List)) else value.args
+                        for i, elt in enumerate(elts):
+                            c = _resolve(elt.func, ns) if isinstance(elt, ast.Call) else None
+                            if isinstance(c, type) and issubclass(c, LinearBase):
+                                supported.add(str(i))
+                    if isinstance(called, type) and issubclass(called, nn.Module) and klass is top:
+                        children.setdefault(top, []).append(called)
+    packed = dict(getattr(top, "packed_modules_mapping", None) or {})
+    if not packed:
+        for child in children.get(top, []):
+            packed.update(getattr(child, "packed_modules_mapping", None) or {})
+    supported |= embedding
+    return {"architecture": top.__name__, "supported": sorted(supported), "packed": packed,
+            "embedding": sorted(embedding), "mapper": dict(top.hf_to_vllm_mapper.orig_to_new_prefix),
+            "tower_connector": bool(getattr(top, "supports_tower_connector_lora", False)),
+            "classes": len(seen)}
+
+
+def expected_modules(facts: dict) -> set[str]:
+    """WorkerLoRAManager._load_adapter's expansion, verbatim in effect."""
+    out: list[str] = []
+    for module in facts["supported"]:
+        if module in facts["packed"]:
+            out.extend(facts["packed"][module])
+        else:
+            out.append(module)
+        if module == "experts":
+            out.append(module)
+    return set(out)
+
+
+def load(case: dict, facts: dict) -> dict:
+    import vllm.lora.lora_model as lora_model
+    from vllm.config.lora import LoRAConfig
+    from vllm.lora.peft_helper import PEFTHelper
+
+    lora_model.PIN_MEMORY = False  # the only CUDA call on this path
+    top = _registry_class(ARCHITECTURES[case["family"]])
+    try:
+        helper = PEFTHelper.from_local_dir(case["path"], 4096)
+        helper.validate_legal(LoRAConfig(max_lora_rank=case.get("max_lora_rank", 64), max_loras=1,
+                                         enable_tower_connector_lora=bool(case.get("tower_connector_lora"))))
+        model = lora_model.LoRAModel.from_local_checkpoint(
+            case["path"], expected_modules(facts), helper, lora_model_id=1, device="cpu",
+            weights_mapper=top.hf_to_vllm_mapper.get_rename_mapper(),
+            skip_prefixes=getattr(top, "lora_skip_prefixes", None))
+    except FileNotFoundError as e:
+        return {"id": case["id"], "ok": False, "error": f"FileNotFoundError: {e}"}
+    except Exception as e:  # noqa: BLE001 - vLLM's refusal, whatever its type, is the verdict
+        return {"id": case["id"], "ok": False, "error": str(e), "type": type(e).__name__}
+    modules = {name: [list(w.lora_a.shape) if w.lora_a is not None else None,
+                      list(w.lora_b.shape) if w.lora_b is not None else None, w.rank, w.scaling]
+               for name, w in model.loras.items()}
+    return {"id": case["id"], "ok": True, "modules": modules}
+
+
+def main() -> None:
+    import vllm
+
+    with open(sys.argv[1]) as f:
+        cases = json.load(f)
+    families = {fam: model_facts(fam) for fam in sorted({c["family"] for c in cases})}
+    for facts in families.values():
+        facts["expected"] = sorted(expected_modules(facts))
+    results = []
+    for case in cases:
+        try:
+            results.append(load(case, families[case["family"]]))
+        except Exception:  # noqa: BLE001 - a bug here, not a verdict
+            results.append({"id": case["id"], "ok": None, "error": traceback.format_exc()})
+    print(json.dumps({"vllm": vllm.__version__, "families": families, "results": results}))
+
+
+if __name__ == "__main__":
+    main()
