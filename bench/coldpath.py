@@ -5,7 +5,7 @@ Jobs, proxies and simulator engines as processes).
    adapters one after the other (each a fresh tiny PEFT LoRA: fetch, verify, patch, publish, push, load).
 2. restart convergence: N adapters on M pods; stop the operator, make every engine forget every
    adapter (a fleet-wide engine restart), start the operator, and time until every engine has every
-   adapter loaded again (N×M loads) with no request sent.
+   adapter loaded again (N*M loads) with no request sent.
 
 The baseline is the seed (roboflow's in-process adapter manager), whose cold path took 2.4 s per
 adapter as quoted in its PR description; it is not re-run here (it needs the roboflow inference
@@ -32,7 +32,8 @@ POOL = "bench"
 
 def http_json(url: str, body: dict | None = None) -> dict:
     req = urllib.request.Request(url, data=json.dumps(body).encode() if body is not None else None,
-                                 headers={"Content-Type": "application/json"}, method="POST" if body is not None else "GET")
+                                 headers={"Content-Type": "application/json"},
+                                 method="POST" if body is not None else "GET")
     with urllib.request.urlopen(req, timeout=10) as r:
         return json.loads(r.read() or b"null")
 

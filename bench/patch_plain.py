@@ -96,7 +96,7 @@ def import_seconds(module: str) -> float:
 
 
 def machine() -> str:
-    mem = next((int(l.split()[1]) for l in open("/proc/meminfo") if l.startswith("MemTotal")), 0) / 2**20
+    mem = next((int(ln.split()[1]) for ln in open("/proc/meminfo") if ln.startswith("MemTotal")), 0) / 2**20
     return f"{os.cpu_count()} CPUs, {mem:.0f} GiB RAM, load average {os.getloadavg()[0]:.1f} at start"
 
 

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import cpu_seconds, free_port, percentile, wait_http  # noqa: E402
+from benchlib import cpu_seconds, free_port, percentile, wait_http
 
 REPO = Path(__file__).resolve().parents[1]
 VLMPOOL = [sys.executable, "-m", "vlmpool"]
@@ -160,7 +160,8 @@ def main() -> int:
         proxy_url = f"http://127.0.0.1:{proxy_port}/v1/chat/completions"
         cores = os.cpu_count()
         print(f"# proxy bench: sim ttft={args.ttft_ms:g}ms tpot={args.tpot_ms:g}ms output_tokens={args.output_tokens} "
-              f"duration={args.duration:g}s/run x{args.repeat}, load average {os.getloadavg()[0]:.2f}, {cores} CPU cores shared by load generator + sim + proxy, "
+              f"duration={args.duration:g}s/run x{args.repeat}, load average {os.getloadavg()[0]:.2f}, "
+              f"{cores} CPU cores shared by load generator + sim + proxy, "
               f"python {platform.python_version()}, uvloop={'yes' if uvloop else 'no'}, "
               f"proxy access log {'on' if args.access_log else 'off'}, "
               + (f"proxy pinned to CPU {sorted(proxy_cpus)}, sim + load generator to {sorted(other_cpus)}"
@@ -242,7 +243,8 @@ def main() -> int:
             print(f"{c:>5} {d['rps']:>11.1f} {p['rps']:>10.1f} {row['throughput_ratio']:>6.3f} {d['p50_ms']:>11.2f} "
                   f"{p['p50_ms']:>10.2f} {row['added_p50_ms']:>8.2f} {d['p99_ms']:>11.2f} {p['p99_ms']:>10.2f} "
                   f"{row['added_p99_ms']:>8.2f} {d['errors'] + p['errors']:>6} {p['proxy_cpu_us_per_req']:>16.0f} "
-                  f"{p['sim_cpu_us_per_req']:>14.0f} {p['handler_p50_ms']:>9.3f}/{p['handler_p99_ms']:<9.3f}", flush=True)
+                  f"{p['sim_cpu_us_per_req']:>14.0f} {p['handler_p50_ms']:>9.3f}/{p['handler_p99_ms']:<9.3f}",
+                  flush=True)
         target = next((r for r in results if r["concurrency"] == 64), None)
         summary = {
             "bench": "proxy",

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchlib import free_port, wait_http  # noqa: E402
+from benchlib import free_port, wait_http
 
 
 async def closed_after(reader: asyncio.StreamReader, t0: float, cap: float) -> float | None:

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import cpu_seconds, free_port, percentile, wait_http  # noqa: E402
+from benchlib import cpu_seconds, free_port, percentile, wait_http
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from helmtest import Helm, find_helm
 
 

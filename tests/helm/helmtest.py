@@ -1,5 +1,5 @@
-"""Helpers for the chart tests (imported by name, unlike conftest.py): the helm binary (found or built and cached by hack/k8s-bins.sh) and
-rendering the chart into objects."""
+"""Helpers for the chart tests (imported by name, unlike conftest.py): the helm binary (found or built and
+cached by hack/k8s-bins.sh) and rendering the chart into objects."""
 
 from __future__ import annotations
 

@@ -11,7 +11,6 @@ import uuid
 
 import pytest
 import yaml
-
 from helmtest import CHART, FIXTURES, VARIANTS, variant_args
 
 RELEASE_NS = "vlmpool-system"
@@ -116,10 +115,11 @@ def test_installed_rbac_grants_exactly_the_rules_where_the_operator_watches(helm
             assert not _can(cluster, release_ns, verb, "leases.coordination.k8s.io", watched[0]), verb
             assert not _can(cluster, release_ns, verb, "leases.coordination.k8s.io"), verb
         assert not _can(cluster, release_ns, "delete", "leases.coordination.k8s.io", release_ns)
-        for verb, resource in [("list", "secrets"), ("delete", "deployments.apps"), ("create", "roles.rbac.authorization.k8s.io"),
-                               ("update", "vlmpools.vlmpool.io")]:
+        for verb, resource in [("list", "secrets"), ("delete", "deployments.apps"),
+                               ("create", "roles.rbac.authorization.k8s.io"), ("update", "vlmpools.vlmpool.io")]:
             assert not _can(cluster, release_ns, verb, resource, watched[0]), (verb, resource)
-        dep = json.loads(cluster.kubectl("get", "deployment", "vlmpool-operator", "-n", release_ns, "-o", "json").stdout)
+        dep = json.loads(
+            cluster.kubectl("get", "deployment", "vlmpool-operator", "-n", release_ns, "-o", "json").stdout)
         args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
         assert [a for a in args if a.startswith("--namespace=")] == [f"--namespace={n}" for n in watched]
 

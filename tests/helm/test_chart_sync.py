@@ -8,7 +8,6 @@ import re
 import tomllib
 
 import yaml
-
 from helmtest import CHART, REPO
 
 

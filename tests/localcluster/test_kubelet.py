@@ -36,7 +36,8 @@ def test_deployment_pods_run_as_processes_with_volumes_env_and_probes(kubectl, l
     kubectl("create", "secret", "generic", "cfg", "-n", namespace, "--from-literal=token=s3cret",
             "--from-literal=greeting=hello")
     script = ('cat /etc/cfg/token > /srv/web/token.txt; echo "$GREETING" > /srv/web/env.txt; '
-              'echo "$MY_IP" > /srv/web/ip.txt; (echo x > /etc/cfg/new && echo rw > /srv/web/ro.txt) || echo ro > /srv/web/ro.txt; '
+              'echo "$MY_IP" > /srv/web/ip.txt; '
+              '(echo x > /etc/cfg/new && echo rw > /srv/web/ro.txt) || echo ro > /srv/web/ro.txt; '
               'exec python3 -m http.server 8080 --bind 0.0.0.0 --directory /srv/web')
     apply(kubectl, namespace, {
         "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"},
@@ -45,7 +46,8 @@ def test_deployment_pods_run_as_processes_with_volumes_env_and_probes(kubectl, l
                      "containers": [{
                          "name": "web", "image": "python:3.11-slim", "command": ["sh", "-c", script],
                          "ports": [{"name": "http", "containerPort": 8080}],
-                         "env": [{"name": "GREETING", "valueFrom": {"secretKeyRef": {"name": "cfg", "key": "greeting"}}},
+                         "env": [{"name": "GREETING",
+                                  "valueFrom": {"secretKeyRef": {"name": "cfg", "key": "greeting"}}},
                                  {"name": "MY_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
                          "readinessProbe": {"httpGet": {"path": "/env.txt", "port": "http"}, "periodSeconds": 1},
                          "volumeMounts": [{"name": "cfg", "mountPath": "/etc/cfg", "readOnly": True},
@@ -61,7 +63,7 @@ def test_deployment_pods_run_as_processes_with_volumes_env_and_probes(kubectl, l
         ip = p["status"]["podIP"]
         assert {c["type"]: c["status"] for c in p["status"]["conditions"]}["Ready"] == "True"
 
-        def fetch(name):
+        def fetch(name, ip=ip):
             with urllib.request.urlopen(f"http://{ip}:8080/{name}", timeout=5) as r:
                 return r.read().decode().strip()
         assert fetch("token.txt") == "s3cret"
@@ -142,7 +144,8 @@ def test_crashing_container_restarts_with_backoff_and_liveness_kills(kubectl, lo
 
 def test_pvc_is_provisioned_and_mounted(kubectl, local_node, namespace):
     apply(kubectl, namespace, {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "data"},
-                               "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Gi"}}}})
+                               "spec": {"accessModes": ["ReadWriteMany"],
+                                        "resources": {"requests": {"storage": "1Gi"}}}})
     apply(kubectl, namespace, _job("writer", "echo persisted > /data/file.txt") |
           {"spec": {"backoffLimit": 0, "template": {"spec": {
               "restartPolicy": "Never",

@@ -12,11 +12,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from helpers import OperatorProcess, PodProcesses, ensure_node  # noqa: E402
+from helpers import OperatorProcess, PodProcesses, ensure_node
 
-from vlmpool.controller import rbac  # noqa: E402
-from vlmpool.kube.client import VLMADAPTERS, KubeClient  # noqa: E402
-from vlmpool.kube.config import KubeConfig  # noqa: E402
+from vlmpool.controller import rbac
+from vlmpool.kube.client import VLMADAPTERS, KubeClient
+from vlmpool.kube.config import KubeConfig
 
 OPERATOR_USER = "vlmpool-operator-test"
 
@@ -70,7 +70,8 @@ async def operator(operator_kubeconfig, namespace, adapter_root, tmp_path, kube)
     procs: list[OperatorProcess] = []
     log = tmp_path / "operator.log"
 
-    async def start(resync: float = 3.0, extra_args: tuple[str, ...] = (), log_name: str | None = None) -> OperatorProcess:
+    async def start(resync: float = 3.0, extra_args: tuple[str, ...] = (),
+                    log_name: str | None = None) -> OperatorProcess:
         op = OperatorProcess(operator_kubeconfig, namespace, adapter_root, tmp_path / log_name if log_name else log,
                              resync=resync, extra_args=list(extra_args))
         procs.append(op)

@@ -71,8 +71,8 @@ async def complete_patch(kube, ns, job_name, root, adapter, version, seed=0):
 
 async def start_pool_pods(kube, ns, pool, n, tmp_path, pod_processes):
     """Play the kubelet for the pool's pods: real processes per pod, then report them Running."""
-    pods = await eventually(lambda: _n(kube.list(PODS, ns, label_selector=f"vlmpool.io/pool={pool},app.kubernetes.io/component=server"), n),
-                            what=f"{n} pods")
+    selector = f"vlmpool.io/pool={pool},app.kubernetes.io/component=server"
+    pods = await eventually(lambda: _n(kube.list(PODS, ns, label_selector=selector), n), what=f"{n} pods")
     secret = await eventually(lambda: kube.get(SECRETS, f"{pool}-admin-token", ns), what="the token Secret")
     token = base64.b64decode(secret["data"]["token"]).decode()
     block = loopback_block()

@@ -46,7 +46,7 @@ async def test_exactly_one_leads_and_the_other_takes_over_after_expiry(clients, 
     b = LeaderElector(clients(), namespace, LEASE, "cand-b", **FAST)
     stop = asyncio.Event()
     ta, tb = asyncio.create_task(a.acquire(stop)), asyncio.create_task(b.acquire(stop))
-    done, pending = await asyncio.wait({ta, tb}, timeout=60, return_when=asyncio.FIRST_COMPLETED)
+    done, _pending = await asyncio.wait({ta, tb}, timeout=60, return_when=asyncio.FIRST_COMPLETED)
     assert len(done) == 1 and next(iter(done)).result() is True
     leader, follower, follower_task = (a, b, tb) if ta in done else (b, a, ta)
     renewing = asyncio.create_task(leader.keep_leading())
@@ -115,7 +115,7 @@ class StaleReads(KubeClient):
 
 async def test_a_write_race_is_lost_with_409_not_won_twice(operator_kubeconfig, clients, namespace, kube):
     # An expired lease of a vanished holder.
-    old = format_time(dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5))
+    old = format_time(dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5))
     await kube.create({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
                        "metadata": {"name": LEASE, "namespace": namespace},
                        "spec": {"holderIdentity": "gone", "leaseDurationSeconds": 3, "acquireTime": old,
@@ -150,7 +150,7 @@ async def test_a_leader_that_sees_another_holder_stops_leading(clients, namespac
     renewing = asyncio.create_task(a.keep_leading())
     try:
         lease = await kube.get(LEASES, LEASE, namespace)
-        now = format_time(dt.datetime.now(dt.timezone.utc))
+        now = format_time(dt.datetime.now(dt.UTC))
         lease["spec"].update(holderIdentity="intruder", renewTime=now, leaseDurationSeconds=600)
         await kube.request("PUT", LEASES.path(namespace, LEASE), body=lease)
         await asyncio.wait_for(renewing, 30)
@@ -244,7 +244,7 @@ async def test_two_operators_one_leader_reconciles_and_a_follower_takes_over(kub
 
     # It reconciles: a new adapter gets exactly one patch Job.
     await kube.create(adapter_obj("ad", "vision", f"file://{tmp_path}/ad"), ns)
-    (job,) = await eventually(lambda: patch_jobs(kube, ns, "ad"), what="the adapter's patch Job")
+    (_job,) = await eventually(lambda: patch_jobs(kube, ns, "ad"), what="the adapter's patch Job")
     await asyncio.sleep(3)
     assert len(await patch_jobs(kube, ns, "ad")) == 1
 
@@ -264,7 +264,7 @@ async def test_a_leader_that_loses_the_lease_exits_non_zero(kube, namespace, ope
     op = await operator(extra_args=_le_args(ns, "solo"), log_name="solo.log")
     await eventually(lambda: _holder_is(kube, ns, "solo"), what="solo to lead")
     lease = await kube.get(LEASES, LEASE, ns)
-    lease["spec"].update(holderIdentity="usurper", renewTime=format_time(dt.datetime.now(dt.timezone.utc)),
+    lease["spec"].update(holderIdentity="usurper", renewTime=format_time(dt.datetime.now(dt.UTC)),
                          leaseDurationSeconds=600)
     await kube.request("PUT", LEASES.path(ns, LEASE), body=lease)
 

@@ -27,7 +27,8 @@ async def test_pool_creates_children_with_owner_references_and_cascades(kube, na
                     engine={"maxLoras": 8, "maxCpuLoras": 32, "maxLoraRank": 32, "gpus": 1},
                     proxy={"concurrency": 7, "adminPort": admin_port},
                     scheduling={"nodeSelector": {"gpu": "a100"},
-                                "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]})
+                                "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists",
+                                                 "effect": "NoSchedule"}]})
     created = await kube.create(pool, namespace)
     uid = created["metadata"]["uid"]
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from patcher_testlib import FAMILIES, LANG_TARGETS, POOL_BASE, VISION_TARGETS, make_adapter
 from safetensors.torch import load_file, save_file
 
-from patcher_testlib import FAMILIES, LANG_TARGETS, POOL_BASE, VISION_TARGETS, make_adapter
 from vlmpool.patcher import PatchError, PatchOptions, patch_adapter, patch_and_publish
 from vlmpool.patcher.weights import HEADER_MAX_BYTES, Weights, parse_header
 
@@ -221,7 +221,8 @@ HOSTILE = [
     ("reversed-offsets", _file(_with(a__data_offsets=[8, 0]), bytes(12)), r"invalid data_offsets"),
     ("negative-offset", _file(_with(a__data_offsets=[-4, 4]), bytes(12)), r"invalid data_offsets"),
     ("past-the-data", _file(_with(b__data_offsets=[8, 14]), bytes(12)), r"ends at byte 14, past the 12 bytes"),
-    ("dtype-shape-vs-length", _file(_with(a__shape=[3]), bytes(12)), r"F32 \[3\], 12 bytes, but its data_offsets span 8"),
+    ("dtype-shape-vs-length", _file(_with(a__shape=[3]), bytes(12)),
+     r"F32 \[3\], 12 bytes, but its data_offsets span 8"),
     ("huge-shape", _file(_with(a__shape=[2**40, 2**40]), bytes(12)), r"but its data_offsets span 8"),
     ("overlap", _file(_with(b__data_offsets=[4, 8], b__shape=[2]), bytes(12)), r"'b' overlaps the tensor before it"),
     ("hole", _file({"a": GOOD["a"], "b": {"dtype": "BF16", "shape": [1], "data_offsets": [10, 12]}}, bytes(12)),
@@ -259,9 +260,11 @@ def test_hostile_weights_publish_nothing(name, lora_dirs, tmp_path):
     shutil.copytree(lora_dirs["qwen2_vl"], d)
     (d / "adapter_model.safetensors").write_bytes(bytes(buf))
     with pytest.raises(PatchError) as ei:
-        patch_and_publish(str(d), "ad", tmp_path / "vol", PatchOptions(family="qwen2_vl", pool_base=POOL_BASE["qwen2_vl"]))
+        patch_and_publish(str(d), "ad", tmp_path / "vol",
+                          PatchOptions(family="qwen2_vl", pool_base=POOL_BASE["qwen2_vl"]))
     assert ei.value.reason == "InvalidWeights"
-    assert not (tmp_path / "vol" / "ad" / "versions").exists() or not any((tmp_path / "vol" / "ad" / "versions").iterdir())
+    versions = tmp_path / "vol" / "ad" / "versions"
+    assert not versions.exists() or not any(versions.iterdir())
 
 
 def test_every_dtype_round_trips_byte_for_byte(tmp_path):

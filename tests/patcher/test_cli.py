@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from patcher_testlib import POOL_BASE
+
 from vlmpool.cli import main
 from vlmpool.patcher import fit_summary
 from vlmpool.patcher.api import SUMMARY_MAX_BYTES
@@ -43,8 +43,8 @@ def test_success_then_no_op(lora_dirs, tmp_path, capsys):
 def test_options_change_the_version(dora_dir, base_dirs, tmp_path):
     assert main(argv(dora_dir, tmp_path, "--dora-policy", "strip")) == 0
     strip = json.loads((tmp_path / "term").read_text())
-    assert main(argv(dora_dir, tmp_path, "--dora-policy", "svd", "--svd-rank", "8", "--base-weights", str(base_dirs[FAM]),
-                     "--device", "cpu")) == 0
+    assert main(argv(dora_dir, tmp_path, "--dora-policy", "svd", "--svd-rank", "8",
+                     "--base-weights", str(base_dirs[FAM]), "--device", "cpu")) == 0
     svd = json.loads((tmp_path / "term").read_text())
     assert strip["version"] != svd["version"] and svd["previousVersion"] == strip["version"]
     assert svd["doraPolicy"] == "svd" and 0 < svd["doraError"] < 1
@@ -61,7 +61,8 @@ def test_refusal_exit_code_and_message(dora_dir, tmp_path, capsys):
 def test_missing_source(tmp_path):
     assert main(argv(tmp_path / "nope", tmp_path)) == 1
     term = json.loads((tmp_path / "term").read_text())
-    assert term == {"ok": False, "reason": "SourceNotFound", "message": f"{tmp_path / 'nope'}: no such file or directory"}
+    assert term == {"ok": False, "reason": "SourceNotFound",
+                    "message": f"{tmp_path / 'nope'}: no such file or directory"}
 
 
 def test_bad_arguments_exit_2(lora_dirs, tmp_path):

@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
-
 from patcher_testlib import POOL_BASE, load_peft, make_adapter, tiny_model
+
 from vlmpool.patcher import PatchOptions, patch_and_publish
 
 FAM = "qwen2_vl"
@@ -48,13 +48,14 @@ def _per_module_error(reference, converted_dir):
 
 
 def _module_key(report_key: str) -> str:
-    # base_model.model.model.language_model.layers.0.self_attn.q_proj -> model.language_model.layers.0.self_attn.q_proj.weight
+    # base_model.model.model.language_model.layers.0.self_attn.q_proj
+    #   -> model.language_model.layers.0.self_attn.q_proj.weight
     return report_key.removeprefix("base_model.model.") + ".weight"
 
 
 def test_svd_full_rank_is_exact(dora_dir, base_dirs, reference, tmp_path):
     # rank 64 >= min(out, in) of every projection of the tiny model: no truncation.
-    s, out, report = _run(dora_dir, tmp_path, dora_policy="svd", svd_rank=64, base_weights=base_dirs[FAM])
+    s, out, _report = _run(dora_dir, tmp_path, dora_policy="svd", svd_rank=64, base_weights=base_dirs[FAM])
     assert s["doraPolicy"] == "svd" and s["rank"] == 64
     assert s["doraError"] < 1e-5
     cfg = json.loads((out / "adapter_config.json").read_text())
@@ -105,7 +106,7 @@ def test_strip_reports_its_measured_error(dora_dir, base_dirs, reference, tmp_pa
 
 
 def test_strip_without_base_weights_is_unmeasured(dora_dir, tmp_path):
-    s, out, report = _run(dora_dir, tmp_path, dora_policy="strip")
+    s, _out, report = _run(dora_dir, tmp_path, dora_policy="strip")
     assert s["doraPolicy"] == "strip" and s["doraError"] is None
     assert report["dora"]["measured"] is False
     assert any("not measured" in n for n in report["notes"])
@@ -135,7 +136,7 @@ def test_non_dora_adapter_ignores_the_policy(lora_dirs, tmp_path, base_dirs):
 
 
 def test_randomized_svd_is_reproducible_and_near_optimal(dora_dir, base_dirs, reference, tmp_path):
-    exact, _, rep_exact = _run(dora_dir, tmp_path / "e", dora_policy="svd", svd_rank=4, base_weights=base_dirs[FAM],
+    _exact, _, rep_exact = _run(dora_dir, tmp_path / "e", dora_policy="svd", svd_rank=4, base_weights=base_dirs[FAM],
                                svd_method="exact")
     rnd, out, rep = _run(dora_dir, tmp_path / "r", dora_policy="svd", svd_rank=4, base_weights=base_dirs[FAM],
                          svd_method="randomized")
@@ -147,7 +148,8 @@ def test_randomized_svd_is_reproducible_and_near_optimal(dora_dir, base_dirs, re
     for rk, reported in rep["dora"]["per_module"].items():
         assert errs[_module_key(rk)] == pytest.approx(reported, abs=1e-4)
         # Eckart-Young: the exact truncation is optimal; the randomized one is close to it
-        assert rep_exact["dora"]["per_module"][rk] - 1e-6 <= reported <= rep_exact["dora"]["per_module"][rk] * 1.05 + 1e-4
+        optimal = rep_exact["dora"]["per_module"][rk]
+        assert optimal - 1e-6 <= reported <= optimal * 1.05 + 1e-4
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
@@ -158,7 +160,8 @@ def test_svd_full_rank_other_families(family, base_dirs, tmp_path):
     with torch.no_grad():
         want = dora(input_ids=ids).logits
     s = patch_and_publish(str(src), "ad", tmp_path / "vol", PatchOptions(
-        family=family, pool_base=POOL_BASE[family], dora_policy="svd", svd_rank=64, base_weights=base_dirs[family], device="cpu"))
+        family=family, pool_base=POOL_BASE[family], dora_policy="svd", svd_rank=64, base_weights=base_dirs[family],
+        device="cpu"))
     assert s["doraError"] < 1e-5
     with torch.no_grad():
         got = load_peft(family, tmp_path / "vol" / "ad" / "current")(input_ids=ids).logits

@@ -8,9 +8,9 @@ import json
 
 import pytest
 import torch
+from patcher_testlib import FAMILIES, POOL_BASE, load_peft, make_adapter
 from safetensors import safe_open
 
-from patcher_testlib import FAMILIES, POOL_BASE, load_peft, make_adapter
 from vlmpool.patcher import PatchOptions, patch_and_publish
 from vlmpool.patcher.families import parse_key
 
@@ -67,7 +67,8 @@ def test_legacy_layer_keys_and_adapter_names_are_remapped(family, lora_dirs, tmp
     tensors = load_file(str(lora_dirs[family] / "adapter_model.safetensors"))
     legacy = {}
     for k, t in tensors.items():
-        k = k.replace("model.language_model.layers.", "model.layers.").replace(".lora_A.weight", ".lora_A.default.weight")
+        k = k.replace("model.language_model.layers.", "model.layers.")
+        k = k.replace(".lora_A.weight", ".lora_A.default.weight")
         legacy[k] = t
     save_file(legacy, str(src / "adapter_model.safetensors"))
     s = patch_and_publish(str(src), "ad", tmp_path / "vol", PatchOptions(family=family, pool_base=POOL_BASE[family]))
@@ -87,8 +88,10 @@ def test_keys_without_peft_prefix_get_it(lora_dirs, tmp_path):
     src.mkdir()
     (src / "adapter_config.json").write_text((lora_dirs["qwen3_vl"] / "adapter_config.json").read_text())
     tensors = load_file(str(lora_dirs["qwen3_vl"] / "adapter_model.safetensors"))
-    save_file({k.removeprefix("base_model.model."): t for k, t in tensors.items()}, str(src / "adapter_model.safetensors"))
-    s = patch_and_publish(str(src), "ad", tmp_path / "vol", PatchOptions(family="qwen3_vl", pool_base=POOL_BASE["qwen3_vl"]))
+    save_file({k.removeprefix("base_model.model."): t for k, t in tensors.items()},
+              str(src / "adapter_model.safetensors"))
+    s = patch_and_publish(str(src), "ad", tmp_path / "vol",
+                          PatchOptions(family="qwen3_vl", pool_base=POOL_BASE["qwen3_vl"]))
     report = json.loads((tmp_path / "vol/ad/current/patch_report.json").read_text())
     assert {r["rule"]: r["count"] for r in report["key_rules"]}["peft-prefix"] == s["tensorsKept"]
     assert torch.allclose(_logits(load_peft("qwen3_vl", lora_dirs["qwen3_vl"])),
@@ -97,18 +100,23 @@ def test_keys_without_peft_prefix_get_it(lora_dirs, tmp_path):
 
 def test_rslora_scale_is_kept(tmp_path):
     src = make_adapter("qwen2_5_vl", tmp_path / "rs", rslora=True, r=4, alpha=8)
-    s = patch_and_publish(str(src), "ad", tmp_path / "vol", PatchOptions(family="qwen2_5_vl", pool_base=POOL_BASE["qwen2_5_vl"]))
+    s = patch_and_publish(str(src), "ad", tmp_path / "vol",
+                          PatchOptions(family="qwen2_5_vl", pool_base=POOL_BASE["qwen2_5_vl"]))
     cfg = json.loads((tmp_path / "vol/ad/current/adapter_config.json").read_text())
     assert cfg["use_rslora"] is True and s["rank"] == 4
-    assert torch.allclose(_logits(load_peft("qwen2_5_vl", src)), _logits(load_peft("qwen2_5_vl", tmp_path / "vol/ad/current")), atol=1e-5)
+    assert torch.allclose(_logits(load_peft("qwen2_5_vl", src)),
+                          _logits(load_peft("qwen2_5_vl", tmp_path / "vol/ad/current")), atol=1e-5)
 
 
 def test_parse_key_forms():
     p = parse_key("base_model.model.model.layers.3.mlp.down_proj.lora_B.default.weight")
-    assert (p.module, p.kind, p.had_prefix, p.had_adapter_name) == ("model.layers.3.mlp.down_proj", "lora_B", True, True)
+    assert (p.module, p.kind, p.had_prefix, p.had_adapter_name) == (
+        "model.layers.3.mlp.down_proj", "lora_B", True, True)
     p = parse_key("base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_magnitude_vector")
-    assert (p.module, p.kind, p.had_adapter_name) == ("model.language_model.layers.0.self_attn.q_proj", "magnitude", False)
-    p = parse_key("base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_magnitude_vector.default.weight")
+    assert (p.module, p.kind, p.had_adapter_name) == (
+        "model.language_model.layers.0.self_attn.q_proj", "magnitude", False)
+    p = parse_key("base_model.model.model.language_model.layers.0.self_attn.q_proj"
+                  ".lora_magnitude_vector.default.weight")
     assert (p.kind, p.had_adapter_name) == ("magnitude", True)
     assert parse_key("base_model.model.lm_head.weight") is None
     assert parse_key("base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias") is None
@@ -120,6 +128,7 @@ def test_patched_adapter_loads_in_the_simulator(family, lora_dirs, tmp_path):
     expected modules, shapes within the max rank) accepts what the patcher publishes."""
     from vlmpool.sim.adapters import validate_adapter
 
-    s = patch_and_publish(str(lora_dirs[family]), "ad", tmp_path / "vol", PatchOptions(family=family, pool_base=POOL_BASE[family]))
+    s = patch_and_publish(str(lora_dirs[family]), "ad", tmp_path / "vol",
+                          PatchOptions(family=family, pool_base=POOL_BASE[family]))
     info = validate_adapter("ad@" + s["version"], s["path"], max_lora_rank=64, family_name=family)
     assert info.rank == s["rank"] and info.tensors == s["tensorsKept"]

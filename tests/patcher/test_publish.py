@@ -34,7 +34,8 @@ print(json.dumps({"version": p.version, "already": p.already_existed, "cleaned":
 """
 
 
-def run_publish(root: Path, adapter: str, inputs: Path, crash_at: str | None = None, **popen) -> subprocess.CompletedProcess:
+def run_publish(root: Path, adapter: str, inputs: Path, crash_at: str | None = None,
+                **popen) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env.pop("VLMPOOL_PATCH_CRASH_AT", None)
     if crash_at:
@@ -47,7 +48,8 @@ def run_publish(root: Path, adapter: str, inputs: Path, crash_at: str | None = N
 def versions(tmp_path_factory, lora_dirs):
     """An old version already published (the template volume) and the inputs of a new one."""
     root = tmp_path_factory.mktemp("pub")
-    old = patch_and_publish(str(lora_dirs[FAM]), "ad", root / "template", PatchOptions(family=FAM, pool_base=POOL_BASE[FAM]))
+    old = patch_and_publish(str(lora_dirs[FAM]), "ad", root / "template",
+                            PatchOptions(family=FAM, pool_base=POOL_BASE[FAM]))
     other = make_adapter(FAM, root / "other-src", seed=7)
     new = patch_adapter(other, PatchOptions(family=FAM, pool_base=POOL_BASE[FAM]))
     inputs = root / "inputs"
@@ -67,7 +69,8 @@ def assert_consistent(root: Path, adapter: str, allowed: set[str | None]) -> str
     for v in (adir / "versions").iterdir():
         assert all((v / n).is_file() for n in VERSION_FILES), f"partial version directory visible: {v}"
         report = json.loads((v / REPORT_NAME).read_text())
-        assert hashlib.sha256((v / "adapter_model.safetensors").read_bytes()).hexdigest() == report["patched_weights_digest"]
+        digest = hashlib.sha256((v / "adapter_model.safetensors").read_bytes()).hexdigest()
+        assert digest == report["patched_weights_digest"]
         assert report["version"] == v.name
     cur = adir / "current"
     visible = Path(os.readlink(cur)).name if cur.is_symlink() else None
@@ -110,7 +113,8 @@ def test_crash_during_first_publish(step, versions, tmp_path):
     root = tmp_path / "vol"
     res = run_publish(root, "fresh", versions["inputs"], crash_at=step)
     assert res.returncode == -signal.SIGKILL
-    assert assert_consistent(root, "fresh", {None}) is None  # nothing, or (after the rename) a complete unpointed version
+    # nothing, or (after the rename) a complete unpointed version
+    assert assert_consistent(root, "fresh", {None}) is None
     assert run_publish(root, "fresh", versions["inputs"]).returncode == 0
     assert assert_consistent(root, "fresh", {versions["new"]}) == versions["new"]
 

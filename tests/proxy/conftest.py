@@ -13,7 +13,7 @@ from vlmpool.proxy.server import RunningProxy, run_proxy
 
 
 @pytest.fixture
-async def proxy(sim):
+async def proxy(sim):  # noqa: F811 - sim: the imported fixture
     async with run_proxy(proxy_config(sim.url)) as p:
         yield p
 

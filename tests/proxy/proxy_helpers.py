@@ -5,7 +5,6 @@ directories written with torch + safetensors, and the `openai` SDK as the client
 from __future__ import annotations
 
 import functools
-
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,7 +53,8 @@ class Admin:
     url: str
     token: str = TOKEN
 
-    async def put(self, state: dict[str, Any], token: str | None = None, request_id: str | None = None) -> tuple[int, Any]:
+    async def put(self, state: dict[str, Any], token: str | None = None,
+                  request_id: str | None = None) -> tuple[int, Any]:
         headers = {"Authorization": f"Bearer {token or self.token}"}
         if request_id:
             headers["X-Request-Id"] = request_id
@@ -64,7 +64,8 @@ class Admin:
 
     async def get(self, token: str | None = None) -> tuple[int, Any]:
         async with aiohttp.ClientSession() as s:
-            async with s.get(self.url + "/admin/v1/state", headers={"Authorization": f"Bearer {token or self.token}"}) as r:
+            async with s.get(self.url + "/admin/v1/state",
+                             headers={"Authorization": f"Bearer {token or self.token}"}) as r:
                 return r.status, await r.json(content_type=None)
 
 
@@ -82,7 +83,8 @@ async def start_sim(port: int = 0, **overrides: Any):
             parsed = json.loads(body) if body else None
         except ValueError:
             parsed = body
-        sim.log.append({"method": request.method, "path": request.path, "headers": {k.lower(): v for k, v in request.headers.items()}, "json": parsed})
+        sim.log.append({"method": request.method, "path": request.path,
+                        "headers": {k.lower(): v for k, v in request.headers.items()}, "json": parsed})
         if sim.forget_before_generation and request.path in ("/v1/chat/completions", "/v1/completions"):
             app[ENGINE_KEY].forget()  # as if it restarted again between a re-load and the retry
         return await handler(request)
@@ -92,7 +94,7 @@ async def start_sim(port: int = 0, **overrides: Any):
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", port)
     await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # noqa: SLF001
+    port = site._server.sockets[0].getsockname()[1]
     sim.url = f"http://127.0.0.1:{port}"
     return sim, runner
 

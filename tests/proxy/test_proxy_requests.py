@@ -12,12 +12,11 @@ import time
 import aiohttp
 import openai
 import pytest
+from proxy_helpers import BASE, Admin, proxy_config, start_sim
 
 from vlmpool.proxy.engine import is_unknown_model_404
 from vlmpool.proxy.logs import JsonFormatter
 from vlmpool.proxy.server import ProxyConfig, map_engine_error, run_proxy
-
-from proxy_helpers import BASE, Admin, proxy_config, start_sim
 
 MSG = [{"role": "user", "content": "what is in the picture?"}]
 
@@ -56,7 +55,8 @@ async def test_base_and_adapter_chat_and_completions(sim, proxy, admin, client, 
 
 async def test_request_id_created_forwarded_echoed(sim, proxy, admin, client, adapters):
     status, _ = await admin.put(
-        {"generation": 1, "concurrency": 4, "adapters": [{"name": "cats", "version": "v1", "path": adapters("cats", "v1")}]},
+        {"generation": 1, "concurrency": 4,
+         "adapters": [{"name": "cats", "version": "v1", "path": adapters("cats", "v1")}]},
         request_id="push-0001",
     )
     assert status == 200
@@ -213,7 +213,8 @@ async def test_queue_full_and_queue_timeout_answer_429(sim):
         while p.proxy.limiter.active < 1:
             await asyncio.sleep(0.01)
         # one waiter fits in the queue; it gives up after 0.3 s -> 429 queue_timeout
-        second = asyncio.create_task(c.chat.completions.with_raw_response.create(model=BASE, messages=MSG, max_tokens=2))
+        second = asyncio.create_task(
+            c.chat.completions.with_raw_response.create(model=BASE, messages=MSG, max_tokens=2))
         while p.proxy.limiter.waiting < 1:
             await asyncio.sleep(0.01)
         # the queue is full now -> 429 queue_full at once
@@ -301,7 +302,8 @@ async def test_metrics_and_json_logs(sim, proxy, admin, client, adapters):
 
 
 def test_self_heal_trigger_is_exact():
-    body = json.dumps({"error": {"message": "The model `cats@v1` does not exist.", "type": "NotFoundError", "code": 404}})
+    body = json.dumps(
+        {"error": {"message": "The model `cats@v1` does not exist.", "type": "NotFoundError", "code": 404}})
     assert is_unknown_model_404(404, body, "cats@v1")
     assert is_unknown_model_404(404, "lora CATS@V1 not found", "cats@v1")
     assert not is_unknown_model_404(404, body, "dogs@v1")  # another model
@@ -337,10 +339,12 @@ def _table(status: int, body: str) -> tuple[int, dict, dict]:
 def test_every_engine_4xx_is_a_422_with_its_upstream_status(upstream):
     """Upstream 429 included: a per-request answer, not "the service is down" (the proxy's own
     back-pressure is its 429)."""
-    status, err, _ = _table(upstream, json.dumps({"error": {"message": "m", "type": "BadRequestError", "code": upstream}}))
+    status, err, _ = _table(upstream,
+                            json.dumps({"error": {"message": "m", "type": "BadRequestError", "code": upstream}}))
     assert status == 422
     assert err["code"] == err["kind"] == "vlm_client_error" and err["type"] == "upstream_client_error"
-    assert err["upstream_status"] == upstream and err["upstream_type"] == "BadRequestError" and err["moderated"] is False
+    assert err["upstream_status"] == upstream and err["upstream_type"] == "BadRequestError"
+    assert err["moderated"] is False
 
 
 @pytest.mark.parametrize("upstream", [500, 502, 503])
@@ -352,7 +356,8 @@ def test_every_engine_5xx_is_a_503_with_retry_after(upstream):
 
 @pytest.mark.parametrize("body,moderated", [
     (json.dumps({"error": {"message": "blocked", "type": "data_inspection_failed"}}), True),
-    (json.dumps({"error": {"message": "Input data may contain inappropriate content.", "type": "BadRequestError"}}), True),
+    (json.dumps({"error": {"message": "Input data may contain inappropriate content.",
+                           "type": "BadRequestError"}}), True),
     ("Inappropriate content", True),
     (json.dumps({"error": {"message": "max_tokens too large", "type": "BadRequestError"}}), False),
 ], ids=["type-marker-only", "message-marker-only", "plain-text", "neither"])

@@ -30,7 +30,7 @@ async def load(client, model, n, results, *, max_tokens=4, stop: asyncio.Event |
             try:
                 r = await client.chat.completions.create(model=model, messages=MSG, max_tokens=max_tokens)
                 results.append(("ok", r.choices[0].message.content))
-            except Exception as e:  # noqa: BLE001 - every failure is a finding
+            except Exception as e:  # every failure is a finding
                 results.append(("error", e))
 
     await asyncio.gather(*(worker() for _ in range(workers)))
@@ -98,7 +98,8 @@ async def test_version_swap_under_load_fails_nothing(adapters):
         async with run_proxy(proxy_config(sim.url)) as p:
             admin = Admin(p.admin_url)
             v1, v2 = adapters("cats", "v1"), adapters("cats", "v2")
-            assert (await admin.put({"generation": 1, "concurrency": 16, "adapters": [spec("cats", "v1", v1)]}))[0] == 200
+            pushed = await admin.put({"generation": 1, "concurrency": 16, "adapters": [spec("cats", "v1", v1)]})
+            assert pushed[0] == 200
             c = openai.AsyncOpenAI(base_url=p.url + "/v1", api_key="unused", max_retries=0, timeout=60)
             results: list = []
             stop = asyncio.Event()
@@ -169,7 +170,7 @@ async def test_self_heal_failure_is_503_and_retried_once(sim, proxy, admin, clie
     except openai.InternalServerError as e:
         assert e.status_code == 503 and e.body["code"] == "adapter_unavailable"
     assert len(sim.received("/v1/chat/completions")) == n_chats + 1  # no retry without a successful re-load
-    status, state = await admin.get()
+    _status, state = await admin.get()
     assert state["adapters"][0]["state"] == "failed" and "re-load" in state["adapters"][0]["reason"]
 
 
@@ -251,14 +252,16 @@ async def test_load_failures_are_reported_and_old_version_keeps_serving(sim, pro
 
     # a swap whose new version fails to load (engine 500) keeps the old version serving
     await sim.faults(fail_next_loads=1)
-    status, body = await admin.put({"generation": 2, "concurrency": 4, "adapters": [spec("cats", "v2", adapters("cats", "v2"))]})
+    status, body = await admin.put({"generation": 2, "concurrency": 4,
+                                    "adapters": [spec("cats", "v2", adapters("cats", "v2"))]})
     assert status == 200
     st = body["adapters"][0]
     assert st["state"] == "failed" and "500" in st["reason"] and st["serving_version"] == "v1"
     r = await client.chat.completions.create(model="cats", messages=MSG, max_tokens=4)
     assert r.choices[0].message.content.startswith("sim:cats@v1")
     # the next push succeeds and flips
-    status, body = await admin.put({"generation": 3, "concurrency": 4, "adapters": [spec("cats", "v2", adapters("cats", "v2"))]})
+    status, body = await admin.put({"generation": 3, "concurrency": 4,
+                                    "adapters": [spec("cats", "v2", adapters("cats", "v2"))]})
     assert body["adapters"] == [{"name": "cats", "version": "v2", "state": "loaded"}]
     r = await client.chat.completions.create(model="cats", messages=MSG, max_tokens=4)
     assert r.choices[0].message.content.startswith("sim:cats@v2")
@@ -268,7 +271,9 @@ async def test_removed_adapter_is_404_and_unloaded(sim, proxy, admin, client, ad
     assert (await admin.put({"generation": 1, "concurrency": 4, "adapters": [
         spec("cats", "v1", adapters("cats", "v1")), spec("dogs", "v1", adapters("dogs", "v1"))]}))[0] == 200
     assert sorted(m.id for m in (await client.models.list()).data) == sorted([BASE, "cats", "dogs"])
-    assert (await admin.put({"generation": 2, "concurrency": 4, "adapters": [spec("dogs", "v1", adapters("dogs", "v1"))]}))[0] == 200
+    pushed = await admin.put({"generation": 2, "concurrency": 4,
+                              "adapters": [spec("dogs", "v1", adapters("dogs", "v1"))]})
+    assert pushed[0] == 200
     try:
         await client.chat.completions.create(model="cats", messages=MSG)
         raise AssertionError("cats was removed")

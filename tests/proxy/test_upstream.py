@@ -11,7 +11,6 @@ import pytest
 from vlmpool.proxy.engine import EngineTimeout, EngineUnavailable
 from vlmpool.proxy.upstream import Upstream
 
-
 CLOSE = b"<close>"  # a piece that means: close the connection here
 HANG = b"<hang>"  # a piece that means: stay silent (connection open) for a while
 
@@ -95,7 +94,8 @@ async def test_content_length_split_and_keep_alive_reuse():
 
 async def test_chunked_stream_with_extensions_and_trailers_and_interim_1xx():
     events = [b"data: one\n\n", b"data: two\n\n", b"data: [DONE]\n\n"]
-    wire = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: text/event-stream\r\n\r\n"
+    wire = (b"HTTP/1.1 100 Continue\r\n\r\n"
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: text/event-stream\r\n\r\n")
     for e in events:
         wire += b"%x;ext=1\r\n" % len(e) + e + b"\r\n"
     wire += b"0\r\nX-Trailer: yes\r\n\r\n"
@@ -176,7 +176,8 @@ async def test_head_timeout_and_stream_idle_timeout_and_refused():
 
 
 async def test_garbage_is_an_error():
-    srv = ScriptedServer([[b"SSH-2.0-OpenSSH\r\n\r\n"], [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"]])
+    srv = ScriptedServer([[b"SSH-2.0-OpenSSH\r\n\r\n"],
+                          [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"]])
     async with srv as url:
         up = Upstream(url)
         with pytest.raises(EngineUnavailable, match="status line"):

@@ -18,10 +18,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "proxy"))
 
-from proxy_helpers import BASE, TOKEN, Admin, proxy_config, proxy_config_with, sim, write_adapter  # noqa: E402, F401
+from proxy_helpers import BASE, TOKEN, Admin, proxy_config, proxy_config_with, sim, write_adapter  # noqa: F401
 
-from vlmpool.proxy.server import run_proxy  # noqa: E402
-from vlmpool.testing.waiting import wait_until  # noqa: E402
+from vlmpool.proxy.server import run_proxy
+from vlmpool.testing.waiting import wait_until
 
 
 @pytest.fixture
@@ -42,7 +42,7 @@ async def raw_put(url: str, body: bytes, request_id: str) -> tuple[int, dict, st
         return r.status, await r.json(content_type=None), r.headers.get("X-Request-Id")
 
 
-async def test_adapter_paths_must_resolve_inside_the_adapter_root(sim, root, tmp_path):
+async def test_adapter_paths_must_resolve_inside_the_adapter_root(sim, root, tmp_path):  # noqa: F811 - sim: the imported fixture
     good = write_adapter(root / "cats" / "versions" / "v1", seed=1)
     outside = write_adapter(tmp_path / "elsewhere" / "v1", seed=2)  # a real, loadable adapter
     (root / "cats" / "current").symlink_to("versions/v1")  # a moving pointer inside the root
@@ -69,7 +69,7 @@ async def test_adapter_paths_must_resolve_inside_the_adapter_root(sim, root, tmp
         assert status == 200 and answer["adapters"] == [{"name": "cats", "version": "v1", "state": "loaded"}]
 
 
-async def test_generation_is_an_int64_and_a_huge_one_cannot_wedge_the_proxy(sim):
+async def test_generation_is_an_int64_and_a_huge_one_cannot_wedge_the_proxy(sim):  # noqa: F811 - sim: the imported fixture
     async with run_proxy(proxy_config(sim.url)) as p:
         admin = Admin(p.admin_url)
         for g in (10**26, 2**63, -1):
@@ -90,7 +90,7 @@ HOSTILE_STATES = {
 }
 
 
-async def test_malformed_or_nested_state_is_400_never_500(sim):
+async def test_malformed_or_nested_state_is_400_never_500(sim):  # noqa: F811 - sim: the imported fixture
     """Before: nesting deeper than Python's recursion limit answered 500."""
     async with run_proxy(proxy_config(sim.url)) as p:
         for i, (why, body) in enumerate(HOSTILE_STATES.items()):
@@ -140,7 +140,7 @@ async def test_admin_listener_binds_where_asked_and_the_log_says_so():
             proc.wait()
 
 
-async def test_first_push_after_a_restart_unloads_leftovers_and_nothing_else(sim, root):
+async def test_first_push_after_a_restart_unloads_leftovers_and_nothing_else(sim, root):  # noqa: F811 - sim: the imported fixture
     cats = str(write_adapter(root / "cats" / "versions" / "v1", seed=1))
     dogs = str(write_adapter(root / "dogs" / "versions" / "v1", seed=2))
     manual = str(write_adapter(root / "manual", seed=3))

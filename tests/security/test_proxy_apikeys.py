@@ -17,10 +17,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "proxy"))
 
-from proxy_helpers import BASE, Admin, proxy_config_with, sim  # noqa: E402, F401 - sim: a fixture
+from proxy_helpers import BASE, Admin, proxy_config_with, sim  # noqa: F401 - sim: a fixture
 
-from vlmpool.proxy.server import run_proxy  # noqa: E402
-from vlmpool.testing.waiting import wait_until  # noqa: E402
+from vlmpool.proxy.server import run_proxy
+from vlmpool.testing.waiting import wait_until
 
 MSG = [{"role": "user", "content": "hello"}]
 
@@ -54,7 +54,7 @@ async def _status(url: str, path: str, token: str | None = None, **kw) -> tuple[
         return r.status, body, r.headers.copy()
 
 
-async def test_api_keys_guard_the_public_api_but_not_health_and_metrics(sim, tmp_path):
+async def test_api_keys_guard_the_public_api_but_not_health_and_metrics(sim, tmp_path):  # noqa: F811 - sim: the imported fixture
     keys = tmp_path / "api-keys"
     mount_secret(keys, {"team-a": "key-aaaa-1111\n", "team-b": "key-bbbb-2222"}, 1)
     async with run_proxy(proxy_config_with(sim.url, api_key_dir=str(keys))) as p:
@@ -105,7 +105,7 @@ def _refused(url: str, token: str):
     return check
 
 
-async def test_large_body_without_a_key_is_refused_unread(sim, tmp_path):
+async def test_large_body_without_a_key_is_refused_unread(sim, tmp_path):  # noqa: F811 - sim: the imported fixture
     keys = tmp_path / "api-keys"
     mount_secret(keys, {"k": "the-key"}, 1)
     async with run_proxy(proxy_config_with(sim.url, api_key_dir=str(keys))) as p:

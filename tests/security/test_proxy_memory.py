@@ -48,7 +48,7 @@ async def _plain_sim():
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    return f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}", runner  # noqa: SLF001
+    return f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}", runner
 
 
 async def _proxy_process(engine_url: str, *extra: str):

@@ -10,10 +10,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "proxy"))
 
-from proxy_helpers import BASE, proxy_config_with, start_sim  # noqa: E402
+from proxy_helpers import BASE, proxy_config_with, start_sim
 
-from vlmpool.proxy.server import ProxyConfig, run_proxy  # noqa: E402
-from vlmpool.testing.waiting import wait_until  # noqa: E402
+from vlmpool.proxy.server import ProxyConfig, run_proxy
+from vlmpool.testing.waiting import wait_until
 
 
 async def _closed(reader: asyncio.StreamReader, deadline: float) -> bytes | None:

@@ -9,10 +9,9 @@ import aiohttp
 import jsonschema
 import openai
 import pytest
+from sim_helpers import png_bytes
 
 from vlmpool.sim.server import running_sim
-
-from sim_helpers import png_bytes
 
 
 def client(url: str, **kw) -> openai.AsyncOpenAI:

@@ -34,7 +34,8 @@ SCHEMAS = [
     {"type": "object", "minProperties": 2, "additionalProperties": {"type": "integer"}},
     {"type": "object", "properties": {"tree": {"$ref": "#/$defs/node"}}, "required": ["tree"],
      "$defs": {"node": {"type": "object", "properties": {"v": {"type": "integer"},
-                                                          "kids": {"type": "array", "items": {"$ref": "#/$defs/node"}, "maxItems": 0}},
+                                                          "kids": {"type": "array", "items": {"$ref": "#/$defs/node"},
+                                                                   "maxItems": 0}},
                         "required": ["v"]}}},
     {"type": "object", "properties": {"people_count": {"type": "integer", "minimum": 0},
                                       "persons": {"type": "array", "items": {"type": "object", "properties": {
@@ -59,7 +60,8 @@ def test_free_strings_carry_the_tag():
 
 
 @pytest.mark.parametrize("schema", [False, {"enum": []}, {"type": "string", "pattern": "^[0-9]{3}$"},
-                                    {"$ref": "https://example.com/s.json"}, {"type": "integer", "minimum": 3, "maximum": 2}])
+                                    {"$ref": "https://example.com/s.json"},
+                                    {"type": "integer", "minimum": 3, "maximum": 2}])
 def test_unsatisfiable_schemas_raise(schema):
     with pytest.raises(SchemaError):
         instance(schema, "sim")

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import ConfigDict, Field
+from pydantic.config import JsonValue
 
 from vlmpool.api.common import MODEL_ID_PATTERN, Condition, LocalObjectReference, Model
 
@@ -17,7 +18,7 @@ DoraPolicy = Literal["reject", "strip", "svd"]
 SOURCE_SCHEMES = ("https://", "s3://", "hf://", "pvc://", "file://")
 
 # CEL rules on the source: each scheme's own shape.
-SOURCE_RULES = [
+SOURCE_RULES: list[JsonValue] = [
     {
         "rule": "!self.uri.startsWith('hf://') || self.uri.matches('^hf://[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(@[A-Za-z0-9._/-]+)?$')",
         "message": "an hf:// source must be hf://<org>/<repo>[@<revision>]",
@@ -44,7 +45,7 @@ SOURCE_RULES = [
     },
 ]
 
-DORA_RULES = [
+DORA_RULES: list[JsonValue] = [
     {
         "rule": "self.policy != 'svd' || has(self.rank)",
         "message": "dora.rank is required when dora.policy is svd",
@@ -59,7 +60,7 @@ DORA_RULES = [
     },
 ]
 
-SPEC_RULES = [
+SPEC_RULES: list[JsonValue] = [
     {
         "rule": "self.poolRef.name == oldSelf.poolRef.name",
         "message": "poolRef is immutable: delete the adapter and create it on the other pool",
@@ -133,7 +134,8 @@ class PatchSummary(Model):
 
     tensors_kept: int | None = Field(default=None, ge=0, description="LoRA tensors in the served version.")
     tensors_remapped: int | None = Field(default=None, ge=0, description="Tensors whose key was rewritten.")
-    tensors_dropped: int | None = Field(default=None, ge=0, description="Tensors dropped (vision tower, DoRA magnitudes).")
+    tensors_dropped: int | None = Field(default=None, ge=0,
+                                        description="Tensors dropped (vision tower, DoRA magnitudes).")
     rank: int | None = Field(default=None, ge=0, description="Rank of the served LoRA.")
     dora_policy: str | None = Field(default=None, description="DoRA policy applied, or none.")
     dora_error: float | None = Field(default=None, description="Measured relative error of strip/svd, when measured.")
@@ -155,7 +157,8 @@ class PodLoad(Model):
 class VLMAdapterStatus(Model):
     observed_generation: int | None = Field(default=None, ge=0, description="Last metadata.generation acted on.")
     phase: Phase | None = Field(default=None, description="Pending, Patching, Registering, Ready, Failed, Deleting.")
-    reason: str | None = Field(default=None, description="CamelCase reason of the phase (see the README's troubleshooting).")
+    reason: str | None = Field(default=None,
+                               description="CamelCase reason of the phase (see the README's troubleshooting).")
     message: str | None = Field(default=None, description="Why the adapter is in its phase.", max_length=32768)
     served_name: str | None = Field(default=None, description="Name clients use.")
     spec_digest: str | None = Field(default=None, description="Digest of the patch inputs of the current Job.")

@@ -169,7 +169,8 @@ def _default_nested_objects(schema: dict[str, Any], model: type[BaseModel]) -> N
         annotation = field.annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             if field.default_factory is not None:
-                sub["default"] = field.default_factory().model_dump(by_alias=True, exclude_none=True, mode="json")
+                default = field.get_default(call_default_factory=True)
+                sub["default"] = default.model_dump(by_alias=True, exclude_none=True, mode="json")
                 sub.update(_ordered(sub))
             _default_nested_objects(sub, annotation)
 

@@ -53,11 +53,11 @@ FALLBACK_LOG_LINES = 80
 
 
 def now() -> str:
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def now_micro() -> str:
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def parse_quantity(q: str | int | float) -> float:
@@ -164,7 +164,7 @@ async def run_probe(probe: dict, container: dict, pod_ip: str, session: aiohttp.
                                                         stderr=asyncio.subprocess.STDOUT)
             out, _ = await asyncio.wait_for(proc.communicate(), timeout)
             return proc.returncode == 0, out.decode(errors="replace")[-500:]
-    except (asyncio.TimeoutError, aiohttp.ClientError, OSError, ValueError) as e:
+    except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as e:
         return False, f"probe error: {type(e).__name__}: {e}"
     return True, ""
 
@@ -248,7 +248,7 @@ class ContainerRun:
 class PodWorker:
     """Runs one pod until it is deleted."""
 
-    def __init__(self, kubelet: "ProcessKubelet", pod: dict, ip: str):
+    def __init__(self, kubelet: ProcessKubelet, pod: dict, ip: str):
         self.k = kubelet
         self.pod = pod
         self.uid = pod["metadata"]["uid"]
@@ -267,6 +267,8 @@ class PodWorker:
         self.volumes: dict[str, Path] = {}
         self.stop_event = asyncio.Event()
         self.task: asyncio.Task | None = None
+        # The loop keeps only weak references to tasks: probe-triggered kills live here until done.
+        self._kills: set[asyncio.Task] = set()
         self.start_time = pod.get("status", {}).get("startTime") or now()
         self.phase = "Pending"
         self.pod_error: tuple[str, str] | None = None
@@ -332,7 +334,7 @@ class PodWorker:
 
     async def _service_account_token(self, source: dict) -> bytes:
         sa = self.pod["spec"].get("serviceAccountName") or "default"
-        body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {
+        body: dict[str, Any] = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {
             "audiences": [source["audience"]] if source.get("audience") else None,
             "expirationSeconds": int(source.get("expirationSeconds", 3607)),
             "boundObjectRef": {"kind": "Pod", "apiVersion": "v1", "name": self.name, "uid": self.uid}}}
@@ -399,7 +401,7 @@ class PodWorker:
         path = (spec.get("hostPath") or spec.get("local") or {}).get("path")
         if not path:
             raise RuntimeRefusal("UnsupportedVolume", f"persistentvolume {pv_name} is neither hostPath nor local")
-        Path(path).mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(Path(path).mkdir, parents=True, exist_ok=True)
         return Path(path)
 
     # ---- environment -----------------------------------------------------------------------------
@@ -421,7 +423,8 @@ class PodWorker:
             if "fieldRef" in vf:
                 env[e["name"]] = self._field(vf["fieldRef"]["fieldPath"])
             elif "secretKeyRef" in vf or "configMapKeyRef" in vf:
-                kind, ref = ("Secret", vf["secretKeyRef"]) if "secretKeyRef" in vf else ("ConfigMap", vf["configMapKeyRef"])
+                kind, ref = (("Secret", vf["secretKeyRef"]) if "secretKeyRef" in vf
+                             else ("ConfigMap", vf["configMapKeyRef"]))
                 read = self._secret_data if kind == "Secret" else self._configmap_data
                 data = await read(ref["name"], ref.get("optional", False))
                 if ref["key"] in data:
@@ -482,7 +485,7 @@ class PodWorker:
             run.next_start = time.monotonic() + 2.0
             return
         log_path = self.dir / f"{c['name']}.log"
-        with open(log_path, "ab") as fh:
+        with await asyncio.to_thread(open, log_path, "ab") as fh:
             fh.write(f"--- {now()} start: {' '.join(argv)}\n".encode())
             fh.flush()
             run.proc = await asyncio.create_subprocess_exec(
@@ -529,7 +532,7 @@ class PodWorker:
         run.ready = False
         policy = self.restart_policy
         restart = not self.stop_event.is_set() and (
-            policy == "Always" and not run.init or (policy in ("Always", "OnFailure") and exit_code != 0))
+            (policy == "Always" and not run.init) or (policy in ("Always", "OnFailure") and exit_code != 0))
         if run.init and exit_code == 0:
             restart = False
         log.info("pod %s/%s: container %s exited %s (restart=%s)", self.ns, self.name, run.name, exit_code, restart)
@@ -562,7 +565,7 @@ class PodWorker:
             return
         try:
             await asyncio.wait_for(proc.wait(), grace)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -574,7 +577,7 @@ class PodWorker:
             await self._run()
         except asyncio.CancelledError:
             raise
-        except Exception as e:  # noqa: BLE001 - a pod must never take the kubelet down
+        except Exception as e:  # a pod must never take the kubelet down
             log.exception("pod %s/%s worker failed", self.ns, self.name)
             self.pod_error = ("KubeletError", str(e)[:500])
             await self.push_status(force=True)
@@ -619,7 +622,7 @@ class PodWorker:
     async def _sleep(self, seconds: float) -> None:
         try:
             await asyncio.wait_for(self.stop_event.wait(), seconds)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
 
     async def _step(self, run: ContainerRun) -> None:
@@ -648,24 +651,32 @@ class PodWorker:
                 run.ready = True
             elif run.readiness.due(run.started_at, t):
                 jobs.append((run, run.readiness, "readiness"))
-        if not jobs:
+        http = self.k.http
+        if not jobs or http is None:  # http is None only while the kubelet starts or stops
             return
         env = {"PATH": os.environ.get("PATH", "")}
-        results = await asyncio.gather(*(run_probe(p.probe, r.spec, self.ip, self.k.http, env) for r, p, _ in jobs))
+        # due() is never true without a probe: the filter only narrows the type (zip(strict) below checks it).
+        results = await asyncio.gather(*(run_probe(p.probe, r.spec, self.ip, http, env)
+                                         for r, p, _ in jobs if p.probe is not None))
         t = time.monotonic()
-        for (run, state, kind), (ok, why) in zip(jobs, results):
+        for (run, state, kind), (ok, why) in zip(jobs, results, strict=True):
             changed = state.record(ok, t)
             if kind == "startup":
                 if changed is True:
                     run.started = True
                 elif changed is False:
                     log.info("pod %s/%s: %s startup probe failed: %s", self.ns, self.name, run.name, why)
-                    asyncio.create_task(self.kill(run, self._grace(), "StartupProbeFailed"))
+                    self._kill_soon(run, "StartupProbeFailed")
             elif kind == "liveness" and changed is False:
                 log.info("pod %s/%s: %s liveness probe failed: %s", self.ns, self.name, run.name, why)
-                asyncio.create_task(self.kill(run, self._grace(), "LivenessProbeFailed"))
+                self._kill_soon(run, "LivenessProbeFailed")
             elif kind == "readiness" and changed is not None:
                 run.ready = changed
+
+    def _kill_soon(self, run: ContainerRun, reason: str) -> None:
+        task = asyncio.create_task(self.kill(run, self._grace(), reason))
+        self._kills.add(task)
+        task.add_done_callback(self._kills.discard)
 
     def _grace(self) -> float:
         return float(self.pod["spec"].get("terminationGracePeriodSeconds", 30))
@@ -821,13 +832,15 @@ class ProcessKubelet:
         try:
             await self.kube.create(self.node_object(), res=NODES)
         except Conflict:
-            await self.kube.patch(NODES, self.node.name, {"metadata": {"labels": self.node_object()["metadata"]["labels"]}})
+            labels = self.node_object()["metadata"]["labels"]
+            await self.kube.patch(NODES, self.node.name, {"metadata": {"labels": labels}})
         await self.kube.patch(NODES, self.node.name, {"status": self.node_status()}, subresource="status")
 
     async def heartbeat(self) -> None:
-        lease = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-                 "metadata": {"name": self.node.name, "namespace": "kube-node-lease"},
-                 "spec": {"holderIdentity": self.node.name, "leaseDurationSeconds": self.node.lease_seconds}}
+        lease: dict[str, Any] = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                                 "metadata": {"name": self.node.name, "namespace": "kube-node-lease"},
+                                 "spec": {"holderIdentity": self.node.name,
+                                          "leaseDurationSeconds": self.node.lease_seconds}}
         while not self._stop.is_set():
             try:
                 lease["spec"]["renewTime"] = now_micro()
@@ -841,7 +854,7 @@ class ProcessKubelet:
                 log.warning("node heartbeat failed: %s", e)
             try:
                 await asyncio.wait_for(self._stop.wait(), 10)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     async def _with_rv(self, lease: dict) -> dict:
@@ -963,7 +976,7 @@ class ProcessKubelet:
                     log.warning("kubelet sync failed: %s", e)
                 try:
                     await asyncio.wait_for(self._stop.wait(), self.node.sync_interval)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
             hb.cancel()
         finally:

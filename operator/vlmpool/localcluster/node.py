@@ -56,7 +56,7 @@ class LocalNode:
         finally:
             self._loop.close()
 
-    def start(self, timeout: float = 30) -> "LocalNode":
+    def start(self, timeout: float = 30) -> LocalNode:
         self._thread = threading.Thread(target=self._run, name="process-kubelet", daemon=True)
         self._thread.start()
         if not self._ready.wait(timeout):
@@ -70,7 +70,7 @@ class LocalNode:
             self._loop.call_soon_threadsafe(self.kubelet.stop)
             self._thread.join(60)
 
-    def __enter__(self) -> "LocalNode":
+    def __enter__(self) -> LocalNode:
         return self.start()
 
     def __exit__(self, *exc) -> None:

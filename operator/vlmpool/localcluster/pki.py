@@ -42,7 +42,7 @@ class CertificateAuthority:
     def __init__(self, common_name: str = "vlmpool-local-ca") -> None:
         self._key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         self._name = name
         self._cert = (
             x509.CertificateBuilder()
@@ -66,7 +66,7 @@ class CertificateAuthority:
 
     def _issue(self, subject: x509.Name, usage: list, sans: list | None = None) -> CertPair:
         key = ec.generate_private_key(ec.SECP256R1())
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         builder = (
             x509.CertificateBuilder()
             .subject_name(subject)

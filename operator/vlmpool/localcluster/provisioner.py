@@ -73,7 +73,7 @@ class LocalProvisioner:
             if (pvc.get("status") or {}).get("phase") != "Pending" or pvc["metadata"].get("deletionTimestamp"):
                 continue
             pv = self.volume(pvc)
-            Path(pv["spec"]["hostPath"]["path"]).mkdir(parents=True, exist_ok=True)
+            await asyncio.to_thread(Path(pv["spec"]["hostPath"]["path"]).mkdir, parents=True, exist_ok=True)
             try:
                 await self.kube.request("POST", PVS.path(), body=pv)
                 log.info("provisioned %s for %s/%s", pv["metadata"]["name"], pvc["metadata"]["namespace"],

@@ -114,7 +114,7 @@ class ProcessSpec:
                 else:
                     lines.append(f"mkdir -p {dst}")
                 lines.append(f"mount --bind {stage}/{i} {dst}")
-            for i, m in ordered:  # read-only last, so nested mount points could still be made
+            for _, m in ordered:  # read-only last, so nested mount points could still be made
                 if m.read_only:
                     lines.append(f"mount -o remount,bind,ro {shlex.quote(m.target)}")
             lines.append(f"umount -l {stage}")

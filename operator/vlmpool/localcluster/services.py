@@ -25,6 +25,7 @@ class ServiceForwarder:
         self.kube, self.namespace, self.service = kube, namespace, service
         self.host, self.port, self.refresh = host, port, refresh
         self._targets: list[tuple[str, int]] = []
+        self._has_targets = asyncio.Event()
         self._rr = itertools.count()
         self._server: asyncio.base_events.Server | None = None
         self._task: asyncio.Task | None = None
@@ -47,6 +48,10 @@ class ServiceForwarder:
             if number:
                 targets.append((st["podIP"], int(number)))
         self._targets = sorted(targets)
+        if self._targets:
+            self._has_targets.set()
+        else:
+            self._has_targets.clear()
 
     async def _refresh_loop(self) -> None:
         while True:
@@ -72,9 +77,10 @@ class ServiceForwarder:
     async def wait_ready(self, timeout: float = 60.0) -> bool:
         """Wait until the Service has a ready pod (as a client of a real Service would be refused
         meanwhile, not left hanging)."""
-        deadline = asyncio.get_running_loop().time() + timeout
-        while not self._targets and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.2)
+        try:
+            await asyncio.wait_for(self._has_targets.wait(), timeout)
+        except TimeoutError:
+            pass
         return bool(self._targets)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -44,7 +44,8 @@ def patch_and_publish(source: str, adapter: str, root: Path | str, opts: PatchOp
         fetched = fetch_adapter(source, scratch, sha256=sha256, max_file_bytes=max_file_bytes, pvc_root=pvc_root)
         patched = patch_adapter(fetched.dir, opts, source_uri=source, source_sha256=fetched.sha256,
                                 fetch_warnings=fetched.warnings, tensor_io=tensor_io)
-        patched.report["source"].update({"sha256_of": fetched.sha256_of, "pinned": fetched.pinned, "sizes": fetched.sizes})
+        patched.report["source"].update(
+            {"sha256_of": fetched.sha256_of, "pinned": fetched.pinned, "sizes": fetched.sizes})
         published = publish(root, adapter, patched.version, config_json(patched.config), patched.weights_bytes,
                             patched.report, lock_timeout=lock_timeout)
     finally:

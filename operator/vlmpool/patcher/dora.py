@@ -81,6 +81,8 @@ def apply_dora(plan: Any, weights: Any, base: Any, *, applied: str, scale: float
         if applied == "strip":
             approx = lora
         else:
+            if svd_rank is None:  # the pipeline always resolves a rank for the svd policy
+                raise ValueError("apply_dora: the svd policy needs svd_rank")
             method = svd_method_for(svd_method, delta.shape, svd_rank, device)
             res.methods.add(method)
             u, s, vh = truncated_svd(delta, svd_rank, method)

@@ -95,7 +95,7 @@ def plan_tensors(weights: Any, family: Family, r: int, use_dora: bool, vision_no
             continue
         found = layer_suffix(module, family)
         name = supported_module_name(found[1]) if found else None
-        if name is None:
+        if found is None or name is None:
             unsupported.setdefault(module, []).extend(slot.values())
             continue
         _check_complete(module, slot)

@@ -72,6 +72,25 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _header_object(raw: bytes) -> dict[str, Any]:
+    """The header's JSON object (UTF-8, no duplicate keys), else PatchError(InvalidWeights)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _bad(f"the header is not UTF-8 ({e})") from None
+    if not text.startswith("{"):
+        raise _bad("the header is not a JSON object")
+    try:
+        header = json.loads(text, object_pairs_hook=_no_duplicates)
+    except (ValueError, RecursionError) as e:
+        if isinstance(e, PatchError):
+            raise
+        raise _bad(f"the header is not valid JSON ({str(e)[:200]})") from None
+    if not isinstance(header, dict):  # pragma: no cover - startswith("{") and valid JSON imply a dict
+        raise _bad("the header is not a JSON object")
+    return header
+
+
 def parse_header(buf: bytes | bytearray | memoryview, size: int | None = None, max_header: int = HEADER_MAX_BYTES
                  ) -> tuple[dict[str, str] | None, dict[str, tuple[str, tuple[int, ...], int, int]]]:
     """Validate the header of the safetensors bytes ``buf`` (the whole file, or its first 8 + N bytes
@@ -85,20 +104,7 @@ def parse_header(buf: bytes | bytearray | memoryview, size: int | None = None, m
         raise _bad(f"the header claims {n} bytes, over the {max_header}-byte limit")
     if 8 + n > size:
         raise _bad(f"the header claims {n} bytes but the file has only {size - 8} after the length")
-    try:
-        text = bytes(buf[8:8 + n]).decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise _bad(f"the header is not UTF-8 ({e})") from None
-    if not text.startswith("{"):
-        raise _bad("the header is not a JSON object")
-    try:
-        header = json.loads(text, object_pairs_hook=_no_duplicates)
-    except (ValueError, RecursionError) as e:
-        if isinstance(e, PatchError):
-            raise
-        raise _bad(f"the header is not valid JSON ({str(e)[:200]})") from None
-    if not isinstance(header, dict):  # pragma: no cover - startswith("{") and valid JSON imply a dict
-        raise _bad("the header is not a JSON object")
+    header = _header_object(bytes(buf[8:8 + n]))
     metadata = header.pop("__metadata__", None)
     if metadata is not None and not (isinstance(metadata, dict)
                                      and all(isinstance(v, str) for v in metadata.values())):
@@ -198,7 +204,7 @@ class Weights:
 
     def serialize(self, out: dict[str, tuple[str | None, RawTensor | None]], metadata: dict[str, str] | None):
         """The output file from (source key, or a new RawTensor) per output key; returns (bytes, tensors)."""
-        tensors = {k: (self.raw(src) if src is not None else raw) for k, (src, raw) in out.items()}
+        tensors = {k: (self.raw(src) if src is not None else _given(raw)) for k, (src, raw) in out.items()}
         return serialize(tensors, metadata), tensors
 
     def tensor(self, key: str):
@@ -249,6 +255,13 @@ def from_torch(t) -> RawTensor:
     return RawTensor(_BY_NAME[name], tuple(t.shape), memoryview(data))
 
 
+def _given(raw: RawTensor | None) -> RawTensor:
+    """The new tensor of an output entry without a source key (serialize's contract: one of the two is set)."""
+    if raw is None:
+        raise ValueError("an output tensor needs a source key or a new RawTensor")
+    return raw
+
+
 def serialize(tensors: dict[str, RawTensor], metadata: dict[str, str] | None) -> bytes:
     """The safetensors bytes of ``tensors``, by the safetensors library's serialiser (the one
     safetensors.torch.save uses: same tensor order, header layout and padding)."""
@@ -257,7 +270,7 @@ def serialize(tensors: dict[str, RawTensor], metadata: dict[str, str] | None) ->
     spec = getattr(safetensors, "TensorSpec", None)
     if spec is None:  # pragma: no cover - safetensors < 0.7 takes the bytes themselves
         return bytes(safetensors.serialize({k: {"dtype": DTYPES[t.dtype][1], "shape": list(t.shape),
-                                                "data": bytes(t.data)} for k, t in tensors.items()}, metadata))
+                                                "data": bytes(t.data)} for k, t in tensors.items()}, metadata))  # type: ignore[misc]  # the old signature
     keep: list[Any] = []
     flat = {}
     for k, t in tensors.items():
@@ -321,6 +334,6 @@ class TorchWeights:
             dt = getattr(torch, DTYPES[raw.dtype][1])
             return torch.frombuffer(bytearray(raw.data), dtype=dt).reshape(raw.shape) if len(raw.data) else \
                 torch.zeros(raw.shape, dtype=dt)
-        tensors = {k: (self.tensors[src].contiguous() if src is not None else as_torch(raw))
+        tensors = {k: (self.tensors[src].contiguous() if src is not None else as_torch(_given(raw)))
                    for k, (src, raw) in out.items()}
         return save(tensors, metadata=metadata), tensors

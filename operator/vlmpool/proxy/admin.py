@@ -70,7 +70,7 @@ class AdminAPI:
                                   code="invalid_state")
         root = self.adapter_root
         for a in state.adapters if root is not None else ():
-            problem = confine_path(a.path, root)
+            problem = confine_path(a.path, root) if root is not None else None
             if problem:
                 return error_response(400, f"invalid state: adapters[{a.name!r}].path {problem}",
                                       type_="invalid_request_error", code="invalid_path", param="adapters.path")

@@ -44,7 +44,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--queue-limit", type=int, default=s.DEFAULT_QUEUE_LIMIT,
                         help=f"requests allowed to wait for a slot; beyond -> 429 (default {s.DEFAULT_QUEUE_LIMIT})")
     parser.add_argument("--queue-timeout", type=float, default=s.DEFAULT_QUEUE_TIMEOUT_S,
-                        help=f"seconds a request may wait for a slot before 429 (default {s.DEFAULT_QUEUE_TIMEOUT_S:g})")
+                        help="seconds a request may wait for a slot before 429 "
+                             f"(default {s.DEFAULT_QUEUE_TIMEOUT_S:g})")
     parser.add_argument("--request-timeout", type=float, default=s.DEFAULT_REQUEST_TIMEOUT_S,
                         help="seconds per engine call (streams: max silence between chunks) before 503 "
                              f"(default {s.DEFAULT_REQUEST_TIMEOUT_S:g})")
@@ -57,7 +58,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="seconds a connection may take to send a request's headers; also the keep-alive "
                              f"idle time (default {s.DEFAULT_HEADER_TIMEOUT_S:g})")
     parser.add_argument("--body-timeout", type=float, default=s.DEFAULT_BODY_TIMEOUT_S,
-                        help=f"seconds a request's body may take to arrive, else 408 (default {s.DEFAULT_BODY_TIMEOUT_S:g})")
+                        help="seconds a request's body may take to arrive, else 408 "
+                             f"(default {s.DEFAULT_BODY_TIMEOUT_S:g})")
     parser.add_argument("--adapter-root", default=os.environ.get("VLMPOOL_ADAPTER_ROOT") or None,
                         help="pushed adapter paths must resolve inside this directory, no symlinks "
                              "(env VLMPOOL_ADAPTER_ROOT; default: not checked)")
@@ -140,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
-        uvloop = None
+        uvloop = None  # type: ignore[assignment]  # the optional-import idiom mypy cannot type
     if uvloop is not None:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             return runner.run(_serve(config))

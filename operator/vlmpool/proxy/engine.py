@@ -9,7 +9,6 @@ engine has already closed.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from dataclasses import dataclass
 
@@ -66,7 +65,9 @@ def parse_error_body(body: str) -> tuple[str, str | None, str | None]:
     except ValueError:
         return body.strip(), None, None
     if isinstance(data, dict):
-        err = data.get("error") if isinstance(data.get("error"), dict) else data
+        err = data.get("error")
+        if not isinstance(err, dict):
+            err = data
         msg = err.get("message")
         if msg is None and "detail" in data:
             msg = data["detail"]
@@ -88,7 +89,8 @@ def is_unknown_model_404(status: int, body: str, internal_name: str) -> bool:
 
 
 class EngineClient:
-    def __init__(self, base_url: str, *, request_timeout: float, connect_timeout: float = 10.0, keepalive_s: float = 4.0) -> None:
+    def __init__(self, base_url: str, *, request_timeout: float, connect_timeout: float = 10.0,
+                 keepalive_s: float = 4.0) -> None:
         self.base_url = base_url.rstrip("/")
         self.request_timeout = request_timeout
         self.connect_timeout = connect_timeout
@@ -98,7 +100,8 @@ class EngineClient:
 
     async def start(self) -> None:
         if self._session is None:
-            connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=self._keepalive_s, ttl_dns_cache=300)
+            connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=self._keepalive_s,
+                                             ttl_dns_cache=300)
             self._session = aiohttp.ClientSession(
                 connector=connector, timeout=self.timeout_total, auto_decompress=True, raise_for_status=False,
                 cookie_jar=aiohttp.DummyCookieJar(),  # an engine sets no cookies; skip the jar on the hot path
@@ -126,10 +129,11 @@ class EngineClient:
     async def _post_json(self, path: str, payload: dict, request_id: str | None) -> tuple[int, str]:
         try:
             async with self.session.post(
-                self.base_url + path, data=json.dumps(payload), headers=self.headers(request_id), timeout=self.timeout_total
+                self.base_url + path, data=json.dumps(payload), headers=self.headers(request_id),
+                timeout=self.timeout_total,
             ) as resp:
                 return resp.status, await resp.text()
-        except asyncio.TimeoutError as e:
+        except TimeoutError as e:
             raise EngineTimeout(f"engine timed out on {path} after {self.request_timeout:g}s") from e
         except aiohttp.ClientError as e:
             raise EngineUnavailable(f"could not reach the engine at {self.base_url}: {e}") from e
@@ -160,7 +164,7 @@ class EngineClient:
                 if resp.status != 200:
                     raise EngineHTTPError(resp.status, await resp.text())
                 data = await resp.json(content_type=None)
-        except asyncio.TimeoutError as e:
+        except TimeoutError as e:
             raise EngineTimeout("engine timed out on /v1/models") from e
         except aiohttp.ClientError as e:
             raise EngineUnavailable(f"could not reach the engine at {self.base_url}: {e}") from e
@@ -169,8 +173,9 @@ class EngineClient:
     async def healthy(self, timeout: float = 2.0) -> bool:
         """vLLM's /health: True iff 200; never raises."""
         try:
-            async with self.session.get(self.base_url + "/health", timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+            async with self.session.get(self.base_url + "/health",
+                                        timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
                 await resp.read()
                 return resp.status == 200
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        except (TimeoutError, aiohttp.ClientError, OSError):
             return False

@@ -30,7 +30,8 @@ log = get_logger()
 
 
 class Forwarder:
-    def __init__(self, upstream: Upstream, registry: AdapterRegistry, metrics: ProxyMetrics, request_timeout: float) -> None:
+    def __init__(self, upstream: Upstream, registry: AdapterRegistry, metrics: ProxyMetrics,
+                 request_timeout: float) -> None:
         self.upstream = upstream
         self.registry = registry
         self.metrics = metrics
@@ -70,7 +71,8 @@ class Forwarder:
                 return unavailable_response(e, t_limit)
             try:
                 if resp.status >= 400:
-                    answer = await read_engine_body(up, resp, deadline if not stream else loop.time() + t_limit, t_limit)
+                    answer = await read_engine_body(up, resp, deadline if not stream else loop.time() + t_limit,
+                                                    t_limit)
                     if isinstance(answer, web.Response):
                         return answer
                     body = answer.decode("utf-8", errors="replace")
@@ -97,7 +99,8 @@ class Forwarder:
                 body_bytes = await read_engine_body(up, resp, deadline, t_limit)
                 if isinstance(body_bytes, web.Response):
                     return body_bytes
-                headers = {"Content-Type": resp.headers.get("content-type", "application/json"), "X-Vlmpool-Served-By": internal}
+                headers = {"Content-Type": resp.headers.get("content-type", "application/json"),
+                           "X-Vlmpool-Served-By": internal}
                 if "content-encoding" in resp.headers:
                     headers["Content-Encoding"] = resp.headers["content-encoding"]
                 return web.Response(body=body_bytes, status=resp.status, headers=headers)
@@ -146,7 +149,8 @@ class Forwarder:
         return out
 
 
-async def read_engine_body(up: Upstream, resp: UpstreamResponse, deadline: float, t_limit: float) -> bytes | web.Response:
+async def read_engine_body(up: Upstream, resp: UpstreamResponse, deadline: float,
+                           t_limit: float) -> bytes | web.Response:
     """The engine response's whole body by `deadline`, or the 503 to answer when it times out or
     the connection breaks (the connection is then dropped, not reused)."""
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -90,14 +91,16 @@ class ProxyMetrics:
             ["adapter", "result"],
             registry=r,
         )
-        self.adapters_loaded = Gauge("vlmpool_proxy_adapters_serving", "Served adapter names with a loaded version.", registry=r)
-        self.generation = Gauge("vlmpool_proxy_state_generation", "Generation of the newest applied state (-1: none).", registry=r)
+        self.adapters_loaded = Gauge("vlmpool_proxy_adapters_serving", "Served adapter names with a loaded version.",
+                                     registry=r)
+        self.generation = Gauge("vlmpool_proxy_state_generation", "Generation of the newest applied state (-1: none).",
+                                registry=r)
         self.generation.set(-1)
 
-        self._req_children: dict[tuple[str, str, str], object] = {}
-        self._lat_children: dict[tuple[str, str], object] = {}
-        self._ttfb_children: dict[str, object] = {}
-        self._over_children: dict[str, object] = {}
+        self._req_children: dict[tuple[str, str, str], Any] = {}
+        self._lat_children: dict[tuple[str, str], Any] = {}
+        self._ttfb_children: dict[str, Any] = {}
+        self._over_children: dict[str, Any] = {}
 
     def observe_request(self, route: str, model: str, status: int, seconds: float) -> None:
         """Count one answered request (children cached: the hot path skips prometheus' label lookup)."""
@@ -124,7 +127,8 @@ class ProxyMetrics:
             hist = self._ttfb_children[route] = self.ttfb.labels(route)
         hist.observe(seconds)
 
-    def bind_limiter(self, active: Callable[[], float], waiting: Callable[[], float], size: Callable[[], float]) -> None:
+    def bind_limiter(self, active: Callable[[], float], waiting: Callable[[], float],
+                     size: Callable[[], float]) -> None:
         self.in_flight.set_function(active)
         self.queue_depth.set_function(waiting)
         self.limiter_size.set_function(size)

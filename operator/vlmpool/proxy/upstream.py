@@ -29,8 +29,21 @@ class _Conn(asyncio.Protocol):
     """One connection; parses one response at a time."""
 
     __slots__ = (
-        "transport", "closed", "idle_since", "_buf", "_head_fut", "_response", "_state", "_remaining",
-        "_chunks", "_pending", "_waiter", "_done", "_error", "_paused", "_stream",
+        "_buf",
+        "_chunks",
+        "_done",
+        "_error",
+        "_head_fut",
+        "_paused",
+        "_pending",
+        "_remaining",
+        "_response",
+        "_state",
+        "_stream",
+        "_waiter",
+        "closed",
+        "idle_since",
+        "transport",
     )
 
     def __init__(self) -> None:
@@ -92,15 +105,8 @@ class _Conn(asyncio.Protocol):
         while True:
             st = self._state
             if st == "head":
-                end = buf.find(b"\r\n\r\n")
-                if end < 0:
-                    if len(buf) > MAX_HEAD_BYTES:
-                        raise EngineUnavailable("engine response head too large")
+                if not self._head(buf):
                     return
-                head = bytes(buf[:end])
-                del buf[: end + 4]
-                if not self._on_head(head):
-                    continue  # an interim 1xx: the real head follows
             elif st == "length":
                 if not buf:
                     return
@@ -112,22 +118,8 @@ class _Conn(asyncio.Protocol):
                     self._finish()
                     return
             elif st == "chunk_size":
-                end = buf.find(b"\r\n")
-                if end < 0:
-                    if len(buf) > 1024:
-                        raise EngineUnavailable("invalid chunk size line from the engine")
+                if not self._chunk_size(buf):
                     return
-                line = bytes(buf[:end]).split(b";", 1)[0].strip()
-                del buf[: end + 2]
-                try:
-                    size = int(line, 16)
-                except ValueError:
-                    raise EngineUnavailable("invalid chunk size from the engine") from None
-                if size == 0:
-                    self._state = "trailers"
-                else:
-                    self._remaining = size
-                    self._state = "chunk_data"
             elif st == "chunk_data":
                 if not buf:
                     return
@@ -145,12 +137,7 @@ class _Conn(asyncio.Protocol):
                 del buf[:2]
                 self._state = "chunk_size"
             elif st == "trailers":
-                end = buf.find(b"\r\n")
-                if end < 0:
-                    return
-                del buf[: end + 2]
-                if end == 0:  # the empty line that ends the trailers
-                    self._finish()
+                if not self._trailer_line(buf):
                     return
             elif st == "close":
                 if buf:
@@ -159,6 +146,49 @@ class _Conn(asyncio.Protocol):
                 return
             else:
                 return
+
+    def _head(self, buf: bytearray) -> bool:
+        """Consume a response head (an interim 1xx one too: the real head follows); False until it has arrived."""
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(buf) > MAX_HEAD_BYTES:
+                raise EngineUnavailable("engine response head too large")
+            return False
+        head = bytes(buf[:end])
+        del buf[: end + 4]
+        self._on_head(head)
+        return True
+
+    def _chunk_size(self, buf: bytearray) -> bool:
+        """Consume a chunk-size line; False when it has not fully arrived yet."""
+        end = buf.find(b"\r\n")
+        if end < 0:
+            if len(buf) > 1024:
+                raise EngineUnavailable("invalid chunk size line from the engine")
+            return False
+        line = bytes(buf[:end]).split(b";", 1)[0].strip()
+        del buf[: end + 2]
+        try:
+            size = int(line, 16)
+        except ValueError:
+            raise EngineUnavailable("invalid chunk size from the engine") from None
+        if size == 0:
+            self._state = "trailers"
+        else:
+            self._remaining = size
+            self._state = "chunk_data"
+        return True
+
+    def _trailer_line(self, buf: bytearray) -> bool:
+        """Consume one trailer line; False when parsing stops here (line incomplete, or the response done)."""
+        end = buf.find(b"\r\n")
+        if end < 0:
+            return False
+        del buf[: end + 2]
+        if end == 0:  # the empty line that ends the trailers
+            self._finish()
+            return False
+        return True
 
     def _on_head(self, head: bytes) -> bool:
         first = head.split(b"\r\n", 1)[0]
@@ -254,7 +284,7 @@ class _Conn(asyncio.Protocol):
 
 
 class UpstreamResponse:
-    __slots__ = ("_conn", "status", "headers", "keep_alive", "_released")
+    __slots__ = ("_conn", "_released", "headers", "keep_alive", "status")
 
     def __init__(self, conn: _Conn, status: int, headers: dict[str, str], keep_alive: bool) -> None:
         self._conn = conn
@@ -348,7 +378,7 @@ class Upstream:
         if self._addrs and now - self._addrs_at < DNS_TTL_S:
             return self._addrs
         infos = await loop.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
-        addrs = list(dict.fromkeys(info[4][0] for info in infos))
+        addrs = list(dict.fromkeys(str(info[4][0]) for info in infos))  # str: mypy types it str | int
         if not addrs:
             raise OSError(f"{self.host} has no address")
         self._addrs, self._addrs_at = addrs, now

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 POOL_BASE = {
@@ -28,18 +29,24 @@ def tiny_model(family: str, seed: int = 0):
 
     tf.logging.set_verbosity_error()
     torch.manual_seed(seed)
-    tokens = dict(bos_token_id=None, eos_token_id=None, image_token_id=250, video_token_id=251,
+    tokens: dict[str, Any] = dict(bos_token_id=None, eos_token_id=None, image_token_id=250, video_token_id=251,
                   vision_start_token_id=252, vision_end_token_id=253)
+    cfg: Any  # each family's model class takes its own config class: no common static type says so
+    cls: Any
     if family == "qwen2_vl":
-        cfg = tf.Qwen2VLConfig(text_config=dict(_TEXT), vision_config=dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2), **tokens)
+        cfg = tf.Qwen2VLConfig(text_config=dict(_TEXT),
+                               vision_config=dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2), **tokens)
         cls = tf.Qwen2VLForConditionalGeneration
     elif family == "qwen2_5_vl":
-        cfg = tf.Qwen2_5_VLConfig(text_config=dict(_TEXT), vision_config=dict(depth=1, hidden_size=32, intermediate_size=64,
-                                  out_hidden_size=64, num_heads=2, fullatt_block_indexes=[0]), **tokens)
+        cfg = tf.Qwen2_5_VLConfig(text_config=dict(_TEXT),
+                                  vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, out_hidden_size=64,
+                                                     num_heads=2, fullatt_block_indexes=[0]), **tokens)
         cls = tf.Qwen2_5_VLForConditionalGeneration
     elif family == "qwen3_vl":
-        cfg = tf.Qwen3VLConfig(text_config=dict(_TEXT, head_dim=16), vision_config=dict(depth=2, hidden_size=32, intermediate_size=64,
-                               out_hidden_size=64, num_heads=2, deepstack_visual_indexes=[1], num_position_embeddings=64), **tokens)
+        cfg = tf.Qwen3VLConfig(text_config=dict(_TEXT, head_dim=16),
+                               vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, out_hidden_size=64,
+                                                  num_heads=2, deepstack_visual_indexes=[1],
+                                                  num_position_embeddings=64), **tokens)
         cls = tf.Qwen3VLForConditionalGeneration
     else:
         raise ValueError(family)
@@ -68,7 +75,7 @@ def make_adapter(family: str, out: Path, *, targets=None, r: int = 8, alpha: int
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
             elif "lora_magnitude_vector" in name and (train_vision_magnitude or not vision):
                 p.mul_(1 + magnitude_jitter * torch.rand(p.shape, generator=g))
-    pm.save_pretrained(out)
+    pm.save_pretrained(str(out))
     if base_name is not None:
         cfg_path = Path(out) / "adapter_config.json"
         data = json.loads(cfg_path.read_text())

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 def wait_for(fn: Callable[[], Any], timeout: float = 90.0, interval: float = 0.3, what: str = "condition") -> Any:
