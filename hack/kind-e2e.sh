@@ -98,7 +98,8 @@ k create namespace e2e --dry-run=client -o yaml | k apply -f -
 log "helm install $RELEASE"
 "$HELM" upgrade --install "$RELEASE" charts/vlmpool --kubeconfig "$KUBECONFIG_FILE" \
   --namespace "$NS" --create-namespace --wait --timeout 300s \
-  --set operator.resyncSeconds=15 --set "networkPolicy.namespaces={e2e}"
+  --set operator.resyncSeconds=15 --set "networkPolicy.namespaces={e2e}" \
+  --set "sources.allowHostPaths={$WORK/pytest}"
 
 # ---- the suite ----------------------------------------------------------------------------------------
 log "running tests/e2e against $CLUSTER"

@@ -382,10 +382,13 @@ import_images() {
 chart() {
   k create namespace e2e --dry-run=client -o yaml | k apply -f - >/dev/null
   log "helm upgrade --install $RELEASE"
+  # file:// sources are off by default (docs/security.md); the e2e suite's adapters live under its
+  # --basetemp ($STATE/pytest), the one node directory this cluster allows.
   # shellcheck disable=SC2086
   "$HELM" upgrade --install "$RELEASE" charts/vlmpool --kubeconfig "$KUBECONFIG_FILE" \
     --namespace "$NS" --create-namespace --wait --timeout 300s \
-    --set operator.resyncSeconds=15 --set "networkPolicy.namespaces={e2e}" ${HELM_ARGS:-} >/dev/null
+    --set operator.resyncSeconds=15 --set "networkPolicy.namespaces={e2e}" \
+    --set "sources.allowHostPaths={$STATE/pytest}" ${HELM_ARGS:-} >/dev/null
   # A rebuilt image under the same tag: let the operator pod start from it.
   k -n "$NS" rollout restart "deployment/$RELEASE-operator" >/dev/null
   k -n "$NS" rollout status "deployment/$RELEASE-operator" --timeout=180s >/dev/null
