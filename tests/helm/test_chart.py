@@ -6,7 +6,6 @@ from __future__ import annotations
 import tarfile
 
 import pytest
-
 from helmtest import CHART, VARIANTS, by_kind, one, variant_args
 
 PINNED = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"

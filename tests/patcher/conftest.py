@@ -10,13 +10,13 @@ import hashlib
 import ipaddress
 import ssl
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 from xml.sax.saxutils import escape
 
 import pytest
-
 from patcher_testlib import FAMILIES, LANG_TARGETS, VISION_TARGETS, make_adapter, tiny_model
+
 
 @pytest.fixture(scope="session")
 def base_dirs(tmp_path_factory) -> dict[str, Path]:
@@ -96,7 +96,7 @@ def _self_signed(tmp: Path) -> tuple[Path, Path]:
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
             .not_valid_after(now + datetime.timedelta(days=1))

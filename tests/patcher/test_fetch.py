@@ -12,8 +12,8 @@ import tarfile
 import zipfile
 
 import pytest
-
 from patcher_testlib import POOL_BASE
+
 from vlmpool.patcher import PatchError, PatchOptions, fetch_adapter, patch_and_publish
 
 FAM = "qwen2_vl"

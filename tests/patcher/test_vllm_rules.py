@@ -9,11 +9,11 @@ import json
 
 import pytest
 import torch
+from patcher_testlib import LANG_TARGETS, POOL_BASE, edit_config, load_peft, tiny_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-
-from patcher_testlib import LANG_TARGETS, POOL_BASE, edit_config, load_peft, tiny_model
 from test_refusals import refuse
+
 from vlmpool.patcher import PatchOptions, patch_and_publish
 
 FAM = "qwen2_vl"

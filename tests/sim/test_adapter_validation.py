@@ -10,11 +10,10 @@ import struct
 
 import aiohttp
 import pytest
+from sim_helpers import QWEN_LM
 
 from vlmpool.sim.adapters import AdapterError, read_safetensors_header, validate_adapter
 from vlmpool.sim.server import running_sim
-
-from sim_helpers import QWEN_LM
 
 
 def refusal(path, *, family="qwen2_5_vl", max_rank=64, strict=True, name="x") -> tuple[int, dict]:

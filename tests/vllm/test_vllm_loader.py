@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from corpus import CORPUS
 from corpus import build as build_corpus
+
 from vlmpool.sim import adapters as sim_adapters
 from vlmpool.sim import contract
 from vlmpool.testing.adapters import FAMILIES, LANG_TARGETS, POOL_BASE, VISION_TARGETS, make_adapter, tiny_model
