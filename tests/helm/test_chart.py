@@ -102,7 +102,7 @@ def test_watching_namespaces_grants_roles_there_and_nothing_cluster_wide(helm):
 
 def test_network_policy_admits_only_the_operator_on_the_admin_port(helm):
     docs = helm.template(*variant_args("namespaced"))
-    _, pod, _ = _operator(docs)
+    _, _, _ = _operator(docs)
     op_labels = one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
     policies = by_kind(docs, "NetworkPolicy")
     assert sorted(p["metadata"]["namespace"] for p in policies) == ["team-a", "team-b"]

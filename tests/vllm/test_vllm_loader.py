@@ -126,7 +126,7 @@ def test_patched_adapters_load_in_vllm_and_map_to_language_modules(judged, famil
         assert tower and all(sim_adapters.VISION_MODULES[family].match(m) for m in tower), tower
     else:
         assert not tower, tower
-    for name, (a, b, rank, scaling) in modules.items():
+    for name, (a, b, rank, _scaling) in modules.items():
         assert a[0] == rank and b[1] == rank, (name, a, b, rank)
     if kind == "patterns":  # per-module rank and alpha survive the key rewrite, as vLLM reads them
         q = [v for m, v in modules.items() if m.endswith("q_proj")]

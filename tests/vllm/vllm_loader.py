@@ -59,6 +59,35 @@ def _resolve(node: ast.AST, namespace: dict):
     return None
 
 
+def _architectures_named(node: ast.Call) -> list[str]:
+    """The names in a call's architectures=[...]: init_vllm_registered_model(architectures=["Qwen2ForCausalLM"])."""
+    return [elt.value for kw in node.keywords if kw.arg == "architectures" and isinstance(kw.value, ast.List)
+            for elt in kw.value.elts if isinstance(elt, ast.Constant) and isinstance(elt.value, str)]
+
+
+def _scan_self_assign(node: ast.Assign, ns: dict, supported: set[str]):
+    """`self.x = SomeLinear(...)` (or a ModuleList/Sequential of them): add the LoRA-able names to supported.
+
+    Returns what the right-hand side calls, or None where the target is not an attribute of self."""
+    import torch.nn as nn
+    from vllm.model_executor.layers.linear import LinearBase
+
+    tgt = node.targets[0]
+    if not (isinstance(tgt, ast.Attribute) and isinstance(tgt.value, ast.Name) and tgt.value.id == "self"):
+        return None
+    value = node.value
+    called = _resolve(value.func, ns) if isinstance(value, ast.Call) else None
+    if isinstance(called, type) and issubclass(called, LinearBase):
+        supported.add(tgt.attr)
+    elif called in (nn.ModuleList, nn.Sequential):
+        elts = value.args[0].elts if (value.args and isinstance(value.args[0], ast.List)) else value.args
+        for i, elt in enumerate(elts):
+            c = _resolve(elt.func, ns) if isinstance(elt, ast.Call) else None
+            if isinstance(c, type) and issubclass(c, LinearBase):
+                supported.add(str(i))
+    return called
+
+
 def model_facts(family: str) -> dict:
     """(supported_lora_modules, packed_modules_mapping, embedding_modules, classes) of the family's model."""
     import torch.nn as nn
@@ -95,27 +124,12 @@ def model_facts(family: str) -> dict:
                     target = _resolve(node.func, ns)
                     if isinstance(target, type) and issubclass(target, nn.Module) and not issubclass(target, LinearBase):
                         queue.append(target)
-                    for kw in node.keywords:  # init_vllm_registered_model(architectures=["Qwen2ForCausalLM"])
-                        if kw.arg == "architectures" and isinstance(kw.value, ast.List):
-                            for elt in kw.value.elts:
-                                if isinstance(elt, ast.Constant) and isinstance(elt.value, str):
-                                    lm = _registry_class(elt.value)
-                                    queue.append(lm)
-                                    children.setdefault(cls, []).append(lm)
+                    for arch in _architectures_named(node):
+                        lm = _registry_class(arch)
+                        queue.append(lm)
+                        children.setdefault(cls, []).append(lm)
                 if isinstance(node, ast.Assign) and len(node.targets) == 1:
-                    tgt = node.targets[0]
-                    if not (isinstance(tgt, ast.Attribute) and isinstance(tgt.value, ast.Name) and tgt.value.id == "self"):
-                        continue
-                    value = node.value
-                    called = _resolve(value.func, ns) if isinstance(value, ast.Call) else None
-                    if isinstance(called, type) and issubclass(called, LinearBase):
-                        supported.add(tgt.attr)
-                    elif called in (nn.ModuleList, nn.Sequential):
-                        elts = value.args[0].elts if (value.args and isinstance(value.args[0], ast.List)) else value.args
-                        for i, elt in enumerate(elts):
-                            c = _resolve(elt.func, ns) if isinstance(elt, ast.Call) else None
-                            if isinstance(c, type) and issubclass(c, LinearBase):
-                                supported.add(str(i))
+                    called = _scan_self_assign(node, ns, supported)
                     if isinstance(called, type) and issubclass(called, nn.Module) and klass is top:
                         children.setdefault(top, []).append(called)
     packed = dict(getattr(top, "packed_modules_mapping", None) or {})
