@@ -1,5 +1,5 @@
-"""The pinned vLLM's own LoRA loader (vllm_loader.py, run in the pinned vLLM's cached venv) judges (1) the patcher's output
-for every family: real PEFT adapters patched by the real `vlmpool patch`, each of whose kept tensors
+"""The pinned vLLM's own LoRA loader (vllm_loader.py, run in the pinned vLLM's cached venv) judges (1) the patcher's
+output for every family: real PEFT adapters patched by the real `vlmpool patch`, each of whose kept tensors
 must map to a language-model module of vLLM's model; (2) the simulator: on a corpus of good and bad
 adapter directories its accept/refuse verdict (and message) must equal vLLM's; (3) the simulator's
 model facts (expected modules, weight mapper) must equal those read from vLLM's model classes."""
@@ -67,7 +67,8 @@ def _sources(family: str, root: Path) -> dict[str, Path]:
 
 def _patch(family: str, kind: str, source: Path, root: Path) -> dict:
     """The real CLI, as the patch Job runs it."""
-    cmd = [sys.executable, "-m", "vlmpool", "patch", "--source", str(source), "--adapter", f"{family.replace('_', '-')}-{kind}",
+    adapter = f"{family.replace('_', '-')}-{kind}"
+    cmd = [sys.executable, "-m", "vlmpool", "patch", "--source", str(source), "--adapter", adapter,
            "--root", str(root), "--pool-base", POOL_BASE[family], "--family", family, "--termination-log", ""]
     if kind == "dora":
         cmd += ["--dora-policy", "strip"]
@@ -87,8 +88,8 @@ def judged(vllm_python, tmp_path_factory):
         for kind, source in _sources(family, root / "src" / family).items():
             summary = _patch(family, kind, source, root / "vol")
             patched[(family, kind)] = summary
-            cases.append({"id": f"patched/{family}/{kind}", "family": family, "path": summary["path"], "max_lora_rank": 64,
-                          "tower_connector_lora": kind == "tower"})
+            cases.append({"id": f"patched/{family}/{kind}", "family": family, "path": summary["path"],
+                          "max_lora_rank": 64, "tower_connector_lora": kind == "tower"})
             cases.append({"id": f"source/{family}/{kind}", "family": family, "path": str(source), "max_lora_rank": 64})
     corpus = build_corpus(root / "corpus")
     cases += corpus

@@ -1,7 +1,7 @@
 """Run vLLM's own LoRA loader on adapter directories, as ``WorkerLoRAManager._load_adapter`` does.
 
-Runs under the pinned vLLM's environment (``make test-vllm``: a venv cached under ~/.cache/vlmpool), never under vlmpool's: it
-imports nothing from vlmpool. Usage: ``python vllm_loader.py CASES.json`` where CASES.json is a list of
+Runs under the pinned vLLM's environment (``make test-vllm``: a venv cached under ~/.cache/vlmpool), never under
+vlmpool's: it imports nothing from vlmpool. Usage: ``python vllm_loader.py CASES.json`` where CASES.json is a list of
 ``{"id", "family", "path", "max_lora_rank", "tower_connector_lora"}``; prints one JSON object (the last
 line of stdout): ``{"vllm": version, "families": {family: model facts}, "results": [{"id", "ok",
 "error", "modules"}]}``.
@@ -122,7 +122,8 @@ def model_facts(family: str) -> dict:
                             queue.append(target)
                 if isinstance(node, ast.Call):
                     target = _resolve(node.func, ns)
-                    if isinstance(target, type) and issubclass(target, nn.Module) and not issubclass(target, LinearBase):
+                    is_module = isinstance(target, type) and issubclass(target, nn.Module)
+                    if is_module and not issubclass(target, LinearBase):
                         queue.append(target)
                     for arch in _architectures_named(node):
                         lm = _registry_class(arch)
