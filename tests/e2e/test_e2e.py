@@ -35,8 +35,8 @@ def adapter_manifest(name, uri, **spec):
 
 
 def pool_pods(e2e):
-    out = json.loads(e2e.kubectl("get", "pods", "-n", NS, "-l", f"vlmpool.io/pool={POOL},app.kubernetes.io/component=server",
-                                 "-o", "json").stdout)["items"]
+    selector = f"vlmpool.io/pool={POOL},app.kubernetes.io/component=server"
+    out = json.loads(e2e.kubectl("get", "pods", "-n", NS, "-l", selector, "-o", "json").stdout)["items"]
     return [p for p in out if not p["metadata"].get("deletionTimestamp") and p.get("status", {}).get("podIP")]
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import tarfile
 
 import pytest
-
 from helmtest import CHART, VARIANTS, by_kind, one, variant_args
 
 PINNED = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
@@ -44,7 +43,8 @@ def test_default_render_is_a_cluster_wide_operator_with_exactly_the_operator_rul
     assert role["rules"] == RULES
     binding = one(docs, "ClusterRoleBinding")
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "vlmpool-operator", "namespace": "vlmpool-system"}]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "vlmpool-operator", "namespace": "vlmpool-system"}]
 
     dep, pod, c = _operator(docs)
     assert dep["spec"]["replicas"] == 1
@@ -103,7 +103,7 @@ def test_watching_namespaces_grants_roles_there_and_nothing_cluster_wide(helm):
 
 def test_network_policy_admits_only_the_operator_on_the_admin_port(helm):
     docs = helm.template(*variant_args("namespaced"))
-    _, pod, _ = _operator(docs)
+    _, _, _ = _operator(docs)
     op_labels = one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
     policies = by_kind(docs, "NetworkPolicy")
     assert sorted(p["metadata"]["namespace"] for p in policies) == ["team-a", "team-b"]
@@ -115,8 +115,8 @@ def test_network_policy_admits_only_the_operator_on_the_admin_port(helm):
         assert spec["policyTypes"] == ["Ingress"]
         admin, http, extra = spec["ingress"]
         assert admin["ports"] == [{"port": "admin", "protocol": "TCP"}]
-        assert admin["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "vlmpool-system"}},
-                                  "podSelector": {"matchLabels": op_labels}}]
+        system_ns = {"matchLabels": {"kubernetes.io/metadata.name": "vlmpool-system"}}
+        assert admin["from"] == [{"namespaceSelector": system_ns, "podSelector": {"matchLabels": op_labels}}]
         assert http["ports"] == [{"port": "http", "protocol": "TCP"}]
         assert http["from"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "gateway"}
         assert extra["ports"] == [{"port": "engine", "protocol": "TCP"}]
@@ -146,7 +146,8 @@ def test_monitoring_objects(helm):
     sm = one(docs, "ServiceMonitor")
     svc = one(docs, "Service")
     assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
-    assert sm["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "15s", "scrapeTimeout": "5s"}]
+    assert sm["spec"]["endpoints"] == [
+        {"port": "metrics", "path": "/metrics", "interval": "15s", "scrapeTimeout": "5s"}]
     assert sm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     pm = one(docs, "PodMonitor")
     assert pm["spec"]["podMetricsEndpoints"][0]["port"] == "http"

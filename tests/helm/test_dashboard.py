@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import json
 
+from helmtest import CHART, by_kind, one
 from prometheus_client import generate_latest
 
-from helmtest import CHART, by_kind, one
 from vlmpool.controller.metrics import OperatorMetrics
 from vlmpool.proxy.metrics import ProxyMetrics
 from vlmpool.testing.dashboard import exported_names, queried_metrics

@@ -36,7 +36,8 @@ def test_nodecp_serves_on_the_node_address_and_stops_on_sigterm(tmp_path):
         assert f"--advertise-address={ADDRESS}" in argv and f"--bind-address={ADDRESS}" in argv
         assert "--kubelet-preferred-address-types=InternalIP" in argv
         # The components' users have their default roles, and no more.
-        assert k("kube-scheduler.kubeconfig", "auth", "can-i", "create", "pods", "--subresource=binding").stdout.strip() == "yes"
+        can_bind = k("kube-scheduler.kubeconfig", "auth", "can-i", "create", "pods", "--subresource=binding")
+        assert can_bind.stdout.strip() == "yes"
         assert k("kube-proxy.kubeconfig", "auth", "can-i", "list", "endpointslices").stdout.strip() == "yes"
         assert k("kube-proxy.kubeconfig", "auth", "can-i", "create", "pods").stdout.strip() == "no"
     finally:

@@ -133,7 +133,8 @@ async def wait_job_pod(kube: KubeClient, ns: str, job: str) -> dict[str, Any]:
 async def wait_job_condition(kube: KubeClient, ns: str, job: str, cond: str) -> dict[str, Any]:
     async def done():
         j = await kube.get(JOBS, job, ns)
-        return j if any(c["type"] == cond and c["status"] == "True" for c in (j.get("status") or {}).get("conditions") or []) else None
+        conditions = (j.get("status") or {}).get("conditions") or []
+        return j if any(c["type"] == cond and c["status"] == "True" for c in conditions) else None
     return await eventually(done, what=f"Job {job} {cond}")
 
 

@@ -10,13 +10,13 @@ import hashlib
 import ipaddress
 import ssl
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 from xml.sax.saxutils import escape
 
 import pytest
-
 from patcher_testlib import FAMILIES, LANG_TARGETS, VISION_TARGETS, make_adapter, tiny_model
+
 
 @pytest.fixture(scope="session")
 def base_dirs(tmp_path_factory) -> dict[str, Path]:
@@ -96,11 +96,12 @@ def _self_signed(tmp: Path) -> tuple[Path, Path]:
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
             .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .sign(key, hashes.SHA256()))
     cert_path, key_path = tmp / "cert.pem", tmp / "key.pem"
@@ -176,7 +177,8 @@ def hf_server(monkeypatch):
         files, err = lookup(request)
         if err:
             return err
-        entries = [{"type": "file", "path": p, "size": len(b), "oid": hashlib.sha1(b).hexdigest()} for p, b in sorted(files.items())]
+        entries = [{"type": "file", "path": p, "size": len(b), "oid": hashlib.sha1(b).hexdigest()}
+                   for p, b in sorted(files.items())]
         return web.json_response(entries)
 
     async def resolve(request):
@@ -228,7 +230,8 @@ def s3_server(monkeypatch):
             return no_such("NoSuchBucket")
         prefix = request.query.get("prefix", "")
         keys = sorted(k for k in b if k.startswith(prefix))
-        items = "".join(f"<Contents><Key>{escape(k)}</Key><Size>{len(b[k])}</Size><ETag>\"{hashlib.md5(b[k]).hexdigest()}\"</ETag>"
+        items = "".join(f"<Contents><Key>{escape(k)}</Key><Size>{len(b[k])}</Size>"
+                        f"<ETag>\"{hashlib.md5(b[k]).hexdigest()}\"</ETag>"
                         "<LastModified>2026-01-01T00:00:00.000Z</LastModified><StorageClass>STANDARD</StorageClass></Contents>"
                         for k in keys)
         body = ('<?xml version="1.0" encoding="UTF-8"?><ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">'

@@ -12,8 +12,8 @@ import tarfile
 import zipfile
 
 import pytest
-
 from patcher_testlib import POOL_BASE
+
 from vlmpool.patcher import PatchError, PatchOptions, fetch_adapter, patch_and_publish
 
 FAM = "qwen2_vl"
@@ -85,9 +85,11 @@ def test_pvc_source(files, tmp_path):
         (claim / n).write_bytes(b)
     f = fetch_adapter("pvc://adapters-claim/team/a1", tmp_path / "w", pvc_root=tmp_path / "mnt")
     assert f.dir == claim
-    refuse("pvc://adapters-claim/team/../../etc", tmp_path, "InvalidSource", r"must not contain '\.\.'", pvc_root=tmp_path / "mnt")
+    refuse("pvc://adapters-claim/team/../../etc", tmp_path, "InvalidSource", r"must not contain '\.\.'",
+           pvc_root=tmp_path / "mnt")
     refuse("pvc://Bad_Claim/x", tmp_path, "InvalidSource", r"pvc://<claim>/<path>", pvc_root=tmp_path / "mnt")
-    refuse("pvc://adapters-claim/nope", tmp_path, "SourceNotFound", r"no such file or directory", pvc_root=tmp_path / "mnt")
+    refuse("pvc://adapters-claim/nope", tmp_path, "SourceNotFound", r"no such file or directory",
+           pvc_root=tmp_path / "mnt")
 
 
 def test_nested_directory_and_pickle_beside_safetensors(files, tmp_path):
@@ -114,7 +116,8 @@ def test_local_archives(files, tmp_path):
 
 def test_missing_config(tmp_path):
     (tmp_path / "empty").mkdir()
-    refuse(str(tmp_path / "empty"), tmp_path, "MissingConfig", r"has no adapter_config\.json: not a PEFT adapter directory")
+    refuse(str(tmp_path / "empty"), tmp_path, "MissingConfig",
+           r"has no adapter_config\.json: not a PEFT adapter directory")
 
 
 def test_missing_weights(files, tmp_path):
@@ -129,7 +132,8 @@ def test_pickle_weights_refused(files, tmp_path):
     d.mkdir()
     (d / CFG).write_bytes(files[CFG])
     (d / "adapter_model.bin").write_bytes(b"\x80\x04\x95pickle")
-    refuse(str(d), tmp_path, "PickleWeights", r"the adapter weights are pickle files \(adapter_model\.bin\); pickle is never loaded")
+    refuse(str(d), tmp_path, "PickleWeights",
+           r"the adapter weights are pickle files \(adapter_model\.bin\); pickle is never loaded")
 
 
 def test_pickle_file_source_refused(tmp_path):
@@ -148,14 +152,15 @@ def test_symlinked_weights_refused(files, tmp_path):
 
 
 def test_file_too_large_local(lora_dirs, tmp_path):
-    refuse(str(lora_dirs[FAM]), tmp_path, "FileTooLarge", r"adapter_model\.safetensors is \d+ bytes, over the limit of 1000 bytes",
-           max_file_bytes=1000)
+    refuse(str(lora_dirs[FAM]), tmp_path, "FileTooLarge",
+           r"adapter_model\.safetensors is \d+ bytes, over the limit of 1000 bytes", max_file_bytes=1000)
 
 
 def test_ambiguous_source(files, tmp_path):
     z = tmp_path / "two.zip"
     z.write_bytes(make_zip({f"{d}/{n}": b for d in ("a", "b") for n, b in files.items()}))
-    refuse(str(z), tmp_path, "AmbiguousSource", r"holds several adapters \(a/adapter_config\.json, b/adapter_config\.json\)")
+    refuse(str(z), tmp_path, "AmbiguousSource",
+           r"holds several adapters \(a/adapter_config\.json, b/adapter_config\.json\)")
 
 
 def test_unsupported_scheme_and_bad_pin(lora_dirs, tmp_path):
@@ -218,11 +223,12 @@ def test_archive_member_too_large(files, tmp_path):
     p = tmp_path / "big.tgz"
     p.write_bytes(make_tar({CFG: files[CFG], W: b"\0" * 100_000}))  # compresses far below the limit
     assert p.stat().st_size < 4096
-    refuse(str(p), tmp_path, "FileTooLarge", r"adapter_model\.safetensors is 100000 bytes, over the limit of 4096 bytes",
-           max_file_bytes=4096)
+    refuse(str(p), tmp_path, "FileTooLarge",
+           r"adapter_model\.safetensors is 100000 bytes, over the limit of 4096 bytes", max_file_bytes=4096)
     big = tmp_path / "bigger.tgz"
     big.write_bytes(make_tar(files))
-    refuse(str(big), tmp_path, "FileTooLarge", r"bigger\.tgz is \d+ bytes, over the limit of 4096 bytes", max_file_bytes=4096)
+    refuse(str(big), tmp_path, "FileTooLarge", r"bigger\.tgz is \d+ bytes, over the limit of 4096 bytes",
+           max_file_bytes=4096)
 
 
 def test_zip_member_with_lying_size_is_refused(files, tmp_path):
@@ -264,8 +270,8 @@ def test_https_archive_with_pin_and_auth(https_server, files, tmp_path, monkeypa
 
 def test_https_pin_mismatch(https_server, files, tmp_path):
     https_server.files["/a.zip"] = make_zip(files)
-    refuse(f"{https_server.url}/a.zip", tmp_path, "ChecksumMismatch", r"sha256 of https://127\.0\.0\.1:\d+/a\.zip is [0-9a-f]{64}, the pin says f{64}",
-           sha256="f" * 64)
+    refuse(f"{https_server.url}/a.zip", tmp_path, "ChecksumMismatch",
+           r"sha256 of https://127\.0\.0\.1:\d+/a\.zip is [0-9a-f]{64}, the pin says f{64}", sha256="f" * 64)
 
 
 def test_https_directory_url(https_server, files, tmp_path):
@@ -279,7 +285,8 @@ def test_https_directory_url(https_server, files, tmp_path):
 
 def test_https_directory_without_weights(https_server, files, tmp_path):
     https_server.files["/d/adapter_config.json"] = files[CFG]
-    refuse(f"{https_server.url}/d/", tmp_path, "MissingWeights", r"has adapter_config\.json but no adapter_model\.safetensors")
+    refuse(f"{https_server.url}/d/", tmp_path, "MissingWeights",
+           r"has adapter_config\.json but no adapter_model\.safetensors")
 
 
 def test_https_not_found(https_server, tmp_path):
@@ -287,18 +294,21 @@ def test_https_not_found(https_server, tmp_path):
 
 
 def test_https_not_an_archive_url(https_server, tmp_path):
-    refuse(f"{https_server.url}/adapter.safetensors", tmp_path, "InvalidSource", r"must be an archive .* or a directory URL ending in '/'")
+    refuse(f"{https_server.url}/adapter.safetensors", tmp_path, "InvalidSource",
+           r"must be an archive .* or a directory URL ending in '/'")
     refuse(f"{https_server.url}/adapter_model.bin", tmp_path, "PickleWeights", r"is a pickle file")
 
 
 def test_https_too_large_by_header_and_by_stream(https_server, files, tmp_path):
     body = make_zip(files)
     https_server.files["/a.zip"] = body
-    refuse(f"{https_server.url}/a.zip", tmp_path, "FileTooLarge", rf"is {len(body)} bytes, over the limit of 2048 bytes", max_file_bytes=2048)
+    refuse(f"{https_server.url}/a.zip", tmp_path, "FileTooLarge",
+           rf"is {len(body)} bytes, over the limit of 2048 bytes", max_file_bytes=2048)
     # a server that sends no Content-Length (chunked) is cut while streaming
     https_server.files["/b.zip"] = body
     https_server.headers["/b.zip"] = {"Transfer-Encoding": "chunked"}
-    refuse(f"{https_server.url}/b.zip", tmp_path, "FileTooLarge", r"larger than the limit of 2048 bytes", max_file_bytes=2048)
+    refuse(f"{https_server.url}/b.zip", tmp_path, "FileTooLarge", r"larger than the limit of 2048 bytes",
+           max_file_bytes=2048)
 
 
 def test_https_unreachable(tmp_path, monkeypatch):
@@ -313,13 +323,15 @@ def test_https_unreachable(tmp_path, monkeypatch):
 def test_https_untrusted_certificate(https_server, files, tmp_path, monkeypatch):
     https_server.files["/a.zip"] = make_zip(files)
     monkeypatch.delenv("SSL_CERT_FILE")
-    refuse(f"{https_server.url}/a.zip", tmp_path, "SourceUnavailable", r"CERTIFICATE_VERIFY_FAILED|certificate verify failed")
+    refuse(f"{https_server.url}/a.zip", tmp_path, "SourceUnavailable",
+           r"CERTIFICATE_VERIFY_FAILED|certificate verify failed")
 
 
 # ------------------------------------------------------------------ hf://
 
 def test_hf_source(hf_server, files, tmp_path):
-    hf_server.repos[("acme/vl-adapter", "v1")] = dict(files, **{"README.md": b"# hi", "base/model.safetensors": b"x" * 100})
+    hf_server.repos[("acme/vl-adapter", "v1")] = dict(files, **{"README.md": b"# hi",
+                                                                "base/model.safetensors": b"x" * 100})
     s = patch_and_publish("hf://acme/vl-adapter@v1", "ad", tmp_path / "vol", opts(), sha256=sha(files[W]))
     assert s["ok"]
     downloads = [r for r in hf_server.requests if "/resolve/" in r]
@@ -334,7 +346,8 @@ def test_hf_not_found(hf_server, files, tmp_path):
 
 def test_hf_pickle_only_is_refused_before_download(hf_server, files, tmp_path):
     hf_server.repos[("acme/old", "main")] = {CFG: files[CFG], "adapter_model.bin": b"\x80\x04pickle"}
-    refuse("hf://acme/old", tmp_path, "PickleWeights", r"hf://acme/old: the adapter weights are pickle files \(adapter_model\.bin\)")
+    refuse("hf://acme/old", tmp_path, "PickleWeights",
+           r"hf://acme/old: the adapter weights are pickle files \(adapter_model\.bin\)")
     assert not [r for r in hf_server.requests if "/resolve/" in r]
 
 
@@ -351,7 +364,8 @@ def test_s3_prefix(s3_server, files, tmp_path):
     s = patch_and_publish("s3://models/adapters/a1", "ad", tmp_path / "vol", opts())
     assert s["ok"] and any("optimizer.pt" in w for w in s["warnings"])
     gets = [r for r in s3_server.requests if r.startswith("/models/adapters/")]
-    assert sorted(g.split("?")[0] for g in gets) == ["/models/adapters/a1/adapter_config.json", "/models/adapters/a1/adapter_model.safetensors"]
+    assert sorted(g.split("?")[0] for g in gets) == ["/models/adapters/a1/adapter_config.json",
+                                                     "/models/adapters/a1/adapter_model.safetensors"]
 
 
 def test_s3_archive_key_with_pin(s3_server, files, tmp_path):
@@ -359,7 +373,8 @@ def test_s3_archive_key_with_pin(s3_server, files, tmp_path):
     s3_server.buckets["models"] = {"a.tar.gz": body}
     f = fetch_adapter("s3://models/a.tar.gz", tmp_path / "w", sha256=sha(body))
     assert f.sha256_of == "archive" and (f.dir / W).read_bytes() == files[W]
-    refuse("s3://models/a.tar.gz", tmp_path, "ChecksumMismatch", r"sha256 of s3://models/a\.tar\.gz is", sha256="1" * 64)
+    refuse("s3://models/a.tar.gz", tmp_path, "ChecksumMismatch", r"sha256 of s3://models/a\.tar\.gz is",
+           sha256="1" * 64)
 
 
 def test_s3_not_found(s3_server, tmp_path):
@@ -371,5 +386,5 @@ def test_s3_not_found(s3_server, tmp_path):
 
 def test_s3_too_large(s3_server, files, tmp_path):
     s3_server.buckets["models"] = {f"p/{n}": b for n, b in files.items()}
-    refuse("s3://models/p", tmp_path, "FileTooLarge", r"s3://models/p: adapter_model\.safetensors is \d+ bytes, over the limit of 1000",
-           max_file_bytes=1000)
+    refuse("s3://models/p", tmp_path, "FileTooLarge",
+           r"s3://models/p: adapter_model\.safetensors is \d+ bytes, over the limit of 1000", max_file_bytes=1000)

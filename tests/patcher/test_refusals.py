@@ -23,7 +23,8 @@ def refuse(src, tmp_path, reason, match, adapter="ad", **kw):
         patch_and_publish(str(src), adapter, tmp_path / "vol", PatchOptions(**kw))
     assert ei.value.reason == reason, ei.value
     assert re.search(match, ei.value.message), ei.value.message
-    assert not (tmp_path / "vol" / adapter / "versions").exists() or not any((tmp_path / "vol" / adapter / "versions").iterdir())
+    versions = tmp_path / "vol" / adapter / "versions"
+    assert not versions.exists() or not any(versions.iterdir())
     return ei.value
 
 
@@ -84,7 +85,8 @@ def test_base_model_mismatch_strict(lora, tmp_path):
 
 def test_base_model_mismatch_warn_records(lora, tmp_path):
     edit_config(lora, base_model_name_or_path="Qwen/Qwen2-VL-7B-Instruct")
-    s = patch_and_publish(str(lora), "ad", tmp_path / "vol", PatchOptions(family=FAM, pool_base=POOL_BASE[FAM], base_check="warn"))
+    s = patch_and_publish(str(lora), "ad", tmp_path / "vol",
+                          PatchOptions(family=FAM, pool_base=POOL_BASE[FAM], base_check="warn"))
     assert s["baseCheck"] == "mismatch-warned" and s["declaredBase"] == "Qwen/Qwen2-VL-7B-Instruct"
     assert any("Qwen2-VL-7B-Instruct" in w and "warn" in w for w in s["warnings"])
 
@@ -103,7 +105,8 @@ def test_base_model_unknown_strict(lora, tmp_path):
 
 def test_base_model_unknown_warn_is_skipped(lora, tmp_path):
     edit_config(lora, base_model_name_or_path="")
-    s = patch_and_publish(str(lora), "ad", tmp_path / "vol", PatchOptions(family=FAM, pool_base=POOL_BASE[FAM], base_check="warn"))
+    s = patch_and_publish(str(lora), "ad", tmp_path / "vol",
+                          PatchOptions(family=FAM, pool_base=POOL_BASE[FAM], base_check="warn"))
     assert s["baseCheck"] == "skipped-missing-base_model_name_or_path"
 
 
@@ -121,7 +124,8 @@ def test_dora_rejected(dora_dir, tmp_path):
 
 
 def test_dora_svd_needs_base_weights(dora_dir, tmp_path):
-    refuse(dora_dir, tmp_path, "DoraNeedsBaseWeights", r"svd DoRA policy needs the base model's weights", dora_policy="svd")
+    refuse(dora_dir, tmp_path, "DoraNeedsBaseWeights", r"svd DoRA policy needs the base model's weights",
+           dora_policy="svd")
 
 
 def test_base_weights_not_found(dora_dir, tmp_path):
@@ -133,16 +137,16 @@ def test_base_weights_pickle_only(dora_dir, tmp_path):
     d = tmp_path / "pt"
     d.mkdir()
     (d / "pytorch_model.bin").write_bytes(b"\x80\x04pickle")
-    refuse(dora_dir, tmp_path, "BaseWeightsNotFound", r"no \*\.safetensors .*pytorch_model\.bin: only safetensors are read",
-           dora_policy="svd", base_weights=d)
+    refuse(dora_dir, tmp_path, "BaseWeightsNotFound",
+           r"no \*\.safetensors .*pytorch_model\.bin: only safetensors are read", dora_policy="svd", base_weights=d)
 
 
 def test_base_weights_of_another_family(dora_dir, tmp_path):
     d = tmp_path / "other"
     d.mkdir()
     save_file({"model.layers.0.self_attn.q_proj.weight": torch.zeros(64, 64)}, str(d / "model.safetensors"))
-    refuse(dora_dir, tmp_path, "BaseWeightsNotFound", r"no weight for module model\.language_model\.layers\.0\.mlp\.down_proj",
-           dora_policy="svd", base_weights=d)
+    refuse(dora_dir, tmp_path, "BaseWeightsNotFound",
+           r"no weight for module model\.language_model\.layers\.0\.mlp\.down_proj", dora_policy="svd", base_weights=d)
 
 
 def test_shape_mismatch_against_base(lora, tmp_path, base_dirs):
@@ -151,7 +155,8 @@ def test_shape_mismatch_against_base(lora, tmp_path, base_dirs):
     t = load_file(str(d / "model.safetensors"))
     t["model.layers.0.self_attn.q_proj.weight"] = torch.zeros(96, 64)
     save_file(t, str(d / "model.safetensors"))
-    refuse(lora, tmp_path, "ShapeMismatch", r"q_proj: the adapter is 64x64 but the base weight is 96x64", base_weights=d)
+    refuse(lora, tmp_path, "ShapeMismatch", r"q_proj: the adapter is 64x64 but the base weight is 96x64",
+           base_weights=d)
 
 
 def test_shape_mismatch_rank(lora, tmp_path):
@@ -167,18 +172,21 @@ def test_trained_vision_tower(tmp_path):
 
 def test_vision_threshold_lets_tiny_norms_pass(tmp_path):
     src = make_adapter(FAM, tmp_path / "v", targets=LANG_TARGETS + VISION_TARGETS[FAM], train_vision=True)
-    s = patch_and_publish(str(src), "ad", tmp_path / "vol", PatchOptions(family=FAM, pool_base=POOL_BASE[FAM], vision_norm_threshold=100.0))
+    s = patch_and_publish(str(src), "ad", tmp_path / "vol",
+                          PatchOptions(family=FAM, pool_base=POOL_BASE[FAM], vision_norm_threshold=100.0))
     assert s["ok"] and s["tensorsDropped"] == 4
 
 
 def test_vision_only_adapter_has_nothing_servable(tmp_path):
     src = make_adapter(FAM, tmp_path / "v", targets=VISION_TARGETS[FAM])
-    refuse(src, tmp_path, "NoServableTensors", r"no servable LoRA tensors are left after dropping 4 vision-tower tensor")
+    refuse(src, tmp_path, "NoServableTensors",
+           r"no servable LoRA tensors are left after dropping 4 vision-tower tensor")
 
 
 def test_unsupported_target_modules(tmp_path):
     src = make_adapter(FAM, tmp_path / "lm", targets=["q_proj", "lm_head"])
-    refuse(src, tmp_path, "UnsupportedTargetModules", r"module\(s\) vLLM cannot serve for Qwen2-VL: lm_head; servable are")
+    refuse(src, tmp_path, "UnsupportedTargetModules",
+           r"module\(s\) vLLM cannot serve for Qwen2-VL: lm_head; servable are")
 
 
 def test_unrecognised_tensor(lora, tmp_path):
@@ -196,7 +204,8 @@ def test_incomplete_module(lora, tmp_path):
         del t[k]
         return t
     _edit_tensors(lora, drop_b)
-    refuse(lora, tmp_path, "IncompleteModule", r"module model\.language_model\.layers\.1\.mlp\.up_proj has \['lora_A'\]")
+    refuse(lora, tmp_path, "IncompleteModule",
+           r"module model\.language_model\.layers\.1\.mlp\.up_proj has \['lora_A'\]")
 
 
 def test_invalid_config_json(lora, tmp_path):
@@ -210,7 +219,8 @@ def test_invalid_weights(lora, tmp_path):
 
 
 def test_invalid_adapter_name(lora, tmp_path):
-    refuse(lora, tmp_path, "InvalidAdapterName", r"adapter name '\.\./x' is not a valid Kubernetes object name", adapter="../x")
+    refuse(lora, tmp_path, "InvalidAdapterName", r"adapter name '\.\./x' is not a valid Kubernetes object name",
+           adapter="../x")
 
 
 @pytest.mark.parametrize("kw,match", [
@@ -226,7 +236,8 @@ def test_invalid_arguments(lora, tmp_path, kw, match):
 def test_lock_timeout(lora, tmp_path):
     with LockHolder(tmp_path / "vol" / "ad" / ".lock"):  # another process: a second Job on the volume
         with pytest.raises(PatchError) as ei:
-            patch_and_publish(str(lora), "ad", tmp_path / "vol", PatchOptions(family=FAM, pool_base=POOL_BASE[FAM]), lock_timeout=0.3)
+            patch_and_publish(str(lora), "ad", tmp_path / "vol", PatchOptions(family=FAM, pool_base=POOL_BASE[FAM]),
+                              lock_timeout=0.3)
         assert ei.value.reason == "LockTimeout" and "held" in ei.value.message
     versions = tmp_path / "vol" / "ad" / "versions"
     assert not versions.exists() or not any(versions.iterdir())
@@ -250,9 +261,11 @@ def test_trained_vision_dora_magnitudes(tmp_path, base_dirs):
     a warning when not."""
     src = make_adapter(FAM, tmp_path / "vm", dora=True, targets=LANG_TARGETS + VISION_TARGETS[FAM],
                        train_vision_magnitude=True)
-    refuse(src, tmp_path, "TrainedVisionTower", r"trained the vision tower's DoRA magnitudes \(model\.visual\.blocks\.0\."
+    refuse(src, tmp_path, "TrainedVisionTower",
+           r"trained the vision tower's DoRA magnitudes \(model\.visual\.blocks\.0\."
            r"(attn\.qkv|mlp\.fc1) moved by .* over 0\.01\)", dora_policy="strip", base_weights=base_dirs[FAM])
-    s = patch_and_publish(str(src), "ad", tmp_path / "vol", PatchOptions(family=FAM, pool_base=POOL_BASE[FAM], dora_policy="strip"))
+    s = patch_and_publish(str(src), "ad", tmp_path / "vol",
+                          PatchOptions(family=FAM, pool_base=POOL_BASE[FAM], dora_policy="strip"))
     assert any("2 vision-tower DoRA magnitude vector(s) dropped unchecked" in w for w in s["warnings"])
 
 

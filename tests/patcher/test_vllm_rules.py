@@ -9,11 +9,11 @@ import json
 
 import pytest
 import torch
+from patcher_testlib import LANG_TARGETS, POOL_BASE, edit_config, load_peft, tiny_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-
-from patcher_testlib import LANG_TARGETS, POOL_BASE, edit_config, load_peft, tiny_model
 from test_refusals import refuse
+
 from vlmpool.patcher import PatchOptions, patch_and_publish
 
 FAM = "qwen2_vl"
@@ -115,7 +115,9 @@ def test_a_pattern_that_does_not_fit_the_tensors_is_a_shape_mismatch(tmp_path):
 
 
 def test_keys_in_vllm_layout_are_accepted(lora, tmp_path):
-    tensors = {k.replace("base_model.model.model.language_model.layers.", "base_model.model.language_model.model.layers."): t
+    peft_prefix = "base_model.model.model.language_model.layers."
+    vllm_prefix = "base_model.model.language_model.model.layers."
+    tensors = {k.replace(peft_prefix, vllm_prefix): t
                for k, t in load_file(str(lora / "adapter_model.safetensors")).items()}
     assert any(k.startswith("base_model.model.language_model.model.layers.") for k in tensors)
     save_file(tensors, str(lora / "adapter_model.safetensors"))

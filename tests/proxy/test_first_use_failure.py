@@ -9,8 +9,8 @@ import json
 
 import openai
 import pytest
-
 from proxy_helpers import Admin, proxy_config, start_sim, write_adapter
+
 from vlmpool.proxy.server import run_proxy
 
 MSG = [{"role": "user", "content": "hi"}]

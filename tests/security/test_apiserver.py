@@ -92,7 +92,8 @@ async def test_file_sources_are_refused_before_any_job_exists(start_operator, ku
     assert await kube.list(JOBS, namespace) == [] and await kube.list(PODS, namespace) == []
 
 
-async def test_a_refused_file_source_is_patched_once_its_directory_is_allowed(start_operator, kube, namespace, tmp_path):
+async def test_a_refused_file_source_is_patched_once_its_directory_is_allowed(start_operator, kube, namespace,
+                                                                                tmp_path):
     allowed = tmp_path / "node-adapters"
     op = await start_operator()
     await kube.create(pool_obj(replicas=0), namespace)
@@ -168,7 +169,8 @@ def test_a_tenant_cannot_name_a_secret_they_cannot_read(control_plane, crds, nam
     owner = _tenant(control_plane, namespace, "owner-b", read_secrets=True)
 
     def apply(kc: Path, obj: dict, verb: str = "create") -> subprocess.CompletedProcess:
-        return control_plane.kubectl("-n", namespace, verb, "-f", "-", input=json.dumps(obj), kubeconfig=kc, check=False)
+        return control_plane.kubectl("-n", namespace, verb, "-f", "-", input=json.dumps(obj), kubeconfig=kc,
+                                     check=False)
 
     # The tenant's Role lets them create VLMAdapters and nothing else: the policy is what refuses.
     probe = adapter_obj("probe", "https://example.com/a.tgz", secret="team-b-hf")
@@ -196,7 +198,8 @@ def test_a_tenant_cannot_name_a_secret_they_cannot_read(control_plane, crds, nam
                                 json.dumps(hijack), kubeconfig=tenant, check=False)
     assert res.returncode != 0 and "may not get Secret" in res.stderr
     # Edits that leave the source alone pass (the operator's finalizer/annotation patches are such).
-    res = control_plane.kubectl("-n", namespace, "label", "vlmadapter", "theirs", "team=b", kubeconfig=tenant, check=False)
+    res = control_plane.kubectl("-n", namespace, "label", "vlmadapter", "theirs", "team=b", kubeconfig=tenant,
+                                check=False)
     assert res.returncode == 0, res.stderr
 
 

@@ -76,7 +76,8 @@ def test_a_pool_can_loosen_only_its_engine():
 
 
 @pytest.mark.parametrize("field", [{"privileged": True}, {"allowPrivilegeEscalation": True},
-                                   {"capabilities": {"add": ["SYS_ADMIN"]}}, {"seccompProfile": {"type": "Unconfined"}}])
+                                   {"capabilities": {"add": ["SYS_ADMIN"]}},
+                                   {"seccompProfile": {"type": "Unconfined"}}])
 def test_a_pool_cannot_make_its_engine_privileged(field):
     from pydantic import ValidationError
 
@@ -104,7 +105,8 @@ def test_a_credentials_secret_reaches_the_patch_container_only_as_credential_key
     assert env["VLMPOOL_SOURCE_ALLOW"] == {"name": "VLMPOOL_SOURCE_ALLOW", "value": "10.0.0.0/8"}
     from_secret = {n for n, e in env.items() if "valueFrom" in e}
     assert from_secret == set(MA.CREDENTIAL_KEYS)
-    assert all(env[n]["valueFrom"]["secretKeyRef"] == {"name": "creds", "key": n, "optional": True} for n in from_secret)
+    assert all(env[n]["valueFrom"]["secretKeyRef"] == {"name": "creds", "key": n, "optional": True}
+               for n in from_secret)
 
 
 def test_the_allow_list_env_is_set_even_when_empty():

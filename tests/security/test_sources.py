@@ -143,10 +143,14 @@ def test_invalid_allow_list_is_a_clear_error(tmp_path, monkeypatch):
 # ------------------------------------------------------------------ hf:// and s3://
 
 def _hf_routes(srv, files: dict[str, bytes], redirect_to: str | None = None) -> None:
-    srv.routes["/api/models/org/repo/tree/main"] = lambda h: (200, {"Content-Type": "application/json"}, json.dumps(
-        [{"type": "file", "path": p, "size": len(b), "oid": hashlib.sha1(b).hexdigest()} for p, b in files.items()]).encode())
+    def tree(h):
+        entries = [{"type": "file", "path": p, "size": len(b), "oid": hashlib.sha1(b).hexdigest()}
+                   for p, b in files.items()]
+        return 200, {"Content-Type": "application/json"}, json.dumps(entries).encode()
+
+    srv.routes["/api/models/org/repo/tree/main"] = tree
+    commit = hashlib.sha1(b"main").hexdigest()
     for path, data in files.items():
-        commit = hashlib.sha1(b"main").hexdigest()
         etag = f'"{hashlib.sha256(data).hexdigest()}"'
         if redirect_to and path == W:
             srv.routes[f"/org/repo/resolve/main/{path}"] = lambda h, etag=etag, data=data: (302, {

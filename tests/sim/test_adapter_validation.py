@@ -10,11 +10,10 @@ import struct
 
 import aiohttp
 import pytest
+from sim_helpers import QWEN_LM
 
 from vlmpool.sim.adapters import AdapterError, read_safetensors_header, validate_adapter
 from vlmpool.sim.server import running_sim
-
-from sim_helpers import QWEN_LM
 
 
 def refusal(path, *, family="qwen2_5_vl", max_rank=64, strict=True, name="x") -> tuple[int, dict]:
@@ -204,7 +203,8 @@ async def test_real_peft_adapters_over_http(fast_config, tmp_path):
             assert (await r.json())["choices"][0]["message"]["content"].startswith(f"sim:ft path={lora_dir}")
         async with s.post(url + "/v1/load_lora_adapter", json={"lora_name": "dora", "lora_path": str(dora_dir)}) as r:
             assert r.status == 500
-            assert (await r.json())["error"]["message"] == "Call to add_lora method failed: vLLM does not yet support DoRA."
+            assert (await r.json())["error"]["message"] == ("Call to add_lora method failed: "
+                                                            "vLLM does not yet support DoRA.")
 
 
 def test_family_is_detected_from_the_model_name():

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from vlmpool.manifests import adapter as MA
 from vlmpool.manifests import pool as MP
@@ -34,7 +35,7 @@ def adapter(name: str = "invoices", **spec) -> dict:
 
 
 def container(obj: dict, name: str) -> dict:
-    spec = obj["spec"]["template"]["spec"] if obj["kind"] == "Deployment" else obj["spec"]["template"]["spec"]
+    spec = obj["spec"]["template"]["spec"]  # a Deployment's and a Job's pod spec sit at the same path
     return next(c for c in spec["containers"] if c["name"] == name)
 
 
@@ -288,7 +289,7 @@ def test_cleanup_job_removes_only_the_adapter_directory(tmp_path):
 
 @pytest.mark.parametrize("bad", [{"source": {"uri": "ftp://x/y"}}, {"poolRef": {}}])
 def test_invalid_spec_is_refused_by_the_model(bad):
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         MA.patch_job(adapter(**bad), pool())
 
 

@@ -30,7 +30,8 @@ def write(path: Path, *, r: int = 8, modules=None, config: dict[str, Any] | None
     (path / "adapter_config.json").write_text(json.dumps(cfg))
     if not weights:
         return path
-    modules = modules if modules is not None else [LM.format(i=0, m="self_attn.q_proj"), LM.format(i=0, m="self_attn.v_proj")]
+    if modules is None:
+        modules = [LM.format(i=0, m="self_attn.q_proj"), LM.format(i=0, m="self_attn.v_proj")]
     rt = rank_in_tensors or r
     g = torch.Generator().manual_seed(0)
     tensors = {}
@@ -43,8 +44,9 @@ def write(path: Path, *, r: int = 8, modules=None, config: dict[str, Any] | None
     return path
 
 
-ALL7 = [LM.format(i=i, m=m) for i in (0, 1) for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                                                          "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+ALL7 = [LM.format(i=i, m=m) for i in (0, 1)
+        for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
 
 CORPUS: list[tuple[str, str, str, dict[str, Any]]] = [
     # ---- loaded by vLLM
@@ -59,7 +61,8 @@ CORPUS: list[tuple[str, str, str, dict[str, Any]]] = [
                                                          "base_model.model.model.visual.merger.mlp.0"]}),
     ("vision-tower-qwen3", "qwen3_vl", "ok", {"modules": [LM.format(i=0, m="self_attn.q_proj"),
                                                          "base_model.model.model.visual.blocks.0.mlp.linear_fc1"]}),
-    ("rank-pattern", "qwen2_5_vl", "ok", {"r": 8, "rank_in_tensors": 4, "config": {"rank_pattern": {"q_proj": 4, "v_proj": 4}}}),
+    ("rank-pattern", "qwen2_5_vl", "ok",
+     {"r": 8, "rank_in_tensors": 4, "config": {"rank_pattern": {"q_proj": 4, "v_proj": 4}}}),
     ("alpha-pattern", "qwen2_5_vl", "ok", {"config": {"alpha_pattern": {"q_proj": 64}}}),
     ("init-eva", "qwen2_5_vl", "ok", {"config": {"init_lora_weights": "eva"}}),
     ("rank-mismatch-loads", "qwen2_5_vl", "ok", {"r": 8, "rank_in_tensors": 4}),  # fails at first use, not at load
@@ -84,7 +87,8 @@ CORPUS: list[tuple[str, str, str, dict[str, Any]]] = [
     ("missing-target-modules", "qwen2_5_vl", "refused", {"drop_config": ("target_modules",)}),
     ("magnitude-without-dora", "qwen2_5_vl", "refused",
      {"extra": {LM.format(i=0, m="self_attn.q_proj") + ".lora_magnitude_vector": (HIDDEN,)}}),
-    ("lora-b-bias", "qwen2_5_vl", "refused", {"extra": {LM.format(i=0, m="self_attn.q_proj") + ".lora_B.bias": (HIDDEN,)}}),
+    ("lora-b-bias", "qwen2_5_vl", "refused",
+     {"extra": {LM.format(i=0, m="self_attn.q_proj") + ".lora_B.bias": (HIDDEN,)}}),
     ("norm-module", "qwen2_5_vl", "refused", {"modules": [LM.format(i=0, m="input_layernorm")]}),
     ("lm-head-qwen2", "qwen2_5_vl", "refused", {"modules": ["base_model.model.lm_head"]}),
     ("no-weights", "qwen2_5_vl", "refused", {"weights": False}),

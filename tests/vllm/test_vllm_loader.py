@@ -1,5 +1,5 @@
-"""The pinned vLLM's own LoRA loader (vllm_loader.py, run in the pinned vLLM's cached venv) judges (1) the patcher's output
-for every family: real PEFT adapters patched by the real `vlmpool patch`, each of whose kept tensors
+"""The pinned vLLM's own LoRA loader (vllm_loader.py, run in the pinned vLLM's cached venv) judges (1) the patcher's
+output for every family: real PEFT adapters patched by the real `vlmpool patch`, each of whose kept tensors
 must map to a language-model module of vLLM's model; (2) the simulator: on a corpus of good and bad
 adapter directories its accept/refuse verdict (and message) must equal vLLM's; (3) the simulator's
 model facts (expected modules, weight mapper) must equal those read from vLLM's model classes."""
@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from corpus import CORPUS
 from corpus import build as build_corpus
+
 from vlmpool.sim import adapters as sim_adapters
 from vlmpool.sim import contract
 from vlmpool.testing.adapters import FAMILIES, LANG_TARGETS, POOL_BASE, VISION_TARGETS, make_adapter, tiny_model
@@ -67,7 +67,8 @@ def _sources(family: str, root: Path) -> dict[str, Path]:
 
 def _patch(family: str, kind: str, source: Path, root: Path) -> dict:
     """The real CLI, as the patch Job runs it."""
-    cmd = [sys.executable, "-m", "vlmpool", "patch", "--source", str(source), "--adapter", f"{family.replace('_', '-')}-{kind}",
+    adapter = f"{family.replace('_', '-')}-{kind}"
+    cmd = [sys.executable, "-m", "vlmpool", "patch", "--source", str(source), "--adapter", adapter,
            "--root", str(root), "--pool-base", POOL_BASE[family], "--family", family, "--termination-log", ""]
     if kind == "dora":
         cmd += ["--dora-policy", "strip"]
@@ -87,8 +88,8 @@ def judged(vllm_python, tmp_path_factory):
         for kind, source in _sources(family, root / "src" / family).items():
             summary = _patch(family, kind, source, root / "vol")
             patched[(family, kind)] = summary
-            cases.append({"id": f"patched/{family}/{kind}", "family": family, "path": summary["path"], "max_lora_rank": 64,
-                          "tower_connector_lora": kind == "tower"})
+            cases.append({"id": f"patched/{family}/{kind}", "family": family, "path": summary["path"],
+                          "max_lora_rank": 64, "tower_connector_lora": kind == "tower"})
             cases.append({"id": f"source/{family}/{kind}", "family": family, "path": str(source), "max_lora_rank": 64})
     corpus = build_corpus(root / "corpus")
     cases += corpus
@@ -126,7 +127,7 @@ def test_patched_adapters_load_in_vllm_and_map_to_language_modules(judged, famil
         assert tower and all(sim_adapters.VISION_MODULES[family].match(m) for m in tower), tower
     else:
         assert not tower, tower
-    for name, (a, b, rank, scaling) in modules.items():
+    for name, (a, b, rank, _scaling) in modules.items():
         assert a[0] == rank and b[1] == rank, (name, a, b, rank)
     if kind == "patterns":  # per-module rank and alpha survive the key rewrite, as vLLM reads them
         q = [v for m, v in modules.items() if m.endswith("q_proj")]

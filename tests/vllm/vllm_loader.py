@@ -1,7 +1,7 @@
 """Run vLLM's own LoRA loader on adapter directories, as ``WorkerLoRAManager._load_adapter`` does.
 
-Runs under the pinned vLLM's environment (``make test-vllm``: a venv cached under ~/.cache/vlmpool), never under vlmpool's: it
-imports nothing from vlmpool. Usage: ``python vllm_loader.py CASES.json`` where CASES.json is a list of
+Runs under the pinned vLLM's environment (``make test-vllm``: a venv cached under ~/.cache/vlmpool), never under
+vlmpool's: it imports nothing from vlmpool. Usage: ``python vllm_loader.py CASES.json`` where CASES.json is a list of
 ``{"id", "family", "path", "max_lora_rank", "tower_connector_lora"}``; prints one JSON object (the last
 line of stdout): ``{"vllm": version, "families": {family: model facts}, "results": [{"id", "ok",
 "error", "modules"}]}``.
@@ -59,6 +59,35 @@ def _resolve(node: ast.AST, namespace: dict):
     return None
 
 
+def _architectures_named(node: ast.Call) -> list[str]:
+    """The names in a call's architectures=[...]: init_vllm_registered_model(architectures=["Qwen2ForCausalLM"])."""
+    return [elt.value for kw in node.keywords if kw.arg == "architectures" and isinstance(kw.value, ast.List)
+            for elt in kw.value.elts if isinstance(elt, ast.Constant) and isinstance(elt.value, str)]
+
+
+def _scan_self_assign(node: ast.Assign, ns: dict, supported: set[str]):
+    """`self.x = SomeLinear(...)` (or a ModuleList/Sequential of them): add the LoRA-able names to supported.
+
+    Returns what the right-hand side calls, or None where the target is not an attribute of self."""
+    import torch.nn as nn
+    from vllm.model_executor.layers.linear import LinearBase
+
+    tgt = node.targets[0]
+    if not (isinstance(tgt, ast.Attribute) and isinstance(tgt.value, ast.Name) and tgt.value.id == "self"):
+        return None
+    value = node.value
+    called = _resolve(value.func, ns) if isinstance(value, ast.Call) else None
+    if isinstance(called, type) and issubclass(called, LinearBase):
+        supported.add(tgt.attr)
+    elif called in (nn.ModuleList, nn.Sequential):
+        elts = value.args[0].elts if (value.args and isinstance(value.args[0], ast.List)) else value.args
+        for i, elt in enumerate(elts):
+            c = _resolve(elt.func, ns) if isinstance(elt, ast.Call) else None
+            if isinstance(c, type) and issubclass(c, LinearBase):
+                supported.add(str(i))
+    return called
+
+
 def model_facts(family: str) -> dict:
     """(supported_lora_modules, packed_modules_mapping, embedding_modules, classes) of the family's model."""
     import torch.nn as nn
@@ -93,29 +122,15 @@ def model_facts(family: str) -> dict:
                             queue.append(target)
                 if isinstance(node, ast.Call):
                     target = _resolve(node.func, ns)
-                    if isinstance(target, type) and issubclass(target, nn.Module) and not issubclass(target, LinearBase):
+                    is_module = isinstance(target, type) and issubclass(target, nn.Module)
+                    if is_module and not issubclass(target, LinearBase):
                         queue.append(target)
-                    for kw in node.keywords:  # init_vllm_registered_model(architectures=["Qwen2ForCausalLM"])
-                        if kw.arg == "architectures" and isinstance(kw.value, ast.List):
-                            for elt in kw.value.elts:
-                                if isinstance(elt, ast.Constant) and isinstance(elt.value, str):
-                                    lm = _registry_class(elt.value)
-                                    queue.append(lm)
-                                    children.setdefault(cls, []).append(lm)
+                    for arch in _architectures_named(node):
+                        lm = _registry_class(arch)
+                        queue.append(lm)
+                        children.setdefault(cls, []).append(lm)
                 if isinstance(node, ast.Assign) and len(node.targets) == 1:
-                    tgt = node.targets[0]
-                    if not (isinstance(tgt, ast.Attribute) and isinstance(tgt.value, ast.Name) and tgt.value.id == "self"):
-                        continue
-                    value = node.value
-                    called = _resolve(value.func, ns) if isinstance(value, ast.Call) else None
-                    if isinstance(called, type) and issubclass(called, LinearBase):
-                        supported.add(tgt.attr)
-                    elif called in (nn.ModuleList, nn.Sequential):
-                        elts = value.args[0].elts if (value.args and isinstance(value.args[0], ast.List)) else value.args
-                        for i, elt in enumerate(elts):
-                            c = _resolve(elt.func, ns) if isinstance(elt, ast.Call) else None
-                            if isinstance(c, type) and issubclass(c, LinearBase):
-                                supported.add(str(i))
+                    called = _scan_self_assign(node, ns, supported)
                     if isinstance(called, type) and issubclass(called, nn.Module) and klass is top:
                         children.setdefault(top, []).append(called)
     packed = dict(getattr(top, "packed_modules_mapping", None) or {})
@@ -159,7 +174,7 @@ def load(case: dict, facts: dict) -> dict:
             skip_prefixes=getattr(top, "lora_skip_prefixes", None))
     except FileNotFoundError as e:
         return {"id": case["id"], "ok": False, "error": f"FileNotFoundError: {e}"}
-    except Exception as e:  # noqa: BLE001 - vLLM's refusal, whatever its type, is the verdict
+    except Exception as e:
         return {"id": case["id"], "ok": False, "error": str(e), "type": type(e).__name__}
     modules = {name: [list(w.lora_a.shape) if w.lora_a is not None else None,
                       list(w.lora_b.shape) if w.lora_b is not None else None, w.rank, w.scaling]
@@ -179,7 +194,7 @@ def main() -> None:
     for case in cases:
         try:
             results.append(load(case, families[case["family"]]))
-        except Exception:  # noqa: BLE001 - a bug here, not a verdict
+        except Exception:
             results.append({"id": case["id"], "ok": None, "error": traceback.format_exc()})
     print(json.dumps({"vllm": vllm.__version__, "families": families, "results": results}))
 
