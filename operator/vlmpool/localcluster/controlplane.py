@@ -132,7 +132,7 @@ class ControlPlane:
         self.kubeconfig = self.workdir / "admin.kubeconfig"
 
     # ---- lifecycle -----------------------------------------------------------------------------
-    def start(self) -> "ControlPlane":
+    def start(self) -> ControlPlane:
         self.bin_dir = find_binaries(self.bin_dir)
         pki = self.workdir / "pki"
         pki.mkdir(exist_ok=True)
@@ -207,7 +207,7 @@ class ControlPlane:
         if self._own_workdir and self.workdir and self.workdir.exists():
             shutil.rmtree(self.workdir, ignore_errors=True)
 
-    def __enter__(self) -> "ControlPlane":
+    def __enter__(self) -> ControlPlane:
         return self.start()
 
     def __exit__(self, *exc) -> None:

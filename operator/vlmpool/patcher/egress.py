@@ -30,8 +30,9 @@ import os
 import socket
 import threading
 import urllib.parse
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from vlmpool.patcher.errors import PatchError
 
@@ -69,7 +70,7 @@ class EgressPolicy:
     hosts: tuple[str, ...] = ()
 
     @classmethod
-    def parse(cls, entries: Iterable[str]) -> "EgressPolicy":
+    def parse(cls, entries: Iterable[str]) -> EgressPolicy:
         nets: list[IPNetwork] = []
         hosts: list[str] = []
         for raw in entries:
@@ -89,7 +90,7 @@ class EgressPolicy:
         return cls(tuple(nets), tuple(hosts))
 
     @classmethod
-    def from_env(cls) -> "EgressPolicy":
+    def from_env(cls) -> EgressPolicy:
         try:
             return cls.parse(os.environ.get(ENV_ALLOW, "").split(","))
         except ValueError as e:

@@ -28,9 +28,10 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Iterable
+from typing import BinaryIO
 
 from vlmpool.patcher import egress
 from vlmpool.patcher.errors import PatchError
@@ -327,7 +328,7 @@ class _Redirects(urllib.request.HTTPRedirectHandler):
     def __init__(self, first: str, auth: str | None):
         self.first, self.auth = first, auth
 
-    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001 - urllib's signature
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # urllib's signature
         same_origin = egress.check_redirect(self.first, newurl, _redact(self.first))
         new = super().redirect_request(req, fp, code, msg, headers, newurl)
         if new is not None and same_origin and self.auth:

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from .admin import ADMIN_MAX_BODY_BYTES, AdminAPI
+from .context import CTX, RequestContext
 from .defaults import (
     DEFAULT_BODY_TIMEOUT_S,
     DEFAULT_CONCURRENCY,
@@ -26,10 +28,8 @@ from .defaults import (
     DEFAULT_QUEUE_TIMEOUT_S,
     DEFAULT_REQUEST_TIMEOUT_S,
 )
-from .admin import ADMIN_MAX_BODY_BYTES, AdminAPI
-from .context import CTX, RequestContext
 from .engine import EngineClient, EngineHTTPError, EngineUnavailable
-from .errors import (  # noqa: F401 - map_engine_error: the error table, imported from here by callers
+from .errors import (
     adapter_unavailable,
     error_response,
     http_code,
