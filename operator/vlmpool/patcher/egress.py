@@ -209,8 +209,9 @@ def guarded(policy: EgressPolicy) -> Iterator[_Guard]:
         if _ACTIVE is not None:
             raise RuntimeError("a guarded fetch is already running in this process")
         if not _INSTALLED:
-            socket.socket.connect = _connect  # type: ignore[method-assign]
-            socket.socket.connect_ex = _connect_ex  # type: ignore[method-assign]
+            # monkeypatch on purpose; typeshed types the slot with _socket.socket as self
+            socket.socket.connect = _connect  # type: ignore[method-assign,assignment]
+            socket.socket.connect_ex = _connect_ex  # type: ignore[method-assign,assignment]
             socket.getaddrinfo = _getaddrinfo
             _INSTALLED = True
         g = _ACTIVE = _Guard(policy)

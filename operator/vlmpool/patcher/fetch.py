@@ -31,7 +31,7 @@ import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO
 
 from vlmpool.patcher import egress
 from vlmpool.patcher.errors import PatchError
@@ -112,7 +112,7 @@ def choose_adapter_files(names: dict[str, int], where: str, max_file_bytes: int)
     return top, warnings
 
 
-def _copy_limited(src: BinaryIO, dst_path: Path, limit: int, what: str) -> tuple[int, str]:
+def _copy_limited(src: IO[bytes], dst_path: Path, limit: int, what: str) -> tuple[int, str]:
     """Stream src into dst_path, refusing more than limit bytes. Returns (size, sha256 hex)."""
     h = hashlib.sha256()
     n = 0
@@ -258,15 +258,15 @@ def _list_local_dir(root: Path, label: str, max_depth: int = 3) -> dict[str, int
             entries = list(os.scandir(d))
         except OSError as e:
             raise PatchError("SourceUnavailable", f"{label}: cannot list {d}: {e}") from e
-        for e in entries:
-            r = f"{rel}/{e.name}" if rel else e.name
-            if e.is_symlink():
+        for ent in entries:
+            r = f"{rel}/{ent.name}" if rel else ent.name
+            if ent.is_symlink():
                 out[r] = None
-            elif e.is_dir(follow_symlinks=False):
-                if depth < max_depth and not e.name.startswith("."):
-                    walk(Path(e.path), r, depth + 1)
-            elif e.is_file(follow_symlinks=False):
-                out[r] = e.stat(follow_symlinks=False).st_size
+            elif ent.is_dir(follow_symlinks=False):
+                if depth < max_depth and not ent.name.startswith("."):
+                    walk(Path(ent.path), r, depth + 1)
+            elif ent.is_file(follow_symlinks=False):
+                out[r] = ent.stat(follow_symlinks=False).st_size
             else:
                 out[r] = -1
     walk(root, "", 0)

@@ -321,7 +321,7 @@ def patch_adapter(src_dir: Path | str, opts: PatchOptions, *, source_uri: str | 
     notes.append(KEY_LAYOUT_NOTE.format(template=opts.key_template))
     report = build_report(
         src_dir=str(src_dir.resolve()), opts=opts, cfg=cfg, new_cfg=new_cfg, plan=plan, dora=dora, use_dora=use_dora,
-        applied=applied, rank=svd_rank if applied == "svd" else r, svd_rank=svd_rank, scale=scale,
+        applied=applied, rank=r if svd_rank is None else svd_rank, svd_rank=svd_rank, scale=scale,
         total_tensors=len(weights), tensors_kept=len(tensors), source_digest=weights.digest,
         patched_digest=patched_digest, version=version, check=check, effective=effective, notes=notes,
         warnings=warnings, source_uri=source_uri, source_sha256=source_sha256)

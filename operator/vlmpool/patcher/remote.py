@@ -94,8 +94,9 @@ def _hf_fetch(uri: str, repo: str, rev: str, endpoint: str | None, token: str | 
     try:
         listing: dict[str, int] = {}
         for entry in api.list_repo_tree(repo, revision=rev, recursive=True):
-            if getattr(entry, "size", None) is not None and type(entry).__name__ == "RepoFile":
-                listing[entry.path] = int(entry.size)
+            size = getattr(entry, "size", None)
+            if size is not None and type(entry).__name__ == "RepoFile":
+                listing[entry.path] = int(size)
     except not_found as e:
         raise PatchError("SourceNotFound", f"{uri}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
     except Exception as e:  # network and HTTP errors of the hub client

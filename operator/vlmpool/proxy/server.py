@@ -196,7 +196,7 @@ class Proxy:
                 status = ctx.status_override
             if ctx.route is not None:
                 self.metrics.observe_request(ctx.route, ctx.model_label, status, elapsed)
-            if ctx.engine_s:
+            if ctx.engine_s and ctx.route is not None:
                 self.metrics.observe_overhead(ctx.route, max(0.0, elapsed - ctx.engine_s - ctx.queue_s))
             if self.config.access_log:
                 extra = {
@@ -302,6 +302,7 @@ class Proxy:
             self.body_budget.release(held)
 
     async def _generation(self, request: web.Request, ctx: RequestContext, route: str) -> web.StreamResponse:
+        raw: bytearray | web.Response | None
         raw = await read_request_body(request, self.config.max_body_bytes, self.config.body_timeout)
         if isinstance(raw, web.Response):
             return raw
