@@ -7,7 +7,6 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, Field
 
-from vlmpool.sim.contract import ENGINE_IMAGE
 from vlmpool.api.common import (
     DNS_SUBDOMAIN_PATTERN,
     MODEL_ID_PATTERN,
@@ -18,6 +17,7 @@ from vlmpool.api.common import (
     ResourceRequirements,
     Toleration,
 )
+from vlmpool.sim.contract import ENGINE_IMAGE
 
 # vLLM accepts only these values for --max-lora-rank (LoRAConfig's possible max ranks).
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)

@@ -131,10 +131,20 @@ class ControlPlane:
         self.server = ""
         self.kubeconfig = self.workdir / "admin.kubeconfig"
 
+    @property
+    def _work(self) -> Path:
+        assert self.workdir is not None  # __post_init__ always sets it
+        return self.workdir
+
+    @property
+    def _bins(self) -> Path:
+        assert self.bin_dir is not None, "start() the control plane first"
+        return self.bin_dir
+
     # ---- lifecycle -----------------------------------------------------------------------------
-    def start(self) -> "ControlPlane":
+    def start(self) -> ControlPlane:
         self.bin_dir = find_binaries(self.bin_dir)
-        pki = self.workdir / "pki"
+        pki = self._work / "pki"
         pki.mkdir(exist_ok=True)
         self._ca = CertificateAuthority()
         self._ca.pair.write(pki, "ca")
@@ -153,7 +163,7 @@ class ControlPlane:
         try:
             self._spawn("etcd", [
                 str(self.bin_dir / "etcd"),
-                "--name", "vlmpool", "--data-dir", str(self.workdir / "etcd"),
+                "--name", "vlmpool", "--data-dir", str(self._work / "etcd"),
                 "--listen-client-urls", etcd_url, "--advertise-client-urls", etcd_url,
                 "--listen-peer-urls", f"http://127.0.0.1:{peer_port}",
                 "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer_port}",
@@ -181,7 +191,7 @@ class ControlPlane:
             if self.controller_manager:
                 self._spawn("kube-controller-manager", [
                     str(self.bin_dir / "kube-controller-manager"),
-                    f"--kubeconfig={self.workdir / 'controller-manager.kubeconfig'}",
+                    f"--kubeconfig={self._work / 'controller-manager.kubeconfig'}",
                     f"--service-account-private-key-file={pki / 'sa.key'}",
                     f"--root-ca-file={pki / 'ca.crt'}",
                     f"--service-cluster-ip-range={SERVICE_CIDR}",
@@ -207,7 +217,7 @@ class ControlPlane:
         if self._own_workdir and self.workdir and self.workdir.exists():
             shutil.rmtree(self.workdir, ignore_errors=True)
 
-    def __enter__(self) -> "ControlPlane":
+    def __enter__(self) -> ControlPlane:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -218,7 +228,7 @@ class ControlPlane:
                        namespace: str = "default") -> Path:
         """A kubeconfig authenticating as `user` in `groups` with a client certificate (for RBAC tests)."""
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in user)
-        return write_kubeconfig(self.workdir / f"user-{safe}.kubeconfig", self.server, self._ca_pem, user,
+        return write_kubeconfig(self._work / f"user-{safe}.kubeconfig", self.server, self._ca_pem, user,
                                 cert=self._ca.client(user, groups), namespace=namespace)
 
     @property
@@ -228,7 +238,7 @@ class ControlPlane:
     # ---- kubectl -----------------------------------------------------------------------------------
     def kubectl(self, *args: str, input: str | None = None, check: bool = True, kubeconfig: Path | None = None,
                 timeout: float = 60) -> subprocess.CompletedProcess:
-        cmd = [str(self.bin_dir / "kubectl"), f"--kubeconfig={kubeconfig or self.kubeconfig}", *args]
+        cmd = [str(self._bins / "kubectl"), f"--kubeconfig={kubeconfig or self.kubeconfig}", *args]
         res = subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=timeout)
         if check and res.returncode != 0:
             raise ControlPlaneError(f"kubectl {' '.join(args)} failed ({res.returncode}): {res.stderr.strip()}")
@@ -243,12 +253,12 @@ class ControlPlane:
     # ---- internals -------------------------------------------------------------------------------
     def _write_kubeconfigs(self, pki: Path) -> None:
         write_kubeconfig(self.kubeconfig, self.server, self._ca_pem, "vlmpool-admin", cert=self.admin_cert)
-        write_kubeconfig(self.workdir / "controller-manager.kubeconfig", self.server, self._ca_pem,
+        write_kubeconfig(self._work / "controller-manager.kubeconfig", self.server, self._ca_pem,
                          "system:kube-controller-manager",
                          cert=self._ca.client("system:kube-controller-manager"))
 
     def _spawn(self, name: str, argv: list[str]) -> None:
-        logs = self.workdir / "logs"
+        logs = self._work / "logs"
         logs.mkdir(exist_ok=True)
         log_path = logs / f"{name}.log"
         fh = open(log_path, "ab")
@@ -283,7 +293,7 @@ class ControlPlane:
 
     def _ssl_context(self) -> ssl.SSLContext:
         ctx = ssl.create_default_context(cadata=self._ca_pem.decode())
-        pki = self.workdir / "pki"
+        pki = self._work / "pki"
         cert, key = self.admin_cert.write(pki, "admin")
         ctx.load_cert_chain(str(cert), str(key))
         return ctx

@@ -53,7 +53,7 @@ class DevCluster:
         return self.cp.kubectl(*args, **kw)
 
     # ---- lifecycle ---------------------------------------------------------------------------------
-    def start(self) -> "DevCluster":
+    def start(self) -> DevCluster:
         t0 = time.monotonic()
         self.cp.start()
         try:
@@ -134,7 +134,7 @@ class DevCluster:
             self.node = None
         self.cp.stop()
 
-    def __enter__(self) -> "DevCluster":
+    def __enter__(self) -> DevCluster:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -30,8 +30,9 @@ import os
 import socket
 import threading
 import urllib.parse
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from vlmpool.patcher.errors import PatchError
 
@@ -69,7 +70,7 @@ class EgressPolicy:
     hosts: tuple[str, ...] = ()
 
     @classmethod
-    def parse(cls, entries: Iterable[str]) -> "EgressPolicy":
+    def parse(cls, entries: Iterable[str]) -> EgressPolicy:
         nets: list[IPNetwork] = []
         hosts: list[str] = []
         for raw in entries:
@@ -89,7 +90,7 @@ class EgressPolicy:
         return cls(tuple(nets), tuple(hosts))
 
     @classmethod
-    def from_env(cls) -> "EgressPolicy":
+    def from_env(cls) -> EgressPolicy:
         try:
             return cls.parse(os.environ.get(ENV_ALLOW, "").split(","))
         except ValueError as e:
@@ -208,8 +209,9 @@ def guarded(policy: EgressPolicy) -> Iterator[_Guard]:
         if _ACTIVE is not None:
             raise RuntimeError("a guarded fetch is already running in this process")
         if not _INSTALLED:
-            socket.socket.connect = _connect  # type: ignore[method-assign]
-            socket.socket.connect_ex = _connect_ex  # type: ignore[method-assign]
+            # monkeypatch on purpose; typeshed types the slot with _socket.socket as self
+            socket.socket.connect = _connect  # type: ignore[method-assign,assignment]
+            socket.socket.connect_ex = _connect_ex  # type: ignore[method-assign,assignment]
             socket.getaddrinfo = _getaddrinfo
             _INSTALLED = True
         g = _ACTIVE = _Guard(policy)

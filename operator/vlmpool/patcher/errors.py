@@ -37,7 +37,8 @@ REASONS: dict[str, str] = {
     "NoServableTensors": "no LoRA tensor is left after dropping what vLLM cannot load",
     "DoraRejected": "the adapter uses DoRA and the DoRA policy is reject",
     "DoraNeedsBaseWeights": "the svd DoRA policy needs the base weights (--base-weights)",
-    "NeedsTorch": "the adapter needs tensor maths (DoRA svd) and this patcher has no torch (use the patcher-dora image)",
+    "NeedsTorch": "the adapter needs tensor maths (DoRA svd) and this patcher has no torch "
+                  "(use the patcher-dora image)",
     "BaseWeightsNotFound": "a module's weight is not in the base weights",
     "InvalidAdapterName": "the adapter name is not a valid Kubernetes object name",
     "LockTimeout": "another patch of the same adapter held the publish lock too long",

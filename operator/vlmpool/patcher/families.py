@@ -60,7 +60,8 @@ class Family:
     # The last is vLLM's own module layout, which its mappers leave as it is.
     layer_prefixes: tuple[str, ...] = ("model.language_model.layers.", "model.layers.", "language_model.model.layers.")
     # Base-weight key prefixes tried for a language layer (checkpoint layouts differ by transformers version).
-    base_layer_prefixes: tuple[str, ...] = ("model.language_model.layers.", "model.layers.", "language_model.model.layers.")
+    base_layer_prefixes: tuple[str, ...] = (
+        "model.language_model.layers.", "model.layers.", "language_model.model.layers.")
     vision_markers: tuple[str, ...] = VISION_MARKERS
     notes: tuple[str, ...] = field(default_factory=tuple)
 

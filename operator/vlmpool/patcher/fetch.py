@@ -28,9 +28,10 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Iterable
+from typing import IO
 
 from vlmpool.patcher import egress
 from vlmpool.patcher.errors import PatchError
@@ -111,7 +112,7 @@ def choose_adapter_files(names: dict[str, int], where: str, max_file_bytes: int)
     return top, warnings
 
 
-def _copy_limited(src: BinaryIO, dst_path: Path, limit: int, what: str) -> tuple[int, str]:
+def _copy_limited(src: IO[bytes], dst_path: Path, limit: int, what: str) -> tuple[int, str]:
     """Stream src into dst_path, refusing more than limit bytes. Returns (size, sha256 hex)."""
     h = hashlib.sha256()
     n = 0
@@ -257,15 +258,15 @@ def _list_local_dir(root: Path, label: str, max_depth: int = 3) -> dict[str, int
             entries = list(os.scandir(d))
         except OSError as e:
             raise PatchError("SourceUnavailable", f"{label}: cannot list {d}: {e}") from e
-        for e in entries:
-            r = f"{rel}/{e.name}" if rel else e.name
-            if e.is_symlink():
+        for ent in entries:
+            r = f"{rel}/{ent.name}" if rel else ent.name
+            if ent.is_symlink():
                 out[r] = None
-            elif e.is_dir(follow_symlinks=False):
-                if depth < max_depth and not e.name.startswith("."):
-                    walk(Path(e.path), r, depth + 1)
-            elif e.is_file(follow_symlinks=False):
-                out[r] = e.stat(follow_symlinks=False).st_size
+            elif ent.is_dir(follow_symlinks=False):
+                if depth < max_depth and not ent.name.startswith("."):
+                    walk(Path(ent.path), r, depth + 1)
+            elif ent.is_file(follow_symlinks=False):
+                out[r] = ent.stat(follow_symlinks=False).st_size
             else:
                 out[r] = -1
     walk(root, "", 0)
@@ -327,7 +328,7 @@ class _Redirects(urllib.request.HTTPRedirectHandler):
     def __init__(self, first: str, auth: str | None):
         self.first, self.auth = first, auth
 
-    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001 - urllib's signature
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # urllib's signature
         same_origin = egress.check_redirect(self.first, newurl, _redact(self.first))
         new = super().redirect_request(req, fp, code, msg, headers, newurl)
         if new is not None and same_origin and self.auth:

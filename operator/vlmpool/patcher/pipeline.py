@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import math
 import re
 from dataclasses import asdict, dataclass, field
@@ -29,14 +28,6 @@ from pathlib import Path
 from typing import Any
 
 from vlmpool.patcher.base import BaseWeights
-from vlmpool.patcher.dora import (  # noqa: F401 - svd helpers re-exported (tests, bench)
-    SVD_METHODS,
-    VISION_MAGNITUDE_TOLERANCE,
-    DoraResult,
-    apply_dora,
-    svd_method_for,
-    truncated_svd,
-)
 from vlmpool.patcher.config_checks import (
     check_alpha,
     check_patterns,
@@ -45,11 +36,19 @@ from vlmpool.patcher.config_checks import (
     parse_config,
     refuse_unsupported,
 )
+from vlmpool.patcher.dora import (  # noqa: F401 - svd helpers re-exported (tests, bench)
+    SVD_METHODS,
+    VISION_MAGNITUDE_TOLERANCE,
+    DoraResult,
+    apply_dora,
+    svd_method_for,
+    truncated_svd,
+)
 from vlmpool.patcher.errors import PatchError
 from vlmpool.patcher.families import DEFAULT_KEY_TEMPLATE, FAMILIES, validate_key_template
 from vlmpool.patcher.fetch import CONFIG_MAX_BYTES, CONFIG_NAME, WEIGHTS_NAME
 from vlmpool.patcher.plan import TensorPlan, check_base_shapes, plan_tensors
-from vlmpool.patcher.report import (  # noqa: F401 - config_json re-exported (api, tests)
+from vlmpool.patcher.report import (
     KEY_LAYOUT_NOTE,
     build_report,
     build_summary,
@@ -322,7 +321,7 @@ def patch_adapter(src_dir: Path | str, opts: PatchOptions, *, source_uri: str | 
     notes.append(KEY_LAYOUT_NOTE.format(template=opts.key_template))
     report = build_report(
         src_dir=str(src_dir.resolve()), opts=opts, cfg=cfg, new_cfg=new_cfg, plan=plan, dora=dora, use_dora=use_dora,
-        applied=applied, rank=svd_rank if applied == "svd" else r, svd_rank=svd_rank, scale=scale,
+        applied=applied, rank=r if svd_rank is None else svd_rank, svd_rank=svd_rank, scale=scale,
         total_tensors=len(weights), tensors_kept=len(tensors), source_digest=weights.digest,
         patched_digest=patched_digest, version=version, check=check, effective=effective, notes=notes,
         warnings=warnings, source_uri=source_uri, source_sha256=source_sha256)

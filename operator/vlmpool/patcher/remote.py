@@ -9,8 +9,9 @@ import os
 import posixpath
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from vlmpool.patcher import egress
 from vlmpool.patcher.errors import PatchError
@@ -30,7 +31,6 @@ from vlmpool.patcher.fetch import (
     extract_adapter_archive,
     sha256_file,
 )
-
 
 # ---------------------------------------------------------------- hf://
 
@@ -94,11 +94,12 @@ def _hf_fetch(uri: str, repo: str, rev: str, endpoint: str | None, token: str | 
     try:
         listing: dict[str, int] = {}
         for entry in api.list_repo_tree(repo, revision=rev, recursive=True):
-            if getattr(entry, "size", None) is not None and type(entry).__name__ == "RepoFile":
-                listing[entry.path] = int(entry.size)
+            size = getattr(entry, "size", None)
+            if size is not None and type(entry).__name__ == "RepoFile":
+                listing[entry.path] = int(size)
     except not_found as e:
         raise PatchError("SourceNotFound", f"{uri}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
-    except Exception as e:  # noqa: BLE001 - network and HTTP errors of the hub client
+    except Exception as e:  # network and HTTP errors of the hub client
         raise PatchError("SourceUnavailable", f"{uri}: cannot list the repository: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
     top, warnings = choose_adapter_files(listing, uri, max_file_bytes)
     adir = workdir / "adapter"
@@ -110,7 +111,7 @@ def _hf_fetch(uri: str, repo: str, rev: str, endpoint: str | None, token: str | 
             got = hf_hub_download(repo, name, revision=rev, local_dir=dl, endpoint=endpoint, token=token)
         except not_found as e:
             raise PatchError("SourceNotFound", f"{uri}: {name}: {str(e).splitlines()[0]}") from None
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise PatchError("SourceUnavailable", f"{uri}: download of {name} failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
         limit = CONFIG_MAX_BYTES if wanted == CONFIG_NAME else max_file_bytes
         with open(got, "rb") as src:
@@ -164,7 +165,7 @@ def s3(uri: str, workdir: Path, sha256: str | None, max_file_bytes: int) -> Fetc
     def download(key: str, dst: Path, limit: int) -> tuple[int, str]:
         try:
             obj = client.get_object(Bucket=bucket, Key=key)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise err(e, f"get {key}") from e
         if int(obj.get("ContentLength") or 0) > limit:
             raise PatchError("FileTooLarge", f"{uri}: {key} is {_human(int(obj['ContentLength']))}, over the limit of {_human(limit)}")
@@ -194,7 +195,7 @@ def s3(uri: str, workdir: Path, sha256: str | None, max_file_bytes: int) -> Fetc
                     raise PatchError("UnsafeSource", f"{uri} lists more than {MAX_ARCHIVE_MEMBERS} objects")
     except PatchError:
         raise
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise err(e, "list") from e
     if not listing:
         raise PatchError("SourceNotFound", f"{uri}: no objects under this prefix")

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from .admin import ADMIN_MAX_BODY_BYTES, AdminAPI
+from .context import CTX, RequestContext
 from .defaults import (
     DEFAULT_BODY_TIMEOUT_S,
     DEFAULT_CONCURRENCY,
@@ -26,10 +28,8 @@ from .defaults import (
     DEFAULT_QUEUE_TIMEOUT_S,
     DEFAULT_REQUEST_TIMEOUT_S,
 )
-from .admin import ADMIN_MAX_BODY_BYTES, AdminAPI
-from .context import CTX, RequestContext
 from .engine import EngineClient, EngineHTTPError, EngineUnavailable
-from .errors import (  # noqa: F401 - map_engine_error: the error table, imported from here by callers
+from .errors import (
     adapter_unavailable,
     error_response,
     http_code,
@@ -196,7 +196,7 @@ class Proxy:
                 status = ctx.status_override
             if ctx.route is not None:
                 self.metrics.observe_request(ctx.route, ctx.model_label, status, elapsed)
-            if ctx.engine_s:
+            if ctx.engine_s and ctx.route is not None:
                 self.metrics.observe_overhead(ctx.route, max(0.0, elapsed - ctx.engine_s - ctx.queue_s))
             if self.config.access_log:
                 extra = {
@@ -302,6 +302,7 @@ class Proxy:
             self.body_budget.release(held)
 
     async def _generation(self, request: web.Request, ctx: RequestContext, route: str) -> web.StreamResponse:
+        raw: bytearray | web.Response | None
         raw = await read_request_body(request, self.config.max_body_bytes, self.config.body_timeout)
         if isinstance(raw, web.Response):
             return raw

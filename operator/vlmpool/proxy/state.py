@@ -170,7 +170,8 @@ class AdapterRegistry:
         if task is None:
             task = asyncio.create_task(self._reload(target, REQUEST_ID.get()))
             self._heals[target.internal] = task
-            task.add_done_callback(lambda _t, key=target.internal: self._heals.pop(key, None))
+            key = target.internal
+            task.add_done_callback(lambda _t: self._heals.pop(key, None))
         try:
             await asyncio.shield(task)
         except (EngineHTTPError, EngineUnavailable) as e:
