@@ -134,8 +134,7 @@ print(r.choices[0].message.content)
 PY
 
 Ctrl-C stops everything (state stays in {cluster.state_dir}).""", flush=True)
-            while not stop.is_set():
-                await asyncio.sleep(0.5)
+            await asyncio.to_thread(stop.wait)  # a threading.Event: set by the signal handlers
             await fwd.stop()
 
     asyncio.run(main())

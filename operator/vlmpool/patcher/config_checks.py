@@ -39,7 +39,8 @@ def parse_config(text: str) -> dict[str, Any]:
     try:
         cfg = json.loads(text, parse_constant=no_constant, parse_float=finite_float)
     except RecursionError:
-        raise PatchError("InvalidConfig", f"{CONFIG_NAME} is nested too deeply (more than {MAX_DEPTH} levels)") from None
+        raise PatchError("InvalidConfig",
+                         f"{CONFIG_NAME} is nested too deeply (more than {MAX_DEPTH} levels)") from None
     except ValueError as e:  # also ints over Python's 4300-digit limit
         raise PatchError("InvalidConfig", f"{CONFIG_NAME} is not valid JSON: {str(e)[:200]}") from None
     check_shape(cfg)
@@ -151,9 +152,11 @@ def _match(pattern: dict[str, Any], name: str) -> Any:
             if regex.match(rf"(.*\.)?({key})$", name, timeout=PATTERN_TIMEOUT):
                 return value
         except regex.error as e:
-            raise PatchError("InvalidConfig", f"pattern key {key[:80]!r} is not a valid regular expression: {e}") from None
+            raise PatchError("InvalidConfig",
+                             f"pattern key {key[:80]!r} is not a valid regular expression: {e}") from None
         except TimeoutError:
-            raise PatchError("InvalidConfig", f"pattern key {key[:80]!r} takes too long to match module names") from None
+            raise PatchError("InvalidConfig",
+                             f"pattern key {key[:80]!r} takes too long to match module names") from None
     return None
 
 

@@ -248,7 +248,8 @@ def check_redirect(first: str, target: str, what: str) -> bool:
         return g.refuse(reason, message) if g else PatchError(reason, message)
 
     if a[0] == "https" and b[0] != "https":
-        raise refuse(f"{what}: a redirect to {b[0] or 'a relative'}:// was refused (an https source never leaves https)")
+        raise refuse(f"{what}: a redirect to {b[0] or 'a relative'}:// was refused "
+                     "(an https source never leaves https)")
     if b[0] not in ("https", "http"):
         raise refuse(f"{what}: a redirect to {b[0]}:// was refused")
     if g is not None and b[1] != a[1]:

@@ -98,7 +98,8 @@ def choose_adapter_files(names: dict[str, int], where: str, max_file_bytes: int)
     pickles = sorted(p for p in here if _is_pickle(p))
     if weights not in here:
         if pickles:
-            raise PatchError("PickleWeights", f"{where}: the adapter weights are pickle files ({', '.join(pickles[:5])}); "
+            raise PatchError("PickleWeights",
+                             f"{where}: the adapter weights are pickle files ({', '.join(pickles[:5])}); "
                              "pickle is never loaded (it can run code): re-save the adapter with "
                              "save_pretrained(safe_serialization=True) to get adapter_model.safetensors")
         raise PatchError("MissingWeights", f"{where} has {CONFIG_NAME} but no {WEIGHTS_NAME}")
@@ -179,39 +180,47 @@ def extract_adapter_archive(archive: Path, dest: Path, max_file_bytes: int, labe
         raise PatchError("InvalidSource", f"{label} is not a tar, tar.gz or zip archive")
     dest.mkdir(parents=True, exist_ok=True)
     if kind == "tar":
+        return _extract_tar(archive, dest, max_file_bytes, label)
+    return _extract_zip(archive, dest, max_file_bytes, label)
+
+
+def _extract_tar(archive: Path, dest: Path, max_file_bytes: int, label: str) -> tuple[Path, list[str]]:
+    try:
+        tf = tarfile.open(archive, "r:*")
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise PatchError("InvalidSource", f"{label}: unreadable tar archive: {e}") from e
+    with tf:
+        listing: dict[str, int] = {}
+        members = {}
         try:
-            tf = tarfile.open(archive, "r:*")
-        except (tarfile.TarError, OSError, EOFError) as e:
-            raise PatchError("InvalidSource", f"{label}: unreadable tar archive: {e}") from e
-        with tf:
-            listing: dict[str, int] = {}
-            members = {}
-            try:
-                for i, m in enumerate(tf):
-                    if i >= MAX_ARCHIVE_MEMBERS:
-                        raise PatchError("UnsafeArchive", f"{label} has more than {MAX_ARCHIVE_MEMBERS} members")
-                    name = _safe_member_name(m.name, label)
-                    if m.issym() or m.islnk():
-                        raise PatchError("UnsafeArchive", f"{label}: member {m.name!r} is a link (to {m.linkname!r}); "
-                                         "links are refused")
-                    if m.isdir():
-                        continue
-                    if not m.isreg():
-                        raise PatchError("UnsafeArchive", f"{label}: member {m.name!r} is not a regular file")
-                    if name in listing:
-                        raise PatchError("UnsafeArchive", f"{label}: member {m.name!r} appears twice")
-                    listing[name] = m.size
-                    members[name] = m
-            except (tarfile.TarError, EOFError, OSError) as e:
-                raise PatchError("InvalidSource", f"{label}: corrupt tar archive: {e}") from e
-            top, warnings = choose_adapter_files(listing, label, max_file_bytes)
-            for wanted in WANTED:
-                name = posixpath.join(top, wanted) if top else wanted
-                src = tf.extractfile(members[name])
-                assert src is not None
-                limit = CONFIG_MAX_BYTES if wanted == CONFIG_NAME else max_file_bytes
-                _copy_limited(src, dest / wanted, limit, f"{label}: {name}")
-        return dest, warnings
+            for i, m in enumerate(tf):
+                if i >= MAX_ARCHIVE_MEMBERS:
+                    raise PatchError("UnsafeArchive", f"{label} has more than {MAX_ARCHIVE_MEMBERS} members")
+                name = _safe_member_name(m.name, label)
+                if m.issym() or m.islnk():
+                    raise PatchError("UnsafeArchive", f"{label}: member {m.name!r} is a link (to {m.linkname!r}); "
+                                     "links are refused")
+                if m.isdir():
+                    continue
+                if not m.isreg():
+                    raise PatchError("UnsafeArchive", f"{label}: member {m.name!r} is not a regular file")
+                if name in listing:
+                    raise PatchError("UnsafeArchive", f"{label}: member {m.name!r} appears twice")
+                listing[name] = m.size
+                members[name] = m
+        except (tarfile.TarError, EOFError, OSError) as e:
+            raise PatchError("InvalidSource", f"{label}: corrupt tar archive: {e}") from e
+        top, warnings = choose_adapter_files(listing, label, max_file_bytes)
+        for wanted in WANTED:
+            name = posixpath.join(top, wanted) if top else wanted
+            src = tf.extractfile(members[name])
+            assert src is not None
+            limit = CONFIG_MAX_BYTES if wanted == CONFIG_NAME else max_file_bytes
+            _copy_limited(src, dest / wanted, limit, f"{label}: {name}")
+    return dest, warnings
+
+
+def _extract_zip(archive: Path, dest: Path, max_file_bytes: int, label: str) -> tuple[Path, list[str]]:
     try:
         zf = zipfile.ZipFile(archive)
     except (zipfile.BadZipFile, OSError) as e:
@@ -226,7 +235,8 @@ def extract_adapter_archive(archive: Path, dest: Path, max_file_bytes: int, labe
             name = _safe_member_name(info.filename, label)
             mode = (info.external_attr >> 16) & 0o177777
             if stat.S_ISLNK(mode):
-                raise PatchError("UnsafeArchive", f"{label}: member {info.filename!r} is a symbolic link; links are refused")
+                raise PatchError("UnsafeArchive",
+                                 f"{label}: member {info.filename!r} is a symbolic link; links are refused")
             if info.is_dir():
                 continue
             if stat.S_IFMT(mode) and not stat.S_ISREG(mode):  # no type bits: a plain file (zipfile, DOS)

@@ -86,11 +86,14 @@ class PatchOptions:
         if not self.pool_base or not self.pool_base.strip():
             raise PatchError("InvalidArguments", "the pool base model (--pool-base) is required")
         if self.dora_policy not in DORA_POLICIES:
-            raise PatchError("InvalidArguments", f"unknown DoRA policy {self.dora_policy!r}; one of {', '.join(DORA_POLICIES)}")
+            raise PatchError("InvalidArguments",
+                             f"unknown DoRA policy {self.dora_policy!r}; one of {', '.join(DORA_POLICIES)}")
         if self.svd_method not in SVD_METHODS:
-            raise PatchError("InvalidArguments", f"unknown SVD method {self.svd_method!r}; one of {', '.join(SVD_METHODS)}")
+            raise PatchError("InvalidArguments",
+                             f"unknown SVD method {self.svd_method!r}; one of {', '.join(SVD_METHODS)}")
         if self.base_check not in BASE_CHECKS:
-            raise PatchError("InvalidArguments", f"unknown base check {self.base_check!r}; one of {', '.join(BASE_CHECKS)}")
+            raise PatchError("InvalidArguments",
+                             f"unknown base check {self.base_check!r}; one of {', '.join(BASE_CHECKS)}")
         if not isinstance(self.max_rank, int) or self.max_rank < 1:
             raise PatchError("InvalidArguments", f"--max-rank must be a positive integer, not {self.max_rank!r}")
         if self.svd_rank is not None:
@@ -183,7 +186,8 @@ def base_check(cfg: dict[str, Any], opts: PatchOptions) -> tuple[str, list[str]]
         v = normalize_variant(opts.declared_variant)
         if declared and v != normalize_base_model_reference(declared):
             warnings.append(f"declared variant {opts.declared_variant!r} disagrees with adapter_config.json's "
-                            f"base_model_name_or_path {declared!r}; the file is the authority (fix the registry record)")
+                            f"base_model_name_or_path {declared!r}; the file is the authority "
+                            "(fix the registry record)")
         elif not declared and v not in {normalize_base_model_reference(t) for t in targets}:
             warnings.append(f"declared variant {opts.declared_variant!r} is not the pool's base {opts.pool_base!r}; "
                             "it is advisory only")
@@ -199,12 +203,15 @@ def base_check(cfg: dict[str, Any], opts: PatchOptions) -> tuple[str, list[str]]
         return "match", warnings
     names = f"the pool's base {opts.pool_base!r}" + (f" (served as {opts.served_base!r})" if opts.served_base else "")
     if opts.base_check == "strict":
-        raise PatchError("BaseModelMismatch", f"adapter_config.json declares base model {declared!r}, but the pool serves "
+        raise PatchError("BaseModelMismatch",
+                         f"adapter_config.json declares base model {declared!r}, but the pool serves "
                          f"{names}; names are compared after normalisation "
-                         f"({normalize_base_model_reference(declared)!r} vs {', '.join(sorted(repr(w) for w in wanted))}). "
+                         f"({normalize_base_model_reference(declared)!r} vs "
+                         f"{', '.join(sorted(repr(w) for w in wanted))}). "
                          "The adapter file is the authority: attach the adapter to a pool of its base model, or fix "
                          "the registry record that sent it here")
-    warnings.append(f"adapter_config.json declares base model {declared!r}, not {names}; served anyway (baseModelCheck: warn)")
+    warnings.append(f"adapter_config.json declares base model {declared!r}, not {names}; served anyway "
+                    "(baseModelCheck: warn)")
     return "mismatch-warned", warnings
 
 
@@ -308,8 +315,8 @@ def patch_adapter(src_dir: Path | str, opts: PatchOptions, *, source_uri: str | 
         notes.append("strip: DoRA magnitude vectors dropped; the served adapter approximates the trained one"
                      + ("" if base is not None else " (error not measured: no base weights given)"))
     if applied == "svd":
-        notes.append(f"svd: exact DoRA merge with the base weights, delta re-factored by truncated SVD to rank {svd_rank}; "
-                     "r = lora_alpha = rank (scale 1)")
+        notes.append("svd: exact DoRA merge with the base weights, delta re-factored by truncated SVD to rank "
+                     f"{svd_rank}; r = lora_alpha = rank (scale 1)")
     if plan.magnitudes and not use_dora:
         warnings.append(f"dropped {len(plan.magnitudes)} stray DoRA magnitude vector(s) of a non-DoRA adapter")
 

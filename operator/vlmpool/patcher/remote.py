@@ -100,7 +100,8 @@ def _hf_fetch(uri: str, repo: str, rev: str, endpoint: str | None, token: str | 
     except not_found as e:
         raise PatchError("SourceNotFound", f"{uri}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
     except Exception as e:  # network and HTTP errors of the hub client
-        raise PatchError("SourceUnavailable", f"{uri}: cannot list the repository: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise PatchError("SourceUnavailable", f"{uri}: cannot list the repository: {first}") from e
     top, warnings = choose_adapter_files(listing, uri, max_file_bytes)
     adir = workdir / "adapter"
     adir.mkdir(parents=True, exist_ok=True)
@@ -112,7 +113,8 @@ def _hf_fetch(uri: str, repo: str, rev: str, endpoint: str | None, token: str | 
         except not_found as e:
             raise PatchError("SourceNotFound", f"{uri}: {name}: {str(e).splitlines()[0]}") from None
         except Exception as e:
-            raise PatchError("SourceUnavailable", f"{uri}: download of {name} failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise PatchError("SourceUnavailable", f"{uri}: download of {name} failed: {first}") from e
         limit = CONFIG_MAX_BYTES if wanted == CONFIG_NAME else max_file_bytes
         with open(got, "rb") as src:
             _copy_limited(src, adir / wanted, limit, f"{uri}: {name}")
@@ -125,6 +127,21 @@ def _hf_fetch(uri: str, repo: str, rev: str, endpoint: str | None, token: str | 
 # ---------------------------------------------------------------- s3://
 
 _S3_URI = re.compile(r"^s3://(?P<bucket>[a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(?:/(?P<prefix>.*))?$")
+
+
+def _held_to_endpoint(endpoint: str, uri: str, aws: tuple[str, ...]) -> Any:
+    """botocore's before-send hook: signed requests go to the endpoint (or a bucket-named host under it,
+    or, without a custom endpoint, any AWS S3 regional endpoint), never elsewhere."""
+
+    def hook(request: Any, **_: Any) -> None:
+        if not egress.check_redirect(endpoint, request.url, uri):
+            host, ep_host = egress.origin(request.url)[1], egress.origin(endpoint)[1]
+            if not host.endswith(("." + ep_host, *aws)):
+                g = egress.current()
+                msg = f"{uri}: a request to {host}, not the endpoint {ep_host}, was refused"
+                raise g.refuse("SourceRedirectRefused", msg) if g else PatchError("SourceRedirectRefused", msg)
+
+    return hook
 
 
 def s3(uri: str, workdir: Path, sha256: str | None, max_file_bytes: int) -> FetchedAdapter:
@@ -143,16 +160,7 @@ def s3(uri: str, workdir: Path, sha256: str | None, max_file_bytes: int) -> Fetc
     # AWS itself: any S3 regional endpoint (botocore follows a bucket's region there).
     aws = () if custom else (".amazonaws.com", ".amazonaws.com.cn")
 
-    def held_to_endpoint(request: Any, **_: Any) -> None:
-        # Signed requests go to the endpoint (or a bucket-named host under it), never elsewhere.
-        if not egress.check_redirect(endpoint, request.url, uri):
-            host, ep_host = egress.origin(request.url)[1], egress.origin(endpoint)[1]
-            if not host.endswith(("." + ep_host, *aws)):
-                g = egress.current()
-                msg = f"{uri}: a request to {host}, not the endpoint {ep_host}, was refused"
-                raise g.refuse("SourceRedirectRefused", msg) if g else PatchError("SourceRedirectRefused", msg)
-
-    client.meta.events.register("before-send.s3", held_to_endpoint)
+    client.meta.events.register("before-send.s3", _held_to_endpoint(endpoint, uri, aws))
 
     def err(e: Exception, what: str) -> PatchError:
         code = ""
@@ -168,7 +176,8 @@ def s3(uri: str, workdir: Path, sha256: str | None, max_file_bytes: int) -> Fetc
         except Exception as e:
             raise err(e, f"get {key}") from e
         if int(obj.get("ContentLength") or 0) > limit:
-            raise PatchError("FileTooLarge", f"{uri}: {key} is {_human(int(obj['ContentLength']))}, over the limit of {_human(limit)}")
+            raise PatchError("FileTooLarge",
+                             f"{uri}: {key} is {_human(int(obj['ContentLength']))}, over the limit of {_human(limit)}")
         body = obj["Body"]
         try:
             return _copy_limited(body, dst, limit, f"{uri}: {key}")

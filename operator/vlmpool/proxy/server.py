@@ -272,7 +272,8 @@ class Proxy:
             log.warning("base model unknown and the engine could not tell it", extra={"error": str(e)})
         data = []
         if base:
-            data.append({"id": base, "object": "model", "created": self._created, "owned_by": "vlmpool", "root": base, "parent": None})
+            data.append({"id": base, "object": "model", "created": self._created, "owned_by": "vlmpool", "root": base,
+                         "parent": None})
         for served in self.registry.served_names():
             v = self.registry.alias.get(served)
             if v is None:
@@ -311,7 +312,8 @@ class Proxy:
         except InputRefused as e:
             return error_response(400, str(e), type_="invalid_request_error", code=e.code)
         if not isinstance(payload, dict):
-            return error_response(400, "request body must be a JSON object", type_="invalid_request_error", code="invalid_json")
+            return error_response(400, "request body must be a JSON object", type_="invalid_request_error",
+                                  code="invalid_json")
         model = payload.get("model")
         if not isinstance(model, str) or not model:
             return error_response(400, "`model` is required and must be a string", type_="invalid_request_error",
@@ -414,7 +416,8 @@ async def start_proxy(config: ProxyConfig) -> tuple[RunningProxy, list[web.AppRu
     ahost = (config.admin_host or config.host)
     ahost = ahost if ahost not in ("0.0.0.0", "::", "") else "127.0.0.1"
     running = RunningProxy(proxy, f"http://{host}:{ports[0]}", f"http://{ahost}:{ports[1]}", ports[0], ports[1],
-                           bind=f"{config.host}:{ports[0]}", admin_bind=f"{config.admin_host or config.host}:{ports[1]}")
+                           bind=f"{config.host}:{ports[0]}",
+                           admin_bind=f"{config.admin_host or config.host}:{ports[1]}")
     return running, runners
 
 

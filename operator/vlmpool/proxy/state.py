@@ -306,13 +306,15 @@ class AdapterRegistry:
                 if attempt == LOAD_ATTEMPTS:
                     self.metrics.adapter_load_failures.labels(served).inc()
                     raise
-                log.warning("adapter load: engine unavailable, retrying", extra={"adapter": internal, "error": str(e), "attempt": attempt})
+                log.warning("adapter load: engine unavailable, retrying",
+                            extra={"adapter": internal, "error": str(e), "attempt": attempt})
                 await asyncio.sleep(delay)
                 delay *= 2
                 continue
             except EngineHTTPError as e:
                 self.metrics.adapter_load_failures.labels(served).inc()
-                log.error("adapter load refused by the engine", extra={"adapter": internal, "status": e.status, "body": e.body[:REASON_CHARS]})
+                log.error("adapter load refused by the engine",
+                          extra={"adapter": internal, "status": e.status, "body": e.body[:REASON_CHARS]})
                 raise
             self.metrics.adapter_loads.labels(served).inc()
             log.info("adapter loaded", extra={"adapter": internal, "path": path})
@@ -342,13 +344,15 @@ class AdapterRegistry:
                         break
                     except EngineUnavailable as e:
                         if attempt == LOAD_ATTEMPTS:
-                            log.error("adapter unload failed; leaving it to the engine's LRU", extra={"adapter": v.internal, "error": str(e)})
+                            log.error("adapter unload failed; leaving it to the engine's LRU",
+                                      extra={"adapter": v.internal, "error": str(e)})
                             known = None
                             break
                         await asyncio.sleep(delay)
                         delay *= 2
                     except EngineHTTPError as e:
-                        log.error("adapter unload refused by the engine", extra={"adapter": v.internal, "status": e.status, "body": e.body[:REASON_CHARS]})
+                        log.error("adapter unload refused by the engine",
+                                  extra={"adapter": v.internal, "status": e.status, "body": e.body[:REASON_CHARS]})
                         known = None
                         break
                 if self.versions.get(v.internal) is v:
