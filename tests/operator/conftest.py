@@ -12,10 +12,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from helpers import OperatorProcess, PodProcesses, ensure_node
+from helpers import OperatorProcess, PodProcesses, ensure_node, stop_operators
 
 from vlmpool.controller import rbac
-from vlmpool.kube.client import VLMADAPTERS, KubeClient
+from vlmpool.kube.client import KubeClient
 from vlmpool.kube.config import KubeConfig
 
 OPERATOR_USER = "vlmpool-operator-test"
@@ -81,11 +81,7 @@ async def operator(operator_kubeconfig, namespace, adapter_root, tmp_path, kube)
     try:
         yield start
     finally:
-        for op in procs:
-            op.stop()
-        for a in await kube.list(VLMADAPTERS, namespace):
-            if a["metadata"].get("finalizers"):
-                await kube.patch(VLMADAPTERS, a["metadata"]["name"], {"metadata": {"finalizers": None}}, namespace)
+        await stop_operators(procs, kube, namespace)
 
 
 @pytest.fixture

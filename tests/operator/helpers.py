@@ -28,7 +28,7 @@ from typing import Any
 
 import aiohttp
 
-from vlmpool.kube.client import JOBS, NODES, PODS, ApiError, Conflict, KubeClient
+from vlmpool.kube.client import JOBS, NODES, PODS, VLMADAPTERS, ApiError, Conflict, KubeClient
 from vlmpool.testing.adapters import write_lora
 
 VLMPOOL = str(Path(sys.executable).parent / "vlmpool")
@@ -290,6 +290,16 @@ class OperatorProcess:
 
     def tail(self, n: int = 6000) -> str:
         return self.log_path.read_text()[-n:] if self.log_path.exists() else ""
+
+
+async def stop_operators(procs: list[OperatorProcess], kube: KubeClient, namespace: str) -> None:
+    """Teardown of the operator fixtures: stop the operators, then drop the finalizers of the adapters
+    left behind so the namespace can go."""
+    for op in procs:
+        op.stop()
+    for a in await kube.list(VLMADAPTERS, namespace):
+        if a["metadata"].get("finalizers"):
+            await kube.patch(VLMADAPTERS, a["metadata"]["name"], {"metadata": {"finalizers": None}}, namespace)
 
 
 async def run_job_pod(kube: KubeClient, pod: dict[str, Any], workdir: Path, timeout: float = 300) -> int:

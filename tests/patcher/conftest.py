@@ -5,9 +5,7 @@ saved from them, and loopback servers speaking HTTPS, the Hugging Face Hub API a
 from __future__ import annotations
 
 import asyncio
-import datetime
 import hashlib
-import ipaddress
 import ssl
 import threading
 from collections.abc import Callable
@@ -16,6 +14,8 @@ from xml.sax.saxutils import escape
 
 import pytest
 from patcher_testlib import FAMILIES, LANG_TARGETS, VISION_TARGETS, make_adapter, tiny_model
+
+from vlmpool.testing.tls import self_signed
 
 
 @pytest.fixture(scope="session")
@@ -89,26 +89,7 @@ class LoopbackServer:
 
 
 def _self_signed(tmp: Path) -> tuple[Path, Path]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    cert_path, key_path = tmp / "cert.pem", tmp / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert_path, key_path
+    return self_signed(tmp, "127.0.0.1")
 
 
 @pytest.fixture

@@ -10,8 +10,6 @@ resolver (`resolver` fixture) to loopback, as a DNS-rebinding attacker would.
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import ssl
 import threading
 from collections.abc import Callable
@@ -22,32 +20,13 @@ from pathlib import Path
 import pytest
 
 from vlmpool.patcher import egress
+from vlmpool.testing.tls import self_signed
 
 NAMES = ("mirror.example.com", "evil.example.com", "huggingface.co")
 
 
 def _self_signed(tmp: Path) -> tuple[Path, Path]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "vlmpool-security-tests")])
-    now = datetime.datetime.now(datetime.UTC)
-    sans = [x509.IPAddress(ipaddress.ip_address(a)) for a in ("127.0.0.1", "127.0.0.2")]
-    sans += [x509.DNSName(n) for n in NAMES]
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    cert_path, key_path = tmp / "cert.pem", tmp / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert_path, key_path
+    return self_signed(tmp, "vlmpool-security-tests", ips=("127.0.0.1", "127.0.0.2"), dns_names=NAMES)
 
 
 @dataclass
@@ -211,9 +190,7 @@ async def start_operator(operator_kubeconfig, namespace, tmp_path, kube):
     import sys
 
     sys.path.insert(0, str(Path(__file__).parents[1] / "operator"))
-    from helpers import OperatorProcess
-
-    from vlmpool.kube.client import VLMADAPTERS
+    from helpers import OperatorProcess, stop_operators
 
     procs: list = []
 
@@ -228,8 +205,4 @@ async def start_operator(operator_kubeconfig, namespace, tmp_path, kube):
     try:
         yield start
     finally:
-        for op in procs:
-            op.stop()
-        for a in await kube.list(VLMADAPTERS, namespace):
-            if a["metadata"].get("finalizers"):
-                await kube.patch(VLMADAPTERS, a["metadata"]["name"], {"metadata": {"finalizers": None}}, namespace)
+        await stop_operators(procs, kube, namespace)
