@@ -369,8 +369,9 @@ async def test_an_adapter_the_engine_already_holds_counts_as_loaded(sim, adapter
 
 
 async def test_self_heal_retries_exactly_once(sim, proxy, admin, client, adapters):
-    """An engine that forgets the adapter again after the re-load: one re-load, one retry, then the
-    engine's 404 goes to the client from the error table; never a loop."""
+    """An engine that forgets the adapter again after the re-load: one re-load, one retry, then a 503
+    adapter_unavailable (a server-side failure, as the seed's server error; not the client's 4xx);
+    never a loop."""
     path = adapters("cats", "v1")
     assert (await admin.put({"generation": 1, "concurrency": 4, "adapters": [spec("cats", "v1", path)]}))[0] == 200
     sim.forget_before_generation = True
@@ -378,8 +379,9 @@ async def test_self_heal_retries_exactly_once(sim, proxy, admin, client, adapter
     try:
         async with asyncio.timeout(20):
             await client.chat.completions.create(model="cats", messages=MSG, max_tokens=4)
-        raise AssertionError("expected the engine's 404 as a 422")
-    except openai.UnprocessableEntityError as e:
-        assert e.body["upstream_status"] == 404 and e.body["code"] == "vlm_client_error"
+        raise AssertionError("expected a 503 adapter_unavailable")
+    except openai.InternalServerError as e:
+        assert e.status_code == 503 and e.body["code"] == "adapter_unavailable"
+        assert e.response.json()["detail"]["kind"] == "adapter_unavailable"
     assert len(sim.received("/v1/chat/completions")) == n_chats + 2  # the request and one retry
     assert len(sim.received("/v1/load_lora_adapter")) == n_loads + 1  # one re-load

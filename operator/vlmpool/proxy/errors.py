@@ -1,5 +1,10 @@
-"""The proxy's error table: every error answer in OpenAI's shape, and how an engine answer >= 400
-becomes one (the one place, as vLLM's ``create_error_response``)."""
+"""The proxy's error table: every error answer, and how an engine answer >= 400 becomes one (the one
+place, as vLLM's ``create_error_response``).
+
+Every error body carries the same facts twice: OpenAI's ``{"error": {message, type, param, code, ...}}``
+(what the openai SDK reads) and trio-core's ``{"detail": {kind, upstream_status, moderated, message}}``
+(what trio clients read; ``kind`` is the error's code, ``upstream_status`` the engine's status or null).
+"""
 
 from __future__ import annotations
 
@@ -16,11 +21,19 @@ def error_response(
     status: int, message: str, *, type_: str, code: str | None, param: str | None = None,
     headers: dict[str, str] | None = None, **extra: object,
 ) -> web.Response:
+    return web.Response(body=json.dumps(error_body(message, type_=type_, code=code, param=param, **extra)).encode(),
+                        status=status, content_type="application/json", headers=headers)
+
+
+def error_body(message: str, *, type_: str, code: str | None, param: str | None = None,
+               **extra: object) -> dict[str, object]:
+    """``{"error": ..., "detail": ...}``: the OpenAI and the trio shape of one error, same facts."""
     err: dict[str, object] = {"message": message, "type": type_, "param": param, "code": code}
     err.update(extra)
-    return web.Response(
-        body=json.dumps({"error": err}).encode(), status=status, content_type="application/json", headers=headers
-    )
+    upstream = extra.get("upstream_status")
+    detail = {"kind": code or type_, "upstream_status": upstream if isinstance(upstream, int) else None,
+              "moderated": extra.get("moderated") is True, "message": message}
+    return {"error": err, "detail": detail}
 
 def map_engine_error(status: int, body: str) -> web.Response:
     """The error table for an engine answer >= 400: 4xx -> 422 (a per-request problem; the upstream

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 
 import aiohttp
@@ -18,6 +19,7 @@ from .errors import (
     UPSTREAM_MESSAGE_CHARS,
     adapter_failed,
     adapter_unavailable,
+    error_body,
     map_engine_error,
     unavailable_response,
 )
@@ -76,7 +78,12 @@ class Forwarder:
                     if isinstance(answer, web.Response):
                         return answer
                     body = answer.decode("utf-8", errors="replace")
-                    if not healed and version is not None and is_unknown_model_404(resp.status, body, internal):
+                    forgot = version is not None and is_unknown_model_404(resp.status, body, internal)
+                    if forgot and healed:  # forgotten again right after a successful re-load: not the client's fault
+                        log.warning("engine forgot the adapter again after a re-load", extra={"adapter": internal})
+                        return adapter_unavailable(
+                            f"adapter {model!r} is not loaded in the engine (forgotten again after a re-load)")
+                    if forgot:
                         healed = True
                         up.release(resp)
                         new = await self.registry.heal(model, version)
@@ -94,11 +101,14 @@ class Forwarder:
                 self.metrics.observe_ttfb(route, time.perf_counter() - t0)
                 if version is not None:
                     version.served_ok = True
+                rename = ModelRename(internal, model) if version is not None else None
                 if stream:
-                    return await self._stream(request, resp, internal)
+                    return await self._stream(request, resp, internal, rename)
                 body_bytes = await read_engine_body(up, resp, deadline, t_limit)
                 if isinstance(body_bytes, web.Response):
                     return body_bytes
+                if rename is not None and "content-encoding" not in resp.headers:
+                    body_bytes = rename.whole(body_bytes)
                 headers = {"Content-Type": resp.headers.get("content-type", "application/json"),
                            "X-Vlmpool-Served-By": internal}
                 if "content-encoding" in resp.headers:
@@ -110,7 +120,8 @@ class Forwarder:
             finally:
                 up.release(resp)  # no-op when aborted
 
-    async def _stream(self, request: web.Request, resp: UpstreamResponse, internal: str) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, resp: UpstreamResponse, internal: str,
+                      rename: ModelRename | None) -> web.StreamResponse:
         up = self.upstream
         headers = {
             "Content-Type": resp.headers.get("content-type", "text/event-stream"),
@@ -119,12 +130,19 @@ class Forwarder:
         }
         if "content-encoding" in resp.headers:
             headers["Content-Encoding"] = resp.headers["content-encoding"]
+            rename = None  # compressed bytes are relayed as they are
         out = web.StreamResponse(status=resp.status, headers=headers)
         await out.prepare(request)
         ctx = request[CTX]
         try:
             async for chunk in resp.iter_chunks(self.request_timeout):
+                if rename is not None:
+                    chunk = rename.feed(chunk)
+                    if not chunk:
+                        continue
                 await out.write(chunk)
+            if rename is not None and (rest := rename.flush()):
+                await out.write(rest)
             ctx.engine_s = time.perf_counter() - ctx.engine_t0
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             # the client went away: drop the engine connection so the engine aborts the generation
@@ -136,8 +154,7 @@ class Forwarder:
             up.abort(resp)
             request[CTX].status_override = 503
             log.error("engine stream broke", extra={"error": str(e)})
-            err = {"error": {"message": f"engine stream broke: {e}"[:UPSTREAM_MESSAGE_CHARS], "type": "engine_error",
-                             "param": None, "code": e.code}}
+            err = error_body(f"engine stream broke: {e}"[:UPSTREAM_MESSAGE_CHARS], type_="engine_error", code=e.code)
             try:
                 await out.write(b"data: " + json.dumps(err).encode() + b"\n\n")
             except (ConnectionResetError, aiohttp.ClientConnectionResetError):
@@ -147,6 +164,47 @@ class Forwarder:
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             pass
         return out
+
+
+class ModelRename:
+    """Answers name the model the client asked for: the engine's ``"model": "<name>@<version>"`` becomes
+    ``"model": "<name>"`` (the version stays in the X-Vlmpool-Served-By header). Inside a JSON string a
+    quote is always escaped, so the pattern (real quotes around key and value) only meets real
+    ``model`` members. Streams are rewritten per SSE event: bytes after the last event boundary wait
+    for the next chunk, at most ``MAX_CARRY`` of them (beyond that they are relayed unchanged)."""
+
+    MAX_CARRY = 256 * 1024
+
+    __slots__ = ("_carry", "_pattern", "_served")
+
+    def __init__(self, internal: str, served: str) -> None:
+        self._pattern = re.compile(rb'"model"(\s*):(\s*)' + re.escape(json.dumps(internal).encode()))
+        self._served = json.dumps(served).encode()
+        self._carry = b""
+
+    def _sub(self, m: re.Match[bytes]) -> bytes:
+        return b'"model"' + m.group(1) + b":" + m.group(2) + self._served
+
+    def whole(self, body: bytes) -> bytes:
+        return self._pattern.sub(self._sub, body)
+
+    def feed(self, chunk: bytes) -> bytes:
+        """The complete events of what arrived so far, renamed; the rest waits for the next chunk."""
+        data = self._carry + chunk if self._carry else chunk
+        lf, crlf = data.rfind(b"\n\n"), data.rfind(b"\r\n\r\n")
+        end = max(lf + 2 if lf >= 0 else -1, crlf + 4 if crlf >= 0 else -1)
+        if end < 0:
+            if len(data) <= self.MAX_CARRY:
+                self._carry = data
+                return b""
+            self._carry = b""
+            return data  # no event boundary in sight: relayed as it is (memory stays bounded)
+        self._carry = data[end:]
+        return self._pattern.sub(self._sub, data[:end])
+
+    def flush(self) -> bytes:
+        data, self._carry = self._carry, b""
+        return self._pattern.sub(self._sub, data) if data else b""
 
 
 async def read_engine_body(up: Upstream, resp: UpstreamResponse, deadline: float,
