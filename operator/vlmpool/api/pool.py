@@ -172,6 +172,11 @@ class ProxySpec(Model):
         "public API (Authorization: Bearer <value>); changes apply without a restart. /healthz, /readyz and "
         "/metrics stay open. Unset: no authentication (only the network decides who may call).",
     )
+    crop_describe: bool = Field(
+        default=True,
+        description="Serve POST /v1/vlmpool/crop-describe (trio-core's zoom-panel endpoint: detections composed "
+        "beside the frame into one image, one generation, per-panel descriptions). false: the route answers 404.",
+    )
 
 
 class AdapterVolumeSpec(Model):

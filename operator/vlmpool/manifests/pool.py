@@ -25,6 +25,7 @@ from vlmpool.manifests.common import (
     server_selector,
     service_name,
 )
+from vlmpool.proxy.defaults import THINKING_SWITCH_FAMILIES
 
 PROXY_CONTAINER = "proxy"
 ENGINE_CONTAINER = "engine"
@@ -143,7 +144,9 @@ def proxy_args(spec: VLMPoolSpec, adapter_root: str = ADAPTER_ROOT) -> list[str]
         "--queue-timeout", f"{px.queue_timeout_seconds:g}",
         "--request-timeout", f"{px.request_timeout_seconds:g}",
         "--adapter-root", adapter_root,
-    ] + (["--api-key-dir", API_KEY_DIR] if px.api_key_secret else [])
+        "--thinking", "switch" if spec.model.family in THINKING_SWITCH_FAMILIES else "none",
+    ] + (["--api-key-dir", API_KEY_DIR] if px.api_key_secret else []) + (
+        [] if px.crop_describe else ["--no-crop-describe"])
 
 
 def _resources(res: Any, gpus: int = 0) -> dict[str, Any]:

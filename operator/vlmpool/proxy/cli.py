@@ -66,6 +66,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key-dir", default=os.environ.get("VLMPOOL_API_KEY_DIR") or None,
                         help="a directory (mounted Secret) whose files' values are the accepted bearer tokens "
                              "of the public API; /healthz, /readyz and /metrics stay open (default: no auth)")
+    parser.add_argument("--crop-describe", action=argparse.BooleanOptionalAction, default=True,
+                        help="serve POST /v1/vlmpool/crop-describe (default on)")
+    parser.add_argument("--thinking", choices=("none", "switch"), default="none",
+                        help="switch: the model's chat template takes chat_template_kwargs.enable_thinking (Qwen3.5), "
+                             "so crop-describe forwards a request's enable_thinking; none (default): never forwarded")
     parser.add_argument("--no-access-log", action="store_true", help="do not log one line per request")
     parser.add_argument("--log-level", default=os.environ.get("VLMPOOL_LOG_LEVEL", "info"),
                         choices=["debug", "info", "warning", "error"], help="log level (JSON lines on stderr)")
@@ -95,6 +100,8 @@ def build_config(args: argparse.Namespace):
         adapter_root=args.adapter_root,
         api_key_dir=args.api_key_dir,
         access_log=not args.no_access_log,
+        crop_describe=args.crop_describe,
+        thinking=args.thinking,
     )
     config.validate()
     return config

@@ -11,7 +11,7 @@ import asyncio
 import os
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -19,6 +19,8 @@ from aiohttp import web
 
 from .admin import ADMIN_MAX_BODY_BYTES, AdminAPI
 from .context import CTX, RequestContext
+from .crop_describe import ROUTE as CROP_DESCRIBE_ROUTE
+from .crop_describe import THINKING_MODES, CropDescribe
 from .defaults import (
     DEFAULT_BODY_TIMEOUT_S,
     DEFAULT_CONCURRENCY,
@@ -76,6 +78,8 @@ class ProxyConfig:
     access_log: bool = True
     shutdown_timeout: float = 30.0
     retry_interval: float = 5.0  # re-try loads that met an unreachable engine this often (0: never)
+    crop_describe: bool = True  # POST /v1/vlmpool/crop-describe (spec.proxy.cropDescribe)
+    thinking: str = "none"  # "switch": the model's chat template takes enable_thinking (the family's)
 
     def validate(self) -> None:
         problems = []
@@ -101,6 +105,8 @@ class ProxyConfig:
             problems.append(f"API key directory {self.api_key_dir} does not exist")
         if self.adapter_root is not None and not self.adapter_root.startswith("/"):
             problems.append(f"adapter root must be an absolute path (got {self.adapter_root!r})")
+        if self.thinking not in THINKING_MODES:
+            problems.append(f"thinking must be one of {', '.join(THINKING_MODES)} (got {self.thinking!r})")
         if not self.engine_url.startswith(("http://", "https://")):
             problems.append(f"engine URL must be http(s)://host:port (got {self.engine_url!r})")
         if problems:
@@ -131,6 +137,7 @@ class Proxy:
         self.body_budget = ByteBudget(config.max_inflight_body_bytes or 2 * config.max_body_bytes, config.queue_limit)
         self.api_keys = ApiKeys(config.api_key_dir) if config.api_key_dir else None
         self.forwarder = Forwarder(self.upstream, self.registry, self.metrics, config.request_timeout)
+        self.crop_describe = CropDescribe(self)
         self.admin = AdminAPI(self.registry, config.admin_token or "", base_model=self.base_model,
                               adapter_root=config.adapter_root, body_timeout=config.body_timeout)
 
@@ -155,6 +162,7 @@ class Proxy:
         public.router.add_post("/v1/chat/completions", self.handle_generation)
         public.router.add_post("/v1/completions", self.handle_generation)
         public.router.add_get("/v1/models", self.handle_models)
+        public.router.add_post(CROP_DESCRIBE_ROUTE, self.crop_describe.handle)
         public.router.add_get("/healthz", self.handle_healthz)
         public.router.add_get("/readyz", self.handle_readyz)
         public.router.add_get("/metrics", self.handle_metrics)
@@ -288,6 +296,11 @@ class Proxy:
         route = request.path
         ctx = request[CTX]
         ctx.route = route
+        return await self.within_body_budget(request, lambda: self._generation(request, ctx, route))
+
+    async def within_body_budget(self, request: web.Request,
+                                 run: Callable[[], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        """``run()`` once the request's body fits the in-flight body budget (413 or 429 otherwise)."""
         announced = request.content_length
         if announced is not None and announced > self.config.max_body_bytes:
             return too_large(self.config.max_body_bytes)
@@ -298,12 +311,13 @@ class Proxy:
         except LimiterRejected as e:
             return self._rejected(e)
         try:
-            return await self._generation(request, ctx, route)
+            return await run()
         finally:
             self.body_budget.release(held)
 
     async def _generation(self, request: web.Request, ctx: RequestContext, route: str) -> web.StreamResponse:
         raw: bytearray | web.Response | None
+        payload: dict | None
         raw = await read_request_body(request, self.config.max_body_bytes, self.config.body_timeout)
         if isinstance(raw, web.Response):
             return raw
@@ -319,11 +333,15 @@ class Proxy:
             return error_response(400, "`model` is required and must be a string", type_="invalid_request_error",
                                   code="invalid_model", param="model")
         ctx.model = model
-        rewrite = False
         if "response_format" in payload and payload["response_format"] is None:
             del payload["response_format"]  # some OpenAI-compatible servers reject an explicit null
-            rewrite = True
+            raw = None
+        return await self.dispatch(request, ctx, route, model, payload, raw, payload.get("stream") is True)
 
+    async def dispatch(self, request: web.Request, ctx: RequestContext, route: str, model: str,
+                       payload: dict | None, raw: bytearray | None, stream: bool) -> web.StreamResponse:
+        """One generation for ``model`` (the base or a desired adapter) through the limiter, the adapter
+        routing and the forwarder; the body is ``raw`` as received, or ``payload`` (``raw`` None)."""
         adapter = self.registry.is_desired(model)
         if adapter:
             ctx.model_label = model
@@ -337,10 +355,9 @@ class Proxy:
             if model != base:
                 return model_not_found(model)
             ctx.model_label = model
-        stream = payload.get("stream") is True
         # memory: keep one form of the body while it waits and runs, the bytes as received (base
         # model, nothing rewritten) or the parsed object (the model name is rewritten)
-        if adapter or rewrite:
+        if adapter or raw is None:
             raw = None
         else:
             payload = None

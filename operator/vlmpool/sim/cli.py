@@ -26,7 +26,7 @@ IGNORED_VALUE_FLAGS = (
     "--generation-config", "--override-generation-config", "--tokenizer", "--revision",
     "--tokenizer-revision", "--block-size", "--swap-space", "--cpu-offload-gb",
     "--distributed-executor-backend", "--max-seq-len-to-capture", "--allowed-local-media-path",
-    "--tool-call-parser", "--reasoning-parser", "--guided-decoding-backend", "--structured-outputs-config",
+    "--tool-call-parser", "--guided-decoding-backend", "--structured-outputs-config",
     "--compilation-config", "-O", "--load-format", "--hf-overrides", "--mm-encoder-tp-mode",
     "--max-logprobs", "--tokenizer-mode", "--config-format", "--response-role", "--root-path",
     "--middleware", "--ssl-keyfile", "--ssl-certfile", "--allowed-origins", "--allowed-methods",
@@ -78,6 +78,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="static adapters name=path (or JSON {name, path}) loaded at start")
     parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
     parser.add_argument("--enable-request-id-headers", action=argparse.BooleanOptionalAction, default=False)
+    parser.add_argument("--reasoning-parser", default=None,
+                        help="split <think>...</think> off into message.reasoning (any name behaves as vLLM's qwen3)")
     sim = parser.add_argument_group("simulator")
     sim.add_argument("--ttft-ms", type=float, default=20.0, help="time to first token")
     sim.add_argument("--tpot-ms", type=float, default=2.0, help="time per further output token")
@@ -90,6 +92,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     sim.add_argument("--lora-shape-check", choices=("load", "first-use"), default="load",
                      help="A/B shapes that do not fit: refused at load (default, a sim extra), or loaded and "
                           "failing the first request that uses them by killing the engine, as vLLM does")
+    sim.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=False,
+                     help="a thinking model (Qwen3.5): answers open with a thought and </think> unless "
+                          "chat_template_kwargs.enable_thinking is false")
     sim.add_argument("--image-tokens", type=int, default=64, help="prompt tokens counted per image")
     sim.add_argument("--allow-runtime-lora", action=argparse.BooleanOptionalAction, default=None,
                      help="mount /v1/load_lora_adapter; default: env VLLM_ALLOW_RUNTIME_LORA_UPDATING")
@@ -127,7 +132,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
         tpot_ms=args.tpot_ms, lora_load_ms=args.lora_load_ms, family=args.family,
         strict_layout=args.strict_lora_layout, lora_shape_check=args.lora_shape_check, image_tokens=args.image_tokens,
         lora_modules=list(args.lora_modules), api_key=args.api_key,
-        enable_request_id_headers=args.enable_request_id_headers, faults=faults)
+        enable_request_id_headers=args.enable_request_id_headers, faults=faults,
+        thinking=args.thinking, reasoning_parser=args.reasoning_parser)
     try:
         cfg.check()
     except ValueError as e:

@@ -72,6 +72,8 @@ class SimConfig:
     # and fail the first request that uses them by killing the engine, as vLLM's set_lora does
     lora_shape_check: str = "load"
     image_tokens: int = 64
+    thinking: bool = False  # a thinking model (Qwen3.5): answers open with a thought unless enable_thinking is false
+    reasoning_parser: str | None = None  # vLLM --reasoning-parser: the thought goes to message.reasoning
     lora_modules: list[tuple[str, str]] = field(default_factory=list)  # static, loaded at start
     api_key: str | None = None
     enable_request_id_headers: bool = False

@@ -13,7 +13,7 @@ from typing import Any
 from aiohttp import web
 
 from vlmpool.sim import adapters as adapters_mod
-from vlmpool.sim import contract
+from vlmpool.sim import answers, contract
 from vlmpool.sim import schema as schema_mod
 from vlmpool.sim.engine import Seq
 from vlmpool.sim.parsing import PIECE, RequestError, chat_prompt, completion_prompts
@@ -84,7 +84,15 @@ class OpenAIRoutes(SimState):
         return value
 
     def _answer_text(self, body: dict[str, Any], served: str, lora_path: str | None, images: int,
-                     echo: str) -> str:
+                     echo: str, chat: bool) -> str:
+        text, want_json = self._answer(body, served, lora_path, images, echo)
+        if chat and self.config.thinking and (not want_json or self.config.reasoning_parser) \
+                and answers.thinking_enabled(body):
+            text = answers.with_thought(text, images)
+        return text
+
+    def _answer(self, body: dict[str, Any], served: str, lora_path: str | None, images: int,
+                echo: str) -> tuple[str, bool]:
         tag = f"sim:{served}" + (f" path={lora_path}" if lora_path else "")
         header = f"{tag} images={images}"
         fmt = body.get("response_format")
@@ -128,9 +136,12 @@ class OpenAIRoutes(SimState):
                     raise RequestError(contract.bad_request(
                         f"The provided JSON schema contains features not supported by the simulator: {e}",
                         param="response_format")) from None
-            return json.dumps(value, separators=(", ", ": "), ensure_ascii=False)
+            return json.dumps(value, separators=(", ", ": "), ensure_ascii=False), True
+        panels = answers.panels_in(echo)
+        if panels:  # the proxy's crop-describe prompt: one CROPS line per panel it lists
+            return answers.crop_answer(panels, header), False
         words = echo.split()[:12]
-        return header + (" echo: " + " ".join(words) if words else "")
+        return header + (" echo: " + " ".join(words) if words else ""), False
 
     def _plan(self, body: dict[str, Any], text: str, max_tokens: int) -> tuple[list[str], str]:
         pieces = PIECE.findall(text) or [text]
@@ -233,7 +244,7 @@ class OpenAIRoutes(SimState):
         plans = []
         for p in prompts:
             text = self._answer_text(body, lora if lora else self.base_name, lora_path,
-                                     p.images, p.echo)
+                                     p.images, p.echo, chat)
             plans.extend([self._plan(body, text, max_tokens)] * n)
 
         request_id = self._request_id(request, "chatcmpl" if chat else "cmpl")
@@ -244,12 +255,19 @@ class OpenAIRoutes(SimState):
         try:
             if stream:
                 return await self._stream(request, seq, chat, served, plans, prompt_tokens, body, headers)
-            return await self._whole(seq, chat, served, plans, prompt_tokens, headers)
+            return await self._whole(seq, chat, served, plans, prompt_tokens, body, headers)
         finally:
             self.engine.release(seq)
 
+    def _split(self, body: dict[str, Any], text: str) -> tuple[str | None, str | None]:
+        """(reasoning, content) of a chat answer: split only with a reasoning parser, as vLLM."""
+        if not self.config.reasoning_parser:
+            return None, text
+        reasoning, content = answers.split_reasoning(text, answers.thinking_enabled(body))
+        return (reasoning if body.get("include_reasoning", True) is not False else None), content
+
     async def _whole(self, seq: Seq, chat: bool, served: str, plans: list[tuple[list[str], str]],
-                     prompt_tokens: int, headers: dict[str, str] | None) -> web.Response:
+                     prompt_tokens: int, body: dict[str, Any], headers: dict[str, str] | None) -> web.Response:
         cfg = self.config
         longest = max(len(p[0]) for p in plans)
         first_at = None
@@ -268,9 +286,11 @@ class OpenAIRoutes(SimState):
         for i, (pieces, finish) in enumerate(plans):
             text = "".join(pieces)
             if chat:
+                reasoning, content = self._split(body, text)
+                # vLLM 0.32's ChatMessage: `reasoning` (not reasoning_content); empty tool_calls left out
                 choices.append({"index": i, "message": {
-                    "role": "assistant", "content": text, "refusal": None, "annotations": None,
-                    "audio": None, "function_call": None, "tool_calls": [], "reasoning_content": None},
+                    "role": "assistant", "content": content, "refusal": None, "annotations": None,
+                    "audio": None, "function_call": None, "reasoning": reasoning},
                     "logprobs": None, "finish_reason": finish, "stop_reason": None})
             else:
                 choices.append({"index": i, "text": text, "logprobs": None, "finish_reason": finish,
@@ -323,6 +343,9 @@ class OpenAIRoutes(SimState):
                                         for i in range(len(plans))],
                                        usage(0) if continuous else None))
             longest = max(len(p[0]) for p in plans)
+            splitters = ([answers.StreamSplitter(answers.thinking_enabled(body)) for _ in plans]
+                         if chat and cfg.reasoning_parser else None)
+            hide = body.get("include_reasoning", True) is False
             for step in range(longest):
                 due = start + (cfg.ttft_ms + step * cfg.tpot_ms) / 1000.0
                 delay = due - time.monotonic()
@@ -337,14 +360,22 @@ class OpenAIRoutes(SimState):
                     generated += 1
                     last = step == len(pieces) - 1
                     if chat:
-                        choices.append({"index": i, "delta": {"content": pieces[step]}, "logprobs": None,
+                        delta: dict[str, str] | None = {"content": pieces[step]}
+                        if splitters is not None:
+                            delta = splitters[i].delta(pieces[step])
+                            if delta is not None and hide and "reasoning" in delta:
+                                delta = None
+                            if delta is None and not last:
+                                continue  # a tag, or hidden reasoning: no chunk (vLLM skips an empty delta)
+                        choices.append({"index": i, "delta": delta or {}, "logprobs": None,
                                         "finish_reason": finish if last else None,
                                         **({"stop_reason": None} if last else {})})
                     else:
                         choices.append({"index": i, "text": pieces[step], "logprobs": None,
                                         "finish_reason": finish if last else None,
                                         **({"stop_reason": None} if last else {})})
-                await resp.write(chunk(choices, usage(generated) if continuous else None))
+                if choices:
+                    await resp.write(chunk(choices, usage(generated) if continuous else None))
             reason = plans[0][1]
             if include_usage:
                 await resp.write(chunk([], usage(generated)))
