@@ -77,7 +77,7 @@ class StreamSplitter:
                 self.in_reasoning = False
                 before, _, after = piece.partition(THINK_END)
                 before = before.replace(THINK_START, "")
-                if before.strip():
+                if before:  # the sim's pieces never carry text after the tag: "\n</think>" is one piece
                     return {"reasoning": before}
                 return {"content": after} if after else None
             piece = piece.replace(THINK_START, "")
