@@ -16,8 +16,8 @@ def det(box, conf=None, cls="person"):
 
 
 def test_panels_sorted_padded_clipped_and_slivers_skipped():
-    dets = [det([100, 100, 200, 300], 0.5), det([0, 0, 40, 20], 0.9), det([650, 10, 700, 40], 0.8), det([5, 5, 9, 9], 0.7),
-            det([10, 400, 20, 460])]  # no confidence counts as 0
+    dets = [det([100, 100, 200, 300], 0.5), det([0, 0, 40, 20], 0.9), det([650, 10, 700, 40], 0.8),
+            det([5, 5, 9, 9], 0.7), det([10, 400, 20, 460])]  # no confidence counts as 0
     panels = select_panels(dets, 20, 640, 480)
     assert [p.det.confidence for p in panels] == [0.9, 0.5, None]  # off the frame, a 6 px sliver: skipped
     assert [p.label for p in panels] == ["A", "B", "C"]
