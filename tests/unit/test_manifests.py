@@ -346,3 +346,27 @@ def test_pool_pods_give_the_images_uid_group_access_to_the_admin_token():
     assert spec["securityContext"]["fsGroup"] == 65532
     token = next(v for v in spec["volumes"] if v["name"] == "admin-token")
     assert token["secret"]["defaultMode"] == 0o440
+
+
+def test_proxy_args_crop_describe_and_thinking(monkeypatch):
+    """spec.proxy.cropDescribe and the family's thinking switch reach the proxy's command line, which the
+    proxy's own CLI accepts."""
+    import argparse
+
+    from vlmpool.proxy import cli as proxy_cli
+
+    def parsed(obj: dict):
+        px = container(MP.deployment(obj), "proxy")
+        parser = argparse.ArgumentParser()
+        proxy_cli.configure(parser)
+        monkeypatch.setenv("VLMPOOL_ADMIN_TOKEN", "t" * 32)
+        return px["args"], proxy_cli.build_config(parser.parse_args(px["args"][1:]))
+
+    args, cfg = parsed(pool())
+    assert flag(args, "--thinking") == "none" and "--no-crop-describe" not in args
+    assert cfg.crop_describe is True and cfg.thinking == "none"
+    args, cfg = parsed(pool(proxy={"cropDescribe": False}))
+    assert "--no-crop-describe" in args and cfg.crop_describe is False
+    monkeypatch.setattr(MP, "THINKING_SWITCH_FAMILIES", frozenset({"qwen2_5_vl"}))  # as qwen3_5's entry
+    args, cfg = parsed(pool())
+    assert flag(args, "--thinking") == "switch" and cfg.thinking == "switch"
