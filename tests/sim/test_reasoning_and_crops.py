@@ -62,6 +62,11 @@ async def test_reasoning_parser_splits_plain_and_streamed(fast_config):
         assert r.choices[0].message.content.startswith("sim:qwen-base")
         r = await c.chat.completions.create(model="qwen-base", messages=MSG, extra_body={"include_reasoning": False})
         assert reasoning_of(r.choices[0].message) is None and r.choices[0].message.content.startswith("\n\nsim:")
+        stream = await c.chat.completions.create(model="qwen-base", messages=MSG, stream=True,
+                                                 extra_body={"include_reasoning": False})
+        deltas = [ch.delta for chunk in [x async for x in stream] for ch in chunk.choices]
+        assert not any((d.model_extra or {}).get("reasoning") for d in deltas)  # hidden, streamed too
+        assert "".join(d.content or "" for d in deltas) == m.content
 
 
 async def test_a_parser_on_a_model_that_does_not_think_makes_it_all_reasoning(fast_config):
