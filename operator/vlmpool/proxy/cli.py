@@ -78,7 +78,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def build_config(args: argparse.Namespace):
     from .defaults import DEFAULT_CONCURRENCY
-    from .server import ProxyConfig, read_admin_token
+    from .server import ProxyConfig
 
     concurrency = args.concurrency if args.concurrency is not None else _env_int(ENV_CONCURRENCY, DEFAULT_CONCURRENCY)
     config = ProxyConfig(
@@ -105,6 +105,20 @@ def build_config(args: argparse.Namespace):
     )
     config.validate()
     return config
+
+
+def read_admin_token(env: dict[str, str] | os._Environ = os.environ) -> str | None:
+    token = env.get("VLMPOOL_ADMIN_TOKEN")
+    if token:
+        return token.strip()
+    path = env.get("VLMPOOL_ADMIN_TOKEN_FILE")
+    if path:
+        with open(path, encoding="utf-8") as f:
+            token = f.read().strip()
+        if not token:
+            raise ValueError(f"VLMPOOL_ADMIN_TOKEN_FILE {path} is empty")
+        return token
+    return None
 
 
 async def _serve(config) -> int:

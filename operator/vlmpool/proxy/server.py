@@ -453,17 +453,3 @@ async def run_proxy(config: ProxyConfig) -> AsyncIterator[RunningProxy]:
         yield running
     finally:
         await stop_proxy(running, runners)
-
-
-def read_admin_token(env: dict[str, str] | os._Environ = os.environ) -> str | None:
-    token = env.get("VLMPOOL_ADMIN_TOKEN")
-    if token:
-        return token.strip()
-    path = env.get("VLMPOOL_ADMIN_TOKEN_FILE")
-    if path:
-        with open(path, encoding="utf-8") as f:
-            token = f.read().strip()
-        if not token:
-            raise ValueError(f"VLMPOOL_ADMIN_TOKEN_FILE {path} is empty")
-        return token
-    return None
