@@ -5,6 +5,7 @@ CROPS lines."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -233,3 +234,23 @@ async def test_adapter_model_route_off_and_unknown_model(sim, adapters):
         with pytest.raises(openai.NotFoundError) as ei:
             await c.post("/vlmpool/crop-describe", body={"image_b64": b64(frame)}, cast_to=httpx.Response)
         assert ei.value.body["code"] == "crop_describe_disabled"
+
+
+async def test_the_chat_limiter_gates_crop_describe(sim):
+    """crop-describe waits for the same engine slots as chat: with the one slot busy and no room to wait,
+    it is a 429 queue_full, and the engine never sees it."""
+    frame, _ = make_scene(1)
+    await sim.faults(stall_seconds=2.0)
+    async with run_proxy(proxy_config(sim.url, concurrency=1, queue_limit=0, queue_timeout=0.3)) as p:
+        c = openai.AsyncOpenAI(base_url=p.url + "/v1", api_key="unused", max_retries=0)
+        busy = asyncio.create_task(c.chat.completions.create(model=BASE, messages=[{"role": "user", "content": "x"}],
+                                                             max_tokens=2))
+        async with asyncio.timeout(10):
+            while p.proxy.limiter.active < 1:
+                await asyncio.sleep(0.01)
+        with pytest.raises(openai.RateLimitError) as ei:
+            await c.post("/vlmpool/crop-describe", body={"image_b64": b64(frame)}, cast_to=httpx.Response)
+        assert ei.value.body["code"] == "queue_full" and ei.value.response.json()["detail"]["kind"] == "queue_full"
+        await sim.faults(stall_seconds=0.0)
+        await busy
+        assert len(sim.received("/v1/chat/completions")) == 1

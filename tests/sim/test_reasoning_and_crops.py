@@ -87,3 +87,16 @@ async def test_crop_prompt_is_answered_with_one_crops_line_per_panel(fast_config
         assert r.choices[0].message.content.splitlines() == [
             "CROPS:", "A: person: sim saw panel A", "B: red car: sim saw panel B",
             "SCENE: sim:qwen-base images=0 panels=2"]
+
+
+def test_cli_flags():
+    import argparse
+
+    from vlmpool.sim import cli
+
+    parser = argparse.ArgumentParser()
+    cli.configure(parser)
+    cfg = cli.config_from_args(parser.parse_args(["m", "--thinking", "--reasoning-parser", "qwen3"]))
+    assert cfg.thinking is True and cfg.reasoning_parser == "qwen3"
+    cfg = cli.config_from_args(parser.parse_args(["m"]))
+    assert cfg.thinking is False and cfg.reasoning_parser is None
