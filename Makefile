@@ -7,11 +7,16 @@ PIP := $(VENV)/bin/pip
 EXTRAS ?= test,hf,s3
 PYTEST_ARGS ?=
 
+.PHONY: epp
+epp:  ## the Gateway API Inference Extension's endpoint picker + InferencePool CRD (release pinned next to Kubernetes; cached)
+	@bash hack/epp.sh
+
 .PHONY: help install k8s-bins crds crds-check lint test test-vllm test-unit test-apiserver bench clean
 
 help:
 	@echo "make dev         the whole system on this machine with a quickstart pool (Ctrl-C stops)"
 	@echo "make install     create $(VENV) and install vlmpool with the [$(EXTRAS)] extras"
+	@echo "make epp         find or build the GIE endpoint picker (EPP) and InferencePool CRD for tests/routing (cached)"
 	@echo "make k8s-bins    find or build etcd, kube-apiserver, kube-controller-manager, kubectl, helm, kubelet, kube-proxy, kube-scheduler (cached)"
 	@echo "make crds        regenerate crds/*.yaml from the pydantic models"
 	@echo "make lint        ruff and mypy with the rules in pyproject.toml (part of make test)"
