@@ -280,6 +280,8 @@ class Engine:
         labels = {"model_name": self.model_name, "engine": "0"}
         m["running"].labels(**labels).set(len(self.running))
         m["waiting"].labels(**labels).set(len(self.waiting))
+        # modelled: each running sequence holds an equal share of the KV cache (max_num_seqs fill it)
+        m["kv_usage"].labels(**labels).set(len(self.running) / max(1, self.max_num_seqs))
         return generate_latest(m["registry"])
 
     def _new_metrics(self) -> dict[str, Any]:
@@ -294,6 +296,8 @@ class Engine:
                              names, registry=reg),
             "waiting": Gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.",
                              names, registry=reg),
+            "kv_usage": Gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", names,
+                              registry=reg),
             "lora_info": Gauge("vllm:lora_requests_info", "Running stats on lora requests.",
                                ["max_lora", "waiting_lora_adapters", "running_lora_adapters"], registry=reg)
             if self.enable_lora else None,
@@ -315,7 +319,7 @@ class Engine:
         }
         # vLLM binds its label values at start-up, so every series is exported (at 0) from the first scrape.
         labels = {"model_name": self.model_name, "engine": "0"}
-        for key in ("running", "waiting", "prompt_tokens", "generation_tokens", "ttft", "e2e", "queue"):
+        for key in ("running", "waiting", "kv_usage", "prompt_tokens", "generation_tokens", "ttft", "e2e", "queue"):
             metrics[key].labels(**labels)
         for reason in ("stop", "length", "abort"):
             metrics["success"].labels(**labels, finished_reason=reason)
