@@ -32,7 +32,7 @@ if ! done_already; then
   log "downloading $MOD v$GIE_VERSION"
   src=$(go mod download -json "$MOD@v$GIE_VERSION" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
   [ -d "$src" ] || { log "module $MOD@v$GIE_VERSION not downloaded"; exit 1; }
-  cp "$src/config/crd/bases/$CRD" "$DIR/crds/$CRD"
+  install -m 0644 "$src/config/crd/bases/$CRD" "$DIR/crds/$CRD"
   if [ ! -f go.mod ]; then
     cp "$src/go.mod" go.mod.tmp && cp "$src/go.sum" go.sum && chmod u+w go.mod.tmp go.sum
     mv go.mod.tmp go.mod
