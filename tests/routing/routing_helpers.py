@@ -142,7 +142,9 @@ class ModelPod:
             if line.startswith("vllm:lora_requests_info{"):
                 labels = dict(kv.split("=", 1) for kv in line[line.index("{") + 1:line.rindex("}")].split('",'))
                 running = labels["running_lora_adapters"].strip('"')
-                return set(running.split(",")) - {""}
+                # name-agnostic (a version suffix dropped), so that what fails under internal names is the
+                # EPP's affinity, not this wait
+                return {n.split("@", 1)[0] for n in running.split(",")} - {""}
         raise AssertionError("no vllm:lora_requests_info in the proxy's /metrics")
 
     def make_hot(self, loops: LoopThread, served: set[str]) -> None:
@@ -331,7 +333,8 @@ def envoy_config(listen_port: int, admin_port: int, epp_port: int) -> dict[str, 
                                 "request_trailer_mode": "SEND", "response_trailer_mode": "SEND"},
             "message_timeout": "1000s"}}
     hcm = {
-        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
+                 "HttpConnectionManager",
         "stat_prefix": "pool",
         "route_config": {"name": "pool", "virtual_hosts": [{"name": "pool", "domains": ["*"], "routes": [
             {"match": {"prefix": "/"}, "route": {"cluster": "original_destination_cluster", "timeout": "60s"}}]}]},
