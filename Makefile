@@ -48,8 +48,9 @@ lint: install  ## ruff and mypy, configured (and their rule sets defended) in py
 	$(VENV)/bin/ruff check operator tests bench
 	$(VENV)/bin/mypy
 
-test: install lint k8s-bins
-	VLMPOOL_K8S_BIN="$$(bash hack/k8s-bins.sh | tail -n1)" $(PY) -m pytest $(PYTEST_ARGS)
+test: install lint k8s-bins epp
+	VLMPOOL_K8S_BIN="$$(bash hack/k8s-bins.sh | tail -n1)" VLMPOOL_EPP_DIR="$$(bash hack/epp.sh | tail -n1)" \
+	  $(PY) -m pytest $(PYTEST_ARGS)
 
 test-vllm: install  ## vLLM's own LoRA loader (release pinned in operator/vlmpool/sim/contract.py) in a venv cached under ~/.cache/vlmpool
 	VLMPOOL_VLLM_PYTHON="$$(bash hack/vllm-env.sh | tail -n1)" $(PY) -m pytest tests/vllm $(PYTEST_ARGS)
