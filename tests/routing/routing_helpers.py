@@ -51,6 +51,14 @@ def epp_dir() -> Path:
     return d
 
 
+def install_inferencepool_crd(control_plane: Any) -> None:
+    """The InferencePool CRD from the pinned GIE module, applied and Established."""
+    crd = epp_dir() / "crds" / "inference.networking.k8s.io_inferencepools.yaml"
+    control_plane.kubectl("apply", "--server-side", "-f", str(crd))
+    control_plane.kubectl("wait", "--for=condition=Established", "--timeout=60s",
+                          "crd/inferencepools.inference.networking.k8s.io")
+
+
 def envoy_binary() -> Path:
     path = Path(sys.prefix) / "bin" / "envoy"
     if not path.is_file():

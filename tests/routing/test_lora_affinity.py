@@ -25,6 +25,7 @@ from routing_helpers import (
     common_free_port,
     envoy_binary,
     epp_dir,
+    install_inferencepool_crd,
     pod_ips,
     pool_spec,
     start_envoy,
@@ -45,10 +46,7 @@ def routed_pool(control_plane, tmp_path_factory):
     work = tmp_path_factory.mktemp("routing")
     ns = f"r-{uuid.uuid4().hex[:8]}"
     control_plane.kubectl("create", "namespace", ns)
-    crd = d / "crds" / "inference.networking.k8s.io_inferencepools.yaml"
-    control_plane.kubectl("apply", "--server-side", "-f", str(crd))
-    control_plane.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                          "crd/inferencepools.inference.networking.k8s.io")
+    install_inferencepool_crd(control_plane)
     ips = pod_ips()
     port = common_free_port(ips)
     pods = [ModelPod("vision-a", ips[0], port), ModelPod("vision-b", ips[1], port)]
