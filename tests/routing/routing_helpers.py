@@ -24,12 +24,13 @@ import yaml
 from aiohttp import web
 
 from vlmpool.api.pool import VLMPoolSpec
-from vlmpool.localcluster.controlplane import GIE_VERSION, free_port
+from vlmpool.localcluster.controlplane import free_port
 from vlmpool.manifests import routing as MR
 from vlmpool.manifests.common import server_selector
 from vlmpool.proxy.server import ProxyConfig, RunningProxy, start_proxy, stop_proxy
 from vlmpool.sim.config import SimConfig
 from vlmpool.sim.server import create_app
+from vlmpool.testing import gie
 from vlmpool.testing.adapters import write_lora
 
 BASE = "base-vlm"
@@ -41,19 +42,16 @@ ADAPTERS = ("cats", "acme/dogs", "birds")  # loaded on every pod; "birds" never 
 
 def epp_dir() -> Path:
     """The cached EPP build (hack/epp.sh). Missing: skip, except under CI, where it is a failure."""
-    d = Path(os.environ.get("VLMPOOL_EPP_DIR") or
-             Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vlmpool" / "gie" / f"v{GIE_VERSION}")
-    if not (d / "bin" / "epp").is_file():
-        msg = f"no EPP at {d}/bin/epp: run `make epp` (bash hack/epp.sh)"
+    if reason := gie.missing_reason():
         if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return d
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return gie.gie_dir()
 
 
 def install_inferencepool_crd(control_plane: Any) -> None:
     """The InferencePool CRD from the pinned GIE module, applied and Established."""
-    crd = epp_dir() / "crds" / "inference.networking.k8s.io_inferencepools.yaml"
+    crd = epp_dir() / "crds" / gie.INFERENCEPOOL_CRD
     control_plane.kubectl("apply", "--server-side", "-f", str(crd))
     control_plane.kubectl("wait", "--for=condition=Established", "--timeout=60s",
                           "crd/inferencepools.inference.networking.k8s.io")
