@@ -29,7 +29,7 @@ from vlmpool.manifests import routing as MR
 from vlmpool.manifests.common import server_selector
 from vlmpool.proxy.server import ProxyConfig, RunningProxy, start_proxy, stop_proxy
 from vlmpool.sim.config import SimConfig
-from vlmpool.sim.server import create_app
+from vlmpool.sim.server import ENGINE_KEY, create_app
 from vlmpool.testing import gie
 from vlmpool.testing.adapters import write_lora
 
@@ -93,9 +93,11 @@ class ModelPod:
     ip: str
     port: int
     sim_runner: web.AppRunner | None = None
+    engine: Any = None  # the simulator's Engine (counters: lora_activations)
     proxy: RunningProxy | None = None
     runners: list[web.AppRunner] = field(default_factory=list)
     holds: dict[str, Any] = field(default_factory=dict)  # served name -> future of a long generation
+    sim: dict[str, Any] = field(default_factory=dict)  # SimConfig overrides (bench/routing.py)
 
     @property
     def endpoint(self) -> str:
@@ -106,8 +108,11 @@ class ModelPod:
         return f"http://{self.endpoint}"
 
     async def start(self, adapter_paths: dict[str, str]) -> None:
-        app = create_app(SimConfig(model=BASE, enable_lora=True, runtime_lora=True, max_loras=MAX_LORAS,
-                                   max_cpu_loras=8, max_num_seqs=16, ttft_ms=2.0, tpot_ms=50.0))
+        cfg = dict(model=BASE, enable_lora=True, runtime_lora=True, max_loras=MAX_LORAS, max_cpu_loras=8,
+                   max_num_seqs=16, ttft_ms=2.0, tpot_ms=50.0)
+        cfg.update(self.sim)
+        app = create_app(SimConfig(**cfg))
+        self.engine = app[ENGINE_KEY]
         self.sim_runner = web.AppRunner(app, access_log=None)
         await self.sim_runner.setup()
         site = web.TCPSite(self.sim_runner, "127.0.0.1", 0)
@@ -115,7 +120,7 @@ class ModelPod:
         sim_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         self.proxy, self.runners = await start_proxy(ProxyConfig(
             engine_url=f"http://127.0.0.1:{sim_port}", host=self.ip, port=self.port, admin_host="127.0.0.1",
-            admin_port=0, admin_token=TOKEN, base_model=BASE, concurrency=16, max_loras=MAX_LORAS,
+            admin_port=0, admin_token=TOKEN, base_model=BASE, concurrency=16, max_loras=int(cfg["max_loras"]),
             shutdown_timeout=2.0, access_log=False))
         state = {"generation": 1, "concurrency": 16,
                  "adapters": [{"name": n, "version": "v1", "path": p} for n, p in adapter_paths.items()]}
@@ -381,5 +386,5 @@ def start_envoy(epp_port: int, workdir: Path) -> tuple[subprocess.Popen, int, in
     return proc, listen, admin, log
 
 
-def adapter_paths(root: Path) -> dict[str, str]:
-    return {name: str(write_lora(root / name.replace("/", "_"), base=BASE, seed=i)) for i, name in enumerate(ADAPTERS)}
+def adapter_paths(root: Path, names: tuple[str, ...] = ADAPTERS) -> dict[str, str]:
+    return {name: str(write_lora(root / name.replace("/", "_"), base=BASE, seed=i)) for i, name in enumerate(names)}
