@@ -95,8 +95,12 @@ async def _running(url: str, served: str):
 
 
 async def _waiting(url: str, served: str):
+    """A scrape with `served` queued in the proxy and the engine's (cached, <= 0.2 s old) view caught up
+    with the running request."""
     m = await scrape(url)
-    return m if served in lora_info(m)["waiting_lora_adapters"].split(",") else None
+    if served in lora_info(m)["waiting_lora_adapters"].split(",") and m["vllm:num_requests_running"][0][1]:
+        return m
+    return None
 
 
 async def _idle(url: str):

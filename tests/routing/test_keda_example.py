@@ -1,4 +1,4 @@
-"""examples/keda-scaledobject.yaml is admitted by the real apiserver with the real KEDA ScaledObject CRD
+"""examples/routing/keda-scaledobject.yaml is admitted by the real apiserver with the real KEDA ScaledObject CRD
 (v2.17.0, from the Go module proxy; tests/routing/fixtures), strict field validation: a renamed or
 removed KEDA field would fail here."""
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 HERE = Path(__file__).parent
-EXAMPLE = HERE.parents[1] / "examples" / "keda-scaledobject.yaml"
+EXAMPLE = HERE.parents[1] / "examples" / "routing" / "keda-scaledobject.yaml"
 
 
 def test_keda_example_is_admitted(control_plane):
