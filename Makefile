@@ -7,11 +7,16 @@ PIP := $(VENV)/bin/pip
 EXTRAS ?= test,hf,s3
 PYTEST_ARGS ?=
 
+.PHONY: epp
+epp:  ## the Gateway API Inference Extension's endpoint picker + InferencePool CRD (release pinned next to Kubernetes; cached)
+	@bash hack/epp.sh
+
 .PHONY: help install k8s-bins crds crds-check lint test test-vllm test-unit test-apiserver bench clean
 
 help:
 	@echo "make dev         the whole system on this machine with a quickstart pool (Ctrl-C stops)"
 	@echo "make install     create $(VENV) and install vlmpool with the [$(EXTRAS)] extras"
+	@echo "make epp         find or build the GIE endpoint picker (EPP) and InferencePool CRD for tests/routing (cached)"
 	@echo "make k8s-bins    find or build etcd, kube-apiserver, kube-controller-manager, kubectl, helm, kubelet, kube-proxy, kube-scheduler (cached)"
 	@echo "make crds        regenerate crds/*.yaml from the pydantic models"
 	@echo "make lint        ruff and mypy with the rules in pyproject.toml (part of make test)"
@@ -43,8 +48,9 @@ lint: install  ## ruff and mypy, configured (and their rule sets defended) in py
 	$(VENV)/bin/ruff check operator tests bench
 	$(VENV)/bin/mypy
 
-test: install lint k8s-bins
-	VLMPOOL_K8S_BIN="$$(bash hack/k8s-bins.sh | tail -n1)" $(PY) -m pytest $(PYTEST_ARGS)
+test: install lint k8s-bins epp
+	VLMPOOL_K8S_BIN="$$(bash hack/k8s-bins.sh | tail -n1)" VLMPOOL_EPP_DIR="$$(bash hack/epp.sh | tail -n1)" \
+	  $(PY) -m pytest $(PYTEST_ARGS)
 
 test-vllm: install  ## vLLM's own LoRA loader (release pinned in operator/vlmpool/sim/contract.py) in a venv cached under ~/.cache/vlmpool
 	VLMPOOL_VLLM_PYTHON="$$(bash hack/vllm-env.sh | tail -n1)" $(PY) -m pytest tests/vllm $(PYTEST_ARGS)

@@ -65,7 +65,7 @@ def pytest_collection_modifyitems(config, items):
 
 # With CI set, the suites that need the local cluster must run: a skip there (no root, no unshare,
 # no binaries) fails the run instead of leaving it green with the most important tests unrun.
-MUST_RUN_IN_CI = ("tests/localcluster/", "tests/e2e/")
+MUST_RUN_IN_CI = ("tests/localcluster/", "tests/e2e/", "tests/routing/")
 _ci_skips: list[str] = []
 
 

@@ -73,6 +73,38 @@
   - events
   verbs:
   - create
+- apiGroups:
+  - inference.networking.k8s.io
+  resources:
+  - inferencepools
+  verbs:
+  - get
+  - list
+  - watch
+  - create
+  - patch
+- apiGroups:
+  - ''
+  resources:
+  - serviceaccounts
+  - configmaps
+  verbs:
+  - create
+  - patch
+- apiGroups:
+  - rbac.authorization.k8s.io
+  resources:
+  - roles
+  - rolebindings
+  verbs:
+  - create
+  - patch
+- apiGroups:
+  - ''
+  resources:
+  - pods
+  verbs:
+  - get
 {{- end }}
 {{- define "vlmpool.leaderElectionRules" -}}
 - apiGroups:

@@ -223,6 +223,25 @@ class SchedulingSpec(Model):
     priority_class_name: str | None = Field(default=None, description="PriorityClass of the pods.", max_length=253)
 
 
+class RoutingSpec(Model):
+    """LoRA-affinity routing through the Gateway API Inference Extension (docs/routing.md): an
+    InferencePool over the pool's pods (targeting the proxy port, whose /metrics carry the vLLM series
+    the endpoint picker reads, under served names) and, unless `endpointPicker` is false, the endpoint
+    picker (EPP) itself with LoRA affinity configured."""
+
+    endpoint_picker: bool = Field(
+        default=True, description="Render the EPP (Deployment, Service, ServiceAccount, Role, ConfigMap) as "
+        "`<pool>-epp`; false: only the InferencePool, whose endpointPickerRef names `<pool>-epp` you provide.")
+    image: str | None = Field(default=None, min_length=1,
+                              description="EPP image; default the pinned GIE release's.")
+    failure_mode: Literal["FailOpen", "FailClose"] = Field(
+        default="FailClose", description="What the gateway does when the EPP does not answer: FailOpen "
+        "falls back to plain load balancing, FailClose refuses the request.")
+    lora_affinity_weight: int = Field(
+        default=4, ge=0, le=100, description="Weight of the lora-affinity-scorer in the EPP's profile (the "
+        "queue and KV-cache scorers weigh 1; 0 turns affinity off).")
+
+
 class VLMPoolSpec(Model):
     model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
         {"rule": "self.engine.port != self.proxy.port && self.engine.port != self.proxy.adminPort",
@@ -238,6 +257,9 @@ class VLMPoolSpec(Model):
                                               description="The shared adapter volume.")
     service: ServiceSpec = Field(default_factory=ServiceSpec, description="The pool's Service.")
     scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec, description="Pod scheduling.")
+    routing: RoutingSpec | None = Field(
+        default=None, description="LoRA-affinity routing (Gateway API Inference Extension); unset: the plain "
+        "Service only.")
 
     def served_name(self) -> str:
         return self.model.served_name or self.model.name

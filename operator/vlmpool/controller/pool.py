@@ -8,6 +8,7 @@ from typing import Any
 from vlmpool.controller import decisions as D
 from vlmpool.controller import status as S
 from vlmpool.controller.common import ReconcilerBase, RetryLater, pool_token
+from vlmpool.controller.routing import apply_routing
 from vlmpool.kube.client import DEPLOYMENTS, VLMPOOLS, ApiError
 from vlmpool.manifests import pool as MP
 from vlmpool.manifests.common import deployment_name, server_label_selector
@@ -25,6 +26,8 @@ class PoolReconciler(ReconcilerBase):
         await self.kube.apply(MP.deployment(pool, token_hash, self.config.adapter_root))
         await self.kube.apply(MP.service(pool))
         spec = MP.parse_spec(pool)
+        if problem := await apply_routing(self.kube, pool, spec):
+            self.event(pool, "Warning", "RoutingUnavailable", problem)
         # Replica counts are the Deployment watcher's (deployment_changed): the object returned by
         # this apply may be older than what it already wrote.
         await self._write_pool_status(pool, {"observedGeneration": gen, "endpoint": MP.endpoint(pool),

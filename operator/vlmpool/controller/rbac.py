@@ -22,6 +22,9 @@ Why each rule is needed:
 - jobs: create the patch and cleanup Jobs (get after an AlreadyExists), watch them for completion,
   delete an unfinished patch Job of an adapter being deleted (so it cannot publish after the cleanup).
 - events: kopf and the operator post Kubernetes Events (create).
+- inferencepools, serviceaccounts, configmaps, roles, rolebindings: server-side apply of a pool's
+  `spec.routing` children (manifests/routing.py); inferencepools also get/list/watch and pods get,
+  because the EPP's Role grants exactly those and RBAC lets a user grant only what it holds.
 
 Leader election (`vlmpool operator --leader-elect`, more than one replica) needs more, and only in
 the namespace of the Lease: LEADER_ELECTION_RULES, in a namespaced Role (`leader_election_role`)
@@ -54,6 +57,11 @@ RULES: list[dict[str, Any]] = [
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
     {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "watch", "create", "delete"]},
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+    {"apiGroups": ["inference.networking.k8s.io"], "resources": ["inferencepools"],
+     "verbs": ["get", "list", "watch", "create", "patch"]},
+    {"apiGroups": [""], "resources": ["serviceaccounts", "configmaps"], "verbs": ["create", "patch"]},
+    {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles", "rolebindings"], "verbs": ["create", "patch"]},
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]},
 ]
 
 LEADER_ELECTION_RULES: list[dict[str, Any]] = [

@@ -106,6 +106,12 @@ JOBS = Resource("batch", "v1", "jobs")
 VLMPOOLS = Resource("vlmpool.io", "v1alpha1", "vlmpools")
 VLMADAPTERS = Resource("vlmpool.io", "v1alpha1", "vlmadapters")
 LEASES = Resource("coordination.k8s.io", "v1", "leases")
+# spec.routing's children (manifests/routing.py)
+INFERENCEPOOLS = Resource("inference.networking.k8s.io", "v1", "inferencepools")
+CONFIGMAPS = Resource("", "v1", "configmaps")
+SERVICEACCOUNTS = Resource("", "v1", "serviceaccounts")
+ROLES = Resource("rbac.authorization.k8s.io", "v1", "roles")
+ROLEBINDINGS = Resource("rbac.authorization.k8s.io", "v1", "rolebindings")
 
 KIND_TO_RESOURCE = {
     ("v1", "Pod"): PODS,
@@ -118,6 +124,11 @@ KIND_TO_RESOURCE = {
     ("vlmpool.io/v1alpha1", "VLMPool"): VLMPOOLS,
     ("vlmpool.io/v1alpha1", "VLMAdapter"): VLMADAPTERS,
     ("coordination.k8s.io/v1", "Lease"): LEASES,
+    ("inference.networking.k8s.io/v1", "InferencePool"): INFERENCEPOOLS,
+    ("v1", "ConfigMap"): CONFIGMAPS,
+    ("v1", "ServiceAccount"): SERVICEACCOUNTS,
+    ("rbac.authorization.k8s.io/v1", "Role"): ROLES,
+    ("rbac.authorization.k8s.io/v1", "RoleBinding"): ROLEBINDINGS,
 }
 
 

@@ -141,6 +141,7 @@ def proxy_args(spec: VLMPoolSpec, adapter_root: str = ADAPTER_ROOT) -> list[str]
         "--admin-port", str(px.admin_port),
         "--base-model", spec.served_name(),
         "--queue-limit", str(px.queue_limit),
+        "--max-loras", str(spec.engine.max_loras),  # exported to routers as vllm:lora_requests_info max_lora
         "--queue-timeout", f"{px.queue_timeout_seconds:g}",
         "--request-timeout", f"{px.request_timeout_seconds:g}",
         "--adapter-root", adapter_root,

@@ -41,6 +41,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", type=int, default=None,
                         help=f"generations in flight at the engine before the first push (env {ENV_CONCURRENCY}; "
                              f"default {s.DEFAULT_CONCURRENCY}); each push then sets it")
+    parser.add_argument("--max-loras", type=int, default=0,
+                        help="the engine's --max-loras, exported as max_lora in vllm:lora_requests_info for "
+                             "a router's LoRA-affinity scoring (default 0: unknown)")
     parser.add_argument("--queue-limit", type=int, default=s.DEFAULT_QUEUE_LIMIT,
                         help=f"requests allowed to wait for a slot; beyond -> 429 (default {s.DEFAULT_QUEUE_LIMIT})")
     parser.add_argument("--queue-timeout", type=float, default=s.DEFAULT_QUEUE_TIMEOUT_S,
@@ -91,6 +94,7 @@ def build_config(args: argparse.Namespace):
         base_model=args.base_model or os.environ.get("VLMPOOL_BASE_MODEL") or None,
         concurrency=concurrency,
         queue_limit=args.queue_limit,
+        max_loras=args.max_loras,
         queue_timeout=args.queue_timeout,
         request_timeout=args.request_timeout,
         max_body_bytes=args.max_body_bytes,

@@ -170,6 +170,19 @@ class EngineClient:
             raise EngineUnavailable(f"could not reach the engine at {self.base_url}: {e}") from e
         return list(data.get("data") or []) if isinstance(data, dict) else []
 
+    async def metrics_text(self, timeout: float = 1.0, limit: int = 4 << 20) -> str | None:
+        """The engine's /metrics text (at most ``limit`` bytes), or None when it does not answer 200 in
+        time; never raises."""
+        try:
+            async with self.session.get(self.base_url + "/metrics",
+                                        timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+                body = await resp.content.read(limit + 1)
+                if resp.status != 200 or len(body) > limit:
+                    return None
+                return body.decode("utf-8", errors="replace")
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            return None
+
     async def healthy(self, timeout: float = 2.0) -> bool:
         """vLLM's /health: True iff 200; never raises."""
         try:

@@ -67,6 +67,7 @@ class ProxyConfig:
     base_model: str | None = None
     concurrency: int = DEFAULT_CONCURRENCY
     queue_limit: int = DEFAULT_QUEUE_LIMIT
+    max_loras: int = 0  # the engine's --max-loras, exported for routers (vllm:lora_requests_info max_lora)
     queue_timeout: float = DEFAULT_QUEUE_TIMEOUT_S
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
@@ -136,6 +137,7 @@ class Proxy:
         self.upstream = Upstream(config.engine_url, keepalive_s=4.0)
         self.body_budget = ByteBudget(config.max_inflight_body_bytes or 2 * config.max_body_bytes, config.queue_limit)
         self.api_keys = ApiKeys(config.api_key_dir) if config.api_key_dir else None
+        self.metrics.bind_routing(self.registry.served_names, config.max_loras, config.base_model or "")
         self.forwarder = Forwarder(self.upstream, self.registry, self.metrics, config.request_timeout)
         self.crop_describe = CropDescribe(self)
         self.admin = AdminAPI(self.registry, config.admin_token or "", base_model=self.base_model,
@@ -269,6 +271,7 @@ class Proxy:
         return web.json_response({"status": "ready", "generation": self.registry.generation})
 
     async def handle_metrics(self, request: web.Request) -> web.Response:
+        await self.metrics.engine_gauges.refresh(self.engine.metrics_text)
         return web.Response(body=self.metrics.render(), headers={"Content-Type": self.metrics.content_type})
 
     async def handle_models(self, request: web.Request) -> web.Response:
@@ -363,10 +366,15 @@ class Proxy:
             payload = None
 
         t_wait = time.perf_counter()
+        lora, served = self.metrics.lora, model if adapter else None  # the LoRA view routers read
+        lora.queued(served)
         try:
             await self.limiter.acquire(self.config.queue_timeout)
         except LimiterRejected as e:
             return self._rejected(e)
+        finally:
+            lora.dequeued(served)
+        lora.started(served)
         ctx.queue_s = time.perf_counter() - t_wait
         self.metrics.queue_wait.observe(ctx.queue_s)
         try:
@@ -382,6 +390,7 @@ class Proxy:
             return await self.forwarder.forward(request, route, model, payload, raw, stream)
         finally:
             self.limiter.release()
+            lora.finished(served)
             if ctx.version is not None:
                 self.registry.release(ctx.version)
                 ctx.version = None

@@ -49,6 +49,7 @@ class Seq:
     arrived: float = field(default_factory=time.monotonic)
     admitted_at: float | None = None
     admitted: asyncio.Future[None] | None = None
+    activated: bool = False  # its adapter was put into a GPU slot on admission (a swap)
 
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
@@ -71,6 +72,10 @@ class Engine:
         self.enable_lora = enable_lora
         self.lora_load_ms = lora_load_ms
         self.shape_check = shape_check
+        # GPU LoRA slots: vLLM keeps max_loras adapters on the GPU (LRU) beyond the running batch; a
+        # request whose adapter is in none is admitted after an activation (a swap) costing this much
+        self.lora_activate_ms = 0.0
+        self.gpu_slots: collections.OrderedDict[str, None] = collections.OrderedDict()
 
         self.registered: dict[str, Registered] = {}
         self.cpu_cache: collections.OrderedDict[str, adapters_mod.AdapterInfo] = collections.OrderedDict()
@@ -96,6 +101,7 @@ class Engine:
         self.success: collections.Counter[str] = collections.Counter()
         self.adapter_disk_loads: collections.Counter[str] = collections.Counter()
         self.evictions = 0
+        self.lora_activations = 0
         self._metrics = self._new_metrics()
         self._labels = {"model_name": self.model_name, "engine": "0"}
         self.recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=200)
@@ -153,6 +159,7 @@ class Engine:
         """Engine restart: every adapter is gone, the engine is alive again."""
         self.registered.clear()
         self.cpu_cache.clear()
+        self.gpu_slots.clear()
         self.dead = False
         self.dead_reason = ""
         self._record_lora_info()
@@ -186,6 +193,8 @@ class Engine:
         self._schedule()
         try:
             await seq.admitted
+            if seq.activated and self.lora_activate_ms > 0:
+                await asyncio.sleep(self.lora_activate_ms / 1000.0)
         except BaseException:
             if seq in self.waiting:
                 self.waiting.remove(seq)
@@ -212,12 +221,31 @@ class Engine:
             self._metrics["queue"].labels(**self._labels).observe(seq.admitted_at - seq.arrived)
             if seq.lora is not None and seq.lora not in loras:
                 loras.append(seq.lora)
+            if seq.lora is not None:
+                self._activate(seq, loras)
             if seq.admitted is not None and not seq.admitted.done():
                 seq.admitted.set_result(None)
         self.waiting.extendleft(reversed(skipped))
         self.peak_running = max(self.peak_running, len(self.running))
         self.peak_running_loras = max(self.peak_running_loras, len(loras))
         self._record_lora_info()
+
+    def _activate(self, seq: Seq, running: list[str]) -> None:
+        """Put the admitted request's adapter in a GPU slot (LRU over max_loras slots; a slot whose
+        adapter is in the running batch is never the victim)."""
+        name = seq.lora
+        assert name is not None
+        if name in self.gpu_slots:
+            self.gpu_slots.move_to_end(name)
+            return
+        while len(self.gpu_slots) >= self.max_loras:
+            victim = next((n for n in self.gpu_slots if n not in running), None)
+            if victim is None:
+                break
+            del self.gpu_slots[victim]
+        self.gpu_slots[name] = None
+        self.lora_activations += 1
+        seq.activated = True
 
     def _record_lora_info(self) -> None:
         if not self.enable_lora:
@@ -254,6 +282,7 @@ class Engine:
             "peak_running": self.peak_running,
             "peak_waiting": self.peak_waiting,
             "peak_running_loras": self.peak_running_loras,
+            "lora_activations": self.lora_activations,
             "running_loras": self.running_loras(),
             "waiting_loras": self.waiting_loras(),
             "requests_total": self.requests_total,
@@ -280,6 +309,8 @@ class Engine:
         labels = {"model_name": self.model_name, "engine": "0"}
         m["running"].labels(**labels).set(len(self.running))
         m["waiting"].labels(**labels).set(len(self.waiting))
+        # modelled: each running sequence holds an equal share of the KV cache (max_num_seqs fill it)
+        m["kv_usage"].labels(**labels).set(len(self.running) / max(1, self.max_num_seqs))
         return generate_latest(m["registry"])
 
     def _new_metrics(self) -> dict[str, Any]:
@@ -294,6 +325,8 @@ class Engine:
                              names, registry=reg),
             "waiting": Gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.",
                              names, registry=reg),
+            "kv_usage": Gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", names,
+                              registry=reg),
             "lora_info": Gauge("vllm:lora_requests_info", "Running stats on lora requests.",
                                ["max_lora", "waiting_lora_adapters", "running_lora_adapters"], registry=reg)
             if self.enable_lora else None,
@@ -315,7 +348,7 @@ class Engine:
         }
         # vLLM binds its label values at start-up, so every series is exported (at 0) from the first scrape.
         labels = {"model_name": self.model_name, "engine": "0"}
-        for key in ("running", "waiting", "prompt_tokens", "generation_tokens", "ttft", "e2e", "queue"):
+        for key in ("running", "waiting", "kv_usage", "prompt_tokens", "generation_tokens", "ttft", "e2e", "queue"):
             metrics[key].labels(**labels)
         for reason in ("stop", "length", "abort"):
             metrics["success"].labels(**labels, finished_reason=reason)
