@@ -9,7 +9,8 @@
 #         3. network namespace $NETNS joined to the host by one veth; no default route in it, nothing
 #            forwarded between it and the outside (see docs/localcluster.md, "The real node: network")
 #         4. in that namespace: containerd (CRI), the control plane (vlmpool.localcluster.nodecp),
-#            kube-scheduler, kubelet, kube-proxy (iptables); images imported into containerd, the
+#            kube-scheduler, kubelet, kube-proxy (iptables), the volume provisioner (vlmpool.localcluster.
+#            provisioner: hostPath volumes under $STATE/volumes); images imported into containerd, the
 #            simulator tagged as the pools' default engine image; fake nvidia.com/gpu capacity
 #         5. helm upgrade --install charts/vlmpool
 #   down  stops what `up` started (by pid), unmounts, deletes the namespace, routes, rules and state.
@@ -82,7 +83,7 @@ wait_until() {
 # ---- down -------------------------------------------------------------------------------------------
 down() {
   [ "$(id -u)" = 0 ] || die "must run as root"
-  for c in kube-proxy kubelet kube-scheduler; do stop "$c"; done
+  for c in provisioner kube-proxy kubelet kube-scheduler; do stop "$c"; done
   local podns=()
   if alive containerd; then  # every pod's containers (and their shims) go with their tasks
     # The pods' network namespaces (/run/netns/cni-*, made by the CNI plugins for each sandbox).
@@ -312,7 +313,7 @@ controlplane_up() {
   if alive nodecp && [ -f "$cp/ready" ] && "$KUBECTL" --kubeconfig "$cp/admin.kubeconfig" get --raw /readyz >/dev/null 2>&1; then
     return 0
   fi
-  stop nodecp; for c in kube-proxy kubelet kube-scheduler; do stop "$c"; done  # their credentials change
+  stop nodecp; for c in provisioner kube-proxy kubelet kube-scheduler; do stop "$c"; done  # their credentials change
   mkdir -p "$cp"
   start nodecp env PYTHONPATH="$REPO/operator" "$REPO/$PY" -m vlmpool.localcluster.nodecp --workdir "$cp" \
     --address "$NODE_IP" --port "$API_PORT" --bin-dir "$BIN"
@@ -334,6 +335,7 @@ failCgroupV1: false          # this machine's cgroups are v1 (hybrid)
 cgroupDriver: cgroupfs       # no systemd here
 containerRuntimeEndpoint: unix://$SOCK
 staticPodPath: $kl/manifests
+podLogsDir: $STATE/pod-logs  # not /var/log/pods: make node-down removes it with the state
 address: $NODE_IP
 readOnlyPort: 0
 healthzBindAddress: 127.0.0.1
@@ -368,9 +370,16 @@ YAML
     sh -c "'$KUBECTL' --kubeconfig '$cp/admin.kubeconfig' get node $NODE_NAME -o jsonpath='{.status.conditions[?(@.type==\"Ready\")].status}' | grep -qx True"
   k patch node "$NODE_NAME" --subresource=status --type=json \
     -p "[{\"op\":\"add\",\"path\":\"/status/capacity/nvidia.com~1gpu\",\"value\":\"$GPUS\"}]" >/dev/null
-  # Pool claims are ReadWriteMany: the e2e suite provisions them as hostPath volumes under $STATE/volumes
-  # (tests/e2e/conftest.py, VLMPOOL_E2E_VOLUME_ROOT); this host and the node share one filesystem.
+  # Pool claims are ReadWriteMany: the node's provisioner (vlmpool.localcluster.provisioner, the default
+  # StorageClass vlmpool-local) makes them hostPath volumes under $STATE/volumes; this host and the node
+  # share one filesystem, so the e2e suite checks adapter files there.
   mkdir -p "$STATE/volumes"; chmod 0755 "$STATE" "$STATE/volumes"
+  if ! alive provisioner; then
+    start provisioner env PYTHONPATH="$REPO/operator" "$REPO/$PY" -m vlmpool.localcluster.provisioner \
+      --kubeconfig "$cp/admin.kubeconfig" --root "$STATE/volumes"
+  fi
+  wait_until 60 "the default StorageClass ($STATE/logs/provisioner.log)" \
+    "$KUBECTL" --kubeconfig "$cp/admin.kubeconfig" get storageclass vlmpool-local
 }
 
 import_images() {
@@ -477,12 +486,12 @@ up() {
 
 env_() {
   BIN=$(bash hack/k8s-bins.sh | tail -n1) KUBECONFIG_FILE=$STATE/control-plane/admin.kubeconfig
-  echo "VLMPOOL_E2E_KUBECONFIG=$KUBECONFIG_FILE VLMPOOL_E2E_VOLUME_ROOT=$STATE/volumes VLMPOOL_KUBECTL=$BIN/kubectl"
+  echo "VLMPOOL_E2E_KUBECONFIG=$KUBECONFIG_FILE VLMPOOL_KUBECTL=$BIN/kubectl"
 }
 
 # The e2e suite (tests/e2e, external mode) on the node: pods reached through kubectl port-forward and exec,
-# pool claims provisioned under $STATE/volumes, file:// adapter sources under $STATE/pytest (both
-# visible to the node's pods as hostPath volumes: one filesystem).
+# pool claims provisioned under $STATE/volumes by the node's provisioner, file:// adapter sources under
+# $STATE/pytest (both visible to the node's pods as hostPath volumes: one filesystem).
 test_() {
   local bin; bin=$(bash hack/k8s-bins.sh | tail -n1)
   [ -f "$STATE/control-plane/ready" ] || die "no node: run make node"
@@ -492,8 +501,8 @@ test_() {
   k -n e2e delete vlma --all --wait=true --timeout=180s >/dev/null
   k -n e2e delete vlmp --all --wait=true --timeout=180s >/dev/null
   k -n e2e delete jobs,pvc --all --wait=true --timeout=120s >/dev/null
-  VLMPOOL_E2E_KUBECONFIG=$STATE/control-plane/admin.kubeconfig VLMPOOL_E2E_VOLUME_ROOT=$STATE/volumes \
-    VLMPOOL_KUBECTL=$bin/kubectl "$PY" -m pytest tests/e2e --basetemp="$STATE/pytest" "$@"
+  VLMPOOL_E2E_KUBECONFIG=$STATE/control-plane/admin.kubeconfig VLMPOOL_KUBECTL=$bin/kubectl \
+    "$PY" -m pytest tests/e2e --basetemp="$STATE/pytest" "$@"
 }
 
 # `make dev`: the node, then the quickstart on it (vlmpool dev --kubeconfig: the node's GPUs set to --gpus,
