@@ -95,6 +95,13 @@ down() {
     done
   fi
   for c in containerd nodecp dockerd; do stop "$c"; done
+  # containerd 2 keeps a pod's shim until the pod's sandbox is removed, which nothing does once the
+  # kubelet is gone: end the shims of this node's socket (found by their -address argument), by pid.
+  local p
+  for p in /proc/[0-9]*; do
+    tr '\0' ' ' < "$p/cmdline" 2>/dev/null | grep -q -- "^[^ ]*containerd-shim-runc-v2 .*-address $SOCK " \
+      && kill -KILL "${p#/proc/}" 2>/dev/null && log "stopped a pod's shim (pid ${p#/proc/})"
+  done
   if [ -d "$STATE" ]; then  # kubelet's volume mounts, containerd's rootfs and shm mounts, deepest first
     awk -v s="$STATE/" 'index($2, s) == 1 {print $2}' /proc/mounts | sort -r | while read -r m; do
       umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true
