@@ -30,7 +30,8 @@ prereq_cmd() {
 prereq_start() {
   local cmd; cmd=$(prereq_cmd "$1") || return 2
   mkdir -p "$PREREQS_LOGS"
-  bash -c "set -e; $cmd" >"$PREREQS_LOGS/$1.log" 2>&1 </dev/null &
+  # Its own process group (setsid), so that stopping it stops its builds too.
+  setsid bash -c "set -e; $cmd" >"$PREREQS_LOGS/$1.log" 2>&1 </dev/null &
   PREREQ_PID[$1]=$! PREREQ_T0[$1]=$SECONDS
   echo "prereqs: $1 started (pid $!, log $PREREQS_LOGS/$1.log): $cmd" >&2
 }
@@ -55,7 +56,7 @@ prereq_stop_all() {
   local lane pid
   for lane in "${!PREREQ_PID[@]}"; do
     pid=${PREREQ_PID[$lane]}
-    kill -0 "$pid" 2>/dev/null && { pkill -TERM -P "$pid" 2>/dev/null; kill -TERM "$pid" 2>/dev/null; }
+    kill -0 "$pid" 2>/dev/null && kill -TERM -- "-$pid" 2>/dev/null
   done
   return 0
 }
