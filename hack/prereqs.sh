@@ -31,7 +31,8 @@ prereq_start() {
   local cmd; cmd=$(prereq_cmd "$1") || return 2
   mkdir -p "$PREREQS_LOGS"
   # Its own process group (setsid), so that stopping it stops its builds too.
-  setsid bash -c "set -e; $cmd" >"$PREREQS_LOGS/$1.log" 2>&1 </dev/null &
+  rm -f "$PREREQS_LOGS/$1.seconds"
+  setsid bash -c "set -e; $cmd; echo \$SECONDS > '$PREREQS_LOGS/$1.seconds'" >"$PREREQS_LOGS/$1.log" 2>&1 </dev/null &
   PREREQ_PID[$1]=$! PREREQ_T0[$1]=$SECONDS
   echo "prereqs: $1 started (pid $!, log $PREREQS_LOGS/$1.log): $cmd" >&2
 }
@@ -42,7 +43,7 @@ prereq_wait() {
   [ -n "${PREREQ_PID[$1]:-}" ] || { echo "prereqs: $1 was not started" >&2; return 2; }
   wait "${PREREQ_PID[$1]}" || rc=$?
   if [ $rc = 0 ]; then
-    echo "prereqs: $1 done in $((SECONDS - PREREQ_T0[$1])) s" >&2
+    echo "prereqs: $1 done: it took $(cat "$PREREQS_LOGS/$1.seconds" 2>/dev/null || echo '?') s" >&2
   else
     echo "prereqs: $1 FAILED (exit $rc) after $((SECONDS - PREREQ_T0[$1])) s; the end of $PREREQS_LOGS/$1.log:" >&2
     tail -n 40 "$PREREQS_LOGS/$1.log" >&2
