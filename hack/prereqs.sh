@@ -10,8 +10,8 @@
 # whole (its log's tail is printed). Every cache these scripts fill is built under its own flock, so a
 # second caller (another checkout, a developer's make) waits instead of building it twice.
 #
-# Sourced by .ci/run, which starts the lanes, runs `make test` as soon as the cpu lane is done and
-# awaits the others only where it needs them.
+# Sourced by .ci/run, which starts the three lanes, runs `make test` at once (its .venv and lint meanwhile;
+# its k8s-bins step waits on the cpu lane's flock) and awaits the others only where it needs them.
 #   bash hack/prereqs.sh [LANE...]     start the lanes (default: all), wait for all, fail if one failed
 set -uo pipefail
 PREREQS_LOGS=${PREREQS_LOGS:-/tmp/vlmpool-prereqs}
