@@ -99,7 +99,7 @@ down() {
   # kubelet is gone: end the shims of this node's socket (found by their -address argument), by pid.
   local p
   for p in /proc/[0-9]*; do
-    tr '\0' ' ' < "$p/cmdline" 2>/dev/null | grep -q -- "^[^ ]*containerd-shim-runc-v2 .*-address $SOCK " \
+    tr '\0' ' ' 2>/dev/null < "$p/cmdline" | grep -q -- "^[^ ]*containerd-shim-runc-v2 .*-address $SOCK " \
       && kill -KILL "${p#/proc/}" 2>/dev/null && log "stopped a pod's shim (pid ${p#/proc/})"
   done
   if [ -d "$STATE" ]; then  # kubelet's volume mounts, containerd's rootfs and shm mounts, deepest first
