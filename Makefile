@@ -14,7 +14,9 @@ epp:  ## the Gateway API Inference Extension's endpoint picker + InferencePool C
 .PHONY: help install k8s-bins crds crds-check lint test test-vllm test-unit test-apiserver bench clean
 
 help:
-	@echo "make dev         the whole system on this machine with a quickstart pool (Ctrl-C stops)"
+	@echo "make dev         the whole system on the real node with a quickstart pool (DEV_ARGS=\"--gpus 2\"; make node-down removes it)"
+	@echo "make dev-process the same on the process kubelet (no images, no containerd; Ctrl-C stops)"
+	@echo "make prereqs     build the Kubernetes binaries, the vLLM env and the node's images at once (cold CI)"
 	@echo "make install     create $(VENV) and install vlmpool with the [$(EXTRAS)] extras"
 	@echo "make epp         find or build the GIE endpoint picker (EPP) and InferencePool CRD for tests/routing (cached)"
 	@echo "make k8s-bins    find or build etcd, kube-apiserver, kube-controller-manager, kubectl, helm, kubelet, kube-proxy, kube-scheduler (cached)"
@@ -64,9 +66,15 @@ test-apiserver: install k8s-bins
 clean:
 	rm -rf $(VENV) .pytest_cache build dist operator/*.egg-info
 
-.PHONY: dev
-dev: install k8s-bins  ## the whole system on this machine: control plane, process kubelet, operator, a quickstart pool
+.PHONY: dev dev-process prereqs
+dev: install k8s-bins  ## the whole system on the real node (hack/node.sh dev): the chart's operator, a quickstart pool and adapter, the pool's Service forwarded here
+	bash hack/node.sh dev $(DEV_ARGS)
+
+dev-process: install k8s-bins  ## the same on the process kubelet (no images, no containerd): control plane, operator, quickstart pool
 	VLMPOOL_K8S_BIN="$$(bash hack/k8s-bins.sh | tail -n1)" $(VENV)/bin/vlmpool dev $(DEV_ARGS)
+
+prereqs:  ## the slow cold prerequisites at once: Kubernetes binaries (CPU), vLLM env (download), node images + containerd (network, disk)
+	bash hack/prereqs.sh
 
 .PHONY: images kind-e2e
 images:  ## build the operator, proxy, patcher and simulator images (needs a Docker engine; fails saying so without one)

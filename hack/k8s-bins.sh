@@ -111,6 +111,10 @@ from_path_kubectl() {
   ln -sf "$k" "$BIN/kubectl"; touch "$BIN/.kubectl.ok"; log "kubectl: using $k (minor $minor)"
 }
 
+# One build of this cache at a time (another checkout's, CI's prereqs): wait for it, then use what it made.
+for b in "${want[@]}"; do
+  have "$b" || { exec 9>"$CACHE/k8s/v$K8S_VERSION/.lock"; flock 9; break; }
+done
 k8s_missing=()
 for b in "${want[@]}"; do
   have "$b" && continue

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A real single-node Kubernetes cluster on this machine, from package registries alone (no container
-# registry): `make node` (up), `make node-down` (down), `hack/node.sh env` (the variables to use it).
+# registry): `make node` (up), `make node-down` (down), `make dev` (up, then the quickstart pool and adapter),
+# `hack/node.sh env` (the variables to use it).
 #
 #   up    1. apt-get: docker.io, containerd, runc, CNI plugins, iptables, debootstrap, gcc (root; once)
 #         2. dockerd (image builds only), a Debian base image made with debootstrap (cached), the project's
@@ -8,7 +9,8 @@
 #         3. network namespace $NETNS joined to the host by one veth; no default route in it, nothing
 #            forwarded between it and the outside (see docs/localcluster.md, "The real node: network")
 #         4. in that namespace: containerd (CRI), the control plane (vlmpool.localcluster.nodecp),
-#            kube-scheduler, kubelet, kube-proxy (iptables); images imported into containerd, the
+#            kube-scheduler, kubelet, kube-proxy (iptables), the volume provisioner (vlmpool.localcluster.
+#            provisioner: hostPath volumes under $STATE/volumes); images imported into containerd, the
 #            simulator tagged as the pools' default engine image; fake nvidia.com/gpu capacity
 #         5. helm upgrade --install charts/vlmpool
 #   down  stops what `up` started (by pid), unmounts, deletes the namespace, routes, rules and state.
@@ -39,6 +41,13 @@ PY=${PY:-.venv/bin/python}
 DOCKER=/usr/bin/docker  # Debian's client: BuildKit built in (a newer client on PATH may lack buildx)
 NS=vlmpool-system RELEASE=vlmpool
 SOCK=$STATE/containerd/containerd.sock
+# containerd 2.x built from its Go module by hack/containerd-bins.sh (Debian's 1.6 is end of life; Kubernetes
+# 1.35 is the last to support 1.x). `up` links the ctr it runs with under $STATE/bin for `down` and users.
+# (containerd 2.2 warns on every call that cgroup v1 is deprecated: that line is dropped.)
+ctr_() {
+  local c=$STATE/bin/ctr; [ -x "$c" ] || c=ctr
+  "$c" -a "$SOCK" "$@" 2> >(grep -v 'DEPRECATION: The support for cgroup v1' >&2)
+}
 NSX=(nsenter "--net=/run/netns/$NETNS" --)
 
 pidfile() { echo "$STATE/pids/$1.pid"; }
@@ -74,18 +83,25 @@ wait_until() {
 # ---- down -------------------------------------------------------------------------------------------
 down() {
   [ "$(id -u)" = 0 ] || die "must run as root"
-  for c in kube-proxy kubelet kube-scheduler; do stop "$c"; done
+  for c in provisioner kube-proxy kubelet kube-scheduler; do stop "$c"; done
   local podns=()
   if alive containerd; then  # every pod's containers (and their shims) go with their tasks
     # The pods' network namespaces (/run/netns/cni-*, made by the CNI plugins for each sandbox).
-    mapfile -t podns < <(for id in $(ctr -a "$SOCK" -n k8s.io containers ls -q 2>/dev/null); do
-      ctr -a "$SOCK" -n k8s.io containers info "$id" 2>/dev/null | grep -o '/netns/cni-[0-9a-f-]*'; done | sort -u)
-    for id in $(ctr -a "$SOCK" -n k8s.io tasks ls -q 2>/dev/null); do
-      ctr -a "$SOCK" -n k8s.io tasks kill -s SIGKILL "$id" >/dev/null 2>&1 || true
-      ctr -a "$SOCK" -n k8s.io tasks delete -f "$id" >/dev/null 2>&1 || true
+    mapfile -t podns < <(for id in $(ctr_ -n k8s.io containers ls -q 2>/dev/null); do
+      ctr_ -n k8s.io containers info "$id" 2>/dev/null | grep -o '/netns/cni-[0-9a-f-]*'; done | sort -u)
+    for id in $(ctr_ -n k8s.io tasks ls -q 2>/dev/null); do
+      ctr_ -n k8s.io tasks kill -s SIGKILL "$id" >/dev/null 2>&1 || true
+      ctr_ -n k8s.io tasks delete -f "$id" >/dev/null 2>&1 || true
     done
   fi
   for c in containerd nodecp dockerd; do stop "$c"; done
+  # containerd 2 keeps a pod's shim until the pod's sandbox is removed, which nothing does once the
+  # kubelet is gone: end the shims of this node's socket (found by their -address argument), by pid.
+  local p
+  for p in /proc/[0-9]*; do
+    tr '\0' ' ' 2>/dev/null < "$p/cmdline" | grep -q -- "^[^ ]*containerd-shim-runc-v2 .*-address $SOCK " \
+      && kill -KILL "${p#/proc/}" 2>/dev/null && log "stopped a pod's shim (pid ${p#/proc/})"
+  done
   if [ -d "$STATE" ]; then  # kubelet's volume mounts, containerd's rootfs and shm mounts, deepest first
     awk -v s="$STATE/" 'index($2, s) == 1 {print $2}' /proc/mounts | sort -r | while read -r m; do
       umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true
@@ -145,10 +161,16 @@ dockerd_up() {
 start_host() {
   local name=$1; shift
   mkdir -p "$STATE/pids" "$STATE/logs"
-  nohup setsid "$@" >>"$STATE/logs/$name.log" 2>&1 </dev/null &
+  nohup setsid "$@" >>"$STATE/logs/$name.log" 2>&1 </dev/null 8>&- &
   echo $! > "$(pidfile "$name")"
   log "started $name (pid $!)"
 }
+
+# The image cache (base tarball, docker's data root) is filled by one caller at a time: CI's prereqs lane
+# and a later `up` (or two checkouts) wait for each other instead of building it twice. Daemons started
+# while it is held do not inherit it (start_host closes fd 8).
+lock_images() { mkdir -p "$CACHE"; exec 8>"$CACHE/.lock"; flock 8; }
+unlock_images() { exec 8>&-; }
 
 BASE_IMAGE=local/python:3.11-bookworm
 base_image() {
@@ -254,27 +276,31 @@ network() {
 
 # ---- 4. the node ----------------------------------------------------------------------------------------
 containerd_up() {
-  alive containerd && ctr -a "$SOCK" version >/dev/null 2>&1 && return 0
-  mkdir -p "$STATE/containerd" "$STATE/cni/net.d"
+  alive containerd && ctr_ version >/dev/null 2>&1 && return 0
+  local cbin; cbin=$(bash hack/containerd-bins.sh | tail -n1)
+  mkdir -p "$STATE/containerd" "$STATE/cni/net.d" "$STATE/bin"
+  ln -sf "$cbin/ctr" "$STATE/bin/ctr"
   cat > "$STATE/containerd/config.toml" <<TOML
-version = 2
+version = 3
 root = "$STATE/containerd/root"
 state = "$STATE/containerd/state"
 [grpc]
   address = "$SOCK"
-[plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = "$PAUSE_IMAGE"
+[plugins.'io.containerd.cri.v1.images']
+  snapshotter = "overlayfs"
+  [plugins.'io.containerd.cri.v1.images'.pinned_images]
+    sandbox = "$PAUSE_IMAGE"
+[plugins.'io.containerd.cri.v1.runtime']
   # root here lacks CAP_SYS_RESOURCE: runc could not lower a sandbox's oom_score_adj
   restrict_oom_score_adj = true
-  [plugins."io.containerd.grpc.v1.cri".containerd]
-    snapshotter = "overlayfs"
+  [plugins.'io.containerd.cri.v1.runtime'.containerd]
     default_runtime_name = "runc"
-    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+    [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc]
       runtime_type = "io.containerd.runc.v2"
-      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+      [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc.options]
         SystemdCgroup = false
-  [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "/usr/lib/cni"
+  [plugins.'io.containerd.cri.v1.runtime'.cni]
+    bin_dirs = ["/usr/lib/cni"]
     conf_dir = "$STATE/cni/net.d"
 TOML
   # No ipMasq: pod traffic is never rewritten to leave by the node's address.
@@ -284,8 +310,9 @@ TOML
    "ipam": {"type": "host-local", "ranges": [[{"subnet": "$NODE_POD_CIDR"}]], "routes": [{"dst": "0.0.0.0/0"}]}},
   {"type": "portmap", "capabilities": {"portMappings": true}}]}
 JSON
-  start containerd containerd --config "$STATE/containerd/config.toml"
-  wait_until 60 containerd ctr -a "$SOCK" version
+  # Its own shim (containerd-shim-runc-v2, found on PATH) first; runc is Debian's.
+  start containerd env PATH="$cbin:$PATH" "$cbin/containerd" --config "$STATE/containerd/config.toml"
+  wait_until 60 containerd ctr_ version
 }
 
 controlplane_up() {
@@ -293,7 +320,7 @@ controlplane_up() {
   if alive nodecp && [ -f "$cp/ready" ] && "$KUBECTL" --kubeconfig "$cp/admin.kubeconfig" get --raw /readyz >/dev/null 2>&1; then
     return 0
   fi
-  stop nodecp; for c in kube-proxy kubelet kube-scheduler; do stop "$c"; done  # their credentials change
+  stop nodecp; for c in provisioner kube-proxy kubelet kube-scheduler; do stop "$c"; done  # their credentials change
   mkdir -p "$cp"
   start nodecp env PYTHONPATH="$REPO/operator" "$REPO/$PY" -m vlmpool.localcluster.nodecp --workdir "$cp" \
     --address "$NODE_IP" --port "$API_PORT" --bin-dir "$BIN"
@@ -315,6 +342,7 @@ failCgroupV1: false          # this machine's cgroups are v1 (hybrid)
 cgroupDriver: cgroupfs       # no systemd here
 containerRuntimeEndpoint: unix://$SOCK
 staticPodPath: $kl/manifests
+podLogsDir: $STATE/pod-logs  # not /var/log/pods: make node-down removes it with the state
 address: $NODE_IP
 readOnlyPort: 0
 healthzBindAddress: 127.0.0.1
@@ -349,9 +377,16 @@ YAML
     sh -c "'$KUBECTL' --kubeconfig '$cp/admin.kubeconfig' get node $NODE_NAME -o jsonpath='{.status.conditions[?(@.type==\"Ready\")].status}' | grep -qx True"
   k patch node "$NODE_NAME" --subresource=status --type=json \
     -p "[{\"op\":\"add\",\"path\":\"/status/capacity/nvidia.com~1gpu\",\"value\":\"$GPUS\"}]" >/dev/null
-  # Pool claims are ReadWriteMany: the e2e suite provisions them as hostPath volumes under $STATE/volumes
-  # (tests/e2e/conftest.py, VLMPOOL_E2E_VOLUME_ROOT); this host and the node share one filesystem.
+  # Pool claims are ReadWriteMany: the node's provisioner (vlmpool.localcluster.provisioner, the default
+  # StorageClass vlmpool-local) makes them hostPath volumes under $STATE/volumes; this host and the node
+  # share one filesystem, so the e2e suite checks adapter files there.
   mkdir -p "$STATE/volumes"; chmod 0755 "$STATE" "$STATE/volumes"
+  if ! alive provisioner; then
+    start provisioner env PYTHONPATH="$REPO/operator" "$REPO/$PY" -m vlmpool.localcluster.provisioner \
+      --kubeconfig "$cp/admin.kubeconfig" --root "$STATE/volumes"
+  fi
+  wait_until 60 "the default StorageClass ($STATE/logs/provisioner.log)" \
+    "$KUBECTL" --kubeconfig "$cp/admin.kubeconfig" get storageclass vlmpool-local
 }
 
 import_images() {
@@ -360,35 +395,36 @@ import_images() {
   # Import only what containerd lacks: its CRI plugin names each image by its ID (sha256:<config
   # digest>, the same as docker's), so an unchanged image is only re-tagged (a 6 GB patcher takes minutes).
   local have todo=() id
-  have=$(ctr -a "$SOCK" -n k8s.io images ls -q)
+  have=$(ctr_ -n k8s.io images ls -q)
   for ref in "$PAUSE_IMAGE" "${BUILT[@]}"; do
     id=$(/usr/bin/docker image inspect -f '{{.Id}}' "$ref")
     if grep -qx "$id" <<<"$have"; then
-      ctr -a "$SOCK" -n k8s.io images tag --force "$id" "$(qualify "$ref")" >/dev/null
+      ctr_ -n k8s.io images tag --force "$id" "$(qualify "$ref")" >/dev/null
     else
       todo+=("$ref")
     fi
   done
   if [ ${#todo[@]} -gt 0 ]; then
     log "importing ${todo[*]} into the node's containerd"
-    /usr/bin/docker save "${todo[@]}" | ctr -a "$SOCK" -n k8s.io images import --all-platforms - >/dev/null
+    /usr/bin/docker save "${todo[@]}" | ctr_ -n k8s.io images import --all-platforms - >/dev/null
   fi
   # The simulator answers as the engine: tag it as the pools' default engine image inside the node only.
   engine=$("$PY" -c 'from vlmpool.api.pool import DEFAULT_ENGINE_IMAGE as i; print(i)')
   sim=$(printf '%s\n' "${BUILT[@]}" | grep -- '-sim:')
-  ctr -a "$SOCK" -n k8s.io images tag --force "$(qualify "$sim")" "$(qualify "$engine")" >/dev/null
+  ctr_ -n k8s.io images tag --force "$(qualify "$sim")" "$(qualify "$engine")" >/dev/null
 }
 
 chart() {
   k create namespace e2e --dry-run=client -o yaml | k apply -f - >/dev/null
   log "helm upgrade --install $RELEASE"
   # file:// sources are off by default (docs/security.md); the e2e suite's adapters live under its
-  # --basetemp ($STATE/pytest), the one node directory this cluster allows.
+  # --basetemp ($STATE/pytest) and `make dev`'s quickstart adapter under $STATE/dev: the node directories
+  # this cluster allows.
   # shellcheck disable=SC2086
   "$HELM" upgrade --install "$RELEASE" charts/vlmpool --kubeconfig "$KUBECONFIG_FILE" \
     --namespace "$NS" --create-namespace --wait --timeout 300s \
     --set operator.resyncSeconds=15 --set "networkPolicy.namespaces={e2e}" \
-    --set "sources.allowHostPaths={$STATE/pytest}" ${HELM_ARGS:-} >/dev/null
+    --set "sources.allowHostPaths={$STATE/pytest,$STATE/dev}" ${HELM_ARGS:-} >/dev/null
   # A rebuilt image under the same tag: let the operator pod start from it.
   k -n "$NS" rollout restart "deployment/$RELEASE-operator" >/dev/null
   k -n "$NS" rollout status "deployment/$RELEASE-operator" --timeout=180s >/dev/null
@@ -420,7 +456,7 @@ export KUBECONFIG=$KUBECONFIG_FILE
 export PATH=$BIN:\$PATH
 kubectl get nodes,pods -A                         # the node $NODE_NAME ($NODE_IP, namespace $NETNS)
 kubectl -n $NS logs deploy/$RELEASE-operator      # logs, exec and port-forward work through the apiserver
-ip netns exec $NETNS ctr -a $SOCK -n k8s.io containers ls   # the runtime's view
+ip netns exec $NETNS $STATE/bin/ctr -a $SOCK -n k8s.io containers ls   # the runtime's view
 make test-node                                    # the e2e suite on this node
 make node-down                                    # remove it all
 TXT
@@ -435,11 +471,13 @@ up() {
   KUBECTL=$BIN/kubectl HELM=$BIN/helm
   K8S_VERSION=$("$KUBECTL" version --client -o json | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["clientVersion"]["gitVersion"])')
   mkdir -p "$STATE/logs" "$CACHE"
+  lock_images
   dockerd_up
   base_image
   pause_image
   log "building images (log $STATE/logs/images.log)"
   build_images
+  unlock_images
   network
   containerd_up
   import_images
@@ -455,12 +493,12 @@ up() {
 
 env_() {
   BIN=$(bash hack/k8s-bins.sh | tail -n1) KUBECONFIG_FILE=$STATE/control-plane/admin.kubeconfig
-  echo "VLMPOOL_E2E_KUBECONFIG=$KUBECONFIG_FILE VLMPOOL_E2E_VOLUME_ROOT=$STATE/volumes VLMPOOL_KUBECTL=$BIN/kubectl"
+  echo "VLMPOOL_E2E_KUBECONFIG=$KUBECONFIG_FILE VLMPOOL_KUBECTL=$BIN/kubectl"
 }
 
 # The e2e suite (tests/e2e, external mode) on the node: pods reached through kubectl port-forward and exec,
-# pool claims provisioned under $STATE/volumes, file:// adapter sources under $STATE/pytest (both
-# visible to the node's pods as hostPath volumes: one filesystem).
+# pool claims provisioned under $STATE/volumes by the node's provisioner, file:// adapter sources under
+# $STATE/pytest (both visible to the node's pods as hostPath volumes: one filesystem).
 test_() {
   local bin; bin=$(bash hack/k8s-bins.sh | tail -n1)
   [ -f "$STATE/control-plane/ready" ] || die "no node: run make node"
@@ -470,8 +508,16 @@ test_() {
   k -n e2e delete vlma --all --wait=true --timeout=180s >/dev/null
   k -n e2e delete vlmp --all --wait=true --timeout=180s >/dev/null
   k -n e2e delete jobs,pvc --all --wait=true --timeout=120s >/dev/null
-  VLMPOOL_E2E_KUBECONFIG=$STATE/control-plane/admin.kubeconfig VLMPOOL_E2E_VOLUME_ROOT=$STATE/volumes \
-    VLMPOOL_KUBECTL=$bin/kubectl "$PY" -m pytest tests/e2e --basetemp="$STATE/pytest" "$@"
+  VLMPOOL_E2E_KUBECONFIG=$STATE/control-plane/admin.kubeconfig VLMPOOL_KUBECTL=$bin/kubectl \
+    "$PY" -m pytest tests/e2e --basetemp="$STATE/pytest" "$@"
+}
+
+# `make dev`: the node, then the quickstart on it (vlmpool dev --kubeconfig: the node's GPUs set to --gpus,
+# a pool and an adapter applied, the pool's Service port-forwarded to this host until Ctrl-C).
+dev_() {
+  up
+  log "the quickstart: $PY -m vlmpool dev --kubeconfig $KUBECONFIG_FILE --state-dir $STATE/dev $*"
+  "$PY" -m vlmpool dev --kubeconfig "$KUBECONFIG_FILE" --state-dir "$STATE/dev" "$@"
 }
 
 main() {
@@ -480,9 +526,11 @@ main() {
     down) down ;;
     env) env_ ;;
     test) shift; test_ "$@" ;;
-    images) [ "$(id -u)" = 0 ] || die "must run as root"; mkdir -p "$STATE/logs" "$CACHE"; packages; dockerd_up
-            base_image; log "building images (log $STATE/logs/images.log)"; build_images; printf '%s\n' "${BUILT[@]}" ;;
-    *) die "usage: $0 [up|down|env|test|images]" ;;
+    dev) shift; dev_ "$@" ;;
+    images) [ "$(id -u)" = 0 ] || die "must run as root"; mkdir -p "$STATE/logs" "$CACHE"; packages; lock_images
+            dockerd_up; base_image; log "building images (log $STATE/logs/images.log)"; build_images
+            printf '%s\n' "${BUILT[@]}" ;;
+    *) die "usage: $0 [up|down|env|test|dev|images]" ;;
   esac
 }
 main "$@"; exit $?  # one line: bash has read it all before running (an edit meanwhile cannot derail it)

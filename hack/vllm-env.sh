@@ -18,6 +18,8 @@ VERSION="$(sed -n 's/^VLLM_RELEASE = "\(.*\)"$/\1/p' operator/vlmpool/sim/contra
 VENV="${1:-${VLMPOOL_VLLM_VENV:-$HOME/.cache/vlmpool/vllm-$VERSION/venv}}"
 WHEELS="${VLMPOOL_VLLM_WHEELS:-$HOME/.cache/vlmpool/wheels/vllm-$VERSION}"
 STAMP="$VENV/.vllm-$VERSION"
+# One build of this venv at a time (another checkout's, CI's prereqs): wait for it, then use what it made.
+if [[ ! -f "$STAMP" ]]; then mkdir -p "$(dirname "$VENV")"; exec 9>"$VENV.lock"; flock 9; fi
 if [[ ! -f "$STAMP" ]]; then
   rm -rf "$VENV"
   "$PYTHON" -m venv "$VENV"

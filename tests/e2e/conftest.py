@@ -162,7 +162,8 @@ class ExternalE2E(ChartOperator):
     VLMPOOL_E2E_VOLUME_ROOT (set by hack/kind-e2e.sh): a host directory mounted at the same path into the
     cluster's nodes; pool claims are then provisioned there as hostPath volumes (the local provisioner,
     run by this fixture), so adapter files can be checked from here and `file://` sources under the
-    pytest base directory (also under that mount) are visible to patch Jobs."""
+    pytest base directory (also under that mount) are visible to patch Jobs. hack/node.sh's node runs
+    that provisioner itself (one filesystem with this host), so it leaves this unset."""
 
     mode = "external"
 
@@ -224,22 +225,14 @@ class ExternalE2E(ChartOperator):
 
         from vlmpool.kube.client import KubeClient
         from vlmpool.kube.config import KubeConfig
-        from vlmpool.localcluster.provisioner import LocalProvisioner
-
-        class SharedProvisioner(LocalProvisioner):
-            def volume(self, pvc: dict) -> dict:
-                pv = super().volume(pvc)
-                path = Path(pv["spec"]["hostPath"]["path"])
-                path.mkdir(parents=True, exist_ok=True)
-                path.chmod(0o777)  # the images run as uid 65532
-                return pv
+        from vlmpool.localcluster.provisioner import NodeProvisioner
 
         ready = threading.Event()
 
         def run() -> None:
             async def main() -> None:
                 async with KubeClient(KubeConfig.load(self.kubeconfig)) as kube:
-                    self._provisioner = SharedProvisioner(kube, root)
+                    self._provisioner = NodeProvisioner(kube, root)
                     self._loop = asyncio.get_running_loop()
                     ready.set()
                     await self._provisioner.run()

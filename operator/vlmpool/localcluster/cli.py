@@ -27,6 +27,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-quickstart", action="store_true", help="start the cluster only")
     parser.add_argument("--exit-when-ready", action="store_true",
                         help="stop everything once the quickstart adapter is Ready (a smoke test)")
+    parser.add_argument("--kubeconfig", type=Path, default=None,
+                        help="the quickstart on this running cluster, operator installed by the chart (the real "
+                             "node: `make dev`), instead of starting the process kubelet's")
 
 
 def quickstart_manifests(adapter_uri: str, replicas: int) -> list[dict]:
@@ -59,6 +62,10 @@ def run(args: argparse.Namespace) -> int:
     from vlmpool.localcluster.runtime import mounts_supported
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.kubeconfig:
+        from vlmpool.localcluster.realnode import run_on_cluster
+
+        return run_on_cluster(args)
     ok, why = mounts_supported()
     if not ok:
         print(f"vlmpool dev: {why}")

@@ -146,23 +146,28 @@ class DevCluster:
 
     def wait_adapter_ready(self, name: str, namespace: str = "default", timeout: float = 300,
                            stop=None) -> dict:
-        """Wait until the adapter is Ready on every pod; `stop` (a threading.Event) aborts the wait
-        with KeyboardInterrupt, so Ctrl-C during the wait still stops everything cleanly."""
-        deadline = time.monotonic() + timeout
-        last: dict = {}
-        while time.monotonic() < deadline:
-            if stop is not None and stop.is_set():
-                raise KeyboardInterrupt
-            res = self.kubectl("get", "vlma", name, "-n", namespace, "-o", "json", check=False)
-            if res.returncode == 0:
-                last = json.loads(res.stdout).get("status") or {}
-                if last.get("phase") == "Failed":
-                    raise RuntimeError(f"adapter {name} Failed: {last.get('reason')}: {last.get('message')}")
-                if last.get("phase") == "Ready" and last.get("loadedPods") and \
-                        last.get("loadedPods") == last.get("desiredPods"):
-                    return last
-            time.sleep(0.5)
-        raise TimeoutError(f"adapter {name} not Ready on all pods after {timeout}s: {last}")
+        return wait_adapter_ready(self.kubectl, name, namespace, timeout, stop)
+
+
+def wait_adapter_ready(kubectl, name: str, namespace: str = "default", timeout: float = 300, stop=None) -> dict:
+    """Wait until the adapter is Ready on every pod (`kubectl` runs kubectl against the cluster); `stop`
+    (a threading.Event) aborts the wait with KeyboardInterrupt, so Ctrl-C during the wait still stops
+    everything cleanly."""
+    deadline = time.monotonic() + timeout
+    last: dict = {}
+    while time.monotonic() < deadline:
+        if stop is not None and stop.is_set():
+            raise KeyboardInterrupt
+        res = kubectl("get", "vlma", name, "-n", namespace, "-o", "json", check=False)
+        if res.returncode == 0:
+            last = json.loads(res.stdout).get("status") or {}
+            if last.get("phase") == "Failed":
+                raise RuntimeError(f"adapter {name} Failed: {last.get('reason')}: {last.get('message')}")
+            if last.get("phase") == "Ready" and last.get("loadedPods") and \
+                    last.get("loadedPods") == last.get("desiredPods"):
+                return last
+        time.sleep(0.5)
+    raise TimeoutError(f"adapter {name} not Ready on all pods after {timeout}s: {last}")
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:

@@ -110,3 +110,44 @@ class LocalProvisioner:
 
     def stop(self) -> None:
         self._stop.set()
+
+
+class NodeProvisioner(LocalProvisioner):
+    """The provisioner of a real node (hack/node.sh, kind-e2e): hostPath volumes in a directory the node
+    and this host share, opened to the images' uid 65532 (they run as that user, not as root)."""
+
+    def volume(self, pvc: dict) -> dict:
+        pv = super().volume(pvc)
+        path = Path(pv["spec"]["hostPath"]["path"])
+        path.mkdir(parents=True, exist_ok=True)
+        path.chmod(0o777)
+        return pv
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m vlmpool.localcluster.provisioner --kubeconfig K --root DIR`: the real node's provisioner
+    (hack/node.sh runs it as a node component), until SIGTERM."""
+    import argparse
+    import signal
+
+    from vlmpool.kube.config import KubeConfig
+
+    ap = argparse.ArgumentParser(prog="vlmpool-provisioner", description=main.__doc__)
+    ap.add_argument("--kubeconfig", type=Path, required=True)
+    ap.add_argument("--root", type=Path, required=True, help="the directory the volumes are made in")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    async def run() -> None:
+        async with KubeClient(KubeConfig.load(args.kubeconfig)) as kube:
+            prov = NodeProvisioner(kube, args.root)
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, prov.stop)
+            await prov.run()
+
+    asyncio.run(run())
+
+
+if __name__ == "__main__":
+    main()
