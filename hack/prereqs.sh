@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything the test suites need that is slow to make cold, made at the same time (`make prereqs`):
-#   cpu   hack/k8s-bins.sh             Go build of the Kubernetes binaries (CPU-bound, 15-25 min cold)
+#   cpu   hack/k8s-bins.sh, hack/epp.sh  Go builds of the Kubernetes binaries and the GIE endpoint picker
+#                                      (CPU-bound, 15-25 min + ~5 min cold)
 #   vllm  hack/vllm-env.sh             the pinned vLLM's venv (download-bound, ~11 min cold)
 #   node  hack/node.sh images, then hack/containerd-bins.sh
 #                                      apt packages, debootstrap base, the images (network and disk), then
@@ -19,7 +20,7 @@ declare -A PREREQ_PID=() PREREQ_T0=()
 
 prereq_cmd() {
   case $1 in
-    cpu) echo "bash hack/k8s-bins.sh" ;;
+    cpu) echo "bash hack/k8s-bins.sh && bash hack/epp.sh" ;;
     vllm) echo "bash hack/vllm-env.sh" ;;
     node) echo "bash hack/node.sh images && bash hack/containerd-bins.sh" ;;
     *) echo "prereqs: unknown lane $1 (cpu, vllm, node)" >&2; return 2 ;;
