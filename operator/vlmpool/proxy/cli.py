@@ -66,6 +66,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key-dir", default=os.environ.get("VLMPOOL_API_KEY_DIR") or None,
                         help="a directory (mounted Secret) whose files' values are the accepted bearer tokens "
                              "of the public API; /healthz, /readyz and /metrics stay open (default: no auth)")
+    parser.add_argument("--load-parallelism", type=int, default=None,
+                        help="adapter loads at once while converging, until a push sets it "
+                             "(env VLMPOOL_LOAD_PARALLELISM; default 4, at most 64)")
     parser.add_argument("--no-access-log", action="store_true", help="do not log one line per request")
     parser.add_argument("--log-level", default=os.environ.get("VLMPOOL_LOG_LEVEL", "info"),
                         choices=["debug", "info", "warning", "error"], help="log level (JSON lines on stderr)")
@@ -95,6 +98,8 @@ def build_config(args: argparse.Namespace):
         adapter_root=args.adapter_root,
         api_key_dir=args.api_key_dir,
         access_log=not args.no_access_log,
+        load_parallelism=(args.load_parallelism if args.load_parallelism is not None
+                          else _env_int("VLMPOOL_LOAD_PARALLELISM", 4)),
     )
     config.validate()
     return config

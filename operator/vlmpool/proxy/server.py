@@ -75,6 +75,7 @@ class ProxyConfig:
     api_key_dir: str | None = None  # a mounted Secret: each file's value is an accepted bearer token
     access_log: bool = True
     shutdown_timeout: float = 30.0
+    load_parallelism: int = 4  # adapter loads at once until a push sets it
     retry_interval: float = 5.0  # re-try loads that met an unreachable engine this often (0: never)
 
     def validate(self) -> None:
@@ -86,6 +87,8 @@ class ProxyConfig:
             )
         if self.concurrency < 1:
             problems.append(f"concurrency must be >= 1 (got {self.concurrency})")
+        if not 1 <= self.load_parallelism <= 64:
+            problems.append(f"load parallelism must be 1..64 (got {self.load_parallelism})")
         if self.queue_limit < 0:
             problems.append(f"queue limit must be >= 0 (got {self.queue_limit})")
         if self.queue_timeout <= 0:
@@ -122,6 +125,7 @@ class Proxy:
             base_model=lambda: self._base_model,
             on_concurrency=self._resize,
             concurrency=lambda: self.limiter.limit,
+            load_parallelism=config.load_parallelism,
         )
         self._base_model: str | None = config.base_model
         self._base_lock = asyncio.Lock()
