@@ -242,13 +242,20 @@ class Converger:
                     log.exception("adapter convergence failed", extra={"adapter": served})
                 finally:
                     self._active.discard(served)
-                    if served in self._again:
+                    if served in self._again:  # queued again meanwhile: still to do unless now satisfied
                         self._again.discard(served)
-                        self._enqueue(served)
+                        if not self._satisfied(served):
+                            self._enqueue(served)
                     self._check_converged()
         finally:
             if self._workers.get(index) is asyncio.current_task():
                 del self._workers[index]
+
+    def _satisfied(self, served: str) -> bool:
+        """The served name is loaded at its desired version (or no longer desired)."""
+        spec, cur = self.desired.get(served), self.alias.get(served)
+        return spec is None or (cur is not None and cur.internal == spec.internal
+                                and self.status.get(served, {}).get("state") == "loaded")
 
     @contextlib.asynccontextmanager
     async def _engine_lock(self, internal: str) -> AsyncIterator[None]:
