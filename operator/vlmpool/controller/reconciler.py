@@ -44,8 +44,9 @@ class Reconciler(PoolReconciler, AdapterReconciler, DeletionReconciler, PushReco
 
     async def close(self) -> None:
         for st in self._pushes.values():
-            if st.retry_task and not st.retry_task.done():
-                st.retry_task.cancel()
+            for task in (st.retry_task, st.follow_task):
+                if task is not None and not task.done():
+                    task.cancel()
         if self._http is not None:
             await self._http.close()
 
