@@ -120,10 +120,9 @@ class PushReconciler(ReconcilerBase):
                 except Exception:
                     log.exception("following the convergence of %s/%s failed", ns, pool)
                     summary = None
-                if summary is None or all(r.ok and r.converged for r in summary.results.values()):
+                # done when all converged; a pod that failed is the push retry's (it follows again)
+                if summary is None or all(r.converged or not r.ok for r in summary.results.values()):
                     return
-                if any(not r.ok for r in summary.results.values()):
-                    await asyncio.sleep(self.config.progress_wait)  # a pod failing: the push retry handles it
 
         st.follow_task = asyncio.get_running_loop().create_task(follow())
 

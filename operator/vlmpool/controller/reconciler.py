@@ -8,6 +8,8 @@ every pod dropped it, run the cleanup Job, then let the finalizer go.
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 
 from vlmpool.controller.adapter import AdapterReconciler
@@ -41,6 +43,9 @@ class Reconciler(PoolReconciler, AdapterReconciler, DeletionReconciler, PushReco
         self._pushed: dict[tuple[str, str], str] = {}  # (ns, pod) -> fingerprint last pushed OK
         self._pod_ok: dict[tuple[str, str], bool] = {}  # (ns, pod) -> last push succeeded (for events)
         self._http: aiohttp.ClientSession | None = None
+        self._gate_lock = asyncio.Lock()  # patch Job admissions (jobgate.py)
+        self._patch_queue: dict[tuple[str, str], tuple[str, str, str]] = {}
+        self._patch_namespaces: set[str] = set()
 
     async def close(self) -> None:
         for st in self._pushes.values():
