@@ -46,12 +46,15 @@ class Reconciler(PoolReconciler, AdapterReconciler, DeletionReconciler, PushReco
         self._gate_lock = asyncio.Lock()  # patch Job admissions (jobgate.py)
         self._patch_queue: dict[tuple[str, str], tuple[str, str, str]] = {}
         self._patch_namespaces: set[str] = set()
+        self._admit_task: asyncio.Task | None = None
 
     async def close(self) -> None:
         for st in self._pushes.values():
             for task in (st.retry_task, st.follow_task):
                 if task is not None and not task.done():
                     task.cancel()
+        if self._admit_task is not None and not self._admit_task.done():
+            self._admit_task.cancel()
         if self._http is not None:
             await self._http.close()
 
