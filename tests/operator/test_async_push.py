@@ -22,7 +22,7 @@ from vlmpool.kube.client import JOBS, VLMADAPTERS
 
 pytestmark = pytest.mark.apiserver
 
-N = 8
+N = 10
 LOAD_MS = 600
 
 
@@ -39,7 +39,8 @@ async def statuses(kube, ns):
 async def test_operator_follows_a_slow_convergence_and_a_restarted_proxy(kube, namespace, operator, adapter_root,
                                                                          tmp_path, pod_processes):
     ns = namespace
-    await operator(extra_args=("--progress-wait", "0.5"))
+    # a long resync: progress after a push comes from the operator following the convergence
+    await operator(resync=60, extra_args=("--progress-wait", "0.5"))
     admin_port, engine_port = free_port(), free_port()
     pool = pool_obj("slow", 1, admin_port, engine_port, free_port())
     pool["spec"]["engine"].update(loadParallelism=1, extraArgs=["--lora-load-ms", str(LOAD_MS)])
@@ -85,7 +86,7 @@ async def test_operator_follows_a_slow_convergence_and_a_restarted_proxy(kube, n
         st = await statuses(kube, ns)
         return st if all(st[n].get("phase") == "Ready" and st[n].get("loaded") == "1/1" for n in names) else None
 
-    await eventually(all_ready, timeout=120, interval=0.3, what="every adapter Ready after the restart")
+    await eventually(all_ready, timeout=45, interval=0.3, what="every adapter Ready after the restart")
     final = await eventually(lambda: admin_state(ip, admin_port, token), what="the restarted proxy's state")
     assert final["converged"] and final["counts"]["loaded"] == N
     stats = await sim_stats(ip, engine_port)
