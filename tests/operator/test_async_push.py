@@ -40,7 +40,7 @@ async def test_operator_follows_a_slow_convergence_and_a_restarted_proxy(kube, n
                                                                          tmp_path, pod_processes):
     ns = namespace
     # a long resync: progress after a push comes from the operator following the convergence
-    await operator(resync=60, extra_args=("--progress-wait", "0.5"))
+    await operator(resync=60, extra_args=("--progress-wait", "0.5", "--max-patch-jobs", str(N)))
     admin_port, engine_port = free_port(), free_port()
     pool = pool_obj("slow", 1, admin_port, engine_port, free_port())
     pool["spec"]["engine"].update(loadParallelism=1, extraArgs=["--lora-load-ms", str(LOAD_MS)])
