@@ -11,6 +11,7 @@ from helpers import (
     admin_state,
     eventually,
     free_port,
+    now,
     report_terminated,
     wait_job_condition,
     wait_job_pod,
@@ -98,11 +99,17 @@ async def test_operator_follows_a_slow_convergence_and_a_restarted_proxy(kube, n
 async def test_patch_jobs_stay_within_the_bound_in_creation_order(kube, namespace, operator, adapter_root, tmp_path):
     ns = namespace
     bound = 2
-    await operator(extra_args=("--max-patch-jobs", str(bound)))
     await kube.create(pool_obj("jobs", 0, free_port(), free_port(), free_port()), ns)
-    names = [f"q{i}" for i in range(5)]
-    for n in names:  # created in this order (names break ties within one second)
-        await kube.create(adapter_obj(n, "jobs", f"file://{tmp_path}/src"), ns)
+    # created one per second (creationTimestamp has seconds) against the names' order, all before the
+    # operator starts: it meets them in list (name) order and must still start them oldest first
+    names = [f"q{i}" for i in reversed(range(5))]
+    for n in names:
+        created = await kube.create(adapter_obj(n, "jobs", f"file://{tmp_path}/src"), ns)
+        async def next_second(c=created):
+            return now() > c["metadata"]["creationTimestamp"]
+
+        await eventually(next_second, interval=0.05, what="the next second")
+    await operator(extra_args=("--max-patch-jobs", str(bound)))
 
     async def unfinished():
         jobs = await kube.list(JOBS, ns, label_selector="app.kubernetes.io/component=patch")
@@ -118,10 +125,8 @@ async def test_patch_jobs_stay_within_the_bound_in_creation_order(kube, namespac
         want = min(bound, len(names) - step)
         alive = await eventually(lambda want=want: _exactly(unfinished(), want), timeout=60,
                                  what=f"{want} unfinished patch Jobs")
-        for j in alive:
-            if adapter_of(j) not in started:
-                started.append(adapter_of(j))
-        assert started == names[:len(started)], started  # FIFO by creation
+        started += sorted((adapter_of(j) for j in alive if adapter_of(j) not in started), key=names.index)
+        assert started == names[:len(started)], started  # FIFO by creation (Jobs that start together: any order)
         queued = names[step + want:]
         if queued:
             async def said_queued(queued=queued):
