@@ -23,9 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "proxy"))
 
-from proxy_helpers import Admin, proxy_config, start_sim, write_adapter  # noqa: E402
+from proxy_helpers import Admin, proxy_config, start_sim, write_adapter
 
-from vlmpool.proxy.server import run_proxy  # noqa: E402
+from vlmpool.proxy.server import run_proxy
 
 
 async def main(n: int, load_ms: float, par: int) -> None:
