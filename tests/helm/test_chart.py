@@ -53,7 +53,8 @@ def test_default_render_is_a_cluster_wide_operator_with_exactly_the_operator_rul
     assert c["image"] == "ghcr.io/vlmpool/vlmpool-operator:0.1.0"
     assert c["command"] == ["vlmpool", "operator"]
     assert c["args"] == ["--all-namespaces", "--metrics-host=0.0.0.0", "--metrics-port=8080", "--resync-seconds=60",
-                         "--push-timeout=10", "--push-parallelism=16", "--adapter-root=/var/lib/vlmpool/adapters",
+                         "--push-timeout=10", "--push-parallelism=16", "--max-patch-jobs=8",
+                         "--adapter-root=/var/lib/vlmpool/adapters",
                          "--log-level=INFO", "--leader-elect", "--leader-election-id=vlmpool-operator",
                          "--lease-duration=15", "--renew-deadline=10", "--retry-period=2",
                          "--token-key-file=/var/run/vlmpool/token-key/key",

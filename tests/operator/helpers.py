@@ -150,6 +150,16 @@ class PodProcesses:
     ip: str
     procs: list[subprocess.Popen] = field(default_factory=list)
     logs: list[Path] = field(default_factory=list)
+    envs: list[dict[str, str]] = field(default_factory=list)
+
+    def restart(self, index: int) -> None:
+        """Kill container `index` (0 engine, 1 proxy) and start it again with the same args (a container
+        restart the kubelet did not report yet)."""
+        old = self.procs[index]
+        old.kill()
+        old.wait()
+        self.procs[index] = subprocess.Popen(old.args, stdout=self.logs[index].open("a"), stderr=subprocess.STDOUT,
+                                             env=self.envs[index])
 
     def stop(self) -> None:
         for p in self.procs:
@@ -186,12 +196,14 @@ async def start_pod_processes(pod: dict[str, Any], ip: str, token: str, workdir:
     env = {**os.environ, **env_engine}
     out.procs.append(subprocess.Popen([VLMPOOL, "sim", *engine["args"], "--host", ip],
                                       stdout=eng_log.open("w"), stderr=subprocess.STDOUT, env=env))
+    out.envs.append(env)
     px_args = [a.replace("127.0.0.1", ip) for a in proxy["args"]]
     px_env = {e["name"]: e.get("value", "") for e in proxy.get("env") or [] if "value" in e}
     px_env["VLMPOOL_ADMIN_TOKEN_FILE"] = str(token_file)  # the Secret volume, mounted
     out.procs.append(subprocess.Popen([proxy["command"][0].replace("vlmpool", VLMPOOL), *px_args, "--host", ip],
                                       stdout=px_log.open("w"), stderr=subprocess.STDOUT,
                                       env={**os.environ, **px_env}))
+    out.envs.append({**os.environ, **px_env})
     port = int(_arg(proxy["args"], "--port"))
     eport = int(_arg(engine["args"], "--port"))
 

@@ -116,7 +116,10 @@ async def test_push_loads_reports_and_refuses_older_generations(proxy_pod, tmp_p
         {"name": "good", "version": "v1", "path": str(good)},
         {"name": "broken", "version": "v1", "path": str(tmp_path / "missing")}]}
     (res,) = await push_to_pods([pod], proxy_pod.admin_port, TOKEN, state, timeout=10)
-    assert res.ok and res.generation == 3
+    assert res.ok and res.generation == 3  # accepted (the proxy loads in the background)
+    # the operator's long poll of the proxy's progress answers once generation 3 converged
+    (res,) = await push_to_pods([pod], proxy_pod.admin_port, TOKEN, state, timeout=10, poll_wait=10)
+    assert res.ok and res.converged and res.generation == 3
     assert res.adapters["good"]["state"] == "loaded" and res.adapters["broken"]["state"] == "failed"
     entries, n, failures = S.pod_loads("good", "v1", ["p0"], {"p0": res})
     assert n == 1 and entries == [{"pod": "p0", "state": "loaded", "version": "v1"}]
@@ -195,13 +198,17 @@ async def test_prune_waits_until_every_proxy_confirmed_the_old_unload(proxy_pod,
     v1, v2 = write_adapter(tmp_path / "a" / "versions" / "v1"), write_adapter(tmp_path / "a" / "versions" / "v2")
     pod = _pod("p0", "127.0.0.1")
     state = {"generation": 1, "concurrency": 4, "adapters": [{"name": "a", "version": "v1", "path": str(v1)}]}
-    (r1,) = await push_to_pods([pod], proxy_pod.admin_port, TOKEN, state, timeout=10)
-    assert r1.unloading == {} and S.unloads_unconfirmed("a", "v1", ["p0"], {"p0": r1}) == []
-    # the swap answers before v1's unload (it drains first): not confirmed yet
+    await push_to_pods([pod], proxy_pod.admin_port, TOKEN, state, timeout=10)
+    (r1,) = await push_to_pods([pod], proxy_pod.admin_port, TOKEN, state, timeout=10, poll_wait=10)
+    assert r1.converged and r1.unloading == {} and S.unloads_unconfirmed("a", "v1", ["p0"], {"p0": r1}) == []
+    # the swap: v1 is unloaded after it drained; while the proxy lists it, it is not confirmed
     state = {**state, "generation": 2, "adapters": [{"name": "a", "version": "v2", "path": str(v2)}]}
-    (r2,) = await push_to_pods([pod], proxy_pod.admin_port, TOKEN, state, timeout=10)
-    assert r2.adapters["a"]["state"] == "loaded" and r2.unloading == {"a": {"v1"}}
-    assert S.unloads_unconfirmed("a", "v2", ["p0"], {"p0": r2}) == ["p0"]
+    await push_to_pods([pod], proxy_pod.admin_port, TOKEN, state, timeout=10)
+    (r2,) = await push_to_pods([pod], proxy_pod.admin_port, TOKEN, state, timeout=10, poll_wait=10)
+    assert r2.converged and r2.adapters["a"]["state"] == "loaded"
+    assert r2.unloading in ({}, {"a": {"v1"}})
+    listed = PodResult("p0", True, 2, r2.adapters, unloading={"a": {"v1"}})
+    assert S.unloads_unconfirmed("a", "v2", ["p0"], {"p0": listed}) == ["p0"]
     # once the proxy unloaded it, the next push reports nothing pending and the prune may run
     await proxy_pod.proxy.registry.drain_background()
     for _ in range(100):

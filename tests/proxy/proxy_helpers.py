@@ -31,6 +31,16 @@ class Sim:
     app: web.Application
     log: list[dict[str, Any]] = field(default_factory=list)  # every request the engine received
     forget_before_generation: bool = False  # the engine forgets its runtime adapters before each generation
+    loads_running: dict[str, int] = field(default_factory=dict)  # lora name -> load calls running now
+    load_peak: int = 0  # most load calls running at once
+    same_name_peak: int = 0  # most load calls of one lora name running at once
+
+    def load_counts(self) -> dict[str, int]:
+        """lora name -> load calls the engine received."""
+        out: dict[str, int] = {}
+        for r in self.received("/v1/load_lora_adapter"):
+            out[r["json"]["lora_name"]] = out.get(r["json"]["lora_name"], 0) + 1
+        return out
 
     def received(self, path: str) -> list[dict[str, Any]]:
         return [r for r in self.log if r["path"] == path]
@@ -54,17 +64,20 @@ class Admin:
     token: str = TOKEN
 
     async def put(self, state: dict[str, Any], token: str | None = None,
-                  request_id: str | None = None) -> tuple[int, Any]:
+                  request_id: str | None = None, wait: float | None = 30) -> tuple[int, Any]:
+        """PUT the state; with `wait` (the default) the proxy answers once it converged (200) or after
+        that many seconds (202); wait=None: the asynchronous answer at once."""
         headers = {"Authorization": f"Bearer {token or self.token}"}
         if request_id:
             headers["X-Request-Id"] = request_id
+        params = {"wait": str(wait)} if wait else {}
         async with aiohttp.ClientSession() as s:
-            async with s.put(self.url + "/admin/v1/state", json=state, headers=headers) as r:
+            async with s.put(self.url + "/admin/v1/state", json=state, headers=headers, params=params) as r:
                 return r.status, await r.json(content_type=None)
 
-    async def get(self, token: str | None = None) -> tuple[int, Any]:
+    async def get(self, token: str | None = None, **params: Any) -> tuple[int, Any]:
         async with aiohttp.ClientSession() as s:
-            async with s.get(self.url + "/admin/v1/state",
+            async with s.get(self.url + "/admin/v1/state", params={k: str(v) for k, v in params.items()},
                              headers={"Authorization": f"Bearer {token or self.token}"}) as r:
                 return r.status, await r.json(content_type=None)
 
@@ -87,7 +100,16 @@ async def start_sim(port: int = 0, **overrides: Any):
                         "headers": {k.lower(): v for k, v in request.headers.items()}, "json": parsed})
         if sim.forget_before_generation and request.path in ("/v1/chat/completions", "/v1/completions"):
             app[ENGINE_KEY].forget()  # as if it restarted again between a re-load and the retry
-        return await handler(request)
+        if request.path != "/v1/load_lora_adapter" or not isinstance(parsed, dict):
+            return await handler(request)
+        name = str(parsed.get("lora_name"))
+        sim.loads_running[name] = sim.loads_running.get(name, 0) + 1
+        sim.load_peak = max(sim.load_peak, sum(sim.loads_running.values()))
+        sim.same_name_peak = max(sim.same_name_peak, sim.loads_running[name])
+        try:
+            return await handler(request)
+        finally:
+            sim.loads_running[name] -= 1
 
     app.middlewares.insert(0, record)
     runner = web.AppRunner(app, access_log=None)

@@ -30,7 +30,9 @@ async def push(admin, generation=1, concurrency=16, adapters=()):
 async def test_base_and_adapter_chat_and_completions(sim, proxy, admin, client, adapters):
     path = adapters("cats", "v1")
     body = await push(admin, adapters=[{"name": "cats", "version": "v1", "path": path}])
-    assert body == {"generation": 1, "applied": True, "concurrency": 16,
+    assert body == {"generation": 1, "applied": True, "converged_generation": 1, "converged": True,
+                    "concurrency": 16, "load_parallelism": 4,
+                    "counts": {"pending": 0, "loading": 0, "loaded": 1, "failed": 0},
                     "adapters": [{"name": "cats", "version": "v1", "state": "loaded"}], "unloading": []}
 
     r = await client.chat.completions.create(model=BASE, messages=MSG, max_tokens=8)

@@ -162,7 +162,10 @@ async def test_first_push_after_a_restart_unloads_leftovers_and_nothing_else(sim
         unloads = sim.received("/v1/unload_lora_adapter")
         assert [u["json"] for u in unloads] == [{"lora_name": "dogs@v1"}]
         assert unloads[0]["headers"]["x-request-id"] == "push-4"
-        # only on the first push: later pushes do not list and unload again
+        # only on the first push: later pushes (each lists the engine's adapters to find what is missing)
+        # leave what is not vlmpool's and unload nothing more
         n_lists = len(sim.received("/v1/models"))
         assert (await Admin(second.admin_url).put(state(5, ("cats", "v1", cats))))[0] == 200
-        assert len(sim.received("/v1/models")) == n_lists
+        assert len(sim.received("/v1/models")) == n_lists + 1
+        assert len(sim.received("/v1/unload_lora_adapter")) == 1
+        assert sorted((await sim.stats())["loaded_adapters"]) == ["cats@v1", "manual"]

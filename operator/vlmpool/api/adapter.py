@@ -149,7 +149,9 @@ class PodLoad(Model):
     """Push result of one pod."""
 
     pod: str = Field(description="Pod name.")
-    state: Literal["loaded", "failed", "pending"] = Field(description="Whether the pod serves the wanted version.")
+    state: Literal["loaded", "failed", "pending", "loading"] = Field(
+        description="Whether the pod serves the wanted version: loaded, failed, loading (the engine call runs) or "
+        "pending (queued on the proxy, or not pushed yet).")
     version: str | None = Field(default=None, description="Version the pod serves.")
     message: str | None = Field(default=None, description="Failure reason.", max_length=2048)
 

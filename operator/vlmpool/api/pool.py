@@ -119,6 +119,10 @@ class EngineSpec(Model):
         default=None, gt=0, le=1, description="Fraction of GPU memory vLLM may use (--gpu-memory-utilization)."
     )
     port: int = Field(default=8000, ge=1024, le=65535, description="Port vLLM listens on inside the pod.")
+    load_parallelism: int = Field(
+        default=4, ge=1, le=64, description="Adapter loads each pod's proxy runs at once while it converges to a "
+        "pushed state (pushed at run time, no pod restart). vLLM loads one adapter at a time per engine, so more "
+        "mostly overlaps the file reads.")
     extra_args: list[str] = Field(default_factory=list, description="Extra vLLM command-line arguments.")
     env: list[EnvVar] = Field(default_factory=list, description="Extra environment of the engine container.")
     startup_timeout_seconds: int = Field(

@@ -9,7 +9,8 @@ from typing import Any
 
 from vlmpool.controller import decisions as D
 from vlmpool.controller import status as S
-from vlmpool.controller.common import SOURCE_NOT_ALLOWED, ReconcilerBase, RetryLater, _duration
+from vlmpool.controller.common import SOURCE_NOT_ALLOWED, RetryLater, _duration
+from vlmpool.controller.jobgate import QUEUED, PatchJobGate
 from vlmpool.kube.client import PODS, VLMADAPTERS, VLMPOOLS
 from vlmpool.manifests import adapter as MA
 from vlmpool.manifests.common import A_SUPERSEDED, patch_job_name
@@ -17,7 +18,7 @@ from vlmpool.manifests.common import A_SUPERSEDED, patch_job_name
 log = logging.getLogger("vlmpool.operator")
 
 
-class AdapterReconciler(ReconcilerBase):
+class AdapterReconciler(PatchJobGate):
     async def reconcile_adapter(self, adapter: dict[str, Any], pool: dict[str, Any] | None = None) -> None:
         meta = adapter["metadata"]
         ns, name = meta["namespace"], meta["name"]
@@ -51,10 +52,17 @@ class AdapterReconciler(ReconcilerBase):
             st, patched = adapter.get("status") or {}, None
         if patched is not None and D.patch_decided(st, digest):
             # This spec was patched (or refused) already: never run it twice.
+            self.dequeue_patch(ns, name)
             await self._write_adapter_status(adapter, base, [found])
             self.metrics.reconciles.labels("adapter", "ok").inc()
             if st.get("version") and st.get("servedName") != base["servedName"]:
                 await self.push_pool(ns, spec.pool_ref.name)  # renamed: serve it under the new name
+            return
+        admitted, why = await self.admit_patch_job(adapter, job_name)
+        if not admitted:  # over --max-patch-jobs: a finished Job admits the next in line
+            await self._write_adapter_status(
+                adapter, {**base, "specDigest": digest}, [found, ("Patched", "Unknown", QUEUED, why)],
+                only_if=lambda cur: not D.patch_decided(cur, digest))
             return
         job, created = await self.kube.create_if_absent(
             MA.patch_job(adapter, pool, image=MA.patch_image_for(spec, self.config.patch_image,
@@ -119,6 +127,8 @@ class AdapterReconciler(ReconcilerBase):
         elif isinstance(result, D.PatchJobFailed):
             msg = D.failed_job_message(meta["name"], result.condition, await self._job_raw_messages(ns, meta["name"]))
             await self._patch_failed(adapter, still_running, "PatchJobFailed", msg, duration)
+        if state.complete or state.failed:
+            await self.admit_queued()  # its slot is free
 
     async def _patch_failed(self, adapter: dict[str, Any], only_if: Callable[[dict[str, Any]], bool],
                             reason: str, message: str, duration: float | None = None) -> None:

@@ -26,6 +26,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="timeout of one push to one pod's admin API, seconds (default 10)")
     parser.add_argument("--push-parallelism", type=int, default=16,
                         help="pods pushed to at once per pool (default 16)")
+    parser.add_argument("--progress-wait", type=float, default=2.0,
+                        help="longest wait of one long poll of a pod's convergence after a push, seconds; status "
+                        "is written at most once per adapter per poll round (default 2)")
+    parser.add_argument("--max-patch-jobs", type=int,
+                        default=int(os.environ.get("VLMPOOL_MAX_PATCH_JOBS", "8")),
+                        help="patch Jobs alive at once across the watched namespaces; more wait, first created "
+                        "first started, with the adapter's Patched condition saying so (default 8)")
     parser.add_argument("--patch-image", default=os.environ.get("VLMPOOL_PATCH_IMAGE") or None,
                         help="image of patch and cleanup Jobs (default: the pool's proxy image)")
     parser.add_argument("--patch-dora-image", default=os.environ.get("VLMPOOL_PATCH_DORA_IMAGE") or None,
@@ -84,6 +91,9 @@ def run(args: argparse.Namespace) -> int:
     if args.resync_seconds <= 0 or args.push_timeout <= 0 or args.push_parallelism < 1:
         print("vlmpool operator: --resync-seconds and --push-timeout must be > 0, --push-parallelism >= 1")
         return 2
+    if not 0 < args.progress_wait <= 60 or args.max_patch_jobs < 1:
+        print("vlmpool operator: --progress-wait must be in (0, 60], --max-patch-jobs >= 1")
+        return 2
     from vlmpool.patcher.egress import EgressPolicy
 
     source_allow = [e.strip() for v in (args.source_allow or [os.environ.get("VLMPOOL_SOURCE_ALLOW", "")])
@@ -126,7 +136,8 @@ def run(args: argparse.Namespace) -> int:
         kube_config=kube_config,
         namespaces=namespaces,
         config=OperatorConfig(resync_seconds=args.resync_seconds, push_timeout=args.push_timeout,
-                              push_parallelism=args.push_parallelism, patch_image=args.patch_image,
+                              push_parallelism=args.push_parallelism, progress_wait=args.progress_wait,
+                              max_patch_jobs=args.max_patch_jobs, patch_image=args.patch_image,
                               patch_dora_image=args.patch_dora_image,
                               adapter_root=args.adapter_root.rstrip("/") or "/",
                               source_allow=tuple(source_allow), host_paths=tuple(host_paths),

@@ -13,12 +13,15 @@ from vlmpool.manifests.common import L_ADAPTER
 
 
 class DeletionReconciler(ReconcilerBase):
+    _patch_queue: dict[tuple[str, str], tuple[str, str, str]]
+
     async def delete_adapter(self, adapter: dict[str, Any]) -> None:
         """Unload from every pod, remove the files, then return (kopf drops the finalizer).
         Raises RetryLater while something is still pending."""
         meta = adapter["metadata"]
         ns, name = meta["namespace"], meta["name"]
         await self._write_adapter_status(adapter, {})  # phase Deleting
+        self._patch_queue.pop((ns, name), None)  # no patch Job for it any more (jobgate.py)
         spec = MA.parse_spec(adapter)
         pool = await self.kube.get_or_none(VLMPOOLS, spec.pool_ref.name, ns)
         if pool is None or pool["metadata"].get("deletionTimestamp"):

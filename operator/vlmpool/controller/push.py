@@ -1,8 +1,10 @@
-"""Pushing a pool's desired state to the proxies of its running pods.
+"""Pushing a pool's desired state to the proxies of its running pods, and following their progress.
 
-One push sends the full state (generation, concurrency, ready adapters) to every running pod's admin
-port, in parallel with a bound on concurrency and a timeout per pod. The proxy's answer says, per
-adapter, whether the engine loaded it; those answers become the adapters' per-pod status.
+One push sends the full state (generation, concurrency, load parallelism, ready adapters) to every
+running pod's admin port, in parallel with a bound on concurrency and a timeout per pod. The proxy
+accepts it at once (202) and converges in the background; its answer, and later answers to a long poll
+of ``GET /admin/v1/state?wait=S&generation=G``, say per adapter whether it is pending, loading, loaded
+or failed; those become the adapters' per-pod status.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class PodResult:
     # served name -> versions the proxy retired but has not confirmed unloaded; None: not reported
     unloading: dict[str, set[str]] | None = None
     seconds: float = 0.0
+    converged: bool = True  # the proxy finished converging to `generation` (False: loads queued or running)
 
 
 def pod_is_pushable(pod: dict[str, Any]) -> bool:
@@ -62,50 +65,76 @@ def _host(ip: str) -> str:
     return f"[{ip}]" if ":" in ip else ip
 
 
-async def push_to_pod(session: aiohttp.ClientSession, pod: dict[str, Any], admin_port: int, token: str,
-                      state: dict[str, Any], timeout: float) -> PodResult:
+def _result(name: str, status: int, text: str, dt: float, sent_generation: int) -> PodResult:
+    """A PodResult from the proxy's answer to a PUT (200/202/409) or a GET (200) of its state."""
+    try:
+        body = json.loads(text) if text else {}
+    except ValueError:
+        body = {}
+    if status in (200, 202) and isinstance(body, dict):
+        adapters = {a["name"]: a for a in body.get("adapters") or [] if isinstance(a, dict) and "name" in a}
+        unloading: dict[str, set[str]] | None = None
+        if isinstance(body.get("unloading"), list):
+            unloading = {}
+            for u in body["unloading"]:
+                if isinstance(u, dict) and isinstance(u.get("name"), str):
+                    unloading.setdefault(u["name"], set()).add(str(u.get("version")))
+        gen = body.get("generation")
+        # a proxy without the converged field answered synchronously (it converged before answering)
+        converged = bool(body.get("converged", status == 200)) and gen == sent_generation
+        return PodResult(name, True, gen if isinstance(gen, int) else None, adapters, seconds=dt,
+                         unloading=unloading, converged=converged)
+    if status == 409 and isinstance(body, dict):
+        gen = body.get("generation")
+        return PodResult(name, False, error=f"proxy has a newer generation {gen}",
+                         conflict_generation=gen if isinstance(gen, int) else None, seconds=dt)
+    return PodResult(name, False, error=f"HTTP {status}: {text[:300]}", seconds=dt)
+
+
+async def _call(session: aiohttp.ClientSession, method: str, pod: dict[str, Any], admin_port: int, token: str,
+                generation: int, timeout: float, **kw: Any) -> PodResult:
     name = pod["metadata"]["name"]
     url = f"http://{_host(pod['status']['podIP'])}:{admin_port}{ADMIN_STATE_PATH}"
     t0 = time.monotonic()
     try:
-        headers = {"Authorization": f"Bearer {token}", "X-Request-Id": f"vlmpool-operator-push-{state['generation']}"}
-        async with session.put(url, json=state, headers=headers,
-                               timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
-            text = await resp.text()
-            dt = time.monotonic() - t0
-            try:
-                body = json.loads(text) if text else {}
-            except ValueError:
-                body = {}
-            if resp.status == 200 and isinstance(body, dict):
-                adapters = {a["name"]: a for a in body.get("adapters") or [] if isinstance(a, dict) and "name" in a}
-                unloading: dict[str, set[str]] | None = None
-                if isinstance(body.get("unloading"), list):
-                    unloading = {}
-                    for u in body["unloading"]:
-                        if isinstance(u, dict) and isinstance(u.get("name"), str):
-                            unloading.setdefault(u["name"], set()).add(str(u.get("version")))
-                return PodResult(name, True, body.get("generation"), adapters, seconds=dt, unloading=unloading)
-            if resp.status == 409 and isinstance(body, dict):
-                gen = body.get("generation")
-                return PodResult(name, False, error=f"proxy has a newer generation {gen}",
-                                 conflict_generation=gen if isinstance(gen, int) else None, seconds=dt)
-            return PodResult(name, False, error=f"HTTP {resp.status}: {text[:300]}", seconds=dt)
+        headers = {"Authorization": f"Bearer {token}", "X-Request-Id": f"vlmpool-operator-push-{generation}"}
+        async with session.request(method, url, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout),
+                                   **kw) as resp:
+            return _result(name, resp.status, await resp.text(), time.monotonic() - t0, generation)
     except TimeoutError:
         return PodResult(name, False, error=f"timed out after {timeout:g}s", seconds=time.monotonic() - t0)
     except aiohttp.ClientError as e:
         return PodResult(name, False, error=f"{type(e).__name__}: {e}"[:300], seconds=time.monotonic() - t0)
 
 
+async def push_to_pod(session: aiohttp.ClientSession, pod: dict[str, Any], admin_port: int, token: str,
+                      state: dict[str, Any], timeout: float) -> PodResult:
+    return await _call(session, "PUT", pod, admin_port, token, state["generation"], timeout, json=state)
+
+
+async def poll_pod(session: aiohttp.ClientSession, pod: dict[str, Any], admin_port: int, token: str,
+                   generation: int, wait: float, timeout: float) -> PodResult:
+    """Long poll: the proxy answers once `generation` converged, or after `wait` seconds."""
+    return await _call(session, "GET", pod, admin_port, token, generation, timeout + wait,
+                       params={"wait": f"{wait:g}", "generation": str(generation)})
+
+
 async def push_to_pods(pods: list[dict[str, Any]], admin_port: int, token: str, state: dict[str, Any], *,
                        timeout: float = 10.0, parallelism: int = 16,
-                       session: aiohttp.ClientSession | None = None) -> list[PodResult]:
+                       session: aiohttp.ClientSession | None = None, poll_wait: float | None = None) -> list[PodResult]:
+    """PUT `state` to every pod; with `poll_wait`, GET their progress towards state["generation"] instead
+    (a long poll of at most that many seconds), and PUT to a pod whose proxy reports an older generation
+    (it restarted)."""
     sem = asyncio.Semaphore(max(1, parallelism))
     own = session is None
     session = session or aiohttp.ClientSession()
     try:
         async def one(pod: dict[str, Any]) -> PodResult:
             async with sem:
+                if poll_wait is not None:
+                    r = await poll_pod(session, pod, admin_port, token, state["generation"], poll_wait, timeout)
+                    if not r.ok or (r.generation is not None and r.generation >= state["generation"]):
+                        return r
                 return await push_to_pod(session, pod, admin_port, token, state, timeout)
 
         return list(await asyncio.gather(*(one(p) for p in pods)))

@@ -1,5 +1,12 @@
 """Push: the pool's full desired state to all its running pods, one push per pool at a time; the
-adapters' per-pod status from the results; prune Jobs for superseded versions."""
+adapters' per-pod status from the results; prune Jobs for superseded versions.
+
+The proxies accept a push at once and converge in the background. While some pod has not converged,
+the pool's progress is followed by long polls (``GET /admin/v1/state?wait=S&generation=G``, at most
+``push_parallelism`` pods at once, one round at a time): each round costs one list of the pool's pods
+and adapters and at most one status write per adapter whose status changed (never one per adapter and
+pod), and ends early when the proxies converge. Polling (not being told) keeps the proxy free of any
+credential or route towards the operator and works through the same admin port and NetworkPolicy."""
 
 from __future__ import annotations
 
@@ -45,6 +52,7 @@ class _PoolPush:
     generation: int = 0
     retry_task: asyncio.Task | None = None
     retry_delay: float = 1.0
+    follow_task: asyncio.Task | None = None  # long polls of the pods' convergence
 
 
 class PushReconciler(ReconcilerBase):
@@ -99,13 +107,33 @@ class PushReconciler(ReconcilerBase):
         obj = await self.kube.get_or_none(VLMPOOLS, pool, ns)
         return pool_token(self.config.token_key, obj) if obj is not None else None
 
-    async def _push(self, ns: str, pool_name: str, st: _PoolPush) -> PushSummary | None:
+    def _follow(self, ns: str, pool: str, st: _PoolPush) -> None:
+        """Follow the pods' convergence until every pod converged (or the pool went)."""
+        if st.follow_task is not None and not st.follow_task.done():
+            return
+
+        async def follow() -> None:
+            while True:
+                try:
+                    async with st.lock:
+                        summary = await self._push(ns, pool, st, poll=True)
+                except Exception:
+                    log.exception("following the convergence of %s/%s failed", ns, pool)
+                    summary = None
+                # done when all converged; a pod that failed is the push retry's (it follows again)
+                if summary is None or all(r.converged or not r.ok for r in summary.results.values()):
+                    return
+
+        st.follow_task = asyncio.get_running_loop().create_task(follow())
+
+    async def _push(self, ns: str, pool_name: str, st: _PoolPush, poll: bool = False) -> PushSummary | None:
         pool = await self.kube.get_or_none(VLMPOOLS, pool_name, ns)
         if pool is None:
             return None
         spec = MP.parse_spec(pool)
         adapters = await self._pool_adapters(ns, pool_name)
         state, conflicts = MA.desired_state(spec.proxy.concurrency, adapters)
+        state["load_parallelism"] = spec.engine.load_parallelism
         all_pods = await self.kube.list(PODS, ns, label_selector=server_label_selector(pool_name))
         pods = sorted((p for p in all_pods if pod_is_pushable(p)), key=lambda p: p["metadata"]["name"])
         # A pod that runs but takes no pushes (terminating) may still serve an older version.
@@ -113,8 +141,9 @@ class PushReconciler(ReconcilerBase):
                        and not pod_is_pushable(p)]
         digest = hashlib.sha256(repr(state).encode()).hexdigest()
         persisted = int((pool.get("status") or {}).get("desiredStateGeneration") or 0)
-        st.generation = D.push_generation(st.digest, st.generation, digest, persisted)
-        st.digest = digest
+        generation = D.push_generation(st.digest, st.generation, digest, persisted)
+        poll = poll and generation == st.generation  # a changed state is pushed, not polled
+        st.generation, st.digest = generation, digest
         results: dict[str, PodResult] = {}
         t0 = time.monotonic()
         if pods:
@@ -123,7 +152,8 @@ class PushReconciler(ReconcilerBase):
                 results = {p["metadata"]["name"]: PodResult(p["metadata"]["name"], False,
                                                             error="admin token Secret missing") for p in pods}
             else:
-                results = await self._push_round(pods, spec.proxy.admin_port, token, state, st)
+                results = await self._push_round(pods, spec.proxy.admin_port, token, state, st,
+                                                 poll_wait=self.config.progress_wait if poll else None)
         self.metrics.push_seconds.observe(time.monotonic() - t0)
         if st.generation != persisted:
             await self.kube.patch_status(VLMPOOLS, pool_name, {"desiredStateGeneration": st.generation}, ns)
@@ -159,16 +189,19 @@ class PushReconciler(ReconcilerBase):
                                            can_prune=bool(pods) and not failed and not unconfirmed)
         if waiting:  # a prune waits for proxies to confirm unloads: ask again soon
             self._schedule_retry(ns, pool_name, st)
+        if not poll and any(r.ok and not r.converged for r in results.values()):
+            self._follow(ns, pool_name, st)
         return PushSummary(pool_name, st.generation, pod_names, results, state)
 
     async def _push_round(self, pods: list[dict[str, Any]], admin_port: int, token: str, state: dict[str, Any],
-                          st: _PoolPush) -> dict[str, PodResult]:
+                          st: _PoolPush, poll_wait: float | None = None) -> dict[str, PodResult]:
         if self._http is None or self._http.closed:
             self._http = aiohttp.ClientSession()
         for _attempt in range(2):
             body = {"generation": st.generation, **state}
             out = await push_to_pods(pods, admin_port, token, body, timeout=self.config.push_timeout,
-                                     parallelism=self.config.push_parallelism, session=self._http)
+                                     parallelism=self.config.push_parallelism, session=self._http,
+                                     poll_wait=poll_wait)
             newer = [r.conflict_generation for r in out if r.conflict_generation is not None]
             if not newer:
                 break

@@ -8,6 +8,8 @@ every pod dropped it, run the cleanup Job, then let the finalizer go.
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 
 from vlmpool.controller.adapter import AdapterReconciler
@@ -41,11 +43,18 @@ class Reconciler(PoolReconciler, AdapterReconciler, DeletionReconciler, PushReco
         self._pushed: dict[tuple[str, str], str] = {}  # (ns, pod) -> fingerprint last pushed OK
         self._pod_ok: dict[tuple[str, str], bool] = {}  # (ns, pod) -> last push succeeded (for events)
         self._http: aiohttp.ClientSession | None = None
+        self._gate_lock = asyncio.Lock()  # patch Job admissions (jobgate.py)
+        self._patch_queue: dict[tuple[str, str], tuple[str, str, str]] = {}
+        self._patch_namespaces: set[str] = set()
+        self._admit_task: asyncio.Task | None = None
 
     async def close(self) -> None:
         for st in self._pushes.values():
-            if st.retry_task and not st.retry_task.done():
-                st.retry_task.cancel()
+            for task in (st.retry_task, st.follow_task):
+                if task is not None and not task.done():
+                    task.cancel()
+        if self._admit_task is not None and not self._admit_task.done():
+            self._admit_task.cancel()
         if self._http is not None:
             await self._http.close()
 

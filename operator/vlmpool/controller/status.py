@@ -96,6 +96,11 @@ def pod_loads(served: str, version: str | None, pods: list[str], results: dict[s
             reason = str(a.get("reason") or "load failed")[:2000]
             entries.append({"pod": pod, "state": "failed", "version": a.get("version"), "message": reason})
             failures.append(f"{pod}: {reason}")
+        elif a and a.get("version") == version and a.get("state") in ("pending", "loading"):
+            # the proxy converges in the background: queued, or its engine call runs
+            why = "loading on the proxy" if a["state"] == "loading" else "queued on the proxy"
+            entries.append({"pod": pod, "state": a["state"], "version": version,
+                            "message": f"{why}: {a['reason']}"[:2000] if a.get("reason") else why})
         else:
             entries.append({"pod": pod, "state": "pending", "message": "not reported by the proxy"})
     return entries, loaded, failures

@@ -1,7 +1,8 @@
-"""The operator's admin API: ``PUT /admin/v1/state`` (declarative, idempotent, generation-gated; the
-registry makes the engine match it and resizes the limiter) and ``GET /admin/v1/state``, behind a
-bearer token. Input is refused before it reaches the registry: bounded JSON, an int64 generation,
-adapter paths confined to the adapter root."""
+"""The operator's admin API: ``PUT /admin/v1/state`` (declarative, idempotent, generation-gated,
+asynchronous: accepted at once with 202, the registry converges in the background) and
+``GET /admin/v1/state`` (what is, per adapter; a long poll with ``?wait=``), behind a bearer token.
+Input is refused before it reaches the registry: bounded JSON, an int64 generation, adapter paths
+confined to the adapter root."""
 
 from __future__ import annotations
 
@@ -22,6 +23,18 @@ log = get_logger()
 
 ADMIN_MAX_BODY_BYTES = 8 * 1024 * 1024
 ADMIN_MAX_JSON_DEPTH = 8  # {adapters: [{name: ...}]} is 3 deep
+MAX_WAIT_SECONDS = 60.0
+
+
+def _query_number(request: web.Request, key: str, upper: float) -> float | None:
+    """A non-negative number query parameter (at most `upper`); None when absent. ValueError when bad."""
+    raw = request.query.get(key)
+    if raw is None:
+        return None
+    value = float(raw)
+    if not 0 <= value <= upper:
+        raise ValueError(f"{key} must be between 0 and {upper:g}")
+    return value
 
 
 class AdminAPI:
@@ -50,9 +63,20 @@ class AdminAPI:
         return await handler(request)
 
     async def handle_get_state(self, request: web.Request) -> web.Response:
+        try:
+            wait = _query_number(request, "wait", MAX_WAIT_SECONDS)
+            gen = _query_number(request, "generation", 2**63 - 1)
+        except ValueError as e:
+            return error_response(400, f"invalid query: {e}", type_="invalid_request_error", code="invalid_query")
+        if wait:
+            await self.registry.wait_converged(int(gen) if gen is not None else None, wait)
         return web.json_response(self.registry.snapshot())
 
     async def handle_put_state(self, request: web.Request) -> web.Response:
+        try:
+            wait = _query_number(request, "wait", MAX_WAIT_SECONDS)
+        except ValueError as e:
+            return error_response(400, f"invalid query: {e}", type_="invalid_request_error", code="invalid_query")
         raw = await read_request_body(request, ADMIN_MAX_BODY_BYTES, self.body_timeout)
         if isinstance(raw, web.Response):
             return raw
@@ -83,7 +107,10 @@ class AdminAPI:
         if clash:
             return error_response(400, f"invalid state: adapter name {clash[0]!r} is the base model's name",
                                   type_="invalid_request_error", code="invalid_state")
-        applied, snap = await self.registry.apply(state, request[CTX].request_id)
-        if not applied:
-            return web.json_response(snap, status=409)
-        return web.json_response(snap)
+        if not self.registry.apply(state, request[CTX].request_id):
+            return web.json_response(self.registry.snapshot(), status=409)
+        if wait:
+            await self.registry.wait_converged(state.generation, wait)
+        # 202: accepted, converging in the background; 200: converged already (within ?wait=)
+        converged = self.registry.converged(state.generation)
+        return web.json_response(self.registry.snapshot(), status=200 if converged else 202)

@@ -74,6 +74,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--thinking", choices=("none", "switch"), default="none",
                         help="switch: the model's chat template takes chat_template_kwargs.enable_thinking (Qwen3.5), "
                              "so crop-describe forwards a request's enable_thinking; none (default): never forwarded")
+    parser.add_argument("--load-parallelism", type=int, default=None,
+                        help="adapter loads at once while converging, until a push sets it "
+                             "(env VLMPOOL_LOAD_PARALLELISM; default 4, at most 64)")
     parser.add_argument("--no-access-log", action="store_true", help="do not log one line per request")
     parser.add_argument("--log-level", default=os.environ.get("VLMPOOL_LOG_LEVEL", "info"),
                         choices=["debug", "info", "warning", "error"], help="log level (JSON lines on stderr)")
@@ -106,6 +109,8 @@ def build_config(args: argparse.Namespace):
         access_log=not args.no_access_log,
         crop_describe=args.crop_describe,
         thinking=args.thinking,
+        load_parallelism=(args.load_parallelism if args.load_parallelism is not None
+                          else _env_int("VLMPOOL_LOAD_PARALLELISM", 4)),
     )
     config.validate()
     return config

@@ -78,6 +78,7 @@ class ProxyConfig:
     api_key_dir: str | None = None  # a mounted Secret: each file's value is an accepted bearer token
     access_log: bool = True
     shutdown_timeout: float = 30.0
+    load_parallelism: int = 4  # adapter loads at once until a push sets it
     retry_interval: float = 5.0  # re-try loads that met an unreachable engine this often (0: never)
     crop_describe: bool = True  # POST /v1/vlmpool/crop-describe (spec.proxy.cropDescribe)
     thinking: str = "none"  # "switch": the model's chat template takes enable_thinking (the family's)
@@ -91,6 +92,8 @@ class ProxyConfig:
             )
         if self.concurrency < 1:
             problems.append(f"concurrency must be >= 1 (got {self.concurrency})")
+        if not 1 <= self.load_parallelism <= 64:
+            problems.append(f"load parallelism must be 1..64 (got {self.load_parallelism})")
         if self.queue_limit < 0:
             problems.append(f"queue limit must be >= 0 (got {self.queue_limit})")
         if self.queue_timeout <= 0:
@@ -129,6 +132,7 @@ class Proxy:
             base_model=lambda: self._base_model,
             on_concurrency=self._resize,
             concurrency=lambda: self.limiter.limit,
+            load_parallelism=config.load_parallelism,
         )
         self._base_model: str | None = config.base_model
         self._base_lock = asyncio.Lock()

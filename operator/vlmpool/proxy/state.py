@@ -1,4 +1,5 @@
-"""Desired state pushed by the operator, and the adapter registry that makes the engine match it.
+"""The adapter registry: desired state, routing, swaps, drains, self-heal (the background convergence
+is converge.py's; the pushed state's validation desired.py's).
 
 Names:
 - served name: what clients put in ``model`` (the VLMAdapter's name);
@@ -13,98 +14,32 @@ Names:
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
-
+from .converge import LOAD_ATTEMPTS, REASON_CHARS, Converger, LoadedVersion, reason
+from .desired import AdapterSpec, DesiredState, internal_name
 from .engine import EngineClient, EngineHTTPError, EngineUnavailable
 from .logs import REQUEST_ID, get_logger
 from .metrics import ProxyMetrics
 
+__all__ = ["AdapterRegistry", "AdapterSpec", "DesiredState", "LoadedVersion", "Unavailable", "internal_name"]
+
 log = get_logger("state")
-
-SERVED_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,252}$")
-VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-# an engine LoRA name vlmpool gave: `<served>@<version>` (served names have no '@')
-INTERNAL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,252}@[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-LOAD_ATTEMPTS = 3  # connection failures / timeouts are transient: retried with a short backoff
-REASON_CHARS = 500
-
-
-class AdapterSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: StrictStr
-    version: StrictStr
-    path: Annotated[StrictStr, Field(min_length=1, max_length=4096)]
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not SERVED_NAME_RE.match(v):
-            raise ValueError("must match [A-Za-z0-9][A-Za-z0-9._:/-]* (max 253 chars, no '@')")
-        return v
-
-    @field_validator("version")
-    @classmethod
-    def _version(cls, v: str) -> str:
-        if not VERSION_RE.match(v):
-            raise ValueError("must match [A-Za-z0-9][A-Za-z0-9._-]* (max 128 chars)")
-        return v
-
-    @property
-    def internal(self) -> str:
-        return internal_name(self.name, self.version)
-
-
-class DesiredState(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    generation: Annotated[StrictInt, Field(ge=0, lt=2**63)]  # an int64, as metadata.generation
-    concurrency: Annotated[StrictInt, Field(ge=1, le=100_000)]
-    adapters: list[AdapterSpec] = Field(default_factory=list, max_length=10_000)
-
-    @field_validator("adapters")
-    @classmethod
-    def _unique(cls, v: list[AdapterSpec]) -> list[AdapterSpec]:
-        seen: set[str] = set()
-        for a in v:
-            if a.name in seen:
-                raise ValueError(f"adapter name {a.name!r} appears more than once")
-            seen.add(a.name)
-        return v
-
-
-def internal_name(served: str, version: str) -> str:
-    return f"{served}@{version}"
-
-
-@dataclass(eq=False)
-class LoadedVersion:
-    """One adapter version the engine has loaded (serving, or draining before its unload)."""
-
-    served: str
-    version: str
-    path: str
-    inflight: int = 0
-    retired: bool = False
-    retire_seq: int = 0
-    drained: asyncio.Event = field(default_factory=asyncio.Event)
-    served_ok: bool = False  # a request through this version succeeded (it survived its first use)
-
-    @property
-    def internal(self) -> str:
-        return internal_name(self.served, self.version)
 
 
 class Unavailable(Exception):
     """A desired adapter has no loaded version to serve (loading, or its load failed)."""
 
 
-class AdapterRegistry:
+class AdapterRegistry(Converger):
+    """Desired state, routing aliases, and the background converger.
+
+    ``apply`` only records a push (it never waits for the engine); a planner task compares the desired
+    state with the engine's adapter list and queues what is missing; ``load_parallelism`` loader tasks
+    take served names from that FIFO queue, one loader per name at a time, and every engine call for one
+    internal name (load, unload, self-heal re-load) holds that name's lock, so no adapter is ever loaded
+    twice at once or unloaded under a load."""
+
     def __init__(
         self,
         engine: EngineClient,
@@ -120,13 +55,25 @@ class AdapterRegistry:
         self._base_model = base_model
         self._on_concurrency = on_concurrency
         self._concurrency = concurrency
-        self.generation: int | None = None
+        self.generation: int | None = None  # newest accepted (observed) generation
+        self.converged_generation: int | None = None  # newest generation whose convergence finished
+        self.load_parallelism = load_parallelism
+        self._default_parallelism = load_parallelism
         self.desired: dict[str, AdapterSpec] = {}
         self.alias: dict[str, LoadedVersion] = {}
         self.versions: dict[str, LoadedVersion] = {}  # internal -> loaded version (serving or draining)
-        self.status: dict[str, dict] = {}  # served -> last outcome for the desired version
-        self._apply_lock = asyncio.Lock()
-        self._load_sem = asyncio.Semaphore(load_parallelism)
+        self.status: dict[str, dict] = {}  # served -> state of the desired version (pending/loading/loaded/failed)
+        self._request_id: str | None = None  # the accepted push's request id (its loads carry it)
+        self._queue: dict[str, None] = {}  # served names waiting for a loader (FIFO, no duplicates)
+        self._active: set[str] = set()  # served names a loader works on now
+        self._again: set[str] = set()  # queued again while a loader worked on them
+        self._work = asyncio.Event()
+        self._plan_wake = asyncio.Event()
+        self._planning = False
+        self._planner: asyncio.Task | None = None
+        self._workers: dict[int, asyncio.Task] = {}
+        self._locks: dict[str, asyncio.Lock] = {}  # internal name -> lock of its engine calls
+        self._progress = asyncio.Event()  # replaced after each convergence change (long-poll waiters)
         self._heals: dict[str, asyncio.Task[None]] = {}
         self._background: set[asyncio.Task] = set()
         self._transient: set[str] = set()  # desired adapters whose last load met an unreachable engine
@@ -134,7 +81,8 @@ class AdapterRegistry:
         self.leftovers_reconciled = False  # the engine's adapters from an earlier proxy process were checked
         # internal name -> why the engine died at its first use: never loaded again by this proxy
         self.first_use_failures: dict[str, str] = {}
-
+        self.accepted_at: float | None = None
+        self.converge_seconds: float | None = None  # accept -> converged of the last converged generation
     # -- request path (synchronous: no await between lookup and count) -------------------------
     def is_desired(self, served: str) -> bool:
         return served in self.desired
@@ -189,113 +137,15 @@ class AdapterRegistry:
     async def _reload(self, v: LoadedVersion, request_id: str | None) -> None:
         log.warning("engine forgot a desired adapter; re-loading it", extra={"adapter": v.internal})
         try:
-            await self._load(v.served, v.internal, v.path, request_id)
+            async with self._engine_lock(v.internal):
+                await self._load(v.served, v.internal, v.path, request_id)
         except (EngineHTTPError, EngineUnavailable) as e:
             if self.alias.get(v.served) is v:
                 self.status[v.served] = {
                     "name": v.served, "version": v.version, "state": "failed",
-                    "reason": f"re-load after the engine forgot it failed: {_reason(e)}",
+                    "reason": f"re-load after the engine forgot it failed: {reason(e)}",
                 }
             raise
-
-    # -- admin path ---------------------------------------------------------------------------
-    async def apply(self, state: DesiredState, request_id: str | None) -> tuple[bool, dict]:
-        """Make the engine match ``state``. Returns (applied, snapshot); a generation older than the
-        newest applied one changes nothing."""
-        async with self._apply_lock:
-            if self.generation is not None and state.generation < self.generation:
-                log.warning("stale state ignored", extra={"generation": state.generation, "current": self.generation})
-                return False, self.snapshot()
-            base = self._base_model()
-            self.generation = state.generation
-            self.metrics.generation.set(state.generation)
-            self._on_concurrency(state.concurrency)
-            desired = {a.name: a for a in state.adapters if a.name != base}
-            self.desired = desired
-            # names no longer wanted: stop routing now, unload after their requests finish
-            for served in [s for s in self.alias if s not in desired]:
-                self._retire(self.alias.pop(served), request_id)
-            for served in [s for s in self.status if s not in desired]:
-                del self.status[served]
-            self._transient &= set(desired)
-            if not self.leftovers_reconciled:
-                await self._unload_leftovers(desired, request_id)
-            await asyncio.gather(*(self._converge(a, request_id) for a in desired.values()))
-            self.metrics.adapters_loaded.set(len(self.alias))
-            log.info(
-                "state applied",
-                extra={
-                    "generation": state.generation,
-                    "concurrency": state.concurrency,
-                    "loaded": sum(1 for s in self.status.values() if s["state"] == "loaded"),
-                    "failed": sum(1 for s in self.status.values() if s["state"] == "failed"),
-                },
-            )
-            return True, self.snapshot()
-
-    async def _converge(self, spec: AdapterSpec, request_id: str | None) -> None:
-        internal = spec.internal
-        if internal in self.first_use_failures:  # loading it again would kill the engine again
-            self.status[spec.name] = {"name": spec.name, "version": spec.version, "state": "failed",
-                                      "reason": self.first_use_failures[internal]}
-            return
-        try:
-            # always re-issue the (idempotent) load: it also restores what an engine restart forgot
-            async with self._load_sem:
-                await self._load(spec.name, internal, spec.path, request_id)
-        except (EngineHTTPError, EngineUnavailable) as e:
-            if isinstance(e, EngineUnavailable):
-                self._transient.add(spec.name)  # the engine was unreachable: the retry loop tries again
-            else:
-                self._transient.discard(spec.name)  # the engine refused it: only a new push changes that
-            st = {"name": spec.name, "version": spec.version, "state": "failed", "reason": _reason(e)}
-            current = self.alias.get(spec.name)
-            if current is not None and current.internal != internal:
-                st["serving_version"] = current.version  # the previous version keeps serving
-            self.status[spec.name] = st
-            return
-        self._transient.discard(spec.name)
-        v = self.versions.get(internal)
-        if v is None:
-            v = self.versions[internal] = LoadedVersion(spec.name, spec.version, spec.path)
-        else:
-            v.path = spec.path  # same immutable version; only where it is mounted may differ
-        if v.retired:  # re-desired while draining: cancel its unload
-            v.retired = False
-            v.retire_seq += 1
-        old = self.alias.get(spec.name)
-        self.alias[spec.name] = v  # the flip: new requests go to the new version from here on
-        if old is not None and old is not v:
-            log.info("adapter version swapped", extra={"adapter": spec.name, "old": old.version, "new": spec.version})
-            self._retire(old, request_id)
-        self.status[spec.name] = {"name": spec.name, "version": spec.version, "state": "loaded"}
-
-    async def _unload_leftovers(self, desired: dict[str, AdapterSpec], request_id: str | None) -> None:
-        """First push after a (re)start: the engine may still hold adapters an earlier proxy process
-        loaded. Unload those named `<served>@<version>` (vlmpool's form) that are not desired now; never
-        touch another name. Done once, when the engine answered (else tried again at the next push)."""
-        try:
-            models = await self.engine.list_models()
-        except (EngineHTTPError, EngineUnavailable) as e:
-            log.warning("could not list the engine's adapters; leftovers are checked at the next push",
-                        extra={"error": str(e)[:REASON_CHARS]})
-            return
-        wanted = {a.internal for a in desired.values()} | set(self.versions)
-        base = self._base_model()
-        leftovers = sorted(
-            m["id"] for m in models
-            if isinstance(m, dict) and isinstance(m.get("id"), str) and m.get("parent") and m["id"] != base
-            and INTERNAL_RE.match(m["id"]) and m["id"] not in wanted
-        )
-        for name in leftovers:
-            try:
-                await self.engine.unload_lora(name, request_id)
-            except (EngineHTTPError, EngineUnavailable) as e:
-                log.error("leftover adapter unload failed", extra={"adapter": name, "error": str(e)[:REASON_CHARS]})
-                return  # checked again at the next push
-            self.metrics.adapter_unloads.labels(name.split("@", 1)[0]).inc()
-            log.info("unloaded an adapter an earlier proxy process left in the engine", extra={"adapter": name})
-        self.leftovers_reconciled = True
 
     async def _load(self, served: str, internal: str, path: str, request_id: str | None) -> None:
         delay = 0.2
@@ -334,64 +184,16 @@ class AdapterRegistry:
         token = REQUEST_ID.set(request_id)
         try:
             await v.drained.wait()
-            async with self._apply_lock:
+            async with self._engine_lock(v.internal):
                 if not v.retired or v.retire_seq != seq or v.inflight > 0:
                     return  # re-desired meanwhile, or superseded by a newer retirement
-                delay = 0.2
-                for attempt in range(1, LOAD_ATTEMPTS + 1):
-                    try:
-                        known = await self.engine.unload_lora(v.internal, request_id)
-                        break
-                    except EngineUnavailable as e:
-                        if attempt == LOAD_ATTEMPTS:
-                            log.error("adapter unload failed; leaving it to the engine's LRU",
-                                      extra={"adapter": v.internal, "error": str(e)})
-                            known = None
-                            break
-                        await asyncio.sleep(delay)
-                        delay *= 2
-                    except EngineHTTPError as e:
-                        log.error("adapter unload refused by the engine",
-                                  extra={"adapter": v.internal, "status": e.status, "body": e.body[:REASON_CHARS]})
-                        known = None
-                        break
+                known = await self._unload(v.internal, v.served, request_id)
                 if self.versions.get(v.internal) is v:
                     del self.versions[v.internal]
                 if known is not None:
-                    self.metrics.adapter_unloads.labels(v.served).inc()
                     log.info("adapter unloaded after draining", extra={"adapter": v.internal, "engine_knew_it": known})
         finally:
             REQUEST_ID.reset(token)
-
-    def start_retry_loop(self, interval: float) -> None:
-        """Keep converging: adapters whose load met an unreachable engine (a pod whose vLLM was still
-        starting when the operator pushed) are loaded again every `interval` seconds until it answers."""
-        if self._retry_task is None and interval > 0:
-            self._retry_task = asyncio.create_task(self._retry_loop(interval))
-
-    async def _retry_loop(self, interval: float) -> None:
-        while True:
-            await asyncio.sleep(interval)
-            if not self._transient:
-                continue
-            try:
-                async with self._apply_lock:
-                    specs = [self.desired[n] for n in sorted(self._transient) if n in self.desired]
-                    if not specs:
-                        continue
-                    rid = f"vlmpool-proxy-retry-{self.generation}"
-                    token = REQUEST_ID.set(rid)
-                    try:
-                        log.info("retrying adapter loads that met an unreachable engine",
-                                 extra={"adapters": [a.name for a in specs]})
-                        await asyncio.gather(*(self._converge(a, rid) for a in specs))
-                        self.metrics.adapters_loaded.set(len(self.alias))
-                    finally:
-                        REQUEST_ID.reset(token)
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # never let the loop die
-                log.exception("adapter retry loop error")
 
     async def drain_background(self) -> None:
         """Wait for pending unloads (tests and shutdown)."""
@@ -399,10 +201,10 @@ class AdapterRegistry:
             await asyncio.gather(*list(self._background), return_exceptions=True)
 
     def cancel_background(self) -> None:
-        if self._retry_task is not None:
-            self._retry_task.cancel()
-        for t in list(self._background) + list(self._heals.values()):
-            t.cancel()
+        tasks = [self._retry_task, self._planner, *self._workers.values(), *self._background, *self._heals.values()]
+        for t in tasks:
+            if t is not None:
+                t.cancel()
 
     def pending_unloads(self) -> list[str]:
         return sorted(v.internal for v in self.versions.values() if v.retired)
@@ -429,14 +231,16 @@ class AdapterRegistry:
     def snapshot(self) -> dict:
         adapters = []
         for served, spec in self.desired.items():
-            st = self.status.get(served)
-            if st is None:
-                st = {"name": served, "version": spec.version, "state": "loading"}
+            st = self.status.get(served) or {"name": served, "version": spec.version, "state": "pending"}
             adapters.append(dict(st))
         return {
             "generation": self.generation,
             "applied": self.generation is not None,
+            "converged_generation": self.converged_generation,
+            "converged": self.converged(),
             "concurrency": self._concurrency(),
+            "load_parallelism": self.load_parallelism,
+            "counts": self.counts(),
             "adapters": adapters,
             # versions no longer routed whose engine unload is not yet confirmed (draining, or the unload
             # call is pending): the operator must not delete their directories yet (vLLM re-reads an
@@ -451,9 +255,3 @@ ENGINE_DEAD_TEXT = "EngineCore encountered an issue"  # vllm.v1.engine.exception
 
 def is_engine_dead(status: int, body: str) -> bool:
     return status == 500 and ENGINE_DEAD_TEXT in body
-
-
-def _reason(e: Exception) -> str:
-    if isinstance(e, EngineHTTPError):
-        return f"engine answered HTTP {e.status} to load_lora_adapter: {e.body[:REASON_CHARS]}"
-    return str(e)[:REASON_CHARS]

@@ -1,0 +1,152 @@
+"""The asynchronous push seen from the operator (issue 12), on the real control plane with real proxy +
+simulator processes: the operator follows a slow convergence and writes per-adapter, per-pod progress;
+a proxy restarted mid-convergence ends converged; patch Jobs stay within --max-patch-jobs and start in
+the adapters' creation order. Not timed: every wait has a deadline."""
+
+from __future__ import annotations
+
+import aiohttp
+import pytest
+from helpers import (
+    admin_state,
+    eventually,
+    free_port,
+    now,
+    report_terminated,
+    wait_job_condition,
+    wait_job_pod,
+    write_adapter,
+)
+from test_adapter import adapter_obj, complete_patch, ok_message, patch_jobs, pool_obj, start_pool_pods
+
+from vlmpool.kube.client import JOBS, VLMADAPTERS
+
+pytestmark = pytest.mark.apiserver
+
+N = 10
+LOAD_MS = 600
+
+
+async def sim_stats(ip: str, engine_port: int) -> dict:
+    async with aiohttp.ClientSession() as s, s.get(f"http://{ip}:{engine_port}/sim/stats") as r:
+        assert r.status == 200
+        return await r.json()
+
+
+async def statuses(kube, ns):
+    return {a["metadata"]["name"]: a.get("status") or {} for a in await kube.list(VLMADAPTERS, ns)}
+
+
+async def test_operator_follows_a_slow_convergence_and_a_restarted_proxy(kube, namespace, operator, adapter_root,
+                                                                         tmp_path, pod_processes):
+    ns = namespace
+    # a long resync: progress after a push comes from the operator following the convergence
+    await operator(resync=60, extra_args=("--progress-wait", "0.5", "--max-patch-jobs", str(N)))
+    admin_port, engine_port = free_port(), free_port()
+    pool = pool_obj("slow", 1, admin_port, engine_port, free_port())
+    pool["spec"]["engine"].update(loadParallelism=1, extraArgs=["--lora-load-ms", str(LOAD_MS)])
+    await kube.create(pool, ns)
+    token, ips = await start_pool_pods(kube, ns, "slow", 1, tmp_path, pod_processes)
+    ip = next(iter(ips.values()))
+    await eventually(lambda: admin_state(ip, admin_port, token), what="the first push")
+
+    # N adapters, all patched at once (their Jobs played here): one push wants N slow loads, 1 at a time
+    names = [f"ad{i}" for i in range(N)]
+    for n in names:
+        await kube.create(adapter_obj(n, "slow", f"file://{tmp_path}/src"), ns)
+    jobs = {}
+    for n in names:
+        jobs[n] = (await eventually(lambda n=n: patch_jobs(kube, ns, n), what=f"{n}'s Job"))[0]["metadata"]["name"]
+    for i, n in enumerate(names):
+        pod = await wait_job_pod(kube, ns, jobs[n])
+        write_adapter(adapter_root / n / "versions" / "v1", seed=i)
+        await report_terminated(kube, pod, 0, ok_message(adapter_root, n, "v1"))
+    for n in names:
+        await wait_job_condition(kube, ns, jobs[n], "Complete")
+
+    # per-adapter progress in status while the proxy converges: some Ready, some still queued or loading
+    async def mixed():
+        st = await statuses(kube, ns)
+        ready = [n for n in names if st[n].get("phase") == "Ready"]
+        waiting = [n for n in names if (st[n].get("pods") or [{}])[0].get("state") in ("pending", "loading")
+                   and "on the proxy" in (st[n]["pods"][0].get("message") or "")]
+        return (ready, waiting, st) if ready and waiting else None
+
+    ready, waiting, st = await eventually(mixed, timeout=60, interval=0.1, what="a partly converged pool")
+    w = st[waiting[0]]
+    assert w["phase"] == "Registering" and w["loaded"] == "0/1"
+    assert st[ready[0]]["loaded"] == "1/1" and st[ready[0]]["pods"][0]["state"] == "loaded"
+
+    # the proxy restarts mid-convergence (the kubelet has not reported it): the operator finds the proxy
+    # without its generation and pushes again; the pool ends converged
+    proxy_state = await admin_state(ip, admin_port, token)
+    assert not proxy_state["converged"] and proxy_state["counts"]["loaded"] < N
+    pod_processes[0].restart(1)
+
+    async def all_ready():
+        st = await statuses(kube, ns)
+        return st if all(st[n].get("phase") == "Ready" and st[n].get("loaded") == "1/1" for n in names) else None
+
+    await eventually(all_ready, timeout=45, interval=0.3, what="every adapter Ready after the restart")
+    final = await eventually(lambda: admin_state(ip, admin_port, token), what="the restarted proxy's state")
+    assert final["converged"] and final["counts"]["loaded"] == N
+    stats = await sim_stats(ip, engine_port)
+    internals = sorted(f"{n}@v1" for n in names)
+    assert sorted(stats["loaded_adapters"]) == internals
+    assert stats["adapter_disk_loads"] == {i: 1 for i in internals}  # nothing loaded twice
+
+
+async def test_patch_jobs_stay_within_the_bound_in_creation_order(kube, namespace, operator, adapter_root, tmp_path):
+    ns = namespace
+    bound = 2
+    await kube.create(pool_obj("jobs", 0, free_port(), free_port(), free_port()), ns)
+    # created one per second (creationTimestamp has seconds) against the names' order, all before the
+    # operator starts: it meets them in list (name) order and must still start them oldest first
+    names = [f"q{i}" for i in reversed(range(5))]
+    for n in names:
+        created = await kube.create(adapter_obj(n, "jobs", f"file://{tmp_path}/src"), ns)
+        async def next_second(c=created):
+            return now() > c["metadata"]["creationTimestamp"]
+
+        await eventually(next_second, interval=0.05, what="the next second")
+    await operator(extra_args=("--max-patch-jobs", str(bound)))
+
+    async def unfinished():
+        jobs = await kube.list(JOBS, ns, label_selector="app.kubernetes.io/component=patch")
+        return [j for j in jobs if not any(c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
+                                           for c in (j.get("status") or {}).get("conditions") or [])]
+
+    def adapter_of(job):
+        return job["metadata"]["labels"]["vlmpool.io/adapter"]
+
+    started: list[str] = []
+    for step in range(len(names)):
+        # the next ones in line get a Job (at most `bound` unfinished), the rest say they are queued
+        want = min(bound, len(names) - step)
+        alive = await eventually(lambda want=want: _exactly(unfinished(), want), timeout=60,
+                                 what=f"{want} unfinished patch Jobs")
+        started += sorted((adapter_of(j) for j in alive if adapter_of(j) not in started), key=names.index)
+        assert started == names[:len(started)], started  # FIFO by creation (Jobs that start together: any order)
+        queued = names[step + want:]
+        if queued:
+            async def said_queued(queued=queued):
+                st = await statuses(kube, ns)
+                conds = {n: next((c for c in st[n].get("conditions") or [] if c["type"] == "Patched"), {})
+                         for n in queued}
+                return conds if all(c.get("reason") == "PatchJobQueued" for c in conds.values()) else None
+
+            conds = await eventually(said_queued, timeout=30, what="the queued adapters' condition")
+            assert "waiting for a patch Job slot" in conds[queued[-1]]["message"]
+            assert (await kube.get(VLMADAPTERS, queued[0], ns))["status"]["phase"] == "Patching"
+        # finish the oldest running Job: the next adapter in line gets its slot
+        first = next(j for j in alive if adapter_of(j) == started[step])
+        await complete_patch(kube, ns, first["metadata"]["name"], adapter_root, started[step], "v1", seed=step)
+        assert len(await unfinished()) <= bound
+    assert started == names
+    await eventually(lambda: _exactly(unfinished(), 0), what="every Job finished")
+
+
+async def _exactly(coro, n, bound=2):
+    items = await coro
+    assert len(items) <= bound, [j["metadata"]["name"] for j in items]  # never over the bound
+    return (items or True) if len(items) == n else None  # True: none, as wanted

@@ -1,0 +1,162 @@
+"""The asynchronous push contract (issue 12): a push is accepted at once (202) and converged in the
+background with a bounded load parallelism; GET reports per-adapter progress; a push arriving during a
+slow convergence supersedes it without losing or repeating loads; a proxy restarted mid-convergence
+converges after the next push. The simulator with slow loads (`lora_load_ms`) is the engine; its
+request log counts every load call (and the ones running at once). Not timed."""
+
+from __future__ import annotations
+
+from proxy_helpers import Admin, proxy_config, start_sim
+
+from vlmpool.proxy.server import run_proxy
+from vlmpool.testing.waiting import wait_until
+
+
+def state(generation: int, adapters: list[tuple[str, str]], path: str, **extra) -> dict:
+    return {"generation": generation, "concurrency": 8, **extra,
+            "adapters": [{"name": n, "version": v, "path": path} for n, v in adapters]}
+
+
+def internals(adapters: list[tuple[str, str]]) -> list[str]:
+    return sorted(f"{n}@{v}" for n, v in adapters)
+
+
+async def slow_sim(load_ms: float):
+    return await start_sim(lora_load_ms=load_ms, max_cpu_loras=256, max_loras=8)
+
+
+async def test_many_adapters_answer_at_once_and_report_progress(adapters):
+    path = adapters("shared", "v1")
+    wanted = [(f"a{i:02d}", "v1") for i in range(24)]
+    sim, runner = await slow_sim(150)
+    try:
+        async with run_proxy(proxy_config(sim.url)) as p:
+            admin = Admin(p.admin_url)
+            status, body = await admin.put(state(1, wanted, path, load_parallelism=3), wait=None)
+            # accepted before any load could finish (24 loads of 150 ms, 3 at a time, take > 1 s)
+            assert status == 202, body
+            assert body["generation"] == 1 and body["converged"] is False and body["converged_generation"] is None
+            assert body["counts"]["loaded"] == 0 and body["load_parallelism"] == 3
+            assert [a["name"] for a in body["adapters"]] == [n for n, _ in wanted]  # push order
+            assert {a["state"] for a in body["adapters"]} <= {"pending", "loading"}
+
+            seen: list[dict] = []
+
+            async def partly_loaded():
+                _, st = await admin.get()
+                seen.append(st["counts"])
+                return st if 0 < st["counts"]["loaded"] < len(wanted) else None
+
+            mid = await wait_until(partly_loaded, timeout=30, interval=0.05, what="a partly loaded state")
+            assert mid["converged"] is False
+            assert sum(mid["counts"].values()) == len(wanted)
+            assert 1 <= mid["counts"]["loading"] <= 3
+            by_state = {a["state"] for a in mid["adapters"]}
+            assert {"loaded", "pending"} <= by_state, mid["adapters"]
+
+            # the long poll answers when generation 1 converged
+            _, done = await admin.get(wait=30, generation=1)
+            assert done["converged"] is True and done["converged_generation"] == 1
+            assert done["counts"] == {"pending": 0, "loading": 0, "loaded": len(wanted), "failed": 0}
+            assert p.proxy.registry.converged()
+        assert sim.load_peak == 3  # the bound was used and never passed
+        assert sim.load_counts() == {i: 1 for i in internals(wanted)}
+        assert sorted((await sim.stats())["loaded_adapters"]) == internals(wanted)
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_push_during_a_slow_convergence_supersedes_it(adapters):
+    """gen 1 wants a00..a11, two loads at a time. While a02 and a03 load, gen 2 keeps a00..a02 and
+    a04..a05, a07, drops a03 (loading) and a08..a11 (queued), changes a06's version (queued) and adds
+    b0..b2. Nothing is loaded twice, never two loads of one name at once, a03 is unloaded after its
+    load, the dropped queued ones and a06@v1 are never loaded, and all of gen 2 loads."""
+    path = adapters("shared", "v1")
+    gen1 = [(f"a{i:02d}", "v1") for i in range(12)]
+    gen2 = ([(f"a{i:02d}", "v1") for i in (0, 1, 2, 4, 5, 7)] + [("a06", "v2")]
+            + [(f"b{i}", "v1") for i in range(3)])
+    sim, runner = await slow_sim(300)
+    try:
+        async with run_proxy(proxy_config(sim.url)) as p:
+            admin = Admin(p.admin_url)
+            assert (await admin.put(state(1, gen1, path, load_parallelism=2), wait=None))[0] == 202
+
+            async def two_loading():
+                _, st = await admin.get()
+                states = {a["name"]: a["state"] for a in st["adapters"]}
+                return st if states["a02"] == states["a03"] == "loading" else None
+
+            await wait_until(two_loading, timeout=30, interval=0.01, what="a02 and a03 loading")
+            status, body = await admin.put(state(2, gen2, path, load_parallelism=2), wait=None)
+            assert status == 202 and body["generation"] == 2 and not body["converged"]
+            assert [a["name"] for a in body["adapters"]] == [n for n, _ in gen2]
+            assert {a["name"]: a["state"] for a in body["adapters"]}["a02"] == "loading"
+
+            _, done = await admin.get(wait=60, generation=2)
+            assert done["converged"] and done["converged_generation"] == 2, done
+            assert {a["name"]: (a["version"], a["state"]) for a in done["adapters"]} == {
+                n: (v, "loaded") for n, v in gen2}
+            await p.proxy.registry.drain_background()
+        counts = sim.load_counts()
+        assert counts == {i: 1 for i in internals(gen2) + ["a03@v1"]}, counts  # once each; none lost
+        assert sim.same_name_peak == 1 and sim.load_peak == 2
+        unloads = [r["json"]["lora_name"] for r in sim.received("/v1/unload_lora_adapter")]
+        assert unloads == ["a03@v1"]  # loaded while it stopped being wanted: unloaded after
+        assert sorted((await sim.stats())["loaded_adapters"]) == internals(gen2)
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_proxy_restarted_mid_convergence_converges_after_the_next_push(adapters):
+    """The restarted proxy reports no generation (so the operator pushes again); the re-push loads
+    only what the engine does not hold yet, each adapter once."""
+    path = adapters("shared", "v1")
+    wanted = [(f"a{i:02d}", "v1") for i in range(10)]
+    sim, runner = await slow_sim(200)
+    try:
+        cfg = proxy_config(sim.url)
+        async with run_proxy(cfg) as first:
+            admin = Admin(first.admin_url)
+            assert (await admin.put(state(3, wanted, path, load_parallelism=2), wait=None))[0] == 202
+
+            async def some_loaded():
+                _, st = await admin.get()
+                return st if 2 <= st["counts"]["loaded"] < len(wanted) else None
+
+            await wait_until(some_loaded, timeout=30, interval=0.02, what="a partly converged proxy")
+        async with run_proxy(proxy_config(sim.url)) as second:
+            admin = Admin(second.admin_url)
+            _, fresh = await admin.get()
+            assert fresh["generation"] is None and fresh["applied"] is False and not fresh["converged"]
+            status, done = await admin.put(state(3, wanted, path, load_parallelism=2), wait=60)
+            assert status == 200 and done["converged"], done
+            assert done["counts"]["loaded"] == len(wanted)
+        assert sorted((await sim.stats())["loaded_adapters"]) == internals(wanted)
+        disk = (await sim.stats())["adapter_disk_loads"]
+        assert disk == {i: 1 for i in internals(wanted)}, disk  # the engine read each adapter once
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_re_push_of_a_converged_state_loads_nothing(sim, proxy, admin, adapters):
+    path = adapters("shared", "v1")
+    wanted = [(f"a{i}", "v1") for i in range(5)]
+    assert (await admin.put(state(1, wanted, path)))[0] == 200
+    n = len(sim.received("/v1/load_lora_adapter"))
+    status, body = await admin.put(state(1, wanted, path))
+    assert status == 200 and body["converged"] and body["counts"]["loaded"] == 5
+    assert len(sim.received("/v1/load_lora_adapter")) == n
+    # the engine forgot them (it restarted): the same generation again loads them again
+    await sim.call("POST", "/sim/forget")
+    status, body = await admin.put(state(1, wanted, path))
+    assert status == 200 and body["counts"]["loaded"] == 5
+    assert len(sim.received("/v1/load_lora_adapter")) == n + 5
+
+
+async def test_bad_wait_is_refused(proxy, admin):
+    status, body = await admin.put(state(1, [], "/x"), wait=600)
+    assert status == 400 and body["error"]["code"] == "invalid_query"
+    status, body = await admin.get(wait=-1)
+    assert status == 400 and body["error"]["code"] == "invalid_query"
+    status, body = await admin.put({**state(1, [], "/x"), "load_parallelism": 0}, wait=None)
+    assert status == 400 and body["error"]["code"] == "invalid_state"
