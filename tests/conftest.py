@@ -36,7 +36,7 @@ def crds(control_plane):
     """The CRDs from crds/, applied and Established."""
     control_plane.kubectl("apply", "--server-side", "--field-manager=vlmpool-tests", "-f", str(CRD_DIR))
     names = [f"crd/{p.name.split('_', 1)[1].removesuffix('.yaml')}.vlmpool.io" for p in sorted(CRD_DIR.glob("*.yaml"))]
-    control_plane.kubectl("wait", "--for=condition=Established", "--timeout=60s", *names)
+    control_plane.wait_crds_established(*names)
     # Discovery must know the new kinds before kubectl can map short names.
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:

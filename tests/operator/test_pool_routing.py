@@ -33,8 +33,7 @@ def inferencepool_crd(control_plane):
             pytest.fail(reason)
         pytest.skip(reason)
     control_plane.kubectl("apply", "--server-side", "-f", str(gie.gie_dir() / "crds" / gie.INFERENCEPOOL_CRD))
-    control_plane.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                          "crd/inferencepools.inference.networking.k8s.io")
+    control_plane.wait_crds_established("crd/inferencepools.inference.networking.k8s.io")
 
 
 def pool_obj(name: str, **spec) -> dict:

@@ -53,8 +53,7 @@ def install_inferencepool_crd(control_plane: Any) -> None:
     """The InferencePool CRD from the pinned GIE module, applied and Established."""
     crd = epp_dir() / "crds" / gie.INFERENCEPOOL_CRD
     control_plane.kubectl("apply", "--server-side", "-f", str(crd))
-    control_plane.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                          "crd/inferencepools.inference.networking.k8s.io")
+    control_plane.wait_crds_established("crd/inferencepools.inference.networking.k8s.io")
 
 
 def envoy_binary() -> Path:

@@ -15,7 +15,7 @@ EXAMPLE = HERE.parents[1] / "examples" / "routing" / "keda-scaledobject.yaml"
 
 def test_keda_example_is_admitted(control_plane):
     control_plane.kubectl("apply", "--server-side", "-f", str(HERE / "fixtures" / "keda.sh_scaledobjects.yaml"))
-    control_plane.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/scaledobjects.keda.sh")
+    control_plane.wait_crds_established("crd/scaledobjects.keda.sh")
     obj = yaml.safe_load(EXAMPLE.read_text())
     assert obj["spec"]["scaleTargetRef"]["kind"] == "VLMPool"  # the pool, not the operator's Deployment
     control_plane.kubectl("create", "namespace", obj["metadata"]["namespace"], check=False)

@@ -247,6 +247,27 @@ class ControlPlane:
             raise ControlPlaneError(f"kubectl {' '.join(args)} failed ({res.returncode}): {res.stderr.strip()}")
         return res
 
+    def wait_crds_established(self, *names: str, timeout: float = 60.0) -> None:
+        """Wait until every CRD (``crd/<name>`` or ``<name>``) reports Established=True. Polled with a
+        deadline rather than `kubectl wait`, which fails at once ("accessor error") on a CRD whose status
+        the apiserver has not written yet."""
+        deadline = time.monotonic() + timeout
+        pending = [n.removeprefix("crd/") for n in names]
+        while pending:
+            res = self.kubectl("get", "crd", *pending, "-o", "json", check=False)
+            if res.returncode == 0:
+                doc = json.loads(res.stdout)
+                items = doc.get("items", []) if doc.get("kind") == "List" else [doc]
+                done = {i["metadata"]["name"] for i in items
+                        if any(c.get("type") == "Established" and c.get("status") == "True"
+                               for c in (i.get("status") or {}).get("conditions") or [])}
+                pending = [n for n in pending if n not in done]
+            if not pending:
+                return
+            if time.monotonic() >= deadline:
+                raise ControlPlaneError(f"CRDs not Established after {timeout:g}s: {', '.join(pending)}")
+            time.sleep(0.2)
+
     def logs(self, name: str, tail: int = 40) -> str:
         for p in self._procs:
             if p.name == name and p.log_path.exists():
