@@ -45,6 +45,7 @@ from vlmpool.patcher.dora import (  # noqa: F401 - svd helpers re-exported (test
     truncated_svd,
 )
 from vlmpool.patcher.errors import PatchError
+from vlmpool.families import VLM_FAMILIES
 from vlmpool.patcher.families import DEFAULT_KEY_TEMPLATE, FAMILIES, validate_key_template
 from vlmpool.patcher.fetch import CONFIG_MAX_BYTES, CONFIG_NAME, WEIGHTS_NAME
 from vlmpool.patcher.plan import TensorPlan, check_base_shapes, plan_tensors
@@ -81,8 +82,9 @@ class PatchOptions:
     tower_connector_lora: bool = False  # the pool runs vLLM with --enable-tower-connector-lora
 
     def validate(self) -> None:
-        if self.family not in FAMILIES:
-            raise PatchError("InvalidArguments", f"unknown family {self.family!r}; one of {', '.join(FAMILIES)}")
+        if self.family not in VLM_FAMILIES:
+            raise PatchError("InvalidArguments",
+                             f"unknown family {self.family!r}; one of {', '.join(VLM_FAMILIES)}")
         if not self.pool_base or not self.pool_base.strip():
             raise PatchError("InvalidArguments", "the pool base model (--pool-base) is required")
         if self.dora_policy not in DORA_POLICIES:
