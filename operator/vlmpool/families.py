@@ -37,7 +37,7 @@ LAYER_PREFIXES = ("model.language_model.layers.", "model.layers.", "language_mod
 @dataclass(frozen=True)
 class PixelBudget:
     """Image resizing bounds of a family's processor (pixels of the resized image), and its factor: the
-    resized sides are multiples of it (patch size × spatial merge)."""
+    resized sides are multiples of it (patch size x spatial merge)."""
 
     min_pixels: int
     max_pixels: int
@@ -79,6 +79,9 @@ class Family:
     reasoning_parser: str | None = None
     # engine flags the family always needs
     vllm_flags: tuple[str, ...] = ()
+    # the language model vLLM's class builds from the checkpoint's text_config when the class does not name
+    # it (init_vllm_registered_model without architectures): the text model of the family's checkpoints
+    vllm_text_architecture: str | None = None
     # a vision-language family a VLMPool may name (False: a text model only the simulator knows)
     vlm: bool = True
     why: str = ""
@@ -184,13 +187,15 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family(
         "mistral3", "Mistral 3 (Mistral-Small-3.1/3.2)", "Mistral3ForConditionalGeneration",
         "Mistral3ForConditionalGeneration",
-        ("mistral3", "mistralsmall31", "mistralsmall32", "mistralsmall3"), "mistralai/Mistral-Small-3.1-24B-Instruct-2503",
+        ("mistral3", "mistralsmall31", "mistralsmall32", "mistralsmall3"),
+        "mistralai/Mistral-Small-3.1-24B-Instruct-2503",
         vision_markers=("vision_tower", "multi_modal_projector"),
         vision_modules=r"^(vision_tower|multi_modal_projector)\.",
         vision_targets=("gate_proj", "linear_1"),
         # vllm mistral3.py: the Mistral (Llama) language model's modules and the projector's linear_1/_2
         expected_modules=_LANG | {"linear_1", "linear_2"},
         weights_mapper=_LLAVA_STYLE_MAPPER + (("model.", "language_model.model."),),
+        vllm_text_architecture="MistralForCausalLM",
         why="Mistral's open VLM (Pixtral encoder + Mistral Small 24B), Apache-2.0 and widely fine-tuned; "
             "vLLM's Mistral3ForConditionalGeneration is SupportsLoRA (the HF-format checkpoint)",
         notes=("vLLM's class does not support tower/connector LoRA: vision tensors are dropped (refused when "
@@ -199,7 +204,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     # A plain decoder-only model (Llama, Qwen2, Qwen3 text): the simulator's text pools; no mapper.
     Family(
         "llama", "Llama (text)", "LlamaForCausalLM", "LlamaForCausalLM", ("llama",), "meta-llama/Llama-3.1-8B",
-        vision_markers=(), expected_modules=_LANG, vlm=False),
+        vision_markers=(), expected_modules=_LANG | {"embed_tokens", "lm_head"}, vlm=False),
 )}
 
 VLM_FAMILIES: tuple[str, ...] = tuple(n for n, f in FAMILIES.items() if f.vlm)

@@ -8,7 +8,6 @@ from typing import Any, Literal
 from pydantic import ConfigDict, Field, model_validator
 
 from vlmpool import families
-
 from vlmpool.api.common import (
     DNS_SUBDOMAIN_PATTERN,
     MODEL_ID_PATTERN,
@@ -19,7 +18,7 @@ from vlmpool.api.common import (
     ResourceRequirements,
     Toleration,
 )
-from vlmpool.sim.contract import ENGINE_IMAGE
+from vlmpool.sim.contract import ENGINE_IMAGE, REASONING_PARSERS
 
 # vLLM accepts only these values for --max-lora-rank (LoRAConfig's possible max ranks).
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -28,8 +27,8 @@ ModelFamily = Literal[families.VLM_FAMILIES]  # type: ignore[valid-type]
 # Upper bound of a pixel budget: 16384 x 16384 (vLLM's processors would accept more; no VLM here is
 # trained on larger images, and one such image already costs ~340k tokens at 28 px patches).
 MAX_PIXELS_LIMIT = 16384 * 16384
-# vLLM reasoning parser names are registry keys (vllm/reasoning/__init__.py): lower-case words.
-REASONING_PATTERN = r"^(off|[a-z][a-z0-9_]{0,63})$"
+# off, or a reasoning parser the pinned vLLM registers (sim/contract.py; tests/vllm compares with vLLM's registry).
+Reasoning = Literal[("off", *REASONING_PARSERS)]  # type: ignore[valid-type]
 
 DEFAULT_ENGINE_IMAGE = ENGINE_IMAGE  # vllm/vllm-openai:v<VLLM_RELEASE>, the release the simulator follows
 DEFAULT_PROXY_IMAGE = "ghcr.io/vlmpool/vlmpool:0.1.0"
@@ -106,11 +105,11 @@ class BaseModelSpec(Model):
     )
     images: ImagesSpec | None = Field(
         default=None, description="Image pixel budget and images per prompt. Unset: the family's defaults.")
-    reasoning: str | None = Field(
-        default=None, pattern=REASONING_PATTERN,
+    reasoning: Reasoning | None = Field(
+        default=None,
         description="The vLLM reasoning parser that splits the model's thinking from its answer "
         "(--reasoning-parser, e.g. qwen3), or off. Unset: the family's default (qwen3 for qwen3_5, off for "
-        "the others).")
+        "the others). Another engine release's parsers: engine.extraArgs.")
     weights: ModelWeights | None = Field(
         default=None,
         description="Where the base weights live. Unset: vLLM fetches `name` itself. Required for the "

@@ -11,7 +11,6 @@ import json
 from typing import Any
 
 from vlmpool import families
-
 from vlmpool.api.pool import DEFAULT_ADAPTER_VOLUME_SIZE, VLMPoolSpec
 from vlmpool.manifests.common import (
     A_TOKEN_CHECKSUM,

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vlmpool.families import VLM_FAMILIES
 from vlmpool.patcher.base import BaseWeights
 from vlmpool.patcher.config_checks import (
     check_alpha,
@@ -45,7 +46,6 @@ from vlmpool.patcher.dora import (  # noqa: F401 - svd helpers re-exported (test
     truncated_svd,
 )
 from vlmpool.patcher.errors import PatchError
-from vlmpool.families import VLM_FAMILIES
 from vlmpool.patcher.families import DEFAULT_KEY_TEMPLATE, FAMILIES, validate_key_template
 from vlmpool.patcher.fetch import CONFIG_MAX_BYTES, CONFIG_NAME, WEIGHTS_NAME
 from vlmpool.patcher.plan import TensorPlan, check_base_shapes, plan_tensors
