@@ -135,6 +135,15 @@ INVALID = [
     ("pool-bad-api-key-secret", _with(POOL, "spec.proxy", {"apiKeySecret": "Client_Keys"}),
      ["spec.proxy.apiKeySecret", "should match"]),
     ("pool-unknown-field", _with(POOL, "spec.replica", 2), ['unknown field "spec.replica"']),
+    ("pool-min-pixels-above-max", _with(POOL, "spec.model.images", {"minPixels": 9000, "maxPixels": 8000}),
+     ["spec.model.images.minPixels", "must not exceed images.maxPixels"]),
+    ("pool-pixels-on-gemma3", _with(_with(POOL, "spec.model.family", "gemma3"), "spec.model.images",
+                                    {"maxPixels": 8000}),
+     ["spec.model.images", "apply only to families whose processor takes a pixel budget"]),
+    ("pool-zero-pixels", _with(POOL, "spec.model.images", {"maxPixels": 0}),
+     ["spec.model.images.maxPixels", "should be greater than or equal to 1"]),
+    ("pool-unknown-reasoning-parser", _with(POOL, "spec.model.reasoning", "qwen4"),
+     ["spec.model.reasoning", "Unsupported value"]),
 ]
 
 

@@ -11,6 +11,7 @@ import torch
 from patcher_testlib import FAMILIES, POOL_BASE, load_peft, make_adapter
 from safetensors import safe_open
 
+from vlmpool.families import FAMILIES as TABLE
 from vlmpool.patcher import PatchOptions, patch_and_publish
 from vlmpool.patcher.families import parse_key
 
@@ -28,7 +29,7 @@ def test_lora_patch_keeps_outputs_and_drops_vision(family, lora_dirs, tmp_path):
     src = lora_dirs[family]
     with safe_open(str(src / "adapter_model.safetensors"), "pt") as f:
         src_keys = list(f.keys())
-    vision_keys = [k for k in src_keys if ".visual." in k]
+    vision_keys = [k for k in src_keys if any(m in k for m in TABLE[family].vision_markers)]
     assert vision_keys, "the fixture has a vision-tower LoRA"
 
     s = patch_and_publish(str(src), "ad", tmp_path / "vol", PatchOptions(family=family, pool_base=POOL_BASE[family]))
@@ -132,3 +133,43 @@ def test_patched_adapter_loads_in_the_simulator(family, lora_dirs, tmp_path):
                           PatchOptions(family=family, pool_base=POOL_BASE[family]))
     info = validate_adapter("ad@" + s["version"], s["path"], max_lora_rank=64, family_name=family)
     assert info.rank == s["rank"] and info.tensors == s["tensorsKept"]
+
+
+def test_qwen3_5_linear_attention_layers_are_served(tmp_path):
+    """Qwen3.5's hybrid decoder: LoRA on its Gated DeltaNet projections (linear_attn.in_proj_qkv/z/b/a,
+    out_proj) and on the full-attention layers is kept, remapped, gives the same outputs in PEFT, and the
+    simulator's strict layout (vLLM's Qwen3.5 mapper and modules) accepts it."""
+    from vlmpool.sim.adapters import validate_adapter
+
+    fam = TABLE["qwen3_5"]
+    src = make_adapter("qwen3_5", tmp_path / "gdn", targets=list(fam.module_names))
+    s = patch_and_publish(str(src), "ad", tmp_path / "vol",
+                          PatchOptions(family="qwen3_5", pool_base=POOL_BASE["qwen3_5"]))
+    out = tmp_path / "vol" / "ad" / "current"
+    with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    gdn = [k for k in keys if ".linear_attn." in k]
+    # layer 0 is linear attention: its five projections, A and B each
+    assert len(gdn) == 10 and all(k.startswith(TEMPLATE_PREFIX + "0.linear_attn.") for k in gdn)
+    assert any(k.startswith(TEMPLATE_PREFIX + "1.self_attn.q_proj.") for k in keys)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert set(cfg["target_modules"]) == set(fam.module_names)
+    assert torch.allclose(_logits(load_peft("qwen3_5", src)), _logits(load_peft("qwen3_5", out)), atol=1e-5)
+    info = validate_adapter("ad", s["path"], max_lora_rank=64, family_name="qwen3_5")
+    assert "language_model.model.layers.0.linear_attn.in_proj_qkv" in info.modules
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "gemma3", "mistral3"])
+def test_linear_attention_keys_are_refused_outside_qwen3_5(family, tmp_path):
+    """The GDN projections exist only in Qwen3.5: elsewhere such keys are refused, not passed through."""
+    from safetensors.torch import load_file, save_file
+
+    from vlmpool.patcher.errors import PatchError
+
+    src = make_adapter(family, tmp_path / "src", targets=["q_proj"])
+    tensors = load_file(str(src / "adapter_model.safetensors"))
+    save_file({k.replace("self_attn.q_proj", "linear_attn.in_proj_qkv"): t for k, t in tensors.items()},
+              str(src / "adapter_model.safetensors"))
+    with pytest.raises(PatchError, match=r"linear_attn\.in_proj_qkv") as err:
+        patch_and_publish(str(src), "ad", tmp_path / "vol", PatchOptions(family=family, pool_base=POOL_BASE[family]))
+    assert err.value.reason == "UnsupportedTargetModules"

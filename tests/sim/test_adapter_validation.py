@@ -166,6 +166,23 @@ def test_family_layouts(adapter):
                      strict_layout=False)
 
 
+@pytest.mark.parametrize("family", ["qwen3_5", "gemma3"])
+def test_new_family_layouts(adapter, family):
+    """Qwen3.5 and Gemma 3 map only the model.language_model.layers layout (no bare model. rule in their
+    vLLM mappers): the old one maps to no module and is refused by the strict layout check."""
+    old = ["base_model.model.model.layers.0.self_attn.q_proj"]
+    validate_adapter("n", str(adapter(f"{family}-new", modules=[QWEN_LM.format(i=0, m="q_proj")])),
+                     max_lora_rank=64, family_name=family)
+    _, body = refusal(adapter(f"{family}-old", modules=old), family=family)
+    assert engine_message(body).startswith("[vlmpool sim]")
+
+
+def test_mistral3_maps_the_text_only_layout(adapter):
+    """Mistral 3's mapper also maps model.layers (PEFT LoRAs trained on the text submodule)."""
+    validate_adapter("m", str(adapter("m-old", modules=["base_model.model.model.layers.0.self_attn.q_proj"])),
+                     max_lora_rank=64, family_name="mistral3")
+
+
 def test_shape_must_match_rank(adapter):
     _, body = refusal(adapter("shape", r=8, rank_in_tensors=4))
     assert "do not match rank 8" in engine_message(body)
@@ -216,5 +233,11 @@ def test_family_is_detected_from_the_model_name():
     assert detect_family("Qwen/Qwen2-VL-2B-Instruct") == "qwen2_vl"
     assert detect_family("meta-llama/Llama-3.1-8B") == "llama"
     assert detect_family("bench-base") == "qwen2_5_vl"
+    assert detect_family("roboflow/qwen3_5-2b") == "qwen3_5" and detect_family("Qwen/Qwen3.5-4B") == "qwen3_5"
+    assert detect_family("google/gemma-3-4b-it") == "gemma3"
+    assert detect_family("mistralai/Mistral-Small-3.1-24B-Instruct-2503") == "mistral3"
+    # every family of the table is found from its own test model
+    from vlmpool.families import FAMILIES
+    assert {n: detect_family(f.test_model) for n, f in FAMILIES.items()} == {n: n for n in FAMILIES}
     assert SimConfig(model="Qwen/Qwen3-VL-4B-Instruct").resolved_family() == "qwen3_vl"
     assert SimConfig(model="Qwen/Qwen3-VL-4B-Instruct", family="qwen2_5_vl").resolved_family() == "qwen2_5_vl"

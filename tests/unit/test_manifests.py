@@ -55,7 +55,9 @@ def test_deployment_defaults():
     assert all(dep["spec"]["template"]["metadata"]["labels"][k] == v for k, v in sel.items())
     eng = container(dep, "engine")
     assert eng["args"] == ["--model", BASE, "--served-model-name", BASE, "--port", "8000", "--enable-lora",
-                           "--max-loras", "4", "--max-lora-rank", "64"]
+                           "--max-loras", "4", "--max-lora-rank", "64",
+                           # the family's image budget (qwen2_5_vl: 4·28² … 1280·28², tests/unit/test_families.py)
+                           "--mm-processor-kwargs", '{"size":{"shortest_edge":3136,"longest_edge":1003520}}']
     assert {"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"} in eng["env"]
     assert eng["resources"] == {"limits": {"nvidia.com/gpu": "1"}, "requests": {"nvidia.com/gpu": "1"}}
     # Startup probe covers the model's load time (1800 s default at a 10 s period).
@@ -367,6 +369,5 @@ def test_proxy_args_crop_describe_and_thinking(monkeypatch):
     assert cfg.crop_describe is True and cfg.thinking == "none"
     args, cfg = parsed(pool(proxy={"cropDescribe": False}))
     assert "--no-crop-describe" in args and cfg.crop_describe is False
-    monkeypatch.setattr(MP, "THINKING_SWITCH_FAMILIES", frozenset({"qwen2_5_vl"}))  # as qwen3_5's entry
-    args, cfg = parsed(pool())
+    args, cfg = parsed(pool(model={"name": "Qwen/Qwen3.5-2B", "family": "qwen3_5"}))  # the table's thinking_switch
     assert flag(args, "--thinking") == "switch" and cfg.thinking == "switch"

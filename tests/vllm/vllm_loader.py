@@ -2,7 +2,9 @@
 
 Runs under the pinned vLLM's environment (``make test-vllm``: a venv cached under ~/.cache/vlmpool), never under
 vlmpool's: it imports nothing from vlmpool. Usage: ``python vllm_loader.py CASES.json`` where CASES.json is a list of
-``{"id", "family", "path", "max_lora_rank", "tower_connector_lora"}``; prints one JSON object (the last
+``{"id", "family", "architecture", "text_architecture", "path", "max_lora_rank", "tower_connector_lora"}``
+(the architectures come from vlmpool's family table; text_architecture names the language model a class
+builds from the checkpoint's text_config, null where the class names it itself); prints one JSON object (the last
 line of stdout): ``{"vllm": version, "families": {family: model facts}, "results": [{"id", "ok",
 "error", "modules"}]}``.
 
@@ -20,8 +22,11 @@ device="cpu")``. Those three are vLLM's code, unchanged. Two things are not as i
   from the model classes instead, programmatically (``model_facts``): starting at the architecture's
   class, every nn.Module class its methods construct (or take as a default argument, such as
   ``decoder_layer_type``) is followed (the language model through the model registry, as
-  ``init_vllm_registered_model`` resolves it); the attribute name of every ``LinearBase``
-  subclass it assigns (an index inside ``nn.ModuleList``/``nn.Sequential``) is a supported module, as is
+  ``init_vllm_registered_model`` resolves it, or the case's text_architecture), as are the classes that
+  vLLM builder functions it calls return (``init_vision_tower_for_mistral3``); the attribute name of every
+  ``LinearBase`` subclass it assigns, directly or through a factory method returning one
+  (``self.create_qkvz_proj``), (an index inside ``nn.ModuleList``/``nn.Sequential``) is a supported module,
+  as is
   every ``embedding_modules`` entry of a class met; the packed mapping is the class's own or, when empty,
   the union of its direct children's, as ``get_packed_modules_mapping`` does.
 """
@@ -35,12 +40,6 @@ import json
 import sys
 import textwrap
 import traceback
-
-ARCHITECTURES = {
-    "qwen2_vl": "Qwen2VLForConditionalGeneration",
-    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-    "qwen3_vl": "Qwen3VLForConditionalGeneration",
-}
 
 
 def _registry_class(arch: str):
@@ -65,7 +64,16 @@ def _architectures_named(node: ast.Call) -> list[str]:
             for elt in kw.value.elts if isinstance(elt, ast.Constant) and isinstance(elt.value, str)]
 
 
-def _scan_self_assign(node: ast.Assign, ns: dict, supported: set[str]):
+def _factory_return(value: ast.AST, klass: type):
+    """`self.create_x(...)`: the class its return annotation names (vLLM builds some layers in factory methods)."""
+    if not (isinstance(value, ast.Call) and isinstance(value.func, ast.Attribute)
+            and isinstance(value.func.value, ast.Name) and value.func.value.id == "self"):
+        return None
+    method = getattr(klass, value.func.attr, None)
+    return _returned_class(method) if callable(method) else None
+
+
+def _scan_self_assign(node: ast.Assign, ns: dict, supported: set[str], klass: type):
     """`self.x = SomeLinear(...)` (or a ModuleList/Sequential of them): add the LoRA-able names to supported.
 
     Returns what the right-hand side calls, or None where the target is not an attribute of self."""
@@ -77,6 +85,8 @@ def _scan_self_assign(node: ast.Assign, ns: dict, supported: set[str]):
         return None
     value = node.value
     called = _resolve(value.func, ns) if isinstance(value, ast.Call) else None
+    if called is None:
+        called = _factory_return(value, klass)
     if isinstance(called, type) and issubclass(called, LinearBase):
         supported.add(tgt.attr)
     elif called in (nn.ModuleList, nn.Sequential):
@@ -88,12 +98,40 @@ def _scan_self_assign(node: ast.Assign, ns: dict, supported: set[str]):
     return called
 
 
-def model_facts(family: str) -> dict:
-    """(supported_lora_modules, packed_modules_mapping, embedding_modules, classes) of the family's model."""
+def _returned_class(fn):
+    """The class a vLLM builder function's return annotation names (init_vision_tower_for_mistral3 ->
+    PixtralHFVisionModel), or None."""
+    try:
+        return inspect.get_annotations(fn, eval_str=True).get("return")
+    except Exception:
+        return None
+
+
+def _built_by(node: ast.Call, ns: dict, case: dict) -> list[type]:
+    """The module classes a call builds: a module class itself, the class a vLLM builder function returns,
+    and the language model ``init_vllm_registered_model`` resolves (its architectures=[...], else the case's
+    text_architecture)."""
     import torch.nn as nn
     from vllm.model_executor.layers.linear import LinearBase
 
-    top = _registry_class(ARCHITECTURES[family])
+    target = _resolve(node.func, ns)
+    if inspect.isfunction(target) and target.__module__.startswith("vllm.model_executor.models"):
+        built = _returned_class(target)
+    else:
+        built = target
+    out = [built] if isinstance(built, type) and issubclass(built, nn.Module) and not issubclass(
+        built, LinearBase) else []
+    named = _architectures_named(node)
+    if not named and case.get("text_architecture") and getattr(target, "__name__", "") == "init_vllm_registered_model":
+        named = [case["text_architecture"]]
+    return out + [_registry_class(arch) for arch in named]
+
+
+def model_facts(case: dict) -> dict:
+    """(supported_lora_modules, packed_modules_mapping, embedding_modules, classes) of the family's model."""
+    import torch.nn as nn
+
+    top = _registry_class(case["architecture"])
     supported: set[str] = set()
     embedding: set[str] = set()
     seen: set[type] = set()
@@ -121,16 +159,13 @@ def model_facts(family: str) -> dict:
                         if isinstance(target, type) and issubclass(target, nn.Module):
                             queue.append(target)
                 if isinstance(node, ast.Call):
-                    target = _resolve(node.func, ns)
-                    is_module = isinstance(target, type) and issubclass(target, nn.Module)
-                    if is_module and not issubclass(target, LinearBase):
-                        queue.append(target)
-                    for arch in _architectures_named(node):
-                        lm = _registry_class(arch)
-                        queue.append(lm)
-                        children.setdefault(cls, []).append(lm)
+                    for built in _built_by(node, ns, case):
+                        queue.append(built)
+                        if built.__name__ in _architectures_named(node) or built.__name__ == case.get(
+                                "text_architecture"):
+                            children.setdefault(cls, []).append(built)
                 if isinstance(node, ast.Assign) and len(node.targets) == 1:
-                    called = _scan_self_assign(node, ns, supported)
+                    called = _scan_self_assign(node, ns, supported, klass)
                     if isinstance(called, type) and issubclass(called, nn.Module) and klass is top:
                         children.setdefault(top, []).append(called)
     packed = dict(getattr(top, "packed_modules_mapping", None) or {})
@@ -163,7 +198,7 @@ def load(case: dict, facts: dict) -> dict:
     from vllm.lora.peft_helper import PEFTHelper
 
     lora_model.PIN_MEMORY = False  # the only CUDA call on this path
-    top = _registry_class(ARCHITECTURES[case["family"]])
+    top = _registry_class(case["architecture"])
     try:
         helper = PEFTHelper.from_local_dir(case["path"], 4096)
         helper.validate_legal(LoRAConfig(max_lora_rank=case.get("max_lora_rank", 64), max_loras=1,
@@ -187,7 +222,8 @@ def main() -> None:
 
     with open(sys.argv[1]) as f:
         cases = json.load(f)
-    families = {fam: model_facts(fam) for fam in sorted({c["family"] for c in cases})}
+    first = {c["family"]: c for c in cases}
+    families = {fam: model_facts(first[fam]) for fam in sorted(first)}
     for facts in families.values():
         facts["expected"] = sorted(expected_modules(facts))
     results = []

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, model_validator
 
+from vlmpool import families
 from vlmpool.api.common import (
     DNS_SUBDOMAIN_PATTERN,
     MODEL_ID_PATTERN,
@@ -17,11 +18,17 @@ from vlmpool.api.common import (
     ResourceRequirements,
     Toleration,
 )
-from vlmpool.sim.contract import ENGINE_IMAGE
+from vlmpool.sim.contract import ENGINE_IMAGE, REASONING_PARSERS
 
 # vLLM accepts only these values for --max-lora-rank (LoRAConfig's possible max ranks).
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-ModelFamily = Literal["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
+# The families a pool may name: the one family table's vision-language rows (vlmpool/families.py).
+ModelFamily = Literal[families.VLM_FAMILIES]  # type: ignore[valid-type]
+# Upper bound of a pixel budget: 16384 x 16384 (vLLM's processors would accept more; no VLM here is
+# trained on larger images, and one such image already costs ~340k tokens at 28 px patches).
+MAX_PIXELS_LIMIT = 16384 * 16384
+# off, or a reasoning parser the pinned vLLM registers (sim/contract.py; tests/vllm compares with vLLM's registry).
+Reasoning = Literal[("off", *REASONING_PARSERS)]  # type: ignore[valid-type]
 
 DEFAULT_ENGINE_IMAGE = ENGINE_IMAGE  # vllm/vllm-openai:v<VLLM_RELEASE>, the release the simulator follows
 DEFAULT_PROXY_IMAGE = "ghcr.io/vlmpool/vlmpool:0.1.0"
@@ -44,8 +51,42 @@ class ModelWeights(Model):
     )
 
 
+class ImagesSpec(Model):
+    """How the engine treats images: the pixel budget every image is resized into (vLLM
+    --mm-processor-kwargs, in the key names of the family's processor) and how many images one prompt may
+    carry (--limit-mm-per-prompt). Unset fields take the family's defaults (docs/patcher.md, families)."""
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        {"rule": "!has(self.minPixels) || !has(self.maxPixels) || self.minPixels <= self.maxPixels",
+         "message": "images.minPixels must not exceed images.maxPixels", "fieldPath": ".minPixels",
+         "reason": "FieldValueInvalid"},
+    ]})
+
+    min_pixels: int | None = Field(
+        default=None, ge=1, le=MAX_PIXELS_LIMIT,
+        description="Smallest image area (pixels) after resizing; smaller images are scaled up. Only for families "
+        "whose processor takes a pixel budget (the Qwen families). Unset: the family's default.")
+    max_pixels: int | None = Field(
+        default=None, ge=1, le=MAX_PIXELS_LIMIT,
+        description="Largest image area (pixels) after resizing; larger images are scaled down, which bounds the "
+        "tokens one image costs. Only for families whose processor takes a pixel budget. Unset: the family's "
+        "default.")
+    max_images_per_prompt: int | None = Field(
+        default=None, ge=0, le=256,
+        description="Images one request may carry (vLLM --limit-mm-per-prompt); 0 makes the pool text-only. "
+        "Unset: vLLM's default.")
+
+
 class BaseModelSpec(Model):
     """The base model of the pool."""
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        {"rule": "!has(self.images) || (!has(self.images.minPixels) && !has(self.images.maxPixels)) || "
+                 "self.family in " + repr(list(families.PIXEL_BUDGET_FAMILIES)),
+         "message": "images.minPixels/maxPixels apply only to families whose processor takes a pixel budget: "
+                    + ", ".join(families.PIXEL_BUDGET_FAMILIES),
+         "fieldPath": ".images", "reason": "FieldValueInvalid"},
+    ]})
 
     name: str = Field(
         description="The base model's id as vLLM loads it (e.g. Qwen/Qwen2.5-VL-3B-Instruct). Adapter "
@@ -59,14 +100,49 @@ class BaseModelSpec(Model):
         pattern=MODEL_ID_PATTERN,
     )
     family: ModelFamily = Field(
-        description="Model family: picks the tensor layout adapters are remapped to and the vision-tower "
-        "tensors dropped.",
+        description="Model family: picks the tensor layout adapters are remapped to, the vision-tower "
+        "tensors dropped, and the defaults of images and reasoning (docs/patcher.md lists the families).",
     )
+    images: ImagesSpec | None = Field(
+        default=None, description="Image pixel budget and images per prompt. Unset: the family's defaults.")
+    reasoning: Reasoning | None = Field(
+        default=None,
+        description="The vLLM reasoning parser that splits the model's thinking from its answer "
+        "(--reasoning-parser, e.g. qwen3), or off. Unset: the family's default (qwen3 for qwen3_5, off for "
+        "the others). Another engine release's parsers: engine.extraArgs.")
     weights: ModelWeights | None = Field(
         default=None,
         description="Where the base weights live. Unset: vLLM fetches `name` itself. Required for the "
         "svd DoRA policy, whose Job needs the base weights.",
     )
+
+    @model_validator(mode="after")
+    def _check_images(self) -> BaseModelSpec:
+        self.pixel_budget()
+        return self
+
+    def pixel_budget(self) -> tuple[int, int] | None:
+        """(min_pixels, max_pixels) the engine resizes images into: the spec's, else the family's; None for a
+        family whose processor takes no pixel budget. Raises ValueError on a budget that cannot hold."""
+        fam = families.family(self.family)
+        img = self.images or ImagesSpec()
+        if fam.pixel_budget is None:
+            if img.min_pixels is not None or img.max_pixels is not None:
+                raise ValueError(f"images.minPixels/maxPixels do not apply to family {self.family} (its processor "
+                                 "takes no pixel budget); they apply to " + ", ".join(families.PIXEL_BUDGET_FAMILIES))
+            return None
+        lo = img.min_pixels if img.min_pixels is not None else fam.pixel_budget.min_pixels
+        hi = img.max_pixels if img.max_pixels is not None else fam.pixel_budget.max_pixels
+        if lo > hi:
+            raise ValueError(f"images: minPixels {lo} exceeds maxPixels {hi} (an unset one is the {self.family} "
+                             f"default: min {fam.pixel_budget.min_pixels}, max {fam.pixel_budget.max_pixels})")
+        return lo, hi
+
+    def reasoning_parser(self) -> str | None:
+        """The vLLM reasoning parser to run, None for off: the spec's, else the family's default."""
+        if self.reasoning is None:
+            return families.family(self.family).reasoning_parser
+        return None if self.reasoning == "off" else self.reasoning
 
 
 class EngineSecurityContext(Model):

@@ -7,8 +7,10 @@ a dict ready for server-side apply out.
 from __future__ import annotations
 
 import base64
+import json
 from typing import Any
 
+from vlmpool import families
 from vlmpool.api.pool import DEFAULT_ADAPTER_VOLUME_SIZE, VLMPoolSpec
 from vlmpool.manifests.common import (
     A_TOKEN_CHECKSUM,
@@ -25,7 +27,6 @@ from vlmpool.manifests.common import (
     server_selector,
     service_name,
 )
-from vlmpool.proxy.defaults import THINKING_SWITCH_FAMILIES
 
 PROXY_CONTAINER = "proxy"
 ENGINE_CONTAINER = "engine"
@@ -127,7 +128,25 @@ def engine_args(spec: VLMPoolSpec) -> list[str]:
         args += ["--max-model-len", str(eng.max_model_len)]
     if eng.gpu_memory_utilization is not None:
         args += ["--gpu-memory-utilization", str(eng.gpu_memory_utilization)]
-    return args + list(eng.extra_args)
+    return args + model_args(spec) + list(eng.extra_args)
+
+
+def model_args(spec: VLMPoolSpec) -> list[str]:
+    """The family's engine flags, its image budget and reasoning parser (spec.model, defaults from the
+    family table). The budget is the Qwen-VL processors' `size` (transformers 5: shortest_edge = min
+    pixels, longest_edge = max pixels; vLLM 0.32 also aliases min_pixels/max_pixels to it)."""
+    m = spec.model
+    args = list(families.family(m.family).vllm_flags)
+    budget = m.pixel_budget()
+    if budget is not None:
+        size = {"shortest_edge": budget[0], "longest_edge": budget[1]}
+        args += ["--mm-processor-kwargs", json.dumps({"size": size}, separators=(",", ":"))]
+    if m.images is not None and m.images.max_images_per_prompt is not None:
+        args += ["--limit-mm-per-prompt", json.dumps({"image": m.images.max_images_per_prompt}, separators=(",", ":"))]
+    parser = m.reasoning_parser()
+    if parser is not None:
+        args += ["--reasoning-parser", parser]
+    return args
 
 
 def proxy_args(spec: VLMPoolSpec, adapter_root: str = ADAPTER_ROOT) -> list[str]:
@@ -145,7 +164,7 @@ def proxy_args(spec: VLMPoolSpec, adapter_root: str = ADAPTER_ROOT) -> list[str]
         "--queue-timeout", f"{px.queue_timeout_seconds:g}",
         "--request-timeout", f"{px.request_timeout_seconds:g}",
         "--adapter-root", adapter_root,
-        "--thinking", "switch" if spec.model.family in THINKING_SWITCH_FAMILIES else "none",
+        "--thinking", "switch" if families.family(spec.model.family).thinking_switch else "none",
     ] + (["--api-key-dir", API_KEY_DIR] if px.api_key_secret else []) + (
         [] if px.crop_describe else ["--no-crop-describe"])
 

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from vlmpool.patcher.errors import PatchError
-from vlmpool.patcher.families import Family, layer_suffix
+from vlmpool.patcher.families import Family, is_vision, layer_suffix
 from vlmpool.patcher.weights import read_header
 
 
@@ -44,7 +44,9 @@ class BaseWeights:
 
     def candidates(self, module: str) -> list[str]:
         keys = [module + ".weight"]
-        if module.startswith("model.visual."):  # checkpoints saved before transformers 4.52 / by save_pretrained
+        if module.startswith("model.") and is_vision(module, self.family):
+            # the vision tower/connector without "model." (checkpoints saved before transformers 4.52, and
+            # transformers 5's save_pretrained: visual., vision_tower., multi_modal_projector.)
             keys.append(module.removeprefix("model.") + ".weight")
         found = layer_suffix(module, self.family)
         if found:

@@ -13,9 +13,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from vlmpool.families import VLM_FAMILIES
 from vlmpool.patcher.errors import PatchError
 
-FAMILY_CHOICES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+FAMILY_CHOICES = VLM_FAMILIES  # the one family table (vlmpool/families.py)
 
 
 def _positive_int(s: str) -> int:

@@ -1,4 +1,4 @@
-"""Model families and the tensor-key rules that turn a PEFT adapter's keys into the layout vLLM loads.
+"""The tensor-key rules that turn a PEFT adapter's keys into the layout vLLM loads.
 
 vLLM reads ``adapter_model.safetensors`` of a LoRA with keys of the form
 ``base_model.model.<module path>.lora_A.weight`` / ``.lora_B.weight``. It strips the
@@ -22,26 +22,26 @@ Rules (each is counted in patch_report.json under ``key_rules``):
     ``model.layers.N.`` or ``model.language_model.layers.N.`` -> the key template. Legacy Qwen2-VL /
     Qwen2.5-VL adapters use the first; Qwen3-VL in vLLM only accepts the second.
 
-Only the language model's attention and MLP projections are served (q/k/v/o, gate/up/down): they are
-what vLLM's Qwen VL models expose as LoRA-able in the language model. Vision-tower tensors (module path
-with ``visual.``, ``vision_tower`` or ``merger``) are dropped (and the adapter refused if it trained
-them); LoRA on anything else (lm_head, embed_tokens, norms) is refused.
+Only the language model's modules the family serves are kept (``Family.language_modules`` in
+vlmpool/families.py, the one family table: q/k/v/o and gate/up/down, plus Qwen3.5's linear-attention
+projections). Vision-tower and connector tensors (``Family.vision_markers``) are dropped (and the adapter
+refused if it trained them) unless the pool serves tower LoRA and the family's vLLM model has the module;
+LoRA on anything else (lm_head, embed_tokens, norms) is refused.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from vlmpool.families import FAMILIES, Family
 
 PEFT_PREFIX = "base_model.model."
 DEFAULT_KEY_TEMPLATE = "base_model.model.model.language_model.layers.{suffix}"
 
-# Fixed order of target_modules in the rewritten config (the roboflow order).
-SUPPORTED_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_SUPPORTED_SUFFIX = re.compile(
-    r"^(?P<layer>\d+)\.(?:self_attn\.(?P<attn>q_proj|k_proj|v_proj|o_proj)|mlp\.(?P<mlp>gate_proj|up_proj|down_proj))$"
-)
-VISION_MARKERS = ("visual.", "vision_tower", "merger")
+# The Qwen-VL target_modules order of the rewritten config (the roboflow order); each family's own list is
+# Family.module_names (vlmpool.families), which starts with these.
+SUPPORTED_MODULES = FAMILIES["qwen2_vl"].module_names
 
 # <module>.lora_A[.<adapter>].weight, <module>.lora_B[.<adapter>].weight
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\.weight$")
@@ -50,30 +50,7 @@ _EMB_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_embedding_A|lora_embeddin
 # <module>.lora_magnitude_vector[.<adapter>][.weight]
 _MAG_KEY = re.compile(r"^(?P<module>.+)\.lora_magnitude_vector(?:\.(?P<adapter>(?!weight$)[^.]+))?(?:\.weight)?$")
 
-
-@dataclass(frozen=True)
-class Family:
-    name: str
-    title: str
-    # Where the language model's decoder layers may sit in an adapter's keys (PEFT prefix removed),
-    # checked in this order (the longer first).
-    # The last is vLLM's own module layout, which its mappers leave as it is.
-    layer_prefixes: tuple[str, ...] = ("model.language_model.layers.", "model.layers.", "language_model.model.layers.")
-    # Base-weight key prefixes tried for a language layer (checkpoint layouts differ by transformers version).
-    base_layer_prefixes: tuple[str, ...] = (
-        "model.language_model.layers.", "model.layers.", "language_model.model.layers.")
-    vision_markers: tuple[str, ...] = VISION_MARKERS
-    notes: tuple[str, ...] = field(default_factory=tuple)
-
-
-FAMILIES: dict[str, Family] = {
-    "qwen2_vl": Family("qwen2_vl", "Qwen2-VL"),
-    "qwen2_5_vl": Family("qwen2_5_vl", "Qwen2.5-VL"),
-    "qwen3_vl": Family(
-        "qwen3_vl", "Qwen3-VL",
-        notes=("vLLM's Qwen3-VL weight mapper only accepts model.language_model.layers.N keys",),
-    ),
-}
+__all__ = ["DEFAULT_KEY_TEMPLATE", "FAMILIES", "PEFT_PREFIX", "SUPPORTED_MODULES", "Family"]
 
 
 @dataclass(frozen=True)
@@ -113,12 +90,9 @@ def layer_suffix(module: str, family: Family) -> tuple[str, str] | None:
     return None
 
 
-def supported_module_name(suffix: str) -> str | None:
-    """'q_proj' etc. when the layer suffix is a servable projection, else None."""
-    m = _SUPPORTED_SUFFIX.match(suffix)
-    if not m:
-        return None
-    return m.group("attn") or m.group("mlp")
+def supported_module_name(suffix: str, family: Family) -> str | None:
+    """'q_proj' etc. when the layer suffix is a projection the family serves, else None."""
+    return family.layer_module(suffix)
 
 
 TOWER_PREFIX = "visual:"  # marks a kept vision-tower/connector module's suffix (tower LoRA on)
@@ -127,13 +101,10 @@ TOWER_KEY_PREFIX = PEFT_PREFIX + "model.visual."  # vLLM's mappers turn model.vi
 
 def tower_suffix(module: str, family: Family) -> str | None:
     """With --tower-connector-lora: TOWER_PREFIX + the module path under the vision tower when vLLM's model
-    of the family serves LoRA on it (its vision/connector linear layers, the same names the simulator
-    checks and tests/vllm compares with vLLM's classes), else None (dropped or refused as without it)."""
-    from vlmpool.sim.adapters import VISION_MODULES
-
+    of the family serves LoRA on it and vlmpool keeps it (Family.tower_lora_modules, the same names the
+    simulator checks and tests/vllm compares with vLLM's classes), else None (dropped or refused as without it)."""
     name = module[len("model."):] if module.startswith("model.visual.") else module
-    pattern = VISION_MODULES.get(family.name)
-    if pattern is None or not pattern.match(name):
+    if family.tower_lora_modules is None or not re.match(family.tower_lora_modules, name):
         return None
     return TOWER_PREFIX + name[len("visual."):]
 

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vlmpool.families import VLM_FAMILIES
 from vlmpool.patcher.base import BaseWeights
 from vlmpool.patcher.config_checks import (
     check_alpha,
@@ -81,8 +82,9 @@ class PatchOptions:
     tower_connector_lora: bool = False  # the pool runs vLLM with --enable-tower-connector-lora
 
     def validate(self) -> None:
-        if self.family not in FAMILIES:
-            raise PatchError("InvalidArguments", f"unknown family {self.family!r}; one of {', '.join(FAMILIES)}")
+        if self.family not in VLM_FAMILIES:
+            raise PatchError("InvalidArguments",
+                             f"unknown family {self.family!r}; one of {', '.join(VLM_FAMILIES)}")
         if not self.pool_base or not self.pool_base.strip():
             raise PatchError("InvalidArguments", "the pool base model (--pool-base) is required")
         if self.dora_policy not in DORA_POLICIES:

@@ -14,7 +14,6 @@ from vlmpool.patcher.config_checks import module_rank_scale
 from vlmpool.patcher.errors import PatchError
 from vlmpool.patcher.families import (
     PEFT_PREFIX,
-    SUPPORTED_MODULES,
     TOWER_PREFIX,
     Family,
     ParsedKey,
@@ -94,7 +93,7 @@ def plan_tensors(weights: Any, family: Family, r: int, use_dora: bool, vision_no
                         trained_vision.append((module, n))
             continue
         found = layer_suffix(module, family)
-        name = supported_module_name(found[1]) if found else None
+        name = supported_module_name(found[1], family) if found else None
         if found is None or name is None:
             unsupported.setdefault(module, []).extend(slot.values())
             continue
@@ -111,7 +110,7 @@ def plan_tensors(weights: Any, family: Family, r: int, use_dora: bool, vision_no
         names = sorted(unsupported)
         raise PatchError("UnsupportedTargetModules", f"LoRA on module(s) vLLM cannot serve for {family.title}: "
                          f"{', '.join(names[:5])}{' …' if len(names) > 5 else ''}; servable are the language "
-                         f"model's {', '.join(SUPPORTED_MODULES)}")
+                         f"model's {', '.join(family.module_names)}")
     if unrecognised:
         full = [k for k in unrecognised if k.endswith(".base_layer.weight")]
         hint = (" (full layer weights, which PEFT saves when embeddings or lm_head are adapted: vLLM cannot "

@@ -7,7 +7,3 @@ DEFAULT_REQUEST_TIMEOUT_S = 120.0  # roboflow's VLLM_REQUEST_TIMEOUT_S
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024  # images travel inline as data URIs
 DEFAULT_HEADER_TIMEOUT_S = 20.0  # a request's headers must arrive this soon (and keep-alive idle time)
 DEFAULT_BODY_TIMEOUT_S = 60.0  # a request's body must arrive this soon after its headers
-# Families whose chat template takes chat_template_kwargs.enable_thinking (the Qwen3 / Qwen3.5 templates; the
-# roboflow seed forwards it for qwen3_5 only, never for qwen3vl). The pool renders `--thinking switch` for
-# them. To move into the family table (patcher/families.py) once that carries each family's thinking behaviour.
-THINKING_SWITCH_FAMILIES = frozenset({"qwen3_5"})

@@ -24,6 +24,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from vlmpool import families
 from vlmpool.sim import contract
 from vlmpool.sim.st_header import SafetensorsError, data_offsets, read_safetensors_header
 
@@ -43,16 +44,7 @@ def _engine_failure(message: str) -> AdapterError:
     return AdapterError(status, body, message)
 
 
-# ---- model families ----------------------------------------------------------------------------
-
-LANGUAGE_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_LM_LAYER = re.compile(
-    r"^language_model\.model\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)"
-    r"|mlp\.(gate_proj|up_proj|down_proj))$")
-_PLAIN_LAYER = re.compile(
-    r"^model\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)"
-    r"|mlp\.(gate_proj|up_proj|down_proj))$")
-
+# ---- model families (views of the one family table, vlmpool/families.py) ---------------------------
 
 @dataclass(frozen=True)
 class Family:
@@ -60,7 +52,8 @@ class Family:
 
     name: str
     architecture: str
-    # WeightsMapper(orig_to_new_prefix=...) of the vLLM model class, applied in order, first match.
+    # WeightsMapper(orig_to_new_prefix=...) of the vLLM model class as its rename mapper applies it to LoRA
+    # names (get_rename_mapper: entries mapping to None removed), in order, first match.
     prefix_map: tuple[tuple[str, str], ...]
     # supported_lora_modules after packed_modules_mapping expansion (the suffixes vLLM expects).
     expected_modules: frozenset[str]
@@ -75,73 +68,28 @@ class Family:
         return name
 
 
-_QWEN2_5_VL_VISION = re.compile(
-    r"^visual\.(blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(gate_proj|up_proj|down_proj))"
-    r"|merger\.mlp\.(0|2))$")
-_QWEN2_VL_VISION = re.compile(
-    r"^visual\.(blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))|merger\.mlp\.(0|2))$")
-_QWEN3_VL_VISION = re.compile(
-    r"^visual\.(blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(linear_fc1|linear_fc2))"
-    r"|(merger|deepstack_merger_list\.\d+)\.(linear_fc1|linear_fc2))$")
+def _view(f: families.Family) -> Family:
+    if f.vlm:
+        patterns = (f.vllm_layer_pattern(),) + ((re.compile(f.vision_modules),) if f.vision_modules else ())
+        legacy = " or base_model.model.model.layers.N.<module>" if ("model.", "language_model.model.") in \
+            f.weights_mapper else ""
+        hint = "base_model.model.model.language_model.layers.N.<module>" + legacy
+    else:  # a plain decoder-only model: vLLM's module names are the checkpoint's
+        alts = "|".join(re.escape(m) for m in f.language_modules)
+        patterns, hint = (re.compile(rf"^model\.layers\.\d+\.({alts})$"),), "base_model.model.model.layers.N.<module>"
+    return Family(f.name, f.vllm_architecture, tuple((a, b) for a, b in f.weights_mapper if b is not None),
+                  f.expected_modules, patterns, hint)
 
+
+FAMILIES: dict[str, Family] = {name: _view(f) for name, f in families.FAMILIES.items()}
 # Vision tower and connector modules (vLLM names) of each family: what --enable-tower-connector-lora serves.
-VISION_MODULES = {"qwen2_vl": _QWEN2_VL_VISION, "qwen2_5_vl": _QWEN2_5_VL_VISION, "qwen3_vl": _QWEN3_VL_VISION}
-
-# Qwen2-VL / Qwen2.5-VL (vllm/model_executor/models/qwen2_5_vl.py): checkpoints of both the old
-# layout (model.layers.N, before transformers 4.52) and the new one (model.language_model.layers.N).
-_QWEN2_MAP = (
-    ("model.language_model.", "language_model.model."),
-    ("model.visual.", "visual."),
-    ("lm_head.", "language_model.lm_head."),
-    ("model.", "language_model.model."),
-)
-# Qwen3-VL (qwen3_vl.py): new layout only; a bare "model." prefix is not mapped.
-_QWEN3_MAP = (
-    ("model.visual.", "visual."),
-    ("lm_head.", "language_model.lm_head."),
-    ("model.language_model.", "language_model.model."),
-)
-
-FAMILIES: dict[str, Family] = {
-    "qwen2_vl": Family(
-        "qwen2_vl", "Qwen2VLForConditionalGeneration", _QWEN2_MAP,
-        frozenset(LANGUAGE_MODULES + ("qkv", "proj", "fc1", "fc2", "0", "2")),
-        (_LM_LAYER, _QWEN2_VL_VISION),
-        "base_model.model.model.language_model.layers.N.<module> or base_model.model.model.layers.N.<module>"),
-    "qwen2_5_vl": Family(
-        "qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", _QWEN2_MAP,
-        frozenset(LANGUAGE_MODULES + ("qkv", "proj", "0", "2")),
-        (_LM_LAYER, _QWEN2_5_VL_VISION),
-        "base_model.model.model.language_model.layers.N.<module> or base_model.model.model.layers.N.<module>"),
-    "qwen3_vl": Family(
-        "qwen3_vl", "Qwen3VLForConditionalGeneration", _QWEN3_MAP,
-        # embed_tokens and lm_head: Qwen3LLMForCausalLM's embedding_modules (vllm qwen3.py)
-        frozenset(LANGUAGE_MODULES + ("qkv", "proj", "linear_fc1", "linear_fc2", "embed_tokens", "lm_head")),
-        (_LM_LAYER, _QWEN3_VL_VISION),
-        "base_model.model.model.language_model.layers.N.<module>"),
-    # Plain decoder-only models (Llama, Qwen2, Qwen3 text): no mapper.
-    "llama": Family(
-        "llama", "LlamaForCausalLM", (),
-        frozenset(LANGUAGE_MODULES), (_PLAIN_LAYER,),
-        "base_model.model.model.layers.N.<module>"),
-}
-
-
-def detect_family(model: str, default: str = "qwen2_5_vl") -> str:
-    """The family vLLM would pick from the model's architecture, guessed from its name or path."""
-    key = re.sub(r"[^a-z0-9]", "", model.lower())
-    for marker, fam in (("qwen3vl", "qwen3_vl"), ("qwen25vl", "qwen2_5_vl"), ("qwen2vl", "qwen2_vl"),
-                        ("llama", "llama")):
-        if marker in key:
-            return fam
-    return default
+VISION_MODULES = {name: re.compile(f.tower_lora_modules) for name, f in families.FAMILIES.items()
+                  if f.tower_lora_modules}
+detect_family = families.detect_family
 
 
 def family(name: str) -> Family:
-    try:
-        return FAMILIES[name]
-    except KeyError:
-        raise ValueError(f"unknown model family {name!r}; known: {', '.join(sorted(FAMILIES))}") from None
+    return FAMILIES[families.family(name).name]
 
 
 # ---- the adapter -------------------------------------------------------------------------------

@@ -21,8 +21,7 @@ from typing import Any
 IGNORED_VALUE_FLAGS = (
     "--tensor-parallel-size", "-tp", "--pipeline-parallel-size", "-pp", "--data-parallel-size", "-dp",
     "--gpu-memory-utilization", "--dtype", "--download-dir", "--quantization", "-q",
-    "--max-num-batched-tokens", "--kv-cache-dtype", "--seed", "--limit-mm-per-prompt",
-    "--mm-processor-kwargs", "--chat-template", "--uvicorn-log-level", "--lora-dtype",
+    "--max-num-batched-tokens", "--kv-cache-dtype", "--seed", "--chat-template", "--uvicorn-log-level", "--lora-dtype",
     "--generation-config", "--override-generation-config", "--tokenizer", "--revision",
     "--tokenizer-revision", "--block-size", "--swap-space", "--cpu-offload-gb",
     "--distributed-executor-backend", "--max-seq-len-to-capture", "--allowed-local-media-path",
@@ -45,6 +44,17 @@ IGNORED_BOOL_FLAGS = (
 )
 
 
+def _json_object(text: str) -> dict[str, Any]:
+    """A JSON-object flag value, as vLLM's parser reads dict-typed flags (json.loads)."""
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"Value {text} cannot be converted to JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"Value {text} is not a JSON object")
+    return value
+
+
 def _lora_module(text: str) -> tuple[str, str]:
     if text.startswith("{"):
         try:
@@ -59,6 +69,7 @@ def _lora_module(text: str) -> tuple[str, str]:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    from vlmpool.families import FAMILIES
     from vlmpool.sim.contract import MAX_LORA_RANKS
 
     parser.add_argument("model_tag", nargs="?", metavar="MODEL",
@@ -78,14 +89,21 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="static adapters name=path (or JSON {name, path}) loaded at start")
     parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
     parser.add_argument("--enable-request-id-headers", action=argparse.BooleanOptionalAction, default=False)
+    # parsed as vLLM parses them (a JSON object; vLLM's FlexibleArgumentParser uses json.loads) and kept in the
+    # config: the pool renders them from spec.model.images / reasoning (manifests/pool.py model_args)
+    parser.add_argument("--mm-processor-kwargs", type=_json_object, default=None,
+                        help="JSON object passed to the HF processor, e.g. '{\"size\": {\"shortest_edge\": N, "
+                             "\"longest_edge\": M}}'")
+    parser.add_argument("--limit-mm-per-prompt", type=_json_object, default=None,
+                        help="JSON object: items per modality and prompt, e.g. '{\"image\": 4}'")
     parser.add_argument("--reasoning-parser", default=None,
-                        help="split <think>...</think> off into message.reasoning (any name behaves as vLLM's qwen3)")
+                        help="vLLM reasoning parser name (e.g. qwen3): <think>...</think> goes to message.reasoning")
     sim = parser.add_argument_group("simulator")
     sim.add_argument("--ttft-ms", type=float, default=20.0, help="time to first token")
     sim.add_argument("--tpot-ms", type=float, default=2.0, help="time per further output token")
     sim.add_argument("--lora-load-ms", type=float, default=0.0, help="time to read an adapter from disk")
     sim.add_argument("--family", default="auto",
-                     help="model family whose LoRA layout is checked: qwen2_vl, qwen2_5_vl, qwen3_vl, llama; "
+                     help=f"model family whose LoRA layout is checked: {', '.join(FAMILIES)}; "
                           "auto (default) picks it from the model name, else qwen2_5_vl")
     sim.add_argument("--strict-lora-layout", action=argparse.BooleanOptionalAction, default=True,
                      help="refuse adapters whose tensors vLLM would silently ignore (default on)")
@@ -133,6 +151,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         strict_layout=args.strict_lora_layout, lora_shape_check=args.lora_shape_check, image_tokens=args.image_tokens,
         lora_modules=list(args.lora_modules), api_key=args.api_key,
         enable_request_id_headers=args.enable_request_id_headers, faults=faults,
+        mm_processor_kwargs=args.mm_processor_kwargs, limit_mm_per_prompt=args.limit_mm_per_prompt,
         thinking=args.thinking, reasoning_parser=args.reasoning_parser)
     try:
         cfg.check()

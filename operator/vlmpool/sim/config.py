@@ -73,11 +73,14 @@ class SimConfig:
     lora_shape_check: str = "load"
     image_tokens: int = 64
     thinking: bool = False  # a thinking model (Qwen3.5): answers open with a thought unless enable_thinking is false
-    reasoning_parser: str | None = None  # vLLM --reasoning-parser: the thought goes to message.reasoning
     lora_modules: list[tuple[str, str]] = field(default_factory=list)  # static, loaded at start
     api_key: str | None = None
     enable_request_id_headers: bool = False
     faults: Faults = field(default_factory=Faults)
+    # vLLM --mm-processor-kwargs / --limit-mm-per-prompt (JSON objects) and --reasoning-parser, as given
+    mm_processor_kwargs: dict[str, Any] | None = None
+    limit_mm_per_prompt: dict[str, Any] | None = None
+    reasoning_parser: str | None = None  # the thought goes to message.reasoning (vLLM's qwen3 parser)
 
     def served_names(self) -> list[str]:
         if self.served_model_name is None:
@@ -100,6 +103,13 @@ class SimConfig:
         if self.ttft_ms < 0 or self.tpot_ms < 0 or self.lora_load_ms < 0:
             raise ValueError("latencies must be >= 0")
         adapters_mod.family(self.resolved_family())
+        if self.reasoning_parser and self.reasoning_parser not in contract.REASONING_PARSERS:
+            raise ValueError(contract.invalid_reasoning_parser(self.reasoning_parser))
+        for modality, limit in (self.limit_mm_per_prompt or {}).items():
+            count = limit.get("count") if isinstance(limit, dict) else limit
+            if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+                raise ValueError(f"--limit-mm-per-prompt: the limit of {modality!r} must be a non-negative "
+                                 f"integer, got {limit!r}")
 
     def resolved_family(self) -> str:
         return adapters_mod.detect_family(self.model) if self.family == "auto" else self.family

@@ -46,6 +46,20 @@ ENGINE_IMAGE = f"vllm/vllm-openai:v{VLLM_RELEASE}"
 # --max-lora-rank accepts only these values in vLLM (vllm/config/lora.py, MaxLoRARanks).
 MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
+# --reasoning-parser names vLLM registers (ReasoningParserManager.list_registered(); tests/vllm compares).
+REASONING_PARSERS = (
+    "cohere_command3", "cohere_command4", "deepseek_r1", "deepseek_v3", "deepseek_v4", "deepseek_v41", "ernie45",
+    "gemma4", "glm45", "glm47", "granite", "granite_thinking_parser", "hf", "holo2", "hunyuan_a13b", "hy_v3",
+    "hy_v4", "inkling", "k2_horizon", "kimi_k2", "kimi_k3", "ling3", "mimo", "minicpmv", "minimax_m2",
+    "minimax_m2_append_think", "minimax_m3", "mistral", "muse_glimmer", "nemotron_v3", "olmo3", "openai_gptoss",
+    "plamo3", "poolside_v1", "qwen3", "seed_oss", "step3", "step3p5")
+
+
+def invalid_reasoning_parser(name: str) -> str:
+    """vLLM's startup refusal (entrypoints/launchers/launcher.py validate_api_server_args)."""
+    return f"invalid reasoning parser: {name} (chose from {{ {','.join(REASONING_PARSERS)} }})"
+
+
 # Environment switch vLLM reads to mount the runtime LoRA routes (vllm/envs.py).
 RUNTIME_LORA_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
 

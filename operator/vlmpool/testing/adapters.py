@@ -1,5 +1,6 @@
-"""Tiny Qwen2-VL / Qwen2.5-VL / Qwen3-VL models (the real transformers classes, configs with the real
-layouts shrunk, random init, nothing downloaded) and real PEFT adapters saved from them."""
+"""Tiny models of every vision-language family (the real transformers classes, configs with the real
+layouts shrunk, random init, nothing downloaded) and real PEFT adapters saved from them. The family list,
+their test base models and vision targets come from the one family table (vlmpool/families.py)."""
 
 from __future__ import annotations
 
@@ -7,18 +8,17 @@ import json
 from pathlib import Path
 from typing import Any
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-POOL_BASE = {
-    "qwen2_vl": "Qwen/Qwen2-VL-2B-Instruct",
-    "qwen2_5_vl": "Qwen/Qwen2.5-VL-3B-Instruct",
-    "qwen3_vl": "Qwen/Qwen3-VL-2B-Instruct",
-}
-LANG_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-VISION_TARGETS = {"qwen2_vl": ["qkv", "fc1"], "qwen2_5_vl": ["qkv"], "qwen3_vl": ["qkv", "linear_fc1"]}
+from vlmpool import families as _table
+
+FAMILIES = _table.VLM_FAMILIES
+POOL_BASE = {name: _table.FAMILIES[name].test_model for name in FAMILIES}
+LANG_TARGETS = list(_table.FAMILIES["qwen2_vl"].module_names)
+VISION_TARGETS = {name: list(_table.FAMILIES[name].vision_targets) for name in FAMILIES}
 
 _TEXT = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2,
              rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]})
+_SMALL = {k: v for k, v in _TEXT.items() if k != "rope_parameters"}  # families without multimodal RoPE
 
 
 def tiny_model(family: str, seed: int = 0):
@@ -48,6 +48,25 @@ def tiny_model(family: str, seed: int = 0):
                                                   num_heads=2, deepstack_visual_indexes=[1],
                                                   num_position_embeddings=64), **tokens)
         cls = tf.Qwen3VLForConditionalGeneration
+    elif family == "qwen3_5":  # one Gated DeltaNet (linear attention) layer, then one full-attention layer
+        cfg = tf.Qwen3_5Config(text_config=dict(_TEXT, head_dim=16, layer_types=["linear_attention", "full_attention"],
+                                                linear_num_key_heads=2, linear_num_value_heads=4,
+                                                linear_key_head_dim=16, linear_value_head_dim=16),
+                               vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, out_hidden_size=64,
+                                                  num_heads=2, num_position_embeddings=64), **tokens)
+        cls = tf.Qwen3_5ForConditionalGeneration
+    elif family == "gemma3":
+        cfg = tf.Gemma3Config(text_config=dict(_SMALL, head_dim=16),
+                              vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                 num_attention_heads=2, image_size=32, patch_size=8),
+                              mm_tokens_per_image=4, image_token_index=250, boi_token_index=251, eoi_token_index=252)
+        cls = tf.Gemma3ForConditionalGeneration
+    elif family == "mistral3":
+        cfg = tf.Mistral3Config(text_config=dict(_SMALL, head_dim=16, model_type="mistral"),
+                                vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                   num_attention_heads=2, head_dim=16, image_size=32, patch_size=8),
+                                image_token_index=250)
+        cls = tf.Mistral3ForConditionalGeneration
     else:
         raise ValueError(family)
     return cls(cfg).eval()
@@ -64,13 +83,14 @@ def make_adapter(family: str, out: Path, *, targets=None, r: int = 8, alpha: int
     from peft import LoraConfig, get_peft_model
 
     model = tiny_model(family)
+    markers = _table.FAMILIES[family].vision_markers
     cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets or LANG_TARGETS), use_dora=dora,
                      use_rslora=rslora, modules_to_save=modules_to_save, lora_dropout=0.0)
     pm = get_peft_model(model, cfg)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in pm.named_parameters():
-            vision = "visual." in name
+            vision = any(m in name for m in markers)
             if "lora_B" in name and (train_vision or not vision):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
             elif "lora_magnitude_vector" in name and (train_vision_magnitude or not vision):
