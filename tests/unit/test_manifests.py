@@ -56,7 +56,7 @@ def test_deployment_defaults():
     eng = container(dep, "engine")
     assert eng["args"] == ["--model", BASE, "--served-model-name", BASE, "--port", "8000", "--enable-lora",
                            "--max-loras", "4", "--max-lora-rank", "64",
-                           # the family's image budget (qwen2_5_vl: 4·28² … 1280·28², tests/unit/test_families.py)
+                           # the family's image budget (qwen2_5_vl: 4·28² … 1280·28², tests/unit/test_family_table.py)
                            "--mm-processor-kwargs", '{"size":{"shortest_edge":3136,"longest_edge":1003520}}']
     assert {"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"} in eng["env"]
     assert eng["resources"] == {"limits": {"nvidia.com/gpu": "1"}, "requests": {"nvidia.com/gpu": "1"}}
