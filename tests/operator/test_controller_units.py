@@ -136,18 +136,19 @@ async def test_push_loads_reports_and_refuses_older_generations(proxy_pod, tmp_p
 
 
 def test_pool_status_from_the_deployment():
-    pool = {"metadata": {"generation": 2}, "spec": {"replicas": 2}}
+    pool = {"metadata": {"name": "vision", "generation": 2}, "spec": {"replicas": 2}}
     fields, conds = S.deployment_status(pool, None)
     assert fields["ready"] == "0/2" and ("Ready", "False") == conds[0][:2]
     dep = {"metadata": {"generation": 5}, "status": {"observedGeneration": 5, "replicas": 2, "readyReplicas": 2,
                                                       "updatedReplicas": 2}}
     fields, conds = S.deployment_status(pool, dep)
-    assert fields == {"replicas": 2, "readyReplicas": 2, "ready": "2/2"}
+    assert fields == {"replicas": 2, "readyReplicas": 2, "ready": "2/2",
+                      "selector": "vlmpool.io/pool=vision,app.kubernetes.io/component=server"}  # the scale subresource's
     assert {c[0]: c[1:3] for c in conds} == {"Ready": ("True", "PodsReady"), "Progressing": ("False", "RolledOut")}
     dep["status"].update(readyReplicas=1, updatedReplicas=1, replicas=3)
     fields, conds = S.deployment_status(pool, dep)
     assert {c[0]: c[1:3] for c in conds} == {"Ready": ("False", "PodsNotReady"), "Progressing": ("True", "RollingOut")}
-    fields, conds = S.deployment_status({"metadata": {}, "spec": {"replicas": 0}}, {"metadata": {}, "status": {}})
+    fields, conds = S.deployment_status({"metadata": {"name": "vision"}, "spec": {"replicas": 0}}, {"metadata": {}, "status": {}})
     assert conds[0][2] == "ScaledToZero"
 
 

@@ -145,3 +145,46 @@ async def test_all_namespaces_under_a_cluster_role_binding(kube, control_plane, 
 async def _status_with_endpoint(kube, ns):
     st = (await kube.get(VLMPOOLS, "wide", ns)).get("status") or {}
     return st if st.get("endpoint") else None
+
+
+async def test_scale_subresource_drives_the_pool_and_an_hpa_can_target_it(kube, control_plane, namespace, operator):
+    """`kubectl scale vlmp` writes the pool's spec.replicas through the scale subresource and the operator
+    follows it; the subresource reads back status.replicas and the pods' selector; an autoscaling/v2 HPA
+    naming the VLMPool is admitted (scalers target the pool, never the Deployment the operator owns)."""
+    import json
+
+    await operator()
+    await kube.create(pool_obj("scaled", replicas=1), namespace)
+    await eventually(lambda: _field(kube.get(DEPLOYMENTS, "scaled", namespace), ("spec", "replicas"), 1),
+                     what="the Deployment at 1 replica")
+
+    control_plane.kubectl("scale", "vlmp", "scaled", "--replicas=3", "-n", namespace)
+    await eventually(lambda: _field(kube.get(DEPLOYMENTS, "scaled", namespace), ("spec", "replicas"), 3),
+                     what="the operator to follow kubectl scale (Deployment at 3)")
+
+    def scale():
+        out = control_plane.kubectl("get", "--raw",
+                                    f"/apis/vlmpool.io/v1alpha1/namespaces/{namespace}/vlmpools/scaled/scale").stdout
+        doc = json.loads(out)
+        return doc if doc["status"].get("replicas") == 3 and doc["status"].get("selector") else None
+
+    doc = await eventually(lambda: _sync(scale), what="the scale subresource to read 3 replicas and a selector")
+    assert doc["kind"] == "Scale" and doc["spec"]["replicas"] == 3
+    dep = await kube.get(DEPLOYMENTS, "scaled", namespace)
+    want = ",".join(f"{k}={v}" for k, v in sorted(dep["spec"]["selector"]["matchLabels"].items()))
+    assert ",".join(sorted(doc["status"]["selector"].split(","))) == want  # the pods the pool runs
+
+    hpa = {"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
+           "metadata": {"name": "scaled", "namespace": namespace},
+           "spec": {"scaleTargetRef": {"apiVersion": "vlmpool.io/v1alpha1", "kind": "VLMPool", "name": "scaled"},
+                    "minReplicas": 1, "maxReplicas": 4,
+                    "metrics": [{"type": "Pods", "pods": {
+                        "metric": {"name": "vlmpool_proxy_adapter_queue_depth"},
+                        "target": {"type": "AverageValue", "averageValue": "4"}}}]}}
+    control_plane.kubectl("apply", "--server-side", "-f", "-", input=json.dumps(hpa))
+    got = json.loads(control_plane.kubectl("get", "hpa", "scaled", "-n", namespace, "-o", "json").stdout)
+    assert got["spec"]["scaleTargetRef"]["kind"] == "VLMPool"
+
+
+async def _sync(fn):
+    return fn()

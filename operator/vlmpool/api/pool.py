@@ -356,6 +356,8 @@ class VLMPoolStatus(Model):
     replicas: int = Field(default=0, ge=0, description="Pods of the pool's Deployment.")
     ready_replicas: int = Field(default=0, ge=0, description="Pods ready to serve.")
     ready: str | None = Field(default=None, description="readyReplicas/replicas, for `kubectl get`.")
+    selector: str | None = Field(
+        default=None, description="Label selector of the pool's pods (the scale subresource's, for HPA/KEDA).")
     endpoint: str | None = Field(default=None, description="In-cluster URL of the OpenAI-compatible Service.")
     concurrency: int | None = Field(default=None, ge=1, description="Per-pod concurrency in effect.")
     adapters: AdapterCounts | None = Field(default=None, description="Adapter counts.")

@@ -14,6 +14,7 @@ import json
 from typing import Any
 
 from vlmpool.controller.push import PodResult
+from vlmpool.manifests.common import server_label_selector
 
 RETRYABLE_PATCH_REASONS = {"SourceUnavailable", "LockTimeout"}
 
@@ -141,7 +142,8 @@ def deployment_status(pool: dict[str, Any], dep: dict[str, Any] | None
     ready = int(st.get("readyReplicas") or 0)
     replicas = int(st.get("replicas") or 0)
     updated = int(st.get("updatedReplicas") or 0)
-    fields = {"replicas": replicas, "readyReplicas": ready, "ready": f"{ready}/{desired}"}
+    fields = {"replicas": replicas, "readyReplicas": ready, "ready": f"{ready}/{desired}",
+              "selector": server_label_selector(pool["metadata"]["name"])}
     if dep is None:
         return fields, [("Ready", "False", "DeploymentMissing", "the pool's Deployment does not exist yet"),
                         ("Progressing", "True", "Creating", "creating the pool's objects")]
