@@ -143,12 +143,14 @@ def test_pool_status_from_the_deployment():
                                                       "updatedReplicas": 2}}
     fields, conds = S.deployment_status(pool, dep)
     assert fields == {"replicas": 2, "readyReplicas": 2, "ready": "2/2",
-                      "selector": "vlmpool.io/pool=vision,app.kubernetes.io/component=server"}  # the scale subresource's
+                      # the scale subresource's selector: the pool's pods
+                      "selector": "vlmpool.io/pool=vision,app.kubernetes.io/component=server"}
     assert {c[0]: c[1:3] for c in conds} == {"Ready": ("True", "PodsReady"), "Progressing": ("False", "RolledOut")}
     dep["status"].update(readyReplicas=1, updatedReplicas=1, replicas=3)
     fields, conds = S.deployment_status(pool, dep)
     assert {c[0]: c[1:3] for c in conds} == {"Ready": ("False", "PodsNotReady"), "Progressing": ("True", "RollingOut")}
-    fields, conds = S.deployment_status({"metadata": {"name": "vision"}, "spec": {"replicas": 0}}, {"metadata": {}, "status": {}})
+    fields, conds = S.deployment_status({"metadata": {"name": "vision"}, "spec": {"replicas": 0}},
+                                        {"metadata": {}, "status": {}})
     assert conds[0][2] == "ScaledToZero"
 
 
