@@ -129,3 +129,28 @@ async def test_static_lora_module_that_fails_stops_startup(fast_config, adapter)
     with pytest.raises(RuntimeError, match="LoRA rank 128 is greater than max_lora_rank 64"):
         async with running_sim(fast_config(lora_modules=[("big", str(big))])):
             pass
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+async def test_lora_load_workers_bound_concurrent_reads(fast_config, adapter, workers):
+    """--lora-load-workers 1 reads one adapter at a time, as vLLM's EngineCore runs add_lora calls one
+    after the other; 0 (the default) lets loads of different names overlap."""
+    import asyncio
+    import itertools
+    import time
+
+    paths = [adapter(f"w{i}") for i in range(3)]
+    async with running_sim(fast_config(lora_load_ms=300, lora_load_workers=workers)) as url, \
+            aiohttp.ClientSession() as s:
+        async def load(i: int) -> float:
+            body = {"lora_name": f"w{i}", "lora_path": str(paths[i])}
+            status, _, _ = await post(s, url + "/v1/load_lora_adapter", body)
+            assert status == 200
+            return time.monotonic()
+
+        done = sorted(await asyncio.gather(*(load(i) for i in range(3))))
+    gaps = [b - a for a, b in itertools.pairwise(done)]
+    if workers == 1:
+        assert all(g >= 0.28 for g in gaps), gaps  # each read waited for the one before
+    else:
+        assert done[-1] - done[0] < 0.45, gaps  # the three reads overlapped

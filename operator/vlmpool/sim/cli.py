@@ -102,6 +102,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     sim.add_argument("--ttft-ms", type=float, default=20.0, help="time to first token")
     sim.add_argument("--tpot-ms", type=float, default=2.0, help="time per further output token")
     sim.add_argument("--lora-load-ms", type=float, default=0.0, help="time to read an adapter from disk")
+    sim.add_argument("--lora-load-workers", type=int, default=0,
+                     help="adapter loads read at once (0: no bound); vLLM's EngineCore runs add_lora one at a time: 1")
     sim.add_argument("--family", default="auto",
                      help=f"model family whose LoRA layout is checked: {', '.join(FAMILIES)}; "
                           "auto (default) picks it from the model name, else qwen2_5_vl")
@@ -147,7 +149,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
         enable_lora=args.enable_lora, runtime_lora=args.allow_runtime_lora, max_loras=args.max_loras,
         max_cpu_loras=args.max_cpu_loras, max_lora_rank=args.max_lora_rank,
         max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, ttft_ms=args.ttft_ms,
-        tpot_ms=args.tpot_ms, lora_load_ms=args.lora_load_ms, family=args.family,
+        tpot_ms=args.tpot_ms, lora_load_ms=args.lora_load_ms, lora_load_workers=args.lora_load_workers,
+        family=args.family,
         strict_layout=args.strict_lora_layout, lora_shape_check=args.lora_shape_check, image_tokens=args.image_tokens,
         lora_modules=list(args.lora_modules), api_key=args.api_key,
         enable_request_id_headers=args.enable_request_id_headers, faults=faults,

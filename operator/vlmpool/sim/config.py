@@ -66,6 +66,8 @@ class SimConfig:
     ttft_ms: float = 20.0
     tpot_ms: float = 2.0
     lora_load_ms: float = 0.0
+    # disk reads at once; 0: no bound. vLLM's EngineCore runs add_lora utility calls one at a time: 1
+    lora_load_workers: int = 0
     family: str = "auto"  # auto: from the model name (Qwen3-VL → qwen3_vl, ...), else qwen2_5_vl
     strict_layout: bool = True
     # "load": refuse A/B shapes that do not fit at load (a labelled sim extra); "first-use": load them (200)
@@ -102,6 +104,8 @@ class SimConfig:
             raise ValueError(f"lora_shape_check must be one of {adapters_mod.SHAPE_CHECKS}")
         if self.ttft_ms < 0 or self.tpot_ms < 0 or self.lora_load_ms < 0:
             raise ValueError("latencies must be >= 0")
+        if self.lora_load_workers < 0:
+            raise ValueError("lora_load_workers must be >= 0 (0: no bound)")
         adapters_mod.family(self.resolved_family())
         if self.reasoning_parser and self.reasoning_parser not in contract.REASONING_PARSERS:
             raise ValueError(contract.invalid_reasoning_parser(self.reasoning_parser))

@@ -61,7 +61,7 @@ LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.
 class Engine:
     def __init__(self, *, model_name: str, max_num_seqs: int, max_loras: int, max_cpu_loras: int,
                  max_lora_rank: int, family: str, strict_layout: bool, enable_lora: bool,
-                 lora_load_ms: float = 0.0, shape_check: str = "load") -> None:
+                 lora_load_ms: float = 0.0, shape_check: str = "load", lora_load_workers: int = 0) -> None:
         self.model_name = model_name
         self.max_num_seqs = max_num_seqs
         self.max_loras = max_loras
@@ -76,6 +76,8 @@ class Engine:
         # request whose adapter is in none is admitted after an activation (a swap) costing this much
         self.lora_activate_ms = 0.0
         self.gpu_slots: collections.OrderedDict[str, None] = collections.OrderedDict()
+        # vLLM runs add_lora in the EngineCore's input loop, one utility call after the other
+        self._load_slots = asyncio.Semaphore(lora_load_workers) if lora_load_workers > 0 else None
 
         self.registered: dict[str, Registered] = {}
         self.cpu_cache: collections.OrderedDict[str, adapters_mod.AdapterInfo] = collections.OrderedDict()
@@ -118,7 +120,14 @@ class Engine:
                                              shape_check=self.shape_check)
 
     async def read_adapter(self, name: str, path: str) -> adapters_mod.AdapterInfo:
-        """The worker's disk read: validate off the event loop, pay the configured load time."""
+        """The worker's disk read: validate off the event loop, pay the configured load time (one
+        read at a time per load worker slot when bounded)."""
+        if self._load_slots is None:
+            return await self._read(name, path)
+        async with self._load_slots:
+            return await self._read(name, path)
+
+    async def _read(self, name: str, path: str) -> adapters_mod.AdapterInfo:
         info = await asyncio.to_thread(self.validate, name, path)
         if self.lora_load_ms > 0:
             await asyncio.sleep(self.lora_load_ms / 1000.0)

@@ -31,7 +31,8 @@ class SimState:
             model_name=self.base_name, max_num_seqs=config.max_num_seqs, max_loras=config.max_loras,
             max_cpu_loras=config.max_cpu_loras or config.max_loras, max_lora_rank=config.max_lora_rank,
             family=config.resolved_family(), strict_layout=config.strict_layout, enable_lora=config.enable_lora,
-            lora_load_ms=config.lora_load_ms, shape_check=config.lora_shape_check)
+            lora_load_ms=config.lora_load_ms, shape_check=config.lora_shape_check,
+            lora_load_workers=config.lora_load_workers)
         self.created = int(time.time())
         self._stall_release = asyncio.Event()
 
