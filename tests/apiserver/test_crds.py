@@ -46,7 +46,10 @@ def test_crds_are_established_with_names_and_categories(kubectl, crds):
         assert names["shortNames"] == [short]
         assert names["categories"] == ["vlm"]
         version = obj["spec"]["versions"][0]
-        assert version["name"] == "v1alpha1" and version["subresources"] == {"status": {}}
+        scale = {"specReplicasPath": ".spec.replicas", "statusReplicasPath": ".status.replicas",
+                 "labelSelectorPath": ".status.selector"}  # HPA/KEDA/kubectl scale target the pool
+        want = {"status": {}, "scale": scale} if short == "vlmp" else {"status": {}}
+        assert version["name"] == "v1alpha1" and version["subresources"] == want
     res = kubectl("api-resources", "--api-group=vlmpool.io", "--categories=vlm", "-o", "name", check=False)
     if res.returncode == 0:  # --categories exists on recent kubectl only
         assert set(res.stdout.split()) == {"vlmpools.vlmpool.io", "vlmadapters.vlmpool.io"}
