@@ -25,15 +25,20 @@ import signal
 import sys
 import tempfile
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
 import scalelib as L
 from scalereport import report, report_phase
 
+from vlmpool.manifests.common import server_label_selector
+
 PROXY_CONTAINER, ENGINE_CONTAINER = "proxy", "engine"  # vlmpool.manifests.pool's names
 
 NS, POOL = "bench", "bench"
+# the pool's server pods only (its patch Jobs' pods carry the pool label too, and have no engine)
+SERVERS = urllib.parse.quote(server_label_selector(POOL), safe="")
 # Default per-load latency and where it comes from (printed with the figures).
 LOAD_MS = 100.0
 LOAD_MS_SOURCE = ("vLLM 0.32.0's own add_lora disk read (PEFTHelper, validate_legal, LoRAModel.from_local_checkpoint "
@@ -68,7 +73,7 @@ class Bench:
                          ("LIST", "vlmadapters"))["items"]
 
     def pods(self) -> list[dict]:
-        items = self._get(f"/api/v1/namespaces/{NS}/pods?labelSelector=vlmpool.io%2Fpool%3D{POOL}",
+        items = self._get(f"/api/v1/namespaces/{NS}/pods?labelSelector={SERVERS}",
                           ("LIST", "pods"))["items"]
         return [p for p in items if not p["metadata"].get("deletionTimestamp") and any(
             c["type"] == "Ready" and c["status"] == "True" for c in (p.get("status") or {}).get("conditions", []))]
@@ -131,7 +136,7 @@ class Bench:
 
     def engines_when_running(self) -> list[str]:
         """Every pool pod's engine URL, Ready or not (an engine that restarts makes its pod unready)."""
-        items = self._get(f"/api/v1/namespaces/{NS}/pods?labelSelector=vlmpool.io%2Fpool%3D{POOL}",
+        items = self._get(f"/api/v1/namespaces/{NS}/pods?labelSelector={SERVERS}",
                           ("LIST", "pods"))["items"]
         return [f"http://{p['status']['podIP']}:8000" for p in items
                 if not p["metadata"].get("deletionTimestamp") and (p.get("status") or {}).get("podIP")]

@@ -160,3 +160,32 @@ async def test_bad_wait_is_refused(proxy, admin):
     assert status == 400 and body["error"]["code"] == "invalid_query"
     status, body = await admin.put({**state(1, [], "/x"), "load_parallelism": 0}, wait=None)
     assert status == 400 and body["error"]["code"] == "invalid_state"
+
+
+async def test_a_push_while_the_engine_is_down_loads_everything_once_it_is_back(adapters):
+    """An engine restart the operator sees (the pod's restartCount) is re-pushed at the same generation,
+    often while the new engine is not listening yet: the proxy must not take its own record of loaded
+    adapters for the engine's (the restarted engine forgot them), so it converges only once the engine
+    is back and holds every adapter again (the scale bench's engine-restart phase found it declaring
+    "converged" at once and waiting for the next resync)."""
+    from urllib.parse import urlsplit
+
+    path = adapters("shared", "v1")
+    wanted = [(f"a{i}", "v1") for i in range(4)]
+    sim, runner = await start_sim()
+    port = urlsplit(sim.url).port
+    try:
+        async with run_proxy(proxy_config(sim.url, retry_interval=0.2)) as p:
+            admin = Admin(p.admin_url)
+            assert (await admin.put(state(1, wanted, path)))[0] == 200
+            await runner.cleanup()  # the engine dies: it forgets everything
+            status, body = await admin.put(state(1, wanted, path), wait=None)  # the operator's re-push
+            assert status == 202
+            _, st = await admin.get(wait=0.5, generation=1)
+            assert st["converged"] is False, st  # nothing is loaded on an engine that does not answer
+            sim, runner = await start_sim(port=port)  # the restarted engine, empty
+            _, done = await admin.get(wait=30, generation=1)
+            assert done["converged"] is True and done["counts"]["loaded"] == len(wanted), done
+            assert sorted((await sim.stats())["loaded_adapters"]) == internals(wanted)
+    finally:
+        await runner.cleanup()

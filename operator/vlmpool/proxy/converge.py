@@ -200,7 +200,10 @@ class Converger:
                 held: set[str] | None = {m["id"] for m in models
                                          if isinstance(m, dict) and isinstance(m.get("id"), str)}
             except (EngineHTTPError, EngineUnavailable) as e:
-                log.warning("could not list the engine's adapters; loading what is not known loaded",
+                # An engine that does not answer may be a restarted one that forgot every adapter: nothing
+                # counts as held, every desired adapter is loaded again (loads are idempotent; while it
+                # stays down they fail as transient and the retry loop queues them again).
+                log.warning("could not list the engine's adapters; loading every desired adapter",
                             extra={"error": str(e)[:REASON_CHARS]})
                 models, held = [], None
             if not self.leftovers_reconciled and held is not None:
@@ -209,7 +212,7 @@ class Converger:
                 if spec.internal in self.first_use_failures:
                     continue
                 cur = self.alias.get(served)
-                if cur is not None and cur.internal == spec.internal and (held is None or spec.internal in held):
+                if cur is not None and cur.internal == spec.internal and held is not None and spec.internal in held:
                     if self.status.get(served, {}).get("state") != "loaded":
                         self.status[served] = {"name": served, "version": spec.version, "state": "loaded"}
                     continue
