@@ -179,7 +179,7 @@ async def test_a_push_while_the_engine_is_down_loads_everything_once_it_is_back(
             admin = Admin(p.admin_url)
             assert (await admin.put(state(1, wanted, path)))[0] == 200
             await runner.cleanup()  # the engine dies: it forgets everything
-            status, body = await admin.put(state(1, wanted, path), wait=None)  # the operator's re-push
+            status, _ = await admin.put(state(1, wanted, path), wait=None)  # the operator's re-push
             assert status == 202
             _, st = await admin.get(wait=0.5, generation=1)
             assert st["converged"] is False, st  # nothing is loaded on an engine that does not answer
