@@ -17,7 +17,7 @@ def _run(*args, **env):
 def test_unknown_command_prints_the_usage():
     res = _run("sideways")
     assert res.returncode == 1
-    assert res.stderr.startswith("node: usage:") and "up|down|env|test|images" in res.stderr
+    assert res.stderr.startswith("node: usage:") and "up|down|env|test|dev|images" in res.stderr
 
 
 def test_test_without_a_node_says_so(tmp_path):

@@ -124,7 +124,8 @@ class ModelPod:
         state = {"generation": 1, "concurrency": 16,
                  "adapters": [{"name": n, "version": "v1", "path": p} for n, p in adapter_paths.items()]}
         async with aiohttp.ClientSession() as s:
-            async with s.put(self.proxy.admin_url + "/admin/v1/state", json=state,
+            # ?wait: answered 200 once converged (the push is asynchronous: a plain PUT answers 202 at once)
+            async with s.put(self.proxy.admin_url + "/admin/v1/state?wait=30", json=state,
                              headers={"Authorization": f"Bearer {TOKEN}"}) as r:
                 assert r.status == 200, await r.text()
 
