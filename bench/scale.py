@@ -224,6 +224,9 @@ class Bench:
     def swap(self) -> dict:
         name = "adapter-0"
         old = next(a["status"]["version"] for a in self.adapters() if a["metadata"]["name"] == name)
+        # every pod Ready again first (after the engine restart their readiness lags the engines by a probe)
+        L.wait_until(lambda: len(self.pods()) == self.m, self.args.timeout, f"{self.m} pods Ready before the swap",
+                     0.25)
         proxies = [f"http://{p['status']['podIP']}:8080" for p in self.pods()]
         mark = self.begin()
         with L.Load(proxies, name, threads=self.args.load_threads) as load:
@@ -234,6 +237,8 @@ class Bench:
             self._own(("PATCH", "vlmadapters"), 1)
             t1 = L.wait_until(lambda: self.all_ready({name: old}), self.args.timeout, "swapped version Ready", 0.25)
             time.sleep(2.0)  # and still flowing after it
+        if not sum(load.counts.values()):
+            raise RuntimeError("no request was sent during the swap: the figure would prove nothing")
         return self.end(mark, "swap", t1 - t0, requests=dict(load.counts), failed_requests=load.failed,
                         errors=load.errors)
 
