@@ -166,3 +166,21 @@ def test_svd_full_rank_other_families(family, base_dirs, tmp_path):
     with torch.no_grad():
         got = load_peft(family, tmp_path / "vol" / "ad" / "current")(input_ids=ids).logits
     assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_max_error_refuses_a_strip_above_it_and_publishes_one_below(dora_dir, base_dirs, tmp_path):
+    """spec.dora.maxError (--dora-max-error): the worst module's measured error above the bound is refused
+    with DoraErrorTooHigh before anything is published; at or under it, published with the bound in the report."""
+    from vlmpool.patcher.errors import PatchError
+
+    with pytest.raises(PatchError) as e:
+        _run(dora_dir, tmp_path / "tight", dora_policy="strip", base_weights=base_dirs[FAM], dora_max_error=0.001)
+    assert e.value.reason == "DoraErrorTooHigh" and "above spec.dora.maxError 0.001" in str(e.value)
+    assert not (tmp_path / "tight" / "vol" / "ad" / "current").exists()  # nothing published
+    s, _out, report = _run(dora_dir, tmp_path / "loose", dora_policy="strip", base_weights=base_dirs[FAM],
+                           dora_max_error=0.99)
+    assert 0.01 < s["doraError"] <= 0.99 and report["dora"]["max_error"] == 0.99
+    # unmeasured (no base weights) cannot pass a bound
+    with pytest.raises(PatchError) as e:
+        _run(dora_dir, tmp_path / "blind", dora_policy="strip", dora_max_error=0.99)
+    assert e.value.reason == "DoraErrorNotMeasured"

@@ -212,6 +212,16 @@ def test_svd_job_mounts_base_weights_read_only():
                                                                     "optional": True}}} in c["env"]
 
 
+def test_dora_max_error_reaches_the_patcher_only_for_strip_and_svd():
+    p = pool()
+    def args(dora):
+        job = MA.patch_job(adapter(dora=dora), p, image="reg/vlmpool:1", adapter_root="/data/adapters")
+        return job["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert flag(args({"policy": "strip", "maxError": 0.05}), "--dora-max-error") == "0.05"
+    assert "--dora-max-error" not in args({"policy": "strip"})
+    assert "--dora-max-error" not in args({"policy": "reject", "maxError": 0.05})  # nothing to measure
+
+
 def test_pvc_and_file_sources_are_mounted_read_only():
     job = MA.patch_job(adapter(source={"uri": "pvc://uploads/team-a/invoices"}), pool())
     c = job["spec"]["template"]["spec"]["containers"][0]

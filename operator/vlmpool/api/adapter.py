@@ -108,6 +108,12 @@ class DoraSpec(Model):
     )
     rank: int | None = Field(default=None, ge=1, le=512,
                              description="Rank of the LoRA made by the svd policy (at most the pool's maxLoraRank).")
+    max_error: float | None = Field(
+        default=None, ge=0, le=1000,
+        description="Admission bound of strip/svd: the worst module's measured relative error (Frobenius norm of "
+        "the served delta's difference over the trained delta's, the report's dora.error) above it is refused "
+        "(DoraErrorTooHigh, nothing published); an unmeasured one (no base weights) is refused too "
+        "(DoraErrorNotMeasured). Unset: no bound.")
 
 
 class VLMAdapterSpec(Model):

@@ -148,6 +148,8 @@ def patch_args(adapter: dict[str, Any], pool: dict[str, Any], adapter_root: str 
     ]
     if spec.dora.policy == "svd" and spec.dora.rank is not None:
         args += ["--svd-rank", str(spec.dora.rank)]
+    if spec.dora.policy in ("svd", "strip") and spec.dora.max_error is not None:
+        args += ["--dora-max-error", repr(float(spec.dora.max_error))]
     if pspec.engine.tower_connector_lora:
         args.append("--tower-connector-lora")
     if pspec.model.weights is not None and spec.dora.policy in ("svd", "strip"):

@@ -65,6 +65,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="what to do with a DoRA adapter (default reject)")
     parser.add_argument("--svd-rank", type=_positive_int, default=None,
                         help="rank of the LoRA made by --dora-policy svd (default min(r, --max-rank))")
+    parser.add_argument("--dora-max-error", type=float, default=None,
+                        help="refuse (DoraErrorTooHigh) a strip/svd whose measured relative error is above this; "
+                        "an unmeasured one is refused too (DoraErrorNotMeasured)")
     parser.add_argument("--base-weights", type=Path, default=None,
                         help="directory of the base model's *.safetensors "
                         "(needed by svd; lets strip measure its error)")
@@ -142,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
             base_check=args.base_check, declared_variant=args.declared_variant,
             vision_norm_threshold=args.vision_norm_threshold, key_template=args.key_template, device=args.device,
             svd_method=args.svd_method, tower_connector_lora=args.tower_connector_lora,
+            dora_max_error=args.dora_max_error,
         )
         summary = patch_and_publish(args.source, args.adapter, args.root, opts, sha256=args.sha256,
                                     max_file_bytes=args.max_file_bytes, pvc_root=args.pvc_root,

@@ -104,6 +104,23 @@ def apply_dora(plan: Any, weights: Any, base: Any, *, applied: str, scale: float
     return res
 
 
+def check_max_error(res: DoraResult, applied: str, bound: float) -> None:
+    """The admission bound of spec.dora.maxError: the worst module's measured relative error (the
+    report's ``dora.error``) must be at most ``bound``. An error that was not measured cannot pass."""
+    if res.error is None:
+        raise PatchError("DoraErrorNotMeasured", f"spec.dora.maxError is {bound:g} but the {applied} DoRA policy's "
+                         "error was not measured: it needs the base weights (the pool's spec.model.weights) and torch "
+                         "(the patcher-dora image); give both, or remove maxError to serve the adapter unmeasured")
+    if not res.error <= bound:  # NaN is refused too
+        worst = max(res.errors.items(), key=lambda kv: kv[1])[0]
+        raise PatchError("DoraErrorTooHigh", f"the {applied} DoRA policy's measured error {res.error:.6g} (relative "
+                         f"Frobenius error of the weight delta, worst module {worst}; {res.error_total:.6g} over all "
+                         f"modules) is above spec.dora.maxError {bound:g}: the served adapter would differ too much "
+                         "from the trained one. Nothing was published. "
+                         + ("Raise dora.rank, " if applied == "svd" else "Use the svd policy, ")
+                         + "raise maxError, or retrain without DoRA")
+
+
 def svd_method_for(requested: str, shape, rank: int, device) -> str:
     """auto: the exact SVD on a GPU, or when the matrix is small or the rank (nearly) full; otherwise the
     randomized one (seeded, so the result is reproducible), whose error is measured all the same."""

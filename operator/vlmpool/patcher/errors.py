@@ -36,6 +36,9 @@ REASONS: dict[str, str] = {
     "ShapeMismatch": "a LoRA tensor's shape does not fit the module it adapts",
     "NoServableTensors": "no LoRA tensor is left after dropping what vLLM cannot load",
     "DoraRejected": "the adapter uses DoRA and the DoRA policy is reject",
+    "DoraErrorTooHigh": "the measured error of the strip/svd DoRA policy is above the adapter's spec.dora.maxError",
+    "DoraErrorNotMeasured": "spec.dora.maxError is set but the strip policy's error could not be measured (no base "
+                            "weights, or no torch in the patcher image)",
     "DoraNeedsBaseWeights": "the svd DoRA policy needs the base weights (--base-weights)",
     "NeedsTorch": "the adapter needs tensor maths (DoRA svd) and this patcher has no torch "
                   "(use the patcher-dora image)",

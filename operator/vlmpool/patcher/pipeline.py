@@ -42,6 +42,7 @@ from vlmpool.patcher.dora import (  # noqa: F401 - svd helpers re-exported (test
     VISION_MAGNITUDE_TOLERANCE,
     DoraResult,
     apply_dora,
+    check_max_error,
     svd_method_for,
     truncated_svd,
 )
@@ -80,6 +81,7 @@ class PatchOptions:
     device: str | None = None  # torch device for DoRA math; None: cuda when available, else cpu
     svd_method: str = "auto"   # exact | randomized | auto (exact on GPU or for small/full-rank matrices)
     tower_connector_lora: bool = False  # the pool runs vLLM with --enable-tower-connector-lora
+    dora_max_error: float | None = None  # refuse a strip/svd whose measured error is above it (DoraErrorTooHigh)
 
     def validate(self) -> None:
         if self.family not in VLM_FAMILIES:
@@ -103,6 +105,9 @@ class PatchOptions:
                 raise PatchError("InvalidArguments", "--svd-rank is only allowed with --dora-policy svd")
             if not isinstance(self.svd_rank, int) or self.svd_rank < 1:
                 raise PatchError("InvalidArguments", f"--svd-rank must be a positive integer, not {self.svd_rank!r}")
+        if self.dora_max_error is not None and not 0 <= self.dora_max_error < math.inf:
+            raise PatchError("InvalidArguments", f"--dora-max-error must be a finite number >= 0, "
+                             f"not {self.dora_max_error!r}")
         if self.vision_norm_threshold < 0 or math.isnan(self.vision_norm_threshold):
             raise PatchError("InvalidArguments", "--vision-norm-threshold must be >= 0")
         try:
@@ -313,6 +318,8 @@ def patch_adapter(src_dir: Path | str, opts: PatchOptions, *, source_uri: str | 
     elif plan.vision_mags and use_dora:
         warnings.append(f"{len(plan.vision_mags)} vision-tower DoRA magnitude vector(s) dropped unchecked (no base "
                         "weights): if training moved them, the served model differs from the trained one")
+    if use_dora and opts.dora_max_error is not None:  # before anything is written or published
+        check_max_error(dora, applied, opts.dora_max_error)
     if use_dora and applied == "strip":
         notes.append("strip: DoRA magnitude vectors dropped; the served adapter approximates the trained one"
                      + ("" if base is not None else " (error not measured: no base weights given)"))

@@ -130,6 +130,7 @@ def build_report(*, src_dir: str, opts: Any, cfg: dict[str, Any], new_cfg: dict[
             "error": dora.error,
             "error_total": dora.error_total,
             "error_definition": ERROR_DEFINITION,
+            "max_error": opts.dora_max_error,
             "measured": bool(errors),
             "per_module": {module_key(plan.kept[m][0], opts.key_template): round(e, 8)
                            for m, e in sorted(errors.items())} if errors else {},
