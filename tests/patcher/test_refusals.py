@@ -117,6 +117,15 @@ def test_declared_variant_is_advisory(lora, tmp_path):
     assert any("declared variant 'qwen2-vl-7b-instruct-peft' disagrees" in w for w in s["warnings"])
     report = json.loads((tmp_path / "vol/ad/current/patch_report.json").read_text())
     assert report["registry_variant"] == "qwen2-vl-7b-instruct-peft"
+    # recorded as match/mismatch (spec.declaredBase -> status.report.declaredVariantCheck), never refused
+    assert report["registry_variant_check"] == "mismatch" and s["declaredVariantCheck"] == "mismatch"
+    assert s["declaredVariant"] == "qwen2-vl-7b-instruct-peft"
+    base = POOL_BASE[FAM].split("/")[-1].lower() + "-peft"  # e.g. qwen2-vl-2b-instruct-peft
+    s = patch_and_publish(str(lora), "ad2", tmp_path / "vol", PatchOptions(
+        family=FAM, pool_base=POOL_BASE[FAM], declared_variant=base))
+    assert s["declaredVariantCheck"] == "match" and not any("declared variant" in w for w in s["warnings"])
+    s = patch_and_publish(str(lora), "ad3", tmp_path / "vol", PatchOptions(family=FAM, pool_base=POOL_BASE[FAM]))
+    assert s["declaredVariantCheck"] is None
 
 
 def test_dora_rejected(dora_dir, tmp_path):

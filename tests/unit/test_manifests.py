@@ -222,6 +222,14 @@ def test_dora_max_error_reaches_the_patcher_only_for_strip_and_svd():
     assert "--dora-max-error" not in args({"policy": "reject", "maxError": 0.05})  # nothing to measure
 
 
+def test_declared_base_reaches_the_patcher_as_its_advisory_variant():
+    job = MA.patch_job(adapter(declaredBase="qwen2.5-vl-3b-instruct-peft"), pool(), image="i", adapter_root="/r")
+    assert flag(job["spec"]["template"]["spec"]["containers"][0]["args"], "--declared-variant") == \
+        "qwen2.5-vl-3b-instruct-peft"
+    job = MA.patch_job(adapter(), pool(), image="i", adapter_root="/r")
+    assert "--declared-variant" not in job["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
 def test_pvc_and_file_sources_are_mounted_read_only():
     job = MA.patch_job(adapter(source={"uri": "pvc://uploads/team-a/invoices"}), pool())
     c = job["spec"]["template"]["spec"]["containers"][0]

@@ -133,6 +133,12 @@ class VLMAdapterSpec(Model):
         description="How to treat an adapter whose adapter_config.json declares another base model than "
         "the pool's: strict fails it, warn records a warning and serves it.",
     )
+    declared_base: str | None = Field(
+        default=None, min_length=1, max_length=256, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]*$",
+        description="Advisory: what a model registry says the adapter's base is (e.g. qwen2-vl-2b-instruct-peft; "
+        "a trailing -peft is ignored). Recorded in status.report.declaredVariantCheck as match or mismatch "
+        "against adapter_config.json (the authority), never a refusal.",
+    )
 
 
 class PatchSummary(Model):
@@ -148,6 +154,10 @@ class PatchSummary(Model):
     declared_base: str | None = Field(default=None, description="base_model_name_or_path of adapter_config.json.")
     pool_base: str | None = Field(default=None, description="The pool's base model.")
     base_check: str | None = Field(default=None, description="match, mismatch-warned or skipped.")
+    declared_variant: str | None = Field(default=None, description="spec.declaredBase as the patch Job saw it.")
+    declared_variant_check: Literal["match", "mismatch"] | None = Field(
+        default=None, description="spec.declaredBase against adapter_config.json's base (else the pool's): "
+        "advisory, never a refusal; mismatch means the registry record is wrong.")
     warnings: list[str] = Field(default_factory=list, description="Warnings recorded by the patch.")
 
 

@@ -178,6 +178,7 @@ def parse_termination_message(text: str | None) -> dict[str, Any] | None:
 REPORT_FIELDS = {
     "tensorsKept": int, "tensorsRemapped": int, "tensorsDropped": int, "rank": int, "doraPolicy": str,
     "doraError": float, "declaredBase": str, "poolBase": str, "baseCheck": str,
+    "declaredVariant": str, "declaredVariantCheck": str,
 }
 
 

@@ -108,6 +108,8 @@ def patch_inputs(adapter: dict[str, Any], pool: dict[str, Any]) -> dict[str, Any
     }
     if pspec.engine.tower_connector_lora:  # only when on: the digests of existing adapters stay as they were
         inputs["towerConnectorLora"] = True
+    if spec.declared_base:  # only when set (as dora.maxError inside "dora"): existing digests stay
+        inputs["declaredBase"] = spec.declared_base
     return inputs
 
 
@@ -148,6 +150,8 @@ def patch_args(adapter: dict[str, Any], pool: dict[str, Any], adapter_root: str 
     ]
     if spec.dora.policy == "svd" and spec.dora.rank is not None:
         args += ["--svd-rank", str(spec.dora.rank)]
+    if spec.declared_base:
+        args += ["--declared-variant", spec.declared_base]
     if spec.dora.policy in ("svd", "strip") and spec.dora.max_error is not None:
         args += ["--dora-max-error", repr(float(spec.dora.max_error))]
     if pspec.engine.tower_connector_lora:

@@ -25,6 +25,8 @@ _CAMEL = {
     "declared_base": "declaredBase",
     "pool_base": "poolBase",
     "base_check": "baseCheck",
+    "declared_variant": "declaredVariant",
+    "declared_variant_check": "declaredVariantCheck",
     "warnings": "warnings",
 }
 

@@ -181,6 +181,21 @@ def validate_config(cfg: dict[str, Any], opts: PatchOptions) -> int:
     return r
 
 
+def variant_check(cfg: dict[str, Any], opts: PatchOptions) -> str | None:
+    """The advisory registry variant (--declared-variant, the adapter's spec.declaredBase) against what the
+    adapter's own config declares (else the pool's base): "match" or "mismatch"; None when none was given.
+    Never a refusal: adapter_config.json is the authority."""
+    if not opts.declared_variant:
+        return None
+    v = normalize_variant(opts.declared_variant)
+    declared = cfg.get("base_model_name_or_path")
+    declared = declared.strip() if isinstance(declared, str) else ""
+    if declared:
+        return "match" if v == normalize_base_model_reference(declared) else "mismatch"
+    targets = {opts.pool_base} | ({opts.served_base} if opts.served_base else set())
+    return "match" if v in {normalize_base_model_reference(t) for t in targets} else "mismatch"
+
+
 def base_check(cfg: dict[str, Any], opts: PatchOptions) -> tuple[str, list[str]]:
     """File-authoritative base-model check. Returns (result, warnings)."""
     warnings: list[str] = []
@@ -341,6 +356,7 @@ def patch_adapter(src_dir: Path | str, opts: PatchOptions, *, source_uri: str | 
         total_tensors=len(weights), tensors_kept=len(tensors), source_digest=weights.digest,
         patched_digest=patched_digest, version=version, check=check, effective=effective, notes=notes,
         warnings=warnings, source_uri=source_uri, source_sha256=source_sha256)
+    report["registry_variant_check"] = variant_check(cfg, opts)  # advisory: match | mismatch | None
     summary = build_summary(report, opts, dora, applied, check, warnings)
     return PatchedAdapter(new_cfg, tensors, weights_bytes, version, report, summary, effective)
 

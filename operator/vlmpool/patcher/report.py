@@ -155,6 +155,8 @@ def build_summary(report: dict[str, Any], opts: Any, dora: Any, applied: str, ch
         "declared_base": report["base_model_name_or_path"],
         "pool_base": opts.pool_base,
         "base_check": check,
+        "declared_variant": opts.declared_variant,
+        "declared_variant_check": report.get("registry_variant_check"),
         "warnings": warnings,
     }
 
