@@ -383,3 +383,44 @@ async def test_unreachable_pod_degrades_the_pool_and_recovers(kube, namespace, o
         c = next((c for c in st.get("conditions") or [] if c["type"] == "Degraded"), {})
         return c.get("status") == "False"
     await eventually(recovered, what="Degraded False again")
+
+
+async def test_more_ready_adapters_than_the_cpu_cache_is_a_condition_and_one_warning(
+        kube, namespace, operator, adapter_root, tmp_path, pod_processes):
+    """The seed warned when registered adapters passed its threshold: the pool's AdaptersExceedCpuCache is
+    True (with a Warning Event, once per transition) while its Ready adapters exceed engine.maxCpuLoras,
+    and False again when they fit."""
+    ns = namespace
+    await operator()
+    admin_port = free_port()
+    pool = pool_obj("pool", 1, admin_port, free_port(), free_port())
+    pool["spec"]["engine"].update(maxLoras=1, maxCpuLoras=1)
+    await kube.create(pool, ns)
+    await start_pool_pods(kube, ns, "pool", 1, tmp_path, pod_processes)
+
+    async def cache_cond(status):
+        st = (await kube.get(VLMPOOLS, "pool", ns)).get("status") or {}
+        c = next((c for c in st.get("conditions") or [] if c["type"] == "AdaptersExceedCpuCache"), None)
+        return c if c and c["status"] == status else None
+
+    for i, name in enumerate(("ad1", "ad2")):
+        await kube.create(adapter_obj(name, "pool", f"file://{tmp_path}/src"), ns)
+        (job,) = await eventually(lambda n=name: patch_jobs(kube, ns, n), what=f"{name}'s Job")
+        await complete_patch(kube, ns, job["metadata"]["name"], adapter_root, name, f"v{i}aaaa", seed=i)
+        await eventually(lambda n=name: adapter_status(kube, ns, n, phase="Ready"), what=f"{name} Ready")
+        if name == "ad1":
+            c = await eventually(lambda: cache_cond("False"), what="one adapter fits maxCpuLoras 1")
+            assert c["reason"] == "FitsCpuCache"
+    c = await eventually(lambda: cache_cond("True"), what="two Ready adapters exceed maxCpuLoras 1")
+    assert c["reason"] == "MoreAdaptersThanCpuCache" and "2 Ready adapters exceed" in c["message"]
+    assert "engine.maxCpuLoras" in c["message"]
+
+    async def warnings():
+        evs = await kube.list(EVENTS, ns, field_selector="involvedObject.name=pool,involvedObject.kind=VLMPool")
+        got = [e for e in evs if e["reason"] == "MoreAdaptersThanCpuCache"]
+        return got or None
+    (ev,) = await eventually(warnings, what="the Warning Event")
+    assert ev["type"] == "Warning" and ev.get("count", 1) == 1  # once per transition, not per push round
+
+    await kube.delete(VLMADAPTERS, "ad2", ns)
+    await eventually(lambda: cache_cond("False"), what="the condition cleared")

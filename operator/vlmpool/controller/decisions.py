@@ -187,3 +187,21 @@ def adapter_loads(adapter: dict[str, Any], conflicts: list[str], pushed: dict[st
 def version_is(version: str | None) -> Callable[[dict[str, Any]], bool]:
     """only_if for a status write: the adapter's version is still `version`."""
     return lambda cur: cur.get("version") == version
+
+
+CPU_CACHE_CONDITION = "AdaptersExceedCpuCache"
+
+
+def cpu_cache_condition(ready: int, max_cpu_loras: int | None, max_loras: int) -> Cond:
+    """Whether the pool's Ready adapters fit vLLM's CPU LoRA cache (the seed warned at its registered-adapter
+    threshold). vLLM sizes that cache with --max-cpu-loras (default: max_loras); registering more evicts the
+    least recently used adapter, and a request for an evicted one makes the engine read it from disk again
+    before its batch runs (latency, not an error)."""
+    bound = max_cpu_loras if max_cpu_loras is not None else max_loras
+    src = "engine.maxCpuLoras" if max_cpu_loras is not None else "engine.maxLoras (maxCpuLoras unset)"
+    if ready > bound:
+        return (CPU_CACHE_CONDITION, "True", "MoreAdaptersThanCpuCache",
+                f"{ready} Ready adapters exceed the engine's CPU LoRA cache of {bound} ({src}): vLLM evicts the "
+                "least recently used, and a request for an evicted adapter waits while the engine reads it from "
+                "disk again; raise engine.maxCpuLoras (CPU memory: one slot holds one adapter's weights)")
+    return (CPU_CACHE_CONDITION, "False", "FitsCpuCache", f"{ready} Ready adapters fit the CPU LoRA cache of {bound}")

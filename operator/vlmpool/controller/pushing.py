@@ -282,7 +282,20 @@ class PushReconciler(ReconcilerBase):
                     await self._prune_superseded(pool, new)
         counts = {"adapters": {"total": total, "ready": ready, "failed": failed}, "adaptersReady": f"{ready}/{total}"}
         cur = pool.get("status") or {}
-        if cur.get("adapters") != counts["adapters"] or cur.get("adaptersReady") != counts["adaptersReady"]:
+        eng = MP.parse_spec(pool).engine
+        cache = D.cpu_cache_condition(ready, eng.max_cpu_loras, eng.max_loras)
+        was = next((c for c in cur.get("conditions") or [] if c.get("type") == cache[0]), None)
+        if was is None or was.get("status") != cache[1] or was.get("message") != cache[3]:
+            # one status write with the counts; an Event on a transition only (not on every count change)
+            try:
+                await self._write_pool_status(pool, counts, [cache])
+            except (ApiError, RetryLater) as e:
+                log.warning("status of pool %s/%s not written: %s", ns, pool["metadata"]["name"], e)
+            if cache[1] == "True" and (was or {}).get("status") != "True":
+                self.event(pool, "Warning", cache[2], cache[3])
+            elif cache[1] == "False" and (was or {}).get("status") == "True":
+                self.event(pool, "Normal", cache[2], cache[3])
+        elif cur.get("adapters") != counts["adapters"] or cur.get("adaptersReady") != counts["adaptersReady"]:
             try:
                 await self.kube.patch_status(VLMPOOLS, pool["metadata"]["name"], counts, ns)
             except NotFound:
