@@ -50,7 +50,7 @@ def test_deployment_defaults():
                                                    "name": "vision", "uid": "pool-uid", "controller": True,
                                                    "blockOwnerDeletion": True}]
     assert dep["spec"]["replicas"] == 1
-    assert dep["spec"]["strategy"]["rollingUpdate"] == {"maxUnavailable": 0, "maxSurge": 1}
+    assert dep["spec"]["strategy"]["rollingUpdate"] == {"maxUnavailable": 1, "maxSurge": 0}  # spec.rollout defaults
     sel = dep["spec"]["selector"]["matchLabels"]
     assert all(dep["spec"]["template"]["metadata"]["labels"][k] == v for k, v in sel.items())
     eng = container(dep, "engine")
@@ -389,3 +389,17 @@ def test_proxy_args_crop_describe_and_thinking(monkeypatch):
     assert "--no-crop-describe" in args and cfg.crop_describe is False
     args, cfg = parsed(pool(model={"name": "Qwen/Qwen3.5-2B", "family": "qwen3_5"}))  # the table's thinking_switch
     assert flag(args, "--thinking") == "switch" and cfg.thinking == "switch"
+
+
+def test_rollout_defaults_work_on_a_full_cluster_and_are_settable():
+    """Default maxSurge 0 / maxUnavailable 1: with every GPU taken a surge pod would stay Pending for good."""
+    ru = MP.deployment(pool())["spec"]["strategy"]["rollingUpdate"]
+    assert ru == {"maxUnavailable": 1, "maxSurge": 0}
+    ru = MP.deployment(pool(rollout={"maxSurge": "25%", "maxUnavailable": 0}))["spec"]["strategy"]["rollingUpdate"]
+    assert ru == {"maxUnavailable": 0, "maxSurge": "25%"}
+    assert MP.deployment(pool(rollout={"maxUnavailable": "2"}))["spec"]["strategy"]["rollingUpdate"][
+        "maxUnavailable"] == 2  # a digit string is a count, as Kubernetes reads it
+    for bad in ({"maxUnavailable": 0, "maxSurge": 0}, {"maxUnavailable": "0%", "maxSurge": "0"},
+                {"maxSurge": "150%"}, {"maxSurge": "abc"}, {"maxUnavailable": -1}, {"maxSurge": True}):
+        with pytest.raises(ValueError):
+            MP.deployment(pool(rollout=bad))

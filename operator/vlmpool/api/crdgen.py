@@ -94,6 +94,17 @@ KINDS = [
 _DROP = {"title"}
 
 
+def _union_option(options: list[dict[str, Any]]) -> dict[str, Any]:
+    """The one structural schema of a pydantic union: `X | None` is X; `int | str` is Kubernetes'
+    IntOrString (`x-kubernetes-int-or-string`, e.g. a rollout's "25%" or 1); anything else is refused."""
+    options = [o for o in options if o.get("type") != "null"]
+    if sorted(str(o.get("type")) for o in options) == ["integer", "string"]:
+        return {"x-kubernetes-int-or-string": True}
+    if len(options) != 1:
+        raise ValueError(f"cannot make a structural schema of a union: {options}")
+    return dict(options[0])
+
+
 def _resolve(node: Any, defs: dict[str, Any]) -> Any:
     """Inline $refs and make one pydantic JSON-schema node structural."""
     if isinstance(node, list):
@@ -107,10 +118,7 @@ def _resolve(node: Any, defs: dict[str, Any]) -> Any:
         target.update(node)
         node = target
     if "anyOf" in node:
-        options = [o for o in node.pop("anyOf") if o.get("type") != "null"]
-        if len(options) != 1:
-            raise ValueError(f"cannot make a structural schema of a union: {options}")
-        merged = dict(options[0])
+        merged = _union_option(node.pop("anyOf"))
         merged.update(node)
         node = merged
         if "$ref" in node:

@@ -3,9 +3,10 @@ proxy with a vLLM engine, plus the shared volume the pool's adapters are publish
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from vlmpool import families
 from vlmpool.api.common import (
@@ -322,6 +323,35 @@ class RoutingSpec(Model):
         "queue and KV-cache scorers weigh 1; 0 turns affinity off).")
 
 
+_INT_OR_PERCENT = re.compile(r"^(0|[1-9][0-9]{0,5})%?$")
+
+
+class RolloutSpec(Model):
+    """How the pool's Deployment replaces pods when its pod template changes (RollingUpdate)."""
+
+    max_unavailable: int | str = Field(
+        default=1, description="Pods that may be down during a roll: a count or a percent of replicas (\"25%\"). "
+        "Default 1: a pool whose pods hold every GPU can still roll (no surge pod needs a free GPU).")
+    max_surge: int | str = Field(
+        default=0, description="Extra pods above replicas during a roll: a count or a percent. Default 0 (a surge "
+        "pod needs free GPUs; on a full cluster it stays Pending and the roll never ends). Set 1 with spare "
+        "capacity to roll without losing a pod's worth of serving.")
+
+    @field_validator("max_unavailable", "max_surge", mode="before")
+    @classmethod
+    def _int_or_percent(cls, v: Any) -> int | str:
+        if isinstance(v, bool) or not isinstance(v, (int, str)) or (isinstance(v, int) and not 0 <= v <= 100_000) or \
+                (isinstance(v, str) and not (_INT_OR_PERCENT.match(v) and (not v.endswith("%") or int(v[:-1]) <= 100))):
+            raise ValueError(f"must be a count >= 0 or a percent such as '25%', not {v!r}")
+        return int(v) if isinstance(v, str) and not v.endswith("%") else v
+
+    @model_validator(mode="after")
+    def _not_both_zero(self) -> RolloutSpec:
+        if str(self.max_unavailable).rstrip("%") == "0" and str(self.max_surge).rstrip("%") == "0":
+            raise ValueError("maxUnavailable and maxSurge cannot both be 0: the roll could never start")
+        return self
+
+
 class VLMPoolSpec(Model):
     model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
         {"rule": "self.engine.port != self.proxy.port && self.engine.port != self.proxy.adminPort",
@@ -337,6 +367,8 @@ class VLMPoolSpec(Model):
                                               description="The shared adapter volume.")
     service: ServiceSpec = Field(default_factory=ServiceSpec, description="The pool's Service.")
     scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec, description="Pod scheduling.")
+    rollout: RolloutSpec = Field(default_factory=RolloutSpec,
+                                 description="How pods are replaced on a pod-template change (see RolloutSpec).")
     routing: RoutingSpec | None = Field(
         default=None, description="LoRA-affinity routing (Gateway API Inference Extension); unset: the plain "
         "Service only.")

@@ -290,7 +290,8 @@ def deployment(pool: dict[str, Any], token_hash: str = "", adapter_root: str = A
             "replicas": spec.replicas,
             "selector": {"matchLabels": server_selector(name)},
             # Never fewer ready pods than asked during a rollout; one extra pod at a time.
-            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": spec.rollout.max_unavailable,
+                                                                    "maxSurge": spec.rollout.max_surge}},
             "revisionHistoryLimit": 3,
             "template": pod_template(pool, token_hash, adapter_root),
         },
