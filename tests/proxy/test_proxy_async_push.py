@@ -6,6 +6,7 @@ request log counts every load call (and the ones running at once). Not timed."""
 
 from __future__ import annotations
 
+import aiohttp
 from proxy_helpers import Admin, proxy_config, start_sim
 
 from vlmpool.proxy.server import run_proxy
@@ -187,5 +188,44 @@ async def test_a_push_while_the_engine_is_down_loads_everything_once_it_is_back(
             _, done = await admin.get(wait=30, generation=1)
             assert done["converged"] is True and done["counts"]["loaded"] == len(wanted), done
             assert sorted((await sim.stats())["loaded_adapters"]) == internals(wanted)
+    finally:
+        await runner.cleanup()
+
+
+async def readyz(p) -> tuple[int, dict]:
+    async with aiohttp.ClientSession() as s, s.get(p.url + "/readyz") as r:
+        return r.status, await r.json()
+
+
+async def test_a_new_pod_is_ready_only_once_it_holds_the_pools_adapters(adapters):
+    """A rolling pod must not take traffic while it would answer 404 for adapters the pool serves: /readyz
+    stays 503 (saying how far the loading got) until the first pushed state converged; a later push that
+    adds a slow adapter keeps it Ready (it serves what it holds); a refused adapter does not block it."""
+    path = adapters("shared", "v1")
+    wanted = [(f"a{i:02d}", "v1") for i in range(6)]
+    sim, runner = await slow_sim(200)
+    try:
+        async with run_proxy(proxy_config(sim.url)) as p:
+            status, body = await readyz(p)
+            assert status == 503 and body["reasons"] == ["no state received from the operator yet"], body
+            admin = Admin(p.admin_url)
+            broken = [("bad", "v1")]
+            st = state(1, wanted, path, load_parallelism=2)
+            st["adapters"].append({"name": "bad", "version": "v1", "path": "/nonexistent/adapter"})
+            code, _ = await admin.put(st, wait=None)
+            assert code == 202
+            status, body = await readyz(p)
+            assert status == 503 and body["reasons"][0].startswith("loading the pool's adapters: "), body
+            assert body["reasons"][0].endswith(f"of {len(wanted) + len(broken)}"), body
+            _, done = await admin.get(wait=30, generation=1)
+            assert done["converged"] and done["counts"]["failed"] == 1, done["counts"]
+            status, body = await readyz(p)
+            assert status == 200 and body["generation"] == 1, body
+
+            # generation 2 adds a slow adapter: the pod stays Ready while it loads
+            code, _ = await admin.put(state(2, [*wanted, ("late", "v1")], path), wait=None)
+            assert code == 202 and not p.proxy.registry.converged()
+            status, body = await readyz(p)
+            assert status == 200 and body["generation"] == 2, body
     finally:
         await runner.cleanup()

@@ -169,6 +169,8 @@ class Converger:
         self.converged_generation = self.generation
         if self.accepted_at is not None:
             self.converge_seconds = time.monotonic() - self.accepted_at
+        if self.first_converged_at is None:
+            self.first_converged_at = time.monotonic()
         self.metrics.adapters_loaded.set(len(self.alias))
         counts = self.counts()
         log.info("state converged", extra={"generation": self.generation, "seconds": self.converge_seconds,

@@ -268,6 +268,12 @@ class Proxy:
             reasons.append("shutting down")
         if self.registry.generation is None:
             reasons.append("no state received from the operator yet")
+        elif self.registry.first_converged_at is None:
+            # a new (rolling) pod: Ready once it holds the pool's adapters, not while it would 404 them;
+            # later generations (an adapter added, an engine restart) keep it Ready, serving what it holds
+            c = self.registry.counts()
+            reasons.append(f"loading the pool's adapters: {c['loaded']} loaded, {c['failed']} refused of "
+                           f"{len(self.registry.desired)}")
         if not await self.engine.healthy():
             reasons.append(f"engine at {self.config.engine_url} is not healthy")
         if reasons:

@@ -83,6 +83,9 @@ class AdapterRegistry(Converger):
         self.first_use_failures: dict[str, str] = {}
         self.accepted_at: float | None = None
         self.converge_seconds: float | None = None  # accept -> converged of the last converged generation
+        # when this proxy first converged (every adapter of a pushed state loaded or refused): the pod is Ready
+        # only from then on, so a rolling pod never answers 404 for an adapter the pool serves
+        self.first_converged_at: float | None = None
     # -- request path (synchronous: no await between lookup and count) -------------------------
     def is_desired(self, served: str) -> bool:
         return served in self.desired
