@@ -264,3 +264,40 @@ def test_dashboard_series_exist_on_the_running_pods(e2e, pool, adapters):
         models = {s.labels.get("model") for f in text_string_to_metric_families(text) for s in f.samples
                   if s.name == "vlmpool_proxy_requests_total"}
         assert "acme/reader" in models, models
+
+
+def test_a_pool_that_no_node_can_take_says_stalled_with_the_schedulers_reason(e2e, pool):
+    """A full GPU cluster: a pool whose pod needs more GPUs than the node has stays Pending. The pool says
+    why (Stalled, the scheduler's reason per pod, a Warning Event) instead of a silent rollout; once its
+    spec fits, the roll goes on and Stalled turns False."""
+    big = "big"
+    spec = {"model": {"name": "Qwen/Qwen2.5-VL-3B-Instruct", "family": "qwen2_5_vl"}, "replicas": 1,
+            "engine": {"gpus": 16, "maxLoras": 4, "maxCpuLoras": 8}}
+    apply(e2e, {"apiVersion": "vlmpool.io/v1alpha1", "kind": "VLMPool", "metadata": {"name": big}, "spec": spec})
+    try:
+        def stalled(status: str):
+            def check():
+                conds = ((get(e2e, "vlmp", big) or {}).get("status") or {}).get("conditions") or []
+                c = next((c for c in conds if c["type"] == "Stalled"), None)
+                return c if c and c["status"] == status else None
+            return check
+        c = wait_for(stalled("True"), 120, what="pool big Stalled")
+        assert c["reason"] == "PodsUnschedulable", c
+        assert "1 pod(s) Pending: big-" in c["message"] and "Insufficient nvidia.com/gpu" in c["message"], c
+
+        def event(reason):
+            out = json.loads(e2e.kubectl("get", "events", "-n", NS, "--field-selector",
+                                         f"involvedObject.kind=VLMPool,involvedObject.name={big},reason={reason}",
+                                         "-o", "json").stdout)["items"]
+            return out[0] if out else None
+        ev = wait_for(lambda: event("RolloutStalled"), 60, what="a RolloutStalled Event")
+        assert ev["type"] == "Warning" and "Insufficient nvidia.com/gpu" in ev["message"], ev
+
+        spec["engine"]["gpus"] = 1
+        apply(e2e, {"apiVersion": "vlmpool.io/v1alpha1", "kind": "VLMPool", "metadata": {"name": big},
+                    "spec": spec})
+        c = wait_for(stalled("False"), 180, what="pool big no longer Stalled")
+        assert c["reason"] == "Progressing", c
+        wait_for(lambda: event("RolloutResumed"), 60, what="a RolloutResumed Event")
+    finally:
+        e2e.kubectl("delete", "vlmp", big, "-n", NS, "--wait=false", check=False)

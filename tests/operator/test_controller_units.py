@@ -145,13 +145,52 @@ def test_pool_status_from_the_deployment():
     assert fields == {"replicas": 2, "readyReplicas": 2, "ready": "2/2",
                       # the scale subresource's selector: the pool's pods
                       "selector": "vlmpool.io/pool=vision,app.kubernetes.io/component=server"}
-    assert {c[0]: c[1:3] for c in conds} == {"Ready": ("True", "PodsReady"), "Progressing": ("False", "RolledOut")}
+    assert {c[0]: c[1:3] for c in conds} == {"Ready": ("True", "PodsReady"), "Progressing": ("False", "RolledOut"),
+                                             "Stalled": ("False", "Progressing")}
     dep["status"].update(readyReplicas=1, updatedReplicas=1, replicas=3)
     fields, conds = S.deployment_status(pool, dep)
-    assert {c[0]: c[1:3] for c in conds} == {"Ready": ("False", "PodsNotReady"), "Progressing": ("True", "RollingOut")}
+    assert {c[0]: c[1:3] for c in conds} == {"Ready": ("False", "PodsNotReady"), "Progressing": ("True", "RollingOut"),
+                                             "Stalled": ("False", "Progressing")}
     fields, conds = S.deployment_status({"metadata": {"name": "vision"}, "spec": {"replicas": 0}},
                                         {"metadata": {}, "status": {}})
     assert conds[0][2] == "ScaledToZero"
+
+
+def _pending(name: str, message: str | None, phase: str = "Pending") -> dict:
+    conds = [] if message is None else [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                         "message": message}]
+    return {"metadata": {"name": name}, "status": {"phase": phase, "conditions": conds}}
+
+
+def test_a_roll_that_no_node_can_take_is_stalled_with_the_schedulers_reason():
+    """A full GPU cluster: the new pod waits for a node. The pool says Stalled with the scheduler's
+    reason per pod (and why, when the surge is what does not fit); a Pending pod that is only being
+    scheduled, a running one, or one being deleted does not count; a Deployment past its progress
+    deadline is Stalled too."""
+    pool = {"metadata": {"name": "vision", "generation": 2}, "spec": {"replicas": 2}}
+    gpu = "0/1 nodes are available: 1 Insufficient nvidia.com/gpu. preemption: 0/1 nodes are available"
+    dep = {"metadata": {"generation": 6}, "spec": {"strategy": {"rollingUpdate": {"maxSurge": 1}}},
+           "status": {"observedGeneration": 6, "replicas": 3, "readyReplicas": 2, "updatedReplicas": 1}}
+    pods = [_pending("vision-new", gpu), _pending("vision-a", None, "Running"), _pending("vision-b", None)]
+    _, conds = S.deployment_status(pool, dep, pods)
+    stalled = {c[0]: c[1:] for c in conds}["Stalled"]
+    assert stalled[:2] == ("True", "PodsUnschedulable"), stalled
+    assert stalled[2].startswith("1 pod(s) Pending: vision-new: Unschedulable: 0/1 nodes are available: 1 "
+                                 "Insufficient nvidia.com/gpu"), stalled
+    assert "maxSurge" in stalled[2]
+    dep["spec"]["strategy"]["rollingUpdate"]["maxSurge"] = 0
+    _, conds = S.deployment_status(pool, dep, [*pods, _pending("vision-c", "0/1 nodes: taint")])
+    stalled = {c[0]: c[1:] for c in conds}["Stalled"]
+    assert stalled[2].startswith("2 pod(s) Pending: vision-c: ") and "maxSurge" not in stalled[2], stalled
+    gone = _pending("vision-new", gpu)
+    gone["metadata"]["deletionTimestamp"] = "2026-11-24T00:00:00Z"
+    _, conds = S.deployment_status(pool, dep, [gone])
+    assert {c[0]: c[1] for c in conds}["Stalled"] == "False"
+    dep["status"]["conditions"] = [{"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded",
+                                    "message": 'ReplicaSet "vision-7d" has timed out progressing.'}]
+    _, conds = S.deployment_status(pool, dep, [])
+    assert {c[0]: c[1:] for c in conds}["Stalled"] == ("True", "ProgressDeadlineExceeded",
+                                                        'ReplicaSet "vision-7d" has timed out progressing.')
 
 
 async def test_concurrent_pushes_of_a_pool_coalesce_and_never_overlap():

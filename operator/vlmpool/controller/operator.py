@@ -143,6 +143,11 @@ class Operator:
                        labels={L_MANAGED_BY: MANAGED_BY, L_COMPONENT: COMPONENT_SERVER})
         async def pod_event(body: kopf.Body, type: str | None, **_: Any) -> None:
             try:
+                if type != "DELETED":
+                    await op.reconciler.pod_scheduling_changed(dict(body))
+            except Exception:
+                log.exception("the pool's Stalled condition after a pod change failed (the resync will retry)")
+            try:
                 await op.reconciler.pod_changed(dict(body), deleted=type == "DELETED")
             except Exception:
                 log.exception("push after a pod change failed (the resync will retry)")

@@ -9,12 +9,14 @@ from vlmpool.controller import decisions as D
 from vlmpool.controller import status as S
 from vlmpool.controller.common import ReconcilerBase, RetryLater, pool_token
 from vlmpool.controller.routing import apply_routing
-from vlmpool.kube.client import DEPLOYMENTS, VLMPOOLS, ApiError
+from vlmpool.kube.client import DEPLOYMENTS, PODS, VLMPOOLS, ApiError
 from vlmpool.manifests import pool as MP
 from vlmpool.manifests.common import deployment_name, server_label_selector
 
 
 class PoolReconciler(ReconcilerBase):
+    _stalled: set[tuple[str, str]]  # (ns, pool) whose Stalled condition is True
+
     async def reconcile_pool(self, pool: dict[str, Any]) -> None:
         ns, name = pool["metadata"]["namespace"], pool["metadata"]["name"]
         gen = pool["metadata"].get("generation")
@@ -68,7 +70,7 @@ class PoolReconciler(ReconcilerBase):
         pool = await self.kube.get_or_none(VLMPOOLS, owner["name"], ns)
         if pool is None or pool["metadata"]["uid"] != owner.get("uid"):
             return
-        await self._write_pool_status(pool, *S.deployment_status(pool, dep))
+        await self._write_dep_status(pool, dep)
 
     async def refresh_pool_status(self, ns: str, pool: str) -> None:
         """Re-read the pool's Deployment (heals a missed watch event; runs on the resync)."""
@@ -77,4 +79,32 @@ class PoolReconciler(ReconcilerBase):
             return
         deps = [d for d in await self.kube.list(DEPLOYMENTS, ns, label_selector=server_label_selector(pool))
                 if d["metadata"]["name"] == deployment_name(pool)]
-        await self._write_pool_status(obj, *S.deployment_status(obj, deps[0] if deps else None))
+        await self._write_dep_status(obj, deps[0] if deps else None)
+
+    async def pod_scheduling_changed(self, pod: dict[str, Any]) -> None:
+        """A pool pod that no node can take (or one of the pool's while it is Stalled): re-derive the
+        Stalled condition (the Deployment's own status does not change while its new pod waits)."""
+        pool = (pod["metadata"].get("labels") or {}).get("vlmpool.io/pool")
+        if not pool:
+            return
+        if S.unschedulable(pod) is None:
+            key = (pod["metadata"]["namespace"], pool)
+            if key not in self._stalled:
+                return
+        await self.refresh_pool_status(pod["metadata"]["namespace"], pool)
+
+    async def _write_dep_status(self, pool: dict[str, Any], dep: dict[str, Any] | None) -> None:
+        ns, name = pool["metadata"]["namespace"], pool["metadata"]["name"]
+        pods = await self.kube.list(PODS, ns, label_selector=server_label_selector(name)) if dep else []
+        fields, conds = S.deployment_status(pool, dep, pods)
+        stalled = next(c for c in conds if c[0] == "Stalled") if dep else None
+        before = S.get_condition((pool.get("status") or {}).get("conditions") or [], "Stalled")
+        await self._write_pool_status(pool, fields, conds)
+        if stalled is not None and stalled[1] == "True":
+            self._stalled.add((ns, name))
+            if not before or before.get("status") != "True" or before.get("reason") != stalled[2]:
+                self.event(pool, "Warning", "RolloutStalled", stalled[3])
+        else:
+            self._stalled.discard((ns, name))
+            if before and before.get("status") == "True":
+                self.event(pool, "Normal", "RolloutResumed", "every pod of the pool found a node")

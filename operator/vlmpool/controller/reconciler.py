@@ -42,6 +42,7 @@ class Reconciler(PoolReconciler, AdapterReconciler, DeletionReconciler, PushReco
         self._pushes: dict[tuple[str, str], _PoolPush] = {}
         self._pushed: dict[tuple[str, str], str] = {}  # (ns, pod) -> fingerprint last pushed OK
         self._pod_ok: dict[tuple[str, str], bool] = {}  # (ns, pod) -> last push succeeded (for events)
+        self._stalled: set[tuple[str, str]] = set()  # (ns, pool) whose Stalled condition is True
         self._http: aiohttp.ClientSession | None = None
         self._gate_lock = asyncio.Lock()  # patch Job admissions (jobgate.py)
         self._patch_queue: dict[tuple[str, str], tuple[str, str, str]] = {}

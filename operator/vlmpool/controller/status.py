@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from vlmpool.controller.push import PodResult
@@ -38,7 +39,7 @@ def set_condition(conds: list[dict[str, Any]] | None, ctype: str, status: str, r
     if generation is not None:
         cond["observedGeneration"] = generation
     out.append(cond)
-    order = {"Ready": 0, "Patched": 1, "Loaded": 2, "PoolFound": 3, "Progressing": 4, "Degraded": 5}
+    order = {"Ready": 0, "Patched": 1, "Loaded": 2, "PoolFound": 3, "Progressing": 4, "Stalled": 5, "Degraded": 6}
     out.sort(key=lambda c: (order.get(c["type"], 99), c["type"]))
     return out
 
@@ -133,10 +134,37 @@ def loaded_condition(loaded: int, running: int, failures: list[str]) -> tuple[st
     return "False", "Loading", f"loaded on {loaded}/{running} pods"
 
 
-def deployment_status(pool: dict[str, Any], dep: dict[str, Any] | None
+def unschedulable(pod: dict[str, Any]) -> str | None:
+    """The scheduler's reason when `pod` is Pending because no node can take it (None otherwise)."""
+    st = pod.get("status") or {}
+    if pod["metadata"].get("deletionTimestamp") or st.get("phase") != "Pending":
+        return None
+    cond = get_condition(st.get("conditions") or [], "PodScheduled")
+    if cond is None or cond.get("status") != "False":
+        return None
+    return f"{cond.get('reason') or 'Unschedulable'}: {cond.get('message') or 'no node fits'}"
+
+
+def stalled_condition(dep: dict[str, Any], pods: Sequence[dict[str, Any]]) -> tuple[str, str, str, str]:
+    """The pool's Stalled condition: True while pods cannot be scheduled (a roll or scale-up on a full
+    GPU cluster: the scheduler's reason, by pod) or the Deployment passed its progress deadline."""
+    stuck = sorted((p["metadata"]["name"], why) for p in pods if (why := unschedulable(p)))
+    if stuck:
+        shown = "; ".join(f"{name}: {why}" for name, why in stuck[:3]) + ("; ..." if len(stuck) > 3 else "")
+        hint = ""
+        if int(((dep.get("spec") or {}).get("strategy") or {}).get("rollingUpdate", {}).get("maxSurge") or 0):
+            hint = " (spec.rollout.maxSurge adds pods beyond the replicas: on a full cluster they cannot fit)"
+        return ("Stalled", "True", "PodsUnschedulable", f"{len(stuck)} pod(s) Pending: {shown}{hint}")
+    prog = get_condition((dep.get("status") or {}).get("conditions") or [], "Progressing")
+    if prog and prog.get("status") == "False" and prog.get("reason") == "ProgressDeadlineExceeded":
+        return ("Stalled", "True", "ProgressDeadlineExceeded", prog.get("message") or "the rollout made no progress")
+    return ("Stalled", "False", "Progressing", "no pod of the pool is waiting for a node")
+
+
+def deployment_status(pool: dict[str, Any], dep: dict[str, Any] | None, pods: Sequence[dict[str, Any]] = ()
                       ) -> tuple[dict[str, Any], list[tuple[str, str, str, str]]]:
-    """(fields, conditions) of the pool's status from its Deployment: replicas/readyReplicas/ready
-    and the Ready/Progressing conditions."""
+    """(fields, conditions) of the pool's status from its Deployment and its pods: replicas/readyReplicas/
+    ready and the Ready/Progressing/Stalled conditions."""
     desired = (pool.get("spec") or {}).get("replicas", 1)
     st = (dep or {}).get("status") or {}
     ready = int(st.get("readyReplicas") or 0)
@@ -160,6 +188,7 @@ def deployment_status(pool: dict[str, Any], dep: dict[str, Any] | None
         conds.append(("Progressing", "False", "RolledOut", "every pod runs the current spec"))
     else:
         conds.append(("Progressing", "True", "RollingOut", f"{updated}/{desired} pods updated, {ready} ready"))
+    conds.append(stalled_condition(dep, pods))
     return fields, conds
 
 
