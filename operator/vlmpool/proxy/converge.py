@@ -79,6 +79,7 @@ class Converger:
     first_use_failures: dict[str, str]
     accepted_at: float | None
     converge_seconds: float | None
+    first_converged_at: float | None
 
     def _retire(self, v: LoadedVersion, request_id: str | None) -> None:
         raise NotImplementedError
