@@ -195,3 +195,43 @@ def test_a_volume_over_a_directory_holding_other_sources_hides_nothing(kubectl, 
     pod = pods(kubectl, namespace, "job-name=nested")[0]
     assert pod["status"]["containerStatuses"][0]["state"]["terminated"]["message"] == "hi"
     assert os.path.isdir("/tmp")  # the host's /tmp is untouched
+
+
+HOOK_SERVER = """
+import http.server, signal, time
+signal.signal(signal.SIGTERM, lambda *_: signal.alarm(3))  # serves the hook a while after its own SIGTERM
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        open('/w/hook-start', 'w').write(repr(time.time()))
+        time.sleep(1.0)
+        self.send_response(200); self.end_headers(); self.wfile.write(b'ok')
+http.server.HTTPServer(('0.0.0.0', 8080), H).serve_forever()
+"""
+TERM_WRITER = """
+import signal, sys, time
+def term(*_):
+    open('/w/term', 'w').write(repr(time.time())); sys.exit(0)
+signal.signal(signal.SIGTERM, term)
+time.sleep(3600)
+"""
+
+
+def test_a_prestop_http_hook_runs_before_sigterm(kubectl, local_node, namespace):
+    """As the kubelet: a deleted pod's container with a preStop httpGet gets SIGTERM only after the hook
+    answered (vlmpool's engine waits for its proxy's drain this way)."""
+    apply(kubectl, namespace, {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "hooked"}, "spec": {
+        "terminationGracePeriodSeconds": 20,
+        "containers": [
+            {"name": "web", "image": "python:3.11-slim", "command": ["python3", "-c", HOOK_SERVER],
+             "volumeMounts": [{"name": "w", "mountPath": "/w"}]},
+            {"name": "victim", "image": "python:3.11-slim", "command": ["python3", "-c", TERM_WRITER],
+             "lifecycle": {"preStop": {"httpGet": {"path": "/drainz", "port": 8080}}},
+             "volumeMounts": [{"name": "w", "mountPath": "/w"}]}],
+        "volumes": [{"name": "w", "emptyDir": {}}]}})
+    kubectl("wait", "pod/hooked", "-n", namespace, "--for=condition=Ready", "--timeout=60s", timeout=70)
+    pod = get_json(kubectl, "pod", "hooked", "-n", namespace)
+    workdir = next(local_node.state_dir.glob(f"pods/{namespace}_hooked_*/volumes/w"))
+    kubectl("delete", "pod", "hooked", "-n", namespace, "--wait=true", timeout=60)
+    assert pod["status"]["phase"] == "Running"
+    hook, term = float((workdir / "hook-start").read_text()), float((workdir / "term").read_text())
+    assert term >= hook + 1.0, (hook, term)  # SIGTERM after the hook's whole answer

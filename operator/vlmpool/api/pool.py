@@ -243,6 +243,12 @@ class ProxySpec(Model):
     request_timeout_seconds: float = Field(
         default=120, gt=0, le=86400, description="Timeout of one request to vLLM; past it the proxy answers 503."
     )
+    drain_seconds: int = Field(
+        default=5, ge=0, le=120,
+        description="After its pod is told to stop, how long the proxy stays unready but keeps serving new "
+        "requests (until Services and gateways stop sending them), before it finishes the ones in flight; the "
+        "engine's preStop hook waits for that, so a roll fails no request. 0: stop listening at once.",
+    )
     port: int = Field(default=8080, ge=1024, le=65535, description="OpenAI-compatible port (the Service's target).")
     admin_port: int = Field(default=8081, ge=1024, le=65535,
                             description="Admin API port, reached only by the operator.")

@@ -559,6 +559,9 @@ class PodWorker:
         if proc is None or proc.returncode is not None:
             return
         run.killing, run.kill_reason = True, reason
+        t0 = time.monotonic()
+        await self._pre_stop(run, grace)  # as the kubelet: the hook, then SIGTERM, within one grace period
+        grace = max(0.0, grace - (time.monotonic() - t0))
         try:
             os.killpg(proc.pid, signal.SIGTERM)
         except ProcessLookupError:
@@ -571,6 +574,20 @@ class PodWorker:
             except ProcessLookupError:
                 pass
             await proc.wait()
+
+    async def _pre_stop(self, run: ContainerRun, grace: float) -> None:
+        """The container's preStop hook (httpGet or sleep; exec is not run by this kubelet), bounded by the
+        grace period; a failed hook is logged and the container stopped anyway, as the kubelet does."""
+        hook = ((run.spec.get("lifecycle") or {}).get("preStop")) or {}
+        try:
+            if "sleep" in hook:
+                await asyncio.sleep(min(grace, float(hook["sleep"].get("seconds", 0))))
+            elif "httpGet" in hook and self.k.http is not None:
+                ok, why = await run_probe({**hook, "timeoutSeconds": grace}, run.spec, self.ip, self.k.http, {})
+                if not ok:
+                    log.info("pod %s/%s: %s preStop hook failed: %s", self.ns, self.name, run.name, why)
+        except (ValueError, TypeError) as e:
+            log.info("pod %s/%s: %s preStop hook refused: %s", self.ns, self.name, run.name, e)
 
     async def run(self) -> None:
         try:

@@ -149,6 +149,9 @@ def model_args(spec: VLMPoolSpec) -> list[str]:
     return args
 
 
+PROXY_SHUTDOWN_S = 30  # the proxy finishes in-flight requests this long at most (ProxyConfig.shutdown_timeout)
+
+
 def proxy_args(spec: VLMPoolSpec, adapter_root: str = ADAPTER_ROOT) -> list[str]:
     """The proxy's command line. Concurrency is not in it: the operator pushes it at run time, so
     changing it never rolls the (GPU) pods; the proxy is not ready before that first push anyway."""
@@ -163,6 +166,7 @@ def proxy_args(spec: VLMPoolSpec, adapter_root: str = ADAPTER_ROOT) -> list[str]
         "--max-loras", str(spec.engine.max_loras),  # exported to routers as vllm:lora_requests_info max_lora
         "--queue-timeout", f"{px.queue_timeout_seconds:g}",
         "--request-timeout", f"{px.request_timeout_seconds:g}",
+        "--drain-seconds", str(px.drain_seconds),
         "--adapter-root", adapter_root,
         "--thinking", "switch" if families.family(spec.model.family).thinking_switch else "none",
     ] + (["--api-key-dir", API_KEY_DIR] if px.api_key_secret else []) + (
@@ -248,6 +252,9 @@ def pod_template(pool: dict[str, Any], token_hash: str = "", adapter_root: str =
                            "timeoutSeconds": 5, "failureThreshold": 3},
         "livenessProbe": {"httpGet": {"path": ENGINE_HEALTH_PATH, "port": "engine"}, "periodSeconds": 15,
                           "timeoutSeconds": 10, "failureThreshold": 4},
+        # the engine outlives the proxy's drain (proxy/drain.py): the kubelet sends it SIGTERM only once
+        # the proxy has stopped taking requests and finished those in flight
+        "lifecycle": {"preStop": {"httpGet": {"path": "/drainz", "port": px.port}}},
         "resources": _resources(eng.resources, eng.gpus),
         "volumeMounts": engine_mounts,
         "securityContext": container_security(eng.security_context.to_wire() if eng.security_context else None),
@@ -257,7 +264,8 @@ def pod_template(pool: dict[str, Any], token_hash: str = "", adapter_root: str =
     pod_spec: dict[str, Any] = {
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
-        "terminationGracePeriodSeconds": 60,
+        # the drain, then the proxy's in-flight requests (PROXY_SHUTDOWN_S), then the engine's own stop
+        "terminationGracePeriodSeconds": max(60, px.drain_seconds + PROXY_SHUTDOWN_S + 15),
         # Restricted profile; its fsGroup (the images' gid 65532) is also what lets the proxy read the
         # admin-token Secret (mode 0440, root-owned on a real kubelet: "Permission denied" without it).
         "securityContext": {k: (dict(v) if isinstance(v, dict) else v) for k, v in POD_SECURITY.items()},

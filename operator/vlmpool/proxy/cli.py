@@ -52,6 +52,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--request-timeout", type=float, default=s.DEFAULT_REQUEST_TIMEOUT_S,
                         help="seconds per engine call (streams: max silence between chunks) before 503 "
                              f"(default {s.DEFAULT_REQUEST_TIMEOUT_S:g})")
+    parser.add_argument("--drain-seconds", type=float, default=s.DEFAULT_DRAIN_S,
+                        help="after SIGTERM: unready but still serving this long (endpoints catch up), then "
+                             "in-flight requests finish; GET /drainz (the engine's preStop hook) answers after "
+                             f"(default {s.DEFAULT_DRAIN_S:g})")
     parser.add_argument("--max-body-bytes", type=int, default=s.DEFAULT_MAX_BODY_BYTES,
                         help=f"largest request body accepted (default {s.DEFAULT_MAX_BODY_BYTES})")
     parser.add_argument("--max-inflight-body-bytes", type=int, default=None,
@@ -100,6 +104,7 @@ def build_config(args: argparse.Namespace):
         max_loras=args.max_loras,
         queue_timeout=args.queue_timeout,
         request_timeout=args.request_timeout,
+        drain_seconds=args.drain_seconds,
         max_body_bytes=args.max_body_bytes,
         max_inflight_body_bytes=args.max_inflight_body_bytes,
         header_timeout=args.header_timeout,

@@ -5,5 +5,6 @@ DEFAULT_QUEUE_LIMIT = 1024  # a burst far larger than cortex's ~10 concurrent ca
 DEFAULT_QUEUE_TIMEOUT_S = 30.0
 DEFAULT_REQUEST_TIMEOUT_S = 120.0  # roboflow's VLLM_REQUEST_TIMEOUT_S
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024  # images travel inline as data URIs
+DEFAULT_DRAIN_S = 5.0  # after SIGTERM: unready but serving (proxy/drain.py)
 DEFAULT_HEADER_TIMEOUT_S = 20.0  # a request's headers must arrive this soon (and keep-alive idle time)
 DEFAULT_BODY_TIMEOUT_S = 60.0  # a request's body must arrive this soon after its headers

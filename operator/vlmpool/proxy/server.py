@@ -30,6 +30,7 @@ from .defaults import (
     DEFAULT_QUEUE_TIMEOUT_S,
     DEFAULT_REQUEST_TIMEOUT_S,
 )
+from .drain import Drain
 from .engine import EngineClient, EngineHTTPError, EngineUnavailable
 from .errors import (
     adapter_unavailable,
@@ -52,7 +53,7 @@ log = get_logger()
 access_log = get_logger("access")
 
 REQUEST_ID_RE = re.compile(r"^[\x21-\x7e]{1,200}$")
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})  # never behind the API key
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/drainz", "/metrics"})  # never behind the API key
 LINGER_S = 2.0  # aiohttp's default is 10 s of reading a refused body's rest
 
 
@@ -78,6 +79,7 @@ class ProxyConfig:
     api_key_dir: str | None = None  # a mounted Secret: each file's value is an accepted bearer token
     access_log: bool = True
     shutdown_timeout: float = 30.0
+    drain_seconds: float = 0.0  # after SIGTERM: unready but serving this long (the CLI's default: 5)
     load_parallelism: int = 4  # adapter loads at once until a push sets it
     retry_interval: float = 5.0  # re-try loads that met an unreachable engine this often (0: never)
     crop_describe: bool = True  # POST /v1/vlmpool/crop-describe (spec.proxy.cropDescribe)
@@ -92,6 +94,8 @@ class ProxyConfig:
             )
         if self.concurrency < 1:
             problems.append(f"concurrency must be >= 1 (got {self.concurrency})")
+        if not 0 <= self.drain_seconds <= 600:
+            problems.append(f"drain seconds must be 0..600 (got {self.drain_seconds:g})")
         if not 1 <= self.load_parallelism <= 64:
             problems.append(f"load parallelism must be 1..64 (got {self.load_parallelism})")
         if self.queue_limit < 0:
@@ -138,6 +142,7 @@ class Proxy:
         self._base_lock = asyncio.Lock()
         self._created = int(time.time())
         self.shutting_down = False
+        self.drain = Drain(config.drain_seconds, config.shutdown_timeout)
         self.upstream = Upstream(config.engine_url, keepalive_s=4.0)
         self.body_budget = ByteBudget(config.max_inflight_body_bytes or 2 * config.max_body_bytes, config.queue_limit)
         self.api_keys = ApiKeys(config.api_key_dir) if config.api_key_dir else None
@@ -171,6 +176,7 @@ class Proxy:
         public.router.add_post(CROP_DESCRIBE_ROUTE, self.crop_describe.handle)
         public.router.add_get("/healthz", self.handle_healthz)
         public.router.add_get("/readyz", self.handle_readyz)
+        public.router.add_get("/drainz", self.drain.handle_drainz)
         public.router.add_get("/metrics", self.handle_metrics)
         public.on_response_prepare.append(self._stamp_request_id)
 
@@ -189,6 +195,9 @@ class Proxy:
         token = REQUEST_ID.set(rid)
         t0 = time.perf_counter()
         status = 500
+        api = request.path.startswith("/v1/")  # the public API: what the engine's preStop hook waits for
+        if api:
+            self.drain.enter()
         try:
             try:
                 resp = await handler(request)
@@ -205,6 +214,8 @@ class Proxy:
             status = resp.status
             return resp
         finally:
+            if api:
+                self.drain.exit()
             elapsed = time.perf_counter() - t0
             if ctx.status_override is not None:
                 status = ctx.status_override
@@ -458,7 +469,14 @@ async def start_proxy(config: ProxyConfig) -> tuple[RunningProxy, list[web.AppRu
 
 
 async def stop_proxy(running: RunningProxy, runners: list[web.AppRunner]) -> None:
+    """Drain (proxy/drain.py): unready but serving for drain_seconds, then no new connections, then the
+    requests in flight finish (shutdown_timeout at most) while the engine's preStop hook waits."""
     running.proxy.shutting_down = True
+    await running.proxy.drain.begin()
+    for r in runners:
+        for site in list(r.sites):
+            await site.stop()
+    running.proxy.drain.listeners_closed()
     for r in runners:
         await r.cleanup()
     await running.proxy.close()
