@@ -5,6 +5,8 @@ proxies, and the simulator as the engine with a per-load latency), the figures o
 2. operator restart with nothing changed -> converged, counting new Jobs (apiserver) and loads (engines);
 3. every engine killed (the kubelet restarts it; it forgot every adapter) -> all N loaded on all M pods;
 4. one adapter's version swapped while requests for it run on every pod: time, and failed requests;
+4b. a roll of the full pool (every GPU taken) after an engine-args change, under load through the pods a
+   Service would pick: time until every pod is new and holds every adapter, and failed requests;
 5. per phase: the apiserver's own request counts (apiserver_request_total, by verb and resource), the
    operator's CPU seconds and peak RSS, and the proxies' (and engines').
 
@@ -243,6 +245,41 @@ class Bench:
                         errors=load.errors)
 
 
+    def roll(self) -> dict:
+        """An engine-args change rolls every pod of the full pool (each pod holds a GPU; spec.rollout
+        decides how many go down at once) while clients send requests through the pods a Service would
+        pick (FollowLoad): time until every pod is new, Ready and holds every adapter; failed requests."""
+        name = "adapter-0"
+        L.wait_until(lambda: len(self.pods()) == self.m, self.args.timeout, f"{self.m} pods Ready before the roll",
+                     0.25)
+        before = {p["metadata"]["name"] for p in self.pods()}
+        doc = pool_doc(self.args)
+        doc["spec"]["engine"]["extraArgs"] += ["--tpot-ms", "2.5"]  # a new engine command line: a roll
+        mark = self.begin()
+
+        def endpoints() -> list[str]:
+            return [f"http://{p['status']['podIP']}:8080" for p in self.pods()]
+        with L.FollowLoad(endpoints, name, threads=self.args.load_threads, lag=self.args.endpoint_lag) as load:
+            time.sleep(1.0)  # requests already flowing on every pod before the change
+            t0 = time.monotonic()
+            self.dev.kubectl("apply", "-f", "-", input=json.dumps(doc))
+            self._own(("GET", "vlmpools"), 1)  # kubectl apply: a GET and a patch
+            self._own(("PATCH", "vlmpools"), 1)
+
+            def rolled() -> bool:
+                now = self.pods()
+                return (len(now) == self.m and not {p["metadata"]["name"] for p in now} & before
+                        and self.all_ready())
+            t1 = L.wait_until(rolled, self.args.timeout, f"{self.m} new pods Ready with every adapter", 0.5)
+            time.sleep(2.0)  # and still flowing after it
+        if not load.counts.get("ok"):
+            raise RuntimeError("no request succeeded during the roll: the figure would prove nothing")
+        return self.end(mark, "roll", t1 - t0, requests=dict(load.counts), failed_requests=load.failed,
+                        errors=load.errors, max_unavailable=str(self.args.max_unavailable or 1),
+                        endpoint_lag_s=self.args.endpoint_lag,
+                        seconds_per_pod=round((t1 - t0) / self.m, 2))
+
+
 def _healthy(url: str) -> bool:
     try:
         L.http_json(url + "/health", timeout=2)
@@ -271,7 +308,13 @@ def pool_doc(args: argparse.Namespace) -> dict:
             "spec": {"model": {"name": "Qwen/Qwen2.5-VL-3B-Instruct", "family": "qwen2_5_vl"},
                      "replicas": args.pods,
                      "engine": {"gpus": 1, "maxLoras": 8, "maxCpuLoras": min(4096, max(8, args.adapters + 2)),
-                                "extraArgs": extra}}}
+                                "extraArgs": extra},
+                     **({"rollout": {"maxUnavailable": _int_or_percent(args.max_unavailable)}}
+                        if args.max_unavailable else {})}}
+
+
+def _int_or_percent(text: str) -> int | str:
+    return int(text) if text.isdigit() else text
 
 
 def run_size(args: argparse.Namespace, work: Path, seed: Path) -> dict:
@@ -290,7 +333,7 @@ def run_size(args: argparse.Namespace, work: Path, seed: Path) -> dict:
         print(f"  cluster and {args.pods} pods up in {time.monotonic() - t_setup:.1f}s", flush=True)
         pod_ips = sorted(p["status"]["podIP"] for p in b.pods())
         phases = []
-        for step in (b.apply_all, b.operator_restart, b.engine_restart, b.swap):
+        for step in (b.apply_all, b.operator_restart, b.engine_restart, b.swap, b.roll):
             print(f"  {step.__name__} ...", flush=True)
             try:
                 phases.append(step())
@@ -339,7 +382,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--operator-arg", action="append", help="an extra operator argument (repeatable)")
     ap.add_argument("--job-bound", default="none (every patch Job starts at once)",
                     help="the patch Job bound in force, as printed (set it with --operator-arg)")
-    ap.add_argument("--load-threads", type=int, default=4, help="clients sending requests during the swap")
+    ap.add_argument("--load-threads", type=int, default=4, help="clients sending requests during the swap and roll")
+    ap.add_argument("--endpoint-lag", type=float, default=1.0,
+                    help="seconds the roll's clients follow the Ready pods late, as kube-proxy follows EndpointSlices "
+                         "(default 1.0)")
+    ap.add_argument("--max-unavailable", help="the pool's spec.rollout.maxUnavailable for the roll (a count or a "
+                    "percent; default: the pool's default, 1)")
     ap.add_argument("--timeout", type=float, default=1800, help="per-phase limit in seconds")
     ap.add_argument("--label", default="", help="names the code measured in the results and curves (e.g. main)")
     ap.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="JSON lines appended here")

@@ -226,11 +226,20 @@ class Load:
         self._lock = threading.Lock()
         self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
 
+    def _urls(self) -> list[str]:
+        return self.urls
+
     def _run(self, i: int) -> None:
         body = {"model": self.model, "max_tokens": 4, "messages": [{"role": "user", "content": "describe"}]}
         n = i
         while not self._stop.is_set():
-            url = self.urls[n % len(self.urls)] + "/v1/chat/completions"
+            urls = self._urls()
+            if not urls:
+                with self._lock:
+                    self.counts["no_endpoint"] += 1
+                time.sleep(0.05)
+                continue
+            url = urls[n % len(urls)] + "/v1/chat/completions"
             n += 1
             try:
                 http_json(url, body, timeout=30)
@@ -262,6 +271,42 @@ class Load:
     @property
     def failed(self) -> int:
         return sum(n for k, n in self.counts.items() if k != "ok")
+
+
+class FollowLoad(Load):
+    """Load over the pods a Service would send to: `endpoints()` (the Ready pods not being deleted, as the
+    endpoints controller computes them) re-read every `refresh` seconds and used `lag` seconds late, as
+    kube-proxy or a gateway follows EndpointSlices (about a second on a real cluster: the endpoints
+    controller's batching, then the proxy's sync). The local cluster has no Service data path (loopback
+    pod addresses are refused in EndpointSlices), so the lag is modelled here, not measured."""
+
+    def __init__(self, endpoints, model: str, threads: int = 4, refresh: float = 0.2, lag: float = 1.0):
+        super().__init__([], model, threads)
+        self._endpoints, self._refresh, self._lag = endpoints, refresh, lag
+        self._seen: collections.deque[tuple[float, list[str]]] = collections.deque([(0.0, list(endpoints()))])
+        self._watcher = threading.Thread(target=self._follow, daemon=True)
+
+    def _follow(self) -> None:
+        while not self._stop.wait(self._refresh):
+            try:
+                self._seen.append((time.monotonic(), list(self._endpoints())))
+            except Exception as e:  # noqa: BLE001 - the apiserver busy: keep the last list
+                self._note(f"endpoints: {e}")
+
+    def _urls(self) -> list[str]:
+        cutoff = time.monotonic() - self._lag
+        while len(self._seen) > 1 and self._seen[1][0] <= cutoff:
+            self._seen.popleft()
+        return self._seen[0][1]
+
+    def __enter__(self) -> FollowLoad:
+        super().__enter__()
+        self._watcher.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        super().__exit__(*exc)
+        self._watcher.join(10)
 
 
 def wait_until(pred, timeout: float, what: str, interval: float = 0.5) -> float:

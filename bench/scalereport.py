@@ -72,6 +72,11 @@ def report(r: dict) -> None:
         rows += [("4 version swap under load (s)", p["seconds"], "stated", ""),
                  ("  failed requests", f"{p['failed_requests']} of {sum(p['requests'].values())}", "0",
                   "ok" if p["failed_requests"] == 0 else "MISSED")]
+    if p := done("roll"):
+        rows += [(f"4b full-capacity roll, maxUnavailable {p['max_unavailable']} (s)", p["seconds"], "stated",
+                  f"{p['seconds_per_pod']:.1f}s/pod"),
+                 ("  failed requests", f"{p['failed_requests']} of {sum(p['requests'].values())}", "0",
+                  "ok" if p["failed_requests"] == 0 else "MISSED")]
     for p in r["phases"]:
         if not p.get("timed_out"):
             w = p["apiserver_writes"]
