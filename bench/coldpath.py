@@ -31,9 +31,12 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 import urllib.request
 from datetime import datetime
 from pathlib import Path
+
+from vlmpool.manifests.common import COMPONENT_PATCH, L_ADAPTER, L_COMPONENT
 
 SEED_COLD_PATH_S = 2.4
 NS = "bench"
@@ -68,11 +71,14 @@ class Timeline:
         return json.loads(body).get("items", []) if status == 200 else []
 
     def _run(self) -> None:
-        sel = f"labelSelector=vlmpool.io%2Fadapter%3D{self.name}"
+        # the patch Job's labels as manifests/adapter.py sets them (the component label is the
+        # app.kubernetes.io one: a filter on a vlmpool.io/component label matched nothing, and the first
+        # three stages printed "?")
+        sel = "labelSelector=" + urllib.parse.quote(
+            f"{L_ADAPTER}={self.name},{L_COMPONENT}={COMPONENT_PATCH}", safe="")
         while not self._stop.is_set():
             now = time.time()
-            jobs = [j for j in self._list(f"/apis/batch/v1/namespaces/{NS}/jobs?{sel}")
-                    if j["metadata"]["labels"].get("vlmpool.io/component") == "patch"]
+            jobs = self._list(f"/apis/batch/v1/namespaces/{NS}/jobs?{sel}")
             if jobs:
                 self.seen.setdefault("job_created", now)
                 job = jobs[0]["metadata"]["name"]
