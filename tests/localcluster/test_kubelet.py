@@ -216,9 +216,11 @@ time.sleep(3600)
 """
 
 
-def test_a_prestop_http_hook_runs_before_sigterm(kubectl, local_node, namespace):
+def test_a_prestop_http_hook_runs_before_sigterm(kubectl, local_node, namespace, tmp_path):
     """As the kubelet: a deleted pod's container with a preStop httpGet gets SIGTERM only after the hook
-    answered (vlmpool's engine waits for its proxy's drain this way)."""
+    answered (vlmpool's engine waits for its proxy's drain this way). The witnesses live on a hostPath: an
+    emptyDir goes with the pod, possibly before `kubectl delete --wait` returns."""
+    workdir = tmp_path / "w"
     apply(kubectl, namespace, {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "hooked"}, "spec": {
         "terminationGracePeriodSeconds": 20,
         "containers": [
@@ -227,10 +229,9 @@ def test_a_prestop_http_hook_runs_before_sigterm(kubectl, local_node, namespace)
             {"name": "victim", "image": "python:3.11-slim", "command": ["python3", "-c", TERM_WRITER],
              "lifecycle": {"preStop": {"httpGet": {"path": "/drainz", "port": 8080}}},
              "volumeMounts": [{"name": "w", "mountPath": "/w"}]}],
-        "volumes": [{"name": "w", "emptyDir": {}}]}})
+        "volumes": [{"name": "w", "hostPath": {"path": str(workdir), "type": "DirectoryOrCreate"}}]}})
     kubectl("wait", "pod/hooked", "-n", namespace, "--for=condition=Ready", "--timeout=60s", timeout=70)
     pod = get_json(kubectl, "pod", "hooked", "-n", namespace)
-    workdir = next(local_node.state_dir.glob(f"pods/{namespace}_hooked_*/volumes/w"))
     kubectl("delete", "pod", "hooked", "-n", namespace, "--wait=true", timeout=60)
     assert pod["status"]["phase"] == "Running"
     hook, term = float((workdir / "hook-start").read_text()), float((workdir / "term").read_text())
