@@ -122,12 +122,13 @@ def test_network_policy_admits_only_the_operator_on_the_admin_port(helm):
         assert http["from"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "gateway"}
         assert extra["ports"] == [{"port": "engine", "protocol": "TCP"}]
     # The named ports exist on the pool pods the operator builds.
+    from vlmpool.api.objects import Pool
     from vlmpool.manifests.pool import pod_template
 
     pool = {"apiVersion": "vlmpool.io/v1alpha1", "kind": "VLMPool",
             "metadata": {"name": "p", "namespace": "team-a", "uid": "u"},
             "spec": {"model": {"name": "Qwen/Qwen2.5-VL-3B-Instruct", "family": "qwen2_5_vl"}}}
-    tpl = pod_template(pool)
+    tpl = pod_template(Pool.parse(pool))
     ports = {p["name"] for c in tpl["spec"]["containers"] for p in c.get("ports", [])}
     assert {"admin", "http", "engine"} <= ports
     from vlmpool.manifests.common import L_COMPONENT, L_MANAGED_BY

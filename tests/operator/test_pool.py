@@ -188,3 +188,33 @@ async def test_scale_subresource_drives_the_pool_and_an_hpa_can_target_it(kube, 
 
 async def _sync(fn):
     return fn()
+
+
+async def test_a_spec_only_the_model_refuses_degrades_the_pool_and_creates_no_children(kube, namespace, operator):
+    """A spec the CRD admits but the typed model refuses (rollout maxSurge 0 and maxUnavailable 0: the
+    roll could never start) fails where the spec is parsed, before anything is applied: the pool ends
+    Degraded with reason ValidationError and has no children; once fixed it reconciles."""
+    await operator()
+    await kube.create(pool_obj("stuck", rollout={"maxSurge": 0, "maxUnavailable": 0}), namespace)
+
+    async def degraded():
+        st = (await kube.get(VLMPOOLS, "stuck", namespace)).get("status") or {}
+        c = next((c for c in st.get("conditions") or [] if c["type"] == "Degraded"), {})
+        return c if c.get("status") == "True" else None
+
+    cond = await eventually(degraded, what="Degraded True on the refused pool")
+    assert cond["reason"] == "ValidationError" and "cannot both be 0" in cond["message"], cond
+    for res, name in ((DEPLOYMENTS, "stuck"), (SERVICES, "stuck"), (PVCS, "stuck-adapters"),
+                      (SECRETS, "stuck-admin-token")):
+        with pytest.raises(NotFound):
+            await kube.get(res, name, namespace)
+
+    await kube.patch(VLMPOOLS, "stuck", {"spec": {"rollout": {"maxUnavailable": 1}}}, namespace)
+
+    async def reconciled():
+        st = (await kube.get(VLMPOOLS, "stuck", namespace)).get("status") or {}
+        c = next((c for c in st.get("conditions") or [] if c["type"] == "Degraded"), {})
+        return c if c.get("status") == "False" and c.get("reason") == "Reconciled" else None
+
+    await eventually(reconciled, what="Degraded False once the spec is valid")
+    await kube.get(DEPLOYMENTS, "stuck", namespace)

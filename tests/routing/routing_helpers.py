@@ -23,6 +23,7 @@ import pytest
 import yaml
 from aiohttp import web
 
+from vlmpool.api.objects import Pool
 from vlmpool.api.pool import VLMPoolSpec
 from vlmpool.localcluster.controlplane import free_port
 from vlmpool.manifests import routing as MR
@@ -200,16 +201,17 @@ def pool_spec(port: int) -> VLMPoolSpec:
                                        "routing": {}})
 
 
-def pool_object(ns: str, spec: VLMPoolSpec) -> dict[str, Any]:
-    return {"apiVersion": "vlmpool.io/v1alpha1", "kind": "VLMPool",
-            "metadata": {"name": POOL, "namespace": ns, "uid": "00000000-0000-0000-0000-000000000001"},
-            "spec": spec.model_dump(by_alias=True, exclude_none=True)}
+def pool_object(ns: str, spec: VLMPoolSpec) -> Pool:
+    """The pool as the operator sees it (the spec is parsed already)."""
+    return Pool({"apiVersion": "vlmpool.io/v1alpha1", "kind": "VLMPool",
+                 "metadata": {"name": POOL, "namespace": ns, "uid": "00000000-0000-0000-0000-000000000001"},
+                 "spec": spec.model_dump(by_alias=True, exclude_none=True)}, spec)
 
 
 def apply_pool_objects(control_plane: Any, ns: str, pods: list[ModelPod], spec: VLMPoolSpec) -> None:
     """The InferencePool as the operator renders it (no owner: there is no VLMPool object here) and
     the two pods' Pod objects, their status patched Ready with the pods' loopback IPs."""
-    ip = MR.inference_pool(pool_object(ns, spec), spec)
+    ip = MR.inference_pool(pool_object(ns, spec))
     del ip["metadata"]["ownerReferences"]
     control_plane.kubectl("apply", "--server-side", "-f", "-", input=json.dumps(ip))
     for pod in pods:
@@ -242,7 +244,7 @@ class EPP:
 
 def start_epp(control_plane: Any, ns: str, spec: VLMPoolSpec, workdir: Path) -> EPP:
     """The real EPP, with the args and config the operator renders (ports and file paths local)."""
-    objs = MR.epp_objects(pool_object(ns, spec), spec)
+    objs = MR.epp_objects(pool_object(ns, spec))
     config = next(o for o in objs if o["kind"] == "ConfigMap")["data"][MR.EPP_CONFIG_KEY]
     args = next(o for o in objs if o["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
     cfg = workdir / "epp-config.yaml"

@@ -8,8 +8,8 @@ import uuid
 
 from routing_helpers import install_inferencepool_crd
 
+from vlmpool.api.objects import Pool
 from vlmpool.manifests import routing as MR
-from vlmpool.manifests.pool import parse_spec
 
 
 def test_rendered_routing_objects_are_admitted(control_plane):
@@ -21,7 +21,7 @@ def test_rendered_routing_objects_are_admitted(control_plane):
                 "metadata": {"name": "vision", "namespace": ns, "uid": str(uuid.uuid4())},
                 "spec": {"model": {"name": "Qwen/Qwen2.5-VL-3B-Instruct", "family": "qwen2_5_vl"},
                          "routing": {"failureMode": "FailOpen"}}}
-        objs = MR.routing_objects(pool, parse_spec(pool))
+        objs = MR.routing_objects(Pool.parse(pool))
         assert len(objs) == 7
         for obj in objs:
             res = control_plane.kubectl("apply", "--server-side", "--dry-run=server", "--field-manager=t",

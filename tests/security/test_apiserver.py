@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from vlmpool.api.objects import Adapter, Pool
 from vlmpool.controller import rbac
 from vlmpool.controller.reconciler import pool_token
 from vlmpool.kube.client import EVENTS, JOBS, PODS, SECRETS, VLMADAPTERS, VLMPOOLS
@@ -213,7 +214,8 @@ async def test_pool_and_job_pods_are_admitted_in_a_restricted_namespace(control_
     adapter = await kube.create(adapter_obj("inv", "https://example.com/a.tgz"), namespace)
     # cleanup and prune Jobs as the operator builds them (their turn needs running pods; the
     # Jobs controller creating their pods is what the profile judges).
-    for job in (MA.cleanup_job(adapter, pool), MA.prune_job(adapter, pool, "v1")):
+    a, p = Adapter.parse(adapter), Pool.parse(pool)
+    for job in (MA.cleanup_job(a, p), MA.prune_job(a, p, "v1")):
         job["metadata"].pop("ownerReferences")
         await kube.create(job, namespace)
 

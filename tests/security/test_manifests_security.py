@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from vlmpool.api.objects import Adapter, Pool
 from vlmpool.controller.reconciler import pool_token
 from vlmpool.manifests import adapter as MA
 from vlmpool.manifests import pool as MP
@@ -13,16 +14,21 @@ from vlmpool.manifests import pool as MP
 BASE = "Qwen/Qwen2.5-VL-3B-Instruct"
 
 
-def pool(**spec):
+def pool_obj(**spec) -> dict:
     return {"apiVersion": "vlmpool.io/v1alpha1", "kind": "VLMPool",
             "metadata": {"name": "vision", "namespace": "team-a", "uid": "pool-uid"},
             "spec": {"model": {"name": BASE, "family": "qwen2_5_vl"}, **spec}}
 
 
-def adapter(**spec):
-    return {"apiVersion": "vlmpool.io/v1alpha1", "kind": "VLMAdapter",
-            "metadata": {"name": "inv", "namespace": "team-a", "uid": "ad-uid"},
-            "spec": {"poolRef": {"name": "vision"}, "source": {"uri": "https://example.com/a.tgz"}, **spec}}
+def pool(**spec) -> Pool:
+    return Pool.parse(pool_obj(**spec))
+
+
+def adapter(**spec) -> Adapter:
+    return Adapter.parse({"apiVersion": "vlmpool.io/v1alpha1", "kind": "VLMAdapter",
+                          "metadata": {"name": "inv", "namespace": "team-a", "uid": "ad-uid"},
+                          "spec": {"poolRef": {"name": "vision"}, "source": {"uri": "https://example.com/a.tgz"},
+                                   **spec}})
 
 
 def restricted_violations(pod_spec: dict) -> list[str]:
@@ -82,7 +88,7 @@ def test_a_pool_cannot_make_its_engine_privileged(field):
     from pydantic import ValidationError
 
     with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
-        MP.deployment(pool(engine={"securityContext": {"runAsUser": 0, **field}}), "h")
+        pool(engine={"securityContext": {"runAsUser": 0, **field}})  # refused where the spec is parsed
 
 
 @pytest.mark.parametrize("which", ["patch", "cleanup", "prune"])
@@ -136,12 +142,12 @@ def test_file_sources_only_under_allowed_node_directories(uri, allowed, ok):
 
 
 def test_admin_tokens_are_derived_from_the_pool_identity_and_the_key():
-    p = pool()
+    p = pool_obj()
     t = pool_token(b"k" * 32, p)
-    assert t == pool_token(b"k" * 32, pool()) and len(t) == 64
+    assert t == pool_token(b"k" * 32, pool_obj()) and len(t) == 64
     other = [pool_token(b"x" * 32, p)]
     for field, value in (("uid", "other-uid"), ("name", "vision2"), ("namespace", "team-b")):
-        q = pool()
+        q = pool_obj()
         q["metadata"][field] = value
         other.append(pool_token(b"k" * 32, q))
     assert t not in other and len(set(other)) == len(other)

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from vlmpool.api.objects import Adapter
 from vlmpool.controller import decisions as D
 from vlmpool.controller.push import PodResult
 from vlmpool.kube.client import ApiError
@@ -179,14 +180,14 @@ def test_adapter_loads():
     results = {"p0": PodResult("p0", True, 1, {"inv": {"name": "inv", "version": "v1", "state": "loaded"}}),
                "p1": PodResult("p1", False, error="timeout")}
     ready = _adapter({"version": "v1", "path": f"{ROOT}/inv/versions/v1"})
-    fields, conds = D.adapter_loads(ready, [], {}, pods, results)
+    fields, conds = D.adapter_loads(Adapter.parse(ready), [], {}, pods, results)
     assert fields["loadedPods"] == 1 and fields["loaded"] == "1/2" and fields["desiredPods"] == 2
     assert [p["pod"] for p in fields["pods"]] == pods and conds[0][:2] == ("Loaded", "False")
-    fields, conds = D.adapter_loads(ready, ["inv"], {"inv": {"version": "v9"}}, pods, results)
+    fields, conds = D.adapter_loads(Adapter.parse(ready), ["inv"], {"inv": {"version": "v9"}}, pods, results)
     assert fields == {"pods": [], "loadedPods": 0, "desiredPods": 2, "loaded": "0/2"}
     assert conds == [("Loaded", "False", "ServedNameConflict",
                       "another adapter of the pool already serves 'inv' (version v9)")]
-    assert D.adapter_loads(_adapter(), [], {}, pods, results) == (
+    assert D.adapter_loads(Adapter.parse(_adapter()), [], {}, pods, results) == (
         {"loadedPods": 0, "desiredPods": 2, "loaded": "0/2"}, [])
 
 

@@ -1,4 +1,5 @@
-"""The manifest builders are pure functions: spec in, dict out. Tested without a cluster."""
+"""The manifest builders are pure functions: the typed views (api/objects.py) in, dict out. Tested
+without a cluster."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from vlmpool.api.objects import Adapter, Pool
 from vlmpool.manifests import adapter as MA
 from vlmpool.manifests import pool as MP
 from vlmpool.manifests.common import ADAPTER_ROOT, API_KEY_DIR, patch_job_name
@@ -19,19 +21,27 @@ VLMPOOL = str(Path(sys.executable).parent / "vlmpool")
 BASE = "Qwen/Qwen2.5-VL-3B-Instruct"
 
 
-def pool(**spec) -> dict:
+def pool_obj(**spec) -> dict:
     body = {"model": {"name": BASE, "family": "qwen2_5_vl"}}
     body.update(spec)
     return {"apiVersion": "vlmpool.io/v1alpha1", "kind": "VLMPool",
             "metadata": {"name": "vision", "namespace": "ml", "uid": "pool-uid"}, "spec": body}
 
 
-def adapter(name: str = "invoices", **spec) -> dict:
+def pool(**spec) -> Pool:
+    return Pool.parse(pool_obj(**spec))
+
+
+def adapter_obj(name: str = "invoices", **spec) -> dict:
     body = {"poolRef": {"name": "vision"}, "source": {"uri": "hf://acme/invoices@v3"}}
     body.update(spec)
     return {"apiVersion": "vlmpool.io/v1alpha1", "kind": "VLMAdapter",
             "metadata": {"name": name, "namespace": "ml", "uid": "0f1e2d3c-aaaa-bbbb-cccc-000000000000",
                          "creationTimestamp": "2026-01-01T00:00:00Z"}, "spec": body}
+
+
+def adapter(name: str = "invoices", **spec) -> Adapter:
+    return Adapter.parse(adapter_obj(name, **spec))
 
 
 def container(obj: dict, name: str) -> dict:
@@ -164,7 +174,7 @@ def test_builders_are_pure():
     before = copy.deepcopy(p)
     assert MP.deployment(p) == MP.deployment(p)
     assert MA.patch_job(adapter(), p) == MA.patch_job(adapter(), p)
-    assert p == before
+    assert p.obj == before.obj and p.spec == before.spec
 
 
 # ---- adapter -----------------------------------------------------------------------------------------
@@ -270,13 +280,13 @@ def test_job_names_fit_a_label_value():
 
 def test_desired_state_uses_versions_paths_sorted_without_deleting_or_unpatched():
     def ready(name, version, served=None, ts="2026-01-01T00:00:00Z", deleting=False):
-        a = adapter(name, **({"servedName": served} if served else {}))
+        a = adapter_obj(name, **({"servedName": served} if served else {}))
         a["metadata"]["creationTimestamp"] = ts
         if deleting:
             a["metadata"]["deletionTimestamp"] = "2026-02-01T00:00:00Z"
         if version:
             a["status"] = {"version": version, "path": f"{ADAPTER_ROOT}/{name}/versions/{version}"}
-        return a
+        return Adapter.parse(a)
     state, conflicts = MA.desired_state(7, [
         ready("zeta", "v1"), ready("alpha", "v2"), ready("pending", None), ready("gone", "v3", deleting=True),
         ready("dup-new", "v4", served="zeta", ts="2026-03-01T00:00:00Z"),
@@ -310,7 +320,7 @@ def test_cleanup_job_removes_only_the_adapter_directory(tmp_path):
 @pytest.mark.parametrize("bad", [{"source": {"uri": "ftp://x/y"}}, {"poolRef": {}}])
 def test_invalid_spec_is_refused_by_the_model(bad):
     with pytest.raises(ValidationError):
-        MA.patch_job(adapter(**bad), pool())
+        Adapter.parse(adapter_obj(**bad))
 
 
 def test_prune_job_keeps_the_served_and_current_versions(tmp_path):
@@ -353,7 +363,7 @@ def test_every_job_pod_gives_the_patcher_uid_group_access_to_the_volume():
 def test_dora_adapters_get_the_torch_patcher_image(policy, dora_image, want):
     dora = {"policy": policy, **({"rank": 8} if policy == "svd" else {})}
     a = adapter(dora=dora)
-    image = MA.patch_image_for(MA.parse_spec(a), "reg/patcher:1", dora_image)
+    image = MA.patch_image_for(a.spec, "reg/patcher:1", dora_image)
     assert image == want
     job = MA.patch_job(a, pool(), image=image)
     assert job["spec"]["template"]["spec"]["containers"][0]["image"] == want
@@ -375,7 +385,7 @@ def test_proxy_args_crop_describe_and_thinking(monkeypatch):
 
     from vlmpool.proxy import cli as proxy_cli
 
-    def parsed(obj: dict):
+    def parsed(obj: Pool):
         px = container(MP.deployment(obj), "proxy")
         parser = argparse.ArgumentParser()
         proxy_cli.configure(parser)
@@ -402,4 +412,4 @@ def test_rollout_defaults_work_on_a_full_cluster_and_are_settable():
     for bad in ({"maxUnavailable": 0, "maxSurge": 0}, {"maxUnavailable": "0%", "maxSurge": "0"},
                 {"maxSurge": "150%"}, {"maxSurge": "abc"}, {"maxUnavailable": -1}, {"maxSurge": True}):
         with pytest.raises(ValueError):
-            MP.deployment(pool(rollout=bad))
+            pool(rollout=bad)  # Pool.parse refuses it: no Deployment is ever built

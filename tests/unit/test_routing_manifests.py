@@ -5,26 +5,26 @@ from __future__ import annotations
 
 import yaml
 
-from vlmpool.manifests import pool as MP
+from vlmpool.api.objects import Pool
 from vlmpool.manifests import routing as MR
 from vlmpool.manifests.common import server_selector
 
 
-def pool(**spec) -> dict:
+def pool(**spec) -> Pool:
     body = {"model": {"name": "Qwen/Qwen2.5-VL-3B-Instruct", "family": "qwen2_5_vl"}, "proxy": {"port": 8090}}
     body.update(spec)
-    return {"apiVersion": "vlmpool.io/v1alpha1", "kind": "VLMPool",
-            "metadata": {"name": "vision", "namespace": "ml", "uid": "pool-uid"}, "spec": body}
+    return Pool.parse({"apiVersion": "vlmpool.io/v1alpha1", "kind": "VLMPool",
+                       "metadata": {"name": "vision", "namespace": "ml", "uid": "pool-uid"}, "spec": body})
 
 
 def test_unset_renders_nothing():
     p = pool()
-    assert MR.routing_objects(p, MP.parse_spec(p)) == []
+    assert MR.routing_objects(p) == []
 
 
 def test_inference_pool_targets_the_proxy_and_the_epp():
     p = pool(routing={"failureMode": "FailOpen"})
-    objs = MR.routing_objects(p, MP.parse_spec(p))
+    objs = MR.routing_objects(p)
     assert [o["kind"] for o in objs] == ["InferencePool", "ServiceAccount", "Role", "RoleBinding", "ConfigMap",
                                          "Deployment", "Service"]
     ip = objs[0]
@@ -42,10 +42,10 @@ def test_inference_pool_targets_the_proxy_and_the_epp():
 
 def test_epp_config_lists_lora_affinity():
     p = pool(routing={"loraAffinityWeight": 7})
-    cm = next(o for o in MR.routing_objects(p, MP.parse_spec(p)) if o["kind"] == "ConfigMap")
+    cm = next(o for o in MR.routing_objects(p) if o["kind"] == "ConfigMap")
     cfg = yaml.safe_load(cm["data"]["config.yaml"])
     assert {"type": "lora-affinity-scorer"} in cfg["plugins"]
     assert {"pluginRef": "lora-affinity-scorer", "weight": 7} in cfg["schedulingProfiles"][0]["plugins"]
     p = pool(routing={"loraAffinityWeight": 0, "endpointPicker": False})
-    assert [o["kind"] for o in MR.routing_objects(p, MP.parse_spec(p))] == ["InferencePool"]
-    assert "lora-affinity-scorer" not in yaml.safe_dump(MR.epp_config(MP.parse_spec(p).routing))
+    assert [o["kind"] for o in MR.routing_objects(p)] == ["InferencePool"]
+    assert "lora-affinity-scorer" not in yaml.safe_dump(MR.epp_config(p.spec.routing))

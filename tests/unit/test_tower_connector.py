@@ -6,14 +6,13 @@ from __future__ import annotations
 from test_manifests import adapter, pool
 
 from vlmpool.manifests import adapter as MA
-from vlmpool.manifests import pool as MP
 from vlmpool.manifests.pool import engine_args
 
 
 def test_tower_connector_lora_flags_and_digest():
     off, on = pool(), pool(engine={"towerConnectorLora": True})
-    assert "--enable-tower-connector-lora" not in engine_args(MP.parse_spec(off))
-    assert "--enable-tower-connector-lora" in engine_args(MP.parse_spec(on))
+    assert "--enable-tower-connector-lora" not in engine_args(off.spec)
+    assert "--enable-tower-connector-lora" in engine_args(on.spec)
     assert "--tower-connector-lora" not in MA.patch_args(adapter(), off)
     assert "--tower-connector-lora" in MA.patch_args(adapter(), on)
     # off: the digest of every existing adapter is what it was; on: a new patch input

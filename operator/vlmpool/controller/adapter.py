@@ -7,6 +7,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from vlmpool.api.objects import Adapter, Pool
 from vlmpool.controller import decisions as D
 from vlmpool.controller import status as S
 from vlmpool.controller.common import SOURCE_NOT_ALLOWED, RetryLater, _duration
@@ -19,18 +20,18 @@ log = logging.getLogger("vlmpool.operator")
 
 
 class AdapterReconciler(PatchJobGate):
-    async def reconcile_adapter(self, adapter: dict[str, Any], pool: dict[str, Any] | None = None) -> None:
-        meta = adapter["metadata"]
-        ns, name = meta["namespace"], meta["name"]
-        if meta.get("deletionTimestamp"):
+    async def reconcile_adapter(self, adapter: Adapter, pool: Pool | None = None) -> None:
+        ns, name = adapter.namespace, adapter.name
+        if adapter.metadata.get("deletionTimestamp"):
             return
-        spec = MA.parse_spec(adapter)
-        pool = pool or await self.kube.get_or_none(VLMPOOLS, spec.pool_ref.name, ns)
-        st = adapter.get("status") or {}
-        gen = meta.get("generation")
-        base = {"observedGeneration": gen, "servedName": MA.served_name(adapter)}
+        spec = adapter.spec
         if pool is None:
-            await self._write_adapter_status(adapter, base, [(
+            raw = await self.kube.get_or_none(VLMPOOLS, spec.pool_ref.name, ns)
+            pool = Pool.parse(raw) if raw is not None else None
+        st = adapter.status
+        base = {"observedGeneration": adapter.generation, "servedName": adapter.served_name}
+        if pool is None:
+            await self._write_adapter_status(adapter.obj, base, [(
                 "PoolFound", "False", "PoolNotFound", f"VLMPool {spec.pool_ref.name!r} does not exist in {ns}")])
             self.metrics.reconciles.labels("adapter", "pool-missing").inc()
             raise RetryLater(f"VLMPool {spec.pool_ref.name!r} not found", delay=10)
@@ -41,27 +42,27 @@ class AdapterReconciler(PatchJobGate):
         refusal = MA.file_source_refusal(spec.source.uri, self.config.host_paths)
         if refusal:
             # Before any Job (or hostPath) exists.
-            await self._write_adapter_status(adapter, {**base, "specDigest": digest},
+            await self._write_adapter_status(adapter.obj, {**base, "specDigest": digest},
                                              [found, ("Patched", "False", SOURCE_NOT_ALLOWED, refusal)])
             self.metrics.reconciles.labels("adapter", "refused").inc()
             return
         if patched is not None and patched.get("reason") == SOURCE_NOT_ALLOWED:
             # Allowed since (an admin widened --allow-host-path): patch it now.
-            adapter = await self._write_adapter_status(adapter, {}, [(
-                "Patched", "Unknown", "SourceAllowed", "the source is allowed now")])
-            st, patched = adapter.get("status") or {}, None
+            adapter = adapter.with_obj(await self._write_adapter_status(adapter.obj, {}, [(
+                "Patched", "Unknown", "SourceAllowed", "the source is allowed now")]))
+            st, patched = adapter.status, None
         if patched is not None and D.patch_decided(st, digest):
             # This spec was patched (or refused) already: never run it twice.
             self.dequeue_patch(ns, name)
-            await self._write_adapter_status(adapter, base, [found])
+            await self._write_adapter_status(adapter.obj, base, [found])
             self.metrics.reconciles.labels("adapter", "ok").inc()
             if st.get("version") and st.get("servedName") != base["servedName"]:
                 await self.push_pool(ns, spec.pool_ref.name)  # renamed: serve it under the new name
             return
-        admitted, why = await self.admit_patch_job(adapter, job_name)
+        admitted, why = await self.admit_patch_job(adapter.obj, job_name)
         if not admitted:  # over --max-patch-jobs: a finished Job admits the next in line
             await self._write_adapter_status(
-                adapter, {**base, "specDigest": digest}, [found, ("Patched", "Unknown", QUEUED, why)],
+                adapter.obj, {**base, "specDigest": digest}, [found, ("Patched", "Unknown", QUEUED, why)],
                 only_if=lambda cur: not D.patch_decided(cur, digest))
             return
         job, created = await self.kube.create_if_absent(
@@ -71,10 +72,10 @@ class AdapterReconciler(PatchJobGate):
                          source_allow=self.config.source_allow), ns)
         if created:
             self.metrics.jobs_created.labels("patch").inc()
-            self.event(adapter, "Normal", "PatchJobCreated", f"Job {job_name} patches spec {digest[:8]}")
+            self.event(adapter.obj, "Normal", "PatchJobCreated", f"Job {job_name} patches spec {digest[:8]}")
             log.info("adapter %s/%s: created Job %s", ns, name, job_name)
         await self._write_adapter_status(
-            adapter, {**base, "specDigest": digest, "lastJob": job_name},
+            adapter.obj, {**base, "specDigest": digest, "lastJob": job_name},
             [found, ("Patched", "Unknown", "PatchJobRunning", f"Job {job_name} is running")],
             # A result recorded for this digest meanwhile (the Job finished fast) must stay.
             only_if=lambda cur: not D.patch_decided(cur, digest))
@@ -83,7 +84,8 @@ class AdapterReconciler(PatchJobGate):
         await self.job_changed(job)
 
     async def job_changed(self, job: dict[str, Any]) -> None:
-        """A patch Job changed: copy a finished result into its adapter's status, then push."""
+        """A patch Job changed: copy a finished result into its adapter's status, then push. Reads the
+        adapter's metadata and status only (its spec is not parsed here)."""
         meta = job["metadata"]
         ns = meta["namespace"]
         ref = D.job_adapter_ref(job)

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from vlmpool.api.objects import Adapter, Pool
 from vlmpool.controller import status as S
 from vlmpool.controller.decisions import Cond
 from vlmpool.controller.metrics import OperatorMetrics
@@ -100,9 +101,10 @@ class ReconcilerBase:
                 pass
         raise RetryLater(f"status of {ns}/{name} kept changing under the operator", delay=1)
 
-    async def _pool_adapters(self, ns: str, pool: str) -> list[dict[str, Any]]:
+    async def _pool_adapters(self, ns: str, pool: str) -> list[Adapter]:
+        """The pool's adapters, parsed (the adapters of other pools are not)."""
         items = await self.kube.list(VLMADAPTERS, ns)
-        return [a for a in items if ((a.get("spec") or {}).get("poolRef") or {}).get("name") == pool]
+        return [Adapter.parse(a) for a in items if ((a.get("spec") or {}).get("poolRef") or {}).get("name") == pool]
 
     async def _write_adapter_status(self, adapter: dict[str, Any], fields: dict[str, Any],
                                     conds: Sequence[Cond] = (),
@@ -150,7 +152,7 @@ class ReconcilerBase:
     async def push_pool(self, ns: str, pool: str) -> PushSummary | None:
         raise NotImplementedError
 
-    async def reconcile_adapter(self, adapter: dict[str, Any], pool: dict[str, Any] | None = None) -> None:
+    async def reconcile_adapter(self, adapter: Adapter, pool: Pool | None = None) -> None:
         raise NotImplementedError
 
 

@@ -1,6 +1,6 @@
-"""The reconciler's decisions as pure functions: from the objects' dicts (and a Job's status and its pods'
-termination messages) to what to do. No API calls here: pool.py, adapter.py, deletion.py and pushing.py
-make them."""
+"""The reconciler's decisions as pure functions: from the objects (dicts, or the typed views of
+api/objects.py where a spec is read) and a Job's status and its pods' termination messages to what to
+do. No API calls here: pool.py, adapter.py, deletion.py and pushing.py make them."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from vlmpool.api.objects import Adapter
 from vlmpool.controller import status as S
 from vlmpool.controller.push import PodResult
 from vlmpool.kube.client import ApiError
-from vlmpool.manifests import adapter as MA
 from vlmpool.manifests.common import A_SPEC_DIGEST
 from vlmpool.patcher.publish import check_version_path
 
@@ -162,14 +162,14 @@ def push_generation(last_digest: str | None, last_generation: int, digest: str, 
     return last_generation
 
 
-def adapter_loads(adapter: dict[str, Any], conflicts: list[str], pushed: dict[str, dict[str, Any]],
+def adapter_loads(adapter: Adapter, conflicts: list[str], pushed: dict[str, dict[str, Any]],
                   pods: list[str], results: dict[str, PodResult]) -> tuple[dict[str, Any], list[Cond]]:
     """The adapter's per-pod status fields and Loaded condition after a push of `pushed` (served name ->
     entry) to `pods`; `conflicts` names the adapters left out for a served name another one holds."""
-    st = adapter.get("status") or {}
-    served = MA.served_name(adapter)
+    st = adapter.status
+    served = adapter.served_name
     conds: list[Cond] = []
-    if adapter["metadata"]["name"] in conflicts:
+    if adapter.name in conflicts:
         owner = pushed.get(served)
         conds.append(("Loaded", "False", "ServedNameConflict",
                       f"another adapter of the pool already serves {served!r}"

@@ -13,6 +13,7 @@ import asyncio
 import logging
 from typing import Any
 
+from vlmpool.api.objects import Adapter
 from vlmpool.controller import decisions as D
 from vlmpool.controller import status as S
 from vlmpool.controller.common import ReconcilerBase
@@ -121,6 +122,6 @@ class PatchJobGate(ReconcilerBase):
                 self.dequeue_patch(ns, name)
                 continue
             try:
-                await self.reconcile_adapter(adapter)
+                await self.reconcile_adapter(Adapter.parse(adapter))
             except Exception:  # the adapter's resync retries it
                 log.exception("queued adapter %s/%s not admitted yet", ns, name)

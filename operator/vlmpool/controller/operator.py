@@ -11,6 +11,7 @@ import logging
 import os
 import socket
 import threading
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -18,6 +19,7 @@ import kopf
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from vlmpool.api.objects import Adapter, Pool
 from vlmpool.controller.leader import LeaderElector
 from vlmpool.controller.metrics import OperatorMetrics
 from vlmpool.controller.reconciler import OperatorConfig, Reconciler, RetryLater
@@ -102,9 +104,10 @@ class Operator:
         async def startup(**_: Any) -> None:
             log.info("vlmpool operator starting (%s)", ", ".join(op.namespaces) or "all namespaces")
 
-        async def guarded(kind: str, coro: Any) -> None:
+        async def guarded(kind: str, run: Callable[[], Awaitable[object]]) -> None:
+            # `run` is called inside the try: a spec that fails to parse is reported like any error.
             try:
-                await coro
+                await run()
             except RetryLater as e:
                 raise kopf.TemporaryError(str(e), delay=e.delay) from None
             except Exception as e:
@@ -119,7 +122,7 @@ class Operator:
         async def pool_reconcile(body: kopf.Body, **_: Any) -> None:
             pool = dict(body)
             try:
-                await op.reconciler.reconcile_pool(pool)
+                await op.reconciler.reconcile_pool(Pool.parse(pool))  # the pool's spec is validated here
             except RetryLater as e:
                 raise kopf.TemporaryError(str(e), delay=e.delay) from None
             except Exception as e:
@@ -130,8 +133,8 @@ class Operator:
         @kopf.timer(GROUP, VERSION, "vlmpools", registry=reg, interval=resync, initial_delay=resync, idle=None)
         async def pool_resync(body: kopf.Body, **_: Any) -> None:
             ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
-            await guarded("pool", op.reconciler.refresh_pool_status(ns, name))
-            await guarded("pool", op.reconciler.push_pool(ns, name))
+            await guarded("pool", lambda: op.reconciler.refresh_pool_status(ns, name))
+            await guarded("pool", lambda: op.reconciler.push_pool(ns, name))
 
         @kopf.on.event("apps", "v1", "deployments", registry=reg,
                        labels={L_MANAGED_BY: MANAGED_BY, L_COMPONENT: COMPONENT_SERVER})
@@ -157,16 +160,16 @@ class Operator:
         @kopf.on.create(GROUP, VERSION, "vlmadapters", registry=reg)
         @kopf.on.update(GROUP, VERSION, "vlmadapters", registry=reg, field="spec")
         async def adapter_reconcile(body: kopf.Body, **_: Any) -> None:
-            await guarded("adapter", op.reconciler.reconcile_adapter(dict(body)))
+            await guarded("adapter", lambda: op.reconciler.reconcile_adapter(Adapter.parse(dict(body))))
 
         @kopf.timer(GROUP, VERSION, "vlmadapters", registry=reg, interval=resync, initial_delay=resync, idle=None)
         async def adapter_resync(body: kopf.Body, **_: Any) -> None:
             if not body["metadata"].get("deletionTimestamp"):
-                await guarded("adapter", op.reconciler.reconcile_adapter(dict(body)))
+                await guarded("adapter", lambda: op.reconciler.reconcile_adapter(Adapter.parse(dict(body))))
 
         @kopf.on.delete(GROUP, VERSION, "vlmadapters", registry=reg, id="adapter-delete")
         async def adapter_delete(body: kopf.Body, **_: Any) -> None:
-            await guarded("adapter", op.reconciler.delete_adapter(dict(body)))
+            await guarded("adapter", lambda: op.reconciler.delete_adapter(Adapter.parse(dict(body))))
 
         @kopf.on.event("batch", "v1", "jobs", registry=reg,
                        labels={L_MANAGED_BY: MANAGED_BY, L_COMPONENT: COMPONENT_PATCH})

@@ -1,10 +1,15 @@
-"""Pools: server-side apply of the children, status from the Deployment."""
+"""Pools: server-side apply of the children, status from the Deployment.
+
+reconcile_pool takes the parsed pool (api/objects.Pool). The status paths (deployment_changed,
+refresh_pool_status, pool_failed) read only metadata and status: they keep the raw object and never
+parse the spec, so a pool whose spec fails validation still gets its status written."""
 
 from __future__ import annotations
 
 import hashlib
 from typing import Any
 
+from vlmpool.api.objects import Pool
 from vlmpool.controller import decisions as D
 from vlmpool.controller import status as S
 from vlmpool.controller.common import ReconcilerBase, RetryLater, pool_token
@@ -17,9 +22,8 @@ from vlmpool.manifests.common import deployment_name, server_label_selector
 class PoolReconciler(ReconcilerBase):
     _stalled: set[tuple[str, str]]  # (ns, pool) whose Stalled condition is True
 
-    async def reconcile_pool(self, pool: dict[str, Any]) -> None:
-        ns, name = pool["metadata"]["namespace"], pool["metadata"]["name"]
-        gen = pool["metadata"].get("generation")
+    async def reconcile_pool(self, pool: Pool) -> None:
+        ns, name, gen = pool.namespace, pool.name, pool.generation
         pvc = MP.adapter_pvc(pool)
         if pvc is not None:
             await self.kube.apply(pvc)
@@ -27,18 +31,17 @@ class PoolReconciler(ReconcilerBase):
         token_hash = hashlib.sha256(token.encode()).hexdigest()[:16]
         await self.kube.apply(MP.deployment(pool, token_hash, self.config.adapter_root))
         await self.kube.apply(MP.service(pool))
-        spec = MP.parse_spec(pool)
-        if problem := await apply_routing(self.kube, pool, spec):
-            self.event(pool, "Warning", "RoutingUnavailable", problem)
+        if problem := await apply_routing(self.kube, pool):
+            self.event(pool.obj, "Warning", "RoutingUnavailable", problem)
         # Replica counts are the Deployment watcher's (deployment_changed): the object returned by
         # this apply may be older than what it already wrote.
-        await self._write_pool_status(pool, {"observedGeneration": gen, "endpoint": MP.endpoint(pool),
-                                             "concurrency": spec.proxy.concurrency},
+        await self._write_pool_status(pool.obj, {"observedGeneration": gen, "endpoint": MP.endpoint(pool),
+                                                 "concurrency": pool.spec.proxy.concurrency},
                                       [("Degraded", "False", "Reconciled", "children applied")])
         self.metrics.reconciles.labels("pool", "ok").inc()
         # The pool's inputs to patch Jobs (base model, family, max rank) may have changed.
         for adapter in await self._pool_adapters(ns, name):
-            if not adapter["metadata"].get("deletionTimestamp"):
+            if not adapter.metadata.get("deletionTimestamp"):
                 try:
                     await self.reconcile_adapter(adapter, pool=pool)
                 except RetryLater:
@@ -46,6 +49,7 @@ class PoolReconciler(ReconcilerBase):
         await self.push_pool(ns, name)
 
     async def pool_failed(self, pool: dict[str, Any], err: Exception) -> None:
+        """Report a failed reconcile on the pool (the raw object: its spec may be what failed)."""
         reason = D.failure_reason(err)
         self.metrics.errors.labels("pool", reason).inc()
         try:
@@ -54,10 +58,10 @@ class PoolReconciler(ReconcilerBase):
             pass
         self.event(pool, "Warning", "ReconcileFailed", str(err))
 
-    async def _ensure_token(self, pool: dict[str, Any]) -> str:
+    async def _ensure_token(self, pool: Pool) -> str:
         """Apply the pool's admin-token Secret. The token is derived (pool_token), so the operator
         never reads a Secret back: it only creates/patches the pools' token Secrets."""
-        token = pool_token(self.config.token_key, pool)
+        token = pool_token(self.config.token_key, pool.obj)
         await self.kube.apply(MP.admin_secret(pool, token))
         return token
 

@@ -19,13 +19,13 @@ from typing import Any
 
 import aiohttp
 
+from vlmpool.api.objects import Adapter, Pool
 from vlmpool.controller import decisions as D
 from vlmpool.controller import status as S
 from vlmpool.controller.common import ReconcilerBase, RetryLater, pool_token
 from vlmpool.controller.push import PodResult, pod_fingerprint, pod_is_pushable, push_to_pods
 from vlmpool.kube.client import PODS, VLMADAPTERS, VLMPOOLS, ApiError, NotFound
 from vlmpool.manifests import adapter as MA
-from vlmpool.manifests import pool as MP
 from vlmpool.manifests.common import A_PRUNED, A_SUPERSEDED, server_label_selector
 
 log = logging.getLogger("vlmpool.operator")
@@ -127,10 +127,11 @@ class PushReconciler(ReconcilerBase):
         st.follow_task = asyncio.get_running_loop().create_task(follow())
 
     async def _push(self, ns: str, pool_name: str, st: _PoolPush, poll: bool = False) -> PushSummary | None:
-        pool = await self.kube.get_or_none(VLMPOOLS, pool_name, ns)
-        if pool is None:
+        raw = await self.kube.get_or_none(VLMPOOLS, pool_name, ns)
+        if raw is None:
             return None
-        spec = MP.parse_spec(pool)
+        pool = Pool.parse(raw)
+        spec = pool.spec
         adapters = await self._pool_adapters(ns, pool_name)
         state, conflicts = MA.desired_state(spec.proxy.concurrency, adapters)
         state["load_parallelism"] = spec.engine.load_parallelism
@@ -140,7 +141,7 @@ class PushReconciler(ReconcilerBase):
         unconfirmed = [p for p in all_pods if (p.get("status") or {}).get("phase") == "Running"
                        and not pod_is_pushable(p)]
         digest = hashlib.sha256(repr(state).encode()).hexdigest()
-        persisted = int((pool.get("status") or {}).get("desiredStateGeneration") or 0)
+        persisted = int(pool.status.get("desiredStateGeneration") or 0)
         generation = D.push_generation(st.digest, st.generation, digest, persisted)
         poll = poll and generation == st.generation  # a changed state is pushed, not polled
         st.generation, st.digest = generation, digest
@@ -165,25 +166,25 @@ class PushReconciler(ReconcilerBase):
             if r.ok:
                 self._pushed[key] = pod_fingerprint(pod)
                 if self._pod_ok.get(key) is False:
-                    self.event(pool, "Normal", "PushRecovered", f"pod {r.pod} accepted generation {st.generation}")
+                    self.event(pool.obj, "Normal", "PushRecovered", f"pod {r.pod} accepted generation {st.generation}")
             else:
                 self._pushed.pop(key, None)
                 if self._pod_ok.get(key) is not False:
-                    self.event(pool, "Warning", "PushFailed", f"pod {r.pod}: {r.error}")
+                    self.event(pool.obj, "Warning", "PushFailed", f"pod {r.pod}: {r.error}")
                 log.warning("push %s/%s to pod %s failed: %s", ns, pool_name, r.pod, r.error)
             self._pod_ok[key] = r.ok
         failed = [r for r in results.values() if not r.ok]
-        degraded = S.get_condition((pool.get("status") or {}).get("conditions") or [], "Degraded")
+        degraded = S.get_condition(pool.status.get("conditions") or [], "Degraded")
         if failed:
             self._schedule_retry(ns, pool_name, st)
             msg = "; ".join(f"{r.pod}: {r.error}" for r in failed)[:4000]
-            await self._write_pool_status(pool, {}, [("Degraded", "True", "PushFailed",
-                                                      f"{len(failed)}/{len(pods)} pods did not take the state: {msg}")])
+            await self._write_pool_status(pool.obj, {}, [(
+                "Degraded", "True", "PushFailed", f"{len(failed)}/{len(pods)} pods did not take the state: {msg}")])
         else:
             st.retry_delay = 1.0
             if degraded and degraded.get("reason") == "PushFailed":
-                await self._write_pool_status(pool, {}, [("Degraded", "False", "PushSucceeded",
-                                                          f"every running pod took generation {st.generation}")])
+                await self._write_pool_status(pool.obj, {}, [("Degraded", "False", "PushSucceeded",
+                                                              f"every running pod took generation {st.generation}")])
         pod_names = [p["metadata"]["name"] for p in pods]
         waiting = await self._record_loads(pool, adapters, state, conflicts, pod_names, results,
                                            can_prune=bool(pods) and not failed and not unconfirmed)
@@ -209,12 +210,12 @@ class PushReconciler(ReconcilerBase):
             st.generation = max(newer) + 1
         return {r.pod: r for r in out}
 
-    async def _prune_superseded(self, pool: dict[str, Any], adapter: dict[str, Any]) -> None:
+    async def _prune_superseded(self, pool: Pool, adapter: Adapter) -> None:
         """Every running pod serves the adapter's version (so none serves an older one any more):
         remove the older versions' directories, once per version."""
-        meta = adapter["metadata"]
+        meta = adapter.metadata
         ann = meta.get("annotations") or {}
-        version = (adapter.get("status") or {}).get("version")
+        version = adapter.status.get("version")
         if not version or not ann.get(A_SUPERSEDED) or ann.get(A_PRUNED) == version:
             return
         try:
@@ -228,7 +229,7 @@ class PushReconciler(ReconcilerBase):
             return
         if created:
             self.metrics.jobs_created.labels("prune").inc()
-            self.event(adapter, "Normal", "PruneJobCreated",
+            self.event(adapter.obj, "Normal", "PruneJobCreated",
                        f"every pod serves {version}; Job {job['metadata']['name']} removes the older versions")
 
     def _schedule_retry(self, ns: str, pool: str, st: _PoolPush) -> None:
@@ -246,27 +247,27 @@ class PushReconciler(ReconcilerBase):
 
         st.retry_task = asyncio.get_running_loop().create_task(later())
 
-    async def _record_loads(self, pool: dict[str, Any], adapters: list[dict[str, Any]], state: dict[str, Any],
+    async def _record_loads(self, pool: Pool, adapters: list[Adapter], state: dict[str, Any],
                             conflicts: list[str], pods: list[str], results: dict[str, PodResult],
                             can_prune: bool = False) -> bool:
         """Write each adapter's per-pod status; prune superseded versions whose unload every proxy has
         confirmed. Returns True when a prune waits for such a confirmation."""
         waiting = False
-        ns = pool["metadata"]["namespace"]
+        ns = pool.namespace
         pushed = {e["name"]: e for e in state["adapters"]}
         ready = failed = total = 0
         for adapter in adapters:
-            meta = adapter["metadata"]
+            meta = adapter.metadata
             if meta.get("deletionTimestamp"):
                 continue
             total += 1
-            served = MA.served_name(adapter)
+            served = adapter.served_name
             fields, conds = D.adapter_loads(adapter, conflicts, pushed, pods, results)
-            pushed_version = (adapter.get("status") or {}).get("version")
+            pushed_version = adapter.status.get("version")
             try:
                 # Only if the version is still the one this push carried (else the next push tells).
                 new = await self._write_adapter_status(
-                    adapter, fields, conds, only_if=D.version_is(pushed_version))
+                    adapter.obj, fields, conds, only_if=D.version_is(pushed_version))
             except (ApiError, RetryLater) as e:
                 log.warning("status of adapter %s/%s not written: %s", ns, meta["name"], e)
                 continue
@@ -279,25 +280,25 @@ class PushReconciler(ReconcilerBase):
                     waiting = waiting or bool((new.get("metadata", {}).get("annotations") or {}).get(A_SUPERSEDED))
                     log.info("prune of %s/%s waits for the unload on %s", ns, meta["name"], ", ".join(pending))
                 else:
-                    await self._prune_superseded(pool, new)
+                    await self._prune_superseded(pool, adapter.with_obj(new))
         counts = {"adapters": {"total": total, "ready": ready, "failed": failed}, "adaptersReady": f"{ready}/{total}"}
-        cur = pool.get("status") or {}
-        eng = MP.parse_spec(pool).engine
+        cur = pool.status
+        eng = pool.spec.engine
         cache = D.cpu_cache_condition(ready, eng.max_cpu_loras, eng.max_loras)
         was = next((c for c in cur.get("conditions") or [] if c.get("type") == cache[0]), None)
         if was is None or was.get("status") != cache[1] or was.get("message") != cache[3]:
             # one status write with the counts; an Event on a transition only (not on every count change)
             try:
-                await self._write_pool_status(pool, counts, [cache])
+                await self._write_pool_status(pool.obj, counts, [cache])
             except (ApiError, RetryLater) as e:
-                log.warning("status of pool %s/%s not written: %s", ns, pool["metadata"]["name"], e)
+                log.warning("status of pool %s/%s not written: %s", ns, pool.name, e)
             if cache[1] == "True" and (was or {}).get("status") != "True":
-                self.event(pool, "Warning", cache[2], cache[3])
+                self.event(pool.obj, "Warning", cache[2], cache[3])
             elif cache[1] == "False" and (was or {}).get("status") == "True":
-                self.event(pool, "Normal", cache[2], cache[3])
+                self.event(pool.obj, "Normal", cache[2], cache[3])
         elif cur.get("adapters") != counts["adapters"] or cur.get("adaptersReady") != counts["adaptersReady"]:
             try:
-                await self.kube.patch_status(VLMPOOLS, pool["metadata"]["name"], counts, ns)
+                await self.kube.patch_status(VLMPOOLS, pool.name, counts, ns)
             except NotFound:
                 pass
         return waiting

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vlmpool.api.pool import VLMPoolSpec
+from vlmpool.api.objects import Pool
 from vlmpool.kube.errors import NotFound
 from vlmpool.manifests import routing as MR
 
@@ -17,9 +17,9 @@ CRD_MISSING = ("spec.routing needs the InferencePool CRD (inference.networking.k
                "Inference Extension) installed in the cluster; the pool is served by its plain Service meanwhile")
 
 
-async def apply_routing(kube: Any, pool: dict[str, Any], spec: VLMPoolSpec) -> str | None:
+async def apply_routing(kube: Any, pool: Pool) -> str | None:
     """Apply the routing children in order; the problem to report, or None when all were applied."""
-    for obj in MR.routing_objects(pool, spec):
+    for obj in MR.routing_objects(pool):
         try:
             await kube.apply(obj)
         except NotFound:

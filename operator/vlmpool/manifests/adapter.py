@@ -1,8 +1,9 @@
 """Manifests of a VLMAdapter's Jobs: the patch Job (one per spec digest) and the cleanup Job.
 
-Pure functions. The spec digest covers every input that changes what the patcher produces (the
-adapter's source, DoRA policy and base check, and the pool's base model, family, served name, max
-rank and base weights), so equal digests mean equal Jobs and the Job name
+Pure functions of the views of api/objects.py (Adapter, Pool: objects with parsed specs). The spec
+digest covers every input that changes what the patcher produces (the adapter's source, DoRA policy
+and base check, and the pool's base model, family, served name, max rank and base weights), so equal
+digests mean equal Jobs and the Job name
 ``<adapter>-patch-<digest8>`` can be created-if-absent: exactly one Job per wanted version, also
 across operator restarts.
 """
@@ -13,6 +14,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from vlmpool.api.adapter import VLMAdapterSpec
+from vlmpool.api.objects import Adapter, Pool
 from vlmpool.api.pool import VLMPoolSpec
 from vlmpool.manifests.common import (
     A_SPEC_DIGEST,
@@ -83,20 +85,11 @@ def file_source_refusal(uri: str, allowed_dirs: list[str] | tuple[str, ...]) -> 
     return f"{path} is not under a node directory this cluster allows for file:// sources ({', '.join(allowed_dirs)})"
 
 
-def parse_spec(adapter: dict[str, Any]) -> VLMAdapterSpec:
-    return VLMAdapterSpec.model_validate(adapter.get("spec") or {})
-
-
-def served_name(adapter: dict[str, Any]) -> str:
-    return parse_spec(adapter).served_name or adapter["metadata"]["name"]
-
-
-def patch_inputs(adapter: dict[str, Any], pool: dict[str, Any]) -> dict[str, Any]:
-    spec = parse_spec(adapter)
-    pspec = VLMPoolSpec.model_validate(pool.get("spec") or {})
+def patch_inputs(adapter: Adapter, pool: Pool) -> dict[str, Any]:
+    spec, pspec = adapter.spec, pool.spec
     inputs = {
         "schema": DIGEST_SCHEMA,
-        "adapter": adapter["metadata"]["name"],
+        "adapter": adapter.name,
         "source": spec.source.to_wire(),
         "dora": spec.dora.to_wire(),
         "baseModelCheck": spec.base_model_check,
@@ -113,14 +106,13 @@ def patch_inputs(adapter: dict[str, Any], pool: dict[str, Any]) -> dict[str, Any
     return inputs
 
 
-def spec_digest(adapter: dict[str, Any], pool: dict[str, Any]) -> str:
+def spec_digest(adapter: Adapter, pool: Pool) -> str:
     return short_digest(patch_inputs(adapter, pool))
 
 
-def _labels(adapter: dict[str, Any], component: str) -> dict[str, str]:
-    spec = parse_spec(adapter)
-    labels = pool_labels(spec.pool_ref.name, component)
-    labels[L_ADAPTER] = _trim(adapter["metadata"]["name"], MAX_LABEL)
+def _labels(adapter: Adapter, component: str) -> dict[str, str]:
+    labels = pool_labels(adapter.spec.pool_ref.name, component)
+    labels[L_ADAPTER] = _trim(adapter.name, MAX_LABEL)
     return labels
 
 
@@ -132,13 +124,12 @@ def _pvc_source(uri: str) -> tuple[str, str] | None:
     return claim, path
 
 
-def patch_args(adapter: dict[str, Any], pool: dict[str, Any], adapter_root: str = ADAPTER_ROOT) -> list[str]:
-    spec = parse_spec(adapter)
-    pspec = VLMPoolSpec.model_validate(pool.get("spec") or {})
+def patch_args(adapter: Adapter, pool: Pool, adapter_root: str = ADAPTER_ROOT) -> list[str]:
+    spec, pspec = adapter.spec, pool.spec
     args = [
         "patch",
         "--source", spec.source.uri,
-        "--adapter", adapter["metadata"]["name"],
+        "--adapter", adapter.name,
         "--root", adapter_root,
         "--pool-base", pspec.model.name,
         "--family", pspec.model.family,
@@ -165,16 +156,16 @@ def patch_args(adapter: dict[str, Any], pool: dict[str, Any], adapter_root: str 
     return args
 
 
-def _job(adapter: dict[str, Any], pspec: VLMPoolSpec, name: str, labels: dict[str, str],
+def _job(adapter: Adapter, pspec: VLMPoolSpec, name: str, labels: dict[str, str],
          containers: list[dict[str, Any]], volumes: list[dict[str, Any]], *, backoff_limit: int,
          deadline_seconds: int, ttl_seconds: int, annotations: dict[str, str] | None = None) -> dict[str, Any]:
     """The Job shell shared by the patch, cleanup and prune Jobs: owned by the adapter, never
     restarted in place, no API token, the restricted security context (the patcher's uid/fsGroup,
     read-only root), and the pool's node placement."""
-    metadata: dict[str, Any] = {"name": name, "namespace": adapter["metadata"]["namespace"], "labels": labels}
+    metadata: dict[str, Any] = {"name": name, "namespace": adapter.namespace, "labels": labels}
     if annotations:
         metadata["annotations"] = annotations
-    metadata["ownerReferences"] = [owner_reference(adapter)]
+    metadata["ownerReferences"] = [owner_reference(adapter.obj)]
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -207,23 +198,22 @@ def patch_image_for(spec: VLMAdapterSpec, patch_image: str | None, dora_image: s
     return patch_image
 
 
-def patch_job(adapter: dict[str, Any], pool: dict[str, Any], *, image: str | None = None,
+def patch_job(adapter: Adapter, pool: Pool, *, image: str | None = None,
               adapter_root: str = ADAPTER_ROOT,
               backoff_limit: int = PATCH_BACKOFF_LIMIT, deadline_seconds: int = PATCH_DEADLINE_SECONDS,
               ttl_seconds: int = JOB_TTL_SECONDS, source_allow: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
     """The Job that runs `vlmpool patch` for the adapter's current spec on the pool. `source_allow`
     is the cluster admin's egress allow-list (hosts, CIDRs) for the fetch. A file:// source must have
     passed file_source_refusal first."""
-    spec = parse_spec(adapter)
-    pspec = VLMPoolSpec.model_validate(pool.get("spec") or {})
+    spec, pspec = adapter.spec, pool.spec
     digest = spec_digest(adapter, pool)
-    name = adapter["metadata"]["name"]
+    name = adapter.name
     labels = _labels(adapter, COMPONENT_PATCH)
     labels[L_SPEC_DIGEST] = digest[:MAX_LABEL]
     mounts: list[dict[str, Any]] = [{"name": "adapters", "mountPath": adapter_root},
                                     {"name": "tmp", "mountPath": JOB_TMP}]  # scratch and HOME
     volumes: list[dict[str, Any]] = [
-        {"name": "adapters", "persistentVolumeClaim": {"claimName": claim_name(pool, pspec)}},
+        {"name": "adapters", "persistentVolumeClaim": {"claimName": claim_name(pool)}},
         {"name": "tmp", "emptyDir": {}},
     ]
     if pspec.model.weights is not None and spec.dora.policy in ("svd", "strip"):
@@ -274,12 +264,12 @@ def _scheduling(pspec: VLMPoolSpec) -> dict[str, Any]:
     return out
 
 
-def cleanup_job(adapter: dict[str, Any], pool: dict[str, Any], *, image: str | None = None,
+def cleanup_job(adapter: Adapter, pool: Pool, *, image: str | None = None,
                 adapter_root: str = ADAPTER_ROOT, ttl_seconds: int = JOB_TTL_SECONDS) -> dict[str, Any]:
     """The Job that removes `<root>/<adapter>` (every version) after every pod confirmed its unload:
     `vlmpool patch cleanup` (the patcher owns the volume's layout and its lock)."""
-    pspec = VLMPoolSpec.model_validate(pool.get("spec") or {})
-    name = adapter["metadata"]["name"]
+    pspec = pool.spec
+    name = adapter.name
     labels = _labels(adapter, COMPONENT_CLEANUP)
     container = {
         "name": "cleanup",
@@ -292,18 +282,18 @@ def cleanup_job(adapter: dict[str, Any], pool: dict[str, Any], *, image: str | N
         "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}},
         "securityContext": container_security(),
     }
-    volumes = [{"name": "adapters", "persistentVolumeClaim": {"claimName": claim_name(pool, pspec)}}]
-    return _job(adapter, pspec, cleanup_job_name(name, adapter["metadata"]["uid"]), labels, [container], volumes,
+    volumes = [{"name": "adapters", "persistentVolumeClaim": {"claimName": claim_name(pool)}}]
+    return _job(adapter, pspec, cleanup_job_name(name, adapter.uid), labels, [container], volumes,
                 backoff_limit=3, deadline_seconds=CLEANUP_DEADLINE_SECONDS, ttl_seconds=ttl_seconds)
 
 
-def prune_job(adapter: dict[str, Any], pool: dict[str, Any], keep_version: str, *, image: str | None = None,
+def prune_job(adapter: Adapter, pool: Pool, keep_version: str, *, image: str | None = None,
               adapter_root: str = ADAPTER_ROOT, ttl_seconds: int = JOB_TTL_SECONDS) -> dict[str, Any]:
     """The Job that removes the adapter's versions other than `keep_version` (and `current`), run
     once every pod serves `keep_version`, i.e. confirmed it no longer serves the older ones:
     `vlmpool patch prune`, under the patcher's publish lock."""
     job = cleanup_job(adapter, pool, image=image, adapter_root=adapter_root, ttl_seconds=ttl_seconds)
-    name = adapter["metadata"]["name"]
+    name = adapter.name
     labels = _labels(adapter, COMPONENT_PRUNE)
     job["metadata"].update(name=prune_job_name(name, keep_version), labels=labels)
     tpl = job["spec"]["template"]
@@ -314,23 +304,23 @@ def prune_job(adapter: dict[str, Any], pool: dict[str, Any], keep_version: str, 
     return job
 
 
-def desired_entry(adapter: dict[str, Any]) -> dict[str, str] | None:
+def desired_entry(adapter: Adapter) -> dict[str, str] | None:
     """The adapter's entry in its pool's pushed state, or None if it has nothing to serve (no
     version yet, or being deleted). Always the immutable versions/<version> path, never `current`."""
-    if adapter["metadata"].get("deletionTimestamp"):
+    if adapter.metadata.get("deletionTimestamp"):
         return None
-    st = adapter.get("status") or {}
+    st = adapter.status
     if not st.get("version") or not st.get("path"):
         return None
-    return {"name": served_name(adapter), "version": st["version"], "path": st["path"]}
+    return {"name": adapter.served_name, "version": st["version"], "path": st["path"]}
 
 
-def desired_state(concurrency: int, adapters: list[dict[str, Any]]) -> tuple[dict[str, Any], list[str]]:
+def desired_state(concurrency: int, adapters: list[Adapter]) -> tuple[dict[str, Any], list[str]]:
     """The state pushed to every pod: concurrency and the adapters that have a version, sorted by
     served name. Two adapters may not share a served name on one pool: the older one (by creation
     time, then name) keeps it; the names of the others are returned as conflicts."""
-    def age(a: dict[str, Any]) -> tuple[str, str]:
-        return (a["metadata"].get("creationTimestamp") or "", a["metadata"]["name"])
+    def age(a: Adapter) -> tuple[str, str]:
+        return (a.metadata.get("creationTimestamp") or "", a.name)
 
     by_name: dict[str, dict[str, str]] = {}
     conflicts: list[str] = []
@@ -339,7 +329,7 @@ def desired_state(concurrency: int, adapters: list[dict[str, Any]]) -> tuple[dic
         if e is None:
             continue
         if e["name"] in by_name:
-            conflicts.append(a["metadata"]["name"])
+            conflicts.append(a.name)
             continue
         by_name[e["name"]] = e
     entries = [by_name[k] for k in sorted(by_name)]

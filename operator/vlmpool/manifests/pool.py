@@ -1,6 +1,6 @@
 """Manifests of a VLMPool's children: adapter PVC, admin-token Secret, Deployment, Service.
 
-Pure functions: the pool object (as read from the API: apiVersion, kind, metadata with uid, spec) in,
+Pure functions: the pool (api/objects.Pool: the object as read from the API with its parsed spec) in,
 a dict ready for server-side apply out.
 """
 
@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 from vlmpool import families
+from vlmpool.api.objects import Pool
 from vlmpool.api.pool import DEFAULT_ADAPTER_VOLUME_SIZE, VLMPoolSpec
 from vlmpool.manifests.common import (
     A_TOKEN_CHECKSUM,
@@ -53,29 +54,23 @@ def container_security(overrides: dict[str, Any] | None = None) -> dict[str, Any
     return out
 
 
-def parse_spec(pool: dict[str, Any]) -> VLMPoolSpec:
-    return VLMPoolSpec.model_validate(pool.get("spec") or {})
-
-
-def _meta(pool: dict[str, Any], name: str, component: str = "server") -> dict[str, Any]:
+def _meta(pool: Pool, name: str, component: str = "server") -> dict[str, Any]:
     return {
         "name": name,
-        "namespace": pool["metadata"]["namespace"],
-        "labels": pool_labels(pool["metadata"]["name"], component),
-        "ownerReferences": [owner_reference(pool)],
+        "namespace": pool.namespace,
+        "labels": pool_labels(pool.name, component),
+        "ownerReferences": [owner_reference(pool.obj)],
     }
 
 
-def claim_name(pool: dict[str, Any], spec: VLMPoolSpec | None = None) -> str:
+def claim_name(pool: Pool) -> str:
     """The claim the pool's adapters live on: an existing one, or `<pool>-adapters`."""
-    spec = spec or parse_spec(pool)
-    return spec.adapter_volume.claim_name or adapter_claim_name(pool["metadata"]["name"])
+    return pool.spec.adapter_volume.claim_name or adapter_claim_name(pool.name)
 
 
-def adapter_pvc(pool: dict[str, Any]) -> dict[str, Any] | None:
+def adapter_pvc(pool: Pool) -> dict[str, Any] | None:
     """The adapter volume's claim, or None when the pool uses an existing claim."""
-    spec = parse_spec(pool)
-    vol = spec.adapter_volume
+    vol = pool.spec.adapter_volume
     if vol.claim_name:
         return None
     pvc_spec: dict[str, Any] = {
@@ -87,18 +82,18 @@ def adapter_pvc(pool: dict[str, Any]) -> dict[str, Any] | None:
     return {
         "apiVersion": "v1",
         "kind": "PersistentVolumeClaim",
-        "metadata": _meta(pool, adapter_claim_name(pool["metadata"]["name"]), "adapters"),
+        "metadata": _meta(pool, adapter_claim_name(pool.name), "adapters"),
         "spec": pvc_spec,
     }
 
 
-def admin_secret(pool: dict[str, Any], token: str) -> dict[str, Any]:
+def admin_secret(pool: Pool, token: str) -> dict[str, Any]:
     """The bearer token the operator uses on the pods' admin port (derived from the pool's identity
     by the operator, so re-applying never rotates it)."""
     return {
         "apiVersion": "v1",
         "kind": "Secret",
-        "metadata": _meta(pool, admin_secret_name(pool["metadata"]["name"]), "admin-token"),
+        "metadata": _meta(pool, admin_secret_name(pool.name), "admin-token"),
         "type": "Opaque",
         "data": {ADMIN_TOKEN_KEY: base64.b64encode(token.encode()).decode()},
     }
@@ -186,9 +181,8 @@ def _resources(res: Any, gpus: int = 0) -> dict[str, Any]:
     return out
 
 
-def pod_template(pool: dict[str, Any], token_hash: str = "", adapter_root: str = ADAPTER_ROOT) -> dict[str, Any]:
-    spec = parse_spec(pool)
-    name = pool["metadata"]["name"]
+def pod_template(pool: Pool, token_hash: str = "", adapter_root: str = ADAPTER_ROOT) -> dict[str, Any]:
+    spec, name = pool.spec, pool.name
     px, eng = spec.proxy, spec.engine
     proxy_env = [
         {"name": "VLMPOOL_ADMIN_TOKEN_FILE", "value": f"{ADMIN_TOKEN_DIR}/{ADMIN_TOKEN_KEY}"},
@@ -223,7 +217,7 @@ def pod_template(pool: dict[str, Any], token_hash: str = "", adapter_root: str =
         {"name": "engine-tmp", "mountPath": "/tmp"},
     ]
     volumes: list[dict[str, Any]] = [
-        {"name": "adapters", "persistentVolumeClaim": {"claimName": claim_name(pool, spec), "readOnly": True}},
+        {"name": "adapters", "persistentVolumeClaim": {"claimName": claim_name(pool), "readOnly": True}},
         {"name": "admin-token", "secret": {"secretName": admin_secret_name(name), "defaultMode": 0o440}},
         {"name": "shm", "emptyDir": {"medium": "Memory"}},
         {"name": "engine-home", "emptyDir": {}},
@@ -287,9 +281,8 @@ def pod_template(pool: dict[str, Any], token_hash: str = "", adapter_root: str =
     return {"metadata": meta, "spec": pod_spec}
 
 
-def deployment(pool: dict[str, Any], token_hash: str = "", adapter_root: str = ADAPTER_ROOT) -> dict[str, Any]:
-    spec = parse_spec(pool)
-    name = pool["metadata"]["name"]
+def deployment(pool: Pool, token_hash: str = "", adapter_root: str = ADAPTER_ROOT) -> dict[str, Any]:
+    spec, name = pool.spec, pool.name
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -306,9 +299,8 @@ def deployment(pool: dict[str, Any], token_hash: str = "", adapter_root: str = A
     }
 
 
-def service(pool: dict[str, Any]) -> dict[str, Any]:
-    spec = parse_spec(pool)
-    name = pool["metadata"]["name"]
+def service(pool: Pool) -> dict[str, Any]:
+    spec, name = pool.spec, pool.name
     meta = _meta(pool, service_name(name))
     if spec.service.annotations:
         meta["annotations"] = dict(spec.service.annotations)
@@ -324,7 +316,5 @@ def service(pool: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def endpoint(pool: dict[str, Any]) -> str:
-    spec = parse_spec(pool)
-    meta = pool["metadata"]
-    return f"http://{service_name(meta['name'])}.{meta['namespace']}.svc:{spec.proxy.port}/v1"
+def endpoint(pool: Pool) -> str:
+    return f"http://{service_name(pool.name)}.{pool.namespace}.svc:{pool.spec.proxy.port}/v1"

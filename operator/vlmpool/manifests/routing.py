@@ -8,7 +8,7 @@ proxy exports vLLM's series under served names (proxy/metrics.py), and requests 
 proxy anyway. The EPP runs in pool mode (`--pool-name`): v1.5.0's selector-only mode is broken. The
 v1.5.0 default profile lacks the lora-affinity-scorer, so the config lists it explicitly.
 
-Pure functions: the pool object (apiVersion, kind, metadata with uid, spec) in, dicts for server-side
+Pure functions: the pool (api/objects.Pool: the object with its parsed spec) in, dicts for server-side
 apply out.
 """
 
@@ -18,7 +18,8 @@ from typing import Any
 
 import yaml
 
-from vlmpool.api.pool import RoutingSpec, VLMPoolSpec
+from vlmpool.api.objects import Pool
+from vlmpool.api.pool import RoutingSpec
 from vlmpool.localcluster.controlplane import GIE_VERSION
 from vlmpool.manifests.common import L_COMPONENT, L_POOL, owner_reference, pool_labels, server_selector
 
@@ -60,15 +61,16 @@ def epp_config(routing: RoutingSpec) -> dict[str, Any]:
     }
 
 
-def _meta(pool: dict[str, Any], name: str, component: str) -> dict[str, Any]:
-    return {"name": name, "namespace": pool["metadata"]["namespace"],
-            "labels": pool_labels(pool["metadata"]["name"], component),
-            "ownerReferences": [owner_reference(pool)]}
+def _meta(pool: Pool, name: str, component: str) -> dict[str, Any]:
+    return {"name": name, "namespace": pool.namespace,
+            "labels": pool_labels(pool.name, component),
+            "ownerReferences": [owner_reference(pool.obj)]}
 
 
-def inference_pool(pool: dict[str, Any], spec: VLMPoolSpec) -> dict[str, Any]:
+def inference_pool(pool: Pool) -> dict[str, Any]:
+    spec = pool.spec
     routing = spec.routing or RoutingSpec()
-    name = pool["metadata"]["name"]
+    name = pool.name
     return {
         "apiVersion": INFERENCE_API,
         "kind": "InferencePool",
@@ -82,10 +84,10 @@ def inference_pool(pool: dict[str, Any], spec: VLMPoolSpec) -> dict[str, Any]:
     }
 
 
-def epp_objects(pool: dict[str, Any], spec: VLMPoolSpec) -> list[dict[str, Any]]:
+def epp_objects(pool: Pool) -> list[dict[str, Any]]:
     """The EPP in GIE's standalone shape (config/charts/epplib at v1.5.0), minus metrics auth."""
-    routing = spec.routing or RoutingSpec()
-    name, ns = pool["metadata"]["name"], pool["metadata"]["namespace"]
+    routing = pool.spec.routing or RoutingSpec()
+    name, ns = pool.name, pool.namespace
     epp = epp_name(name)
     labels = pool_labels(name, COMPONENT_EPP)
     selector = {L_POOL: labels[L_POOL], L_COMPONENT: labels[L_COMPONENT]}
@@ -147,11 +149,12 @@ def epp_objects(pool: dict[str, Any], spec: VLMPoolSpec) -> list[dict[str, Any]]
     return [sa, role, binding, config, deployment, service]
 
 
-def routing_objects(pool: dict[str, Any], spec: VLMPoolSpec) -> list[dict[str, Any]]:
+def routing_objects(pool: Pool) -> list[dict[str, Any]]:
     """Everything `spec.routing` asks for, in apply order (none when it is unset)."""
-    if spec.routing is None:
+    routing = pool.spec.routing
+    if routing is None:
         return []
-    objs = [inference_pool(pool, spec)]
-    if spec.routing.endpoint_picker:
-        objs += epp_objects(pool, spec)
+    objs = [inference_pool(pool)]
+    if routing.endpoint_picker:
+        objs += epp_objects(pool)
     return objs
