@@ -17,6 +17,7 @@ import socket
 import ssl
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -35,6 +36,10 @@ K8S_VERSION = "1.35.4"
 GIE_VERSION = "1.5.0"
 REQUIRED_BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kubectl")
 SERVICE_CIDR = "10.0.0.0/24"
+
+
+_SSL_LOCK = threading.Lock()
+_SSL_CONTEXTS: dict[int, tuple[object, object, ssl.SSLContext]] = {}  # by id(ControlPlane): it, its pair, the context
 
 
 class ControlPlaneError(RuntimeError):
@@ -316,11 +321,16 @@ class ControlPlane:
             return False
 
     def _ssl_context(self) -> ssl.SSLContext:
-        ctx = ssl.create_default_context(cadata=self._ca_pem.decode())
-        pki = self._work / "pki"
-        cert, key = self.admin_cert.write(pki, "admin")
-        ctx.load_cert_chain(str(cert), str(key))
-        return ctx
+        """One context per control plane: writing the admin's key pair per request let a concurrent caller
+        read a half-written PEM (bench/scale.py's load threads: `ssl.SSLError: PEM lib`)."""
+        with _SSL_LOCK:
+            ctx = _SSL_CONTEXTS.get(id(self))
+            if ctx is None or ctx[0] is not self or ctx[1] is not self.admin_cert:  # a restart's new pair
+                context = ssl.create_default_context(cadata=self._ca_pem.decode())
+                cert, key = self.admin_cert.write(self._work / "pki", "admin")
+                context.load_cert_chain(str(cert), str(key))
+                ctx = _SSL_CONTEXTS[id(self)] = (self, self.admin_cert, context)
+            return ctx[2]
 
     def request(self, path: str, timeout: float = 5) -> tuple[int, bytes]:
         """GET `path` on the apiserver as the admin (used for readiness checks)."""
