@@ -14,15 +14,32 @@ only when its spec changed.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar, Generic, Self, TypeVar
+
+from pydantic import BaseModel
 
 from vlmpool.api.adapter import VLMAdapterSpec
 from vlmpool.api.pool import VLMPoolSpec
 
+SpecT = TypeVar("SpecT", bound=BaseModel)
+
 
 @dataclass(frozen=True)
-class _View:
+class _View(Generic[SpecT]):
     obj: dict[str, Any]  # the object as read from the API (apiVersion, kind, metadata, spec, status)
+    spec: SpecT
+    spec_type: ClassVar[type[BaseModel]]
+
+    @classmethod
+    def parse(cls, obj: dict[str, Any]) -> Self:
+        """Validate the object's spec (raises pydantic.ValidationError)."""
+        return cls(obj, cls.spec_type.model_validate(obj.get("spec") or {}))  # type: ignore[arg-type]
+
+    def with_obj(self, obj: dict[str, Any]) -> Self:
+        """A newer copy of this object: the parsed spec is reused when the spec is unchanged."""
+        if (obj.get("spec") or {}) == (self.obj.get("spec") or {}):
+            return type(self)(obj, self.spec)
+        return self.parse(obj)
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -52,24 +69,12 @@ class _View:
         st: dict[str, Any] = self.obj.get("status") or {}
         return st
 
-    def _same_spec(self, obj: dict[str, Any]) -> bool:
-        return bool((obj.get("spec") or {}) == (self.obj.get("spec") or {}))
-
 
 @dataclass(frozen=True)
-class Pool(_View):
+class Pool(_View[VLMPoolSpec]):
     """A VLMPool and its parsed spec."""
 
-    spec: VLMPoolSpec
-
-    @classmethod
-    def parse(cls, obj: dict[str, Any]) -> Pool:
-        """Validate the pool's spec (raises pydantic.ValidationError)."""
-        return cls(obj, VLMPoolSpec.model_validate(obj.get("spec") or {}))
-
-    def with_obj(self, obj: dict[str, Any]) -> Pool:
-        """A newer copy of this pool: the parsed spec is reused when the spec is unchanged."""
-        return Pool(obj, self.spec) if self._same_spec(obj) else Pool.parse(obj)
+    spec_type = VLMPoolSpec
 
     @property
     def served_name(self) -> str:
@@ -78,19 +83,10 @@ class Pool(_View):
 
 
 @dataclass(frozen=True)
-class Adapter(_View):
+class Adapter(_View[VLMAdapterSpec]):
     """A VLMAdapter and its parsed spec."""
 
-    spec: VLMAdapterSpec
-
-    @classmethod
-    def parse(cls, obj: dict[str, Any]) -> Adapter:
-        """Validate the adapter's spec (raises pydantic.ValidationError)."""
-        return cls(obj, VLMAdapterSpec.model_validate(obj.get("spec") or {}))
-
-    def with_obj(self, obj: dict[str, Any]) -> Adapter:
-        """A newer copy of this adapter: the parsed spec is reused when the spec is unchanged."""
-        return Adapter(obj, self.spec) if self._same_spec(obj) else Adapter.parse(obj)
+    spec_type = VLMAdapterSpec
 
     @property
     def served_name(self) -> str:
