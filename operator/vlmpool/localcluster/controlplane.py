@@ -38,10 +38,6 @@ REQUIRED_BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kubec
 SERVICE_CIDR = "10.0.0.0/24"
 
 
-_SSL_LOCK = threading.Lock()
-_SSL_CONTEXTS: dict[int, tuple[object, object, ssl.SSLContext]] = {}  # by id(ControlPlane): it, its pair, the context
-
-
 class ControlPlaneError(RuntimeError):
     pass
 
@@ -133,6 +129,8 @@ class ControlPlane:
 
     def __post_init__(self) -> None:
         self._own_workdir = self.workdir is None
+        self._ssl_lock = threading.Lock()
+        self._ssl: tuple[CertPair, ssl.SSLContext] | None = None  # the admin pair it was made from
         self.workdir = Path(self.workdir or tempfile.mkdtemp(prefix="vlmpool-cp-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._procs: list[_Proc] = []
@@ -321,16 +319,15 @@ class ControlPlane:
             return False
 
     def _ssl_context(self) -> ssl.SSLContext:
-        """One context per control plane: writing the admin's key pair per request let a concurrent caller
-        read a half-written PEM (bench/scale.py's load threads: `ssl.SSLError: PEM lib`)."""
-        with _SSL_LOCK:
-            ctx = _SSL_CONTEXTS.get(id(self))
-            if ctx is None or ctx[0] is not self or ctx[1] is not self.admin_cert:  # a restart's new pair
+        """One context per admin key pair: writing the pair per request let a concurrent caller read a
+        half-written PEM (bench/scale.py's load threads: `ssl.SSLError: PEM lib`)."""
+        with self._ssl_lock:
+            if self._ssl is None or self._ssl[0] is not self.admin_cert:  # none yet, or a restart's new pair
                 context = ssl.create_default_context(cadata=self._ca_pem.decode())
                 cert, key = self.admin_cert.write(self._work / "pki", "admin")
                 context.load_cert_chain(str(cert), str(key))
-                ctx = _SSL_CONTEXTS[id(self)] = (self, self.admin_cert, context)
-            return ctx[2]
+                self._ssl = (self.admin_cert, context)
+            return self._ssl[1]
 
     def request(self, path: str, timeout: float = 5) -> tuple[int, bytes]:
         """GET `path` on the apiserver as the admin (used for readiness checks)."""
