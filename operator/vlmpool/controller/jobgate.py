@@ -24,14 +24,16 @@ log = logging.getLogger("vlmpool.operator")
 
 PATCH_JOB_SELECTOR = f"{L_MANAGED_BY}={MANAGED_BY},{L_COMPONENT}={COMPONENT_PATCH}"
 QUEUED = "PatchJobQueued"
+# Jobs whose pods have not succeeded (batch/v1 Jobs select on status.successful, their succeeded count)
+UNSUCCEEDED_JOBS = "status.successful!=1"
 
 QueueKey = tuple[str, str]  # (namespace, adapter name)
 
 
 def job_unfinished(job: dict[str, Any]) -> bool:
-    """The Job still holds a slot: neither Complete nor Failed (its pods may run)."""
+    """The Job still holds a slot: its pod has not succeeded and it is neither Complete nor Failed."""
     state = D.job_state(job)
-    return not (state.complete or state.failed)
+    return not (state.complete or state.failed or (job.get("status") or {}).get("succeeded"))
 
 
 class PatchJobGate(ReconcilerBase):
@@ -41,11 +43,15 @@ class PatchJobGate(ReconcilerBase):
     _admit_task: asyncio.Task | None
 
     async def _alive_patch_jobs(self) -> tuple[int, set[QueueKey]]:
-        """(unfinished patch Jobs, the adapters they belong to)."""
+        """(unfinished patch Jobs, the adapters they belong to). The apiserver leaves out the Jobs that
+        succeeded (a field selector): the finished Jobs stay until their TTL, and listing them all on every
+        admission made a burst of N adapters cost N lists of up to N Jobs (at 500 adapters, 60 % of the
+        operator's CPU, docs/performance.md). Failed Jobs still come and are dropped here."""
         owners: set[QueueKey] = set()
         n = 0
         for ns in sorted(self._patch_namespaces):
-            for j in await self.kube.list(JOBS, ns, label_selector=PATCH_JOB_SELECTOR):
+            for j in await self.kube.list(JOBS, ns, label_selector=PATCH_JOB_SELECTOR,
+                                          field_selector=UNSUCCEEDED_JOBS):
                 if job_unfinished(j):
                     n += 1
                     owners.add((ns, (j["metadata"].get("labels") or {}).get(L_ADAPTER, "")))
