@@ -113,9 +113,11 @@ async def test_patch_jobs_stay_within_the_bound_in_creation_order(kube, namespac
     await operator(extra_args=("--max-patch-jobs", str(bound)))
 
     async def unfinished():
+        # a Job holds its slot until its pod succeeded (status.succeeded) or it is Complete/Failed
         jobs = await kube.list(JOBS, ns, label_selector="app.kubernetes.io/component=patch")
-        return [j for j in jobs if not any(c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
-                                           for c in (j.get("status") or {}).get("conditions") or [])]
+        return [j for j in jobs if not (j.get("status") or {}).get("succeeded") and not any(
+            c.get("type") in ("Complete", "SuccessCriteriaMet", "Failed", "FailureTarget") and c.get("status") == "True"
+            for c in (j.get("status") or {}).get("conditions") or [])]
 
     def adapter_of(job):
         return job["metadata"]["labels"]["vlmpool.io/adapter"]
@@ -151,3 +153,41 @@ async def _exactly(coro, n, bound=2):
     items = await coro
     assert len(items) <= bound, [j["metadata"]["name"] for j in items]  # never over the bound
     return (items or True) if len(items) == n else None  # True: none, as wanted
+
+
+async def test_a_succeeded_patch_pod_is_recorded_before_its_job_completes_and_the_job_frees_its_slot(
+        kube, namespace, operator, adapter_root, tmp_path, control_plane):
+    """The Job controller marks a Job Complete up to a second after its pod succeeded (it batches pod
+    updates); the operator records the result from the pod at once. With the controller manager
+    paused, the Job cannot complete, so a recorded version can only come from the pod. Once the Job
+    completes, its slot of --max-patch-jobs goes to the next adapter in line by the Job watch alone
+    (the resync is far away)."""
+    ns = namespace
+    await kube.create(pool_obj("fast", 0, free_port(), free_port(), free_port()), ns)
+    await operator(resync=600, extra_args=("--max-patch-jobs", "1"))
+    await kube.create(adapter_obj("first", "fast", f"file://{tmp_path}/src"), ns)
+    job = (await eventually(lambda: patch_jobs(kube, ns, "first"), what="first's patch Job"))[0]
+    pod = await wait_job_pod(kube, ns, job["metadata"]["name"])
+    await kube.create(adapter_obj("second", "fast", f"file://{tmp_path}/src"), ns)
+
+    async def queued():
+        st = (await statuses(kube, ns)).get("second") or {}
+        return any(c["type"] == "Patched" and c.get("reason") == "PatchJobQueued" for c in st.get("conditions") or [])
+
+    await eventually(queued, what="second queued behind first's Job")
+    write_adapter(adapter_root / "first" / "versions" / "v1")
+    with control_plane.paused("kube-controller-manager"):
+        await report_terminated(kube, pod, 0, ok_message(adapter_root, "first", "v1"))
+
+        async def recorded():
+            st = (await statuses(kube, ns))["first"]
+            return st if st.get("version") == "v1" else None
+
+        st = await eventually(recorded, timeout=30, what="first's version recorded from its pod")
+        patched = next(c for c in st["conditions"] if c["type"] == "Patched")
+        assert patched["status"] == "True", patched
+        conds = (await kube.get(JOBS, job["metadata"]["name"], ns)).get("status", {}).get("conditions") or []
+        assert not [c for c in conds if c["type"] in ("Complete", "SuccessCriteriaMet")], conds
+        assert await patch_jobs(kube, ns, "second") == []  # the unfinished Job still holds the only slot
+    await wait_job_condition(kube, ns, job["metadata"]["name"], "Complete")
+    await eventually(lambda: patch_jobs(kube, ns, "second"), timeout=30, what="second's Job after first's completed")

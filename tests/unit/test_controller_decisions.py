@@ -107,6 +107,31 @@ def test_job_state():
     assert st.finished and not st.failed and not st.complete
 
 
+def test_a_succeeded_pod_completes_a_single_completion_job_early():
+    running = _job()
+    st = D.job_state(running, pod_succeeded=True)
+    assert st.complete and st.finished and not st.failed
+    assert not D.job_state(running).complete  # the Job's own word alone: not yet
+    failed = D.job_state(_job([_cond("Failed", "True")]), pod_succeeded=True)
+    assert failed.failed and not failed.complete  # a Job that failed meanwhile (deadline) keeps its Failed
+    for spec in ({"completions": 2}, {"parallelism": 2}, {"completions": None, "parallelism": 3}):
+        assert not D.job_state({**running, "spec": spec}, pod_succeeded=True).complete, spec
+    assert D.job_state({**running, "spec": {"completions": 1, "parallelism": 1}}, pod_succeeded=True).complete
+
+
+def test_succeeded_pod_job():
+    def pod(phase: str, owners: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"metadata": {"name": "inv-patch-d1-x", "ownerReferences": owners}, "status": {"phase": phase}}
+
+    job_owner = {"kind": "Job", "name": "inv-patch-d1", "controller": True}
+    assert D.succeeded_pod_job(pod("Succeeded", [job_owner])) == "inv-patch-d1"
+    for phase in ("Pending", "Running", "Failed", ""):
+        assert D.succeeded_pod_job(pod(phase, [job_owner])) is None, phase
+    assert D.succeeded_pod_job(pod("Succeeded", [])) is None
+    assert D.succeeded_pod_job(pod("Succeeded", [{**job_owner, "controller": False}])) is None
+    assert D.succeeded_pod_job(pod("Succeeded", [{**job_owner, "kind": "ReplicaSet"}])) is None
+
+
 def test_a_complete_job_reports_its_version():
     job = _job([_cond("Complete", "True")])
     res = _result(job, [("Succeeded", _ok())], old_version="v1")

@@ -11,8 +11,8 @@ from vlmpool.api.objects import Adapter, Pool
 from vlmpool.controller import decisions as D
 from vlmpool.controller import status as S
 from vlmpool.controller.common import SOURCE_NOT_ALLOWED, RetryLater, _duration
-from vlmpool.controller.jobgate import QUEUED, PatchJobGate
-from vlmpool.kube.client import PODS, VLMADAPTERS, VLMPOOLS
+from vlmpool.controller.jobgate import QUEUED, PatchJobGate, job_unfinished
+from vlmpool.kube.client import JOBS, PODS, VLMADAPTERS, VLMPOOLS
 from vlmpool.manifests import adapter as MA
 from vlmpool.manifests.common import A_SUPERSEDED, patch_job_name
 
@@ -83,9 +83,21 @@ class AdapterReconciler(PatchJobGate):
         # The Job may have finished already (operator restart): read its result now.
         await self.job_changed(job)
 
-    async def job_changed(self, job: dict[str, Any]) -> None:
-        """A patch Job changed: copy a finished result into its adapter's status, then push. Reads the
-        adapter's metadata and status only (its spec is not parsed here)."""
+    async def patch_pod_changed(self, pod: dict[str, Any]) -> None:
+        """A patch pod changed. One that Succeeded decides its single-completion Job: its result is
+        recorded and pushed now, not when the Job controller marks the Job Complete (it batches pod
+        updates for up to a second). Failures still wait for the Job, which knows about retries."""
+        job_name = D.succeeded_pod_job(pod)
+        if job_name is None:
+            return
+        job = await self.kube.get_or_none(JOBS, job_name, pod["metadata"]["namespace"])
+        if job is not None:
+            await self.job_changed(job, pod_succeeded=True)
+
+    async def job_changed(self, job: dict[str, Any], pod_succeeded: bool = False) -> None:
+        """A patch Job changed (or one of its pods Succeeded): copy a finished result into its adapter's
+        status, then push. Reads the adapter's metadata and status only (its spec is not parsed here).
+        A Job that finished frees its slot of --max-patch-jobs, whether its result was wanted or not."""
         meta = job["metadata"]
         ns = meta["namespace"]
         ref = D.job_adapter_ref(job)
@@ -94,8 +106,10 @@ class AdapterReconciler(PatchJobGate):
         digest, owner = ref
         adapter = await self.kube.get_or_none(VLMADAPTERS, owner["name"], ns)
         if adapter is None or not D.job_result_wanted(adapter, owner, digest):
+            if not pod_succeeded and not job_unfinished(job):
+                await self.admit_queued()  # recorded already (from its pod) or not wanted: free its slot
             return
-        state = D.job_state(job)
+        state = D.job_state(job, pod_succeeded=pod_succeeded)
         if not state.finished:
             return
         messages = await self._job_messages(ns, meta["name"])
@@ -129,8 +143,8 @@ class AdapterReconciler(PatchJobGate):
         elif isinstance(result, D.PatchJobFailed):
             msg = D.failed_job_message(meta["name"], result.condition, await self._job_raw_messages(ns, meta["name"]))
             await self._patch_failed(adapter, still_running, "PatchJobFailed", msg, duration)
-        if state.complete or state.failed:
-            await self.admit_queued()  # its slot is free
+        if not job_unfinished(job):
+            await self.admit_queued()  # its slot is free (a Job completed only in its pod's eyes holds it)
 
     async def _patch_failed(self, adapter: dict[str, Any], only_if: Callable[[dict[str, Any]], bool],
                             reason: str, message: str, duration: float | None = None) -> None:

@@ -78,12 +78,31 @@ class JobState:
         return self.complete or self.failed or self.failed_pods
 
 
-def job_state(job: dict[str, Any]) -> JobState:
+def job_state(job: dict[str, Any], pod_succeeded: bool = False) -> JobState:
+    """The Job's state from its conditions; `pod_succeeded`: one of its pods is seen Succeeded, which
+    for a single-completion Job means Complete before the Job controller writes it (up to a second
+    later: it batches pod updates). A Job that failed meanwhile keeps its Failed."""
     jst = job.get("status") or {}
     jconds = {c["type"]: c for c in jst.get("conditions") or [] if c.get("status") == "True"}
-    return JobState(complete="Complete" in jconds or "SuccessCriteriaMet" in jconds,
-                    failed="Failed" in jconds or "FailureTarget" in jconds,
-                    conditions=jconds, failed_pods=bool(jst.get("failed")))
+    failed = "Failed" in jconds or "FailureTarget" in jconds
+    complete = "Complete" in jconds or "SuccessCriteriaMet" in jconds
+    if pod_succeeded and not failed and single_completion(job):
+        complete = True
+    return JobState(complete=complete, failed=failed, conditions=jconds, failed_pods=bool(jst.get("failed")))
+
+
+def single_completion(job: dict[str, Any]) -> bool:
+    """One pod that exits 0 completes the Job (the patch Job's shape: one completion, one pod at a time)."""
+    spec = job.get("spec") or {}
+    return spec.get("completions") in (None, 1) and spec.get("parallelism") in (None, 1)
+
+
+def succeeded_pod_job(pod: dict[str, Any]) -> str | None:
+    """The name of the Job that controls `pod` when the pod has Succeeded; None otherwise."""
+    if (pod.get("status") or {}).get("phase") != "Succeeded":
+        return None
+    owner = controller_owner(pod, "Job")
+    return owner.get("name") if owner else None
 
 
 @dataclass(frozen=True)

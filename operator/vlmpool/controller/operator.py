@@ -180,8 +180,17 @@ class Operator:
                 except Exception:
                     log.exception("reading a patch Job's result failed (the adapter resync will retry)")
 
+        @kopf.on.event("", "v1", "pods", registry=reg,
+                       labels={L_MANAGED_BY: MANAGED_BY, L_COMPONENT: COMPONENT_PATCH})
+        async def patch_pod_event(body: kopf.Body, type: str | None, **_: Any) -> None:
+            if type != "DELETED":
+                try:
+                    await op.reconciler.patch_pod_changed(dict(body))
+                except Exception:
+                    log.exception("reading a patch pod's result failed (its Job's completion will retry)")
+
         _ = (COMPONENT_CLEANUP, startup, pool_reconcile, pool_resync, deployment_event, pod_event,
-             adapter_reconcile, adapter_resync, adapter_delete, job_event, login)
+             adapter_reconcile, adapter_resync, adapter_delete, job_event, patch_pod_event, login)
 
     # ---- endpoints ---------------------------------------------------------------------------------
     async def _serve_http(self) -> web.AppRunner | None:

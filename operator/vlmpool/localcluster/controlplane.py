@@ -8,6 +8,7 @@ Used by the test suite (a session fixture) and by `vlmpool dev`. Binaries come f
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -222,6 +224,19 @@ class ControlPlane:
         self._procs.clear()
         if self._own_workdir and self.workdir and self.workdir.exists():
             shutil.rmtree(self.workdir, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def paused(self, name: str) -> Iterator[None]:
+        """Stop one of the control plane's processes (SIGSTOP) for the block, then let it go on
+        (SIGCONT), e.g. the kube-controller-manager, to see what the operator does before the Job
+        controller has written a Job's status. Only with the controller manager's leader election
+        off (as started here): a paused leader would lose its lease and exit."""
+        proc = next(p for p in self._procs if p.name == name)
+        proc.popen.send_signal(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            proc.popen.send_signal(signal.SIGCONT)
 
     def __enter__(self) -> ControlPlane:
         return self.start()
