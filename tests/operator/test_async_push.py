@@ -9,6 +9,7 @@ import aiohttp
 import pytest
 from helpers import (
     admin_state,
+    after_more,
     eventually,
     free_port,
     now,
@@ -110,7 +111,7 @@ async def test_patch_jobs_stay_within_the_bound_in_creation_order(kube, namespac
             return now() > c["metadata"]["creationTimestamp"]
 
         await eventually(next_second, interval=0.05, what="the next second")
-    await operator(extra_args=("--max-patch-jobs", str(bound)))
+    op = await operator(extra_args=("--max-patch-jobs", str(bound)))
 
     async def unfinished():
         # a Job holds its slot until its pod succeeded (status.succeeded) or it is Complete/Failed
@@ -123,6 +124,7 @@ async def test_patch_jobs_stay_within_the_bound_in_creation_order(kube, namespac
         return job["metadata"]["labels"]["vlmpool.io/adapter"]
 
     started: list[str] = []
+    before_admission: dict[str, str] = {}  # the queued adapters' resourceVersions one step earlier
     for step in range(len(names)):
         # the next ones in line get a Job (at most `bound` unfinished), the rest say they are queued
         want = min(bound, len(names) - step)
@@ -139,8 +141,20 @@ async def test_patch_jobs_stay_within_the_bound_in_creation_order(kube, namespac
                 return conds if all(c.get("reason") == "PatchJobQueued" for c in conds.values()) else None
 
             conds = await eventually(said_queued, timeout=30, what="the queued adapters' condition")
-            assert "waiting for a patch Job slot" in conds[queued[-1]]["message"]
+            assert f"waiting for one of the {bound} patch Job slots" in conds[queued[-1]]["message"]
             assert (await kube.get(VLMADAPTERS, queued[0], ns))["status"]["phase"] == "Patching"
+            versions = {n: (await kube.get(VLMADAPTERS, n, ns))["metadata"]["resourceVersion"] for n in queued}
+            if step == 2:
+                # An admission went by (step 1's Job finished; step 0's first push has given every
+                # adapter its loaded counts): the adapters still in line are reconciled again by their
+                # resync and their status is not rewritten (a place in line in the message would be:
+                # N queued adapters x every resync).
+                await after_more(op, "vlmpool_operator_reconciles_total", by=2 * len(queued),
+                                 kind="adapter", result="queued")
+                after = {n: (await kube.get(VLMADAPTERS, n, ns))["metadata"]["resourceVersion"] for n in queued}
+                assert after == versions and before_admission.items() >= versions.items(), \
+                    (before_admission, versions, after)
+            before_admission = versions
         # finish the oldest running Job: the next adapter in line gets its slot
         first = next(j for j in alive if adapter_of(j) == started[step])
         await complete_patch(kube, ns, first["metadata"]["name"], adapter_root, started[step], "v1", seed=step)

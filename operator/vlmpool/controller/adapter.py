@@ -31,6 +31,7 @@ class AdapterReconciler(PatchJobGate):
         st = adapter.status
         base = {"observedGeneration": adapter.generation, "servedName": adapter.served_name}
         if pool is None:
+            self.dequeue_patch(ns, name)  # no Job without its pool: it must not hold a place in line
             await self._write_adapter_status(adapter.obj, base, [(
                 "PoolFound", "False", "PoolNotFound", f"VLMPool {spec.pool_ref.name!r} does not exist in {ns}")])
             self.metrics.reconciles.labels("adapter", "pool-missing").inc()
@@ -42,6 +43,7 @@ class AdapterReconciler(PatchJobGate):
         refusal = MA.file_source_refusal(spec.source.uri, self.config.host_paths)
         if refusal:
             # Before any Job (or hostPath) exists.
+            self.dequeue_patch(ns, name)
             await self._write_adapter_status(adapter.obj, {**base, "specDigest": digest},
                                              [found, ("Patched", "False", SOURCE_NOT_ALLOWED, refusal)])
             self.metrics.reconciles.labels("adapter", "refused").inc()
@@ -65,11 +67,14 @@ class AdapterReconciler(PatchJobGate):
                 adapter.obj, {**base, "specDigest": digest}, [found, ("Patched", "Unknown", QUEUED, why)],
                 only_if=lambda cur: not D.patch_decided(cur, digest))
             return
-        job, created = await self.kube.create_if_absent(
-            MA.patch_job(adapter, pool, image=MA.patch_image_for(spec, self.config.patch_image,
-                                                                 self.config.patch_dora_image),
-                         adapter_root=self.config.adapter_root,
-                         source_allow=self.config.source_allow), ns)
+        try:
+            job, created = await self.kube.create_if_absent(
+                MA.patch_job(adapter, pool, image=MA.patch_image_for(spec, self.config.patch_image,
+                                                                     self.config.patch_dora_image),
+                             adapter_root=self.config.adapter_root,
+                             source_allow=self.config.source_allow), ns)
+        finally:
+            self.patch_job_created(ns, job_name)
         if created:
             self.metrics.jobs_created.labels("patch").inc()
             self.event(adapter.obj, "Normal", "PatchJobCreated", f"Job {job_name} patches spec {digest[:8]}")

@@ -41,30 +41,57 @@ class PatchJobGate(ReconcilerBase):
     _patch_queue: dict[QueueKey, tuple[str, str, str]]  # key -> (creationTimestamp, namespace, name)
     _patch_namespaces: set[str]
     _admit_task: asyncio.Task | None
+    _admitting: bool  # an admit_queued round runs
+    _admit_again: bool  # a slot freed since that round began
+    _scanned: dict[str, str]  # namespace -> newest creationTimestamp its last adapter list saw
+    _reserved: dict[tuple[str, str], str]  # (namespace, Job) admitted, not created yet -> adapter
 
     async def _alive_patch_jobs(self) -> tuple[int, set[QueueKey]]:
         """(unfinished patch Jobs, the adapters they belong to). The apiserver leaves out the Jobs that
         succeeded (a field selector): the finished Jobs stay until their TTL, and listing them all on every
         admission made a burst of N adapters cost N lists of up to N Jobs (at 500 adapters, 60 % of the
-        operator's CPU, docs/performance.md). Failed Jobs still come and are dropped here."""
+        operator's CPU, docs/performance.md). Failed Jobs still come and are dropped here.
+
+        Jobs admitted but not created yet (the creation runs after the gate's lock is released) count
+        too: without them two adapters admitted back to back could both see a free slot."""
         owners: set[QueueKey] = set()
         n = 0
+        listed: set[tuple[str, str]] = set()
+        # Taken before the lists: a creation that ends while a list is on its way drops its reservation
+        # and may be missing from that list, so it must still count as reserved.
+        reserved = dict(self._reserved)
         for ns in sorted(self._patch_namespaces):
             for j in await self.kube.list(JOBS, ns, label_selector=PATCH_JOB_SELECTOR,
                                           field_selector=UNSUCCEEDED_JOBS):
+                listed.add((ns, j["metadata"]["name"]))
                 if job_unfinished(j):
                     n += 1
                     owners.add((ns, (j["metadata"].get("labels") or {}).get(L_ADAPTER, "")))
+        for (ns, job), adapter in reserved.items():
+            if (ns, job) not in listed:
+                n += 1
+                owners.add((ns, adapter))
         return n, owners
 
     async def _older_waiting(self, ns: str, entry: tuple[str, str, str], running: set[QueueKey]) -> None:
-        """Put into the queue the adapters of `ns` created before `entry` that wait for a patch Job
-        but whose reconcile has not asked yet (a burst of creations is handled in any order)."""
-        for a in await self.kube.list(VLMADAPTERS, ns):
+        """Put into the queue the adapters of `ns` that wait for a patch Job but whose reconcile has not
+        asked yet, so that `entry` does not overtake older ones (a burst of creations is handled in any
+        order).
+
+        One list of the namespace's adapters queues every waiting adapter created up to its newest one;
+        later adapters ask for themselves (their create events). So the list is read again only for an
+        entry at least as new as the newest adapter the last list saw: a burst of N adapters costs a
+        few lists, not N lists of N adapters."""
+        seen = self._scanned.get(ns)
+        if seen is not None and entry[0] < seen:
+            return
+        items = await self.kube.list(VLMADAPTERS, ns)
+        self._scanned[ns] = max((a["metadata"].get("creationTimestamp") or "" for a in items), default="")
+        for a in items:
             meta = a["metadata"]
             key = (ns, meta["name"])
             other = (meta.get("creationTimestamp") or "", ns, meta["name"])
-            if other >= entry or key in self._patch_queue or key in running or meta.get("deletionTimestamp"):
+            if key in self._patch_queue or key in running or meta.get("deletionTimestamp"):
                 continue
             st = a.get("status") or {}
             patched = S.get_condition(st.get("conditions") or [], "Patched")
@@ -81,7 +108,7 @@ class PatchJobGate(ReconcilerBase):
         async with self._gate_lock:
             self._patch_namespaces.add(ns)
             if await self.kube.get_or_none(JOBS, job_name, ns) is not None:
-                self._patch_queue.pop(key, None)
+                self.dequeue_patch(ns, name)
                 return True, ""  # created before (an operator restart): it holds its slot already
             entry = (meta.get("creationTimestamp") or "", ns, name)
             self._patch_queue[key] = entry
@@ -91,14 +118,21 @@ class PatchJobGate(ReconcilerBase):
             if place < free:  # first make sure no older adapter waits unseen
                 await self._older_waiting(ns, entry, running)
                 place = sorted(self._patch_queue.values()).index(entry)
+            log.debug("patch gate: %s/%s alive %d (%d admitted, not created yet) place %d -> %s", ns, name, alive,
+                      len(self._reserved), place, "admitted" if place < free else "queued")
             if place < free:
-                del self._patch_queue[key]
+                self.dequeue_patch(ns, name)
+                self._reserved[(ns, job_name)] = name  # until created (patch_job_created)
                 return True, ""
             if free > 0:  # older adapters are in line: let them take the free slots soon
                 self._admit_soon()
             self.metrics.reconciles.labels("adapter", "queued").inc()
-            return False, (f"waiting for a patch Job slot: {alive}/{self.config.max_patch_jobs} Jobs running, "
-                           f"{place - max(free, 0) + 1} of {len(self._patch_queue)} queued adapters in line")
+            self.metrics.patch_queue.set(len(self._patch_queue))
+            # A stable message: a place in line would change with every admission and make each queued
+            # adapter's resync a status write (N queued adapters x every resync). The queue's length is
+            # the vlmpool_operator_patch_jobs_queued gauge.
+            return False, (f"waiting for one of the {self.config.max_patch_jobs} patch Job slots "
+                           "(--max-patch-jobs); queued adapters start in the order they were created")
 
     def _admit_soon(self) -> None:
         if self._admit_task is not None and not self._admit_task.done():
@@ -110,15 +144,34 @@ class PatchJobGate(ReconcilerBase):
 
         self._admit_task = asyncio.get_running_loop().create_task(later())
 
+    def patch_job_created(self, ns: str, job_name: str) -> None:
+        """The admitted Job was created (or its creation failed): the apiserver counts it from now on."""
+        self._reserved.pop((ns, job_name), None)
+
     def dequeue_patch(self, ns: str, name: str) -> None:
         """The adapter no longer waits (patched, refused, deleted)."""
         self._patch_queue.pop((ns, name), None)
+        self.metrics.patch_queue.set(len(self._patch_queue))
 
     async def admit_queued(self) -> None:
         """A slot freed: reconcile the queued adapters that come first (each takes its slot through
-        admit_patch_job); entries of adapters that went are dropped."""
+        admit_patch_job); entries of adapters that went are dropped. Calls that arrive while one runs
+        (every finished Job's event calls) are folded into one more round of it, so a queued adapter is
+        not reconciled by several rounds at once."""
         if not self._patch_queue:
             return
+        self._admit_again = True
+        if self._admitting:
+            return
+        self._admitting = True
+        try:
+            while self._admit_again and self._patch_queue:
+                self._admit_again = False
+                await self._admit_round()
+        finally:
+            self._admitting = False
+
+    async def _admit_round(self) -> None:
         async with self._gate_lock:
             free = self.config.max_patch_jobs - (await self._alive_patch_jobs())[0]
             head = sorted(self._patch_queue.values())[:max(free, 0)]

@@ -26,6 +26,8 @@ class OperatorMetrics:
         self.job_seconds = Histogram(
             "vlmpool_operator_patch_job_duration_seconds", "Patch Job duration (start to completion) by result.",
             ["result"], buckets=(1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600), registry=r)
+        self.patch_queue = Gauge("vlmpool_operator_patch_jobs_queued",
+                                 "Adapters waiting for a patch Job slot (--max-patch-jobs).", registry=r)
         self.ready = Gauge("vlmpool_operator_ready", "1 once the operator is watching.", registry=r)
         self.leader = Gauge("vlmpool_operator_leader",
                             "1 while this replica leads (holds the leader-election Lease, or runs without "

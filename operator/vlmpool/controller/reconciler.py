@@ -48,6 +48,10 @@ class Reconciler(PoolReconciler, AdapterReconciler, DeletionReconciler, PushReco
         self._patch_queue: dict[tuple[str, str], tuple[str, str, str]] = {}
         self._patch_namespaces: set[str] = set()
         self._admit_task: asyncio.Task | None = None
+        self._admitting = False
+        self._admit_again = False
+        self._scanned: dict[str, str] = {}
+        self._reserved: dict[tuple[str, str], str] = {}
 
     async def close(self) -> None:
         for st in self._pushes.values():
