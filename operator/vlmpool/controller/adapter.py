@@ -99,6 +99,12 @@ class AdapterReconciler(PatchJobGate):
         if job is not None:
             await self.job_changed(job, pod_succeeded=True)
 
+    async def job_listed(self, job: dict[str, Any]) -> None:
+        """A patch Job seen in a listing (operator start, or a watch that was lost): its result is the
+        adapter's own resume's to read (or its resync's); a finished one frees its slot."""
+        if D.job_adapter_ref(job) is not None and not job_unfinished(job):
+            await self.admit_queued()
+
     async def job_changed(self, job: dict[str, Any], pod_succeeded: bool = False) -> None:
         """A patch Job changed (or one of its pods Succeeded): copy a finished result into its adapter's
         status, then push. Reads the adapter's metadata and status only (its spec is not parsed here).
