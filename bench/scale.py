@@ -333,7 +333,10 @@ def run_size(args: argparse.Namespace, work: Path, seed: Path) -> dict:
         print(f"  cluster and {args.pods} pods up in {time.monotonic() - t_setup:.1f}s", flush=True)
         pod_ips = sorted(p["status"]["podIP"] for p in b.pods())
         phases = []
-        for step in (b.apply_all, b.operator_restart, b.engine_restart, b.swap, b.roll):
+        steps = [b.apply_all, b.operator_restart, b.engine_restart, b.swap, b.roll]
+        if args.until:  # the phases up to this one (apply_all is every later phase's setup)
+            steps = steps[:[s.__name__ for s in steps].index(args.until) + 1]
+        for step in steps:
             print(f"  {step.__name__} ...", flush=True)
             try:
                 phases.append(step())
@@ -394,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-results", action="store_true", help="append nothing (a smoke run)")
     ap.add_argument("--plot", type=Path, help="draw the growth curves from --results into this directory")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs) after the run")
+    ap.add_argument("--until", choices=("apply_all", "operator_restart", "engine_restart", "swap", "roll"),
+                    help="stop after this phase (e.g. to re-measure an operator restart without the roll)")
     args = ap.parse_args(argv)
 
     def stop(signum, _frame):  # SIGTERM tears down as Ctrl-C does
