@@ -50,6 +50,7 @@ LOAD_MS_SOURCE = ("vLLM 0.32.0's own add_lora disk read (PEFTHelper, validate_le
                   "100-300 ms issue 12 quotes")
 LOAD_WORKERS = 1  # vLLM's EngineCore runs add_lora calls one after the other
 GOALS = {"operator_restart_s": 10.0, "engine_restart_s": 60.0}
+PHASES = ("apply_all", "operator_restart", "engine_restart", "swap", "roll")  # Bench's methods, in order
 DEFAULT_RESULTS = Path(__file__).resolve().parent.parent / "docs" / "perf" / "scale.jsonl"
 
 
@@ -333,10 +334,9 @@ def run_size(args: argparse.Namespace, work: Path, seed: Path) -> dict:
         print(f"  cluster and {args.pods} pods up in {time.monotonic() - t_setup:.1f}s", flush=True)
         pod_ips = sorted(p["status"]["podIP"] for p in b.pods())
         phases = []
-        steps = [b.apply_all, b.operator_restart, b.engine_restart, b.swap, b.roll]
-        if args.until:  # the phases up to this one (apply_all is every later phase's setup)
-            steps = steps[:[s.__name__ for s in steps].index(args.until) + 1]
-        for step in steps:
+        # the phases up to --until (apply_all is every later phase's setup)
+        names = PHASES[:PHASES.index(args.until) + 1] if args.until else PHASES
+        for step in [getattr(b, name) for name in names]:
             print(f"  {step.__name__} ...", flush=True)
             try:
                 phases.append(step())
@@ -397,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-results", action="store_true", help="append nothing (a smoke run)")
     ap.add_argument("--plot", type=Path, help="draw the growth curves from --results into this directory")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs) after the run")
-    ap.add_argument("--until", choices=("apply_all", "operator_restart", "engine_restart", "swap", "roll"),
+    ap.add_argument("--until", choices=PHASES,
                     help="stop after this phase (e.g. to re-measure an operator restart without the roll)")
     args = ap.parse_args(argv)
 

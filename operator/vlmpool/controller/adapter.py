@@ -99,16 +99,22 @@ class AdapterReconciler(PatchJobGate):
         if job is not None:
             await self.job_changed(job, pod_succeeded=True)
 
-    async def job_listed(self, job: dict[str, Any]) -> None:
-        """A patch Job seen in a listing (operator start, or a watch that was lost): its result is the
-        adapter's own resume's to read (or its resync's); a finished one frees its slot."""
+    async def free_job_slot(self, job: dict[str, Any]) -> None:
+        """A finished patch Job frees its slot of --max-patch-jobs, whether its result was wanted,
+        recorded already (from its pod) or not. The one place that says so: after a Job's change, and
+        for a Job seen in a listing (operator start, or a lost watch), whose result is its adapter's own
+        resume's (or resync's) to read. A Job completed only in its pod's eyes still holds its slot."""
         if D.job_adapter_ref(job) is not None and not job_unfinished(job):
             await self.admit_queued()
 
     async def job_changed(self, job: dict[str, Any], pod_succeeded: bool = False) -> None:
-        """A patch Job changed (or one of its pods Succeeded): copy a finished result into its adapter's
-        status, then push. Reads the adapter's metadata and status only (its spec is not parsed here).
-        A Job that finished frees its slot of --max-patch-jobs, whether its result was wanted or not."""
+        """A patch Job changed (or one of its pods Succeeded): record its result, then free its slot."""
+        await self._record_job_result(job, pod_succeeded)
+        await self.free_job_slot(job)
+
+    async def _record_job_result(self, job: dict[str, Any], pod_succeeded: bool) -> None:
+        """Copy a finished result into the adapter's status, then push. Reads the adapter's metadata
+        and status only (its spec is not parsed here)."""
         meta = job["metadata"]
         ns = meta["namespace"]
         ref = D.job_adapter_ref(job)
@@ -117,8 +123,6 @@ class AdapterReconciler(PatchJobGate):
         digest, owner = ref
         adapter = await self.kube.get_or_none(VLMADAPTERS, owner["name"], ns)
         if adapter is None or not D.job_result_wanted(adapter, owner, digest):
-            if not pod_succeeded and not job_unfinished(job):
-                await self.admit_queued()  # recorded already (from its pod) or not wanted: free its slot
             return
         state = D.job_state(job, pod_succeeded=pod_succeeded)
         if not state.finished:
@@ -154,8 +158,6 @@ class AdapterReconciler(PatchJobGate):
         elif isinstance(result, D.PatchJobFailed):
             msg = D.failed_job_message(meta["name"], result.condition, await self._job_raw_messages(ns, meta["name"]))
             await self._patch_failed(adapter, still_running, "PatchJobFailed", msg, duration)
-        if not job_unfinished(job):
-            await self.admit_queued()  # its slot is free (a Job completed only in its pod's eyes holds it)
 
     async def _patch_failed(self, adapter: dict[str, Any], only_if: Callable[[dict[str, Any]], bool],
                             reason: str, message: str, duration: float | None = None) -> None:

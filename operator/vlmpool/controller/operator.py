@@ -180,7 +180,7 @@ class Operator:
             # finished still frees its slot.
             try:
                 if type is None:
-                    await op.reconciler.job_listed(dict(body))
+                    await op.reconciler.free_job_slot(dict(body))
                 elif type != "DELETED":
                     await op.reconciler.job_changed(dict(body))
             except Exception:
