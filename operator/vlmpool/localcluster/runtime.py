@@ -83,12 +83,32 @@ class Mount:
     is_file: bool = False
 
 
+def host_paths() -> list[Path]:
+    """The host directories a container process of the process kubelet runs from: this interpreter's
+    installation (the checkout's venv) and the directory vlmpool is imported from (an editable
+    checkout). A volume mounted over one of their ancestors (an emptyDir at /tmp for a checkout under
+    /tmp) would hide them from the process ("exec: .../.venv/bin/vlmpool: not found")."""
+    import vlmpool
+
+    paths = {Path(sys.prefix).resolve(), Path(vlmpool.__file__).resolve().parent.parent}
+    return sorted(paths)
+
+
 @dataclass
 class ProcessSpec:
     argv: list[str]
     env: dict[str, str]
     cwd: str | None = None
     mounts: list[Mount] = field(default_factory=list)
+    # Host directories the process must still see after its volumes are mounted (host_paths()).
+    keep: list[Path] = field(default_factory=host_paths)
+
+    def all_mounts(self) -> list[Mount]:
+        """The pod's mounts, then each kept host directory that a mount target covers, bound back
+        onto itself read-only (its depth orders it after the volume that covers it)."""
+        extra = [Mount(k, str(k), True) for k in self.keep
+                 if any(_covers(m.target, k) for m in self.mounts)]
+        return self.mounts + extra
 
     def launcher(self) -> list[str]:
         """argv that sets up the mounts in a private mount namespace, then execs the container.
@@ -98,14 +118,15 @@ class ProcessSpec:
         volume's source (an emptyDir at /tmp, say) cannot hide that source."""
         if not self.mounts and not self.cwd:
             return self.argv
+        mounts = self.all_mounts()
         lines = ["set -e"]
-        if self.mounts:
+        if mounts:
             stage = shlex.quote(STAGE_DIR)
             lines.append(f"mount -t tmpfs -o mode=0700 vlmpool-stage {stage}")
-            for i, m in enumerate(self.mounts):
+            for i, m in enumerate(mounts):
                 lines.append(f"{'touch' if m.is_file else 'mkdir'} {stage}/{i}")
                 lines.append(f"mount --bind {shlex.quote(str(m.source))} {stage}/{i}")
-            ordered = sorted(enumerate(self.mounts), key=lambda im: len(Path(im[1].target).parts))
+            ordered = sorted(enumerate(mounts), key=lambda im: len(Path(im[1].target).parts))
             for i, m in ordered:
                 dst = shlex.quote(m.target)
                 # The mount point may live inside a volume mounted just before (an emptyDir at /tmp).
@@ -143,6 +164,12 @@ class ProcessSpec:
             except OSError as e:
                 raise RuntimeRefusal("CreateContainerError",
                                      f"cannot create mount point {m.target}: {e}") from e
+
+
+def _covers(target: str, path: Path) -> bool:
+    """Whether a mount at `target` hides `path` (the target is `path` or one of its ancestors)."""
+    t = Path(os.path.normpath(target))
+    return path == t or t in path.parents
 
 
 def mounts_supported() -> tuple[bool, str]:
