@@ -29,13 +29,13 @@ from vlmpool.proxy.server import run_proxy
 
 
 async def main(n: int, load_ms: float, par: int) -> None:
-    path = str(write_adapter(Path(tempfile.mkdtemp()) / "a" / "versions" / "v1", seed=1))
+    path = str(write_adapter(Path(tempfile.mkdtemp()) / "a" / "versions" / "00000001", seed=1))
     sim, runner = await start_sim(lora_load_ms=load_ms, max_cpu_loras=n + 8, max_loras=8)
     try:
         async with run_proxy(proxy_config(sim.url, access_log=False)) as p:
             admin = Admin(p.admin_url)
             state = {"generation": 1, "concurrency": 16, "load_parallelism": par,
-                     "adapters": [{"name": f"a{i:04d}", "version": "v1", "path": path} for i in range(n)]}
+                     "adapters": [{"name": f"a{i:04d}", "version": "00000001", "path": path} for i in range(n)]}
             t0 = time.monotonic()
             status, _ = await admin.put(state, wait=None)
             ack = time.monotonic() - t0

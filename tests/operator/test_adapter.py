@@ -119,16 +119,16 @@ async def test_adapter_patch_push_swap_and_delete(kube, kubectl, namespace, oper
     assert job["metadata"]["ownerReferences"][0]["kind"] == "VLMAdapter"
     await eventually(lambda: adapter_status(kube, ns, "ad1", phase="Patching"), what="phase Patching")
 
-    await complete_patch(kube, ns, name, adapter_root, "ad1", "v1aaaa")
+    await complete_patch(kube, ns, name, adapter_root, "ad1", "0001aaaa")
     st = await eventually(lambda: adapter_status(kube, ns, "ad1", phase="Ready"), what="phase Ready")
-    assert st["version"] == "v1aaaa" and st["loaded"] == "2/2" and st["loadedPods"] == 2
-    assert st["path"] == f"{adapter_root}/ad1/versions/v1aaaa"
+    assert st["version"] == "0001aaaa" and st["loaded"] == "2/2" and st["loadedPods"] == 2
+    assert st["path"] == f"{adapter_root}/ad1/versions/0001aaaa"
     assert st["report"]["tensorsKept"] == 8 and st["report"]["baseCheck"] == "match"
     assert sorted(p["pod"] for p in st["pods"]) == sorted(ips) and {p["state"] for p in st["pods"]} == {"loaded"}
     for ip in ips.values():
         state = await admin_state(ip, admin_port, token)
         (a,) = state["adapters"]
-        assert (a["name"], a["version"], a["state"]) == ("acme/invoices", "v1aaaa", "loaded")
+        assert (a["name"], a["version"], a["state"]) == ("acme/invoices", "0001aaaa", "loaded")
         assert a.get("path", st["path"]) == st["path"]
     async def pool_counts():
         st = (await kube.get(VLMPOOLS, "pool", ns))["status"]
@@ -139,7 +139,7 @@ async def test_adapter_patch_push_swap_and_delete(kube, kubectl, namespace, oper
 
     # `kubectl get` shows the printer columns from the status the operator writes.
     table = kubectl("get", "vlma", "ad1", "-n", ns).stdout
-    assert "Ready" in table and "v1aaaa" in table and "2/2" in table, table
+    assert "Ready" in table and "0001aaaa" in table and "2/2" in table, table
     table = kubectl("get", "vlmp", "pool", "-n", ns).stdout
     assert "2/2" in table and "1/1" in table, table
 
@@ -158,23 +158,23 @@ async def test_adapter_patch_push_swap_and_delete(kube, kubectl, namespace, oper
     jobs = await eventually(lambda: _n(patch_jobs(kube, ns, "ad1"), 2), what="the second Job")
     new_job = next(j for j in jobs if j["metadata"]["name"] != name)["metadata"]["name"]
     st = await eventually(lambda: adapter_status(kube, ns, "ad1", phase="Patching"), what="patching v2")
-    assert st["version"] == "v1aaaa"
-    await complete_patch(kube, ns, new_job, adapter_root, "ad1", "v2bbbb", seed=1)
-    st = await eventually(lambda: adapter_status(kube, ns, "ad1", phase="Ready", version="v2bbbb", loaded="2/2"),
+    assert st["version"] == "0001aaaa"
+    await complete_patch(kube, ns, new_job, adapter_root, "ad1", "0002bbbb", seed=1)
+    st = await eventually(lambda: adapter_status(kube, ns, "ad1", phase="Ready", version="0002bbbb", loaded="2/2"),
                           what="v2 Ready")
     for ip in ips.values():
         (a,) = (await admin_state(ip, admin_port, token))["adapters"]
-        assert (a["version"], a["state"]) == ("v2bbbb", "loaded")
+        assert (a["version"], a["state"]) == ("0002bbbb", "loaded")
 
     # Every pod serves v2 (none serves v1 any more): one prune Job removes v1's directory, under the
     # patcher's lock, keeping the served version and the one `current` points at.
-    (adapter_root / "ad1" / "current").symlink_to("versions/v2bbbb")
+    (adapter_root / "ad1" / "current").symlink_to("versions/0002bbbb")
     (prune,) = await eventually(lambda: kube.list(JOBS, ns, label_selector="app.kubernetes.io/component=prune"),
                                 what="the prune Job")
-    assert (adapter_root / "ad1" / "versions" / "v1aaaa").is_dir()
+    assert (adapter_root / "ad1" / "versions" / "0001aaaa").is_dir()
     pod = await wait_job_pod(kube, ns, prune["metadata"]["name"])
     assert await run_cleanup_pod(kube, pod) == 0
-    assert sorted(p.name for p in (adapter_root / "ad1" / "versions").iterdir()) == ["v2bbbb"]
+    assert sorted(p.name for p in (adapter_root / "ad1" / "versions").iterdir()) == ["0002bbbb"]
     # Later pushes (two more rounds to both pods, resyncs included) do not prune again.
     await after_more(op, "vlmpool_operator_pushes_total", 4, result="ok")
     assert len(await kube.list(JOBS, ns, label_selector="app.kubernetes.io/component=prune")) == 1
@@ -189,7 +189,7 @@ async def test_adapter_patch_push_swap_and_delete(kube, kubectl, namespace, oper
     await eventually(unloaded, what="unload on every pod")
     cleanup = await eventually(lambda: kube.list(JOBS, ns, label_selector="app.kubernetes.io/component=cleanup"),
                                what="the cleanup Job")
-    assert (adapter_root / "ad1" / "versions" / "v2bbbb").is_dir()  # not removed before the unload
+    assert (adapter_root / "ad1" / "versions" / "0002bbbb").is_dir()  # not removed before the unload
     pod = await wait_job_pod(kube, ns, cleanup[0]["metadata"]["name"])
     assert await run_cleanup_pod(kube, pod) == 0
     assert not (adapter_root / "ad1").exists()
@@ -278,7 +278,7 @@ async def test_operator_restart_mid_way_converges_without_duplicate_jobs(kube, n
     token, ips = await start_pool_pods(kube, ns, "pool", 1, tmp_path, pod_processes)
     for i in range(2):
         (job,) = await patch_jobs(kube, ns, f"a{i}")
-        await complete_patch(kube, ns, job["metadata"]["name"], adapter_root, f"a{i}", f"v{i}", seed=i)
+        await complete_patch(kube, ns, job["metadata"]["name"], adapter_root, f"a{i}", f"{i:08x}", seed=i)
     await kube.patch(VLMADAPTERS, "a2", {"spec": {"source": {"uri": f"file://{tmp_path}/src2-new"}}}, ns)
 
     op2 = await operator()
@@ -297,8 +297,8 @@ async def test_operator_restart_mid_way_converges_without_duplicate_jobs(kube, n
     assert len(await patch_jobs(kube, ns, "a2")) == 2
     want = (await kube.get(VLMADAPTERS, "a2", ns))["status"]["specDigest"]
     new = next(j for j in jobs2 if j["metadata"]["annotations"]["vlmpool.io/spec-digest"] == want)
-    await complete_patch(kube, ns, new["metadata"]["name"], adapter_root, "a2", "v2new", seed=5)
-    await eventually(lambda: adapter_status(kube, ns, "a2", phase="Ready", version="v2new", loaded="1/1"),
+    await complete_patch(kube, ns, new["metadata"]["name"], adapter_root, "a2", "0002eeee", seed=5)
+    await eventually(lambda: adapter_status(kube, ns, "a2", phase="Ready", version="0002eeee", loaded="1/1"),
                      what="a2 Ready")
     (ip,) = ips.values()
     names = sorted(a["name"] for a in (await admin_state(ip, admin_port, token))["adapters"])
@@ -312,7 +312,7 @@ async def test_pod_restart_gets_the_state_again(kube, namespace, operator, adapt
     await kube.create(pool_obj("pool", 1, admin_port, free_port(), free_port()), ns)
     await kube.create(adapter_obj("ad", "pool", f"file://{tmp_path}/src"), ns)
     (job,) = await eventually(lambda: patch_jobs(kube, ns, "ad"), what="the Job")
-    await complete_patch(kube, ns, job["metadata"]["name"], adapter_root, "ad", "v1")
+    await complete_patch(kube, ns, job["metadata"]["name"], adapter_root, "ad", "00000001")
     token, ips = await start_pool_pods(kube, ns, "pool", 1, tmp_path, pod_processes)
     await eventually(lambda: adapter_status(kube, ns, "ad", phase="Ready", loaded="1/1"), what="Ready")
 
@@ -350,7 +350,7 @@ async def test_unreachable_pod_degrades_the_pool_and_recovers(kube, namespace, o
     await kube.create(pool_obj("pool", 1, admin_port, free_port(), free_port()), ns)
     await kube.create(adapter_obj("ad", "pool", f"file://{tmp_path}/src"), ns)
     (job,) = await eventually(lambda: patch_jobs(kube, ns, "ad"), what="the Job")
-    await complete_patch(kube, ns, job["metadata"]["name"], adapter_root, "ad", "v1")
+    await complete_patch(kube, ns, job["metadata"]["name"], adapter_root, "ad", "00000001")
     # The pod is reported Running, but nothing listens on its address yet.
     (pod,) = await eventually(lambda: _n(kube.list(PODS, ns, label_selector="vlmpool.io/pool=pool,"
                                                    "app.kubernetes.io/component=server"), 1), what="the pod")
@@ -406,7 +406,7 @@ async def test_more_ready_adapters_than_the_cpu_cache_is_a_condition_and_one_war
     for i, name in enumerate(("ad1", "ad2")):
         await kube.create(adapter_obj(name, "pool", f"file://{tmp_path}/src"), ns)
         (job,) = await eventually(lambda n=name: patch_jobs(kube, ns, n), what=f"{name}'s Job")
-        await complete_patch(kube, ns, job["metadata"]["name"], adapter_root, name, f"v{i}aaaa", seed=i)
+        await complete_patch(kube, ns, job["metadata"]["name"], adapter_root, name, f"{i:04x}aaaa", seed=i)
         await eventually(lambda n=name: adapter_status(kube, ns, n, phase="Ready"), what=f"{name} Ready")
         if name == "ad1":
             c = await eventually(lambda: cache_cond("False"), what="one adapter fits maxCpuLoras 1")

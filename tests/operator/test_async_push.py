@@ -60,8 +60,8 @@ async def test_operator_follows_a_slow_convergence_and_a_restarted_proxy(kube, n
         jobs[n] = (await eventually(lambda n=n: patch_jobs(kube, ns, n), what=f"{n}'s Job"))[0]["metadata"]["name"]
     for i, n in enumerate(names):
         pod = await wait_job_pod(kube, ns, jobs[n])
-        write_adapter(adapter_root / n / "versions" / "v1", seed=i)
-        await report_terminated(kube, pod, 0, ok_message(adapter_root, n, "v1"))
+        write_adapter(adapter_root / n / "versions" / "00000001", seed=i)
+        await report_terminated(kube, pod, 0, ok_message(adapter_root, n, "00000001"))
     for n in names:
         await wait_job_condition(kube, ns, jobs[n], "Complete")
 
@@ -157,7 +157,7 @@ async def test_patch_jobs_stay_within_the_bound_in_creation_order(kube, namespac
             before_admission = versions
         # finish the oldest running Job: the next adapter in line gets its slot
         first = next(j for j in alive if adapter_of(j) == started[step])
-        await complete_patch(kube, ns, first["metadata"]["name"], adapter_root, started[step], "v1", seed=step)
+        await complete_patch(kube, ns, first["metadata"]["name"], adapter_root, started[step], "00000001", seed=step)
         assert len(await unfinished()) <= bound
     assert started == names
     await eventually(lambda: _exactly(unfinished(), 0), what="every Job finished")
@@ -189,13 +189,13 @@ async def test_a_succeeded_patch_pod_is_recorded_before_its_job_completes_and_th
         return any(c["type"] == "Patched" and c.get("reason") == "PatchJobQueued" for c in st.get("conditions") or [])
 
     await eventually(queued, what="second queued behind first's Job")
-    write_adapter(adapter_root / "first" / "versions" / "v1")
+    write_adapter(adapter_root / "first" / "versions" / "00000001")
     with control_plane.paused("kube-controller-manager"):
-        await report_terminated(kube, pod, 0, ok_message(adapter_root, "first", "v1"))
+        await report_terminated(kube, pod, 0, ok_message(adapter_root, "first", "00000001"))
 
         async def recorded():
             st = (await statuses(kube, ns))["first"]
-            return st if st.get("version") == "v1" else None
+            return st if st.get("version") == "00000001" else None
 
         st = await eventually(recorded, timeout=30, what="first's version recorded from its pod")
         patched = next(c for c in st["conditions"] if c["type"] == "Patched")

@@ -19,6 +19,7 @@ from vlmpool.testing.adapters import write_lora
 
 BASE = "base-vlm"
 TOKEN = "test-admin-token-0123456789"
+V1, V2 = "00000001", "00000002"  # adapter versions of the form the patcher publishes ([0-9a-f]{8,64})
 
 
 # A small loadable LoRA for this suite's base model (shared maker: vlmpool.testing.adapters).

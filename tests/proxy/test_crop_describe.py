@@ -215,11 +215,11 @@ async def test_adapter_model_route_off_and_unknown_model(sim, adapters):
     frame, _ = make_scene(1)
     async with run_proxy(proxy_config(sim.url)) as p:
         await Admin(p.admin_url).put({"generation": 1, "concurrency": 4, "adapters": [
-            {"name": "cats", "version": "v1", "path": adapters("cats", "v1")}]})
+            {"name": "cats", "version": "00000001", "path": adapters("cats", "00000001")}]})
         c = openai.AsyncOpenAI(base_url=p.url + "/v1", api_key="unused", max_retries=0)
         resp = await c.post("/vlmpool/crop-describe", body={"image_b64": b64(frame), "model": "cats"},
                             cast_to=httpx.Response)
-        assert engine_call(sim)["model"] == "cats@v1" and resp.headers["x-vlmpool-served-by"] == "cats@v1"
+        assert engine_call(sim)["model"] == "cats@00000001" and resp.headers["x-vlmpool-served-by"] == "cats@00000001"
         assert resp.json()["model"] == "cats" and resp.headers["x-request-id"]
         with pytest.raises(openai.NotFoundError) as ei:
             await c.post("/vlmpool/crop-describe", body={"image_b64": b64(frame), "model": "dogs"},

@@ -72,9 +72,9 @@ async def test_error_envelope_on_every_kind(sim, adapters):
 
 
 async def test_second_404_after_a_successful_heal_is_503_adapter_unavailable(sim, proxy, admin, client, adapters):
-    path = adapters("cats", "v1")
+    path = adapters("cats", "00000001")
     st, _ = await admin.put({"generation": 1, "concurrency": 4,
-                             "adapters": [{"name": "cats", "version": "v1", "path": path}]})
+                             "adapters": [{"name": "cats", "version": "00000001", "path": path}]})
     assert st == 200
     sim.forget_before_generation = True  # forgets again between the re-load and the retry
     with pytest.raises(openai.InternalServerError) as ei:
@@ -84,18 +84,18 @@ async def test_second_404_after_a_successful_heal_is_503_adapter_unavailable(sim
     assert d["kind"] == "adapter_unavailable" and "cats" in d["message"]
     sim.forget_before_generation = False
     out = await client.chat.completions.create(model="cats", messages=MSG, max_tokens=4)  # heals once more
-    assert out.choices[0].message.content.startswith("sim:cats@v1")
+    assert out.choices[0].message.content.startswith("sim:cats@00000001")
 
 
 async def test_answers_name_the_model_asked_for_plain_and_streamed(sim, proxy, admin, client, adapters):
-    path = adapters("cats", "v1")
+    path = adapters("cats", "00000001")
     st, _ = await admin.put({"generation": 1, "concurrency": 4,
-                             "adapters": [{"name": "cats", "version": "v1", "path": path}]})
+                             "adapters": [{"name": "cats", "version": "00000001", "path": path}]})
     assert st == 200
     raw = await client.chat.completions.with_raw_response.create(model="cats", messages=MSG, max_tokens=8)
     r = raw.parse()
-    assert r.model == "cats" and raw.headers["x-vlmpool-served-by"] == "cats@v1"
-    assert r.choices[0].message.content.startswith("sim:cats@v1")  # the text itself is never touched
+    assert r.model == "cats" and raw.headers["x-vlmpool-served-by"] == "cats@00000001"
+    assert r.choices[0].message.content.startswith("sim:cats@00000001")  # the text itself is never touched
     c = await client.completions.create(model="cats", prompt="a cat", max_tokens=8)
     assert c.model == "cats"
 
@@ -105,20 +105,20 @@ async def test_answers_name_the_model_asked_for_plain_and_streamed(sim, proxy, a
     async for chunk in stream:
         models.add(chunk.model)
         parts.extend(ch.delta.content or "" for ch in chunk.choices)
-    assert models == {"cats"} and "".join(parts).startswith("sim:cats@v1")
+    assert models == {"cats"} and "".join(parts).startswith("sim:cats@00000001")
     r = await client.chat.completions.create(model=BASE, messages=MSG, max_tokens=4)
     assert r.model == BASE
 
 
 def test_rename_is_per_event_bounded_and_leaves_strings_alone():
-    r = ModelRename("cats@v1", "cats")
+    r = ModelRename("cats@00000001", "cats")
     # a quote inside a JSON string is escaped: text that looks like the member is not touched
-    body = b'{"model": "cats@v1", "choices": [{"text": "{\\"model\\":\\"cats@v1\\"}"}]}'
-    assert r.whole(body) == b'{"model": "cats", "choices": [{"text": "{\\"model\\":\\"cats@v1\\"}"}]}'
+    body = b'{"model": "cats@00000001", "choices": [{"text": "{\\"model\\":\\"cats@00000001\\"}"}]}'
+    assert r.whole(body) == b'{"model": "cats", "choices": [{"text": "{\\"model\\":\\"cats@00000001\\"}"}]}'
     # an event split anywhere (even inside the name) is renamed once it is complete, not before
-    out = [r.feed(b'data: {"model":"ca'), r.feed(b'ts@v1"}\n'), r.feed(b'\ndata: {"model":"cats@v1"}\n\n')]
+    out = [r.feed(b'data: {"model":"ca'), r.feed(b'ts@00000001"}\n'), r.feed(b'\ndata: {"model":"cats@00000001"}\n\n')]
     assert out == [b"", b"", b'data: {"model":"cats"}\n\ndata: {"model":"cats"}\n\n']
-    assert r.feed(b'data: {"model":"cats@v1"}\r\n\r\n') == b'data: {"model":"cats"}\r\n\r\n'
+    assert r.feed(b'data: {"model":"cats@00000001"}\r\n\r\n') == b'data: {"model":"cats"}\r\n\r\n'
     # a run without an event boundary beyond the bound is relayed as it is
     big = b"x" * (ModelRename.MAX_CARRY + 1)
     assert r.feed(big) == big and r.flush() == b""

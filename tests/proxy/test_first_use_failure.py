@@ -9,7 +9,7 @@ import json
 
 import openai
 import pytest
-from proxy_helpers import Admin, proxy_config, start_sim, write_adapter
+from proxy_helpers import V1, V2, Admin, proxy_config, start_sim, write_adapter
 
 from vlmpool.proxy.server import run_proxy
 
@@ -38,13 +38,13 @@ def _misfit(path) -> str:
 
 async def test_first_use_failure_is_reported_and_never_retried(first_use_sim, tmp_path):
     sim = first_use_sim
-    good = str(write_adapter(tmp_path / "cats" / "v1"))
-    bad = _misfit(write_adapter(tmp_path / "dogs" / "v1", seed=1))
-    fixed = str(write_adapter(tmp_path / "dogs" / "v2", seed=2))
+    good = str(write_adapter(tmp_path / "cats" / V1))
+    bad = _misfit(write_adapter(tmp_path / "dogs" / V1, seed=1))
+    fixed = str(write_adapter(tmp_path / "dogs" / V2, seed=2))
     async with run_proxy(proxy_config(sim.url)) as proxy:
         admin = Admin(proxy.admin_url)
         client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-        state = {"generation": 1, "concurrency": 16, "adapters": [spec("cats", "v1", good), spec("dogs", "v1", bad)]}
+        state = {"generation": 1, "concurrency": 16, "adapters": [spec("cats", V1, good), spec("dogs", V1, bad)]}
         status, body = await admin.put(state)
         assert status == 200 and [a["state"] for a in body["adapters"]] == ["loaded", "loaded"]  # vLLM: 200
         assert (await client.chat.completions.create(model="cats", messages=MSG, max_tokens=2)).choices
@@ -52,19 +52,19 @@ async def test_first_use_failure_is_reported_and_never_retried(first_use_sim, tm
         with pytest.raises(openai.APIStatusError) as ei:
             await client.chat.completions.create(model="dogs", messages=MSG, max_tokens=2)
         assert ei.value.status_code == 502 and ei.value.body["code"] == "adapter_failed"
-        assert "first request that used version v1" in ei.value.body["message"]
+        assert "first request that used version 00000001" in ei.value.body["message"]
         assert (await sim.stats())["engine_dead"]
 
         _, st = await admin.get()
         dogs = next(a for a in st["adapters"] if a["name"] == "dogs")
-        assert dogs["state"] == "failed" and "first request that used version v1" in dogs["reason"]
+        assert dogs["state"] == "failed" and "first request that used version 00000001" in dogs["reason"]
 
-        # the engine restarts (its adapters are gone); the operator pushes again: dogs@v1 is not re-loaded
+        # the engine restarts (its adapters are gone); the operator pushes again: dogs@00000001 is not re-loaded
         await sim.call("POST", "/sim/forget")
         loads_before = [r["json"]["lora_name"] for r in sim.received("/v1/load_lora_adapter")]
         status, body = await admin.put({**state, "generation": 2})
         loads = [r["json"]["lora_name"] for r in sim.received("/v1/load_lora_adapter")][len(loads_before):]
-        assert loads == ["cats@v1"]
+        assert loads == ["cats@00000001"]
         assert [a["state"] for a in body["adapters"]] == ["loaded", "failed"]
         chats = len(sim.received("/v1/chat/completions"))
         with pytest.raises(openai.APIStatusError) as ei:
@@ -76,19 +76,19 @@ async def test_first_use_failure_is_reported_and_never_retried(first_use_sim, tm
 
         # a new version is loaded and served
         status, body = await admin.put({"generation": 3, "concurrency": 16,
-                                        "adapters": [spec("cats", "v1", good), spec("dogs", "v2", fixed)]})
+                                        "adapters": [spec("cats", V1, good), spec("dogs", V2, fixed)]})
         assert [a["state"] for a in body["adapters"]] == ["loaded", "loaded"]
         r = await client.chat.completions.create(model="dogs", messages=MSG, max_tokens=2)
-        assert r.choices[0].message.content.startswith("sim:dogs@v2")
+        assert r.choices[0].message.content.startswith("sim:dogs@00000002")
 
 
 async def test_an_ordinary_500_on_a_new_version_is_not_a_first_use_failure(first_use_sim, tmp_path):
     sim = first_use_sim
-    path = str(write_adapter(tmp_path / "cats" / "v1"))
+    path = str(write_adapter(tmp_path / "cats" / V1))
     async with run_proxy(proxy_config(sim.url)) as proxy:
         admin = Admin(proxy.admin_url)
         client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-        assert (await admin.put({"generation": 1, "concurrency": 16, "adapters": [spec("cats", "v1", path)]}))[0] == 200
+        assert (await admin.put({"generation": 1, "concurrency": 16, "adapters": [spec("cats", V1, path)]}))[0] == 200
         await sim.faults(fail_next_requests=1)
         with pytest.raises(openai.APIStatusError) as ei:
             await client.chat.completions.create(model="cats", messages=MSG, max_tokens=2)

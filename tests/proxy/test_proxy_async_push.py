@@ -27,8 +27,8 @@ async def slow_sim(load_ms: float):
 
 
 async def test_many_adapters_answer_at_once_and_report_progress(adapters):
-    path = adapters("shared", "v1")
-    wanted = [(f"a{i:02d}", "v1") for i in range(24)]
+    path = adapters("shared", "00000001")
+    wanted = [(f"a{i:02d}", "00000001") for i in range(24)]
     sim, runner = await slow_sim(150)
     try:
         async with run_proxy(proxy_config(sim.url)) as p:
@@ -71,11 +71,11 @@ async def test_a_push_during_a_slow_convergence_supersedes_it(adapters):
     """gen 1 wants a00..a11, two loads at a time. While a02 and a03 load, gen 2 keeps a00..a02 and
     a04..a05, a07, drops a03 (loading) and a08..a11 (queued), changes a06's version (queued) and adds
     b0..b2. Nothing is loaded twice, never two loads of one name at once, a03 is unloaded after its
-    load, the dropped queued ones and a06@v1 are never loaded, and all of gen 2 loads."""
-    path = adapters("shared", "v1")
-    gen1 = [(f"a{i:02d}", "v1") for i in range(12)]
-    gen2 = ([(f"a{i:02d}", "v1") for i in (0, 1, 2, 4, 5, 7)] + [("a06", "v2")]
-            + [(f"b{i}", "v1") for i in range(3)])
+    load, the dropped queued ones and a06@00000001 are never loaded, and all of gen 2 loads."""
+    path = adapters("shared", "00000001")
+    gen1 = [(f"a{i:02d}", "00000001") for i in range(12)]
+    gen2 = ([(f"a{i:02d}", "00000001") for i in (0, 1, 2, 4, 5, 7)] + [("a06", "00000002")]
+            + [(f"b{i}", "00000001") for i in range(3)])
     sim, runner = await slow_sim(300)
     try:
         async with run_proxy(proxy_config(sim.url)) as p:
@@ -99,10 +99,10 @@ async def test_a_push_during_a_slow_convergence_supersedes_it(adapters):
                 n: (v, "loaded") for n, v in gen2}
             await p.proxy.registry.drain_background()
         counts = sim.load_counts()
-        assert counts == {i: 1 for i in internals(gen2) + ["a03@v1"]}, counts  # once each; none lost
+        assert counts == {i: 1 for i in internals(gen2) + ["a03@00000001"]}, counts  # once each; none lost
         assert sim.same_name_peak == 1 and sim.load_peak == 2
         unloads = [r["json"]["lora_name"] for r in sim.received("/v1/unload_lora_adapter")]
-        assert unloads == ["a03@v1"]  # loaded while it stopped being wanted: unloaded after
+        assert unloads == ["a03@00000001"]  # loaded while it stopped being wanted: unloaded after
         assert sorted((await sim.stats())["loaded_adapters"]) == internals(gen2)
     finally:
         await runner.cleanup()
@@ -111,8 +111,8 @@ async def test_a_push_during_a_slow_convergence_supersedes_it(adapters):
 async def test_a_proxy_restarted_mid_convergence_converges_after_the_next_push(adapters):
     """The restarted proxy reports no generation (so the operator pushes again); the re-push loads
     only what the engine does not hold yet, each adapter once."""
-    path = adapters("shared", "v1")
-    wanted = [(f"a{i:02d}", "v1") for i in range(10)]
+    path = adapters("shared", "00000001")
+    wanted = [(f"a{i:02d}", "00000001") for i in range(10)]
     sim, runner = await slow_sim(200)
     try:
         cfg = proxy_config(sim.url)
@@ -140,8 +140,8 @@ async def test_a_proxy_restarted_mid_convergence_converges_after_the_next_push(a
 
 
 async def test_a_re_push_of_a_converged_state_loads_nothing(sim, proxy, admin, adapters):
-    path = adapters("shared", "v1")
-    wanted = [(f"a{i}", "v1") for i in range(5)]
+    path = adapters("shared", "00000001")
+    wanted = [(f"a{i}", "00000001") for i in range(5)]
     assert (await admin.put(state(1, wanted, path)))[0] == 200
     n = len(sim.received("/v1/load_lora_adapter"))
     status, body = await admin.put(state(1, wanted, path))
@@ -171,8 +171,8 @@ async def test_a_push_while_the_engine_is_down_loads_everything_once_it_is_back(
     "converged" at once and waiting for the next resync)."""
     from urllib.parse import urlsplit
 
-    path = adapters("shared", "v1")
-    wanted = [(f"a{i}", "v1") for i in range(4)]
+    path = adapters("shared", "00000001")
+    wanted = [(f"a{i}", "00000001") for i in range(4)]
     sim, runner = await start_sim()
     port = urlsplit(sim.url).port
     try:
@@ -201,17 +201,17 @@ async def test_a_new_pod_is_ready_only_once_it_holds_the_pools_adapters(adapters
     """A rolling pod must not take traffic while it would answer 404 for adapters the pool serves: /readyz
     stays 503 (saying how far the loading got) until the first pushed state converged; a later push that
     adds a slow adapter keeps it Ready (it serves what it holds); a refused adapter does not block it."""
-    path = adapters("shared", "v1")
-    wanted = [(f"a{i:02d}", "v1") for i in range(6)]
+    path = adapters("shared", "00000001")
+    wanted = [(f"a{i:02d}", "00000001") for i in range(6)]
     sim, runner = await slow_sim(200)
     try:
         async with run_proxy(proxy_config(sim.url)) as p:
             status, body = await readyz(p)
             assert status == 503 and body["reasons"] == ["no state received from the operator yet"], body
             admin = Admin(p.admin_url)
-            broken = [("bad", "v1")]
+            broken = [("bad", "00000001")]
             st = state(1, wanted, path, load_parallelism=2)
-            st["adapters"].append({"name": "bad", "version": "v1", "path": "/nonexistent/adapter"})
+            st["adapters"].append({"name": "bad", "version": "00000001", "path": "/nonexistent/adapter"})
             code, _ = await admin.put(st, wait=None)
             assert code == 202
             status, body = await readyz(p)
@@ -223,7 +223,7 @@ async def test_a_new_pod_is_ready_only_once_it_holds_the_pools_adapters(adapters
             assert status == 200 and body["generation"] == 1, body
 
             # generation 2 adds a slow adapter: the pod stays Ready while it loads
-            code, _ = await admin.put(state(2, [*wanted, ("late", "v1")], path), wait=None)
+            code, _ = await admin.put(state(2, [*wanted, ("late", "00000001")], path), wait=None)
             assert code == 202 and not p.proxy.registry.converged()
             status, body = await readyz(p)
             assert status == 200 and body["generation"] == 2, body

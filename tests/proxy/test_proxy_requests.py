@@ -28,27 +28,27 @@ async def push(admin, generation=1, concurrency=16, adapters=()):
 
 
 async def test_base_and_adapter_chat_and_completions(sim, proxy, admin, client, adapters):
-    path = adapters("cats", "v1")
-    body = await push(admin, adapters=[{"name": "cats", "version": "v1", "path": path}])
+    path = adapters("cats", "00000001")
+    body = await push(admin, adapters=[{"name": "cats", "version": "00000001", "path": path}])
     assert body == {"generation": 1, "applied": True, "converged_generation": 1, "converged": True,
                     "concurrency": 16, "load_parallelism": 4,
                     "counts": {"pending": 0, "loading": 0, "loaded": 1, "failed": 0},
-                    "adapters": [{"name": "cats", "version": "v1", "state": "loaded"}], "unloading": []}
+                    "adapters": [{"name": "cats", "version": "00000001", "state": "loaded"}], "unloading": []}
 
     r = await client.chat.completions.create(model=BASE, messages=MSG, max_tokens=8)
     assert r.choices[0].message.content.startswith(f"sim:{BASE}")
     r = await client.chat.completions.create(model="cats", messages=MSG, max_tokens=64)
     text = r.choices[0].message.content
-    assert text.startswith("sim:cats@v1") and f"path={path}" in text
+    assert text.startswith("sim:cats@00000001") and f"path={path}" in text
     assert r.model == "cats"  # the name the client asked for; the version that served is in a header
     c = await client.completions.create(model="cats", prompt="a cat on a mat", max_tokens=64)
-    assert c.choices[0].text.startswith("sim:cats@v1")
+    assert c.choices[0].text.startswith("sim:cats@00000001")
 
     # what the engine received: internal names, the load with the adapter's immutable path
     loads = sim.received("/v1/load_lora_adapter")
-    assert [x["json"] for x in loads] == [{"lora_name": "cats@v1", "lora_path": path}]
+    assert [x["json"] for x in loads] == [{"lora_name": "cats@00000001", "lora_path": path}]
     chats = sim.received("/v1/chat/completions")
-    assert [x["json"]["model"] for x in chats] == [BASE, "cats@v1"]
+    assert [x["json"]["model"] for x in chats] == [BASE, "cats@00000001"]
 
     models = await client.models.list()
     ids = [m.id for m in models.data]
@@ -58,7 +58,7 @@ async def test_base_and_adapter_chat_and_completions(sim, proxy, admin, client, 
 async def test_request_id_created_forwarded_echoed(sim, proxy, admin, client, adapters):
     status, _ = await admin.put(
         {"generation": 1, "concurrency": 4,
-         "adapters": [{"name": "cats", "version": "v1", "path": adapters("cats", "v1")}]},
+         "adapters": [{"name": "cats", "version": "00000001", "path": adapters("cats", "00000001")}]},
         request_id="push-0001",
     )
     assert status == 200
@@ -80,11 +80,11 @@ async def test_request_id_created_forwarded_echoed(sim, proxy, admin, client, ad
     assert status == 200
     await proxy.proxy.registry.drain_background()
     unload = sim.received("/v1/unload_lora_adapter")[-1]
-    assert unload["json"] == {"lora_name": "cats@v1"} and unload["headers"]["x-request-id"] == "push-0002"
+    assert unload["json"] == {"lora_name": "cats@00000001"} and unload["headers"]["x-request-id"] == "push-0002"
 
 
 async def test_streaming_is_relayed_chunk_by_chunk(sim, proxy, admin, client, adapters):
-    await push(admin, adapters=[{"name": "cats", "version": "v1", "path": adapters("cats", "v1")}])
+    await push(admin, adapters=[{"name": "cats", "version": "00000001", "path": adapters("cats", "00000001")}])
     stream = await client.chat.completions.create(
         model="cats", messages=MSG, max_tokens=12, stream=True, extra_body={"min_tokens": 12})
     parts = []
@@ -92,7 +92,7 @@ async def test_streaming_is_relayed_chunk_by_chunk(sim, proxy, admin, client, ad
         if chunk.choices and chunk.choices[0].delta.content:
             parts.append(chunk.choices[0].delta.content)
     text = "".join(parts)
-    assert text.startswith("sim:cats@v1")
+    assert text.startswith("sim:cats@00000001")
     assert len(parts) >= 8
     assert sim.received("/v1/chat/completions")[-1]["json"]["stream"] is True
 
@@ -278,7 +278,7 @@ async def test_metrics_and_json_logs(sim, proxy, admin, client, adapters):
     root.addHandler(handler)
     root.setLevel(logging.INFO)
     try:
-        await push(admin, adapters=[{"name": "cats", "version": "v1", "path": adapters("cats", "v1")}])
+        await push(admin, adapters=[{"name": "cats", "version": "00000001", "path": adapters("cats", "00000001")}])
         await client.chat.completions.create(model="cats", messages=MSG, max_tokens=4,
                                              extra_headers={"X-Request-Id": "log-me-1"})
         with pytest.raises(openai.NotFoundError):
@@ -288,7 +288,7 @@ async def test_metrics_and_json_logs(sim, proxy, admin, client, adapters):
     lines = [json.loads(x) for x in buf.getvalue().splitlines() if x.strip()]
     assert lines and all({"ts", "level", "msg", "request_id"} <= set(x) for x in lines)
     access = [x for x in lines if x["msg"] == "request" and x.get("request_id") == "log-me-1"]
-    assert access and access[0]["status"] == 200 and access[0]["served_by"] == "cats@v1"
+    assert access and access[0]["status"] == 200 and access[0]["served_by"] == "cats@00000001"
     assert 0 < access[0]["engine_ms"] <= access[0]["duration_ms"] and access[0]["queue_ms"] >= 0
     assert any(x["msg"] == "adapter loaded" and x["request_id"] for x in lines)
 

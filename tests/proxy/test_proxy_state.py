@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import openai
-from proxy_helpers import BASE, TOKEN, Admin, proxy_config, start_sim
+from proxy_helpers import BASE, TOKEN, V1, V2, Admin, proxy_config, start_sim
 
 from vlmpool.proxy.server import run_proxy
 from vlmpool.testing.waiting import wait_until
@@ -46,7 +46,7 @@ async def test_limiter_caps_requests_at_the_engine(adapters):
         async with run_proxy(proxy_config(sim.url, concurrency=64)) as p:
             admin = Admin(p.admin_url)
             status, body = await admin.put({"generation": 1, "concurrency": 4,
-                                            "adapters": [spec("cats", "v1", adapters("cats", "v1"))]})
+                                            "adapters": [spec("cats", V1, adapters("cats", V1))]})
             assert status == 200 and body["concurrency"] == 4
             c = openai.AsyncOpenAI(base_url=p.url + "/v1", api_key="unused", max_retries=0, timeout=60)
             results: list = []
@@ -97,16 +97,16 @@ async def test_version_swap_under_load_fails_nothing(adapters):
     try:
         async with run_proxy(proxy_config(sim.url)) as p:
             admin = Admin(p.admin_url)
-            v1, v2 = adapters("cats", "v1"), adapters("cats", "v2")
-            pushed = await admin.put({"generation": 1, "concurrency": 16, "adapters": [spec("cats", "v1", v1)]})
+            v1, v2 = adapters("cats", V1), adapters("cats", V2)
+            pushed = await admin.put({"generation": 1, "concurrency": 16, "adapters": [spec("cats", V1, v1)]})
             assert pushed[0] == 200
             c = openai.AsyncOpenAI(base_url=p.url + "/v1", api_key="unused", max_retries=0, timeout=60)
             results: list = []
             stop = asyncio.Event()
             task = asyncio.create_task(load(c, "cats", 0, results, stop=stop, workers=12, max_tokens=64))
             await wait_until(lambda: len(results) >= 20, timeout=30, what="20 answers before the swap")
-            status, body = await admin.put({"generation": 2, "concurrency": 16, "adapters": [spec("cats", "v2", v2)]})
-            assert status == 200 and body["adapters"] == [{"name": "cats", "version": "v2", "state": "loaded"}]
+            status, body = await admin.put({"generation": 2, "concurrency": 16, "adapters": [spec("cats", V2, v2)]})
+            assert status == 200 and body["adapters"] == [{"name": "cats", "version": V2, "state": "loaded"}]
             n_at_swap = len(results)
             await wait_until(lambda: len(results) >= n_at_swap + 40, timeout=30, what="40 answers after the swap")
             stop.set()
@@ -114,53 +114,53 @@ async def test_version_swap_under_load_fails_nothing(adapters):
             errors = [e for kind, e in results if kind == "error"]
             assert errors == []
             texts = [t for _, t in results]
-            old = [t for t in texts if t.startswith(f"sim:cats@v1 path={v1}")]
-            new = [t for t in texts if t.startswith(f"sim:cats@v2 path={v2}")]
+            old = [t for t in texts if t.startswith(f"sim:cats@00000001 path={v1}")]
+            new = [t for t in texts if t.startswith(f"sim:cats@00000002 path={v2}")]
             assert len(old) + len(new) == len(texts)  # every answer from exactly one of the two versions
             assert old and new
-            assert all(t.startswith("sim:cats@v2") for t in texts[-12:])  # after the flip: only v2
+            assert all(t.startswith("sim:cats@00000002") for t in texts[-12:])  # after the flip: only v2
             # the old version was unloaded once drained, and only then
             await p.proxy.registry.drain_background()
             st = await sim.stats()
-            assert st["loaded_adapters"] == ["cats@v2"]
+            assert st["loaded_adapters"] == ["cats@00000002"]
             unloads = sim.received("/v1/unload_lora_adapter")
-            assert [u["json"] for u in unloads] == [{"lora_name": "cats@v1"}]
+            assert [u["json"] for u in unloads] == [{"lora_name": "cats@00000001"}]
             i_unload = sim.log.index(unloads[0])
-            assert not any(x["path"] == "/v1/chat/completions" and x["json"]["model"] == "cats@v1"
+            assert not any(x["path"] == "/v1/chat/completions" and x["json"]["model"] == "cats@00000001"
                            for x in sim.log[i_unload:])
     finally:
         await runner.cleanup()
 
 
 async def test_self_heal_after_engine_forgets(sim, proxy, admin, client, adapters):
-    path = adapters("cats", "v1")
-    assert (await admin.put({"generation": 1, "concurrency": 16, "adapters": [spec("cats", "v1", path)]}))[0] == 200
+    path = adapters("cats", V1)
+    assert (await admin.put({"generation": 1, "concurrency": 16, "adapters": [spec("cats", V1, path)]}))[0] == 200
     r = await client.chat.completions.create(model="cats", messages=MSG, max_tokens=4)
-    assert r.choices[0].message.content.startswith("sim:cats@v1")
+    assert r.choices[0].message.content.startswith("sim:cats@00000001")
     forgotten = await sim.call("POST", "/sim/forget")  # the engine restarted: runtime adapters are gone
-    assert forgotten["forgotten"] == ["cats@v1"]
+    assert forgotten["forgotten"] == ["cats@00000001"]
     n_loads = len(sim.received("/v1/load_lora_adapter"))
     # many requests notice at once; each is answered after one shared re-load and one retry
     outs = await asyncio.gather(*(client.chat.completions.create(
         model="cats", messages=MSG, max_tokens=4, extra_headers={"X-Request-Id": f"heal-{i}"}) for i in range(10)))
-    assert all(o.choices[0].message.content.startswith(f"sim:cats@v1 path={path}") for o in outs)
+    assert all(o.choices[0].message.content.startswith(f"sim:cats@00000001 path={path}") for o in outs)
     reloads = sim.received("/v1/load_lora_adapter")[n_loads:]
-    assert 1 <= len(reloads) <= 2 and reloads[0]["json"] == {"lora_name": "cats@v1", "lora_path": path}
+    assert 1 <= len(reloads) <= 2 and reloads[0]["json"] == {"lora_name": "cats@00000001", "lora_path": path}
     assert reloads[0]["headers"]["x-request-id"].startswith("heal-")
-    assert "cats@v1" in (await sim.stats())["loaded_adapters"]
+    assert "cats@00000001" in (await sim.stats())["loaded_adapters"]
     metrics = await _text(proxy.url + "/metrics")
     assert 'vlmpool_proxy_self_heals_total{adapter="cats",result="success"}' in metrics
 
     # a re-apply of the same generation also restores what the engine forgot
     await sim.call("POST", "/sim/forget")
-    status, body = await admin.put({"generation": 1, "concurrency": 16, "adapters": [spec("cats", "v1", path)]})
+    status, body = await admin.put({"generation": 1, "concurrency": 16, "adapters": [spec("cats", V1, path)]})
     assert status == 200 and body["adapters"][0]["state"] == "loaded"
-    assert (await sim.stats())["loaded_adapters"] == ["cats@v1"]
+    assert (await sim.stats())["loaded_adapters"] == ["cats@00000001"]
 
 
 async def test_self_heal_failure_is_503_and_retried_once(sim, proxy, admin, client, adapters):
-    path = adapters("cats", "v1")
-    assert (await admin.put({"generation": 1, "concurrency": 16, "adapters": [spec("cats", "v1", path)]}))[0] == 200
+    path = adapters("cats", V1)
+    assert (await admin.put({"generation": 1, "concurrency": 16, "adapters": [spec("cats", V1, path)]}))[0] == 200
     await sim.call("POST", "/sim/forget")
     await sim.faults(fail_next_loads=1)  # the re-load fails (an engine 500)
     n_chats = len(sim.received("/v1/chat/completions"))
@@ -196,15 +196,15 @@ async def test_admin_token_auth(sim, proxy, admin):
 
 
 async def test_stale_generation_is_ignored(sim, proxy, admin, client, adapters):
-    a, b = adapters("cats", "v1"), adapters("dogs", "v1")
-    status, body = await admin.put({"generation": 5, "concurrency": 6, "adapters": [spec("cats", "v1", a)]})
+    a, b = adapters("cats", V1), adapters("dogs", V1)
+    status, body = await admin.put({"generation": 5, "concurrency": 6, "adapters": [spec("cats", V1, a)]})
     assert status == 200 and body["generation"] == 5
     n_loads = len(sim.received("/v1/load_lora_adapter"))
-    status, body = await admin.put({"generation": 4, "concurrency": 2, "adapters": [spec("dogs", "v1", b)]})
+    status, body = await admin.put({"generation": 4, "concurrency": 2, "adapters": [spec("dogs", V1, b)]})
     assert status == 409
     assert {k: body[k] for k in ("generation", "applied", "converged", "concurrency", "adapters", "unloading")} == {
         "generation": 5, "applied": True, "converged": True, "concurrency": 6,
-        "adapters": [{"name": "cats", "version": "v1", "state": "loaded"}], "unloading": []}
+        "adapters": [{"name": "cats", "version": V1, "state": "loaded"}], "unloading": []}
     assert len(sim.received("/v1/load_lora_adapter")) == n_loads  # nothing sent to the engine
     assert proxy.proxy.limiter.limit == 6
     try:
@@ -215,8 +215,8 @@ async def test_stale_generation_is_ignored(sim, proxy, admin, client, adapters):
     status, got = await admin.get()
     assert status == 200 and got == body
     # the same generation again is a re-apply; a newer one applies
-    assert (await admin.put({"generation": 5, "concurrency": 6, "adapters": [spec("cats", "v1", a)]}))[0] == 200
-    status, body = await admin.put({"generation": 6, "concurrency": 2, "adapters": [spec("dogs", "v1", b)]})
+    assert (await admin.put({"generation": 5, "concurrency": 6, "adapters": [spec("cats", V1, a)]}))[0] == 200
+    status, body = await admin.put({"generation": 6, "concurrency": 2, "adapters": [spec("dogs", V1, b)]})
     assert status == 200 and body["concurrency"] == 2 and [x["name"] for x in body["adapters"]] == ["dogs"]
 
 
@@ -237,9 +237,9 @@ async def test_invalid_state_is_refused_with_reasons(sim, proxy, admin):
 
 
 async def test_load_failures_are_reported_and_old_version_keeps_serving(sim, proxy, admin, client, adapters, tmp_path):
-    good = adapters("cats", "v1")
+    good = adapters("cats", V1)
     status, body = await admin.put({"generation": 1, "concurrency": 4, "adapters": [
-        spec("cats", "v1", good), spec("ghost", "v1", str(tmp_path / "missing"))]})
+        spec("cats", V1, good), spec("ghost", V1, str(tmp_path / "missing"))]})
     assert status == 200
     states = {a["name"]: a for a in body["adapters"]}
     assert states["cats"]["state"] == "loaded"
@@ -254,26 +254,26 @@ async def test_load_failures_are_reported_and_old_version_keeps_serving(sim, pro
     # a swap whose new version fails to load (engine 500) keeps the old version serving
     await sim.faults(fail_next_loads=1)
     status, body = await admin.put({"generation": 2, "concurrency": 4,
-                                    "adapters": [spec("cats", "v2", adapters("cats", "v2"))]})
+                                    "adapters": [spec("cats", V2, adapters("cats", V2))]})
     assert status == 200
     st = body["adapters"][0]
-    assert st["state"] == "failed" and "500" in st["reason"] and st["serving_version"] == "v1"
+    assert st["state"] == "failed" and "500" in st["reason"] and st["serving_version"] == V1
     r = await client.chat.completions.create(model="cats", messages=MSG, max_tokens=4)
-    assert r.choices[0].message.content.startswith("sim:cats@v1")
+    assert r.choices[0].message.content.startswith("sim:cats@00000001")
     # the next push succeeds and flips
     status, body = await admin.put({"generation": 3, "concurrency": 4,
-                                    "adapters": [spec("cats", "v2", adapters("cats", "v2"))]})
-    assert body["adapters"] == [{"name": "cats", "version": "v2", "state": "loaded"}]
+                                    "adapters": [spec("cats", V2, adapters("cats", V2))]})
+    assert body["adapters"] == [{"name": "cats", "version": V2, "state": "loaded"}]
     r = await client.chat.completions.create(model="cats", messages=MSG, max_tokens=4)
-    assert r.choices[0].message.content.startswith("sim:cats@v2")
+    assert r.choices[0].message.content.startswith("sim:cats@00000002")
 
 
 async def test_removed_adapter_is_404_and_unloaded(sim, proxy, admin, client, adapters):
     assert (await admin.put({"generation": 1, "concurrency": 4, "adapters": [
-        spec("cats", "v1", adapters("cats", "v1")), spec("dogs", "v1", adapters("dogs", "v1"))]}))[0] == 200
+        spec("cats", V1, adapters("cats", V1)), spec("dogs", V1, adapters("dogs", V1))]}))[0] == 200
     assert sorted(m.id for m in (await client.models.list()).data) == sorted([BASE, "cats", "dogs"])
     pushed = await admin.put({"generation": 2, "concurrency": 4,
-                              "adapters": [spec("dogs", "v1", adapters("dogs", "v1"))]})
+                              "adapters": [spec("dogs", V1, adapters("dogs", V1))]})
     assert pushed[0] == 200
     try:
         await client.chat.completions.create(model="cats", messages=MSG)
@@ -281,7 +281,7 @@ async def test_removed_adapter_is_404_and_unloaded(sim, proxy, admin, client, ad
     except openai.NotFoundError:
         pass
     await proxy.proxy.registry.drain_background()
-    assert (await sim.stats())["loaded_adapters"] == ["dogs@v1"]
+    assert (await sim.stats())["loaded_adapters"] == ["dogs@00000001"]
     assert [m.id for m in (await client.models.list()).data] == [BASE, "dogs"]
 
 
@@ -294,12 +294,12 @@ async def _text(url: str) -> str:
 
 
 async def test_streaming_self_heal_and_client_abort(sim, proxy, admin, client, adapters):
-    path = adapters("cats", "v1")
-    assert (await admin.put({"generation": 1, "concurrency": 4, "adapters": [spec("cats", "v1", path)]}))[0] == 200
+    path = adapters("cats", V1)
+    assert (await admin.put({"generation": 1, "concurrency": 4, "adapters": [spec("cats", V1, path)]}))[0] == 200
     await sim.call("POST", "/sim/forget")
     stream = await client.chat.completions.create(model="cats", messages=MSG, max_tokens=8, stream=True)
     text = "".join([ch.choices[0].delta.content or "" async for ch in stream if ch.choices])
-    assert text.startswith("sim:cats@v1")  # the 404 came before any byte: healed, then streamed
+    assert text.startswith("sim:cats@00000001")  # the 404 came before any byte: healed, then streamed
 
     # a client that goes away mid-stream frees its slot and its engine sequence
     import aiohttp
@@ -326,10 +326,10 @@ async def test_loads_that_met_an_unreachable_engine_are_retried(adapters):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    path = adapters("cats", "v1")
+    path = adapters("cats", V1)
     async with run_proxy(proxy_config(f"http://127.0.0.1:{port}", retry_interval=0.2)) as p:
         admin = Admin(p.admin_url)
-        status, body = await admin.put({"generation": 1, "concurrency": 4, "adapters": [spec("cats", "v1", path)]},
+        status, body = await admin.put({"generation": 1, "concurrency": 4, "adapters": [spec("cats", V1, path)]},
                                        wait=None)
         assert status == 202
 
@@ -347,12 +347,12 @@ async def test_loads_that_met_an_unreachable_engine_are_retried(adapters):
                 return state if state["adapters"][0]["state"] == "loaded" else None
 
             state = await wait_until(loaded, timeout=10, interval=0.1, what="the retried load")
-            assert state["adapters"] == [{"name": "cats", "version": "v1", "state": "loaded"}]
+            assert state["adapters"] == [{"name": "cats", "version": V1, "state": "loaded"}]
             load = sim.received("/v1/load_lora_adapter")[-1]
             assert load["headers"]["x-request-id"] == "vlmpool-proxy-retry-1"
             c = openai.AsyncOpenAI(base_url=p.url + "/v1", api_key="unused", max_retries=0)
             out = await c.chat.completions.create(model="cats", messages=MSG, max_tokens=4)
-            assert out.choices[0].message.content.startswith("sim:cats@v1")
+            assert out.choices[0].message.content.startswith("sim:cats@00000001")
         finally:
             await runner.cleanup()
 
@@ -360,31 +360,32 @@ async def test_loads_that_met_an_unreachable_engine_are_retried(adapters):
 async def test_an_adapter_the_engine_already_holds_counts_as_loaded(sim, adapters):
     """vLLM answers 400 "already been loaded" to a second load of a name: that is success. Seen when a
     proxy restarts beside an engine that did not (its first push re-loads everything)."""
-    path = adapters("cats", "v1")
-    push = {"generation": 1, "concurrency": 4, "adapters": [spec("cats", "v1", path)]}
+    path = adapters("cats", V1)
+    push = {"generation": 1, "concurrency": 4, "adapters": [spec("cats", V1, path)]}
     async with run_proxy(proxy_config(sim.url)) as first:
         status, body = await Admin(first.admin_url).put(push)
-        assert status == 200 and body["adapters"] == [{"name": "cats", "version": "v1", "state": "loaded"}]
+        assert status == 200 and body["adapters"] == [{"name": "cats", "version": V1, "state": "loaded"}]
         # a re-push: the engine refuses the second load as already loaded; the adapter stays loaded
         status, body = await Admin(first.admin_url).put(push)
-        assert status == 200 and body["adapters"] == [{"name": "cats", "version": "v1", "state": "loaded"}]
+        assert status == 200 and body["adapters"] == [{"name": "cats", "version": V1, "state": "loaded"}]
     async with run_proxy(proxy_config(sim.url)) as second:
         status, body = await Admin(second.admin_url).put(push)
-        assert status == 200 and body["adapters"] == [{"name": "cats", "version": "v1", "state": "loaded"}]
+        assert status == 200 and body["adapters"] == [{"name": "cats", "version": V1, "state": "loaded"}]
         # the first push loads; the re-push finds it in the engine's list and loads nothing; the new proxy
         # does not know it yet, so its load meets "already loaded"
-        assert len(sim.received("/v1/load_lora_adapter")) == 2 and (await sim.stats())["loaded_adapters"] == ["cats@v1"]
+        loaded = (await sim.stats())["loaded_adapters"]
+        assert len(sim.received("/v1/load_lora_adapter")) == 2 and loaded == ["cats@00000001"]
         c = openai.AsyncOpenAI(base_url=second.url + "/v1", api_key="unused", max_retries=0)
         out = await c.chat.completions.create(model="cats", messages=MSG, max_tokens=4)
-        assert out.choices[0].message.content.startswith("sim:cats@v1")
+        assert out.choices[0].message.content.startswith("sim:cats@00000001")
 
 
 async def test_self_heal_retries_exactly_once(sim, proxy, admin, client, adapters):
     """An engine that forgets the adapter again after the re-load: one re-load, one retry, then a 503
     adapter_unavailable (a server-side failure, as the seed's server error; not the client's 4xx);
     never a loop."""
-    path = adapters("cats", "v1")
-    assert (await admin.put({"generation": 1, "concurrency": 4, "adapters": [spec("cats", "v1", path)]}))[0] == 200
+    path = adapters("cats", V1)
+    assert (await admin.put({"generation": 1, "concurrency": 4, "adapters": [spec("cats", V1, path)]}))[0] == 200
     sim.forget_before_generation = True
     n_loads, n_chats = len(sim.received("/v1/load_lora_adapter")), len(sim.received("/v1/chat/completions"))
     try:

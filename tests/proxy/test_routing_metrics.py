@@ -56,8 +56,8 @@ async def test_lora_family_under_served_names(adapters):
             assert "vllm:kv_cache_usage_perc" in m
 
             status, body = await Admin(p.admin_url).put({"generation": 1, "concurrency": 1, "adapters": [
-                {"name": "cats", "version": "v1", "path": adapters("cats", "v1")},
-                {"name": "acme/dogs", "version": "v7", "path": adapters("dogs", "v7")}]})
+                {"name": "cats", "version": "00000001", "path": adapters("cats", "00000001")},
+                {"name": "acme/dogs", "version": "00000007", "path": adapters("dogs", "00000007")}]})
             assert status == 200, body
             m = await scrape(p.url)
             assert {lbl["model"]: v for lbl, v in m["vlmpool_proxy_adapter_queue_depth"]} == {
@@ -78,7 +78,7 @@ async def test_lora_family_under_served_names(adapters):
             assert m["vlmpool_proxy_queue_depth"][0][1] == 1
             # the internal names the engine itself reports never leak into the routing series
             engine = await scrape(sim.url)
-            assert any("cats@v1" in lbl["running_lora_adapters"] for lbl, _ in engine["vllm:lora_requests_info"])
+            assert any("cats@00000001" in lbl["running_lora_adapters"] for lbl, _ in engine["vllm:lora_requests_info"])
 
             assert await first == 200 and await second == 200
             m = await wait_until(lambda: _idle(p.url), timeout=10, what="idle LoRA series")

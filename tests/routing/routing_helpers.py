@@ -123,7 +123,7 @@ class ModelPod:
             admin_port=0, admin_token=TOKEN, base_model=BASE, concurrency=16, max_loras=int(cfg["max_loras"]),
             shutdown_timeout=2.0, access_log=False))
         state = {"generation": 1, "concurrency": 16,
-                 "adapters": [{"name": n, "version": "v1", "path": p} for n, p in adapter_paths.items()]}
+                 "adapters": [{"name": n, "version": "00000001", "path": p} for n, p in adapter_paths.items()]}
         async with aiohttp.ClientSession() as s:
             # ?wait: answered 200 once converged (the push is asynchronous: a plain PUT answers 202 at once)
             async with s.put(self.proxy.admin_url + "/admin/v1/state?wait=30", json=state,

@@ -18,7 +18,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "proxy"))
 
-from proxy_helpers import BASE, TOKEN, Admin, proxy_config, proxy_config_with, sim, write_adapter  # noqa: F401
+from proxy_helpers import BASE, TOKEN, V1, Admin, proxy_config, proxy_config_with, sim, write_adapter  # noqa: F401
 
 from vlmpool.proxy.server import run_proxy
 from vlmpool.testing.waiting import wait_until
@@ -43,8 +43,8 @@ async def raw_put(url: str, body: bytes, request_id: str) -> tuple[int, dict, st
 
 
 async def test_adapter_paths_must_resolve_inside_the_adapter_root(sim, root, tmp_path):  # noqa: F811 - sim: the imported fixture
-    good = write_adapter(root / "cats" / "versions" / "v1", seed=1)
-    outside = write_adapter(tmp_path / "elsewhere" / "v1", seed=2)  # a real, loadable adapter
+    good = write_adapter(root / "cats" / "versions" / V1, seed=1)
+    outside = write_adapter(tmp_path / "elsewhere" / V1, seed=2)  # a real, loadable adapter
     (root / "cats" / "current").symlink_to("versions/v1")  # a moving pointer inside the root
     (root / "evil").symlink_to(tmp_path / "elsewhere")  # a link out of the root
     hostile = {
@@ -59,14 +59,14 @@ async def test_adapter_paths_must_resolve_inside_the_adapter_root(sim, root, tmp
     async with run_proxy(proxy_config_with(sim.url, adapter_root=str(root))) as p:
         admin = Admin(p.admin_url)
         for i, (why, path) in enumerate(hostile.items()):
-            body = json.dumps(state(1, ("cats", "v1", path))).encode()
+            body = json.dumps(state(1, ("cats", V1, path))).encode()
             status, answer, rid = await raw_put(p.admin_url, body, f"path-{i}")
             assert status == 400 and answer["error"]["code"] == "invalid_path", (why, status, answer)
             assert rid == f"path-{i}" and "cats" in answer["error"]["message"]
         assert sim.received("/v1/load_lora_adapter") == []  # the engine was never asked
         assert p.proxy.registry.generation is None  # nothing applied
-        status, answer = await admin.put(state(1, ("cats", "v1", str(good))))
-        assert status == 200 and answer["adapters"] == [{"name": "cats", "version": "v1", "state": "loaded"}]
+        status, answer = await admin.put(state(1, ("cats", V1, str(good))))
+        assert status == 200 and answer["adapters"] == [{"name": "cats", "version": V1, "state": "loaded"}]
 
 
 async def test_generation_is_an_int64_and_a_huge_one_cannot_wedge_the_proxy(sim):  # noqa: F811 - sim: the imported fixture
@@ -96,7 +96,8 @@ async def test_malformed_or_nested_state_is_400_never_500(sim):  # noqa: F811 - 
         for i, (why, body) in enumerate(HOSTILE_STATES.items()):
             status, answer, rid = await raw_put(p.admin_url, body, f"hostile-{i}")
             assert status == 400, (why, status, answer)
-            assert answer["error"]["code"] in ("json_too_deep", "json_too_complex", "invalid_json", "invalid_state")
+            assert answer["error"]["code"] in ("json_too_deep", "json_too_complex", "invalid_json", "invalid_state",
+                                               "too_many_adapters")
             assert rid == f"hostile-{i}"
         assert p.proxy.registry.generation is None
         assert (await Admin(p.admin_url).put(state(1)))[0] == 200  # and it still takes a good push
@@ -141,8 +142,8 @@ async def test_admin_listener_binds_where_asked_and_the_log_says_so():
 
 
 async def test_first_push_after_a_restart_unloads_leftovers_and_nothing_else(sim, root):  # noqa: F811 - sim: the imported fixture
-    cats = str(write_adapter(root / "cats" / "versions" / "v1", seed=1))
-    dogs = str(write_adapter(root / "dogs" / "versions" / "v1", seed=2))
+    cats = str(write_adapter(root / "cats" / "versions" / V1, seed=1))
+    dogs = str(write_adapter(root / "dogs" / "versions" / V1, seed=2))
     manual = str(write_adapter(root / "manual", seed=3))
     # someone else's adapter in the engine (no `<name>@<version>` form): never vlmpool's to unload
     async with aiohttp.ClientSession() as s, s.post(sim.url + "/v1/load_lora_adapter",
@@ -150,22 +151,22 @@ async def test_first_push_after_a_restart_unloads_leftovers_and_nothing_else(sim
         assert r.status == 200, await r.text()
     cfg = proxy_config_with(sim.url, adapter_root=str(root))
     async with run_proxy(cfg) as first:
-        status, body = await Admin(first.admin_url).put(state(3, ("cats", "v1", cats), ("dogs", "v1", dogs)))
+        status, body = await Admin(first.admin_url).put(state(3, ("cats", V1, cats), ("dogs", V1, dogs)))
         assert status == 200 and [a["state"] for a in body["adapters"]] == ["loaded", "loaded"]
     # the proxy process restarted; the engine did not: it still holds both
-    assert sorted((await sim.stats())["loaded_adapters"]) == ["cats@v1", "dogs@v1", "manual"]
+    assert sorted((await sim.stats())["loaded_adapters"]) == ["cats@00000001", "dogs@00000001", "manual"]
     async with run_proxy(cfg) as second:
-        status, body = await Admin(second.admin_url).put(state(4, ("cats", "v1", cats)), request_id="push-4")
+        status, body = await Admin(second.admin_url).put(state(4, ("cats", V1, cats)), request_id="push-4")
         # cats was already loaded: vLLM's "already been loaded" is success, and it serves
-        assert status == 200 and body["adapters"] == [{"name": "cats", "version": "v1", "state": "loaded"}]
-        assert sorted((await sim.stats())["loaded_adapters"]) == ["cats@v1", "manual"]
+        assert status == 200 and body["adapters"] == [{"name": "cats", "version": V1, "state": "loaded"}]
+        assert sorted((await sim.stats())["loaded_adapters"]) == ["cats@00000001", "manual"]
         unloads = sim.received("/v1/unload_lora_adapter")
-        assert [u["json"] for u in unloads] == [{"lora_name": "dogs@v1"}]
+        assert [u["json"] for u in unloads] == [{"lora_name": "dogs@00000001"}]
         assert unloads[0]["headers"]["x-request-id"] == "push-4"
         # only on the first push: later pushes (each lists the engine's adapters to find what is missing)
         # leave what is not vlmpool's and unload nothing more
         n_lists = len(sim.received("/v1/models"))
-        assert (await Admin(second.admin_url).put(state(5, ("cats", "v1", cats))))[0] == 200
+        assert (await Admin(second.admin_url).put(state(5, ("cats", V1, cats))))[0] == 200
         assert len(sim.received("/v1/models")) == n_lists + 1
         assert len(sim.received("/v1/unload_lora_adapter")) == 1
-        assert sorted((await sim.stats())["loaded_adapters"]) == ["cats@v1", "manual"]
+        assert sorted((await sim.stats())["loaded_adapters"]) == ["cats@00000001", "manual"]

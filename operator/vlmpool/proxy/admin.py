@@ -13,6 +13,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from .context import CTX
+from .desired import MAX_ADAPTERS, max_state_bytes
 from .engine import EngineHTTPError, EngineUnavailable
 from .errors import error_response
 from .guard import InputRefused, confine_path, parse_json, read_request_body
@@ -21,8 +22,14 @@ from .state import AdapterRegistry, DesiredState
 
 log = get_logger()
 
-ADMIN_MAX_BODY_BYTES = 8 * 1024 * 1024
+# the push's limits, all derived from MAX_ADAPTERS: a state of MAX_ADAPTERS entries of the largest form
+# fits every one of them, one entry more is refused with too_many_adapters (and nothing else first)
+ADMIN_MAX_BODY_BYTES = max_state_bytes(MAX_ADAPTERS + 1)
 ADMIN_MAX_JSON_DEPTH = 8  # {adapters: [{name: ...}]} is 3 deep
+# JSON containers / values counted before parsing (structural bytes, also those inside strings: a
+# version may hold any of them): per entry 1 container and 6 values, plus what its strings may hold
+ADMIN_MAX_CONTAINERS = 4 + (MAX_ADAPTERS + 1) * 130  # "{" of an entry + "{"/"[" in a refused version
+ADMIN_MAX_VALUES = 16 + (MAX_ADAPTERS + 1) * 140
 MAX_WAIT_SECONDS = 60.0
 
 
@@ -81,9 +88,15 @@ class AdminAPI:
         if isinstance(raw, web.Response):
             return raw
         try:
-            data = parse_json(raw, max_depth=ADMIN_MAX_JSON_DEPTH)
+            data = parse_json(raw, max_depth=ADMIN_MAX_JSON_DEPTH, max_containers=ADMIN_MAX_CONTAINERS,
+                              max_values=ADMIN_MAX_VALUES)
         except InputRefused as e:
             return error_response(400, str(e), type_="invalid_request_error", code=e.code)
+        del raw
+        entries = data.get("adapters") if isinstance(data, dict) else None
+        if isinstance(entries, list) and len(entries) > MAX_ADAPTERS:
+            return error_response(400, f"invalid state: {len(entries)} adapters, at most {MAX_ADAPTERS}",
+                                  type_="invalid_request_error", code="too_many_adapters", param="adapters")
         try:
             state = DesiredState.model_validate(data)
         except ValidationError as e:
@@ -92,9 +105,8 @@ class AdminAPI:
             )
             return error_response(400, f"invalid state: {problems[:2000]}", type_="invalid_request_error",
                                   code="invalid_state")
-        root = self.adapter_root
-        for a in state.adapters if root is not None else ():
-            problem = confine_path(a.path, root) if root is not None else None
+        for a in state.adapters:
+            problem = confine_path(a.path, self.adapter_root)
             if problem:
                 return error_response(400, f"invalid state: adapters[{a.name!r}].path {problem}",
                                       type_="invalid_request_error", code="invalid_path", param="adapters.path")
@@ -107,7 +119,11 @@ class AdminAPI:
         if clash:
             return error_response(400, f"invalid state: adapter name {clash[0]!r} is the base model's name",
                                   type_="invalid_request_error", code="invalid_state")
-        if not self.registry.apply(state, request[CTX].request_id):
+        # an entry whose version is not of the patcher's form is refused alone: the others converge
+        refused = {a.name: why for a in state.adapters if (why := a.version_problem())}
+        if refused:
+            log.warning("pushed adapters refused", extra={"refused": dict(list(refused.items())[:20])})
+        if not self.registry.apply(state, request[CTX].request_id, refused):
             return web.json_response(self.registry.snapshot(), status=409)
         if wait:
             await self.registry.wait_converged(state.generation, wait)

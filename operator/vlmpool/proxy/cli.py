@@ -67,9 +67,22 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--body-timeout", type=float, default=s.DEFAULT_BODY_TIMEOUT_S,
                         help="seconds a request's body may take to arrive, else 408 "
                              f"(default {s.DEFAULT_BODY_TIMEOUT_S:g})")
-    parser.add_argument("--adapter-root", default=os.environ.get("VLMPOOL_ADAPTER_ROOT") or None,
-                        help="pushed adapter paths must resolve inside this directory, no symlinks "
-                             "(env VLMPOOL_ADAPTER_ROOT; default: not checked)")
+    parser.add_argument("--adapter-root", default=os.environ.get("VLMPOOL_ADAPTER_ROOT") or s.DEFAULT_ADAPTER_ROOT,
+                        help="pushed adapter paths must resolve inside this directory, no symlinks (env "
+                             f"VLMPOOL_ADAPTER_ROOT; default {s.DEFAULT_ADAPTER_ROOT}, the pods' mount path; '/' "
+                             "allows any absolute path, never one with '.' or '..' components)")
+    parser.add_argument("--send-timeout", type=float, default=s.DEFAULT_SEND_TIMEOUT_S,
+                        help="seconds a write to a client may make no progress (it reads nothing) before the "
+                             "request ends: connection closed, engine request cancelled, slot freed "
+                             f"(default {s.DEFAULT_SEND_TIMEOUT_S:g})")
+    parser.add_argument("--min-body-rate", type=int, default=s.DEFAULT_MIN_BODY_RATE,
+                        help=f"bytes/s a request body must keep up over every {s.BODY_RATE_WINDOW_S:g} s, else 408 "
+                             f"body_too_slow (default {s.DEFAULT_MIN_BODY_RATE}; 0: no minimum)")
+    parser.add_argument("--body-rate-window", type=float, default=s.BODY_RATE_WINDOW_S,
+                        help=f"the window of --min-body-rate in seconds (default {s.BODY_RATE_WINDOW_S:g})")
+    parser.add_argument("--max-answer-bytes", type=int, default=s.DEFAULT_MAX_ANSWER_BYTES,
+                        help="largest non-streaming engine answer relayed; larger -> 502 engine_answer_too_large "
+                             f"(default {s.DEFAULT_MAX_ANSWER_BYTES}); streams are relayed piece by piece")
     parser.add_argument("--api-key-dir", default=os.environ.get("VLMPOOL_API_KEY_DIR") or None,
                         help="a directory (mounted Secret) whose files' values are the accepted bearer tokens "
                              "of the public API; /healthz, /readyz and /metrics stay open (default: no auth)")
@@ -109,6 +122,10 @@ def build_config(args: argparse.Namespace):
         max_inflight_body_bytes=args.max_inflight_body_bytes,
         header_timeout=args.header_timeout,
         body_timeout=args.body_timeout,
+        send_timeout=args.send_timeout,
+        min_body_rate=args.min_body_rate,
+        body_rate_window=args.body_rate_window,
+        max_answer_bytes=args.max_answer_bytes,
         adapter_root=args.adapter_root,
         api_key_dir=args.api_key_dir,
         access_log=not args.no_access_log,

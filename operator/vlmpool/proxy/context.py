@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from .guard import BodyHold
 from .state import LoadedVersion
 
 
@@ -23,6 +24,7 @@ class RequestContext:
     queue_s: float = 0.0  # waiting for a limiter slot
     engine_t0: float = 0.0
     engine_s: float = 0.0  # from the first byte sent to the engine to the last byte received from it
+    body_hold: BodyHold | None = None  # the body bytes it holds in the in-flight body budget
 
 
 CTX = web.RequestKey("vlmpool_request", RequestContext)

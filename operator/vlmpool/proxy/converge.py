@@ -62,6 +62,7 @@ class Converger:
     alias: dict[str, LoadedVersion]
     versions: dict[str, LoadedVersion]
     status: dict[str, dict]
+    refused: dict[str, str]
     _request_id: str | None
     _queue: dict[str, None]
     _active: set[str]
@@ -88,9 +89,11 @@ class Converger:
         raise NotImplementedError
 
     # -- admin path: accept a push ----------------------------------------------------------------
-    def apply(self, state: DesiredState, request_id: str | None) -> bool:
+    def apply(self, state: DesiredState, request_id: str | None, refused: dict[str, str] | None = None) -> bool:
         """Accept ``state`` as the desired state (no engine call; the converger does the work).
-        Returns False, changing nothing, for a generation older than the newest accepted one."""
+        ``refused``: served name -> why its entry is refused (it is failed with that reason, never
+        loaded; a version it served before keeps serving). Returns False, changing nothing, for a
+        generation older than the newest accepted one."""
         if self.generation is not None and state.generation < self.generation:
             log.warning("stale state ignored", extra={"generation": state.generation, "current": self.generation})
             return False
@@ -105,6 +108,7 @@ class Converger:
         self.set_load_parallelism(state.load_parallelism or self._default_parallelism)
         desired = {a.name: a for a in state.adapters if a.name != base}
         self.desired = desired
+        self.refused = {n: why for n, why in (refused or {}).items() if n in desired}
         # names no longer wanted: stop routing now, unload after their requests finish; not loaded any more
         for served in [s for s in self.alias if s not in desired]:
             self._retire(self.alias.pop(served), request_id)
@@ -118,7 +122,9 @@ class Converger:
                 continue  # its loader looks at the desired state again when it is done
             st = self.status.get(served)
             cur = self.alias.get(served)
-            if spec.internal in self.first_use_failures:
+            if served in self.refused:
+                self.status[served] = self._failed(spec, self.refused[served])
+            elif spec.internal in self.first_use_failures:
                 self.status[served] = self._failed(spec, self.first_use_failures[spec.internal])
             elif cur is None or cur.internal != spec.internal or st is None or st["state"] != "loaded":
                 self.status[served] = {"name": served, "version": spec.version, "state": "pending"}
@@ -212,7 +218,7 @@ class Converger:
             if not self.leftovers_reconciled and held is not None:
                 await self._unload_leftovers(models, self._request_id)
             for served, spec in self.desired.items():
-                if spec.internal in self.first_use_failures:
+                if spec.internal in self.first_use_failures or served in self.refused:
                     continue
                 cur = self.alias.get(served)
                 if cur is not None and cur.internal == spec.internal and held is not None and spec.internal in held:
@@ -276,6 +282,9 @@ class Converger:
 
     async def _converge_one(self, served: str) -> None:
         spec = self.desired.get(served)
+        if spec is not None and served in self.refused:
+            self.status[served] = self._failed(spec, self.refused[served])
+            return
         if spec is None or spec.internal in self.first_use_failures:
             return
         internal, rid = spec.internal, self._request_id
@@ -346,7 +355,7 @@ class Converger:
         leftovers = sorted(
             m["id"] for m in models
             if isinstance(m, dict) and isinstance(m.get("id"), str) and m.get("parent") and m["id"] != base
-            and INTERNAL_RE.match(m["id"]) and m["id"] not in wanted
+            and INTERNAL_RE.fullmatch(m["id"]) and m["id"] not in wanted
         )
         for name in leftovers:
             async with self._engine_lock(name):

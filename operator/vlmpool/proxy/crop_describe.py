@@ -35,7 +35,7 @@ from .crops import (
 from .crops_text import build_prompt, crop_lines, describe, split_thinking
 from .engine import EngineHTTPError, EngineUnavailable
 from .errors import error_response, map_engine_error, unavailable_response
-from .guard import InputRefused, parse_json, read_request_body
+from .guard import InputRefused, parse_json
 
 if TYPE_CHECKING:
     from .server import Proxy
@@ -125,8 +125,7 @@ class CropDescribe:
         return await self.proxy.within_body_budget(request, lambda: self._run(request, ctx))
 
     async def _run(self, request: web.Request, ctx: RequestContext) -> web.StreamResponse:
-        cfg = self.proxy.config
-        raw = await read_request_body(request, cfg.max_body_bytes, cfg.body_timeout)
+        raw = await self.proxy.read_body(request)
         if isinstance(raw, web.Response):
             return raw
         try:
@@ -161,7 +160,7 @@ class CropDescribe:
         payload = self._payload(req, uri, build_prompt(req.scene_prompt, panels, req.detections,
                                                        req.response_format is not None))
         del uri
-        resp = await self.proxy.dispatch(request, ctx, ENGINE_ROUTE, req.model, payload, None, False)
+        resp = await self.proxy.dispatch(request, ctx, ENGINE_ROUTE, req.model, payload, None, False, relay=False)
         if resp.status != 200 or not isinstance(resp, web.Response):
             return resp  # an error answer, already in the error table's shape
         return self._answer(req, panels, resp, t0)

@@ -8,33 +8,40 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
 
-SERVED_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,252}$")
-VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+SERVED_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,252}")  # fullmatch: no '@', no newline
+# the form patcher/publish.py publishes (a content digest in hex); fullmatch, never `$` (a newline passes)
+VERSION_RE = re.compile(r"[0-9a-f]{8,64}")
 # an engine LoRA name vlmpool gave: `<served>@<version>` (served names have no '@')
-INTERNAL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,252}@[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+INTERNAL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,252}@[0-9a-f]{8,64}")
 MAX_LOAD_PARALLELISM = 64
+# the one bound on a pushed state's size: every limit on the push (the entries, the JSON containers,
+# the body's bytes) is derived from it, so a state of MAX_ADAPTERS entries of the largest form fits
+MAX_ADAPTERS = 10_000
+MAX_NAME_CHARS = 253
+MAX_VERSION_CHARS = 128  # kept to bound memory; a version not of VERSION_RE is refused per adapter
+MAX_PATH_CHARS = 1024  # printable ASCII without quote or backslash (guard.confine_path)
 
 
 class AdapterSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: StrictStr
-    version: StrictStr
-    path: Annotated[StrictStr, Field(min_length=1, max_length=4096)]
+    version: Annotated[StrictStr, Field(max_length=MAX_VERSION_CHARS)]
+    path: Annotated[StrictStr, Field(min_length=1, max_length=MAX_PATH_CHARS)]
 
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not SERVED_NAME_RE.match(v):
+        if not SERVED_NAME_RE.fullmatch(v):
             raise ValueError("must match [A-Za-z0-9][A-Za-z0-9._:/-]* (max 253 chars, no '@')")
         return v
 
-    @field_validator("version")
-    @classmethod
-    def _version(cls, v: str) -> str:
-        if not VERSION_RE.match(v):
-            raise ValueError("must match [A-Za-z0-9][A-Za-z0-9._-]* (max 128 chars)")
-        return v
+    def version_problem(self) -> str | None:
+        """Why this entry's version is refused (the adapter alone is refused, the others converge)."""
+        if VERSION_RE.fullmatch(self.version):
+            return None
+        return (f"invalid_version: version {self.version[:80]!r} is not of the form the patcher publishes "
+                "([0-9a-f]{8,64})")
 
     @property
     def internal(self) -> str:
@@ -48,7 +55,7 @@ class DesiredState(BaseModel):
     concurrency: Annotated[StrictInt, Field(ge=1, le=100_000)]
     # adapter loads at once while converging (the pool's spec.engine.loadParallelism); None: the proxy's flag
     load_parallelism: Annotated[StrictInt, Field(ge=1, le=MAX_LOAD_PARALLELISM)] | None = None
-    adapters: list[AdapterSpec] = Field(default_factory=list, max_length=10_000)
+    adapters: list[AdapterSpec] = Field(default_factory=list, max_length=MAX_ADAPTERS)
 
     @field_validator("adapters")
     @classmethod
@@ -63,3 +70,12 @@ class DesiredState(BaseModel):
 
 def internal_name(served: str, version: str) -> str:
     return f"{served}@{version}"
+
+
+def max_state_bytes(adapters: int = MAX_ADAPTERS) -> int:
+    """The largest body of a state of `adapters` entries as json.dumps writes it (the operator's push):
+    names and paths at their longest (their characters are plain: one byte each), versions at their
+    longest with every character escaped (``\\uXXXX``: a refused version still fits)."""
+    entry = len('{"name": "", "version": "", "path": ""}, ') + MAX_NAME_CHARS + 6 * MAX_VERSION_CHARS + MAX_PATH_CHARS
+    head = len('{"generation": , "concurrency": , "load_parallelism": , "adapters": []}') + 3 * 20
+    return head + adapters * entry

@@ -38,6 +38,13 @@ class EngineUnavailable(EngineError):
             self.code = code
 
 
+class EngineProtocolError(EngineUnavailable):
+    """The engine's answer breaks HTTP/1.1 framing (status line, headers, Content-Length, chunk sizes):
+    answered 502, the connection dropped."""
+
+    code = "engine_protocol_error"
+
+
 class EngineTimeout(EngineUnavailable):
     """The engine did not answer in time."""
 

@@ -12,7 +12,7 @@ import json
 
 from aiohttp import web
 
-from .engine import EngineTimeout, EngineUnavailable, parse_error_body
+from .engine import EngineProtocolError, EngineTimeout, EngineUnavailable, parse_error_body
 
 UPSTREAM_MESSAGE_CHARS = 300
 MODERATION_MARKERS = ("data_inspection_failed", "inappropriate")
@@ -54,8 +54,11 @@ def map_engine_error(status: int, body: str) -> web.Response:
     )
 
 def unavailable_response(e: EngineUnavailable, timeout: float | None = None) -> web.Response:
-    """503 for an engine that could not answer; a timeout is told as the limit that ran out."""
+    """503 for an engine that could not answer (a timeout is told as the limit that ran out); 502 for
+    an answer that breaks HTTP framing."""
     message = f"engine timed out after {timeout:g}s" if isinstance(e, EngineTimeout) and timeout else str(e)
+    if isinstance(e, EngineProtocolError):  # a broken answer: 502, not retried after a second
+        return error_response(502, message[:UPSTREAM_MESSAGE_CHARS], type_="engine_error", code=e.code)
     return error_response(503, message[:UPSTREAM_MESSAGE_CHARS], type_="engine_error", code=e.code,
                           headers={"Retry-After": "1"})
 
@@ -64,6 +67,13 @@ def too_large(limit: int) -> web.Response:
                           code="request_too_large")
     resp.force_close()
     return resp
+
+def answer_too_large(limit: int) -> web.Response:
+    """The engine's (non-streaming) answer is larger than --max-answer-bytes: not relayed (memory)."""
+    return error_response(502, f"engine answer larger than {limit} bytes (the proxy's --max-answer-bytes); "
+                          "ask for a streamed answer or fewer tokens", type_="engine_error",
+                          code="engine_answer_too_large")
+
 
 def model_not_found(model: str) -> web.Response:
     return error_response(404, f"The model `{model}` does not exist.", type_="invalid_request_error",

@@ -10,7 +10,6 @@ import json
 import re
 import time
 
-import aiohttp
 from aiohttp import web
 
 from .context import CTX
@@ -19,39 +18,44 @@ from .errors import (
     UPSTREAM_MESSAGE_CHARS,
     adapter_failed,
     adapter_unavailable,
+    answer_too_large,
     error_body,
     map_engine_error,
     unavailable_response,
 )
 from .logs import get_logger
 from .metrics import ProxyMetrics
+from .sending import ClientGone, finish, prepare, record, send
 from .state import AdapterRegistry
-from .upstream import Upstream, UpstreamResponse
+from .upstream import AnswerTooLarge, Upstream, UpstreamResponse
 
 log = get_logger()
 
 
 class Forwarder:
     def __init__(self, upstream: Upstream, registry: AdapterRegistry, metrics: ProxyMetrics,
-                 request_timeout: float) -> None:
+                 request_timeout: float, *, send_timeout: float, max_answer_bytes: int) -> None:
         self.upstream = upstream
         self.registry = registry
         self.metrics = metrics
         self.request_timeout = request_timeout
+        self.send_timeout = send_timeout  # each write to the client (proxy/sending.py)
+        self.max_answer_bytes = max_answer_bytes  # a non-streaming answer (and an error body) at most
 
     async def forward(self, request: web.Request, route: str, model: str, payload: dict | None,
-                      raw: bytearray | None, stream: bool) -> web.StreamResponse:
+                      raw: bytearray | None, stream: bool, relay: bool = True) -> web.StreamResponse:
         """Send the body to the engine: ``raw`` as received, or ``payload`` re-serialised with the
-        internal model name."""
+        internal model name. ``relay``: a non-streaming answer is written to the client here (under the
+        send deadline); else it is returned unsent (a caller that reworks it, as crop-describe)."""
         ctx = request[CTX]
         t0 = ctx.engine_t0 = time.perf_counter()
         try:
-            return await self._exchange(request, route, model, payload, raw, stream, t0)
+            return await self._exchange(request, route, model, payload, raw, stream, t0, relay)
         finally:
             if not ctx.engine_s:  # streams set it when the engine's last byte arrived
                 ctx.engine_s = time.perf_counter() - t0
 
-    async def _exchange(self, request, route, model, payload, raw, stream, t0):
+    async def _exchange(self, request, route, model, payload, raw, stream, t0, relay):
         ctx = request[CTX]
         up = self.upstream
         t_limit = self.request_timeout
@@ -74,7 +78,7 @@ class Forwarder:
             try:
                 if resp.status >= 400:
                     answer = await read_engine_body(up, resp, deadline if not stream else loop.time() + t_limit,
-                                                    t_limit)
+                                                    t_limit, self.max_answer_bytes)
                     if isinstance(answer, web.Response):
                         return answer
                     body = answer.decode("utf-8", errors="replace")
@@ -104,16 +108,29 @@ class Forwarder:
                 rename = ModelRename(internal, model) if version is not None else None
                 if stream:
                     return await self._stream(request, resp, internal, rename)
-                body_bytes = await read_engine_body(up, resp, deadline, t_limit)
+                body_bytes = await read_engine_body(up, resp, deadline, t_limit, self.max_answer_bytes)
                 if isinstance(body_bytes, web.Response):
                     return body_bytes
+                up.release(resp)  # read to its end: the engine connection is free before the client's write
                 if rename is not None and "content-encoding" not in resp.headers:
                     body_bytes = rename.whole(body_bytes)
                 headers = {"Content-Type": resp.headers.get("content-type", "application/json"),
                            "X-Vlmpool-Served-By": internal}
                 if "content-encoding" in resp.headers:
                     headers["Content-Encoding"] = resp.headers["content-encoding"]
-                return web.Response(body=body_bytes, status=resp.status, headers=headers)
+                out = web.Response(body=body_bytes, status=resp.status, headers=headers)
+                del body_bytes
+                if not relay:
+                    return out
+                # written here, under the send deadline (aiohttp would write it after the handler, unbounded)
+                await prepare(request, out, self.send_timeout)
+                await finish(request, out, self.send_timeout)
+                return out
+            except ClientGone as gone:
+                up.abort(resp)  # no-op when released: a stream's engine request is cancelled here
+                record(request, gone, self.metrics)
+                log.info("client cut", extra={"reason": gone.reason})
+                return web.Response(status=gone.status)  # nothing is written: the connection is gone
             except BaseException:
                 up.abort(resp)  # cancelled or failed half-way: never reuse this connection
                 raise
@@ -132,37 +149,26 @@ class Forwarder:
             headers["Content-Encoding"] = resp.headers["content-encoding"]
             rename = None  # compressed bytes are relayed as they are
         out = web.StreamResponse(status=resp.status, headers=headers)
-        await out.prepare(request)
+        await prepare(request, out, self.send_timeout)
         ctx = request[CTX]
+        t_send = self.send_timeout
         try:
             async for chunk in resp.iter_chunks(self.request_timeout):
                 if rename is not None:
                     chunk = rename.feed(chunk)
                     if not chunk:
                         continue
-                await out.write(chunk)
+                await send(request, out, chunk, t_send)
             if rename is not None and (rest := rename.flush()):
-                await out.write(rest)
+                await send(request, out, rest, t_send)
             ctx.engine_s = time.perf_counter() - ctx.engine_t0
-        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-            # the client went away: drop the engine connection so the engine aborts the generation
-            up.abort(resp)
-            request[CTX].status_override = 499
-            log.info("client disconnected during a stream")
-            return out
         except EngineUnavailable as e:
             up.abort(resp)
             request[CTX].status_override = 503
             log.error("engine stream broke", extra={"error": str(e)})
             err = error_body(f"engine stream broke: {e}"[:UPSTREAM_MESSAGE_CHARS], type_="engine_error", code=e.code)
-            try:
-                await out.write(b"data: " + json.dumps(err).encode() + b"\n\n")
-            except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-                return out
-        try:
-            await out.write_eof()
-        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-            pass
+            await send(request, out, b"data: " + json.dumps(err).encode() + b"\n\n", t_send)
+        await finish(request, out, t_send)
         return out
 
 
@@ -208,17 +214,19 @@ class ModelRename:
 
 
 async def read_engine_body(up: Upstream, resp: UpstreamResponse, deadline: float,
-                           t_limit: float) -> bytes | web.Response:
-    """The engine response's whole body by `deadline`, or the 503 to answer when it times out or
-    the connection breaks (the connection is then dropped, not reused)."""
+                           t_limit: float, limit: int) -> bytes | web.Response:
+    """The engine response's whole body by `deadline` and at most `limit` bytes, or the 503 (timed
+    out, connection broken) or 502 (larger than `limit`) to answer; the connection is then dropped."""
     try:
         async with asyncio.timeout_at(deadline):
-            return await resp.read()
+            return await resp.read(limit)
     except TimeoutError:
         up.abort(resp)
         return unavailable_response(EngineTimeout(""), t_limit)
+    except AnswerTooLarge as e:
+        up.abort(resp)
+        log.warning("engine answer refused: too large", extra={"error": str(e)})
+        return answer_too_large(limit)
     except EngineUnavailable as e:
         up.abort(resp)
         return unavailable_response(e, t_limit)
-
-

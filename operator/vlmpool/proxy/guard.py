@@ -15,12 +15,14 @@ import hmac
 import json
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
 from .errors import error_response, too_large
+from .limiter import ByteBudget
 from .logs import get_logger
 
 log = get_logger("guard")
@@ -40,12 +42,13 @@ class InputRefused(ValueError):
         self.code = code
 
 
-def parse_json(raw: bytes | bytearray, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
+def parse_json(raw: bytes | bytearray, *, max_depth: int = MAX_JSON_DEPTH, max_containers: int = MAX_JSON_CONTAINERS,
+               max_values: int = MAX_JSON_VALUES) -> Any:
     """``json.loads`` with bounds on containers, values and depth (InputRefused otherwise)."""
-    if raw.count(b"{") + raw.count(b"[") > MAX_JSON_CONTAINERS:
-        raise InputRefused(f"request body has more than {MAX_JSON_CONTAINERS} JSON objects/arrays", "json_too_complex")
-    if raw.count(b",") + raw.count(b":") > MAX_JSON_VALUES:
-        raise InputRefused(f"request body has more than {MAX_JSON_VALUES} JSON values", "json_too_complex")
+    if raw.count(b"{") + raw.count(b"[") > max_containers:
+        raise InputRefused(f"request body has more than {max_containers} JSON objects/arrays", "json_too_complex")
+    if raw.count(b",") + raw.count(b":") > max_values:
+        raise InputRefused(f"request body has more than {max_values} JSON values", "json_too_complex")
     try:
         data = json.loads(raw)
     except RecursionError:
@@ -78,13 +81,21 @@ def json_depth(data: Any, limit: int) -> int:
     return deepest
 
 
-def confine_path(path: str, root: str) -> str | None:
-    """Why ``path`` may not be registered, or None when it is an absolute path below ``root`` with no
-    ``.``/``..`` component and no symbolic link anywhere below the root (checked with realpath)."""
+PATH_CHARS = frozenset(chr(c) for c in range(0x21, 0x7F)) - {'"', "\\"}  # printable, no space/quote/backslash
+
+
+def confine_path(path: str, root: str | None) -> str | None:
+    """Why ``path`` may not be registered, or None when it is an absolute path of printable characters
+    with no ``.``/``..`` component, and (with a ``root``) below ``root`` with no symbolic link anywhere
+    below the root (checked with realpath)."""
     if not path.startswith("/"):
         return "must be an absolute path"
+    if not PATH_CHARS.issuperset(path):
+        return "must consist of printable ASCII characters other than space, quote and backslash"
     if any(part in (".", "..") for part in path.split("/")):
         return "must not contain '.' or '..' components"
+    if root is None:
+        return None
     root_n = os.path.normpath(root)
     norm = os.path.normpath(path)
     if root_n != "/" and not norm.startswith(root_n + "/"):
@@ -163,33 +174,126 @@ class ApiKeys:
         return ok and bool(key)
 
 
-async def read_request_body(request: web.Request, limit: int, timeout: float) -> bytearray | web.Response:
-    """The whole body within ``timeout`` seconds and ``limit`` bytes, or the 408/413 to answer (the
-    connection is then closed: the rest of the body is never read)."""
+class BodyHold:
+    """The request-body bytes one request holds in the in-flight body budget, taken as they arrive
+    (never by the announced length: an announcement costs nothing) and given back once, when the
+    request ends. ``arriving`` (shared by a proxy's holds, oldest first) is the bodies still arriving:
+    the oldest may exceed the budget by ``reserve`` (ByteBudget's deadlock rule)."""
+
+    __slots__ = ("arriving", "budget", "held", "reserve", "waited")
+
+    def __init__(self, budget: ByteBudget, arriving: dict[BodyHold, None], reserve: int) -> None:
+        self.budget = budget
+        self.arriving = arriving
+        self.reserve = reserve
+        self.held = 0
+        self.waited = 0.0  # seconds spent waiting for budget (not the client's time)
+        arriving[self] = None
+
+    def _over(self) -> int:
+        return self.reserve if self.arriving and next(iter(self.arriving)) is self else 0
+
+    async def take(self, n: int, timeout: float) -> None:
+        t0 = time.monotonic()
+        try:
+            await self.budget.acquire(n, timeout, self._over)
+        finally:
+            self.waited += time.monotonic() - t0
+        self.held += min(n, self.budget.total)
+
+    def arrived(self) -> None:
+        """The body is complete (or refused): the next oldest body gets the privilege."""
+        if self in self.arriving:
+            del self.arriving[self]
+            self.budget.release(0)  # wakes a waiter that may be the oldest now
+
+    def release(self) -> None:
+        self.arrived()
+        held, self.held = self.held, 0
+        if held:
+            self.budget.release(held)
+
+
+@dataclass(frozen=True)
+class BodyLimits:
+    """How a request body must arrive: at most ``max_bytes``, whole within ``timeout`` seconds of the
+    client's time, and at least ``min_rate`` bytes/s over every ``rate_window`` seconds (0: no rate)."""
+
+    max_bytes: int
+    timeout: float
+    min_rate: int = 0
+    rate_window: float = 5.0
+    budget_timeout: float = 30.0  # waiting for budget memory at most this long per piece (then 429)
+
+
+def _cut(status: int, message: str, code: str) -> web.Response:
+    resp = error_response(status, message, type_="invalid_request_error", code=code)
+    resp.force_close()  # the rest of the body is never read
+    return resp
+
+
+async def read_request_body(request: web.Request, limit: int | BodyLimits, timeout: float | None = None, *,
+                            hold: BodyHold | None = None,
+                            on_cut: Callable[[str], None] | None = None) -> bytearray | web.Response:
+    """The whole body, or the response to answer: 413 beyond the byte limit, 408 when it did not
+    arrive within the deadline (``request_timeout``) or arrived slower than the minimum rate over a
+    window (``body_too_slow``); the connection is then closed. LimiterRejected when the body budget
+    stayed full (the caller answers 429). With ``hold``, every piece is taken from the body budget before it is
+    kept; time spent waiting for the budget counts neither for the deadline nor for the rate."""
+    lim = limit if isinstance(limit, BodyLimits) else BodyLimits(limit, timeout or 60.0)
     announced = request.content_length
-    # announced length: one buffer of that size, filled in place (no re-allocation copies)
-    buf = bytearray(announced if announced is not None and announced <= limit else 0)
+    buf = bytearray()  # grown as bytes arrive (never allocated by the announced length)
     got = 0
-    try:
-        async with asyncio.timeout(timeout):
-            while True:
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    need = lim.min_rate * lim.rate_window
+    win_start, win_got = start, 0
+
+    def seen() -> str:
+        return f"{got} of {announced} bytes" if announced is not None else f"{got} bytes"
+
+    def cut(status: int, message: str, code: str, reason: str) -> web.Response:
+        if on_cut is not None:
+            on_cut(reason)
+        return _cut(status, message, code)
+
+    def window_need() -> float:  # a small body's rest must arrive within one window
+        return min(need, announced - (got - win_got)) if announced is not None else need
+
+    while True:
+        deadline = start + (hold.waited if hold is not None else 0.0) + lim.timeout
+        win_end = win_start + lim.rate_window if need else deadline
+        try:
+            async with asyncio.timeout_at(min(deadline, win_end)):
                 chunk = await request.content.readany()
-                if not chunk:
-                    break
-                n = len(chunk)
-                if got + n > limit:
-                    return too_large(limit)
-                if got + n <= len(buf):
-                    buf[got:got + n] = chunk
-                else:
-                    del buf[got:]
-                    buf += chunk
-                got += n
-    except TimeoutError:
-        seen = f"{got} of {announced} bytes" if announced is not None else f"{got} bytes"
-        resp = error_response(408, f"request body not received within {timeout:g}s ({seen})",
-                              type_="invalid_request_error", code="request_timeout")
-        resp.force_close()
-        return resp
-    del buf[got:]
+        except TimeoutError:
+            now = loop.time()
+            if now >= deadline - 1e-3:
+                return cut(408, f"request body not received within {lim.timeout:g}s ({seen()})", "request_timeout",
+                           "body_timeout")
+            if win_got < window_need():
+                return cut(408, f"request body arrives slower than {lim.min_rate} bytes/s (got {win_got} bytes in "
+                           f"{lim.rate_window:g}s; {seen()})", "body_too_slow", "body_too_slow")
+            win_start, win_got = now, 0
+            continue
+        if not chunk:
+            if hold is not None:
+                hold.arrived()
+            break
+        n = len(chunk)
+        if got + n > lim.max_bytes:
+            return too_large(lim.max_bytes)
+        if hold is not None:  # LimiterRejected (the budget stayed full) goes to the caller: 429
+            before = hold.waited
+            await hold.take(n, lim.budget_timeout)
+            win_start += hold.waited - before
+        buf += chunk
+        got += n
+        win_got += n
+        now = loop.time()
+        if need and now >= win_start + lim.rate_window:
+            if win_got < window_need():
+                return cut(408, f"request body arrives slower than {lim.min_rate} bytes/s (got {win_got} bytes in "
+                           f"{lim.rate_window:g}s; {seen()})", "body_too_slow", "body_too_slow")
+            win_start, win_got = now, 0
     return buf

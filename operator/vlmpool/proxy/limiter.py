@@ -16,7 +16,7 @@ synchronous code between awaits.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 
@@ -143,12 +143,16 @@ class ResizableLimiter:
 
 
 class ByteBudget:
-    """A FIFO budget of bytes (request bodies held in memory at once).
+    """A FIFO budget of bytes (request bodies held in memory at once), taken as the bytes arrive.
 
     ``acquire(n)`` waits until ``n`` bytes are free and no earlier waiter is still waiting (so a large
     body is not starved by a stream of small ones), at most ``queue_limit`` waiters, each at most
-    ``timeout`` seconds; the same :class:`QueueFull` / :class:`QueueTimeout` as the limiter. One
-    request never asks for more than the whole budget (the caller caps ``n``).
+    ``timeout`` seconds; the same :class:`QueueFull` / :class:`QueueTimeout` as the limiter.
+
+    Bodies taken piece by piece could deadlock (every partly received body waiting for bytes the
+    others hold), so one body at a time, the oldest still arriving, may go past ``total`` by its
+    ``over()`` (the per-connection bound): it always finishes (or is cut for arriving too slowly), then
+    the next oldest has the privilege. Memory held: at most ``total`` + one request's maximum.
     """
 
     def __init__(self, total: int, queue_limit: int) -> None:
@@ -157,21 +161,31 @@ class ByteBudget:
         self.total = total
         self.queue_limit = queue_limit
         self.used = 0
-        self._waiters: dict[asyncio.Future[None], int] = {}
+        self.peak = 0
+        self._waiters: dict[asyncio.Future[None], tuple[int, Callable[[], int] | None]] = {}
 
     @property
     def waiting(self) -> int:
         return len(self._waiters)
 
-    async def acquire(self, n: int, timeout: float) -> None:
+    def _fits(self, n: int, over: Callable[[], int] | None) -> bool:
+        return self.used + n <= self.total + (over() if over is not None else 0)
+
+    def _grant(self, n: int) -> None:
+        self.used += n
+        if self.used > self.peak:
+            self.peak = self.used
+
+    async def acquire(self, n: int, timeout: float, over: Callable[[], int] | None = None) -> None:
         n = min(n, self.total)
-        if not self._waiters and self.used + n <= self.total:
-            self.used += n
+        privileged = over is not None and over() > 0
+        if (privileged or not self._waiters) and self._fits(n, over):
+            self._grant(n)
             return
         if len(self._waiters) >= self.queue_limit:
             raise QueueFull(f"{len(self._waiters)} request bodies already wait for memory")
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters[fut] = n
+        self._waiters[fut] = (n, over)
         try:
             async with asyncio.timeout(timeout):
                 await fut
@@ -197,13 +211,21 @@ class ByteBudget:
         self._wake()
 
     def _wake(self) -> None:
+        """Grant the privileged waiter (the oldest body still arriving) if it fits, then FIFO."""
+        for fut, (n, over) in list(self._waiters.items()):
+            if fut.done():
+                del self._waiters[fut]
+            elif over is not None and over() > 0 and self._fits(n, over):
+                del self._waiters[fut]
+                self._grant(n)
+                fut.set_result(None)
         while self._waiters:
-            fut, n = next(iter(self._waiters.items()))
+            fut, (n, _) = next(iter(self._waiters.items()))
             if fut.done():
                 del self._waiters[fut]
                 continue
             if self.used + n > self.total:
                 return
             del self._waiters[fut]
-            self.used += n
+            self._grant(n)
             fut.set_result(None)

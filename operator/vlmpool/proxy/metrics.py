@@ -77,6 +77,9 @@ class ProxyMetrics:
             registry=r,
         )
         self.queue_depth = Gauge("vlmpool_proxy_queue_depth", "Requests waiting for a concurrency slot.", registry=r)
+        self.body_bytes = Gauge("vlmpool_proxy_body_budget_used_bytes",
+                                "Request-body bytes held in the in-flight body budget (taken as they arrive).",
+                                registry=r)
         self.lora = LoraView()
         self.engine_gauges = EngineGauges()
         self.routing = RoutingCollector(self.lora, self.engine_gauges)
@@ -85,6 +88,14 @@ class ProxyMetrics:
         self.rejected = Counter(
             "vlmpool_proxy_rejected_total",
             "Requests answered 429 by the limiter, by reason (queue_full, queue_timeout).",
+            ["reason"],
+            registry=r,
+        )
+        self.client_cuts = Counter(
+            "vlmpool_proxy_client_cuts_total",
+            "Requests ended because of the client: disconnect (it went away mid-answer: status 499), "
+            "write_timeout (it read nothing for --send-timeout: 408), body_timeout / body_too_slow (its body "
+            "did not arrive in time or fast enough: 408).",
             ["reason"],
             registry=r,
         )

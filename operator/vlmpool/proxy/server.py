@@ -22,13 +22,17 @@ from .context import CTX, RequestContext
 from .crop_describe import ROUTE as CROP_DESCRIBE_ROUTE
 from .crop_describe import THINKING_MODES, CropDescribe
 from .defaults import (
+    BODY_RATE_WINDOW_S,
     DEFAULT_BODY_TIMEOUT_S,
     DEFAULT_CONCURRENCY,
     DEFAULT_HEADER_TIMEOUT_S,
+    DEFAULT_MAX_ANSWER_BYTES,
     DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MIN_BODY_RATE,
     DEFAULT_QUEUE_LIMIT,
     DEFAULT_QUEUE_TIMEOUT_S,
     DEFAULT_REQUEST_TIMEOUT_S,
+    DEFAULT_SEND_TIMEOUT_S,
 )
 from .drain import Drain
 from .engine import EngineClient, EngineHTTPError, EngineUnavailable
@@ -42,7 +46,7 @@ from .errors import (
     unavailable_response,
 )
 from .forwarding import Forwarder
-from .guard import ApiKeys, InputRefused, parse_json, read_request_body
+from .guard import ApiKeys, BodyHold, BodyLimits, InputRefused, parse_json, read_request_body
 from .limiter import ByteBudget, LimiterRejected, ResizableLimiter
 from .logs import REQUEST_ID, get_logger, new_request_id
 from .metrics import ProxyMetrics
@@ -75,7 +79,13 @@ class ProxyConfig:
     max_inflight_body_bytes: int | None = None  # request bodies held at once; default 2 x max_body_bytes
     header_timeout: float = DEFAULT_HEADER_TIMEOUT_S  # a request's headers (also the keep-alive idle time)
     body_timeout: float = DEFAULT_BODY_TIMEOUT_S  # a request's whole body, once its headers arrived
-    adapter_root: str | None = None  # adapter paths must resolve inside it (None: not checked)
+    min_body_rate: int = DEFAULT_MIN_BODY_RATE  # bytes/s over every body_rate_window (0: no minimum)
+    body_rate_window: float = BODY_RATE_WINDOW_S
+    send_timeout: float = DEFAULT_SEND_TIMEOUT_S  # a write to a client that makes no progress this long
+    max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES  # a non-streaming engine answer at most (else 502)
+    # adapter paths must resolve inside it; None: any absolute path without '.'/'..' components (the CLI
+    # always sets one: --adapter-root defaults to the pods' mount path)
+    adapter_root: str | None = None
     api_key_dir: str | None = None  # a mounted Secret: each file's value is an accepted bearer token
     access_log: bool = True
     shutdown_timeout: float = 30.0
@@ -107,8 +117,13 @@ class ProxyConfig:
         if self.max_inflight_body_bytes is not None and self.max_inflight_body_bytes < self.max_body_bytes:
             problems.append(f"max in-flight body bytes ({self.max_inflight_body_bytes}) must be >= max body bytes "
                             f"({self.max_body_bytes})")
-        if self.header_timeout <= 0 or self.body_timeout <= 0:
-            problems.append("header and body timeouts must be > 0 seconds")
+        if self.header_timeout <= 0 or self.body_timeout <= 0 or self.send_timeout <= 0:
+            problems.append("header, body and send timeouts must be > 0 seconds")
+        if self.min_body_rate < 0 or self.body_rate_window <= 0:
+            problems.append(f"min body rate must be >= 0 bytes/s (got {self.min_body_rate}) over a window > 0 s "
+                            f"(got {self.body_rate_window:g})")
+        if self.max_answer_bytes < 1024:
+            problems.append(f"max answer bytes must be >= 1024 (got {self.max_answer_bytes})")
         if self.api_key_dir is not None and not os.path.isdir(self.api_key_dir):
             problems.append(f"API key directory {self.api_key_dir} does not exist")
         if self.adapter_root is not None and not self.adapter_root.startswith("/"):
@@ -145,9 +160,14 @@ class Proxy:
         self.drain = Drain(config.drain_seconds, config.shutdown_timeout)
         self.upstream = Upstream(config.engine_url, keepalive_s=4.0)
         self.body_budget = ByteBudget(config.max_inflight_body_bytes or 2 * config.max_body_bytes, config.queue_limit)
+        self.metrics.body_bytes.set_function(lambda: self.body_budget.used)
+        self.bodies_arriving: dict[BodyHold, None] = {}  # oldest first (ByteBudget's deadlock rule)
+        self.body_limits = BodyLimits(config.max_body_bytes, config.body_timeout, config.min_body_rate,
+                                      config.body_rate_window, config.queue_timeout)
         self.api_keys = ApiKeys(config.api_key_dir) if config.api_key_dir else None
         self.metrics.bind_routing(self.registry.served_names, config.max_loras, config.base_model or "")
-        self.forwarder = Forwarder(self.upstream, self.registry, self.metrics, config.request_timeout)
+        self.forwarder = Forwarder(self.upstream, self.registry, self.metrics, config.request_timeout,
+                                   send_timeout=config.send_timeout, max_answer_bytes=config.max_answer_bytes)
         self.crop_describe = CropDescribe(self)
         self.admin = AdminAPI(self.registry, config.admin_token or "", base_model=self.base_model,
                               adapter_root=config.adapter_root, body_timeout=config.body_timeout)
@@ -324,25 +344,31 @@ class Proxy:
 
     async def within_body_budget(self, request: web.Request,
                                  run: Callable[[], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-        """``run()`` once the request's body fits the in-flight body budget (413 or 429 otherwise)."""
+        """``run()`` with the request's body taken from the in-flight body budget as it arrives (through
+        :meth:`read_body`) and given back when the request ends; 413 for an announced body too large,
+        429 when the budget stayed full."""
         announced = request.content_length
         if announced is not None and announced > self.config.max_body_bytes:
             return too_large(self.config.max_body_bytes)
-        # memory: bodies are held only within the in-flight body budget (unknown length: the maximum)
-        held = min(announced if announced is not None else self.config.max_body_bytes, self.body_budget.total)
-        try:
-            await self.body_budget.acquire(held, self.config.queue_timeout)
-        except LimiterRejected as e:
-            return self._rejected(e)
+        hold = request[CTX].body_hold = BodyHold(self.body_budget, self.bodies_arriving, self.config.max_body_bytes)
         try:
             return await run()
+        except LimiterRejected as e:
+            resp = self._rejected(e)
+            resp.force_close()  # the rest of the body is never read
+            return resp
         finally:
-            self.body_budget.release(held)
+            hold.release()
+
+    async def read_body(self, request: web.Request) -> bytearray | web.Response:
+        """The request's body within the body limits (size, deadline, minimum rate) and the budget."""
+        return await read_request_body(request, self.body_limits, hold=request[CTX].body_hold,
+                                       on_cut=lambda why: self.metrics.client_cuts.labels(why).inc())
 
     async def _generation(self, request: web.Request, ctx: RequestContext, route: str) -> web.StreamResponse:
         raw: bytearray | web.Response | None
         payload: dict | None
-        raw = await read_request_body(request, self.config.max_body_bytes, self.config.body_timeout)
+        raw = await self.read_body(request)
         if isinstance(raw, web.Response):
             return raw
         try:
@@ -363,7 +389,8 @@ class Proxy:
         return await self.dispatch(request, ctx, route, model, payload, raw, payload.get("stream") is True)
 
     async def dispatch(self, request: web.Request, ctx: RequestContext, route: str, model: str,
-                       payload: dict | None, raw: bytearray | None, stream: bool) -> web.StreamResponse:
+                       payload: dict | None, raw: bytearray | None, stream: bool,
+                       relay: bool = True) -> web.StreamResponse:
         """One generation for ``model`` (the base or a desired adapter) through the limiter, the adapter
         routing and the forwarder; the body is ``raw`` as received, or ``payload`` (``raw`` None)."""
         adapter = self.registry.is_desired(model)
@@ -408,7 +435,7 @@ class Proxy:
                     ctx.version = self.registry.acquire(model)
                 except Unavailable as e:
                     return adapter_unavailable(str(e))
-            return await self.forwarder.forward(request, route, model, payload, raw, stream)
+            return await self.forwarder.forward(request, route, model, payload, raw, stream, relay)
         finally:
             self.limiter.release()
             lora.finished(served)

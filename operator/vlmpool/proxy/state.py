@@ -63,6 +63,7 @@ class AdapterRegistry(Converger):
         self.alias: dict[str, LoadedVersion] = {}
         self.versions: dict[str, LoadedVersion] = {}  # internal -> loaded version (serving or draining)
         self.status: dict[str, dict] = {}  # served -> state of the desired version (pending/loading/loaded/failed)
+        self.refused: dict[str, str] = {}  # served -> why the pushed entry was refused (never loaded)
         self._request_id: str | None = None  # the accepted push's request id (its loads carry it)
         self._queue: dict[str, None] = {}  # served names waiting for a loader (FIFO, no duplicates)
         self._active: set[str] = set()  # served names a loader works on now

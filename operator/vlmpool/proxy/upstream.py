@@ -18,11 +18,20 @@ from collections import deque
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
-from .engine import EngineTimeout, EngineUnavailable
+from .engine import EngineProtocolError, EngineTimeout, EngineUnavailable
 
 MAX_HEAD_BYTES = 64 * 1024
+MAX_CHUNK_SIZE_DIGITS = 16  # a chunk of at most 2**64 - 1 bytes: longer size lines are refused
+HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")
+DIGITS = frozenset(b"0123456789")
 PAUSE_ABOVE = 1024 * 1024  # streamed bytes buffered before reading from the engine pauses
 DNS_TTL_S = 30.0
+
+
+class AnswerTooLarge(EngineProtocolError):
+    """A whole-body read met more bytes than its limit (announced or arrived)."""
+
+    code = "engine_answer_too_large"
 
 
 class _Conn(asyncio.Protocol):
@@ -133,7 +142,7 @@ class _Conn(asyncio.Protocol):
                 if len(buf) < 2:
                     return
                 if buf[:2] != b"\r\n":
-                    raise EngineUnavailable("invalid chunk framing from the engine")
+                    raise EngineProtocolError("invalid chunk framing from the engine")
                 del buf[:2]
                 self._state = "chunk_size"
             elif st == "trailers":
@@ -152,7 +161,7 @@ class _Conn(asyncio.Protocol):
         end = buf.find(b"\r\n\r\n")
         if end < 0:
             if len(buf) > MAX_HEAD_BYTES:
-                raise EngineUnavailable("engine response head too large")
+                raise EngineProtocolError("engine response head too large")
             return False
         head = bytes(buf[:end])
         del buf[: end + 4]
@@ -164,14 +173,14 @@ class _Conn(asyncio.Protocol):
         end = buf.find(b"\r\n")
         if end < 0:
             if len(buf) > 1024:
-                raise EngineUnavailable("invalid chunk size line from the engine")
+                raise EngineProtocolError("invalid chunk size line from the engine")
             return False
-        line = bytes(buf[:end]).split(b";", 1)[0].strip()
+        line = bytes(buf[:end]).split(b";", 1)[0].rstrip(b" \t")
         del buf[: end + 2]
-        try:
-            size = int(line, 16)
-        except ValueError:
-            raise EngineUnavailable("invalid chunk size from the engine") from None
+        # RFC 9112 7.1: chunk-size = 1*HEXDIG; int(x, 16) also takes "0x", "_", "+", "-" and spaces
+        if not line or len(line) > MAX_CHUNK_SIZE_DIGITS or not HEX_DIGITS.issuperset(line):
+            raise EngineProtocolError(f"invalid chunk size from the engine: {line[:40]!r}")
+        size = int(line, 16)
         if size == 0:
             self._state = "trailers"
         else:
@@ -194,18 +203,18 @@ class _Conn(asyncio.Protocol):
         first = head.split(b"\r\n", 1)[0]
         parts = first.split(b" ", 2)
         if len(parts) < 2 or not parts[0].startswith(b"HTTP/1."):
-            raise EngineUnavailable(f"invalid status line from the engine: {first[:80]!r}")
+            raise EngineProtocolError(f"invalid status line from the engine: {first[:80]!r}")
         try:
             status = int(parts[1])
         except ValueError:
-            raise EngineUnavailable(f"invalid status line from the engine: {first[:80]!r}") from None
+            raise EngineProtocolError(f"invalid status line from the engine: {first[:80]!r}") from None
         if 100 <= status < 200:
             return False
         headers: dict[str, str] = {}
         for line in head.decode("latin-1").split("\r\n")[1:]:
             name, sep, value = line.partition(":")
             if not sep:
-                raise EngineUnavailable("invalid header line from the engine")
+                raise EngineProtocolError("invalid header line from the engine")
             key = name.strip().lower()
             val = value.strip()
             headers[key] = f"{headers[key]}, {val}" if key in headers else val
@@ -218,13 +227,16 @@ class _Conn(asyncio.Protocol):
         te = headers.get("transfer-encoding", "").lower()
         if te:
             if te.rsplit(",", 1)[-1].strip() != "chunked":
-                raise EngineUnavailable(f"unsupported transfer-encoding from the engine: {te}")
+                raise EngineProtocolError(f"unsupported transfer-encoding from the engine: {te}")
             self._state = "chunk_size"
         elif "content-length" in headers:
-            try:
-                self._remaining = int(headers["content-length"])
-            except ValueError:
-                raise EngineUnavailable("invalid content-length from the engine") from None
+            # RFC 9110 8.6: 1*DIGIT (int() also takes "-1", "+5", "1_0", spaces); several equal values
+            # (a repeated header) are one length, different ones are refused
+            values = {v.strip() for v in headers["content-length"].split(",")}
+            cl = values.pop() if len(values) == 1 else ""
+            if not cl or len(cl) > 19 or not DIGITS.issuperset(cl.encode("latin-1")):
+                raise EngineProtocolError(f"invalid content-length from the engine: {headers['content-length'][:40]!r}")
+            self._remaining = int(cl)
             self._state = "length"
         elif status in (204, 304):
             self._remaining = 0
@@ -293,13 +305,20 @@ class UpstreamResponse:
         self.keep_alive = keep_alive
         self._released = False
 
-    async def read(self) -> bytes:
-        """The whole body (the caller bounds it with a deadline)."""
+    async def read(self, limit: int | None = None) -> bytes:
+        """The whole body (the caller bounds it with a deadline); AnswerTooLarge as soon as it is
+        announced or has arrived larger than ``limit`` bytes (memory: at most one read past it)."""
         c = self._conn
+        if limit is not None and c._state == "length" and c._pending + c._remaining > limit:
+            raise AnswerTooLarge(f"engine announced {c._pending + c._remaining} bytes (limit {limit})")
         while not c._done:
+            if limit is not None and c._pending > limit:
+                raise AnswerTooLarge(f"engine sent more than {limit} bytes")
             await c._wait()
         if c._error is not None:
             raise c._error
+        if limit is not None and c._pending > limit:
+            raise AnswerTooLarge(f"engine sent more than {limit} bytes")
         return c._take()
 
     async def iter_chunks(self, idle_timeout: float) -> AsyncIterator[bytes]:
@@ -404,7 +423,10 @@ class Upstream:
         self._idle.append(conn)
 
     def abort(self, resp: UpstreamResponse) -> None:
-        """Close the connection now (client went away, or a read failed): the engine sees a disconnect."""
+        """Close the connection now (client went away, or a read failed): the engine sees a disconnect.
+        A no-op once released (the connection may serve another request by then)."""
+        if resp._released:
+            return
         resp._released = True
         self._discard(resp._conn)
 
