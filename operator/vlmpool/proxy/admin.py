@@ -26,10 +26,11 @@ log = get_logger()
 # fits every one of them, one entry more is refused with too_many_adapters (and nothing else first)
 ADMIN_MAX_BODY_BYTES = max_state_bytes(MAX_ADAPTERS + 1)
 ADMIN_MAX_JSON_DEPTH = 8  # {adapters: [{name: ...}]} is 3 deep
-# JSON containers / values counted before parsing (structural bytes, also those inside strings: a
-# version may hold any of them): per entry 1 container and 6 values, plus what its strings may hold
-ADMIN_MAX_CONTAINERS = 4 + (MAX_ADAPTERS + 1) * 130  # "{" of an entry + "{"/"[" in a refused version
-ADMIN_MAX_VALUES = 16 + (MAX_ADAPTERS + 1) * 140
+# JSON containers / values counted before parsing, outside strings (a name, path or refused version
+# may hold any structural byte): per entry 1 container ("{") and 6 values (3 ":" and 3 ","), plus the
+# state's own few
+ADMIN_MAX_CONTAINERS = 4 + (MAX_ADAPTERS + 1) * 1
+ADMIN_MAX_VALUES = 16 + (MAX_ADAPTERS + 1) * 6
 MAX_WAIT_SECONDS = 60.0
 
 
@@ -89,7 +90,7 @@ class AdminAPI:
             return raw
         try:
             data = parse_json(raw, max_depth=ADMIN_MAX_JSON_DEPTH, max_containers=ADMIN_MAX_CONTAINERS,
-                              max_values=ADMIN_MAX_VALUES)
+                              max_values=ADMIN_MAX_VALUES, outside_strings=True)
         except InputRefused as e:
             return error_response(400, str(e), type_="invalid_request_error", code=e.code)
         del raw
