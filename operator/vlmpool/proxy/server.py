@@ -386,7 +386,12 @@ class Proxy:
         if "response_format" in payload and payload["response_format"] is None:
             del payload["response_format"]  # some OpenAI-compatible servers reject an explicit null
             raw = None
-        return await self.dispatch(request, ctx, route, model, payload, raw, payload.get("stream") is True)
+        stream = payload.get("stream") is True
+        # memory: dispatch keeps one form of the body; this frame must hold neither (a 60 MB image
+        # string parsed and the bytes as received would both live until the answer is sent)
+        held: list = [payload, raw]
+        del payload, raw
+        return await self.dispatch(request, ctx, route, model, *_handed_over(held), stream)
 
     async def dispatch(self, request: web.Request, ctx: RequestContext, route: str, model: str,
                        payload: dict | None, raw: bytearray | None, stream: bool,
@@ -458,6 +463,13 @@ class RunningProxy:
     admin_port: int
     bind: str = ""  # the addresses really bound (0.0.0.0 stays 0.0.0.0), for the log
     admin_bind: str = ""
+
+
+def _handed_over(held: list) -> tuple:
+    """The items of ``held``, which is emptied: the caller keeps no reference to them."""
+    items = tuple(held)
+    held.clear()
+    return items
 
 
 async def start_proxy(config: ProxyConfig) -> tuple[RunningProxy, list[web.AppRunner]]:
