@@ -5,8 +5,9 @@ Modes, chosen per request by its path:
 - /v1/chat/completions with ``"stream": true``: an endless chunked SSE stream (``event_bytes`` per event,
   as fast as the proxy reads), until the proxy closes the connection; ``streams_open`` counts the ones
   running and ``streams_closed`` those the proxy cut;
-- /v1/chat/completions otherwise: a 200 JSON answer of ``answer_bytes`` (Content-Length framed, written
-  in 1 MiB pieces under back-pressure), or ``raw`` bytes when set (scripted wire bytes, written as given).
+- /v1/chat/completions otherwise: a 200 JSON answer of ``answer_bytes`` (Content-Length framed, or
+  chunked with ``chunked``; written in 1 MiB pieces under back-pressure), or ``raw`` bytes when set
+  (scripted wire bytes, written as given). ``stream_bytes`` counts the bytes the streams wrote.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from dataclasses import dataclass, field
 class Misbehaving:
     event_bytes: int = 1024
     answer_bytes: int = 100
+    chunked: bool = False
     raw: bytes | None = None
+    stream_bytes: int = 0
     port: int = 0
     streams_open: int = 0
     streams_closed: int = 0
@@ -84,6 +87,7 @@ class Misbehaving:
         try:
             while True:
                 writer.write(chunk)
+                self.stream_bytes += len(chunk)
                 await writer.drain()
                 if writer.transport.is_closing():
                     raise ConnectionResetError
@@ -97,12 +101,17 @@ class Misbehaving:
         tail = b'"}}]}'
         fill = max(0, self.answer_bytes - len(head) - len(tail))
         total = len(head) + fill + len(tail)
-        writer.write(f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {total}\r\n\r\n".encode()
-                     + head)
+        framing = b"Transfer-Encoding: chunked" if self.chunked else f"Content-Length: {total}".encode()
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n" + framing + b"\r\n\r\n")
+
+        def frame(data: bytes) -> bytes:
+            return f"{len(data):x}\r\n".encode() + data + b"\r\n" if self.chunked else data
+
+        writer.write(frame(head))
         piece = b"x" * (1 << 20)
         while fill > 0:
-            writer.write(piece[:fill])
+            writer.write(frame(piece[:fill]))
             fill -= min(fill, len(piece))
             await writer.drain()
-        writer.write(tail)
+        writer.write(frame(tail) + (b"0\r\n\r\n" if self.chunked else b""))
         await writer.drain()

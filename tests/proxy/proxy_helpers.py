@@ -146,3 +146,67 @@ async def sim():
         yield s
     finally:
         await runner.cleanup()
+
+
+# ------------------------------------------------------------------ `vlmpool proxy` as a process
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def proc_kib(pid: int, field: str) -> int:
+    """A /proc/<pid>/status field in KiB (VmRSS, VmHWM)."""
+    from pathlib import Path
+
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"{field} not in /proc/{pid}/status")
+
+
+async def proxy_process(engine_url: str, *extra: str, token: str = TOKEN):
+    """`vlmpool proxy` with its default limits (only the addresses and `extra` given; no VLMPOOL_*
+    environment but the admin token), ready on /healthz: (process, public url, admin url)."""
+    import os
+    import subprocess
+    import sys
+
+    from vlmpool.testing.waiting import wait_until
+
+    port, admin_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLMPOOL_")}
+    env["VLMPOOL_ADMIN_TOKEN"] = token
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vlmpool", "proxy", "--host", "127.0.0.1", "--port", str(port),
+         "--admin-port", str(admin_port), "--engine-url", engine_url, "--base-model", BASE, "--no-access-log",
+         *extra], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+
+    async def up() -> bool:
+        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+        try:
+            async with aiohttp.ClientSession() as s, s.get(url + "/healthz") as r:
+                return r.status == 200
+        except aiohttp.ClientError:
+            return False
+
+    await wait_until(up, timeout=60, interval=0.1, what="the proxy process to serve /healthz")
+    return proc, url, f"http://127.0.0.1:{admin_port}"
+
+
+def stop_process(proc) -> None:
+    import signal
+    import subprocess
+
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -6,10 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,27 +13,15 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from vlmpool.sim.server import SimConfig, create_app
-from vlmpool.testing.waiting import wait_until
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "proxy"))
 
-BASE = "base-vlm"
-TOKEN = "memory-test-admin-token"
+from proxy_helpers import BASE, proc_kib, proxy_process, stop_process
+
+from vlmpool.sim.server import SimConfig, create_app
+
 MB = 1024 * 1024
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RSS from /proc")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _proc_kib(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise AssertionError(f"{field} not in /proc/{pid}/status")
 
 
 async def _plain_sim():
@@ -49,39 +33,6 @@ async def _plain_sim():
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     return f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}", runner
-
-
-async def _proxy_process(engine_url: str, *extra: str):
-    """`vlmpool proxy` with its default limits (only the addresses given), ready on /healthz."""
-    port, admin_port = _free_port(), _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VLMPOOL_")}
-    env["VLMPOOL_ADMIN_TOKEN"] = TOKEN
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vlmpool", "proxy", "--host", "127.0.0.1", "--port", str(port),
-         "--admin-port", str(admin_port), "--engine-url", engine_url, "--base-model", BASE, "--no-access-log",
-         *extra], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-
-    async def up() -> bool:
-        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
-        try:
-            async with aiohttp.ClientSession() as s, s.get(url + "/healthz") as r:
-                return r.status == 200
-        except aiohttp.ClientError:
-            return False
-
-    await wait_until(up, timeout=60, interval=0.1, what="the proxy process to serve /healthz")
-    return proc, url
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 async def _post_all(url: str, bodies: list[bytes]) -> list[tuple[int, dict]]:
@@ -100,16 +51,16 @@ async def test_sixteen_concurrent_60mb_bodies_stay_within_the_body_budget():
     """Before: every body was read and parsed before the limiter (16 x 60 MB took the proxy from
     55 MB to 783 MB). Now at most --max-inflight-body-bytes (default 2 x 64 MiB) of bodies are held."""
     engine_url, runner = await _plain_sim()
-    proc, url = await _proxy_process(engine_url)
+    proc, url, _ = await proxy_process(engine_url)
     try:
         image = "data:image/png;base64," + "A" * (60 * MB)
         body = json.dumps({"model": BASE, "max_tokens": 1,
                            "messages": [{"role": "user", "content": [
                                {"type": "image_url", "image_url": {"url": image}}]}]}).encode()
         del image
-        before = _proc_kib(proc.pid, "VmRSS")
+        before = proc_kib(proc.pid, "VmRSS")
         results = await _post_all(url, [body] * 16)
-        peak = _proc_kib(proc.pid, "VmHWM")
+        peak = proc_kib(proc.pid, "VmHWM")
         growth_mb = (peak - before) / 1024
         print(f"proxy RSS before {before / 1024:.0f} MB, peak {peak / 1024:.0f} MB (+{growth_mb:.0f} MB) "
               f"for 16 concurrent {len(body) / MB:.0f} MB bodies")
@@ -120,7 +71,7 @@ async def test_sixteen_concurrent_60mb_bodies_stay_within_the_body_budget():
         assert codes.count((422, "vlm_client_error")) >= 8, codes
         assert growth_mb < 350, f"proxy grew by {growth_mb:.0f} MB"
     finally:
-        _stop(proc)
+        stop_process(proc)
         await runner.cleanup()
 
 
@@ -128,20 +79,20 @@ async def test_json_that_costs_more_parsed_than_sent_is_refused_before_parsing()
     """`[{},{},...]` is 3 bytes per element on the wire and ~64 bytes parsed; deep nesting makes the
     parser recurse. Both are 400 with a stable code, and the proxy's memory barely moves."""
     engine_url, runner = await _plain_sim()
-    proc, url = await _proxy_process(engine_url)
+    proc, url, _ = await proxy_process(engine_url)
     try:
         many = b'{"model":"' + BASE.encode() + b'","messages":[],"x":[' + b",".join([b"{}"] * (8 * MB)) + b"]}"
         deep = b'{"model":"' + BASE.encode() + b'","messages":[],"x":' + b"[" * 5_000 + b"]" * 5_000 + b"}"
         fine_deep = b'{"model":"' + BASE.encode() + b'","messages":[],"x":' + b"[" * 200 + b"]" * 200 + b"}"
         dicts = b'{"model":"' + BASE.encode() + b'","messages":[],"x":[' + b",".join([b"{}"] * 50_000) + b"]}"
-        before = _proc_kib(proc.pid, "VmRSS")
+        before = proc_kib(proc.pid, "VmRSS")
         (s1, d1), (s2, d2), (s3, d3), (s4, d4) = await _post_all(url, [many, deep, fine_deep, dicts])
-        peak = _proc_kib(proc.pid, "VmHWM")
+        peak = proc_kib(proc.pid, "VmHWM")
         assert s1 == 400 and d1["error"]["code"] == "json_too_complex", (s1, d1)
         assert s2 == 400 and d2["error"]["code"] == "json_too_deep", (s2, d2)
         assert s3 == 400 and d3["error"]["code"] == "json_too_deep", (s3, d3)
         assert s4 == 400 and d4["error"]["code"] == "json_too_complex" and "objects/arrays" in d4["error"]["message"]
         assert (peak - before) / 1024 < 150, f"grew by {(peak - before) / 1024:.0f} MB"
     finally:
-        _stop(proc)
+        stop_process(proc)
         await runner.cleanup()

@@ -465,11 +465,11 @@ class RunningProxy:
     admin_bind: str = ""
 
 
-def _handed_over(held: list) -> tuple:
-    """The items of ``held``, which is emptied: the caller keeps no reference to them."""
-    items = tuple(held)
+def _handed_over(held: list) -> tuple[dict | None, bytearray | None]:
+    """``held``'s (payload, raw), ``held`` emptied: the caller keeps no reference to them."""
+    payload, raw = held
     held.clear()
-    return items
+    return payload, raw
 
 
 async def start_proxy(config: ProxyConfig) -> tuple[RunningProxy, list[web.AppRunner]]:
