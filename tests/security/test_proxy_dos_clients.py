@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import select
 import socket
 import struct
 import sys
@@ -42,6 +43,13 @@ def _requests_with_status(p, status: int) -> float:
             total += sum(s.value for s in family.samples
                          if s.name.endswith("_total") and s.labels.get("status") == str(status))
     return total
+
+
+def _ended(sock: socket.socket) -> bool:
+    """The peer closed or reset the connection, unread bytes waiting or not."""
+    poll = select.poll()
+    poll.register(sock, select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+    return bool(poll.poll(0))
 
 
 def _request(body: bytes, rid: str, extra: bytes = b"") -> bytes:
@@ -94,6 +102,10 @@ async def test_streams_never_read_hold_no_slot_past_the_send_deadline():
                 assert _sample(p, "vlmpool_proxy_in_flight_requests") == 0
                 assert _sample(p, "vlmpool_proxy_client_cuts_total", reason="write_timeout") == n + k
                 assert _requests_with_status(p, 408) == n + k
+                # and each client sees its connection end (a reset: nothing stays queued for it in an
+                # orphan socket, which a plain close leaves, holding megabytes, for minutes)
+                await wait_until(lambda: all(_ended(s) for s in socks), timeout=10,
+                                 what="every stalled client to see its connection reset")
                 # and the next normal request is served at once
                 status, body, took = await _chat(p.url, "normal-2", timeout=30)
                 assert status == 200 and took < 10, (status, body, took)

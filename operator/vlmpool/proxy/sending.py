@@ -8,6 +8,8 @@ a proxy error: its own status (499) and counter, no traceback."""
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 
 from aiohttp import web
 
@@ -27,9 +29,20 @@ class ClientGone(Exception):
 
 
 def abort_client(request: web.Request) -> None:
+    """Close the client's connection with a reset: a zero linger makes close() drop what the kernel
+    still holds for it (up to the socket's send buffer, megabytes) and send RST. A plain close would
+    leave an orphan socket holding that buffer and probing a zero window for minutes, and the client
+    would never see the connection end (the FIN queues behind the unread bytes)."""
     transport = request.transport
-    if transport is not None:
-        transport.abort()
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except (OSError, AttributeError, ValueError):  # closed already, or not a TCP socket
+            pass
+    transport.abort()
 
 
 async def _bounded(request: web.Request, op, timeout: float) -> None:
