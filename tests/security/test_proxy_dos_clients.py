@@ -224,3 +224,47 @@ async def test_a_client_reset_on_a_full_send_buffer_is_a_client_abort_not_a_500(
             assert status == 200, body
     finally:
         await engine.close()
+
+
+async def test_bodies_in_memory_stay_within_the_inflight_budget_and_all_complete():
+    """Bodies taken as they arrive: the oldest body still arriving may go past what the others may take
+    (so partly received bodies never wait on each other for ever), but all of them together stay within
+    --max-inflight-body-bytes. Before (this branch's first form) the oldest went past the budget itself
+    by a request's maximum: 2.5 MiB held of a 2 MiB budget here (and the 16 x 60 MB memory test grew
+    past its bound)."""
+    sim, runner = await start_sim()
+    mib = 1024 * 1024
+    try:
+        cfg = proxy_config_with(sim.url, max_body_bytes=mib, max_inflight_body_bytes=2 * mib, queue_timeout=60.0)
+        async with run_proxy(cfg) as p:
+            budget = p.proxy.body_budget
+            body = (b'{"model": "' + BASE.encode() + b'", "messages": [{"role": "user", "content": "'
+                    + b"a" * (mib - 200) + b'"}]}')
+            half = len(body) // 2
+            conns = []
+            for i in range(4):
+                r, w = await asyncio.open_connection("127.0.0.1", p.port)
+                w.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body[:half])
+                await w.drain()
+                conns.append((r, w))
+                if i == 0:  # the oldest body is in before the others start
+                    await wait_until(lambda: budget.used >= half, timeout=10, what="the first half of body 0")
+            # the others fill what they may; the last ones wait for budget
+            await wait_until(lambda: budget.used >= 2 * half and (budget.waiting >= 1 or budget.used >= 4 * half),
+                             timeout=10, what=f"the halves to be taken (used {budget.used}, waiting {budget.waiting})")
+            for _, w in conns:  # the oldest first: it completes beyond the others' share
+                w.write(body[half:])
+                await w.drain()
+            answers = []
+            for r, w in conns:
+                async with asyncio.timeout(60):
+                    answers.append(await r.read())
+                w.close()
+            statuses = [a.split(b" ", 2)[1] for a in answers]
+            # each reached the engine (the simulator refuses a prompt that long: 422), none 429/408
+            assert all(s in (b"200", b"422") for s in statuses), [a[:200] for a in answers]
+            assert budget.peak <= 2 * mib, f"bodies held {budget.peak} bytes at once, budget {2 * mib}"
+            await wait_until(lambda: budget.used == 0, timeout=5, what="the body budget to be free")
+    finally:
+        await runner.cleanup()

@@ -159,7 +159,11 @@ class Proxy:
         self.shutting_down = False
         self.drain = Drain(config.drain_seconds, config.shutdown_timeout)
         self.upstream = Upstream(config.engine_url, keepalive_s=4.0)
-        self.body_budget = ByteBudget(config.max_inflight_body_bytes or 2 * config.max_body_bytes, config.queue_limit)
+        # memory: bodies held stay within --max-inflight-body-bytes: the oldest body still arriving may
+        # take one request's maximum beyond what the others may (ByteBudget's deadlock rule), so the
+        # others share the budget less that reserve
+        budget = config.max_inflight_body_bytes or 2 * config.max_body_bytes
+        self.body_budget = ByteBudget(max(1, budget - config.max_body_bytes), config.queue_limit)
         self.metrics.body_bytes.set_function(lambda: self.body_budget.used)
         self.bodies_arriving: dict[BodyHold, None] = {}  # oldest first (ByteBudget's deadlock rule)
         self.body_limits = BodyLimits(config.max_body_bytes, config.body_timeout, config.min_body_rate,
