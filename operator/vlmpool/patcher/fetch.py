@@ -177,15 +177,14 @@ def _safe_member_name(name: str, archive: str) -> str:
 
 
 def detect_archive(path: Path) -> str | None:
+    """'zip' or 'tar' (plain, gzip, bzip2 or xz; tarfile.is_tarfile is not used: it reads the first
+    header unbounded), or None."""
     with open(path, "rb") as f:
         head = f.read(512)
     if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
         return "zip"
-    try:
-        if tarfile.is_tarfile(path):
-            return "tar"
-    except OSError:
-        pass
+    if head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")) or head[257:262] == b"ustar":
+        return "tar"
     return None
 
 
@@ -375,9 +374,18 @@ def _list_local_dir(root: Path, label: str, max_depth: int = 3) -> dict[str, int
     """Relative paths of the files under root (links reported with size None, checked later)."""
     out: dict[str, int | None] = {}
 
+    seen = 0
+
     def walk(d: Path, rel: str, depth: int) -> None:
+        nonlocal seen
         try:
-            entries = list(os.scandir(d))
+            with os.scandir(d) as it:
+                entries = []
+                for ent in it:  # counted as they are read: a huge directory is not listed whole first
+                    seen += 1
+                    if seen > MAX_ARCHIVE_MEMBERS:
+                        raise PatchError("UnsafeSource", f"{label} has more than {MAX_ARCHIVE_MEMBERS} entries")
+                    entries.append(ent)
         except OSError as e:
             raise PatchError("SourceUnavailable", f"{label}: cannot list {d}: {e}") from e
         for ent in entries:
