@@ -295,3 +295,36 @@ def test_a_fetch_within_its_deadline_is_unaffected(origin, tmp_path):
     origin.routes["/a.tgz"] = tgz()
     f = fetch_adapter(f"{origin.url}/a.tgz", tmp_path / "work", allow=LOOPBACK, fetch_timeout=30)
     assert f.weights_path.read_bytes() == FILES[W] and f.config_path.read_bytes() == FILES[CFG]
+
+
+# ------------------------------------------------------------------ names and versions: no trailing newline
+
+@pytest.mark.parametrize("uri", ["hf://org/repo\n", "hf://org/repo@v1\n", "s3://bucket/a.tar.gz\n",
+                                 "pvc://claim/adapter\n"])
+def test_source_uris_with_a_trailing_newline_are_refused(tmp_path, uri):
+    """`$` matches before a final newline; every check of a name, URI or version is a fullmatch."""
+    refused(uri, tmp_path, "InvalidSource")
+
+
+def test_names_keys_and_counts_with_a_trailing_newline_are_refused():
+    from pydantic import ValidationError
+
+    from vlmpool.api.pool import RolloutSpec
+    from vlmpool.families import FAMILIES
+    from vlmpool.patcher import PatchError
+    from vlmpool.patcher.families import parse_key, tower_suffix
+    from vlmpool.patcher.publish import validate_adapter_name
+
+    validate_adapter_name("invoices")
+    with pytest.raises(PatchError) as ei:
+        validate_adapter_name("invoices\n")
+    assert ei.value.reason == "InvalidAdapterName"
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    assert parse_key(key) is not None and parse_key(key + "\n") is None
+    mag = "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"
+    assert parse_key(mag) is not None and parse_key(mag + "\n") is None
+    fam = FAMILIES["qwen2_5_vl"]
+    assert tower_suffix("visual.blocks.0.attn.qkv", fam) and tower_suffix("visual.blocks.0.attn.qkv\n", fam) is None
+    assert RolloutSpec.model_validate({"maxUnavailable": "25%"}).max_unavailable == "25%"
+    with pytest.raises(ValidationError):
+        RolloutSpec.model_validate({"maxUnavailable": "1\n"})

@@ -534,7 +534,7 @@ def _https(uri: str, workdir: Path, sha256: str | None, max_file_bytes: int) -> 
 # ---------------------------------------------------------------- entry point
 
 def resolve_pvc(uri: str, pvc_root: Path) -> Path:
-    m = re.match(r"^pvc://(?P<claim>[a-z0-9]([-a-z0-9]*[a-z0-9])?)/(?P<path>.+)$", uri)
+    m = re.fullmatch(r"pvc://(?P<claim>[a-z0-9]([-a-z0-9]*[a-z0-9])?)/(?P<path>.+)", uri)
     if not m:
         raise PatchError("InvalidSource", f"a pvc:// source must be pvc://<claim>/<path>, not {uri!r}")
     parts = [p for p in m.group("path").split("/") if p not in ("", ".")]

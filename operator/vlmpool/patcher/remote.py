@@ -40,7 +40,7 @@ _HF_URI = re.compile(r"^hf://(?P<repo>[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Z
 
 
 def hf(uri: str, workdir: Path, sha256: str | None, max_file_bytes: int) -> FetchedAdapter:
-    m = _HF_URI.match(uri)
+    m = _HF_URI.fullmatch(uri)
     if not m:
         raise PatchError("InvalidSource", f"an hf:// source must be hf://<org>/<repo>[@<revision>], not {uri!r}")
     try:
@@ -170,7 +170,7 @@ def _held_to_endpoint(endpoint: str, uri: str, aws: tuple[str, ...]) -> Any:
 
 
 def s3(uri: str, workdir: Path, sha256: str | None, max_file_bytes: int) -> FetchedAdapter:
-    m = _S3_URI.match(uri)
+    m = _S3_URI.fullmatch(uri)
     if not m:
         raise PatchError("InvalidSource", f"an s3:// source must be s3://<bucket>[/<prefix>], not {uri!r}")
     try:
