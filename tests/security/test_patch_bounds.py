@@ -328,3 +328,33 @@ def test_names_keys_and_counts_with_a_trailing_newline_are_refused():
     assert RolloutSpec.model_validate({"maxUnavailable": "25%"}).max_unavailable == "25%"
     with pytest.raises(ValidationError):
         RolloutSpec.model_validate({"maxUnavailable": "1\n"})
+
+
+# ------------------------------------------------------------------ the patch Job's own limits
+
+async def test_the_bounded_patch_job_is_admitted_by_the_apiserver(kube, crds, namespace):
+    """The patch Job with its memory and ephemeral-storage limits, its scratch sizeLimit and its
+    --fetch-timeout is what the real apiserver admits and keeps (nothing dropped or defaulted away),
+    and it runs this release's patcher image, not the pool's."""
+    from vlmpool.api.objects import Adapter, Pool
+    from vlmpool.kube.client import JOBS, VLMADAPTERS, VLMPOOLS
+    from vlmpool.manifests import adapter as MA
+
+    pool = await kube.create({"apiVersion": "vlmpool.io/v1alpha1", "kind": "VLMPool", "metadata": {"name": "p"},
+                              "spec": {"model": {"name": "Qwen/Qwen2.5-VL-3B-Instruct", "family": "qwen2_5_vl"},
+                                       "replicas": 0, "proxy": {"image": "tenant.example.com/any:1"}}}, namespace)
+    ad = await kube.create({"apiVersion": "vlmpool.io/v1alpha1", "kind": "VLMAdapter", "metadata": {"name": "a"},
+                            "spec": {"poolRef": {"name": "p"}, "source": {"uri": "https://example.com/a.tgz"}}},
+                           namespace)
+    job = MA.patch_job(Adapter.parse(ad), Pool.parse(pool))
+    got = await kube.create(job, namespace)
+    pod = got["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert c["resources"] == job["spec"]["template"]["spec"]["containers"][0]["resources"]
+    assert c["resources"]["limits"] == {"memory": "9Gi", "ephemeral-storage": "10Gi"}
+    assert next(v for v in pod["volumes"] if v["name"] == "tmp")["emptyDir"] == {"sizeLimit": "9Gi"}
+    assert c["args"][c["args"].index("--fetch-timeout") + 1] == "1800"
+    assert c["image"] == MA.DEFAULT_PATCH_IMAGE
+    await kube.delete(JOBS, got["metadata"]["name"], namespace)
+    for res, name in ((VLMADAPTERS, "a"), (VLMPOOLS, "p")):
+        await kube.patch(res, name, {"metadata": {"finalizers": None}}, namespace)
