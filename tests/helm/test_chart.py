@@ -176,7 +176,7 @@ def test_extras(helm):
     docs = helm.template(*variant_args("extras"))
     dep, pod, c = _operator(docs)
     assert dep["metadata"]["name"] == "platform-vlmpool-operator" and dep["spec"]["replicas"] == 0
-    assert not any(a.startswith("--patch-image") for a in c["args"])  # Jobs use each pool's proxy image
+    assert not any(a.startswith("--patch-image") for a in c["args"])  # Jobs use the operator's default
     assert not any(a.startswith("--patch-dora-image") for a in c["args"])
     assert c["args"][-1] == "--push-parallelism=8" and "--adapter-root=/data/adapters" in c["args"]
     assert c["ports"][0]["containerPort"] == 9090

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from helpers import OperatorProcess, PodProcesses, ensure_node, stop_operators
 
 from vlmpool.controller import rbac
-from vlmpool.kube.client import KubeClient
+from vlmpool.kube.client import VLMADAPTERS, KubeClient
 from vlmpool.kube.config import KubeConfig
 
 OPERATOR_USER = "vlmpool-operator-test"
@@ -43,6 +43,24 @@ def operator_kubeconfig(control_plane, namespace, operator_role):
     for doc in (binding, le_role, le_binding):
         control_plane.kubectl("apply", "-f", "-", input=json.dumps(doc))
     return control_plane.kubeconfig_for(OPERATOR_USER)
+
+
+@pytest.fixture
+async def other_namespace(control_plane, namespace, operator_role, kube):
+    """A second namespace for an operator started with `--namespace <it>` besides the test namespace
+    (another tenant): the operator's user is bound in it as in the test namespace. On teardown the
+    finalizers of the adapters left in it are dropped and it is deleted."""
+    name = f"{namespace}-b"
+    control_plane.kubectl("create", "namespace", name)
+    binding = rbac.role_binding(name, [rbac.subject_user(OPERATOR_USER)], role=operator_role)
+    control_plane.kubectl("apply", "-f", "-", input=json.dumps(binding))
+    try:
+        yield name
+    finally:
+        for a in await kube.list(VLMADAPTERS, name):
+            if a["metadata"].get("finalizers"):
+                await kube.patch(VLMADAPTERS, a["metadata"]["name"], {"metadata": {"finalizers": None}}, name)
+        control_plane.kubectl("delete", "namespace", name, "--wait=false", check=False)
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """The asynchronous push seen from the operator (issue 12), on the real control plane with real proxy +
 simulator processes: the operator follows a slow convergence and writes per-adapter, per-pod progress;
 a proxy restarted mid-convergence ends converged; patch Jobs stay within --max-patch-jobs and start in
-the adapters' creation order. Not timed: every wait has a deadline."""
+the adapters' creation order, namespaces taking turns. Not timed: every wait has a deadline."""
 
 from __future__ import annotations
 
@@ -205,3 +205,50 @@ async def test_a_succeeded_patch_pod_is_recorded_before_its_job_completes_and_th
         assert await patch_jobs(kube, ns, "second") == []  # the unfinished Job still holds the only slot
     await wait_job_condition(kube, ns, job["metadata"]["name"], "Complete")
     await eventually(lambda: patch_jobs(kube, ns, "second"), timeout=30, what="second's Job after first's completed")
+
+
+async def test_patch_slots_are_shared_fairly_between_namespaces(kube, namespace, other_namespace, operator,
+                                                                adapter_root, tmp_path):
+    """One tenant's burst does not stall another tenant's patching (issue 23): with --max-patch-jobs 2,
+    namespace A queues five adapters first and holds both slots (a namespace alone uses every slot);
+    then B queues one. The next slot that frees goes to B's adapter, while A's queue still waits;
+    within A, adapters keep their creation order."""
+    a, b = namespace, other_namespace
+    await kube.create(pool_obj("pa", 0, free_port(), free_port(), free_port()), a)
+    await kube.create(pool_obj("pb", 0, free_port(), free_port(), free_port()), b)
+    names_a = [f"a{i}" for i in range(5)]
+    for n in names_a:
+        await kube.create(adapter_obj(n, "pa", f"file://{tmp_path}/src"), a)
+    await operator(extra_args=("--max-patch-jobs", "2", "--namespace", b))
+
+    async def alive():
+        return {(ns, j["metadata"]["labels"]["vlmpool.io/adapter"]): j for ns in (a, b)
+                for j in await kube.list(JOBS, ns, label_selector="app.kubernetes.io/component=patch")
+                if not (j.get("status") or {}).get("succeeded") and not any(
+                    c.get("type") in ("Complete", "SuccessCriteriaMet", "Failed", "FailureTarget")
+                    and c.get("status") == "True" for c in (j.get("status") or {}).get("conditions") or [])}
+
+    async def exactly(want):
+        jobs = await alive()
+        assert len(jobs) <= 2, sorted(jobs)  # never over the bound
+        return jobs if set(jobs) == want else None
+
+    async def queued(ns, name):
+        st = (await kube.get(VLMADAPTERS, name, ns)).get("status") or {}
+        return any(c["type"] == "Patched" and c.get("reason") == "PatchJobQueued"
+                   for c in st.get("conditions") or [])
+
+    jobs = await eventually(lambda: exactly({(a, "a0"), (a, "a1")}), timeout=60, what="a0 and a1's Jobs")
+    for n in names_a[2:]:
+        await eventually(lambda n=n: queued(a, n), timeout=30, what=f"{n} queued")
+    await kube.create(adapter_obj("b0", "pb", f"file://{tmp_path}/src"), b)
+    await eventually(lambda: queued(b, "b0"), timeout=30, what="b0 queued behind A's Jobs")
+
+    # a0 finishes: its slot goes to B's adapter, though A's a2 was created (and queued) earlier
+    await complete_patch(kube, a, jobs[(a, "a0")]["metadata"]["name"], adapter_root, "a0", "00000001")
+    jobs = await eventually(lambda: exactly({(a, "a1"), (b, "b0")}), timeout=60, what="b0's Job before a2's")
+    assert all([await patch_jobs(kube, a, n) == [] for n in names_a[2:]])  # A's queue has not drained
+
+    # a1 finishes: B has a Job and nothing queued, so A's next adapter in creation order comes
+    await complete_patch(kube, a, jobs[(a, "a1")]["metadata"]["name"], adapter_root, "a1", "00000001", seed=1)
+    await eventually(lambda: exactly({(b, "b0"), (a, "a2")}), timeout=60, what="a2's Job")

@@ -81,3 +81,29 @@ def test_summary_fits_4kib():
     assert out["version"] == "0" * 16 and out["warningsOmitted"] > 0 and all(len(w) <= 240 for w in out["warnings"])
     f = fit_summary({"ok": False, "reason": "X", "message": "m" * 10_000})
     assert len(f) <= SUMMARY_MAX_BYTES and json.loads(f)["message"].endswith("...")
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "inf", "soon"])
+def test_fetch_timeout_must_be_a_positive_number(lora_dirs, tmp_path, value):
+    with pytest.raises(SystemExit) as ei:
+        main(argv(lora_dirs[FAM], tmp_path, "--fetch-timeout", value))
+    assert ei.value.code == 2
+
+
+def test_fetch_timeout_reaches_the_fetch(tmp_path, capsys, monkeypatch):
+    """`--fetch-timeout` is the fetch's deadline: a server that accepts the connection and never
+    answers (the TLS handshake waits) ends the patch as FetchTimeout after about that long."""
+    import socket
+    import time
+
+    monkeypatch.setenv("VLMPOOL_SOURCE_ALLOW", "127.0.0.1")
+
+    with socket.socket() as srv:  # accepts connections (the backlog), never answers
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(8)
+        t0 = time.monotonic()
+        code = main(argv(f"https://127.0.0.1:{srv.getsockname()[1]}/a.tgz", tmp_path, "--fetch-timeout", "1"))
+        took = time.monotonic() - t0
+    term = json.loads((tmp_path / "term").read_text())
+    assert code == 1 and term["reason"] == "FetchTimeout", term
+    assert 0.5 < took < 30, took

@@ -39,7 +39,8 @@ class Seen:
 @dataclass
 class Server:
     """A recording HTTP(S) server. `routes[path]` is bytes (200) or ('redirect', location[, code])
-    or a callable(handler) -> (status, headers, body)."""
+    or a callable(handler) -> (status, headers, body), the body bytes or an iterable of bytes (sent
+    as it yields)."""
 
     host: str
     scheme: str
@@ -74,10 +75,22 @@ def _serve(srv: Server, ctx: ssl.SSLContext | None, port: int = 0) -> ThreadingH
             self.send_response(status)
             for k, v in headers.items():
                 self.send_header(k, v)
-            self.send_header("Content-Length", str(len(body)))
+            if isinstance(body, bytes):
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+                return
+            # An iterable body is sent chunk by chunk as it yields (a trickle, a stream of unknown
+            # length: no Content-Length unless the route gave one), until the client goes.
+            self.close_connection = True
             self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(body)
+            try:
+                for chunk in body:
+                    self.wfile.write(chunk)
+                    self.wfile.flush()
+            except OSError:
+                pass
 
         do_GET = do_HEAD = do_POST = do_PUT = _any
 

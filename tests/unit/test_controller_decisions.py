@@ -219,3 +219,16 @@ def test_adapter_loads():
 def test_version_is():
     assert D.version_is("v1")({"version": "v1"}) and not D.version_is("v1")({"version": "v2"})
     assert D.version_is(None)({})
+
+
+def test_patch_slots_go_round_robin_over_namespaces_in_creation_order_within_one():
+    from vlmpool.controller.jobgate import fair_order
+
+    a = [(f"2026-01-01T00:00:0{i}Z", "a", f"a{i}") for i in range(4)]
+    b = [("2026-01-01T00:00:09Z", "b", "b0"), ("2026-01-01T00:00:09Z", "b", "b1")]
+    # A holds two Jobs, B none: B's adapters come first, then the namespaces alternate
+    assert [e[2] for e in fair_order(a + b, {("a", "x"), ("a", "y")})] == ["b0", "b1", "a0", "a1", "a2", "a3"]
+    # nothing running: turns alternate, the older adapter first at each turn
+    assert [e[2] for e in fair_order(reversed(a + b), set())] == ["a0", "b0", "a1", "b1", "a2", "a3"]
+    # a namespace alone: creation order, every slot
+    assert fair_order(a, set()) == a

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+import vlmpool
 from vlmpool.api.objects import Adapter, Pool
 from vlmpool.manifests import adapter as MA
 from vlmpool.manifests import pool as MP
@@ -200,8 +201,46 @@ def test_patch_job_shape():
     assert c["volumeMounts"] == [{"name": "adapters", "mountPath": ADAPTER_ROOT},  # read-write
                                  {"name": "tmp", "mountPath": "/tmp"}]  # the root filesystem is read-only
     assert pod["volumes"] == [{"name": "adapters", "persistentVolumeClaim": {"claimName": "vision-adapters"}},
-                              {"name": "tmp", "emptyDir": {}}]
+                              {"name": "tmp", "emptyDir": {"sizeLimit": "9Gi"}}]
     assert job["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"] == "patch"
+
+
+def test_patch_job_is_bounded_by_the_patchers_own_limits():
+    """Memory, ephemeral storage and scratch have limits derived from --max-file-bytes (a download and
+    the extracted files on disk, the weights and the patched weights in memory); a fetch ends at half
+    the Job's deadline, and the patcher's own parser takes the flag."""
+    import argparse
+
+    from vlmpool.patcher import cli as patcher_cli
+    from vlmpool.patcher.fetch import DEFAULT_MAX_FILE_BYTES
+
+    job = MA.patch_job(adapter(), pool())
+    c = job["spec"]["template"]["spec"]["containers"][0]
+    gib = 1024**3
+    assert DEFAULT_MAX_FILE_BYTES == 4 * gib
+    assert c["resources"]["limits"] == {"memory": "9Gi", "ephemeral-storage": "10Gi"}
+    assert c["resources"]["requests"]["memory"] == "1Gi" and c["resources"]["requests"]["ephemeral-storage"]
+    tmp = next(v for v in job["spec"]["template"]["spec"]["volumes"] if v["name"] == "tmp")
+    assert tmp["emptyDir"]["sizeLimit"] == "9Gi"
+    assert float(flag(c["args"], "--fetch-timeout")) == job["spec"]["activeDeadlineSeconds"] / 2
+    parser = argparse.ArgumentParser()
+    patcher_cli.configure(parser)
+    assert parser.parse_args(c["args"][1:]).fetch_timeout == job["spec"]["activeDeadlineSeconds"] / 2
+    for j in (MA.cleanup_job(adapter(), pool()), MA.prune_job(adapter(), pool(), "00000001")):
+        limits = j["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+        assert limits["memory"] and limits["ephemeral-storage"]
+
+
+def test_jobs_never_run_the_pools_image():
+    """Without --patch-image the Jobs run this release's patcher image, never the pool's proxy image
+    (which the pool's author, a tenant, chooses)."""
+    p = pool(proxy={"image": "tenant.example.com/anything:1", "imagePullPolicy": "Always"})
+    for job in (MA.patch_job(adapter(), p), MA.cleanup_job(adapter(), p), MA.prune_job(adapter(), p, "00000001")):
+        c = job["spec"]["template"]["spec"]["containers"][0]
+        assert c["image"] == MA.DEFAULT_PATCH_IMAGE == f"ghcr.io/vlmpool/vlmpool-patcher:{vlmpool.__version__}"
+        assert c["imagePullPolicy"] == "IfNotPresent"
+    assert MA.patch_job(adapter(), p, image="reg/patcher:2")["spec"]["template"]["spec"]["containers"][0][
+        "image"] == "reg/patcher:2"
 
 
 def test_svd_job_mounts_base_weights_read_only():

@@ -346,8 +346,10 @@ class RolloutSpec(Model):
     @field_validator("max_unavailable", "max_surge", mode="before")
     @classmethod
     def _int_or_percent(cls, v: Any) -> int | str:
+        ok_str = isinstance(v, str) and bool(_INT_OR_PERCENT.fullmatch(v)) and \
+            (not v.endswith("%") or int(v[:-1]) <= 100)
         if isinstance(v, bool) or not isinstance(v, (int, str)) or (isinstance(v, int) and not 0 <= v <= 100_000) or \
-                (isinstance(v, str) and not (_INT_OR_PERCENT.match(v) and (not v.endswith("%") or int(v[:-1]) <= 100))):
+                (isinstance(v, str) and not ok_str):
             raise ValueError(f"must be a count >= 0 or a percent such as '25%', not {v!r}")
         return int(v) if isinstance(v, str) and not v.endswith("%") else v
 

@@ -31,10 +31,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         "is written at most once per adapter per poll round (default 2)")
     parser.add_argument("--max-patch-jobs", type=int,
                         default=int(os.environ.get("VLMPOOL_MAX_PATCH_JOBS", "8")),
-                        help="patch Jobs alive at once across the watched namespaces; more wait, first created "
-                        "first started, with the adapter's Patched condition saying so (default 8)")
+                        help="patch Jobs alive at once across the watched namespaces; more wait, namespaces taking "
+                        "turns and first created first started within one, with the adapter's Patched condition "
+                        "saying so (default 8)")
     parser.add_argument("--patch-image", default=os.environ.get("VLMPOOL_PATCH_IMAGE") or None,
-                        help="image of patch and cleanup Jobs (default: the pool's proxy image)")
+                        help="image of patch and cleanup Jobs (default: this release's patcher image, "
+                        "ghcr.io/vlmpool/vlmpool-patcher:<version>; never a pool's image)")
     parser.add_argument("--patch-dora-image", default=os.environ.get("VLMPOOL_PATCH_DORA_IMAGE") or None,
                         help="image of the patch Jobs of adapters whose dora.policy is svd or strip: one with "
                         "torch (the patcher-dora target); default: --patch-image, where svd is refused as NeedsTorch")

@@ -45,8 +45,8 @@ class OperatorConfig:
     push_timeout: float = 10.0
     push_parallelism: int = 16
     progress_wait: float = 2.0  # longest wait of one long poll of a pod's convergence, seconds
-    max_patch_jobs: int = 8  # patch Jobs alive at once; more wait (FIFO by the adapter's creation)
-    patch_image: str | None = None  # default: the pool's proxy image (one distribution, three entry points)
+    max_patch_jobs: int = 8  # patch Jobs alive at once; more wait (jobgate.fair_order)
+    patch_image: str | None = None  # default: manifests.adapter.DEFAULT_PATCH_IMAGE (never a pool's image)
     patch_dora_image: str | None = None  # patch Jobs of svd/strip adapters (torch); default: patch_image
     adapter_root: str = ADAPTER_ROOT  # mount path of the adapter volume in Jobs and engines
     source_allow: tuple[str, ...] = ()  # internal hosts/CIDRs patch Jobs may fetch from (--source-allow)

@@ -1,8 +1,13 @@
 """The bound on concurrent patch Jobs (``--max-patch-jobs``): at most N unfinished patch Jobs exist at
-once in the namespaces this operator patches in; adapters over the bound wait in a FIFO queue ordered
-by their creation (then namespace and name), and their Patched condition says so
-(``PatchJobQueued``, with the place in the queue). A finished Job frees its slot at once: the Job
-watch admits the next adapters in order; the adapters' resync is the backstop.
+once in the namespaces this operator patches in; adapters over the bound wait in a queue, and their
+Patched condition says so (``PatchJobQueued``). A finished Job frees its slot at once: the Job watch
+admits the next adapters in order; the adapters' resync is the backstop.
+
+The order shares the slots fairly among namespaces (tenants): within a namespace, adapters start in the
+order they were created; across namespaces, the next slot goes to the namespace with the fewest patch
+Jobs alive plus adapters ahead of it in its own queue (ties: the older adapter). So one tenant's
+burst or slow adapters cannot hold back another tenant's adapter for more than one Job's run, and a
+namespace alone still uses every slot (``fair_order``).
 
 Counting is the apiserver's (one list of the patch Jobs per namespace, under one lock per operator), so
 an operator restart, or Jobs created before it, are counted too."""
@@ -11,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter, defaultdict
+from collections.abc import Iterable
 from typing import Any
 
 from vlmpool.api.objects import Adapter
@@ -28,6 +35,20 @@ QUEUED = "PatchJobQueued"
 UNSUCCEEDED_JOBS = "status.successful!=1"
 
 QueueKey = tuple[str, str]  # (namespace, adapter name)
+QueueEntry = tuple[str, str, str]  # (creationTimestamp, namespace, adapter name)
+
+
+def fair_order(queued: Iterable[QueueEntry], running: Iterable[QueueKey]) -> list[QueueEntry]:
+    """The queued adapters in the order they get slots: namespaces take turns (round-robin, counting
+    the patch Jobs each namespace has alive: a namespace with two Jobs running waits behind one with
+    none), creation order within a namespace. An entry's turn is its namespace's alive Jobs plus the
+    entries of the namespace ahead of it; equal turns go to the older adapter (then namespace, name)."""
+    alive = Counter(ns for ns, _ in running)
+    per_ns: dict[str, list[QueueEntry]] = defaultdict(list)
+    for entry in sorted(queued):
+        per_ns[entry[1]].append(entry)
+    turns = [(alive[ns] + i, entry) for ns, entries in per_ns.items() for i, entry in enumerate(entries)]
+    return [entry for _, entry in sorted(turns)]
 
 
 def job_unfinished(job: dict[str, Any]) -> bool:
@@ -38,7 +59,7 @@ def job_unfinished(job: dict[str, Any]) -> bool:
 
 class PatchJobGate(ReconcilerBase):
     _gate_lock: asyncio.Lock
-    _patch_queue: dict[QueueKey, tuple[str, str, str]]  # key -> (creationTimestamp, namespace, name)
+    _patch_queue: dict[QueueKey, QueueEntry]
     _patch_namespaces: set[str]
     _admit_task: asyncio.Task | None
     _admitting: bool  # an admit_queued round runs
@@ -73,7 +94,7 @@ class PatchJobGate(ReconcilerBase):
                 owners.add((ns, adapter))
         return n, owners
 
-    async def _older_waiting(self, ns: str, entry: tuple[str, str, str], running: set[QueueKey]) -> None:
+    async def _older_waiting(self, ns: str, entry: QueueEntry, running: set[QueueKey]) -> None:
         """Put into the queue the adapters of `ns` that wait for a patch Job but whose reconcile has not
         asked yet, so that `entry` does not overtake older ones (a burst of creations is handled in any
         order).
@@ -114,10 +135,10 @@ class PatchJobGate(ReconcilerBase):
             self._patch_queue[key] = entry
             alive, running = await self._alive_patch_jobs()
             free = self.config.max_patch_jobs - alive
-            place = sorted(self._patch_queue.values()).index(entry)
-            if place < free:  # first make sure no older adapter waits unseen
+            place = fair_order(self._patch_queue.values(), running).index(entry)
+            if place < free:  # first make sure no older adapter of its namespace waits unseen
                 await self._older_waiting(ns, entry, running)
-                place = sorted(self._patch_queue.values()).index(entry)
+                place = fair_order(self._patch_queue.values(), running).index(entry)
             log.debug("patch gate: %s/%s alive %d (%d admitted, not created yet) place %d -> %s", ns, name, alive,
                       len(self._reserved), place, "admitted" if place < free else "queued")
             if place < free:
@@ -132,7 +153,8 @@ class PatchJobGate(ReconcilerBase):
             # adapter's resync a status write (N queued adapters x every resync). The queue's length is
             # the vlmpool_operator_patch_jobs_queued gauge.
             return False, (f"waiting for one of the {self.config.max_patch_jobs} patch Job slots "
-                           "(--max-patch-jobs); queued adapters start in the order they were created")
+                           "(--max-patch-jobs); namespaces take turns, and a namespace's adapters start in "
+                           "the order they were created")
 
     def _admit_soon(self) -> None:
         if self._admit_task is not None and not self._admit_task.done():
@@ -173,8 +195,8 @@ class PatchJobGate(ReconcilerBase):
 
     async def _admit_round(self) -> None:
         async with self._gate_lock:
-            free = self.config.max_patch_jobs - (await self._alive_patch_jobs())[0]
-            head = sorted(self._patch_queue.values())[:max(free, 0)]
+            alive, running = await self._alive_patch_jobs()
+            head = fair_order(self._patch_queue.values(), running)[:max(self.config.max_patch_jobs - alive, 0)]
         for _, ns, name in head:
             adapter = await self.kube.get_or_none(VLMADAPTERS, name, ns)
             if adapter is None or adapter["metadata"].get("deletionTimestamp"):

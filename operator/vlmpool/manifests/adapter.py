@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import urlsplit
 
+from vlmpool import __version__
 from vlmpool.api.adapter import VLMAdapterSpec
 from vlmpool.api.objects import Adapter, Pool
 from vlmpool.api.pool import VLMPoolSpec
@@ -36,6 +37,7 @@ from vlmpool.manifests.common import (
     short_digest,
 )
 from vlmpool.manifests.pool import POD_SECURITY, claim_name, container_security
+from vlmpool.patcher.fetch import DEFAULT_MAX_FILE_BYTES
 
 PATCH_CONTAINER = "patch"
 TERMINATION_LOG = "/dev/termination-log"
@@ -46,6 +48,41 @@ PATCH_BACKOFF_LIMIT = 2
 PATCH_DEADLINE_SECONDS = 3600
 JOB_TTL_SECONDS = 3600
 CLEANUP_DEADLINE_SECONDS = 600
+# A remote fetch ends at half the Job's deadline (the patcher's --fetch-timeout): a source that
+# trickles cannot hold a patch slot for the Job's whole hour, and what is left is for the patch.
+PATCH_FETCH_TIMEOUT_SECONDS = PATCH_DEADLINE_SECONDS // 2
+
+# The image of the patch, prune and cleanup Jobs when the operator has no --patch-image: the patcher
+# image of this release (images/Dockerfile target patcher), never a pool's (a tenant's) image.
+DEFAULT_PATCH_IMAGE = f"ghcr.io/vlmpool/vlmpool-patcher:{__version__}"
+
+_GI = 1024**3
+
+
+def _gib(n: int) -> str:
+    return f"{-(-n // _GI)}Gi"
+
+
+# Bounds of a patch Job, derived from the patcher's own limits (--max-file-bytes is the patcher's
+# default; the operator never raises it). Scratch (/tmp, an emptyDir): the downloaded archive and the
+# extracted adapter files, each at most --max-file-bytes, plus 1 GiB for the rest (the config, HOME);
+# the container's ephemeral storage 1 GiB more (its logs). Memory: the weights are read and the patched
+# weights built in memory (at most one --max-file-bytes each), plus 1 GiB for the interpreter, the
+# libraries and the DoRA maths.
+PATCH_SCRATCH_LIMIT = _gib(2 * DEFAULT_MAX_FILE_BYTES + _GI)
+PATCH_EPHEMERAL_LIMIT = _gib(2 * DEFAULT_MAX_FILE_BYTES + 2 * _GI)
+PATCH_MEMORY_LIMIT = _gib(2 * DEFAULT_MAX_FILE_BYTES + _GI)
+
+
+def patch_resources() -> dict[str, Any]:
+    return {"requests": {"cpu": "500m", "memory": "1Gi", "ephemeral-storage": "1Gi"},
+            "limits": {"memory": PATCH_MEMORY_LIMIT, "ephemeral-storage": PATCH_EPHEMERAL_LIMIT}}
+
+
+def cleanup_resources() -> dict[str, Any]:
+    """Prune and cleanup Jobs only remove directories on the adapter volume."""
+    return {"requests": {"cpu": "50m", "memory": "64Mi", "ephemeral-storage": "16Mi"},
+            "limits": {"memory": "256Mi", "ephemeral-storage": "64Mi"}}
 
 # The patcher image runs as uid/gid 65532 (images/Dockerfile): fsGroup makes the adapter volume
 # writable for it on storage that is root-owned, and readable by the engines through the group.
@@ -138,6 +175,7 @@ def patch_args(adapter: Adapter, pool: Pool, adapter_root: str = ADAPTER_ROOT) -
         "--dora-policy", spec.dora.policy,
         "--base-check", spec.base_model_check,
         "--termination-log", TERMINATION_LOG,
+        "--fetch-timeout", str(PATCH_FETCH_TIMEOUT_SECONDS),
     ]
     if spec.dora.policy == "svd" and spec.dora.rank is not None:
         args += ["--svd-rank", str(spec.dora.rank)]
@@ -214,7 +252,7 @@ def patch_job(adapter: Adapter, pool: Pool, *, image: str | None = None,
                                     {"name": "tmp", "mountPath": JOB_TMP}]  # scratch and HOME
     volumes: list[dict[str, Any]] = [
         {"name": "adapters", "persistentVolumeClaim": {"claimName": claim_name(pool)}},
-        {"name": "tmp", "emptyDir": {}},
+        {"name": "tmp", "emptyDir": {"sizeLimit": PATCH_SCRATCH_LIMIT}},
     ]
     if pspec.model.weights is not None and spec.dora.policy in ("svd", "strip"):
         # svd needs the base weights; strip uses them (when present) to measure its error.
@@ -232,14 +270,14 @@ def patch_job(adapter: Adapter, pool: Pool, *, image: str | None = None,
         volumes.append({"name": "source", "hostPath": {"path": path}})
     container: dict[str, Any] = {
         "name": PATCH_CONTAINER,
-        "image": image or pspec.proxy.image,
-        "imagePullPolicy": pspec.proxy.image_pull_policy,
+        "image": image or DEFAULT_PATCH_IMAGE,
+        "imagePullPolicy": "IfNotPresent",
         "command": ["vlmpool"],
         "args": patch_args(adapter, pool, adapter_root),
         "volumeMounts": mounts,
         "terminationMessagePath": TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
-        "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}},
+        "resources": patch_resources(),
         "securityContext": container_security(),
         # Always set (empty too): an explicit env entry, which no Secret can override.
         "env": [{"name": SOURCE_ALLOW_ENV, "value": ",".join(source_allow)}, {"name": "HOME", "value": JOB_TMP}],
@@ -273,13 +311,13 @@ def cleanup_job(adapter: Adapter, pool: Pool, *, image: str | None = None,
     labels = _labels(adapter, COMPONENT_CLEANUP)
     container = {
         "name": "cleanup",
-        "image": image or pspec.proxy.image,
-        "imagePullPolicy": pspec.proxy.image_pull_policy,
+        "image": image or DEFAULT_PATCH_IMAGE,
+        "imagePullPolicy": "IfNotPresent",
         "command": ["vlmpool"],
         "args": ["patch", "cleanup", "--root", adapter_root, "--adapter", name],
         "volumeMounts": [{"name": "adapters", "mountPath": adapter_root}],
         "terminationMessagePolicy": "FallbackToLogsOnError",
-        "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}},
+        "resources": cleanup_resources(),
         "securityContext": container_security(),
     }
     volumes = [{"name": "adapters", "persistentVolumeClaim": {"claimName": claim_name(pool)}}]

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmpool.patcher.errors import PatchError
-from vlmpool.patcher.fetch import DEFAULT_MAX_FILE_BYTES, fetch_adapter
+from vlmpool.patcher.fetch import DEFAULT_FETCH_TIMEOUT, DEFAULT_MAX_FILE_BYTES, fetch_adapter
 from vlmpool.patcher.pipeline import PatchedAdapter, PatchOptions, config_json, patch_adapter
 from vlmpool.patcher.publish import Published, publish, validate_adapter_name
 
@@ -34,16 +34,20 @@ _CAMEL = {
 def patch_and_publish(source: str, adapter: str, root: Path | str, opts: PatchOptions, *,
                       sha256: str | None = None, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
                       pvc_root: Path | str = "/mnt/sources", lock_timeout: float = 600.0,
-                      workdir: Path | str | None = None, tensor_io: str = "bytes") -> dict[str, Any]:
+                      workdir: Path | str | None = None, tensor_io: str = "bytes",
+                      fetch_timeout: float | None = DEFAULT_FETCH_TIMEOUT) -> dict[str, Any]:
     """Fetch ``source``, patch it, publish it under ``root``; return the success summary.
     Raises PatchError (with its stable reason) on any refusal."""
     validate_adapter_name(adapter)
     opts.validate()
     if not isinstance(max_file_bytes, int) or max_file_bytes < 1:
         raise PatchError("InvalidArguments", f"--max-file-bytes must be a positive integer, not {max_file_bytes!r}")
+    if fetch_timeout is not None and not fetch_timeout > 0:
+        raise PatchError("InvalidArguments", f"--fetch-timeout must be a positive number, not {fetch_timeout!r}")
     scratch = Path(tempfile.mkdtemp(prefix="vlmpool-patch-", dir=workdir))
     try:
-        fetched = fetch_adapter(source, scratch, sha256=sha256, max_file_bytes=max_file_bytes, pvc_root=pvc_root)
+        fetched = fetch_adapter(source, scratch, sha256=sha256, max_file_bytes=max_file_bytes, pvc_root=pvc_root,
+                                fetch_timeout=fetch_timeout)
         patched = patch_adapter(fetched.dir, opts, source_uri=source, source_sha256=fetched.sha256,
                                 fetch_warnings=fetched.warnings, tensor_io=tensor_io)
         patched.report["source"].update(

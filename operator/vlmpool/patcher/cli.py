@@ -29,13 +29,23 @@ def _positive_int(s: str) -> int:
     return v
 
 
+def _positive_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
+    if not v > 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"{s!r} must be a positive number")
+    return v
+
+
 # Options of the patch itself; not argparse-required, so that `vlmpool patch prune …` parses.
 REQUIRED = ("source", "adapter", "root", "pool_base", "family")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     from vlmpool.patcher.families import DEFAULT_KEY_TEMPLATE
-    from vlmpool.patcher.fetch import DEFAULT_MAX_FILE_BYTES
+    from vlmpool.patcher.fetch import DEFAULT_FETCH_TIMEOUT, DEFAULT_MAX_FILE_BYTES
 
     sub = parser.add_subparsers(dest="volume_action", metavar="{prune,cleanup}",
                                 help="instead of patching: maintain an adapter's directory on the volume")
@@ -76,6 +86,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sha256", default=None, help="pin: sha256 of the archive, or of adapter_model.safetensors")
     parser.add_argument("--max-file-bytes", type=_positive_int, default=DEFAULT_MAX_FILE_BYTES,
                         help=f"largest file accepted (default {DEFAULT_MAX_FILE_BYTES})")
+    parser.add_argument("--fetch-timeout", type=_positive_float, default=DEFAULT_FETCH_TIMEOUT,
+                        help="seconds a remote (https, hf, s3) fetch may take in all, however slowly its bytes arrive; "
+                        f"then FetchTimeout (default {DEFAULT_FETCH_TIMEOUT:g})")
     parser.add_argument("--declared-variant", default=None,
                         help="base variant a registry declares (advisory: a disagreement with the file is a warning)")
     parser.add_argument("--pvc-root", type=Path, default=Path("/mnt/sources"),
@@ -149,7 +162,8 @@ def run(args: argparse.Namespace) -> int:
         )
         summary = patch_and_publish(args.source, args.adapter, args.root, opts, sha256=args.sha256,
                                     max_file_bytes=args.max_file_bytes, pvc_root=args.pvc_root,
-                                    lock_timeout=args.lock_timeout, tensor_io=args.tensor_io)
+                                    lock_timeout=args.lock_timeout, tensor_io=args.tensor_io,
+                                    fetch_timeout=args.fetch_timeout)
         code = 0
     except PatchError as e:
         summary, code = failure_summary(e), 1

@@ -8,6 +8,7 @@ vLLM source (the release in hack/vllm-version; docs/sim.md lists the lines): vll
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from typing import Any
@@ -141,6 +142,16 @@ def refuse_unsupported(cfg: dict[str, Any]) -> None:
 PATTERN_TIMEOUT = 0.05  # seconds per match: the keys are the adapter author's regular expressions
 
 
+@functools.lru_cache(maxsize=2 * MAX_ITEMS)  # every key of a rank_pattern and an alpha_pattern
+def _compiled(key: str) -> Any:
+    """A key's expression, compiled once per process: matching module after module with regex.match(str)
+    recompiled each key whenever the keys outnumbered the module's cache (500), e.g. a rank_pattern
+    with 1,600 keys."""
+    import regex
+
+    return regex.compile(rf"(.*\.)?({key})$")
+
+
 def _match(pattern: dict[str, Any], name: str) -> Any:
     """PEFT's and vLLM's rule: a key matches when it matches a suffix of the module name that starts at a
     "." boundary; the first match (in the file's order) wins. Keys are regular expressions written by the
@@ -149,7 +160,7 @@ def _match(pattern: dict[str, Any], name: str) -> Any:
 
     for key, value in pattern.items():
         try:
-            if regex.match(rf"(.*\.)?({key})$", name, timeout=PATTERN_TIMEOUT):
+            if _compiled(key).match(name, timeout=PATTERN_TIMEOUT):
                 return value
         except regex.error as e:
             raise PatchError("InvalidConfig",

@@ -18,8 +18,12 @@ what the author could reach from outside the cluster:
   (scheme, host, port): urllib (https), httpx2 (huggingface_hub) and botocore (s3) are each held to
   it by the helpers below.
 
-Refusals are PatchErrors with the stable reasons ``SourceAddressRefused`` and
-``SourceRedirectRefused``.
+- A whole-fetch deadline (the patcher's ``--fetch-timeout``): when it passes, every connection of the
+  fetch is shut down (whatever client library is blocked reading it gets an error at once) and no new
+  one is made, so a source that trickles one byte a minute ends at the deadline, not at the Job's.
+
+Refusals are PatchErrors with the stable reasons ``SourceAddressRefused``, ``SourceRedirectRefused``
+and ``FetchTimeout``.
 """
 
 from __future__ import annotations
@@ -136,12 +140,41 @@ class _Guard:
     names: dict[str, str] = field(default_factory=dict)   # resolved address -> name asked for
     allowed: set[str] = field(default_factory=set)        # addresses of allow-listed names
     refusal: PatchError | None = None
+    timeout: float | None = None                          # the whole fetch's deadline, seconds
+    expired: bool = False
+    conns: list[tuple[int, Any]] = field(default_factory=list)  # (fd, address) of each connection made
 
     def refuse(self, reason: str, message: str) -> PatchError:
         err = PatchError(reason, message)
         if self.refusal is None:
             self.refusal = err
         return err
+
+    def expire(self) -> None:
+        """The deadline passed: refuse, and shut down every connection the fetch made (found by its
+        descriptor, checked to be the same connection), which ends any read blocked on one."""
+        with _LOCK:
+            self.expired = True
+            self.refuse("FetchTimeout", f"the fetch did not finish within {self.timeout:g} seconds (--fetch-timeout): "
+                        "the source is too slow or stalled")
+            conns = list(self.conns)
+        for fd, address in conns:
+            try:
+                s = socket.socket(fileno=fd)
+            except OSError:
+                continue  # closed already
+            try:
+                if s.getpeername()[:2] == tuple(address)[:2]:
+                    s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            finally:
+                s.detach()
+
+    def check(self) -> None:
+        """Raise the deadline's refusal once it has passed (the byte loops call this per chunk)."""
+        if self.expired and self.refusal is not None:
+            raise self.refusal
 
 
 class EgressRefused(PermissionError):
@@ -160,6 +193,10 @@ def _check(sock: socket.socket, address: Any) -> None:
     g = _ACTIVE
     if g is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
         return
+    if g.expired:
+        raise EgressRefused(str(g.refusal))
+    with _LOCK:
+        g.conns.append((sock.fileno(), address))
     text = str(address[0])
     ip = _ip(text)
     if ip is None or text in g.allowed:
@@ -201,9 +238,10 @@ def _getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 @contextlib.contextmanager
-def guarded(policy: EgressPolicy) -> Iterator[_Guard]:
-    """Check every connection of this process against `policy` while the block runs. One fetch at a
-    time per process (the patcher fetches one source); nested use is refused."""
+def guarded(policy: EgressPolicy, timeout: float | None = None) -> Iterator[_Guard]:
+    """Check every connection of this process against `policy` while the block runs, and end them
+    all after `timeout` seconds (FetchTimeout). One fetch at a time per process (the patcher fetches
+    one source); nested use is refused."""
     global _ACTIVE, _INSTALLED
     with _LOCK:
         if _ACTIVE is not None:
@@ -214,16 +252,30 @@ def guarded(policy: EgressPolicy) -> Iterator[_Guard]:
             socket.socket.connect_ex = _connect_ex  # type: ignore[method-assign,assignment]
             socket.getaddrinfo = _getaddrinfo
             _INSTALLED = True
-        g = _ACTIVE = _Guard(policy)
+        g = _ACTIVE = _Guard(policy, timeout=timeout)
+    timer = None
+    if timeout is not None:
+        timer = threading.Timer(timeout, g.expire)
+        timer.daemon = True
+        timer.start()
     try:
         yield g
     finally:
+        if timer is not None:
+            timer.cancel()
         with _LOCK:
             _ACTIVE = None
 
 
 def current() -> _Guard | None:
     return _ACTIVE
+
+
+def check_deadline() -> None:
+    """Raise FetchTimeout when the running fetch's deadline has passed (a no-op outside a fetch)."""
+    g = _ACTIVE
+    if g is not None:
+        g.check()
 
 
 # ------------------------------------------------------------------ redirects and credentials

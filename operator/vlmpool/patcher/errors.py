@@ -11,9 +11,15 @@ REASONS: dict[str, str] = {
     "SourceAddressRefused": "the source (or a host it redirects to) is loopback, link-local, private or "
                             "cluster-internal and not allow-listed by the cluster admin",
     "SourceRedirectRefused": "the source redirected off https, or a request would carry credentials to another host",
+    "FetchTimeout": "fetching a remote source took longer than --fetch-timeout (a slow or stalled source)",
     "ChecksumMismatch": "the fetched bytes do not match the sha256 pin",
     "FileTooLarge": "a file (or archive member) is larger than --max-file-bytes",
-    "UnsafeArchive": "an archive member has an absolute path, a '..' segment, is a link or not a regular file",
+    "UnsafeArchive": "an archive member has an absolute path, a '..' segment, is a link, sparse or not a regular "
+                     "file, or the archive's metadata (members, tar extended headers, zip central directory) is "
+                     "over its bound",
+    "UnsupportedArchive": "a zip member the adapter needs is encrypted or uses a compression method other than "
+                          "stored, deflate, bzip2 or lzma",
+    "ArchiveTooLarge": "the archive's members (skipped ones included) inflate to more than twice --max-file-bytes",
     "UnsafeSource": "a file of a directory source is a symbolic link or not a regular file",
     "AmbiguousSource": "the source holds more than one adapter directory",
     "PickleWeights": "the adapter weights are pickle files (.bin/.pt/.pth/.pkl/.ckpt); only safetensors are read",

@@ -69,10 +69,10 @@ def parse_key(key: str) -> ParsedKey | None:
     had_prefix = key.startswith(PEFT_PREFIX)
     rest = key[len(PEFT_PREFIX):] if had_prefix else key
     for rx in (_LORA_KEY, _EMB_KEY):
-        m = rx.match(rest)
+        m = rx.fullmatch(rest)
         if m:
             return ParsedKey(key, m.group("module"), m.group("kind"), had_prefix, m.group("adapter") is not None)
-    m = _MAG_KEY.match(rest)
+    m = _MAG_KEY.fullmatch(rest)
     if m:
         return ParsedKey(key, m.group("module"), "magnitude", had_prefix, m.group("adapter") is not None)
     return None
@@ -104,7 +104,7 @@ def tower_suffix(module: str, family: Family) -> str | None:
     of the family serves LoRA on it and vlmpool keeps it (Family.tower_lora_modules, the same names the
     simulator checks and tests/vllm compares with vLLM's classes), else None (dropped or refused as without it)."""
     name = module[len("model."):] if module.startswith("model.visual.") else module
-    if family.tower_lora_modules is None or not re.match(family.tower_lora_modules, name):
+    if family.tower_lora_modules is None or not re.fullmatch(family.tower_lora_modules, name):
         return None
     return TOWER_PREFIX + name[len("visual."):]
 

@@ -43,8 +43,19 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
 DEFAULT_MAX_FILE_BYTES = 4 * 1024**3
 CONFIG_MAX_BYTES = 1024 * 1024
-MAX_ARCHIVE_MEMBERS = 10_000
+DEFAULT_FETCH_TIMEOUT = 1800.0  # seconds for a whole remote fetch (the operator passes half the Job's deadline)
+MAX_ARCHIVE_MEMBERS = 10_000  # also the cap on the entries of a directory, hub or bucket listing
 CHUNK = 1024 * 1024
+# Archive metadata read before any member is looked at (Python's tarfile and zipfile read these whole):
+# one tar extended header (pax 'x'/'g', GNU long name 'L'/'K') and all of them together; the pax global
+# headers ('g', copied into every member after them) together; a zip's central directory.
+MAX_TAR_EXTENDED_HEADER = 64 * 1024
+MAX_TAR_EXTENDED_TOTAL = 16 * 1024 * 1024
+MAX_TAR_GLOBAL_TOTAL = 1024
+MAX_ZIP_CENTRAL_DIRECTORY = 16 * 1024 * 1024
+# The bytes an archive may inflate to, skipped members included (a tar.gz is decompressed to walk it):
+# this many times --max-file-bytes.
+ARCHIVE_INFLATE_FACTOR = 2
 
 
 @dataclass
@@ -115,18 +126,23 @@ def choose_adapter_files(names: dict[str, int], where: str, max_file_bytes: int)
 
 def _copy_limited(src: IO[bytes], dst_path: Path, limit: int, what: str) -> tuple[int, str]:
     """Stream src into dst_path, refusing more than limit bytes. Returns (size, sha256 hex)."""
+    return copy_chunks_limited(iter(lambda: src.read(CHUNK), b""), dst_path, limit, what)
+
+
+def copy_chunks_limited(chunks: Iterable[bytes], dst_path: Path, limit: int, what: str) -> tuple[int, str]:
+    """Write chunks into dst_path as they arrive, refusing more than limit bytes (FileTooLarge) and
+    stopping at the fetch's deadline (FetchTimeout). Returns (size, sha256 hex)."""
     h = hashlib.sha256()
     n = 0
     with open(dst_path, "wb") as out:
-        while True:
-            chunk = src.read(CHUNK)
-            if not chunk:
-                break
+        for chunk in chunks:
+            egress.check_deadline()
             n += len(chunk)
             if n > limit:
                 raise PatchError("FileTooLarge", f"{what} is larger than the limit of {_human(limit)}")
             h.update(chunk)
             out.write(chunk)
+    egress.check_deadline()  # a connection shut at the deadline may look like a short, complete answer
     return n, h.hexdigest()
 
 
@@ -161,15 +177,14 @@ def _safe_member_name(name: str, archive: str) -> str:
 
 
 def detect_archive(path: Path) -> str | None:
+    """'zip' or 'tar' (plain, gzip, bzip2 or xz; tarfile.is_tarfile is not used: it reads the first
+    header unbounded), or None."""
     with open(path, "rb") as f:
         head = f.read(512)
     if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
         return "zip"
-    try:
-        if tarfile.is_tarfile(path):
-            return "tar"
-    except OSError:
-        pass
+    if head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")) or head[257:262] == b"ustar":
+        return "tar"
     return None
 
 
@@ -184,9 +199,71 @@ def extract_adapter_archive(archive: Path, dest: Path, max_file_bytes: int, labe
     return _extract_zip(archive, dest, max_file_bytes, label)
 
 
+class _BoundedTarInfo(tarfile.TarInfo):
+    """tarfile's TarInfo, held to the bounds above before tarfile reads an extended header (it reads
+    one whole: a 6.9 MB tar.gz declaring a 1.6 GB pax header cost 1.6 GB of memory), and refusing
+    GNU sparse members (their maps are read whole too, and an adapter file is never sparse)."""
+
+    _EXTENDED = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
+                 tarfile.SOLARIS_XHDTYPE)
+
+    def _proc_member(self, tf: _BoundedTarFile) -> tarfile.TarInfo:
+        if self.type in self._EXTENDED:
+            tf.bounds.extended(self)
+        elif self.type == tarfile.GNUTYPE_SPARSE:
+            self._sparse()
+        return super()._proc_member(tf)  # type: ignore[misc]  # tarfile's own, private
+
+    def _sparse(self, *_: object) -> None:
+        raise PatchError("UnsafeArchive", f"member {self.name!r} is a GNU sparse file; sparse members are refused")
+
+    _proc_gnusparse_00 = _proc_gnusparse_01 = _proc_gnusparse_10 = _sparse
+
+
+class _BoundedTarFile(tarfile.TarFile):
+    tarinfo = _BoundedTarInfo
+    bounds: _TarBounds  # set on a subclass per archive: the bounds reach every header read, open's too
+
+
+@dataclass
+class _TarBounds:
+    label: str
+    max_inflated: int
+    extended_total: int = 0
+    global_total: int = 0
+    inflated: int = 0
+
+    def extended(self, info: tarfile.TarInfo) -> None:
+        kind = {tarfile.XGLTYPE: "pax global header"}.get(info.type, "pax extended header")
+        if info.type in (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK):
+            kind = "GNU long name header"
+        if info.size > MAX_TAR_EXTENDED_HEADER:
+            raise PatchError("UnsafeArchive", f"{self.label}: a {kind} of {_human(info.size)} is over the limit "
+                             f"of {_human(MAX_TAR_EXTENDED_HEADER)}")
+        self.extended_total += info.size
+        if self.extended_total > MAX_TAR_EXTENDED_TOTAL:
+            raise PatchError("UnsafeArchive", f"{self.label}: its extended headers add up to more than "
+                             f"{_human(MAX_TAR_EXTENDED_TOTAL)}")
+        if info.type == tarfile.XGLTYPE:
+            self.global_total += info.size
+            if self.global_total > MAX_TAR_GLOBAL_TOTAL:
+                raise PatchError("UnsafeArchive", f"{self.label}: its pax global headers add up to more than "
+                                 f"{_human(MAX_TAR_GLOBAL_TOTAL)}")
+        self.inflate(info.size)
+
+    def inflate(self, n: int) -> None:
+        """Walking past n more bytes of the (decompressed) archive."""
+        self.inflated += n + tarfile.BLOCKSIZE
+        if self.inflated > self.max_inflated:
+            raise PatchError("ArchiveTooLarge", f"{self.label}: its members inflate to more than "
+                             f"{_human(self.max_inflated)} ({ARCHIVE_INFLATE_FACTOR} x --max-file-bytes)")
+
+
 def _extract_tar(archive: Path, dest: Path, max_file_bytes: int, label: str) -> tuple[Path, list[str]]:
+    bounds = _TarBounds(label, ARCHIVE_INFLATE_FACTOR * max_file_bytes)
+    Bounded: type[_BoundedTarFile] = type("Bounded", (_BoundedTarFile,), {"bounds": bounds})
     try:
-        tf = tarfile.open(archive, "r:*")
+        tf = Bounded.open(archive, "r:*")
     except (tarfile.TarError, OSError, EOFError) as e:
         raise PatchError("InvalidSource", f"{label}: unreadable tar archive: {e}") from e
     with tf:
@@ -197,6 +274,10 @@ def _extract_tar(archive: Path, dest: Path, max_file_bytes: int, label: str) -> 
                 if i >= MAX_ARCHIVE_MEMBERS:
                     raise PatchError("UnsafeArchive", f"{label} has more than {MAX_ARCHIVE_MEMBERS} members")
                 name = _safe_member_name(m.name, label)
+                if m.size > max_file_bytes:  # each member is a file under the limit, skipped ones too
+                    raise PatchError("FileTooLarge", f"{label}: {name} is {_human(m.size)}, over the limit of "
+                                     f"{_human(max_file_bytes)}")
+                bounds.inflate(m.size)  # before the next header: walking to it inflates this member
                 if m.issym() or m.islnk():
                     raise PatchError("UnsafeArchive", f"{label}: member {m.name!r} is a link (to {m.linkname!r}); "
                                      "links are refused")
@@ -220,7 +301,29 @@ def _extract_tar(archive: Path, dest: Path, max_file_bytes: int, label: str) -> 
     return dest, warnings
 
 
+ZIP_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
+
+
+def _check_zip_directory(archive: Path, label: str) -> None:
+    """zipfile reads the central directory whole and makes one ZipInfo per entry: its size and entry
+    count (the end record's, zip64 included) are checked first."""
+    try:
+        with open(archive, "rb") as f:
+            end = zipfile._EndRecData(f)  # type: ignore[attr-defined]  # the end record, as ZipFile reads it
+    except OSError as e:
+        raise PatchError("InvalidSource", f"{label}: unreadable zip archive: {e}") from e
+    if not end:
+        raise PatchError("InvalidSource", f"{label}: unreadable zip archive: no end of central directory")
+    entries, size = end[zipfile._ECD_ENTRIES_TOTAL], end[zipfile._ECD_SIZE]  # type: ignore[attr-defined]
+    if entries > MAX_ARCHIVE_MEMBERS:
+        raise PatchError("UnsafeArchive", f"{label} has more than {MAX_ARCHIVE_MEMBERS} members")
+    if size > MAX_ZIP_CENTRAL_DIRECTORY:
+        raise PatchError("UnsafeArchive", f"{label}: its central directory of {_human(size)} is over the limit "
+                         f"of {_human(MAX_ZIP_CENTRAL_DIRECTORY)}")
+
+
 def _extract_zip(archive: Path, dest: Path, max_file_bytes: int, label: str) -> tuple[Path, list[str]]:
+    _check_zip_directory(archive, label)
     try:
         zf = zipfile.ZipFile(archive)
     except (zipfile.BadZipFile, OSError) as e:
@@ -249,11 +352,19 @@ def _extract_zip(archive: Path, dest: Path, max_file_bytes: int, label: str) -> 
         for wanted in WANTED:
             name = posixpath.join(top, wanted) if top else wanted
             limit = CONFIG_MAX_BYTES if wanted == CONFIG_NAME else max_file_bytes
+            info = by_name[name]
+            if info.flag_bits & 0x1:
+                raise PatchError("UnsupportedArchive", f"{label}: member {name} is encrypted")
+            if info.compress_type not in ZIP_METHODS:
+                raise PatchError("UnsupportedArchive", f"{label}: member {name} uses compression method "
+                                 f"{info.compress_type}; only stored, deflate, bzip2 and lzma are read")
             try:
-                with zf.open(by_name[name]) as src:
+                with zf.open(info) as src:
                     _copy_limited(src, dest / wanted, limit, f"{label}: {name}")
-            except (zipfile.BadZipFile, OSError) as e:
+            except (zipfile.BadZipFile, OSError, EOFError) as e:
                 raise PatchError("InvalidSource", f"{label}: corrupt zip member {name}: {e}") from e
+            except (NotImplementedError, RuntimeError) as e:  # what zipfile says of what it cannot read
+                raise PatchError("UnsupportedArchive", f"{label}: member {name}: {e}") from e
     return dest, warnings
 
 
@@ -263,9 +374,18 @@ def _list_local_dir(root: Path, label: str, max_depth: int = 3) -> dict[str, int
     """Relative paths of the files under root (links reported with size None, checked later)."""
     out: dict[str, int | None] = {}
 
+    seen = 0
+
     def walk(d: Path, rel: str, depth: int) -> None:
+        nonlocal seen
         try:
-            entries = list(os.scandir(d))
+            with os.scandir(d) as it:
+                entries = []
+                for ent in it:  # counted as they are read: a huge directory is not listed whole first
+                    seen += 1
+                    if seen > MAX_ARCHIVE_MEMBERS:
+                        raise PatchError("UnsafeSource", f"{label} has more than {MAX_ARCHIVE_MEMBERS} entries")
+                    entries.append(ent)
         except OSError as e:
             raise PatchError("SourceUnavailable", f"{label}: cannot list {d}: {e}") from e
         for ent in entries:
@@ -414,7 +534,7 @@ def _https(uri: str, workdir: Path, sha256: str | None, max_file_bytes: int) -> 
 # ---------------------------------------------------------------- entry point
 
 def resolve_pvc(uri: str, pvc_root: Path) -> Path:
-    m = re.match(r"^pvc://(?P<claim>[a-z0-9]([-a-z0-9]*[a-z0-9])?)/(?P<path>.+)$", uri)
+    m = re.fullmatch(r"pvc://(?P<claim>[a-z0-9]([-a-z0-9]*[a-z0-9])?)/(?P<path>.+)", uri)
     if not m:
         raise PatchError("InvalidSource", f"a pvc:// source must be pvc://<claim>/<path>, not {uri!r}")
     parts = [p for p in m.group("path").split("/") if p not in ("", ".")]
@@ -425,11 +545,13 @@ def resolve_pvc(uri: str, pvc_root: Path) -> Path:
 
 def fetch_adapter(uri: str, workdir: Path, *, sha256: str | None = None,
                   max_file_bytes: int = DEFAULT_MAX_FILE_BYTES, pvc_root: Path | str = "/mnt/sources",
-                  allow: Iterable[str] | None = None) -> FetchedAdapter:
+                  allow: Iterable[str] | None = None,
+                  fetch_timeout: float | None = DEFAULT_FETCH_TIMEOUT) -> FetchedAdapter:
     """Make the adapter's two files readable under a directory; workdir is scratch space (the caller
     removes it). Raises PatchError with a stable reason on any refusal. Remote sources connect only
     where vlmpool.patcher.egress allows: `allow` (default: $VLMPOOL_SOURCE_ALLOW) lists the
-    internal hosts/CIDRs an admin allowed."""
+    internal hosts/CIDRs an admin allowed; a remote fetch ends at `fetch_timeout` seconds
+    (FetchTimeout), however slowly its bytes arrive."""
     if sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", sha256):
         raise PatchError("InvalidArguments", f"--sha256 must be 64 hex digits, not {sha256!r}")
     workdir = Path(workdir)
@@ -439,13 +561,15 @@ def fetch_adapter(uri: str, workdir: Path, *, sha256: str | None = None,
     for prefix, fetch in {"https://": _https, "hf://": remote.hf, "s3://": remote.s3}.items():
         if uri.startswith(prefix):
             policy = egress.EgressPolicy.parse(allow) if allow is not None else egress.EgressPolicy.from_env()
-            with egress.guarded(policy) as guard:
+            with egress.guarded(policy, fetch_timeout) as guard:
                 try:
-                    return fetch(uri, workdir, sha256, max_file_bytes)
+                    fetched = fetch(uri, workdir, sha256, max_file_bytes)
                 except Exception:
                     if guard.refusal is not None:  # what a client library wrapped is the real reason
                         raise guard.refusal from None
                     raise
+                guard.check()
+                return fetched
     if uri.startswith("pvc://"):
         return _local_path(resolve_pvc(uri, Path(pvc_root)), uri, workdir, sha256, max_file_bytes)
     if uri.startswith("file://"):

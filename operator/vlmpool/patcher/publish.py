@@ -57,7 +57,7 @@ def _crash_point(step: str) -> None:
 
 
 def validate_adapter_name(name: str) -> None:
-    if not name or len(name) > 253 or not ADAPTER_NAME.match(name) or ".." in name:
+    if not name or len(name) > 253 or not ADAPTER_NAME.fullmatch(name) or ".." in name:
         raise PatchError("InvalidAdapterName", f"adapter name {name!r} is not a valid Kubernetes object name "
                          "(lower-case letters, digits, '-' and '.', starting and ending with a letter or digit)")
 

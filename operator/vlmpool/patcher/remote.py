@@ -8,7 +8,6 @@ import contextlib
 import os
 import posixpath
 import re
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from vlmpool.patcher import egress
 from vlmpool.patcher.errors import PatchError
 from vlmpool.patcher.fetch import (
     ARCHIVE_SUFFIXES,
+    CHUNK,
     CONFIG_MAX_BYTES,
     CONFIG_NAME,
     MAX_ARCHIVE_MEMBERS,
@@ -28,17 +28,19 @@ from vlmpool.patcher.fetch import (
     _human,
     _sizes,
     choose_adapter_files,
+    copy_chunks_limited,
     extract_adapter_archive,
     sha256_file,
 )
 
 # ---------------------------------------------------------------- hf://
 
+HF_READ_TIMEOUT = 60.0  # seconds per connect/read of a download (the whole fetch has --fetch-timeout)
 _HF_URI = re.compile(r"^hf://(?P<repo>[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*)(?:@(?P<rev>[A-Za-z0-9._/-]+))?$")
 
 
 def hf(uri: str, workdir: Path, sha256: str | None, max_file_bytes: int) -> FetchedAdapter:
-    m = _HF_URI.match(uri)
+    m = _HF_URI.fullmatch(uri)
     if not m:
         raise PatchError("InvalidSource", f"an hf:// source must be hf://<org>/<repo>[@<revision>], not {uri!r}")
     try:
@@ -86,17 +88,21 @@ def _hf_held_to(endpoint: str, uri: str) -> Iterator[None]:
 
 def _hf_fetch(uri: str, repo: str, rev: str, endpoint: str | None, token: str | None, workdir: Path,
               sha256: str | None, max_file_bytes: int) -> FetchedAdapter:
-    from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub import HfApi, hf_hub_url
     from huggingface_hub import errors as hf_errors
 
     api = HfApi(endpoint=endpoint, token=token)
     not_found = (hf_errors.RepositoryNotFoundError, hf_errors.RevisionNotFoundError, hf_errors.EntryNotFoundError)
     try:
         listing: dict[str, int] = {}
-        for entry in api.list_repo_tree(repo, revision=rev, recursive=True):
+        for n, entry in enumerate(api.list_repo_tree(repo, revision=rev, recursive=True)):
+            if n >= MAX_ARCHIVE_MEMBERS:  # files and folders: the walk itself stops here
+                raise PatchError("UnsafeSource", f"{uri} lists more than {MAX_ARCHIVE_MEMBERS} entries")
             size = getattr(entry, "size", None)
             if size is not None and type(entry).__name__ == "RepoFile":
                 listing[entry.path] = int(size)
+    except PatchError:
+        raise
     except not_found as e:
         raise PatchError("SourceNotFound", f"{uri}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
     except Exception as e:  # network and HTTP errors of the hub client
@@ -105,23 +111,42 @@ def _hf_fetch(uri: str, repo: str, rev: str, endpoint: str | None, token: str | 
     top, warnings = choose_adapter_files(listing, uri, max_file_bytes)
     adir = workdir / "adapter"
     adir.mkdir(parents=True, exist_ok=True)
-    dl = workdir / "hf"
     for wanted in WANTED:
         name = posixpath.join(top, wanted) if top else wanted
-        try:
-            got = hf_hub_download(repo, name, revision=rev, local_dir=dl, endpoint=endpoint, token=token)
-        except not_found as e:
-            raise PatchError("SourceNotFound", f"{uri}: {name}: {str(e).splitlines()[0]}") from None
-        except Exception as e:
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise PatchError("SourceUnavailable", f"{uri}: download of {name} failed: {first}") from e
         limit = CONFIG_MAX_BYTES if wanted == CONFIG_NAME else max_file_bytes
-        with open(got, "rb") as src:
-            _copy_limited(src, adir / wanted, limit, f"{uri}: {name}")
-    shutil.rmtree(dl, ignore_errors=True)
+        _hf_download(uri, hf_hub_url(repo, name, revision=rev, endpoint=endpoint), token, adir / wanted, limit,
+                     name)
     digest = sha256_file(adir / WEIGHTS_NAME)
     _check_pin(sha256, digest, f"{uri} {WEIGHTS_NAME}")
     return FetchedAdapter(adir, uri, "hf", digest, WEIGHTS_NAME, sha256 is not None, _sizes(adir), warnings)
+
+
+def _hf_download(uri: str, url: str, token: str | None, dst: Path, limit: int, name: str) -> None:
+    """GET one file of the repository through the hub client (its redirects held by _hf_held_to),
+    written to dst as the bytes arrive: the size limit holds while they stream (a listing or a
+    Content-Length that understates the file does not get past it), and only dst is written (the
+    hub's own download wrote the whole file first, then it was checked)."""
+    from huggingface_hub import get_session
+    from huggingface_hub.utils import build_hf_headers
+
+    what = f"{uri}: {name}"
+    try:
+        with get_session().stream("GET", url, headers=build_hf_headers(token=token), follow_redirects=True,
+                                  timeout=HF_READ_TIMEOUT) as r:
+            if r.status_code == 404:
+                code = r.headers.get("X-Error-Code") or "404"
+                raise PatchError("SourceNotFound", f"{what}: {code}")
+            if r.status_code >= 400:
+                raise PatchError("SourceUnavailable", f"{what}: download failed: HTTP {r.status_code}")
+            length = r.headers.get("Content-Length")
+            if length and length.isdigit() and int(length) > limit:
+                raise PatchError("FileTooLarge", f"{what} is {_human(int(length))}, over the limit of {_human(limit)}")
+            copy_chunks_limited(r.iter_bytes(CHUNK), dst, limit, what)
+    except PatchError:
+        raise
+    except Exception as e:  # network and protocol errors of the hub client
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise PatchError("SourceUnavailable", f"{what}: download failed: {first}") from e
 
 
 # ---------------------------------------------------------------- s3://
@@ -145,7 +170,7 @@ def _held_to_endpoint(endpoint: str, uri: str, aws: tuple[str, ...]) -> Any:
 
 
 def s3(uri: str, workdir: Path, sha256: str | None, max_file_bytes: int) -> FetchedAdapter:
-    m = _S3_URI.match(uri)
+    m = _S3_URI.fullmatch(uri)
     if not m:
         raise PatchError("InvalidSource", f"an s3:// source must be s3://<bucket>[/<prefix>], not {uri!r}")
     try:

@@ -213,7 +213,7 @@ class Proxy:
     @web.middleware
     async def _middleware(self, request: web.Request, handler) -> web.StreamResponse:
         rid = request.headers.get("X-Request-Id")
-        if not rid or not REQUEST_ID_RE.match(rid):
+        if not rid or not REQUEST_ID_RE.fullmatch(rid):
             rid = new_request_id()
         ctx = request[CTX] = RequestContext(rid)
         token = REQUEST_ID.set(rid)
