@@ -28,7 +28,8 @@ def test_default_render_is_a_cluster_wide_operator_with_exactly_the_operator_rul
     docs = helm.template()
     assert sorted(d["kind"] for d in docs) == ["ClusterRole", "ClusterRoleBinding", "Deployment", "Role",
                                                "RoleBinding", "Secret", "Service", "ServiceAccount",
-                                               "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"]
+                                               "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicy",
+                                               "ValidatingAdmissionPolicyBinding", "ValidatingAdmissionPolicyBinding"]
     # Leader election (on by default): a Role for the Lease in the release namespace only.
     le_role, le_binding = one(docs, "Role"), one(docs, "RoleBinding")
     assert le_role["metadata"] == {**le_role["metadata"], "name": "vlmpool-operator-leader-election",
