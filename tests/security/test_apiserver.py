@@ -410,3 +410,22 @@ async def test_a_refused_pool_creates_its_child_once_the_other_object_is_gone(st
         svc = await kube.get(SERVICES, "late", namespace)
         return "team-a/note" not in (svc["metadata"].get("annotations") or {})
     await eventually(annotation_gone, what="the dropped annotation removed by the next apply")
+
+
+async def test_every_pool_gets_a_network_policy_with_the_charts_rules(start_operator, kube, namespace):
+    """Issue 23: the default install (the chart passes --network-policy) guards each pool's pods in
+    whatever namespace: admin port from the operator's pods only, http from anyone, nothing else; the
+    apiserver accepts the policy, owned by the pool (it goes with it)."""
+    from vlmpool.kube.client import NETWORKPOLICIES
+    from vlmpool.manifests.common import server_selector
+
+    operator_peer = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "vlmpool-system"}},
+                     "podSelector": {"matchLabels": {"app.kubernetes.io/component": "operator"}}}
+    await start_operator("--network-policy", json.dumps({"adminFrom": [operator_peer]}))
+    pool = await kube.create(pool_obj("guarded", replicas=0, proxy={"port": 9080, "adminPort": 9081}), namespace)
+    policy = await eventually(lambda: kube.get_or_none(NETWORKPOLICIES, "guarded", namespace), what="the policy")
+    assert policy["metadata"]["ownerReferences"][0]["uid"] == pool["metadata"]["uid"]
+    spec = policy["spec"]
+    assert spec["podSelector"] == {"matchLabels": server_selector("guarded")} and spec["policyTypes"] == ["Ingress"]
+    assert spec["ingress"] == [{"ports": [{"port": 9081, "protocol": "TCP"}], "from": [operator_peer]},
+                               {"ports": [{"port": 9080, "protocol": "TCP"}]}]

@@ -201,3 +201,16 @@ def test_the_engine_listens_on_the_pods_loopback_only_and_its_probes_reach_it_th
         proc.terminate()
         proc.wait(timeout=30)
     assert probe("livenessProbe") != 0
+
+
+@pytest.mark.parametrize("doc, why", [
+    ('{"httpFrom": []}', "adminFrom must name the operator's pods"),
+    ('{"adminFrom": [{}], "egress": []}', "keys adminFrom, httpFrom, extraIngress only"),
+    ('{"adminFrom": "everyone"}', "adminFrom must be a list of objects"),
+    ("not json", "not JSON"),
+])
+def test_the_network_policy_setting_is_refused_when_it_would_shut_out_the_operator_or_is_malformed(doc, why):
+    from vlmpool.controller.cli import parse_network_policy
+
+    with pytest.raises(ValueError, match=why):
+        parse_network_policy(doc)

@@ -33,6 +33,8 @@ class PoolReconciler(ReconcilerBase):
         pvc = MP.adapter_pvc(pool)
         own = ([pvc] if pvc is not None else []) + [
             MP.admin_secret(pool, token), MP.deployment(pool, token_hash, self.config.adapter_root), MP.service(pool)]
+        if self.config.network_policy is not None:
+            own.append(MP.network_policy(pool, self.config.network_policy))
         routing = MR.routing_objects(pool)
         try:
             claimed = await C.claim(self.kube, pool.obj, own + routing)  # every one checked before any write

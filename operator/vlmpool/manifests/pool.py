@@ -329,5 +329,25 @@ def service(pool: Pool) -> dict[str, Any]:
     }
 
 
+def network_policy(pool: Pool, rules: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """The pool's NetworkPolicy (operator --network-policy, the chart's `networkPolicy`): its pods admit
+    `adminFrom` on the admin port, `httpFrom` (empty: anyone) on the http port, and `extraIngress`;
+    every other port is closed (the engine listens on the pod's loopback anyway)."""
+    px = pool.spec.proxy
+    http: dict[str, Any] = {"ports": [{"port": px.port, "protocol": "TCP"}]}
+    if rules.get("httpFrom"):
+        http["from"] = list(rules["httpFrom"])
+    admin: dict[str, Any] = {"ports": [{"port": px.admin_port, "protocol": "TCP"}],
+                             "from": list(rules.get("adminFrom") or [])}
+    ingress = [admin, http] if admin["from"] else [http]
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _meta(pool, service_name(pool.name)),
+        "spec": {"podSelector": {"matchLabels": server_selector(pool.name)}, "policyTypes": ["Ingress"],
+                 "ingress": ingress + list(rules.get("extraIngress") or [])},
+    }
+
+
 def endpoint(pool: Pool) -> str:
     return f"http://{service_name(pool.name)}.{pool.namespace}.svc:{pool.spec.proxy.port}/v1"
