@@ -332,6 +332,15 @@ async def test_a_pool_never_takes_over_or_deletes_another_teams_objects(start_op
 
     foreign = [await kube.create(o, namespace) for o in _foreign(namespace, "shared")]
     before = [_kept(o) for o in foreign]
+    # Team B's Deployment of the pool's name even carries the labels the pool's pods get: it is still
+    # not the pool's (neither changed nor read as the pool's Deployment for its status).
+    from vlmpool.manifests.common import pool_labels, server_selector
+    labels = pool_labels("shared")
+    their_dep = await kube.create({
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "shared", "labels": labels},
+        "spec": {"replicas": 0, "selector": {"matchLabels": server_selector("shared")},
+                 "template": {"metadata": {"labels": labels},
+                              "spec": {"containers": [{"name": "b", "image": "team-b/api:1"}]}}}}, namespace)
     op = await start_operator()
     pool = await kube.create(pool_obj("shared", replicas=0, routing={}), namespace)
     await kube.create(pool_obj("bystander", replicas=0), namespace)
@@ -341,7 +350,7 @@ async def test_a_pool_never_takes_over_or_deletes_another_teams_objects(start_op
         return c if c.get("status") == "True" and c.get("reason") == "ChildConflict" else None
     cond = await eventually(conflict, what="Degraded ChildConflict on the colliding pool")
     for what in (f"Service {namespace}/shared", f"Secret {namespace}/shared-admin-token",
-                 f"ConfigMap {namespace}/shared-epp"):
+                 f"ConfigMap {namespace}/shared-epp", f"Deployment {namespace}/shared"):
         assert what in cond["message"], cond
     events = [e for e in await kube.list(EVENTS, namespace)
               if e.get("reason") == "ChildConflict" and e["involvedObject"].get("uid") == pool["metadata"]["uid"]]
@@ -349,8 +358,12 @@ async def test_a_pool_never_takes_over_or_deletes_another_teams_objects(start_op
 
     # Nothing of the colliding pool was written, not even the children that had no conflict.
     await eventually(lambda: kube.get_or_none(DEPLOYMENTS, "bystander", namespace), what="the other pool's children")
-    for res, name in ((DEPLOYMENTS, "shared"), (PVCS, "shared-adapters")):
-        assert await kube.get_or_none(res, name, namespace) is None
+    assert await kube.get_or_none(PVCS, "shared-adapters", namespace) is None
+
+    async def status_not_from_their_deployment():  # the resync re-reads the pool's Deployment
+        c = await _condition(kube, "shared", namespace, "Ready")
+        return c.get("reason") == "DeploymentMissing"
+    await eventually(status_not_from_their_deployment, what="Ready DeploymentMissing (theirs is not the pool's)")
     assert [_kept(await kube.get(resource_for(o), o["metadata"]["name"], namespace)) for o in foreign] == before
 
     # The pool's retries (every resync) change nothing either.
@@ -371,6 +384,11 @@ async def test_a_pool_never_takes_over_or_deletes_another_teams_objects(start_op
     assert all(after), after
     assert [_kept(o) for o in after] == before
     assert base64.b64decode(after[1]["data"]["other"]) == b"kept"
+    dep = await kube.get(DEPLOYMENTS, "shared", namespace)
+    assert dep["metadata"]["generation"] == their_dep["metadata"]["generation"]
+    assert dep["spec"]["template"] == {**their_dep["spec"]["template"], "metadata": dep["spec"]["template"]["metadata"]}
+    assert dep["spec"]["template"]["spec"]["containers"][0]["image"] == "team-b/api:1"
+    assert not dep["metadata"].get("ownerReferences")
     assert (await kube.get(CONFIGMAPS, "shared-epp", namespace))["data"] == {"config.yaml": "team b's config\n"}
 
 
