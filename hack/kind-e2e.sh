@@ -7,7 +7,7 @@
 #      image is also tagged as the pools' default engine image (vllm/vllm-openai:<tag>), so pools run
 #      it unchanged,
 #   3. advertise 4 fake nvidia.com/gpu on the node (the pools request GPUs; the simulator needs none),
-#   4. helm install charts/vlmpool (release vlmpool in vlmpool-system, NetworkPolicy in namespace e2e),
+#   4. helm install charts/vlmpool (release vlmpool in vlmpool-system, a NetworkPolicy per pool),
 #   5. run tests/e2e with VLMPOOL_E2E_KUBECONFIG (pods reached by kubectl port-forward / exec; pool
 #      claims provisioned as hostPath volumes under the shared work directory).
 #
@@ -98,7 +98,7 @@ k create namespace e2e --dry-run=client -o yaml | k apply -f -
 log "helm install $RELEASE"
 "$HELM" upgrade --install "$RELEASE" charts/vlmpool --kubeconfig "$KUBECONFIG_FILE" \
   --namespace "$NS" --create-namespace --wait --timeout 300s \
-  --set operator.resyncSeconds=15 --set "networkPolicy.namespaces={e2e}" \
+  --set operator.resyncSeconds=15 \
   --set "sources.allowHostPaths={$WORK/pytest}"
 
 # ---- the suite ----------------------------------------------------------------------------------------

@@ -423,7 +423,7 @@ chart() {
   # shellcheck disable=SC2086
   "$HELM" upgrade --install "$RELEASE" charts/vlmpool --kubeconfig "$KUBECONFIG_FILE" \
     --namespace "$NS" --create-namespace --wait --timeout 300s \
-    --set operator.resyncSeconds=15 --set "networkPolicy.namespaces={e2e}" \
+    --set operator.resyncSeconds=15 \
     --set "sources.allowHostPaths={$STATE/pytest,$STATE/dev}" ${HELM_ARGS:-} >/dev/null
   # A rebuilt image under the same tag: let the operator pod start from it.
   k -n "$NS" rollout restart "deployment/$RELEASE-operator" >/dev/null

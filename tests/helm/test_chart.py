@@ -3,6 +3,7 @@ schema refusing bad values with its message, and what `helm package` ships."""
 
 from __future__ import annotations
 
+import json
 import tarfile
 
 import pytest
@@ -28,7 +29,8 @@ def test_default_render_is_a_cluster_wide_operator_with_exactly_the_operator_rul
     docs = helm.template()
     assert sorted(d["kind"] for d in docs) == ["ClusterRole", "ClusterRoleBinding", "Deployment", "Role",
                                                "RoleBinding", "Secret", "Service", "ServiceAccount",
-                                               "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"]
+                                               "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicy",
+                                               "ValidatingAdmissionPolicyBinding", "ValidatingAdmissionPolicyBinding"]
     # Leader election (on by default): a Role for the Lease in the release namespace only.
     le_role, le_binding = one(docs, "Role"), one(docs, "RoleBinding")
     assert le_role["metadata"] == {**le_role["metadata"], "name": "vlmpool-operator-leader-election",
@@ -58,6 +60,7 @@ def test_default_render_is_a_cluster_wide_operator_with_exactly_the_operator_rul
                          "--log-level=INFO", "--leader-elect", "--leader-election-id=vlmpool-operator",
                          "--lease-duration=15", "--renew-deadline=10", "--retry-period=2",
                          "--token-key-file=/var/run/vlmpool/token-key/key",
+                         "--network-policy=" + json.dumps(_network_policy_arg(docs), separators=(",", ":")),
                          "--patch-image=ghcr.io/vlmpool/vlmpool-patcher:0.1.0"]
     # The token key: a kept Secret, mounted read-only; no source allow-list, file:// off.
     key = one(docs, "Secret")
@@ -102,45 +105,54 @@ def test_watching_namespaces_grants_roles_there_and_nothing_cluster_wide(helm):
     assert "--all-namespaces" not in c["args"]
 
 
+def _network_policy_arg(docs) -> dict | None:
+    import json
+
+    _, _, c = _operator(docs)
+    found = [a.split("=", 1)[1] for a in c["args"] if a.startswith("--network-policy=")]
+    return json.loads(found[0]) if found else None
+
+
 def test_network_policy_admits_only_the_operator_on_the_admin_port(helm):
-    docs = helm.template(*variant_args("namespaced"))
-    _, _, _ = _operator(docs)
-    op_labels = one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
-    policies = by_kind(docs, "NetworkPolicy")
-    assert sorted(p["metadata"]["namespace"] for p in policies) == ["team-a", "team-b"]
-    for p in policies:
-        spec = p["spec"]
-        # The pods the operator labels as pool servers (manifests/common.py).
-        from vlmpool.manifests.common import COMPONENT_SERVER, L_COMPONENT, L_MANAGED_BY, MANAGED_BY
-        assert spec["podSelector"] == {"matchLabels": {L_MANAGED_BY: MANAGED_BY, L_COMPONENT: COMPONENT_SERVER}}
-        assert spec["policyTypes"] == ["Ingress"]
-        admin, http, extra = spec["ingress"]
-        assert admin["ports"] == [{"port": "admin", "protocol": "TCP"}]
-        system_ns = {"matchLabels": {"kubernetes.io/metadata.name": "vlmpool-system"}}
-        assert admin["from"] == [{"namespaceSelector": system_ns, "podSelector": {"matchLabels": op_labels}}]
-        assert http["ports"] == [{"port": "http", "protocol": "TCP"}]
-        assert http["from"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "gateway"}
-        assert extra["ports"] == [{"port": "engine", "protocol": "TCP"}]
-    # The named ports exist on the pool pods the operator builds.
+    """The chart hands the operator the rules (--network-policy); the operator gives every pool, in
+    whatever namespace, a NetworkPolicy over its pods with them (manifests/pool.py network_policy)."""
     from vlmpool.api.objects import Pool
-    from vlmpool.manifests.pool import pod_template
+    from vlmpool.controller.cli import parse_network_policy
+    from vlmpool.manifests.pool import network_policy, pod_template
 
-    pool = {"apiVersion": "vlmpool.io/v1alpha1", "kind": "VLMPool",
-            "metadata": {"name": "p", "namespace": "team-a", "uid": "u"},
-            "spec": {"model": {"name": "Qwen/Qwen2.5-VL-3B-Instruct", "family": "qwen2_5_vl"}}}
-    tpl = pod_template(Pool.parse(pool))
-    ports = {p["name"] for c in tpl["spec"]["containers"] for p in c.get("ports", [])}
-    assert {"admin", "http", "engine"} <= ports
-    from vlmpool.manifests.common import L_COMPONENT, L_MANAGED_BY
-    assert {L_MANAGED_BY, L_COMPONENT} <= set(tpl["metadata"]["labels"])
+    docs = helm.template(*variant_args("namespaced"))
+    assert not by_kind(docs, "NetworkPolicy")  # none of its own: one per pool, by the operator
+    rules = _network_policy_arg(docs)
+    assert rules is not None and parse_network_policy(json.dumps(rules)) == rules
+    op_labels = one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    system_ns = {"matchLabels": {"kubernetes.io/metadata.name": "vlmpool-system"}}
+    (admin_from,) = rules["adminFrom"]
+    assert admin_from["namespaceSelector"] == system_ns
+    assert admin_from["podSelector"]["matchLabels"].items() <= op_labels.items()
+    pool = Pool.parse({"apiVersion": "vlmpool.io/v1alpha1", "kind": "VLMPool",
+                       "metadata": {"name": "p", "namespace": "team-a", "uid": "u"},
+                       "spec": {"model": {"name": "Qwen/Qwen2.5-VL-3B-Instruct", "family": "qwen2_5_vl"}}})
+    policy = network_policy(pool, rules)
+    spec = policy["spec"]
+    tpl = pod_template(pool)
+    assert spec["podSelector"]["matchLabels"].items() <= tpl["metadata"]["labels"].items()
+    assert spec["policyTypes"] == ["Ingress"]
+    admin, http, extra = spec["ingress"]
+    assert admin == {"ports": [{"port": 8081, "protocol": "TCP"}], "from": [admin_from]}
+    assert http["ports"] == [{"port": 8080, "protocol": "TCP"}]
+    assert http["from"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "gateway"}
+    assert extra["ports"] == [{"port": 9400, "protocol": "TCP"}]
+    # Those are the proxy's ports; the engine has none (it listens on the pod's loopback).
+    ports = {c["name"]: {p["containerPort"] for p in c.get("ports", [])} for c in tpl["spec"]["containers"]}
+    assert ports == {"proxy": {8080, 8081}, "engine": set()}
 
 
-def test_cluster_wide_watch_renders_no_policy_unless_namespaces_are_listed(helm):
-    assert not by_kind(helm.template(), "NetworkPolicy")
-    docs = helm.template("--set", "networkPolicy.namespaces={team-x}")
-    assert [p["metadata"]["namespace"] for p in by_kind(docs, "NetworkPolicy")] == ["team-x"]
-    assert not by_kind(helm.template(*variant_args("namespaced"), "--set", "networkPolicy.enabled=false"),
-                       "NetworkPolicy")
+def test_the_default_install_gives_every_pool_a_network_policy_unless_turned_off(helm):
+    rules = _network_policy_arg(helm.template())  # cluster-wide watch: every namespace's pools
+    assert rules is not None and rules["httpFrom"] == [] and rules["extraIngress"] == []
+    assert _network_policy_arg(helm.template("--set", "networkPolicy.enabled=false")) is None
+    assert _network_policy_arg(helm.template(*variant_args("namespaced"), "--set", "networkPolicy.enabled=false")) \
+        is None
 
 
 def test_monitoring_objects(helm):

@@ -221,3 +221,50 @@ async def test_a_spec_only_the_model_refuses_degrades_the_pool_and_creates_no_ch
 
     await eventually(reconciled, what="Degraded False once the spec is valid")
     await kube.get(DEPLOYMENTS, "stuck", namespace)
+
+
+async def test_children_are_created_when_absent_and_changed_only_when_the_pools_own(kube, namespace, crds):
+    """controller/children.py on the real apiserver, the races included: an object that appeared after
+    the check (create gets AlreadyExists) or replaced by another's between check and apply is reported,
+    never written; the pool's own is applied; an absent one is created with its fields under the
+    operator's apply manager."""
+    from vlmpool.controller import children as C
+    from vlmpool.kube.client import CONFIGMAPS
+
+    pool = await kube.create(pool_obj("owner"), namespace)  # a real owner (the GC deletes orphans)
+    ref = {"apiVersion": "vlmpool.io/v1alpha1", "kind": "VLMPool", "name": "owner",
+           "uid": pool["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True}
+
+    def cm(name: str, value: str, own: bool = True) -> dict:
+        meta = {"name": name, "namespace": namespace, **({"ownerReferences": [ref]} if own else {})}
+        return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": {"k": value}}
+
+    theirs = await kube.create(cm("taken", "theirs", own=False), namespace)
+    with pytest.raises(C.ChildConflict, match=f"ConfigMap {namespace}/taken"):
+        await C.claim(kube, pool, [cm("free", "mine"), cm("taken", "mine")])
+    assert await kube.get_or_none(CONFIGMAPS, "free", namespace) is None  # nothing written before the check
+    # The race: claim() saw no object, someone created theirs before the create.
+    with pytest.raises(C.ChildConflict):
+        await C.put(kube, pool, C.Child(cm("taken", "mine"), None))
+    assert (await kube.get(CONFIGMAPS, "taken", namespace))["metadata"]["resourceVersion"] == \
+        theirs["metadata"]["resourceVersion"]
+
+    (free,) = await C.claim(kube, pool, [cm("free", "mine")])
+    assert free.uid is None
+    made = await C.put(kube, pool, free)
+    assert made["data"] == {"k": "mine"} and made["metadata"]["ownerReferences"][0]["uid"] == ref["uid"]
+    managers = [(m["manager"], m["operation"]) for m in made["metadata"]["managedFields"]]
+    assert managers == [("vlmpool-operator", "Apply")]
+
+    (own,) = await C.claim(kube, pool, [cm("free", "changed")])
+    assert own.uid == made["metadata"]["uid"]
+    assert (await C.put(kube, pool, own))["data"] == {"k": "changed"}
+
+    # Replaced by another's between the check and the apply: the apply's uid no longer matches.
+    await kube.delete(CONFIGMAPS, "free", namespace)
+    replaced = await kube.create(cm("free", "theirs", own=False), namespace)
+    with pytest.raises(C.ChildConflict):
+        await C.put(kube, pool, C.Child(cm("free", "mine"), own.uid))
+    got = await kube.get(CONFIGMAPS, "free", namespace)
+    assert got["metadata"]["resourceVersion"] == replaced["metadata"]["resourceVersion"]
+    assert got["data"] == {"k": "theirs"}

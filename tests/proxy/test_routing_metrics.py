@@ -121,3 +121,31 @@ async def test_engine_gauges_parse():
     assert (g.waiting, g.running, g.kv_usage) == (0, None, 0)
     g.update(None)
     assert (g.waiting, g.running, g.kv_usage) == (0, None, 0)
+
+
+async def test_the_engines_own_metrics_are_served_through_the_proxy(tmp_path):
+    """The engine listens on the pod's loopback only (manifests/pool.py ENGINE_HOST): its full vllm:*
+    set reaches Prometheus through the proxy's GET /metrics/engine (open like /metrics, also with API
+    keys on), the engine read at most once a second whatever the scrape rate; 503 when it is gone."""
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    (keys / "k").write_text("sk-client")
+    sim, runner = await start_sim()
+    try:
+        async with run_proxy(proxy_config(sim.url, api_key_dir=str(keys))) as p:
+            async with aiohttp.ClientSession() as s:
+                texts = []
+                for _ in range(5):
+                    async with s.get(p.url + "/metrics/engine") as r:
+                        assert r.status == 200 and r.content_type == "text/plain"
+                        texts.append(await r.text())
+            names = {f.name for f in text_string_to_metric_families(texts[0])}
+            assert "vllm:num_requests_running" in names and "vllm:kv_cache_usage_perc" in names, names
+            assert sum(1 for e in sim.log if e["path"] == "/metrics") <= 2  # 5 scrapes within a second
+            await runner.cleanup()
+            await asyncio.sleep(1.1)
+            async with aiohttp.ClientSession() as s:
+                async with s.get(p.url + "/metrics/engine") as r:
+                    assert r.status == 503
+    finally:
+        await runner.cleanup()

@@ -141,17 +141,21 @@ def _apply_admission_policy(control_plane) -> str:
     out = subprocess.run([str(helm), "template", "vlmpool", str(REPO / "charts" / "vlmpool"), "-n", "vlmpool-system",
                           "--show-only", "templates/admissionpolicy.yaml"], capture_output=True, text=True, check=True)
     docs = [d for d in yaml.safe_load_all(out.stdout) if d]
-    assert [d["kind"] for d in docs] == ["ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"]
+    assert sorted((d["kind"], d["metadata"]["name"]) for d in docs) == [
+        ("ValidatingAdmissionPolicy", "vlmpool-operator-credentials-secret"),
+        ("ValidatingAdmissionPolicy", "vlmpool-operator-pool-references"),
+        ("ValidatingAdmissionPolicyBinding", "vlmpool-operator-credentials-secret"),
+        ("ValidatingAdmissionPolicyBinding", "vlmpool-operator-pool-references")]
     for d in docs:
         control_plane.kubectl("apply", "-f", "-", input=json.dumps(d))
     return docs[0]["metadata"]["name"]
 
 
-def _tenant(control_plane, namespace: str, user: str, read_secrets: bool) -> Path:
-    rules = [{"apiGroups": ["vlmpool.io"], "resources": ["vlmadapters"],
+def _tenant(control_plane, namespace: str, user: str, read_secrets: bool, kind: str = "vlmadapters") -> Path:
+    rules = [{"apiGroups": ["vlmpool.io"], "resources": [kind],
               "verbs": ["get", "list", "create", "update", "patch", "delete"]}]
     if read_secrets:
-        rules.append({"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]})
+        rules.append({"apiGroups": [""], "resources": ["secrets", "persistentvolumeclaims"], "verbs": ["get"]})
     role = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
             "metadata": {"name": user, "namespace": namespace}, "rules": rules}
     binding = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
@@ -204,6 +208,63 @@ def test_a_tenant_cannot_name_a_secret_they_cannot_read(control_plane, crds, nam
     assert res.returncode == 0, res.stderr
 
 
+def test_a_tenant_cannot_name_a_secret_or_claim_they_cannot_read_in_a_pool(control_plane, crds, namespace):
+    """Issue 23: spec.proxy.apiKeySecret (mounted into pods whose images the pool's author picks),
+    spec.adapterVolume.claimName and spec.model.weights.claimName are held to the author's own `get`."""
+    _apply_admission_policy(control_plane)
+    control_plane.kubectl("-n", namespace, "create", "secret", "generic", "team-b-keys", "--from-literal=k=sk-b")
+    tenant = _tenant(control_plane, namespace, "pool-tenant-a", read_secrets=False, kind="vlmpools")
+    owner = _tenant(control_plane, namespace, "pool-owner-b", read_secrets=True, kind="vlmpools")
+
+    def create(kc: Path, obj: dict) -> subprocess.CompletedProcess:
+        return control_plane.kubectl("-n", namespace, "create", "-f", "-", input=json.dumps(obj), kubeconfig=kc,
+                                     check=False)
+
+    def patch(kc: Path, name: str, body: dict) -> subprocess.CompletedProcess:
+        return control_plane.kubectl("-n", namespace, "patch", "vlmpool", name, "--type=merge", "-p",
+                                     json.dumps(body), kubeconfig=kc, check=False)
+
+    keys = pool_obj("keys", replicas=0, proxy={"apiKeySecret": "team-b-keys"})
+
+    def refused_once_active() -> str | None:
+        res = create(tenant, keys)
+        if res.returncode == 0:  # the policy is not active yet: undo and try again
+            control_plane.kubectl("-n", namespace, "delete", "vlmpool", "keys", "--wait=false", check=False)
+            return None
+        return res.stderr
+    err = wait_for(refused_once_active, 30, what="the pool ValidatingAdmissionPolicy to refuse")
+    assert "spec.proxy.apiKeySecret" in err and f"may not get Secret {namespace}/team-b-keys" in err, err
+    assert "pool-tenant-a" in err
+    for spec, field, what in (
+            ({"adapterVolume": {"claimName": "team-b-adapters"}}, "spec.adapterVolume.claimName", "team-b-adapters"),
+            ({"model": {"name": BASE, "family": "qwen2_5_vl", "weights": {"claimName": "team-b-weights"}}},
+             "spec.model.weights.claimName", "team-b-weights")):
+        res = create(tenant, pool_obj("claims", replicas=0, **spec))
+        assert res.returncode != 0, res.stdout
+        assert field in res.stderr and f"may not get PersistentVolumeClaim {namespace}/{what}" in res.stderr, res.stderr
+
+    # One who may read them is admitted; a pool naming nothing is admitted for anyone.
+    theirs = pool_obj("theirs", replicas=0, proxy={"apiKeySecret": "team-b-keys"},
+                      adapterVolume={"claimName": "team-b-adapters"},
+                      model={"name": BASE, "family": "qwen2_5_vl", "weights": {"claimName": "team-b-weights"}})
+    res = create(owner, theirs)
+    assert res.returncode == 0, res.stderr
+    res = create(tenant, pool_obj("plain", replicas=0))
+    assert res.returncode == 0, res.stderr
+
+    # Updates that leave the references as they were pass (scaling, labels, the operator's patches) ...
+    assert patch(tenant, "theirs", {"spec": {"replicas": 1}}).returncode == 0
+    res = control_plane.kubectl("-n", namespace, "label", "vlmpool", "theirs", "team=b", kubeconfig=tenant,
+                                check=False)
+    assert res.returncode == 0, res.stderr
+    # ... changing one, or adding one to one's own pool, needs the right to read it.
+    for name in ("theirs", "plain"):
+        res = patch(tenant, name, {"spec": {"proxy": {"apiKeySecret": "team-b-other"}}})
+        assert res.returncode != 0 and "may not get Secret" in res.stderr, res.stderr
+        res = patch(tenant, name, {"spec": {"model": {"weights": {"claimName": "team-b-other"}}}})
+        assert res.returncode != 0 and "may not get PersistentVolumeClaim" in res.stderr, res.stderr
+
+
 # ------------------------------------------------------------------ item 10: Pod Security `restricted`
 
 async def test_pool_and_job_pods_are_admitted_in_a_restricted_namespace(control_plane, start_operator, kube, namespace):
@@ -233,3 +294,156 @@ async def test_pool_and_job_pods_are_admitted_in_a_restricted_namespace(control_
     env = patch["spec"]["template"]["spec"]["containers"][0]["env"]
     assert {"name": "VLMPOOL_SOURCE_ALLOW", "value": "10.20.0.0/16"} in env
     assert (await kube.get(VLMPOOLS, "vision", namespace))["metadata"]["uid"] == pool["metadata"]["uid"]
+
+
+# ------------------------------------------------------------------ issue 23: a pool takes over nothing
+
+def _foreign(namespace: str, name: str) -> list[dict]:
+    """Team B's objects, named as pool `name`'s Service, admin-token Secret and EPP ConfigMap would be."""
+    meta = {"namespace": namespace, "labels": {"team": "b"}}
+    return [
+        {"apiVersion": "v1", "kind": "Service", "metadata": {**meta, "name": name},
+         "spec": {"selector": {"app": "team-b-api"}, "ports": [{"port": 80, "targetPort": 8000}]}},
+        {"apiVersion": "v1", "kind": "Secret", "metadata": {**meta, "name": f"{name}-admin-token"},
+         "data": {"token": base64.b64encode(b"team-b-token").decode(), "other": base64.b64encode(b"kept").decode()}},
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {**meta, "name": f"{name}-epp"},
+         "data": {"config.yaml": "team b's config\n"}},
+    ]
+
+
+def _kept(obj: dict) -> tuple:
+    """What must not change: resourceVersion, owners, labels, selector/data."""
+    meta = obj["metadata"]
+    return (meta["resourceVersion"], meta.get("ownerReferences"), meta.get("labels"),
+            (obj.get("spec") or {}).get("selector"), obj.get("data"))
+
+
+async def _condition(kube, name: str, namespace: str, ctype: str) -> dict:
+    st = (await kube.get(VLMPOOLS, name, namespace)).get("status") or {}
+    return next((c for c in st.get("conditions") or [] if c["type"] == ctype), {})
+
+
+async def test_a_pool_never_takes_over_or_deletes_another_teams_objects(start_operator, kube, namespace):
+    """Team B's Service, Secret and ConfigMap exist first; a VLMPool whose children would take those
+    names is refused (Degraded ChildConflict naming each, a Warning Event) and writes none of its
+    children; deleting it leaves team B's objects byte for byte (the garbage collector has run: a
+    second pool deleted alongside is gone)."""
+    from vlmpool.kube.client import CONFIGMAPS, DEPLOYMENTS, PVCS, SERVICES, resource_for
+
+    foreign = [await kube.create(o, namespace) for o in _foreign(namespace, "shared")]
+    before = [_kept(o) for o in foreign]
+    # Team B's Deployment of the pool's name even carries the labels the pool's pods get: it is still
+    # not the pool's (neither changed nor read as the pool's Deployment for its status).
+    from vlmpool.manifests.common import pool_labels, server_selector
+    labels = pool_labels("shared")
+    their_dep = await kube.create({
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "shared", "labels": labels},
+        "spec": {"replicas": 0, "selector": {"matchLabels": server_selector("shared")},
+                 "template": {"metadata": {"labels": labels},
+                              "spec": {"containers": [{"name": "b", "image": "team-b/api:1"}]}}}}, namespace)
+    op = await start_operator()
+    pool = await kube.create(pool_obj("shared", replicas=0, routing={}), namespace)
+    await kube.create(pool_obj("bystander", replicas=0), namespace)
+
+    async def conflict():
+        c = await _condition(kube, "shared", namespace, "Degraded")
+        return c if c.get("status") == "True" and c.get("reason") == "ChildConflict" else None
+    cond = await eventually(conflict, what="Degraded ChildConflict on the colliding pool")
+    for what in (f"Service {namespace}/shared", f"Secret {namespace}/shared-admin-token",
+                 f"ConfigMap {namespace}/shared-epp", f"Deployment {namespace}/shared"):
+        assert what in cond["message"], cond
+    events = [e for e in await kube.list(EVENTS, namespace)
+              if e.get("reason") == "ChildConflict" and e["involvedObject"].get("uid") == pool["metadata"]["uid"]]
+    assert events and events[0]["type"] == "Warning" and "Service" in events[0]["message"], events
+
+    # Nothing of the colliding pool was written, not even the children that had no conflict.
+    await eventually(lambda: kube.get_or_none(DEPLOYMENTS, "bystander", namespace), what="the other pool's children")
+    assert await kube.get_or_none(PVCS, "shared-adapters", namespace) is None
+
+    async def status_not_from_their_deployment():  # the resync re-reads the pool's Deployment
+        c = await _condition(kube, "shared", namespace, "Ready")
+        return c.get("reason") == "DeploymentMissing"
+    await eventually(status_not_from_their_deployment, what="Ready DeploymentMissing (theirs is not the pool's)")
+    assert [_kept(await kube.get(resource_for(o), o["metadata"]["name"], namespace)) for o in foreign] == before
+
+    # The pool's retries (every resync) change nothing either.
+    async def retried():
+        return op.tail(200_000).count("not the pool's own") >= 2
+    await eventually(retried, what="the operator to retry the colliding pool")
+    assert [_kept(await kube.get(resource_for(o), o["metadata"]["name"], namespace)) for o in foreign] == before
+    await kube.delete(VLMPOOLS, "shared", namespace)
+    await kube.delete(VLMPOOLS, "bystander", namespace)
+
+    async def bystander_collected():
+        for res, name in ((DEPLOYMENTS, "bystander"), (SERVICES, "bystander"), (SECRETS, "bystander-admin-token")):
+            if await kube.get_or_none(res, name, namespace) is not None:
+                return False
+        return await kube.get_or_none(VLMPOOLS, "shared", namespace) is None
+    await eventually(bystander_collected, timeout=90, what="the garbage collector to remove the other pool's children")
+    after = [await kube.get_or_none(resource_for(o), o["metadata"]["name"], namespace) for o in foreign]
+    assert all(after), after
+    assert [_kept(o) for o in after] == before
+    assert base64.b64decode(after[1]["data"]["other"]) == b"kept"
+    dep = await kube.get(DEPLOYMENTS, "shared", namespace)
+    assert dep["metadata"]["generation"] == their_dep["metadata"]["generation"]
+    assert dep["spec"]["template"] == {**their_dep["spec"]["template"], "metadata": dep["spec"]["template"]["metadata"]}
+    assert dep["spec"]["template"]["spec"]["containers"][0]["image"] == "team-b/api:1"
+    assert not dep["metadata"].get("ownerReferences")
+    assert (await kube.get(CONFIGMAPS, "shared-epp", namespace))["data"] == {"config.yaml": "team b's config\n"}
+
+
+async def test_a_refused_pool_creates_its_child_once_the_other_object_is_gone(start_operator, kube, namespace):
+    """No spec change needed: the retry creates the child once team B's Service is removed; the
+    created child's fields belong to the operator's apply, so a field the pool later drops goes."""
+    from vlmpool.kube.client import DEPLOYMENTS, SERVICES
+    from vlmpool.manifests.common import server_selector
+
+    await kube.create(_foreign(namespace, "late")[0], namespace)
+    await start_operator()
+    pool = await kube.create(pool_obj("late", replicas=0, service={"annotations": {"team-a/note": "x"}}), namespace)
+
+    async def conflict():
+        return (await _condition(kube, "late", namespace, "Degraded")).get("reason") == "ChildConflict"
+    await eventually(conflict, what="the conflict")
+    await kube.delete(SERVICES, "late", namespace)
+
+    async def own_service():
+        svc = await kube.get_or_none(SERVICES, "late", namespace)
+        refs = (svc or {}).get("metadata", {}).get("ownerReferences") or []
+        return svc if refs and refs[0]["uid"] == pool["metadata"]["uid"] else None
+    svc = await eventually(own_service, what="the pool's own Service after the other was removed")
+    assert svc["spec"]["selector"] == server_selector("late")
+    assert await kube.get(DEPLOYMENTS, "late", namespace)
+    mine = [m for m in svc["metadata"]["managedFields"] if m["manager"] == "vlmpool-operator"]
+    assert [m["operation"] for m in mine] == ["Apply"], mine
+
+    async def reconciled():
+        c = await _condition(kube, "late", namespace, "Degraded")
+        return c.get("status") == "False" and c.get("reason") == "Reconciled"
+    await eventually(reconciled, what="Degraded False once the child exists")
+
+    await kube.patch(VLMPOOLS, "late", {"spec": {"service": {"annotations": None}}}, namespace)
+
+    async def annotation_gone():
+        svc = await kube.get(SERVICES, "late", namespace)
+        return "team-a/note" not in (svc["metadata"].get("annotations") or {})
+    await eventually(annotation_gone, what="the dropped annotation removed by the next apply")
+
+
+async def test_every_pool_gets_a_network_policy_with_the_charts_rules(start_operator, kube, namespace):
+    """Issue 23: the default install (the chart passes --network-policy) guards each pool's pods in
+    whatever namespace: admin port from the operator's pods only, http from anyone, nothing else; the
+    apiserver accepts the policy, owned by the pool (it goes with it)."""
+    from vlmpool.kube.client import NETWORKPOLICIES
+    from vlmpool.manifests.common import server_selector
+
+    operator_peer = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "vlmpool-system"}},
+                     "podSelector": {"matchLabels": {"app.kubernetes.io/component": "operator"}}}
+    await start_operator("--network-policy", json.dumps({"adminFrom": [operator_peer]}))
+    pool = await kube.create(pool_obj("guarded", replicas=0, proxy={"port": 9080, "adminPort": 9081}), namespace)
+    policy = await eventually(lambda: kube.get_or_none(NETWORKPOLICIES, "guarded", namespace), what="the policy")
+    assert policy["metadata"]["ownerReferences"][0]["uid"] == pool["metadata"]["uid"]
+    spec = policy["spec"]
+    assert spec["podSelector"] == {"matchLabels": server_selector("guarded")} and spec["policyTypes"] == ["Ingress"]
+    assert spec["ingress"] == [{"ports": [{"port": 9081, "protocol": "TCP"}], "from": [operator_peer]},
+                               {"ports": [{"port": 9080, "protocol": "TCP"}]}]

@@ -151,3 +151,66 @@ def test_admin_tokens_are_derived_from_the_pool_identity_and_the_key():
         q["metadata"][field] = value
         other.append(pool_token(b"k" * 32, q))
     assert t not in other and len(set(other)) == len(other)
+
+
+# ------------------------------------------------------------------ issue 23: the engine's port
+
+@pytest.mark.parametrize("arg", ["--host", "--host=0.0.0.0", "--port", "--port=9000", "--uds"])
+def test_a_pool_cannot_open_its_engine_through_extra_args(arg):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=f"engine.extraArgs may not set {arg.split('=')[0]}"):
+        pool(engine={"extraArgs": ["--enforce-eager", arg, "0.0.0.0"]})
+
+
+def test_the_engine_listens_on_the_pods_loopback_only_and_its_probes_reach_it_there(tmp_path):
+    """The engine container's own command line (run as `vlmpool sim`, which takes vLLM's flags, as the
+    process kubelet runs it) listens on 127.0.0.1 only: another address of the same host (127.0.0.2
+    here; in a cluster the pod IP) is refused. Its exec probes, run as the kubelet runs them, pass on
+    the live engine and fail once it is gone."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dep = MP.deployment(pool(engine={"port": port}))
+    eng = next(c for c in dep["spec"]["template"]["spec"]["containers"] if c["name"] == "engine")
+    assert "ports" not in eng
+    vlmpool = str(Path(sys.executable).with_name("vlmpool"))
+    log = (tmp_path / "engine.log").open("w")
+    # the simulator image's ENTRYPOINT (`vlmpool sim --host 0.0.0.0`) then the container's args
+    proc = subprocess.Popen([vlmpool, "sim", "--host", "0.0.0.0", *eng["args"]], stdout=log, stderr=subprocess.STDOUT)
+
+    def probe(kind: str) -> int:
+        return subprocess.run(eng[kind]["exec"]["command"], capture_output=True, timeout=30).returncode
+
+    try:
+        deadline = time.monotonic() + 60
+        while probe("startupProbe") != 0:
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "engine.log").read_text()
+            time.sleep(0.3)
+        assert probe("readinessProbe") == 0 and probe("livenessProbe") == 0
+        with socket.socket() as s, pytest.raises(ConnectionRefusedError):
+            s.settimeout(5)
+            s.connect(("127.0.0.2", port))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert probe("livenessProbe") != 0
+
+
+@pytest.mark.parametrize("doc, why", [
+    ('{"httpFrom": []}', "adminFrom must name the operator's pods"),
+    ('{"adminFrom": [{}], "egress": []}', "keys adminFrom, httpFrom, extraIngress only"),
+    ('{"adminFrom": "everyone"}', "adminFrom must be a list of objects"),
+    ("not json", "not JSON"),
+])
+def test_the_network_policy_setting_is_refused_when_it_would_shut_out_the_operator_or_is_malformed(doc, why):
+    from vlmpool.controller.cli import parse_network_policy
+
+    with pytest.raises(ValueError, match=why):
+        parse_network_policy(doc)

@@ -65,7 +65,8 @@ def test_deployment_defaults():
     sel = dep["spec"]["selector"]["matchLabels"]
     assert all(dep["spec"]["template"]["metadata"]["labels"][k] == v for k, v in sel.items())
     eng = container(dep, "engine")
-    assert eng["args"] == ["--model", BASE, "--served-model-name", BASE, "--port", "8000", "--enable-lora",
+    assert eng["args"] == ["--model", BASE, "--served-model-name", BASE, "--host", "127.0.0.1", "--port", "8000",
+                           "--enable-lora",
                            "--max-loras", "4", "--max-lora-rank", "64",
                            # the family's image budget (qwen2_5_vl: 4·28² … 1280·28², tests/unit/test_family_table.py)
                            "--mm-processor-kwargs", '{"size":{"shortest_edge":3136,"longest_edge":1003520}}']
@@ -73,6 +74,13 @@ def test_deployment_defaults():
     assert eng["resources"] == {"limits": {"nvidia.com/gpu": "1"}, "requests": {"nvidia.com/gpu": "1"}}
     # Startup probe covers the model's load time (1800 s default at a 10 s period).
     assert eng["startupProbe"]["periodSeconds"] * eng["startupProbe"]["failureThreshold"] >= 1800
+    # The engine listens on the pod's loopback only (issue 23): no container port, and its probes run
+    # inside the container against 127.0.0.1 (a kubelet httpGet would reach the pod IP, where nothing listens).
+    assert "ports" not in eng
+    for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert set(eng[kind]) - {"periodSeconds", "timeoutSeconds", "failureThreshold"} == {"exec"}, eng[kind]
+        cmd = eng[kind]["exec"]["command"]
+        assert cmd[:2] == ["python3", "-c"] and "'http://127.0.0.1:8000/health'" in cmd[2]
     assert {"name": "adapters", "mountPath": ADAPTER_ROOT, "readOnly": True} in eng["volumeMounts"]
     px = container(dep, "proxy")
     assert px["command"] == ["vlmpool"] and px["args"][0] == "proxy"

@@ -54,10 +54,9 @@ app.kubernetes.io/part-of: vlmpool
 {{- end }}
 {{- end }}
 
-{{/* The namespaces the pool NetworkPolicies go to. */}}
-{{- define "vlmpool.policyNamespaces" -}}
-{{- $ns := .Values.networkPolicy.namespaces | default .Values.watch.namespaces }}
-{{- range $ns }}
-- {{ . }}
-{{- end }}
+{{/* The operator's --network-policy: the rules of the NetworkPolicy it gives every pool (admin port:
+     the operator's pods in the release namespace only; http port: httpFrom or anyone; extraIngress). */}}
+{{- define "vlmpool.networkPolicyJson" -}}
+{{- $admin := dict "namespaceSelector" (dict "matchLabels" (dict "kubernetes.io/metadata.name" .Release.Namespace)) "podSelector" (dict "matchLabels" (include "vlmpool.selectorLabels" . | fromYaml)) }}
+{{- dict "adminFrom" (list $admin) "httpFrom" .Values.networkPolicy.httpFrom "extraIngress" .Values.networkPolicy.extraIngress | toJson }}
 {{- end }}

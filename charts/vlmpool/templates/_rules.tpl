@@ -74,6 +74,13 @@
   verbs:
   - create
 - apiGroups:
+  - networking.k8s.io
+  resources:
+  - networkpolicies
+  verbs:
+  - create
+  - patch
+- apiGroups:
   - inference.networking.k8s.io
   resources:
   - inferencepools

@@ -200,7 +200,8 @@ class EngineSpec(Model):
         default=4, ge=1, le=64, description="Adapter loads each pod's proxy runs at once while it converges to a "
         "pushed state (pushed at run time, no pod restart). vLLM loads one adapter at a time per engine, so more "
         "mostly overlaps the file reads.")
-    extra_args: list[str] = Field(default_factory=list, description="Extra vLLM command-line arguments.")
+    extra_args: list[str] = Field(default_factory=list, description="Extra vLLM command-line arguments (not "
+                                  "--host, --port or --uds: the engine listens on the pod's loopback only).")
     env: list[EnvVar] = Field(default_factory=list, description="Extra environment of the engine container.")
     startup_timeout_seconds: int = Field(
         default=1800, ge=60, le=86400,
@@ -211,6 +212,16 @@ class EngineSpec(Model):
         "non-root, read-only root, no capabilities, no privilege escalation) for images that demand it; a "
         "namespace enforcing the restricted Pod Security profile refuses what it loosens.",
     )
+
+    @field_validator("extra_args")
+    @classmethod
+    def _engine_stays_on_loopback(cls, args: list[str]) -> list[str]:
+        for a in args:
+            flag = a.split("=", 1)[0]
+            if flag in ("--host", "--port", "--uds"):
+                raise ValueError(f"engine.extraArgs may not set {flag}: the engine listens on the pod's loopback "
+                                 "only (its API has no authentication); set engine.port for the port")
+        return args
 
 
 class ProxySpec(Model):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import Any
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -57,6 +58,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
                      "namespace/name/uid); the chart mounts it from a Secret in the operator's namespace. "
                      "Default: $VLMPOOL_TOKEN_KEY, else a random key for this process only (tokens, and so "
                      "the pools' pods, change when the operator restarts)")
+    sec.add_argument("--network-policy", default=os.environ.get("VLMPOOL_NETWORK_POLICY") or None, metavar="JSON",
+                     help='a NetworkPolicy per pool, named after it, selecting its pods: JSON {"adminFrom": '
+                     '[peers allowed on the admin port], "httpFrom": [peers allowed on the http port; empty: '
+                     'anyone], "extraIngress": [further ingress rules]} (NetworkPolicyPeer / IngressRule '
+                     "objects); the chart sets it. Default: $VLMPOOL_NETWORK_POLICY, else no policy")
     le = parser.add_argument_group("leader election (for more than one replica)")
     le.add_argument("--leader-elect", action="store_true",
                     help="run only while holding a coordination.k8s.io Lease; other replicas stand by "
@@ -126,6 +132,11 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger("vlmpool.operator").warning(
             "no --token-key-file: the pools' admin tokens are derived from a random key of this process; "
             "every operator restart rotates them (and rolls the pools' pods)")
+    try:
+        network_policy = parse_network_policy(args.network_policy) if args.network_policy else None
+    except ValueError as e:
+        print(f"vlmpool operator: --network-policy: {e}")
+        return 2
     namespaces = list(args.namespace)
     if not namespaces and not args.all_namespaces:
         namespaces = [n.strip() for n in os.environ.get("VLMPOOL_NAMESPACES", "").split(",") if n.strip()]
@@ -140,6 +151,7 @@ def run(args: argparse.Namespace) -> int:
         config=OperatorConfig(resync_seconds=args.resync_seconds, push_timeout=args.push_timeout,
                               push_parallelism=args.push_parallelism, progress_wait=args.progress_wait,
                               max_patch_jobs=args.max_patch_jobs, patch_image=args.patch_image,
+                              network_policy=network_policy,
                               patch_dora_image=args.patch_dora_image,
                               adapter_root=args.adapter_root.rstrip("/") or "/",
                               source_allow=tuple(source_allow), host_paths=tuple(host_paths),
@@ -186,3 +198,23 @@ def run(args: argparse.Namespace) -> int:
               "as a follower")
         return 1
     return 0
+
+
+def parse_network_policy(text: str) -> dict[str, list[dict[str, Any]]]:
+    """--network-policy's JSON: lists of objects under adminFrom, httpFrom, extraIngress only."""
+    import json
+
+    try:
+        doc = json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"not JSON: {e}") from None
+    keys = ("adminFrom", "httpFrom", "extraIngress")
+    if not isinstance(doc, dict) or set(doc) - set(keys):
+        raise ValueError(f"an object with the keys {', '.join(keys)} only")
+    out = {k: doc.get(k) or [] for k in keys}
+    for k, v in out.items():
+        if not isinstance(v, list) or not all(isinstance(x, dict) for x in v):
+            raise ValueError(f"{k} must be a list of objects")
+    if not out["adminFrom"]:
+        raise ValueError("adminFrom must name the operator's pods (none would shut the operator out of the admin port)")
+    return out

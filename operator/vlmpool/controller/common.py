@@ -51,6 +51,8 @@ class OperatorConfig:
     adapter_root: str = ADAPTER_ROOT  # mount path of the adapter volume in Jobs and engines
     source_allow: tuple[str, ...] = ()  # internal hosts/CIDRs patch Jobs may fetch from (--source-allow)
     host_paths: tuple[str, ...] = ()  # node directories file:// sources may name (--allow-host-path)
+    # A NetworkPolicy per pool (--network-policy): {"adminFrom", "httpFrom", "extraIngress"}; None: none.
+    network_policy: dict[str, list[dict[str, Any]]] | None = None
     # The key the pools' admin tokens are derived from (--token-key-file); the default suits a
     # single process only (tests): the chart mounts a key that outlives operator restarts.
     token_key: bytes = field(default_factory=lambda: secrets.token_bytes(32))

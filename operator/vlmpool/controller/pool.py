@@ -1,4 +1,5 @@
-"""Pools: server-side apply of the children, status from the Deployment.
+"""Pools: the children (created when absent, applied when the pool's own: controller/children.py),
+status from the Deployment.
 
 reconcile_pool takes the parsed pool (api/objects.Pool). The status paths (deployment_changed,
 refresh_pool_status, pool_failed) read only metadata and status: they keep the raw object and never
@@ -10,12 +11,14 @@ import hashlib
 from typing import Any
 
 from vlmpool.api.objects import Pool
+from vlmpool.controller import children as C
 from vlmpool.controller import decisions as D
 from vlmpool.controller import status as S
 from vlmpool.controller.common import ReconcilerBase, RetryLater, pool_token
 from vlmpool.controller.routing import apply_routing
 from vlmpool.kube.client import DEPLOYMENTS, PODS, VLMPOOLS, ApiError
 from vlmpool.manifests import pool as MP
+from vlmpool.manifests import routing as MR
 from vlmpool.manifests.common import deployment_name, server_label_selector
 
 
@@ -24,14 +27,24 @@ class PoolReconciler(ReconcilerBase):
 
     async def reconcile_pool(self, pool: Pool) -> None:
         ns, name, gen = pool.namespace, pool.name, pool.generation
-        pvc = MP.adapter_pvc(pool)
-        if pvc is not None:
-            await self.kube.apply(pvc)
-        token = await self._ensure_token(pool)
+        # The admin token is derived (pool_token): the operator never reads a Secret back.
+        token = pool_token(self.config.token_key, pool.obj)
         token_hash = hashlib.sha256(token.encode()).hexdigest()[:16]
-        await self.kube.apply(MP.deployment(pool, token_hash, self.config.adapter_root))
-        await self.kube.apply(MP.service(pool))
-        if problem := await apply_routing(self.kube, pool):
+        pvc = MP.adapter_pvc(pool)
+        own = ([pvc] if pvc is not None else []) + [
+            MP.admin_secret(pool, token), MP.deployment(pool, token_hash, self.config.adapter_root), MP.service(pool)]
+        if self.config.network_policy is not None:
+            own.append(MP.network_policy(pool, self.config.network_policy))
+        routing = MR.routing_objects(pool)
+        try:
+            claimed = await C.claim(self.kube, pool.obj, own + routing)  # every one checked before any write
+            for child in claimed[:len(own)]:
+                await C.put(self.kube, pool.obj, child)
+            problem = await apply_routing(lambda c: C.put(self.kube, pool.obj, c), claimed[len(own):])
+        except C.ChildConflict as e:
+            await self._child_conflict(pool, e)
+            raise RetryLater(str(e), delay=self.config.resync_seconds) from None
+        if problem:
             self.event(pool.obj, "Warning", "RoutingUnavailable", problem)
         # Replica counts are the Deployment watcher's (deployment_changed): the object returned by
         # this apply may be older than what it already wrote.
@@ -58,12 +71,14 @@ class PoolReconciler(ReconcilerBase):
             pass
         self.event(pool, "Warning", "ReconcileFailed", str(err))
 
-    async def _ensure_token(self, pool: Pool) -> str:
-        """Apply the pool's admin-token Secret. The token is derived (pool_token), so the operator
-        never reads a Secret back: it only creates/patches the pools' token Secrets."""
-        token = pool_token(self.config.token_key, pool.obj)
-        await self.kube.apply(MP.admin_secret(pool, token))
-        return token
+    async def _child_conflict(self, pool: Pool, err: C.ChildConflict) -> None:
+        """Degraded True, reason ChildConflict, naming the objects; a Warning Event when that is news
+        (the reconcile is retried every resync until the objects are gone or the pool renamed)."""
+        before = S.get_condition((pool.obj.get("status") or {}).get("conditions") or [], "Degraded") or {}
+        self.metrics.errors.labels("pool", C.REASON).inc()
+        await self._write_pool_status(pool.obj, {}, [("Degraded", "True", C.REASON, str(err))])
+        if before.get("reason") != C.REASON or before.get("message") != str(err):
+            self.event(pool.obj, "Warning", C.REASON, str(err))
 
     async def deployment_changed(self, dep: dict[str, Any]) -> None:
         """Copy the Deployment's replica counts into its pool's status."""
@@ -81,8 +96,10 @@ class PoolReconciler(ReconcilerBase):
         obj = await self.kube.get_or_none(VLMPOOLS, pool, ns)
         if obj is None:
             return
+        uid = obj["metadata"]["uid"]
         deps = [d for d in await self.kube.list(DEPLOYMENTS, ns, label_selector=server_label_selector(pool))
-                if d["metadata"]["name"] == deployment_name(pool)]
+                if d["metadata"]["name"] == deployment_name(pool)
+                and (D.controller_owner(d, "VLMPool") or {}).get("uid") == uid]  # never another's
         await self._write_dep_status(obj, deps[0] if deps else None)
 
     async def pod_scheduling_changed(self, pod: dict[str, Any]) -> None:

@@ -22,6 +22,9 @@ Why each rule is needed:
 - jobs: create the patch and cleanup Jobs (get after an AlreadyExists), watch them for completion,
   delete an unfinished patch Job of an adapter being deleted (so it cannot publish after the cleanup).
 - events: kopf and the operator post Kubernetes Events (create).
+- networkpolicies: a pool's NetworkPolicy (--network-policy; the chart sets it), create and patch.
+- Every child above is checked before it is written (controller/children.py) with a JSON patch of
+  `test` operations, which needs patch only: no get on any child kind, so still no Secret read.
 - inferencepools, serviceaccounts, configmaps, roles, rolebindings: server-side apply of a pool's
   `spec.routing` children (manifests/routing.py); inferencepools also get/list/watch and pods get,
   because the EPP's Role grants exactly those and RBAC lets a user grant only what it holds.
@@ -57,6 +60,7 @@ RULES: list[dict[str, Any]] = [
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
     {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "watch", "create", "delete"]},
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+    {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": ["create", "patch"]},
     {"apiGroups": ["inference.networking.k8s.io"], "resources": ["inferencepools"],
      "verbs": ["get", "list", "watch", "create", "patch"]},
     {"apiGroups": [""], "resources": ["serviceaccounts", "configmaps"], "verbs": ["create", "patch"]},

@@ -112,6 +112,7 @@ CONFIGMAPS = Resource("", "v1", "configmaps")
 SERVICEACCOUNTS = Resource("", "v1", "serviceaccounts")
 ROLES = Resource("rbac.authorization.k8s.io", "v1", "roles")
 ROLEBINDINGS = Resource("rbac.authorization.k8s.io", "v1", "rolebindings")
+NETWORKPOLICIES = Resource("networking.k8s.io", "v1", "networkpolicies")
 
 KIND_TO_RESOURCE = {
     ("v1", "Pod"): PODS,
@@ -129,6 +130,7 @@ KIND_TO_RESOURCE = {
     ("v1", "ServiceAccount"): SERVICEACCOUNTS,
     ("rbac.authorization.k8s.io/v1", "Role"): ROLES,
     ("rbac.authorization.k8s.io/v1", "RoleBinding"): ROLEBINDINGS,
+    ("networking.k8s.io/v1", "NetworkPolicy"): NETWORKPOLICIES,
 }
 
 

@@ -159,7 +159,8 @@ async def run_probe(probe: dict, container: dict, pod_ip: str, session: aiohttp.
             writer.close()
             return True, ""
         if "exec" in probe:
-            cmd = probe["exec"].get("command") or []
+            # inside the pod, loopback is the pod itself (as for the containers' own arguments)
+            cmd = [rewrite_loopback(a, pod_ip) for a in probe["exec"].get("command") or []]
             proc = await asyncio.create_subprocess_exec(*cmd, env=env, stdout=asyncio.subprocess.PIPE,
                                                         stderr=asyncio.subprocess.STDOUT)
             out, _ = await asyncio.wait_for(proc.communicate(), timeout)

@@ -32,6 +32,11 @@ from vlmpool.manifests.common import (
 PROXY_CONTAINER = "proxy"
 ENGINE_CONTAINER = "engine"
 ENGINE_HEALTH_PATH = "/health"
+# The engine listens on the pod's loopback only: its API (inference on any adapter, runtime LoRA
+# load/unload) has no authentication, and only the proxy, in the same pod, talks to it. Everything
+# else (clients, the EPP's and Prometheus' scrapes: the proxy's /metrics carries vLLM's series) goes
+# through the proxy. Its probes therefore run inside the engine container (exec), not from the kubelet.
+ENGINE_HOST = "127.0.0.1"
 
 # Pod Security Standards `restricted` by default (docs/security.md). The images run as uid/gid 65532;
 # fsGroup lets the engines read what patch Jobs (same group) wrote on the adapter volume.
@@ -108,6 +113,7 @@ def engine_args(spec: VLMPoolSpec) -> list[str]:
     args = [
         "--model", model,
         "--served-model-name", spec.served_name(),
+        "--host", ENGINE_HOST,
         "--port", str(eng.port),
         "--enable-lora",
         "--max-loras", str(eng.max_loras),
@@ -166,6 +172,13 @@ def proxy_args(spec: VLMPoolSpec, adapter_root: str = ADAPTER_ROOT) -> list[str]
         "--thinking", "switch" if families.family(spec.model.family).thinking_switch else "none",
     ] + (["--api-key-dir", API_KEY_DIR] if px.api_key_secret else []) + (
         [] if px.crop_describe else ["--no-crop-describe"])
+
+
+def engine_probe_command(port: int, timeout: int) -> list[str]:
+    """The engine's health check from inside its container (python3 is in vLLM's image and in the
+    simulator's): exit 0 when GET /health on the loopback port answers 2xx."""
+    url = f"http://{ENGINE_HOST}:{port}{ENGINE_HEALTH_PATH}"
+    return ["python3", "-c", f"import urllib.request as u; u.urlopen({url!r}, timeout={max(1, timeout - 1)})"]
 
 
 def _resources(res: Any, gpus: int = 0) -> dict[str, Any]:
@@ -238,13 +251,13 @@ def pod_template(pool: Pool, token_hash: str = "", adapter_root: str = ADAPTER_R
         "env": [{"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"},
                 {"name": "HOME", "value": ENGINE_HOME}]
         + [{"name": e.name, "value": e.value} for e in eng.env],
-        "ports": [{"name": "engine", "containerPort": eng.port, "protocol": "TCP"}],
-        "startupProbe": {"httpGet": {"path": ENGINE_HEALTH_PATH, "port": "engine"}, "periodSeconds": probe_period,
+        # no container port: the engine is not reachable from outside the pod (ENGINE_HOST)
+        "startupProbe": {"exec": {"command": engine_probe_command(eng.port, 5)}, "periodSeconds": probe_period,
                          "timeoutSeconds": 5,
                          "failureThreshold": max(1, -(-eng.startup_timeout_seconds // probe_period))},
-        "readinessProbe": {"httpGet": {"path": ENGINE_HEALTH_PATH, "port": "engine"}, "periodSeconds": 5,
+        "readinessProbe": {"exec": {"command": engine_probe_command(eng.port, 5)}, "periodSeconds": 5,
                            "timeoutSeconds": 5, "failureThreshold": 3},
-        "livenessProbe": {"httpGet": {"path": ENGINE_HEALTH_PATH, "port": "engine"}, "periodSeconds": 15,
+        "livenessProbe": {"exec": {"command": engine_probe_command(eng.port, 10)}, "periodSeconds": 15,
                           "timeoutSeconds": 10, "failureThreshold": 4},
         # the engine outlives the proxy's drain (proxy/drain.py): the kubelet sends it SIGTERM only once
         # the proxy has stopped taking requests and finished those in flight
@@ -313,6 +326,26 @@ def service(pool: Pool) -> dict[str, Any]:
             "selector": server_selector(name),
             "ports": [{"name": "http", "port": spec.proxy.port, "targetPort": "http", "protocol": "TCP"}],
         },
+    }
+
+
+def network_policy(pool: Pool, rules: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """The pool's NetworkPolicy (operator --network-policy, the chart's `networkPolicy`): its pods admit
+    `adminFrom` on the admin port, `httpFrom` (empty: anyone) on the http port, and `extraIngress`;
+    every other port is closed (the engine listens on the pod's loopback anyway)."""
+    px = pool.spec.proxy
+    http: dict[str, Any] = {"ports": [{"port": px.port, "protocol": "TCP"}]}
+    if rules.get("httpFrom"):
+        http["from"] = list(rules["httpFrom"])
+    admin: dict[str, Any] = {"ports": [{"port": px.admin_port, "protocol": "TCP"}],
+                             "from": list(rules.get("adminFrom") or [])}
+    ingress = [admin, http] if admin["from"] else [http]
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _meta(pool, service_name(pool.name)),
+        "spec": {"podSelector": {"matchLabels": server_selector(pool.name)}, "policyTypes": ["Ingress"],
+                 "ingress": ingress + list(rules.get("extraIngress") or [])},
     }
 
 

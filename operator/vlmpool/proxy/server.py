@@ -57,7 +57,9 @@ log = get_logger()
 access_log = get_logger("access")
 
 REQUEST_ID_RE = re.compile(r"^[\x21-\x7e]{1,200}$")
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/drainz", "/metrics"})  # never behind the API key
+ENGINE_METRICS_ROUTE = "/metrics/engine"  # the engine's own /metrics, which listens on the pod's loopback only
+# never behind the API key
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/drainz", "/metrics", ENGINE_METRICS_ROUTE})
 LINGER_S = 2.0  # aiohttp's default is 10 s of reading a refused body's rest
 
 
@@ -144,6 +146,8 @@ class Proxy:
         self.config = config
         self.metrics = ProxyMetrics()
         self.engine = EngineClient(config.engine_url, request_timeout=config.request_timeout)
+        self._engine_metrics: tuple[float, str | None] = (0.0, None)  # (monotonic time, text): handle_engine_metrics
+        self._engine_metrics_lock = asyncio.Lock()
         self.limiter = ResizableLimiter(config.concurrency, config.queue_limit)
         self.metrics.bind_limiter(lambda: self.limiter.active, lambda: self.limiter.waiting, lambda: self.limiter.limit)
         self.registry = AdapterRegistry(
@@ -202,6 +206,7 @@ class Proxy:
         public.router.add_get("/readyz", self.handle_readyz)
         public.router.add_get("/drainz", self.drain.handle_drainz)
         public.router.add_get("/metrics", self.handle_metrics)
+        public.router.add_get(ENGINE_METRICS_ROUTE, self.handle_engine_metrics)
         public.on_response_prepare.append(self._stamp_request_id)
 
         admin = web.Application(client_max_size=ADMIN_MAX_BODY_BYTES, middlewares=[self._middleware, self.admin.auth])
@@ -318,6 +323,20 @@ class Proxy:
     async def handle_metrics(self, request: web.Request) -> web.Response:
         await self.metrics.engine_gauges.refresh(self.engine.metrics_text)
         return web.Response(body=self.metrics.render(), headers={"Content-Type": self.metrics.content_type})
+
+    async def handle_engine_metrics(self, request: web.Request) -> web.Response:
+        """vLLM's own /metrics text (all its vllm:* series), for Prometheus: the engine is reachable only
+        from inside the pod. One engine read per second at most, whoever scrapes (4 MiB, 1 s bounds:
+        EngineClient.metrics_text); 503 while the engine does not answer."""
+        now = time.monotonic()
+        async with self._engine_metrics_lock:
+            at, text = self._engine_metrics
+            if text is None or now - at >= 1.0:
+                text = await self.engine.metrics_text()
+                self._engine_metrics = (time.monotonic(), text)
+        if text is None:
+            return web.Response(status=503, text="the engine's /metrics did not answer\n")
+        return web.Response(text=text, content_type="text/plain", charset="utf-8")
 
     async def handle_models(self, request: web.Request) -> web.Response:
         request[CTX].route = "/v1/models"
