@@ -76,7 +76,8 @@ def _saved_model(family: str, directory: Path):
     import transformers as tf
 
     tf.logging.set_verbosity_error()
-    classes: dict[str, Any] = {"qwen2_vl": tf.Qwen2VLForConditionalGeneration, "qwen2_5_vl": tf.Qwen2_5_VLForConditionalGeneration,
+    classes: dict[str, Any] = {"qwen2_vl": tf.Qwen2VLForConditionalGeneration,
+                               "qwen2_5_vl": tf.Qwen2_5_VLForConditionalGeneration,
                "qwen3_vl": tf.Qwen3VLForConditionalGeneration}
     if family not in classes:
         raise ValueError(f"model_dir is supported for {', '.join(classes)}, not {family}")
