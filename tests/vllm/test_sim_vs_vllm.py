@@ -124,6 +124,9 @@ def probes(adapters: dict[str, Path]) -> list[Probe]:
         P("load.over-rank", "POST", "/v1/load_lora_adapter", load("a4", str(adapters["rank16"]))),
         P("load.oversized-in-features", "POST", "/v1/load_lora_adapter", load("a5", str(adapters["wide"]))),
         P("health.after-refused-load", "GET", "/health"),
+        P("load.oversized-out-features", "POST", "/v1/load_lora_adapter", load("a7", str(adapters["tall"]))),
+        P("load.tensor-rank-over-max", "POST", "/v1/load_lora_adapter", load("a8", str(adapters["deep"]))),
+        P("load.tensor-rank-under-config", "POST", "/v1/load_lora_adapter", load("a9", str(adapters["shallow"]))),
         P("chat.refused-adapter", "POST", "/v1/chat/completions", chat("a5")),
         P("load.smaller-in-features", "POST", "/v1/load_lora_adapter", load("a6", str(adapters["narrow"]))),
         P("chat.smaller-in-features", "POST", "/v1/chat/completions", chat("a6")),
@@ -295,6 +298,25 @@ def unexplained(diffs: dict[str, list[str]], rows: list[tuple[str, str, str]]) -
 
 # ---- the two servers ------------------------------------------------------------------------------------
 
+def _lora(directory: Path, base: Path, shapes: dict[str, tuple[tuple[int, int], tuple[int, int]]], r: int = 8) -> Path:
+    """An adapter with the given lora_A/lora_B shapes per layer-0 attention module (q_proj, v_proj, ...)."""
+    import torch
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True)
+    g = torch.Generator().manual_seed(3)
+    tensors = {}
+    for mod, (a, b) in shapes.items():
+        prefix = f"base_model.model.model.language_model.layers.0.self_attn.{mod}"
+        tensors[f"{prefix}.lora_A.weight"] = torch.randn(*a, generator=g)
+        tensors[f"{prefix}.lora_B.weight"] = torch.randn(*b, generator=g) * 0.01
+    save_file(tensors, str(directory / "adapter_model.safetensors"))
+    (directory / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": sorted(shapes), "bias": "none",
+        "base_model_name_or_path": str(base), "task_type": "CAUSAL_LM"}))
+    return directory
+
+
 @pytest.fixture(scope="module")
 def material(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
     root = tmp_path_factory.mktemp("simvsvllm")
@@ -306,6 +328,12 @@ def material(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
         "wide": write_lora(root / "wide", base=str(model), rank=8, hidden=256),
         # A [8, 64], B [64, 8]: smaller than the model's, which fits vLLM's buffers
         "narrow": write_lora(root / "narrow", base=str(model), rank=8, hidden=64),
+        # q_proj (in 128, out 128): B with out-features 256
+        "tall": _lora(root / "tall", model, {"q_proj": ((8, 128), (256, 8))}),
+        # A/B of rank 16 (config r=8, --max-lora-rank 8): over the buffers' rank
+        "deep": _lora(root / "deep", model, {"q_proj": ((16, 128), (128, 16))}),
+        # A/B of rank 4, config r=8: fits the buffers
+        "shallow": _lora(root / "shallow", model, {"q_proj": ((4, 128), (128, 4))}),
     }
     return model, adapters
 

@@ -221,9 +221,9 @@ def validate_adapter(lora_name: str, lora_path: str, *, max_lora_rank: int, fami
     modules, peft_names = _lora_modules(header, fam, lora_path)
     if strict_layout:
         _check_layout(modules, fam, lora_path)
+    _check_buffers(modules, max_lora_rank, model_dims)  # vLLM's own refusals (and texts) come first
     if shape_check == "load":
         _check_shapes(modules, peft_names, r, rank_pattern, lora_path)
-    _check_buffers(modules, max_lora_rank, model_dims)
 
     data_bytes = max((data_offsets(v)[1] for v in header.values()), default=0)
     return AdapterInfo(path=lora_path, rank=max_rank, lora_alpha=cfg["lora_alpha"],
