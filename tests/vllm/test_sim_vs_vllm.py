@@ -179,14 +179,21 @@ def values(value: Any, path: str) -> list[Any]:
     return items
 
 
-def _metrics(text: str) -> dict[str, list[str]]:
+def _metrics(text: str) -> dict[str, Any]:
+    """The label names of each series the proxy and the EPP read, and the labels of lora_requests_info's
+    current series (the one with the largest value, the time of the last update, as the EPP reads it)."""
     out: dict[str, set[str]] = {}
+    current: tuple[float, dict[str, str]] = (-1.0, {})
     for line in text.splitlines():
-        m = re.match(r"^(vllm:[a-z_]+)(?:\{(.*)\})? ", line)
+        m = re.match(r"^(vllm:[a-z_]+)(?:\{(.*)\})? (\S+)", line)
         if m and m.group(1) in METRICS:
-            out.setdefault(m.group(1), set()).update(re.findall(r'(\w+)="', m.group(2) or ""))
-    return {k: sorted(v - {"engine", "model_name"} if k != "vllm:lora_requests_info" else v)
-            for k, v in sorted(out.items())}
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
+            out.setdefault(m.group(1), set()).update(labels)
+            if m.group(1) == "vllm:lora_requests_info" and float(m.group(3)) > current[0]:
+                current = (float(m.group(3)), labels)
+    found: dict[str, Any] = {k: sorted(v) for k, v in sorted(out.items())}
+    found["lora_requests_info current"] = current[1]
+    return found
 
 
 def send(base: str, probe: Probe) -> dict[str, Any]:
