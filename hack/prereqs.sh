@@ -2,7 +2,7 @@
 # Everything the test suites need that is slow to make cold, made at the same time (`make prereqs`):
 #   cpu   hack/k8s-bins.sh, hack/epp.sh  Go builds of the Kubernetes binaries and the GIE endpoint picker
 #                                      (CPU-bound, 15-25 min + ~5 min cold)
-#   vllm  hack/vllm-env.sh             the pinned vLLM's venv (download-bound, ~11 min cold)
+#   vllm  hack/vllm-env.sh             the pinned vLLM's CPU venv (download-bound, ~3 min cold)
 #   node  hack/node.sh images, then hack/containerd-bins.sh
 #                                      apt packages, debootstrap base, the images (network and disk), then
 #                                      the node's containerd (a short Go build once the images are done)

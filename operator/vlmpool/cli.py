@@ -22,6 +22,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "operator": ("vlmpool.controller.cli", "run the Kubernetes operator (kopf)"),
     "dev": ("vlmpool.localcluster.cli", "run the whole system on this machine, no Docker needed"),
     "crds": ("vlmpool.api.crdgen", "write the CRD YAML generated from the typed models"),
+    "testing": ("vlmpool.testing.cli", "make test material here: a tiny real VLM that vLLM serves, adapters for it"),
 }
 
 

@@ -24,9 +24,12 @@ def refusal(path, *, family="qwen2_5_vl", max_rank=64, strict=True, name="x") ->
 
 def engine_message(body: dict) -> str:
     assert body["error"]["type"] == "InternalServerError" and body["error"]["code"] == 500
-    prefix = "Call to add_lora method failed: "
-    assert body["error"]["message"].startswith(prefix)
-    return body["error"]["message"][len(prefix):]
+    # the worker's exception, wrapped by the executor and then the engine core (vLLM 0.32)
+    prefix = "Call to add_lora method failed: Worker failed with error '"
+    suffix = "', please check the stack trace above for the root cause"
+    message = body["error"]["message"]
+    assert message.startswith(prefix) and message.endswith(suffix), message
+    return message[len(prefix):-len(suffix)]
 
 
 def test_valid_adapter_is_accepted_with_its_modules(adapter):
@@ -93,7 +96,8 @@ def test_config_problems(adapter, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     status, body = refusal(empty, name="e")
-    assert status == 404 and body["error"] == {"message": f"Loading lora e failed: No adapter found for {empty}",
+    # vLLM hides paths in every error message it answers (sanitize_message): <path>
+    assert status == 404 and body["error"] == {"message": "Loading lora e failed: No adapter found for <path>",
                                                "type": "NotFoundError", "param": None, "code": 404}
 
 
@@ -101,7 +105,7 @@ def test_weights_missing_or_unreadable(adapter):
     path = adapter("now")
     (path / "adapter_model.safetensors").unlink()
     _, body = refusal(path)
-    assert engine_message(body) == f"{path} doesn't contain tensors"
+    assert engine_message(body) == "<path> doesn't contain tensors"
 
     path = adapter("trunc")
     f = path / "adapter_model.safetensors"
@@ -133,7 +137,7 @@ def test_unexpected_modules_and_weight_names(adapter):
     path = adapter("unexp", modules=[bad_mod])
     _, body = refusal(path)
     msg = engine_message(body)
-    assert msg.startswith(f"While loading {path}, expected target modules in {{")
+    assert msg.startswith("While loading <path>, expected target modules in {")
     # once per tensor key (lora_A and lora_B), as vLLM's check_unexpected_modules lists them
     assert msg.endswith("but received ['language_model.model.layers.0.self_attn.qkv_fused', "
                         "'language_model.model.layers.0.self_attn.qkv_fused']. "
@@ -220,8 +224,9 @@ async def test_real_peft_adapters_over_http(fast_config, tmp_path):
             assert (await r.json())["choices"][0]["message"]["content"].startswith(f"sim:ft path={lora_dir}")
         async with s.post(url + "/v1/load_lora_adapter", json={"lora_name": "dora", "lora_path": str(dora_dir)}) as r:
             assert r.status == 500
-            assert (await r.json())["error"]["message"] == ("Call to add_lora method failed: "
-                                                            "vLLM does not yet support DoRA.")
+            assert (await r.json())["error"]["message"] == (
+                "Call to add_lora method failed: Worker failed with error 'vLLM does not yet support DoRA.', "
+                "please check the stack trace above for the root cause")
 
 
 def test_family_is_detected_from_the_model_name():

@@ -49,13 +49,15 @@ async def test_unknown_model_is_vllm_404_not_found(fast_config):
         with pytest.raises(openai.NotFoundError) as err:
             await client(url).chat.completions.create(model="ghost", messages=[{"role": "user", "content": "x"}])
         assert err.value.status_code == 404
-        assert err.value.body == {"message": "The model `ghost` does not exist.", "type": "NotFoundError",
+        assert err.value.body == {"message": "The model `ghost` does not exist. Valid aliases: qwen-base.",
+                                  "type": "NotFoundError",
                                   "param": "model", "code": 404}
         # raw body: vLLM's ErrorResponse shape
         async with aiohttp.ClientSession() as s:
             async with s.post(url + "/v1/completions", json={"model": "ghost", "prompt": "x"}) as r:
                 assert r.status == 404
-                assert await r.json() == {"error": {"message": "The model `ghost` does not exist.",
+                assert await r.json() == {"error": {
+                    "message": "The model `ghost` does not exist. Valid aliases: qwen-base.",
                                                     "type": "NotFoundError", "param": "model", "code": 404}}
 
 
@@ -102,8 +104,15 @@ async def test_max_tokens_cuts_with_finish_reason_length(fast_config):
         with pytest.raises(openai.BadRequestError) as err:
             await c.chat.completions.create(model="qwen-base", max_tokens=10**6,
                                             messages=[{"role": "user", "content": "x"}])
-        assert "maximum context length is 32768 tokens" in err.value.body["message"]
-        assert err.value.body["type"] == "BadRequestError" and err.value.body["code"] == 400
+        assert err.value.body == {
+            "message": "max_tokens=1000000 cannot be greater than max_model_len=32768. Please request fewer output "
+                       "tokens. (parameter=max_tokens, value=1000000)",
+            "type": "BadRequestError", "param": "max_tokens", "code": 400}
+        # a max_tokens within max_model_len that does not fit after the prompt is clamped (vLLM 0.32), not refused
+        r = await c.chat.completions.create(model="qwen-base", max_tokens=32768,
+                                            messages=[{"role": "user", "content": "x"}],
+                                            extra_body={"ignore_eos": True})
+        assert r.usage.prompt_tokens + r.usage.completion_tokens == 32768
 
 
 SCHEMA = {

@@ -138,7 +138,7 @@ async def test_cpu_lru_eviction_reload_and_engine_death(fast_config, adapter):
             assert r.status == 200
         assert (await chat(s, url, "qwen-base"))[0] == 200
         status, body = await chat(s, url, "a")
-        assert status == 404 and body["error"]["message"] == "The model `a` does not exist."
+        assert status == 404 and body["error"]["message"] == "The model `a` does not exist. Valid aliases: qwen-base."
 
 
 async def test_request_waiting_for_an_unloaded_adapter_is_still_served(fast_config, adapter):

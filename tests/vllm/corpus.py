@@ -65,7 +65,7 @@ CORPUS: list[tuple[str, str, str, dict[str, Any]]] = [
      {"r": 8, "rank_in_tensors": 4, "config": {"rank_pattern": {"q_proj": 4, "v_proj": 4}}}),
     ("alpha-pattern", "qwen2_5_vl", "ok", {"config": {"alpha_pattern": {"q_proj": 64}}}),
     ("init-eva", "qwen2_5_vl", "ok", {"config": {"init_lora_weights": "eva"}}),
-    ("rank-mismatch-loads", "qwen2_5_vl", "ok", {"r": 8, "rank_in_tensors": 4}),  # fails at first use, not at load
+    ("rank-mismatch-loads", "qwen2_5_vl", "ok", {"r": 8, "rank_in_tensors": 4}),  # fits the buffers: loads and serves
     ("nonexistent-module", "qwen2_5_vl", "ok", {"modules": [LM.format(i=99, m="self_attn.q_proj")]}),
     ("embedding-qwen3", "qwen3_vl", "ok", {"modules": [LM.format(i=0, m="self_attn.q_proj")],
                                           "extra": {"base_model.model.lm_head.lora_embedding_A": (8, HIDDEN)}}),

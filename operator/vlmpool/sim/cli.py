@@ -109,9 +109,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
                           "auto (default) picks it from the model name, else qwen2_5_vl")
     sim.add_argument("--strict-lora-layout", action=argparse.BooleanOptionalAction, default=True,
                      help="refuse adapters whose tensors vLLM would silently ignore (default on)")
-    sim.add_argument("--lora-shape-check", choices=("load", "first-use"), default="load",
-                     help="A/B shapes that do not fit: refused at load (default, a sim extra), or loaded and "
-                          "failing the first request that uses them by killing the engine, as vLLM does")
+    sim.add_argument("--lora-shape-check", choices=("load", "off"), default="load",
+                     help="A/B whose rank disagrees with adapter_config.json: refused at load (default, a sim "
+                          "extra), or loaded as vLLM does (off). Tensors larger than vLLM's LoRA buffers (rank "
+                          "over the maximum; features over the model's, from MODEL/config.json) are refused at "
+                          "load either way, as vLLM 0.32 does")
+    sim.add_argument("--model-tokenizer", action=argparse.BooleanOptionalAction, default=True,
+                     help="count tokens with the model directory's tokenizer when it has one (default on)")
     sim.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=False,
                      help="a thinking model (Qwen3.5): answers open with a thought and </think> unless "
                           "chat_template_kwargs.enable_thinking is false")
@@ -125,6 +129,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     faults.add_argument("--fault-stall-seconds", type=float, default=0.0)
     faults.add_argument("--fault-moderation-phrase", default=None)
     faults.add_argument("--fault-unhealthy", action="store_true")
+    faults.add_argument("--fault-kill-engine-on-adapter", default=None, metavar="NAME",
+                        help="the first generation through adapter NAME kills the engine")
     ignored = parser.add_argument_group("vLLM flags accepted and ignored")
     for flag in IGNORED_VALUE_FLAGS:
         ignored.add_argument(flag, dest=f"ignored_{flag.lstrip('-').replace('-', '_')}",
@@ -143,7 +149,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
     faults = Faults(fail_next_loads=args.fault_fail_next_loads,
                     fail_next_requests=args.fault_fail_next_requests,
                     close_next=args.fault_close_next, stall_seconds=args.fault_stall_seconds,
-                    moderation_phrase=args.fault_moderation_phrase, unhealthy=args.fault_unhealthy)
+                    moderation_phrase=args.fault_moderation_phrase, unhealthy=args.fault_unhealthy,
+                    kill_engine_on_adapter=args.fault_kill_engine_on_adapter)
     cfg = SimConfig(
         model=model, served_model_name=args.served_model_name, host=args.host, port=args.port,
         enable_lora=args.enable_lora, runtime_lora=args.allow_runtime_lora, max_loras=args.max_loras,
@@ -152,6 +159,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         tpot_ms=args.tpot_ms, lora_load_ms=args.lora_load_ms, lora_load_workers=args.lora_load_workers,
         family=args.family,
         strict_layout=args.strict_lora_layout, lora_shape_check=args.lora_shape_check, image_tokens=args.image_tokens,
+        model_tokenizer=args.model_tokenizer,
         lora_modules=list(args.lora_modules), api_key=args.api_key,
         enable_request_id_headers=args.enable_request_id_headers, faults=faults,
         mm_processor_kwargs=args.mm_processor_kwargs, limit_mm_per_prompt=args.limit_mm_per_prompt,

@@ -19,6 +19,9 @@ class Faults:
     stall_seconds: float = 0.0        # every generation stalls this long once admitted (ended early
                                       # by any POST /sim/faults)
     moderation_phrase: str | None = None  # prompt containing it (case-insensitive) → 400
+    # the first generation through this adapter (by name) kills the engine, as an exception in a model step
+    # does (vLLM's EngineDeadError for it and every later request, /health 503): for the proxy's handling
+    kill_engine_on_adapter: str | None = None
     unhealthy: bool = False           # /health answers 503
 
     def update(self, data: dict[str, Any]) -> None:
@@ -28,9 +31,9 @@ class Faults:
             raise ValueError(f"unknown fault switch(es): {', '.join(unknown)}; known: {', '.join(known)}")
         for key, value in data.items():
             current = getattr(self, key)
-            if key == "moderation_phrase":
+            if key in ("moderation_phrase", "kill_engine_on_adapter"):
                 if value is not None and not isinstance(value, str):
-                    raise ValueError("moderation_phrase must be a string or null")
+                    raise ValueError(f"{key} must be a string or null")
                 setattr(self, key, value or None)
             elif isinstance(current, bool):
                 if not isinstance(value, bool):
@@ -70,9 +73,11 @@ class SimConfig:
     lora_load_workers: int = 0
     family: str = "auto"  # auto: from the model name (Qwen3-VL → qwen3_vl, ...), else qwen2_5_vl
     strict_layout: bool = True
-    # "load": refuse A/B shapes that do not fit at load (a labelled sim extra); "first-use": load them (200)
-    # and fail the first request that uses them by killing the engine, as vLLM's set_lora does
+    # "load": refuse A/B whose rank disagrees with adapter_config.json (a labelled sim extra); "off": as vLLM,
+    # which copies what fits its buffers. Tensors larger than the buffers are refused at load either way.
     lora_shape_check: str = "load"
+    # count tokens with the model directory's tokenizer when it has one (transformers' AutoTokenizer)
+    model_tokenizer: bool = True
     image_tokens: int = 64
     thinking: bool = False  # a thinking model (Qwen3.5): answers open with a thought unless enable_thinking is false
     lora_modules: list[tuple[str, str]] = field(default_factory=list)  # static, loaded at start

@@ -20,8 +20,11 @@ Files (paths inside the vllm package of that release):
 * ``entrypoints/serve/utils/error_response.py`` — exception → status mapping (``VLLMNotFoundError`` →
   404 NotFoundError, other engine errors → 500 InternalServerError).
 * ``v1/engine/core.py`` — a failing engine utility call (``add_lora``) reaches the API server as
-  ``Exception("Call to add_lora method failed: <str(e)>")``; an exception in a model step (e.g. a LoRA
-  whose tensors do not fit the model's stacked buffers, at its first request) kills the engine core.
+  ``Exception("Call to add_lora method failed: <str(e)>")``, a worker's exception inside it wrapped first by
+  ``v1/executor/multiproc_executor.py`` (``Worker failed with error '…', please check the stack trace
+  above for the root cause``): every adapter check, and in 0.32 the copy of its tensors into the model's
+  LoRA buffers (a tensor too large fails the load; the engine stays up). An exception in a model step
+  kills the engine core.
 * ``lora/peft_helper.py``, ``lora/lora_model.py``, ``lora/worker_manager.py``, ``lora/utils.py`` —
   adapter validation and its messages (DoRA, modules_to_save, bias, init_lora_weights, aLoRA, ...,
   rank and rank_pattern, unexpected modules, unsupported weight names).
@@ -34,6 +37,7 @@ Files (paths inside the vllm package of that release):
 from __future__ import annotations
 
 import json
+import re
 from http import HTTPStatus
 from typing import Any
 
@@ -69,8 +73,21 @@ def env_flag(value: str | None) -> bool:
     return (value or "").strip().lower() in ("1", "true")
 
 
+_PATH_UNDER_ROOT = re.compile(r"/(?:home|usr|opt|var|tmp|root|lib|mnt|srv)(?:/[\w.\-]+)+")
+_PATH_OF_FILE = re.compile(r"(?:/[\w\-]+)+/[\w\-]+\.\w+")
+
+
+def sanitize_message(message: str) -> str:
+    """vLLM hides file paths (and addresses, tracebacks) in every error message it answers
+    (entrypoints/serve/exception_handling/utils.py sanitize_message): paths become ``<path>``."""
+    message = re.sub(r" at 0x[0-9a-fA-F]+>", ">", message)
+    message = _PATH_UNDER_ROOT.sub("<path>", message)
+    message = _PATH_OF_FILE.sub("<path>", message)
+    return message.strip()
+
+
 def error_body(message: str, err_type: str, code: int, param: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": err_type, "param": param, "code": int(code)}}
+    return {"error": {"message": sanitize_message(message), "type": err_type, "param": param, "code": int(code)}}
 
 
 def error_json(message: str, err_type: str = "BadRequestError", status: int = 400,
@@ -80,9 +97,10 @@ def error_json(message: str, err_type: str = "BadRequestError", status: int = 40
 
 # ---- texts (each one copied from the vLLM source named above) ---------------------------------
 
-def model_not_found(model: str) -> tuple[int, str]:
-    return error_json(f"The model `{model}` does not exist.", "NotFoundError",
-                      HTTPStatus.NOT_FOUND, param="model")
+def model_not_found(model: str, served_names: list[str]) -> tuple[int, str]:
+    # entrypoints/serve/engine/serving.py _check_model: the served names, comma-separated
+    return error_json(f"The model `{model}` does not exist. Valid aliases: {', '.join(served_names)}.",
+                      "NotFoundError", HTTPStatus.NOT_FOUND, param="model")
 
 
 def lora_load_success(name: str) -> str:
@@ -95,6 +113,13 @@ def lora_unload_success(name: str) -> str:
 
 def lora_missing_fields() -> tuple[int, str]:
     return error_json("Both 'lora_name' and 'lora_path' must be provided.", "InvalidUserInput", 400)
+
+
+def request_field_missing(field: str, body_items: int) -> tuple[int, str]:
+    # A field the request model requires is absent: FastAPI's RequestValidationError, which vLLM answers
+    # 400 "Bad Request" with param body.<field> (entrypoints/serve/exception_handling/handlers/validation.py).
+    return error_json(f"1 validation error:\n  {{'type': 'missing', 'loc': 'body.{field}', 'msg': 'Field required', "
+                      f"'input': '<dict of {body_items} items>'}}", "Bad Request", 400, param=f"body.{field}")
 
 
 def lora_already_loaded(name: str) -> tuple[int, str]:
@@ -129,9 +154,41 @@ def lora_adapter_not_found(name: str, path: str) -> tuple[int, str]:
 
 
 def engine_utility_failure(method: str, message: str) -> tuple[int, str]:
-    # EngineCoreProc._invoke_utility_method wraps the worker's exception; the serving layer answers
+    # EngineCoreProc._invoke_utility_method wraps the exception; the serving layer answers
     # 500 InternalServerError with that text.
     return error_json(f"Call to {method} method failed: {message}", "InternalServerError", 500)
+
+
+def worker_failure(method: str, message: str) -> tuple[int, str]:
+    # An exception in the worker process (every adapter check, and copying the adapter's tensors into the
+    # model's LoRA buffers, which 0.32 does inside add_lora) reaches the engine core through
+    # v1/executor/multiproc_executor.py (collective_rpc) and then engine_utility_failure.
+    return engine_utility_failure(
+        method, f"Worker failed with error '{message}', please check the stack trace above for the root cause")
+
+
+def validation_error(message: str, param: str, value: Any) -> tuple[int, str]:
+    # vllm.exceptions.VLLMValidationError: 400 BadRequestError, its str() ends with "(parameter=P, value=V)"
+    return bad_request(f"{message} (parameter={param}, value={value})", param=param)
+
+
+def max_model_len_exceeded(max_model_len: int, prompt_tokens: int) -> tuple[int, str]:
+    # renderers/params.py _token_len_check: the prompt alone is over --max-model-len. A text prompt is
+    # tokenized with truncation at max_model_len + 1 tokens, so vLLM says "at least" that many.
+    count = min(prompt_tokens, max_model_len + 1)
+    qualifier = "at least " if count == max_model_len + 1 else ""
+    return validation_error(
+        f"This model's maximum context length is {max_model_len} tokens. However, your prompt contains "
+        f"{qualifier}{count} input tokens, which exceeds this limit even without any output tokens. "
+        "Please reduce the length of the input prompt.", "input_tokens", count)
+
+
+def max_tokens_over_model_len(max_tokens: int, max_model_len: int) -> tuple[int, str]:
+    # renderers/params.py TokenizeParams.__post_init__ (a request's max_tokens over --max-model-len; a
+    # smaller max_tokens that does not fit after the prompt is clamped, not refused)
+    return validation_error(
+        f"max_tokens={max_tokens} cannot be greater than max_model_len={max_model_len}. "
+        "Please request fewer output tokens.", "max_tokens", max_tokens)
 
 
 ENGINE_DEAD_MESSAGE = ("EngineCore encountered an issue. See stack trace (above) for the root "

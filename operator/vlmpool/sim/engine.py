@@ -61,7 +61,8 @@ LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.
 class Engine:
     def __init__(self, *, model_name: str, max_num_seqs: int, max_loras: int, max_cpu_loras: int,
                  max_lora_rank: int, family: str, strict_layout: bool, enable_lora: bool,
-                 lora_load_ms: float = 0.0, shape_check: str = "load", lora_load_workers: int = 0) -> None:
+                 lora_load_ms: float = 0.0, shape_check: str = "load", lora_load_workers: int = 0,
+                 model_dims: adapters_mod.ModelDims | None = None) -> None:
         self.model_name = model_name
         self.max_num_seqs = max_num_seqs
         self.max_loras = max_loras
@@ -72,6 +73,7 @@ class Engine:
         self.enable_lora = enable_lora
         self.lora_load_ms = lora_load_ms
         self.shape_check = shape_check
+        self.model_dims = model_dims  # the model's sizes (from its directory), for vLLM's buffer-fit refusals
         # GPU LoRA slots: vLLM keeps max_loras adapters on the GPU (LRU) beyond the running batch; a
         # request whose adapter is in none is admitted after an activation (a swap) costing this much
         self.lora_activate_ms = 0.0
@@ -117,7 +119,7 @@ class Engine:
     def validate(self, name: str, path: str) -> adapters_mod.AdapterInfo:
         return adapters_mod.validate_adapter(name, path, max_lora_rank=self.max_lora_rank,
                                              family_name=self.family, strict_layout=self.strict_layout,
-                                             shape_check=self.shape_check)
+                                             shape_check=self.shape_check, model_dims=self.model_dims)
 
     async def read_adapter(self, name: str, path: str) -> adapters_mod.AdapterInfo:
         """The worker's disk read: validate off the event loop, pay the configured load time (one

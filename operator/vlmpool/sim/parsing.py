@@ -9,11 +9,14 @@ import base64
 import binascii
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from vlmpool.sim import contract
+
+if TYPE_CHECKING:
+    from vlmpool.sim.tokens import ModelTokenizer
 
 
 def json_response(status: int, body: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -67,10 +70,13 @@ class Prompt:
     echo: str  # the last user text, echoed into the answer
 
 
-def chat_prompt(messages: Any, image_tokens: int) -> Prompt:
+def chat_prompt(messages: Any, image_tokens: int, tokenizer: ModelTokenizer | None = None) -> Prompt:
+    """The prompt of a chat. Tokens: with the model's tokenizer as vLLM counts them (template applied,
+    images expanded), else words plus 4 per message plus ``image_tokens`` per image."""
     if not isinstance(messages, list) or not messages:
         raise RequestError(contract.bad_request("'messages' must be a non-empty list", param="messages"))
     tokens, images = 0, 0
+    sizes: list[tuple[int, int] | None] = []
     texts: list[str] = []
     last_user = ""
     for i, msg in enumerate(messages):
@@ -96,8 +102,12 @@ def chat_prompt(messages: Any, image_tokens: int) -> Prompt:
                     url = ref.get("url") if isinstance(ref, dict) else ref
                     if not isinstance(url, str) or not url:
                         raise RequestError(contract.bad_request(f"messages[{i}].content[{j}].{kind}.url is required"))
+                    size = None
                     if kind == "image_url" and url.startswith("data:"):
-                        decode_data_url(url)
+                        from vlmpool.sim.tokens import image_size
+
+                        size = image_size(decode_data_url(url))
+                    sizes.append(size)
                     images += 1
                     tokens += image_tokens
                 else:
@@ -109,10 +119,15 @@ def chat_prompt(messages: Any, image_tokens: int) -> Prompt:
         texts.append(text)
         if msg.get("role") == "user":
             last_user = text
+    if tokenizer is not None:
+        try:
+            tokens = tokenizer.chat(messages, sizes, image_tokens)
+        except Exception:  # noqa: BLE001 - a template that cannot render these messages: count words
+            pass
     return Prompt(tokens=tokens, images=images, text="\n".join(texts), echo=last_user)
 
 
-def completion_prompts(prompt: Any) -> list[Prompt]:
+def completion_prompts(prompt: Any, tokenizer: ModelTokenizer | None = None) -> list[Prompt]:
     if isinstance(prompt, str):
         items: list[Any] = [prompt]
     elif isinstance(prompt, list) and prompt and all(isinstance(x, str) for x in prompt):
@@ -127,7 +142,8 @@ def completion_prompts(prompt: Any) -> list[Prompt]:
     out = []
     for item in items:
         if isinstance(item, str):
-            out.append(Prompt(tokens=max(count_words(item), 1), images=0, text=item, echo=item))
+            count = tokenizer.text(item) if tokenizer is not None else count_words(item)
+            out.append(Prompt(tokens=max(count, 1), images=0, text=item, echo=item))
         else:
             out.append(Prompt(tokens=max(len(item), 1), images=0, text="", echo=""))
     return out

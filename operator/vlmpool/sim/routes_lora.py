@@ -19,8 +19,7 @@ class LoraRoutes(SimState):
         body = await self._json_body(request)
         for key in ("lora_name", "lora_path"):
             if key not in body:
-                return error_response(contract.bad_request(
-                    f"1 validation error for LoadLoRAAdapterRequest\n{key}\n  Field required"))
+                return error_response(contract.request_field_missing(key, len(body)))
             if not isinstance(body[key], str):
                 return error_response(contract.bad_request(
                     f"1 validation error for LoadLoRAAdapterRequest\n{key}\n  Input should be a valid string"))
@@ -52,6 +51,8 @@ class LoraRoutes(SimState):
 
     async def unload_lora_adapter(self, request: web.Request) -> web.Response:
         body = await self._json_body(request)
+        if "lora_name" not in body:
+            return error_response(contract.request_field_missing("lora_name", len(body)))
         name = body.get("lora_name")
         if name is not None and not isinstance(name, str):
             return error_response(contract.bad_request(

@@ -53,7 +53,7 @@ class OpenAIRoutes(SimState):
             raise RequestError(contract.bad_request("model must be a string", param="model"))
         reg = self.engine.registered.get(model)
         if reg is None:
-            raise RequestError(contract.model_not_found(model))
+            raise RequestError(contract.model_not_found(model, self.names))
         return model, reg.name, reg.path
 
     def _request_id(self, request: web.Request, prefix: str) -> str:
@@ -64,24 +64,18 @@ class OpenAIRoutes(SimState):
         value = body.get("max_completion_tokens") if chat else None
         if value is None:
             value = body.get("max_tokens")
-        limit = self.config.max_model_len - prompt_tokens
-        if limit < 1:
-            raise RequestError(contract.bad_request(
-                f"This model's maximum context length is {self.config.max_model_len} tokens. However, "
-                f"your request has {prompt_tokens} input tokens. Please reduce the length of the input "
-                "messages.", param="messages" if chat else "prompt"))
+        max_len = self.config.max_model_len
+        if isinstance(value, int) and not isinstance(value, bool) and value > max_len:
+            raise RequestError(contract.max_tokens_over_model_len(value, max_len))
+        if prompt_tokens > max_len:  # vLLM: the prompt alone over the limit is refused (400)
+            raise RequestError(contract.max_model_len_exceeded(max_len, prompt_tokens))
+        limit = max_len - prompt_tokens
         if value is None:
-            return limit
+            return max(limit, 1)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise RequestError(contract.bad_request(f"max_tokens must be at least 1, got {value}.",
-                                                    param="max_tokens"))
-        if value > limit:
-            raise RequestError(contract.bad_request(
-                f"'max_tokens' or 'max_completion_tokens' is too large: {value}. This model's maximum "
-                f"context length is {self.config.max_model_len} tokens and your request has "
-                f"{prompt_tokens} input tokens ({value} > {self.config.max_model_len} - {prompt_tokens}).",
-                param="max_tokens"))
-        return value
+            raise RequestError(contract.validation_error(f"max_tokens must be at least 1, got {value}.",
+                                                         "max_tokens", value))
+        return max(min(value, limit), 1)  # vLLM clamps max_tokens to what the context leaves
 
     def _answer_text(self, body: dict[str, Any], served: str, lora_path: str | None, images: int,
                      echo: str, chat: bool) -> str:
@@ -192,11 +186,10 @@ class OpenAIRoutes(SimState):
                     engine.die(f"re-reading adapter {seq.lora} from {seq.lora_path} failed: {e.reason}")
                     raise RequestError(contract.engine_dead()) from None
                 engine.cache_put(seq.lora, fresh)
-            info = engine.cpu_cache.get(seq.lora) if seq.lora is not None else None
-            if info is not None and info.first_use_error:
-                # vLLM: set_lora copies the tensors into the stacked GPU buffers when a batch first uses
-                # the adapter; a shape that does not fit raises in the model step and the engine core dies.
-                engine.die(f"adapter {seq.lora} failed at its first use: {info.first_use_error}")
+            if seq.lora is not None and seq.lora == self.faults.kill_engine_on_adapter:
+                # fault: an exception inside the model step while this adapter runs kills the engine core
+                engine.die(f"adapter {seq.lora} killed the engine at its first use "
+                           "(vlmpool sim fault: kill_engine_on_adapter)")
                 raise RequestError(contract.engine_dead())
             if self.faults.stall_seconds > 0:
                 # A stall ends after stall_seconds, or at once when the faults are changed.
@@ -219,17 +212,15 @@ class OpenAIRoutes(SimState):
             return web.Response(status=500)  # never reaches the client: the transport is gone
         body = await self._json_body(request)
         if chat and "messages" not in body:  # request-model validation comes before the model check
-            raise RequestError(contract.bad_request(
-                "1 validation error for ChatCompletionRequest\nmessages\n  Field required"))
+            raise RequestError(contract.request_field_missing("messages", len(body)))
         if not chat and "prompt" not in body:
-            raise RequestError(contract.bad_request(
-                "1 validation error for CompletionRequest\nprompt\n  Field required"))
+            raise RequestError(contract.request_field_missing("prompt", len(body)))
         served, lora, lora_path = self._resolve_model(body.get("model"))
         cfg = self.config
         if chat:
-            prompts = [chat_prompt(body["messages"], cfg.image_tokens)]
+            prompts = [chat_prompt(body["messages"], cfg.image_tokens, self.tokens)]
         else:
-            prompts = completion_prompts(body.get("prompt"))
+            prompts = completion_prompts(body.get("prompt"), self.tokens)
         for p in prompts:
             self._moderation(p.text)
         stream = bool(body.get("stream", False))
@@ -291,21 +282,24 @@ class OpenAIRoutes(SimState):
                 choices.append({"index": i, "message": {
                     "role": "assistant", "content": content, "refusal": None, "annotations": None,
                     "audio": None, "function_call": None, "reasoning": reasoning},
-                    "logprobs": None, "finish_reason": finish, "stop_reason": None})
+                    "logprobs": None, "finish_reason": finish, "stop_reason": None, "token_ids": None,
+                    "routed_experts": None})
             else:
                 choices.append({"index": i, "text": text, "logprobs": None, "finish_reason": finish,
-                                "stop_reason": None, "prompt_logprobs": None})
+                                "stop_reason": None, "token_ids": None, "prompt_logprobs": None,
+                                "prompt_token_ids": None, "routed_experts": None})
         payload: dict[str, Any] = {
             "id": seq.request_id, "object": "chat.completion" if chat else "text_completion",
             "created": int(time.time()), "model": served, "choices": choices,
             "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + generated,
-                      "completion_tokens": generated, "prompt_tokens_details": None},
+                      "completion_tokens": generated, "prompt_tokens_details": None,
+                      "completion_tokens_details": None},
+            # vLLM 0.32's answers carry these (null unless asked for) and a system fingerprint
+            "service_tier": None, "system_fingerprint": self.system_fingerprint, "kv_transfer_params": None,
+            "ec_transfer_params": None, "metrics": None,
         }
         if chat:
-            payload.update({"service_tier": None, "system_fingerprint": None, "prompt_logprobs": None,
-                            "kv_transfer_params": None})
-        else:
-            payload.update({"system_fingerprint": None, "kv_transfer_params": None})
+            payload.update({"prompt_logprobs": None, "prompt_token_ids": None, "prompt_text": None})
         return web.json_response(payload, headers=headers)
 
     async def _stream(self, request: web.Request, seq: Seq, chat: bool, served: str,
@@ -325,9 +319,12 @@ class OpenAIRoutes(SimState):
         reason = "abort"
         start = time.monotonic()
 
-        def chunk(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> bytes:
+        def chunk(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None,
+                  **extra: Any) -> bytes:
             data: dict[str, Any] = {"id": seq.request_id, "object": obj, "created": created,
-                                    "model": served, "choices": choices}
+                                    "model": served, "choices": choices, **extra}
+            if any(c.get("finish_reason") for c in choices):  # vLLM: on the chunk that finishes
+                data["system_fingerprint"] = self.system_fingerprint
             if usage is not None:
                 data["usage"] = usage
             return f"data: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
@@ -341,7 +338,7 @@ class OpenAIRoutes(SimState):
                 await resp.write(chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
                                          "logprobs": None, "finish_reason": None}
                                         for i in range(len(plans))],
-                                       usage(0) if continuous else None))
+                                       usage(0) if continuous else None, prompt_token_ids=None, prompt_text=None))
             longest = max(len(p[0]) for p in plans)
             splitters = ([answers.StreamSplitter(answers.thinking_enabled(body)) for _ in plans]
                          if chat and cfg.reasoning_parser else None)
@@ -369,11 +366,12 @@ class OpenAIRoutes(SimState):
                                 continue  # a tag, or hidden reasoning: no chunk (vLLM skips an empty delta)
                         choices.append({"index": i, "delta": delta or {}, "logprobs": None,
                                         "finish_reason": finish if last else None,
-                                        **({"stop_reason": None} if last else {})})
+                                        **({"stop_reason": None} if last else {}), "token_ids": None})
                     else:
                         choices.append({"index": i, "text": pieces[step], "logprobs": None,
                                         "finish_reason": finish if last else None,
-                                        **({"stop_reason": None} if last else {})})
+                                        **({"stop_reason": None} if last else {}), "token_ids": None,
+                                        **({"prompt_token_ids": None} if step == 0 else {})})
                 if choices:
                     await resp.write(chunk(choices, usage(generated) if continuous else None))
             reason = plans[0][1]

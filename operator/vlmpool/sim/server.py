@@ -104,7 +104,8 @@ class SimServer(OpenAIRoutes, LoraRoutes, SimControlRoutes):
         return web.Response(status=200)
 
     async def version(self, request: web.Request) -> web.Response:
-        return web.json_response({"version": "vlmpool-sim", "vllm_contract": contract.VLLM_CONTRACT})
+        # vLLM answers {"version": "<release>"}; the simulator answers the release whose contract it follows
+        return web.json_response({"version": contract.VLLM_RELEASE})
 
     async def metrics(self, request: web.Request) -> web.Response:
         from prometheus_client import CONTENT_TYPE_LATEST

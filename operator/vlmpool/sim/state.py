@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import time
@@ -10,10 +11,12 @@ from typing import Any
 
 from aiohttp import web
 
+from vlmpool.sim import adapters as adapters_mod
 from vlmpool.sim import contract
 from vlmpool.sim.config import SimConfig
 from vlmpool.sim.engine import Engine
 from vlmpool.sim.parsing import RequestError
+from vlmpool.sim.tokens import ModelTokenizer
 
 
 class SimState:
@@ -32,8 +35,14 @@ class SimState:
             max_cpu_loras=config.max_cpu_loras or config.max_loras, max_lora_rank=config.max_lora_rank,
             family=config.resolved_family(), strict_layout=config.strict_layout, enable_lora=config.enable_lora,
             lora_load_ms=config.lora_load_ms, shape_check=config.lora_shape_check,
-            lora_load_workers=config.lora_load_workers)
+            lora_load_workers=config.lora_load_workers,
+            model_dims=adapters_mod.ModelDims.from_model_dir(config.model))
+        # token counts from the model directory's tokenizer when it has one (else words, see parsing.py)
+        self.tokens = ModelTokenizer.load(config.model) if config.model_tokenizer else None
         self.created = int(time.time())
+        # vLLM: "vllm-<release>-<hash of the engine's config>"; here a hash of the model and its served names
+        digest = hashlib.sha256(json.dumps([config.model, self.names]).encode()).hexdigest()[:8]
+        self.system_fingerprint = f"vllm-{contract.VLLM_RELEASE}-{digest}"
         self._stall_release = asyncio.Event()
 
     async def _json_body(self, request: web.Request) -> dict[str, Any]:

@@ -72,17 +72,30 @@ def tiny_model(family: str, seed: int = 0):
     return cls(cfg).eval()
 
 
+def _saved_model(family: str, directory: Path):
+    import transformers as tf
+
+    tf.logging.set_verbosity_error()
+    classes: dict[str, Any] = {"qwen2_vl": tf.Qwen2VLForConditionalGeneration,
+                               "qwen2_5_vl": tf.Qwen2_5_VLForConditionalGeneration,
+               "qwen3_vl": tf.Qwen3VLForConditionalGeneration}
+    if family not in classes:
+        raise ValueError(f"model_dir is supported for {', '.join(classes)}, not {family}")
+    return classes[family].from_pretrained(str(directory)).float().eval()
+
+
 def make_adapter(family: str, out: Path, *, targets=None, r: int = 8, alpha: int = 16, dora: bool = False,
                  rslora: bool = False, modules_to_save=None, train_vision: bool = False, seed: int = 1,
                  base_name: str | None = "default", magnitude_jitter: float = 0.2,
-                 train_vision_magnitude: bool = False) -> Path:
+                 train_vision_magnitude: bool = False, model_dir: str | Path | None = None) -> Path:
     """Save a real PEFT adapter for the tiny model, as if trained: language lora_B and DoRA
     magnitudes randomised; vision lora_B (and magnitudes) left at PEFT's init unless train_vision
-    (train_vision_magnitude)."""
+    (train_vision_magnitude). ``model_dir``: a saved model of the family instead (e.g. the one
+    :func:`vlmpool.testing.vlm_model.make_model` writes for the real engine)."""
     import torch
     from peft import LoraConfig, get_peft_model
 
-    model = tiny_model(family)
+    model = tiny_model(family) if model_dir is None else _saved_model(family, Path(model_dir))
     markers = _table.FAMILIES[family].vision_markers
     cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets or LANG_TARGETS), use_dora=dora,
                      use_rslora=rslora, modules_to_save=modules_to_save, lora_dropout=0.0)
