@@ -21,6 +21,8 @@ Why each rule is needed:
   messages.
 - jobs: create the patch and cleanup Jobs (get after an AlreadyExists), watch them for completion,
   delete an unfinished patch Job of an adapter being deleted (so it cannot publish after the cleanup).
+- replicasets list: a push goes only to pods of the pool's own ReplicaSet chain (pod -> ReplicaSet ->
+  Deployment -> VLMPool, uids matching); the ReplicaSets are listed when a pod names one not known yet.
 - events: kopf and the operator post Kubernetes Events (create).
 - inferencepools, serviceaccounts, configmaps, roles, rolebindings: server-side apply of a pool's
   `spec.routing` children (manifests/routing.py); inferencepools also get/list/watch and pods get,
@@ -62,6 +64,7 @@ RULES: list[dict[str, Any]] = [
     {"apiGroups": [""], "resources": ["serviceaccounts", "configmaps"], "verbs": ["create", "patch"]},
     {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles", "rolebindings"], "verbs": ["create", "patch"]},
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]},
+    {"apiGroups": ["apps"], "resources": ["replicasets"], "verbs": ["list"]},
 ]
 
 LEADER_ELECTION_RULES: list[dict[str, Any]] = [
