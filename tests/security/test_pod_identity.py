@@ -244,6 +244,24 @@ async def test_a_forged_patch_pod_sets_no_version_and_a_malformed_version_fails_
         assert sorted((a["name"], a["version"]) for a in state["adapters"]) == [("good", "0000000b"),
                                                                                ("victim", "0000000a")]
         await wait_job_condition(kube, ns, job["metadata"]["name"], "Complete")
+
+        # Such a version recorded anyway (an older operator, or whoever may write the status) is left out
+        # of the push for its adapter alone: the others are still pushed (a rename arrives).
+        await kube.patch(VLMADAPTERS, "bad", {"status": {
+            "version": bad_version, "path": f"{root}/bad/versions/{bad_version}"}}, ns, subresource="status")
+
+        async def left_out():
+            st = await status(kube, ns, "bad")
+            loaded = next((c for c in st.get("conditions") or [] if c["type"] == "Loaded"), {})
+            return loaded if loaded.get("reason") == "InvalidVersion" else None
+        loaded = await eventually(left_out, what="bad's recorded version left out of the push")
+        assert "is not of the form the patcher publishes" in loaded["message"], loaded
+        await kube.patch(VLMADAPTERS, "good", {"spec": {"servedName": "acme/good"}}, ns)
+
+        async def renamed():
+            st = await admin_state(real_ip, admin_port, token)
+            return sorted(a["name"] for a in st["adapters"]) == ["acme/good", "victim"]
+        await eventually(renamed, what="the other adapters still pushed")
     finally:
         await kube.patch(PODS, forged["metadata"]["name"], {"metadata": {"finalizers": None}}, ns)
 
@@ -341,6 +359,9 @@ async def test_only_the_controllers_may_make_pods_with_vlmpool_labels(control_pl
         res = as_tenant("label", "pod", server["metadata"]["name"], "team=a")
         assert res.returncode != 0 and "carries vlmpool labels" in res.stderr, res.stderr
         res = as_tenant("annotate", "pod", jpod["metadata"]["name"], "x=y")
+        assert res.returncode != 0 and "carries vlmpool labels" in res.stderr, res.stderr
+        # nor take the labels off one (the ReplicaSet would release it, and it keeps running)
+        res = as_tenant("label", "pod", server["metadata"]["name"], "vlmpool.io/pool-", "app.kubernetes.io/managed-by-")
         assert res.returncode != 0 and "carries vlmpool labels" in res.stderr, res.stderr
     finally:
         for kind, name in policy:
