@@ -31,9 +31,11 @@ import yaml
 sys.path.insert(0, str(Path(__file__).parents[1] / "operator"))
 from helpers import (
     BASE,
+    NODE,
     PodProcesses,
     admin_state,
     counter,
+    ensure_node,
     eventually,
     free_port,
     loopback_block,
@@ -46,7 +48,7 @@ from helpers import (
 )
 
 from vlmpool.controller import rbac
-from vlmpool.kube.client import EVENTS, JOBS, PODS, SECRETS, VLMADAPTERS
+from vlmpool.kube.client import DEPLOYMENTS, EVENTS, JOBS, PODS, REPLICASETS, SECRETS, VLMADAPTERS
 from vlmpool.manifests.common import pool_labels, server_label_selector
 
 pytestmark = pytest.mark.apiserver
@@ -145,6 +147,7 @@ async def test_a_bare_pod_with_a_pools_labels_gets_no_token_and_no_state(start_o
                                                                          pod_processes, recorder):
     ns = namespace
     root = tmp_path / "adapters"
+    await ensure_node(kube)
     await start_operator()
     admin_port = free_port()
     await kube.create(pool_obj("vision", 1, admin_port), ns)
@@ -158,6 +161,28 @@ async def test_a_bare_pod_with_a_pools_labels_gets_no_token_and_no_state(start_o
                                 "metadata": {"name": "vision-forged", "labels": pool_labels("vision")},
                                 "spec": {"containers": [{"name": "proxy", "image": "attacker/proxy:1"}]}}, ns)
     await report_running(kube, forged, forged_ip)
+    # Another: the pool's labels, owned by a real ReplicaSet (with the pool's labels) that a Deployment
+    # controls, not the pool's (a paused one: it makes no ReplicaSet of its own). The pod is created bound
+    # to the node, so that the ReplicaSet keeps it and drops the unscheduled pod it made itself.
+    impostor_ip = f"{block}98"
+    seen_rs = recorder(impostor_ip, admin_port)
+    tpl = {"metadata": {"labels": {"app": "impostor"}},
+           "spec": {"containers": [{"name": "proxy", "image": "attacker/proxy:1"}]}}
+    fake = await kube.request("POST", DEPLOYMENTS.path(ns), body={
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "vision-fake"},
+        "spec": {"paused": True, "replicas": 1, "selector": {"matchLabels": {"app": "impostor"}}, "template": tpl}})
+    rs = await kube.request("POST", REPLICASETS.path(ns), body={
+        "apiVersion": "apps/v1", "kind": "ReplicaSet", "metadata": {
+            "name": "vision-impostor", "labels": {**pool_labels("vision"), "app": "impostor"},
+            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment", "name": "vision-fake",
+                                 "uid": fake["metadata"]["uid"], "controller": True}]},
+        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "impostor"}}, "template": tpl}})
+    impostor = await kube.create({"apiVersion": "v1", "kind": "Pod", "metadata": {
+        "name": "vision-impostor-x", "labels": {**pool_labels("vision"), "app": "impostor"},
+        "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "vision-impostor",
+                             "uid": rs["metadata"]["uid"], "controller": True}]},
+        "spec": {"nodeName": NODE, "containers": [{"name": "proxy", "image": "attacker/proxy:1"}]}}, ns)
+    await report_running(kube, impostor, impostor_ip)
 
     await kube.create(adapter_obj("cats", "vision"), ns)
     job = await eventually(lambda: patch_job(kube, ns, "cats"), what="the patch Job")
@@ -167,15 +192,21 @@ async def test_a_bare_pod_with_a_pools_labels_gets_no_token_and_no_state(start_o
 
     async def pushed_or_leaked():
         st = await status(kube, ns, "cats")
-        return seen or (st.get("phase") == "Ready" and st)
-    got = await eventually(pushed_or_leaked, timeout=90, what="cats Ready, or a request at the forged pod")
+        return seen or seen_rs or (st.get("phase") == "Ready" and st)
+    got = await eventually(pushed_or_leaked, timeout=90, what="cats Ready, or a request at a forged pod")
     assert seen == [], f"the forged pod was sent {seen}"
+    assert seen_rs == [], f"the impostor ReplicaSet's pod was sent {seen_rs}"
+    assert (await kube.get(PODS, "vision-impostor-x", ns))["metadata"].get("deletionTimestamp") is None
     assert got["loaded"] == "1/1" and [p["pod"] for p in got["pods"]] == list(ips), got
 
     async def warned():
-        return [e for e in await kube.list(EVENTS, ns) if e.get("reason") == "UntrustedPod"]
-    events = await eventually(warned, what="the UntrustedPod Event")
-    assert "vision-forged" in events[0]["message"] and events[0]["type"] == "Warning", events
+        events = [e for e in await kube.list(EVENTS, ns) if e.get("reason") == "UntrustedPod"]
+        return events if len(events) == 2 else None
+    events = await eventually(warned, what="an UntrustedPod Event per forged pod")
+    assert all(e["type"] == "Warning" for e in events), events
+    assert any("vision-forged " in e["message"] and "(no controller)" in e["message"] for e in events), events
+    assert any("vision-impostor-x " in e["message"] and "ReplicaSet vision-impostor" in e["message"]
+               for e in events), events
     # the real pod holds the state (it got the token), the forged one got nothing, now or on a resync
     state = await admin_state(real_ip, admin_port, token)
     assert [a["name"] for a in state["adapters"]] == ["cats"]
@@ -185,7 +216,7 @@ async def test_a_bare_pod_with_a_pools_labels_gets_no_token_and_no_state(start_o
         st = await admin_state(real_ip, admin_port, token)
         return [a["name"] for a in st["adapters"]] == ["acme/cats"]
     await eventually(renamed, what="the renamed adapter pushed to the real pod")
-    assert seen == [], f"the forged pod was sent {seen}"
+    assert seen == [] and seen_rs == [], f"the forged pods were sent {seen} {seen_rs}"
 
 
 async def test_a_forged_patch_pod_sets_no_version_and_a_malformed_version_fails_its_adapter_alone(
