@@ -223,6 +223,7 @@ async def test_a_forged_patch_pod_sets_no_version_and_a_malformed_version_fails_
         start_operator, kube, namespace, tmp_path, pod_processes):
     ns = namespace
     root = tmp_path / "adapters"
+    await ensure_node(kube)
     op = await start_operator()
     admin_port = free_port()
     await kube.create(pool_obj("vision", 1, admin_port), ns)
@@ -238,7 +239,9 @@ async def test_a_forged_patch_pod_sets_no_version_and_a_malformed_version_fails_
         "name": f"{job['metadata']['name']}-forged", "labels": dict(meta["labels"]), "finalizers": [HOLD],
         "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": job["metadata"]["name"],
                              "uid": str(uuid.uuid4()), "controller": True}]},
-        "spec": {"containers": [{"name": real["spec"]["containers"][0]["name"], "image": "attacker/patch:1"}]}}, ns)
+        # bound at creation: the garbage collector deletes it at once (no owner of that uid), the hold keeps it
+        "spec": {"nodeName": NODE,
+                 "containers": [{"name": real["spec"]["containers"][0]["name"], "image": "attacker/patch:1"}]}}, ns)
     try:
         write_adapter(root / "victim" / "versions" / "deadbeef", seed=7)
         await report_terminated(kube, forged, 0, ok_message(root, "victim", "deadbeef"))
