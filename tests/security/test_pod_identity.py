@@ -7,8 +7,9 @@ whose ReplicaSet and Job controllers make the pods), with the operator under exa
   crafted termination message, sets no version: the adapter gets its Job's real result;
 - a version the proxy would refuse fails its own adapter (InvalidVersion) and the pool's other adapters
   are still pushed and loaded;
-- the chart's ValidatingAdmissionPolicy refuses a tenant's pod with vlmpool's labels, and adding them to a
-  pod, while the Deployment's and the Job's pods are admitted (a pool comes up, a patch Job completes).
+- the chart's ValidatingAdmissionPolicies refuse a tenant's pod with vlmpool's labels, adding them to a pod,
+  and a workload whose pod template carries them, while the operator's Deployment and Jobs and their pods
+  are admitted (a pool comes up, a patch Job completes).
 
 The forged pods of the first three are created as the admin, who is not subject to the policy here (no
 policy is bound in their namespaces): what the operator does with such a pod is what is tested.
@@ -302,27 +303,37 @@ async def test_a_forged_patch_pod_sets_no_version_and_a_malformed_version_fails_
 
 # ------------------------------------------------------------------ the admission policy
 
-def _apply_pod_policy(control_plane, namespace: str) -> list[tuple[str, str]]:
-    """The chart's pod policy as `helm template` renders it, its binding limited to `namespace` (the
-    suite shares one cluster: other tests' namespaces keep their bare labelled pods)."""
+def _apply_pod_policy(control_plane, namespace: str, operator_user: str) -> list[tuple[str, str]]:
+    """The chart's two policies on labelled pods and pod templates as `helm template` renders them (the
+    operator being the suite's operator user), their bindings limited to `namespace` (the suite shares one
+    cluster: other tests' namespaces keep their bare labelled pods)."""
     helm = control_plane.bin_dir / "helm"
     out = subprocess.run([str(helm), "template", "vlmpool", str(REPO / "charts" / "vlmpool"), "-n", "vlmpool-system",
+                          "--set", f"admissionPolicy.operatorUser={operator_user}",
                           "--show-only", "templates/podlabelpolicy.yaml"], capture_output=True, text=True, check=True)
     docs = [d for d in yaml.safe_load_all(out.stdout) if d]
-    assert [d["kind"] for d in docs] == ["ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"]
-    name = f"{docs[0]['metadata']['name']}-{namespace}"
-    docs[0]["metadata"]["name"] = docs[1]["metadata"]["name"] = docs[1]["spec"]["policyName"] = name
-    docs[1]["spec"]["matchResources"] = {"namespaceSelector": {"matchLabels": {
-        "kubernetes.io/metadata.name": namespace}}}
-    for d in docs:
-        control_plane.kubectl("apply", "-f", "-", input=json.dumps(d))
-    return [("validatingadmissionpolicybinding", name), ("validatingadmissionpolicy", name)]
+    # the pods' policy last: once it is seen active (its bindings are watched in order) the other is too
+    policies = sorted((d for d in docs if d["kind"] == "ValidatingAdmissionPolicy"),
+                      key=lambda d: d["metadata"]["name"].endswith("-labelled-pods"))
+    bindings = {d["spec"]["policyName"]: d for d in docs if d["kind"] == "ValidatingAdmissionPolicyBinding"}
+    assert len(policies) == 2 and sorted(bindings) == sorted(p["metadata"]["name"] for p in policies), docs
+    applied = []
+    for policy, binding in ((p, bindings[p["metadata"]["name"]]) for p in policies):
+        name = f"{policy['metadata']['name']}-{namespace}"
+        policy["metadata"]["name"] = binding["metadata"]["name"] = binding["spec"]["policyName"] = name
+        binding["spec"]["matchResources"] = {"namespaceSelector": {"matchLabels": {
+            "kubernetes.io/metadata.name": namespace}}}
+        for d in (policy, binding):
+            control_plane.kubectl("apply", "-f", "-", input=json.dumps(d))
+        applied += [("validatingadmissionpolicybinding", name), ("validatingadmissionpolicy", name)]
+    return applied
 
 
 def _pod_tenant(control_plane, namespace: str, user: str) -> Path:
     role = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
             "metadata": {"name": user, "namespace": namespace},
-            "rules": [{"apiGroups": [""], "resources": ["pods"],
+            "rules": [{"apiGroups": ["", "apps", "batch"],
+                       "resources": ["pods", "deployments", "replicasets", "jobs", "cronjobs"],
                        "verbs": ["get", "list", "create", "update", "patch", "delete"]}]}
     binding = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
                "metadata": {"name": user, "namespace": namespace},
@@ -335,8 +346,10 @@ def _pod_tenant(control_plane, namespace: str, user: str) -> Path:
 
 async def test_only_the_controllers_may_make_pods_with_vlmpool_labels(control_plane, start_operator, kube, namespace,
                                                                       tmp_path):
+    from conftest import OPERATOR_USER
+
     ns = namespace
-    policy = _apply_pod_policy(control_plane, ns)
+    policy = _apply_pod_policy(control_plane, ns, OPERATOR_USER)
     try:
         tenant = _pod_tenant(control_plane, ns, "tenant-pods")
 
@@ -369,6 +382,22 @@ async def test_only_the_controllers_may_make_pods_with_vlmpool_labels(control_pl
         for label in ("vlmpool.io/pool=vision", "app.kubernetes.io/managed-by=vlmpool-operator"):
             res = as_tenant("label", "pod", "plain", label)
             assert res.returncode != 0 and "carries vlmpool labels" in res.stderr, (label, res.stderr)
+
+        # Nor may the tenant make a controller create such pods: a workload whose template carries them.
+        tpl = {"metadata": {"labels": pool_labels("vision")},
+               "spec": {"containers": [{"name": "proxy", "image": "attacker/proxy:1"}]}}
+        workloads = [
+            {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "vision-fake"},
+             "spec": {"selector": {"matchLabels": pool_labels("vision")}, "template": tpl}},
+            {"apiVersion": "apps/v1", "kind": "ReplicaSet", "metadata": {"name": "vision-fake"},  # no labels of its own
+             "spec": {"selector": {"matchLabels": pool_labels("vision")}, "template": tpl}},
+            {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "cats-patch-fake"},
+             "spec": {"template": {**tpl, "spec": {**tpl["spec"], "restartPolicy": "Never"}}}},
+        ]
+        for w in workloads:
+            res = as_tenant("create", "-f", "-", input=json.dumps(w))
+            assert res.returncode != 0 and "its pod template carries vlmpool labels" in res.stderr, res.stderr
+            assert f"{w['kind']} {ns}/{w['metadata']['name']}" in res.stderr and "tenant-pods" in res.stderr
 
         # The Deployment's and the Job's pods are admitted: the pool comes up, a patch Job completes.
         root = tmp_path / "adapters"
