@@ -22,6 +22,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -35,6 +36,7 @@ from helpers import (
     NODE,
     PodProcesses,
     admin_state,
+    after_more,
     counter,
     ensure_node,
     eventually,
@@ -135,6 +137,17 @@ async def start_pool_pods(kube, ns, pool, n, tmp_path, pod_processes):
     return token, ips, block
 
 
+def apiserver_lists(control_plane, resource: str) -> float:
+    """LIST requests the real apiserver served for `resource` so far (its own apiserver_request_total)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status_, body = control_plane.request("/metrics", timeout=30)
+    assert status_ == 200
+    return sum(s.value for f in text_string_to_metric_families(body.decode()) for s in f.samples
+               if s.name == "apiserver_request_total" and s.labels.get("verb") == "LIST"
+               and s.labels.get("resource") == resource)
+
+
 async def patch_job(kube, ns, adapter):
     jobs = await kube.list(JOBS, ns, label_selector=f"vlmpool.io/adapter={adapter}")
     return jobs[0] if jobs else None
@@ -144,12 +157,16 @@ async def status(kube, ns, name) -> dict:
     return (await kube.get(VLMADAPTERS, name, ns)).get("status") or {}
 
 
+async def pushes(op) -> float:
+    return counter(await op.metrics(), "vlmpool_operator_pushes_total")
+
+
 async def test_a_bare_pod_with_a_pools_labels_gets_no_token_and_no_state(start_operator, kube, namespace, tmp_path,
-                                                                         pod_processes, recorder):
+                                                                         pod_processes, recorder, control_plane):
     ns = namespace
     root = tmp_path / "adapters"
     await ensure_node(kube)
-    await start_operator()
+    op = await start_operator()
     admin_port = free_port()
     await kube.create(pool_obj("vision", 1, admin_port), ns)
     token, ips, block = await start_pool_pods(kube, ns, "vision", 1, tmp_path, pod_processes)
@@ -211,17 +228,25 @@ async def test_a_bare_pod_with_a_pools_labels_gets_no_token_and_no_state(start_o
     # the real pod holds the state (it got the token), the forged one got nothing, now or on a resync
     state = await admin_state(real_ip, admin_port, token)
     assert [a["name"] for a in state["adapters"]] == ["cats"]
+    # The chain's cost with a forged pod that names a foreign ReplicaSet: one re-read per resync period
+    # (3 s here), however many push rounds run meanwhile.
+    lists0, pushes0, t0 = apiserver_lists(control_plane, "replicasets"), await pushes(op), time.monotonic()
     await kube.patch(VLMADAPTERS, "cats", {"spec": {"servedName": "acme/cats"}}, ns)
 
     async def renamed():
         st = await admin_state(real_ip, admin_port, token)
         return [a["name"] for a in st["adapters"]] == ["acme/cats"]
     await eventually(renamed, what="the renamed adapter pushed to the real pod")
+    await after_more(op, "vlmpool_operator_pushes_total", 4)  # a few more rounds (resyncs)
+    lists, rounds, elapsed = (apiserver_lists(control_plane, "replicasets") - lists0, await pushes(op) - pushes0,
+                              time.monotonic() - t0)
+    print(f"ReplicaSet lists {lists:.0f} in {elapsed:.1f} s for {rounds:.0f} push rounds to the 1 pod (forged pods present)")
+    assert lists <= elapsed / 3.0 + 1, (lists, elapsed, rounds)
     assert seen == [] and seen_rs == [], f"the forged pods were sent {seen} {seen_rs}"
 
 
 async def test_a_forged_patch_pod_sets_no_version_and_a_malformed_version_fails_its_adapter_alone(
-        start_operator, kube, namespace, tmp_path, pod_processes):
+        start_operator, kube, namespace, tmp_path, pod_processes, control_plane):
     ns = namespace
     root = tmp_path / "adapters"
     await ensure_node(kube)
@@ -291,12 +316,18 @@ async def test_a_forged_patch_pod_sets_no_version_and_a_malformed_version_fails_
             return loaded if loaded.get("reason") == "InvalidVersion" else None
         loaded = await eventually(left_out, what="bad's recorded version left out of the push")
         assert "is not of the form the patcher publishes" in loaded["message"], loaded
+        lists0, pushes0 = apiserver_lists(control_plane, "replicasets"), await pushes(op)
         await kube.patch(VLMADAPTERS, "good", {"spec": {"servedName": "acme/good"}}, ns)
 
         async def renamed():
             st = await admin_state(real_ip, admin_port, token)
             return sorted(a["name"] for a in st["adapters"]) == ["acme/good", "victim"]
         await eventually(renamed, what="the other adapters still pushed")
+        await after_more(op, "vlmpool_operator_pushes_total", 4)
+        # the pool's pods name its ReplicaSet, known since the first push: the chain costs no request
+        lists, rounds = apiserver_lists(control_plane, "replicasets") - lists0, await pushes(op) - pushes0
+        print(f"ReplicaSet lists {lists:.0f} for {rounds:.0f} push rounds to the 1 pod (steady state)")
+        assert lists == 0 and rounds >= 4, (lists, rounds)
     finally:
         await kube.patch(PODS, forged["metadata"]["name"], {"metadata": {"finalizers": None}}, ns)
 

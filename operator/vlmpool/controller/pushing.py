@@ -53,8 +53,9 @@ class _PoolPush:
     retry_task: asyncio.Task | None = None
     retry_delay: float = 1.0
     follow_task: asyncio.Task | None = None  # long polls of the pods' convergence
-    # (pool uid, uids of the ReplicaSets its own Deployment controls), as last read from the apiserver
-    trusted_rs: tuple[str, frozenset[str]] | None = None
+    # (pool uid, uids of the ReplicaSets its own Deployment controls, uids of the ReplicaSets pods named
+    # then, monotonic time), as last read from the apiserver
+    trusted_rs: tuple[str, frozenset[str], frozenset[str], float] | None = None
     untrusted_seen: set[str] = field(default_factory=set)  # uids of labelled pods not of that chain (warned)
 
 
@@ -206,18 +207,23 @@ class PushReconciler(ReconcilerBase):
         all matching). Only those get the pool's admin token and state; a pod that merely carries the labels
         gets nothing, and the pool gets one Warning Event per such pod.
 
-        The chain is read (one list of the pool's Deployment, one of its ReplicaSets) only when a pod names
-        a ReplicaSet not known to be the pool's: at most once per push round, none in steady state."""
+        The chain is read (one list of the pool's Deployment by name, one of the pool's ReplicaSets) only
+        when a pod names a ReplicaSet not seen at the last read, or, while some pod names one found not to
+        be the pool's (a forged or adopted pod), at most once per resync period: none in steady state, at
+        most one per push round."""
         uid = pool.metadata.get("uid") or ""
 
         def rs_uid(p: dict[str, Any]) -> str | None:
             o = D.controller_owner(p, "ReplicaSet")
             return o.get("uid") if o else None
 
-        named = {u for p in pods if (u := rs_uid(p))}
-        if st.trusted_rs is None or st.trusted_rs[0] != uid or not named <= st.trusted_rs[1]:
-            st.trusted_rs = (uid, await self._pool_replicasets(pool))
-        trusted = st.trusted_rs[1]
+        named = frozenset(u for p in pods if (u := rs_uid(p)))
+        last = st.trusted_rs
+        now = time.monotonic()
+        if (last is None or last[0] != uid or not named <= last[1] | last[2]
+                or (not named <= last[1] and now - last[3] >= self.config.resync_seconds)):
+            last = st.trusted_rs = (uid, await self._pool_replicasets(pool), named, now)
+        trusted = last[1]
         own: list[dict[str, Any]] = []
         forged: list[dict[str, Any]] = []
         for p in pods:
