@@ -240,7 +240,8 @@ async def test_a_bare_pod_with_a_pools_labels_gets_no_token_and_no_state(start_o
     await after_more(op, "vlmpool_operator_pushes_total", 4)  # a few more rounds (resyncs)
     lists, rounds, elapsed = (apiserver_lists(control_plane, "replicasets") - lists0, await pushes(op) - pushes0,
                               time.monotonic() - t0)
-    print(f"ReplicaSet lists {lists:.0f} in {elapsed:.1f} s for {rounds:.0f} push rounds to the 1 pod (forged pods present)")
+    print(f"ReplicaSet lists {lists:.0f} in {elapsed:.1f} s for {rounds:.0f} push rounds to the 1 pod "
+          "(forged pods present)")
     assert lists <= elapsed / 3.0 + 1, (lists, elapsed, rounds)
     assert seen == [] and seen_rs == [], f"the forged pods were sent {seen} {seen_rs}"
 
