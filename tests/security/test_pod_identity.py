@@ -365,7 +365,8 @@ def _pod_tenant(control_plane, namespace: str, user: str) -> Path:
     role = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
             "metadata": {"name": user, "namespace": namespace},
             "rules": [{"apiGroups": ["", "apps", "batch"],
-                       "resources": ["pods", "deployments", "replicasets", "jobs", "cronjobs"],
+                       "resources": ["pods", "pods/ephemeralcontainers", "deployments", "replicasets", "jobs",
+                                     "cronjobs"],
                        "verbs": ["get", "list", "create", "update", "patch", "delete"]}]}
     binding = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
                "metadata": {"name": user, "namespace": namespace},
@@ -457,6 +458,9 @@ async def test_only_the_controllers_may_make_pods_with_vlmpool_labels(control_pl
         res = as_tenant("label", "pod", server["metadata"]["name"], "team=a")
         assert res.returncode != 0 and "carries vlmpool labels" in res.stderr, res.stderr
         res = as_tenant("annotate", "pod", jpod["metadata"]["name"], "x=y")
+        assert res.returncode != 0 and "carries vlmpool labels" in res.stderr, res.stderr
+        # nor add a debug container to one (it could mount the pod's admin token volume)
+        res = as_tenant("debug", server["metadata"]["name"], "--image=attacker/debug:1", "--container=dbg")
         assert res.returncode != 0 and "carries vlmpool labels" in res.stderr, res.stderr
         # nor take the labels off one (the ReplicaSet would release it, and it keeps running)
         res = as_tenant("label", "pod", server["metadata"]["name"], "vlmpool.io/pool-", "app.kubernetes.io/managed-by-")
