@@ -223,6 +223,8 @@ class PushReconciler(ReconcilerBase):
         if (last is None or last[0] != uid or not named <= last[1] | last[2]
                 or (not named <= last[1] and now - last[3] >= self.config.resync_seconds)):
             last = st.trusted_rs = (uid, await self._pool_replicasets(pool), named, now)
+            log.debug("pool %s/%s: ReplicaSet chain read (%d of the %d named are its Deployment's)", pool.namespace,
+                      pool.name, len(named & last[1]), len(named))
         trusted = last[1]
         own: list[dict[str, Any]] = []
         forged: list[dict[str, Any]] = []
