@@ -29,8 +29,8 @@ def test_default_render_is_a_cluster_wide_operator_with_exactly_the_operator_rul
     docs = helm.template()
     assert sorted(d["kind"] for d in docs) == ["ClusterRole", "ClusterRoleBinding", "Deployment", "Role",
                                                "RoleBinding", "Secret", "Service", "ServiceAccount",
-                                               "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicy",
-                                               "ValidatingAdmissionPolicyBinding", "ValidatingAdmissionPolicyBinding"]
+                                               *["ValidatingAdmissionPolicy"] * 4,
+                                               *["ValidatingAdmissionPolicyBinding"] * 4]
     # Leader election (on by default): a Role for the Lease in the release namespace only.
     le_role, le_binding = one(docs, "Role"), one(docs, "RoleBinding")
     assert le_role["metadata"] == {**le_role["metadata"], "name": "vlmpool-operator-leader-election",
@@ -275,3 +275,38 @@ def test_package_ships_the_crds_and_not_the_generator(helm, tmp_path):
             assert tar.extractfile(n).read() == (CHART.parent.parent / "crds" / n.rsplit("/", 1)[1]).read_bytes()
         assert not any("/hack/" in n for n in names)
         assert "vlmpool/values.schema.json" in names
+
+
+def test_the_pod_label_policy_admits_only_the_configured_pod_creators(helm):
+    def policy(*args: str) -> dict:
+        return next(d for d in helm.template(*args) if d["kind"] == "ValidatingAdmissionPolicy"
+                    and d["metadata"]["name"].endswith("-labelled-pods"))
+
+    p = policy()
+    assert p["spec"]["matchConstraints"]["resourceRules"][0]["operations"] == ["CREATE", "UPDATE"]
+    cond = p["spec"]["matchConditions"][0]["expression"]
+    assert "'vlmpool.io/pool' in object.metadata.labels" in cond and "oldObject.metadata.labels" in cond
+    check = p["spec"]["validations"][0]["expression"]
+    # both identities of the controller manager, with and without --use-service-account-credentials
+    for user in ("system:serviceaccount:kube-system:replicaset-controller",
+                 "system:serviceaccount:kube-system:job-controller", "system:kube-controller-manager"):
+        assert f'"{user}"' in check, check
+    # pod templates with the labels: the operator's service account and the Deployment controller
+    def templates(*args: str, namespace: str = "vlmpool-system") -> str:
+        return next(d for d in helm.template(*args, namespace=namespace) if d["kind"] == "ValidatingAdmissionPolicy"
+                    and d["metadata"]["name"].endswith("-labelled-templates"))["spec"]["validations"][0]["expression"]
+    check = templates()
+    for user in ("system:serviceaccount:vlmpool-system:vlmpool-operator",
+                 "system:serviceaccount:kube-system:deployment-controller", "system:kube-controller-manager"):
+        assert f'"{user}"' in check, check
+    assert "job-controller" not in check and "replicaset-controller" not in check
+    assert '"system:serviceaccount:platform:vlmpool"' in templates("--set", "serviceAccount.name=vlmpool",
+                                                                    namespace="platform")
+    only_ops = templates("--set", "admissionPolicy.operatorUser=ops",
+                         "--set-json", "admissionPolicy.workloadCreators=[]")
+    assert only_ops == 'request.userInfo.username in ["ops"]'
+    p = policy("--set", "admissionPolicy.podCreators={system:kube-controller-manager}")
+    want = 'request.userInfo.username in ["system:kube-controller-manager"]'
+    assert p["spec"]["validations"][0]["expression"] == want
+    assert not [d for d in helm.template("--set", "admissionPolicy.enabled=false")
+                if d["kind"].startswith("ValidatingAdmissionPolicy")]

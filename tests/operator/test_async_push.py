@@ -93,7 +93,7 @@ async def test_operator_follows_a_slow_convergence_and_a_restarted_proxy(kube, n
     final = await eventually(lambda: admin_state(ip, admin_port, token), what="the restarted proxy's state")
     assert final["converged"] and final["counts"]["loaded"] == N
     stats = await sim_stats(ip, engine_port)
-    internals = sorted(f"{n}@v1" for n in names)
+    internals = sorted(f"{n}@00000001" for n in names)
     assert sorted(stats["loaded_adapters"]) == internals
     assert stats["adapter_disk_loads"] == {i: 1 for i in internals}  # nothing loaded twice
 

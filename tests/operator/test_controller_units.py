@@ -110,20 +110,20 @@ async def proxy_pod(tmp_path):
 
 
 async def test_push_loads_reports_and_refuses_older_generations(proxy_pod, tmp_path):
-    good = write_adapter(tmp_path / "a" / "versions" / "v1")
+    good = write_adapter(tmp_path / "a" / "versions" / "0000000a")
     pod = _pod("p0", "127.0.0.1")
     state = {"generation": 3, "concurrency": 4, "adapters": [
-        {"name": "good", "version": "v1", "path": str(good)},
-        {"name": "broken", "version": "v1", "path": str(tmp_path / "missing")}]}
+        {"name": "good", "version": "0000000a", "path": str(good)},
+        {"name": "broken", "version": "0000000a", "path": str(tmp_path / "missing")}]}
     (res,) = await push_to_pods([pod], proxy_pod.admin_port, TOKEN, state, timeout=10)
     assert res.ok and res.generation == 3  # accepted (the proxy loads in the background)
     # the operator's long poll of the proxy's progress answers once generation 3 converged
     (res,) = await push_to_pods([pod], proxy_pod.admin_port, TOKEN, state, timeout=10, poll_wait=10)
     assert res.ok and res.converged and res.generation == 3
     assert res.adapters["good"]["state"] == "loaded" and res.adapters["broken"]["state"] == "failed"
-    entries, n, failures = S.pod_loads("good", "v1", ["p0"], {"p0": res})
-    assert n == 1 and entries == [{"pod": "p0", "state": "loaded", "version": "v1"}]
-    entries, n, failures = S.pod_loads("broken", "v1", ["p0"], {"p0": res})
+    entries, n, failures = S.pod_loads("good", "0000000a", ["p0"], {"p0": res})
+    assert n == 1 and entries == [{"pod": "p0", "state": "loaded", "version": "0000000a"}]
+    entries, n, failures = S.pod_loads("broken", "0000000a", ["p0"], {"p0": res})
     assert n == 0 and entries[0]["state"] == "failed" and failures
     # An older generation is refused with the proxy's generation (what the operator bumps past).
     (old,) = await push_to_pods([pod], proxy_pod.admin_port, TOKEN, {**state, "generation": 1}, timeout=10)
@@ -237,20 +237,21 @@ async def test_prune_waits_until_every_proxy_confirmed_the_old_unload(proxy_pod,
 
     from vlmpool.controller.push import PodResult
 
-    v1, v2 = write_adapter(tmp_path / "a" / "versions" / "v1"), write_adapter(tmp_path / "a" / "versions" / "v2")
+    v1 = write_adapter(tmp_path / "a" / "versions" / "0000000a")
+    v2 = write_adapter(tmp_path / "a" / "versions" / "0000000b")
     pod = _pod("p0", "127.0.0.1")
-    state = {"generation": 1, "concurrency": 4, "adapters": [{"name": "a", "version": "v1", "path": str(v1)}]}
+    state = {"generation": 1, "concurrency": 4, "adapters": [{"name": "a", "version": "0000000a", "path": str(v1)}]}
     await push_to_pods([pod], proxy_pod.admin_port, TOKEN, state, timeout=10)
     (r1,) = await push_to_pods([pod], proxy_pod.admin_port, TOKEN, state, timeout=10, poll_wait=10)
-    assert r1.converged and r1.unloading == {} and S.unloads_unconfirmed("a", "v1", ["p0"], {"p0": r1}) == []
+    assert r1.converged and r1.unloading == {} and S.unloads_unconfirmed("a", "0000000a", ["p0"], {"p0": r1}) == []
     # the swap: v1 is unloaded after it drained; while the proxy lists it, it is not confirmed
-    state = {**state, "generation": 2, "adapters": [{"name": "a", "version": "v2", "path": str(v2)}]}
+    state = {**state, "generation": 2, "adapters": [{"name": "a", "version": "0000000b", "path": str(v2)}]}
     await push_to_pods([pod], proxy_pod.admin_port, TOKEN, state, timeout=10)
     (r2,) = await push_to_pods([pod], proxy_pod.admin_port, TOKEN, state, timeout=10, poll_wait=10)
     assert r2.converged and r2.adapters["a"]["state"] == "loaded"
-    assert r2.unloading in ({}, {"a": {"v1"}})
-    listed = PodResult("p0", True, 2, r2.adapters, unloading={"a": {"v1"}})
-    assert S.unloads_unconfirmed("a", "v2", ["p0"], {"p0": listed}) == ["p0"]
+    assert r2.unloading in ({}, {"a": {"0000000a"}})
+    listed = PodResult("p0", True, 2, r2.adapters, unloading={"a": {"0000000a"}})
+    assert S.unloads_unconfirmed("a", "0000000b", ["p0"], {"p0": listed}) == ["p0"]
     # once the proxy unloaded it, the next push reports nothing pending and the prune may run
     await proxy_pod.proxy.registry.drain_background()
     for _ in range(100):
@@ -258,8 +259,8 @@ async def test_prune_waits_until_every_proxy_confirmed_the_old_unload(proxy_pod,
         if r3.unloading == {}:
             break
         await asyncio.sleep(0.05)
-    assert S.unloads_unconfirmed("a", "v2", ["p0"], {"p0": r3}) == []
+    assert S.unloads_unconfirmed("a", "0000000b", ["p0"], {"p0": r3}) == []
     # a proxy that does not report its unloads, or a failed push, never counts as confirmed
-    assert S.unloads_unconfirmed("a", "v2", ["p0"], {"p0": PodResult("p0", True, 2, r3.adapters)}) == ["p0"]
-    assert S.unloads_unconfirmed("a", "v2", ["p0"], {"p0": PodResult("p0", False, error="x")}) == ["p0"]
-    assert S.unloads_unconfirmed("a", "v2", ["p0", "p1"], {"p0": r3}) == ["p1"]
+    assert S.unloads_unconfirmed("a", "0000000b", ["p0"], {"p0": PodResult("p0", True, 2, r3.adapters)}) == ["p0"]
+    assert S.unloads_unconfirmed("a", "0000000b", ["p0"], {"p0": PodResult("p0", False, error="x")}) == ["p0"]
+    assert S.unloads_unconfirmed("a", "0000000b", ["p0", "p1"], {"p0": r3}) == ["p1"]

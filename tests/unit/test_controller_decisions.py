@@ -14,6 +14,7 @@ from vlmpool.manifests.common import A_SPEC_DIGEST
 
 ROOT = "/adapters"
 UID = "u-1"
+V1, V2, V3 = "0000000a", "0000000b", "0000000c"  # versions of the patcher's form
 
 
 def _cond(type_: str, status: str, reason: str = "R") -> dict[str, Any]:
@@ -42,7 +43,7 @@ def _job(conditions: list[dict[str, Any]] = (), failed: int = 0, *, digest: str 
     return {"metadata": meta, "status": {"conditions": list(conditions), "failed": failed}}
 
 
-def _ok(version: str = "v2", path: str | None = None) -> dict[str, Any]:
+def _ok(version: str = V2, path: str | None = None) -> dict[str, Any]:
     return {"ok": True, "version": version, "path": path or f"{ROOT}/inv/versions/{version}", "tensors_kept": 4}
 
 
@@ -134,13 +135,26 @@ def test_succeeded_pod_job():
 
 def test_a_complete_job_reports_its_version():
     job = _job([_cond("Complete", "True")])
-    res = _result(job, [("Succeeded", _ok())], old_version="v1")
-    assert res == D.PatchSucceeded("v2", f"{ROOT}/inv/versions/v2", _ok(), supersedes="v1")
-    assert _result(job, [("Succeeded", _ok())], old_version="v2").supersedes is None
+    res = _result(job, [("Succeeded", _ok())], old_version=V1)
+    assert res == D.PatchSucceeded(V2, f"{ROOT}/inv/versions/{V2}", _ok(), supersedes=V1)
+    assert _result(job, [("Succeeded", _ok())], old_version=V2).supersedes is None
     assert _result(job, [("Succeeded", _ok())]).supersedes is None
     # the newest succeeded pod with ok=True counts; failed pods before it do not
-    res = _result(job, [("Failed", {"ok": False, "reason": "SourceUnavailable"}), ("Succeeded", _ok("v3"))])
-    assert isinstance(res, D.PatchSucceeded) and res.version == "v3"
+    res = _result(job, [("Failed", {"ok": False, "reason": "SourceUnavailable"}), ("Succeeded", _ok(V3))])
+    assert isinstance(res, D.PatchSucceeded) and res.version == V3
+    # the canonical path is recorded, not the reported spelling of it
+    res = _result(job, [("Succeeded", _ok(V2, f"{ROOT}//inv/versions/{V2}/"))])
+    assert isinstance(res, D.PatchSucceeded) and res.path == f"{ROOT}/inv/versions/{V2}"
+
+
+@pytest.mark.parametrize("version", ["v2", "0000000B", "0000000b\n", "0000000", "a" * 65, " 0000000b", 12345678,
+                                     None, "../0000000b", "0000000b/.."])
+def test_a_version_not_of_the_patchers_form_fails_the_adapter_alone(version):
+    msg = _ok(V2, f"{ROOT}/inv/versions/{version}")
+    msg["version"] = version
+    res = _result(_job([_cond("Complete", "True")]), [("Succeeded", msg)])
+    assert isinstance(res, D.PatchFailed) and res.reason == "InvalidVersion" and not res.timed, res
+    assert "[0-9a-f]{8,64}" in res.message
 
 
 @pytest.mark.parametrize("messages", [[], [("Succeeded", None)], [("Succeeded", {"ok": False})],
@@ -151,8 +165,8 @@ def test_a_complete_job_without_a_summary_failed(messages):
     assert "without a valid JSON summary" in res.message
 
 
-@pytest.mark.parametrize(("version", "path"), [("../x", None), ("v2", f"{ROOT}/inv/current"),
-                                               ("v2", f"{ROOT}/other/versions/v2")])
+@pytest.mark.parametrize(("version", "path"), [(V2, f"{ROOT}/inv/current"), (V2, f"{ROOT}/other/versions/{V2}"),
+                                               (V2, f"{ROOT}/inv/versions/{V1}")])
 def test_a_reported_path_outside_the_adapters_versions_is_refused(version, path):
     res = _result(_job([_cond("Complete", "True")]), [("Succeeded", _ok(version, path or f"{ROOT}/inv/x"))])
     assert isinstance(res, D.PatchFailed) and res.reason == "InvalidTerminationMessage" and not res.timed
@@ -232,3 +246,86 @@ def test_patch_slots_go_round_robin_over_namespaces_in_creation_order_within_one
     assert [e[2] for e in fair_order(reversed(a + b), set())] == ["a0", "b0", "a1", "b1", "a2", "a3"]
     # a namespace alone: creation order, every slot
     assert fair_order(a, set()) == a
+
+
+def _patch_job_and_pod() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(adapter, its patch Job as the operator builds it and the apiserver stores it, the Job controller's
+    pod of it)."""
+    from vlmpool.api.objects import Pool
+    from vlmpool.manifests import adapter as MA
+
+    pool = Pool.parse({"apiVersion": "vlmpool.io/v1alpha1", "kind": "VLMPool",
+                       "metadata": {"name": "p", "namespace": "ns", "uid": "pool-uid"},
+                       "spec": {"model": {"name": "Qwen/Qwen2.5-VL-3B-Instruct", "family": "qwen2_5_vl"}}})
+    adapter = {**_adapter(), "apiVersion": "vlmpool.io/v1alpha1", "kind": "VLMAdapter"}
+    job = MA.patch_job(Adapter.parse(adapter), pool)
+    name = job["metadata"]["name"]
+    job["metadata"]["uid"] = "job-uid"
+    selector = {"batch.kubernetes.io/controller-uid": "job-uid", "batch.kubernetes.io/job-name": name,
+                "controller-uid": "job-uid", "job-name": name}  # the apiserver adds these to the template
+    job["spec"]["template"]["metadata"]["labels"].update(selector)
+    pod = {"metadata": {"name": f"{name}-x7k2p", "namespace": "ns",
+                        "labels": dict(job["spec"]["template"]["metadata"]["labels"]),
+                        "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": name, "uid": "job-uid",
+                                             "controller": True, "blockOwnerDeletion": True}]},
+           "status": {"phase": "Succeeded"}}
+    return adapter, job, pod
+
+
+def test_a_pod_is_believed_only_as_the_job_controllers_pod_of_that_job():
+    _, job, pod = _patch_job_and_pod()
+    assert D.pod_of_job(pod, job)
+
+    def forged(change) -> dict[str, Any]:
+        p = {"metadata": {**pod["metadata"], "labels": dict(pod["metadata"]["labels"]),
+                          "ownerReferences": [dict(o) for o in pod["metadata"]["ownerReferences"]]}}
+        change(p["metadata"])
+        return p
+
+    owner = lambda **kw: lambda m: m["ownerReferences"][0].update(kw)  # noqa: E731
+    assert not D.pod_of_job(forged(owner(uid="other-uid")), job)  # the Job's name, another uid
+    assert not D.pod_of_job(forged(owner(name="other-job")), job)
+    assert not D.pod_of_job(forged(owner(controller=False)), job)
+    assert not D.pod_of_job(forged(lambda m: m.pop("ownerReferences")), job)
+    # the right ownerReference, but not the Job controller's labels
+    assert not D.pod_of_job(forged(lambda m: m["labels"].update({"batch.kubernetes.io/controller-uid": "x"})), job)
+    assert not D.pod_of_job(forged(lambda m: [m["labels"].pop(k) for k in D.JOB_CONTROLLER_UID_LABELS]), job)
+    assert not D.pod_of_job(forged(lambda m: m["labels"].pop("app.kubernetes.io/managed-by")), job)
+    assert not D.pod_of_job(forged(lambda m: m["labels"].update({"vlmpool.io/adapter": "other"})), job)
+    # the legacy label alone (an older Job controller) still identifies it
+    assert D.pod_of_job(forged(lambda m: m["labels"].pop("batch.kubernetes.io/controller-uid")),
+                        {**job, "spec": {"template": {"metadata": {"labels": {}}}}})
+    assert not D.pod_of_job(pod, {**job, "metadata": {**job["metadata"], "uid": ""}})
+
+
+def test_only_the_operators_patch_job_of_the_adapter_is_read():
+    adapter, job, _ = _patch_job_and_pod()
+    assert D.operator_patch_job(job, adapter)
+
+    def changed(change) -> dict[str, Any]:
+        j = {**job, "metadata": {**job["metadata"], "labels": dict(job["metadata"]["labels"]),
+                                 "annotations": dict(job["metadata"]["annotations"])}}
+        change(j["metadata"])
+        return j
+
+    assert not D.operator_patch_job(changed(lambda m: m.update(name="inv-patch-00000000")), adapter)
+    assert not D.operator_patch_job(changed(lambda m: m["labels"].update({"app.kubernetes.io/component": "x"})),
+                                    adapter)
+    assert not D.operator_patch_job(changed(lambda m: m["labels"].pop("app.kubernetes.io/managed-by")), adapter)
+    assert not D.operator_patch_job(changed(lambda m: m["annotations"].clear()), adapter)
+    assert not D.operator_patch_job(changed(lambda m: m.update(ownerReferences=[])), adapter)
+    assert not D.operator_patch_job(job, {**adapter, "metadata": {**adapter["metadata"], "uid": "re-created"}})
+
+
+def test_a_recorded_version_the_proxies_would_refuse_is_left_out_for_its_adapter_alone():
+    good = Adapter.parse(_adapter({"version": V1, "path": f"{ROOT}/inv/versions/{V1}"}))
+    assert D.recorded_version_problem(good, ROOT) is None
+    assert D.recorded_version_problem(Adapter.parse(_adapter()), ROOT) is None  # nothing recorded yet
+    for version, path in [("v1", f"{ROOT}/inv/versions/v1"), (V1 + "\n", f"{ROOT}/inv/versions/{V1}\n"),
+                          (V1, f"{ROOT}/inv/versions/{V1}/."), (V1, f"{ROOT}/other/versions/{V1}"), (V1, "/x")]:
+        bad = Adapter.parse(_adapter({"version": version, "path": path}))
+        assert D.recorded_version_problem(bad, ROOT), (version, path)
+    bad = Adapter.parse(_adapter({"version": "v1", "path": f"{ROOT}/inv/versions/v1"}))
+    fields, conds = D.adapter_loads(bad, [], {}, ["p0"], {}, {"inv": D.recorded_version_problem(bad, ROOT)})
+    assert fields == {"pods": [], "loadedPods": 0, "desiredPods": 1, "loaded": "0/1"}
+    assert conds[0][:3] == ("Loaded", "False", "InvalidVersion") and "'v1'" in conds[0][3]

@@ -112,6 +112,12 @@
   - pods
   verbs:
   - get
+- apiGroups:
+  - apps
+  resources:
+  - replicasets
+  verbs:
+  - list
 {{- end }}
 {{- define "vlmpool.leaderElectionRules" -}}
 - apiGroups:

@@ -96,8 +96,16 @@ class AdapterReconciler(PatchJobGate):
         if job_name is None:
             return
         job = await self.kube.get_or_none(JOBS, job_name, pod["metadata"]["namespace"])
-        if job is not None:
-            await self.job_changed(job, pod_succeeded=True)
+        if job is None:
+            return
+        if not D.pod_of_job(pod, job):
+            # Names the Job but is not its pod (another uid, no controller-uid label, not the template's
+            # labels): its success says nothing about the Job, and its message is never read.
+            log.warning("pod %s/%s names Job %s but is not its pod: ignored", pod["metadata"]["namespace"],
+                        pod["metadata"]["name"], job_name)
+            self.metrics.errors.labels("adapter", "UntrustedPatchPod").inc()
+            return
+        await self.job_changed(job, pod_succeeded=True)
 
     async def free_job_slot(self, job: dict[str, Any]) -> None:
         """A finished patch Job frees its slot of --max-patch-jobs, whether its result was wanted,
@@ -122,12 +130,12 @@ class AdapterReconciler(PatchJobGate):
             return
         digest, owner = ref
         adapter = await self.kube.get_or_none(VLMADAPTERS, owner["name"], ns)
-        if adapter is None or not D.job_result_wanted(adapter, owner, digest):
+        if adapter is None or not D.job_result_wanted(adapter, owner, digest) or not D.operator_patch_job(job, adapter):
             return
         state = D.job_state(job, pod_succeeded=pod_succeeded)
         if not state.finished:
             return
-        messages = await self._job_messages(ns, meta["name"])
+        messages = await self._job_messages(ns, job)
         name = adapter["metadata"]["name"]
         jst = job.get("status") or {}
         duration = _duration(jst.get("startTime"), jst.get("completionTime"))
@@ -156,7 +164,7 @@ class AdapterReconciler(PatchJobGate):
             await self._patch_failed(adapter, still_running, result.reason, result.message,
                                      duration if result.timed else None)
         elif isinstance(result, D.PatchJobFailed):
-            msg = D.failed_job_message(meta["name"], result.condition, await self._job_raw_messages(ns, meta["name"]))
+            msg = D.failed_job_message(meta["name"], result.condition, await self._job_raw_messages(ns, job))
             await self._patch_failed(adapter, still_running, "PatchJobFailed", msg, duration)
 
     async def _patch_failed(self, adapter: dict[str, Any], only_if: Callable[[dict[str, Any]], bool],
@@ -166,10 +174,17 @@ class AdapterReconciler(PatchJobGate):
         self.metrics.errors.labels("adapter", reason).inc()
         await self._write_adapter_status(adapter, {}, [("Patched", "False", reason, message)], only_if=only_if)
 
-    async def _job_pods(self, ns: str, job: str) -> list[dict[str, Any]]:
-        return await self.kube.list(PODS, ns, label_selector=f"batch.kubernetes.io/job-name={job}")
+    async def _job_pods(self, ns: str, job: dict[str, Any]) -> list[dict[str, Any]]:
+        """The Job's own pods: listed by its job-name label, kept only when the Job controller made them
+        for this Job (D.pod_of_job), so a pod that merely carries the label is never read."""
+        pods = await self.kube.list(PODS, ns, label_selector=f"batch.kubernetes.io/job-name={job['metadata']['name']}")
+        own = [p for p in pods if D.pod_of_job(p, job)]
+        if len(own) != len(pods):
+            log.warning("Job %s/%s: %d pod(s) with its job-name label are not its pods: ignored", ns,
+                        job["metadata"]["name"], len(pods) - len(own))
+        return own
 
-    async def _job_raw_messages(self, ns: str, job: str) -> list[str]:
+    async def _job_raw_messages(self, ns: str, job: dict[str, Any]) -> list[str]:
         out = []
         for pod in await self._job_pods(ns, job):
             for cs in (pod.get("status") or {}).get("containerStatuses") or []:
@@ -178,7 +193,7 @@ class AdapterReconciler(PatchJobGate):
                     out.append(term["message"])
         return out
 
-    async def _job_messages(self, ns: str, job: str) -> list[tuple[str, dict[str, Any] | None]]:
+    async def _job_messages(self, ns: str, job: dict[str, Any]) -> list[tuple[str, dict[str, Any] | None]]:
         """(pod phase, parsed termination message) of the Job's pods, newest first."""
         pods = await self._job_pods(ns, job)
         pods.sort(key=lambda p: p["metadata"].get("creationTimestamp") or "", reverse=True)

@@ -104,9 +104,19 @@ class ReconcilerBase:
         raise RetryLater(f"status of {ns}/{name} kept changing under the operator", delay=1)
 
     async def _pool_adapters(self, ns: str, pool: str) -> list[Adapter]:
-        """The pool's adapters, parsed (the adapters of other pools are not)."""
+        """The pool's adapters, parsed (the adapters of other pools are not). One whose spec does not
+        parse is left out (and logged): it must not stop the pool's push of the others."""
         items = await self.kube.list(VLMADAPTERS, ns)
-        return [Adapter.parse(a) for a in items if ((a.get("spec") or {}).get("poolRef") or {}).get("name") == pool]
+        out = []
+        for a in items:
+            if ((a.get("spec") or {}).get("poolRef") or {}).get("name") != pool:
+                continue
+            try:
+                out.append(Adapter.parse(a))
+            except ValueError as e:  # pydantic's ValidationError: this adapter alone is left out
+                log.warning("adapter %s/%s left out of pool %s: its spec is invalid: %s", ns,
+                            a["metadata"].get("name"), pool, str(e)[:500])
+        return out
 
     async def _write_adapter_status(self, adapter: dict[str, Any], fields: dict[str, Any],
                                     conds: Sequence[Cond] = (),

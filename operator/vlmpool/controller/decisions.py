@@ -12,8 +12,19 @@ from vlmpool.api.objects import Adapter
 from vlmpool.controller import status as S
 from vlmpool.controller.push import PodResult
 from vlmpool.kube.client import ApiError
-from vlmpool.manifests.common import A_SPEC_DIGEST
-from vlmpool.patcher.publish import check_version_path
+from vlmpool.manifests.common import (
+    A_SPEC_DIGEST,
+    COMPONENT_PATCH,
+    L_ADAPTER,
+    L_COMPONENT,
+    L_MANAGED_BY,
+    MANAGED_BY,
+    MAX_LABEL,
+    _trim,
+    patch_job_name,
+)
+from vlmpool.patcher.publish import check_version_path, version_path
+from vlmpool.proxy.desired import VERSION_RE
 
 Cond = tuple[str, str, str, str]  # (type, status, reason, message)
 # (pod phase, parsed termination message of the patch container), newest pod first
@@ -51,6 +62,42 @@ def job_adapter_ref(job: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
     if not digest or owner is None:
         return None
     return digest, owner
+
+
+# The labels the Job controller puts on every pod it creates for a Job: the Job's uid (its selector)
+JOB_CONTROLLER_UID_LABELS = ("batch.kubernetes.io/controller-uid", "controller-uid")
+
+
+def operator_patch_job(job: dict[str, Any], adapter: dict[str, Any]) -> bool:
+    """`job` is the patch Job the operator creates for `adapter` and the spec digest the Job names: its
+    name is that digest's patch Job name, its labels are the operator's patch labels for this adapter,
+    and its controller is the adapter itself (uid)."""
+    meta, ameta = job["metadata"], adapter["metadata"]
+    digest = (meta.get("annotations") or {}).get(A_SPEC_DIGEST) or ""
+    labels = meta.get("labels") or {}
+    owner = controller_owner(job, "VLMAdapter")
+    return (bool(digest) and meta.get("name") == patch_job_name(ameta["name"], digest)
+            and labels.get(L_MANAGED_BY) == MANAGED_BY and labels.get(L_COMPONENT) == COMPONENT_PATCH
+            and labels.get(L_ADAPTER) == _trim(ameta["name"], MAX_LABEL)
+            and owner is not None and owner.get("uid") == ameta.get("uid"))
+
+
+def pod_of_job(pod: dict[str, Any], job: dict[str, Any]) -> bool:
+    """`pod` was created by the Job controller for `job`, as far as the pod says: its controller
+    ownerReference is the Job (name and uid), its controller-uid label is the Job's uid (the Job
+    controller sets both), and it carries every label of the Job's pod template, vlmpool's among them
+    (the chart's admission policy lets only the Job and ReplicaSet controllers create pods with those).
+    A pod with the Job's name in an ownerReference but another uid, or without the labels, is not
+    believed: its termination message is never read."""
+    uid = job["metadata"].get("uid")
+    owner = controller_owner(pod, "Job")
+    if not uid or owner is None or owner.get("uid") != uid or owner.get("name") != job["metadata"].get("name"):
+        return False
+    labels = pod["metadata"].get("labels") or {}
+    if labels.get(JOB_CONTROLLER_UID_LABELS[0], labels.get(JOB_CONTROLLER_UID_LABELS[1])) != uid:
+        return False
+    template = ((((job.get("spec") or {}).get("template") or {}).get("metadata") or {}).get("labels") or {})
+    return all(labels.get(k) == v for k, v in template.items())
 
 
 def job_result_wanted(adapter: dict[str, Any] | None, owner: dict[str, Any], digest: str) -> bool:
@@ -139,11 +186,17 @@ def job_result(job_name: str, state: JobState, messages: JobMessages, *, adapter
         if ok is None:
             return PatchFailed("InvalidTerminationMessage", f"Job {job_name} succeeded without a valid JSON "
                                "summary in its termination message", timed=False)
-        version, path = str(ok.get("version") or ""), str(ok.get("path") or "")
+        version, path = ok.get("version"), str(ok.get("path") or "")
+        if not isinstance(version, str) or not VERSION_RE.fullmatch(version):
+            # Refused here, for this adapter alone: never recorded, so never pushed to its pool's pods.
+            return PatchFailed("InvalidVersion", f"Job {job_name} reported version {str(version)[:80]!r}, not of the "
+                               f"form the patcher publishes ({VERSION_RE.pattern})", timed=False)
         problem = check_version_path(adapter_root, adapter, version, path)
         if problem:
             return PatchFailed("InvalidTerminationMessage", problem, timed=False)
-        return PatchSucceeded(version, path, ok, old_version if old_version and old_version != version else None)
+        # The canonical path is recorded (and pushed), not the reported spelling of it.
+        return PatchSucceeded(version, version_path(adapter_root, adapter, version), ok,
+                              old_version if old_version and old_version != version else None)
     refusal = next((m for phase, m in messages if m and m.get("ok") is False), None)
     if refusal is not None and (state.failed or refusal.get("reason") not in S.RETRYABLE_PATCH_REASONS):
         return PatchFailed(str(refusal.get("reason") or "PatchRefused"), str(refusal.get("message") or "")[:4000],
@@ -181,19 +234,42 @@ def push_generation(last_digest: str | None, last_generation: int, digest: str, 
     return last_generation
 
 
+def recorded_version_problem(adapter: Adapter, adapter_root: str) -> str | None:
+    """Why the adapter's recorded version may not be pushed (None: it may, or there is none yet). The
+    operator records only versions of the patcher's form at their canonical path; one recorded otherwise
+    (by an older operator, or by whoever may write the status) is left out of the push, for this adapter
+    alone: the proxy would refuse the whole state for a path it cannot confine."""
+    st = adapter.status
+    version, path = st.get("version"), st.get("path")
+    if not version or not path:
+        return None
+    if not isinstance(version, str) or not VERSION_RE.fullmatch(version):
+        return f"status.version {str(version)[:80]!r} is not of the form the patcher publishes ({VERSION_RE.pattern})"
+    want = version_path(adapter_root, adapter.name, version)
+    if path != want:
+        return f"status.path {str(path)[:200]!r} is not the version's directory {want!r}"
+    return None
+
+
 def adapter_loads(adapter: Adapter, conflicts: list[str], pushed: dict[str, dict[str, Any]],
-                  pods: list[str], results: dict[str, PodResult]) -> tuple[dict[str, Any], list[Cond]]:
+                  pods: list[str], results: dict[str, PodResult],
+                  invalid: dict[str, str] | None = None) -> tuple[dict[str, Any], list[Cond]]:
     """The adapter's per-pod status fields and Loaded condition after a push of `pushed` (served name ->
-    entry) to `pods`; `conflicts` names the adapters left out for a served name another one holds."""
+    entry) to `pods`; `conflicts` names the adapters left out for a served name another one holds,
+    `invalid` those left out for their recorded version (name -> recorded_version_problem)."""
     st = adapter.status
     served = adapter.served_name
     conds: list[Cond] = []
-    if adapter.name in conflicts:
+    problem = (invalid or {}).get(adapter.name)
+    if problem:
+        conds.append(("Loaded", "False", "InvalidVersion", f"not pushed: {problem}"))
+        fields: dict[str, Any] = {"pods": [], "loadedPods": 0, "desiredPods": len(pods), "loaded": f"0/{len(pods)}"}
+    elif adapter.name in conflicts:
         owner = pushed.get(served)
         conds.append(("Loaded", "False", "ServedNameConflict",
                       f"another adapter of the pool already serves {served!r}"
                       + (f" (version {owner['version']})" if owner else "")))
-        fields: dict[str, Any] = {"pods": [], "loadedPods": 0, "desiredPods": len(pods), "loaded": f"0/{len(pods)}"}
+        fields = {"pods": [], "loadedPods": 0, "desiredPods": len(pods), "loaded": f"0/{len(pods)}"}
     elif st.get("version") and st.get("path"):
         entries, n, failures = S.pod_loads(served, st["version"], pods, results)
         conds.append(("Loaded", *S.loaded_condition(n, len(pods), failures)))

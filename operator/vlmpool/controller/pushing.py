@@ -24,9 +24,9 @@ from vlmpool.controller import decisions as D
 from vlmpool.controller import status as S
 from vlmpool.controller.common import ReconcilerBase, RetryLater, pool_token
 from vlmpool.controller.push import PodResult, pod_fingerprint, pod_is_pushable, push_to_pods
-from vlmpool.kube.client import PODS, VLMADAPTERS, VLMPOOLS, ApiError, NotFound
+from vlmpool.kube.client import DEPLOYMENTS, PODS, REPLICASETS, VLMADAPTERS, VLMPOOLS, ApiError, NotFound
 from vlmpool.manifests import adapter as MA
-from vlmpool.manifests.common import A_PRUNED, A_SUPERSEDED, server_label_selector
+from vlmpool.manifests.common import A_PRUNED, A_SUPERSEDED, deployment_name, server_label_selector
 
 log = logging.getLogger("vlmpool.operator")
 
@@ -53,6 +53,10 @@ class _PoolPush:
     retry_task: asyncio.Task | None = None
     retry_delay: float = 1.0
     follow_task: asyncio.Task | None = None  # long polls of the pods' convergence
+    # (pool uid, uids of the ReplicaSets its own Deployment controls, uids of the ReplicaSets pods named
+    # then, monotonic time), as last read from the apiserver
+    trusted_rs: tuple[str, frozenset[str], frozenset[str], float] | None = None
+    untrusted_seen: set[str] = field(default_factory=set)  # uids of labelled pods not of that chain (warned)
 
 
 class PushReconciler(ReconcilerBase):
@@ -133,9 +137,12 @@ class PushReconciler(ReconcilerBase):
         pool = Pool.parse(raw)
         spec = pool.spec
         adapters = await self._pool_adapters(ns, pool_name)
-        state, conflicts = MA.desired_state(spec.proxy.concurrency, adapters)
+        # a recorded version the proxies would refuse is left out for its adapter alone
+        invalid = {a.name: why for a in adapters if (why := D.recorded_version_problem(a, self.config.adapter_root))}
+        state, conflicts = MA.desired_state(spec.proxy.concurrency, [a for a in adapters if a.name not in invalid])
         state["load_parallelism"] = spec.engine.load_parallelism
-        all_pods = await self.kube.list(PODS, ns, label_selector=server_label_selector(pool_name))
+        all_pods = await self._own_pods(pool, await self.kube.list(
+            PODS, ns, label_selector=server_label_selector(pool_name)), st)
         pods = sorted((p for p in all_pods if pod_is_pushable(p)), key=lambda p: p["metadata"]["name"])
         # A pod that runs but takes no pushes (terminating) may still serve an older version.
         unconfirmed = [p for p in all_pods if (p.get("status") or {}).get("phase") == "Running"
@@ -187,12 +194,69 @@ class PushReconciler(ReconcilerBase):
                                                               f"every running pod took generation {st.generation}")])
         pod_names = [p["metadata"]["name"] for p in pods]
         waiting = await self._record_loads(pool, adapters, state, conflicts, pod_names, results,
-                                           can_prune=bool(pods) and not failed and not unconfirmed)
+                                           can_prune=bool(pods) and not failed and not unconfirmed, invalid=invalid)
         if waiting:  # a prune waits for proxies to confirm unloads: ask again soon
             self._schedule_retry(ns, pool_name, st)
         if not poll and any(r.ok and not r.converged for r in results.values()):
             self._follow(ns, pool_name, st)
         return PushSummary(pool_name, st.generation, pod_names, results, state)
+
+    async def _own_pods(self, pool: Pool, pods: list[dict[str, Any]], st: _PoolPush) -> list[dict[str, Any]]:
+        """The pods of `pods` (listed by the pool's labels) that the pool's own ReplicaSet chain made: their
+        controller is a ReplicaSet controlled by the pool's Deployment, itself controlled by the pool (uids
+        all matching). Only those get the pool's admin token and state; a pod that merely carries the labels
+        gets nothing, and the pool gets one Warning Event per such pod.
+
+        The chain is read (one list of the pool's Deployment by name, one of the pool's ReplicaSets) only
+        when a pod names a ReplicaSet not seen at the last read, or, while some pod names one found not to
+        be the pool's (a forged or adopted pod), at most once per resync period: none in steady state, at
+        most one per push round."""
+        uid = pool.metadata.get("uid") or ""
+
+        def rs_uid(p: dict[str, Any]) -> str | None:
+            o = D.controller_owner(p, "ReplicaSet")
+            return o.get("uid") if o else None
+
+        named = frozenset(u for p in pods if (u := rs_uid(p)))
+        last = st.trusted_rs
+        now = time.monotonic()
+        if (last is None or last[0] != uid or not named <= last[1] | last[2]
+                or (not named <= last[1] and now - last[3] >= self.config.resync_seconds)):
+            last = st.trusted_rs = (uid, await self._pool_replicasets(pool), named, now)
+            log.debug("pool %s/%s: ReplicaSet chain read (%d of the %d named are its Deployment's)", pool.namespace,
+                      pool.name, len(named & last[1]), len(named))
+        trusted = last[1]
+        own: list[dict[str, Any]] = []
+        forged: list[dict[str, Any]] = []
+        for p in pods:
+            (own if rs_uid(p) in trusted else forged).append(p)
+        seen = {p["metadata"].get("uid", "") for p in forged}
+        for p in forged:
+            if p["metadata"].get("uid", "") in st.untrusted_seen:
+                continue
+            owner = next((f"{o.get('kind')} {o.get('name')}" for o in p["metadata"].get("ownerReferences") or []
+                          if o.get("controller")), "no controller")
+            self.metrics.errors.labels("pool", "UntrustedPod").inc()
+            log.warning("pool %s/%s: pod %s carries its labels but is not its Deployment's (%s): not pushed to",
+                        pool.namespace, pool.name, p["metadata"]["name"], owner)
+            self.event(pool.obj, "Warning", "UntrustedPod",
+                       f"pod {p['metadata']['name']} carries the pool's labels but is not a pod of its Deployment "
+                       f"({owner}): it gets neither the admin token nor the state")
+        st.untrusted_seen = seen  # bounded by the pods listed now
+        return own
+
+    async def _pool_replicasets(self, pool: Pool) -> frozenset[str]:
+        """Uids of the ReplicaSets controlled by the pool's Deployment, when that Deployment is controlled by
+        the pool (same uid)."""
+        ns, uid = pool.namespace, pool.metadata.get("uid")
+        deps = await self.kube.list(DEPLOYMENTS, ns, field_selector=f"metadata.name={deployment_name(pool.name)}")
+        dep_uids = {d["metadata"]["uid"] for d in deps
+                    if (o := D.controller_owner(d, "VLMPool")) is not None and o.get("uid") == uid}
+        if not dep_uids:
+            return frozenset()
+        rss = await self.kube.list(REPLICASETS, ns, label_selector=server_label_selector(pool.name))
+        return frozenset(r["metadata"]["uid"] for r in rss
+                         if (o := D.controller_owner(r, "Deployment")) is not None and o.get("uid") in dep_uids)
 
     async def _push_round(self, pods: list[dict[str, Any]], admin_port: int, token: str, state: dict[str, Any],
                           st: _PoolPush, poll_wait: float | None = None) -> dict[str, PodResult]:
@@ -249,7 +313,7 @@ class PushReconciler(ReconcilerBase):
 
     async def _record_loads(self, pool: Pool, adapters: list[Adapter], state: dict[str, Any],
                             conflicts: list[str], pods: list[str], results: dict[str, PodResult],
-                            can_prune: bool = False) -> bool:
+                            can_prune: bool = False, invalid: dict[str, str] | None = None) -> bool:
         """Write each adapter's per-pod status; prune superseded versions whose unload every proxy has
         confirmed. Returns True when a prune waits for such a confirmation."""
         waiting = False
@@ -262,7 +326,7 @@ class PushReconciler(ReconcilerBase):
                 continue
             total += 1
             served = adapter.served_name
-            fields, conds = D.adapter_loads(adapter, conflicts, pushed, pods, results)
+            fields, conds = D.adapter_loads(adapter, conflicts, pushed, pods, results, invalid)
             pushed_version = adapter.status.get("version")
             try:
                 # Only if the version is still the one this push carried (else the next push tells).

@@ -21,6 +21,8 @@ Why each rule is needed:
   messages.
 - jobs: create the patch and cleanup Jobs (get after an AlreadyExists), watch them for completion,
   delete an unfinished patch Job of an adapter being deleted (so it cannot publish after the cleanup).
+- replicasets list: a push goes only to pods of the pool's own ReplicaSet chain (pod -> ReplicaSet ->
+  Deployment -> VLMPool, uids matching); the ReplicaSets are listed when a pod names one not known yet.
 - events: kopf and the operator post Kubernetes Events (create).
 - networkpolicies: a pool's NetworkPolicy (--network-policy; the chart sets it), create and patch.
 - Every child above is checked before it is written (controller/children.py) with a JSON patch of
@@ -66,6 +68,7 @@ RULES: list[dict[str, Any]] = [
     {"apiGroups": [""], "resources": ["serviceaccounts", "configmaps"], "verbs": ["create", "patch"]},
     {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles", "rolebindings"], "verbs": ["create", "patch"]},
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]},
+    {"apiGroups": ["apps"], "resources": ["replicasets"], "verbs": ["list"]},
 ]
 
 LEADER_ELECTION_RULES: list[dict[str, Any]] = [

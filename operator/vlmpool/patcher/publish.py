@@ -40,6 +40,7 @@ from pathlib import Path
 
 from vlmpool.patcher.errors import PatchError
 from vlmpool.patcher.fetch import CONFIG_NAME, WEIGHTS_NAME
+from vlmpool.proxy.desired import VERSION_RE
 
 REPORT_NAME = "patch_report.json"
 VERSION_FILES = (CONFIG_NAME, WEIGHTS_NAME, REPORT_NAME)
@@ -174,7 +175,7 @@ def publish(root: Path | str, adapter: str, version: str, config_bytes: bytes, w
             report: dict, *, lock_timeout: float = 600.0) -> Published:
     """Publish one version and point ``current`` at it. Idempotent: an existing version is reused."""
     validate_adapter_name(adapter)
-    if not re.fullmatch(r"[0-9a-f]{8,64}", version):
+    if not VERSION_RE.fullmatch(version):
         raise PatchError("InternalError", f"bad version {version!r}")
     root = Path(root)
     adir = root / adapter

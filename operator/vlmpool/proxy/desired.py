@@ -9,10 +9,12 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
 
 SERVED_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,252}")  # fullmatch: no '@', no newline
-# the form patcher/publish.py publishes (a content digest in hex); fullmatch, never `$` (a newline passes)
+# The one definition of an adapter version's form: what patcher/publish.py publishes (a content digest in
+# hex), what the operator records from a patch Job and pushes, what the proxy loads. fullmatch, never `$`
+# (a newline passes).
 VERSION_RE = re.compile(r"[0-9a-f]{8,64}")
 # an engine LoRA name vlmpool gave: `<served>@<version>` (served names have no '@')
-INTERNAL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,252}@[0-9a-f]{8,64}")
+INTERNAL_RE = re.compile(f"{SERVED_NAME_RE.pattern}@{VERSION_RE.pattern}")
 MAX_LOAD_PARALLELISM = 64
 # the one bound on a pushed state's size: every limit on the push (the entries, the JSON containers,
 # the body's bytes) is derived from it, so a state of MAX_ADAPTERS entries of the largest form fits
@@ -41,7 +43,7 @@ class AdapterSpec(BaseModel):
         if VERSION_RE.fullmatch(self.version):
             return None
         return (f"invalid_version: version {self.version[:80]!r} is not of the form the patcher publishes "
-                "([0-9a-f]{8,64})")
+                f"({VERSION_RE.pattern})")
 
     @property
     def internal(self) -> str:
