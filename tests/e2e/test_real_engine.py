@@ -131,12 +131,37 @@ def real_adapters(tmp_path_factory, model_dir):
         "v1": make_adapter("qwen2_5_vl", root / "v1", seed=1, model_dir=model_dir / "model"),
         "v2": make_adapter("qwen2_5_vl", root / "v2", seed=2, model_dir=model_dir / "model"),
         "wide": write_lora(root / "wide", base=POOL_BASE, hidden=256, layers=2, seed=3),
+        "root": root,
     }
     open_for_pods(tmp_path_factory.getbasetemp(), root)
     return out
 
 
 POOL_BASE = "Qwen/Qwen2.5-VL-3B-Instruct"  # the adapters' base_model_name_or_path (testing.adapters)
+
+
+def static_claim(e2e, claim: str, host_dir: Path) -> None:
+    """A read-only claim bound to a volume holding `host_dir` (as a platform team provisions weights and
+    fine-tunes); pods reach it through the claim, which restricted Pod Security allows (hostPath it does not)."""
+    pv = f"{NS}-{POOL}-{claim}"
+    e2e.kubectl("delete", "pvc", claim, "-n", NS, "--wait=true", check=False)
+    e2e.kubectl("delete", "pv", pv, "--wait=true", check=False)
+    e2e.kubectl("apply", "-f", "-", input=json.dumps({
+        "apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": pv},
+        "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadOnlyMany"], "storageClassName": "",
+                 "persistentVolumeReclaimPolicy": "Retain", "hostPath": {"path": str(host_dir), "type": "Directory"},
+                 "claimRef": {"namespace": NS, "name": claim}}}))
+    apply(e2e, {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": claim},
+                "spec": {"accessModes": ["ReadOnlyMany"], "storageClassName": "", "volumeName": pv,
+                         "resources": {"requests": {"storage": "1Gi"}}}})
+
+
+@pytest.fixture(scope="module")
+def sources(e2e, real_pool, real_adapters):
+    """The fine-tunes on a claim (`pvc://sources/<name>`): file:// sources are hostPath volumes, which
+    the restricted namespace refuses."""
+    static_claim(e2e, "sources", real_adapters["root"])
+    return {k: f"pvc://sources/{k}" for k in real_adapters if k != "root"}
 
 
 @pytest.fixture(scope="module")
@@ -147,19 +172,10 @@ def real_pool(e2e, model_dir):
     e2e.kubectl("delete", "vlmp", "--all", "-n", NS, "--wait=true", "--timeout=180s", timeout=200)
     # Restricted Pod Security is enforced where the real engine runs: whatever vLLM needs is in the pod spec.
     e2e.kubectl("label", "namespace", NS, "--overwrite", "pod-security.kubernetes.io/enforce=restricted")
-    pv = f"{NS}-{POOL}-weights"
-    e2e.kubectl("delete", "pv", pv, "--wait=true", check=False)
-    e2e.kubectl("apply", "-f", "-", input=json.dumps({
-        "apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": pv},
-        "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadOnlyMany"], "storageClassName": "",
-                 "persistentVolumeReclaimPolicy": "Retain", "hostPath": {"path": str(model_dir), "type": "Directory"},
-                 "claimRef": {"namespace": NS, "name": "weights"}}}))
-    apply(e2e, {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "weights"},
-                "spec": {"accessModes": ["ReadOnlyMany"], "storageClassName": "", "volumeName": pv,
-                         "resources": {"requests": {"storage": "1Gi"}}}})
+    static_claim(e2e, "weights", model_dir)
     apply(e2e, {"apiVersion": "vlmpool.io/v1alpha1", "kind": "VLMPool", "metadata": {"name": POOL},
                 "spec": {"model": {"name": POOL_BASE, "servedName": SERVED, "family": "qwen2_5_vl",
-                                   "weights": {"claimName": "weights", "path": "model"},
+                                   "weights": {"claimName": "weights", "path": "/model"},
                                    "images": {"minPixels": 4 * 28 * 28, "maxPixels": 64 * 28 * 28}},
                          "replicas": 2,
                          "engine": {"image": IMAGE, "imagePullPolicy": "IfNotPresent", "gpus": 1, "maxLoras": 2,
@@ -178,6 +194,14 @@ def real_pool(e2e, model_dir):
     yield get(e2e, "vlmp", POOL)
 
 
+@pytest.fixture(scope="module")
+def tiny_ft(e2e, real_pool, sources):
+    """The fine-tune the serving tests share (created by the first test that needs it)."""
+    if get(e2e, "vlma", "tiny-ft") is None:
+        apply(e2e, adapter_manifest("tiny-ft", sources["v1"], servedName="acme/tiny-ft"))
+    return ready(e2e, "tiny-ft")
+
+
 def test_the_pods_run_the_real_engine_under_restricted_pod_security(e2e, real_pool):
     for pod in pool_pods(e2e):
         engine = next(c for c in pod["spec"]["containers"] if c["name"] == "engine")
@@ -189,9 +213,8 @@ def test_the_pods_run_the_real_engine_under_restricted_pod_security(e2e, real_po
     assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
 
 
-def test_adapter_patched_loaded_and_serving_text_image_stream_and_json(e2e, real_pool, real_adapters):
-    apply(e2e, adapter_manifest("tiny-ft", f"file://{real_adapters['v1']}", servedName="acme/tiny-ft"))
-    st = ready(e2e, "tiny-ft")
+def test_adapter_patched_loaded_and_serving_text_image_stream_and_json(e2e, real_pool, tiny_ft):
+    st = tiny_ft
     internal = f"acme/tiny-ft@{st['version']}"
     for pod in pool_pods(e2e):
         assert internal in engine_models(e2e, pod)
@@ -236,8 +259,8 @@ def test_unknown_adapter_404_and_prompt_over_the_limit_422(e2e, real_pool):
     assert status == 422, body
 
 
-def test_adapter_vllm_refuses_at_load_is_failed_with_vllms_reason(e2e, real_pool, real_adapters):
-    apply(e2e, adapter_manifest("wide", f"file://{real_adapters['wide']}"))
+def test_adapter_vllm_refuses_at_load_is_failed_with_vllms_reason(e2e, real_pool, sources):
+    apply(e2e, adapter_manifest("wide", sources["wide"]))
 
     def failed_on_pods():
         st = (get(e2e, "vlma", "wide") or {}).get("status") or {}
@@ -254,7 +277,7 @@ def test_adapter_vllm_refuses_at_load_is_failed_with_vllms_reason(e2e, real_pool
     e2e.kubectl("delete", "vlma", "wide", "-n", NS, "--wait=true", "--timeout=120s", timeout=130)
 
 
-def test_engine_killed_restarted_and_adapters_back_without_a_request(e2e, real_pool, real_adapters):
+def test_engine_killed_restarted_and_adapters_back_without_a_request(e2e, real_pool, sources, tiny_ft):
     st = ready(e2e, "tiny-ft")
     internal = f"acme/tiny-ft@{st['version']}"
     pod = pool_pods(e2e)[0]
@@ -270,7 +293,7 @@ def test_engine_killed_restarted_and_adapters_back_without_a_request(e2e, real_p
     wait_for(reloaded, START_S, what="the adapter loaded again in the restarted real engine")
 
 
-def test_version_swap_under_load_fails_no_request(e2e, real_pool, real_adapters):
+def test_version_swap_under_load_fails_no_request(e2e, real_pool, sources, tiny_ft):
     old = ready(e2e, "tiny-ft")
     results: list[int] = []
     stop = threading.Event()
@@ -286,7 +309,7 @@ def test_version_swap_under_load_fails_no_request(e2e, real_pool, real_adapters)
     try:
         wait_for(lambda: len(results) >= 3, 120, what="steady load started")
         e2e.kubectl("patch", "vlma", "tiny-ft", "-n", NS, "--type=merge", "-p",
-                    json.dumps({"spec": {"source": {"uri": f"file://{real_adapters['v2']}"}}}))
+                    json.dumps({"spec": {"source": {"uri": sources["v2"]}}}))
         new = ready(e2e, "tiny-ft", version=old["version"])
         n = len(results)
         wait_for(lambda: len(results) >= n + 3, 120, what="requests after the swap")
@@ -301,13 +324,22 @@ def test_version_swap_under_load_fails_no_request(e2e, real_pool, real_adapters)
         assert f"acme/tiny-ft@{new['version']}" in models and f"acme/tiny-ft@{old['version']}" not in models
 
 
-def test_the_series_the_proxy_and_the_epp_read_come_from_real_vllm(e2e, real_pool):
+def test_the_series_the_proxy_and_the_epp_read_come_from_real_vllm(e2e, real_pool, sources, tiny_ft):
+    st = ready(e2e, "tiny-ft")
     wanted = ("vllm:kv_cache_usage_perc", "vllm:num_requests_running", "vllm:num_requests_waiting",
               "vllm:lora_requests_info")
-    for pod in pool_pods(e2e):
-        req = urllib.request.Request(e2e.pod_url(pod, ENGINE_PORT) + "/metrics")
-        with urllib.request.urlopen(req, timeout=30) as r:
+
+    def all_series(pod):
+        """The engine's /metrics text once every wanted series is in it, else None."""
+        with urllib.request.urlopen(e2e.pod_url(pod, ENGINE_PORT) + "/metrics", timeout=30) as r:
             text = r.read().decode()
         names = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
-        assert set(wanted) <= names, set(wanted) - names
+        return text if set(wanted) <= names else None
+    for pod in pool_pods(e2e):
+        # vLLM sets lora_requests_info once its scheduler has seen a LoRA request (a restarted engine
+        # has none until then): one request through this pod's proxy.
+        status, body = http(e2e.pod_url(pod, PROXY_PORT) + "/v1/chat/completions", chat_body("acme/tiny-ft"))
+        assert status == 200, body
+        text = wait_for(lambda p=pod: all_series(p), 60, what="vLLM's routing series")
         assert 'max_lora="2"' in text  # the pool's maxLoras reached vLLM
+        assert f"acme/tiny-ft@{st['version']}" in text  # the adapter vLLM ran, by its internal name
