@@ -17,7 +17,10 @@
 #
 # Idempotent: what runs and answers is kept; a warm re-run rebuilds the images (cached layers) and
 # re-imports them. Env: NODE_STATE (/var/lib/vlmpool-node), NODE_CACHE (~/.cache/vlmpool/node), GPUS (4),
-#      IMAGES (operator proxy simulator patcher), PY (.venv/bin/python), HELM_ARGS (extra helm flags).
+#      IMAGES (operator proxy simulator patcher), PY (.venv/bin/python), HELM_ARGS (extra helm flags),
+#      NODE_ENGINE (sim: the simulator is the pools' default engine; vllm: the real vLLM engine image
+#      (images/vllm-cpu, ~6 GB, built from hack/vllm-env.sh's wheels) is built and imported too, and
+#      `test` runs tests/e2e/test_real_engine.py on it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -37,6 +40,8 @@ POD_CIDR=10.244.0.0/16 NODE_POD_CIDR=10.244.0.0/24
 SERVICE_CIDR=10.0.0.0/24  # vlmpool.localcluster.controlplane.SERVICE_CIDR
 API_PORT=6443
 GPUS=${GPUS:-4}
+NODE_ENGINE=${NODE_ENGINE:-sim}
+case $NODE_ENGINE in sim|vllm) ;; *) echo "node: NODE_ENGINE must be sim or vllm, not '$NODE_ENGINE'" >&2; exit 2 ;; esac
 PY=${PY:-.venv/bin/python}
 DOCKER=/usr/bin/docker  # Debian's client: BuildKit built in (a newer client on PATH may lack buildx)
 NS=vlmpool-system RELEASE=vlmpool
@@ -218,7 +223,10 @@ build_images() {
       -e 's|^RUN |RUN --mount=type=secret,id=ca-bundle,target=/etc/ssl/certs/ca-certificates.crt |' \
       images/Dockerfile > "$df"
   cp images/Dockerfile.dockerignore "$df.dockerignore"
-  local want=(${IMAGES:-operator proxy simulator patcher}) t ref
+  sed -e '1{/^# syntax=/d}' images/vllm-cpu/Dockerfile > "$CACHE/vllm-cpu.Dockerfile"
+  local default="operator proxy simulator patcher"
+  [ "$NODE_ENGINE" = vllm ] && default="$default vllm-cpu"
+  local want=(${IMAGES:-$default}) t ref
   BUILT=()
   for t in "${want[@]}"; do
     if ref=$(build_one "$t" ${TORCH_INDEX_URL:+--build-arg TORCH_INDEX_URL=$TORCH_INDEX_URL}); then
@@ -236,7 +244,8 @@ build_images() {
 }
 build_one() {
   local t=$1; shift
-  DOCKER=$DOCKER DOCKERFILE=$CACHE/node.Dockerfile BUILD_ARGS="--build-arg PYTHON_IMAGE=$BASE_IMAGE \
+  DOCKER=$DOCKER DOCKERFILE=$CACHE/node.Dockerfile DOCKERFILE_VLLM_CPU=$CACHE/vllm-cpu.Dockerfile \
+    BUILD_ARGS="--build-arg PYTHON_IMAGE=$BASE_IMAGE \
     --secret id=ca-bundle,src=/etc/ssl/certs/ca-certificates.crt $*" \
     nice bash images/build.sh "$t" 2>>"$STATE/logs/images.log"
 }
@@ -431,6 +440,8 @@ chart() {
 }
 
 k() { "$KUBECTL" --kubeconfig "$KUBECONFIG_FILE" "$@"; }
+# The engine image's reference, as images/build.sh names it.
+vllm_cpu_ref() { echo "$REGISTRY/vllm-cpu:$(sed -n 's/^VLLM_RELEASE = "\(.*\)"$/\1/p' operator/vlmpool/sim/contract.py)"; }
 
 # From inside a pod (the operator's), an address off this machine (the host's default gateway, and a
 # public one) must be unreachable at once: no route, not merely dropped.
@@ -508,7 +519,13 @@ test_() {
   k -n e2e delete vlma --all --wait=true --timeout=180s >/dev/null
   k -n e2e delete vlmp --all --wait=true --timeout=180s >/dev/null
   k -n e2e delete jobs,pvc --all --wait=true --timeout=120s >/dev/null
-  VLMPOOL_E2E_KUBECONFIG=$STATE/control-plane/admin.kubeconfig VLMPOOL_KUBECTL=$bin/kubectl \
+  local real=()
+  if [ "$NODE_ENGINE" = vllm ]; then
+    real=(VLMPOOL_E2E_VLLM_IMAGE="$(REGISTRY=${REGISTRY:-ghcr.io/vlmpool} vllm_cpu_ref)")
+    ctr_ -n k8s.io images ls -q name=="${real[0]#*=}" | grep -q . \
+      || die "${real[0]#*=} is not on the node: run NODE_ENGINE=vllm make node"
+  fi
+  env "${real[@]}" VLMPOOL_E2E_KUBECONFIG=$STATE/control-plane/admin.kubeconfig VLMPOOL_KUBECTL=$bin/kubectl \
     "$PY" -m pytest tests/e2e --basetemp="$STATE/pytest" "$@"
 }
 

