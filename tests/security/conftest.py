@@ -171,6 +171,13 @@ OPERATOR_USER = "vlmpool-operator-security"
 
 
 @pytest.fixture
+def operator_user() -> str:
+    """The user operator_kubeconfig authenticates as (a fixture: a test module's `from conftest import`
+    finds whichever conftest module was imported first under that name, tests/vllm's in a whole run)."""
+    return OPERATOR_USER
+
+
+@pytest.fixture
 def operator_kubeconfig(control_plane, crds, namespace):
     """A user with exactly the operator's rules (vlmpool.controller.rbac) in the test namespace."""
     import json

@@ -374,11 +374,9 @@ def _pod_tenant(control_plane, namespace: str, user: str) -> Path:
 
 
 async def test_only_the_controllers_may_make_pods_with_vlmpool_labels(control_plane, start_operator, kube, namespace,
-                                                                      tmp_path):
-    from conftest import OPERATOR_USER
-
+                                                                      tmp_path, operator_user):
     ns = namespace
-    policy = _apply_pod_policy(control_plane, ns, OPERATOR_USER)
+    policy = _apply_pod_policy(control_plane, ns, operator_user)
     try:
         tenant = _pod_tenant(control_plane, ns, "tenant-pods")
 
