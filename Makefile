@@ -24,10 +24,10 @@ help:
 	@echo "make lint        ruff and mypy with the rules in pyproject.toml (part of make test)"
 	@echo "make test        install, lint, obtain the binaries, and run every test"
 	@echo "make test-vllm   the pinned vLLM's own LoRA loader judges the patcher and the simulator (cached venv, several GB)"
-	@echo "make images      build the container images (needs a Docker engine)"
+	@echo "make images      build the container images (needs a Docker engine; IMAGES=vllm-cpu: the real engine)"
 	@echo "make kind-e2e    the e2e suite on a kind cluster (needs Docker and kind)"
 	@echo "make node        a real single-node cluster here (root; apt, dockerd, containerd, kubelet; the chart)"
-	@echo "make test-node   the e2e suite on that node (make node-down removes it)"
+	@echo "make test-node   the e2e suite on that node (NODE_ENGINE=vllm: real vLLM too, as CI; make node-down removes it)"
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -90,5 +90,5 @@ node: install k8s-bins  ## a real single-node cluster here (root): images built,
 node-down:  ## remove everything `make node` made (processes, mounts, network namespace, routes, rules, state)
 	bash hack/node.sh down
 
-test-node: node  ## the e2e suite (external mode) on the real node, the simulator image as the engine
+test-node: node  ## the e2e suite (external mode) on the real node: the simulator as the engine, and with NODE_ENGINE=vllm a pool of real vLLM (images/vllm-cpu) too
 	bash hack/node.sh test $(PYTEST_ARGS)
