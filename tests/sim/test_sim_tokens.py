@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import struct
 
-from tests_png import png
-
 from vlmpool.sim.tokens import image_size, smart_resize
+from vlmpool.testing.images import png
 
 
 def test_image_size_from_headers():

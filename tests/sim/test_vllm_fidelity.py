@@ -106,8 +106,7 @@ async def test_tokens_come_from_the_models_tokenizer(fast_config, tmp_path):
     (a 64x64 PNG: 4), a completion's text tokenized (11); without one, words (6)."""
     import base64
 
-    from tests_png import png
-
+    from vlmpool.testing.images import png
     from vlmpool.testing.vlm_model import make_model
 
     model = str(make_model(tmp_path / "Qwen2.5-VL-tiny"))

@@ -20,13 +20,11 @@ import base64
 import json
 import os
 import re
-import struct
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +33,7 @@ import pytest
 from real_engine import free_port, start_engine
 
 from vlmpool.testing.adapters import make_adapter, write_lora
+from vlmpool.testing.images import png
 from vlmpool.testing.vlm_model import make_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -54,19 +53,7 @@ VALUE_PATHS = ("status", "media", "text", "done", "error.message", "error.type",
 HELLO = [{"role": "user", "content": "Hello there"}]
 
 
-def _png(width: int, height: int) -> bytes:
-    """A real RGB PNG (no imaging library in vlmpool's environment)."""
-    raw = b"".join(b"\x00" + b"".join(bytes((x * 4 % 256, y * 4 % 256, 128)) for x in range(width))
-                   for y in range(height))
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
-
-
-IMAGE_URL = "data:image/png;base64," + base64.b64encode(_png(64, 64)).decode()
+IMAGE_URL = "data:image/png;base64," + base64.b64encode(png(64, 64)).decode()
 
 
 # ---- the probe set -----------------------------------------------------------------------------------------

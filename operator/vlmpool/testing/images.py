@@ -1,4 +1,4 @@
-"""A real PNG written with zlib alone (no imaging library in vlmpool's environment)."""
+"""Test images made with the standard library alone (vlmpool's environment has no imaging library)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import zlib
 
 
 def png(width: int, height: int) -> bytes:
+    """A real RGB PNG of ``width`` x ``height`` (a gradient, zlib-compressed)."""
     raw = b"".join(b"\x00" + b"".join(bytes((x * 4 % 256, y * 4 % 256, 128)) for x in range(width))
                    for y in range(height))
 
