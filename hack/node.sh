@@ -531,10 +531,21 @@ test_() {
 
 # `make dev`: the node, then the quickstart on it (vlmpool dev --kubeconfig: the node's GPUs set to --gpus,
 # a pool and an adapter applied, the pool's Service port-forwarded to this host until Ctrl-C).
+# `--engine vllm` (make dev DEV_ARGS="--engine vllm"): the node is brought up with NODE_ENGINE=vllm (the real
+# engine's image built and imported) and the quickstart pool runs vLLM itself.
 dev_() {
+  local a extra=()
+  for a in "$@"; do
+    case $a in --engine=vllm) NODE_ENGINE=vllm ;; esac
+  done
+  [[ " $* " == *" --engine vllm "* ]] && NODE_ENGINE=vllm
   up
-  log "the quickstart: $PY -m vlmpool dev --kubeconfig $KUBECONFIG_FILE --state-dir $STATE/dev $*"
-  "$PY" -m vlmpool dev --kubeconfig "$KUBECONFIG_FILE" --state-dir "$STATE/dev" "$@"
+  if [ "$NODE_ENGINE" = vllm ]; then
+    REGISTRY=${REGISTRY:-ghcr.io/vlmpool}
+    extra=(--engine-image "$(vllm_cpu_ref)")
+  fi
+  log "the quickstart: $PY -m vlmpool dev --kubeconfig $KUBECONFIG_FILE --state-dir $STATE/dev ${extra[*]} $*"
+  "$PY" -m vlmpool dev --kubeconfig "$KUBECONFIG_FILE" --state-dir "$STATE/dev" "${extra[@]}" "$@"
 }
 
 main() {

@@ -343,3 +343,43 @@ def test_the_series_the_proxy_and_the_epp_read_come_from_real_vllm(e2e, real_poo
         text = wait_for(lambda p=pod: all_series(p), 60, what="vLLM's routing series")
         assert 'max_lora="2"' in text  # the pool's maxLoras reached vLLM
         assert f"acme/tiny-ft@{st['version']}" in text  # the adapter vLLM ran, by its internal name
+
+
+def test_make_dev_with_the_real_engine_answers_an_image_chat_through_the_adapter(e2e, real_pool, tmp_path):
+    """`make dev DEV_ARGS="--engine vllm"` as a newcomer runs it (hack/node.sh dev: `vlmpool dev --kubeconfig`
+    on the node): the quickstart's weights made here and reached through a claim, its adapter patched and
+    loaded by real vLLM, and an image chat answered through the adapter via the pool's Service. One replica:
+    the suite's real pool holds two of the node's engines already."""
+    import subprocess
+    import sys
+
+    from vlmpool.localcluster.quickstart import ADAPTER, QUICKSTART_NS, WEIGHTS_CLAIM
+    from vlmpool.localcluster.quickstart import POOL as DEMO
+
+    state = tmp_path / "dev"
+    cmd = [sys.executable, "-m", "vlmpool", "dev", "--kubeconfig", str(e2e.kubeconfig), "--state-dir", str(state),
+           "--engine", "vllm", "--engine-image", IMAGE, "--replicas", "1", "--gpus", "4", "--port", "0",
+           "--exit-when-ready"]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=START_S + READY_S + 120,
+                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        out = res.stdout + res.stderr
+        assert res.returncode == 0, out[-4000:]
+        assert "adapter Ready, LOADED 1/1" in out, out[-4000:]
+        assert f"an image chat through {ADAPTER}: HTTP 200, model {ADAPTER}" in out, out[-4000:]
+        pool = json.loads(e2e.kubectl("get", "vlmp", DEMO, "-n", QUICKSTART_NS, "-o", "json").stdout)
+        assert pool["spec"]["engine"]["image"] == IMAGE
+        assert pool["spec"]["model"]["weights"]["claimName"] == WEIGHTS_CLAIM
+        pods = json.loads(e2e.kubectl("get", "pods", "-n", QUICKSTART_NS, "-l", f"vlmpool.io/pool={DEMO}",
+                                      "-o", "json").stdout)["items"]
+        live = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
+        assert len(live) == 1
+        status, body = http(e2e.pod_url(live[0], ENGINE_PORT) + "/version")
+        assert status == 200 and body == {"version": VLLM_RELEASE}, body
+    finally:
+        e2e.kubectl("delete", "vlma", ADAPTER, "-n", QUICKSTART_NS, "--wait=true", "--timeout=120s",
+                    check=False, timeout=130)
+        e2e.kubectl("delete", "vlmp", DEMO, "-n", QUICKSTART_NS, "--wait=true", "--timeout=180s",
+                    check=False, timeout=190)
+        e2e.kubectl("delete", "pvc", WEIGHTS_CLAIM, "-n", QUICKSTART_NS, "--wait=true", check=False)
+        e2e.kubectl("delete", "pv", f"{QUICKSTART_NS}-{DEMO}-weights", "--wait=true", check=False)

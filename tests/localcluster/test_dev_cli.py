@@ -42,6 +42,7 @@ def test_vlmpool_dev_quickstart_serves_the_adapter(tmp_path):
         assert base, "".join(lines[-40:])
         out = "".join(lines)
         assert "adapter Ready, LOADED 2/2" in out
+        assert "an image chat through demo-adapter: HTTP 200, model demo-adapter" in out
         assert re.search(r"vlmadapter.vlmpool.io/demo-adapter\s+demo\s+Ready\s+[0-9a-f]+\s+2/2", out)
         client = OpenAI(base_url=base, api_key="unused", max_retries=0)
         ids = {m.id for m in client.models.list().data}

@@ -3,9 +3,11 @@ the chart: the real node that `make dev` brings up (hack/node.sh dev). Nothing i
 `kubectl port-forward` to the pool's Service; Ctrl-C stops that and leaves the cluster (`make node-down`
 removes it).
 
-It sets the node's fake `nvidia.com/gpu` capacity to `--gpus`, makes the tiny PEFT adapter under
-`--state-dir` (a directory the chart's `sources.allowHostPaths` lets pods read), applies the quickstart
-pool and adapter, waits until the adapter is Ready on every pod, and prints how to call it.
+It sets the node's fake `nvidia.com/gpu` capacity to `--gpus`, makes the quickstart's files under
+`--state-dir` (a directory the chart's `sources.allowHostPaths` lets pods read: the tiny PEFT adapter, and
+with `--engine vllm` the tiny Qwen2.5-VL the real engine serves, reached through a claim), applies the
+quickstart pool and adapter, waits until the adapter is Ready on every pod, sends one image chat through the
+adapter, and prints how to call it (localcluster/quickstart.py has what is applied).
 """
 
 from __future__ import annotations
@@ -20,6 +22,17 @@ import time
 from pathlib import Path
 
 from vlmpool.localcluster.controlplane import find_binaries
+from vlmpool.localcluster.quickstart import (
+    ADAPTER,
+    POOL,
+    QUICKSTART_NS,
+    VLLM_START_SECONDS,
+    image_chat,
+    make_material,
+    quickstart_manifests,
+    smoke_line,
+    weights_volume,
+)
 
 
 class RunningCluster:
@@ -80,36 +93,34 @@ class RunningCluster:
 
 
 def run_on_cluster(args: argparse.Namespace) -> int:
-    from vlmpool.localcluster.cli import ADAPTER, POOL, QUICKSTART_NS, quickstart_manifests
     from vlmpool.localcluster.dev import wait_adapter_ready
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     t0 = time.monotonic()
+    engine = getattr(args, "engine", "sim")
     cluster = RunningCluster(args.kubeconfig)
     nodes = cluster.set_gpus(args.gpus)
     print(f"{', '.join(nodes)}: nvidia.com/gpu capacity {args.gpus}", flush=True)
     if args.no_quickstart:
         return 0
-    src = Path(args.state_dir).resolve() / "quickstart" / ADAPTER
-    if not (src / "adapter_model.safetensors").exists():
-        from vlmpool.testing.adapters import make_adapter
-
-        print("generating a tiny PEFT LoRA adapter for Qwen2.5-VL ...", flush=True)
-        make_adapter("qwen2_5_vl", src, r=8, alpha=16)
-    # The patch Job's pod (uid 65532, not root) reads it through a hostPath: safetensors writes 0600.
-    for p in (*src.parents[:2], src, *src.rglob("*")):
-        p.chmod(0o755 if p.is_dir() else 0o644)
-    docs = quickstart_manifests(f"file://{src}", args.replicas)
+    # The patch Job's pod and the engine (uid 65532, not root) read these through hostPath volumes (the
+    # chart's sources.allowHostPaths covers the state directory).
+    src, weights = make_material(Path(args.state_dir), engine)
+    docs = quickstart_manifests(f"file://{src}", args.replicas, engine, getattr(args, "engine_image", None))
+    if weights is not None:
+        docs = [*weights_volume(weights), *docs]
     cluster.kubectl("apply", "-f", "-", input="\n---\n".join(json.dumps(d) for d in docs))
-    print(f"applied VLMPool/{POOL} and VLMAdapter/{ADAPTER}; waiting until the adapter is Ready on all pods ...",
-          flush=True)
+    what = "the real vLLM engine (its CPU build)" if engine == "vllm" else "the vLLM simulator"
+    print(f"applied VLMPool/{POOL} ({args.replicas} pods running {what}) and VLMAdapter/{ADAPTER}; waiting until "
+          "the adapter is Ready on all pods ...", flush=True)
+    rollout_s = VLLM_START_SECONDS if engine == "vllm" else 600
     try:
         # Every pod of the pool up first (the scheduler places them on the node's GPUs), then the adapter
         # loaded on every one of them.
-        res = cluster.kubectl("rollout", "status", f"deployment/{POOL}", "-n", QUICKSTART_NS, "--timeout=600s",
-                              check=False, timeout=620)
+        res = cluster.kubectl("rollout", "status", f"deployment/{POOL}", "-n", QUICKSTART_NS,
+                              f"--timeout={rollout_s}s", check=False, timeout=rollout_s + 20)
         if stop.is_set():
             return 130
         if res.returncode != 0:
@@ -122,11 +133,13 @@ def run_on_cluster(args: argparse.Namespace) -> int:
     print(f"adapter Ready, LOADED {status.get('loaded')}, version {status.get('version')} "
           f"({time.monotonic() - t0:.1f}s)\n", flush=True)
     print(cluster.kubectl("get", "vlmp,vlma,pods", "-n", QUICKSTART_NS, "-o", "wide").stdout, flush=True)
-    if args.exit_when_ready:
-        return 0
     proc, port = cluster.port_forward(QUICKSTART_NS, POOL, args.port, stop)
     base = f"http://127.0.0.1:{port}/v1"
     try:
+        smoke = image_chat(base)
+        print(f"an image chat through {ADAPTER}: {smoke_line(smoke)} ({time.monotonic() - t0:.1f}s)", flush=True)
+        if args.exit_when_ready:
+            return 0 if smoke.get("status") == 200 else 1
         print(f"""Service/{POOL} (the pool's OpenAI-compatible API) is forwarded to {base}.
 
   export KUBECONFIG={cluster.kubeconfig}
