@@ -14,7 +14,7 @@ epp:  ## the Gateway API Inference Extension's endpoint picker + InferencePool C
 .PHONY: help install k8s-bins crds crds-check lint test test-vllm test-unit test-apiserver bench clean
 
 help:
-	@echo "make dev         the whole system on the real node with a quickstart pool (DEV_ARGS=\"--gpus 2\"; make node-down removes it)"
+	@echo "make dev         the whole system on the real node with a quickstart pool (DEV_ARGS=\"--gpus 2\", \"--engine vllm\": real vLLM; make node-down removes it)"
 	@echo "make dev-process the same on the process kubelet (no images, no containerd; Ctrl-C stops)"
 	@echo "make prereqs     build the Kubernetes binaries, the vLLM env and the node's images at once (cold CI)"
 	@echo "make install     create $(VENV) and install vlmpool with the [$(EXTRAS)] extras"
