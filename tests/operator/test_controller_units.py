@@ -196,8 +196,8 @@ def test_a_roll_that_no_node_can_take_is_stalled_with_the_schedulers_reason():
 async def test_concurrent_pushes_of_a_pool_coalesce_and_never_overlap():
     import asyncio
 
-    from vlmpool.controller.reconciler import Controller, PushSummary
     from vlmpool.controller.pushing import Pusher
+    from vlmpool.controller.reconciler import Controller, PushSummary
 
     parts = Controller(kube=None)  # type: ignore[arg-type]
 

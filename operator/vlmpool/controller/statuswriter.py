@@ -57,6 +57,8 @@ CONDITION_OWNERS: dict[str, dict[str, str]] = {
     },
 }
 
+MODELS: dict[str, type[VLMAdapterStatus] | type[VLMPoolStatus]] = {"VLMAdapter": VLMAdapterStatus,
+                                                                   "VLMPool": VLMPoolStatus}
 # Fields the writer derives (an adapter's phase from its conditions); conditions go as conditions.
 DERIVED_FIELDS = {"VLMAdapter": {"phase", "reason", "message", "conditions"}, "VLMPool": {"conditions"}}
 CONDITION_STATUSES = ("True", "False", "Unknown")
@@ -69,13 +71,20 @@ class StatusRefused(ValueError):
 
 
 def _wire(kind: str, fields: VLMAdapterStatus | VLMPoolStatus | None) -> dict[str, Any]:
-    """The fields the change sets, as the apiserver stores them (camelCase; what was not set is left out)."""
+    """The fields the change sets, as the apiserver stores them (camelCase; what was not set is left out).
+    Validated again here: a change is the kind's status model, and one altered after it was made
+    (pydantic does not validate an assignment) is refused like one made wrong."""
     if fields is None:
         return {}
+    model = MODELS[kind]
+    if not isinstance(fields, model):
+        raise StatusRefused(f"a {kind} status change is a {model.__name__}, not {type(fields).__name__}")
     derived = DERIVED_FIELDS[kind] & fields.model_fields_set
     if derived:
         raise StatusRefused(f"{kind} status fields {sorted(derived)} are not written directly")
-    return fields.model_dump(by_alias=True, exclude_unset=True, mode="json")
+    wire = fields.model_dump(by_alias=True, exclude_unset=True, mode="json")
+    model.model_validate(wire)
+    return wire
 
 
 def _check_conditions(kind: str, owner: str, conds: Sequence[Cond]) -> None:
