@@ -1,7 +1,7 @@
 """Pure status logic: conditions, the adapter's phase, per-pod load results, the pool's status.
 
-An adapter's phase is derived from its conditions, so every writer updates the conditions it owns
-and recomputes the phase the same way:
+An adapter's phase is derived from its conditions: each part writes the conditions it owns, and the
+status writer (statuswriter.py) recomputes the phase at every write:
 - ``Patched``: Unknown while the patch Job runs, True with the version, False with the refusal.
 - ``Loaded``: True when every running pod of the pool serves the version.
 - ``Ready``: the summary (mirrors phase Ready).
