@@ -138,11 +138,11 @@ async def test_push_loads_reports_and_refuses_older_generations(proxy_pod, tmp_p
 def test_pool_status_from_the_deployment():
     pool = {"metadata": {"name": "vision", "generation": 2}, "spec": {"replicas": 2}}
     fields, conds = S.deployment_status(pool, None)
-    assert fields["ready"] == "0/2" and ("Ready", "False") == conds[0][:2]
+    assert fields.ready == "0/2" and ("Ready", "False") == conds[0][:2]
     dep = {"metadata": {"generation": 5}, "status": {"observedGeneration": 5, "replicas": 2, "readyReplicas": 2,
                                                       "updatedReplicas": 2}}
     fields, conds = S.deployment_status(pool, dep)
-    assert fields == {"replicas": 2, "readyReplicas": 2, "ready": "2/2",
+    assert fields.model_dump(by_alias=True, exclude_unset=True) == {"replicas": 2, "readyReplicas": 2, "ready": "2/2",
                       # the scale subresource's selector: the pool's pods
                       "selector": "vlmpool.io/pool=vision,app.kubernetes.io/component=server"}
     assert {c[0]: c[1:3] for c in conds} == {"Ready": ("True", "PodsReady"), "Progressing": ("False", "RolledOut"),
@@ -196,11 +196,15 @@ def test_a_roll_that_no_node_can_take_is_stalled_with_the_schedulers_reason():
 async def test_concurrent_pushes_of_a_pool_coalesce_and_never_overlap():
     import asyncio
 
-    from vlmpool.controller.reconciler import PushSummary, Reconciler
+    from vlmpool.controller.pushing import Pusher
+    from vlmpool.controller.reconciler import Controller, PushSummary
 
-    class Recording(Reconciler):
+    parts = Controller(kube=None)  # type: ignore[arg-type]
+
+    class Recording(Pusher):
         def __init__(self):
-            super().__init__(kube=None)  # type: ignore[arg-type]
+            super().__init__(parts.pusher.kube, parts.pusher.config, parts.pusher.metrics, parts.pusher.events,
+                             parts.pusher.status, parts.health)
             self.running = 0
             self.max_running = 0
             self.calls = 0

@@ -214,20 +214,25 @@ def test_push_generation():
     assert D.push_generation("a", 9, "a", 7) == 9
 
 
+def _set(fields):
+    """The status fields a typed change sets, as written (camelCase)."""
+    return fields.model_dump(by_alias=True, exclude_unset=True, mode="json")
+
+
 def test_adapter_loads():
     pods = ["p0", "p1"]
     results = {"p0": PodResult("p0", True, 1, {"inv": {"name": "inv", "version": "v1", "state": "loaded"}}),
                "p1": PodResult("p1", False, error="timeout")}
     ready = _adapter({"version": "v1", "path": f"{ROOT}/inv/versions/v1"})
     fields, conds = D.adapter_loads(Adapter.parse(ready), [], {}, pods, results)
-    assert fields["loadedPods"] == 1 and fields["loaded"] == "1/2" and fields["desiredPods"] == 2
-    assert [p["pod"] for p in fields["pods"]] == pods and conds[0][:2] == ("Loaded", "False")
+    assert fields.loaded_pods == 1 and fields.loaded == "1/2" and fields.desired_pods == 2
+    assert [p.pod for p in fields.pods] == pods and conds[0][:2] == ("Loaded", "False")
     fields, conds = D.adapter_loads(Adapter.parse(ready), ["inv"], {"inv": {"version": "v9"}}, pods, results)
-    assert fields == {"pods": [], "loadedPods": 0, "desiredPods": 2, "loaded": "0/2"}
+    assert _set(fields) == {"pods": [], "loadedPods": 0, "desiredPods": 2, "loaded": "0/2"}
     assert conds == [("Loaded", "False", "ServedNameConflict",
                       "another adapter of the pool already serves 'inv' (version v9)")]
-    assert D.adapter_loads(Adapter.parse(_adapter()), [], {}, pods, results) == (
-        {"loadedPods": 0, "desiredPods": 2, "loaded": "0/2"}, [])
+    fields, conds = D.adapter_loads(Adapter.parse(_adapter()), [], {}, pods, results)
+    assert (_set(fields), conds) == ({"loadedPods": 0, "desiredPods": 2, "loaded": "0/2"}, [])
 
 
 def test_version_is():
@@ -327,5 +332,5 @@ def test_a_recorded_version_the_proxies_would_refuse_is_left_out_for_its_adapter
         assert D.recorded_version_problem(bad, ROOT), (version, path)
     bad = Adapter.parse(_adapter({"version": "v1", "path": f"{ROOT}/inv/versions/v1"}))
     fields, conds = D.adapter_loads(bad, [], {}, ["p0"], {}, {"inv": D.recorded_version_problem(bad, ROOT)})
-    assert fields == {"pods": [], "loadedPods": 0, "desiredPods": 1, "loaded": "0/1"}
+    assert _set(fields) == {"pods": [], "loadedPods": 0, "desiredPods": 1, "loaded": "0/1"}
     assert conds[0][:3] == ("Loaded", "False", "InvalidVersion") and "'v1'" in conds[0][3]

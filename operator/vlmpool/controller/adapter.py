@@ -1,26 +1,45 @@
-"""Adapters: one patch Job per spec digest (deterministic name, create-if-absent), its termination
-message into status, then a push of the pool's state."""
+"""The adapter controller: one patch Job per spec digest (deterministic name, create-if-absent) when
+the job gate admits it, its termination message into status, then a push of the pool's state; the
+admission rounds of the adapters waiting in the gate's line."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from typing import Any
 
+from vlmpool.api.adapter import PatchSummary, VLMAdapterStatus
 from vlmpool.api.objects import Adapter, Pool
 from vlmpool.controller import decisions as D
 from vlmpool.controller import status as S
-from vlmpool.controller.common import SOURCE_NOT_ALLOWED, RetryLater, _duration
+from vlmpool.controller.common import SOURCE_NOT_ALLOWED, Events, OperatorConfig, RetryLater, _duration
 from vlmpool.controller.jobgate import QUEUED, PatchJobGate, job_unfinished
-from vlmpool.kube.client import JOBS, PODS, VLMADAPTERS, VLMPOOLS
+from vlmpool.controller.metrics import OperatorMetrics
+from vlmpool.controller.pushing import Pusher
+from vlmpool.controller.statuswriter import OwnedStatus
+from vlmpool.kube.client import JOBS, PODS, VLMADAPTERS, VLMPOOLS, KubeClient
 from vlmpool.manifests import adapter as MA
 from vlmpool.manifests.common import A_SUPERSEDED, patch_job_name
 
 log = logging.getLogger("vlmpool.operator")
 
 
-class AdapterReconciler(PatchJobGate):
-    async def reconcile_adapter(self, adapter: Adapter, pool: Pool | None = None) -> None:
+class AdapterController:
+    def __init__(self, kube: KubeClient, config: OperatorConfig, metrics: OperatorMetrics, events: Events,
+                 status: OwnedStatus, gate: PatchJobGate, pusher: Pusher):
+        self.kube = kube
+        self.config = config
+        self.metrics = metrics
+        self.events = events
+        self.status = status
+        self.gate = gate
+        self.pusher = pusher
+        self._admit_task: asyncio.Task | None = None
+        self._admitting = False  # an admission round runs
+        self._admit_again = False  # a slot freed since that round began
+
+    async def reconcile(self, adapter: Adapter, pool: Pool | None = None) -> None:
         ns, name = adapter.namespace, adapter.name
         if adapter.metadata.get("deletionTimestamp"):
             return
@@ -29,10 +48,11 @@ class AdapterReconciler(PatchJobGate):
             raw = await self.kube.get_or_none(VLMPOOLS, spec.pool_ref.name, ns)
             pool = Pool.parse(raw) if raw is not None else None
         st = adapter.status
-        base = {"observedGeneration": adapter.generation, "servedName": adapter.served_name}
+        served = adapter.served_name
         if pool is None:
-            self.dequeue_patch(ns, name)  # no Job without its pool: it must not hold a place in line
-            await self._write_adapter_status(adapter.obj, base, [(
+            self.gate.dequeue_patch(ns, name)  # no Job without its pool: it must not hold a place in line
+            await self.status.adapter(adapter.obj, VLMAdapterStatus(
+                observed_generation=adapter.generation, served_name=served), [(
                 "PoolFound", "False", "PoolNotFound", f"VLMPool {spec.pool_ref.name!r} does not exist in {ns}")])
             self.metrics.reconciles.labels("adapter", "pool-missing").inc()
             raise RetryLater(f"VLMPool {spec.pool_ref.name!r} not found", delay=10)
@@ -43,28 +63,34 @@ class AdapterReconciler(PatchJobGate):
         refusal = MA.file_source_refusal(spec.source.uri, self.config.host_paths)
         if refusal:
             # Before any Job (or hostPath) exists.
-            self.dequeue_patch(ns, name)
-            await self._write_adapter_status(adapter.obj, {**base, "specDigest": digest},
-                                             [found, ("Patched", "False", SOURCE_NOT_ALLOWED, refusal)])
+            self.gate.dequeue_patch(ns, name)
+            await self.status.adapter(adapter.obj, VLMAdapterStatus(
+                observed_generation=adapter.generation, served_name=served, spec_digest=digest),
+                [found, ("Patched", "False", SOURCE_NOT_ALLOWED, refusal)])
             self.metrics.reconciles.labels("adapter", "refused").inc()
             return
         if patched is not None and patched.get("reason") == SOURCE_NOT_ALLOWED:
             # Allowed since (an admin widened --allow-host-path): patch it now.
-            adapter = adapter.with_obj(await self._write_adapter_status(adapter.obj, {}, [(
+            adapter = adapter.with_obj(await self.status.adapter(adapter.obj, None, [(
                 "Patched", "Unknown", "SourceAllowed", "the source is allowed now")]))
             st, patched = adapter.status, None
         if patched is not None and D.patch_decided(st, digest):
             # This spec was patched (or refused) already: never run it twice.
-            self.dequeue_patch(ns, name)
-            await self._write_adapter_status(adapter.obj, base, [found])
+            self.gate.dequeue_patch(ns, name)
+            await self.status.adapter(adapter.obj, VLMAdapterStatus(
+                observed_generation=adapter.generation, served_name=served), [found])
             self.metrics.reconciles.labels("adapter", "ok").inc()
-            if st.get("version") and st.get("servedName") != base["servedName"]:
-                await self.push_pool(ns, spec.pool_ref.name)  # renamed: serve it under the new name
+            if st.get("version") and st.get("servedName") != served:
+                await self.pusher.push_pool(ns, spec.pool_ref.name)  # renamed: serve it under the new name
             return
-        admitted, why = await self.admit_patch_job(adapter.obj, job_name)
-        if not admitted:  # over --max-patch-jobs: a finished Job admits the next in line
-            await self._write_adapter_status(
-                adapter.obj, {**base, "specDigest": digest}, [found, ("Patched", "Unknown", QUEUED, why)],
+        admission = await self.gate.admit_patch_job(adapter.obj, job_name)
+        if admission.others_first:
+            self._admit_soon()
+        if not admission.admitted:  # over --max-patch-jobs: a finished Job admits the next in line
+            await self.status.adapter(
+                adapter.obj, VLMAdapterStatus(observed_generation=adapter.generation, served_name=served,
+                                              spec_digest=digest),
+                [found, ("Patched", "Unknown", QUEUED, admission.why)],
                 only_if=lambda cur: not D.patch_decided(cur, digest))
             return
         try:
@@ -74,13 +100,14 @@ class AdapterReconciler(PatchJobGate):
                              adapter_root=self.config.adapter_root,
                              source_allow=self.config.source_allow), ns)
         finally:
-            self.patch_job_created(ns, job_name)
+            self.gate.patch_job_created(ns, job_name)
         if created:
             self.metrics.jobs_created.labels("patch").inc()
-            self.event(adapter.obj, "Normal", "PatchJobCreated", f"Job {job_name} patches spec {digest[:8]}")
+            self.events(adapter.obj, "Normal", "PatchJobCreated", f"Job {job_name} patches spec {digest[:8]}")
             log.info("adapter %s/%s: created Job %s", ns, name, job_name)
-        await self._write_adapter_status(
-            adapter.obj, {**base, "specDigest": digest, "lastJob": job_name},
+        await self.status.adapter(
+            adapter.obj, VLMAdapterStatus(observed_generation=adapter.generation, served_name=served,
+                                          spec_digest=digest, last_job=job_name),
             [found, ("Patched", "Unknown", "PatchJobRunning", f"Job {job_name} is running")],
             # A result recorded for this digest meanwhile (the Job finished fast) must stay.
             only_if=lambda cur: not D.patch_decided(cur, digest))
@@ -114,6 +141,49 @@ class AdapterReconciler(PatchJobGate):
         resume's (or resync's) to read. A Job completed only in its pod's eyes still holds its slot."""
         if D.job_adapter_ref(job) is not None and not job_unfinished(job):
             await self.admit_queued()
+
+    async def admit_queued(self) -> None:
+        """A slot freed: reconcile the queued adapters that come first (each takes its slot through
+        the gate's admit_patch_job); entries of adapters that went are dropped. Calls that arrive while
+        one runs (every finished Job's event calls) are folded into one more round of it, so a queued
+        adapter is not reconciled by several rounds at once."""
+        if not self.gate.queue:
+            return
+        self._admit_again = True
+        if self._admitting:
+            return
+        self._admitting = True
+        try:
+            while self._admit_again and self.gate.queue:
+                self._admit_again = False
+                await self._admit_round()
+        finally:
+            self._admitting = False
+
+    async def _admit_round(self) -> None:
+        for _, ns, name in await self.gate.next_in_line():
+            adapter = await self.kube.get_or_none(VLMADAPTERS, name, ns)
+            if adapter is None or adapter["metadata"].get("deletionTimestamp"):
+                self.gate.dequeue_patch(ns, name)
+                continue
+            try:
+                await self.reconcile(Adapter.parse(adapter))
+            except Exception:  # the adapter's resync retries it
+                log.exception("queued adapter %s/%s not admitted yet", ns, name)
+
+    def _admit_soon(self) -> None:
+        if self._admit_task is not None and not self._admit_task.done():
+            return
+
+        async def later() -> None:
+            await asyncio.sleep(1.0)
+            await self.admit_queued()
+
+        self._admit_task = asyncio.get_running_loop().create_task(later())
+
+    def close(self) -> None:
+        if self._admit_task is not None and not self._admit_task.done():
+            self._admit_task.cancel()
 
     async def job_changed(self, job: dict[str, Any], pod_succeeded: bool = False) -> None:
         """A patch Job changed (or one of its pods Succeeded): record its result, then free its slot."""
@@ -153,13 +223,14 @@ class AdapterReconciler(PatchJobGate):
                 # The older version stays on the volume until every pod serves the new one.
                 await self.kube.patch(VLMADAPTERS, name, {"metadata": {"annotations": {
                     A_SUPERSEDED: result.supersedes}}}, ns)
-            await self._write_adapter_status(
-                adapter, {"version": version, "path": result.path, "report": S.report_summary(result.summary)},
-                [("Patched", "True", "Patched", f"version {version} by Job {meta['name']}"),
-                 ("Loaded", "Unknown", "Registering", "pushing the version to the pool's pods")],
+            # Recording the version sets Loaded Unknown (Registering) in the same write (statuswriter.py).
+            await self.status.adapter(
+                adapter, VLMAdapterStatus(version=version, path=result.path,
+                                          report=PatchSummary.model_validate(S.report_summary(result.summary))),
+                [("Patched", "True", "Patched", f"version {version} by Job {meta['name']}")],
                 only_if=still_running)
             log.info("adapter %s/%s: patched version %s", ns, name, version)
-            await self.push_pool(ns, adapter["spec"]["poolRef"]["name"])
+            await self.pusher.push_pool(ns, adapter["spec"]["poolRef"]["name"])
         elif isinstance(result, D.PatchFailed):
             await self._patch_failed(adapter, still_running, result.reason, result.message,
                                      duration if result.timed else None)
@@ -172,7 +243,7 @@ class AdapterReconciler(PatchJobGate):
         if duration is not None:
             self.metrics.job_seconds.labels("failed").observe(duration)
         self.metrics.errors.labels("adapter", reason).inc()
-        await self._write_adapter_status(adapter, {}, [("Patched", "False", reason, message)], only_if=only_if)
+        await self.status.adapter(adapter, None, [("Patched", "False", reason, message)], only_if=only_if)
 
     async def _job_pods(self, ns: str, job: dict[str, Any]) -> list[dict[str, Any]]:
         """The Job's own pods: listed by its job-name label, kept only when the Job controller made them

@@ -1,5 +1,5 @@
-"""What every part of the reconciler shares: its configuration, RetryLater, the status writers with
-an optimistic lock, and the pools' admin tokens."""
+"""What every part of the controller shares: its configuration, RetryLater, Events, the listing of a
+pool's adapters and the pools' admin tokens. It imports no part (controller/reconciler.py builds them)."""
 
 from __future__ import annotations
 
@@ -8,19 +8,13 @@ import hashlib
 import hmac
 import logging
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from vlmpool.api.objects import Adapter, Pool
-from vlmpool.controller import status as S
-from vlmpool.controller.decisions import Cond
-from vlmpool.controller.metrics import OperatorMetrics
-from vlmpool.kube.client import VLMADAPTERS, VLMPOOLS, Conflict, KubeClient, NotFound
+from vlmpool.api.objects import Adapter
+from vlmpool.kube.client import VLMADAPTERS, KubeClient
 from vlmpool.manifests.common import ADAPTER_ROOT
-
-if TYPE_CHECKING:
-    from vlmpool.controller.pushing import PushSummary
 
 log = logging.getLogger("vlmpool.operator")
 
@@ -36,7 +30,6 @@ class RetryLater(Exception):
     def __init__(self, message: str, delay: float = 5.0):
         super().__init__(message)
         self.delay = delay
-
 
 
 @dataclass
@@ -58,114 +51,33 @@ class OperatorConfig:
     token_key: bytes = field(default_factory=lambda: secrets.token_bytes(32))
 
 
+class Events:
+    """Posts Kubernetes Events for the parts, best effort (a failure to post is logged, never raised)."""
 
-class ReconcilerBase:
-    """State and helpers the pool, adapter, deletion and push parts share (Reconciler sets them up)."""
+    def __init__(self, post: EventFn | None = None):
+        self._post = post or (lambda body, type_, reason, message: None)
 
-    kube: KubeClient
-    config: OperatorConfig
-    metrics: OperatorMetrics
-    _event: EventFn
-
-    def event(self, body: dict[str, Any], type_: str, reason: str, message: str) -> None:
+    def __call__(self, body: dict[str, Any], type_: str, reason: str, message: str) -> None:
         try:
-            self._event(body, type_, reason, message[:1000])
+            self._post(body, type_, reason, message[:1000])
         except Exception:  # events are best effort
             log.debug("event not posted", exc_info=True)
 
 
-    async def _write_pool_status(self, pool: dict[str, Any], fields: dict[str, Any],
-                                 conds: Sequence[Cond] = ()) -> dict[str, Any]:
-        """Set fields and conditions on the pool's current status with an optimistic lock."""
-        meta = pool["metadata"]
-        ns, name = meta["namespace"], meta["name"]
-        for attempt in range(8):
-            if attempt:
-                fresh = await self.kube.get_or_none(VLMPOOLS, name, ns)
-                if fresh is None:
-                    return pool
-                pool, meta = fresh, fresh["metadata"]
-            cur = pool.get("status") or {}
-            new = dict(cur)
-            new.update(fields)
-            for ctype, cstat, reason, message in conds:
-                new["conditions"] = S.set_condition(new.get("conditions"), ctype, cstat, reason, message,
-                                                    meta.get("generation"))
-            diff = {k: v for k, v in new.items() if cur.get(k) != v}
-            if not diff:
-                return pool
-            try:
-                return await self.kube.patch(VLMPOOLS, name, {"metadata": {"resourceVersion": meta["resourceVersion"]},
-                                                              "status": diff}, ns, subresource="status")
-            except NotFound:
-                return pool
-            except Conflict:
-                pass
-        raise RetryLater(f"status of {ns}/{name} kept changing under the operator", delay=1)
-
-    async def _pool_adapters(self, ns: str, pool: str) -> list[Adapter]:
-        """The pool's adapters, parsed (the adapters of other pools are not). One whose spec does not
-        parse is left out (and logged): it must not stop the pool's push of the others."""
-        items = await self.kube.list(VLMADAPTERS, ns)
-        out = []
-        for a in items:
-            if ((a.get("spec") or {}).get("poolRef") or {}).get("name") != pool:
-                continue
-            try:
-                out.append(Adapter.parse(a))
-            except ValueError as e:  # pydantic's ValidationError: this adapter alone is left out
-                log.warning("adapter %s/%s left out of pool %s: its spec is invalid: %s", ns,
-                            a["metadata"].get("name"), pool, str(e)[:500])
-        return out
-
-    async def _write_adapter_status(self, adapter: dict[str, Any], fields: dict[str, Any],
-                                    conds: Sequence[Cond] = (),
-                                    only_if: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any]:
-        """Set `fields` and the conditions `(type, status, reason, message)` on the adapter's current
-        status, recompute the phase, and patch with an optimistic lock (re-read and redo on a conflict),
-        so concurrent writers (handlers, pushes) never undo each other. Posts an Event when the phase
-        changes. `only_if(status)` may veto the write after a re-read."""
-        meta = adapter["metadata"]
-        ns, name = meta["namespace"], meta["name"]
-        for attempt in range(8):
-            if attempt:
-                fresh = await self.kube.get_or_none(VLMADAPTERS, name, ns)
-                if fresh is None:
-                    return adapter
-                adapter = fresh
-                meta = adapter["metadata"]
-            cur = adapter.get("status") or {}
-            if only_if is not None and not only_if(cur):
-                return adapter
-            gen = meta.get("generation")
-            new = dict(cur)
-            new.update(fields)
-            for ctype, cstat, reason, message in conds:
-                new["conditions"] = S.set_condition(new.get("conditions"), ctype, cstat, reason, message, gen)
-            new = S.with_phase(new, gen, bool(meta.get("deletionTimestamp")))
-            diff = {k: v for k, v in new.items() if cur.get(k) != v}
-            if not diff:
-                return adapter
-            try:
-                out = await self.kube.patch(VLMADAPTERS, name, {
-                    "metadata": {"resourceVersion": meta["resourceVersion"]}, "status": diff}, ns,
-                    subresource="status")
-            except NotFound:
-                return adapter
-            except Conflict:
-                continue
-            if cur.get("phase") != new["phase"]:
-                type_ = "Warning" if new["phase"] == "Failed" else "Normal"
-                self.event(out, type_, new["phase"] if new["phase"] != "Failed" else new["reason"], new["message"])
-            return out
-        raise RetryLater(f"status of {ns}/{name} kept changing under the operator", delay=1)
-
-    # Implemented by the parts (Reconciler combines them); declared here so each part can call the others.
-    async def push_pool(self, ns: str, pool: str) -> PushSummary | None:
-        raise NotImplementedError
-
-    async def reconcile_adapter(self, adapter: Adapter, pool: Pool | None = None) -> None:
-        raise NotImplementedError
+async def pool_adapters(kube: KubeClient, ns: str, pool: str) -> list[Adapter]:
+    """The pool's adapters, parsed (the adapters of other pools are not). One whose spec does not
+    parse is left out (and logged): it must not stop the pool's push of the others."""
+    items = await kube.list(VLMADAPTERS, ns)
+    out = []
+    for a in items:
+        if ((a.get("spec") or {}).get("poolRef") or {}).get("name") != pool:
+            continue
+        try:
+            out.append(Adapter.parse(a))
+        except ValueError as e:  # pydantic's ValidationError: this adapter alone is left out
+            log.warning("adapter %s/%s left out of pool %s: its spec is invalid: %s", ns,
+                        a["metadata"].get("name"), pool, str(e)[:500])
+    return out
 
 
 def pool_token(key: bytes, pool: dict[str, Any]) -> str:

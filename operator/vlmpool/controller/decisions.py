@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from vlmpool.api.adapter import PodLoad, VLMAdapterStatus
 from vlmpool.api.objects import Adapter
 from vlmpool.controller import status as S
 from vlmpool.controller.push import PodResult
@@ -253,7 +254,7 @@ def recorded_version_problem(adapter: Adapter, adapter_root: str) -> str | None:
 
 def adapter_loads(adapter: Adapter, conflicts: list[str], pushed: dict[str, dict[str, Any]],
                   pods: list[str], results: dict[str, PodResult],
-                  invalid: dict[str, str] | None = None) -> tuple[dict[str, Any], list[Cond]]:
+                  invalid: dict[str, str] | None = None) -> tuple[VLMAdapterStatus, list[Cond]]:
     """The adapter's per-pod status fields and Loaded condition after a push of `pushed` (served name ->
     entry) to `pods`; `conflicts` names the adapters left out for a served name another one holds,
     `invalid` those left out for their recorded version (name -> recorded_version_problem)."""
@@ -261,21 +262,23 @@ def adapter_loads(adapter: Adapter, conflicts: list[str], pushed: dict[str, dict
     served = adapter.served_name
     conds: list[Cond] = []
     problem = (invalid or {}).get(adapter.name)
+    none_loaded = VLMAdapterStatus(pods=[], loaded_pods=0, desired_pods=len(pods), loaded=f"0/{len(pods)}")
     if problem:
         conds.append(("Loaded", "False", "InvalidVersion", f"not pushed: {problem}"))
-        fields: dict[str, Any] = {"pods": [], "loadedPods": 0, "desiredPods": len(pods), "loaded": f"0/{len(pods)}"}
+        fields = none_loaded
     elif adapter.name in conflicts:
         owner = pushed.get(served)
         conds.append(("Loaded", "False", "ServedNameConflict",
                       f"another adapter of the pool already serves {served!r}"
                       + (f" (version {owner['version']})" if owner else "")))
-        fields = {"pods": [], "loadedPods": 0, "desiredPods": len(pods), "loaded": f"0/{len(pods)}"}
+        fields = none_loaded
     elif st.get("version") and st.get("path"):
         entries, n, failures = S.pod_loads(served, st["version"], pods, results)
         conds.append(("Loaded", *S.loaded_condition(n, len(pods), failures)))
-        fields = {"pods": entries, "loadedPods": n, "desiredPods": len(pods), "loaded": f"{n}/{len(pods)}"}
+        fields = VLMAdapterStatus(pods=[PodLoad.model_validate(e) for e in entries], loaded_pods=n,
+                                  desired_pods=len(pods), loaded=f"{n}/{len(pods)}")
     else:
-        fields = {"loadedPods": 0, "desiredPods": len(pods), "loaded": f"0/{len(pods)}"}
+        fields = VLMAdapterStatus(loaded_pods=0, desired_pods=len(pods), loaded=f"0/{len(pods)}")
     return fields, conds
 
 

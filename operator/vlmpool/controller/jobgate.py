@@ -18,13 +18,14 @@ import asyncio
 import logging
 from collections import Counter, defaultdict
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
-from vlmpool.api.objects import Adapter
 from vlmpool.controller import decisions as D
 from vlmpool.controller import status as S
-from vlmpool.controller.common import ReconcilerBase
-from vlmpool.kube.client import JOBS, VLMADAPTERS
+from vlmpool.controller.common import OperatorConfig
+from vlmpool.controller.metrics import OperatorMetrics
+from vlmpool.kube.client import JOBS, VLMADAPTERS, KubeClient
 from vlmpool.manifests.common import COMPONENT_PATCH, L_ADAPTER, L_COMPONENT, L_MANAGED_BY, MANAGED_BY
 
 log = logging.getLogger("vlmpool.operator")
@@ -57,15 +58,25 @@ def job_unfinished(job: dict[str, Any]) -> bool:
     return not (state.complete or state.failed or (job.get("status") or {}).get("succeeded"))
 
 
-class PatchJobGate(ReconcilerBase):
-    _gate_lock: asyncio.Lock
-    _patch_queue: dict[QueueKey, QueueEntry]
-    _patch_namespaces: set[str]
-    _admit_task: asyncio.Task | None
-    _admitting: bool  # an admit_queued round runs
-    _admit_again: bool  # a slot freed since that round began
-    _scanned: dict[str, str]  # namespace -> newest creationTimestamp its last adapter list saw
-    _reserved: dict[tuple[str, str], str]  # (namespace, Job) admitted, not created yet -> adapter
+@dataclass(frozen=True)
+class Admission:
+    admitted: bool
+    why: str = ""  # why it waits (the Patched condition's message)
+    others_first: bool = False  # slots are free but older adapters are in line: admit them soon
+
+
+class PatchJobGate:
+    """Counts the patch Jobs alive and keeps the adapters that wait for a slot in line."""
+
+    def __init__(self, kube: KubeClient, config: OperatorConfig, metrics: OperatorMetrics):
+        self.kube = kube
+        self.config = config
+        self.metrics = metrics
+        self._lock = asyncio.Lock()
+        self.queue: dict[QueueKey, QueueEntry] = {}
+        self._namespaces: set[str] = set()
+        self._scanned: dict[str, str] = {}  # namespace -> newest creationTimestamp its last adapter list saw
+        self._reserved: dict[tuple[str, str], str] = {}  # (namespace, Job) admitted, not created yet -> adapter
 
     async def _alive_patch_jobs(self) -> tuple[int, set[QueueKey]]:
         """(unfinished patch Jobs, the adapters they belong to). The apiserver leaves out the Jobs that
@@ -81,7 +92,7 @@ class PatchJobGate(ReconcilerBase):
         # Taken before the lists: a creation that ends while a list is on its way drops its reservation
         # and may be missing from that list, so it must still count as reserved.
         reserved = dict(self._reserved)
-        for ns in sorted(self._patch_namespaces):
+        for ns in sorted(self._namespaces):
             for j in await self.kube.list(JOBS, ns, label_selector=PATCH_JOB_SELECTOR,
                                           field_selector=UNSUCCEEDED_JOBS):
                 listed.add((ns, j["metadata"]["name"]))
@@ -112,59 +123,48 @@ class PatchJobGate(ReconcilerBase):
             meta = a["metadata"]
             key = (ns, meta["name"])
             other = (meta.get("creationTimestamp") or "", ns, meta["name"])
-            if key in self._patch_queue or key in running or meta.get("deletionTimestamp"):
+            if key in self.queue or key in running or meta.get("deletionTimestamp"):
                 continue
             st = a.get("status") or {}
             patched = S.get_condition(st.get("conditions") or [], "Patched")
             stale = st.get("observedGeneration") != meta.get("generation")
             if patched is None or patched["status"] == "Unknown" or stale:
-                self._patch_queue[key] = other
+                self.queue[key] = other
 
-    async def admit_patch_job(self, adapter: dict[str, Any], job_name: str) -> tuple[bool, str]:
-        """May the adapter's patch Job `job_name` be created now? (True, "") when it may (or exists
-        already); (False, why) when it waits for a slot."""
+    async def admit_patch_job(self, adapter: dict[str, Any], job_name: str) -> Admission:
+        """May the adapter's patch Job `job_name` be created now? Admitted when it may (or exists
+        already); else why it waits for a slot."""
         meta = adapter["metadata"]
         ns, name = meta["namespace"], meta["name"]
         key = (ns, name)
-        async with self._gate_lock:
-            self._patch_namespaces.add(ns)
+        async with self._lock:
+            self._namespaces.add(ns)
             if await self.kube.get_or_none(JOBS, job_name, ns) is not None:
                 self.dequeue_patch(ns, name)
-                return True, ""  # created before (an operator restart): it holds its slot already
+                return Admission(True)  # created before (an operator restart): it holds its slot already
             entry = (meta.get("creationTimestamp") or "", ns, name)
-            self._patch_queue[key] = entry
+            self.queue[key] = entry
             alive, running = await self._alive_patch_jobs()
             free = self.config.max_patch_jobs - alive
-            place = fair_order(self._patch_queue.values(), running).index(entry)
+            place = fair_order(self.queue.values(), running).index(entry)
             if place < free:  # first make sure no older adapter of its namespace waits unseen
                 await self._older_waiting(ns, entry, running)
-                place = fair_order(self._patch_queue.values(), running).index(entry)
+                place = fair_order(self.queue.values(), running).index(entry)
             log.debug("patch gate: %s/%s alive %d (%d admitted, not created yet) place %d -> %s", ns, name, alive,
                       len(self._reserved), place, "admitted" if place < free else "queued")
             if place < free:
                 self.dequeue_patch(ns, name)
                 self._reserved[(ns, job_name)] = name  # until created (patch_job_created)
-                return True, ""
-            if free > 0:  # older adapters are in line: let them take the free slots soon
-                self._admit_soon()
+                return Admission(True)
             self.metrics.reconciles.labels("adapter", "queued").inc()
-            self.metrics.patch_queue.set(len(self._patch_queue))
+            self.metrics.patch_queue.set(len(self.queue))
             # A stable message: a place in line would change with every admission and make each queued
             # adapter's resync a status write (N queued adapters x every resync). The queue's length is
             # the vlmpool_operator_patch_jobs_queued gauge.
-            return False, (f"waiting for one of the {self.config.max_patch_jobs} patch Job slots "
-                           "(--max-patch-jobs); namespaces take turns, and a namespace's adapters start in "
-                           "the order they were created")
-
-    def _admit_soon(self) -> None:
-        if self._admit_task is not None and not self._admit_task.done():
-            return
-
-        async def later() -> None:
-            await asyncio.sleep(1.0)
-            await self.admit_queued()
-
-        self._admit_task = asyncio.get_running_loop().create_task(later())
+            return Admission(False, f"waiting for one of the {self.config.max_patch_jobs} patch Job slots "
+                             "(--max-patch-jobs); namespaces take turns, and a namespace's adapters start in "
+                             "the order they were created",
+                             others_first=free > 0)  # older adapters are in line: they take the free slots
 
     def patch_job_created(self, ns: str, job_name: str) -> None:
         """The admitted Job was created (or its creation failed): the apiserver counts it from now on."""
@@ -172,37 +172,12 @@ class PatchJobGate(ReconcilerBase):
 
     def dequeue_patch(self, ns: str, name: str) -> None:
         """The adapter no longer waits (patched, refused, deleted)."""
-        self._patch_queue.pop((ns, name), None)
-        self.metrics.patch_queue.set(len(self._patch_queue))
+        self.queue.pop((ns, name), None)
+        self.metrics.patch_queue.set(len(self.queue))
 
-    async def admit_queued(self) -> None:
-        """A slot freed: reconcile the queued adapters that come first (each takes its slot through
-        admit_patch_job); entries of adapters that went are dropped. Calls that arrive while one runs
-        (every finished Job's event calls) are folded into one more round of it, so a queued adapter is
-        not reconciled by several rounds at once."""
-        if not self._patch_queue:
-            return
-        self._admit_again = True
-        if self._admitting:
-            return
-        self._admitting = True
-        try:
-            while self._admit_again and self._patch_queue:
-                self._admit_again = False
-                await self._admit_round()
-        finally:
-            self._admitting = False
-
-    async def _admit_round(self) -> None:
-        async with self._gate_lock:
+    async def next_in_line(self) -> list[QueueEntry]:
+        """The queued adapters that would get the free slots now, in fair_order (the adapter controller
+        reconciles them; each takes its slot through admit_patch_job)."""
+        async with self._lock:
             alive, running = await self._alive_patch_jobs()
-            head = fair_order(self._patch_queue.values(), running)[:max(self.config.max_patch_jobs - alive, 0)]
-        for _, ns, name in head:
-            adapter = await self.kube.get_or_none(VLMADAPTERS, name, ns)
-            if adapter is None or adapter["metadata"].get("deletionTimestamp"):
-                self.dequeue_patch(ns, name)
-                continue
-            try:
-                await self.reconcile_adapter(Adapter.parse(adapter))
-            except Exception:  # the adapter's resync retries it
-                log.exception("queued adapter %s/%s not admitted yet", ns, name)
+            return fair_order(self.queue.values(), running)[:max(self.config.max_patch_jobs - alive, 0)]

@@ -22,7 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from vlmpool.api.objects import Adapter, Pool
 from vlmpool.controller.leader import LeaderElector
 from vlmpool.controller.metrics import OperatorMetrics
-from vlmpool.controller.reconciler import OperatorConfig, Reconciler, RetryLater
+from vlmpool.controller.reconciler import Controller, OperatorConfig, RetryLater
 from vlmpool.kube.client import KubeClient
 from vlmpool.kube.config import KubeConfig
 from vlmpool.manifests.common import (
@@ -72,7 +72,7 @@ def make_settings() -> kopf.OperatorSettings:
 
 @dataclass
 class Operator:
-    """One operator instance: kube client, reconciler, kopf registry and the HTTP endpoints."""
+    """One operator instance: kube client, controller, kopf registry and the HTTP endpoints."""
 
     kube_config: KubeConfig
     namespaces: list[str] = field(default_factory=list)  # empty: all namespaces
@@ -122,36 +122,36 @@ class Operator:
         async def pool_reconcile(body: kopf.Body, **_: Any) -> None:
             pool = dict(body)
             try:
-                await op.reconciler.reconcile_pool(Pool.parse(pool))  # the pool's spec is validated here
+                await op.controller.pools.reconcile(Pool.parse(pool))  # the pool's spec is validated here
             except RetryLater as e:
                 raise kopf.TemporaryError(str(e), delay=e.delay) from None
             except Exception as e:
-                await op.reconciler.pool_failed(pool, e)
+                await op.controller.pools.failed(pool, e)
                 op.metrics.reconciles.labels("pool", "error").inc()
                 raise kopf.TemporaryError(f"{type(e).__name__}: {e}", delay=10) from e
 
         @kopf.timer(GROUP, VERSION, "vlmpools", registry=reg, interval=resync, initial_delay=resync, idle=None)
         async def pool_resync(body: kopf.Body, **_: Any) -> None:
             ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
-            await guarded("pool", lambda: op.reconciler.refresh_pool_status(ns, name))
-            await guarded("pool", lambda: op.reconciler.push_pool(ns, name))
+            await guarded("pool", lambda: op.controller.pools.refresh_status(ns, name))
+            await guarded("pool", lambda: op.controller.pusher.push_pool(ns, name))
 
         @kopf.on.event("apps", "v1", "deployments", registry=reg,
                        labels={L_MANAGED_BY: MANAGED_BY, L_COMPONENT: COMPONENT_SERVER})
         async def deployment_event(body: kopf.Body, type: str | None, **_: Any) -> None:
             if type != "DELETED":
-                await op.reconciler.deployment_changed(dict(body))
+                await op.controller.pools.deployment_changed(dict(body))
 
         @kopf.on.event("", "v1", "pods", registry=reg,
                        labels={L_MANAGED_BY: MANAGED_BY, L_COMPONENT: COMPONENT_SERVER})
         async def pod_event(body: kopf.Body, type: str | None, **_: Any) -> None:
             try:
                 if type != "DELETED":
-                    await op.reconciler.pod_scheduling_changed(dict(body))
+                    await op.controller.pools.pod_scheduling_changed(dict(body))
             except Exception:
                 log.exception("the pool's Stalled condition after a pod change failed (the resync will retry)")
             try:
-                await op.reconciler.pod_changed(dict(body), deleted=type == "DELETED")
+                await op.controller.pusher.pod_changed(dict(body), deleted=type == "DELETED")
             except Exception:
                 log.exception("push after a pod change failed (the resync will retry)")
 
@@ -160,16 +160,16 @@ class Operator:
         @kopf.on.create(GROUP, VERSION, "vlmadapters", registry=reg)
         @kopf.on.update(GROUP, VERSION, "vlmadapters", registry=reg, field="spec")
         async def adapter_reconcile(body: kopf.Body, **_: Any) -> None:
-            await guarded("adapter", lambda: op.reconciler.reconcile_adapter(Adapter.parse(dict(body))))
+            await guarded("adapter", lambda: op.controller.adapters.reconcile(Adapter.parse(dict(body))))
 
         @kopf.timer(GROUP, VERSION, "vlmadapters", registry=reg, interval=resync, initial_delay=resync, idle=None)
         async def adapter_resync(body: kopf.Body, **_: Any) -> None:
             if not body["metadata"].get("deletionTimestamp"):
-                await guarded("adapter", lambda: op.reconciler.reconcile_adapter(Adapter.parse(dict(body))))
+                await guarded("adapter", lambda: op.controller.adapters.reconcile(Adapter.parse(dict(body))))
 
         @kopf.on.delete(GROUP, VERSION, "vlmadapters", registry=reg, id="adapter-delete")
         async def adapter_delete(body: kopf.Body, **_: Any) -> None:
-            await guarded("adapter", lambda: op.reconciler.delete_adapter(Adapter.parse(dict(body))))
+            await guarded("adapter", lambda: op.controller.deleter.delete(Adapter.parse(dict(body))))
 
         @kopf.on.event("batch", "v1", "jobs", registry=reg,
                        labels={L_MANAGED_BY: MANAGED_BY, L_COMPONENT: COMPONENT_PATCH})
@@ -180,9 +180,9 @@ class Operator:
             # finished still frees its slot.
             try:
                 if type is None:
-                    await op.reconciler.free_job_slot(dict(body))
+                    await op.controller.adapters.free_job_slot(dict(body))
                 elif type != "DELETED":
-                    await op.reconciler.job_changed(dict(body))
+                    await op.controller.adapters.job_changed(dict(body))
             except Exception:
                 log.exception("reading a patch Job's result failed (the adapter resync will retry)")
 
@@ -192,7 +192,7 @@ class Operator:
             # Listed pods (type None) are left to their Jobs' events and the adapters' resume.
             if type is not None and type != "DELETED":
                 try:
-                    await op.reconciler.patch_pod_changed(dict(body))
+                    await op.controller.adapters.patch_pod_changed(dict(body))
                 except Exception:
                     log.exception("reading a patch pod's result failed (its Job's completion will retry)")
 
@@ -238,10 +238,10 @@ class Operator:
         """Run until stop_flag is set. With a leader elector: serve the endpoints at once, wait to
         acquire the Lease, run kopf while leading; returns False when leadership was lost (the caller
         exits non-zero and is restarted as a follower), True otherwise."""
-        # The client and reconciler live exactly as long as kopf (whose timers may still fire
+        # The client and controller live exactly as long as kopf (whose timers may still fire
         # during its own shutdown), so they are closed after kopf.operator returns.
         self.kube = KubeClient(self.kube_config)
-        self.reconciler = Reconciler(self.kube, self.config, self.metrics, event=_post_event)
+        self.controller = Controller(self.kube, self.config, self.metrics, event=_post_event)
         self.leader = leader
         self.metrics.leader.set(0 if leader is not None else 1)
         runner = await self._serve_http()
@@ -253,7 +253,7 @@ class Operator:
         finally:
             if runner is not None:
                 await runner.cleanup()
-            await self.reconciler.close()
+            await self.controller.close()
             await self.kube.close()
 
     async def _run_kopf(self, stop_flag: asyncio.Event | threading.Event | None) -> None:

@@ -20,11 +20,15 @@ from typing import Any
 import aiohttp
 
 from vlmpool.api.objects import Adapter, Pool
+from vlmpool.api.pool import AdapterCounts, VLMPoolStatus
 from vlmpool.controller import decisions as D
 from vlmpool.controller import status as S
-from vlmpool.controller.common import ReconcilerBase, RetryLater, pool_token
+from vlmpool.controller.common import Events, OperatorConfig, RetryLater, pool_adapters, pool_token
+from vlmpool.controller.health import PoolHealth
+from vlmpool.controller.metrics import OperatorMetrics
 from vlmpool.controller.push import PodResult, pod_fingerprint, pod_is_pushable, push_to_pods
-from vlmpool.kube.client import DEPLOYMENTS, PODS, REPLICASETS, VLMADAPTERS, VLMPOOLS, ApiError, NotFound
+from vlmpool.controller.statuswriter import OwnedStatus
+from vlmpool.kube.client import DEPLOYMENTS, PODS, REPLICASETS, VLMADAPTERS, VLMPOOLS, ApiError, KubeClient, NotFound
 from vlmpool.manifests import adapter as MA
 from vlmpool.manifests.common import A_PRUNED, A_SUPERSEDED, deployment_name, server_label_selector
 
@@ -59,11 +63,30 @@ class _PoolPush:
     untrusted_seen: set[str] = field(default_factory=set)  # uids of labelled pods not of that chain (warned)
 
 
-class PushReconciler(ReconcilerBase):
-    _pushes: dict[tuple[str, str], _PoolPush]
-    _pushed: dict[tuple[str, str], str]  # (ns, pod) -> fingerprint last pushed OK
-    _pod_ok: dict[tuple[str, str], bool]  # (ns, pod) -> last push succeeded (for events)
-    _http: aiohttp.ClientSession | None
+class Pusher:
+    """Pushes each pool's state to its pods, one push per pool at a time, and records the outcome: the
+    adapters' Loaded and per-pod status, the pool's adapter counts and CPU cache condition, its health."""
+
+    def __init__(self, kube: KubeClient, config: OperatorConfig, metrics: OperatorMetrics, events: Events,
+                 status: OwnedStatus, health: PoolHealth):
+        self.kube = kube
+        self.config = config
+        self.metrics = metrics
+        self.events = events
+        self.status = status
+        self.health = health
+        self._pushes: dict[tuple[str, str], _PoolPush] = {}
+        self._pushed: dict[tuple[str, str], str] = {}  # (ns, pod) -> fingerprint last pushed OK
+        self._pod_ok: dict[tuple[str, str], bool] = {}  # (ns, pod) -> last push succeeded (for events)
+        self._http: aiohttp.ClientSession | None = None
+
+    async def close(self) -> None:
+        for st in self._pushes.values():
+            for task in (st.retry_task, st.follow_task):
+                if task is not None and not task.done():
+                    task.cancel()
+        if self._http is not None:
+            await self._http.close()
 
     async def pod_changed(self, pod: dict[str, Any], deleted: bool = False) -> None:
         """A pool pod changed: push when it (re)started since the last successful push to it."""
@@ -136,7 +159,7 @@ class PushReconciler(ReconcilerBase):
             return None
         pool = Pool.parse(raw)
         spec = pool.spec
-        adapters = await self._pool_adapters(ns, pool_name)
+        adapters = await pool_adapters(self.kube, ns, pool_name)
         # a recorded version the proxies would refuse is left out for its adapter alone
         invalid = {a.name: why for a in adapters if (why := D.recorded_version_problem(a, self.config.adapter_root))}
         state, conflicts = MA.desired_state(spec.proxy.concurrency, [a for a in adapters if a.name not in invalid])
@@ -164,7 +187,7 @@ class PushReconciler(ReconcilerBase):
                                                  poll_wait=self.config.progress_wait if poll else None)
         self.metrics.push_seconds.observe(time.monotonic() - t0)
         if st.generation != persisted:
-            await self.kube.patch_status(VLMPOOLS, pool_name, {"desiredStateGeneration": st.generation}, ns)
+            await self.status.pool_fields(ns, pool_name, VLMPoolStatus(desired_state_generation=st.generation))
         for pod in pods:
             r = results[pod["metadata"]["name"]]
             key = (ns, pod["metadata"]["name"])
@@ -173,25 +196,21 @@ class PushReconciler(ReconcilerBase):
             if r.ok:
                 self._pushed[key] = pod_fingerprint(pod)
                 if self._pod_ok.get(key) is False:
-                    self.event(pool.obj, "Normal", "PushRecovered", f"pod {r.pod} accepted generation {st.generation}")
+                    self.events(pool.obj, "Normal", "PushRecovered", f"pod {r.pod} accepted generation {st.generation}")
             else:
                 self._pushed.pop(key, None)
                 if self._pod_ok.get(key) is not False:
-                    self.event(pool.obj, "Warning", "PushFailed", f"pod {r.pod}: {r.error}")
+                    self.events(pool.obj, "Warning", "PushFailed", f"pod {r.pod}: {r.error}")
                 log.warning("push %s/%s to pod %s failed: %s", ns, pool_name, r.pod, r.error)
             self._pod_ok[key] = r.ok
         failed = [r for r in results.values() if not r.ok]
-        degraded = S.get_condition(pool.status.get("conditions") or [], "Degraded")
         if failed:
             self._schedule_retry(ns, pool_name, st)
-            msg = "; ".join(f"{r.pod}: {r.error}" for r in failed)[:4000]
-            await self._write_pool_status(pool.obj, {}, [(
-                "Degraded", "True", "PushFailed", f"{len(failed)}/{len(pods)} pods did not take the state: {msg}")])
+            await self.health.push_failed(pool.obj, len(failed), len(pods),
+                                          "; ".join(f"{r.pod}: {r.error}" for r in failed)[:4000])
         else:
             st.retry_delay = 1.0
-            if degraded and degraded.get("reason") == "PushFailed":
-                await self._write_pool_status(pool.obj, {}, [("Degraded", "False", "PushSucceeded",
-                                                              f"every running pod took generation {st.generation}")])
+            await self.health.push_succeeded(pool.obj, st.generation)
         pod_names = [p["metadata"]["name"] for p in pods]
         waiting = await self._record_loads(pool, adapters, state, conflicts, pod_names, results,
                                            can_prune=bool(pods) and not failed and not unconfirmed, invalid=invalid)
@@ -239,7 +258,7 @@ class PushReconciler(ReconcilerBase):
             self.metrics.errors.labels("pool", "UntrustedPod").inc()
             log.warning("pool %s/%s: pod %s carries its labels but is not its Deployment's (%s): not pushed to",
                         pool.namespace, pool.name, p["metadata"]["name"], owner)
-            self.event(pool.obj, "Warning", "UntrustedPod",
+            self.events(pool.obj, "Warning", "UntrustedPod",
                        f"pod {p['metadata']['name']} carries the pool's labels but is not a pod of its Deployment "
                        f"({owner}): it gets neither the admin token nor the state")
         st.untrusted_seen = seen  # bounded by the pods listed now
@@ -293,7 +312,7 @@ class PushReconciler(ReconcilerBase):
             return
         if created:
             self.metrics.jobs_created.labels("prune").inc()
-            self.event(adapter.obj, "Normal", "PruneJobCreated",
+            self.events(adapter.obj, "Normal", "PruneJobCreated",
                        f"every pod serves {version}; Job {job['metadata']['name']} removes the older versions")
 
     def _schedule_retry(self, ns: str, pool: str, st: _PoolPush) -> None:
@@ -330,8 +349,7 @@ class PushReconciler(ReconcilerBase):
             pushed_version = adapter.status.get("version")
             try:
                 # Only if the version is still the one this push carried (else the next push tells).
-                new = await self._write_adapter_status(
-                    adapter.obj, fields, conds, only_if=D.version_is(pushed_version))
+                new = await self.status.adapter(adapter.obj, fields, conds, only_if=D.version_is(pushed_version))
             except (ApiError, RetryLater) as e:
                 log.warning("status of adapter %s/%s not written: %s", ns, meta["name"], e)
                 continue
@@ -345,7 +363,8 @@ class PushReconciler(ReconcilerBase):
                     log.info("prune of %s/%s waits for the unload on %s", ns, meta["name"], ", ".join(pending))
                 else:
                     await self._prune_superseded(pool, adapter.with_obj(new))
-        counts = {"adapters": {"total": total, "ready": ready, "failed": failed}, "adaptersReady": f"{ready}/{total}"}
+        tally = AdapterCounts(total=total, ready=ready, failed=failed)
+        counts = VLMPoolStatus(adapters=tally, adapters_ready=f"{ready}/{total}")
         cur = pool.status
         eng = pool.spec.engine
         cache = D.cpu_cache_condition(ready, eng.max_cpu_loras, eng.max_loras)
@@ -353,16 +372,16 @@ class PushReconciler(ReconcilerBase):
         if was is None or was.get("status") != cache[1] or was.get("message") != cache[3]:
             # one status write with the counts; an Event on a transition only (not on every count change)
             try:
-                await self._write_pool_status(pool.obj, counts, [cache])
+                await self.status.pool(pool.obj, counts, [cache])
             except (ApiError, RetryLater) as e:
                 log.warning("status of pool %s/%s not written: %s", ns, pool.name, e)
             if cache[1] == "True" and (was or {}).get("status") != "True":
-                self.event(pool.obj, "Warning", cache[2], cache[3])
+                self.events(pool.obj, "Warning", cache[2], cache[3])
             elif cache[1] == "False" and (was or {}).get("status") == "True":
-                self.event(pool.obj, "Normal", cache[2], cache[3])
-        elif cur.get("adapters") != counts["adapters"] or cur.get("adaptersReady") != counts["adaptersReady"]:
+                self.events(pool.obj, "Normal", cache[2], cache[3])
+        elif cur.get("adapters") != tally.model_dump() or cur.get("adaptersReady") != counts.adapters_ready:
             try:
-                await self.kube.patch_status(VLMPOOLS, pool.name, counts, ns)
+                await self.status.pool_fields(ns, pool.name, counts)
             except NotFound:
                 pass
         return waiting

@@ -1,7 +1,7 @@
 """Pure status logic: conditions, the adapter's phase, per-pod load results, the pool's status.
 
-An adapter's phase is derived from its conditions, so every writer updates the conditions it owns
-and recomputes the phase the same way:
+An adapter's phase is derived from its conditions: each part writes the conditions it owns, and the
+status writer (statuswriter.py) recomputes the phase at every write:
 - ``Patched``: Unknown while the patch Job runs, True with the version, False with the refusal.
 - ``Loaded``: True when every running pod of the pool serves the version.
 - ``Ready``: the summary (mirrors phase Ready).
@@ -14,6 +14,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from vlmpool.api.pool import VLMPoolStatus
 from vlmpool.controller.push import PodResult
 from vlmpool.manifests.common import server_label_selector
 
@@ -162,7 +163,7 @@ def stalled_condition(dep: dict[str, Any], pods: Sequence[dict[str, Any]]) -> tu
 
 
 def deployment_status(pool: dict[str, Any], dep: dict[str, Any] | None, pods: Sequence[dict[str, Any]] = ()
-                      ) -> tuple[dict[str, Any], list[tuple[str, str, str, str]]]:
+                      ) -> tuple[VLMPoolStatus, list[tuple[str, str, str, str]]]:
     """(fields, conditions) of the pool's status from its Deployment and its pods: replicas/readyReplicas/
     ready and the Ready/Progressing/Stalled conditions."""
     desired = (pool.get("spec") or {}).get("replicas", 1)
@@ -170,8 +171,8 @@ def deployment_status(pool: dict[str, Any], dep: dict[str, Any] | None, pods: Se
     ready = int(st.get("readyReplicas") or 0)
     replicas = int(st.get("replicas") or 0)
     updated = int(st.get("updatedReplicas") or 0)
-    fields = {"replicas": replicas, "readyReplicas": ready, "ready": f"{ready}/{desired}",
-              "selector": server_label_selector(pool["metadata"]["name"])}
+    fields = VLMPoolStatus(replicas=replicas, ready_replicas=ready, ready=f"{ready}/{desired}",
+                           selector=server_label_selector(pool["metadata"]["name"]))
     if dep is None:
         return fields, [("Ready", "False", "DeploymentMissing", "the pool's Deployment does not exist yet"),
                         ("Progressing", "True", "Creating", "creating the pool's objects")]
