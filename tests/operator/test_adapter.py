@@ -236,6 +236,29 @@ async def test_refused_patch_puts_the_reason_in_status_and_is_not_retried(kube, 
     assert counter(await op.metrics(), "vlmpool_operator_jobs_created_total", kind="patch") == 2
 
 
+async def test_a_patch_pod_admission_refuses_is_shown_while_patching(kube, kubectl, namespace, operator, tmp_path):
+    """A namespace that enforces restricted Pod Security refuses the hostPath volume a file:// source
+    becomes: the Job controller cannot create the patch pod and only records FailedCreate Events. The
+    adapter says so while it waits (Patched Unknown PatchPodRefused, with admission's words), instead of
+    an unexplained Patching until the Job's deadline."""
+    ns = namespace
+    kubectl("label", "namespace", ns, "pod-security.kubernetes.io/enforce=restricted")
+    await operator()
+    await kube.create(pool_obj("pool", 0, free_port(), free_port(), free_port()), ns)
+    await kube.create(adapter_obj("walled", "pool", f"file://{tmp_path}/walled"), ns)
+    (job,) = await eventually(lambda: patch_jobs(kube, ns, "walled"), what="the patch Job")
+
+    async def refused():
+        st = await adapter_status(kube, ns, "walled", phase="Patching")
+        cond = next((c for c in (st or {}).get("conditions", []) if c["type"] == "Patched"), None)
+        return st if cond and cond["reason"] == "PatchPodRefused" else None
+    st = await eventually(refused, timeout=60, what="Patched PatchPodRefused")
+    cond = next(c for c in st["conditions"] if c["type"] == "Patched")
+    assert cond["status"] == "Unknown"
+    assert job["metadata"]["name"] in cond["message"] and "PodSecurity" in cond["message"], cond
+    assert await kube.list(PODS, ns, label_selector=f"batch.kubernetes.io/job-name={job['metadata']['name']}") == []
+
+
 async def test_missing_pool_is_a_condition_and_is_retried(kube, namespace, operator, tmp_path):
     ns = namespace
     await operator()

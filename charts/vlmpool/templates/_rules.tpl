@@ -73,6 +73,7 @@
   - events
   verbs:
   - create
+  - list
 - apiGroups:
   - networking.k8s.io
   resources:

@@ -18,11 +18,13 @@ from vlmpool.controller.jobgate import QUEUED, PatchJobGate, job_unfinished
 from vlmpool.controller.metrics import OperatorMetrics
 from vlmpool.controller.pushing import Pusher
 from vlmpool.controller.statuswriter import OwnedStatus
-from vlmpool.kube.client import JOBS, PODS, VLMADAPTERS, VLMPOOLS, KubeClient
+from vlmpool.kube.client import EVENTS, JOBS, PODS, VLMADAPTERS, VLMPOOLS, KubeClient
 from vlmpool.manifests import adapter as MA
 from vlmpool.manifests.common import A_SUPERSEDED, patch_job_name
 
 log = logging.getLogger("vlmpool.operator")
+
+POD_REFUSED = "PatchPodRefused"  # Patched Unknown: admission refuses the patch Job's pod
 
 
 class AdapterController:
@@ -105,10 +107,17 @@ class AdapterController:
             self.metrics.jobs_created.labels("patch").inc()
             self.events(adapter.obj, "Normal", "PatchJobCreated", f"Job {job_name} patches spec {digest[:8]}")
             log.info("adapter %s/%s: created Job %s", ns, name, job_name)
+        running = ("Patched", "Unknown", "PatchJobRunning", f"Job {job_name} is running")
+        refused = None if created else await self._pod_refusal(ns, job)
+        if refused is not None:
+            # Admission refuses the Job's pod (Pod Security, a quota, a webhook): the Job controller keeps
+            # retrying and the Job fails only at its deadline; say why meanwhile (kubectl describe shows it).
+            running = ("Patched", "Unknown", POD_REFUSED, f"Job {job_name} cannot create its pod: {refused}")
+            self.metrics.errors.labels("adapter", POD_REFUSED).inc()
         await self.status.adapter(
             adapter.obj, VLMAdapterStatus(observed_generation=adapter.generation, served_name=served,
                                           spec_digest=digest, last_job=job_name),
-            [found, ("Patched", "Unknown", "PatchJobRunning", f"Job {job_name} is running")],
+            [found, running],
             # A result recorded for this digest meanwhile (the Job finished fast) must stay.
             only_if=lambda cur: not D.patch_decided(cur, digest))
         self.metrics.reconciles.labels("adapter", "ok").inc()
@@ -244,6 +253,23 @@ class AdapterController:
             self.metrics.job_seconds.labels("failed").observe(duration)
         self.metrics.errors.labels("adapter", reason).inc()
         await self.status.adapter(adapter, None, [("Patched", "False", reason, message)], only_if=only_if)
+
+    async def _pod_refusal(self, ns: str, job: dict[str, Any]) -> str | None:
+        """Why the Job controller cannot create the Job's pod: the message of its latest FailedCreate
+        Event about this Job (by uid), while the Job has no pod at all. A message for status only (an Event
+        is not trusted to decide anything): the Job still fails at its deadline if the refusal stays."""
+        jst = job.get("status") or {}
+        if any(jst.get(k) for k in ("active", "ready", "succeeded", "failed", "terminating")):
+            return None
+        uid = job["metadata"].get("uid")
+        if not uid:
+            return None
+        events = await self.kube.list(EVENTS, ns, field_selector=f"involvedObject.uid={uid},reason=FailedCreate")
+        if not events:
+            return None
+        latest = max(events, key=lambda e: e.get("lastTimestamp") or e.get("eventTime")
+                     or e["metadata"].get("creationTimestamp") or "")
+        return str(latest.get("message") or "FailedCreate")[:2000]
 
     async def _job_pods(self, ns: str, job: dict[str, Any]) -> list[dict[str, Any]]:
         """The Job's own pods: listed by its job-name label, kept only when the Job controller made them

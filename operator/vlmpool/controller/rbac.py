@@ -23,7 +23,8 @@ Why each rule is needed:
   delete an unfinished patch Job of an adapter being deleted (so it cannot publish after the cleanup).
 - replicasets list: a push goes only to pods of the pool's own ReplicaSet chain (pod -> ReplicaSet ->
   Deployment -> VLMPool, uids matching); the ReplicaSets are listed when a pod names one not known yet.
-- events: kopf and the operator post Kubernetes Events (create).
+- events: kopf and the operator post Kubernetes Events (create); the operator lists a patch Job's
+  FailedCreate Events to say why its pod cannot be created (list).
 - networkpolicies: a pool's NetworkPolicy (--network-policy; the chart sets it), create and patch.
 - Every child above is checked before it is written (controller/children.py) with a JSON patch of
   `test` operations, which needs patch only: no get on any child kind, so still no Secret read.
@@ -61,7 +62,7 @@ RULES: list[dict[str, Any]] = [
     {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create", "patch"]},
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
     {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "watch", "create", "delete"]},
-    {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "list"]},
     {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": ["create", "patch"]},
     {"apiGroups": ["inference.networking.k8s.io"], "resources": ["inferencepools"],
      "verbs": ["get", "list", "watch", "create", "patch"]},
