@@ -12,38 +12,12 @@ from pydantic import ConfigDict, Field
 from pydantic.config import JsonValue
 
 from vlmpool.api.common import MODEL_ID_PATTERN, Condition, LocalObjectReference, Model
+from vlmpool.patcher.sources import registry as sources
 
 Phase = Literal["Pending", "Patching", "Registering", "Ready", "Failed", "Deleting"]
 DoraPolicy = Literal["reject", "strip", "svd"]
-SOURCE_SCHEMES = ("https://", "s3://", "hf://", "pvc://", "file://")
-
-# CEL rules on the source: each scheme's own shape.
-SOURCE_RULES: list[JsonValue] = [
-    {
-        "rule": "!self.uri.startsWith('hf://') || self.uri.matches('^hf://[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(@[A-Za-z0-9._/-]+)?$')",
-        "message": "an hf:// source must be hf://<org>/<repo>[@<revision>]",
-        "fieldPath": ".uri",
-        "reason": "FieldValueInvalid",
-    },
-    {
-        "rule": "!self.uri.startsWith('pvc://') || self.uri.matches('^pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/[^/]+)+/?$')",
-        "message": "a pvc:// source must be pvc://<claim>/<path> with a non-empty path",
-        "fieldPath": ".uri",
-        "reason": "FieldValueInvalid",
-    },
-    {
-        "rule": "!self.uri.startsWith('s3://') || self.uri.matches('^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$')",
-        "message": "an s3:// source must be s3://<bucket>[/<prefix>]",
-        "fieldPath": ".uri",
-        "reason": "FieldValueInvalid",
-    },
-    {
-        "rule": "!self.uri.contains('/../') && !self.uri.endsWith('/..')",
-        "message": "source.uri must not contain '..' path segments",
-        "fieldPath": ".uri",
-        "reason": "FieldValueInvalid",
-    },
-]
+# CEL rules on the source: each scheme's own shape (vlmpool.patcher.sources declares them).
+SOURCE_RULES: list[JsonValue] = sources.cel_rules()
 
 DORA_RULES: list[JsonValue] = [
     {
@@ -76,11 +50,9 @@ class AdapterSource(Model):
     model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": SOURCE_RULES})
 
     uri: str = Field(
-        description="https://host/path (a .tar/.tar.gz/.zip or a single-directory listing), "
-        "s3://bucket/prefix, hf://org/repo@revision, pvc://claim/path (air-gapped; the claim is mounted "
-        "read-only into the patch Job) or file:///path (a path on the node, for tests and `vlmpool dev`).",
+        description=sources.uri_forms() + ".",
         min_length=8, max_length=2048,
-        pattern=r"^(https://|s3://|hf://|pvc://|file:///)[^\s]+$",
+        pattern=sources.uri_pattern(),
     )
     sha256: str | None = Field(
         default=None,

@@ -13,6 +13,7 @@ from vlmpool.patcher.errors import PatchError
 from vlmpool.patcher.fetch import DEFAULT_FETCH_TIMEOUT, DEFAULT_MAX_FILE_BYTES, fetch_adapter
 from vlmpool.patcher.pipeline import PatchedAdapter, PatchOptions, config_json, patch_adapter
 from vlmpool.patcher.publish import Published, publish, validate_adapter_name
+from vlmpool.patcher.sources.scheme import SOURCES_ROOT
 
 SUMMARY_MAX_BYTES = 4096
 _CAMEL = {
@@ -33,7 +34,7 @@ _CAMEL = {
 
 def patch_and_publish(source: str, adapter: str, root: Path | str, opts: PatchOptions, *,
                       sha256: str | None = None, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
-                      pvc_root: Path | str = "/mnt/sources", lock_timeout: float = 600.0,
+                      pvc_root: Path | str = SOURCES_ROOT, lock_timeout: float = 600.0,
                       workdir: Path | str | None = None, tensor_io: str = "bytes",
                       fetch_timeout: float | None = DEFAULT_FETCH_TIMEOUT) -> dict[str, Any]:
     """Fetch ``source``, patch it, publish it under ``root``; return the success summary.

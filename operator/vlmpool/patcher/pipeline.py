@@ -48,7 +48,6 @@ from vlmpool.patcher.dora import (  # noqa: F401 - svd helpers re-exported (test
 )
 from vlmpool.patcher.errors import PatchError
 from vlmpool.patcher.families import DEFAULT_KEY_TEMPLATE, FAMILIES, validate_key_template
-from vlmpool.patcher.fetch import CONFIG_MAX_BYTES, CONFIG_NAME, WEIGHTS_NAME
 from vlmpool.patcher.plan import TensorPlan, check_base_shapes, plan_tensors
 from vlmpool.patcher.report import (
     KEY_LAYOUT_NOTE,
@@ -59,6 +58,7 @@ from vlmpool.patcher.report import (
     rewrite_config,
     version_of,
 )
+from vlmpool.patcher.sources.fetchlib import CONFIG_MAX_BYTES, CONFIG_NAME, WEIGHTS_NAME
 from vlmpool.patcher.weights import TorchWeights, Weights
 
 DORA_POLICIES = ("reject", "strip", "svd")
