@@ -36,9 +36,9 @@ from vlmpool.manifests.common import (
 )
 from vlmpool.manifests.pool import POD_SECURITY, claim_name, container_security
 from vlmpool.patcher.egress import ENV_ALLOW
+from vlmpool.patcher.options import DEFAULT_MAX_FILE_BYTES, argv
 from vlmpool.patcher.sources import file as file_source
 from vlmpool.patcher.sources import registry as sources
-from vlmpool.patcher.sources.fetchlib import DEFAULT_MAX_FILE_BYTES
 
 PATCH_CONTAINER = "patch"
 TERMINATION_LOG = "/dev/termination-log"
@@ -132,33 +132,35 @@ def _labels(adapter: Adapter, component: str) -> dict[str, str]:
 
 
 def patch_args(adapter: Adapter, pool: Pool, adapter_root: str = ADAPTER_ROOT) -> list[str]:
+    """`vlmpool patch`'s arguments for the adapter on the pool: only options the patcher declares
+    (vlmpool.patcher.options), by their declared flags."""
     spec, pspec = adapter.spec, pool.spec
-    args = [
-        "patch",
-        "--source", spec.source.uri,
-        "--adapter", adapter.name,
-        "--root", adapter_root,
-        "--pool-base", pspec.model.name,
-        "--family", pspec.model.family,
-        "--served-base", pspec.served_name(),
-        "--max-rank", str(pspec.engine.max_lora_rank),
-        "--dora-policy", spec.dora.policy,
-        "--base-check", spec.base_model_check,
-        "--termination-log", TERMINATION_LOG,
-        "--fetch-timeout", str(PATCH_FETCH_TIMEOUT_SECONDS),
+    values: list[tuple[str, str | bool]] = [
+        ("source", spec.source.uri),
+        ("adapter", adapter.name),
+        ("root", adapter_root),
+        ("pool_base", pspec.model.name),
+        ("family", pspec.model.family),
+        ("served_base", pspec.served_name()),
+        ("max_rank", str(pspec.engine.max_lora_rank)),
+        ("dora_policy", spec.dora.policy),
+        ("base_check", spec.base_model_check),
+        ("termination_log", TERMINATION_LOG),
+        ("fetch_timeout", str(PATCH_FETCH_TIMEOUT_SECONDS)),
     ]
     if spec.dora.policy == "svd" and spec.dora.rank is not None:
-        args += ["--svd-rank", str(spec.dora.rank)]
+        values.append(("svd_rank", str(spec.dora.rank)))
     if spec.declared_base:
-        args += ["--declared-variant", spec.declared_base]
+        values.append(("declared_variant", spec.declared_base))
     if spec.dora.policy in ("svd", "strip") and spec.dora.max_error is not None:
-        args += ["--dora-max-error", repr(float(spec.dora.max_error))]
+        values.append(("dora_max_error", repr(float(spec.dora.max_error))))
     if pspec.engine.tower_connector_lora:
-        args.append("--tower-connector-lora")
+        values.append(("tower_connector_lora", True))
     if pspec.model.weights is not None and spec.dora.policy in ("svd", "strip"):
-        args += ["--base-weights", (BASE_WEIGHTS_MOUNT + "/" + pspec.model.weights.path.strip("/")).rstrip("/")]
+        values.append(("base_weights", (BASE_WEIGHTS_MOUNT + "/" + pspec.model.weights.path.strip("/")).rstrip("/")))
     if spec.source.sha256:
-        args += ["--sha256", spec.source.sha256]
+        values.append(("sha256", spec.source.sha256))
+    args = ["patch", *argv(values)]
     job_source = sources.job_source(spec.source.uri)
     if job_source is not None:
         args += job_source.args

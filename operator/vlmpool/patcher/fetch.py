@@ -15,13 +15,9 @@ from pathlib import Path
 
 from vlmpool.patcher import egress
 from vlmpool.patcher.errors import PatchError
+from vlmpool.patcher.options import DEFAULT_FETCH_TIMEOUT, DEFAULT_MAX_FILE_BYTES
 from vlmpool.patcher.sources import registry
-from vlmpool.patcher.sources.fetchlib import (
-    DEFAULT_FETCH_TIMEOUT,
-    DEFAULT_MAX_FILE_BYTES,
-    FetchedAdapter,
-    local_path,
-)
+from vlmpool.patcher.sources.fetchlib import FetchedAdapter, local_path
 from vlmpool.patcher.sources.scheme import SOURCES_ROOT, FetchRequest
 
 __all__ = ["DEFAULT_FETCH_TIMEOUT", "DEFAULT_MAX_FILE_BYTES", "FetchedAdapter", "fetch_adapter"]

@@ -31,9 +31,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 WANTED = (CONFIG_NAME, WEIGHTS_NAME)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
-DEFAULT_MAX_FILE_BYTES = 4 * 1024**3
 CONFIG_MAX_BYTES = 1024 * 1024
-DEFAULT_FETCH_TIMEOUT = 1800.0  # seconds for a whole remote fetch (the operator passes half the Job's deadline)
 MAX_ARCHIVE_MEMBERS = 10_000  # also the cap on the entries of a directory, hub or bucket listing
 CHUNK = 1024 * 1024
 # Archive metadata read before any member is looked at (Python's tarfile and zipfile read these whole):

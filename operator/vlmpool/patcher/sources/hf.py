@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import os
 import posixpath
-import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from vlmpool.patcher.sources.fetchlib import (
     sha256_file,
     sizes_of,
 )
-from vlmpool.patcher.sources.scheme import FetchRequest, SourceScheme
+from vlmpool.patcher.sources.scheme import FetchRequest, SourceScheme, well_formed
 
 GRAMMAR = r"^hf://[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(@[A-Za-z0-9._/-]+)?$"
 FORM = "hf://<org>/<repo>[@<revision>]"
@@ -37,7 +36,7 @@ FORM = "hf://<org>/<repo>[@<revision>]"
 
 def parse(uri: str) -> tuple[str, str] | None:
     """(repo, revision) of a well-formed hf:// URI (revision main when it names none), else None."""
-    if re.fullmatch(GRAMMAR, uri) is None:
+    if not well_formed(GRAMMAR, uri):
         return None
     repo, _, rev = uri[len("hf://"):].partition("@")
     return repo, rev or "main"

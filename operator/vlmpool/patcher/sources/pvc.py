@@ -4,12 +4,12 @@ directory or an archive). No network: no egress guard."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from vlmpool.patcher.errors import PatchError
+from vlmpool.patcher.options import flag
 from vlmpool.patcher.sources.fetchlib import FetchedAdapter, local_path
-from vlmpool.patcher.sources.scheme import SOURCES_ROOT, FetchRequest, JobSource, SourceScheme
+from vlmpool.patcher.sources.scheme import SOURCES_ROOT, FetchRequest, JobSource, SourceScheme, well_formed
 
 GRAMMAR = r"^pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/[^/]+)+/?$"
 FORM = "pvc://<claim>/<path>"
@@ -18,7 +18,7 @@ FORM = "pvc://<claim>/<path>"
 def parse(uri: str) -> tuple[str, list[str]] | None:
     """(claim, path segments) of a well-formed pvc:// URI ('.' segments dropped), else None: the
     grammar above (a DNS-label claim, a non-empty path of non-empty segments), no '..' segment."""
-    if re.fullmatch(GRAMMAR, uri) is None:
+    if not well_formed(GRAMMAR, uri):
         return None
     claim, _, path = uri[len("pvc://"):].partition("/")
     parts = [p for p in path.split("/") if p not in ("", ".")]
@@ -28,7 +28,7 @@ def parse(uri: str) -> tuple[str, list[str]] | None:
 
 
 def resolve(uri: str, pvc_root: Path) -> Path:
-    if re.fullmatch(GRAMMAR, uri) is None:
+    if not well_formed(GRAMMAR, uri):
         raise PatchError("InvalidSource", f"a pvc:// source must be {FORM}, not {uri!r}")
     parsed = parse(uri)
     if parsed is None:
@@ -48,7 +48,7 @@ def job_source(uri: str) -> JobSource | None:
     claim = parsed[0]
     return JobSource(volume={"name": "source", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}},
                      mount={"name": "source", "mountPath": f"{SOURCES_ROOT}/{claim}", "readOnly": True},
-                     args=("--pvc-root", SOURCES_ROOT))
+                     args=(flag("pvc_root"), SOURCES_ROOT))
 
 
 SCHEME = SourceScheme(

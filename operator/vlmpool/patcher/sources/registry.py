@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from vlmpool.patcher.sources import file, hf, https, pvc, s3
-from vlmpool.patcher.sources.scheme import COMMON_RULES, JobSource, SourceScheme
+from vlmpool.patcher.sources.scheme import COMMON_RULES, URI_CHARS, JobSource, SourceScheme
 
 SCHEMES: dict[str, SourceScheme] = {}
 
@@ -44,7 +44,7 @@ def listed() -> list[SourceScheme]:
 
 def uri_pattern() -> str:
     """The CRD's coarse pattern of source.uri: one of the schemes, no whitespace."""
-    return "^(" + "|".join(s.head or s.prefix for s in listed()) + r")[^\s]+$"
+    return "^(" + "|".join(s.head or s.prefix for s in listed()) + ")" + URI_CHARS + "$"
 
 
 def uri_forms() -> str:

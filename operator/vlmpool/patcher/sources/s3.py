@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import posixpath
-import re
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ from vlmpool.patcher.sources.fetchlib import (
     sha256_file,
     sizes_of,
 )
-from vlmpool.patcher.sources.scheme import FetchRequest, SourceScheme
+from vlmpool.patcher.sources.scheme import FetchRequest, SourceScheme, well_formed
 
 GRAMMAR = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$"
 FORM = "s3://<bucket>[/<prefix>]"
@@ -36,7 +35,7 @@ FORM = "s3://<bucket>[/<prefix>]"
 
 def parse(uri: str) -> tuple[str, str] | None:
     """(bucket, key prefix) of a well-formed s3:// URI, else None."""
-    if re.fullmatch(GRAMMAR, uri) is None:
+    if not well_formed(GRAMMAR, uri):
         return None
     bucket, _, prefix = uri[len("s3://"):].partition("/")
     return bucket, prefix

@@ -19,6 +19,14 @@ from vlmpool.patcher.sources.fetchlib import FetchedAdapter
 # Where the patch Job mounts a source that is a volume (pvc://<claim>/ as <SOURCES_ROOT>/<claim>): the
 # manifests' mount path, the Job's --pvc-root and the patcher's default --pvc-root.
 SOURCES_ROOT = "/mnt/sources"
+# What every source URI is made of after its scheme (the CRD's source.uri pattern): no whitespace.
+URI_CHARS = r"[^\s]+"
+
+
+def well_formed(grammar: str | None, uri: str) -> bool:
+    """Whether `uri` is a source URI as the CRD accepts it: no whitespace, and matching its scheme's
+    grammar (a whole match: no trailing newline slips past a '$')."""
+    return re.fullmatch(URI_CHARS, uri) is not None and (grammar is None or re.fullmatch(grammar, uri) is not None)
 
 
 @dataclass(frozen=True)
@@ -84,7 +92,7 @@ class SourceScheme:
         return uri.startswith(self.prefix)
 
     def well_formed(self, uri: str) -> bool:
-        return self.grammar is None or re.fullmatch(self.grammar, uri) is not None
+        return well_formed(self.grammar, uri)
 
     def cel_rule(self) -> dict[str, Any] | None:
         """The CRD's rule on source for this scheme's grammar, or None."""
