@@ -160,11 +160,10 @@ def patch_args(adapter: Adapter, pool: Pool, adapter_root: str = ADAPTER_ROOT) -
         values.append(("base_weights", (BASE_WEIGHTS_MOUNT + "/" + pspec.model.weights.path.strip("/")).rstrip("/")))
     if spec.source.sha256:
         values.append(("sha256", spec.source.sha256))
-    args = ["patch", *argv(values)]
     job_source = sources.job_source(spec.source.uri)
     if job_source is not None:
-        args += job_source.args
-    return args
+        values += job_source.options
+    return ["patch", *argv(values)]
 
 
 def _job(adapter: Adapter, pspec: VLMPoolSpec, name: str, labels: dict[str, str],

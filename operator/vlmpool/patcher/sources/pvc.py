@@ -7,7 +7,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from vlmpool.patcher.errors import PatchError
-from vlmpool.patcher.options import flag
 from vlmpool.patcher.sources.fetchlib import FetchedAdapter, local_path
 from vlmpool.patcher.sources.scheme import SOURCES_ROOT, FetchRequest, JobSource, SourceScheme, well_formed
 
@@ -48,7 +47,7 @@ def job_source(uri: str) -> JobSource | None:
     claim = parsed[0]
     return JobSource(volume={"name": "source", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}},
                      mount={"name": "source", "mountPath": f"{SOURCES_ROOT}/{claim}", "readOnly": True},
-                     args=(flag("pvc_root"), SOURCES_ROOT))
+                     options=(("pvc_root", SOURCES_ROOT),))
 
 
 SCHEME = SourceScheme(

@@ -44,11 +44,11 @@ class FetchRequest:
 @dataclass(frozen=True)
 class JobSource:
     """What a source adds to the patch Job: one volume named "source", its mount in the patch
-    container, and the patcher arguments that say where it is."""
+    container, and the patcher options (name, value) that say where it is."""
 
     volume: dict[str, Any]
     mount: dict[str, Any]
-    args: tuple[str, ...] = ()
+    options: tuple[tuple[str, str], ...] = ()
 
 
 def _no_job_source(uri: str) -> JobSource | None:
