@@ -17,6 +17,7 @@ from typing import Any, Literal, get_args
 from vlmpool.families import VLM_FAMILIES
 from vlmpool.patcher.dora import SVD_METHODS
 from vlmpool.patcher.families import DEFAULT_KEY_TEMPLATE
+from vlmpool.patcher.sources import registry as sources
 from vlmpool.patcher.sources.scheme import SOURCES_ROOT
 
 DoraPolicy = Literal["reject", "strip", "svd"]
@@ -78,8 +79,7 @@ class Option:
 
 
 OPTIONS: tuple[Option, ...] = (
-    Option("source", "adapter source: a path, file:///path, pvc://claim/path, https://host/adapter.tar.gz "
-           "(.tar/.tgz/.zip) or https://host/dir/, hf://org/repo[@rev], s3://bucket/prefix"),
+    Option("source", f"adapter source: a local path, {sources.uri_forms()}"),
     Option("adapter", "adapter name (the VLMAdapter's metadata.name)"),
     Option("root", "the adapter volume's mount path", type=Path),
     Option("pool_base", "the pool's base model id (e.g. Qwen/Qwen2-VL-2B-Instruct)"),
