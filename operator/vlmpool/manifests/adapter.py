@@ -36,7 +36,7 @@ from vlmpool.manifests.common import (
 )
 from vlmpool.manifests.pool import POD_SECURITY, claim_name, container_security
 from vlmpool.patcher.egress import ENV_ALLOW
-from vlmpool.patcher.options import DEFAULT_MAX_FILE_BYTES, argv
+from vlmpool.patcher.options import DEFAULT_MAX_FILE_BYTES, DORA_MATHS_POLICIES, argv
 from vlmpool.patcher.sources import file as file_source
 from vlmpool.patcher.sources import registry as sources
 
@@ -152,11 +152,11 @@ def patch_args(adapter: Adapter, pool: Pool, adapter_root: str = ADAPTER_ROOT) -
         values.append(("svd_rank", str(spec.dora.rank)))
     if spec.declared_base:
         values.append(("declared_variant", spec.declared_base))
-    if spec.dora.policy in ("svd", "strip") and spec.dora.max_error is not None:
+    if spec.dora.policy in DORA_MATHS_POLICIES and spec.dora.max_error is not None:
         values.append(("dora_max_error", repr(float(spec.dora.max_error))))
     if pspec.engine.tower_connector_lora:
         values.append(("tower_connector_lora", True))
-    if pspec.model.weights is not None and spec.dora.policy in ("svd", "strip"):
+    if pspec.model.weights is not None and spec.dora.policy in DORA_MATHS_POLICIES:
         values.append(("base_weights", (BASE_WEIGHTS_MOUNT + "/" + pspec.model.weights.path.strip("/")).rstrip("/")))
     if spec.source.sha256:
         values.append(("sha256", spec.source.sha256))
@@ -203,7 +203,7 @@ def _job(adapter: Adapter, pspec: VLMPoolSpec, name: str, labels: dict[str, str]
 def patch_image_for(spec: VLMAdapterSpec, patch_image: str | None, dora_image: str | None) -> str | None:
     """The patch Job's image: DoRA maths (svd, strip's measured error) needs torch, which only the
     patcher-dora image carries; everything else runs on the torch-free patcher."""
-    if dora_image and spec.dora.policy in ("svd", "strip"):
+    if dora_image and spec.dora.policy in DORA_MATHS_POLICIES:
         return dora_image
     return patch_image
 
@@ -226,7 +226,7 @@ def patch_job(adapter: Adapter, pool: Pool, *, image: str | None = None,
         {"name": "adapters", "persistentVolumeClaim": {"claimName": claim_name(pool)}},
         {"name": "tmp", "emptyDir": {"sizeLimit": PATCH_SCRATCH_LIMIT}},
     ]
-    if pspec.model.weights is not None and spec.dora.policy in ("svd", "strip"):
+    if pspec.model.weights is not None and spec.dora.policy in DORA_MATHS_POLICIES:
         # svd needs the base weights; strip uses them (when present) to measure its error.
         mounts.append({"name": "base-weights", "mountPath": BASE_WEIGHTS_MOUNT, "readOnly": True})
         volumes.append({"name": "base-weights", "persistentVolumeClaim": {

@@ -22,6 +22,9 @@ from vlmpool.patcher.sources.scheme import SOURCES_ROOT
 
 DoraPolicy = Literal["reject", "strip", "svd"]
 DORA_POLICIES: tuple[str, ...] = get_args(DoraPolicy)
+# The policies that do DoRA maths: they use the base weights (svd needs them, strip measures its error
+# with them), take --dora-max-error, and need the torch image.
+DORA_MATHS_POLICIES: tuple[str, ...] = ("strip", "svd")
 BaseCheck = Literal["strict", "warn"]
 BASE_CHECKS: tuple[str, ...] = get_args(BaseCheck)
 TENSOR_IO = ("bytes", "torch")
