@@ -23,11 +23,6 @@ def register(scheme: SourceScheme) -> SourceScheme:
     return scheme
 
 
-def unregister(name: str) -> None:
-    """Take a scheme out again (tests that register one of their own)."""
-    SCHEMES.pop(name, None)
-
-
 # In this order the patch Job passes the schemes' credential keys.
 for _scheme in (https.SCHEME, hf.SCHEME, s3.SCHEME, pvc.SCHEME, file.SCHEME):
     register(_scheme)
