@@ -155,7 +155,7 @@ def test_without_torch_plain_lora_patches_and_dora_maths_is_refused(shaped, base
                                       block_torch=True)
     assert summary["ok"] and summary["doraError"] is None and "error not measured" in summary["warnings"][-1]
     measured = patch_adapter(d, opts)
-    assert measured.summary["dora_error"] is not None and summary["version"] == measured.version
+    assert measured.summary.dora_error is not None and summary["version"] == measured.version
     assert not (tmp_path / "v2" / "a" / "versions").exists() or not any((tmp_path / "v2" / "a" / "versions").iterdir())
 
 

@@ -20,7 +20,7 @@ import pytest
 from test_sources import CFG, FILES, LOOPBACK, W, _hf_routes, refused, tgz
 
 from vlmpool.patcher import fetch_adapter
-from vlmpool.patcher.fetch import MAX_ARCHIVE_MEMBERS
+from vlmpool.patcher.sources.fetchlib import MAX_ARCHIVE_MEMBERS
 
 MIB = 1024 * 1024
 

@@ -12,38 +12,13 @@ from pydantic import ConfigDict, Field
 from pydantic.config import JsonValue
 
 from vlmpool.api.common import MODEL_ID_PATTERN, Condition, LocalObjectReference, Model
+from vlmpool.patcher.options import BaseCheck, DoraPolicy
+from vlmpool.patcher.sources import registry as sources
+from vlmpool.patcher.summary import PatchSummary
 
 Phase = Literal["Pending", "Patching", "Registering", "Ready", "Failed", "Deleting"]
-DoraPolicy = Literal["reject", "strip", "svd"]
-SOURCE_SCHEMES = ("https://", "s3://", "hf://", "pvc://", "file://")
-
-# CEL rules on the source: each scheme's own shape.
-SOURCE_RULES: list[JsonValue] = [
-    {
-        "rule": "!self.uri.startsWith('hf://') || self.uri.matches('^hf://[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(@[A-Za-z0-9._/-]+)?$')",
-        "message": "an hf:// source must be hf://<org>/<repo>[@<revision>]",
-        "fieldPath": ".uri",
-        "reason": "FieldValueInvalid",
-    },
-    {
-        "rule": "!self.uri.startsWith('pvc://') || self.uri.matches('^pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/[^/]+)+/?$')",
-        "message": "a pvc:// source must be pvc://<claim>/<path> with a non-empty path",
-        "fieldPath": ".uri",
-        "reason": "FieldValueInvalid",
-    },
-    {
-        "rule": "!self.uri.startsWith('s3://') || self.uri.matches('^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$')",
-        "message": "an s3:// source must be s3://<bucket>[/<prefix>]",
-        "fieldPath": ".uri",
-        "reason": "FieldValueInvalid",
-    },
-    {
-        "rule": "!self.uri.contains('/../') && !self.uri.endsWith('/..')",
-        "message": "source.uri must not contain '..' path segments",
-        "fieldPath": ".uri",
-        "reason": "FieldValueInvalid",
-    },
-]
+# CEL rules on the source: each scheme's own shape (vlmpool.patcher.sources declares them).
+SOURCE_RULES: list[JsonValue] = sources.cel_rules()
 
 DORA_RULES: list[JsonValue] = [
     {
@@ -76,11 +51,9 @@ class AdapterSource(Model):
     model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": SOURCE_RULES})
 
     uri: str = Field(
-        description="https://host/path (a .tar/.tar.gz/.zip or a single-directory listing), "
-        "s3://bucket/prefix, hf://org/repo@revision, pvc://claim/path (air-gapped; the claim is mounted "
-        "read-only into the patch Job) or file:///path (a path on the node, for tests and `vlmpool dev`).",
+        description=sources.uri_forms() + ".",
         min_length=8, max_length=2048,
-        pattern=r"^(https://|s3://|hf://|pvc://|file:///)[^\s]+$",
+        pattern=sources.uri_pattern(),
     )
     sha256: str | None = Field(
         default=None,
@@ -128,7 +101,7 @@ class VLMAdapterSpec(Model):
     )
     source: AdapterSource = Field(description="Where the adapter files are.")
     dora: DoraSpec = Field(default_factory=DoraSpec, description="DoRA handling.")
-    base_model_check: Literal["strict", "warn"] = Field(
+    base_model_check: BaseCheck = Field(
         default="strict",
         description="How to treat an adapter whose adapter_config.json declares another base model than "
         "the pool's: strict fails it, warn records a warning and serves it.",
@@ -139,26 +112,6 @@ class VLMAdapterSpec(Model):
         "a trailing -peft is ignored). Recorded in status.report.declaredVariantCheck as match or mismatch "
         "against adapter_config.json (the authority), never a refusal.",
     )
-
-
-class PatchSummary(Model):
-    """The patch Job's report, as copied into status (the full report is patch_report.json)."""
-
-    tensors_kept: int | None = Field(default=None, ge=0, description="LoRA tensors in the served version.")
-    tensors_remapped: int | None = Field(default=None, ge=0, description="Tensors whose key was rewritten.")
-    tensors_dropped: int | None = Field(default=None, ge=0,
-                                        description="Tensors dropped (vision tower, DoRA magnitudes).")
-    rank: int | None = Field(default=None, ge=0, description="Rank of the served LoRA.")
-    dora_policy: str | None = Field(default=None, description="DoRA policy applied, or none.")
-    dora_error: float | None = Field(default=None, description="Measured relative error of strip/svd, when measured.")
-    declared_base: str | None = Field(default=None, description="base_model_name_or_path of adapter_config.json.")
-    pool_base: str | None = Field(default=None, description="The pool's base model.")
-    base_check: str | None = Field(default=None, description="match, mismatch-warned or skipped.")
-    declared_variant: str | None = Field(default=None, description="spec.declaredBase as the patch Job saw it.")
-    declared_variant_check: Literal["match", "mismatch"] | None = Field(
-        default=None, description="spec.declaredBase against adapter_config.json's base (else the pool's): "
-        "advisory, never a refusal; mismatch means the registry record is wrong.")
-    warnings: list[str] = Field(default_factory=list, description="Warnings recorded by the patch.")
 
 
 class PodLoad(Model):

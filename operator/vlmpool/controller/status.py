@@ -14,6 +14,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from vlmpool.api.adapter import PatchSummary
 from vlmpool.api.pool import VLMPoolStatus
 from vlmpool.controller.push import PodResult
 from vlmpool.manifests.common import server_label_selector
@@ -205,27 +206,6 @@ def parse_termination_message(text: str | None) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) and isinstance(doc.get("ok"), bool) else None
 
 
-REPORT_FIELDS = {
-    "tensorsKept": int, "tensorsRemapped": int, "tensorsDropped": int, "rank": int, "doraPolicy": str,
-    "doraError": float, "declaredBase": str, "poolBase": str, "baseCheck": str,
-    "declaredVariant": str, "declaredVariantCheck": str,
-}
-
-
 def report_summary(msg: dict[str, Any]) -> dict[str, Any]:
     """The PatchSummary fields of a patcher's success message, type-checked (bad fields dropped)."""
-    out: dict[str, Any] = {}
-    for k, t in REPORT_FIELDS.items():
-        v = msg.get(k)
-        if v is None or isinstance(v, bool):
-            continue
-        if t is float and isinstance(v, (int, float)):
-            out[k] = float(v)
-        elif t is int and isinstance(v, int) and v >= 0:
-            out[k] = v
-        elif t is str and isinstance(v, str):
-            out[k] = v[:1024]
-    warnings = msg.get("warnings")
-    if isinstance(warnings, list):
-        out["warnings"] = [str(w)[:1024] for w in warnings[:50]]
-    return out
+    return PatchSummary.from_message(msg)

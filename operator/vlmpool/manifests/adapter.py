@@ -11,7 +11,6 @@ across operator restarts.
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import urlsplit
 
 from vlmpool import __version__
 from vlmpool.api.adapter import VLMAdapterSpec
@@ -27,7 +26,6 @@ from vlmpool.manifests.common import (
     L_ADAPTER,
     L_SPEC_DIGEST,
     MAX_LABEL,
-    SOURCES_ROOT,
     _trim,
     cleanup_job_name,
     owner_reference,
@@ -37,7 +35,10 @@ from vlmpool.manifests.common import (
     short_digest,
 )
 from vlmpool.manifests.pool import POD_SECURITY, claim_name, container_security
-from vlmpool.patcher.fetch import DEFAULT_MAX_FILE_BYTES
+from vlmpool.patcher.egress import ENV_ALLOW
+from vlmpool.patcher.options import DEFAULT_MAX_FILE_BYTES, DORA_MATHS_POLICIES, argv
+from vlmpool.patcher.sources import file as file_source
+from vlmpool.patcher.sources import registry as sources
 
 PATCH_CONTAINER = "patch"
 TERMINATION_LOG = "/dev/termination-log"
@@ -93,33 +94,10 @@ JOB_TMP = "/tmp"
 
 # The keys of a credentials Secret that reach the patch container (as env), one by one: a Secret
 # can never set anything else there (a proxy, $VLMPOOL_SOURCE_ALLOW, PYTHONPATH, ...).
-CREDENTIAL_KEYS = ("AUTHORIZATION", "HF_TOKEN", "HF_ENDPOINT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                   "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION",
-                   "AWS_DEFAULT_REGION")
-SOURCE_ALLOW_ENV = "VLMPOOL_SOURCE_ALLOW"
-
-
-def file_source_refusal(uri: str, allowed_dirs: list[str] | tuple[str, ...]) -> str | None:
-    """Why a file:// source may not become a hostPath volume, or None. file:// is off unless a cluster
-    admin named node directories (operator --allow-host-path); the path must be absolute, plain (no
-    '.', '..' or empty segments) and equal to or under one of them. The message names only the
-    setting, never anything about the node's files."""
-    if not uri.startswith("file://"):
-        return None
-    if not allowed_dirs:
-        return ("file:// sources are disabled on this cluster (a cluster admin enables them for named node "
-                "directories with the operator's --allow-host-path)")
-    p = urlsplit(uri)
-    path = p.path
-    parts = path.split("/")[1:]
-    if p.netloc not in ("", "localhost") or not path.startswith("/") or p.query or p.fragment or "%" in path \
-            or any(seg in ("", ".", "..") for seg in parts):
-        return f"{uri!r} is not a plain file:///<absolute path> (no '.', '..', '//', escapes or query)"
-    for d in allowed_dirs:
-        base = "/" + d.strip("/")
-        if base == "/" or path == base or path.startswith(base + "/"):
-            return None
-    return f"{path} is not under a node directory this cluster allows for file:// sources ({', '.join(allowed_dirs)})"
+CREDENTIAL_KEYS = sources.credential_keys()
+SOURCE_ALLOW_ENV = ENV_ALLOW
+# file:// sources are off unless a cluster admin named node directories (the controller asks first).
+file_source_refusal = file_source.refusal
 
 
 def patch_inputs(adapter: Adapter, pool: Pool) -> dict[str, Any]:
@@ -153,45 +131,39 @@ def _labels(adapter: Adapter, component: str) -> dict[str, str]:
     return labels
 
 
-def _pvc_source(uri: str) -> tuple[str, str] | None:
-    if not uri.startswith("pvc://"):
-        return None
-    rest = uri[len("pvc://"):]
-    claim, _, path = rest.partition("/")
-    return claim, path
-
-
 def patch_args(adapter: Adapter, pool: Pool, adapter_root: str = ADAPTER_ROOT) -> list[str]:
+    """`vlmpool patch`'s arguments for the adapter on the pool: only options the patcher declares
+    (vlmpool.patcher.options), by their declared flags."""
     spec, pspec = adapter.spec, pool.spec
-    args = [
-        "patch",
-        "--source", spec.source.uri,
-        "--adapter", adapter.name,
-        "--root", adapter_root,
-        "--pool-base", pspec.model.name,
-        "--family", pspec.model.family,
-        "--served-base", pspec.served_name(),
-        "--max-rank", str(pspec.engine.max_lora_rank),
-        "--dora-policy", spec.dora.policy,
-        "--base-check", spec.base_model_check,
-        "--termination-log", TERMINATION_LOG,
-        "--fetch-timeout", str(PATCH_FETCH_TIMEOUT_SECONDS),
+    values: list[tuple[str, str | bool]] = [
+        ("source", spec.source.uri),
+        ("adapter", adapter.name),
+        ("root", adapter_root),
+        ("pool_base", pspec.model.name),
+        ("family", pspec.model.family),
+        ("served_base", pspec.served_name()),
+        ("max_rank", str(pspec.engine.max_lora_rank)),
+        ("dora_policy", spec.dora.policy),
+        ("base_check", spec.base_model_check),
+        ("termination_log", TERMINATION_LOG),
+        ("fetch_timeout", str(PATCH_FETCH_TIMEOUT_SECONDS)),
     ]
     if spec.dora.policy == "svd" and spec.dora.rank is not None:
-        args += ["--svd-rank", str(spec.dora.rank)]
+        values.append(("svd_rank", str(spec.dora.rank)))
     if spec.declared_base:
-        args += ["--declared-variant", spec.declared_base]
-    if spec.dora.policy in ("svd", "strip") and spec.dora.max_error is not None:
-        args += ["--dora-max-error", repr(float(spec.dora.max_error))]
+        values.append(("declared_variant", spec.declared_base))
+    if spec.dora.policy in DORA_MATHS_POLICIES and spec.dora.max_error is not None:
+        values.append(("dora_max_error", repr(float(spec.dora.max_error))))
     if pspec.engine.tower_connector_lora:
-        args.append("--tower-connector-lora")
-    if pspec.model.weights is not None and spec.dora.policy in ("svd", "strip"):
-        args += ["--base-weights", (BASE_WEIGHTS_MOUNT + "/" + pspec.model.weights.path.strip("/")).rstrip("/")]
+        values.append(("tower_connector_lora", True))
+    if pspec.model.weights is not None and spec.dora.policy in DORA_MATHS_POLICIES:
+        values.append(("base_weights", (BASE_WEIGHTS_MOUNT + "/" + pspec.model.weights.path.strip("/")).rstrip("/")))
     if spec.source.sha256:
-        args += ["--sha256", spec.source.sha256]
-    if _pvc_source(spec.source.uri):
-        args += ["--pvc-root", SOURCES_ROOT]
-    return args
+        values.append(("sha256", spec.source.sha256))
+    job_source = sources.job_source(spec.source.uri)
+    if job_source is not None:
+        values += job_source.options
+    return ["patch", *argv(values)]
 
 
 def _job(adapter: Adapter, pspec: VLMPoolSpec, name: str, labels: dict[str, str],
@@ -231,7 +203,7 @@ def _job(adapter: Adapter, pspec: VLMPoolSpec, name: str, labels: dict[str, str]
 def patch_image_for(spec: VLMAdapterSpec, patch_image: str | None, dora_image: str | None) -> str | None:
     """The patch Job's image: DoRA maths (svd, strip's measured error) needs torch, which only the
     patcher-dora image carries; everything else runs on the torch-free patcher."""
-    if dora_image and spec.dora.policy in ("svd", "strip"):
+    if dora_image and spec.dora.policy in DORA_MATHS_POLICIES:
         return dora_image
     return patch_image
 
@@ -254,20 +226,15 @@ def patch_job(adapter: Adapter, pool: Pool, *, image: str | None = None,
         {"name": "adapters", "persistentVolumeClaim": {"claimName": claim_name(pool)}},
         {"name": "tmp", "emptyDir": {"sizeLimit": PATCH_SCRATCH_LIMIT}},
     ]
-    if pspec.model.weights is not None and spec.dora.policy in ("svd", "strip"):
+    if pspec.model.weights is not None and spec.dora.policy in DORA_MATHS_POLICIES:
         # svd needs the base weights; strip uses them (when present) to measure its error.
         mounts.append({"name": "base-weights", "mountPath": BASE_WEIGHTS_MOUNT, "readOnly": True})
         volumes.append({"name": "base-weights", "persistentVolumeClaim": {
             "claimName": pspec.model.weights.claim_name, "readOnly": True}})
-    pvc_src = _pvc_source(spec.source.uri)
-    if pvc_src:
-        claim = pvc_src[0]
-        mounts.append({"name": "source", "mountPath": f"{SOURCES_ROOT}/{claim}", "readOnly": True})
-        volumes.append({"name": "source", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
-    elif spec.source.uri.startswith("file://"):
-        path = urlsplit(spec.source.uri).path
-        mounts.append({"name": "source", "mountPath": path, "readOnly": True})
-        volumes.append({"name": "source", "hostPath": {"path": path}})
+    job_source = sources.job_source(spec.source.uri)
+    if job_source is not None:  # a volume source (pvc://, file://), mounted read-only
+        mounts.append(job_source.mount)
+        volumes.append(job_source.volume)
     container: dict[str, Any] = {
         "name": PATCH_CONTAINER,
         "image": image or DEFAULT_PATCH_IMAGE,

@@ -37,7 +37,6 @@ A_PRUNED = "vlmpool.io/pruned-for-version"  # the prune Job for this served vers
 # container (read-only): the path a Job reports is the path vLLM loads.
 ADAPTER_ROOT = "/var/lib/vlmpool/adapters"
 BASE_WEIGHTS_MOUNT = "/var/lib/vlmpool/base"
-SOURCES_ROOT = "/mnt/sources"
 ADMIN_TOKEN_DIR = "/var/run/vlmpool/admin"
 ADMIN_TOKEN_KEY = "token"
 API_KEY_DIR = "/var/run/vlmpool/api-keys"  # the pool's apiKeySecret, mounted whole (so updates arrive)

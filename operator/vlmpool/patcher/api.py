@@ -10,32 +10,18 @@ from pathlib import Path
 from typing import Any
 
 from vlmpool.patcher.errors import PatchError
-from vlmpool.patcher.fetch import DEFAULT_FETCH_TIMEOUT, DEFAULT_MAX_FILE_BYTES, fetch_adapter
+from vlmpool.patcher.fetch import fetch_adapter
+from vlmpool.patcher.options import DEFAULTS
 from vlmpool.patcher.pipeline import PatchedAdapter, PatchOptions, config_json, patch_adapter
 from vlmpool.patcher.publish import Published, publish, validate_adapter_name
 
 SUMMARY_MAX_BYTES = 4096
-_CAMEL = {
-    "tensors_kept": "tensorsKept",
-    "tensors_remapped": "tensorsRemapped",
-    "tensors_dropped": "tensorsDropped",
-    "rank": "rank",
-    "dora_policy": "doraPolicy",
-    "dora_error": "doraError",
-    "declared_base": "declaredBase",
-    "pool_base": "poolBase",
-    "base_check": "baseCheck",
-    "declared_variant": "declaredVariant",
-    "declared_variant_check": "declaredVariantCheck",
-    "warnings": "warnings",
-}
-
 
 def patch_and_publish(source: str, adapter: str, root: Path | str, opts: PatchOptions, *,
-                      sha256: str | None = None, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
-                      pvc_root: Path | str = "/mnt/sources", lock_timeout: float = 600.0,
-                      workdir: Path | str | None = None, tensor_io: str = "bytes",
-                      fetch_timeout: float | None = DEFAULT_FETCH_TIMEOUT) -> dict[str, Any]:
+                      sha256: str | None = None, max_file_bytes: int = DEFAULTS["max_file_bytes"],
+                      pvc_root: Path | str = DEFAULTS["pvc_root"], lock_timeout: float = DEFAULTS["lock_timeout"],
+                      workdir: Path | str | None = None, tensor_io: str = DEFAULTS["tensor_io"],
+                      fetch_timeout: float | None = DEFAULTS["fetch_timeout"]) -> dict[str, Any]:
     """Fetch ``source``, patch it, publish it under ``root``; return the success summary.
     Raises PatchError (with its stable reason) on any refusal."""
     validate_adapter_name(adapter)
@@ -67,10 +53,9 @@ def success_summary(adapter: str, patched: PatchedAdapter, published: Published)
         "path": str(published.path),
         "alreadyExisted": published.already_existed,
         "previousVersion": published.previous,
-        "servedBaseCheck": patched.summary["base_check"],
+        "servedBaseCheck": patched.summary.base_check,
     }
-    for k, v in patched.summary.items():
-        out[_CAMEL[k]] = v
+    out.update(patched.summary.to_message())
     return out
 
 

@@ -47,8 +47,8 @@ from vlmpool.patcher.dora import (  # noqa: F401 - svd helpers re-exported (test
     truncated_svd,
 )
 from vlmpool.patcher.errors import PatchError
-from vlmpool.patcher.families import DEFAULT_KEY_TEMPLATE, FAMILIES, validate_key_template
-from vlmpool.patcher.fetch import CONFIG_MAX_BYTES, CONFIG_NAME, WEIGHTS_NAME
+from vlmpool.patcher.families import FAMILIES, validate_key_template
+from vlmpool.patcher.options import BASE_CHECKS, DEFAULTS, DORA_POLICIES
 from vlmpool.patcher.plan import TensorPlan, check_base_shapes, plan_tensors
 from vlmpool.patcher.report import (
     KEY_LAYOUT_NOTE,
@@ -59,29 +59,31 @@ from vlmpool.patcher.report import (
     rewrite_config,
     version_of,
 )
+from vlmpool.patcher.sources.fetchlib import CONFIG_MAX_BYTES, CONFIG_NAME, WEIGHTS_NAME
+from vlmpool.patcher.summary import PatchSummary
 from vlmpool.patcher.weights import TorchWeights, Weights
-
-DORA_POLICIES = ("reject", "strip", "svd")
-BASE_CHECKS = ("strict", "warn")
 
 
 @dataclass
 class PatchOptions:
+    """The options that shape the patch: each field is the `vlmpool patch` option of its name, with
+    that option's default (vlmpool.patcher.options declares them)."""
+
     family: str
     pool_base: str
-    served_base: str | None = None
-    max_rank: int = 64
-    dora_policy: str = "reject"
-    svd_rank: int | None = None
-    base_weights: Path | None = None
-    base_check: str = "strict"
-    declared_variant: str | None = None
-    vision_norm_threshold: float = 0.0
-    key_template: str = DEFAULT_KEY_TEMPLATE
-    device: str | None = None  # torch device for DoRA math; None: cuda when available, else cpu
-    svd_method: str = "auto"   # exact | randomized | auto (exact on GPU or for small/full-rank matrices)
-    tower_connector_lora: bool = False  # the pool runs vLLM with --enable-tower-connector-lora
-    dora_max_error: float | None = None  # refuse a strip/svd whose measured error is above it (DoraErrorTooHigh)
+    served_base: str | None = DEFAULTS["served_base"]
+    max_rank: int = DEFAULTS["max_rank"]
+    dora_policy: str = DEFAULTS["dora_policy"]
+    svd_rank: int | None = DEFAULTS["svd_rank"]
+    base_weights: Path | None = DEFAULTS["base_weights"]
+    base_check: str = DEFAULTS["base_check"]
+    declared_variant: str | None = DEFAULTS["declared_variant"]
+    vision_norm_threshold: float = DEFAULTS["vision_norm_threshold"]
+    key_template: str = DEFAULTS["key_template"]
+    device: str | None = DEFAULTS["device"]  # torch device for DoRA math; None: cuda when available, else cpu
+    svd_method: str = DEFAULTS["svd_method"]  # exact | randomized | auto (exact on GPU or for small/full-rank)
+    tower_connector_lora: bool = DEFAULTS["tower_connector_lora"]  # the pool's vLLM has --enable-tower-connector-lora
+    dora_max_error: float | None = DEFAULTS["dora_max_error"]  # refuse a strip/svd whose measured error is above
 
     def validate(self) -> None:
         if self.family not in VLM_FAMILIES:
@@ -125,7 +127,7 @@ class PatchedAdapter:
     weights_bytes: bytes               # the serialised adapter_model.safetensors
     version: str
     report: dict[str, Any]             # patch_report.json, without the publish fields
-    summary: dict[str, Any]            # PatchSummary fields (snake_case)
+    summary: PatchSummary              # what status.report gets
     effective_options: dict[str, Any] = field(default_factory=dict)
 
 

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vlmpool.patcher.errors import PatchError
-from vlmpool.patcher.fetch import CONFIG_NAME, WEIGHTS_NAME
+from vlmpool.patcher.sources.fetchlib import CONFIG_NAME, WEIGHTS_NAME
 from vlmpool.proxy.desired import VERSION_RE
 
 REPORT_NAME = "patch_report.json"

@@ -9,6 +9,7 @@ from typing import Any
 
 from vlmpool.patcher.config_checks import output_patterns
 from vlmpool.patcher.families import PEFT_PREFIX, SUPPORTED_MODULES, module_key
+from vlmpool.patcher.summary import PatchSummary
 
 STRIPPED_CONFIG_FIELDS = ("eva_config", "lora_bias", "exclude_modules")
 KEY_LAYOUT_NOTE = ("key layout: language layers written as {template}; vLLM's Qwen VL weight mappers accept "
@@ -143,22 +144,22 @@ def build_report(*, src_dir: str, opts: Any, cfg: dict[str, Any], new_cfg: dict[
 
 
 def build_summary(report: dict[str, Any], opts: Any, dora: Any, applied: str, check: str,
-                  warnings: list[str]) -> dict[str, Any]:
-    """The PatchSummary fields (snake_case) the operator copies into the VLMAdapter's status."""
-    return {
-        "tensors_kept": report["tensors_kept"],
-        "tensors_remapped": report["tensors_remapped"],
-        "tensors_dropped": report["tensors_dropped"],
-        "rank": report["lora_rank"],
-        "dora_policy": applied,
-        "dora_error": dora.error,
-        "declared_base": report["base_model_name_or_path"],
-        "pool_base": opts.pool_base,
-        "base_check": check,
-        "declared_variant": opts.declared_variant,
-        "declared_variant_check": report.get("registry_variant_check"),
-        "warnings": warnings,
-    }
+                  warnings: list[str]) -> PatchSummary:
+    """The PatchSummary the operator copies into the VLMAdapter's status."""
+    return PatchSummary(
+        tensors_kept=report["tensors_kept"],
+        tensors_remapped=report["tensors_remapped"],
+        tensors_dropped=report["tensors_dropped"],
+        rank=report["lora_rank"],
+        dora_policy=applied,
+        dora_error=dora.error,
+        declared_base=report["base_model_name_or_path"],
+        pool_base=opts.pool_base,
+        base_check=check,
+        declared_variant=opts.declared_variant,
+        declared_variant_check=report.get("registry_variant_check"),
+        warnings=warnings,
+    )
 
 
 def declared_base(cfg: dict[str, Any]) -> str | None:

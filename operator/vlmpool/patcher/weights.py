@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmpool.patcher.errors import PatchError
-from vlmpool.patcher.fetch import WEIGHTS_NAME
+from vlmpool.patcher.sources.fetchlib import WEIGHTS_NAME
 
 # safetensors header dtype -> (bytes per element, the name safetensors' serialiser and torch use)
 DTYPES: dict[str, tuple[int, str]] = {
