@@ -441,7 +441,7 @@ chart() {
 
 k() { "$KUBECTL" --kubeconfig "$KUBECONFIG_FILE" "$@"; }
 # The engine image's reference, as images/build.sh names it.
-vllm_cpu_ref() { echo "$REGISTRY/vllm-cpu:$(sed -n 's/^VLLM_RELEASE = "\(.*\)"$/\1/p' operator/vlmpool/sim/contract.py)"; }
+vllm_cpu_ref() { echo "$REGISTRY/vllm-cpu:$(python3 operator/vlmpool/pins.py VLLM_RELEASE)"; }
 
 # From inside a pod (the operator's), an address off this machine (the host's default gateway, and a
 # public one) must be unreachable at once: no route, not merely dropped.
