@@ -1,4 +1,4 @@
-"""The chart against the real kube-apiserver (v1.35.4) of the test control plane: every object the
+"""The chart against the real kube-apiserver (the pinned Kubernetes) of the test control plane: every object the
 default and the variant values render is accepted by a server-side dry run (strict field validation,
 the real CRD schemas of the Prometheus Operator for the monitors), `helm install` refuses bad values
 before touching the cluster, and the installed RBAC grants the operator's service account exactly the
