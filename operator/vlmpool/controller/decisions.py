@@ -23,6 +23,7 @@ from vlmpool.manifests.common import (
     _trim,
     patch_job_name,
 )
+from vlmpool.names import SERVED_NAME_IS_BASE, served_name_refusal
 from vlmpool.patcher.publish import check_version_path, version_path
 from vlmpool.proxy.desired import VERSION_RE
 
@@ -251,18 +252,28 @@ def recorded_version_problem(adapter: Adapter, adapter_root: str) -> str | None:
     return None
 
 
+def left_out_of_push(adapters: list[Adapter], served_base: str, adapter_root: str) -> dict[str, str]:
+    """The adapters of a pool left out of its push, each alone, with why (name -> why): a recorded version
+    the proxies would refuse (recorded_version_problem), or a served name that is the pool's base model's
+    (vlmpool.names.served_name_refusal, the one rule: refused, shown in the adapter's Loaded condition)."""
+    return {a.name: why for a in adapters
+            if (why := recorded_version_problem(a, adapter_root) or served_name_refusal(a.served_name, served_base))}
+
+
 def adapter_loads(adapter: Adapter, conflicts: list[str], pushed: dict[str, dict[str, Any]],
                   pods: list[str], results: dict[str, PodResult],
                   invalid: dict[str, str] | None = None) -> tuple[dict[str, Any], list[Cond]]:
     """The adapter's per-pod status fields and Loaded condition after a push of `pushed` (served name ->
     entry) to `pods`; `conflicts` names the adapters left out for a served name another one holds,
-    `invalid` those left out for their recorded version (name -> recorded_version_problem)."""
+    `invalid` those left out for their recorded version (name -> recorded_version_problem) or for a served
+    name that is the base model's (name -> vlmpool.names.served_name_refusal)."""
     st = adapter.status
     served = adapter.served_name
     conds: list[Cond] = []
     problem = (invalid or {}).get(adapter.name)
     if problem:
-        conds.append(("Loaded", "False", "InvalidVersion", f"not pushed: {problem}"))
+        reason = SERVED_NAME_IS_BASE if problem.startswith(SERVED_NAME_IS_BASE) else "InvalidVersion"
+        conds.append(("Loaded", "False", reason, f"not pushed: {problem}"))
         fields: dict[str, Any] = {"pods": [], "loadedPods": 0, "desiredPods": len(pods), "loaded": f"0/{len(pods)}"}
     elif adapter.name in conflicts:
         owner = pushed.get(served)
