@@ -200,7 +200,7 @@ base_image() {
     --change 'CMD ["python3"]' "$tar" "$BASE_IMAGE" >/dev/null
 }
 
-PAUSE_IMAGE=registry.k8s.io/pause:3.10.1  # containerd's sandbox image: found locally, never pulled
+PAUSE_IMAGE=registry.k8s.io/pause:$(python3 operator/vlmpool/pins.py PAUSE_VERSION)  # containerd's sandbox image: found locally, never pulled
 pause_image() {
   /usr/bin/docker image inspect "$PAUSE_IMAGE" >/dev/null 2>&1 && return 0
   local src; src="$(go env GOMODCACHE)/k8s.io/kubernetes@$K8S_VERSION/build/pause/linux/pause.c"

@@ -30,6 +30,8 @@ HELM_VERSION = "3.19.5"
 GIE_VERSION = "1.5.0"
 # containerd of the real node (hack/containerd-bins.sh; Debian's 1.6 is end of life).
 CONTAINERD_VERSION = "2.2.9"
+# The pause (sandbox) image of the real node's containerd, built from that Kubernetes' source (hack/node.sh).
+PAUSE_VERSION = "3.10.1"
 
 PINS: dict[str, str] = {
     "VLLM_RELEASE": VLLM_RELEASE,
@@ -38,6 +40,7 @@ PINS: dict[str, str] = {
     "HELM_VERSION": HELM_VERSION,
     "GIE_VERSION": GIE_VERSION,
     "CONTAINERD_VERSION": CONTAINERD_VERSION,
+    "PAUSE_VERSION": PAUSE_VERSION,
 }
 
 
