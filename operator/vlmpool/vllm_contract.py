@@ -7,7 +7,8 @@ the API (defaults and choices), the manifests, the proxy and the simulator read 
 without an import between those parts (the API does not import the simulator to know vLLM's release).
 
 Each fact names the vLLM source it was read from (paths inside the vllm package of the pinned release);
-``make test-vllm`` (tests/vllm) compares the parsers, ranks and texts with the real engine's.
+``make test-vllm`` (tests/vllm) compares the reasoning parsers with vLLM's registry and the simulator's
+answers, built from these texts, with the real engine's.
 """
 
 from __future__ import annotations
@@ -16,12 +17,11 @@ from vlmpool.pins import VLLM_RELEASE
 
 __all__ = [
     "ALREADY_LOADED", "ENGINE_DEAD_MESSAGE", "ENGINE_DEAD_TEXT", "ENGINE_IMAGE", "MAX_LORA_RANKS",
-    "REASONING_PARSERS", "RUNTIME_LORA_ENV", "UNKNOWN_MODEL_MARKS", "VLLM_CONTRACT", "VLLM_RELEASE",
+    "REASONING_PARSERS", "RUNTIME_LORA_ENV", "UNKNOWN_MODEL_MARKS", "VLLM_RELEASE",
     "env_flag", "invalid_reasoning_parser", "lora_already_loaded_message", "lora_conflicts_with_base_message",
     "model_not_found_message",
 ]
 
-VLLM_CONTRACT = f"vllm {VLLM_RELEASE} (PyPI release; docs/sim.md lists the source lines)"
 # The pool's default engine image: vLLM's OpenAI server of the pinned release.
 ENGINE_IMAGE = f"vllm/vllm-openai:v{VLLM_RELEASE}"
 

@@ -47,11 +47,9 @@ from typing import Any
 # vlmpool/vllm_contract.py. They are re-exported here for the simulator's modules.
 from vlmpool.vllm_contract import (  # noqa: F401
     ENGINE_DEAD_MESSAGE,
-    ENGINE_IMAGE,
     MAX_LORA_RANKS,
     REASONING_PARSERS,
     RUNTIME_LORA_ENV,
-    VLLM_CONTRACT,
     VLLM_RELEASE,
     env_flag,
     invalid_reasoning_parser,
