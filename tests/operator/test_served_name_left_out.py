@@ -41,3 +41,43 @@ def test_an_adapter_served_as_the_base_is_left_out_alone_with_its_reason():
     # a served name that only resembles the base, or another pool's base, is served
     assert D.left_out_of_push([_adapter("a", served=BASE.lower())], BASE, ROOT) == {}
     assert D.left_out_of_push([clash], "other-base", ROOT) == {}
+
+
+async def test_the_operators_push_leaves_it_out_and_pushes_the_others():
+    """The reconciler's push itself applies the rule (a stand-in API server, no pods): the pushed state
+    holds the other adapter, the clashing one gets its Loaded condition with the rule's reason."""
+    from vlmpool.controller.pushing import _PoolPush
+    from vlmpool.controller.reconciler import Reconciler
+    from vlmpool.kube.client import VLMADAPTERS, VLMPOOLS
+
+    pool = {"apiVersion": "v", "kind": "VLMPool", "metadata": {"name": "p", "namespace": "ns", "uid": "u-p"},
+            "spec": {"model": {"name": BASE, "family": "qwen2_5_vl"}}, "status": {}}
+    adapters = [_adapter("clash", served=BASE).obj, _adapter("cats").obj]
+    written: dict[str, list] = {}
+
+    class StandIn:
+        async def get_or_none(self, res, name, ns):
+            assert res is VLMPOOLS
+            return pool
+
+        async def list(self, res, ns, **selectors):
+            return adapters if res is VLMADAPTERS else []  # no pods, Deployments or ReplicaSets
+
+        async def patch_status(self, *args, **kwargs):
+            return {}
+
+    class Recording(Reconciler):
+        async def _write_adapter_status(self, adapter, fields, conds=(), only_if=None):
+            written[adapter["metadata"]["name"]] = list(conds)
+            return adapter
+
+        async def _write_pool_status(self, pool, fields, conds=()):
+            return pool
+
+    r = Recording(kube=StandIn())  # type: ignore[arg-type]
+    r.config.adapter_root = ROOT
+    summary = await r._push("ns", "p", _PoolPush())
+    assert summary is not None and [a["name"] for a in summary.state["adapters"]] == ["cats"]
+    assert written["clash"] == [("Loaded", "False", SERVED_NAME_IS_BASE,
+                                 f"not pushed: {served_name_refusal(BASE, BASE)}")]
+    assert all(c[2] != SERVED_NAME_IS_BASE for c in written["cats"])
