@@ -23,7 +23,7 @@ from vlmpool.manifests.common import (
     _trim,
     patch_job_name,
 )
-from vlmpool.names import SERVED_NAME_IS_BASE, served_name_refusal
+from vlmpool.names import ADAPTER_KIND, SERVED_NAME_IS_BASE, served_name_refusal
 from vlmpool.patcher.publish import check_version_path, version_path
 from vlmpool.proxy.desired import VERSION_RE
 
@@ -59,7 +59,7 @@ def job_adapter_ref(job: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
     """(spec digest, VLMAdapter ownerReference) of a patch Job; None for any other Job."""
     meta = job["metadata"]
     digest = (meta.get("annotations") or {}).get(A_SPEC_DIGEST)
-    owner = next((o for o in meta.get("ownerReferences") or [] if o.get("kind") == "VLMAdapter"), None)
+    owner = next((o for o in meta.get("ownerReferences") or [] if o.get("kind") == ADAPTER_KIND), None)
     if not digest or owner is None:
         return None
     return digest, owner
@@ -76,7 +76,7 @@ def operator_patch_job(job: dict[str, Any], adapter: dict[str, Any]) -> bool:
     meta, ameta = job["metadata"], adapter["metadata"]
     digest = (meta.get("annotations") or {}).get(A_SPEC_DIGEST) or ""
     labels = meta.get("labels") or {}
-    owner = controller_owner(job, "VLMAdapter")
+    owner = controller_owner(job, ADAPTER_KIND)
     return (bool(digest) and meta.get("name") == patch_job_name(ameta["name"], digest)
             and labels.get(L_MANAGED_BY) == MANAGED_BY and labels.get(L_COMPONENT) == COMPONENT_PATCH
             and labels.get(L_ADAPTER) == _trim(ameta["name"], MAX_LABEL)

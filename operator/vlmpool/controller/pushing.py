@@ -27,6 +27,7 @@ from vlmpool.controller.push import PodResult, pod_fingerprint, pod_is_pushable,
 from vlmpool.kube.client import DEPLOYMENTS, PODS, REPLICASETS, VLMADAPTERS, VLMPOOLS, ApiError, NotFound
 from vlmpool.manifests import adapter as MA
 from vlmpool.manifests.common import A_PRUNED, A_SUPERSEDED, deployment_name, server_label_selector
+from vlmpool.names import POOL_KIND
 
 log = logging.getLogger("vlmpool.operator")
 
@@ -252,7 +253,7 @@ class PushReconciler(ReconcilerBase):
         ns, uid = pool.namespace, pool.metadata.get("uid")
         deps = await self.kube.list(DEPLOYMENTS, ns, field_selector=f"metadata.name={deployment_name(pool.name)}")
         dep_uids = {d["metadata"]["uid"] for d in deps
-                    if (o := D.controller_owner(d, "VLMPool")) is not None and o.get("uid") == uid}
+                    if (o := D.controller_owner(d, POOL_KIND)) is not None and o.get("uid") == uid}
         if not dep_uids:
             return frozenset()
         rss = await self.kube.list(REPLICASETS, ns, label_selector=server_label_selector(pool.name))
