@@ -20,7 +20,6 @@ from vlmpool.kube.client import DEPLOYMENTS, PODS, VLMPOOLS, ApiError
 from vlmpool.manifests import pool as MP
 from vlmpool.manifests import routing as MR
 from vlmpool.manifests.common import deployment_name, server_label_selector
-from vlmpool.names import POOL_KIND
 
 
 class PoolReconciler(ReconcilerBase):
@@ -83,7 +82,7 @@ class PoolReconciler(ReconcilerBase):
 
     async def deployment_changed(self, dep: dict[str, Any]) -> None:
         """Copy the Deployment's replica counts into its pool's status."""
-        owner = D.controller_owner(dep, POOL_KIND)
+        owner = D.controller_owner(dep, "VLMPool")
         if owner is None:
             return
         ns = dep["metadata"]["namespace"]
@@ -100,7 +99,7 @@ class PoolReconciler(ReconcilerBase):
         uid = obj["metadata"]["uid"]
         deps = [d for d in await self.kube.list(DEPLOYMENTS, ns, label_selector=server_label_selector(pool))
                 if d["metadata"]["name"] == deployment_name(pool)
-                and (D.controller_owner(d, POOL_KIND) or {}).get("uid") == uid]  # never another's
+                and (D.controller_owner(d, "VLMPool") or {}).get("uid") == uid]  # never another's
         await self._write_dep_status(obj, deps[0] if deps else None)
 
     async def pod_scheduling_changed(self, pod: dict[str, Any]) -> None:

@@ -138,8 +138,7 @@ class PushReconciler(ReconcilerBase):
         pool = Pool.parse(raw)
         spec = pool.spec
         adapters = await self._pool_adapters(ns, pool_name)
-        # a recorded version the proxies would refuse, or a served name that is the base model's, is left out
-        # for its adapter alone
+        # a recorded version the proxies would refuse is left out for its adapter alone
         invalid = D.left_out_of_push(adapters, spec.served_name(), self.config.adapter_root)
         state, conflicts = MA.desired_state(spec.proxy.concurrency, [a for a in adapters if a.name not in invalid])
         state["load_parallelism"] = spec.engine.load_parallelism
