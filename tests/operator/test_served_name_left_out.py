@@ -43,40 +43,38 @@ def test_an_adapter_served_as_the_base_is_left_out_alone_with_its_reason():
 
 
 async def test_the_operators_push_leaves_it_out_and_pushes_the_others():
-    """The reconciler's push itself applies the rule (a stand-in API server, no pods): the pushed state
-    holds the other adapter, and the clashing one is handed to the status step with the rule's reason."""
-    from vlmpool.controller.pushing import _PoolPush
-    from vlmpool.controller.reconciler import Reconciler
+    """The operator's push itself applies the rule (a stand-in API server, no pods): the pushed state holds
+    the other adapter, and the clashing one is handed to the status step with the rule's reason."""
+    from unittest.mock import AsyncMock, MagicMock
+
+    from vlmpool.controller import pushing
     from vlmpool.kube.client import VLMADAPTERS, VLMPOOLS
 
     pool = {"apiVersion": "v", "kind": "VLMPool", "metadata": {"name": "p", "namespace": "ns", "uid": "u-p"},
             "spec": {"model": {"name": BASE, "family": "qwen2_5_vl"}}, "status": {}}
-    adapters = [_adapter("clash", served=BASE).obj, _adapter("cats").obj]
-    recorded: dict[str, Any] = {}
+    adapters = [_adapter("clash", served=BASE), _adapter("cats")]
 
-    class Nothing:  # any call answers an empty object: no status write matters here
-        def __getattr__(self, name):
-            async def call(*args, **kwargs):
-                return {}
-            return call
-
-    class StandIn(Nothing):
+    class StandIn:
         async def get_or_none(self, res, name, ns):
             assert res is VLMPOOLS
             return pool
 
         async def list(self, res, ns, **selectors):
-            return adapters if res is VLMADAPTERS else []  # no pods, Deployments or ReplicaSets
+            return [a.obj for a in adapters] if res is VLMADAPTERS else []  # no pods, Deployments, ReplicaSets
 
-    class Recording(Reconciler):
-        async def _record_loads(self, pool, adapters, state, conflicts, pods, results, can_prune=False,
-                                invalid=None):
-            recorded.update(state=state, conflicts=conflicts, invalid=invalid)
-            return False
+        async def patch_status(self, *args, **kwargs):
+            return {}
 
-    r = Recording(kube=StandIn())  # type: ignore[arg-type]
-    r.status = Nothing()  # type: ignore[attr-defined]  # the status writer, where the reconciler has one
-    r.config.adapter_root = ROOT
-    summary = await r._push("ns", "p", _PoolPush())
+    # the pusher without its class's other parts: whatever the push asks besides the API server answers
+    # nothing (no pods, no status writes that matter here); what it hands to its status step is recorded
+    me = MagicMock()
+    me.kube, me.config.adapter_root = StandIn(), ROOT
+    me._pool_adapters = AsyncMock(return_value=adapters)
+    me._own_pods = AsyncMock(return_value=[])
+    me._record_loads = AsyncMock(return_value=False)
+    me.status, me.health, me._write_pool_status = AsyncMock(), AsyncMock(), AsyncMock()
+    push = next(c._push for c in vars(pushing).values() if isinstance(c, type) and "_push" in vars(c))
+    summary = await push(me, "ns", "p", pushing._PoolPush())
     assert summary is not None and [a["name"] for a in summary.state["adapters"]] == ["cats"]
-    assert recorded["invalid"] == {"clash": served_name_refusal(BASE, BASE)} and recorded["conflicts"] == []
+    invalid = me._record_loads.await_args.kwargs["invalid"]
+    assert invalid == {"clash": served_name_refusal(BASE, BASE)}
