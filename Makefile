@@ -8,7 +8,7 @@ EXTRAS ?= test,hf,s3
 PYTEST_ARGS ?=
 
 .PHONY: epp
-epp:  ## the Gateway API Inference Extension's endpoint picker + InferencePool CRD (release pinned next to Kubernetes; cached)
+epp:  ## the Gateway API Inference Extension's endpoint picker + InferencePool CRD (release pinned in operator/vlmpool/pins.py; cached)
 	@bash hack/epp.sh
 
 .PHONY: help install k8s-bins crds crds-check lint test test-vllm test-unit test-apiserver bench clean
@@ -54,7 +54,7 @@ test: install lint k8s-bins epp
 	VLMPOOL_K8S_BIN="$$(bash hack/k8s-bins.sh | tail -n1)" VLMPOOL_EPP_DIR="$$(bash hack/epp.sh | tail -n1)" \
 	  $(PY) -m pytest $(PYTEST_ARGS)
 
-test-vllm: install  ## vLLM's own LoRA loader (release pinned in operator/vlmpool/sim/contract.py) in a venv cached under ~/.cache/vlmpool
+test-vllm: install  ## vLLM's own LoRA loader (release pinned in operator/vlmpool/pins.py) in a venv cached under ~/.cache/vlmpool
 	VLMPOOL_VLLM_PYTHON="$$(bash hack/vllm-env.sh | tail -n1)" $(PY) -m pytest tests/vllm $(PYTEST_ARGS)
 
 test-unit: install

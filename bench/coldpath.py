@@ -37,6 +37,7 @@ from datetime import datetime
 from pathlib import Path
 
 from vlmpool.manifests.common import COMPONENT_PATCH, L_ADAPTER, L_COMPONENT
+from vlmpool.names import API_VERSION
 
 SEED_COLD_PATH_S = 2.4
 NS = "bench"
@@ -149,7 +150,7 @@ def main() -> int:
     dora_sources = [make_adapter("qwen2_5_vl", work / f"d{i}", seed=300 + i, dora=True) for i in range(args.dora)]
     with DevCluster(work / "cluster", gpus=max(8, args.pods), resync_seconds=60) as dev:
         dev.kubectl("create", "namespace", NS)
-        pool = {"apiVersion": "vlmpool.io/v1alpha1", "kind": "VLMPool", "metadata": {"name": POOL, "namespace": NS},
+        pool = {"apiVersion": API_VERSION, "kind": "VLMPool", "metadata": {"name": POOL, "namespace": NS},
                 "spec": {"model": {"name": "Qwen/Qwen2.5-VL-3B-Instruct", "family": "qwen2_5_vl"},
                          "replicas": args.pods, "engine": {"gpus": 1, "maxLoras": 8, "maxCpuLoras": 64}}}
         dev.kubectl("apply", "-f", "-", input=json.dumps(pool))
@@ -166,7 +167,7 @@ def main() -> int:
             spec = {"poolRef": {"name": POOL}, "source": {"uri": f"file://{source or sources[i]}"}}
             if dora:
                 spec["dora"] = {"policy": "strip"}
-            return {"apiVersion": "vlmpool.io/v1alpha1", "kind": "VLMAdapter",
+            return {"apiVersion": API_VERSION, "kind": "VLMAdapter",
                     "metadata": {"name": name or f"adapter-{i}", "namespace": NS}, "spec": spec}
 
         def cold_path(doc: dict) -> tuple[float, dict[str, float]]:

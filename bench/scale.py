@@ -35,6 +35,7 @@ import scalelib as L
 from scalereport import report, report_phase
 
 from vlmpool.manifests.common import server_label_selector
+from vlmpool.names import API_VERSION
 
 PROXY_CONTAINER, ENGINE_CONTAINER = "proxy", "engine"  # vlmpool.manifests.pool's names
 
@@ -72,7 +73,7 @@ class Bench:
         self.own[key] = self.own.get(key, 0) + n
 
     def adapters(self) -> list[dict]:
-        return self._get(f"/apis/vlmpool.io/v1alpha1/namespaces/{NS}/vlmadapters",
+        return self._get(f"/apis/{API_VERSION}/namespaces/{NS}/vlmadapters",
                          ("LIST", "vlmadapters"))["items"]
 
     def pods(self) -> list[dict]:
@@ -149,7 +150,7 @@ class Bench:
 
     # ---- the phases ------------------------------------------------------------------------------
     def adapter_doc(self, i: int, source: Path) -> dict:
-        return {"apiVersion": "vlmpool.io/v1alpha1", "kind": "VLMAdapter",
+        return {"apiVersion": API_VERSION, "kind": "VLMAdapter",
                 "metadata": {"name": f"adapter-{i}", "namespace": NS},
                 "spec": {"poolRef": {"name": POOL}, "source": {"uri": f"file://{source}"}}}
 
@@ -305,7 +306,7 @@ def quiet(read, window: float, timeout: float) -> None:
 # ---- running one size ----------------------------------------------------------------------------
 def pool_doc(args: argparse.Namespace) -> dict:
     extra = ["--lora-load-ms", f"{args.lora_load_ms:g}", "--lora-load-workers", str(args.lora_load_workers)]
-    return {"apiVersion": "vlmpool.io/v1alpha1", "kind": "VLMPool", "metadata": {"name": POOL, "namespace": NS},
+    return {"apiVersion": API_VERSION, "kind": "VLMPool", "metadata": {"name": POOL, "namespace": NS},
             "spec": {"model": {"name": "Qwen/Qwen2.5-VL-3B-Instruct", "family": "qwen2_5_vl"},
                      "replicas": args.pods,
                      "engine": {"gpus": 1, "maxLoras": 8, "maxCpuLoras": min(4096, max(8, args.adapters + 2)),

@@ -6,9 +6,10 @@
 # under a lock (flock), so two callers never build the same cache at once; a second run costs nothing.
 # Debian's containerd 1.6 is end of life, and Kubernetes 1.35 is the last release to support 1.x.
 # Static (CGO_ENABLED=0) and without the btrfs snapshotter (it needs C headers); runc stays Debian's.
+# The version: CONTAINERD_VERSION in operator/vlmpool/pins.py ($VLMPOOL_CONTAINERD_VERSION overrides it).
 set -euo pipefail
 
-VERSION="${VLMPOOL_CONTAINERD_VERSION:-2.2.9}"
+VERSION="${VLMPOOL_CONTAINERD_VERSION:-$(python3 "$(dirname "$0")/../operator/vlmpool/pins.py" CONTAINERD_VERSION)}"
 CACHE="${VLMPOOL_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/vlmpool}"
 DIR="$CACHE/containerd/v$VERSION"
 BIN="$DIR/bin"

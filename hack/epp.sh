@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Obtain the Gateway API Inference Extension's endpoint picker (EPP) and its InferencePool CRD, the
-# real router the routing tests drive (tests/routing). The release is pinned in ONE place, next to
-# the Kubernetes version: GIE_VERSION in operator/vlmpool/localcluster/controlplane.py
-# ($VLMPOOL_GIE_VERSION overrides it). v1.5.0 is the last GIE tag that still has cmd/epp.
+# real router the routing tests drive (tests/routing). The release is pinned in ONE place, with every
+# other pin: GIE_VERSION in operator/vlmpool/pins.py ($VLMPOOL_GIE_VERSION overrides it). It is the last
+# GIE tag that still has cmd/epp.
 # `go install …/cmd/epp@vX` does not work through an allow-listing module proxy (it reads @v/list),
 # so the EPP is built in a small wrapper module that requires the release and carries the release's own
 # go.mod requirements and go.sum (dependency hashes checked against upstream's; only the GIE module
@@ -11,9 +11,8 @@
 # nothing; concurrent runs serialise on a lock. Prints that directory on the last line of stdout.
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
-PIN=$(sed -n 's/^GIE_VERSION = "\(.*\)"$/\1/p' "$HERE/../operator/vlmpool/localcluster/controlplane.py")
-GIE_VERSION="${VLMPOOL_GIE_VERSION:-$PIN}"
-[ -n "$GIE_VERSION" ] || { echo "[epp] no GIE_VERSION pinned in controlplane.py" >&2; exit 2; }
+GIE_VERSION="${VLMPOOL_GIE_VERSION:-$(python3 "$HERE/../operator/vlmpool/pins.py" GIE_VERSION)}"
+[ -n "$GIE_VERSION" ] || { echo "[epp] no GIE_VERSION pinned in operator/vlmpool/pins.py" >&2; exit 2; }
 CACHE="${VLMPOOL_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/vlmpool}"
 DIR="$CACHE/gie/v$GIE_VERSION"
 MOD=sigs.k8s.io/gateway-api-inference-extension

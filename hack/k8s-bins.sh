@@ -9,11 +9,14 @@
 # PATH is deliberately not trusted for the server binaries: a kube-apiserver of another minor
 # release would silently change what the tests prove. A second run costs nothing.
 # Prints the bin directory on the last line of stdout.
+# The versions are pinned in operator/vlmpool/pins.py (read here with the system python3: no venv needed);
+# $VLMPOOL_K8S_VERSION, $VLMPOOL_ETCD_VERSION and $VLMPOOL_HELM_VERSION override them.
 set -euo pipefail
 
-K8S_VERSION="${VLMPOOL_K8S_VERSION:-1.35.4}"
-ETCD_VERSION="${VLMPOOL_ETCD_VERSION:-3.6.16}"
-HELM_VERSION="${VLMPOOL_HELM_VERSION:-3.19.5}"
+PINS="$(cd "$(dirname "$0")/.." && pwd)/operator/vlmpool/pins.py"
+K8S_VERSION="${VLMPOOL_K8S_VERSION:-$(python3 "$PINS" K8S_VERSION)}"
+ETCD_VERSION="${VLMPOOL_ETCD_VERSION:-$(python3 "$PINS" ETCD_VERSION)}"
+HELM_VERSION="${VLMPOOL_HELM_VERSION:-$(python3 "$PINS" HELM_VERSION)}"
 CACHE="${VLMPOOL_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/vlmpool}"
 BIN="$CACHE/k8s/v$K8S_VERSION/bin"
 WORK="$CACHE/k8s/v$K8S_VERSION/src"

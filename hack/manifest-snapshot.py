@@ -22,6 +22,9 @@ from typing import Any
 
 import yaml
 
+from vlmpool.names import API_VERSION
+from vlmpool.pins import VLLM_RELEASE
+
 ROOT = Path(__file__).resolve().parents[1]
 UID = "00000000-0000-0000-0000-000000000001"
 
@@ -32,7 +35,7 @@ EXTRA_POOLS: list[dict[str, Any]] = [
                "weights": {"claimName": "weights", "path": "/model"},
                "images": {"minPixels": 3136, "maxPixels": 50176}},
      "replicas": 2,
-     "engine": {"image": "ghcr.io/vlmpool/vllm-cpu:0.32.0", "imagePullPolicy": "IfNotPresent", "gpus": 1,
+     "engine": {"image": f"ghcr.io/vlmpool/vllm-cpu:{VLLM_RELEASE}", "imagePullPolicy": "IfNotPresent", "gpus": 1,
                 "maxLoras": 2, "maxLoraRank": 8, "maxModelLen": 512, "startupTimeoutSeconds": 600,
                 "extraArgs": ["--max-num-seqs", "4", "--dtype", "bfloat16"]},
      "proxy": {"concurrency": 4}},
@@ -67,10 +70,10 @@ def load_examples() -> tuple[list[dict], list[dict]]:
             elif doc.get("kind") == "VLMAdapter":
                 adapters.append(doc)
     for i, spec in enumerate(EXTRA_POOLS):
-        pools.append({"apiVersion": "vlmpool.io/v1alpha1", "kind": "VLMPool",
+        pools.append({"apiVersion": API_VERSION, "kind": "VLMPool",
                       "metadata": {"name": f"extra-pool-{i}", "namespace": "default", "uid": UID}, "spec": spec})
     for i, spec in enumerate(EXTRA_ADAPTERS):
-        adapters.append({"apiVersion": "vlmpool.io/v1alpha1", "kind": "VLMAdapter",
+        adapters.append({"apiVersion": API_VERSION, "kind": "VLMAdapter",
                          "metadata": {"name": f"extra-adapter-{i}", "namespace": "default", "uid": UID},
                          "spec": {"poolRef": {"name": "any"}, **spec}})
     return pools, adapters

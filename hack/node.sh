@@ -200,7 +200,7 @@ base_image() {
     --change 'CMD ["python3"]' "$tar" "$BASE_IMAGE" >/dev/null
 }
 
-PAUSE_IMAGE=registry.k8s.io/pause:3.10.1  # containerd's sandbox image: found locally, never pulled
+PAUSE_IMAGE=registry.k8s.io/pause:$(python3 operator/vlmpool/pins.py PAUSE_VERSION)  # containerd's sandbox image: found locally, never pulled
 pause_image() {
   /usr/bin/docker image inspect "$PAUSE_IMAGE" >/dev/null 2>&1 && return 0
   local src; src="$(go env GOMODCACHE)/k8s.io/kubernetes@$K8S_VERSION/build/pause/linux/pause.c"
@@ -441,7 +441,7 @@ chart() {
 
 k() { "$KUBECTL" --kubeconfig "$KUBECONFIG_FILE" "$@"; }
 # The engine image's reference, as images/build.sh names it.
-vllm_cpu_ref() { echo "$REGISTRY/vllm-cpu:$(sed -n 's/^VLLM_RELEASE = "\(.*\)"$/\1/p' operator/vlmpool/sim/contract.py)"; }
+vllm_cpu_ref() { echo "$REGISTRY/vllm-cpu:$(python3 operator/vlmpool/pins.py VLLM_RELEASE)"; }
 
 # From inside a pod (the operator's), an address off this machine (the host's default gateway, and a
 # public one) must be unreachable at once: no route, not merely dropped.

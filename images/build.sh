@@ -35,7 +35,7 @@ image_name() {
   esac
 }
 
-vllm_release() { sed -n 's/^VLLM_RELEASE = "\(.*\)"$/\1/p' operator/vlmpool/sim/contract.py; }
+vllm_release() { python3 operator/vlmpool/pins.py VLLM_RELEASE; }  # the one pin
 
 # The engine's build context: its Dockerfile (as DOCKERFILE_VLLM_CPU gives it: hack/node.sh passes a copy
 # made for a registry-less machine), the CLI wrapper, the requirements hack/vllm-env.sh derived from the

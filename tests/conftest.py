@@ -1,5 +1,6 @@
 """Shared fixtures. The control plane is real: etcd + kube-apiserver + kube-controller-manager of
-Kubernetes v1.35.4 as local processes on loopback (see vlmpool.localcluster.controlplane)."""
+Kubernetes (the release pinned in vlmpool/pins.py) as local processes on loopback (see
+vlmpool.localcluster.controlplane)."""
 
 from __future__ import annotations
 
@@ -34,14 +35,16 @@ def kubectl(control_plane):
 @pytest.fixture(scope="session")
 def crds(control_plane):
     """The CRDs from crds/, applied and Established."""
+    from vlmpool.names import ADAPTER_PLURAL, GROUP, POOL_PLURAL
+
     control_plane.kubectl("apply", "--server-side", "--field-manager=vlmpool-tests", "-f", str(CRD_DIR))
-    names = [f"crd/{p.name.split('_', 1)[1].removesuffix('.yaml')}.vlmpool.io" for p in sorted(CRD_DIR.glob("*.yaml"))]
+    names = [f"crd/{p.name.split('_', 1)[1].removesuffix('.yaml')}.{GROUP}" for p in sorted(CRD_DIR.glob("*.yaml"))]
     control_plane.wait_crds_established(*names)
     # Discovery must know the new kinds before kubectl can map short names.
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        res = control_plane.kubectl("api-resources", "--api-group=vlmpool.io", "-o", "name", check=False)
-        if "vlmpools.vlmpool.io" in res.stdout and "vlmadapters.vlmpool.io" in res.stdout:
+        res = control_plane.kubectl("api-resources", f"--api-group={GROUP}", "-o", "name", check=False)
+        if f"{POOL_PLURAL}.{GROUP}" in res.stdout and f"{ADAPTER_PLURAL}.{GROUP}" in res.stdout:
             break
         time.sleep(0.5)
     return names

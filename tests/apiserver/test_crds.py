@@ -11,17 +11,27 @@ from pathlib import Path
 import pytest
 import yaml
 
+from vlmpool.names import (
+    ADAPTER_PLURAL,
+    ADAPTER_SHORT,
+    API_VERSION,
+    GROUP,
+    POOL_PLURAL,
+    POOL_SHORT,
+    VERSION,
+)
+
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
 
 POOL = {
-    "apiVersion": "vlmpool.io/v1alpha1",
+    "apiVersion": API_VERSION,
     "kind": "VLMPool",
     "metadata": {"name": "pool-a"},
     "spec": {"model": {"name": "Qwen/Qwen2.5-VL-3B-Instruct", "family": "qwen2_5_vl"}},
 }
 ADAPTER = {
-    "apiVersion": "vlmpool.io/v1alpha1",
+    "apiVersion": API_VERSION,
     "kind": "VLMAdapter",
     "metadata": {"name": "adapter-a"},
     "spec": {"poolRef": {"name": "pool-a"}, "source": {"uri": "file:///adapters/a"}},
@@ -37,7 +47,7 @@ def _get(kubectl, namespace, kind, name):
 
 
 def test_crds_are_established_with_names_and_categories(kubectl, crds):
-    for crd, short in (("vlmpools.vlmpool.io", "vlmp"), ("vlmadapters.vlmpool.io", "vlma")):
+    for crd, short in ((f"{POOL_PLURAL}.{GROUP}", POOL_SHORT), (f"{ADAPTER_PLURAL}.{GROUP}", ADAPTER_SHORT)):
         obj = json.loads(kubectl("get", "crd", crd, "-o", "json").stdout)
         conditions = {c["type"]: c["status"] for c in obj["status"]["conditions"]}
         assert conditions["Established"] == "True"
@@ -48,11 +58,11 @@ def test_crds_are_established_with_names_and_categories(kubectl, crds):
         version = obj["spec"]["versions"][0]
         scale = {"specReplicasPath": ".spec.replicas", "statusReplicasPath": ".status.replicas",
                  "labelSelectorPath": ".status.selector"}  # HPA/KEDA/kubectl scale target the pool
-        want = {"status": {}, "scale": scale} if short == "vlmp" else {"status": {}}
-        assert version["name"] == "v1alpha1" and version["subresources"] == want
-    res = kubectl("api-resources", "--api-group=vlmpool.io", "--categories=vlm", "-o", "name", check=False)
+        want = {"status": {}, "scale": scale} if short == POOL_SHORT else {"status": {}}
+        assert version["name"] == VERSION and version["subresources"] == want
+    res = kubectl("api-resources", f"--api-group={GROUP}", "--categories=vlm", "-o", "name", check=False)
     if res.returncode == 0:  # --categories exists on recent kubectl only
-        assert set(res.stdout.split()) == {"vlmpools.vlmpool.io", "vlmadapters.vlmpool.io"}
+        assert set(res.stdout.split()) == {f"{POOL_PLURAL}.{GROUP}", f"{ADAPTER_PLURAL}.{GROUP}"}
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=[p.name for p in EXAMPLES])

@@ -12,6 +12,7 @@ import urllib.request
 
 import pytest
 
+from vlmpool.names import API_VERSION
 from vlmpool.testing.waiting import wait_for
 
 NS = "e2e"
@@ -30,7 +31,7 @@ def get(e2e, kind, name):
 
 
 def adapter_manifest(name, uri, **spec):
-    return {"apiVersion": "vlmpool.io/v1alpha1", "kind": "VLMAdapter", "metadata": {"name": name},
+    return {"apiVersion": API_VERSION, "kind": "VLMAdapter", "metadata": {"name": name},
             "spec": {"poolRef": {"name": POOL}, "source": {"uri": uri}, **spec}}
 
 
@@ -106,7 +107,7 @@ def jobs_of(e2e, adapter):
 @pytest.fixture(scope="module")
 def pool(e2e):
     e2e.kubectl("create", "namespace", NS, check=False)
-    apply(e2e, {"apiVersion": "vlmpool.io/v1alpha1", "kind": "VLMPool", "metadata": {"name": POOL},
+    apply(e2e, {"apiVersion": API_VERSION, "kind": "VLMPool", "metadata": {"name": POOL},
                 "spec": {"model": {"name": "Qwen/Qwen2.5-VL-3B-Instruct", "servedName": "qwen2.5-vl-3b",
                                    "family": "qwen2_5_vl"},
                          "replicas": 2, "engine": {"gpus": 1, "maxLoras": 4, "maxCpuLoras": 8},
@@ -273,7 +274,7 @@ def test_a_pool_that_no_node_can_take_says_stalled_with_the_schedulers_reason(e2
     big = "big"
     spec = {"model": {"name": "Qwen/Qwen2.5-VL-3B-Instruct", "family": "qwen2_5_vl"}, "replicas": 1,
             "engine": {"gpus": 16, "maxLoras": 4, "maxCpuLoras": 8}}
-    apply(e2e, {"apiVersion": "vlmpool.io/v1alpha1", "kind": "VLMPool", "metadata": {"name": big}, "spec": spec})
+    apply(e2e, {"apiVersion": API_VERSION, "kind": "VLMPool", "metadata": {"name": big}, "spec": spec})
     try:
         def stalled(status: str):
             def check():
@@ -299,7 +300,7 @@ def test_a_pool_that_no_node_can_take_says_stalled_with_the_schedulers_reason(e2
         assert ev["type"] == "Warning" and "Pending: big-" in ev["message"], ev
 
         spec["engine"]["gpus"] = 1
-        apply(e2e, {"apiVersion": "vlmpool.io/v1alpha1", "kind": "VLMPool", "metadata": {"name": big},
+        apply(e2e, {"apiVersion": API_VERSION, "kind": "VLMPool", "metadata": {"name": big},
                     "spec": spec})
         c = wait_for(stalled("False"), 180, what="pool big no longer Stalled")
         assert c["reason"] == "Progressing", c

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from vlmpool.sim.contract import VLLM_RELEASE
+from vlmpool.names import API_VERSION
+from vlmpool.pins import VLLM_RELEASE
 from vlmpool.testing.waiting import wait_for
 
 NS = "e2e"
@@ -90,7 +91,7 @@ def engine_models(e2e, pod):
 
 
 def adapter_manifest(name, uri, **spec):
-    return {"apiVersion": "vlmpool.io/v1alpha1", "kind": "VLMAdapter", "metadata": {"name": name},
+    return {"apiVersion": API_VERSION, "kind": "VLMAdapter", "metadata": {"name": name},
             "spec": {"poolRef": {"name": POOL}, "source": {"uri": uri}, **spec}}
 
 
@@ -173,7 +174,7 @@ def real_pool(e2e, model_dir):
     # Restricted Pod Security is enforced where the real engine runs: whatever vLLM needs is in the pod spec.
     e2e.kubectl("label", "namespace", NS, "--overwrite", "pod-security.kubernetes.io/enforce=restricted")
     static_claim(e2e, "weights", model_dir)
-    apply(e2e, {"apiVersion": "vlmpool.io/v1alpha1", "kind": "VLMPool", "metadata": {"name": POOL},
+    apply(e2e, {"apiVersion": API_VERSION, "kind": "VLMPool", "metadata": {"name": POOL},
                 "spec": {"model": {"name": POOL_BASE, "servedName": SERVED, "family": "qwen2_5_vl",
                                    "weights": {"claimName": "weights", "path": "/model"},
                                    "images": {"minPixels": 4 * 28 * 28, "maxPixels": 64 * 28 * 28}},

@@ -10,12 +10,13 @@ from pathlib import Path
 import yaml
 
 from vlmpool.localcluster.controlplane import find_helm  # noqa: F401 - the tests import it from here
+from vlmpool.pins import K8S_VERSION
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "vlmpool"
 VALUES = Path(__file__).resolve().parent / "values"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
-KUBE_VERSION = "1.35.4"
+KUBE_VERSION = K8S_VERSION  # the version helm renders for: the pinned Kubernetes
 VARIANTS = sorted(p.stem for p in VALUES.glob("*.yaml"))
 
 

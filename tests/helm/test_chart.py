@@ -7,14 +7,16 @@ import json
 import tarfile
 
 import pytest
-from helmtest import CHART, VARIANTS, by_kind, one, variant_args
+from helmtest import CHART, KUBE_VERSION, VARIANTS, by_kind, one, variant_args
+
+from vlmpool.names import API_VERSION
 
 PINNED = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
 
 
 @pytest.mark.parametrize("variant", ["default", *VARIANTS])
 def test_lint(helm, variant):
-    res = helm.run("lint", str(CHART), "--strict", "--kube-version", "1.35.4", *variant_args(variant))
+    res = helm.run("lint", str(CHART), "--strict", "--kube-version", KUBE_VERSION, *variant_args(variant))
     assert "1 chart(s) linted, 0 chart(s) failed" in res.stdout, res.stdout
 
 
@@ -129,7 +131,7 @@ def test_network_policy_admits_only_the_operator_on_the_admin_port(helm):
     (admin_from,) = rules["adminFrom"]
     assert admin_from["namespaceSelector"] == system_ns
     assert admin_from["podSelector"]["matchLabels"].items() <= op_labels.items()
-    pool = Pool.parse({"apiVersion": "vlmpool.io/v1alpha1", "kind": "VLMPool",
+    pool = Pool.parse({"apiVersion": API_VERSION, "kind": "VLMPool",
                        "metadata": {"name": "p", "namespace": "team-a", "uid": "u"},
                        "spec": {"model": {"name": "Qwen/Qwen2.5-VL-3B-Instruct", "family": "qwen2_5_vl"}}})
     policy = network_policy(pool, rules)

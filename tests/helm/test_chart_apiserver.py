@@ -1,4 +1,4 @@
-"""The chart against the real kube-apiserver (v1.35.4) of the test control plane: every object the
+"""The chart against the real kube-apiserver (the pinned Kubernetes) of the test control plane: every object the
 default and the variant values render is accepted by a server-side dry run (strict field validation,
 the real CRD schemas of the Prometheus Operator for the monitors), `helm install` refuses bad values
 before touching the cluster, and the installed RBAC grants the operator's service account exactly the
@@ -12,6 +12,8 @@ import uuid
 import pytest
 import yaml
 from helmtest import CHART, FIXTURES, VARIANTS, variant_args
+
+from vlmpool.names import GROUP, POOL_PLURAL
 
 RELEASE_NS = "vlmpool-system"
 VARIANT_NAMESPACES = ["vlmpool-system", "team-a", "team-b"]
@@ -126,7 +128,7 @@ def test_installed_rbac_grants_exactly_the_rules_where_the_operator_watches(helm
         assert not _can(cluster, release_ns, "delete", "leases.coordination.k8s.io", release_ns)
         for verb, resource in [("list", "secrets"), ("delete", "deployments.apps"),
                                ("escalate", "roles.rbac.authorization.k8s.io"),
-                               ("bind", "roles.rbac.authorization.k8s.io"), ("update", "vlmpools.vlmpool.io")]:
+                               ("bind", "roles.rbac.authorization.k8s.io"), ("update", f"{POOL_PLURAL}.{GROUP}")]:
             assert not _can(cluster, release_ns, verb, resource, watched[0]), (verb, resource)
         dep = json.loads(
             cluster.kubectl("get", "deployment", "vlmpool-operator", "-n", release_ns, "-o", "json").stdout)

@@ -12,7 +12,7 @@ import pytest
 from vlmpool.api.objects import Adapter, Pool
 from vlmpool.localcluster import quickstart as qs
 from vlmpool.manifests.pool import deployment
-from vlmpool.sim.contract import VLLM_RELEASE
+from vlmpool.pins import VLLM_RELEASE
 
 VLMPOOL = str(Path(sys.executable).with_name("vlmpool"))
 

@@ -26,12 +26,13 @@ from helpers import (
 )
 
 from vlmpool.kube.client import DEPLOYMENTS, EVENTS, JOBS, PODS, SECRETS, VLMADAPTERS, VLMPOOLS
+from vlmpool.names import API_VERSION
 
 pytestmark = pytest.mark.apiserver
 
 
 def pool_obj(name: str, replicas: int, admin_port: int, engine_port: int, proxy_port: int) -> dict:
-    return {"apiVersion": "vlmpool.io/v1alpha1", "kind": "VLMPool", "metadata": {"name": name},
+    return {"apiVersion": API_VERSION, "kind": "VLMPool", "metadata": {"name": name},
             "spec": {"model": {"name": BASE, "family": "qwen2_5_vl"}, "replicas": replicas,
                      "engine": {"port": engine_port, "gpus": 0},
                      "proxy": {"port": proxy_port, "adminPort": admin_port, "concurrency": 5}}}
@@ -41,7 +42,7 @@ def adapter_obj(name: str, pool: str, uri: str, served: str | None = None) -> di
     spec = {"poolRef": {"name": pool}, "source": {"uri": uri}}
     if served:
         spec["servedName"] = served
-    return {"apiVersion": "vlmpool.io/v1alpha1", "kind": "VLMAdapter", "metadata": {"name": name}, "spec": spec}
+    return {"apiVersion": API_VERSION, "kind": "VLMAdapter", "metadata": {"name": name}, "spec": spec}
 
 
 def ok_message(root: Path, adapter: str, version: str, **extra) -> str:

@@ -13,6 +13,7 @@ from helpers import BASE, eventually, free_port
 from vlmpool.controller.leader import LeaderElectionError, LeaderElector, format_time, parse_time
 from vlmpool.kube.client import DEPLOYMENTS, JOBS, LEASES, KubeClient
 from vlmpool.kube.config import KubeConfig
+from vlmpool.names import API_VERSION
 
 pytestmark = pytest.mark.apiserver
 
@@ -172,13 +173,13 @@ def test_settings_are_checked():
 # ---- two operator processes -------------------------------------------------------------------------
 
 def pool_obj(name: str, admin_port: int) -> dict:
-    return {"apiVersion": "vlmpool.io/v1alpha1", "kind": "VLMPool", "metadata": {"name": name},
+    return {"apiVersion": API_VERSION, "kind": "VLMPool", "metadata": {"name": name},
             "spec": {"model": {"name": BASE, "family": "qwen2_5_vl"}, "replicas": 0,
                      "proxy": {"adminPort": admin_port}}}
 
 
 def adapter_obj(name: str, pool: str, uri: str) -> dict:
-    return {"apiVersion": "vlmpool.io/v1alpha1", "kind": "VLMAdapter", "metadata": {"name": name},
+    return {"apiVersion": API_VERSION, "kind": "VLMAdapter", "metadata": {"name": name},
             "spec": {"poolRef": {"name": pool}, "source": {"uri": uri}}}
 
 

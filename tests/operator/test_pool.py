@@ -10,6 +10,7 @@ import pytest
 from helpers import BASE, eventually, free_port
 
 from vlmpool.kube.client import DEPLOYMENTS, PODS, PVCS, SECRETS, SERVICES, VLMPOOLS, NotFound
+from vlmpool.names import API_VERSION
 
 pytestmark = pytest.mark.apiserver
 
@@ -18,7 +19,7 @@ def pool_obj(name: str, **spec) -> dict:
     body = {"model": {"name": BASE, "served_name": None, "family": "qwen2_5_vl"}}
     body["model"].pop("served_name")
     body.update(spec)
-    return {"apiVersion": "vlmpool.io/v1alpha1", "kind": "VLMPool", "metadata": {"name": name}, "spec": body}
+    return {"apiVersion": API_VERSION, "kind": "VLMPool", "metadata": {"name": name}, "spec": body}
 
 
 async def test_pool_creates_children_with_owner_references_and_cascades(kube, namespace, operator):
@@ -167,7 +168,7 @@ async def test_scale_subresource_drives_the_pool_and_an_hpa_can_target_it(kube, 
 
     def scale():
         out = control_plane.kubectl("get", "--raw",
-                                    f"/apis/vlmpool.io/v1alpha1/namespaces/{namespace}/vlmpools/scaled/scale").stdout
+                                    f"/apis/{API_VERSION}/namespaces/{namespace}/vlmpools/scaled/scale").stdout
         doc = json.loads(out)
         return doc if doc["status"].get("replicas") == 3 and doc["status"].get("selector") else None
 
@@ -179,7 +180,7 @@ async def test_scale_subresource_drives_the_pool_and_an_hpa_can_target_it(kube, 
 
     hpa = {"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
            "metadata": {"name": "scaled", "namespace": namespace},
-           "spec": {"scaleTargetRef": {"apiVersion": "vlmpool.io/v1alpha1", "kind": "VLMPool", "name": "scaled"},
+           "spec": {"scaleTargetRef": {"apiVersion": API_VERSION, "kind": "VLMPool", "name": "scaled"},
                     "minReplicas": 1, "maxReplicas": 4,
                     "metrics": [{"type": "Pods", "pods": {
                         "metric": {"name": "vlmpool_proxy_adapter_queue_depth"},
@@ -232,7 +233,7 @@ async def test_children_are_created_when_absent_and_changed_only_when_the_pools_
     from vlmpool.kube.client import CONFIGMAPS
 
     pool = await kube.create(pool_obj("owner"), namespace)  # a real owner (the GC deletes orphans)
-    ref = {"apiVersion": "vlmpool.io/v1alpha1", "kind": "VLMPool", "name": "owner",
+    ref = {"apiVersion": API_VERSION, "kind": "VLMPool", "name": "owner",
            "uid": pool["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True}
 
     def cm(name: str, value: str, own: bool = True) -> dict:

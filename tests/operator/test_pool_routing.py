@@ -21,6 +21,7 @@ from vlmpool.kube.client import (
     SERVICES,
     NotFound,
 )
+from vlmpool.names import API_VERSION
 from vlmpool.testing import gie
 
 pytestmark = pytest.mark.apiserver
@@ -37,7 +38,7 @@ def inferencepool_crd(control_plane):
 
 
 def pool_obj(name: str, **spec) -> dict:
-    return {"apiVersion": "vlmpool.io/v1alpha1", "kind": "VLMPool", "metadata": {"name": name},
+    return {"apiVersion": API_VERSION, "kind": "VLMPool", "metadata": {"name": name},
             "spec": {"model": {"name": BASE, "family": "qwen2_5_vl"}, **spec}}
 
 

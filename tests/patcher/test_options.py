@@ -13,6 +13,7 @@ import pytest
 from vlmpool.api.adapter import DoraSpec, VLMAdapterSpec
 from vlmpool.api.objects import Adapter, Pool
 from vlmpool.manifests import adapter as MA
+from vlmpool.names import API_VERSION
 from vlmpool.patcher import PatchOptions, patch_and_publish
 from vlmpool.patcher import cli as patcher_cli
 from vlmpool.patcher.options import BASE_CHECKS, BY_DEST, DORA_POLICIES, OPTIONS, argv
@@ -61,10 +62,10 @@ def _adapters_and_pools():
          "baseModelCheck": "warn"},
     ]
     for pspec in (base, weighted):
-        pool = Pool.parse({"apiVersion": "vlmpool.io/v1alpha1", "kind": "VLMPool",
+        pool = Pool.parse({"apiVersion": API_VERSION, "kind": "VLMPool",
                            "metadata": {"name": "vision", "namespace": "ml", "uid": "u"}, "spec": pspec})
         for spec in specs:
-            yield Adapter.parse({"apiVersion": "vlmpool.io/v1alpha1", "kind": "VLMAdapter",
+            yield Adapter.parse({"apiVersion": API_VERSION, "kind": "VLMAdapter",
                                  "metadata": {"name": "invoices", "namespace": "ml", "uid": "a"},
                                  "spec": {"poolRef": {"name": "vision"}, **spec}}), pool
 

@@ -47,14 +47,15 @@ PROBE = textwrap.dedent('''
     from vlmpool.api.crdgen import render
     from vlmpool.api.objects import Adapter, Pool
     from vlmpool.manifests import adapter as MA
+    from vlmpool.names import API_VERSION
     from vlmpool.patcher import PatchError, fetch_adapter
 
     crd = yaml.safe_load(render()["vlmpool.io_vlmadapters.yaml"])
     source = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["source"]
-    pool = Pool.parse({"apiVersion": "vlmpool.io/v1alpha1", "kind": "VLMPool",
+    pool = Pool.parse({"apiVersion": API_VERSION, "kind": "VLMPool",
                        "metadata": {"name": "vision", "namespace": "ml", "uid": "u"},
                        "spec": {"model": {"name": "Qwen/Qwen2.5-VL-3B-Instruct", "family": "qwen2_5_vl"}}})
-    adapter = Adapter.parse({"apiVersion": "vlmpool.io/v1alpha1", "kind": "VLMAdapter",
+    adapter = Adapter.parse({"apiVersion": API_VERSION, "kind": "VLMAdapter",
                              "metadata": {"name": "invoices", "namespace": "ml", "uid": "a"},
                              "spec": {"poolRef": {"name": "vision"},
                                       "source": {"uri": "demo://shelf", "credentialsSecret": {"name": "creds"}}}})

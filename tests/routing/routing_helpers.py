@@ -28,6 +28,7 @@ from vlmpool.api.pool import VLMPoolSpec
 from vlmpool.localcluster.controlplane import free_port
 from vlmpool.manifests import routing as MR
 from vlmpool.manifests.common import server_selector
+from vlmpool.names import API_VERSION
 from vlmpool.proxy.server import ProxyConfig, RunningProxy, start_proxy, stop_proxy
 from vlmpool.sim.config import SimConfig
 from vlmpool.sim.server import ENGINE_KEY, create_app
@@ -203,7 +204,7 @@ def pool_spec(port: int) -> VLMPoolSpec:
 
 def pool_object(ns: str, spec: VLMPoolSpec) -> Pool:
     """The pool as the operator sees it (the spec is parsed already)."""
-    return Pool({"apiVersion": "vlmpool.io/v1alpha1", "kind": "VLMPool",
+    return Pool({"apiVersion": API_VERSION, "kind": "VLMPool",
                  "metadata": {"name": POOL, "namespace": ns, "uid": "00000000-0000-0000-0000-000000000001"},
                  "spec": spec.model_dump(by_alias=True, exclude_none=True)}, spec)
 

@@ -10,6 +10,7 @@ from routing_helpers import install_inferencepool_crd
 
 from vlmpool.api.objects import Pool
 from vlmpool.manifests import routing as MR
+from vlmpool.names import API_VERSION
 
 
 def test_rendered_routing_objects_are_admitted(control_plane):
@@ -17,7 +18,7 @@ def test_rendered_routing_objects_are_admitted(control_plane):
     ns = f"r-{uuid.uuid4().hex[:8]}"
     control_plane.kubectl("create", "namespace", ns)
     try:
-        pool = {"apiVersion": "vlmpool.io/v1alpha1", "kind": "VLMPool",
+        pool = {"apiVersion": API_VERSION, "kind": "VLMPool",
                 "metadata": {"name": "vision", "namespace": ns, "uid": str(uuid.uuid4())},
                 "spec": {"model": {"name": "Qwen/Qwen2.5-VL-3B-Instruct", "family": "qwen2_5_vl"},
                          "routing": {"failureMode": "FailOpen"}}}

@@ -19,6 +19,7 @@ from vlmpool.controller import rbac
 from vlmpool.controller.reconciler import pool_token
 from vlmpool.kube.client import EVENTS, JOBS, PODS, SECRETS, VLMADAPTERS, VLMPOOLS
 from vlmpool.manifests import adapter as MA
+from vlmpool.names import API_VERSION, GROUP
 from vlmpool.testing.waiting import wait_for
 
 pytestmark = pytest.mark.apiserver
@@ -29,13 +30,13 @@ TOKEN_KEY = "vlmpool-operator-tests-token-key"  # the key tests/operator/helpers
 
 
 def pool_obj(name: str = "vision", **spec) -> dict:
-    return {"apiVersion": "vlmpool.io/v1alpha1", "kind": "VLMPool", "metadata": {"name": name},
+    return {"apiVersion": API_VERSION, "kind": "VLMPool", "metadata": {"name": name},
             "spec": {"model": {"name": BASE, "family": "qwen2_5_vl"}, **spec}}
 
 
 def adapter_obj(name: str, uri: str, secret: str | None = None, pool: str = "vision") -> dict:
     source = {"uri": uri, **({"credentialsSecret": {"name": secret}} if secret else {})}
-    return {"apiVersion": "vlmpool.io/v1alpha1", "kind": "VLMAdapter", "metadata": {"name": name},
+    return {"apiVersion": API_VERSION, "kind": "VLMAdapter", "metadata": {"name": name},
             "spec": {"poolRef": {"name": pool}, "source": source}}
 
 
@@ -152,7 +153,7 @@ def _apply_admission_policy(control_plane) -> str:
 
 
 def _tenant(control_plane, namespace: str, user: str, read_secrets: bool, kind: str = "vlmadapters") -> Path:
-    rules = [{"apiGroups": ["vlmpool.io"], "resources": [kind],
+    rules = [{"apiGroups": [GROUP], "resources": [kind],
               "verbs": ["get", "list", "create", "update", "patch", "delete"]}]
     if read_secrets:
         rules.append({"apiGroups": [""], "resources": ["secrets", "persistentvolumeclaims"], "verbs": ["get"]})

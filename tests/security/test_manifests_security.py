@@ -10,12 +10,13 @@ from vlmpool.api.objects import Adapter, Pool
 from vlmpool.controller.reconciler import pool_token
 from vlmpool.manifests import adapter as MA
 from vlmpool.manifests import pool as MP
+from vlmpool.names import API_VERSION
 
 BASE = "Qwen/Qwen2.5-VL-3B-Instruct"
 
 
 def pool_obj(**spec) -> dict:
-    return {"apiVersion": "vlmpool.io/v1alpha1", "kind": "VLMPool",
+    return {"apiVersion": API_VERSION, "kind": "VLMPool",
             "metadata": {"name": "vision", "namespace": "team-a", "uid": "pool-uid"},
             "spec": {"model": {"name": BASE, "family": "qwen2_5_vl"}, **spec}}
 
@@ -25,7 +26,7 @@ def pool(**spec) -> Pool:
 
 
 def adapter(**spec) -> Adapter:
-    return Adapter.parse({"apiVersion": "vlmpool.io/v1alpha1", "kind": "VLMAdapter",
+    return Adapter.parse({"apiVersion": API_VERSION, "kind": "VLMAdapter",
                           "metadata": {"name": "inv", "namespace": "team-a", "uid": "ad-uid"},
                           "spec": {"poolRef": {"name": "vision"}, "source": {"uri": "https://example.com/a.tgz"},
                                    **spec}})

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from test_sources import CFG, FILES, LOOPBACK, W, _hf_routes, refused, tgz
 
+from vlmpool.names import API_VERSION
 from vlmpool.patcher import fetch_adapter
 from vlmpool.patcher.sources.fetchlib import MAX_ARCHIVE_MEMBERS
 
@@ -340,10 +341,10 @@ async def test_the_bounded_patch_job_is_admitted_by_the_apiserver(kube, crds, na
     from vlmpool.kube.client import JOBS, VLMADAPTERS, VLMPOOLS
     from vlmpool.manifests import adapter as MA
 
-    pool = await kube.create({"apiVersion": "vlmpool.io/v1alpha1", "kind": "VLMPool", "metadata": {"name": "p"},
+    pool = await kube.create({"apiVersion": API_VERSION, "kind": "VLMPool", "metadata": {"name": "p"},
                               "spec": {"model": {"name": "Qwen/Qwen2.5-VL-3B-Instruct", "family": "qwen2_5_vl"},
                                        "replicas": 0, "proxy": {"image": "tenant.example.com/any:1"}}}, namespace)
-    ad = await kube.create({"apiVersion": "vlmpool.io/v1alpha1", "kind": "VLMAdapter", "metadata": {"name": "a"},
+    ad = await kube.create({"apiVersion": API_VERSION, "kind": "VLMAdapter", "metadata": {"name": "a"},
                             "spec": {"poolRef": {"name": "p"}, "source": {"uri": "https://example.com/a.tgz"}}},
                            namespace)
     job = MA.patch_job(Adapter.parse(ad), Pool.parse(pool))

@@ -53,6 +53,7 @@ from helpers import (
 from vlmpool.controller import rbac
 from vlmpool.kube.client import DEPLOYMENTS, EVENTS, JOBS, PODS, REPLICASETS, SECRETS, VLMADAPTERS
 from vlmpool.manifests.common import pool_labels, server_label_selector
+from vlmpool.names import API_VERSION
 
 pytestmark = pytest.mark.apiserver
 
@@ -61,14 +62,14 @@ HOLD = "vlmpool.io/test-hold"  # keeps a forged pod listed after the garbage col
 
 
 def pool_obj(name: str, replicas: int, admin_port: int) -> dict:
-    return {"apiVersion": "vlmpool.io/v1alpha1", "kind": "VLMPool", "metadata": {"name": name},
+    return {"apiVersion": API_VERSION, "kind": "VLMPool", "metadata": {"name": name},
             "spec": {"model": {"name": BASE, "family": "qwen2_5_vl"}, "replicas": replicas,
                      "engine": {"port": free_port(), "gpus": 0},
                      "proxy": {"port": free_port(), "adminPort": admin_port, "concurrency": 4}}}
 
 
 def adapter_obj(name: str, pool: str) -> dict:
-    return {"apiVersion": "vlmpool.io/v1alpha1", "kind": "VLMAdapter", "metadata": {"name": name},
+    return {"apiVersion": API_VERSION, "kind": "VLMAdapter", "metadata": {"name": name},
             "spec": {"poolRef": {"name": pool}, "source": {"uri": "https://example.com/a.tgz"}}}
 
 

@@ -186,5 +186,5 @@ def test_one_release_pin_for_sim_image_and_test_env():
     assert DEFAULT_ENGINE_IMAGE == f"vllm/vllm-openai:v{contract.VLLM_RELEASE}"
     crd = root / "crds" / "vlmpool.io_vlmpools.yaml"
     assert f"vllm/vllm-openai:v{contract.VLLM_RELEASE}" in crd.read_text()
-    # hack/vllm-env.sh (make test-vllm) reads the pin from contract.py, nowhere else
-    assert "operator/vlmpool/sim/contract.py" in (root / "hack" / "vllm-env.sh").read_text()
+    # hack/vllm-env.sh (make test-vllm) reads the pin from pins.py, nowhere else
+    assert "operator/vlmpool/pins.py VLLM_RELEASE" in (root / "hack" / "vllm-env.sh").read_text()

@@ -11,6 +11,7 @@ from vlmpool.controller import decisions as D
 from vlmpool.controller.push import PodResult
 from vlmpool.kube.client import ApiError
 from vlmpool.manifests.common import A_SPEC_DIGEST
+from vlmpool.names import API_VERSION
 
 ROOT = "/adapters"
 UID = "u-1"
@@ -259,10 +260,10 @@ def _patch_job_and_pod() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]
     from vlmpool.api.objects import Pool
     from vlmpool.manifests import adapter as MA
 
-    pool = Pool.parse({"apiVersion": "vlmpool.io/v1alpha1", "kind": "VLMPool",
+    pool = Pool.parse({"apiVersion": API_VERSION, "kind": "VLMPool",
                        "metadata": {"name": "p", "namespace": "ns", "uid": "pool-uid"},
                        "spec": {"model": {"name": "Qwen/Qwen2.5-VL-3B-Instruct", "family": "qwen2_5_vl"}}})
-    adapter = {**_adapter(), "apiVersion": "vlmpool.io/v1alpha1", "kind": "VLMAdapter"}
+    adapter = {**_adapter(), "apiVersion": API_VERSION, "kind": "VLMAdapter"}
     job = MA.patch_job(Adapter.parse(adapter), pool)
     name = job["metadata"]["name"]
     job["metadata"]["uid"] = "job-uid"

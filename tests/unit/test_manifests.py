@@ -16,6 +16,7 @@ from vlmpool.api.objects import Adapter, Pool
 from vlmpool.manifests import adapter as MA
 from vlmpool.manifests import pool as MP
 from vlmpool.manifests.common import ADAPTER_ROOT, API_KEY_DIR, patch_job_name
+from vlmpool.names import API_VERSION
 
 VLMPOOL = str(Path(sys.executable).parent / "vlmpool")
 
@@ -25,7 +26,7 @@ BASE = "Qwen/Qwen2.5-VL-3B-Instruct"
 def pool_obj(**spec) -> dict:
     body = {"model": {"name": BASE, "family": "qwen2_5_vl"}}
     body.update(spec)
-    return {"apiVersion": "vlmpool.io/v1alpha1", "kind": "VLMPool",
+    return {"apiVersion": API_VERSION, "kind": "VLMPool",
             "metadata": {"name": "vision", "namespace": "ml", "uid": "pool-uid"}, "spec": body}
 
 
@@ -36,7 +37,7 @@ def pool(**spec) -> Pool:
 def adapter_obj(name: str = "invoices", **spec) -> dict:
     body = {"poolRef": {"name": "vision"}, "source": {"uri": "hf://acme/invoices@v3"}}
     body.update(spec)
-    return {"apiVersion": "vlmpool.io/v1alpha1", "kind": "VLMAdapter",
+    return {"apiVersion": API_VERSION, "kind": "VLMAdapter",
             "metadata": {"name": name, "namespace": "ml", "uid": "0f1e2d3c-aaaa-bbbb-cccc-000000000000",
                          "creationTimestamp": "2026-01-01T00:00:00Z"}, "spec": body}
 
@@ -57,7 +58,7 @@ def flag(args: list[str], name: str) -> str:
 # ---- pool ------------------------------------------------------------------------------------------
 def test_deployment_defaults():
     dep = MP.deployment(pool())
-    assert dep["metadata"]["ownerReferences"] == [{"apiVersion": "vlmpool.io/v1alpha1", "kind": "VLMPool",
+    assert dep["metadata"]["ownerReferences"] == [{"apiVersion": API_VERSION, "kind": "VLMPool",
                                                    "name": "vision", "uid": "pool-uid", "controller": True,
                                                    "blockOwnerDeletion": True}]
     assert dep["spec"]["replicas"] == 1

@@ -8,12 +8,13 @@ import yaml
 from vlmpool.api.objects import Pool
 from vlmpool.manifests import routing as MR
 from vlmpool.manifests.common import server_selector
+from vlmpool.names import API_VERSION
 
 
 def pool(**spec) -> Pool:
     body = {"model": {"name": "Qwen/Qwen2.5-VL-3B-Instruct", "family": "qwen2_5_vl"}, "proxy": {"port": 8090}}
     body.update(spec)
-    return Pool.parse({"apiVersion": "vlmpool.io/v1alpha1", "kind": "VLMPool",
+    return Pool.parse({"apiVersion": API_VERSION, "kind": "VLMPool",
                        "metadata": {"name": "vision", "namespace": "ml", "uid": "pool-uid"}, "spec": body})
 
 

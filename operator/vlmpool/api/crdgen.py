@@ -20,9 +20,18 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from vlmpool import API_GROUP, API_VERSION
 from vlmpool.api.adapter import VLMAdapterSpec, VLMAdapterStatus
 from vlmpool.api.pool import VLMPoolSpec, VLMPoolStatus
+from vlmpool.names import (
+    ADAPTER_KIND,
+    ADAPTER_PLURAL,
+    ADAPTER_SHORT,
+    GROUP,
+    POOL_KIND,
+    POOL_PLURAL,
+    POOL_SHORT,
+    VERSION,
+)
 
 # Not "vlmpool": that is the singular of VLMPool, and kubectl would expand it to the category.
 CATEGORY = "vlm"
@@ -44,7 +53,7 @@ AGE = {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}
 
 KINDS = [
     _Kind(
-        "VLMPool", "vlmpools", "vlmp", VLMPoolSpec, VLMPoolStatus,
+        POOL_KIND, POOL_PLURAL, POOL_SHORT, VLMPoolSpec, VLMPoolStatus,
         "A pool of vLLM pods serving one base vision-language model and the LoRA adapters published "
         "for it. Each pod pairs a CPU proxy (the OpenAI-compatible front) with a vLLM engine.",
         [
@@ -69,7 +78,7 @@ KINDS = [
                                  "labelSelectorPath": ".status.selector"}},
     ),
     _Kind(
-        "VLMAdapter", "vlmadapters", "vlma", VLMAdapterSpec, VLMAdapterStatus,
+        ADAPTER_KIND, ADAPTER_PLURAL, ADAPTER_SHORT, VLMAdapterSpec, VLMAdapterStatus,
         "A LoRA/DoRA adapter served on one VLMPool. A patch Job prepares it on the pool's adapter volume; "
         "the operator then loads it on every pod of the pool under spec.servedName.",
         [
@@ -227,11 +236,11 @@ def crd(kind: _Kind) -> dict[str, Any]:
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
         "metadata": {
-            "name": f"{kind.plural}.{API_GROUP}",
+            "name": f"{kind.plural}.{GROUP}",
             "labels": {"app.kubernetes.io/name": "vlmpool", "app.kubernetes.io/part-of": "vlmpool"},
         },
         "spec": {
-            "group": API_GROUP,
+            "group": GROUP,
             "scope": "Namespaced",
             "names": {
                 "kind": kind.kind,
@@ -243,7 +252,7 @@ def crd(kind: _Kind) -> dict[str, Any]:
             },
             "versions": [
                 {
-                    "name": API_VERSION,
+                    "name": VERSION,
                     "served": True,
                     "storage": True,
                     "subresources": kind.subresources,
@@ -260,7 +269,7 @@ def render() -> dict[str, str]:
     files = {}
     for kind in KINDS:
         text = yaml.safe_dump(crd(kind), sort_keys=False, width=100, allow_unicode=False)
-        files[f"{API_GROUP}_{kind.plural}.yaml"] = HEADER + text
+        files[f"{GROUP}_{kind.plural}.yaml"] = HEADER + text
     return files
 
 

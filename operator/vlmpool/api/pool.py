@@ -19,16 +19,14 @@ from vlmpool.api.common import (
     ResourceRequirements,
     Toleration,
 )
-from vlmpool.sim.contract import ENGINE_IMAGE, REASONING_PARSERS
+from vlmpool.vllm_contract import ENGINE_IMAGE, REASONING_PARSERS
 
-# vLLM accepts only these values for --max-lora-rank (LoRAConfig's possible max ranks).
-VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 # The families a pool may name: the one family table's vision-language rows (vlmpool/families.py).
 ModelFamily = Literal[families.VLM_FAMILIES]  # type: ignore[valid-type]
 # Upper bound of a pixel budget: 16384 x 16384 (vLLM's processors would accept more; no VLM here is
 # trained on larger images, and one such image already costs ~340k tokens at 28 px patches).
 MAX_PIXELS_LIMIT = 16384 * 16384
-# off, or a reasoning parser the pinned vLLM registers (sim/contract.py; tests/vllm compares with vLLM's registry).
+# off, or a reasoning parser the pinned vLLM registers (vllm_contract.py; tests/vllm compares with vLLM's registry).
 Reasoning = Literal[("off", *REASONING_PARSERS)]  # type: ignore[valid-type]
 
 DEFAULT_ENGINE_IMAGE = ENGINE_IMAGE  # vllm/vllm-openai:v<VLLM_RELEASE>, the release the simulator follows

@@ -24,6 +24,7 @@ from vlmpool.manifests.common import (
     _trim,
     patch_job_name,
 )
+from vlmpool.names import ADAPTER_KIND, SERVED_NAME_IS_BASE, served_name_refusal
 from vlmpool.patcher.publish import check_version_path, version_path
 from vlmpool.proxy.desired import VERSION_RE
 
@@ -59,7 +60,7 @@ def job_adapter_ref(job: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
     """(spec digest, VLMAdapter ownerReference) of a patch Job; None for any other Job."""
     meta = job["metadata"]
     digest = (meta.get("annotations") or {}).get(A_SPEC_DIGEST)
-    owner = next((o for o in meta.get("ownerReferences") or [] if o.get("kind") == "VLMAdapter"), None)
+    owner = next((o for o in meta.get("ownerReferences") or [] if o.get("kind") == ADAPTER_KIND), None)
     if not digest or owner is None:
         return None
     return digest, owner
@@ -76,7 +77,7 @@ def operator_patch_job(job: dict[str, Any], adapter: dict[str, Any]) -> bool:
     meta, ameta = job["metadata"], adapter["metadata"]
     digest = (meta.get("annotations") or {}).get(A_SPEC_DIGEST) or ""
     labels = meta.get("labels") or {}
-    owner = controller_owner(job, "VLMAdapter")
+    owner = controller_owner(job, ADAPTER_KIND)
     return (bool(digest) and meta.get("name") == patch_job_name(ameta["name"], digest)
             and labels.get(L_MANAGED_BY) == MANAGED_BY and labels.get(L_COMPONENT) == COMPONENT_PATCH
             and labels.get(L_ADAPTER) == _trim(ameta["name"], MAX_LABEL)
@@ -252,19 +253,29 @@ def recorded_version_problem(adapter: Adapter, adapter_root: str) -> str | None:
     return None
 
 
+def left_out_of_push(adapters: list[Adapter], served_base: str, adapter_root: str) -> dict[str, str]:
+    """The adapters of a pool left out of its push, each alone, with why (name -> why): a recorded version
+    the proxies would refuse (recorded_version_problem), or a served name that is the pool's base model's
+    (vlmpool.names.served_name_refusal, the one rule: refused, shown in the adapter's Loaded condition)."""
+    return {a.name: why for a in adapters
+            if (why := recorded_version_problem(a, adapter_root) or served_name_refusal(a.served_name, served_base))}
+
+
 def adapter_loads(adapter: Adapter, conflicts: list[str], pushed: dict[str, dict[str, Any]],
                   pods: list[str], results: dict[str, PodResult],
                   invalid: dict[str, str] | None = None) -> tuple[VLMAdapterStatus, list[Cond]]:
     """The adapter's per-pod status fields and Loaded condition after a push of `pushed` (served name ->
     entry) to `pods`; `conflicts` names the adapters left out for a served name another one holds,
-    `invalid` those left out for their recorded version (name -> recorded_version_problem)."""
+    `invalid` those left out for their recorded version (name -> recorded_version_problem) or for a served
+    name that is the base model's (name -> vlmpool.names.served_name_refusal)."""
     st = adapter.status
     served = adapter.served_name
     conds: list[Cond] = []
     problem = (invalid or {}).get(adapter.name)
     none_loaded = VLMAdapterStatus(pods=[], loaded_pods=0, desired_pods=len(pods), loaded=f"0/{len(pods)}")
     if problem:
-        conds.append(("Loaded", "False", "InvalidVersion", f"not pushed: {problem}"))
+        reason = SERVED_NAME_IS_BASE if problem.startswith(SERVED_NAME_IS_BASE) else "InvalidVersion"
+        conds.append(("Loaded", "False", reason, f"not pushed: {problem}"))
         fields = none_loaded
     elif adapter.name in conflicts:
         owner = pushed.get(served)

@@ -33,12 +33,12 @@ from vlmpool.manifests.common import (
     L_MANAGED_BY,
     MANAGED_BY,
 )
+from vlmpool.names import ADAPTER_PLURAL, GROUP, POOL_PLURAL, VERSION
 
 log = logging.getLogger("vlmpool.operator")
 
-GROUP, VERSION = "vlmpool.io", "v1alpha1"
 FINALIZER = "vlmpool.io/finalizer"
-PREFIX = "vlmpool.io"
+PREFIX = GROUP
 REPORTING_COMPONENT = "vlmpool-operator"  # the Events' source, as `kubectl describe` shows it
 
 
@@ -116,9 +116,9 @@ class Operator:
                 raise kopf.TemporaryError(f"{type(e).__name__}: {e}", delay=5) from e
 
         # Pools
-        @kopf.on.resume(GROUP, VERSION, "vlmpools", registry=reg)
-        @kopf.on.create(GROUP, VERSION, "vlmpools", registry=reg)
-        @kopf.on.update(GROUP, VERSION, "vlmpools", registry=reg, field="spec")
+        @kopf.on.resume(GROUP, VERSION, POOL_PLURAL, registry=reg)
+        @kopf.on.create(GROUP, VERSION, POOL_PLURAL, registry=reg)
+        @kopf.on.update(GROUP, VERSION, POOL_PLURAL, registry=reg, field="spec")
         async def pool_reconcile(body: kopf.Body, **_: Any) -> None:
             pool = dict(body)
             try:
@@ -130,7 +130,7 @@ class Operator:
                 op.metrics.reconciles.labels("pool", "error").inc()
                 raise kopf.TemporaryError(f"{type(e).__name__}: {e}", delay=10) from e
 
-        @kopf.timer(GROUP, VERSION, "vlmpools", registry=reg, interval=resync, initial_delay=resync, idle=None)
+        @kopf.timer(GROUP, VERSION, POOL_PLURAL, registry=reg, interval=resync, initial_delay=resync, idle=None)
         async def pool_resync(body: kopf.Body, **_: Any) -> None:
             ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
             await guarded("pool", lambda: op.controller.pools.refresh_status(ns, name))
@@ -156,18 +156,18 @@ class Operator:
                 log.exception("push after a pod change failed (the resync will retry)")
 
         # Adapters
-        @kopf.on.resume(GROUP, VERSION, "vlmadapters", registry=reg)
-        @kopf.on.create(GROUP, VERSION, "vlmadapters", registry=reg)
-        @kopf.on.update(GROUP, VERSION, "vlmadapters", registry=reg, field="spec")
+        @kopf.on.resume(GROUP, VERSION, ADAPTER_PLURAL, registry=reg)
+        @kopf.on.create(GROUP, VERSION, ADAPTER_PLURAL, registry=reg)
+        @kopf.on.update(GROUP, VERSION, ADAPTER_PLURAL, registry=reg, field="spec")
         async def adapter_reconcile(body: kopf.Body, **_: Any) -> None:
             await guarded("adapter", lambda: op.controller.adapters.reconcile(Adapter.parse(dict(body))))
 
-        @kopf.timer(GROUP, VERSION, "vlmadapters", registry=reg, interval=resync, initial_delay=resync, idle=None)
+        @kopf.timer(GROUP, VERSION, ADAPTER_PLURAL, registry=reg, interval=resync, initial_delay=resync, idle=None)
         async def adapter_resync(body: kopf.Body, **_: Any) -> None:
             if not body["metadata"].get("deletionTimestamp"):
                 await guarded("adapter", lambda: op.controller.adapters.reconcile(Adapter.parse(dict(body))))
 
-        @kopf.on.delete(GROUP, VERSION, "vlmadapters", registry=reg, id="adapter-delete")
+        @kopf.on.delete(GROUP, VERSION, ADAPTER_PLURAL, registry=reg, id="adapter-delete")
         async def adapter_delete(body: kopf.Body, **_: Any) -> None:
             await guarded("adapter", lambda: op.controller.deleter.delete(Adapter.parse(dict(body))))
 

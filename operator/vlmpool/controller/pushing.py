@@ -31,6 +31,7 @@ from vlmpool.controller.statuswriter import OwnedStatus
 from vlmpool.kube.client import DEPLOYMENTS, PODS, REPLICASETS, VLMADAPTERS, VLMPOOLS, ApiError, KubeClient, NotFound
 from vlmpool.manifests import adapter as MA
 from vlmpool.manifests.common import A_PRUNED, A_SUPERSEDED, deployment_name, server_label_selector
+from vlmpool.names import POOL_KIND
 
 log = logging.getLogger("vlmpool.operator")
 
@@ -161,7 +162,7 @@ class Pusher:
         spec = pool.spec
         adapters = await pool_adapters(self.kube, ns, pool_name)
         # a recorded version the proxies would refuse is left out for its adapter alone
-        invalid = {a.name: why for a in adapters if (why := D.recorded_version_problem(a, self.config.adapter_root))}
+        invalid = D.left_out_of_push(adapters, spec.served_name(), self.config.adapter_root)
         state, conflicts = MA.desired_state(spec.proxy.concurrency, [a for a in adapters if a.name not in invalid])
         state["load_parallelism"] = spec.engine.load_parallelism
         all_pods = await self._own_pods(pool, await self.kube.list(
@@ -270,7 +271,7 @@ class Pusher:
         ns, uid = pool.namespace, pool.metadata.get("uid")
         deps = await self.kube.list(DEPLOYMENTS, ns, field_selector=f"metadata.name={deployment_name(pool.name)}")
         dep_uids = {d["metadata"]["uid"] for d in deps
-                    if (o := D.controller_owner(d, "VLMPool")) is not None and o.get("uid") == uid}
+                    if (o := D.controller_owner(d, POOL_KIND)) is not None and o.get("uid") == uid}
         if not dep_uids:
             return frozenset()
         rss = await self.kube.list(REPLICASETS, ns, label_selector=server_label_selector(pool.name))

@@ -46,16 +46,18 @@ from typing import Any
 
 import yaml
 
+from vlmpool.names import ADAPTER_PLURAL, GROUP, POOL_PLURAL
+
 CLUSTER_ROLE = "vlmpool-operator"
 SERVICE_ACCOUNT = "vlmpool-operator"
 LEADER_ELECTION_ROLE = "vlmpool-operator-leader-election"
 
 RULES: list[dict[str, Any]] = [
-    {"apiGroups": ["vlmpool.io"], "resources": ["vlmpools", "vlmadapters"],
+    {"apiGroups": [GROUP], "resources": [POOL_PLURAL, ADAPTER_PLURAL],
      "verbs": ["get", "list", "watch", "patch"]},
-    {"apiGroups": ["vlmpool.io"], "resources": ["vlmpools/status", "vlmadapters/status"],
+    {"apiGroups": [GROUP], "resources": [f"{POOL_PLURAL}/status", f"{ADAPTER_PLURAL}/status"],
      "verbs": ["patch"]},
-    {"apiGroups": ["vlmpool.io"], "resources": ["vlmpools/finalizers", "vlmadapters/finalizers"],
+    {"apiGroups": [GROUP], "resources": [f"{POOL_PLURAL}/finalizers", f"{ADAPTER_PLURAL}/finalizers"],
      "verbs": ["update"]},
     {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["list", "watch", "create", "patch"]},
     {"apiGroups": [""], "resources": ["services", "persistentvolumeclaims"], "verbs": ["create", "patch"]},

@@ -44,6 +44,7 @@ from vlmpool.kube.errors import (
     classify,
     retry_delay,
 )
+from vlmpool.names import ADAPTER_KIND, ADAPTER_PLURAL, API_VERSION, GROUP, POOL_KIND, POOL_PLURAL, VERSION
 
 __all__ = [
     "ApiError",
@@ -103,8 +104,8 @@ NAMESPACES = Resource("", "v1", "namespaces", namespaced=False)
 DEPLOYMENTS = Resource("apps", "v1", "deployments")
 REPLICASETS = Resource("apps", "v1", "replicasets")
 JOBS = Resource("batch", "v1", "jobs")
-VLMPOOLS = Resource("vlmpool.io", "v1alpha1", "vlmpools")
-VLMADAPTERS = Resource("vlmpool.io", "v1alpha1", "vlmadapters")
+VLMPOOLS = Resource(GROUP, VERSION, POOL_PLURAL)
+VLMADAPTERS = Resource(GROUP, VERSION, ADAPTER_PLURAL)
 LEASES = Resource("coordination.k8s.io", "v1", "leases")
 # spec.routing's children (manifests/routing.py)
 INFERENCEPOOLS = Resource("inference.networking.k8s.io", "v1", "inferencepools")
@@ -122,8 +123,8 @@ KIND_TO_RESOURCE = {
     ("v1", "Event"): EVENTS,
     ("apps/v1", "Deployment"): DEPLOYMENTS,
     ("batch/v1", "Job"): JOBS,
-    ("vlmpool.io/v1alpha1", "VLMPool"): VLMPOOLS,
-    ("vlmpool.io/v1alpha1", "VLMAdapter"): VLMADAPTERS,
+    (API_VERSION, POOL_KIND): VLMPOOLS,
+    (API_VERSION, ADAPTER_KIND): VLMADAPTERS,
     ("coordination.k8s.io/v1", "Lease"): LEASES,
     ("inference.networking.k8s.io/v1", "InferencePool"): INFERENCEPOOLS,
     ("v1", "ConfigMap"): CONFIGMAPS,

@@ -32,10 +32,6 @@ from vlmpool.localcluster.pki import CertificateAuthority, CertPair, service_acc
 
 log = logging.getLogger(__name__)
 
-K8S_VERSION = "1.35.4"
-# The Gateway API Inference Extension release whose EPP and InferencePool CRD hack/epp.sh builds (the
-# last tag with cmd/epp) and whose image the routing manifests name: pinned here, next to Kubernetes.
-GIE_VERSION = "1.5.0"
 REQUIRED_BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kubectl")
 SERVICE_CIDR = "10.0.0.0/24"
 

@@ -23,6 +23,7 @@ from vlmpool.controller import rbac
 from vlmpool.localcluster.controlplane import ControlPlane, free_port
 from vlmpool.localcluster.kubelet import NodeConfig
 from vlmpool.localcluster.node import LocalNode
+from vlmpool.names import ADAPTER_PLURAL, ADAPTER_SHORT, GROUP, POOL_PLURAL
 
 log = logging.getLogger("vlmpool.dev")
 
@@ -72,7 +73,7 @@ class DevCluster:
         self.kubectl("apply", "--server-side", "--force-conflicts", "--field-manager=vlmpool-dev", "-f", "-",
                      input=docs)
         self.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                     "crd/vlmpools.vlmpool.io", "crd/vlmadapters.vlmpool.io")
+                     f"crd/{POOL_PLURAL}.{GROUP}", f"crd/{ADAPTER_PLURAL}.{GROUP}")
 
     def operator_kubeconfig(self) -> Path:
         """A kubeconfig for a user bound to exactly the operator's ClusterRole."""
@@ -158,7 +159,7 @@ def wait_adapter_ready(kubectl, name: str, namespace: str = "default", timeout: 
     while time.monotonic() < deadline:
         if stop is not None and stop.is_set():
             raise KeyboardInterrupt
-        res = kubectl("get", "vlma", name, "-n", namespace, "-o", "json", check=False)
+        res = kubectl("get", ADAPTER_SHORT, name, "-n", namespace, "-o", "json", check=False)
         if res.returncode == 0:
             last = json.loads(res.stdout).get("status") or {}
             if last.get("phase") == "Failed":

@@ -37,6 +37,7 @@ from vlmpool.localcluster.runtime import (
     resolve_command,
     rewrite_loopback,
 )
+from vlmpool.pins import K8S_VERSION
 
 log = logging.getLogger("vlmpool.kubelet")
 
@@ -839,7 +840,7 @@ class ProcessKubelet:
             ],
             "addresses": [{"type": "InternalIP", "address": "127.0.0.1"},
                           {"type": "Hostname", "address": self.node.name}],
-            "nodeInfo": {"kubeletVersion": "v1.35.4", "kubeProxyVersion": "", "operatingSystem": "linux",
+            "nodeInfo": {"kubeletVersion": f"v{K8S_VERSION}", "kubeProxyVersion": "", "operatingSystem": "linux",
                          "architecture": "amd64", "containerRuntimeVersion": "process://vlmpool",
                          "osImage": "vlmpool process kubelet", "kernelVersion": os.uname().release,
                          "machineID": "", "systemUUID": "", "bootID": ""},

@@ -17,8 +17,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from vlmpool.manifests.common import API_VERSION
-from vlmpool.sim.contract import VLLM_RELEASE
+from vlmpool.names import API_VERSION
+from vlmpool.pins import VLLM_RELEASE
 
 QUICKSTART_NS = "default"
 POOL = "demo"

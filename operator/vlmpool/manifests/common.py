@@ -9,10 +9,7 @@ import hashlib
 import json
 from typing import Any
 
-GROUP = "vlmpool.io"
-API_VERSION = "vlmpool.io/v1alpha1"
-POOL_KIND = "VLMPool"
-ADAPTER_KIND = "VLMAdapter"
+from vlmpool.names import API_VERSION
 
 # Labels.
 L_NAME = "app.kubernetes.io/name"

@@ -20,8 +20,8 @@ import yaml
 
 from vlmpool.api.objects import Pool
 from vlmpool.api.pool import RoutingSpec
-from vlmpool.localcluster.controlplane import GIE_VERSION
 from vlmpool.manifests.common import L_COMPONENT, L_POOL, owner_reference, pool_labels, server_selector
+from vlmpool.pins import GIE_VERSION
 
 INFERENCE_API = "inference.networking.k8s.io/v1"
 DEFAULT_EPP_IMAGE = f"registry.k8s.io/gateway-api-inference-extension/epp:v{GIE_VERSION}"

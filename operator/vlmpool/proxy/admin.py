@@ -12,6 +12,8 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from pydantic import ValidationError
 
+from vlmpool.names import served_name_refusal
+
 from .context import CTX
 from .desired import MAX_ADAPTERS, max_state_bytes
 from .engine import EngineHTTPError, EngineUnavailable
@@ -116,10 +118,10 @@ class AdminAPI:
             base = await self._base_model()
         except (EngineUnavailable, EngineHTTPError):
             pass  # unknown for now; the apply goes on (loads will report the engine's state)
-        clash = [a.name for a in state.adapters if base is not None and a.name == base]
+        clash = [why for a in state.adapters if (why := served_name_refusal(a.name, base))]
         if clash:
-            return error_response(400, f"invalid state: adapter name {clash[0]!r} is the base model's name",
-                                  type_="invalid_request_error", code="invalid_state")
+            return error_response(400, f"invalid state: {clash[0]}", type_="invalid_request_error",
+                                  code="invalid_state")
         # an entry whose version is not of the patcher's form is refused alone: the others converge
         refused = {a.name: why for a in state.adapters if (why := a.version_problem())}
         if refused:

@@ -18,6 +18,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+from vlmpool.names import served_name_refusal
+
 from .desired import INTERNAL_RE, AdapterSpec, DesiredState, internal_name
 from .engine import EngineClient, EngineHTTPError, EngineUnavailable
 from .logs import REQUEST_ID, get_logger
@@ -106,9 +108,10 @@ class Converger:
         self.metrics.generation.set(state.generation)
         self._on_concurrency(state.concurrency)
         self.set_load_parallelism(state.load_parallelism or self._default_parallelism)
-        desired = {a.name: a for a in state.adapters if a.name != base}
+        desired = {a.name: a for a in state.adapters}
         self.desired = desired
         self.refused = {n: why for n, why in (refused or {}).items() if n in desired}
+        self.refused.update({n: why for n in desired if (why := served_name_refusal(n, base))})
         # names no longer wanted: stop routing now, unload after their requests finish; not loaded any more
         for served in [s for s in self.alias if s not in desired]:
             self._retire(self.alias.pop(served), request_id)

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 import aiohttp
 
+from vlmpool.vllm_contract import ALREADY_LOADED, UNKNOWN_MODEL_MARKS
+
 from .logs import REQUEST_ID, get_logger
 
 log = get_logger("engine")
-
-ALREADY_LOADED = "already been loaded"
 
 
 class EngineError(Exception):
@@ -92,7 +92,7 @@ def is_unknown_model_404(status: int, body: str, internal_name: str) -> bool:
     if status != 404:
         return False
     text = body.lower()
-    return internal_name.lower() in text and ("does not exist" in text or "not found" in text)
+    return internal_name.lower() in text and any(mark in text for mark in UNKNOWN_MODEL_MARKS)
 
 
 class EngineClient:

@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+from vlmpool.vllm_contract import ENGINE_DEAD_TEXT
+
 from .converge import LOAD_ATTEMPTS, REASON_CHARS, Converger, LoadedVersion, reason
 from .desired import AdapterSpec, DesiredState, internal_name
 from .engine import EngineClient, EngineHTTPError, EngineUnavailable
@@ -254,9 +256,6 @@ class AdapterRegistry(Converger):
             "unloading": sorted(({"name": v.served, "version": v.version} for v in self.versions.values()
                                  if v.retired), key=lambda d: (d["name"], d["version"])),
         }
-
-
-ENGINE_DEAD_TEXT = "EngineCore encountered an issue"  # vllm.v1.engine.exceptions.EngineDeadError
 
 
 def is_engine_dead(status: int, body: str) -> bool:

@@ -3,9 +3,11 @@
 Everything a client can observe (status codes, error bodies, success texts, metric names) is written
 here once, with the vLLM source it was read from, so a reviewer can check it line by line.
 
-Which vLLM: the PyPI release ``VLLM_RELEASE`` below, the one place the project pins it. ``make test-vllm``
-installs exactly this release and runs its own LoRA loader against the simulator's verdicts
-(tests/vllm); the pool's default engine image is ``vllm/vllm-openai:v<VLLM_RELEASE>`` (api/pool.py).
+Which vLLM: the PyPI release ``VLLM_RELEASE``, pinned in vlmpool/pins.py (the one place the project pins
+it); the neutral facts of that vLLM (its image, parsers, ranks, the texts the proxy matches) are in
+vlmpool/vllm_contract.py, re-exported here. ``make test-vllm`` installs exactly this release and runs its
+own LoRA loader against the simulator's verdicts (tests/vllm); the pool's default engine image is
+``vllm/vllm-openai:v<VLLM_RELEASE>`` (vllm_contract.ENGINE_IMAGE).
 docs/sim.md has the table of behaviours with the vLLM file:line each follows, and how to move the pin.
 Files (paths inside the vllm package of that release):
 
@@ -41,37 +43,20 @@ import re
 from http import HTTPStatus
 from typing import Any
 
-# The vLLM release the simulator follows, the patcher refuses for, tests/vllm installs (make test-vllm) and
-# the pool's default engine image runs. Moving it: docs/sim.md, "Moving the pinned vLLM release".
-VLLM_RELEASE = "0.32.0"
-VLLM_CONTRACT = f"vllm {VLLM_RELEASE} (PyPI release; docs/sim.md lists the source lines)"
-ENGINE_IMAGE = f"vllm/vllm-openai:v{VLLM_RELEASE}"
-
-# --max-lora-rank accepts only these values in vLLM (vllm/config/lora.py, MaxLoRARanks).
-MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-
-# --reasoning-parser names vLLM registers (ReasoningParserManager.list_registered(); tests/vllm compares).
-REASONING_PARSERS = (
-    "cohere_command3", "cohere_command4", "deepseek_r1", "deepseek_v3", "deepseek_v4", "deepseek_v41", "ernie45",
-    "gemma4", "glm45", "glm47", "granite", "granite_thinking_parser", "hf", "holo2", "hunyuan_a13b", "hy_v3",
-    "hy_v4", "inkling", "k2_horizon", "kimi_k2", "kimi_k3", "ling3", "mimo", "minicpmv", "minimax_m2",
-    "minimax_m2_append_think", "minimax_m3", "mistral", "muse_glimmer", "nemotron_v3", "olmo3", "openai_gptoss",
-    "plamo3", "poolside_v1", "qwen3", "seed_oss", "step3", "step3p5")
-
-
-def invalid_reasoning_parser(name: str) -> str:
-    """vLLM's startup refusal (entrypoints/launchers/launcher.py validate_api_server_args)."""
-    return f"invalid reasoning parser: {name} (chose from {{ {','.join(REASONING_PARSERS)} }})"
-
-
-# Environment switch vLLM reads to mount the runtime LoRA routes (vllm/envs.py).
-RUNTIME_LORA_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
-
-
-def env_flag(value: str | None) -> bool:
-    """vLLM parses this env as ``value.lower() in ("1", "true")``."""
-    return (value or "").strip().lower() in ("1", "true")
-
+# The vLLM facts themselves (release, image, parsers, ranks, the texts the proxy matches) are neutral:
+# vlmpool/vllm_contract.py. They are re-exported here for the simulator's modules.
+from vlmpool.vllm_contract import (  # noqa: F401
+    ENGINE_DEAD_MESSAGE,
+    MAX_LORA_RANKS,
+    REASONING_PARSERS,
+    RUNTIME_LORA_ENV,
+    VLLM_RELEASE,
+    env_flag,
+    invalid_reasoning_parser,
+    lora_already_loaded_message,
+    lora_conflicts_with_base_message,
+    model_not_found_message,
+)
 
 _PATH_UNDER_ROOT = re.compile(r"/(?:home|usr|opt|var|tmp|root|lib|mnt|srv)(?:/[\w.\-]+)+")
 _PATH_OF_FILE = re.compile(r"(?:/[\w\-]+)+/[\w\-]+\.\w+")
@@ -99,8 +84,8 @@ def error_json(message: str, err_type: str = "BadRequestError", status: int = 40
 
 def model_not_found(model: str, served_names: list[str]) -> tuple[int, str]:
     # entrypoints/serve/engine/serving.py _check_model: the served names, comma-separated
-    return error_json(f"The model `{model}` does not exist. Valid aliases: {', '.join(served_names)}.",
-                      "NotFoundError", HTTPStatus.NOT_FOUND, param="model")
+    return error_json(model_not_found_message(model, served_names), "NotFoundError", HTTPStatus.NOT_FOUND,
+                      param="model")
 
 
 def lora_load_success(name: str) -> str:
@@ -123,14 +108,11 @@ def request_field_missing(field: str, body_items: int) -> tuple[int, str]:
 
 
 def lora_already_loaded(name: str) -> tuple[int, str]:
-    return error_json(
-        f"The lora adapter '{name}' has already been loaded. If you want to load the adapter in "
-        "place, set 'load_inplace' to True.",
-        "InvalidUserInput", 400)
+    return error_json(lora_already_loaded_message(name), "InvalidUserInput", 400)
 
 
 def lora_conflicts_with_base(name: str) -> tuple[int, str]:
-    return error_json(f"The lora adapter '{name}' conflicts with a served base model.", "InvalidUserInput", 400)
+    return error_json(lora_conflicts_with_base_message(name), "InvalidUserInput", 400)
 
 
 def unsupported_lora_weight(name: str) -> str:
@@ -189,10 +171,6 @@ def max_tokens_over_model_len(max_tokens: int, max_model_len: int) -> tuple[int,
     return validation_error(
         f"max_tokens={max_tokens} cannot be greater than max_model_len={max_model_len}. "
         "Please request fewer output tokens.", "max_tokens", max_tokens)
-
-
-ENGINE_DEAD_MESSAGE = ("EngineCore encountered an issue. See stack trace (above) for the root "
-                       "cause.")
 
 
 def engine_dead() -> tuple[int, str]:

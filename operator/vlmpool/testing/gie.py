@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from vlmpool.localcluster.controlplane import GIE_VERSION
+from vlmpool.pins import GIE_VERSION
 
 INFERENCEPOOL_CRD = "inference.networking.k8s.io_inferencepools.yaml"
 
