@@ -12,13 +12,14 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from pydantic import ValidationError
 
+from vlmpool.adminwire import MAX_ADAPTERS, DesiredState, max_state_bytes
+
 from .context import CTX
-from .desired import MAX_ADAPTERS, max_state_bytes
 from .engine import EngineHTTPError, EngineUnavailable
 from .errors import error_response
 from .guard import InputRefused, confine_path, parse_json, read_request_body
 from .logs import get_logger
-from .state import AdapterRegistry, DesiredState
+from .state import AdapterRegistry
 
 log = get_logger()
 
