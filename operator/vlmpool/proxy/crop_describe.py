@@ -50,7 +50,6 @@ COMPOSE_SLOTS = 2  # frames decoded and composed at once (each up to 4096x4096 R
 # what the proxy itself sets in the engine request; extra_body may not override them
 OWNED_KEYS = frozenset({"model", "messages", "stream", "stream_options", "n", "response_format", "max_tokens",
                         "max_completion_tokens"})
-THINKING_MODES = ("none", "switch")  # switch: the family's chat template takes enable_thinking (Qwen3.5)
 
 
 @dataclass

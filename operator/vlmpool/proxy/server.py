@@ -8,7 +8,6 @@ cap on concurrency is the resizable limiter in front of the engine.
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -18,22 +17,10 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from .admin import ADMIN_MAX_BODY_BYTES, AdminAPI
+from .config import ProxyConfig
 from .context import CTX, RequestContext
 from .crop_describe import ROUTE as CROP_DESCRIBE_ROUTE
-from .crop_describe import THINKING_MODES, CropDescribe
-from .defaults import (
-    BODY_RATE_WINDOW_S,
-    DEFAULT_BODY_TIMEOUT_S,
-    DEFAULT_CONCURRENCY,
-    DEFAULT_HEADER_TIMEOUT_S,
-    DEFAULT_MAX_ANSWER_BYTES,
-    DEFAULT_MAX_BODY_BYTES,
-    DEFAULT_MIN_BODY_RATE,
-    DEFAULT_QUEUE_LIMIT,
-    DEFAULT_QUEUE_TIMEOUT_S,
-    DEFAULT_REQUEST_TIMEOUT_S,
-    DEFAULT_SEND_TIMEOUT_S,
-)
+from .crop_describe import CropDescribe
 from .drain import Drain
 from .engine import EngineClient, EngineHTTPError, EngineUnavailable
 from .errors import (
@@ -61,81 +48,6 @@ ENGINE_METRICS_ROUTE = "/metrics/engine"  # the engine's own /metrics, which lis
 # never behind the API key
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/drainz", "/metrics", ENGINE_METRICS_ROUTE})
 LINGER_S = 2.0  # aiohttp's default is 10 s of reading a refused body's rest
-
-
-@dataclass
-class ProxyConfig:
-    engine_url: str = "http://127.0.0.1:8000"
-    host: str = "0.0.0.0"
-    port: int = 8080
-    admin_host: str | None = None  # defaults to host
-    admin_port: int = 8081
-    admin_token: str | None = None
-    base_model: str | None = None
-    concurrency: int = DEFAULT_CONCURRENCY
-    queue_limit: int = DEFAULT_QUEUE_LIMIT
-    max_loras: int = 0  # the engine's --max-loras, exported for routers (vllm:lora_requests_info max_lora)
-    queue_timeout: float = DEFAULT_QUEUE_TIMEOUT_S
-    request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    max_inflight_body_bytes: int | None = None  # request bodies held at once; default 2 x max_body_bytes
-    header_timeout: float = DEFAULT_HEADER_TIMEOUT_S  # a request's headers (also the keep-alive idle time)
-    body_timeout: float = DEFAULT_BODY_TIMEOUT_S  # a request's whole body, once its headers arrived
-    min_body_rate: int = DEFAULT_MIN_BODY_RATE  # bytes/s over every body_rate_window (0: no minimum)
-    body_rate_window: float = BODY_RATE_WINDOW_S
-    send_timeout: float = DEFAULT_SEND_TIMEOUT_S  # a write to a client that makes no progress this long
-    max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES  # a non-streaming engine answer at most (else 502)
-    # adapter paths must resolve inside it; None: any absolute path without '.'/'..' components (the CLI
-    # always sets one: --adapter-root defaults to the pods' mount path)
-    adapter_root: str | None = None
-    api_key_dir: str | None = None  # a mounted Secret: each file's value is an accepted bearer token
-    access_log: bool = True
-    shutdown_timeout: float = 30.0
-    drain_seconds: float = 0.0  # after SIGTERM: unready but serving this long (the CLI's default: 5)
-    load_parallelism: int = 4  # adapter loads at once until a push sets it
-    retry_interval: float = 5.0  # re-try loads that met an unreachable engine this often (0: never)
-    crop_describe: bool = True  # POST /v1/vlmpool/crop-describe (spec.proxy.cropDescribe)
-    thinking: str = "none"  # "switch": the model's chat template takes enable_thinking (the family's)
-
-    def validate(self) -> None:
-        problems = []
-        if not self.admin_token:
-            problems.append(
-                "an admin token is required: set VLMPOOL_ADMIN_TOKEN or VLMPOOL_ADMIN_TOKEN_FILE "
-                "(the admin API is never served without one)"
-            )
-        if self.concurrency < 1:
-            problems.append(f"concurrency must be >= 1 (got {self.concurrency})")
-        if not 0 <= self.drain_seconds <= 600:
-            problems.append(f"drain seconds must be 0..600 (got {self.drain_seconds:g})")
-        if not 1 <= self.load_parallelism <= 64:
-            problems.append(f"load parallelism must be 1..64 (got {self.load_parallelism})")
-        if self.queue_limit < 0:
-            problems.append(f"queue limit must be >= 0 (got {self.queue_limit})")
-        if self.queue_timeout <= 0:
-            problems.append(f"queue timeout must be > 0 seconds (got {self.queue_timeout})")
-        if self.request_timeout <= 0:
-            problems.append(f"request timeout must be > 0 seconds (got {self.request_timeout})")
-        if self.max_inflight_body_bytes is not None and self.max_inflight_body_bytes < self.max_body_bytes:
-            problems.append(f"max in-flight body bytes ({self.max_inflight_body_bytes}) must be >= max body bytes "
-                            f"({self.max_body_bytes})")
-        if self.header_timeout <= 0 or self.body_timeout <= 0 or self.send_timeout <= 0:
-            problems.append("header, body and send timeouts must be > 0 seconds")
-        if self.min_body_rate < 0 or self.body_rate_window <= 0:
-            problems.append(f"min body rate must be >= 0 bytes/s (got {self.min_body_rate}) over a window > 0 s "
-                            f"(got {self.body_rate_window:g})")
-        if self.max_answer_bytes < 1024:
-            problems.append(f"max answer bytes must be >= 1024 (got {self.max_answer_bytes})")
-        if self.api_key_dir is not None and not os.path.isdir(self.api_key_dir):
-            problems.append(f"API key directory {self.api_key_dir} does not exist")
-        if self.adapter_root is not None and not self.adapter_root.startswith("/"):
-            problems.append(f"adapter root must be an absolute path (got {self.adapter_root!r})")
-        if self.thinking not in THINKING_MODES:
-            problems.append(f"thinking must be one of {', '.join(THINKING_MODES)} (got {self.thinking!r})")
-        if not self.engine_url.startswith(("http://", "https://")):
-            problems.append(f"engine URL must be http(s)://host:port (got {self.engine_url!r})")
-        if problems:
-            raise ValueError("; ".join(problems))
 
 
 class Proxy:
