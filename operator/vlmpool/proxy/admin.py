@@ -55,7 +55,7 @@ class AdminAPI:
         self.adapter_root = adapter_root
         self.body_timeout = body_timeout
 
-    def routes(self, app: web.Application) -> None:
+    def attach(self, app: web.Application) -> None:
         app.router.add_get("/admin/v1/state", self.handle_get_state)
         app.router.add_put("/admin/v1/state", self.handle_put_state)
 
