@@ -80,12 +80,12 @@ def test_serves_with_token_file_and_env_and_stops_on_sigterm(tmp_path):
 
 
 def test_default_concurrency_is_16_from_one_constant(monkeypatch):
-    """Before the first push the limiter has the documented default: 16, the same constant as the
-    VLMPool's spec.proxy.concurrency default (the CLI used to hard-code its own 16)."""
+    """Before the first push the limiter has the documented default: 16, the one declared in the settings
+    table, which is also the VLMPool's spec.proxy.concurrency default (the CLI used to hard-code its own 16)."""
     import argparse
 
-    from vlmpool.api.pool import DEFAULT_CONCURRENCY as POOL_DEFAULT
-    from vlmpool.proxy import cli, defaults
+    from vlmpool.api.pool import ProxySpec
+    from vlmpool.proxy import cli, settings
 
     for key in list(os.environ):
         if key.startswith("VLMPOOL_"):
@@ -93,9 +93,8 @@ def test_default_concurrency_is_16_from_one_constant(monkeypatch):
     monkeypatch.setenv("VLMPOOL_ADMIN_TOKEN", "t")
     parser = argparse.ArgumentParser()
     cli.configure(parser)
-    assert cli.build_config(parser.parse_args([])).concurrency == defaults.DEFAULT_CONCURRENCY == POOL_DEFAULT == 16
-    monkeypatch.setattr(defaults, "DEFAULT_CONCURRENCY", 5)  # the CLI reads the constant, not a copy of it
-    assert cli.build_config(parser.parse_args([])).concurrency == 5
+    assert cli.build_config(parser.parse_args([])).concurrency == settings.default("concurrency") == 16
+    assert ProxySpec().concurrency == 16
     monkeypatch.setenv("VLMPOOL_PROXY_CONCURRENCY", "7")
     assert cli.build_config(parser.parse_args([])).concurrency == 7
     assert cli.build_config(parser.parse_args(["--concurrency", "9"])).concurrency == 9

@@ -16,8 +16,9 @@ import pytest
 from proxy_helpers import BASE, Admin, proxy_config, start_sim
 
 from vlmpool.proxy.engine import is_unknown_model_404
+from vlmpool.proxy.errors import map_engine_error
 from vlmpool.proxy.logs import JsonFormatter
-from vlmpool.proxy.server import ProxyConfig, map_engine_error, run_proxy
+from vlmpool.proxy.server import ProxyConfig, run_proxy
 
 MSG = [{"role": "user", "content": "what is in the picture?"}]
 

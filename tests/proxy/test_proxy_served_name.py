@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from proxy_helpers import BASE, V1
 
+from vlmpool.adminwire import DesiredState
 from vlmpool.names import SERVED_NAME_IS_BASE, served_name_refusal
-from vlmpool.proxy.desired import DesiredState
 
 
 def spec(name, version, path):

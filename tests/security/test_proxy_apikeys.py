@@ -72,14 +72,15 @@ async def test_api_keys_guard_the_public_api_but_not_health_and_metrics(sim, tmp
         assert sim.received("/v1/chat/completions") == []
         # unknown paths are not an oracle either: 401 before 404
         assert (await _status(p.url, "/v1/nothing"))[0] == 401
+        # clients closed on this loop: one collected later, on another test's loop, logs an error there
         for key in ("key-aaaa-1111", "key-bbbb-2222"):
-            c = openai.AsyncOpenAI(base_url=p.url + "/v1", api_key=key, max_retries=0)
-            r = await c.chat.completions.create(model=BASE, messages=MSG, max_tokens=2)
-            assert r.choices[0].message.content.startswith(f"sim:{BASE}")
-            assert [m.id for m in (await c.models.list()).data] == [BASE]
-        bad = openai.AsyncOpenAI(base_url=p.url + "/v1", api_key="nope", max_retries=0)
-        with pytest.raises(openai.AuthenticationError):
-            await bad.chat.completions.create(model=BASE, messages=MSG, max_tokens=2)
+            async with openai.AsyncOpenAI(base_url=p.url + "/v1", api_key=key, max_retries=0) as c:
+                r = await c.chat.completions.create(model=BASE, messages=MSG, max_tokens=2)
+                assert r.choices[0].message.content.startswith(f"sim:{BASE}")
+                assert [m.id for m in (await c.models.list()).data] == [BASE]
+        async with openai.AsyncOpenAI(base_url=p.url + "/v1", api_key="nope", max_retries=0) as bad:
+            with pytest.raises(openai.AuthenticationError):
+                await bad.chat.completions.create(model=BASE, messages=MSG, max_tokens=2)
 
         # rotation: the Secret changes in place; the proxy follows without a restart
         mount_secret(keys, {"team-a": "key-aaaa-3333"}, 2)

@@ -15,8 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "proxy"))
 from misbehaving import Misbehaving
 from proxy_helpers import BASE, proc_kib, proxy_config, proxy_process, stop_process
 
-from vlmpool.proxy.defaults import DEFAULT_MAX_ANSWER_BYTES
 from vlmpool.proxy.server import run_proxy
+from vlmpool.proxy.settings import default
 
 MB = 1024 * 1024
 CHAT = {"model": BASE, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
@@ -41,10 +41,10 @@ async def test_a_huge_non_streaming_answer_is_cut_at_max_answer_bytes_and_memory
             engine.chunked = chunked
             status, body = await _post(url, f"huge-{chunked}")
             assert status == 502 and body["error"]["code"] == "engine_answer_too_large", (chunked, status, body)
-            assert str(DEFAULT_MAX_ANSWER_BYTES) in body["error"]["message"]
+            assert str(default("max_answer_bytes")) in body["error"]["message"]
         peak = proc_kib(proc.pid, "VmHWM")
         growth_mb = (peak - before) / 1024
-        bound_mb = 4 * DEFAULT_MAX_ANSWER_BYTES / MB  # the limit, one read past it, growth of the buffer
+        bound_mb = 4 * default("max_answer_bytes") / MB  # the limit, one read past it, growth of the buffer
         print(f"proxy RSS before {before / 1024:.0f} MB, peak {peak / 1024:.0f} MB (+{growth_mb:.0f} MB) "
               f"for two 512 MiB answers")
         assert growth_mb < bound_mb, f"proxy peak RSS grew by {growth_mb:.0f} MB (bound {bound_mb:.0f} MB)"

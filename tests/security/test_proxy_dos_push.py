@@ -14,9 +14,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "proxy"))
 
 from proxy_helpers import TOKEN, V1, proxy_config_with, proxy_process, sim, stop_process  # noqa: F401
 
-from vlmpool.proxy.defaults import DEFAULT_ADAPTER_ROOT
-from vlmpool.proxy.desired import MAX_ADAPTERS, MAX_NAME_CHARS, MAX_PATH_CHARS, MAX_VERSION_CHARS
+from vlmpool.adminwire import MAX_ADAPTERS, MAX_NAME_CHARS, MAX_PATH_CHARS, MAX_VERSION_CHARS
 from vlmpool.proxy.server import run_proxy
+from vlmpool.proxy.settings import DEFAULT_ADAPTER_ROOT
 
 
 async def _put(admin_url: str, body: bytes) -> tuple[int, dict]:

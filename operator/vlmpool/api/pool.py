@@ -19,6 +19,7 @@ from vlmpool.api.common import (
     ResourceRequirements,
     Toleration,
 )
+from vlmpool.proxy.settings import crd_field
 from vlmpool.vllm_contract import ENGINE_IMAGE, REASONING_PARSERS
 
 # The families a pool may name: the one family table's vision-language rows (vlmpool/families.py).
@@ -32,7 +33,6 @@ Reasoning = Literal[("off", *REASONING_PARSERS)]  # type: ignore[valid-type]
 DEFAULT_ENGINE_IMAGE = ENGINE_IMAGE  # vllm/vllm-openai:v<VLLM_RELEASE>, the release the simulator follows
 DEFAULT_PROXY_IMAGE = "ghcr.io/vlmpool/vlmpool:0.1.0"
 DEFAULT_ADAPTER_VOLUME_SIZE = "10Gi"
-DEFAULT_CONCURRENCY = 16
 
 
 class ModelWeights(Model):
@@ -238,29 +238,14 @@ class ProxySpec(Model):
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
         default="IfNotPresent", description="Image pull policy of the proxy container."
     )
-    concurrency: int = Field(
-        default=DEFAULT_CONCURRENCY, ge=1, le=4096,
-        description="Requests each pod's proxy lets reach vLLM at once; the operator pushes it to every pod.",
-    )
-    queue_limit: int = Field(
-        default=128, ge=0, le=100_000,
-        description="Requests that may wait for a concurrency slot; beyond it the proxy answers 429.",
-    )
-    queue_timeout_seconds: float = Field(
-        default=30, gt=0, le=3600, description="Longest wait for a slot before a 429 with Retry-After."
-    )
-    request_timeout_seconds: float = Field(
-        default=120, gt=0, le=86400, description="Timeout of one request to vLLM; past it the proxy answers 503."
-    )
-    drain_seconds: int = Field(
-        default=5, ge=0, le=120,
-        description="After its pod is told to stop, how long the proxy stays unready but keeps serving new "
-        "requests (until Services and gateways stop sending them), before it finishes the ones in flight; the "
-        "engine's preStop hook waits for that, so a roll fails no request. 0: stop listening at once.",
-    )
-    port: int = Field(default=8080, ge=1024, le=65535, description="OpenAI-compatible port (the Service's target).")
-    admin_port: int = Field(default=8081, ge=1024, le=65535,
-                            description="Admin API port, reached only by the operator.")
+    # the proxy's settings a pool exposes: declared once, in proxy/settings.py (default, bounds, description)
+    concurrency: int = crd_field("concurrency")
+    queue_limit: int = crd_field("queue_limit")
+    queue_timeout_seconds: float = crd_field("queue_timeout_seconds")
+    request_timeout_seconds: float = crd_field("request_timeout_seconds")
+    drain_seconds: int = crd_field("drain_seconds")
+    port: int = crd_field("port")
+    admin_port: int = crd_field("admin_port")
     resources: ResourceRequirements | None = Field(default=None, description="CPU/memory of the proxy container.")
     api_key_secret: str | None = Field(
         default=None, min_length=1, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN,
@@ -268,11 +253,7 @@ class ProxySpec(Model):
         "public API (Authorization: Bearer <value>); changes apply without a restart. /healthz, /readyz and "
         "/metrics stay open. Unset: no authentication (only the network decides who may call).",
     )
-    crop_describe: bool = Field(
-        default=True,
-        description="Serve POST /v1/vlmpool/crop-describe (trio-core's zoom-panel endpoint: detections composed "
-        "beside the frame into one image, one generation, per-panel descriptions). false: the route answers 404.",
-    )
+    crop_describe: bool = crd_field("crop_describe")
 
 
 class AdapterVolumeSpec(Model):

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from vlmpool.adminwire import VERSION_RE
 from vlmpool.api.adapter import PodLoad, VLMAdapterStatus
 from vlmpool.api.objects import Adapter
 from vlmpool.controller import status as S
@@ -26,7 +27,6 @@ from vlmpool.manifests.common import (
 )
 from vlmpool.names import ADAPTER_KIND, SERVED_NAME_IS_BASE, served_name_refusal
 from vlmpool.patcher.publish import check_version_path, version_path
-from vlmpool.proxy.desired import VERSION_RE
 
 Cond = tuple[str, str, str, str]  # (type, status, reason, message)
 # (pod phase, parsed termination message of the patch container), newest pod first

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from vlmpool import __version__
+from vlmpool.adminwire import AdapterEntry, state_wire
 from vlmpool.api.adapter import VLMAdapterSpec
 from vlmpool.api.objects import Adapter, Pool
 from vlmpool.api.pool import VLMPoolSpec
@@ -309,7 +310,7 @@ def prune_job(adapter: Adapter, pool: Pool, keep_version: str, *, image: str | N
     return job
 
 
-def desired_entry(adapter: Adapter) -> dict[str, str] | None:
+def desired_entry(adapter: Adapter) -> AdapterEntry | None:
     """The adapter's entry in its pool's pushed state, or None if it has nothing to serve (no
     version yet, or being deleted). Always the immutable versions/<version> path, never `current`."""
     if adapter.metadata.get("deletionTimestamp"):
@@ -317,7 +318,7 @@ def desired_entry(adapter: Adapter) -> dict[str, str] | None:
     st = adapter.status
     if not st.get("version") or not st.get("path"):
         return None
-    return {"name": adapter.served_name, "version": st["version"], "path": st["path"]}
+    return AdapterEntry.of(adapter.served_name, st["version"], st["path"])
 
 
 def desired_state(concurrency: int, adapters: list[Adapter]) -> tuple[dict[str, Any], list[str]]:
@@ -327,15 +328,14 @@ def desired_state(concurrency: int, adapters: list[Adapter]) -> tuple[dict[str, 
     def age(a: Adapter) -> tuple[str, str]:
         return (a.metadata.get("creationTimestamp") or "", a.name)
 
-    by_name: dict[str, dict[str, str]] = {}
+    by_name: dict[str, AdapterEntry] = {}
     conflicts: list[str] = []
     for a in sorted(adapters, key=age):
         e = desired_entry(a)
         if e is None:
             continue
-        if e["name"] in by_name:
+        if e.name in by_name:
             conflicts.append(a.name)
             continue
-        by_name[e["name"]] = e
-    entries = [by_name[k] for k in sorted(by_name)]
-    return {"concurrency": concurrency, "adapters": entries}, conflicts
+        by_name[e.name] = e
+    return state_wire(concurrency, (by_name[k] for k in sorted(by_name))), conflicts

@@ -28,6 +28,7 @@ from vlmpool.manifests.common import (
     server_selector,
     service_name,
 )
+from vlmpool.proxy.settings import flag_args
 
 PROXY_CONTAINER = "proxy"
 ENGINE_CONTAINER = "engine"
@@ -159,19 +160,19 @@ def proxy_args(spec: VLMPoolSpec, adapter_root: str = ADAPTER_ROOT) -> list[str]
     px = spec.proxy
     return [
         "proxy",
-        "--engine-url", f"http://127.0.0.1:{spec.engine.port}",
-        "--port", str(px.port),
-        "--admin-port", str(px.admin_port),
-        "--base-model", spec.served_name(),
-        "--queue-limit", str(px.queue_limit),
-        "--max-loras", str(spec.engine.max_loras),  # exported to routers as vllm:lora_requests_info max_lora
-        "--queue-timeout", f"{px.queue_timeout_seconds:g}",
-        "--request-timeout", f"{px.request_timeout_seconds:g}",
-        "--drain-seconds", str(px.drain_seconds),
-        "--adapter-root", adapter_root,
-        "--thinking", "switch" if families.family(spec.model.family).thinking_switch else "none",
-    ] + (["--api-key-dir", API_KEY_DIR] if px.api_key_secret else []) + (
-        [] if px.crop_describe else ["--no-crop-describe"])
+        *flag_args("engine_url", f"http://127.0.0.1:{spec.engine.port}"),
+        *flag_args("port", px.port),
+        *flag_args("admin_port", px.admin_port),
+        *flag_args("base_model", spec.served_name()),
+        *flag_args("queue_limit", px.queue_limit),
+        *flag_args("max_loras", spec.engine.max_loras),  # exported to routers as vllm:lora_requests_info max_lora
+        *flag_args("queue_timeout_seconds", px.queue_timeout_seconds),
+        *flag_args("request_timeout_seconds", px.request_timeout_seconds),
+        *flag_args("drain_seconds", px.drain_seconds),
+        *flag_args("adapter_root", adapter_root),
+        *flag_args("thinking", "switch" if families.family(spec.model.family).thinking_switch else "none"),
+    ] + (flag_args("api_key_dir", API_KEY_DIR) if px.api_key_secret else []) + (
+        [] if px.crop_describe else flag_args("crop_describe", False))
 
 
 def engine_probe_command(port: int, timeout: int) -> list[str]:

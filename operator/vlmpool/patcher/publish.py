@@ -38,9 +38,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from vlmpool.adminwire import VERSION_RE
 from vlmpool.patcher.errors import PatchError
 from vlmpool.patcher.sources.fetchlib import CONFIG_NAME, WEIGHTS_NAME
-from vlmpool.proxy.desired import VERSION_RE
 
 REPORT_NAME = "patch_report.json"
 VERSION_FILES = (CONFIG_NAME, WEIGHTS_NAME, REPORT_NAME)

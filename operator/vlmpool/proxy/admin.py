@@ -12,15 +12,15 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from pydantic import ValidationError
 
+from vlmpool.adminwire import MAX_ADAPTERS, DesiredState, max_state_bytes
 from vlmpool.names import served_name_refusal
 
 from .context import CTX
-from .desired import MAX_ADAPTERS, max_state_bytes
 from .engine import EngineHTTPError, EngineUnavailable
 from .errors import error_response
 from .guard import InputRefused, confine_path, parse_json, read_request_body
 from .logs import get_logger
-from .state import AdapterRegistry, DesiredState
+from .state import AdapterRegistry
 
 log = get_logger()
 
@@ -56,7 +56,7 @@ class AdminAPI:
         self.adapter_root = adapter_root
         self.body_timeout = body_timeout
 
-    def routes(self, app: web.Application) -> None:
+    def attach(self, app: web.Application) -> None:
         app.router.add_get("/admin/v1/state", self.handle_get_state)
         app.router.add_put("/admin/v1/state", self.handle_put_state)
 

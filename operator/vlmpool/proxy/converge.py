@@ -18,9 +18,9 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+from vlmpool.adminwire import INTERNAL_RE, AdapterEntry, DesiredState, internal_name
 from vlmpool.names import served_name_refusal
 
-from .desired import INTERNAL_RE, AdapterSpec, DesiredState, internal_name
 from .engine import EngineClient, EngineHTTPError, EngineUnavailable
 from .logs import REQUEST_ID, get_logger
 from .metrics import ProxyMetrics
@@ -60,7 +60,7 @@ class Converger:
     converged_generation: int | None
     load_parallelism: int
     _default_parallelism: int
-    desired: dict[str, AdapterSpec]
+    desired: dict[str, AdapterEntry]
     alias: dict[str, LoadedVersion]
     versions: dict[str, LoadedVersion]
     status: dict[str, dict]
@@ -315,7 +315,7 @@ class Converger:
         finally:
             REQUEST_ID.reset(token)
 
-    def _loaded(self, spec: AdapterSpec, request_id: str | None) -> None:
+    def _loaded(self, spec: AdapterEntry, request_id: str | None) -> None:
         self._transient.discard(spec.name)
         v = self.versions.get(spec.internal)
         if v is None:
@@ -333,7 +333,7 @@ class Converger:
         self.status[spec.name] = {"name": spec.name, "version": spec.version, "state": "loaded"}
         self.metrics.adapters_loaded.set(len(self.alias))
 
-    def _load_failed(self, spec: AdapterSpec, e: Exception) -> None:
+    def _load_failed(self, spec: AdapterEntry, e: Exception) -> None:
         st = self._failed(spec, reason(e))
         if isinstance(e, EngineUnavailable):
             self._transient.add(spec.name)  # the engine was unreachable: the retry loop tries again
@@ -342,7 +342,7 @@ class Converger:
             self._transient.discard(spec.name)  # the engine refused it: only a new push changes that
         self.status[spec.name] = st
 
-    def _failed(self, spec: AdapterSpec, reason: str) -> dict:
+    def _failed(self, spec: AdapterEntry, reason: str) -> dict:
         st = {"name": spec.name, "version": spec.version, "state": "failed", "reason": reason}
         current = self.alias.get(spec.name)
         if current is not None and current.internal != spec.internal:

@@ -16,7 +16,7 @@ import asyncio
 import json
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
@@ -35,10 +35,7 @@ from .crops import (
 from .crops_text import build_prompt, crop_lines, describe, split_thinking
 from .engine import EngineHTTPError, EngineUnavailable
 from .errors import error_response, map_engine_error, unavailable_response
-from .guard import InputRefused, parse_json
-
-if TYPE_CHECKING:
-    from .server import Proxy
+from .pipeline import Pipeline
 
 ROUTE = "/v1/vlmpool/crop-describe"
 ENGINE_ROUTE = "/v1/chat/completions"
@@ -50,7 +47,6 @@ COMPOSE_SLOTS = 2  # frames decoded and composed at once (each up to 4096x4096 R
 # what the proxy itself sets in the engine request; extra_body may not override them
 OWNED_KEYS = frozenset({"model", "messages", "stream", "stream_options", "n", "response_format", "max_tokens",
                         "max_completion_tokens"})
-THINKING_MODES = ("none", "switch")  # switch: the family's chat template takes enable_thinking (Qwen3.5)
 
 
 @dataclass
@@ -110,32 +106,31 @@ def parse_request(body: dict[str, Any]) -> CropRequest:
 
 
 class CropDescribe:
-    """The route's handler; one per proxy."""
+    """The route's handler, attached to the proxy's pipeline: its body admission, the model, engine
+    admission, routing and forwarding are the pipeline's, the image and text work is this route's."""
 
-    def __init__(self, proxy: Proxy) -> None:
-        self.proxy = proxy
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+        self.config = pipeline.config
         self._slots = asyncio.Semaphore(COMPOSE_SLOTS)
+
+    def attach(self, app: web.Application) -> None:
+        app.router.add_post(ROUTE, self.handle)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         ctx = request[CTX]
         ctx.route = ROUTE
-        if not self.proxy.config.crop_describe:
+        if not self.config.crop_describe:
             return error_response(404, "crop-describe is turned off for this pool (spec.proxy.cropDescribe: false)",
                                   type_="invalid_request_error", code="crop_describe_disabled")
-        return await self.proxy.within_body_budget(request, lambda: self._run(request, ctx))
+        return await self.pipeline.within_body_budget(request, lambda: self._run(request, ctx))
 
     async def _run(self, request: web.Request, ctx: RequestContext) -> web.StreamResponse:
-        raw = await self.proxy.read_body(request)
-        if isinstance(raw, web.Response):
-            return raw
-        try:
-            body = parse_json(raw)
-        except InputRefused as e:
-            return error_response(400, str(e), type_="invalid_request_error", code=e.code)
-        del raw
-        if not isinstance(body, dict):
-            return error_response(400, "request body must be a JSON object", type_="invalid_request_error",
-                                  code="invalid_json")
+        read = await self.pipeline.read_json_object(request)
+        if isinstance(read, web.Response):
+            return read
+        body = read[1]
+        del read
         try:
             req = parse_request(body)
         except CropInputError as e:
@@ -143,7 +138,7 @@ class CropDescribe:
         body.clear()  # the image's text lives on in req only until it is decoded
         if req.model is None:
             try:
-                req.model = await self.proxy.base_model()
+                req.model = await self.pipeline.base.get()
             except EngineUnavailable as e:
                 return unavailable_response(e)
             except EngineHTTPError as e:
@@ -160,7 +155,7 @@ class CropDescribe:
         payload = self._payload(req, uri, build_prompt(req.scene_prompt, panels, req.detections,
                                                        req.response_format is not None))
         del uri
-        resp = await self.proxy.dispatch(request, ctx, ENGINE_ROUTE, req.model, payload, None, False, relay=False)
+        resp = await self.pipeline.dispatch(request, ctx, ENGINE_ROUTE, req.model, payload, None, False, relay=False)
         if resp.status != 200 or not isinstance(resp, web.Response):
             return resp  # an error answer, already in the error table's shape
         return self._answer(req, panels, resp, t0)
@@ -172,7 +167,7 @@ class CropDescribe:
             {"type": "image_url", "image_url": {"url": uri}}, {"type": "text", "text": prompt}]}])
         if req.response_format is not None:
             payload["response_format"] = req.response_format
-        if req.enable_thinking is not None and self.proxy.config.thinking == "switch":
+        if req.enable_thinking is not None and self.config.thinking == "switch":
             kwargs = payload.get("chat_template_kwargs")
             payload["chat_template_kwargs"] = {**(kwargs if isinstance(kwargs, dict) else {}),
                                                "enable_thinking": req.enable_thinking}
@@ -189,7 +184,7 @@ class CropDescribe:
         except (ValueError, KeyError, IndexError, TypeError, AttributeError):
             return error_response(502, "the engine's answer is not a chat completion", type_="engine_error",
                                   code="engine_bad_answer")
-        prefilled = self.proxy.config.thinking == "switch" and req.enable_thinking is not False
+        prefilled = self.config.thinking == "switch" and req.enable_thinking is not False
         thinking, text = split_thinking(content, prefilled)
         if isinstance(reasoning, str) and reasoning.strip():  # the engine's reasoning parser split it off
             thinking = reasoning.strip()

@@ -3,181 +3,89 @@
 Two aiohttp applications on two ports (the admin one is reachable by the operator only, through a
 NetworkPolicy, and needs a bearer token). Async end to end: one event loop, no thread pool, the only
 cap on concurrency is the resizable limiter in front of the engine.
+
+This module wires the parts and runs them: ``Proxy`` builds the request pipeline (pipeline.py: body
+admission, the model, engine admission, routing to an adapter version, forwarding) and the state applier
+(the registry, which the admin API feeds), and attaches the routes to them (routes_openai.py,
+crop_describe.py, routes_ops.py, admin.py); its middleware gives every request its context, metrics and
+access-log line. ``start_proxy``/``stop_proxy``/``run_proxy`` run it with the drain.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from aiohttp import web
 
 from .admin import ADMIN_MAX_BODY_BYTES, AdminAPI
+from .config import ProxyConfig
 from .context import CTX, RequestContext
-from .crop_describe import ROUTE as CROP_DESCRIBE_ROUTE
-from .crop_describe import THINKING_MODES, CropDescribe
-from .defaults import (
-    BODY_RATE_WINDOW_S,
-    DEFAULT_BODY_TIMEOUT_S,
-    DEFAULT_CONCURRENCY,
-    DEFAULT_HEADER_TIMEOUT_S,
-    DEFAULT_MAX_ANSWER_BYTES,
-    DEFAULT_MAX_BODY_BYTES,
-    DEFAULT_MIN_BODY_RATE,
-    DEFAULT_QUEUE_LIMIT,
-    DEFAULT_QUEUE_TIMEOUT_S,
-    DEFAULT_REQUEST_TIMEOUT_S,
-    DEFAULT_SEND_TIMEOUT_S,
-)
+from .crop_describe import CropDescribe
 from .drain import Drain
-from .engine import EngineClient, EngineHTTPError, EngineUnavailable
-from .errors import (
-    adapter_unavailable,
-    error_response,
-    http_code,
-    map_engine_error,
-    model_not_found,
-    too_large,
-    unavailable_response,
-)
+from .engine import EngineClient
+from .errors import error_response, http_code
 from .forwarding import Forwarder
-from .guard import ApiKeys, BodyHold, BodyLimits, InputRefused, parse_json, read_request_body
-from .limiter import ByteBudget, LimiterRejected, ResizableLimiter
+from .guard import ApiKeys
+from .limiter import ResizableLimiter
 from .logs import REQUEST_ID, get_logger, new_request_id
 from .metrics import ProxyMetrics
-from .state import AdapterRegistry, Unavailable
+from .pipeline import BaseName, Pipeline
+from .routes_openai import OpenAIRoutes
+from .routes_ops import OPEN_PATHS, OpsRoutes
+from .state import AdapterRegistry
 from .upstream import Upstream
+
+__all__ = ["Proxy", "ProxyConfig", "RunningProxy", "run_proxy", "start_proxy", "stop_proxy"]
 
 log = get_logger()
 access_log = get_logger("access")
 
 REQUEST_ID_RE = re.compile(r"^[\x21-\x7e]{1,200}$")
-ENGINE_METRICS_ROUTE = "/metrics/engine"  # the engine's own /metrics, which listens on the pod's loopback only
-# never behind the API key
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/drainz", "/metrics", ENGINE_METRICS_ROUTE})
 LINGER_S = 2.0  # aiohttp's default is 10 s of reading a refused body's rest
 
 
-@dataclass
-class ProxyConfig:
-    engine_url: str = "http://127.0.0.1:8000"
-    host: str = "0.0.0.0"
-    port: int = 8080
-    admin_host: str | None = None  # defaults to host
-    admin_port: int = 8081
-    admin_token: str | None = None
-    base_model: str | None = None
-    concurrency: int = DEFAULT_CONCURRENCY
-    queue_limit: int = DEFAULT_QUEUE_LIMIT
-    max_loras: int = 0  # the engine's --max-loras, exported for routers (vllm:lora_requests_info max_lora)
-    queue_timeout: float = DEFAULT_QUEUE_TIMEOUT_S
-    request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    max_inflight_body_bytes: int | None = None  # request bodies held at once; default 2 x max_body_bytes
-    header_timeout: float = DEFAULT_HEADER_TIMEOUT_S  # a request's headers (also the keep-alive idle time)
-    body_timeout: float = DEFAULT_BODY_TIMEOUT_S  # a request's whole body, once its headers arrived
-    min_body_rate: int = DEFAULT_MIN_BODY_RATE  # bytes/s over every body_rate_window (0: no minimum)
-    body_rate_window: float = BODY_RATE_WINDOW_S
-    send_timeout: float = DEFAULT_SEND_TIMEOUT_S  # a write to a client that makes no progress this long
-    max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES  # a non-streaming engine answer at most (else 502)
-    # adapter paths must resolve inside it; None: any absolute path without '.'/'..' components (the CLI
-    # always sets one: --adapter-root defaults to the pods' mount path)
-    adapter_root: str | None = None
-    api_key_dir: str | None = None  # a mounted Secret: each file's value is an accepted bearer token
-    access_log: bool = True
-    shutdown_timeout: float = 30.0
-    drain_seconds: float = 0.0  # after SIGTERM: unready but serving this long (the CLI's default: 5)
-    load_parallelism: int = 4  # adapter loads at once until a push sets it
-    retry_interval: float = 5.0  # re-try loads that met an unreachable engine this often (0: never)
-    crop_describe: bool = True  # POST /v1/vlmpool/crop-describe (spec.proxy.cropDescribe)
-    thinking: str = "none"  # "switch": the model's chat template takes enable_thinking (the family's)
-
-    def validate(self) -> None:
-        problems = []
-        if not self.admin_token:
-            problems.append(
-                "an admin token is required: set VLMPOOL_ADMIN_TOKEN or VLMPOOL_ADMIN_TOKEN_FILE "
-                "(the admin API is never served without one)"
-            )
-        if self.concurrency < 1:
-            problems.append(f"concurrency must be >= 1 (got {self.concurrency})")
-        if not 0 <= self.drain_seconds <= 600:
-            problems.append(f"drain seconds must be 0..600 (got {self.drain_seconds:g})")
-        if not 1 <= self.load_parallelism <= 64:
-            problems.append(f"load parallelism must be 1..64 (got {self.load_parallelism})")
-        if self.queue_limit < 0:
-            problems.append(f"queue limit must be >= 0 (got {self.queue_limit})")
-        if self.queue_timeout <= 0:
-            problems.append(f"queue timeout must be > 0 seconds (got {self.queue_timeout})")
-        if self.request_timeout <= 0:
-            problems.append(f"request timeout must be > 0 seconds (got {self.request_timeout})")
-        if self.max_inflight_body_bytes is not None and self.max_inflight_body_bytes < self.max_body_bytes:
-            problems.append(f"max in-flight body bytes ({self.max_inflight_body_bytes}) must be >= max body bytes "
-                            f"({self.max_body_bytes})")
-        if self.header_timeout <= 0 or self.body_timeout <= 0 or self.send_timeout <= 0:
-            problems.append("header, body and send timeouts must be > 0 seconds")
-        if self.min_body_rate < 0 or self.body_rate_window <= 0:
-            problems.append(f"min body rate must be >= 0 bytes/s (got {self.min_body_rate}) over a window > 0 s "
-                            f"(got {self.body_rate_window:g})")
-        if self.max_answer_bytes < 1024:
-            problems.append(f"max answer bytes must be >= 1024 (got {self.max_answer_bytes})")
-        if self.api_key_dir is not None and not os.path.isdir(self.api_key_dir):
-            problems.append(f"API key directory {self.api_key_dir} does not exist")
-        if self.adapter_root is not None and not self.adapter_root.startswith("/"):
-            problems.append(f"adapter root must be an absolute path (got {self.adapter_root!r})")
-        if self.thinking not in THINKING_MODES:
-            problems.append(f"thinking must be one of {', '.join(THINKING_MODES)} (got {self.thinking!r})")
-        if not self.engine_url.startswith(("http://", "https://")):
-            problems.append(f"engine URL must be http(s)://host:port (got {self.engine_url!r})")
-        if problems:
-            raise ValueError("; ".join(problems))
-
-
 class Proxy:
-    """State and handlers of one proxy. ``build_apps()`` gives (public app, admin app)."""
+    """One proxy: its parts, wired. ``build_apps()`` gives (public app, admin app)."""
 
     def __init__(self, config: ProxyConfig) -> None:
         config.validate()
         self.config = config
         self.metrics = ProxyMetrics()
         self.engine = EngineClient(config.engine_url, request_timeout=config.request_timeout)
-        self._engine_metrics: tuple[float, str | None] = (0.0, None)  # (monotonic time, text): handle_engine_metrics
-        self._engine_metrics_lock = asyncio.Lock()
         self.limiter = ResizableLimiter(config.concurrency, config.queue_limit)
         self.metrics.bind_limiter(lambda: self.limiter.active, lambda: self.limiter.waiting, lambda: self.limiter.limit)
+        self.base = BaseName(self.engine, config.base_model)
+        # the state applier: the admin API's pushes converge here; the pipeline routes through it
         self.registry = AdapterRegistry(
             self.engine, self.metrics,
-            base_model=lambda: self._base_model,
+            base_model=lambda: self.base.known,
             on_concurrency=self._resize,
             concurrency=lambda: self.limiter.limit,
             load_parallelism=config.load_parallelism,
         )
-        self._base_model: str | None = config.base_model
-        self._base_lock = asyncio.Lock()
-        self._created = int(time.time())
         self.shutting_down = False
         self.drain = Drain(config.drain_seconds, config.shutdown_timeout)
         self.upstream = Upstream(config.engine_url, keepalive_s=4.0)
-        # memory: bodies held stay within --max-inflight-body-bytes: the oldest body still arriving may
-        # take one request's maximum beyond what the others may (ByteBudget's deadlock rule), so the
-        # others share the budget less that reserve
-        budget = config.max_inflight_body_bytes or 2 * config.max_body_bytes
-        self.body_budget = ByteBudget(max(1, budget - config.max_body_bytes), config.queue_limit)
-        self.metrics.body_bytes.set_function(lambda: self.body_budget.used)
-        self.bodies_arriving: dict[BodyHold, None] = {}  # oldest first (ByteBudget's deadlock rule)
-        self.body_limits = BodyLimits(config.max_body_bytes, config.body_timeout, config.min_body_rate,
-                                      config.body_rate_window, config.queue_timeout)
         self.api_keys = ApiKeys(config.api_key_dir) if config.api_key_dir else None
         self.metrics.bind_routing(self.registry.served_names, config.max_loras, config.base_model or "")
-        self.forwarder = Forwarder(self.upstream, self.registry, self.metrics, config.request_timeout,
-                                   send_timeout=config.send_timeout, max_answer_bytes=config.max_answer_bytes)
-        self.crop_describe = CropDescribe(self)
-        self.admin = AdminAPI(self.registry, config.admin_token or "", base_model=self.base_model,
+        forwarder = Forwarder(self.upstream, self.registry, self.metrics, config.request_timeout,
+                              send_timeout=config.send_timeout, max_answer_bytes=config.max_answer_bytes)
+        self.pipeline = Pipeline(config, self.metrics, self.base, self.limiter, self.registry, forwarder)
+        self.body_budget = self.pipeline.body_budget
+        self.bodies_arriving = self.pipeline.bodies_arriving
+        # the public port's routes, in this order
+        self.routes = (
+            OpenAIRoutes(self.pipeline),
+            CropDescribe(self.pipeline),
+            OpsRoutes(self.engine, config.engine_url, self.registry, self.metrics, self.drain,
+                      lambda: self.shutting_down),
+        )
+        self.admin = AdminAPI(self.registry, config.admin_token or "", base_model=self.base.get,
                               adapter_root=config.adapter_root, body_timeout=config.body_timeout)
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -198,19 +106,12 @@ class Proxy:
     def build_apps(self) -> tuple[web.Application, web.Application]:
         public_mw = [self._middleware] + ([self._api_key_auth] if self.api_keys is not None else [])
         public = web.Application(client_max_size=self.config.max_body_bytes, middlewares=public_mw)
-        public.router.add_post("/v1/chat/completions", self.handle_generation)
-        public.router.add_post("/v1/completions", self.handle_generation)
-        public.router.add_get("/v1/models", self.handle_models)
-        public.router.add_post(CROP_DESCRIBE_ROUTE, self.crop_describe.handle)
-        public.router.add_get("/healthz", self.handle_healthz)
-        public.router.add_get("/readyz", self.handle_readyz)
-        public.router.add_get("/drainz", self.drain.handle_drainz)
-        public.router.add_get("/metrics", self.handle_metrics)
-        public.router.add_get(ENGINE_METRICS_ROUTE, self.handle_engine_metrics)
+        for routes in self.routes:
+            routes.attach(public)
         public.on_response_prepare.append(self._stamp_request_id)
 
         admin = web.Application(client_max_size=ADMIN_MAX_BODY_BYTES, middlewares=[self._middleware, self.admin.auth])
-        self.admin.routes(admin)
+        self.admin.attach(admin)
         admin.on_response_prepare.append(self._stamp_request_id)
         return public, admin
 
@@ -282,200 +183,6 @@ class Proxy:
         if ctx is not None:
             response.headers["X-Request-Id"] = ctx.request_id
 
-    # -- base model ---------------------------------------------------------------------------
-    async def base_model(self) -> str | None:
-        """The engine's served base name: configured, else read once from the engine's /v1/models (the
-        model card without a parent)."""
-        if self._base_model is not None:
-            return self._base_model
-        async with self._base_lock:
-            if self._base_model is None:
-                models = await self.engine.list_models()
-                for m in models:
-                    if isinstance(m, dict) and not m.get("parent") and isinstance(m.get("id"), str):
-                        self._base_model = m["id"]
-                        log.info("base model discovered from the engine", extra={"base_model": m["id"]})
-                        break
-        return self._base_model
-
-    # -- public handlers ----------------------------------------------------------------------
-    async def handle_healthz(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
-
-    async def handle_readyz(self, request: web.Request) -> web.Response:
-        reasons = []
-        if self.shutting_down:
-            reasons.append("shutting down")
-        if self.registry.generation is None:
-            reasons.append("no state received from the operator yet")
-        elif self.registry.first_converged_at is None:
-            # a new (rolling) pod: Ready once it holds the pool's adapters, not while it would 404 them;
-            # later generations (an adapter added, an engine restart) keep it Ready, serving what it holds
-            c = self.registry.counts()
-            reasons.append(f"loading the pool's adapters: {c['loaded']} loaded, {c['failed']} refused of "
-                           f"{len(self.registry.desired)}")
-        if not await self.engine.healthy():
-            reasons.append(f"engine at {self.config.engine_url} is not healthy")
-        if reasons:
-            return web.json_response({"status": "not ready", "reasons": reasons}, status=503)
-        return web.json_response({"status": "ready", "generation": self.registry.generation})
-
-    async def handle_metrics(self, request: web.Request) -> web.Response:
-        await self.metrics.engine_gauges.refresh(self.engine.metrics_text)
-        return web.Response(body=self.metrics.render(), headers={"Content-Type": self.metrics.content_type})
-
-    async def handle_engine_metrics(self, request: web.Request) -> web.Response:
-        """vLLM's own /metrics text (all its vllm:* series), for Prometheus: the engine is reachable only
-        from inside the pod. One engine read per second at most, whoever scrapes (4 MiB, 1 s bounds:
-        EngineClient.metrics_text); 503 while the engine does not answer."""
-        now = time.monotonic()
-        async with self._engine_metrics_lock:
-            at, text = self._engine_metrics
-            if text is None or now - at >= 1.0:
-                text = await self.engine.metrics_text()
-                self._engine_metrics = (time.monotonic(), text)
-        if text is None:
-            return web.Response(status=503, text="the engine's /metrics did not answer\n")
-        return web.Response(text=text, content_type="text/plain", charset="utf-8")
-
-    async def handle_models(self, request: web.Request) -> web.Response:
-        request[CTX].route = "/v1/models"
-        try:
-            base = await self.base_model()
-        except (EngineUnavailable, EngineHTTPError) as e:
-            base = None
-            log.warning("base model unknown and the engine could not tell it", extra={"error": str(e)})
-        data = []
-        if base:
-            data.append({"id": base, "object": "model", "created": self._created, "owned_by": "vlmpool", "root": base,
-                         "parent": None})
-        for served in self.registry.served_names():
-            v = self.registry.alias.get(served)
-            if v is None:
-                continue
-            data.append({
-                "id": served, "object": "model", "created": self._created, "owned_by": "vlmpool",
-                "root": v.internal, "parent": base, "version": v.version,
-            })
-        return web.json_response({"object": "list", "data": data})
-
-    async def handle_generation(self, request: web.Request) -> web.StreamResponse:
-        route = request.path
-        ctx = request[CTX]
-        ctx.route = route
-        return await self.within_body_budget(request, lambda: self._generation(request, ctx, route))
-
-    async def within_body_budget(self, request: web.Request,
-                                 run: Callable[[], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-        """``run()`` with the request's body taken from the in-flight body budget as it arrives (through
-        :meth:`read_body`) and given back when the request ends; 413 for an announced body too large,
-        429 when the budget stayed full."""
-        announced = request.content_length
-        if announced is not None and announced > self.config.max_body_bytes:
-            return too_large(self.config.max_body_bytes)
-        hold = request[CTX].body_hold = BodyHold(self.body_budget, self.bodies_arriving, self.config.max_body_bytes)
-        try:
-            return await run()
-        except LimiterRejected as e:
-            resp = self._rejected(e)
-            resp.force_close()  # the rest of the body is never read
-            return resp
-        finally:
-            hold.release()
-
-    async def read_body(self, request: web.Request) -> bytearray | web.Response:
-        """The request's body within the body limits (size, deadline, minimum rate) and the budget."""
-        return await read_request_body(request, self.body_limits, hold=request[CTX].body_hold,
-                                       on_cut=lambda why: self.metrics.client_cuts.labels(why).inc())
-
-    async def _generation(self, request: web.Request, ctx: RequestContext, route: str) -> web.StreamResponse:
-        raw: bytearray | web.Response | None
-        payload: dict | None
-        raw = await self.read_body(request)
-        if isinstance(raw, web.Response):
-            return raw
-        try:
-            payload = parse_json(raw)
-        except InputRefused as e:
-            return error_response(400, str(e), type_="invalid_request_error", code=e.code)
-        if not isinstance(payload, dict):
-            return error_response(400, "request body must be a JSON object", type_="invalid_request_error",
-                                  code="invalid_json")
-        model = payload.get("model")
-        if not isinstance(model, str) or not model:
-            return error_response(400, "`model` is required and must be a string", type_="invalid_request_error",
-                                  code="invalid_model", param="model")
-        ctx.model = model
-        if "response_format" in payload and payload["response_format"] is None:
-            del payload["response_format"]  # some OpenAI-compatible servers reject an explicit null
-            raw = None
-        stream = payload.get("stream") is True
-        # memory: dispatch keeps one form of the body; this frame must hold neither (a 60 MB image
-        # string parsed and the bytes as received would both live until the answer is sent)
-        held: list = [payload, raw]
-        del payload, raw
-        return await self.dispatch(request, ctx, route, model, *_handed_over(held), stream)
-
-    async def dispatch(self, request: web.Request, ctx: RequestContext, route: str, model: str,
-                       payload: dict | None, raw: bytearray | None, stream: bool,
-                       relay: bool = True) -> web.StreamResponse:
-        """One generation for ``model`` (the base or a desired adapter) through the limiter, the adapter
-        routing and the forwarder; the body is ``raw`` as received, or ``payload`` (``raw`` None)."""
-        adapter = self.registry.is_desired(model)
-        if adapter:
-            ctx.model_label = model
-        else:
-            try:
-                base = await self.base_model()
-            except EngineUnavailable as e:
-                return unavailable_response(e)
-            except EngineHTTPError as e:
-                return map_engine_error(e.status, e.body)
-            if model != base:
-                return model_not_found(model)
-            ctx.model_label = model
-        # memory: keep one form of the body while it waits and runs, the bytes as received (base
-        # model, nothing rewritten) or the parsed object (the model name is rewritten)
-        if adapter or raw is None:
-            raw = None
-        else:
-            payload = None
-
-        t_wait = time.perf_counter()
-        lora, served = self.metrics.lora, model if adapter else None  # the LoRA view routers read
-        lora.queued(served)
-        try:
-            await self.limiter.acquire(self.config.queue_timeout)
-        except LimiterRejected as e:
-            return self._rejected(e)
-        finally:
-            lora.dequeued(served)
-        lora.started(served)
-        ctx.queue_s = time.perf_counter() - t_wait
-        self.metrics.queue_wait.observe(ctx.queue_s)
-        try:
-            if adapter:
-                # route only now, when the request goes to the engine: a request that waited in the
-                # queue through a swap gets the new version, and never delays the old one's unload
-                if not self.registry.is_desired(model):
-                    return model_not_found(model)  # removed while it waited
-                try:
-                    ctx.version = self.registry.acquire(model)
-                except Unavailable as e:
-                    return adapter_unavailable(str(e))
-            return await self.forwarder.forward(request, route, model, payload, raw, stream, relay)
-        finally:
-            self.limiter.release()
-            lora.finished(served)
-            if ctx.version is not None:
-                self.registry.release(ctx.version)
-                ctx.version = None
-
-    def _rejected(self, e: LimiterRejected) -> web.Response:
-        self.metrics.rejected.labels(e.reason).inc()
-        retry_after = "1" if e.reason == "queue_full" else str(max(1, int(self.config.queue_timeout // 10)))
-        return error_response(429, f"too many requests: {e}", type_="rate_limit_error", code=e.reason,
-                              headers={"Retry-After": retry_after})
 
 @dataclass
 class RunningProxy:
@@ -486,13 +193,6 @@ class RunningProxy:
     admin_port: int
     bind: str = ""  # the addresses really bound (0.0.0.0 stays 0.0.0.0), for the log
     admin_bind: str = ""
-
-
-def _handed_over(held: list) -> tuple[dict | None, bytearray | None]:
-    """``held``'s (payload, raw), ``held`` emptied: the caller keeps no reference to them."""
-    payload, raw = held
-    held.clear()
-    return payload, raw
 
 
 async def start_proxy(config: ProxyConfig) -> tuple[RunningProxy, list[web.AppRunner]]:

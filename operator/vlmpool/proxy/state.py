@@ -1,5 +1,5 @@
 """The adapter registry: desired state, routing, swaps, drains, self-heal (the background convergence
-is converge.py's; the pushed state's validation desired.py's).
+is converge.py's; the pushed state's form and validation vlmpool/adminwire.py's).
 
 Names:
 - served name: what clients put in ``model`` (the VLMAdapter's name);
@@ -16,15 +16,15 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+from vlmpool.adminwire import AdapterEntry, DesiredState, internal_name
 from vlmpool.vllm_contract import ENGINE_DEAD_TEXT
 
 from .converge import LOAD_ATTEMPTS, REASON_CHARS, Converger, LoadedVersion, reason
-from .desired import AdapterSpec, DesiredState, internal_name
 from .engine import EngineClient, EngineHTTPError, EngineUnavailable
 from .logs import REQUEST_ID, get_logger
 from .metrics import ProxyMetrics
 
-__all__ = ["AdapterRegistry", "AdapterSpec", "DesiredState", "LoadedVersion", "Unavailable", "internal_name"]
+__all__ = ["AdapterEntry", "AdapterRegistry", "DesiredState", "LoadedVersion", "Unavailable", "internal_name"]
 
 log = get_logger("state")
 
@@ -61,7 +61,7 @@ class AdapterRegistry(Converger):
         self.converged_generation: int | None = None  # newest generation whose convergence finished
         self.load_parallelism = load_parallelism
         self._default_parallelism = load_parallelism
-        self.desired: dict[str, AdapterSpec] = {}
+        self.desired: dict[str, AdapterEntry] = {}
         self.alias: dict[str, LoadedVersion] = {}
         self.versions: dict[str, LoadedVersion] = {}  # internal -> loaded version (serving or draining)
         self.status: dict[str, dict] = {}  # served -> state of the desired version (pending/loading/loaded/failed)

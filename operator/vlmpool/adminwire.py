@@ -1,10 +1,26 @@
-"""The desired state the operator pushes (``PUT /admin/v1/state``), validated before it reaches the
-registry: names, versions, paths, an int64 generation, the concurrency and the load parallelism."""
+"""The admin API's wire format: the desired state the operator pushes to every pod's proxy
+(``PUT /admin/v1/state``): ONE set of typed models, the only place that format is declared.
+
+The operator builds its pushes from these models (manifests/adapter.py ``desired_entry`` and
+``desired_state``; controller/pushing.py adds the generation and the load parallelism) and the proxy
+validates what arrives with them (proxy/admin.py), then converges to it (proxy/converge.py).
+
+A push's body, as the operator writes it (json.dumps of a dict: the keys in this order)::
+
+    {"generation": 7, "concurrency": 16,
+     "adapters": [{"name": "invoices", "version": "<hex digest>", "path": "<adapter root>/.../versions/<digest>"}],
+     "load_parallelism": 4}
+
+The module is neutral on purpose, like families.py: it imports nothing from vlmpool, so the operator
+(manifests, controller), the patcher (the version's form) and the proxy all import it without one
+importing another.
+"""
 
 from __future__ import annotations
 
 import re
-from typing import Annotated
+from collections.abc import Iterable
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
 
@@ -15,16 +31,19 @@ SERVED_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,252}")  # fullmatch:
 VERSION_RE = re.compile(r"[0-9a-f]{8,64}")
 # an engine LoRA name vlmpool gave: `<served>@<version>` (served names have no '@')
 INTERNAL_RE = re.compile(f"{SERVED_NAME_RE.pattern}@{VERSION_RE.pattern}")
+MAX_CONCURRENCY = 100_000
 MAX_LOAD_PARALLELISM = 64
 # the one bound on a pushed state's size: every limit on the push (the entries, the JSON containers,
 # the body's bytes) is derived from it, so a state of MAX_ADAPTERS entries of the largest form fits
 MAX_ADAPTERS = 10_000
 MAX_NAME_CHARS = 253
 MAX_VERSION_CHARS = 128  # kept to bound memory; a version not of VERSION_RE is refused per adapter
-MAX_PATH_CHARS = 1024  # printable ASCII without quote or backslash (guard.confine_path)
+MAX_PATH_CHARS = 1024  # printable ASCII without quote or backslash (the proxy's guard.confine_path)
 
 
-class AdapterSpec(BaseModel):
+class AdapterEntry(BaseModel):
+    """One adapter of the state: its served name, the version to serve, that version's directory."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: StrictStr
@@ -37,6 +56,15 @@ class AdapterSpec(BaseModel):
         if not SERVED_NAME_RE.fullmatch(v):
             raise ValueError("must match [A-Za-z0-9][A-Za-z0-9._:/-]* (max 253 chars, no '@')")
         return v
+
+    @classmethod
+    def of(cls, name: str, version: str, path: str) -> AdapterEntry:
+        """An entry as the operator builds it: not validated here (the proxy validates what it gets,
+        and refuses a bad entry alone or the whole state, and says why)."""
+        return cls.model_construct(name=name, version=version, path=path)
+
+    def wire(self) -> dict[str, str]:
+        return {"name": self.name, "version": self.version, "path": self.path}
 
     def version_problem(self) -> str | None:
         """Why this entry's version is refused (the adapter alone is refused, the others converge)."""
@@ -51,23 +79,31 @@ class AdapterSpec(BaseModel):
 
 
 class DesiredState(BaseModel):
+    """The whole state, as the proxy validates it."""
+
     model_config = ConfigDict(extra="forbid")
 
     generation: Annotated[StrictInt, Field(ge=0, lt=2**63)]  # an int64, as metadata.generation
-    concurrency: Annotated[StrictInt, Field(ge=1, le=100_000)]
+    concurrency: Annotated[StrictInt, Field(ge=1, le=MAX_CONCURRENCY)]
     # adapter loads at once while converging (the pool's spec.engine.loadParallelism); None: the proxy's flag
     load_parallelism: Annotated[StrictInt, Field(ge=1, le=MAX_LOAD_PARALLELISM)] | None = None
-    adapters: list[AdapterSpec] = Field(default_factory=list, max_length=MAX_ADAPTERS)
+    adapters: list[AdapterEntry] = Field(default_factory=list, max_length=MAX_ADAPTERS)
 
     @field_validator("adapters")
     @classmethod
-    def _unique(cls, v: list[AdapterSpec]) -> list[AdapterSpec]:
+    def _unique(cls, v: list[AdapterEntry]) -> list[AdapterEntry]:
         seen: set[str] = set()
         for a in v:
             if a.name in seen:
                 raise ValueError(f"adapter name {a.name!r} appears more than once")
             seen.add(a.name)
         return v
+
+
+def state_wire(concurrency: int, adapters: Iterable[AdapterEntry]) -> dict[str, Any]:
+    """The state as the operator builds it before the push: ``{"concurrency", "adapters"}`` (the push
+    puts ``generation`` first and adds ``load_parallelism``, the pool's, last)."""
+    return {"concurrency": concurrency, "adapters": [a.wire() for a in adapters]}
 
 
 def internal_name(served: str, version: str) -> str:
