@@ -335,7 +335,8 @@ def loads(rig: Rig, args) -> dict:
     rig.wait_unloaded()
 
     def summary(xs: list[float]) -> dict:
-        return {"n": len(xs), "median_ms": percentile(xs, 0.5) * 1000, "p95_ms": percentile(xs, 0.95) * 1000}
+        return {"n": len(xs), "median_ms": percentile(xs, 0.5) * 1000, "p95_ms": percentile(xs, 0.95) * 1000,
+                "ms": [round(x * 1000, 1) for x in xs]}
 
     out = {"direct_load": summary(direct), "direct_unload": summary(unload), "direct_failed": failed,
            "proxy_push_wait": summary(pushed), "proxy_push_to_loaded": summary(polled), "proxy_failed": push_failed}
