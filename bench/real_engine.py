@@ -24,10 +24,11 @@ Sections (--sections, comma-separated, run in this order):
   proxy converged: its /v1/models planning call, the engine load, the state flip) then GET until the state
   shows it loaded.
 - swap: --swaps version swaps of one adapter through the proxy's push path (load the new version's name,
-  serve requests on it, unload the old one once drained) while a second adapter stays live, then a rollback
-  to the first version. After each: the engine's /v1/models, whether requests to the current version and
-  the live one succeed, whether any load failed, the engine's RSS (VmRSS summed over its process group),
-  the worker's adapter ids (dev-mode /collective_rpc list_loras), and the lora series on /metrics.
+  serve requests on it, unload the old one once drained), then a rollback of the last swap; first alone,
+  then with a second adapter live (used before the swapped one in every step). After each: the engine's
+  /v1/models, whether requests to the current version and the live one succeed, whether any load failed,
+  the engine's RSS (VmRSS summed over its process group), the worker's adapter ids after the push and
+  after the requests (dev-mode /collective_rpc list_loras), and the lora series on /metrics.
 
 Everything shares this machine's cores (engine, proxy, load generator, and whatever else runs): the report
 prints nproc, memory and the load average (uptime) before and after each section; compare direct and proxy
@@ -350,12 +351,14 @@ def loads(rig: Rig, args) -> dict:
 # ---- section 3: swap residency ------------------------------------------------------------------------------
 
 def swap_phase(rig: Rig, args, phase: str, live: bool, first: int, names: dict[int, str], rss0: int) -> list[dict]:
-    """args.swaps version swaps of `swap` (then a rollback to this phase's first version) through the proxy's
+    """args.swaps version swaps of `swap` (then a rollback of the last swap) through the proxy's
     push path; with `live`, the adapter `ovh` stays desired and gets one request per step before `swap`'s
     requests (so at the next load it, not the unloaded old version, is the least recently used)."""
     steady = {"name": "ovh", "version": OVH_VERSION, "path": rig.version_dir("ovh", OVH_VERSION, 0)}
     versions = [f"{first + i:08x}" for i in range(args.swaps + 1)]
-    steps = [*enumerate(versions), (0, versions[0])]  # the last one: a rollback to the first version
+    # the last step rolls the last swap back: the version unloaded one step before is loaded again (a new
+    # engine id: vLLM forgot the name at the unload, not the weights)
+    steps = [*enumerate(versions), (len(versions) - 2, versions[-2])]
     rows = []
 
     def ids(worker: list[int] | None) -> str:
