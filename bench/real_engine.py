@@ -55,9 +55,23 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(REPO / "tests" / "vllm"))
 from benchlib import cpu_seconds, percentile, wait_http  # noqa: E402
-from real_engine import free_port, start_engine  # noqa: E402 - tests/vllm: the engine as the tests start it
+
+
+def _tests_engine_module():
+    """tests/vllm/real_engine.py (the engine as the tests start it), loaded under its own name: this file has
+    the same module name."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("vllm_test_engine", REPO / "tests" / "vllm" / "real_engine.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+_engine = _tests_engine_module()
+free_port, start_engine = _engine.free_port, _engine.start_engine
 
 TOKEN = "bench-real-engine-token-0123456789"
 BASE = "base"
@@ -129,6 +143,7 @@ class Rig:
         self.proxy_url, self.admin_url, self.root = proxy_url, admin_url, root
         self.generation = 0
         self.sources: list[Path] = []
+        self.proxy_log = root / "proxy.log"
         self.ovh_id: int | None = None  # the worker's int id of the adapter the overhead section uses
 
     def version_dir(self, name: str, version: str, seed: int) -> str:
@@ -243,6 +258,23 @@ async def chunk(session, url: str, body: bytes, stream: bool, n: int, conc: int)
     return out, time.perf_counter() - t0, errors
 
 
+def handler_times(log: Path, offset: int) -> list[float]:
+    """From the proxy's access log after `offset`: duration - engine time - queue wait (ms), per 200 chat."""
+    out = []
+    with open(log, "rb") as f:
+        f.seek(offset)
+        for line in f:
+            if b'"engine_ms"' not in line or b"/v1/chat/completions" not in line:
+                continue
+            try:
+                x = json.loads(line)
+            except ValueError:
+                continue
+            if x.get("status") == 200:
+                out.append(x["duration_ms"] - x["engine_ms"] - x.get("queue_ms", 0.0))
+    return out
+
+
 def request_body(model: str, tokens: int, stream: bool) -> bytes:
     return json.dumps({"model": model, "messages": [{"role": "user", "content": "describe the scene"}],
                        "max_tokens": tokens, "min_tokens": tokens, "temperature": 0, "stream": stream}).encode()
@@ -263,6 +295,7 @@ async def overhead(rig: Rig, args, adapter_engine_name: str) -> list[dict]:
                             "proxy": (f"{rig.proxy_url}/v1/chat/completions", proxy_body)}
                     for side in urls:  # warm-up, unmeasured
                         await chunk(session, urls[side][0], urls[side][1], stream, conc, conc)
+                    log_offset = rig.proxy_log.stat().st_size
                     res = {s: {"lat": [], "ttft": [], "wall": 0.0, "errors": 0, "cpu": 0.0} for s in urls}
                     per_chunk = conc * 2
                     chunks = max(1, -(-args.requests // per_chunk))
@@ -289,6 +322,9 @@ async def overhead(rig: Rig, args, adapter_engine_name: str) -> list[dict]:
                     row["added_p50_ms"] = p["p50_ms"] - d["p50_ms"]
                     row["rps_ratio"] = p["rps"] / d["rps"]
                     row["proxy_cpu_ms_per_request"] = res["proxy"]["cpu"] / max(1, per_chunk * chunks) * 1000
+                    inside = handler_times(rig.proxy_log, log_offset)
+                    row["in_proxy_p50_ms"] = percentile(inside, 0.5)
+                    row["in_proxy_p95_ms"] = percentile(inside, 0.95)
                     row["added_ttft_p50_ms"] = (p["ttft_p50_ms"] - d["ttft_p50_ms"]) if stream else None
                     rows.append(row)
                     ttft = (f"{d['ttft_p50_ms']:>7.1f}/{p['ttft_p50_ms']:<7.1f}" if stream else f"{'-':>7}/{'-':<7}")
@@ -296,7 +332,8 @@ async def overhead(rig: Rig, args, adapter_engine_name: str) -> list[dict]:
                           f"{row['p50_ratio']:>6.3f} {row['added_p50_ms']:>7.1f} "
                           f"{d['p95_ms']:>8.1f} {p['p95_ms']:>8.1f} "
                           f"{ttft} {d['rps']:>6.2f} {p['rps']:>6.2f} {row['rps_ratio']:>6.3f} "
-                          f"{row['proxy_cpu_ms_per_request']:>6.2f} {d['errors'] + p['errors']:>4} {d['requests']:>4}",
+                          f"{row['proxy_cpu_ms_per_request']:>6.2f} {row['in_proxy_p50_ms']:>5.2f}/"
+                          f"{row['in_proxy_p95_ms']:<5.2f} {d['errors'] + p['errors']:>4} {d['requests']:>4}",
                           flush=True)
     return rows
 
@@ -515,7 +552,9 @@ def main() -> int:
                       f"interleaved in chunks of 2 x concurrency; {summary['uptime']['overhead_start']}")
                 print(f"{'kind':>6} {'model':>7} {'conc':>4} {'p50 dir':>8} {'p50 prx':>8} {'ratio':>6} {'+p50ms':>7} "
                       f"{'p95 dir':>8} {'p95 prx':>8} {'ttft dir/prx':>15} {'rps d':>6} {'rps p':>6} {'ratio':>6} "
-                      f"{'cpu ms':>6} {'err':>4} {'n':>4}  (cpu ms: the proxy's CPU per proxied request)")
+                      f"{'cpu ms':>6} {'in-proxy':>11} {'err':>4} {'n':>4}")
+                print("# cpu ms: the proxy process's CPU over the proxied chunks per proxied request (its background "
+                      "work included); in-proxy p50/p95 ms: duration - engine - queue from its access log")
                 summary["overhead"] = asyncio.run(overhead(rig, args, f"ovh@{OVH_VERSION}"))
                 summary["uptime"]["overhead_end"] = uptime()
                 print(f"# {summary['uptime']['overhead_end']}")
