@@ -3,8 +3,11 @@
 how long a LoRA load takes there, and what a version swap leaves resident in the engine.
 
     .venv/bin/python bench/real_engine.py                     # all three sections, ~5 min on 2 loaded cores
-    .venv/bin/python bench/real_engine.py --sections overhead --requests 40 --levels 1,4
-    .venv/bin/python bench/real_engine.py --sections swap --swaps 12
+    .venv/bin/python bench/real_engine.py --sections overhead,load --requests 48
+    .venv/bin/python bench/real_engine.py --sections swap --max-cpu-loras 4 --swaps 6
+
+Figures, their commands and the machine they ran on: docs/performance.md, "The real engine (vLLM's CPU
+build) in pods".
 
 One real engine for the whole run: vLLM's own CLI through images/vllm-cpu/vllm_cli.py, started by
 tests/vllm/real_engine.py's start_engine (the flags and environment of tests/vllm/test_sim_vs_vllm.py, plus
@@ -17,8 +20,9 @@ Sections (--sections, comma-separated, run in this order):
 - overhead: the same requests straight to the engine (the adapter by its engine name `<served>@<version>`)
   and through the proxy (by its served name), interleaved chunk by chunk (the order flips every chunk, so
   drifting background load hits both alike): chat and streamed chat, base model and an adapter, at each
-  --levels concurrency. Per row: p50/p95 latency, TTFT p50 for streams, throughput, proxy/direct ratios
-  and the p50 the proxy adds.
+  --levels concurrency. Per row: p50/p95 latency, TTFT p50 for streams, throughput, proxy/direct ratios,
+  the p50 the proxy adds, the proxy process's CPU per request, and the time each request spent in the
+  proxy outside the engine (duration - engine - queue, from its access log, as bench/proxy.py reads it).
 - load: POST /v1/load_lora_adapter straight to the engine (--loads adapters under new names, each unloaded
   after), and the proxy's push->loaded path: PUT /admin/v1/state?wait with a new version (answered once the
   proxy converged: its /v1/models planning call, the engine load, the state flip) then GET until the state
