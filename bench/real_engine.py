@@ -2,7 +2,7 @@
 """The proxy against vLLM's real engine (the CPU build, issue #22): what `vlmpool proxy` adds in front of it,
 how long a LoRA load takes there, and what a version swap leaves resident in the engine.
 
-    .venv/bin/python bench/real_engine.py                     # all three sections, ~5 min on 2 loaded cores
+    .venv/bin/python bench/real_engine.py      # all three sections: 1.5 min (load 5) to 5 min (load 12), 2 cores
     .venv/bin/python bench/real_engine.py --sections overhead,load --requests 48
     .venv/bin/python bench/real_engine.py --sections swap --max-cpu-loras 4 --swaps 6
 
