@@ -42,7 +42,8 @@ async def closed_loop(url: str, model: str, concurrency: int, duration: float, w
     machine leaves more CPU to the two things measured."""
     from urllib.parse import urlsplit
 
-    from vlmpool.proxy.upstream import Upstream, UpstreamError
+    from vlmpool.proxy.engine import EngineUnavailable
+    from vlmpool.proxy.upstream import Upstream
 
     body = json.dumps({
         "model": model,
@@ -72,7 +73,7 @@ async def closed_loop(url: str, model: str, concurrency: int, duration: float, w
                 await resp.read()
                 client.release(resp)
                 ok = resp.status == 200
-            except UpstreamError:
+            except EngineUnavailable:
                 ok = False
             t1 = time.perf_counter()
             if t0 >= t_measure and t1 <= t_end:
