@@ -5,14 +5,9 @@ those rules suffice."""
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-
-from helpers import OperatorProcess, PodProcesses, ensure_node, stop_operators
+from vlmtest.operator import OperatorProcess, PodProcesses, ensure_node, stop_operators
 
 from vlmpool.controller import rbac
 from vlmpool.kube.client import VLMADAPTERS, KubeClient

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import (
+from vlmtest.operator import (
     BASE,
     admin_state,
     after_more,

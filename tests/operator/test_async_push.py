@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import aiohttp
 import pytest
-from helpers import (
+from test_adapter import adapter_obj, complete_patch, ok_message, patch_jobs, pool_obj, start_pool_pods
+from vlmtest.operator import (
     admin_state,
     after_more,
     eventually,
@@ -18,7 +19,6 @@ from helpers import (
     wait_job_pod,
     write_adapter,
 )
-from test_adapter import adapter_obj, complete_patch, ok_message, patch_jobs, pool_obj, start_pool_pods
 
 from vlmpool.kube.client import JOBS, VLMADAPTERS
 

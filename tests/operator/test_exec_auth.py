@@ -10,8 +10,8 @@ import time
 
 import pytest
 import yaml
-from helpers import OperatorProcess, eventually, free_port
 from test_adapter import adapter_obj, adapter_status, patch_jobs, pool_obj
+from vlmtest.operator import OperatorProcess, eventually, free_port
 
 from vlmpool.controller import rbac
 from vlmpool.testing.kubeauth import exec_user, runs, write_exec_plugin

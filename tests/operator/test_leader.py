@@ -8,7 +8,7 @@ import asyncio
 import datetime as dt
 
 import pytest
-from helpers import BASE, eventually, free_port
+from vlmtest.operator import BASE, eventually, free_port
 
 from vlmpool.controller.leader import LeaderElectionError, LeaderElector, format_time, parse_time
 from vlmpool.kube.client import DEPLOYMENTS, JOBS, LEASES, KubeClient

@@ -7,7 +7,7 @@ import base64
 import re
 
 import pytest
-from helpers import BASE, eventually, free_port
+from vlmtest.operator import BASE, eventually, free_port
 
 from vlmpool.kube.client import DEPLOYMENTS, PODS, PVCS, SECRETS, SERVICES, VLMPOOLS, NotFound
 
@@ -119,7 +119,7 @@ async def test_all_namespaces_under_a_cluster_role_binding(kube, control_plane, 
     """`--all-namespaces` needs nothing beyond the same ClusterRole, bound cluster-wide."""
     import json
 
-    from helpers import OperatorProcess
+    from vlmtest.operator import OperatorProcess
 
     from vlmpool.controller import rbac
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from helpers import BASE, eventually
+from vlmtest.operator import BASE, eventually
 
 from vlmpool.kube.client import (
     CONFIGMAPS,

@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import admin_state, eventually, free_port, run_job_pod, wait_job_pod
 from test_adapter import adapter_obj, adapter_status, patch_jobs, pool_obj, start_pool_pods
+from vlmtest.operator import admin_state, eventually, free_port, run_job_pod, wait_job_pod
 
 from vlmpool.kube.client import EVENTS, JOBS, VLMADAPTERS
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from proxy_helpers import Admin, proxy_config, sim, write_adapter  # noqa: F401 - sim: a fixture
+from vlmtest.proxy import Admin, proxy_config, sim, write_adapter  # noqa: F401 - sim: a fixture
 
 from vlmpool.proxy.server import RunningProxy, run_proxy
 

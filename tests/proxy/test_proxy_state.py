@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import openai
-from proxy_helpers import BASE, TOKEN, V1, V2, Admin, proxy_config, start_sim
+from vlmtest.proxy import BASE, TOKEN, V1, V2, Admin, proxy_config, start_sim
 
 from vlmpool.proxy.server import run_proxy
 from vlmpool.testing.waiting import wait_until

@@ -207,10 +207,8 @@ async def kube(control_plane):
 async def start_operator(operator_kubeconfig, namespace, tmp_path, kube):
     """Start `vlmpool operator` for the test namespace under the operator's rules; file:// sources are
     off unless `host_paths` is given (the product's default, unlike tests/operator)."""
-    import sys
 
-    sys.path.insert(0, str(Path(__file__).parents[1] / "operator"))
-    from helpers import OperatorProcess, stop_operators
+    from vlmtest.operator import OperatorProcess, stop_operators
 
     procs: list = []
 

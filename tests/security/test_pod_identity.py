@@ -20,7 +20,6 @@ from __future__ import annotations
 import base64
 import json
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -29,9 +28,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "operator"))
-from helpers import (
+from vlmtest.operator import (
     BASE,
     NODE,
     PodProcesses,
