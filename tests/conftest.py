@@ -3,11 +3,12 @@ Kubernetes v1.35.4 as local processes on loopback (see vlmpool.localcluster.cont
 
 from __future__ import annotations
 
-import time
 import uuid
 from pathlib import Path
 
 import pytest
+
+from vlmpool.testing.waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 CRD_DIR = REPO / "crds"
@@ -38,12 +39,10 @@ def crds(control_plane):
     names = [f"crd/{p.name.split('_', 1)[1].removesuffix('.yaml')}.vlmpool.io" for p in sorted(CRD_DIR.glob("*.yaml"))]
     control_plane.wait_crds_established(*names)
     # Discovery must know the new kinds before kubectl can map short names.
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+    def discovered() -> bool:
         res = control_plane.kubectl("api-resources", "--api-group=vlmpool.io", "-o", "name", check=False)
-        if "vlmpools.vlmpool.io" in res.stdout and "vlmadapters.vlmpool.io" in res.stdout:
-            break
-        time.sleep(0.5)
+        return "vlmpools.vlmpool.io" in res.stdout and "vlmadapters.vlmpool.io" in res.stdout
+    wait_for(discovered, 30, interval=0.5, what="discovery to know the vlmpool.io kinds")
     return names
 
 

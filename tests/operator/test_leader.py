@@ -8,11 +8,12 @@ import asyncio
 import datetime as dt
 
 import pytest
-from vlmtest.operator import BASE, eventually, free_port
+from vlmtest.operator import BASE, free_port
 
 from vlmpool.controller.leader import LeaderElectionError, LeaderElector, format_time, parse_time
 from vlmpool.kube.client import DEPLOYMENTS, JOBS, LEASES, KubeClient
 from vlmpool.kube.config import KubeConfig
+from vlmpool.testing.waiting import wait_until
 
 pytestmark = pytest.mark.apiserver
 
@@ -206,7 +207,7 @@ async def _holder(kube, ns):
 async def test_two_operators_one_leader_reconciles_and_a_follower_takes_over(kube, namespace, operator, tmp_path):
     ns = namespace
     ops = {name: await operator(extra_args=_le_args(ns, name), log_name=f"{name}.log") for name in ("op-1", "op-2")}
-    leader_name = await eventually(lambda: _holder(kube, ns), what="a lease holder")
+    leader_name = await wait_until(lambda: _holder(kube, ns), what="a lease holder")
     assert leader_name in ops
     follower_name = next(n for n in ops if n != leader_name)
     leader, follower = ops[leader_name], ops[follower_name]
@@ -214,13 +215,13 @@ async def test_two_operators_one_leader_reconciles_and_a_follower_takes_over(kub
     async def gauges_settled():
         return (_gauge(await leader.metrics(), "vlmpool_operator_leader") == 1
                 and _gauge(await leader.metrics(), "vlmpool_operator_ready") == 1)
-    await eventually(gauges_settled, what="the leader's metrics")
+    await wait_until(gauges_settled, what="the leader's metrics")
     fm = await follower.metrics()
     assert _gauge(fm, "vlmpool_operator_leader") == 0 and _gauge(fm, "vlmpool_operator_ready") == 0
 
     # Only the leader reconciles: the pool's Deployment is created once, by the leader.
     await kube.create(pool_obj("vision", free_port()), ns)
-    dep = await eventually(lambda: kube.get(DEPLOYMENTS, "vision", ns), what="the Deployment")
+    dep = await wait_until(lambda: kube.get(DEPLOYMENTS, "vision", ns), what="the Deployment")
     managers = {m["manager"] for m in dep["metadata"]["managedFields"]}
     assert "vlmpool-operator" in managers
     await asyncio.sleep(2)
@@ -233,18 +234,18 @@ async def test_two_operators_one_leader_reconciles_and_a_follower_takes_over(kub
 
     # SIGKILL the leader (no release): the follower takes over after the lease expires.
     leader.kill()
-    await eventually(lambda: _holder_is(kube, ns, follower_name), timeout=60, what="the follower to take over")
+    await wait_until(lambda: _holder_is(kube, ns, follower_name), timeout=60, what="the follower to take over")
 
     async def follower_leads():
         m = await follower.metrics()
         return _gauge(m, "vlmpool_operator_leader") == 1 and _gauge(m, "vlmpool_operator_ready") == 1
-    await eventually(follower_leads, timeout=60, what="the new leader's metrics")
+    await wait_until(follower_leads, timeout=60, what="the new leader's metrics")
     lease = (await kube.get(LEASES, LEASE, ns))["spec"]
     assert lease["leaseTransitions"] >= 1
 
     # It reconciles: a new adapter gets exactly one patch Job.
     await kube.create(adapter_obj("ad", "vision", f"file://{tmp_path}/ad"), ns)
-    (_job,) = await eventually(lambda: patch_jobs(kube, ns, "ad"), what="the adapter's patch Job")
+    (_job,) = await wait_until(lambda: patch_jobs(kube, ns, "ad"), what="the adapter's patch Job")
     await asyncio.sleep(3)
     assert len(await patch_jobs(kube, ns, "ad")) == 1
 
@@ -262,7 +263,7 @@ async def _holder_is(kube, ns, name):
 async def test_a_leader_that_loses_the_lease_exits_non_zero(kube, namespace, operator):
     ns = namespace
     op = await operator(extra_args=_le_args(ns, "solo"), log_name="solo.log")
-    await eventually(lambda: _holder_is(kube, ns, "solo"), what="solo to lead")
+    await wait_until(lambda: _holder_is(kube, ns, "solo"), what="solo to lead")
     lease = await kube.get(LEASES, LEASE, ns)
     lease["spec"].update(holderIdentity="usurper", renewTime=format_time(dt.datetime.now(dt.UTC)),
                          leaseDurationSeconds=600)
@@ -270,6 +271,6 @@ async def test_a_leader_that_loses_the_lease_exits_non_zero(kube, namespace, ope
 
     async def exited():
         return op.proc.poll() is not None
-    await eventually(exited, timeout=60, what="the operator to exit")
+    await wait_until(exited, timeout=60, what="the operator to exit")
     assert op.proc.returncode == 1
     assert "lost the leader-election lease" in op.tail()

@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import json
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ from vlmpool.controller import rbac
 from vlmpool.controller.reconciler import pool_token
 from vlmpool.kube.client import EVENTS, JOBS, PODS, SECRETS, VLMADAPTERS, VLMPOOLS
 from vlmpool.manifests import adapter as MA
-from vlmpool.testing.waiting import wait_for
+from vlmpool.testing.waiting import wait_for, wait_until
 
 pytestmark = pytest.mark.apiserver
 
@@ -37,19 +36,6 @@ def adapter_obj(name: str, uri: str, secret: str | None = None, pool: str = "vis
     source = {"uri": uri, **({"credentialsSecret": {"name": secret}} if secret else {})}
     return {"apiVersion": "vlmpool.io/v1alpha1", "kind": "VLMAdapter", "metadata": {"name": name},
             "spec": {"poolRef": {"name": pool}, "source": source}}
-
-
-async def eventually(fn, timeout: float = 60, what: str = "condition"):
-    import asyncio
-
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = await fn()
-        if last:
-            return last
-        await asyncio.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
 
 
 # ------------------------------------------------------------------ item 9: no Secret reads
@@ -72,7 +58,7 @@ def test_the_operator_service_account_cannot_read_tenant_secrets(control_plane, 
 async def test_the_operator_derives_pool_tokens_without_reading_them(start_operator, kube, namespace):
     await start_operator()
     pool = await kube.create(pool_obj(replicas=0), namespace)
-    secret = await eventually(lambda: kube.get_or_none(SECRETS, "vision-admin-token", namespace), what="the token")
+    secret = await wait_until(lambda: kube.get_or_none(SECRETS, "vision-admin-token", namespace), what="the token")
     token = base64.b64decode(secret["data"]["token"]).decode()
     assert token == pool_token(TOKEN_KEY.encode(), pool)
 
@@ -88,7 +74,7 @@ async def test_file_sources_are_refused_before_any_job_exists(start_operator, ku
         a = await kube.get(VLMADAPTERS, "kubelet", namespace)
         st = a.get("status") or {}
         return st if st.get("reason") == "SourceNotAllowed" else None
-    st = await eventually(refused, what="the adapter refused")
+    st = await wait_until(refused, what="the adapter refused")
     assert st["phase"] == "Failed" and "--allow-host-path" in st["message"]
     assert await kube.list(JOBS, namespace) == [] and await kube.list(PODS, namespace) == []
 
@@ -102,12 +88,12 @@ async def test_a_refused_file_source_is_patched_once_its_directory_is_allowed(st
 
     async def reason():
         return ((await kube.get(VLMADAPTERS, "later", namespace)).get("status") or {}).get("reason")
-    await eventually(lambda: _is(reason(), "SourceNotAllowed"), what="the refusal")
+    await wait_until(lambda: _is(reason(), "SourceNotAllowed"), what="the refusal")
     op.stop()
     await start_operator(host_paths=(str(allowed),))
-    jobs = await eventually(lambda: kube.list(JOBS, namespace), what="the patch Job")
+    jobs = await wait_until(lambda: kube.list(JOBS, namespace), what="the patch Job")
     assert [j["metadata"]["labels"][MA.L_ADAPTER] for j in jobs] == ["later"]
-    await eventually(lambda: _is(reason(), "PatchJobRunning"), what="the adapter patching")
+    await wait_until(lambda: _is(reason(), "PatchJobRunning"), what="the adapter patching")
 
 
 async def _is(coro, want):
@@ -126,7 +112,7 @@ async def test_file_sources_outside_the_allowed_directories_are_refused(start_op
     async def job_of_ok():
         jobs = {j["metadata"]["labels"][MA.L_ADAPTER]: j for j in await kube.list(JOBS, namespace)}
         return jobs.get("ok")
-    job = await eventually(job_of_ok, what="the allowed adapter's Job")
+    job = await wait_until(job_of_ok, what="the allowed adapter's Job")
     vols = {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}
     assert vols["source"]["hostPath"]["path"] == f"{allowed}/a"
     st = (await kube.get(VLMADAPTERS, "escape", namespace)).get("status") or {}
@@ -285,7 +271,7 @@ async def test_pool_and_job_pods_are_admitted_in_a_restricted_namespace(control_
         got = {p["metadata"]["labels"].get("app.kubernetes.io/component") for p in pods}
         return got if {"server", "patch", "cleanup", "prune"} <= got else None
     try:
-        await eventually(pods_by_component, timeout=90, what="pods of the pool and of the three Jobs")
+        await wait_until(pods_by_component, timeout=90, what="pods of the pool and of the three Jobs")
     finally:
         failed = [e["message"] for e in await kube.list(EVENTS, namespace) if e.get("reason") == "FailedCreate"]
         assert failed == [], failed
@@ -348,7 +334,7 @@ async def test_a_pool_never_takes_over_or_deletes_another_teams_objects(start_op
     async def conflict():
         c = await _condition(kube, "shared", namespace, "Degraded")
         return c if c.get("status") == "True" and c.get("reason") == "ChildConflict" else None
-    cond = await eventually(conflict, what="Degraded ChildConflict on the colliding pool")
+    cond = await wait_until(conflict, what="Degraded ChildConflict on the colliding pool")
     for what in (f"Service {namespace}/shared", f"Secret {namespace}/shared-admin-token",
                  f"ConfigMap {namespace}/shared-epp", f"Deployment {namespace}/shared"):
         assert what in cond["message"], cond
@@ -357,19 +343,19 @@ async def test_a_pool_never_takes_over_or_deletes_another_teams_objects(start_op
     assert events and events[0]["type"] == "Warning" and "Service" in events[0]["message"], events
 
     # Nothing of the colliding pool was written, not even the children that had no conflict.
-    await eventually(lambda: kube.get_or_none(DEPLOYMENTS, "bystander", namespace), what="the other pool's children")
+    await wait_until(lambda: kube.get_or_none(DEPLOYMENTS, "bystander", namespace), what="the other pool's children")
     assert await kube.get_or_none(PVCS, "shared-adapters", namespace) is None
 
     async def status_not_from_their_deployment():  # the resync re-reads the pool's Deployment
         c = await _condition(kube, "shared", namespace, "Ready")
         return c.get("reason") == "DeploymentMissing"
-    await eventually(status_not_from_their_deployment, what="Ready DeploymentMissing (theirs is not the pool's)")
+    await wait_until(status_not_from_their_deployment, what="Ready DeploymentMissing (theirs is not the pool's)")
     assert [_kept(await kube.get(resource_for(o), o["metadata"]["name"], namespace)) for o in foreign] == before
 
     # The pool's retries (every resync) change nothing either.
     async def retried():
         return op.tail(200_000).count("not the pool's own") >= 2
-    await eventually(retried, what="the operator to retry the colliding pool")
+    await wait_until(retried, what="the operator to retry the colliding pool")
     assert [_kept(await kube.get(resource_for(o), o["metadata"]["name"], namespace)) for o in foreign] == before
     await kube.delete(VLMPOOLS, "shared", namespace)
     await kube.delete(VLMPOOLS, "bystander", namespace)
@@ -379,7 +365,7 @@ async def test_a_pool_never_takes_over_or_deletes_another_teams_objects(start_op
             if await kube.get_or_none(res, name, namespace) is not None:
                 return False
         return await kube.get_or_none(VLMPOOLS, "shared", namespace) is None
-    await eventually(bystander_collected, timeout=90, what="the garbage collector to remove the other pool's children")
+    await wait_until(bystander_collected, timeout=90, what="the garbage collector to remove the other pool's children")
     after = [await kube.get_or_none(resource_for(o), o["metadata"]["name"], namespace) for o in foreign]
     assert all(after), after
     assert [_kept(o) for o in after] == before
@@ -404,14 +390,14 @@ async def test_a_refused_pool_creates_its_child_once_the_other_object_is_gone(st
 
     async def conflict():
         return (await _condition(kube, "late", namespace, "Degraded")).get("reason") == "ChildConflict"
-    await eventually(conflict, what="the conflict")
+    await wait_until(conflict, what="the conflict")
     await kube.delete(SERVICES, "late", namespace)
 
     async def own_service():
         svc = await kube.get_or_none(SERVICES, "late", namespace)
         refs = (svc or {}).get("metadata", {}).get("ownerReferences") or []
         return svc if refs and refs[0]["uid"] == pool["metadata"]["uid"] else None
-    svc = await eventually(own_service, what="the pool's own Service after the other was removed")
+    svc = await wait_until(own_service, what="the pool's own Service after the other was removed")
     assert svc["spec"]["selector"] == server_selector("late")
     assert await kube.get(DEPLOYMENTS, "late", namespace)
     mine = [m for m in svc["metadata"]["managedFields"] if m["manager"] == "vlmpool-operator"]
@@ -420,14 +406,14 @@ async def test_a_refused_pool_creates_its_child_once_the_other_object_is_gone(st
     async def reconciled():
         c = await _condition(kube, "late", namespace, "Degraded")
         return c.get("status") == "False" and c.get("reason") == "Reconciled"
-    await eventually(reconciled, what="Degraded False once the child exists")
+    await wait_until(reconciled, what="Degraded False once the child exists")
 
     await kube.patch(VLMPOOLS, "late", {"spec": {"service": {"annotations": None}}}, namespace)
 
     async def annotation_gone():
         svc = await kube.get(SERVICES, "late", namespace)
         return "team-a/note" not in (svc["metadata"].get("annotations") or {})
-    await eventually(annotation_gone, what="the dropped annotation removed by the next apply")
+    await wait_until(annotation_gone, what="the dropped annotation removed by the next apply")
 
 
 async def test_every_pool_gets_a_network_policy_with_the_charts_rules(start_operator, kube, namespace):
@@ -441,7 +427,7 @@ async def test_every_pool_gets_a_network_policy_with_the_charts_rules(start_oper
                      "podSelector": {"matchLabels": {"app.kubernetes.io/component": "operator"}}}
     await start_operator("--network-policy", json.dumps({"adminFrom": [operator_peer]}))
     pool = await kube.create(pool_obj("guarded", replicas=0, proxy={"port": 9080, "adminPort": 9081}), namespace)
-    policy = await eventually(lambda: kube.get_or_none(NETWORKPOLICIES, "guarded", namespace), what="the policy")
+    policy = await wait_until(lambda: kube.get_or_none(NETWORKPOLICIES, "guarded", namespace), what="the policy")
     assert policy["metadata"]["ownerReferences"][0]["uid"] == pool["metadata"]["uid"]
     spec = policy["spec"]
     assert spec["podSelector"] == {"matchLabels": server_selector("guarded")} and spec["policyTypes"] == ["Ingress"]
