@@ -1,4 +1,4 @@
-"""Fixtures for the proxy tests (see proxy_helpers.py): the real simulator with a request log, the
+"""Fixtures for the proxy tests (see tests/vlmtest/proxy.py): the real simulator with a request log, the
 real proxy in front of it, real adapter directories, and the openai SDK as client."""
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.apiserver
 
 REPO = Path(__file__).resolve().parents[2]
 BASE = "Qwen/Qwen2.5-VL-3B-Instruct"
-TOKEN_KEY = "vlmpool-operator-tests-token-key"  # the key tests/operator/helpers.py gives every operator
+TOKEN_KEY = "vlmpool-operator-tests-token-key"  # the key tests/vlmtest/operator.py gives every operator
 
 
 def pool_obj(name: str = "vision", **spec) -> dict:
@@ -55,8 +55,8 @@ def test_the_operator_service_account_cannot_read_tenant_secrets(control_plane, 
     assert [can(v) for v in ("create", "patch")] == ["yes", "yes"]  # the pools' token Secrets
 
 
-async def test_the_operator_derives_pool_tokens_without_reading_them(start_operator, kube, namespace):
-    await start_operator()
+async def test_the_operator_derives_pool_tokens_without_reading_them(operator, kube, namespace):
+    await operator()
     pool = await kube.create(pool_obj(replicas=0), namespace)
     secret = await wait_until(lambda: kube.get_or_none(SECRETS, "vision-admin-token", namespace), what="the token")
     token = base64.b64decode(secret["data"]["token"]).decode()
@@ -65,8 +65,8 @@ async def test_the_operator_derives_pool_tokens_without_reading_them(start_opera
 
 # ------------------------------------------------------------------ item 2: file:// sources
 
-async def test_file_sources_are_refused_before_any_job_exists(start_operator, kube, namespace):
-    await start_operator()
+async def test_file_sources_are_refused_before_any_job_exists(operator, kube, namespace):
+    await operator()
     await kube.create(pool_obj(replicas=0), namespace)
     await kube.create(adapter_obj("kubelet", "file:///var/lib/kubelet"), namespace)
 
@@ -79,10 +79,10 @@ async def test_file_sources_are_refused_before_any_job_exists(start_operator, ku
     assert await kube.list(JOBS, namespace) == [] and await kube.list(PODS, namespace) == []
 
 
-async def test_a_refused_file_source_is_patched_once_its_directory_is_allowed(start_operator, kube, namespace,
+async def test_a_refused_file_source_is_patched_once_its_directory_is_allowed(operator, kube, namespace,
                                                                                 tmp_path):
     allowed = tmp_path / "node-adapters"
-    op = await start_operator()
+    op = await operator()
     await kube.create(pool_obj(replicas=0), namespace)
     await kube.create(adapter_obj("later", f"file://{allowed}/a"), namespace)
 
@@ -90,7 +90,7 @@ async def test_a_refused_file_source_is_patched_once_its_directory_is_allowed(st
         return ((await kube.get(VLMADAPTERS, "later", namespace)).get("status") or {}).get("reason")
     await wait_until(lambda: _is(reason(), "SourceNotAllowed"), what="the refusal")
     op.stop()
-    await start_operator(host_paths=(str(allowed),))
+    await operator(host_paths=(str(allowed),))
     jobs = await wait_until(lambda: kube.list(JOBS, namespace), what="the patch Job")
     assert [j["metadata"]["labels"][MA.L_ADAPTER] for j in jobs] == ["later"]
     await wait_until(lambda: _is(reason(), "PatchJobRunning"), what="the adapter patching")
@@ -100,10 +100,10 @@ async def _is(coro, want):
     return (await coro) == want
 
 
-async def test_file_sources_outside_the_allowed_directories_are_refused(start_operator, kube, namespace, tmp_path):
+async def test_file_sources_outside_the_allowed_directories_are_refused(operator, kube, namespace, tmp_path):
     allowed = tmp_path / "node-adapters"
     allowed.mkdir()
-    await start_operator(host_paths=(str(allowed),))
+    await operator(host_paths=(str(allowed),))
     await kube.create(pool_obj(replicas=0), namespace)
     # ('..' is refused by the CRD already.) A sibling directory sharing the allowed prefix:
     await kube.create(adapter_obj("escape", f"file://{allowed}-evil/a"), namespace)
@@ -253,10 +253,10 @@ def test_a_tenant_cannot_name_a_secret_or_claim_they_cannot_read_in_a_pool(contr
 
 # ------------------------------------------------------------------ item 10: Pod Security `restricted`
 
-async def test_pool_and_job_pods_are_admitted_in_a_restricted_namespace(control_plane, start_operator, kube, namespace):
+async def test_pool_and_job_pods_are_admitted_in_a_restricted_namespace(control_plane, operator, kube, namespace):
     control_plane.kubectl("label", "namespace", namespace, "pod-security.kubernetes.io/enforce=restricted",
                           "pod-security.kubernetes.io/enforce-version=latest", "--overwrite")
-    await start_operator("--source-allow", "10.20.0.0/16")
+    await operator(extra_args=("--source-allow", "10.20.0.0/16"))
     pool = await kube.create(pool_obj(replicas=1), namespace)
     adapter = await kube.create(adapter_obj("inv", "https://example.com/a.tgz"), namespace)
     # cleanup and prune Jobs as the operator builds them (their turn needs running pods; the
@@ -309,7 +309,7 @@ async def _condition(kube, name: str, namespace: str, ctype: str) -> dict:
     return next((c for c in st.get("conditions") or [] if c["type"] == ctype), {})
 
 
-async def test_a_pool_never_takes_over_or_deletes_another_teams_objects(start_operator, kube, namespace):
+async def test_a_pool_never_takes_over_or_deletes_another_teams_objects(operator, kube, namespace):
     """Team B's Service, Secret and ConfigMap exist first; a VLMPool whose children would take those
     names is refused (Degraded ChildConflict naming each, a Warning Event) and writes none of its
     children; deleting it leaves team B's objects byte for byte (the garbage collector has run: a
@@ -327,7 +327,7 @@ async def test_a_pool_never_takes_over_or_deletes_another_teams_objects(start_op
         "spec": {"replicas": 0, "selector": {"matchLabels": server_selector("shared")},
                  "template": {"metadata": {"labels": labels},
                               "spec": {"containers": [{"name": "b", "image": "team-b/api:1"}]}}}}, namespace)
-    op = await start_operator()
+    op = await operator()
     pool = await kube.create(pool_obj("shared", replicas=0, routing={}), namespace)
     await kube.create(pool_obj("bystander", replicas=0), namespace)
 
@@ -378,14 +378,14 @@ async def test_a_pool_never_takes_over_or_deletes_another_teams_objects(start_op
     assert (await kube.get(CONFIGMAPS, "shared-epp", namespace))["data"] == {"config.yaml": "team b's config\n"}
 
 
-async def test_a_refused_pool_creates_its_child_once_the_other_object_is_gone(start_operator, kube, namespace):
+async def test_a_refused_pool_creates_its_child_once_the_other_object_is_gone(operator, kube, namespace):
     """No spec change needed: the retry creates the child once team B's Service is removed; the
     created child's fields belong to the operator's apply, so a field the pool later drops goes."""
     from vlmpool.kube.client import DEPLOYMENTS, SERVICES
     from vlmpool.manifests.common import server_selector
 
     await kube.create(_foreign(namespace, "late")[0], namespace)
-    await start_operator()
+    await operator()
     pool = await kube.create(pool_obj("late", replicas=0, service={"annotations": {"team-a/note": "x"}}), namespace)
 
     async def conflict():
@@ -416,7 +416,7 @@ async def test_a_refused_pool_creates_its_child_once_the_other_object_is_gone(st
     await wait_until(annotation_gone, what="the dropped annotation removed by the next apply")
 
 
-async def test_every_pool_gets_a_network_policy_with_the_charts_rules(start_operator, kube, namespace):
+async def test_every_pool_gets_a_network_policy_with_the_charts_rules(operator, kube, namespace):
     """Issue 23: the default install (the chart passes --network-policy) guards each pool's pods in
     whatever namespace: admin port from the operator's pods only, http from anyone, nothing else; the
     apiserver accepts the policy, owned by the pool (it goes with it)."""
@@ -425,7 +425,7 @@ async def test_every_pool_gets_a_network_policy_with_the_charts_rules(start_oper
 
     operator_peer = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "vlmpool-system"}},
                      "podSelector": {"matchLabels": {"app.kubernetes.io/component": "operator"}}}
-    await start_operator("--network-policy", json.dumps({"adminFrom": [operator_peer]}))
+    await operator(extra_args=("--network-policy", json.dumps({"adminFrom": [operator_peer]})))
     pool = await kube.create(pool_obj("guarded", replicas=0, proxy={"port": 9080, "adminPort": 9081}), namespace)
     policy = await wait_until(lambda: kube.get_or_none(NETWORKPOLICIES, "guarded", namespace), what="the policy")
     assert policy["metadata"]["ownerReferences"][0]["uid"] == pool["metadata"]["uid"]

@@ -31,7 +31,6 @@ import yaml
 from vlmtest.operator import (
     BASE,
     NODE,
-    PodProcesses,
     admin_state,
     after_more,
     counter,
@@ -72,14 +71,6 @@ def adapter_obj(name: str, pool: str) -> dict:
 def ok_message(root: Path, adapter: str, version: str) -> str:
     return json.dumps({"ok": True, "version": version, "path": f"{root}/{adapter}/versions/{version}",
                        "tensorsKept": 8, "warnings": []})
-
-
-@pytest.fixture
-def pod_processes():
-    started: list[PodProcesses] = []
-    yield started
-    for p in started:
-        p.stop()
 
 
 @pytest.fixture
@@ -153,12 +144,12 @@ async def pushes(op) -> float:
     return counter(await op.metrics(), "vlmpool_operator_pushes_total")
 
 
-async def test_a_bare_pod_with_a_pools_labels_gets_no_token_and_no_state(start_operator, kube, namespace, tmp_path,
+async def test_a_bare_pod_with_a_pools_labels_gets_no_token_and_no_state(operator, kube, namespace, tmp_path,
                                                                          pod_processes, recorder):
     ns = namespace
     root = tmp_path / "adapters"
     await ensure_node(kube)
-    op = await start_operator()
+    op = await operator()
     admin_port = free_port()
     await kube.create(pool_obj("vision", 1, admin_port), ns)
     token, ips, block = await start_pool_pods(kube, ns, "vision", 1, tmp_path, pod_processes)
@@ -240,11 +231,11 @@ async def test_a_bare_pod_with_a_pools_labels_gets_no_token_and_no_state(start_o
 
 
 async def test_a_forged_patch_pod_sets_no_version_and_a_malformed_version_fails_its_adapter_alone(
-        start_operator, kube, namespace, tmp_path, pod_processes):
+        operator, kube, namespace, tmp_path, pod_processes):
     ns = namespace
     root = tmp_path / "adapters"
     await ensure_node(kube)
-    op = await start_operator()
+    op = await operator()
     admin_port = free_port()
     await kube.create(pool_obj("vision", 1, admin_port), ns)
     token, ips, _ = await start_pool_pods(kube, ns, "vision", 1, tmp_path, pod_processes)
@@ -370,7 +361,7 @@ def _pod_tenant(control_plane, namespace: str, user: str) -> Path:
     return control_plane.kubeconfig_for(user, namespace=namespace)
 
 
-async def test_only_the_controllers_may_make_pods_with_vlmpool_labels(control_plane, start_operator, kube, namespace,
+async def test_only_the_controllers_may_make_pods_with_vlmpool_labels(control_plane, operator, kube, namespace,
                                                                       tmp_path, operator_user):
     ns = namespace
     policy = _apply_pod_policy(control_plane, ns, operator_user)
@@ -425,7 +416,7 @@ async def test_only_the_controllers_may_make_pods_with_vlmpool_labels(control_pl
 
         # The Deployment's and the Job's pods are admitted: the pool comes up, a patch Job completes.
         root = tmp_path / "adapters"
-        await start_operator()
+        await operator()
         await kube.create(pool_obj("vision", 1, free_port()), ns)
         await kube.create(adapter_obj("cats", "vision"), ns)
         server = (await wait_until(lambda: kube.list(PODS, ns, label_selector=server_label_selector("vision")),
