@@ -9,19 +9,13 @@ import json
 
 import pytest
 import torch
-from patcher_testlib import LANG_TARGETS, POOL_BASE, edit_config, load_peft, tiny_model
+from patcher_testlib import LANG_TARGETS, POOL_BASE, edit_config, load_peft, refuse, tiny_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from test_refusals import refuse
 
 from vlmpool.patcher import PatchOptions, patch_and_publish
 
 FAM = "qwen2_vl"
-
-
-@pytest.fixture
-def lora(lora_dirs, copy_adapter):
-    return copy_adapter(lora_dirs[FAM])
 
 
 @pytest.mark.parametrize("changes, match", [
