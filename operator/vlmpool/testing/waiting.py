@@ -14,46 +14,46 @@ loop, so servers on that loop keep serving, and `fn` may return an awaitable). B
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 _FIRST, _GROWTH, _MOST = 0.01, 1.5, 0.3
 
 
-def _intervals(interval: float | None) -> Iterator[float]:
-    step = _FIRST
-    while True:
-        if interval is not None:
-            yield interval
-        else:
-            yield step
-            step = min(step * _GROWTH, _MOST)
+class _Poll:
+    """The state both forms share: the deadline, the last value or "not yet" error, the next pause."""
 
+    def __init__(self, timeout: float, interval: float | None, what: str):
+        self.timeout, self.interval, self.what = timeout, interval, what
+        self.deadline = time.monotonic() + timeout
+        self.last: Any = None
+        self.step = _FIRST
 
-def _timed_out(timeout: float, what: str, last: Any) -> AssertionError:
-    return AssertionError(f"timed out after {timeout:g}s waiting for {what}; last: {last!r}")
+    def pause(self) -> float:
+        """The sleep before the next call; AssertionError when the deadline has passed."""
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"timed out after {self.timeout:g}s waiting for {self.what}; last: {self.last!r}")
+        step = self.interval if self.interval is not None else self.step
+        self.step = min(self.step * _GROWTH, _MOST)
+        return min(step, left)
 
 
 def wait_for(fn: Callable[[], Any], timeout: float = 60.0, interval: float | None = None,
              what: str = "condition") -> Any:
     """Call fn() until it returns a truthy value (returned); see the module's docstring."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    for pause in _intervals(interval):
+    poll = _Poll(timeout, interval, what)
+    while True:
         try:
-            last = fn()
+            poll.last = fn()
         except AssertionError:
             raise
         except Exception as e:  # noqa: BLE001 - "not yet": kept as the last value until the deadline
-            last = e
+            poll.last = e
         else:
-            if last:
-                return last
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise _timed_out(timeout, what, last)
-        time.sleep(min(pause, left))
-    raise AssertionError("unreachable")  # _intervals never ends
+            if poll.last:
+                return poll.last
+        time.sleep(poll.pause())
 
 
 async def wait_until(fn: Callable[[], Any], timeout: float = 60.0, interval: float | None = None,
@@ -63,22 +63,17 @@ async def wait_until(fn: Callable[[], Any], timeout: float = 60.0, interval: flo
     import asyncio
     import inspect
 
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    for pause in _intervals(interval):
+    poll = _Poll(timeout, interval, what)
+    while True:
         try:
-            last = fn()
-            if inspect.isawaitable(last):
-                last = await last
+            poll.last = fn()
+            if inspect.isawaitable(poll.last):
+                poll.last = await poll.last
         except AssertionError:
             raise
         except Exception as e:  # noqa: BLE001 - "not yet": kept as the last value until the deadline
-            last = e
+            poll.last = e
         else:
-            if last:
-                return last
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise _timed_out(timeout, what, last)
-        await asyncio.sleep(min(pause, left))
-    raise AssertionError("unreachable")  # _intervals never ends
+            if poll.last:
+                return poll.last
+        await asyncio.sleep(poll.pause())
