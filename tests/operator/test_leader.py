@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import time
 
 import pytest
-from vlmtest.operator import BASE, free_port
+from vlmtest.operator import BASE, after_more, free_port
 
 from vlmpool.controller.leader import LeaderElectionError, LeaderElector, format_time, parse_time
 from vlmpool.kube.client import DEPLOYMENTS, JOBS, LEASES, KubeClient
@@ -36,6 +37,29 @@ async def clients(operator_kubeconfig):
         await c.close()
 
 
+def record_attempts(elector: LeaderElector) -> list[tuple[float, bool, str | None]]:
+    """Every round the candidate plays from now on: (monotonic time it started, won, the holder it saw).
+    What a follower does while the leader renews is observed this way, round by round, not after a sleep."""
+    rounds: list[tuple[float, bool, str | None]] = []
+    play = elector.try_acquire_or_renew
+
+    async def recorded() -> bool:
+        started = time.monotonic()
+        won = await play()
+        rounds.append((started, won, elector.observed_holder))
+        return won
+    elector.try_acquire_or_renew = recorded  # type: ignore[method-assign]
+    return rounds
+
+
+async def refused_rounds(rounds: list[tuple[float, bool, str | None]], since: float, span: float) -> list:
+    """Wait until the rounds started after `since` cover `span` seconds; returns them."""
+    def covered():
+        after = [r for r in rounds if r[0] > since]
+        return after if after and after[-1][0] - since >= span else None
+    return await wait_until(covered, timeout=span + 30, interval=0.1, what=f"rounds over {span:g}s")
+
+
 async def _cancel(*tasks: asyncio.Task) -> None:
     for t in tasks:
         t.cancel()
@@ -45,6 +69,7 @@ async def _cancel(*tasks: asyncio.Task) -> None:
 async def test_exactly_one_leads_and_the_other_takes_over_after_expiry(clients, namespace, kube):
     a = LeaderElector(clients(), namespace, LEASE, "cand-a", **FAST)
     b = LeaderElector(clients(), namespace, LEASE, "cand-b", **FAST)
+    rounds = {e.identity: record_attempts(e) for e in (a, b)}
     stop = asyncio.Event()
     ta, tb = asyncio.create_task(a.acquire(stop)), asyncio.create_task(b.acquire(stop))
     done, _pending = await asyncio.wait({ta, tb}, timeout=60, return_when=asyncio.FIRST_COMPLETED)
@@ -52,8 +77,10 @@ async def test_exactly_one_leads_and_the_other_takes_over_after_expiry(clients, 
     leader, follower, follower_task = (a, b, tb) if ta in done else (b, a, ta)
     renewing = asyncio.create_task(leader.keep_leading())
     try:
-        # The follower keeps waiting through several lease durations while the leader renews.
-        await asyncio.sleep(3 * FAST["lease_duration"])
+        # The follower keeps trying through several lease durations while the leader renews, and
+        # loses every round to the leader.
+        played = await refused_rounds(rounds[follower.identity], time.monotonic(), 3 * FAST["lease_duration"])
+        assert len(played) >= 3 and all(not won and seen == leader.identity for _, won, seen in played), played
         assert not follower_task.done() and not follower.is_leader and leader.is_leader
         lease = await kube.get(LEASES, LEASE, namespace)
         assert lease["spec"]["holderIdentity"] == leader.identity
@@ -81,10 +108,13 @@ async def test_a_released_lease_is_taken_at_once(clients, namespace, kube):
     a = LeaderElector(clients(), namespace, LEASE, "cand-a", **slow)
     b = LeaderElector(clients(), namespace, LEASE, "cand-b", **slow)
     assert await a.acquire() is True
+    b_rounds = record_attempts(b)
     stop = asyncio.Event()
     tb = asyncio.create_task(b.acquire(stop))
     try:
-        await asyncio.sleep(2)
+        # b tries and loses to a (a holds a 60 s lease) round after round
+        await wait_until(lambda: len(b_rounds) >= 3, timeout=30, what="three rounds of b")
+        assert all(not won and seen == "cand-a" for _, won, seen in b_rounds), b_rounds
         assert not tb.done()
         assert await a.release() is True and not a.is_leader
         released = (await kube.get(LEASES, LEASE, namespace))["spec"]
@@ -224,7 +254,9 @@ async def test_two_operators_one_leader_reconciles_and_a_follower_takes_over(kub
     dep = await wait_until(lambda: kube.get(DEPLOYMENTS, "vision", ns), what="the Deployment")
     managers = {m["manager"] for m in dep["metadata"]["managedFields"]}
     assert "vlmpool-operator" in managers
-    await asyncio.sleep(2)
+    # The leader renews the Lease 4 more times: the follower, retrying every 0.5 s, found it held throughout
+    # and (below) has reconciled nothing by then.
+    await lease_renewed(kube, ns, leader_name, 4)
     dep2 = await kube.get(DEPLOYMENTS, "vision", ns)
     assert dep2["metadata"]["uid"] == dep["metadata"]["uid"]
     assert "vlmpool operator starting" in leader.tail(100_000)
@@ -246,7 +278,8 @@ async def test_two_operators_one_leader_reconciles_and_a_follower_takes_over(kub
     # It reconciles: a new adapter gets exactly one patch Job.
     await kube.create(adapter_obj("ad", "vision", f"file://{tmp_path}/ad"), ns)
     (_job,) = await wait_until(lambda: patch_jobs(kube, ns, "ad"), what="the adapter's patch Job")
-    await asyncio.sleep(3)
+    # It reconsiders the adapter twice more and makes no second Job.
+    await after_more(follower, "vlmpool_operator_reconciles_total", 2, kind="adapter")
     assert len(await patch_jobs(kube, ns, "ad")) == 1
 
     # A clean stop releases the lease at once.
@@ -254,6 +287,18 @@ async def test_two_operators_one_leader_reconciles_and_a_follower_takes_over(kub
     assert follower.log_path.exists()
     spec = (await kube.get(LEASES, LEASE, ns))["spec"]
     assert not spec.get("holderIdentity") and spec["leaseDurationSeconds"] == 1
+
+
+async def lease_renewed(kube, ns, holder: str, times: int) -> None:
+    """Wait until `holder` has renewed the Lease `times` more times, holding it all along."""
+    seen: set[str] = set()
+
+    async def renewed() -> bool:
+        spec = (await kube.get(LEASES, LEASE, ns))["spec"]
+        assert spec.get("holderIdentity") == holder, f"the lease went to {spec.get('holderIdentity')}"
+        seen.add(spec["renewTime"])
+        return len(seen) > times
+    await wait_until(renewed, timeout=30, interval=0.1, what=f"{times} renewals of the lease by {holder}")
 
 
 async def _holder_is(kube, ns, name):
