@@ -21,13 +21,24 @@ _FIRST, _GROWTH, _MOST = 0.01, 1.5, 0.3
 
 
 class _Poll:
-    """The state both forms share: the deadline, the last value or "not yet" error, the next pause."""
+    """The state both forms share: the deadline, the last value or "not yet" error, the next pause. As a
+    context around one call of fn(), it keeps an Exception as the last value (not yet) and lets an
+    AssertionError, or anything that is not an Exception (a cancellation), through."""
 
     def __init__(self, timeout: float, interval: float | None, what: str):
         self.timeout, self.interval, self.what = timeout, interval, what
         self.deadline = time.monotonic() + timeout
         self.last: Any = None
         self.step = _FIRST
+
+    def __enter__(self) -> _Poll:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, _tb: object) -> bool:
+        if kind is None or issubclass(kind, AssertionError) or not issubclass(kind, Exception):
+            return False
+        self.last = error
+        return True
 
     def pause(self) -> float:
         """The sleep before the next call; AssertionError when the deadline has passed."""
@@ -44,13 +55,8 @@ def wait_for(fn: Callable[[], Any], timeout: float = 60.0, interval: float | Non
     """Call fn() until it returns a truthy value (returned); see the module's docstring."""
     poll = _Poll(timeout, interval, what)
     while True:
-        try:
+        with poll:
             poll.last = fn()
-        except AssertionError:
-            raise
-        except Exception as e:  # noqa: BLE001 - "not yet": kept as the last value until the deadline
-            poll.last = e
-        else:
             if poll.last:
                 return poll.last
         time.sleep(poll.pause())
@@ -65,15 +71,10 @@ async def wait_until(fn: Callable[[], Any], timeout: float = 60.0, interval: flo
 
     poll = _Poll(timeout, interval, what)
     while True:
-        try:
+        with poll:
             poll.last = fn()
             if inspect.isawaitable(poll.last):
                 poll.last = await poll.last
-        except AssertionError:
-            raise
-        except Exception as e:  # noqa: BLE001 - "not yet": kept as the last value until the deadline
-            poll.last = e
-        else:
             if poll.last:
                 return poll.last
         await asyncio.sleep(poll.pause())
