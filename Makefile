@@ -58,7 +58,7 @@ test-vllm: install  ## vLLM's own LoRA loader (release pinned in operator/vlmpoo
 	VLMPOOL_VLLM_PYTHON="$$(bash hack/vllm-env.sh | tail -n1)" $(PY) -m pytest tests/vllm $(PYTEST_ARGS)
 
 test-unit: install
-	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+	$(PY) -m pytest tests/api tests/controller tests/kube tests/manifests tests/testing $(PYTEST_ARGS)
 
 test-apiserver: install k8s-bins
 	VLMPOOL_K8S_BIN="$$(bash hack/k8s-bins.sh | tail -n1)" $(PY) -m pytest tests/apiserver $(PYTEST_ARGS)

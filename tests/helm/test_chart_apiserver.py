@@ -64,7 +64,8 @@ def test_install_refuses_bad_values_before_touching_the_cluster(helm, cluster):
     assert "values don't meet the specifications of the schema(s)" in res.stderr
     assert "at '/operator/replicas': maximum: got 6, want 5" in res.stderr
     assert "/watch/namespaces/0" in res.stderr
-    assert cluster.kubectl("get", "namespace", ns, check=False).returncode != 0  # nothing was created
+    gone = cluster.kubectl("get", "namespace", ns, check=False)
+    assert gone.returncode != 0 and "NotFound" in gone.stderr, gone.stderr  # nothing was created
     assert "bad" not in _helm_in(helm, cluster, "list", "-A", "-q").stdout.split()
 
 
@@ -142,11 +143,13 @@ def test_installed_rbac_grants_exactly_the_rules_where_the_operator_watches(helm
         for verb, resource in grants:
             assert _can(cluster, release_ns, verb, resource, other), (verb, resource)
             assert _can(cluster, release_ns, verb, resource), (verb, resource, "cluster-wide")
-        assert cluster.kubectl("get", "role", "vlmpool-operator", "-n", watched[0], check=False).returncode != 0
+        no_role = cluster.kubectl("get", "role", "vlmpool-operator", "-n", watched[0], check=False)
+        assert no_role.returncode != 0 and "NotFound" in no_role.stderr, no_role.stderr
         role = json.loads(cluster.kubectl("get", "clusterrole", "vlmpool-operator", "-o", "json").stdout)
         assert role["rules"] == [{k: v for k, v in r.items()} for r in RULES]
     finally:
         _helm_in(helm, cluster, "uninstall", "vlmpool", "-n", release_ns, "--wait", check=False)
         for ns in [*watched, other, release_ns]:
             cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
-    assert cluster.kubectl("get", "clusterrole", "vlmpool-operator", check=False).returncode != 0
+    no_role = cluster.kubectl("get", "clusterrole", "vlmpool-operator", check=False)
+    assert no_role.returncode != 0 and "NotFound" in no_role.stderr, no_role.stderr

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 import urllib.request
+from pathlib import Path
 
 from vlmpool.testing.waiting import wait_for
 
@@ -177,7 +180,10 @@ def test_pod_needing_more_gpus_than_the_node_has_stays_pending(kubectl, local_no
 
 def test_a_volume_over_a_directory_holding_other_sources_hides_nothing(kubectl, local_node, namespace):
     """An emptyDir at /tmp must not hide the other volumes' sources (the kubelet's state may live
-    under /tmp), and a volume nested in another is mounted after its parent."""
+    under /tmp), and a volume nested in another is mounted after its parent. The host's /tmp is not
+    the pod's: what is there stays visible here, and what the pod writes lands in its volume only."""
+    host_marker = Path(tempfile.mkdtemp(prefix="vlmpool-host-tmp-")) / "marker"
+    host_marker.write_text("host")
     kubectl("create", "configmap", "cfg", "-n", namespace, "--from-literal=greeting=hi")
     apply(kubectl, namespace, _job("nested", "cat /tmp/cfg/greeting > /tmp/out/result && ls /tmp >/dev/null") |
           {"spec": {"backoffLimit": 0, "template": {"spec": {
@@ -194,7 +200,12 @@ def test_a_volume_over_a_directory_holding_other_sources_hides_nothing(kubectl, 
     kubectl("wait", "--for=condition=Complete", "job/nested", "-n", namespace, "--timeout=60s", timeout=70)
     pod = pods(kubectl, namespace, "job-name=nested")[0]
     assert pod["status"]["containerStatuses"][0]["state"]["terminated"]["message"] == "hi"
-    assert os.path.isdir("/tmp")  # the host's /tmp is untouched
+    # The pod's write went to its `out` emptyDir, not to the host's /tmp/out (an empty mount point here).
+    written = list(local_node.state_dir.glob(f"pods/{namespace}_{pod['metadata']['name']}_*/volumes/out/result"))
+    assert [w.read_text() for w in written] == ["hi"], written
+    assert not Path("/tmp/out/result").exists(), "the pod wrote into the host's /tmp"
+    assert host_marker.read_text() == "host"  # the host's /tmp is untouched
+    shutil.rmtree(host_marker.parent)
 
 
 HOOK_SERVER = """

@@ -8,12 +8,11 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import (
+from vlmtest.operator import (
     BASE,
     admin_state,
     after_more,
     counter,
-    eventually,
     free_port,
     loopback_block,
     report_running,
@@ -27,6 +26,7 @@ from helpers import (
 
 from vlmpool.kube.client import DEPLOYMENTS, EVENTS, JOBS, PODS, SECRETS, VLMADAPTERS, VLMPOOLS
 from vlmpool.names import API_VERSION
+from vlmpool.testing.waiting import wait_until
 
 pytestmark = pytest.mark.apiserver
 
@@ -73,8 +73,8 @@ async def complete_patch(kube, ns, job_name, root, adapter, version, seed=0):
 async def start_pool_pods(kube, ns, pool, n, tmp_path, pod_processes):
     """Play the kubelet for the pool's pods: real processes per pod, then report them Running."""
     selector = f"vlmpool.io/pool={pool},app.kubernetes.io/component=server"
-    pods = await eventually(lambda: _n(kube.list(PODS, ns, label_selector=selector), n), what=f"{n} pods")
-    secret = await eventually(lambda: kube.get(SECRETS, f"{pool}-admin-token", ns), what="the token Secret")
+    pods = await wait_until(lambda: _n(kube.list(PODS, ns, label_selector=selector), n), what=f"{n} pods")
+    secret = await wait_until(lambda: kube.get(SECRETS, f"{pool}-admin-token", ns), what="the token Secret")
     token = base64.b64decode(secret["data"]["token"]).decode()
     block = loopback_block()
     ips = {}
@@ -103,11 +103,11 @@ async def test_adapter_patch_push_swap_and_delete(kube, kubectl, namespace, oper
     async def pushed_empty():
         states = [await admin_state(ip, admin_port, token) for ip in ips.values()]
         return states if all(s["generation"] >= 1 and s["concurrency"] == 5 for s in states) else None
-    await eventually(pushed_empty, what="the first push")
+    await wait_until(pushed_empty, what="the first push")
 
     src = tmp_path / "src"
     await kube.create(adapter_obj("ad1", "pool", f"file://{src}", served="acme/invoices"), ns)
-    jobs = await eventually(lambda: patch_jobs(kube, ns, "ad1"), what="the patch Job")
+    jobs = await wait_until(lambda: patch_jobs(kube, ns, "ad1"), what="the patch Job")
     assert len(jobs) == 1
     job = jobs[0]
     name = job["metadata"]["name"]
@@ -118,10 +118,10 @@ async def test_adapter_patch_push_swap_and_delete(kube, kubectl, namespace, oper
     assert job["spec"]["backoffLimit"] >= 1 and job["spec"]["activeDeadlineSeconds"] > 0
     assert job["spec"]["ttlSecondsAfterFinished"] > 0
     assert job["metadata"]["ownerReferences"][0]["kind"] == "VLMAdapter"
-    await eventually(lambda: adapter_status(kube, ns, "ad1", phase="Patching"), what="phase Patching")
+    await wait_until(lambda: adapter_status(kube, ns, "ad1", phase="Patching"), what="phase Patching")
 
     await complete_patch(kube, ns, name, adapter_root, "ad1", "0001aaaa")
-    st = await eventually(lambda: adapter_status(kube, ns, "ad1", phase="Ready"), what="phase Ready")
+    st = await wait_until(lambda: adapter_status(kube, ns, "ad1", phase="Ready"), what="phase Ready")
     assert st["version"] == "0001aaaa" and st["loaded"] == "2/2" and st["loadedPods"] == 2
     assert st["path"] == f"{adapter_root}/ad1/versions/0001aaaa"
     assert st["report"]["tensorsKept"] == 8 and st["report"]["baseCheck"] == "match"
@@ -134,7 +134,7 @@ async def test_adapter_patch_push_swap_and_delete(kube, kubectl, namespace, oper
     async def pool_counts():
         st = (await kube.get(VLMPOOLS, "pool", ns))["status"]
         return st if st.get("adaptersReady") == "1/1" else None
-    pool_st = await eventually(pool_counts, what="the pool's adapter counts")  # written after the adapter's
+    pool_st = await wait_until(pool_counts, what="the pool's adapter counts")  # written after the adapter's
     assert pool_st["adapters"] == {"total": 1, "ready": 1, "failed": 0} and pool_st["desiredStateGeneration"] >= 2
     assert len(await patch_jobs(kube, ns, "ad1")) == 1  # nothing ran twice
 
@@ -151,17 +151,17 @@ async def test_adapter_patch_push_swap_and_delete(kube, kubectl, namespace, oper
     async def concurrency_9():
         states = [await admin_state(ip, admin_port, token) for ip in ips.values()]
         return all(s["concurrency"] == 9 for s in states)
-    await eventually(concurrency_9, what="concurrency 9 on every pod")
+    await wait_until(concurrency_9, what="concurrency 9 on every pod")
     assert (await kube.get(DEPLOYMENTS, "pool", ns))["metadata"]["generation"] == dep_gen
 
     # A new source is a new spec digest: a second Job; the old version serves until the new is in.
     await kube.patch(VLMADAPTERS, "ad1", {"spec": {"source": {"uri": f"file://{src}-v2"}}}, ns)
-    jobs = await eventually(lambda: _n(patch_jobs(kube, ns, "ad1"), 2), what="the second Job")
+    jobs = await wait_until(lambda: _n(patch_jobs(kube, ns, "ad1"), 2), what="the second Job")
     new_job = next(j for j in jobs if j["metadata"]["name"] != name)["metadata"]["name"]
-    st = await eventually(lambda: adapter_status(kube, ns, "ad1", phase="Patching"), what="patching v2")
+    st = await wait_until(lambda: adapter_status(kube, ns, "ad1", phase="Patching"), what="patching v2")
     assert st["version"] == "0001aaaa"
     await complete_patch(kube, ns, new_job, adapter_root, "ad1", "0002bbbb", seed=1)
-    st = await eventually(lambda: adapter_status(kube, ns, "ad1", phase="Ready", version="0002bbbb", loaded="2/2"),
+    st = await wait_until(lambda: adapter_status(kube, ns, "ad1", phase="Ready", version="0002bbbb", loaded="2/2"),
                           what="v2 Ready")
     for ip in ips.values():
         (a,) = (await admin_state(ip, admin_port, token))["adapters"]
@@ -170,7 +170,7 @@ async def test_adapter_patch_push_swap_and_delete(kube, kubectl, namespace, oper
     # Every pod serves v2 (none serves v1 any more): one prune Job removes v1's directory, under the
     # patcher's lock, keeping the served version and the one `current` points at.
     (adapter_root / "ad1" / "current").symlink_to("versions/0002bbbb")
-    (prune,) = await eventually(lambda: kube.list(JOBS, ns, label_selector="app.kubernetes.io/component=prune"),
+    (prune,) = await wait_until(lambda: kube.list(JOBS, ns, label_selector="app.kubernetes.io/component=prune"),
                                 what="the prune Job")
     assert (adapter_root / "ad1" / "versions" / "0001aaaa").is_dir()
     pod = await wait_job_pod(kube, ns, prune["metadata"]["name"])
@@ -187,14 +187,14 @@ async def test_adapter_patch_push_swap_and_delete(kube, kubectl, namespace, oper
     async def unloaded():
         states = [await admin_state(ip, admin_port, token) for ip in ips.values()]
         return all(s["adapters"] == [] for s in states)
-    await eventually(unloaded, what="unload on every pod")
-    cleanup = await eventually(lambda: kube.list(JOBS, ns, label_selector="app.kubernetes.io/component=cleanup"),
+    await wait_until(unloaded, what="unload on every pod")
+    cleanup = await wait_until(lambda: kube.list(JOBS, ns, label_selector="app.kubernetes.io/component=cleanup"),
                                what="the cleanup Job")
     assert (adapter_root / "ad1" / "versions" / "0002bbbb").is_dir()  # not removed before the unload
     pod = await wait_job_pod(kube, ns, cleanup[0]["metadata"]["name"])
     assert await run_cleanup_pod(kube, pod) == 0
     assert not (adapter_root / "ad1").exists()
-    await eventually(lambda: _missing(kube, ns, "ad1"), what="the adapter to be gone")
+    await wait_until(lambda: _missing(kube, ns, "ad1"), what="the adapter to be gone")
     metrics = await op.metrics()
     assert 'vlmpool_operator_jobs_created_total{kind="patch"} 2.0' in metrics
     assert "vlmpool_operator_push_duration_seconds_count" in metrics
@@ -210,11 +210,11 @@ async def test_refused_patch_puts_the_reason_in_status_and_is_not_retried(kube, 
     op = await operator()
     await kube.create(pool_obj("pool", 0, free_port(), free_port(), free_port()), ns)
     await kube.create(adapter_obj("bad", "pool", f"file://{tmp_path}/bad"), ns)
-    (job,) = await eventually(lambda: patch_jobs(kube, ns, "bad"), what="the patch Job")
+    (job,) = await wait_until(lambda: patch_jobs(kube, ns, "bad"), what="the patch Job")
     pod = await wait_job_pod(kube, ns, job["metadata"]["name"])
     refusal = {"ok": False, "reason": "RankTooHigh", "message": "rank 128 is over the pool's max LoRA rank 64"}
     await report_terminated(kube, pod, 3, json.dumps(refusal))
-    st = await eventually(lambda: adapter_status(kube, ns, "bad", phase="Failed"), what="phase Failed")
+    st = await wait_until(lambda: adapter_status(kube, ns, "bad", phase="Failed"), what="phase Failed")
     assert st["reason"] == "RankTooHigh" and "rank 128" in st["message"]
     conds = {c["type"]: c for c in st["conditions"]}
     assert conds["Patched"]["status"] == "False" and conds["Ready"]["status"] == "False"
@@ -222,11 +222,11 @@ async def test_refused_patch_puts_the_reason_in_status_and_is_not_retried(kube, 
 
     # A Job that fails without a summary (crash, deadline): the Job's reason and the log tail.
     await kube.create(adapter_obj("crash", "pool", f"file://{tmp_path}/crash"), ns)
-    (job,) = await eventually(lambda: patch_jobs(kube, ns, "crash"), what="the second patch Job")
+    (job,) = await wait_until(lambda: patch_jobs(kube, ns, "crash"), what="the second patch Job")
     for _ in range(3):  # backoffLimit 2: three failed pods fail the Job
         pod = await wait_job_pod(kube, ns, job["metadata"]["name"])
         await report_terminated(kube, pod, 1, "Traceback (most recent call last):\n  ...\nMemoryError")
-    st = await eventually(lambda: adapter_status(kube, ns, "crash", phase="Failed"), timeout=90,
+    st = await wait_until(lambda: adapter_status(kube, ns, "crash", phase="Failed"), timeout=90,
                           what="phase Failed after the Job failed")
     assert st["reason"] == "PatchJobFailed" and "BackoffLimitExceeded" in st["message"]
     assert "MemoryError" in st["message"]
@@ -247,13 +247,13 @@ async def test_a_patch_pod_admission_refuses_is_shown_while_patching(kube, kubec
     await operator()
     await kube.create(pool_obj("pool", 0, free_port(), free_port(), free_port()), ns)
     await kube.create(adapter_obj("walled", "pool", f"file://{tmp_path}/walled"), ns)
-    (job,) = await eventually(lambda: patch_jobs(kube, ns, "walled"), what="the patch Job")
+    (job,) = await wait_until(lambda: patch_jobs(kube, ns, "walled"), what="the patch Job")
 
     async def refused():
         st = await adapter_status(kube, ns, "walled", phase="Patching")
         cond = next((c for c in (st or {}).get("conditions", []) if c["type"] == "Patched"), None)
         return st if cond and cond["reason"] == "PatchPodRefused" else None
-    st = await eventually(refused, timeout=60, what="Patched PatchPodRefused")
+    st = await wait_until(refused, timeout=60, what="Patched PatchPodRefused")
     cond = next(c for c in st["conditions"] if c["type"] == "Patched")
     assert cond["status"] == "Unknown"
     assert job["metadata"]["name"] in cond["message"] and "PodSecurity" in cond["message"], cond
@@ -264,21 +264,21 @@ async def test_missing_pool_is_a_condition_and_is_retried(kube, namespace, opera
     ns = namespace
     await operator()
     await kube.create(adapter_obj("early", "later-pool", f"file://{tmp_path}/a"), ns)
-    st = await eventually(lambda: adapter_status(kube, ns, "early", phase="Pending"), what="phase Pending")
+    st = await wait_until(lambda: adapter_status(kube, ns, "early", phase="Pending"), what="phase Pending")
     assert st["reason"] == "PoolNotFound" and "later-pool" in st["message"]
     assert await patch_jobs(kube, ns, "early") == []
     await kube.create(pool_obj("later-pool", 0, free_port(), free_port(), free_port()), ns)
-    (job,) = await eventually(lambda: patch_jobs(kube, ns, "early"), timeout=60, what="the Job once the pool exists")
-    await eventually(lambda: adapter_status(kube, ns, "early", phase="Patching"), what="phase Patching")
+    (job,) = await wait_until(lambda: patch_jobs(kube, ns, "early"), timeout=60, what="the Job once the pool exists")
+    await wait_until(lambda: adapter_status(kube, ns, "early", phase="Patching"), what="phase Patching")
 
     # Deleted while its Job has not run: the Job is stopped before the cleanup, then the adapter goes.
     await kube.delete(VLMADAPTERS, "early", ns)
-    await eventually(lambda: _job_gone(kube, ns, job["metadata"]["name"]), what="the unfinished Job deleted")
-    (cleanup,) = await eventually(lambda: kube.list(JOBS, ns, label_selector="app.kubernetes.io/component=cleanup"),
+    await wait_until(lambda: _job_gone(kube, ns, job["metadata"]["name"]), what="the unfinished Job deleted")
+    (cleanup,) = await wait_until(lambda: kube.list(JOBS, ns, label_selector="app.kubernetes.io/component=cleanup"),
                                   what="the cleanup Job")
     pod = await wait_job_pod(kube, ns, cleanup["metadata"]["name"])
     assert await run_cleanup_pod(kube, pod) == 0
-    await eventually(lambda: _missing(kube, ns, "early"), what="the adapter to be gone")
+    await wait_until(lambda: _missing(kube, ns, "early"), what="the adapter to be gone")
 
 
 async def _job_gone(kube, ns, name):
@@ -295,7 +295,7 @@ async def test_operator_restart_mid_way_converges_without_duplicate_jobs(kube, n
     for i in range(3):
         await kube.create(adapter_obj(f"a{i}", "pool", f"file://{tmp_path}/src{i}"), ns)
     for i in range(3):
-        await eventually(lambda i=i: patch_jobs(kube, ns, f"a{i}"), what=f"Job of a{i}")
+        await wait_until(lambda i=i: patch_jobs(kube, ns, f"a{i}"), what=f"Job of a{i}")
     op.stop()
 
     # While the operator is down: Jobs finish, a pod starts, and one adapter's spec changes.
@@ -307,9 +307,9 @@ async def test_operator_restart_mid_way_converges_without_duplicate_jobs(kube, n
 
     op2 = await operator()
     for i in range(2):
-        await eventually(lambda i=i: adapter_status(kube, ns, f"a{i}", phase="Ready", loaded="1/1"),
+        await wait_until(lambda i=i: adapter_status(kube, ns, f"a{i}", phase="Ready", loaded="1/1"),
                          what=f"a{i} Ready after the restart")
-    jobs2 = await eventually(lambda: _n(patch_jobs(kube, ns, "a2"), 2), what="a2's new Job")
+    jobs2 = await wait_until(lambda: _n(patch_jobs(kube, ns, "a2"), 2), what="a2's new Job")
     # Restart again mid-way: the resumed operator must not create any Job twice.
     op2.stop()
     op3 = await operator()
@@ -322,7 +322,7 @@ async def test_operator_restart_mid_way_converges_without_duplicate_jobs(kube, n
     want = (await kube.get(VLMADAPTERS, "a2", ns))["status"]["specDigest"]
     new = next(j for j in jobs2 if j["metadata"]["annotations"]["vlmpool.io/spec-digest"] == want)
     await complete_patch(kube, ns, new["metadata"]["name"], adapter_root, "a2", "0002eeee", seed=5)
-    await eventually(lambda: adapter_status(kube, ns, "a2", phase="Ready", version="0002eeee", loaded="1/1"),
+    await wait_until(lambda: adapter_status(kube, ns, "a2", phase="Ready", version="0002eeee", loaded="1/1"),
                      what="a2 Ready")
     (ip,) = ips.values()
     names = sorted(a["name"] for a in (await admin_state(ip, admin_port, token))["adapters"])
@@ -335,10 +335,10 @@ async def test_pod_restart_gets_the_state_again(kube, namespace, operator, adapt
     admin_port = free_port()
     await kube.create(pool_obj("pool", 1, admin_port, free_port(), free_port()), ns)
     await kube.create(adapter_obj("ad", "pool", f"file://{tmp_path}/src"), ns)
-    (job,) = await eventually(lambda: patch_jobs(kube, ns, "ad"), what="the Job")
+    (job,) = await wait_until(lambda: patch_jobs(kube, ns, "ad"), what="the Job")
     await complete_patch(kube, ns, job["metadata"]["name"], adapter_root, "ad", "00000001")
     token, ips = await start_pool_pods(kube, ns, "pool", 1, tmp_path, pod_processes)
-    await eventually(lambda: adapter_status(kube, ns, "ad", phase="Ready", loaded="1/1"), what="Ready")
+    await wait_until(lambda: adapter_status(kube, ns, "ad", phase="Ready", loaded="1/1"), what="Ready")
 
     # The pod's containers restart: fresh processes know nothing; the kubelet reports restartCount 1.
     (procs,) = pod_processes
@@ -352,7 +352,7 @@ async def test_pod_restart_gets_the_state_again(kube, namespace, operator, adapt
     async def reloaded():
         s = await admin_state(ip, admin_port, token)
         return s if [a["state"] for a in s["adapters"]] == ["loaded"] else None
-    await eventually(reloaded, what="the state pushed again after the restart")
+    await wait_until(reloaded, what="the state pushed again after the restart")
 
     # A new served name is not a new version (no Job), but it is pushed: served under the new name.
     await kube.patch(VLMADAPTERS, "ad", {"spec": {"servedName": "acme/renamed"}}, ns)
@@ -360,9 +360,9 @@ async def test_pod_restart_gets_the_state_again(kube, namespace, operator, adapt
     async def renamed():
         s = await admin_state(ip, admin_port, token)
         return s if [(a["name"], a["state"]) for a in s["adapters"]] == [("acme/renamed", "loaded")] else None
-    await eventually(renamed, what="the adapter served under its new name")
+    await wait_until(renamed, what="the adapter served under its new name")
     assert len(await patch_jobs(kube, ns, "ad")) == 1
-    await eventually(lambda: adapter_status(kube, ns, "ad", phase="Ready", servedName="acme/renamed"),
+    await wait_until(lambda: adapter_status(kube, ns, "ad", phase="Ready", servedName="acme/renamed"),
                      what="status with the new name")
 
 
@@ -373,10 +373,10 @@ async def test_unreachable_pod_degrades_the_pool_and_recovers(kube, namespace, o
     admin_port = free_port()
     await kube.create(pool_obj("pool", 1, admin_port, free_port(), free_port()), ns)
     await kube.create(adapter_obj("ad", "pool", f"file://{tmp_path}/src"), ns)
-    (job,) = await eventually(lambda: patch_jobs(kube, ns, "ad"), what="the Job")
+    (job,) = await wait_until(lambda: patch_jobs(kube, ns, "ad"), what="the Job")
     await complete_patch(kube, ns, job["metadata"]["name"], adapter_root, "ad", "00000001")
     # The pod is reported Running, but nothing listens on its address yet.
-    (pod,) = await eventually(lambda: _n(kube.list(PODS, ns, label_selector="vlmpool.io/pool=pool,"
+    (pod,) = await wait_until(lambda: _n(kube.list(PODS, ns, label_selector="vlmpool.io/pool=pool,"
                                                    "app.kubernetes.io/component=server"), 1), what="the pod")
     ip = f"{loopback_block()}2"
     await report_running(kube, pod, ip)
@@ -385,8 +385,8 @@ async def test_unreachable_pod_degrades_the_pool_and_recovers(kube, namespace, o
         st = (await kube.get(VLMPOOLS, "pool", ns)).get("status") or {}
         c = next((c for c in st.get("conditions") or [] if c["type"] == "Degraded"), {})
         return st if c.get("status") == "True" and c.get("reason") == "PushFailed" else None
-    await eventually(degraded, what="Degraded/PushFailed")
-    st = await eventually(lambda: adapter_status(kube, ns, "ad", loaded="0/1"), what="0/1 loaded")
+    await wait_until(degraded, what="Degraded/PushFailed")
+    st = await wait_until(lambda: adapter_status(kube, ns, "ad", loaded="0/1"), what="0/1 loaded")
     assert st["phase"] == "Registering" and st["pods"][0]["state"] == "pending" and st["pods"][0]["message"]
     # The pool's Events (its Deployment, Service and EndpointSlice share the name "pool").
     events = await kube.list(EVENTS, ns, field_selector="involvedObject.name=pool,involvedObject.kind=VLMPool")
@@ -400,13 +400,13 @@ async def test_unreachable_pod_degrades_the_pool_and_recovers(kube, namespace, o
     token = base64.b64decode(secret["data"]["token"]).decode()
     pod = await kube.get(PODS, pod["metadata"]["name"], ns)
     pod_processes.append(await start_pod_processes(pod, ip, token, tmp_path))
-    await eventually(lambda: adapter_status(kube, ns, "ad", phase="Ready", loaded="1/1"), what="Ready after recovery")
+    await wait_until(lambda: adapter_status(kube, ns, "ad", phase="Ready", loaded="1/1"), what="Ready after recovery")
 
     async def recovered():
         st = (await kube.get(VLMPOOLS, "pool", ns)).get("status") or {}
         c = next((c for c in st.get("conditions") or [] if c["type"] == "Degraded"), {})
         return c.get("status") == "False"
-    await eventually(recovered, what="Degraded False again")
+    await wait_until(recovered, what="Degraded False again")
 
 
 async def test_more_ready_adapters_than_the_cpu_cache_is_a_condition_and_one_warning(
@@ -429,13 +429,13 @@ async def test_more_ready_adapters_than_the_cpu_cache_is_a_condition_and_one_war
 
     for i, name in enumerate(("ad1", "ad2")):
         await kube.create(adapter_obj(name, "pool", f"file://{tmp_path}/src"), ns)
-        (job,) = await eventually(lambda n=name: patch_jobs(kube, ns, n), what=f"{name}'s Job")
+        (job,) = await wait_until(lambda n=name: patch_jobs(kube, ns, n), what=f"{name}'s Job")
         await complete_patch(kube, ns, job["metadata"]["name"], adapter_root, name, f"{i:04x}aaaa", seed=i)
-        await eventually(lambda n=name: adapter_status(kube, ns, n, phase="Ready"), what=f"{name} Ready")
+        await wait_until(lambda n=name: adapter_status(kube, ns, n, phase="Ready"), what=f"{name} Ready")
         if name == "ad1":
-            c = await eventually(lambda: cache_cond("False"), what="one adapter fits maxCpuLoras 1")
+            c = await wait_until(lambda: cache_cond("False"), what="one adapter fits maxCpuLoras 1")
             assert c["reason"] == "FitsCpuCache"
-    c = await eventually(lambda: cache_cond("True"), what="two Ready adapters exceed maxCpuLoras 1")
+    c = await wait_until(lambda: cache_cond("True"), what="two Ready adapters exceed maxCpuLoras 1")
     assert c["reason"] == "MoreAdaptersThanCpuCache" and "2 Ready adapters exceed" in c["message"]
     assert "engine.maxCpuLoras" in c["message"]
 
@@ -443,8 +443,8 @@ async def test_more_ready_adapters_than_the_cpu_cache_is_a_condition_and_one_war
         evs = await kube.list(EVENTS, ns, field_selector="involvedObject.name=pool,involvedObject.kind=VLMPool")
         got = [e for e in evs if e["reason"] == "MoreAdaptersThanCpuCache"]
         return got or None
-    (ev,) = await eventually(warnings, what="the Warning Event")
+    (ev,) = await wait_until(warnings, what="the Warning Event")
     assert ev["type"] == "Warning" and ev.get("count", 1) == 1  # once per transition, not per push round
 
     await kube.delete(VLMADAPTERS, "ad2", ns)
-    await eventually(lambda: cache_cond("False"), what="the condition cleared")
+    await wait_until(lambda: cache_cond("False"), what="the condition cleared")

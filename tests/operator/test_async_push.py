@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import aiohttp
 import pytest
-from helpers import (
+from test_adapter import adapter_obj, complete_patch, ok_message, patch_jobs, pool_obj, start_pool_pods
+from vlmtest.operator import (
     admin_state,
     after_more,
-    eventually,
     free_port,
     now,
     report_terminated,
@@ -18,9 +18,9 @@ from helpers import (
     wait_job_pod,
     write_adapter,
 )
-from test_adapter import adapter_obj, complete_patch, ok_message, patch_jobs, pool_obj, start_pool_pods
 
 from vlmpool.kube.client import JOBS, VLMADAPTERS
+from vlmpool.testing.waiting import wait_until
 
 pytestmark = pytest.mark.apiserver
 
@@ -49,7 +49,7 @@ async def test_operator_follows_a_slow_convergence_and_a_restarted_proxy(kube, n
     await kube.create(pool, ns)
     token, ips = await start_pool_pods(kube, ns, "slow", 1, tmp_path, pod_processes)
     ip = next(iter(ips.values()))
-    await eventually(lambda: admin_state(ip, admin_port, token), what="the first push")
+    await wait_until(lambda: admin_state(ip, admin_port, token), what="the first push")
 
     # N adapters, all patched at once (their Jobs played here): one push wants N slow loads, 1 at a time
     names = [f"ad{i}" for i in range(N)]
@@ -57,7 +57,7 @@ async def test_operator_follows_a_slow_convergence_and_a_restarted_proxy(kube, n
         await kube.create(adapter_obj(n, "slow", f"file://{tmp_path}/src"), ns)
     jobs = {}
     for n in names:
-        jobs[n] = (await eventually(lambda n=n: patch_jobs(kube, ns, n), what=f"{n}'s Job"))[0]["metadata"]["name"]
+        jobs[n] = (await wait_until(lambda n=n: patch_jobs(kube, ns, n), what=f"{n}'s Job"))[0]["metadata"]["name"]
     for i, n in enumerate(names):
         pod = await wait_job_pod(kube, ns, jobs[n])
         write_adapter(adapter_root / n / "versions" / "00000001", seed=i)
@@ -73,7 +73,7 @@ async def test_operator_follows_a_slow_convergence_and_a_restarted_proxy(kube, n
                    and "on the proxy" in (st[n]["pods"][0].get("message") or "")]
         return (ready, waiting, st) if ready and waiting else None
 
-    ready, waiting, st = await eventually(mixed, timeout=60, interval=0.1, what="a partly converged pool")
+    ready, waiting, st = await wait_until(mixed, timeout=60, interval=0.1, what="a partly converged pool")
     w = st[waiting[0]]
     assert w["phase"] == "Registering" and w["loaded"] == "0/1"
     assert st[ready[0]]["loaded"] == "1/1" and st[ready[0]]["pods"][0]["state"] == "loaded"
@@ -89,8 +89,8 @@ async def test_operator_follows_a_slow_convergence_and_a_restarted_proxy(kube, n
         return st if all(st[n].get("phase") == "Ready" and st[n].get("loaded") == "1/1" for n in names) else None
 
     # liveness, not speed (N slow loads after the restart; CI shares two cores with other suites)
-    await eventually(all_ready, timeout=120, interval=0.3, what="every adapter Ready after the restart")
-    final = await eventually(lambda: admin_state(ip, admin_port, token), what="the restarted proxy's state")
+    await wait_until(all_ready, timeout=120, interval=0.3, what="every adapter Ready after the restart")
+    final = await wait_until(lambda: admin_state(ip, admin_port, token), what="the restarted proxy's state")
     assert final["converged"] and final["counts"]["loaded"] == N
     stats = await sim_stats(ip, engine_port)
     internals = sorted(f"{n}@00000001" for n in names)
@@ -110,7 +110,7 @@ async def test_patch_jobs_stay_within_the_bound_in_creation_order(kube, namespac
         async def next_second(c=created):
             return now() > c["metadata"]["creationTimestamp"]
 
-        await eventually(next_second, interval=0.05, what="the next second")
+        await wait_until(next_second, interval=0.05, what="the next second")
     op = await operator(extra_args=("--max-patch-jobs", str(bound)))
 
     async def unfinished():
@@ -128,7 +128,7 @@ async def test_patch_jobs_stay_within_the_bound_in_creation_order(kube, namespac
     for step in range(len(names)):
         # the next ones in line get a Job (at most `bound` unfinished), the rest say they are queued
         want = min(bound, len(names) - step)
-        alive = await eventually(lambda want=want: _exactly(unfinished(), want), timeout=60,
+        alive = await wait_until(lambda want=want: _exactly(unfinished(), want), timeout=60,
                                  what=f"{want} unfinished patch Jobs")
         started += sorted((adapter_of(j) for j in alive if adapter_of(j) not in started), key=names.index)
         assert started == names[:len(started)], started  # FIFO by creation (Jobs that start together: any order)
@@ -140,7 +140,7 @@ async def test_patch_jobs_stay_within_the_bound_in_creation_order(kube, namespac
                          for n in queued}
                 return conds if all(c.get("reason") == "PatchJobQueued" for c in conds.values()) else None
 
-            conds = await eventually(said_queued, timeout=30, what="the queued adapters' condition")
+            conds = await wait_until(said_queued, timeout=30, what="the queued adapters' condition")
             assert f"waiting for one of the {bound} patch Job slots" in conds[queued[-1]]["message"]
             assert (await kube.get(VLMADAPTERS, queued[0], ns))["status"]["phase"] == "Patching"
             versions = {n: (await kube.get(VLMADAPTERS, n, ns))["metadata"]["resourceVersion"] for n in queued}
@@ -160,7 +160,7 @@ async def test_patch_jobs_stay_within_the_bound_in_creation_order(kube, namespac
         await complete_patch(kube, ns, first["metadata"]["name"], adapter_root, started[step], "00000001", seed=step)
         assert len(await unfinished()) <= bound
     assert started == names
-    await eventually(lambda: _exactly(unfinished(), 0), what="every Job finished")
+    await wait_until(lambda: _exactly(unfinished(), 0), what="every Job finished")
 
 
 async def _exactly(coro, n, bound=2):
@@ -180,7 +180,7 @@ async def test_a_succeeded_patch_pod_is_recorded_before_its_job_completes_and_th
     await kube.create(pool_obj("fast", 0, free_port(), free_port(), free_port()), ns)
     await operator(resync=600, extra_args=("--max-patch-jobs", "1"))
     await kube.create(adapter_obj("first", "fast", f"file://{tmp_path}/src"), ns)
-    job = (await eventually(lambda: patch_jobs(kube, ns, "first"), what="first's patch Job"))[0]
+    job = (await wait_until(lambda: patch_jobs(kube, ns, "first"), what="first's patch Job"))[0]
     pod = await wait_job_pod(kube, ns, job["metadata"]["name"])
     await kube.create(adapter_obj("second", "fast", f"file://{tmp_path}/src"), ns)
 
@@ -188,7 +188,7 @@ async def test_a_succeeded_patch_pod_is_recorded_before_its_job_completes_and_th
         st = (await statuses(kube, ns)).get("second") or {}
         return any(c["type"] == "Patched" and c.get("reason") == "PatchJobQueued" for c in st.get("conditions") or [])
 
-    await eventually(queued, what="second queued behind first's Job")
+    await wait_until(queued, what="second queued behind first's Job")
     write_adapter(adapter_root / "first" / "versions" / "00000001")
     with control_plane.paused("kube-controller-manager"):
         await report_terminated(kube, pod, 0, ok_message(adapter_root, "first", "00000001"))
@@ -197,14 +197,14 @@ async def test_a_succeeded_patch_pod_is_recorded_before_its_job_completes_and_th
             st = (await statuses(kube, ns))["first"]
             return st if st.get("version") == "00000001" else None
 
-        st = await eventually(recorded, timeout=30, what="first's version recorded from its pod")
+        st = await wait_until(recorded, timeout=30, what="first's version recorded from its pod")
         patched = next(c for c in st["conditions"] if c["type"] == "Patched")
         assert patched["status"] == "True", patched
         conds = (await kube.get(JOBS, job["metadata"]["name"], ns)).get("status", {}).get("conditions") or []
         assert not [c for c in conds if c["type"] in ("Complete", "SuccessCriteriaMet")], conds
         assert await patch_jobs(kube, ns, "second") == []  # the unfinished Job still holds the only slot
     await wait_job_condition(kube, ns, job["metadata"]["name"], "Complete")
-    await eventually(lambda: patch_jobs(kube, ns, "second"), timeout=30, what="second's Job after first's completed")
+    await wait_until(lambda: patch_jobs(kube, ns, "second"), timeout=30, what="second's Job after first's completed")
 
 
 async def test_patch_slots_are_shared_fairly_between_namespaces(kube, namespace, other_namespace, operator,
@@ -238,17 +238,17 @@ async def test_patch_slots_are_shared_fairly_between_namespaces(kube, namespace,
         return any(c["type"] == "Patched" and c.get("reason") == "PatchJobQueued"
                    for c in st.get("conditions") or [])
 
-    jobs = await eventually(lambda: exactly({(a, "a0"), (a, "a1")}), timeout=60, what="a0 and a1's Jobs")
+    jobs = await wait_until(lambda: exactly({(a, "a0"), (a, "a1")}), timeout=60, what="a0 and a1's Jobs")
     for n in names_a[2:]:
-        await eventually(lambda n=n: queued(a, n), timeout=30, what=f"{n} queued")
+        await wait_until(lambda n=n: queued(a, n), timeout=30, what=f"{n} queued")
     await kube.create(adapter_obj("b0", "pb", f"file://{tmp_path}/src"), b)
-    await eventually(lambda: queued(b, "b0"), timeout=30, what="b0 queued behind A's Jobs")
+    await wait_until(lambda: queued(b, "b0"), timeout=30, what="b0 queued behind A's Jobs")
 
     # a0 finishes: its slot goes to B's adapter, though A's a2 was created (and queued) earlier
     await complete_patch(kube, a, jobs[(a, "a0")]["metadata"]["name"], adapter_root, "a0", "00000001")
-    jobs = await eventually(lambda: exactly({(a, "a1"), (b, "b0")}), timeout=60, what="b0's Job before a2's")
+    jobs = await wait_until(lambda: exactly({(a, "a1"), (b, "b0")}), timeout=60, what="b0's Job before a2's")
     assert all([await patch_jobs(kube, a, n) == [] for n in names_a[2:]])  # A's queue has not drained
 
     # a1 finishes: B has a Job and nothing queued, so A's next adapter in creation order comes
     await complete_patch(kube, a, jobs[(a, "a1")]["metadata"]["name"], adapter_root, "a1", "00000001", seed=1)
-    await eventually(lambda: exactly({(b, "b0"), (a, "a2")}), timeout=60, what="a2's Job")
+    await wait_until(lambda: exactly({(b, "b0"), (a, "a2")}), timeout=60, what="a2's Job")

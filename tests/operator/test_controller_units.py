@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import write_adapter
+from vlmtest.operator import write_adapter
 
 from vlmpool.controller import status as S
 from vlmpool.controller.push import pod_fingerprint, pod_is_pushable, push_to_pods

@@ -10,11 +10,12 @@ import time
 
 import pytest
 import yaml
-from helpers import OperatorProcess, eventually, free_port
 from test_adapter import adapter_obj, adapter_status, patch_jobs, pool_obj
+from vlmtest.operator import OperatorProcess, free_port
 
 from vlmpool.controller import rbac
 from vlmpool.testing.kubeauth import exec_user, runs, write_exec_plugin
+from vlmpool.testing.waiting import wait_until
 
 pytestmark = pytest.mark.apiserver
 
@@ -55,21 +56,21 @@ async def test_operator_renews_exec_plugin_tokens(control_plane, kube, namespace
     try:
         await kube.create(pool_obj("pool", 0, free_port(), free_port(), free_port()), ns)
         await kube.create(adapter_obj("first", "pool", f"file://{tmp_path}/first"), ns)
-        await eventually(lambda: patch_jobs(kube, ns, "first"), what="the first adapter's Job")
+        await wait_until(lambda: patch_jobs(kube, ns, "first"), what="the first adapter's Job")
         # The tokens expire (client-side) every LIFETIME seconds: the plugin runs again, on time.
         t0, first = time.monotonic(), runs(counter)
-        await eventually(lambda: _ge(runs(counter), first + 2), timeout=4 * LIFETIME,
+        await wait_until(lambda: _ge(runs(counter), first + 2), timeout=4 * LIFETIME,
                          what="two renewals by the exec plugin")
         assert time.monotonic() - t0 > LIFETIME * 0.8  # not per request: once per lifetime
         # Revoke every token but the newest on the apiserver: only renewed credentials work now.
         current = runs(counter)
         control_plane.kubectl("delete", "secret", "-n", ns, *[f"tok-{i}" for i in range(1, current)])
         await kube.create(adapter_obj("second", "pool", f"file://{tmp_path}/second"), ns)
-        await eventually(lambda: patch_jobs(kube, ns, "second"), what="the second adapter's Job")
-        await eventually(lambda: adapter_status(kube, ns, "second", phase="Patching"), what="second Patching")
-        await eventually(lambda: _ge(runs(counter), current + 1), timeout=2 * LIFETIME, what="one more renewal")
+        await wait_until(lambda: patch_jobs(kube, ns, "second"), what="the second adapter's Job")
+        await wait_until(lambda: adapter_status(kube, ns, "second", phase="Patching"), what="second Patching")
+        await wait_until(lambda: _ge(runs(counter), current + 1), timeout=2 * LIFETIME, what="one more renewal")
         await kube.create(adapter_obj("third", "pool", f"file://{tmp_path}/third"), ns)
-        await eventually(lambda: adapter_status(kube, ns, "third", phase="Patching"), what="third Patching")
+        await wait_until(lambda: adapter_status(kube, ns, "third", phase="Patching"), what="third Patching")
         log = op.tail(200_000)
         # kopf logged in again on each expiration (not only after a 401) and never ran out of credentials.
         assert log.count("Re-authentication has been initiated") >= 2, log[-3000:]

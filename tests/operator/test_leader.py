@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import time
 
 import pytest
-from helpers import BASE, eventually, free_port
+from vlmtest.operator import BASE, after_more, free_port
 
 from vlmpool.controller.leader import LeaderElectionError, LeaderElector, format_time, parse_time
 from vlmpool.kube.client import DEPLOYMENTS, JOBS, LEASES, KubeClient
 from vlmpool.kube.config import KubeConfig
 from vlmpool.names import API_VERSION
+from vlmpool.testing.waiting import wait_until
 
 pytestmark = pytest.mark.apiserver
 
@@ -36,6 +38,29 @@ async def clients(operator_kubeconfig):
         await c.close()
 
 
+def record_attempts(elector: LeaderElector) -> list[tuple[float, bool, str | None]]:
+    """Every round the candidate plays from now on: (monotonic time it started, won, the holder it saw).
+    What a follower does while the leader renews is observed this way, round by round, not after a sleep."""
+    rounds: list[tuple[float, bool, str | None]] = []
+    play = elector.try_acquire_or_renew
+
+    async def recorded() -> bool:
+        started = time.monotonic()
+        won = await play()
+        rounds.append((started, won, elector.observed_holder))
+        return won
+    elector.try_acquire_or_renew = recorded  # type: ignore[method-assign]
+    return rounds
+
+
+async def refused_rounds(rounds: list[tuple[float, bool, str | None]], since: float, span: float) -> list:
+    """Wait until the rounds started after `since` cover `span` seconds; returns them."""
+    def covered():
+        after = [r for r in rounds if r[0] > since]
+        return after if after and after[-1][0] - since >= span else None
+    return await wait_until(covered, timeout=span + 30, interval=0.1, what=f"rounds over {span:g}s")
+
+
 async def _cancel(*tasks: asyncio.Task) -> None:
     for t in tasks:
         t.cancel()
@@ -45,6 +70,7 @@ async def _cancel(*tasks: asyncio.Task) -> None:
 async def test_exactly_one_leads_and_the_other_takes_over_after_expiry(clients, namespace, kube):
     a = LeaderElector(clients(), namespace, LEASE, "cand-a", **FAST)
     b = LeaderElector(clients(), namespace, LEASE, "cand-b", **FAST)
+    rounds = {e.identity: record_attempts(e) for e in (a, b)}
     stop = asyncio.Event()
     ta, tb = asyncio.create_task(a.acquire(stop)), asyncio.create_task(b.acquire(stop))
     done, _pending = await asyncio.wait({ta, tb}, timeout=60, return_when=asyncio.FIRST_COMPLETED)
@@ -52,8 +78,10 @@ async def test_exactly_one_leads_and_the_other_takes_over_after_expiry(clients, 
     leader, follower, follower_task = (a, b, tb) if ta in done else (b, a, ta)
     renewing = asyncio.create_task(leader.keep_leading())
     try:
-        # The follower keeps waiting through several lease durations while the leader renews.
-        await asyncio.sleep(3 * FAST["lease_duration"])
+        # The follower keeps trying through several lease durations while the leader renews, and
+        # loses every round to the leader.
+        played = await refused_rounds(rounds[follower.identity], time.monotonic(), 3 * FAST["lease_duration"])
+        assert len(played) >= 3 and all(not won and seen == leader.identity for _, won, seen in played), played
         assert not follower_task.done() and not follower.is_leader and leader.is_leader
         lease = await kube.get(LEASES, LEASE, namespace)
         assert lease["spec"]["holderIdentity"] == leader.identity
@@ -81,10 +109,13 @@ async def test_a_released_lease_is_taken_at_once(clients, namespace, kube):
     a = LeaderElector(clients(), namespace, LEASE, "cand-a", **slow)
     b = LeaderElector(clients(), namespace, LEASE, "cand-b", **slow)
     assert await a.acquire() is True
+    b_rounds = record_attempts(b)
     stop = asyncio.Event()
     tb = asyncio.create_task(b.acquire(stop))
     try:
-        await asyncio.sleep(2)
+        # b tries and loses to a (a holds a 60 s lease) round after round
+        await wait_until(lambda: len(b_rounds) >= 3, timeout=30, what="three rounds of b")
+        assert all(not won and seen == "cand-a" for _, won, seen in b_rounds), b_rounds
         assert not tb.done()
         assert await a.release() is True and not a.is_leader
         released = (await kube.get(LEASES, LEASE, namespace))["spec"]
@@ -207,7 +238,7 @@ async def _holder(kube, ns):
 async def test_two_operators_one_leader_reconciles_and_a_follower_takes_over(kube, namespace, operator, tmp_path):
     ns = namespace
     ops = {name: await operator(extra_args=_le_args(ns, name), log_name=f"{name}.log") for name in ("op-1", "op-2")}
-    leader_name = await eventually(lambda: _holder(kube, ns), what="a lease holder")
+    leader_name = await wait_until(lambda: _holder(kube, ns), what="a lease holder")
     assert leader_name in ops
     follower_name = next(n for n in ops if n != leader_name)
     leader, follower = ops[leader_name], ops[follower_name]
@@ -215,16 +246,18 @@ async def test_two_operators_one_leader_reconciles_and_a_follower_takes_over(kub
     async def gauges_settled():
         return (_gauge(await leader.metrics(), "vlmpool_operator_leader") == 1
                 and _gauge(await leader.metrics(), "vlmpool_operator_ready") == 1)
-    await eventually(gauges_settled, what="the leader's metrics")
+    await wait_until(gauges_settled, what="the leader's metrics")
     fm = await follower.metrics()
     assert _gauge(fm, "vlmpool_operator_leader") == 0 and _gauge(fm, "vlmpool_operator_ready") == 0
 
     # Only the leader reconciles: the pool's Deployment is created once, by the leader.
     await kube.create(pool_obj("vision", free_port()), ns)
-    dep = await eventually(lambda: kube.get(DEPLOYMENTS, "vision", ns), what="the Deployment")
+    dep = await wait_until(lambda: kube.get(DEPLOYMENTS, "vision", ns), what="the Deployment")
     managers = {m["manager"] for m in dep["metadata"]["managedFields"]}
     assert "vlmpool-operator" in managers
-    await asyncio.sleep(2)
+    # The leader renews the Lease 4 more times: the follower, retrying every 0.5 s, found it held throughout
+    # and (below) has reconciled nothing by then.
+    await lease_renewed(kube, ns, leader_name, 4)
     dep2 = await kube.get(DEPLOYMENTS, "vision", ns)
     assert dep2["metadata"]["uid"] == dep["metadata"]["uid"]
     assert "vlmpool operator starting" in leader.tail(100_000)
@@ -234,19 +267,20 @@ async def test_two_operators_one_leader_reconciles_and_a_follower_takes_over(kub
 
     # SIGKILL the leader (no release): the follower takes over after the lease expires.
     leader.kill()
-    await eventually(lambda: _holder_is(kube, ns, follower_name), timeout=60, what="the follower to take over")
+    await wait_until(lambda: _holder_is(kube, ns, follower_name), timeout=60, what="the follower to take over")
 
     async def follower_leads():
         m = await follower.metrics()
         return _gauge(m, "vlmpool_operator_leader") == 1 and _gauge(m, "vlmpool_operator_ready") == 1
-    await eventually(follower_leads, timeout=60, what="the new leader's metrics")
+    await wait_until(follower_leads, timeout=60, what="the new leader's metrics")
     lease = (await kube.get(LEASES, LEASE, ns))["spec"]
     assert lease["leaseTransitions"] >= 1
 
     # It reconciles: a new adapter gets exactly one patch Job.
     await kube.create(adapter_obj("ad", "vision", f"file://{tmp_path}/ad"), ns)
-    (_job,) = await eventually(lambda: patch_jobs(kube, ns, "ad"), what="the adapter's patch Job")
-    await asyncio.sleep(3)
+    (_job,) = await wait_until(lambda: patch_jobs(kube, ns, "ad"), what="the adapter's patch Job")
+    # It reconsiders the adapter twice more and makes no second Job.
+    await after_more(follower, "vlmpool_operator_reconciles_total", 2, kind="adapter")
     assert len(await patch_jobs(kube, ns, "ad")) == 1
 
     # A clean stop releases the lease at once.
@@ -256,6 +290,18 @@ async def test_two_operators_one_leader_reconciles_and_a_follower_takes_over(kub
     assert not spec.get("holderIdentity") and spec["leaseDurationSeconds"] == 1
 
 
+async def lease_renewed(kube, ns, holder: str, times: int) -> None:
+    """Wait until `holder` has renewed the Lease `times` more times, holding it all along."""
+    seen: set[str] = set()
+
+    async def renewed() -> bool:
+        spec = (await kube.get(LEASES, LEASE, ns))["spec"]
+        assert spec.get("holderIdentity") == holder, f"the lease went to {spec.get('holderIdentity')}"
+        seen.add(spec["renewTime"])
+        return len(seen) > times
+    await wait_until(renewed, timeout=30, interval=0.1, what=f"{times} renewals of the lease by {holder}")
+
+
 async def _holder_is(kube, ns, name):
     return await _holder(kube, ns) == name
 
@@ -263,7 +309,7 @@ async def _holder_is(kube, ns, name):
 async def test_a_leader_that_loses_the_lease_exits_non_zero(kube, namespace, operator):
     ns = namespace
     op = await operator(extra_args=_le_args(ns, "solo"), log_name="solo.log")
-    await eventually(lambda: _holder_is(kube, ns, "solo"), what="solo to lead")
+    await wait_until(lambda: _holder_is(kube, ns, "solo"), what="solo to lead")
     lease = await kube.get(LEASES, LEASE, ns)
     lease["spec"].update(holderIdentity="usurper", renewTime=format_time(dt.datetime.now(dt.UTC)),
                          leaseDurationSeconds=600)
@@ -271,6 +317,6 @@ async def test_a_leader_that_loses_the_lease_exits_non_zero(kube, namespace, ope
 
     async def exited():
         return op.proc.poll() is not None
-    await eventually(exited, timeout=60, what="the operator to exit")
+    await wait_until(exited, timeout=60, what="the operator to exit")
     assert op.proc.returncode == 1
     assert "lost the leader-election lease" in op.tail()

@@ -7,10 +7,11 @@ import base64
 import re
 
 import pytest
-from helpers import BASE, eventually, free_port
+from vlmtest.operator import BASE, free_port
 
 from vlmpool.kube.client import DEPLOYMENTS, PODS, PVCS, SECRETS, SERVICES, VLMPOOLS, NotFound
 from vlmpool.names import API_VERSION
+from vlmpool.testing.waiting import wait_until
 
 pytestmark = pytest.mark.apiserver
 
@@ -34,8 +35,8 @@ async def test_pool_creates_children_with_owner_references_and_cascades(kube, na
     created = await kube.create(pool, namespace)
     uid = created["metadata"]["uid"]
 
-    dep = await eventually(lambda: kube.get(DEPLOYMENTS, "vision", namespace), what="the Deployment")
-    svc = await eventually(lambda: kube.get(SERVICES, "vision", namespace), what="the Service")  # applied after
+    dep = await wait_until(lambda: kube.get(DEPLOYMENTS, "vision", namespace), what="the Deployment")
+    svc = await wait_until(lambda: kube.get(SERVICES, "vision", namespace), what="the Service")  # applied after
     pvc = await kube.get(PVCS, "vision-adapters", namespace)
     secret = await kube.get(SECRETS, "vision-admin-token", namespace)
     for obj in (dep, svc, pvc, secret):
@@ -69,14 +70,14 @@ async def test_pool_creates_children_with_owner_references_and_cascades(kube, na
     assert pvc["spec"]["resources"]["requests"]["storage"] == "10Gi"
 
     # kube-controller-manager makes the ReplicaSet and the Pods; status follows the Deployment.
-    pods = await eventually(lambda: _len(kube.list(PODS, namespace, label_selector="vlmpool.io/pool=vision"), 2),
+    pods = await wait_until(lambda: _len(kube.list(PODS, namespace, label_selector="vlmpool.io/pool=vision"), 2),
                             what="2 pods")
     assert all(p["spec"]["containers"][0]["name"] == "proxy" for p in pods)
 
     async def status():
         st = (await kube.get(VLMPOOLS, "vision", namespace)).get("status") or {}
         return st if st.get("replicas") == 2 and st.get("ready") == "0/2" and st.get("endpoint") else None
-    st = await eventually(status, what="pool status")
+    st = await wait_until(status, what="pool status")
     assert st["endpoint"] == f"http://vision.{namespace}.svc:8080/v1"
     assert st["concurrency"] == 7 and st["observedGeneration"] == 1
     conds = {c["type"]: c for c in st["conditions"]}
@@ -84,7 +85,7 @@ async def test_pool_creates_children_with_owner_references_and_cascades(kube, na
 
     # A spec change is applied to the Deployment (server-side apply, same field manager).
     await kube.patch(VLMPOOLS, "vision", {"spec": {"replicas": 1, "proxy": {"concurrency": 3}}}, namespace)
-    await eventually(lambda: _field(kube.get(DEPLOYMENTS, "vision", namespace), ("spec", "replicas"), 1),
+    await wait_until(lambda: _field(kube.get(DEPLOYMENTS, "vision", namespace), ("spec", "replicas"), 1),
                      what="replicas 1")
 
     # Deleting the pool cascades (garbage collector of kube-controller-manager).
@@ -99,7 +100,7 @@ async def test_pool_creates_children_with_owner_references_and_cascades(kube, na
                 pass
         pvc = await kube.get_or_none(PVCS, "vision-adapters", namespace)
         return pvc is None or bool(pvc["metadata"].get("deletionTimestamp"))
-    await eventually(gone, timeout=90, what="the children to be garbage-collected")
+    await wait_until(gone, timeout=90, what="the children to be garbage-collected")
     assert "Traceback" not in op.tail(), op.tail()
 
 
@@ -120,7 +121,7 @@ async def test_all_namespaces_under_a_cluster_role_binding(kube, control_plane, 
     """`--all-namespaces` needs nothing beyond the same ClusterRole, bound cluster-wide."""
     import json
 
-    from helpers import OperatorProcess
+    from vlmtest.operator import OperatorProcess
 
     from vlmpool.controller import rbac
 
@@ -131,9 +132,9 @@ async def test_all_namespaces_under_a_cluster_role_binding(kube, control_plane, 
     await op.start()
     try:
         await kube.create(pool_obj("wide"), namespace)
-        dep = await eventually(lambda: kube.get(DEPLOYMENTS, "wide", namespace), what="the Deployment")
+        dep = await wait_until(lambda: kube.get(DEPLOYMENTS, "wide", namespace), what="the Deployment")
         assert dep["metadata"]["ownerReferences"][0]["name"] == "wide"
-        st = await eventually(lambda: _status_with_endpoint(kube, namespace), what="pool status")
+        st = await wait_until(lambda: _status_with_endpoint(kube, namespace), what="pool status")
         assert st["endpoint"].startswith(f"http://wide.{namespace}.svc")
         await kube.delete(VLMPOOLS, "wide", namespace)
     finally:
@@ -159,11 +160,11 @@ async def test_scale_subresource_drives_the_pool_and_an_hpa_can_target_it(kube, 
 
     await operator()
     await kube.create(pool_obj("scaled", replicas=1), namespace)
-    await eventually(lambda: _field(kube.get(DEPLOYMENTS, "scaled", namespace), ("spec", "replicas"), 1),
+    await wait_until(lambda: _field(kube.get(DEPLOYMENTS, "scaled", namespace), ("spec", "replicas"), 1),
                      what="the Deployment at 1 replica")
 
     control_plane.kubectl("scale", "vlmp", "scaled", "--replicas=3", "-n", namespace)
-    await eventually(lambda: _field(kube.get(DEPLOYMENTS, "scaled", namespace), ("spec", "replicas"), 3),
+    await wait_until(lambda: _field(kube.get(DEPLOYMENTS, "scaled", namespace), ("spec", "replicas"), 3),
                      what="the operator to follow kubectl scale (Deployment at 3)")
 
     def scale():
@@ -172,7 +173,7 @@ async def test_scale_subresource_drives_the_pool_and_an_hpa_can_target_it(kube, 
         doc = json.loads(out)
         return doc if doc["status"].get("replicas") == 3 and doc["status"].get("selector") else None
 
-    doc = await eventually(lambda: _sync(scale), what="the scale subresource to read 3 replicas and a selector")
+    doc = await wait_until(lambda: _sync(scale), what="the scale subresource to read 3 replicas and a selector")
     assert doc["kind"] == "Scale" and doc["spec"]["replicas"] == 3
     dep = await kube.get(DEPLOYMENTS, "scaled", namespace)
     want = ",".join(f"{k}={v}" for k, v in sorted(dep["spec"]["selector"]["matchLabels"].items()))
@@ -206,7 +207,7 @@ async def test_a_spec_only_the_model_refuses_degrades_the_pool_and_creates_no_ch
         c = next((c for c in st.get("conditions") or [] if c["type"] == "Degraded"), {})
         return c if c.get("status") == "True" else None
 
-    cond = await eventually(degraded, what="Degraded True on the refused pool")
+    cond = await wait_until(degraded, what="Degraded True on the refused pool")
     assert cond["reason"] == "ValidationError" and "cannot both be 0" in cond["message"], cond
     for res, name in ((DEPLOYMENTS, "stuck"), (SERVICES, "stuck"), (PVCS, "stuck-adapters"),
                       (SECRETS, "stuck-admin-token")):
@@ -220,7 +221,7 @@ async def test_a_spec_only_the_model_refuses_degrades_the_pool_and_creates_no_ch
         c = next((c for c in st.get("conditions") or [] if c["type"] == "Degraded"), {})
         return c if c.get("status") == "False" and c.get("reason") == "Reconciled" else None
 
-    await eventually(reconciled, what="Degraded False once the spec is valid")
+    await wait_until(reconciled, what="Degraded False once the spec is valid")
     await kube.get(DEPLOYMENTS, "stuck", namespace)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from helpers import BASE, eventually
+from vlmtest.operator import BASE
 
 from vlmpool.kube.client import (
     CONFIGMAPS,
@@ -23,6 +23,7 @@ from vlmpool.kube.client import (
 )
 from vlmpool.names import API_VERSION
 from vlmpool.testing import gie
+from vlmpool.testing.waiting import wait_until
 
 pytestmark = pytest.mark.apiserver
 
@@ -47,20 +48,20 @@ async def test_routing_children(kube, namespace, operator, inferencepool_crd):
     created = await kube.create(pool_obj("vision", engine={"maxLoras": 3}, routing={"failureMode": "FailOpen"}),
                                 namespace)
     uid = created["metadata"]["uid"]
-    ip = await eventually(lambda: kube.get(INFERENCEPOOLS, "vision", namespace), what="the InferencePool")
+    ip = await wait_until(lambda: kube.get(INFERENCEPOOLS, "vision", namespace), what="the InferencePool")
     assert ip["spec"]["targetPorts"] == [{"number": 8080}]  # the proxy's port
     assert ip["spec"]["endpointPickerRef"]["name"] == "vision-epp"
     assert ip["spec"]["endpointPickerRef"]["failureMode"] == "FailOpen"
-    dep = await eventually(lambda: kube.get(DEPLOYMENTS, "vision", namespace), what="the pool's Deployment")
+    dep = await wait_until(lambda: kube.get(DEPLOYMENTS, "vision", namespace), what="the pool's Deployment")
     assert ip["spec"]["selector"]["matchLabels"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
     proxy = next(c for c in dep["spec"]["template"]["spec"]["containers"] if c["name"] == "proxy")
     assert proxy["args"][proxy["args"].index("--max-loras") + 1] == "3"  # max_lora in the routing metrics
     for res in (SERVICEACCOUNTS, ROLES, ROLEBINDINGS, CONFIGMAPS, DEPLOYMENTS, SERVICES):
-        obj = await eventually(lambda res=res: kube.get(res, "vision-epp", namespace), what=f"{res} vision-epp")
+        obj = await wait_until(lambda res=res: kube.get(res, "vision-epp", namespace), what=f"{res} vision-epp")
         (ref,) = obj["metadata"]["ownerReferences"]
         assert (ref["kind"], ref["uid"]) == ("VLMPool", uid)
 
     await kube.create(pool_obj("plain"), namespace)
-    await eventually(lambda: kube.get(SERVICES, "plain", namespace), what="the plain pool's Service")
+    await wait_until(lambda: kube.get(SERVICES, "plain", namespace), what="the plain pool's Service")
     with pytest.raises(NotFound):
         await kube.get(INFERENCEPOOLS, "plain", namespace)

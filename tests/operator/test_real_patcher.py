@@ -8,10 +8,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import admin_state, eventually, free_port, run_job_pod, wait_job_pod
 from test_adapter import adapter_obj, adapter_status, patch_jobs, pool_obj, start_pool_pods
+from vlmtest.operator import admin_state, free_port, run_job_pod, wait_job_pod
 
 from vlmpool.kube.client import EVENTS, JOBS, VLMADAPTERS
+from vlmpool.testing.waiting import wait_until
 
 pytestmark = pytest.mark.apiserver
 
@@ -53,11 +54,11 @@ async def test_real_patch_job_to_served_adapter_and_real_cleanup(kube, namespace
     await kube.create(pool_obj("pool", 1, admin_port, free_port(), free_port()), ns)
     token, ips = await start_pool_pods(kube, ns, "pool", 1, tmp_path, pod_processes)
     await kube.create(adapter_obj("receipts", "pool", f"file://{src}"), ns)
-    (job,) = await eventually(lambda: patch_jobs(kube, ns, "receipts"), what="the patch Job")
+    (job,) = await wait_until(lambda: patch_jobs(kube, ns, "receipts"), what="the patch Job")
     pod = await wait_job_pod(kube, ns, job["metadata"]["name"])
     assert await run_job_pod(kube, pod, tmp_path) == 0
 
-    st = await eventually(lambda: adapter_status(kube, ns, "receipts", phase="Ready"), timeout=90, what="Ready")
+    st = await wait_until(lambda: adapter_status(kube, ns, "receipts", phase="Ready"), timeout=90, what="Ready")
     assert st["loaded"] == "1/1" and st["path"] == f"{adapter_root}/receipts/versions/{st['version']}"
     assert (adapter_root / "receipts" / "versions" / st["version"] / "adapter_config.json").is_file()
     assert st["report"]["tensorsKept"] > 0 and st["report"]["rank"] == 8
@@ -73,13 +74,13 @@ async def test_real_patch_job_to_served_adapter_and_real_cleanup(kube, namespace
     assert {e["source"].get("component") for e in events} == {"vlmpool-operator"}
 
     await kube.delete(VLMADAPTERS, "receipts", ns)
-    (cj,) = await eventually(lambda: kube.list(JOBS, ns, label_selector="app.kubernetes.io/component=cleanup"),
+    (cj,) = await wait_until(lambda: kube.list(JOBS, ns, label_selector="app.kubernetes.io/component=cleanup"),
                              what="the cleanup Job")
     assert (await admin_state(ip, admin_port, token))["adapters"] == []
     pod = await wait_job_pod(kube, ns, cj["metadata"]["name"])
     assert await run_job_pod(kube, pod, tmp_path) == 0
     assert not (adapter_root / "receipts").exists()
-    await eventually(lambda: _gone(kube, ns), what="the adapter to be gone")
+    await wait_until(lambda: _gone(kube, ns), what="the adapter to be gone")
 
 
 async def _gone(kube, ns):

@@ -45,6 +45,12 @@ def dora_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
+def lora(lora_dirs, copy_adapter) -> Path:
+    """A fresh copy of the Qwen2-VL LoRA of lora_dirs, to edit."""
+    return copy_adapter(lora_dirs["qwen2_vl"])
+
+
+@pytest.fixture
 def copy_adapter(tmp_path) -> Callable[[Path], Path]:
     import shutil
 

@@ -4,8 +4,12 @@ real PEFT adapters made from them."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
+import pytest
+
+from vlmpool.patcher import PatchError, PatchOptions, patch_and_publish
 from vlmpool.testing.adapters import (  # noqa: F401 - re-exported for the patcher tests
     FAMILIES,
     LANG_TARGETS,
@@ -14,6 +18,20 @@ from vlmpool.testing.adapters import (  # noqa: F401 - re-exported for the patch
     make_adapter,
     tiny_model,
 )
+
+
+def refuse(src, tmp_path, reason, match, adapter="ad", **kw):
+    """Patch `src` expecting the refusal `reason` with a message matching `match`, and nothing published
+    (family qwen2_vl unless given)."""
+    kw.setdefault("family", "qwen2_vl")
+    kw.setdefault("pool_base", POOL_BASE["qwen2_vl"])
+    with pytest.raises(PatchError) as ei:
+        patch_and_publish(str(src), adapter, tmp_path / "vol", PatchOptions(**kw))
+    assert ei.value.reason == reason, ei.value
+    assert re.search(match, ei.value.message), ei.value.message
+    versions = tmp_path / "vol" / adapter / "versions"
+    assert not versions.exists() or not any(versions.iterdir())
+    return ei.value
 
 
 def edit_config(adapter_dir: Path, **changes) -> None:

@@ -3,34 +3,25 @@
 from __future__ import annotations
 
 import json
-import re
 import shutil
 
 import pytest
 import torch
-from patcher_testlib import _DELETE, LANG_TARGETS, POOL_BASE, VISION_TARGETS, LockHolder, edit_config, make_adapter
+from patcher_testlib import (
+    _DELETE,
+    LANG_TARGETS,
+    POOL_BASE,
+    VISION_TARGETS,
+    LockHolder,
+    edit_config,
+    make_adapter,
+    refuse,
+)
 from safetensors.torch import load_file, save_file
 
 from vlmpool.patcher import REASONS, PatchError, PatchOptions, patch_and_publish
 
 FAM = "qwen2_vl"
-
-
-def refuse(src, tmp_path, reason, match, adapter="ad", **kw):
-    kw.setdefault("family", FAM)
-    kw.setdefault("pool_base", POOL_BASE[FAM])
-    with pytest.raises(PatchError) as ei:
-        patch_and_publish(str(src), adapter, tmp_path / "vol", PatchOptions(**kw))
-    assert ei.value.reason == reason, ei.value
-    assert re.search(match, ei.value.message), ei.value.message
-    versions = tmp_path / "vol" / adapter / "versions"
-    assert not versions.exists() or not any(versions.iterdir())
-    return ei.value
-
-
-@pytest.fixture
-def lora(lora_dirs, copy_adapter):
-    return copy_adapter(lora_dirs[FAM])
 
 
 def _edit_tensors(src, fn):

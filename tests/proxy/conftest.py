@@ -1,4 +1,4 @@
-"""Fixtures for the proxy tests (see proxy_helpers.py): the real simulator with a request log, the
+"""Fixtures for the proxy tests (see tests/vlmtest/proxy.py): the real simulator with a request log, the
 real proxy in front of it, real adapter directories, and the openai SDK as client."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from proxy_helpers import Admin, proxy_config, sim, write_adapter  # noqa: F401 - sim: a fixture
+from vlmtest.proxy import Admin, proxy_config, sim, write_adapter  # noqa: F401 - sim: a fixture
 
 from vlmpool.proxy.server import RunningProxy, run_proxy
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from proxy_helpers import V1, V2
+from vlmtest.proxy import V1, V2
 
 from vlmpool import adminwire
 from vlmpool.adminwire import AdapterEntry, DesiredState

@@ -15,7 +15,7 @@ import httpx2 as httpx
 import openai
 import pytest
 from PIL import Image
-from proxy_helpers import BASE, Admin, proxy_config, start_sim
+from vlmtest.proxy import BASE, Admin, proxy_config, start_sim
 
 from vlmpool.proxy.server import run_proxy
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import aiohttp
 import openai
 import pytest
-from proxy_helpers import BASE, Admin, proxy_config
+from vlmtest.proxy import BASE, Admin, proxy_config
 
 from vlmpool.proxy.forwarding import ModelRename
 from vlmpool.proxy.server import run_proxy

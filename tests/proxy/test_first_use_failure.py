@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import openai
 import pytest
-from proxy_helpers import V1, V2, Admin, proxy_config, start_sim, write_adapter
+from vlmtest.proxy import V1, V2, Admin, proxy_config, start_sim, write_adapter
 
 from vlmpool.proxy.server import run_proxy
 from vlmpool.sim.config import Faults

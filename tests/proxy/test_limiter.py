@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from vlmpool.proxy.limiter import QueueFull, QueueTimeout, ResizableLimiter
+from vlmpool.testing.waiting import wait_until
 
 
 class Probe:
@@ -26,18 +27,10 @@ class Probe:
             self.now -= 1
 
 
-async def _until(cond, timeout: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not cond():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not reached")
-        await asyncio.sleep(0.001)
-
-
 async def test_never_more_than_limit_and_fifo():
     lim, probe, gate = ResizableLimiter(3, 100), Probe(), asyncio.Event()
     tasks = [asyncio.create_task(probe.hold(lim, i, gate)) for i in range(20)]
-    await _until(lambda: lim.active == 3 and lim.waiting == 17)
+    await wait_until(lambda: lim.active == 3 and lim.waiting == 17, timeout=5)
     assert probe.order == [0, 1, 2]
     gate.set()
     await asyncio.gather(*tasks)
@@ -50,7 +43,7 @@ async def test_queue_full_and_queue_timeout():
     lim = ResizableLimiter(1, 1)
     await lim.acquire()
     waiter = asyncio.create_task(lim.acquire(timeout=30))
-    await _until(lambda: lim.waiting == 1)
+    await wait_until(lambda: lim.waiting == 1, timeout=5)
     with pytest.raises(QueueFull):
         await lim.acquire(timeout=30)
     lim.release()  # hands the slot to the waiter
@@ -68,12 +61,12 @@ async def test_resize_down_keeps_in_flight_and_admits_below_new_limit():
     first, second = Probe(), Probe()
     a = [asyncio.create_task(first.hold(lim, i, gate1)) for i in range(6)]
     b = [asyncio.create_task(second.hold(lim, i, gate2)) for i in range(10)]
-    await _until(lambda: lim.active == 6 and lim.waiting == 10)
+    await wait_until(lambda: lim.active == 6 and lim.waiting == 10, timeout=5)
     lim.resize(2)
     assert lim.active == 6, "in-flight holders are not dropped"
     gate1.set()  # the first six finish; the waiters must now be admitted two at a time
     await asyncio.gather(*a)
-    await _until(lambda: second.now == 2)
+    await wait_until(lambda: second.now == 2, timeout=5)
     await asyncio.sleep(0.01)
     assert lim.active == 2 and second.now == 2 and lim.waiting == 8
     gate2.set()
@@ -85,9 +78,9 @@ async def test_resize_down_keeps_in_flight_and_admits_below_new_limit():
 async def test_resize_up_wakes_waiters():
     lim, probe, gate = ResizableLimiter(1, 100), Probe(), asyncio.Event()
     tasks = [asyncio.create_task(probe.hold(lim, i, gate)) for i in range(5)]
-    await _until(lambda: lim.active == 1 and lim.waiting == 4)
+    await wait_until(lambda: lim.active == 1 and lim.waiting == 4, timeout=5)
     lim.resize(4)
-    await _until(lambda: probe.now == 4)
+    await wait_until(lambda: probe.now == 4, timeout=5)
     assert lim.waiting == 1
     gate.set()
     await asyncio.gather(*tasks)
@@ -99,7 +92,7 @@ async def test_cancelled_waiter_leaves_and_granted_slot_is_returned():
     await lim.acquire()
     w1 = asyncio.create_task(lim.acquire(timeout=30))
     w2 = asyncio.create_task(lim.acquire(timeout=30))
-    await _until(lambda: lim.waiting == 2)
+    await wait_until(lambda: lim.waiting == 2, timeout=5)
     w1.cancel()
     with pytest.raises(asyncio.CancelledError):
         await w1

@@ -7,7 +7,7 @@ request log counts every load call (and the ones running at once). Not timed."""
 from __future__ import annotations
 
 import aiohttp
-from proxy_helpers import Admin, proxy_config, start_sim
+from vlmtest.proxy import Admin, proxy_config, start_sim
 
 from vlmpool.proxy.server import run_proxy
 from vlmpool.testing.waiting import wait_until

@@ -12,7 +12,7 @@ import time
 import urllib.error
 import urllib.request
 
-from proxy_helpers import BASE
+from vlmtest.proxy import BASE
 
 
 def _free_port() -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
-from proxy_helpers import BASE, proxy_config, start_sim
+from vlmtest.proxy import BASE, proxy_config, start_sim
 
 from vlmpool.proxy import drain as drain_mod
 from vlmpool.proxy.server import start_proxy, stop_proxy

@@ -13,7 +13,7 @@ import time
 import aiohttp
 import openai
 import pytest
-from proxy_helpers import BASE, Admin, proxy_config, start_sim
+from vlmtest.proxy import BASE, Admin, proxy_config, start_sim
 
 from vlmpool.proxy.engine import is_unknown_model_404
 from vlmpool.proxy.errors import map_engine_error

@@ -5,7 +5,7 @@ dropped silently (it would vanish from the pushed state's report)."""
 
 from __future__ import annotations
 
-from proxy_helpers import BASE, V1
+from vlmtest.proxy import BASE, V1
 
 from vlmpool.adminwire import DesiredState
 from vlmpool.names import SERVED_NAME_IS_BASE, served_name_refusal

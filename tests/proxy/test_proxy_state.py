@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import openai
-from proxy_helpers import BASE, TOKEN, V1, V2, Admin, proxy_config, start_sim
+from vlmtest.proxy import BASE, TOKEN, V1, V2, Admin, proxy_config, start_sim
 
 from vlmpool.proxy.server import run_proxy
 from vlmpool.testing.waiting import wait_until
@@ -38,6 +38,11 @@ async def load(client, model, n, results, *, max_tokens=4, stop: asyncio.Event |
 
 async def _running(sim, ok) -> bool:
     return ok((await sim.stats())["running"])
+
+
+async def _stats_when(sim, ok) -> dict | None:
+    st = await sim.stats()
+    return st if ok(st) else None
 
 
 async def test_limiter_caps_requests_at_the_engine(adapters):
@@ -74,15 +79,17 @@ async def test_resize_under_load_fails_nothing_and_respects_new_limit():
             assert (await admin.put({"generation": 2, "concurrency": 3, "adapters": []}))[0] == 200
             await wait_until(lambda: _running(sim, lambda n: n <= 3), timeout=30, what="at most 3 running")
             await sim.call("POST", "/sim/stats/reset")  # peak restarts from what runs now (<= 3)
-            await asyncio.sleep(0.6)
-            st = await sim.stats()
-            assert st["peak_running"] <= 3 and st["requests_total"] > 3, st
-            # grow under load: waiters are admitted at once
+            # 12 requests served at the new limit (whatever the machine's speed): never more than 3 at once
+            st = await wait_until(lambda: _stats_when(sim, lambda s: s["requests_total"] >= 12), timeout=30,
+                                  what="12 requests at concurrency 3")
+            assert st["peak_running"] <= 3, st
+            # grow under load: the 24 clients' waiters are admitted up to the new limit, never above it
             assert (await admin.put({"generation": 3, "concurrency": 12, "adapters": []}))[0] == 200
             await sim.call("POST", "/sim/stats/reset")
-            await asyncio.sleep(0.6)
-            st = await sim.stats()
-            assert 3 < st["peak_running"] <= 12, st
+            def grown(s: dict) -> bool:
+                return s["peak_running"] >= 12 and s["requests_total"] >= 24
+            st = await wait_until(lambda: _stats_when(sim, grown), timeout=30, what="12 running at once after the grow")
+            assert st["peak_running"] == 12, st
             stop.set()
             await task
             errors = [e for kind, e in results if kind == "error"]

@@ -9,7 +9,7 @@ import asyncio
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
-from proxy_helpers import Admin, proxy_config, start_sim
+from vlmtest.proxy import Admin, proxy_config, start_sim
 
 from vlmpool.proxy.server import run_proxy
 from vlmpool.testing.waiting import wait_until

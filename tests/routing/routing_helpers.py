@@ -34,6 +34,7 @@ from vlmpool.sim.config import SimConfig
 from vlmpool.sim.server import ENGINE_KEY, create_app
 from vlmpool.testing import gie
 from vlmpool.testing.adapters import write_lora
+from vlmpool.testing.waiting import wait_for
 
 BASE = "base-vlm"
 TOKEN = "routing-admin-token-0123456789"
@@ -320,17 +321,13 @@ class ExtProcClient:
 
 def wait_for_picks(client: ExtProcClient, epp: EPP, timeout: float = 90) -> None:
     """Until the EPP answers with an endpoint (it has read the pool and scraped the pods)."""
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        assert epp.proc.poll() is None, "EPP exited:\n" + epp.log.read_text()[-3000:]
-        try:
-            if client.pick("cats"):
-                return
-        except Exception as e:  # the gRPC server not up yet
-            last = e
-        time.sleep(0.2)
-    raise AssertionError(f"EPP gave no pick in {timeout}s ({last!r}):\n" + epp.log.read_text()[-3000:])
+    def picked() -> str | None:
+        assert epp.proc.poll() is None, f"EPP exited with {epp.proc.returncode}"
+        return client.pick("cats")  # raises until the gRPC server is up
+    try:
+        wait_for(picked, timeout, interval=0.2, what="a pick from the EPP")
+    except AssertionError as e:
+        raise AssertionError(f"{e}:\n" + epp.log.read_text()[-3000:]) from None
 
 
 def envoy_config(listen_port: int, admin_port: int, epp_port: int) -> dict[str, Any]:

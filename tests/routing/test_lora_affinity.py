@@ -34,6 +34,8 @@ from routing_helpers import (
     wait_for_picks,
 )
 
+from vlmpool.testing.waiting import wait_for
+
 PICKS = 40
 AFFINITY = 0.95  # of the picks for an adapter land on the pod where it is hot
 FOLLOW_BOUND_S = 3.0  # after the adapters move: EPP scrape every 50 ms + the 2 s staleness threshold at most
@@ -75,10 +77,8 @@ def routed_pool(control_plane, tmp_path_factory):
 
 def wait_follow(client, where: dict[str, str]) -> None:
     """Until 5 picks in a row of each model land where it is hot, within FOLLOW_BOUND_S."""
-    t0 = time.monotonic()
-    while any(client.picks(model, 5)[endpoint] < 5 for model, endpoint in where.items()):
-        assert time.monotonic() - t0 < FOLLOW_BOUND_S, f"picks did not follow the adapters to {where}"
-        time.sleep(0.02)
+    wait_for(lambda: all(client.picks(model, 5)[endpoint] == 5 for model, endpoint in where.items()),
+             FOLLOW_BOUND_S, interval=0.02, what=f"the picks to follow the adapters to {where}")
 
 
 def share(counts, endpoint: str) -> float:

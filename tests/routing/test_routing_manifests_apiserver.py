@@ -31,6 +31,8 @@ def test_rendered_routing_objects_are_admitted(control_plane):
         bad = dict(objs[0], spec=dict(objs[0]["spec"], targetPorts=[{"number": 0}]))
         res = control_plane.kubectl("apply", "--server-side", "--dry-run=server", "-f", "-", input=json.dumps(bad),
                                     check=False)
-        assert res.returncode != 0  # the CRD's own validation is in force
+        # the CRD's own validation is in force: port 0 is refused by the field's minimum
+        assert res.returncode != 0 and "spec.targetPorts[0].number" in res.stderr, res.stderr
+        assert "should be greater than or equal to 1" in res.stderr, res.stderr
     finally:
         control_plane.kubectl("delete", "namespace", ns, "--wait=false", check=False)

@@ -166,63 +166,11 @@ def resolver(monkeypatch) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------ the control plane's side
-
-OPERATOR_USER = "vlmpool-operator-security"
-
-
-@pytest.fixture
-def operator_user() -> str:
-    """The user operator_kubeconfig authenticates as (a fixture: a test module's `from conftest import`
-    finds whichever conftest module was imported first under that name, tests/vllm's in a whole run)."""
-    return OPERATOR_USER
+# The operator, its user (operator_kubeconfig, operator_user) and the admin client `kube` are
+# tests/conftest.py's, shared with tests/operator; only the default of file:// sources differs.
 
 
 @pytest.fixture
-def operator_kubeconfig(control_plane, crds, namespace):
-    """A user with exactly the operator's rules (vlmpool.controller.rbac) in the test namespace."""
-    import json
-
-    from vlmpool.controller import rbac
-
-    role = rbac.cluster_role("vlmpool-operator-security")
-    control_plane.kubectl("apply", "--server-side", "--field-manager=vlmpool-tests", "-f", "-", input=json.dumps(role))
-    binding = rbac.role_binding(namespace, [rbac.subject_user(OPERATOR_USER)], role="vlmpool-operator-security")
-    control_plane.kubectl("apply", "-f", "-", input=json.dumps(binding))
-    return control_plane.kubeconfig_for(OPERATOR_USER)
-
-
-@pytest.fixture
-async def kube(control_plane):
-    from vlmpool.kube.client import KubeClient
-    from vlmpool.kube.config import KubeConfig
-
-    client = KubeClient(KubeConfig.load(control_plane.kubeconfig))
-    try:
-        yield client
-    finally:
-        await client.close()
-
-
-@pytest.fixture
-async def start_operator(operator_kubeconfig, namespace, tmp_path, kube):
-    """Start `vlmpool operator` for the test namespace under the operator's rules; file:// sources are
-    off unless `host_paths` is given (the product's default, unlike tests/operator)."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).parents[1] / "operator"))
-    from helpers import OperatorProcess, stop_operators
-
-    procs: list = []
-
-    async def start(*extra: str, host_paths: tuple[str, ...] = ()):
-        root = tmp_path / "adapters"
-        root.mkdir(exist_ok=True)
-        op = OperatorProcess(operator_kubeconfig, namespace, root, tmp_path / f"operator{len(procs)}.log",
-                             resync=3.0, extra_args=list(extra), host_paths=list(host_paths))
-        procs.append(op)
-        return await op.start()
-
-    try:
-        yield start
-    finally:
-        await stop_operators(procs, kube, namespace)
+def operator_host_paths() -> list[str]:
+    """file:// sources are off unless a test passes `host_paths` (the product's default, unlike tests/operator)."""
+    return []

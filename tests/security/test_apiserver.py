@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import json
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -20,13 +19,13 @@ from vlmpool.controller.reconciler import pool_token
 from vlmpool.kube.client import EVENTS, JOBS, PODS, SECRETS, VLMADAPTERS, VLMPOOLS
 from vlmpool.manifests import adapter as MA
 from vlmpool.names import API_VERSION, GROUP
-from vlmpool.testing.waiting import wait_for
+from vlmpool.testing.waiting import wait_for, wait_until
 
 pytestmark = pytest.mark.apiserver
 
 REPO = Path(__file__).resolve().parents[2]
 BASE = "Qwen/Qwen2.5-VL-3B-Instruct"
-TOKEN_KEY = "vlmpool-operator-tests-token-key"  # the key tests/operator/helpers.py gives every operator
+TOKEN_KEY = "vlmpool-operator-tests-token-key"  # the key tests/vlmtest/operator.py gives every operator
 
 
 def pool_obj(name: str = "vision", **spec) -> dict:
@@ -38,19 +37,6 @@ def adapter_obj(name: str, uri: str, secret: str | None = None, pool: str = "vis
     source = {"uri": uri, **({"credentialsSecret": {"name": secret}} if secret else {})}
     return {"apiVersion": API_VERSION, "kind": "VLMAdapter", "metadata": {"name": name},
             "spec": {"poolRef": {"name": pool}, "source": source}}
-
-
-async def eventually(fn, timeout: float = 60, what: str = "condition"):
-    import asyncio
-
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = await fn()
-        if last:
-            return last
-        await asyncio.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
 
 
 # ------------------------------------------------------------------ item 9: no Secret reads
@@ -70,18 +56,18 @@ def test_the_operator_service_account_cannot_read_tenant_secrets(control_plane, 
     assert [can(v) for v in ("create", "patch")] == ["yes", "yes"]  # the pools' token Secrets
 
 
-async def test_the_operator_derives_pool_tokens_without_reading_them(start_operator, kube, namespace):
-    await start_operator()
+async def test_the_operator_derives_pool_tokens_without_reading_them(operator, kube, namespace):
+    await operator()
     pool = await kube.create(pool_obj(replicas=0), namespace)
-    secret = await eventually(lambda: kube.get_or_none(SECRETS, "vision-admin-token", namespace), what="the token")
+    secret = await wait_until(lambda: kube.get_or_none(SECRETS, "vision-admin-token", namespace), what="the token")
     token = base64.b64decode(secret["data"]["token"]).decode()
     assert token == pool_token(TOKEN_KEY.encode(), pool)
 
 
 # ------------------------------------------------------------------ item 2: file:// sources
 
-async def test_file_sources_are_refused_before_any_job_exists(start_operator, kube, namespace):
-    await start_operator()
+async def test_file_sources_are_refused_before_any_job_exists(operator, kube, namespace):
+    await operator()
     await kube.create(pool_obj(replicas=0), namespace)
     await kube.create(adapter_obj("kubelet", "file:///var/lib/kubelet"), namespace)
 
@@ -89,36 +75,36 @@ async def test_file_sources_are_refused_before_any_job_exists(start_operator, ku
         a = await kube.get(VLMADAPTERS, "kubelet", namespace)
         st = a.get("status") or {}
         return st if st.get("reason") == "SourceNotAllowed" else None
-    st = await eventually(refused, what="the adapter refused")
+    st = await wait_until(refused, what="the adapter refused")
     assert st["phase"] == "Failed" and "--allow-host-path" in st["message"]
     assert await kube.list(JOBS, namespace) == [] and await kube.list(PODS, namespace) == []
 
 
-async def test_a_refused_file_source_is_patched_once_its_directory_is_allowed(start_operator, kube, namespace,
+async def test_a_refused_file_source_is_patched_once_its_directory_is_allowed(operator, kube, namespace,
                                                                                 tmp_path):
     allowed = tmp_path / "node-adapters"
-    op = await start_operator()
+    op = await operator()
     await kube.create(pool_obj(replicas=0), namespace)
     await kube.create(adapter_obj("later", f"file://{allowed}/a"), namespace)
 
     async def reason():
         return ((await kube.get(VLMADAPTERS, "later", namespace)).get("status") or {}).get("reason")
-    await eventually(lambda: _is(reason(), "SourceNotAllowed"), what="the refusal")
+    await wait_until(lambda: _is(reason(), "SourceNotAllowed"), what="the refusal")
     op.stop()
-    await start_operator(host_paths=(str(allowed),))
-    jobs = await eventually(lambda: kube.list(JOBS, namespace), what="the patch Job")
+    await operator(host_paths=(str(allowed),))
+    jobs = await wait_until(lambda: kube.list(JOBS, namespace), what="the patch Job")
     assert [j["metadata"]["labels"][MA.L_ADAPTER] for j in jobs] == ["later"]
-    await eventually(lambda: _is(reason(), "PatchJobRunning"), what="the adapter patching")
+    await wait_until(lambda: _is(reason(), "PatchJobRunning"), what="the adapter patching")
 
 
 async def _is(coro, want):
     return (await coro) == want
 
 
-async def test_file_sources_outside_the_allowed_directories_are_refused(start_operator, kube, namespace, tmp_path):
+async def test_file_sources_outside_the_allowed_directories_are_refused(operator, kube, namespace, tmp_path):
     allowed = tmp_path / "node-adapters"
     allowed.mkdir()
-    await start_operator(host_paths=(str(allowed),))
+    await operator(host_paths=(str(allowed),))
     await kube.create(pool_obj(replicas=0), namespace)
     # ('..' is refused by the CRD already.) A sibling directory sharing the allowed prefix:
     await kube.create(adapter_obj("escape", f"file://{allowed}-evil/a"), namespace)
@@ -127,7 +113,7 @@ async def test_file_sources_outside_the_allowed_directories_are_refused(start_op
     async def job_of_ok():
         jobs = {j["metadata"]["labels"][MA.L_ADAPTER]: j for j in await kube.list(JOBS, namespace)}
         return jobs.get("ok")
-    job = await eventually(job_of_ok, what="the allowed adapter's Job")
+    job = await wait_until(job_of_ok, what="the allowed adapter's Job")
     vols = {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}
     assert vols["source"]["hostPath"]["path"] == f"{allowed}/a"
     st = (await kube.get(VLMADAPTERS, "escape", namespace)).get("status") or {}
@@ -268,10 +254,10 @@ def test_a_tenant_cannot_name_a_secret_or_claim_they_cannot_read_in_a_pool(contr
 
 # ------------------------------------------------------------------ item 10: Pod Security `restricted`
 
-async def test_pool_and_job_pods_are_admitted_in_a_restricted_namespace(control_plane, start_operator, kube, namespace):
+async def test_pool_and_job_pods_are_admitted_in_a_restricted_namespace(control_plane, operator, kube, namespace):
     control_plane.kubectl("label", "namespace", namespace, "pod-security.kubernetes.io/enforce=restricted",
                           "pod-security.kubernetes.io/enforce-version=latest", "--overwrite")
-    await start_operator("--source-allow", "10.20.0.0/16")
+    await operator(extra_args=("--source-allow", "10.20.0.0/16"))
     pool = await kube.create(pool_obj(replicas=1), namespace)
     adapter = await kube.create(adapter_obj("inv", "https://example.com/a.tgz"), namespace)
     # cleanup and prune Jobs as the operator builds them (their turn needs running pods; the
@@ -286,7 +272,7 @@ async def test_pool_and_job_pods_are_admitted_in_a_restricted_namespace(control_
         got = {p["metadata"]["labels"].get("app.kubernetes.io/component") for p in pods}
         return got if {"server", "patch", "cleanup", "prune"} <= got else None
     try:
-        await eventually(pods_by_component, timeout=90, what="pods of the pool and of the three Jobs")
+        await wait_until(pods_by_component, timeout=90, what="pods of the pool and of the three Jobs")
     finally:
         failed = [e["message"] for e in await kube.list(EVENTS, namespace) if e.get("reason") == "FailedCreate"]
         assert failed == [], failed
@@ -324,7 +310,7 @@ async def _condition(kube, name: str, namespace: str, ctype: str) -> dict:
     return next((c for c in st.get("conditions") or [] if c["type"] == ctype), {})
 
 
-async def test_a_pool_never_takes_over_or_deletes_another_teams_objects(start_operator, kube, namespace):
+async def test_a_pool_never_takes_over_or_deletes_another_teams_objects(operator, kube, namespace):
     """Team B's Service, Secret and ConfigMap exist first; a VLMPool whose children would take those
     names is refused (Degraded ChildConflict naming each, a Warning Event) and writes none of its
     children; deleting it leaves team B's objects byte for byte (the garbage collector has run: a
@@ -342,35 +328,37 @@ async def test_a_pool_never_takes_over_or_deletes_another_teams_objects(start_op
         "spec": {"replicas": 0, "selector": {"matchLabels": server_selector("shared")},
                  "template": {"metadata": {"labels": labels},
                               "spec": {"containers": [{"name": "b", "image": "team-b/api:1"}]}}}}, namespace)
-    op = await start_operator()
+    op = await operator()
     pool = await kube.create(pool_obj("shared", replicas=0, routing={}), namespace)
     await kube.create(pool_obj("bystander", replicas=0), namespace)
 
     async def conflict():
         c = await _condition(kube, "shared", namespace, "Degraded")
         return c if c.get("status") == "True" and c.get("reason") == "ChildConflict" else None
-    cond = await eventually(conflict, what="Degraded ChildConflict on the colliding pool")
+    cond = await wait_until(conflict, what="Degraded ChildConflict on the colliding pool")
     for what in (f"Service {namespace}/shared", f"Secret {namespace}/shared-admin-token",
                  f"ConfigMap {namespace}/shared-epp", f"Deployment {namespace}/shared"):
         assert what in cond["message"], cond
-    events = [e for e in await kube.list(EVENTS, namespace)
-              if e.get("reason") == "ChildConflict" and e["involvedObject"].get("uid") == pool["metadata"]["uid"]]
-    assert events and events[0]["type"] == "Warning" and "Service" in events[0]["message"], events
+    async def conflict_events():  # posted after the status write, by kopf's event poster
+        return [e for e in await kube.list(EVENTS, namespace)
+                if e.get("reason") == "ChildConflict" and e["involvedObject"].get("uid") == pool["metadata"]["uid"]]
+    events = await wait_until(conflict_events, timeout=30, what="the ChildConflict Warning Event")
+    assert events[0]["type"] == "Warning" and "Service" in events[0]["message"], events
 
     # Nothing of the colliding pool was written, not even the children that had no conflict.
-    await eventually(lambda: kube.get_or_none(DEPLOYMENTS, "bystander", namespace), what="the other pool's children")
+    await wait_until(lambda: kube.get_or_none(DEPLOYMENTS, "bystander", namespace), what="the other pool's children")
     assert await kube.get_or_none(PVCS, "shared-adapters", namespace) is None
 
     async def status_not_from_their_deployment():  # the resync re-reads the pool's Deployment
         c = await _condition(kube, "shared", namespace, "Ready")
         return c.get("reason") == "DeploymentMissing"
-    await eventually(status_not_from_their_deployment, what="Ready DeploymentMissing (theirs is not the pool's)")
+    await wait_until(status_not_from_their_deployment, what="Ready DeploymentMissing (theirs is not the pool's)")
     assert [_kept(await kube.get(resource_for(o), o["metadata"]["name"], namespace)) for o in foreign] == before
 
     # The pool's retries (every resync) change nothing either.
     async def retried():
         return op.tail(200_000).count("not the pool's own") >= 2
-    await eventually(retried, what="the operator to retry the colliding pool")
+    await wait_until(retried, what="the operator to retry the colliding pool")
     assert [_kept(await kube.get(resource_for(o), o["metadata"]["name"], namespace)) for o in foreign] == before
     await kube.delete(VLMPOOLS, "shared", namespace)
     await kube.delete(VLMPOOLS, "bystander", namespace)
@@ -380,7 +368,7 @@ async def test_a_pool_never_takes_over_or_deletes_another_teams_objects(start_op
             if await kube.get_or_none(res, name, namespace) is not None:
                 return False
         return await kube.get_or_none(VLMPOOLS, "shared", namespace) is None
-    await eventually(bystander_collected, timeout=90, what="the garbage collector to remove the other pool's children")
+    await wait_until(bystander_collected, timeout=90, what="the garbage collector to remove the other pool's children")
     after = [await kube.get_or_none(resource_for(o), o["metadata"]["name"], namespace) for o in foreign]
     assert all(after), after
     assert [_kept(o) for o in after] == before
@@ -393,26 +381,26 @@ async def test_a_pool_never_takes_over_or_deletes_another_teams_objects(start_op
     assert (await kube.get(CONFIGMAPS, "shared-epp", namespace))["data"] == {"config.yaml": "team b's config\n"}
 
 
-async def test_a_refused_pool_creates_its_child_once_the_other_object_is_gone(start_operator, kube, namespace):
+async def test_a_refused_pool_creates_its_child_once_the_other_object_is_gone(operator, kube, namespace):
     """No spec change needed: the retry creates the child once team B's Service is removed; the
     created child's fields belong to the operator's apply, so a field the pool later drops goes."""
     from vlmpool.kube.client import DEPLOYMENTS, SERVICES
     from vlmpool.manifests.common import server_selector
 
     await kube.create(_foreign(namespace, "late")[0], namespace)
-    await start_operator()
+    await operator()
     pool = await kube.create(pool_obj("late", replicas=0, service={"annotations": {"team-a/note": "x"}}), namespace)
 
     async def conflict():
         return (await _condition(kube, "late", namespace, "Degraded")).get("reason") == "ChildConflict"
-    await eventually(conflict, what="the conflict")
+    await wait_until(conflict, what="the conflict")
     await kube.delete(SERVICES, "late", namespace)
 
     async def own_service():
         svc = await kube.get_or_none(SERVICES, "late", namespace)
         refs = (svc or {}).get("metadata", {}).get("ownerReferences") or []
         return svc if refs and refs[0]["uid"] == pool["metadata"]["uid"] else None
-    svc = await eventually(own_service, what="the pool's own Service after the other was removed")
+    svc = await wait_until(own_service, what="the pool's own Service after the other was removed")
     assert svc["spec"]["selector"] == server_selector("late")
     assert await kube.get(DEPLOYMENTS, "late", namespace)
     mine = [m for m in svc["metadata"]["managedFields"] if m["manager"] == "vlmpool-operator"]
@@ -421,17 +409,17 @@ async def test_a_refused_pool_creates_its_child_once_the_other_object_is_gone(st
     async def reconciled():
         c = await _condition(kube, "late", namespace, "Degraded")
         return c.get("status") == "False" and c.get("reason") == "Reconciled"
-    await eventually(reconciled, what="Degraded False once the child exists")
+    await wait_until(reconciled, what="Degraded False once the child exists")
 
     await kube.patch(VLMPOOLS, "late", {"spec": {"service": {"annotations": None}}}, namespace)
 
     async def annotation_gone():
         svc = await kube.get(SERVICES, "late", namespace)
         return "team-a/note" not in (svc["metadata"].get("annotations") or {})
-    await eventually(annotation_gone, what="the dropped annotation removed by the next apply")
+    await wait_until(annotation_gone, what="the dropped annotation removed by the next apply")
 
 
-async def test_every_pool_gets_a_network_policy_with_the_charts_rules(start_operator, kube, namespace):
+async def test_every_pool_gets_a_network_policy_with_the_charts_rules(operator, kube, namespace):
     """Issue 23: the default install (the chart passes --network-policy) guards each pool's pods in
     whatever namespace: admin port from the operator's pods only, http from anyone, nothing else; the
     apiserver accepts the policy, owned by the pool (it goes with it)."""
@@ -440,9 +428,9 @@ async def test_every_pool_gets_a_network_policy_with_the_charts_rules(start_oper
 
     operator_peer = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "vlmpool-system"}},
                      "podSelector": {"matchLabels": {"app.kubernetes.io/component": "operator"}}}
-    await start_operator("--network-policy", json.dumps({"adminFrom": [operator_peer]}))
+    await operator(extra_args=("--network-policy", json.dumps({"adminFrom": [operator_peer]})))
     pool = await kube.create(pool_obj("guarded", replicas=0, proxy={"port": 9080, "adminPort": 9081}), namespace)
-    policy = await eventually(lambda: kube.get_or_none(NETWORKPOLICIES, "guarded", namespace), what="the policy")
+    policy = await wait_until(lambda: kube.get_or_none(NETWORKPOLICIES, "guarded", namespace), what="the policy")
     assert policy["metadata"]["ownerReferences"][0]["uid"] == pool["metadata"]["uid"]
     spec = policy["spec"]
     assert spec["podSelector"] == {"matchLabels": server_selector("guarded")} and spec["policyTypes"] == ["Ingress"]

@@ -20,7 +20,6 @@ from __future__ import annotations
 import base64
 import json
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -29,17 +28,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "operator"))
-from helpers import (
+from vlmtest.operator import (
     BASE,
     NODE,
-    PodProcesses,
     admin_state,
     after_more,
     counter,
     ensure_node,
-    eventually,
     free_port,
     loopback_block,
     report_running,
@@ -54,6 +49,7 @@ from vlmpool.controller import rbac
 from vlmpool.kube.client import DEPLOYMENTS, EVENTS, JOBS, PODS, REPLICASETS, SECRETS, VLMADAPTERS
 from vlmpool.manifests.common import pool_labels, server_label_selector
 from vlmpool.names import API_VERSION
+from vlmpool.testing.waiting import wait_until
 
 pytestmark = pytest.mark.apiserver
 
@@ -76,14 +72,6 @@ def adapter_obj(name: str, pool: str) -> dict:
 def ok_message(root: Path, adapter: str, version: str) -> str:
     return json.dumps({"ok": True, "version": version, "path": f"{root}/{adapter}/versions/{version}",
                        "tensorsKept": 8, "warnings": []})
-
-
-@pytest.fixture
-def pod_processes():
-    started: list[PodProcesses] = []
-    yield started
-    for p in started:
-        p.stop()
 
 
 @pytest.fixture
@@ -125,8 +113,8 @@ async def start_pool_pods(kube, ns, pool, n, tmp_path, pod_processes):
     async def n_pods():
         pods = await kube.list(PODS, ns, label_selector=server_label_selector(pool))
         return pods if len(pods) == n else None
-    pods = await eventually(n_pods, what=f"{n} pods of {pool}")
-    secret = await eventually(lambda: kube.get(SECRETS, f"{pool}-admin-token", ns), what="the token Secret")
+    pods = await wait_until(n_pods, what=f"{n} pods of {pool}")
+    secret = await wait_until(lambda: kube.get(SECRETS, f"{pool}-admin-token", ns), what="the token Secret")
     token = base64.b64decode(secret["data"]["token"]).decode()
     block = loopback_block()
     ips = {}
@@ -157,12 +145,12 @@ async def pushes(op) -> float:
     return counter(await op.metrics(), "vlmpool_operator_pushes_total")
 
 
-async def test_a_bare_pod_with_a_pools_labels_gets_no_token_and_no_state(start_operator, kube, namespace, tmp_path,
+async def test_a_bare_pod_with_a_pools_labels_gets_no_token_and_no_state(operator, kube, namespace, tmp_path,
                                                                          pod_processes, recorder):
     ns = namespace
     root = tmp_path / "adapters"
     await ensure_node(kube)
-    op = await start_operator()
+    op = await operator()
     admin_port = free_port()
     await kube.create(pool_obj("vision", 1, admin_port), ns)
     token, ips, block = await start_pool_pods(kube, ns, "vision", 1, tmp_path, pod_processes)
@@ -199,7 +187,7 @@ async def test_a_bare_pod_with_a_pools_labels_gets_no_token_and_no_state(start_o
     await report_running(kube, impostor, impostor_ip)
 
     await kube.create(adapter_obj("cats", "vision"), ns)
-    job = await eventually(lambda: patch_job(kube, ns, "cats"), what="the patch Job")
+    job = await wait_until(lambda: patch_job(kube, ns, "cats"), what="the patch Job")
     pod = await wait_job_pod(kube, ns, job["metadata"]["name"])
     write_adapter(root / "cats" / "versions" / "0000000a")
     await report_terminated(kube, pod, 0, ok_message(root, "cats", "0000000a"))
@@ -207,7 +195,7 @@ async def test_a_bare_pod_with_a_pools_labels_gets_no_token_and_no_state(start_o
     async def pushed_or_leaked():
         st = await status(kube, ns, "cats")
         return seen or seen_rs or (st.get("phase") == "Ready" and st)
-    got = await eventually(pushed_or_leaked, timeout=90, what="cats Ready, or a request at a forged pod")
+    got = await wait_until(pushed_or_leaked, timeout=90, what="cats Ready, or a request at a forged pod")
     assert seen == [], f"the forged pod was sent {seen}"
     assert seen_rs == [], f"the impostor ReplicaSet's pod was sent {seen_rs}"
     assert (await kube.get(PODS, "vision-impostor-x", ns))["metadata"].get("deletionTimestamp") is None
@@ -216,7 +204,7 @@ async def test_a_bare_pod_with_a_pools_labels_gets_no_token_and_no_state(start_o
     async def warned():
         events = [e for e in await kube.list(EVENTS, ns) if e.get("reason") == "UntrustedPod"]
         return events if len(events) == 2 else None
-    events = await eventually(warned, what="an UntrustedPod Event per forged pod")
+    events = await wait_until(warned, what="an UntrustedPod Event per forged pod")
     assert all(e["type"] == "Warning" for e in events), events
     assert any("vision-forged " in e["message"] and "(no controller)" in e["message"] for e in events), events
     assert any("vision-impostor-x " in e["message"] and "ReplicaSet vision-impostor" in e["message"]
@@ -233,7 +221,7 @@ async def test_a_bare_pod_with_a_pools_labels_gets_no_token_and_no_state(start_o
     async def renamed():
         st = await admin_state(real_ip, admin_port, token)
         return [a["name"] for a in st["adapters"]] == ["acme/cats"]
-    await eventually(renamed, what="the renamed adapter pushed to the real pod")
+    await wait_until(renamed, what="the renamed adapter pushed to the real pod")
     await after_more(op, "vlmpool_operator_pushes_total", 4)  # a few more rounds (resyncs)
     lists, rounds, elapsed = (chain_reads(op, ns, "vision") - lists0, await pushes(op) - pushes0,
                               time.monotonic() - t0)
@@ -244,18 +232,18 @@ async def test_a_bare_pod_with_a_pools_labels_gets_no_token_and_no_state(start_o
 
 
 async def test_a_forged_patch_pod_sets_no_version_and_a_malformed_version_fails_its_adapter_alone(
-        start_operator, kube, namespace, tmp_path, pod_processes):
+        operator, kube, namespace, tmp_path, pod_processes):
     ns = namespace
     root = tmp_path / "adapters"
     await ensure_node(kube)
-    op = await start_operator()
+    op = await operator()
     admin_port = free_port()
     await kube.create(pool_obj("vision", 1, admin_port), ns)
     token, ips, _ = await start_pool_pods(kube, ns, "vision", 1, tmp_path, pod_processes)
     real_ip = next(iter(ips.values()))
 
     await kube.create(adapter_obj("victim", "vision"), ns)
-    job = await eventually(lambda: patch_job(kube, ns, "victim"), what="victim's patch Job")
+    job = await wait_until(lambda: patch_job(kube, ns, "victim"), what="victim's patch Job")
     real = await wait_job_pod(kube, ns, job["metadata"]["name"])
     # A pod with the Job's labels and name in a controller ownerReference, another uid, a crafted message.
     meta = real["metadata"]
@@ -276,13 +264,13 @@ async def test_a_forged_patch_pod_sets_no_version_and_a_malformed_version_fails_
                 return ("recorded", st["version"])
             n = counter(await op.metrics(), "vlmpool_operator_errors_total", kind="adapter", reason="UntrustedPatchPod")
             return ("ignored", None) if n >= 1 else None
-        assert await eventually(decided, what="the forged pod handled") == ("ignored", None)
+        assert await wait_until(decided, what="the forged pod handled") == ("ignored", None)
         assert (await kube.get(JOBS, job["metadata"]["name"], ns)).get("status", {}).get("succeeded") in (None, 0)
 
         # Two more adapters: one whose (real) Job reports a version the proxy would refuse.
         for name in ("good", "bad"):
             await kube.create(adapter_obj(name, "vision"), ns)
-        jobs = {n: await eventually(lambda n=n: patch_job(kube, ns, n), what=f"{n}'s Job") for n in ("good", "bad")}
+        jobs = {n: await wait_until(lambda n=n: patch_job(kube, ns, n), what=f"{n}'s Job") for n in ("good", "bad")}
         pods = {n: await wait_job_pod(kube, ns, j["metadata"]["name"]) for n, j in jobs.items()}
         bad_version = "f" * 200  # past the proxy's length bound: it would refuse the whole state
         await report_terminated(kube, pods["bad"], 0, ok_message(root, "bad", bad_version))
@@ -293,7 +281,7 @@ async def test_a_forged_patch_pod_sets_no_version_and_a_malformed_version_fails_
         async def settled():
             sts = {n: await status(kube, ns, n) for n in ("victim", "good", "bad")}
             return sts if all(s.get("phase") in ("Ready", "Failed") for s in sts.values()) else None
-        sts = await eventually(settled, timeout=90, what="every adapter Ready or Failed")
+        sts = await wait_until(settled, timeout=90, what="every adapter Ready or Failed")
         assert sts["bad"]["phase"] == "Failed" and sts["bad"]["reason"] == "InvalidVersion", sts["bad"]
         assert not sts["bad"].get("version")
         assert sts["victim"]["version"] == "0000000a" and sts["victim"]["phase"] == "Ready", sts["victim"]
@@ -312,7 +300,7 @@ async def test_a_forged_patch_pod_sets_no_version_and_a_malformed_version_fails_
             st = await status(kube, ns, "bad")
             loaded = next((c for c in st.get("conditions") or [] if c["type"] == "Loaded"), {})
             return loaded if loaded.get("reason") == "InvalidVersion" else None
-        loaded = await eventually(left_out, what="bad's recorded version left out of the push")
+        loaded = await wait_until(left_out, what="bad's recorded version left out of the push")
         assert "is not of the form the patcher publishes" in loaded["message"], loaded
         lists0, pushes0 = chain_reads(op, ns, "vision"), await pushes(op)
         await kube.patch(VLMADAPTERS, "good", {"spec": {"servedName": "acme/good"}}, ns)
@@ -320,7 +308,7 @@ async def test_a_forged_patch_pod_sets_no_version_and_a_malformed_version_fails_
         async def renamed():
             st = await admin_state(real_ip, admin_port, token)
             return sorted(a["name"] for a in st["adapters"]) == ["acme/good", "victim"]
-        await eventually(renamed, what="the other adapters still pushed")
+        await wait_until(renamed, what="the other adapters still pushed")
         await after_more(op, "vlmpool_operator_pushes_total", 4)
         # the pool's pods name its ReplicaSet, known since the first push: the chain costs no request
         lists, rounds = chain_reads(op, ns, "vision") - lists0, await pushes(op) - pushes0
@@ -374,7 +362,7 @@ def _pod_tenant(control_plane, namespace: str, user: str) -> Path:
     return control_plane.kubeconfig_for(user, namespace=namespace)
 
 
-async def test_only_the_controllers_may_make_pods_with_vlmpool_labels(control_plane, start_operator, kube, namespace,
+async def test_only_the_controllers_may_make_pods_with_vlmpool_labels(control_plane, operator, kube, namespace,
                                                                       tmp_path, operator_user):
     ns = namespace
     policy = _apply_pod_policy(control_plane, ns, operator_user)
@@ -394,7 +382,7 @@ async def test_only_the_controllers_may_make_pods_with_vlmpool_labels(control_pl
                 control_plane.kubectl("-n", ns, "delete", "pod", "vision-forged", "--wait=false", check=False)
                 return None
             return res.stderr
-        err = await eventually(lambda: _async(refused_once_active), timeout=30,
+        err = await wait_until(lambda: _async(refused_once_active), timeout=30,
                                what="the ValidatingAdmissionPolicy to refuse")
         assert "carries vlmpool labels" in err and f"{ns}/vision-forged" in err and "tenant-pods" in err, err
         assert "only the ReplicaSet and Job controllers" in err
@@ -429,12 +417,12 @@ async def test_only_the_controllers_may_make_pods_with_vlmpool_labels(control_pl
 
         # The Deployment's and the Job's pods are admitted: the pool comes up, a patch Job completes.
         root = tmp_path / "adapters"
-        await start_operator()
+        await operator()
         await kube.create(pool_obj("vision", 1, free_port()), ns)
         await kube.create(adapter_obj("cats", "vision"), ns)
-        server = (await eventually(lambda: kube.list(PODS, ns, label_selector=server_label_selector("vision")),
+        server = (await wait_until(lambda: kube.list(PODS, ns, label_selector=server_label_selector("vision")),
                                    what="the pool's pod"))[0]
-        job = await eventually(lambda: patch_job(kube, ns, "cats"), what="the patch Job")
+        job = await wait_until(lambda: patch_job(kube, ns, "cats"), what="the patch Job")
         jpod = await wait_job_pod(kube, ns, job["metadata"]["name"])
         write_adapter(root / "cats" / "versions" / "0000000a")
         await report_terminated(kube, jpod, 0, ok_message(root, "cats", "0000000a"))
@@ -443,7 +431,7 @@ async def test_only_the_controllers_may_make_pods_with_vlmpool_labels(control_pl
 
         async def recorded():
             return (await status(kube, ns, "cats")).get("version") == "0000000a"
-        await eventually(recorded, what="the Job's version recorded")
+        await wait_until(recorded, what="the Job's version recorded")
         # never refused by the policies (a fresh namespace may give other, transient FailedCreates: its
         # default ServiceAccount comes a moment later)
         refused = [e["message"] for e in await kube.list(EVENTS, ns) if e.get("reason") == "FailedCreate"

@@ -15,10 +15,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "proxy"))
-
-from proxy_helpers import BASE, TOKEN, V1, Admin, proxy_config, proxy_config_with, sim, write_adapter  # noqa: F401
+from vlmtest.proxy import BASE, TOKEN, V1, Admin, proxy_config, proxy_config_with, sim, write_adapter  # noqa: F401
 
 from vlmpool.proxy.server import run_proxy
 from vlmpool.testing.waiting import wait_until

@@ -14,10 +14,7 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "proxy"))
-
-from proxy_helpers import BASE, Admin, proxy_config_with, sim  # noqa: F401 - sim: a fixture
+from vlmtest.proxy import BASE, Admin, proxy_config_with, sim  # noqa: F401 - sim: a fixture
 
 from vlmpool.proxy.server import run_proxy
 from vlmpool.testing.waiting import wait_until

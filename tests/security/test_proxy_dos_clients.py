@@ -15,16 +15,11 @@ import logging
 import select
 import socket
 import struct
-import sys
 import time
-from pathlib import Path
 
 import aiohttp
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "proxy"))
-
-from misbehaving import Misbehaving
-from proxy_helpers import BASE, proxy_config_with, start_sim
+from vlmtest.misbehaving import Misbehaving
+from vlmtest.proxy import BASE, proxy_config_with, start_sim
 
 from vlmpool.proxy.server import run_proxy
 from vlmpool.testing.waiting import wait_until

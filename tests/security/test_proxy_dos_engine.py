@@ -4,16 +4,12 @@ process where its memory is measured)."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import aiohttp
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "proxy"))
-
-from misbehaving import Misbehaving
-from proxy_helpers import BASE, proc_kib, proxy_config, proxy_process, stop_process
+from vlmtest.misbehaving import Misbehaving
+from vlmtest.proxy import BASE, proc_kib, proxy_config, proxy_process, stop_process
 
 from vlmpool.proxy.server import run_proxy
 from vlmpool.proxy.settings import default

@@ -5,14 +5,9 @@ MAX_ADAPTERS. The real proxy (as a process where its defaults matter) in front o
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import aiohttp
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "proxy"))
-
-from proxy_helpers import TOKEN, V1, proxy_config_with, proxy_process, sim, stop_process  # noqa: F401
+from vlmtest.proxy import TOKEN, V1, proxy_config_with, proxy_process, sim, stop_process  # noqa: F401
 
 from vlmpool.adminwire import MAX_ADAPTERS, MAX_NAME_CHARS, MAX_PATH_CHARS, MAX_VERSION_CHARS
 from vlmpool.proxy.server import run_proxy

@@ -6,16 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 from pathlib import Path
 
 import aiohttp
 import pytest
 from aiohttp import web
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "proxy"))
-
-from proxy_helpers import BASE, proc_kib, proxy_process, stop_process
+from vlmtest.proxy import BASE, proc_kib, proxy_process, stop_process
 
 from vlmpool.sim.server import SimConfig, create_app
 

@@ -4,13 +4,9 @@ Raw sockets against the real proxy (in front of the real simulator) on loopback.
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "proxy"))
-
-from proxy_helpers import BASE, proxy_config_with, start_sim
+from vlmtest.proxy import BASE, proxy_config_with, start_sim
 
 from vlmpool.proxy.server import ProxyConfig, run_proxy
 from vlmpool.testing.waiting import wait_until

@@ -152,22 +152,29 @@ def test_unexpected_modules_and_weight_names(adapter):
                                     "default.weight is unsupported LoRA weight")
 
 
+# The vLLM module a PEFT q_proj of layer 0 is served as, when a family's mapper maps its layout.
+SERVED_Q = "language_model.model.layers.0.self_attn.q_proj"
+
+
 def test_family_layouts(adapter):
     old = ["base_model.model.model.layers.0.self_attn.q_proj"]
     new = [QWEN_LM.format(i=0, m="q_proj")]
     # Qwen2.5-VL maps both the old (model.layers) and the new (model.language_model.layers) layout
     for mods in (old, new):
-        validate_adapter("q", str(adapter(f"q25-{len(mods[0])}", modules=mods)), max_lora_rank=64,
-                         family_name="qwen2_5_vl")
+        info = validate_adapter("q", str(adapter(f"q25-{len(mods[0])}", modules=mods)), max_lora_rank=64,
+                                family_name="qwen2_5_vl")
+        assert info.modules == [SERVED_Q], (mods, info.modules)
     # Qwen3-VL maps only the new layout: the old one is what vLLM silently ignores
-    validate_adapter("q3", str(adapter("q3new", modules=new)), max_lora_rank=64, family_name="qwen3_vl")
+    info = validate_adapter("q3", str(adapter("q3new", modules=new)), max_lora_rank=64, family_name="qwen3_vl")
+    assert info.modules == [SERVED_Q]
     _, body = refusal(adapter("q3old", modules=old), family="qwen3_vl")
     msg = engine_message(body)
     assert msg.startswith("[vlmpool sim]") and "model.layers.0.self_attn.q_proj" in msg
     assert "base_model.model.model.language_model.layers.N.<module>" in msg
-    # without the strict layout check the simulator accepts what vLLM accepts
-    validate_adapter("q3", str(adapter("q3old2", modules=old)), max_lora_rank=64, family_name="qwen3_vl",
-                     strict_layout=False)
+    # without the strict layout check the simulator accepts what vLLM accepts: a module of no language layer
+    info = validate_adapter("q3", str(adapter("q3old2", modules=old)), max_lora_rank=64, family_name="qwen3_vl",
+                            strict_layout=False)
+    assert info.modules == ["model.layers.0.self_attn.q_proj"]
 
 
 @pytest.mark.parametrize("family", ["qwen3_5", "gemma3"])
@@ -175,16 +182,18 @@ def test_new_family_layouts(adapter, family):
     """Qwen3.5 and Gemma 3 map only the model.language_model.layers layout (no bare model. rule in their
     vLLM mappers): the old one maps to no module and is refused by the strict layout check."""
     old = ["base_model.model.model.layers.0.self_attn.q_proj"]
-    validate_adapter("n", str(adapter(f"{family}-new", modules=[QWEN_LM.format(i=0, m="q_proj")])),
-                     max_lora_rank=64, family_name=family)
+    info = validate_adapter("n", str(adapter(f"{family}-new", modules=[QWEN_LM.format(i=0, m="q_proj")])),
+                            max_lora_rank=64, family_name=family)
+    assert info.modules == [SERVED_Q]
     _, body = refusal(adapter(f"{family}-old", modules=old), family=family)
     assert engine_message(body).startswith("[vlmpool sim]")
 
 
 def test_mistral3_maps_the_text_only_layout(adapter):
     """Mistral 3's mapper also maps model.layers (PEFT LoRAs trained on the text submodule)."""
-    validate_adapter("m", str(adapter("m-old", modules=["base_model.model.model.layers.0.self_attn.q_proj"])),
-                     max_lora_rank=64, family_name="mistral3")
+    info = validate_adapter("m", str(adapter("m-old", modules=["base_model.model.model.layers.0.self_attn.q_proj"])),
+                            max_lora_rank=64, family_name="mistral3")
+    assert info.modules == [SERVED_Q]
 
 
 def test_shape_must_match_rank(adapter):

@@ -10,18 +10,20 @@ import shutil
 import aiohttp
 
 from vlmpool.sim.server import running_sim
+from vlmpool.testing.waiting import wait_until
 
 CHAT = "/v1/chat/completions"
 
 
-async def wait_for(s: aiohttp.ClientSession, url: str, pred, timeout: float = 60.0) -> dict:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
+def stats_if(s: aiohttp.ClientSession, url: str, pred):
+    """A poll for wait_until: /sim/stats once `pred` holds of them (until then the stats seen are the
+    "not yet" that the deadline reports)."""
+    async def poll() -> dict:
         stats = await (await s.get(url + "/sim/stats")).json()
-        if pred(stats):
-            return stats
-        assert asyncio.get_running_loop().time() < deadline, f"condition never met; last stats: {stats}"
-        await asyncio.sleep(0.02)
+        if not pred(stats):
+            raise LookupError(f"stats: {stats}")
+        return stats
+    return poll
 
 
 async def chat(s: aiohttp.ClientSession, url: str, model: str) -> tuple[int, dict]:
@@ -55,7 +57,7 @@ async def test_max_num_seqs_queue_shows_in_stats_and_metrics(fast_config):
     async with running_sim(fast_config(max_num_seqs=2)) as url, aiohttp.ClientSession() as s:
         await s.post(url + "/sim/faults", json={"stall_seconds": 120})
         tasks = [asyncio.create_task(chat(s, url, "qwen-base")) for _ in range(5)]
-        stats = await wait_for(s, url, lambda st: st["running"] == 2 and st["waiting"] == 3)
+        stats = await wait_until(stats_if(s, url, lambda st: st["running"] == 2 and st["waiting"] == 3))
         assert stats["requests_total"] == 5
         metrics = await (await s.get(url + "/metrics")).text()
         assert value(metrics, "vllm:num_requests_running") == 2
@@ -64,7 +66,7 @@ async def test_max_num_seqs_queue_shows_in_stats_and_metrics(fast_config):
         await s.post(url + "/sim/faults", json={"stall_seconds": 0})
         results = await asyncio.gather(*tasks)
         assert [status for status, _ in results] == [200] * 5
-        stats = await wait_for(s, url, lambda st: st["running"] == 0 and st["waiting"] == 0)
+        stats = await wait_until(stats_if(s, url, lambda st: st["running"] == 0 and st["waiting"] == 0))
         assert stats["peak_running"] == 2 and stats["peak_waiting"] == 3
         metrics = await (await s.get(url + "/metrics")).text()
         assert value(metrics, "vllm:request_success_total", finished_reason="stop") == 5
@@ -84,11 +86,11 @@ async def test_max_loras_limits_distinct_adapters_in_the_batch(fast_config, adap
                 assert r.status == 200
         await s.post(url + "/sim/faults", json={"stall_seconds": 120})
         tasks = [asyncio.create_task(chat(s, url, m)) for m in ("a", "a")]
-        await wait_for(s, url, lambda st: st["running"] == 2)
+        await wait_until(stats_if(s, url, lambda st: st["running"] == 2))
         tasks += [asyncio.create_task(chat(s, url, m)) for m in ("b", "b")]
-        await wait_for(s, url, lambda st: st["waiting"] == 2)
+        await wait_until(stats_if(s, url, lambda st: st["waiting"] == 2))
         tasks.append(asyncio.create_task(chat(s, url, "qwen-base")))  # the base model is not held back
-        stats = await wait_for(s, url, lambda st: st["running"] == 3)
+        stats = await wait_until(stats_if(s, url, lambda st: st["running"] == 3))
         assert stats["waiting"] == 2 and stats["running_loras"] == ["a"] and stats["waiting_loras"] == ["b"]
         assert latest_lora_info(await (await s.get(url + "/metrics")).text()) == ("1", "a", "b")
 
@@ -96,7 +98,7 @@ async def test_max_loras_limits_distinct_adapters_in_the_batch(fast_config, adap
         results = await asyncio.gather(*tasks)
         assert [body["choices"][0]["message"]["content"].split()[0] for _, body in results] == [
             "sim:a", "sim:a", "sim:b", "sim:b", "sim:qwen-base"]
-        stats = await wait_for(s, url, lambda st: st["running"] == 0)
+        stats = await wait_until(stats_if(s, url, lambda st: st["running"] == 0))
         assert stats["peak_running_loras"] == 1
 
 
@@ -151,9 +153,9 @@ async def test_request_waiting_for_an_unloaded_adapter_is_still_served(fast_conf
             assert r.status == 200
         await s.post(url + "/sim/faults", json={"stall_seconds": 120})
         first = asyncio.create_task(chat(s, url, "qwen-base"))
-        await wait_for(s, url, lambda st: st["running"] == 1)
+        await wait_until(stats_if(s, url, lambda st: st["running"] == 1))
         queued = asyncio.create_task(chat(s, url, "a"))
-        await wait_for(s, url, lambda st: st["waiting"] == 1)
+        await wait_until(stats_if(s, url, lambda st: st["waiting"] == 1))
         async with s.post(url + "/v1/unload_lora_adapter", json={"lora_name": "a"}) as r:
             assert r.status == 200
         await s.post(url + "/sim/faults", json={"stall_seconds": 0})
@@ -173,8 +175,8 @@ async def test_repeated_request_ids_are_separate_sequences(fast_config):
                 return r.status, await r.json()
 
         tasks = [asyncio.create_task(same_id()) for _ in range(3)]
-        await wait_for(s, url, lambda st: st["running"] == 3)
+        await wait_until(stats_if(s, url, lambda st: st["running"] == 3))
         await s.post(url + "/sim/faults", json={"stall_seconds": 0})
         results = await asyncio.gather(*tasks)
         assert [(st, body["id"]) for st, body in results] == [(200, "chatcmpl-dup")] * 3
-        await wait_for(s, url, lambda st: st["running"] == 0)
+        await wait_until(stats_if(s, url, lambda st: st["running"] == 0))

@@ -35,6 +35,7 @@ from real_engine import free_port, start_engine
 from vlmpool.testing.adapters import make_adapter, write_lora
 from vlmpool.testing.images import png
 from vlmpool.testing.vlm_model import make_model
+from vlmpool.testing.waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 SIM_DOC = REPO / "docs" / "sim.md"
@@ -333,18 +334,11 @@ def material(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
 
 
 def _wait_sim(proc: subprocess.Popen, url: str, deadline_s: float = 120.0) -> None:
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise RuntimeError(f"vlmpool sim exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError("vlmpool sim not healthy in time")
+    def healthy() -> bool:
+        assert proc.poll() is None, f"vlmpool sim exited with {proc.returncode}"
+        with urllib.request.urlopen(url + "/health", timeout=2) as r:  # OSError until it listens
+            return r.status == 200
+    wait_for(healthy, deadline_s, interval=0.2, what="vlmpool sim healthy")
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
+from vlmtest.objects import BASE, adapter, adapter_obj, pool
 
 import vlmpool
 from vlmpool.api.objects import Adapter, Pool
@@ -19,32 +20,6 @@ from vlmpool.manifests.common import ADAPTER_ROOT, API_KEY_DIR, patch_job_name
 from vlmpool.names import API_VERSION
 
 VLMPOOL = str(Path(sys.executable).parent / "vlmpool")
-
-BASE = "Qwen/Qwen2.5-VL-3B-Instruct"
-
-
-def pool_obj(**spec) -> dict:
-    body = {"model": {"name": BASE, "family": "qwen2_5_vl"}}
-    body.update(spec)
-    return {"apiVersion": API_VERSION, "kind": "VLMPool",
-            "metadata": {"name": "vision", "namespace": "ml", "uid": "pool-uid"}, "spec": body}
-
-
-def pool(**spec) -> Pool:
-    return Pool.parse(pool_obj(**spec))
-
-
-def adapter_obj(name: str = "invoices", **spec) -> dict:
-    body = {"poolRef": {"name": "vision"}, "source": {"uri": "hf://acme/invoices@v3"}}
-    body.update(spec)
-    return {"apiVersion": API_VERSION, "kind": "VLMAdapter",
-            "metadata": {"name": name, "namespace": "ml", "uid": "0f1e2d3c-aaaa-bbbb-cccc-000000000000",
-                         "creationTimestamp": "2026-01-01T00:00:00Z"}, "spec": body}
-
-
-def adapter(name: str = "invoices", **spec) -> Adapter:
-    return Adapter.parse(adapter_obj(name, **spec))
-
 
 def container(obj: dict, name: str) -> dict:
     spec = obj["spec"]["template"]["spec"]  # a Deployment's and a Job's pod spec sit at the same path
@@ -69,7 +44,7 @@ def test_deployment_defaults():
     assert eng["args"] == ["--model", BASE, "--served-model-name", BASE, "--host", "127.0.0.1", "--port", "8000",
                            "--enable-lora",
                            "--max-loras", "4", "--max-lora-rank", "64",
-                           # the family's image budget (qwen2_5_vl: 4·28² … 1280·28², tests/unit/test_family_table.py)
+                           # the family's image budget (qwen2_5_vl: 4·28² … 1280·28², tests/api/test_family_table.py)
                            "--mm-processor-kwargs", '{"size":{"shortest_edge":3136,"longest_edge":1003520}}']
     assert {"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"} in eng["env"]
     assert eng["resources"] == {"limits": {"nvidia.com/gpu": "1"}, "requests": {"nvidia.com/gpu": "1"}}

@@ -20,16 +20,15 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from vlmpool.kube.client import JOBS, NODES, PODS, VLMADAPTERS, ApiError, Conflict, KubeClient
+from vlmpool.kube.client import JOBS, NODES, PODS, VLMADAPTERS, Conflict, KubeClient
 from vlmpool.testing.adapters import write_lora
+from vlmpool.testing.waiting import wait_until
 
 VLMPOOL = str(Path(sys.executable).parent / "vlmpool")
 NODE = "vlmpool-test-node"
@@ -49,24 +48,6 @@ def free_port(host: str = "127.0.0.1") -> int:
 def loopback_block() -> str:
     """A random 127.a.b. prefix, so concurrent sessions do not share pod addresses."""
     return f"127.{random.randint(10, 250)}.{random.randint(1, 250)}."
-
-
-async def eventually(fn: Callable[[], Awaitable[Any]], timeout: float = 60, interval: float = 0.3,
-                     what: str = "condition") -> Any:
-    """Await fn() until it returns a truthy value (returned) or the timeout passes (AssertionError
-    with the last value or error)."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        try:
-            last = await fn()
-            if last:
-                return last
-        except (ApiError, aiohttp.ClientError, KeyError, IndexError, TypeError) as e:
-            last = e
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
-        await asyncio.sleep(interval)
 
 
 # A small loadable LoRA for this suite's base model (shared maker: vlmpool.testing.adapters).
@@ -127,7 +108,7 @@ async def wait_job_pod(kube: KubeClient, ns: str, job: str) -> dict[str, Any]:
     async def pending_pod():
         pods = [p for p in await job_pods(kube, ns, job) if (p.get("status") or {}).get("phase") in (None, "Pending")]
         return pods[0] if pods else None
-    return await eventually(pending_pod, what=f"a pod of Job {job}")
+    return await wait_until(pending_pod, what=f"a pod of Job {job}")
 
 
 async def wait_job_condition(kube: KubeClient, ns: str, job: str, cond: str) -> dict[str, Any]:
@@ -135,7 +116,7 @@ async def wait_job_condition(kube: KubeClient, ns: str, job: str, cond: str) -> 
         j = await kube.get(JOBS, job, ns)
         conditions = (j.get("status") or {}).get("conditions") or []
         return j if any(c["type"] == cond and c["status"] == "True" for c in conditions) else None
-    return await eventually(done, what=f"Job {job} {cond}")
+    return await wait_until(done, what=f"Job {job} {cond}")
 
 
 def container(pod: dict[str, Any], name: str) -> dict[str, Any]:
@@ -215,7 +196,7 @@ async def start_pod_processes(pod: dict[str, Any], ip: str, token: str, workdir:
             async with s.get(f"http://{ip}:{eport}/health") as r1, s.get(f"http://{ip}:{port}/healthz") as r2:
                 return r1.status == 200 and r2.status == 200
     try:
-        await eventually(up, timeout=60, what=f"pod {name}'s processes")
+        await wait_until(up, timeout=60, what=f"pod {name}'s processes")
     except BaseException:
         out.stop()
         raise
@@ -276,7 +257,7 @@ class OperatorProcess:
                         return r.status == 200
             except aiohttp.ClientError:
                 return False
-        await eventually(ready, timeout=60, what="the operator's /readyz")
+        await wait_until(ready, timeout=60, what="the operator's /readyz")
         return self
 
     async def metrics(self) -> str:
@@ -356,4 +337,4 @@ async def after_more(op: OperatorProcess, name: str, by: float, timeout: float =
 
     async def grown():
         return counter(await op.metrics(), name, **labels) >= start + by
-    await eventually(grown, timeout=timeout, what=f"{name}{labels} to grow by {by}")
+    await wait_until(grown, timeout=timeout, what=f"{name}{labels} to grow by {by}")

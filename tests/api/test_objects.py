@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 from pydantic import ValidationError
-from test_manifests import adapter_obj, pool_obj
+from vlmtest.objects import adapter_obj, pool_obj
 
 from vlmpool.api.adapter import VLMAdapterSpec
 from vlmpool.api.objects import Adapter, Pool

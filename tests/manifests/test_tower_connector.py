@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from test_manifests import adapter, pool
+from vlmtest.objects import adapter, pool
 
 from vlmpool.manifests import adapter as MA
 from vlmpool.manifests.pool import engine_args
