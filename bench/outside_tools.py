@@ -122,6 +122,7 @@ def inference_perf_config(args, url: str, names: list[str], rate: float, out: Pa
             "stages": [{"rate": rate, "duration": int(args.duration)}],
             "num_workers": args.ip_workers,
             "request_timeout": 120,
+            "base_seed": 1,  # the same arrival times and adapter draws on every path (vllm bench: --seed 1)
             "lora_traffic_split": [{"name": n, "split": s} for n, s in zip(names, args.split, strict=True)],
         },
         "server": {"type": "vllm", "model_name": BASE, "base_url": url, "ignore_eos": True},
