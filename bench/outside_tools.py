@@ -414,7 +414,8 @@ def row(r: dict) -> str:
             f"{fmt(r.get('itl_p50_ms'), '.2f'):>7} {fmt(r.get('itl_p99_ms'), '.2f'):>7} "
             f"{fmt(r.get('e2e_p50_ms')):>8} {fmt(r.get('errors'), 'd'):>5} "
             f"{fmt(r.get('proxy_cpu_ms_per_req'), '.3f'):>12} {fmt(r.get('proxy_cpu_us_per_event'), '.1f'):>8} "
-            f"{fmt(r.get('engine_cpu_ms_per_req'), '.3f'):>10}  {per}")
+            f"{fmt(r.get('engine_cpu_ms_per_req'), '.3f'):>10}  {per}"
+            + ("  (ran first)" if r.get("order") == 0 else ""))
 
 
 def main() -> int:
@@ -471,19 +472,23 @@ def main() -> int:
         if args.non_streamed and "inference-perf" in args.tools:
             plan.append(("inference-perf", max(args.rates), False))
         print(COLUMNS, flush=True)
-        for tool, rate, stream in plan:
-            direct_rps = None
-            for path, (url, model_names, pid) in targets.items():
+        for i, (tool, rate, stream) in enumerate(plan):
+            # the path order flips every step, so a warming engine or drifting load hits both alike
+            order = list(targets.items())[:: -1 if i % 2 else 1]
+            step = []
+            for path, (url, model_names, pid) in order:
                 r = measure(args, tool, path, url, model_names, pid, engine_pid, rate, stream, idle, work, model)
-                if path == "direct":
-                    direct_rps = r.get("rps")
-                elif direct_rps and r.get("rps"):
-                    r["rps_ratio"] = round(r["rps"] / direct_rps, 4)
+                r["order"] = len(step)
+                step.append(r)
                 summary["runs"].append(r)
-                print(row(r), flush=True)
                 if r.get("log_tail") or r.get("error"):
                     print(f"#   {tool} {path}: rc={r.get('rc')} {r.get('error', '')}\n"
                           + "\n".join("#   " + x for x in (r.get("log_tail") or "").splitlines()[-15:]), flush=True)
+            direct_rps = next((r.get("rps") for r in step if r["path"] == "direct"), None)
+            for r in sorted(step, key=lambda r: list(targets).index(r["path"])):
+                if r["path"] != "direct" and direct_rps and r.get("rps"):
+                    r["rps_ratio"] = round(r["rps"] / direct_rps, 4)
+                print(row(r), flush=True)
         summary["uptime"]["end"] = uptime()
         print(f"# {summary['uptime']['end']}")
     finally:
