@@ -3,7 +3,7 @@
 multi-LoRA streaming workload sent by `inference-perf` (the Gateway API Inference Extension's benchmarking
 tool) and by `vllm bench serve` (vLLM's), straight to the engine and through the proxy.
 
-    .venv/bin/python bench/outside_tools.py                 # sim, both tools, direct + proxy, rates 4,16: ~4 min
+    .venv/bin/python bench/outside_tools.py                 # sim, both tools, direct + proxy, rates 4,16: ~5 min
     .venv/bin/python bench/outside_tools.py --paths direct,proxy,proxy-nolog --rates 16 --duration 30
     .venv/bin/python bench/outside_tools.py --tools inference-perf --images --rates 8
     .venv/bin/python bench/outside_tools.py --engine vllm --rates 1,2 --duration 30   # vLLM's CPU build
@@ -122,7 +122,9 @@ def inference_perf_config(args, url: str, names: list[str], rate: float, out: Pa
             "stages": [{"rate": rate, "duration": int(args.duration)}],
             "num_workers": args.ip_workers,
             "request_timeout": 120,
-            "base_seed": 1,  # the same arrival times and adapter draws on every path (vllm bench: --seed 1)
+            # vllm bench: --seed 1 (the same schedule on every path); in inference-perf 0.7.0 this did not
+            # reproduce the adapter draws across runs (docs/performance.md, "Outside tools")
+            "base_seed": 1,
             "lora_traffic_split": [{"name": n, "split": s} for n, s in zip(names, args.split, strict=True)],
         },
         "server": {"type": "vllm", "model_name": BASE, "base_url": url, "ignore_eos": True},
