@@ -247,3 +247,26 @@ async def test_served_name_aliases_answer_as_the_first_name(fast_config):
         r = await c.chat.completions.create(model="alias", messages=[{"role": "user", "content": "x"}])
         assert r.model == "qwen-base" and r.choices[0].message.content.startswith("sim:qwen-base")
         assert [m.id for m in (await c.models.list()).data] == ["qwen-base", "alias"]
+
+
+async def test_the_role_chunk_comes_with_the_first_output_as_vllms(fast_config):
+    """vLLM's chat stream sends its first chunk (the assistant role, empty content) when the engine has the
+    first output, so a client's time to first token is the engine's TTFT. The simulator sent it before its
+    TTFT delay, and `vllm bench serve` read 3-6 ms TTFT off a 20 ms simulator (issue #27)."""
+    import time
+
+    async with running_sim(fast_config(ttft_ms=300, tpot_ms=1)) as url:
+        async with aiohttp.ClientSession() as s:
+            t0 = time.monotonic()
+            async with s.post(url + "/v1/chat/completions", json={
+                    "model": "qwen-base", "stream": True, "max_tokens": 4,
+                    "messages": [{"role": "user", "content": "x"}]}) as r:
+                assert r.status == 200
+                line = b""
+                while not line.startswith(b"data: "):
+                    line = await r.content.readline()
+                first = time.monotonic() - t0
+                assert json.loads(line[6:])["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+                rest = (await r.read()).decode()
+    assert first >= 0.28, f"the role chunk came after {first * 1000:.0f} ms, before the 300 ms TTFT"
+    assert rest.rstrip().endswith("data: [DONE]")

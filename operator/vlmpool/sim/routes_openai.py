@@ -333,13 +333,13 @@ class OpenAIRoutes(SimState):
             return {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + done,
                     "completion_tokens": done}
 
+        def role_chunk() -> bytes:
+            return chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                           "finish_reason": None} for i in range(len(plans))],
+                         usage(0) if continuous else None, prompt_token_ids=None, prompt_text=None)
+
         try:
-            if chat:
-                await resp.write(chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
-                                         "logprobs": None, "finish_reason": None}
-                                        for i in range(len(plans))],
-                                       usage(0) if continuous else None, prompt_token_ids=None, prompt_text=None))
-            longest = max(len(p[0]) for p in plans)
+            longest = max(1, *(len(p[0]) for p in plans))  # one step at least: the role chunk opens every chat stream
             splitters = ([answers.StreamSplitter(answers.thinking_enabled(body)) for _ in plans]
                          if chat and cfg.reasoning_parser else None)
             hide = body.get("include_reasoning", True) is False
@@ -350,6 +350,8 @@ class OpenAIRoutes(SimState):
                     await asyncio.sleep(delay)
                 if step == 0:
                     first_at = time.monotonic()
+                    if chat:  # vLLM sends the role chunk with the first output, not before it
+                        await resp.write(role_chunk())
                 choices = []
                 for i, (pieces, finish) in enumerate(plans):
                     if step >= len(pieces):
