@@ -3,7 +3,9 @@
 
 The operator builds its pushes from these models (manifests/adapter.py ``desired_entry`` and
 ``desired_state``; controller/pushing.py adds the generation and the load parallelism) and the proxy
-validates what arrives with them (proxy/admin.py), then converges to it (proxy/converge.py).
+validates what arrives with them (proxy/admin.py), then converges to it (proxy/converge.py). The proxy's
+answer about its progress is ``StateSnapshot``: the proxy writes it (proxy/state.py), the operator reads it
+(controller/push.py).
 
 A push's body, as the operator writes it (json.dumps of a dict: the keys in this order)::
 
@@ -98,6 +100,69 @@ class DesiredState(BaseModel):
                 raise ValueError(f"adapter name {a.name!r} appears more than once")
             seen.add(a.name)
         return v
+
+
+class AdapterProgress(BaseModel):
+    """One adapter in the proxy's answer: the version it converges to and where that stands
+    (pending, loading, loaded, failed with a reason)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    name: StrictStr
+    version: StrictStr
+    state: StrictStr
+    reason: StrictStr | None = None
+    serving_version: StrictStr | None = None  # a failed version's predecessor that keeps serving
+
+    def wire(self) -> dict[str, str]:
+        out = {"name": self.name, "version": self.version, "state": self.state}
+        if self.reason is not None:
+            out["reason"] = self.reason
+        if self.serving_version is not None:
+            out["serving_version"] = self.serving_version
+        return out
+
+
+class VersionRef(BaseModel):
+    """A served name's version (the proxy's `unloading` list: retired, engine unload not yet confirmed)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    name: StrictStr
+    version: StrictStr
+
+
+class StateSnapshot(BaseModel):
+    """The proxy's answer about its state: ``GET /admin/v1/state`` (200), a ``PUT``'s answer (200 converged,
+    202 converging) and a refused ``PUT``'s (409: the newer generation it holds). The proxy writes it
+    (proxy/state.py ``snapshot``), the operator reads it (controller/push.py). Fields a reader does not know
+    are ignored and every field has a default, so an operator and the proxies of an older or newer release
+    still understand each other during an upgrade; a field of the wrong type fails the whole answer."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    generation: StrictInt | None = None
+    applied: bool = False
+    converged_generation: StrictInt | None = None
+    # absent from a proxy that answers a PUT only once converged: the answer's status says it
+    converged: bool | None = None
+    concurrency: StrictInt | None = None
+    load_parallelism: StrictInt | None = None
+    counts: dict[str, int] = Field(default_factory=dict)
+    adapters: list[AdapterProgress] = Field(default_factory=list, max_length=MAX_ADAPTERS)
+    # versions no longer routed whose engine unload is not yet confirmed (draining, or the unload call is
+    # pending): the operator must not delete their directories yet (vLLM re-reads an evicted adapter's
+    # directory while it is registered); None: a proxy that does not report it
+    unloading: list[VersionRef] | None = Field(default=None, max_length=MAX_ADAPTERS * 4)
+
+    def wire(self) -> dict[str, Any]:
+        return {
+            "generation": self.generation, "applied": self.applied, "converged_generation": self.converged_generation,
+            "converged": self.converged, "concurrency": self.concurrency, "load_parallelism": self.load_parallelism,
+            "counts": dict(self.counts), "adapters": [a.wire() for a in self.adapters],
+            "unloading": None if self.unloading is None else [{"name": u.name, "version": u.version}
+                                                               for u in self.unloading],
+        }
 
 
 def state_wire(concurrency: int, adapters: Iterable[AdapterEntry]) -> dict[str, Any]:

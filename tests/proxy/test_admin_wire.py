@@ -76,3 +76,28 @@ def test_the_format_module_imports_nothing_of_vlmpool():
     names = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
     names += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
     assert not [n for n in names if n.split(".")[0] == "vlmpool" or n.startswith(".")]
+
+
+def test_the_state_answer_is_one_model_both_sides_read():
+    """The proxy writes adminwire.StateSnapshot, the operator reads it (controller/push.py): a full answer
+    round-trips; unknown fields are ignored (another release's proxy); a field of the wrong type is a
+    failed push with why, not a half-read answer."""
+    import json
+
+    from vlmpool.adminwire import StateSnapshot
+    from vlmpool.controller.push import _result
+
+    answer = {"generation": 3, "applied": True, "converged_generation": 3, "converged": True, "concurrency": 8,
+              "load_parallelism": 2, "counts": {"loaded": 1, "failed": 1},
+              "adapters": [{"name": "cats", "version": "00000001", "state": "loaded"},
+                           {"name": "dogs", "version": "00000003", "state": "failed", "reason": "rank too high",
+                            "serving_version": "00000002"}],
+              "unloading": [{"name": "cats", "version": "00000000"}]}
+    assert StateSnapshot.model_validate(answer).wire() == answer
+    r = _result("pod-a", 200, json.dumps({**answer, "from_a_newer_proxy": 1}), 0.1, 3)
+    assert r.ok and r.converged and r.generation == 3
+    assert r.adapters["dogs"] == answer["adapters"][1] and r.unloading == {"cats": {"00000000"}}
+    assert _result("pod-a", 202, json.dumps({**answer, "converged": False}), 0.1, 3).converged is False
+    assert _result("pod-a", 409, json.dumps({**answer, "generation": 9}), 0.1, 3).conflict_generation == 9
+    bad = _result("pod-a", 200, json.dumps({**answer, "adapters": [{"name": 7}]}), 0.1, 3)
+    assert not bad.ok and "not a state answer" in (bad.error or "")

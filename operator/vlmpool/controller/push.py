@@ -10,13 +10,14 @@ or failed; those become the adapters' per-pod status.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+from pydantic import ValidationError
 
+from vlmpool.adminwire import StateSnapshot
 from vlmpool.manifests.pool import ENGINE_CONTAINER, PROXY_CONTAINER
 
 ADMIN_STATE_PATH = "/admin/v1/state"
@@ -66,29 +67,26 @@ def _host(ip: str) -> str:
 
 
 def _result(name: str, status: int, text: str, dt: float, sent_generation: int) -> PodResult:
-    """A PodResult from the proxy's answer to a PUT (200/202/409) or a GET (200) of its state."""
+    """A PodResult from the proxy's answer to a PUT (200/202/409) or a GET (200) of its state
+    (adminwire.StateSnapshot; an answer that is not one is a failed push, with why)."""
+    if status not in (200, 202, 409):
+        return PodResult(name, False, error=f"HTTP {status}: {text[:300]}", seconds=dt)
     try:
-        body = json.loads(text) if text else {}
-    except ValueError:
-        body = {}
-    if status in (200, 202) and isinstance(body, dict):
-        adapters = {a["name"]: a for a in body.get("adapters") or [] if isinstance(a, dict) and "name" in a}
-        unloading: dict[str, set[str]] | None = None
-        if isinstance(body.get("unloading"), list):
-            unloading = {}
-            for u in body["unloading"]:
-                if isinstance(u, dict) and isinstance(u.get("name"), str):
-                    unloading.setdefault(u["name"], set()).add(str(u.get("version")))
-        gen = body.get("generation")
-        # a proxy without the converged field answered synchronously (it converged before answering)
-        converged = bool(body.get("converged", status == 200)) and gen == sent_generation
-        return PodResult(name, True, gen if isinstance(gen, int) else None, adapters, seconds=dt,
-                         unloading=unloading, converged=converged)
-    if status == 409 and isinstance(body, dict):
-        gen = body.get("generation")
-        return PodResult(name, False, error=f"proxy has a newer generation {gen}",
-                         conflict_generation=gen if isinstance(gen, int) else None, seconds=dt)
-    return PodResult(name, False, error=f"HTTP {status}: {text[:300]}", seconds=dt)
+        snap = StateSnapshot.model_validate_json(text or "{}")
+    except ValidationError as e:
+        return PodResult(name, False, error=f"HTTP {status}: not a state answer: {str(e)[:300]}", seconds=dt)
+    if status == 409:
+        return PodResult(name, False, error=f"proxy has a newer generation {snap.generation}",
+                         conflict_generation=snap.generation, seconds=dt)
+    adapters = {a.name: a.wire() for a in snap.adapters}
+    unloading: dict[str, set[str]] | None = None
+    if snap.unloading is not None:
+        unloading = {}
+        for u in snap.unloading:
+            unloading.setdefault(u.name, set()).add(u.version)
+    # a proxy without the converged field answered synchronously (it converged before answering)
+    converged = (snap.converged if snap.converged is not None else status == 200) and snap.generation == sent_generation
+    return PodResult(name, True, snap.generation, adapters, seconds=dt, unloading=unloading, converged=converged)
 
 
 async def _call(session: aiohttp.ClientSession, method: str, pod: dict[str, Any], admin_port: int, token: str,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from vlmpool.adminwire import AdapterEntry, DesiredState, internal_name
+from vlmpool.adminwire import AdapterEntry, AdapterProgress, DesiredState, StateSnapshot, VersionRef, internal_name
 from vlmpool.vllm_contract import ENGINE_DEAD_TEXT
 
 from .converge import LOAD_ATTEMPTS, REASON_CHARS, Converger, LoadedVersion, reason
@@ -237,25 +237,18 @@ class AdapterRegistry(Converger):
 
     # -- views --------------------------------------------------------------------------------
     def snapshot(self) -> dict:
-        adapters = []
-        for served, spec in self.desired.items():
-            st = self.status.get(served) or {"name": served, "version": spec.version, "state": "pending"}
-            adapters.append(dict(st))
-        return {
-            "generation": self.generation,
-            "applied": self.generation is not None,
-            "converged_generation": self.converged_generation,
-            "converged": self.converged(),
-            "concurrency": self._concurrency(),
-            "load_parallelism": self.load_parallelism,
-            "counts": self.counts(),
-            "adapters": adapters,
-            # versions no longer routed whose engine unload is not yet confirmed (draining, or the unload
-            # call is pending): the operator must not delete their directories yet (vLLM re-reads an
-            # evicted adapter's directory while it is registered)
-            "unloading": sorted(({"name": v.served, "version": v.version} for v in self.versions.values()
-                                 if v.retired), key=lambda d: (d["name"], d["version"])),
-        }
+        """The answer about this proxy's state (adminwire.StateSnapshot, as the operator reads it)."""
+        # the proxy's own records (not validated again: a push of 10,000 adapters answers many polls)
+        adapters = [AdapterProgress.model_construct(**(self.status.get(served) or {
+            "name": served, "version": spec.version, "state": "pending"})) for served, spec in self.desired.items()]
+        return StateSnapshot(
+            generation=self.generation, applied=self.generation is not None,
+            converged_generation=self.converged_generation, converged=self.converged(),
+            concurrency=self._concurrency(), load_parallelism=self.load_parallelism, counts=self.counts(),
+            adapters=adapters,
+            unloading=sorted((VersionRef(name=v.served, version=v.version) for v in self.versions.values()
+                              if v.retired), key=lambda r: (r.name, r.version)),
+        ).wire()
 
 
 def is_engine_dead(status: int, body: str) -> bool:
