@@ -34,7 +34,10 @@ VERSION_RE = re.compile(r"[0-9a-f]{8,64}")
 # an engine LoRA name vlmpool gave: `<served>@<version>` (served names have no '@')
 INTERNAL_RE = re.compile(f"{SERVED_NAME_RE.pattern}@{VERSION_RE.pattern}")
 MAX_CONCURRENCY = 100_000
-MAX_LOAD_PARALLELISM = 64
+MAX_LOAD_PARALLELISM = 64  # also the bound of a pool's spec.engine.loadParallelism (api/pool.py)
+# where the adapter volume is mounted in every pod (patch Jobs read-write, the engine read-only): the
+# paths pushed in a state lie under it, and the proxy refuses any other (its --adapter-root default)
+ADAPTER_ROOT = "/var/lib/vlmpool/adapters"
 # the one bound on a pushed state's size: every limit on the push (the entries, the JSON containers,
 # the body's bytes) is derived from it, so a state of MAX_ADAPTERS entries of the largest form fits
 MAX_ADAPTERS = 10_000

@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from vlmpool import families
+from vlmpool.adminwire import MAX_LOAD_PARALLELISM
 from vlmpool.api.common import (
     DNS_SUBDOMAIN_PATTERN,
     MODEL_ID_PATTERN,
@@ -195,7 +196,8 @@ class EngineSpec(Model):
     )
     port: int = Field(default=8000, ge=1024, le=65535, description="Port vLLM listens on inside the pod.")
     load_parallelism: int = Field(
-        default=4, ge=1, le=64, description="Adapter loads each pod's proxy runs at once while it converges to a "
+        default=4, ge=1, le=MAX_LOAD_PARALLELISM,
+        description="Adapter loads each pod's proxy runs at once while it converges to a "
         "pushed state (pushed at run time, no pod restart). vLLM loads one adapter at a time per engine, so more "
         "mostly overlaps the file reads.")
     extra_args: list[str] = Field(default_factory=list, description="Extra vLLM command-line arguments (not "

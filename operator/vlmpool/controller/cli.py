@@ -6,6 +6,8 @@ import argparse
 import os
 from typing import Any
 
+from vlmpool.adminwire import ADAPTER_ROOT
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
     scope = parser.add_mutually_exclusive_group()
@@ -41,9 +43,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--patch-dora-image", default=os.environ.get("VLMPOOL_PATCH_DORA_IMAGE") or None,
                         help="image of the patch Jobs of adapters whose dora.policy is svd or strip: one with "
                         "torch (the patcher-dora target); default: --patch-image, where svd is refused as NeedsTorch")
-    parser.add_argument("--adapter-root", default=os.environ.get("VLMPOOL_ADAPTER_ROOT", "/var/lib/vlmpool/adapters"),
+    parser.add_argument("--adapter-root", default=os.environ.get("VLMPOOL_ADAPTER_ROOT", ADAPTER_ROOT),
                         help="mount path of the adapter volume in patch Jobs and engine containers; the "
-                        "paths registered with vLLM live under it (default /var/lib/vlmpool/adapters)")
+                        f"paths registered with vLLM live under it (default {ADAPTER_ROOT})")
     sec = parser.add_argument_group("tenancy (docs/security.md)")
     sec.add_argument("--source-allow", action="append", default=[], metavar="HOST|CIDR",
                      help="a host name (mirror.corp, *.corp) or CIDR (10.20.0.0/16) that patch Jobs may fetch "

@@ -9,6 +9,7 @@ import hashlib
 import json
 from typing import Any
 
+from vlmpool.adminwire import ADAPTER_ROOT
 from vlmpool.names import API_VERSION
 
 # Labels.
@@ -32,7 +33,6 @@ A_PRUNED = "vlmpool.io/pruned-for-version"  # the prune Job for this served vers
 
 # Where the adapter volume is mounted, identically in patch Jobs (read-write) and in the engine
 # container (read-only): the path a Job reports is the path vLLM loads.
-ADAPTER_ROOT = "/var/lib/vlmpool/adapters"
 BASE_WEIGHTS_MOUNT = "/var/lib/vlmpool/base"
 ADMIN_TOKEN_DIR = "/var/run/vlmpool/admin"
 ADMIN_TOKEN_KEY = "token"

@@ -21,6 +21,8 @@ import builtins
 from dataclasses import dataclass, field
 from typing import Any
 
+from vlmpool.adminwire import ADAPTER_ROOT
+
 _SAME: Any = object()  # marker: no other default than the row's
 
 THINKING_MODES = ("none", "switch")  # switch: the family's chat template takes enable_thinking (Qwen3.5)
@@ -65,7 +67,7 @@ class Setting:
         return [self.flag, f"{value:g}" if isinstance(value, float) else str(value)]
 
 
-DEFAULT_ADAPTER_ROOT = "/var/lib/vlmpool/adapters"  # manifests/common.py ADAPTER_ROOT: the pods' mount path
+DEFAULT_ADAPTER_ROOT = ADAPTER_ROOT  # the pods' mount path (adminwire)
 DEFAULT_CONCURRENCY = 16  # trio-core #63's default; a pool's too, pushed at run time
 
 SETTINGS: tuple[Setting, ...] = (
