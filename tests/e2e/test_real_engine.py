@@ -382,5 +382,9 @@ def test_make_dev_with_the_real_engine_answers_an_image_chat_through_the_adapter
                     check=False, timeout=130)
         e2e.kubectl("delete", "vlmp", DEMO, "-n", QUICKSTART_NS, "--wait=true", "--timeout=180s",
                     check=False, timeout=190)
-        e2e.kubectl("delete", "pvc", WEIGHTS_CLAIM, "-n", QUICKSTART_NS, "--wait=true", check=False)
-        e2e.kubectl("delete", "pv", f"{QUICKSTART_NS}-{DEMO}-weights", "--wait=true", check=False)
+        # The claim goes once the pool's pod is gone (the garbage collector deletes it after the pool; the
+        # engine drains first), then its volume.
+        e2e.kubectl("delete", "pvc", WEIGHTS_CLAIM, "-n", QUICKSTART_NS, "--wait=true", "--timeout=240s",
+                    check=False, timeout=250)
+        e2e.kubectl("delete", "pv", f"{QUICKSTART_NS}-{DEMO}-weights", "--wait=true", "--timeout=60s",
+                    check=False, timeout=70)

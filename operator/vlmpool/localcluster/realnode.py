@@ -58,6 +58,17 @@ class RunningCluster:
             self.kubectl("patch", node, "--subresource=status", "--type=json", "-p", patch)
         return nodes
 
+    def wait_exists(self, kind: str, name: str, namespace: str, timeout: float, stop: threading.Event) -> bool:
+        """Whether `kind/name` exists within `timeout` s (False at once once `stop` is set)."""
+        deadline = time.monotonic() + timeout
+        while not stop.is_set():
+            if self.kubectl("get", kind, name, "-n", namespace, "-o", "name", check=False).returncode == 0:
+                return True
+            if time.monotonic() > deadline:
+                return False
+            stop.wait(0.5)
+        return False
+
     def port_forward(self, namespace: str, service: str, port: int, stop: threading.Event,
                      timeout: float = 60) -> tuple[subprocess.Popen, int]:
         """`kubectl port-forward svc/SERVICE PORT:<its first port>` on 127.0.0.1 (through the apiserver and
@@ -118,7 +129,12 @@ def run_on_cluster(args: argparse.Namespace) -> int:
     rollout_s = VLLM_START_SECONDS if engine == "vllm" else 600
     try:
         # Every pod of the pool up first (the scheduler places them on the node's GPUs), then the adapter
-        # loaded on every one of them.
+        # loaded on every one of them. The operator creates the Deployment after the pool is applied:
+        # `rollout status` on a Deployment not there yet fails at once, so its existence is awaited first.
+        if not cluster.wait_exists("deployment", POOL, QUICKSTART_NS, timeout=120, stop=stop):
+            print(f"the operator made no Deployment/{POOL} in 120 s: kubectl describe vlmp {POOL}; "
+                  "kubectl -n vlmpool-system logs deploy/vlmpool-operator", flush=True)
+            return 130 if stop.is_set() else 1
         res = cluster.kubectl("rollout", "status", f"deployment/{POOL}", "-n", QUICKSTART_NS,
                               f"--timeout={rollout_s}s", check=False, timeout=rollout_s + 20)
         if stop.is_set():
