@@ -371,7 +371,8 @@ def test_make_dev_with_the_real_engine_answers_an_image_chat_through_the_adapter
         pool = json.loads(e2e.kubectl("get", "vlmp", DEMO, "-n", QUICKSTART_NS, "-o", "json").stdout)
         assert pool["spec"]["engine"]["image"] == IMAGE
         assert pool["spec"]["model"]["weights"]["claimName"] == WEIGHTS_CLAIM
-        pods = json.loads(e2e.kubectl("get", "pods", "-n", QUICKSTART_NS, "-l", f"vlmpool.io/pool={DEMO}",
+        pods = json.loads(e2e.kubectl("get", "pods", "-n", QUICKSTART_NS, "-l",
+                                      f"vlmpool.io/pool={DEMO},app.kubernetes.io/component=server",
                                       "-o", "json").stdout)["items"]
         live = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
         assert len(live) == 1
