@@ -46,15 +46,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
-from benchlib import cpu_seconds, free_port, wait_http  # noqa: E402
+from benchlib import cpu_seconds, free_port, http, stop_all, uptime, vllm_python, wait_http  # noqa: E402
 
 TOKEN = "bench-outside-token-0123456789abcdef"
 BASE = "base"
@@ -63,33 +61,10 @@ INFERENCE_PERF = Path.home() / ".cache" / "vlmpool" / "inference-perf-venv" / "b
 VLLM_CLI = REPO / "images" / "vllm-cpu" / "vllm_cli.py"
 
 
-def uptime() -> str:
-    try:
-        return subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "load average: " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def http(method: str, url: str, body: Any = None, token: str | None = None, timeout: float = 120) -> tuple[int, str]:
-    data = json.dumps(body).encode() if body is not None else None
-    headers = {"Content-Type": "application/json"} if data is not None else {}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    req = urllib.request.Request(url, data=data, method=method, headers=headers)
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:  # loopback only
-            return r.status, r.read().decode("utf-8", "replace")
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode("utf-8", "replace")
 
 
-def vllm_python(given: str | None) -> str:
-    if given:
-        return given
-    if os.environ.get("VLMPOOL_VLLM_PYTHON"):
-        return os.environ["VLMPOOL_VLLM_PYTHON"]
-    out = subprocess.run(["bash", str(REPO / "hack" / "vllm-env.sh")], capture_output=True, text=True, check=True)
-    return out.stdout.strip().splitlines()[-1]
 
 
 def pct(d: dict | None, key: str) -> float | None:
@@ -494,13 +469,7 @@ def main() -> int:
         summary["uptime"]["end"] = uptime()
         print(f"# {summary['uptime']['end']}")
     finally:
-        for p in reversed(procs):
-            p.terminate()
-        for p in reversed(procs):
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_all(procs)
         if engine_ctx is not None:
             engine_ctx.__exit__(None, None, None)
         if args.keep:

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import cpu_seconds, free_port, percentile, wait_http
+from benchlib import cpu_seconds, free_port, percentile, stop_all, wait_http
 
 REPO = Path(__file__).resolve().parents[1]
 VLMPOOL = [sys.executable, "-m", "vlmpool"]
@@ -281,13 +281,7 @@ def main() -> int:
         print(json.dumps(summary))
         return 0
     finally:
-        for p in reversed(procs):
-            p.terminate()
-        for p in reversed(procs):
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_all(procs)
 
 
 if __name__ == "__main__":

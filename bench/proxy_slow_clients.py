@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchlib import free_port, percentile, wait_http
+from benchlib import free_port, percentile, stop_all, wait_http
 
 VLMPOOL = [sys.executable, "-m", "vlmpool"]
 MODEL = "bench-base"
@@ -229,13 +229,7 @@ def main() -> int:
         wait_http(f"http://127.0.0.1:{proxy_port}/healthz")
         out = asyncio.run(run(args, proxy_port))
     finally:
-        for p in reversed(procs):
-            p.terminate()
-        for p in reversed(procs):
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_all(procs)
 
     a, u = out["alone"], out["under_attack"]
     p50_ratio = u["p50_ms"] / a["p50_ms"] if a["p50_ms"] else float("nan")

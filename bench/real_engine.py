@@ -51,15 +51,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
-from benchlib import cpu_seconds, percentile, wait_http  # noqa: E402
+from benchlib import cpu_seconds, http, percentile, uptime, vllm_python, wait_http  # noqa: E402
 
 
 def _tests_engine_module():
@@ -97,11 +95,6 @@ def machine() -> dict[str, Any]:
     return {"nproc": os.cpu_count(), "mem_gib": round(mem_kb / 2**20, 1)}
 
 
-def uptime() -> str:
-    try:
-        return subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "load average: " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def group_rss_kb(pgid: int) -> dict[int, int]:
@@ -121,21 +114,6 @@ def group_rss_kb(pgid: int) -> dict[int, int]:
         except (OSError, ValueError, IndexError):
             continue
     return out
-
-
-# ---- plain HTTP (admin, metrics, load/unload) ---------------------------------------------------------------
-
-def http(method: str, url: str, body: Any = None, token: str | None = None, timeout: float = 120) -> tuple[int, str]:
-    data = json.dumps(body).encode() if body is not None else None
-    headers = {"Content-Type": "application/json"} if data is not None else {}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    req = urllib.request.Request(url, data=data, method=method, headers=headers)
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:  # loopback only
-            return r.status, r.read().decode("utf-8", "replace")
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode("utf-8", "replace")
 
 
 class Rig:
@@ -479,13 +457,6 @@ OVH_VERSION = "0000a001"
 
 # ---- main ---------------------------------------------------------------------------------------------------
 
-def vllm_python(given: str | None) -> str:
-    if given:
-        return given
-    if os.environ.get("VLMPOOL_VLLM_PYTHON"):
-        return os.environ["VLMPOOL_VLLM_PYTHON"]
-    out = subprocess.run(["bash", str(REPO / "hack" / "vllm-env.sh")], capture_output=True, text=True, check=True)
-    return out.stdout.strip().splitlines()[-1]
 
 
 def main() -> int:
