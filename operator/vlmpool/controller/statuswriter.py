@@ -27,7 +27,7 @@ from vlmpool.api.pool import VLMPoolStatus
 from vlmpool.controller import status as S
 from vlmpool.controller.common import Events, RetryLater
 from vlmpool.controller.decisions import CPU_CACHE_CONDITION, Cond
-from vlmpool.kube.client import VLMADAPTERS, VLMPOOLS, Conflict, KubeClient, NotFound
+from vlmpool.kube.client import VLMADAPTERS, VLMPOOLS, Conflict, KubeClient, NotFound, Resource
 
 log = logging.getLogger("vlmpool.operator")
 
@@ -111,67 +111,49 @@ class StatusWriter:
 
     async def write_pool(self, pool: dict[str, Any], fields: dict[str, Any], conds: Sequence[Cond]) -> dict[str, Any]:
         """Set fields and conditions on the pool's current status with an optimistic lock."""
-        meta = pool["metadata"]
-        ns, name = meta["namespace"], meta["name"]
-        for attempt in range(8):
-            if attempt:
-                fresh = await self.kube.get_or_none(VLMPOOLS, name, ns)
-                if fresh is None:
-                    return pool
-                pool, meta = fresh, fresh["metadata"]
-            cur = pool.get("status") or {}
-            new = dict(cur)
-            new.update(fields)
-            for ctype, cstat, reason, message in conds:
-                new["conditions"] = S.set_condition(new.get("conditions"), ctype, cstat, reason, message,
-                                                    meta.get("generation"))
-            diff = {k: v for k, v in new.items() if cur.get(k) != v}
-            if not diff:
-                return pool
-            try:
-                return await self.kube.patch(VLMPOOLS, name, {"metadata": {"resourceVersion": meta["resourceVersion"]},
-                                                              "status": diff}, ns, subresource="status")
-            except NotFound:
-                return pool
-            except Conflict:
-                pass
-        raise RetryLater(f"status of {ns}/{name} kept changing under the operator", delay=1)
+        return await self._write(VLMPOOLS, pool, fields, conds)
 
     async def write_adapter(self, adapter: dict[str, Any], fields: dict[str, Any], conds: Sequence[Cond],
                             only_if: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any]:
         """Set `fields` and the conditions on the adapter's current status, recompute the phase, and
         patch with an optimistic lock (re-read and redo on a conflict). Posts an Event when the phase
         changes. `only_if(status)` may veto the write after a re-read."""
-        meta = adapter["metadata"]
+        return await self._write(VLMADAPTERS, adapter, fields, conds, only_if, phase=True)
+
+    async def _write(self, res: Resource, obj: dict[str, Any], fields: dict[str, Any], conds: Sequence[Cond],
+                     only_if: Callable[[dict[str, Any]], bool] | None = None, phase: bool = False) -> dict[str, Any]:
+        """The one write loop: apply `fields` and `conds` to the object's current status (and, with
+        `phase`, recompute the phase and post an Event when it changes), patch only what differs under the
+        object's resourceVersion, re-read and redo on a conflict (8 tries), then RetryLater."""
+        meta = obj["metadata"]
         ns, name = meta["namespace"], meta["name"]
         for attempt in range(8):
             if attempt:
-                fresh = await self.kube.get_or_none(VLMADAPTERS, name, ns)
+                fresh = await self.kube.get_or_none(res, name, ns)
                 if fresh is None:
-                    return adapter
-                adapter = fresh
-                meta = adapter["metadata"]
-            cur = adapter.get("status") or {}
+                    return obj
+                obj, meta = fresh, fresh["metadata"]
+            cur = obj.get("status") or {}
             if only_if is not None and not only_if(cur):
-                return adapter
+                return obj
             gen = meta.get("generation")
             new = dict(cur)
             new.update(fields)
             for ctype, cstat, reason, message in conds:
                 new["conditions"] = S.set_condition(new.get("conditions"), ctype, cstat, reason, message, gen)
-            new = S.with_phase(new, gen, bool(meta.get("deletionTimestamp")))
+            if phase:
+                new = S.with_phase(new, gen, bool(meta.get("deletionTimestamp")))
             diff = {k: v for k, v in new.items() if cur.get(k) != v}
             if not diff:
-                return adapter
+                return obj
             try:
-                out = await self.kube.patch(VLMADAPTERS, name, {
-                    "metadata": {"resourceVersion": meta["resourceVersion"]}, "status": diff}, ns,
-                    subresource="status")
+                out = await self.kube.patch(res, name, {"metadata": {"resourceVersion": meta["resourceVersion"]},
+                                                        "status": diff}, ns, subresource="status")
             except NotFound:
-                return adapter
+                return obj
             except Conflict:
                 continue
-            if cur.get("phase") != new["phase"]:
+            if phase and cur.get("phase") != new["phase"]:
                 type_ = "Warning" if new["phase"] == "Failed" else "Normal"
                 self.events(out, type_, new["phase"] if new["phase"] != "Failed" else new["reason"], new["message"])
             return out
